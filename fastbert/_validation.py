@@ -1,0 +1,101 @@
+"""Argument checks shared by the public ops: clear ``TypeError``/``ValueError`` messages that name
+the argument and what was expected, raised before any backend sees the call."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, *, ndim: Optional[Sequence[int]] = None, floating: bool = True) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got dtype {t.dtype}")
+    if ndim is not None and t.dim() not in tuple(ndim):
+        want = " or ".join(str(n) for n in ndim)
+        raise ValueError(f"{name} must be {want}-D, got shape {tuple(t.shape)}")
+
+
+def check_same(ref_name: str, ref: Tensor, name: str, t: Tensor, *, dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         "all tensors must be on one device")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_scale(scale) -> Optional[float]:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not float(scale) > 0.0 or float(scale) == float("inf"):
+        raise ValueError(f"scale must be a finite positive float, got {scale}")
+    return float(scale)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(name: str, value, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name: str = "attn_mask") -> None:
+    """A mask is bool (True = attend) or floating (added to scores) and broadcasts to target_shape."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a bool tensor (True = take part) or a floating tensor "
+                        f"added to the scores, got dtype {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"{name} is on {attn_mask.device} but query is on {query.device}")
+    shape = tuple(attn_mask.shape)
+    target = tuple(target_shape)
+    ok = len(shape) <= len(target) and all(
+        s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+    if not ok:
+        raise ValueError(f"{name} of shape {shape} does not broadcast to (B, H, Lq, Lk) = {target}")
+
+
+def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device) -> list:
+    """Checks a cumulative-lengths tensor and returns it as a Python list (one host sync)."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 (or int64) tensor, got dtype {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the packed tensors are on {device}")
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] = {values[-1]} does not match the packed length {total}")
+    return values

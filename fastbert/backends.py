@@ -1,0 +1,236 @@
+"""Backends: what each one supports, why it cannot serve a call, and how one is chosen.
+
+fastbert has three backends:
+
+* ``"cuda"``   – hand-written CUDA C++ kernels in the extension ``fastbert._C`` (csrc/);
+* ``"triton"`` – Triton kernels (kernels/, installed as ``fastbert.kernels``). On CUDA tensors they
+  run compiled; on CPU tensors they run under Triton's interpreter when ``TRITON_INTERPRET=1``
+  (that is how the test suite checks them without a GPU; it is slow and for testing only);
+* ``"torch"``  – the pure-PyTorch reference (``fastbert.reference``), which serves everything.
+
+Every op registers one implementation per backend with :func:`register`, together with a
+function that returns the reasons (a list of strings) why that implementation cannot serve a
+given call — an empty list means it can. :func:`select` walks the backends: an explicitly
+requested backend that cannot serve raises :class:`BackendError` listing every reason; ``"auto"``
+takes the first capable backend in the op's priority order and falls back to ``"torch"``.
+
+The default backend is ``"auto"``; the environment variable ``FASTBERT_BACKEND`` changes it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "register",
+    "select",
+    "resolve",
+    "backend_reasons",
+    "implementations",
+    "op_names",
+    "interpreter_enabled",
+    "cuda_extension",
+]
+
+BACKENDS = ("cuda", "triton", "torch")
+# Order in which "auto" tries backends unless an op declares its own (measured) order.
+DEFAULT_PRIORITY = ("triton", "cuda", "torch")
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the requested one) can serve a call; the message lists every reason."""
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+_C = None
+_C_ERROR: Optional[str] = None
+
+
+def cuda_extension():
+    """The loaded ``fastbert._C`` module, or None (see :func:`cuda_extension_error`)."""
+    global _C, _C_ERROR
+    if _C is None and _C_ERROR is None:
+        try:
+            _C = importlib.import_module("fastbert._C")
+        except ImportError as e:
+            _C_ERROR = ("the CUDA extension fastbert._C is not built or failed to load "
+                        f"({e}); reinstall with FASTBERT_BUILD_CUDA=1 on a machine with nvcc")
+    return _C
+
+
+def cuda_extension_error() -> Optional[str]:
+    cuda_extension()
+    return _C_ERROR
+
+
+def backend_reasons(backend: str, device: Optional[torch.device] = None,
+                    explicit: bool = True) -> List[str]:
+    """Reasons why ``backend`` cannot run at all here (or on ``device``), independent of the op."""
+    reasons: List[str] = []
+    if backend == "torch":
+        return reasons
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return [err]
+        if device is None:
+            if not torch.cuda.is_available() and not interpreter_enabled():
+                reasons.append("no CUDA GPU is visible and TRITON_INTERPRET=1 is not set")
+        elif device.type == "cpu":
+            if not interpreter_enabled():
+                reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+            elif not explicit:
+                reasons.append("the Triton interpreter is for testing: 'auto' never picks it; "
+                               "pass backend='triton' to use it")
+        elif device.type != "cuda":
+            reasons.append(f"tensors on {device.type} (Triton serves cuda, or cpu under the interpreter)")
+        elif interpreter_enabled():
+            reasons.append("TRITON_INTERPRET=1 is set, so Triton cannot run on CUDA tensors")
+        return reasons
+    if backend == "cuda":
+        err = cuda_extension_error()
+        if err:
+            return [err]
+        if device is None:
+            if not torch.cuda.is_available():
+                reasons.append("no CUDA GPU is visible")
+        elif device.type != "cuda":
+            reasons.append(f"tensors on {device.type}; the CUDA backend needs CUDA tensors")
+        return reasons
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+Reasons = Callable[..., List[str]]
+
+
+@dataclass
+class Implementation:
+    op: str
+    backend: str
+    fn: Callable
+    reasons: Reasons  # (**call) -> list of reasons this implementation cannot serve the call
+
+
+@dataclass
+class _Op:
+    name: str
+    impls: Dict[str, Implementation] = field(default_factory=dict)
+    priority: Sequence[str] = DEFAULT_PRIORITY
+
+
+_OPS: Dict[str, _Op] = {}
+
+
+def _no_reasons(**call) -> List[str]:
+    return []
+
+
+def register(op: str, backend: str, reasons: Optional[Reasons] = None,
+             priority: Optional[Sequence[str]] = None):
+    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``.
+
+    ``reasons(**call)`` receives the op's normalised arguments and returns why it cannot serve
+    them (empty list: it can). ``priority`` optionally sets the op's "auto" order.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        entry = _OPS.setdefault(op, _Op(op))
+        entry.impls[backend] = Implementation(op, backend, fn, reasons or _no_reasons)
+        if priority is not None:
+            entry.priority = tuple(priority)
+        return fn
+
+    return deco
+
+
+def op_names() -> List[str]:
+    return sorted(_OPS)
+
+
+def implementations(op: str) -> Dict[str, Implementation]:
+    return dict(_OPS[op].impls)
+
+
+def resolve(backend: Optional[str]) -> str:
+    """Normalise a ``backend`` argument: None/"auto" -> the default (``FASTBERT_BACKEND`` or auto)."""
+    if backend is None:
+        backend = os.environ.get("FASTBERT_BACKEND", "auto") or "auto"
+        where = "the FASTBERT_BACKEND environment variable"
+    else:
+        where = "backend"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    backend = backend.lower()
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"{where} must be one of 'auto', 'cuda', 'triton', 'torch'; got {backend!r}")
+    return backend
+
+
+def _impl_reasons(impl: Implementation, device: Optional[torch.device], explicit: bool,
+                  call: dict) -> List[str]:
+    reasons = backend_reasons(impl.backend, device, explicit=explicit)
+    if reasons:
+        return reasons
+    return list(impl.reasons(**call))
+
+
+def select(op: str, backend: Optional[str], device: Optional[torch.device], **call) -> Implementation:
+    """Pick the implementation of ``op`` that serves ``call`` (see the module docstring)."""
+    backend = resolve(backend)
+    entry = _OPS[op]
+    if backend != "auto":
+        impl = entry.impls.get(backend)
+        if impl is None:
+            raise BackendError(f"{op}: backend {backend!r} has no implementation of this op "
+                               f"(implemented: {sorted(entry.impls)})")
+        reasons = _impl_reasons(impl, device, True, call)
+        if reasons:
+            raise BackendError(f"{op}: backend {backend!r} cannot serve this call: " + "; ".join(reasons))
+        return impl
+    all_reasons = []
+    for name in entry.priority:
+        impl = entry.impls.get(name)
+        if impl is None:
+            all_reasons.append(f"{name}: not implemented")
+            continue
+        reasons = _impl_reasons(impl, device, False, call)
+        if not reasons:
+            return impl
+        all_reasons.append(f"{name}: " + "; ".join(reasons))
+    raise BackendError(f"{op}: no backend can serve this call: " + " | ".join(all_reasons))
+
+
+def explain(op: str, device: Optional[torch.device] = None, **call) -> Dict[str, List[str]]:
+    """For each backend, the reasons it cannot serve ``call`` (empty list: it can)."""
+    entry = _OPS[op]
+    out = {}
+    for name in BACKENDS:
+        impl = entry.impls.get(name)
+        if impl is None:
+            out[name] = ["not implemented"]
+        else:
+            out[name] = _impl_reasons(impl, device, True, call) if call else backend_reasons(name, device)
+    return out

@@ -1,0 +1,83 @@
+"""Linformer low-rank attention: public function, checks and dispatch (op ``"linformer_attention"``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._validation import check_dropout, check_same, check_scale, check_tensor
+from ..backends import register, select
+from .attention import _check_qkv
+
+__all__ = ["linformer_attention"]
+
+
+def _check_proj(name: str, proj, h: int, lk: int, query: Tensor) -> None:
+    check_tensor(name, proj, ndim=(2, 3))
+    check_same("query", query, name, proj, dtype=False)
+    if proj.shape[-1] != lk or (proj.dim() == 3 and proj.shape[0] not in (1, h)):
+        raise ValueError(f"{name} must have shape (k, Lk) or (H, k, Lk) with Lk = {lk}, H = {h}; "
+                         f"got {tuple(proj.shape)}")
+    if proj.shape[-2] < 1:
+        raise ValueError(f"{name} must project to k >= 1 rows, got shape {tuple(proj.shape)}")
+
+
+def linformer_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    proj_k: Tensor,
+    proj_v: Tensor,
+    key_padding_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Linformer attention (Wang et al., 2020): attention over k learned projections of the keys.
+
+    Args:
+        query: (B, H, Lq, D); key: (B, H, Lk, D); value: (B, H, Lk, Dv).
+        proj_k, proj_v: (k, Lk) shared by all heads, or (H, k, Lk) per head. Pass the same tensor for
+            a shared key/value projection.
+        key_padding_mask: optional bool (B, Lk), True marks padding (``nn.MultiheadAttention``'s
+            convention); padded positions contribute nothing to the projections.
+        dropout_p, scale, backend: as in :func:`fastbert.scaled_dot_product_attention`.
+
+    Returns:
+        (B, H, Lq, Dv): softmax(Q (E K)^T * scale) (F V), with E = proj_k, F = proj_v.
+    """
+    _check_qkv(query, key, value, 4, "(B, H, L, D)")
+    if key.shape[:2] != query.shape[:2]:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same "
+                         "batch and head dims (B, H, L, D)")
+    b, h, _, _ = query.shape
+    lk = key.shape[2]
+    _check_proj("proj_k", proj_k, h, lk, query)
+    _check_proj("proj_v", proj_v, h, lk, query)
+    if proj_k.shape[-2] != proj_v.shape[-2]:
+        raise ValueError(f"proj_k {tuple(proj_k.shape)} and proj_v {tuple(proj_v.shape)} must project "
+                         "to the same k")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=(2,), floating=False)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got "
+                            f"{key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (b, lk):
+            raise ValueError(f"key_padding_mask must have shape (B, Lk) = ({b}, {lk}), got "
+                             f"{tuple(key_padding_mask.shape)}")
+        check_same("query", query, "key_padding_mask", key_padding_mask, dtype=False)
+    dropout_p = check_dropout(dropout_p)
+    scale = check_scale(scale)
+    impl = select("linformer_attention", backend, query.device, query=query, key=key, value=value,
+                  proj_k=proj_k, proj_v=proj_v, key_padding_mask=key_padding_mask,
+                  dropout_p=dropout_p, scale=scale)
+    return impl.fn(query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale)
+
+
+@register("linformer_attention", "torch")
+def _linformer_torch(query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
+    return reference.linformer_attention(query, key, value, proj_k, proj_v, key_padding_mask,
+                                         dropout_p, scale)

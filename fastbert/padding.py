@@ -1,0 +1,63 @@
+"""Remove and restore padding: the bridge between padded (B, L, ...) batches and the packed
+(total, ...) layout of :func:`fastbert.varlen_attention`."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["unpad_input", "pad_input"]
+
+
+def unpad_input(hidden_states: Tensor, attention_mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """Pack the real tokens of a padded batch.
+
+    Args:
+        hidden_states: (B, L, ...) padded batch.
+        attention_mask: (B, L), 1/True for a real token, 0/False for padding (HuggingFace's
+            convention). Real tokens need not be contiguous.
+
+    Returns:
+        packed (total, ...), the real tokens in batch-major order;
+        indices (total,) int64, their flat positions in (B * L);
+        cu_seqlens (B + 1,) int32, cumulative real lengths starting at 0;
+        max_seqlen, the longest real length (a Python int: one host sync).
+    """
+    if not isinstance(hidden_states, Tensor):
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, L), got shape {tuple(attention_mask.shape)}")
+    if hidden_states.dim() < 2 or tuple(hidden_states.shape[:2]) != tuple(attention_mask.shape):
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} must start with the (B, L) = "
+                         f"{tuple(attention_mask.shape)} of attention_mask")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be bool or integer (1 = real token), got "
+                        f"{attention_mask.dtype}")
+    if attention_mask.device != hidden_states.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but hidden_states is on "
+                         f"{hidden_states.device}")
+    keep = attention_mask.bool()
+    seqlens = keep.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    flat = hidden_states.reshape((-1,) + tuple(hidden_states.shape[2:]))
+    return flat.index_select(0, indices), indices, cu_seqlens, max_seqlen
+
+
+def pad_input(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """Inverse of :func:`unpad_input`: scatter packed (total, ...) tokens back into a zero-filled
+    (batch, seqlen, ...) tensor. Differentiable with respect to ``packed``."""
+    if not isinstance(packed, Tensor) or not isinstance(indices, Tensor):
+        raise TypeError("packed and indices must be torch.Tensors")
+    if indices.dim() != 1 or indices.shape[0] != packed.shape[0]:
+        raise ValueError(f"indices must be 1-D with one entry per packed token ({packed.shape[0]}), "
+                         f"got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    out = packed.new_zeros((batch * seqlen,) + tuple(packed.shape[1:]))
+    out = out.index_copy(0, indices.long(), packed)
+    return out.reshape((batch, seqlen) + tuple(packed.shape[1:]))

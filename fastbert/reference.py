@@ -1,0 +1,309 @@
+"""Pure-PyTorch reference implementations of every fastbert op.
+
+This module is the ground truth of the test suite and the ``backend="torch"`` fallback. It is
+written for reading, not for speed: plain matmuls, softmax and elementwise math, no fused torch
+kernels (no SDPA, no ``F.layer_norm``). Every function is differentiable with autograd.
+
+Precision: each function computes in ``compute_dtype`` (default: float64 for float64 inputs,
+float32 otherwise) and returns its result in the dtype of the input, so
+``reference.layer_norm(x.double(), ...)`` is an fp64 reference and ``reference.layer_norm(x, ...)``
+on fp16 ``x`` is an fp32-accumulated one.
+
+Dropout: functions that take ``dropout_p`` also take ``dropout_mask``, a bool tensor that is True
+where an element is *kept*. When it is given, it is used (scaled by ``1 / (1 - dropout_p)``); when
+it is not and ``dropout_p > 0``, a fresh mask is drawn from torch's default generator. Tests use
+the explicit mask to check a kernel's dropout exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "varlen_attention",
+    "block_sparse_attention",
+    "linformer_attention",
+    "layout_to_mask",
+    "layer_norm",
+    "add_layer_norm",
+    "gelu",
+    "bias_gelu",
+]
+
+
+def _compute_dtype(t: Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _apply_dropout(x: Tensor, p: float, mask: Optional[Tensor]) -> Tensor:
+    if p == 0.0 and mask is None:
+        return x
+    if mask is None:
+        mask = torch.rand(x.shape, device=x.device) >= p
+    return x * mask.to(x.dtype) / (1.0 - p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    dropout_mask: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """softmax(Q K^T * scale + mask) V, with SDPA's semantics.
+
+    Shapes: query (..., Lq, D), key (..., Lk, D), value (..., Lk, Dv) -> (..., Lq, Dv); in
+    fastbert the leading dims are (B, H). ``attn_mask`` broadcasts to (..., Lq, Lk): bool is True
+    where a key takes part, float is added to the scores. ``is_causal`` keeps key j for query i
+    iff j <= i (top-left aligned). ``scale`` defaults to 1/sqrt(D).
+
+    Unlike torch, a query row whose every key is masked out returns 0 (and gets zero gradient)
+    instead of NaN. ``dropout_mask`` (bool, broadcastable to (..., Lq, Lk), True = keep) fixes
+    which attention probabilities dropout keeps.
+    """
+    cdt = _compute_dtype(query, compute_dtype)
+    q, k, v = query.to(cdt), key.to(cdt), value.to(cdt)
+    lq, lk = q.shape[-2], k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [..., Lq, Lk]
+
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep = torch.tril(keep)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = keep & attn_mask
+        else:
+            scores = scores + attn_mask.to(cdt)
+    keep = keep.expand_as(scores)
+    # A row is "alive" when at least one key takes part; -inf additive entries also remove keys.
+    scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    alive = torch.isfinite(row_max)
+    row_max = torch.where(alive, row_max, torch.zeros_like(row_max)).detach()
+    exp = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
+    denom = exp.sum(dim=-1, keepdim=True)
+    probs = exp / torch.where(alive, denom, torch.ones_like(denom))
+    probs = _apply_dropout(probs, dropout_p, dropout_mask)
+    out = torch.matmul(probs, v)
+    return out.to(query.dtype)
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Attention over packed variable-length sequences (FlashAttention's varlen convention).
+
+    Shapes: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv), cu_seqlens_* (N + 1,) int32
+    cumulative lengths starting at 0 -> (total_q, H, Dv). Sequence i owns rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]``; causal is top-left aligned within each sequence.
+    ``max_seqlen_*`` are accepted for API compatibility; the reference does not need them.
+    """
+    outs = []
+    n = cu_seqlens_q.numel() - 1
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    for i in range(n):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)  # [H, Lq_i, D]
+        ki = k[ck[i]:ck[i + 1]].transpose(0, 1)
+        vi = v[ck[i]:ck[i + 1]].transpose(0, 1)
+        if qi.shape[1] == 0 or ki.shape[1] == 0:  # empty sequence: nothing to attend, output 0
+            oi = vi.new_zeros((vi.shape[0], qi.shape[1], vi.shape[-1])) + 0.0 * qi.sum()
+        else:
+            oi = scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, compute_dtype=compute_dtype)
+        outs.append(oi.transpose(0, 1))
+    if not outs:
+        return q.new_empty((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))
+    return torch.cat(outs, dim=0)
+
+
+def layout_to_mask(layout: Tensor, block_size: int, lq: int, lk: int) -> Tensor:
+    """Expand a block layout (H or 1, nbq, nbk) to a token mask (H or 1, lq, lk), True = attend."""
+    mask = layout.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)
+    return mask[..., :lq, :lk]
+
+
+def block_sparse_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: Tensor,
+    block_size: int = 64,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    *,
+    dropout_mask: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Block-sparse attention: query block i sees key block j iff ``layout[h, i, j]``.
+
+    Shapes: query (B, H, Lq, D), key/value (B, H, Lk, D), layout bool (H or 1, ceil(Lq/bs),
+    ceil(Lk/bs)) -> (B, H, Lq, D). ``attn_mask`` (SDPA semantics) is combined with the layout.
+    The reference expands the layout to a dense token mask.
+    """
+    lq, lk = query.shape[-2], key.shape[-2]
+    mask = layout_to_mask(layout.bool(), block_size, lq, lk).unsqueeze(0)  # [1, H|1, Lq, Lk]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = mask & attn_mask
+        else:
+            cdt = _compute_dtype(query, compute_dtype)
+            neg_inf = torch.tensor(float("-inf"), dtype=cdt, device=query.device)
+            mask = torch.where(mask, attn_mask.to(cdt), neg_inf)
+    return scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                        scale=scale, dropout_mask=dropout_mask,
+                                        compute_dtype=compute_dtype)
+
+
+def linformer_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    proj_k: Tensor,
+    proj_v: Tensor,
+    key_padding_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    *,
+    dropout_mask: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Linformer attention (Wang et al., 2020).
+
+    Shapes: query (B, H, Lq, D), key/value (B, H, Lk, D), proj_k/proj_v (k, Lk) or (H, k, Lk),
+    key_padding_mask (B, Lk) bool, True = padding -> (B, H, Lq, D).
+
+    K' = E K and V' = F V project the keys and values along the sequence axis to k rows
+    (padded positions are zeroed first, so they contribute nothing), then
+    out = softmax(Q K'^T * scale) V'.
+    """
+    cdt = _compute_dtype(query, compute_dtype)
+    k, v = key.to(cdt), value.to(cdt)
+    if key_padding_mask is not None:
+        keep = (~key_padding_mask.bool()).to(cdt)[:, None, :, None]  # [B, 1, Lk, 1]
+        k = k * keep
+        v = v * keep
+    e, f = proj_k.to(cdt), proj_v.to(cdt)
+    if e.dim() == 2:
+        e = e.unsqueeze(0)
+    if f.dim() == 2:
+        f = f.unsqueeze(0)
+    k_proj = torch.matmul(e.unsqueeze(0), k)  # [1, H|1, k, Lk] @ [B, H, Lk, D] -> [B, H, k, D]
+    v_proj = torch.matmul(f.unsqueeze(0), v)
+    out = scaled_dot_product_attention(query.to(cdt), k_proj, v_proj, dropout_p=dropout_p,
+                                       scale=scale, dropout_mask=dropout_mask, compute_dtype=cdt)
+    return out.to(query.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation and activations
+# ----------------------------------------------------------------------------------------------
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last ``len(normalized_shape)`` dims.
+
+    The variance is the biased one, as in ``F.layer_norm``. Shapes: input (..., *normalized_shape),
+    weight/bias normalized_shape -> input's shape.
+    """
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    cdt = _compute_dtype(input, compute_dtype)
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = input.to(cdt)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(cdt)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(input.dtype)
+
+
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+    *,
+    input_bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    return_residual: bool = False,
+    dropout_mask: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """layer_norm(dropout(input + input_bias) + residual) over the last dim (BERT's output sublayer).
+
+    Shapes: input/residual (..., N), weight/bias/input_bias (N,) -> (..., N). With
+    ``return_residual=True`` also returns the pre-norm sum ``dropout(input + input_bias) + residual``
+    (in the input dtype), which pre-LN models carry as the next residual.
+    """
+    cdt = _compute_dtype(input, compute_dtype)
+    h = input.to(cdt)
+    if input_bias is not None:
+        h = h + input_bias.to(cdt)
+    h = _apply_dropout(h, dropout_p, dropout_mask)
+    s = h + residual.to(cdt)
+    out = layer_norm(s, (input.shape[-1],), weight, bias, eps, compute_dtype=cdt).to(input.dtype)
+    if return_residual:
+        return out, s.to(input.dtype)
+    return out
+
+
+def gelu(input: Tensor, approximate: str = "none", *,
+         compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """GELU: x * Phi(x) with Phi the standard normal CDF ("none", via erf), or the tanh form
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) ("tanh")."""
+    cdt = _compute_dtype(input, compute_dtype)
+    x = input.to(cdt)
+    if approximate == "tanh":
+        y = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    else:
+        y = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    return y.to(input.dtype)
+
+
+def bias_gelu(input: Tensor, bias: Optional[Tensor], approximate: str = "none", *,
+              compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """gelu(input + bias); shapes input (..., N), bias (N,) -> (..., N)."""
+    cdt = _compute_dtype(input, compute_dtype)
+    x = input.to(cdt)
+    if bias is not None:
+        x = x + bias.to(cdt)
+    return gelu(x, approximate, compute_dtype=cdt).to(input.dtype)

@@ -1,0 +1,1 @@
+"""Block-sparse layouts (filled in below)."""

@@ -1,0 +1,70 @@
+"""Helpers shared by the test suite and ``fastbert check``: random inputs and the tolerance rule.
+
+The rule (FlashAttention's): a kernel's error against an fp64 reference may be at most
+``factor`` times the error of a PyTorch computation in the same low precision (plus a small
+absolute floor for values that round to exactly zero), so the tolerance follows each dtype's real
+precision instead of a hand-tuned constant.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["rand", "max_err", "check_close", "assert_close", "DEVICE", "ATOL_FLOOR"]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Absolute floor added to the allowed error, per dtype: covers outputs that a low-precision
+# PyTorch computation happens to get exactly right.
+ATOL_FLOOR = {
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+    torch.float32: 1e-5,
+    torch.float64: 1e-10,
+}
+
+
+def rand(shape: Sequence[int], dtype=torch.float32, device=DEVICE, *, requires_grad: bool = False,
+         scale: float = 1.0, noncontiguous: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Standard-normal tensor; ``noncontiguous=True`` returns a strided view with the same values
+    semantics (every other element of a twice-as-wide last dim)."""
+    shape = tuple(shape)
+    if noncontiguous:
+        base = torch.randn(shape[:-1] + (2 * shape[-1],), dtype=torch.float32, generator=generator)
+        t = (base * scale).to(device=device, dtype=dtype)[..., ::2]
+    else:
+        t = (torch.randn(shape, dtype=torch.float32, generator=generator) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    """max |a - b| in float64; NaN anywhere gives inf."""
+    d = (a.detach().double() - b.detach().double()).abs()
+    if d.numel() == 0:
+        return 0.0
+    if torch.isnan(d).any():
+        return float("inf")
+    return float(d.max())
+
+
+def check_close(out: Tensor, ref: Tensor, lowp_ref: Optional[Tensor] = None, factor: float = 2.0,
+                atol: Optional[float] = None) -> tuple:
+    """Returns (ok, err, allowed) under the rule in the module docstring. ``ref`` is the fp64
+    reference, ``lowp_ref`` a PyTorch computation in ``out``'s dtype (None: only the floor)."""
+    floor = ATOL_FLOOR.get(out.dtype, 1e-5) if atol is None else atol
+    err = max_err(out, ref)
+    base = max_err(lowp_ref, ref) if lowp_ref is not None else 0.0
+    allowed = factor * base + floor
+    return err <= allowed, err, allowed
+
+
+def assert_close(out: Tensor, ref: Tensor, lowp_ref: Optional[Tensor] = None, factor: float = 2.0,
+                 atol: Optional[float] = None, name: str = "output") -> None:
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    ok, err, allowed = check_close(out, ref, lowp_ref, factor, atol)
+    if not ok:
+        raise AssertionError(f"{name}: max error {err:.3e} > allowed {allowed:.3e} "
+                             f"(dtype {out.dtype}, shape {tuple(out.shape)})")

@@ -1,0 +1,111 @@
+"""Build script for fastbert.
+
+The Triton kernels in ``kernels/`` are installed as ``fastbert.kernels``. The CUDA extension
+``fastbert._C`` is built from ``csrc/`` when csrc has sources and both a CUDA toolkit and a CUDA
+build of torch are present.
+
+Environment:
+  FASTBERT_BUILD_CUDA   unset: build the extension when possible; 0: never; 1: always, fail loudly.
+  TORCH_CUDA_ARCH_LIST  target architectures (default without a visible GPU: 8.0;8.6;8.9;9.0).
+  MAX_JOBS              parallel compile jobs (honoured by torch's ninja builder).
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0"
+
+
+def _version():
+    ns = {}
+    with open(os.path.join(HERE, "fastbert", "version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
+def _cuda_sources():
+    return sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+                  + glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+
+
+def _cuda_extension():
+    """Return (ext_modules, cmdclass) for fastbert._C, or ([], {}) with a printed reason."""
+    mode = os.environ.get("FASTBERT_BUILD_CUDA", "").strip()
+    if mode not in ("", "0", "1"):
+        raise SystemExit(f"FASTBERT_BUILD_CUDA must be 0, 1 or unset, got {mode!r}")
+    if mode == "0":
+        print("fastbert: FASTBERT_BUILD_CUDA=0, skipping the CUDA extension", file=sys.stderr)
+        return [], {}
+
+    def skip(reason):
+        if mode == "1":
+            raise SystemExit(f"fastbert: FASTBERT_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        print(f"fastbert: skipping the CUDA extension: {reason}", file=sys.stderr)
+        return [], {}
+
+    sources = _cuda_sources()
+    if not sources:
+        return skip("csrc/ has no sources")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        return skip(f"torch is not importable at build time ({e}); install with --no-build-isolation")
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is not a CUDA build")
+    if CUDA_HOME is None:
+        return skip("no CUDA toolkit found (set CUDA_HOME)")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch's arch detection needs a GPU; build for the common data-centre and desktop archs.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    # The nvidia-* wheels carry headers (cusparse.h, ...) that ATen's CUDA headers include and a
+    # bare system toolkit may lack.
+    include_dirs = [os.path.join(HERE, "csrc")]
+    try:
+        import nvidia  # noqa: F401
+
+        for base in getattr(nvidia, "__path__", []):
+            include_dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+            include_dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    except ImportError:
+        pass
+    ext = CUDAExtension(
+        name="fastbert._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                     "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="fastbert",
+    version=_version(),
+    description="Fused Triton and CUDA kernels for BERT-style transformer encoders",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.9",
+    packages=["fastbert", "fastbert.ops", "fastbert.nn", "fastbert.benchmarks",
+              "fastbert.integrations", "fastbert.models", "fastbert.kernels"],
+    package_dir={"fastbert.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "bench": ["matplotlib", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["fastbert = fastbert.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
