@@ -43,8 +43,19 @@ def nan_poison(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def fresh_seed():
-    """Fresh random inputs every run; the seed is printed on failure to reproduce it."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def fresh_seed(request):
+    """Fresh random inputs every run; a failing test's report shows the seed
+    (rerun with FASTBERT_TEST_SEED=<seed> to reproduce it)."""
+    seed = int(os.environ.get("FASTBERT_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
+    request.node._fastbert_seed = seed
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "_fastbert_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("fastbert", f"FASTBERT_TEST_SEED={seed}"))

@@ -19,17 +19,18 @@ from ..backends import register, select
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
 
-def _check_qkv(query, key, value, ndim: int, layout: str):
-    check_tensor("query", query, ndim=(ndim,))
-    check_tensor("key", key, ndim=(ndim,))
-    check_tensor("value", value, ndim=(ndim,))
-    check_same("query", query, "key", key)
-    check_same("query", query, "value", value)
+def _check_qkv(query, key, value, ndim: int, layout: str, names=("query", "key", "value")):
+    nq, nk, nv = names
+    check_tensor(nq, query, ndim=(ndim,))
+    check_tensor(nk, key, ndim=(ndim,))
+    check_tensor(nv, value, ndim=(ndim,))
+    check_same(nq, query, nk, key)
+    check_same(nq, query, nv, value)
     if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]} "
-                         f"(shapes {layout}: query {tuple(query.shape)}, key {tuple(key.shape)})")
+        raise ValueError(f"{nk} head dim {key.shape[-1]} must equal {nq} head dim {query.shape[-1]} "
+                         f"(shapes {layout}: {nq} {tuple(query.shape)}, {nk} {tuple(key.shape)})")
     if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in all "
+        raise ValueError(f"{nk} {tuple(key.shape)} and {nv} {tuple(value.shape)} must agree in all "
                          f"but the last dim ({layout})")
 
 
@@ -114,7 +115,7 @@ def varlen_attention(
 
     The lengths are checked on the host (one device sync in eager mode).
     """
-    _check_qkv(q, k, v, 3, "(total, H, D)")
+    _check_qkv(q, k, v, 3, "(total, H, D)", names=("q", "k", "v"))
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same number of heads")
     cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)

@@ -1,0 +1,210 @@
+"""``fastbert check``: every op on every backend available here, against the reference.
+
+Each op has one small case with awkward sizes. A backend row runs the public op with that backend
+on random inputs, and compares the output and the gradient of every differentiable input (same
+upstream gradient) with ``fastbert.reference`` in float64, using the rule of
+:mod:`fastbert.testing`. A "reference" row checks the reference itself against independent torch
+computations (SDPA's math backend, ``F.layer_norm``, ``F.gelu``) in float64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, reference
+from .testing import check_close, max_err, rand
+
+
+@dataclass
+class Case:
+    """Inputs for one op: ``make(dtype, device)`` -> (tensor args, kwargs); tensors with
+    ``requires_grad`` get their gradients checked."""
+    op: str
+    make: Callable[[torch.dtype, str], Tuple[tuple, dict]]
+    independent: Optional[Callable] = None  # fp64 computation not using fastbert.reference
+
+
+def _sdpa_case(dtype, device):
+    b, h, lq, lk, d = 2, 3, 17, 33, 40
+    q = rand((b, h, lq, d), dtype, device, requires_grad=True)
+    k = rand((b, h, lk, d), dtype, device, requires_grad=True)
+    v = rand((b, h, lk, d), dtype, device, requires_grad=True)
+    mask = torch.rand(b, 1, 1, lk, device=device) > 0.3
+    mask[..., 0] = True
+    return (q, k, v), {"attn_mask": mask}
+
+
+def _sdpa_independent(q, k, v, attn_mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def _varlen_case(dtype, device):
+    lens = [5, 17, 1]
+    h, d = 2, 16
+    total = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    q = rand((total, h, d), dtype, device, requires_grad=True)
+    k = rand((total, h, d), dtype, device, requires_grad=True)
+    v = rand((total, h, d), dtype, device, requires_grad=True)
+    return (q, k, v, cu, cu, max(lens), max(lens)), {"is_causal": True}
+
+
+def _block_sparse_case(dtype, device):
+    b, h, l, d, bs = 1, 2, 40, 16, 16
+    q = rand((b, h, l, d), dtype, device, requires_grad=True)
+    k = rand((b, h, l, d), dtype, device, requires_grad=True)
+    v = rand((b, h, l, d), dtype, device, requires_grad=True)
+    nb = math.ceil(l / bs)
+    layout = torch.eye(nb, dtype=torch.bool, device=device)[None] | (torch.arange(nb, device=device) == 0)
+    return (q, k, v, layout, bs), {}
+
+
+def _linformer_case(dtype, device):
+    b, h, l, d, kp = 2, 2, 17, 16, 5
+    q = rand((b, h, l, d), dtype, device, requires_grad=True)
+    k = rand((b, h, l, d), dtype, device, requires_grad=True)
+    v = rand((b, h, l, d), dtype, device, requires_grad=True)
+    pk = rand((kp, l), dtype, device, requires_grad=True, scale=l ** -0.5)
+    pv = rand((h, kp, l), dtype, device, requires_grad=True, scale=l ** -0.5)
+    pad = torch.zeros(b, l, dtype=torch.bool, device=device)
+    pad[1, -4:] = True
+    return (q, k, v, pk, pv), {"key_padding_mask": pad}
+
+
+def _layer_norm_case(dtype, device):
+    x = rand((17, 97), dtype, device, requires_grad=True)
+    w = rand((97,), dtype, device, requires_grad=True)
+    bias = rand((97,), dtype, device, requires_grad=True)
+    return (x, (97,), w, bias), {}
+
+
+def _add_layer_norm_case(dtype, device):
+    x = rand((17, 97), dtype, device, requires_grad=True)
+    r = rand((17, 97), dtype, device, requires_grad=True)
+    w = rand((97,), dtype, device, requires_grad=True)
+    bias = rand((97,), dtype, device, requires_grad=True)
+    ib = rand((97,), dtype, device, requires_grad=True)
+    return (x, r, w, bias), {"input_bias": ib}
+
+
+def _add_layer_norm_independent(x, r, w, b, eps=1e-5, input_bias=None):
+    return F.layer_norm(x + input_bias + r, (x.shape[-1],), w, b, eps)
+
+
+def _gelu_case(dtype, device):
+    return (rand((17, 97), dtype, device, requires_grad=True),), {"approximate": "tanh"}
+
+
+def _bias_gelu_case(dtype, device):
+    x = rand((17, 97), dtype, device, requires_grad=True)
+    return (x, rand((97,), dtype, device, requires_grad=True)), {}
+
+
+CASES: Dict[str, Case] = {c.op: c for c in [
+    Case("scaled_dot_product_attention", _sdpa_case, _sdpa_independent),
+    Case("varlen_attention", _varlen_case),
+    Case("block_sparse_attention", _block_sparse_case),
+    Case("linformer_attention", _linformer_case),
+    Case("layer_norm", _layer_norm_case, lambda x, s, w, b: F.layer_norm(x, s, w, b)),
+    Case("add_layer_norm", _add_layer_norm_case, _add_layer_norm_independent),
+    Case("gelu", _gelu_case, lambda x, approximate: F.gelu(x, approximate=approximate)),
+    Case("bias_gelu", _bias_gelu_case, lambda x, b: F.gelu(x + b)),
+]}
+
+
+def _public(op: str) -> Callable:
+    import fastbert
+
+    return getattr(fastbert, op)
+
+
+def _detached_like(args, dtype=None):
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            t = a.detach().to(dtype or a.dtype).requires_grad_(a.requires_grad)
+            out.append(t)
+        else:
+            out.append(a)
+    return out
+
+
+def _run(fn, args, kwargs, grad_out_seed: int):
+    out = fn(*args, **kwargs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad(out, leaves, g) if leaves else ()
+    return [out] + list(grads)
+
+
+def check_op(op: str, backend: str, dtype: torch.dtype, device: str) -> Tuple[bool, float, str]:
+    """Returns (passed, worst ratio of error to allowed error, note) for one op x backend x dtype;
+    a ratio <= 1 passes."""
+    case = CASES[op]
+    args, kwargs = case.make(dtype, device)
+    ref_fn = getattr(reference, op)
+    if backend == "reference":
+        if case.independent is None:
+            return True, 0.0, "checked in the test suite (per-sequence / dense-mask loops)"
+        a64 = _detached_like(args, torch.float64)
+        got = _run(ref_fn, a64, kwargs, 0)
+        want = _run(case.independent, _detached_like(args, torch.float64), kwargs, 0)
+        worst = max(max_err(x, y) for x, y in zip(got, want))
+        return worst <= 1e-10, worst / 1e-10, "float64 vs torch, allowed 1e-10"
+    fn = _public(op)
+    got = _run(lambda *a, **k: fn(*a, **k, backend=backend), _detached_like(args), kwargs, 0)
+    want = _run(ref_fn, _detached_like(args, torch.float64), kwargs, 0)
+    # The low-precision baseline: the same math computed entirely in the input dtype.
+    lowp = _run(ref_fn, _detached_like(args), dict(kwargs, compute_dtype=dtype), 0)
+    worst, ok = 0.0, True
+    for i, (x, y) in enumerate(zip(got, want)):
+        passed, err, allowed = check_close(x, y, lowp[i])
+        ok = ok and passed
+        worst = max(worst, err / allowed)
+    return ok, worst, "max err / allowed"
+
+
+def plan(device: str) -> List[Tuple[str, str, torch.dtype]]:
+    """(op, backend, dtype) triples that can run here."""
+    rows = []
+    for op in CASES:
+        rows.append((op, "reference", torch.float64))
+        for b in ("torch", "triton", "cuda"):
+            if b not in backends.implementations(op):
+                continue
+            if backends.backend_reasons(b, torch.device(device)):
+                continue
+            dtypes = [torch.float32, torch.float16]
+            if device == "cuda":
+                dtypes.append(torch.bfloat16)
+            for dt in dtypes:
+                rows.append((op, b, dt))
+    return rows
+
+
+def main(ops: Optional[List[str]] = None, device: Optional[str] = None) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [r for r in plan(device) if not ops or r[0] in ops]
+    print(f"fastbert check on {device} ({len(rows)} checks)")
+    header = f"{'op':<30} {'backend':<10} {'dtype':<9} {'err/tol':>10}  result"
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for op, backend, dtype in rows:
+        try:
+            ok, worst, note = check_op(op, backend, dtype, device)
+            status = "pass" if ok else "FAIL"
+        except backends.BackendError as e:
+            ok, worst, status, note = True, 0.0, "skip", str(e)
+        except Exception as e:  # a crash is a failure, with its message
+            ok, worst, status, note = False, float("nan"), "FAIL", f"{type(e).__name__}: {e}"
+        failures += not ok
+        dt = str(dtype).replace("torch.", "")
+        print(f"{op:<30} {backend:<10} {dt:<9} {worst:>10.3g}  {status}"
+              + (f"  ({note})" if status != "pass" or backend == "reference" else ""), flush=True)
+    print(f"{len(rows) - failures} passed, {failures} failed")
+    return 1 if failures else 0

@@ -1,0 +1,107 @@
+"""Command line: ``fastbert info | check | bench`` (also ``python -m fastbert``)."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import List, Optional
+
+
+def _versions() -> List[str]:
+    import torch
+
+    from . import __version__
+
+    lines = [f"fastbert {__version__}", f"python   {platform.python_version()} ({sys.platform})",
+             f"torch    {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"]
+    try:
+        import triton
+
+        lines.append(f"triton   {triton.__version__}")
+    except Exception as e:
+        lines.append(f"triton   not importable ({type(e).__name__}: {e})")
+    return lines
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import backends
+
+    for line in _versions():
+        print(line)
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"device   cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                  f"{p.multi_processor_count} SMs)")
+    else:
+        print("device   cpu only (no CUDA GPU visible)")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s:<3} "
+          f"FASTBERT_BACKEND={os.environ.get('FASTBERT_BACKEND', '')}")
+    ext = backends.cuda_extension()
+    print(f"CUDA extension fastbert._C: {'loaded from ' + ext.__file__ if ext else backends.cuda_extension_error()}")
+    print()
+    print("backends per op (device-level availability; each op may refuse some inputs):")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    for op in backends.op_names():
+        print(f"  {op}")
+        for name, reasons in backends.explain(op, device).items():
+            state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+            print(f"    {name:<7} {state}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        # Without a GPU, check the Triton kernels under the interpreter (set before they import).
+        os.environ["TRITON_INTERPRET"] = "1"
+    from . import check
+
+    unknown = [op for op in args.op or [] if op not in check.CASES]
+    if unknown:
+        print(f"unknown op(s) {unknown}; choose from {sorted(check.CASES)}", file=sys.stderr)
+        return 2
+    return check.main(args.op, args.device)
+
+
+def cmd_bench(args) -> int:
+    from .benchmarks import runner
+
+    return runner.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastbert", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, and which backend serves each op (or why not)")
+    pc = sub.add_parser("check", help="run every op on every available backend against the reference")
+    pc.add_argument("--op", action="append", help="only this op (repeatable)")
+    pc.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    pb = sub.add_parser("bench", help="microbenchmarks against the installed peers (needs a GPU)")
+    try:
+        from .benchmarks import runner
+
+        runner.add_arguments(pb)
+    except ImportError as e:  # the benchmark package is part of fastbert; this guards partial installs
+        pb.set_defaults(_bench_error=str(e))
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        return cmd_info(args)
+    if args.command == "check":
+        return cmd_check(args)
+    if getattr(args, "_bench_error", None):
+        print(f"fastbert bench is unavailable: {args._bench_error}", file=sys.stderr)
+        return 2
+    return cmd_bench(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

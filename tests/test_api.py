@@ -1,0 +1,236 @@
+"""The public API's argument checks and backend dispatch (through the torch backend)."""
+import pytest
+import torch
+
+import fastbert
+from fastbert import backends
+
+f32 = torch.float32
+
+
+def qkv(b=2, h=3, lq=5, lk=7, d=8, dtype=f32):
+    return (torch.randn(b, h, lq, d, dtype=dtype), torch.randn(b, h, lk, d, dtype=dtype),
+            torch.randn(b, h, lk, d, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------- bad input: attention
+def test_sdpa_bad_inputs():
+    q, k, v = qkv()
+    sdpa = fastbert.scaled_dot_product_attention
+    with pytest.raises(TypeError, match="query must be a torch.Tensor"):
+        sdpa(q.numpy(), k, v)
+    with pytest.raises(ValueError, match="query must be 4-D"):
+        sdpa(q[0], k, v)
+    with pytest.raises(TypeError, match="key must be a floating-point"):
+        sdpa(q, k.long(), v)
+    with pytest.raises(TypeError, match="value has dtype torch.float16"):
+        sdpa(q, k, v.half())
+    with pytest.raises(ValueError, match="key head dim"):
+        sdpa(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="key .* and value"):
+        sdpa(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match="same batch and head"):
+        sdpa(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="attn_mask of shape"):
+        sdpa(q, k, v, attn_mask=torch.ones(2, 3, 5, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.int64))
+    with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor"):
+        sdpa(q, k, v, attn_mask=[[True]])
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        sdpa(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        sdpa(q, k, v, dropout_p=-0.1)
+    with pytest.raises(TypeError, match="dropout_p must be a float"):
+        sdpa(q, k, v, dropout_p="0.1")
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        sdpa(q, k, v, is_causal=1)
+    with pytest.raises(ValueError, match="scale must be a finite positive"):
+        sdpa(q, k, v, scale=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sdpa(q, k, v, backend="cudnn")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        sdpa(q, k, v, backend=1)
+
+
+def test_varlen_bad_inputs():
+    h, d = 2, 8
+    q = torch.randn(10, h, d)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    va = fastbert.varlen_attention
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        va(q[None], q, q, cu, cu, 6, 6)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be an int32"):
+        va(q, q, q, cu.float(), cu, 6, 6)
+    with pytest.raises(ValueError, match="must start at 0"):
+        va(q, q, q, torch.tensor([1, 4, 10], dtype=torch.int32), cu, 6, 6)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        va(q, q, q, torch.tensor([0, 6, 4, 10], dtype=torch.int32), torch.tensor([0, 2, 4, 10], dtype=torch.int32), 6, 6)
+    with pytest.raises(ValueError, match="does not match the packed length"):
+        va(q, q, q, torch.tensor([0, 4, 9], dtype=torch.int32), cu, 6, 6)
+    with pytest.raises(ValueError, match="same batch"):
+        va(q, q, q, cu, torch.tensor([0, 10], dtype=torch.int32), 6, 10)
+    with pytest.raises(ValueError, match="max_seqlen_q = 5"):
+        va(q, q, q, cu, cu, 5, 6)
+    with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
+        va(q, q, q, cu, cu, 6, 6.0)
+    with pytest.raises(ValueError, match="1-D with batch"):
+        va(q, q, q, cu[:1], cu[:1], 6, 6)
+
+
+def test_block_sparse_bad_inputs():
+    q, k, v = qkv(lq=40, lk=40)
+    layout = torch.ones(3, 3, 3, dtype=torch.bool)
+    bsa = fastbert.block_sparse_attention
+    with pytest.raises(ValueError, match=r"layout must have shape .* \(3 or 1, 3, 3\)"):
+        bsa(q, k, v, layout[:, :2], 16)
+    with pytest.raises(ValueError, match="layout must have shape"):
+        bsa(q, k, v, torch.ones(2, 3, 3, dtype=torch.bool), 16)
+    with pytest.raises(TypeError, match="layout must be a bool"):
+        bsa(q, k, v, layout.float(), 16)
+    with pytest.raises(ValueError, match="layout must be 3-D"):
+        bsa(q, k, v, layout[0], 16)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        bsa(q, k, v, layout, 0)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        bsa(q, k, v, layout, 16.0)
+
+
+def test_linformer_bad_inputs():
+    q, k, v = qkv(lk=9)
+    e = torch.randn(4, 9)
+    la = fastbert.linformer_attention
+    with pytest.raises(ValueError, match="proj_k must have shape"):
+        la(q, k, v, torch.randn(4, 8), e)
+    with pytest.raises(ValueError, match="proj_v must have shape"):
+        la(q, k, v, e, torch.randn(2, 4, 9))
+    with pytest.raises(ValueError, match="same k"):
+        la(q, k, v, e, torch.randn(5, 9))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        la(q, k, v, e, e, key_padding_mask=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Lk\)"):
+        la(q, k, v, e, e, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool))
+
+
+def test_norm_and_gelu_bad_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        fastbert.layer_norm(x, (7,))
+    with pytest.raises(TypeError, match="normalized_shape must be an int"):
+        fastbert.layer_norm(x, None)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        fastbert.layer_norm(x, 8, torch.ones(7))
+    with pytest.raises(TypeError, match="input must be a floating-point"):
+        fastbert.layer_norm(x.int(), 8)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        fastbert.layer_norm(x, 8, eps=-1.0)
+    with pytest.raises(ValueError, match="residual .* must have the shape"):
+        fastbert.add_layer_norm(x, x[:2], None, None)
+    with pytest.raises(ValueError, match=r"input_bias must have shape \(8,\)"):
+        fastbert.add_layer_norm(x, x, None, None, input_bias=torch.ones(4))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        fastbert.add_layer_norm(x, x, None, None, dropout_p=2.0)
+    with pytest.raises(ValueError, match="approximate must be 'none'"):
+        fastbert.gelu(x, "erf")
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        fastbert.bias_gelu(x, torch.ones(4))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        fastbert.add_layer_norm(x, x.double(), None, None)
+
+
+# ------------------------------------------------------------------------------- empty inputs
+def test_sdpa_empty_sequences_return_zeros():
+    q, k, v = qkv(lq=3, lk=0)
+    out = fastbert.scaled_dot_product_attention(q, k, v)
+    assert out.shape == (2, 3, 3, 8) and (out == 0).all()
+    q, k, v = qkv(lq=0, lk=4)
+    assert fastbert.scaled_dot_product_attention(q, k, v).shape == (2, 3, 0, 8)
+
+
+# ----------------------------------------------------------------------------------- dispatch
+def test_auto_on_cpu_uses_torch_and_matches_reference():
+    q, k, v = qkv()
+    out = fastbert.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out, fastbert.reference.scaled_dot_product_attention(q, k, v))
+    impl = backends.select("layer_norm", "auto", torch.device("cpu"), input=q)
+    assert impl.backend == "torch"
+
+
+def test_explicit_backend_that_cannot_serve_lists_reasons(monkeypatch):
+    q, k, v = qkv()
+    with pytest.raises(backends.BackendError, match="backend 'cuda'"):
+        fastbert.scaled_dot_product_attention(q, k, v, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if "triton" in backends.implementations("layer_norm"):
+        with pytest.raises(backends.BackendError, match="TRITON_INTERPRET=1"):
+            fastbert.layer_norm(q, 8, backend="triton")
+
+
+def test_env_var_sets_default_backend(monkeypatch):
+    q, k, v = qkv()
+    monkeypatch.setenv("FASTBERT_BACKEND", "cuda")
+    with pytest.raises(backends.BackendError):
+        fastbert.scaled_dot_product_attention(q, k, v)
+    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    fastbert.scaled_dot_product_attention(q, k, v)
+    monkeypatch.setenv("FASTBERT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTBERT_BACKEND"):
+        fastbert.scaled_dot_product_attention(q, k, v)
+
+
+def test_op_reasons_are_collected_for_auto():
+    calls = []
+
+    def refuse(**call):
+        calls.append(call)
+        return ["refused for the test"]
+
+    backends.register("_test_op", "torch", reasons=refuse)(lambda: None)
+    try:
+        with pytest.raises(backends.BackendError) as info:
+            backends.select("_test_op", None, torch.device("cpu"), x=1)
+        msg = str(info.value)
+        assert "torch: refused for the test" in msg and "cuda: not implemented" in msg
+        assert calls == [{"x": 1}]
+    finally:
+        backends._OPS.pop("_test_op")
+
+
+def test_every_public_op_has_a_torch_implementation():
+    for op in ["scaled_dot_product_attention", "varlen_attention", "block_sparse_attention",
+               "linformer_attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"]:
+        assert "torch" in backends.implementations(op)
+        assert callable(getattr(fastbert, op))
+
+
+# ------------------------------------------------------------------------------------ padding
+def test_unpad_pad_roundtrip_and_varlen_equals_padded():
+    b, l, h, d = 3, 9, 2, 8
+    mask = torch.ones(b, l, dtype=torch.int64)
+    mask[0, 5:] = 0
+    mask[2, 1:] = 0
+    x = torch.randn(b, l, h, d)
+    packed, idx, cu, maxlen = fastbert.unpad_input(x, mask)
+    assert packed.shape == (5 + 9 + 1, h, d) and cu.tolist() == [0, 5, 14, 15] and maxlen == 9
+    assert cu.dtype == torch.int32 and idx.dtype == torch.int64
+    back = fastbert.pad_input(packed, idx, b, l)
+    assert torch.equal(back[mask.bool()], x[mask.bool()]) and (back[~mask.bool()] == 0).all()
+    # varlen attention on the packed tokens == padded SDPA with a key-padding mask, on real rows
+    out = fastbert.varlen_attention(packed, packed, packed, cu, cu, maxlen, maxlen)
+    xt = x.transpose(1, 2)
+    want = fastbert.scaled_dot_product_attention(xt, xt, xt, attn_mask=mask.bool()[:, None, None, :])
+    got = fastbert.pad_input(out, idx, b, l).transpose(1, 2)
+    keep = mask.bool()[:, None, :, None].expand_as(want)
+    assert torch.allclose(got[keep], want[keep], atol=1e-6)
+
+
+def test_unpad_bad_inputs():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        fastbert.unpad_input(x, torch.ones(2, 4, 1))
+    with pytest.raises(ValueError, match="must start with the"):
+        fastbert.unpad_input(x, torch.ones(2, 5))
+    with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
+        fastbert.unpad_input(x, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="indices must be 1-D"):
+        fastbert.pad_input(x[0], torch.arange(3), 2, 4)

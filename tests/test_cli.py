@@ -1,0 +1,54 @@
+"""The `fastbert` command line (run as `python -m fastbert` in a subprocess, as a user would)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastbert import check
+
+
+def run_cli(*args, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "fastbert", *args], capture_output=True, text=True,
+                          env=e, timeout=600)
+
+
+def test_info_lists_versions_and_every_op():
+    res = run_cli("info")
+    assert res.returncode == 0, res.stderr
+    for word in ("fastbert", "torch", "triton", "fastbert._C"):
+        assert word in res.stdout
+    for op in check.CASES:
+        assert op in res.stdout
+    assert "torch   available" in res.stdout
+
+
+def test_check_runs_the_table_and_passes():
+    res = run_cli("check", "--op", "gelu", "--op", "layer_norm")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert any(l.startswith("gelu") and "reference" in l and "pass" in l for l in lines)
+    assert any(l.startswith("layer_norm") and " torch " in l and "pass" in l for l in lines)
+    assert "0 failed" in res.stdout
+
+
+def test_check_unknown_op_is_an_error():
+    res = run_cli("check", "--op", "softmax")
+    assert res.returncode == 2 and "unknown op" in res.stderr
+
+
+def test_check_reports_a_broken_backend(monkeypatch):
+    # A backend that returns a wrong answer must make `check` fail (exit 1) rather than pass.
+    from fastbert import backends
+
+    impl = backends.implementations("gelu")["torch"]
+    monkeypatch.setattr(impl, "fn", lambda x, approximate: x * 0.5)
+    assert check.main(["gelu"], "cpu") == 1
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"]])
+def test_usage_errors(argv):
+    res = run_cli(*argv)
+    assert res.returncode == 2
