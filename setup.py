@@ -101,8 +101,8 @@ setup(
     package_dir={"fastbert.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest", "hypothesis"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        "test": ["pytest", "hypothesis", "matplotlib", "transformers>=4.57"],
+        "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
     },
     entry_points={"console_scripts": ["fastbert = fastbert.cli:main"]},
     ext_modules=ext_modules,

@@ -1,0 +1,32 @@
+"""Benchmarks: layer_norm, add_layer_norm, bias_gelu and gelu in GB/s against torch eager,
+torch.compile, Liger-Kernel and apex.
+
+Two ways to run them (both need a CUDA GPU):
+
+    python bench/bench_norms.py [--quick] [--out DIR] ...     # = fastbert bench --op norms ...
+    pytest bench/bench_norms.py --benchmark-json=out.json    # pytest-benchmark (quick selection;
+                                                            # FASTBERT_BENCH_FULL=1 for all cases)
+
+The cases themselves live in fastbert.benchmarks.norms (installed with fastbert).
+"""
+import sys
+
+import pytest
+import torch
+
+from fastbert.benchmarks.pytest_support import NEEDS_GPU, benchmark_params, run_benchmark
+
+pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
+FAMILY = "norms"
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_GPU)
+
+
+@pytest.mark.parametrize("case, impl", benchmark_params(FAMILY))
+def test_norms(benchmark, case, impl):
+    run_benchmark(benchmark, case, impl)
+
+
+if __name__ == "__main__":
+    from fastbert.benchmarks.runner import main
+
+    sys.exit(main(sys.argv[1:], default_ops=[FAMILY]))

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Regenerate the README's benchmark table from committed GPU results — never typed by hand.
+
+    python bench/make_readme_table.py                      # print the table of the latest results
+    python bench/make_readme_table.py --write README.md    # put it between the bench markers
+    python bench/make_readme_table.py --import DIR         # file a run's results under
+                                                           # bench/results/<date>-<gpu>/ first
+
+The latest results are bench/results/<YYYY-MM-DD>-<gpu>/ (newest date, then name) holding a
+results.json written by ``fastbert bench``; the table is made from its last run, and the plots
+(<family>.png) in that directory are listed below it. ``--write`` replaces what lies between
+``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in the given file and fails if they are missing.
+
+``--import DIR`` takes a results directory (e.g. the ``bench/`` folder a GPU run left under $OUT),
+finds the date and GPU of its last run and copies results.json (runs merged by run_id),
+results.csv (rows appended) and the PNGs into bench/results/<date>-<gpu>/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+try:
+    from fastbert.benchmarks import report
+except ImportError:  # run from a checkout where fastbert is not installed
+    sys.path.insert(0, str(HERE.parent))
+    from fastbert.benchmarks import report
+
+
+def import_results(src: Path, results_root: Path = RESULTS) -> Path:
+    """Copy a results directory into results_root/<date>-<gpu>/; returns the destination."""
+    data = report.load_results(src)
+    runs = [r for r in data["runs"] if r.get("rows")]
+    if not runs:
+        raise ValueError(f"{src} holds no run with results")
+    dest = results_root / report.results_dir_name(runs[-1])
+    dest.mkdir(parents=True, exist_ok=True)
+    for run in data["runs"]:
+        report.write_json(dest, run)
+    src_dir = src if src.is_dir() else src.parent
+    src_csv = src_dir / report.CSV_NAME
+    if src_csv.exists():
+        dest_csv = dest / report.CSV_NAME
+        with open(src_csv, newline="") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            new = not dest_csv.exists() or dest_csv.stat().st_size == 0
+            with open(dest_csv, "a", newline="") as f:
+                csv.writer(f).writerows(rows if new else rows[1:])
+    for png in sorted(src_dir.glob("*.png")):
+        shutil.copy2(png, dest / png.name)
+    return dest
+
+
+def make_block(results_dir: Path, relative_to: Path) -> str:
+    data = report.load_results(results_dir)
+    runs = [r for r in data["runs"] if r.get("rows")]
+    if not runs:
+        raise ValueError(f"{results_dir} holds no run with results")
+    run = runs[-1]
+    plots = [os.path.relpath(results_dir / name, relative_to).replace(os.sep, "/")
+             for name in run.get("plots") or sorted(p.name for p in results_dir.glob("*.png"))
+             if (results_dir / name).exists()]
+    source = os.path.relpath(results_dir, relative_to).replace(os.sep, "/")
+    return report.markdown_summary(run, plots, source=source)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=None,
+                   help="a results directory (default: the latest under bench/results/)")
+    p.add_argument("--write", type=Path, metavar="FILE", default=None,
+                   help="replace the text between the bench markers in FILE")
+    p.add_argument("--import", dest="import_dir", type=Path, metavar="DIR", default=None,
+                   help="first copy the results in DIR into bench/results/<date>-<gpu>/")
+    p.add_argument("--results-root", type=Path, default=RESULTS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        if args.import_dir is not None:
+            dest = import_results(args.import_dir, args.results_root)
+            print(f"imported {args.import_dir} -> {dest}", file=sys.stderr)
+            if args.results is None:
+                args.results = dest
+        results_dir = args.results or report.latest_results_dir(args.results_root)
+        target = args.write.resolve().parent if args.write else Path.cwd()
+        block = make_block(results_dir, target)
+        if args.write:
+            text = args.write.read_text()
+            args.write.write_text(report.replace_between_markers(text, block))
+            print(f"wrote the table of {results_dir} into {args.write}", file=sys.stderr)
+        else:
+            print(block)
+    except (OSError, ValueError) as e:
+        print(f"make_readme_table: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

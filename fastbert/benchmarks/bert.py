@@ -1,0 +1,208 @@
+"""BERT-base cases: inference latency and a training step (forward + backward) of a whole encoder.
+
+Implementations, all with the same weights (a BERT-base of random weights built from its config,
+no download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
+of the SDPA model, ``fastbert.optimize`` applied to the SDPA model, and the padding-free
+``fastbert.models.BertEncoder.from_hf``. fastbert's model-level APIs are looked up by name; where
+one is missing or refuses the model, the row says why.
+
+Batches: B32 at L 128 and 512, "full" (every token real) or "half" (lengths uniform in [1, L],
+mean about L / 2, the padding-free encoder's case). The flops count the real tokens only
+(:func:`~fastbert.benchmarks.common.bert_flops`), so a padded implementation is credited with the
+useful work. Dropout is 0 so that train-mode outputs can be checked. Outputs (real tokens only)
+are checked against the fp32 HuggingFace model, with the fp16 HuggingFace SDPA model's error as the
+yardstick (factor 3: twelve layers accumulate rounding differently from one kernel to another).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Optional
+
+import torch
+
+from .attention import seqlens
+from .common import (Case, Impl, Prepared, Unavailable, bert_flops, compare, configure_compile,
+                     dtype_name, ns, reason_text)
+
+__all__ = ["cases", "bert_case", "BERT_BASE"]
+
+FAMILY = "bert"
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "vocab_size": 30522, "max_position_embeddings": 512}
+CHECK_FACTOR = 3.0
+REFUSED = (NotImplementedError, ValueError, TypeError)   # how fastbert's model APIs say "not this model"
+
+_BASE_STATE: Dict[tuple, dict] = {}
+
+
+def _config(overrides: Optional[dict]):
+    try:
+        from transformers import BertConfig
+    except ImportError as e:
+        raise Unavailable(f"transformers is not installed ({e})") from None
+    kw = dict(BERT_BASE, **(overrides or {}))
+    return BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+
+
+def _hf_model(config: Optional[dict], attn: str, dtype: torch.dtype, device):
+    """A BertModel of BERT-base's sizes (``config`` overrides them) with ``attn`` attention and
+    the shared random weights of those sizes."""
+    cfg = _config(config)
+    from transformers import AutoModel
+
+    key = repr(sorted(dict(BERT_BASE, **(config or {})).items()))
+    try:
+        with torch.device(device):  # random init on the device: seconds faster for BERT-base
+            model = AutoModel.from_config(cfg, attn_implementation=attn)
+    except (ValueError, ImportError, TypeError) as e:
+        raise Unavailable(f"transformers cannot build BertModel with attn_implementation="
+                          f"{attn!r}: {e}") from None
+    got = getattr(model.config, "_attn_implementation", attn)
+    if got != attn:
+        raise Unavailable(f"transformers gave attn_implementation={got!r} instead of {attn!r}")
+    if key not in _BASE_STATE:  # identical weights for every implementation
+        _BASE_STATE.clear()
+        _BASE_STATE[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(_BASE_STATE[key])
+    return model.to(device=device, dtype=dtype)
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the hidden states in a {type(out).__name__}")
+
+
+def _hf_forward(model):
+    return lambda s: model(input_ids=s.ids, attention_mask=s.mask).last_hidden_state
+
+
+def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
+              dtype: torch.dtype = torch.float16, config: Optional[dict] = None,
+              quick: bool = False) -> Case:
+    """BERT encoder over a (b, l) batch; ``config`` overrides BERT-base's sizes (tests use tiny ones)."""
+    if fill not in ("full", "half"):
+        raise ValueError(f"fill must be 'full' or 'half', got {fill!r}")
+    sizes = dict(BERT_BASE, **(config or {}))
+    lens = [l] * b if fill == "full" else seqlens(b, l, seed=2 * l + 3)
+    dt = dtype_name(dtype)
+    step = "infer" if pass_ == "fwd" else "train"
+    name = f"bert-{step}-B{b}-L{l}-{fill}-{dt}"
+    if config:
+        name += "-h{hidden_size}-x{num_hidden_layers}".format(**sizes)
+    params = {"B": b, "L": l, "fill": fill, "mean_len": sum(lens) / b, "seqlens": lens,
+              "hidden": sizes["hidden_size"], "layers": sizes["num_hidden_layers"],
+              "heads": sizes["num_attention_heads"], "intermediate": sizes["intermediate_size"],
+              "dropout": 0.0}
+    work = bert_flops(lens, hidden=sizes["hidden_size"], layers=sizes["num_hidden_layers"],
+                      intermediate=sizes["intermediate_size"], pass_=pass_)
+    training = pass_ != "fwd"
+
+    def setup(device):
+        lens_t = torch.tensor(lens, device=device)
+        mask = (torch.arange(l, device=device)[None, :] < lens_t[:, None]).long()
+        ids = torch.randint(0, sizes["vocab_size"], (b, l), device=device)
+        do = torch.randn(b, l, sizes["hidden_size"], device=device, dtype=dtype)
+        return ns(device=torch.device(device), ids=ids, mask=mask, do=do, cache={})
+
+    def ready(model):
+        model.train(training)
+        params_ = [p for p in model.parameters() if p.requires_grad]
+        return params_
+
+    def hf(attn):
+        def prepare(case, s):
+            model = _hf_model(config, attn, dtype, s.device)
+            leaves = ready(model)
+            return Prepared(_hf_forward(model), leaves=lambda st: leaves)
+        return prepare
+
+    def hf_compiled(case, s):
+        model = _hf_model(config, "sdpa", dtype, s.device)
+        leaves = ready(model)
+        configure_compile()
+        compiled = torch.compile(model)
+        return Prepared(lambda st: compiled(input_ids=st.ids, attention_mask=st.mask).last_hidden_state,
+                        leaves=lambda st: leaves)
+
+    def fb_optimize(case, s):
+        import fastbert
+        optimize = getattr(fastbert, "optimize", None)
+        if not callable(optimize):
+            try:
+                from fastbert.optimize import optimize
+            except ImportError as e:
+                raise Unavailable(f"fastbert.optimize is not available in this checkout ({e})") from None
+        model = _hf_model(config, "sdpa", dtype, s.device)
+        try:
+            report = optimize(model)
+        except REFUSED as e:
+            raise Unavailable(f"fastbert.optimize refused the model: {reason_text(e)}") from None
+        leaves = ready(model)
+        note = str(report).strip().splitlines()[0][:160] if report is not None else ""
+        return Prepared(_hf_forward(model), leaves=lambda st: leaves, note=note)
+
+    def fb_encoder(case, s):
+        try:
+            from fastbert.models import BertEncoder
+        except ImportError as e:
+            raise Unavailable(f"fastbert.models.BertEncoder is not available in this checkout "
+                              f"({e})") from None
+        hf_model = _hf_model(config, "sdpa", dtype, s.device)
+        try:
+            enc = BertEncoder.from_hf(hf_model)
+        except REFUSED as e:
+            raise Unavailable(f"BertEncoder.from_hf refused the model: {reason_text(e)}") from None
+        enc = enc.to(device=s.device, dtype=dtype) if isinstance(enc, torch.nn.Module) else enc
+        leaves = ready(enc)
+        sig = inspect.signature(enc.forward).parameters
+        if "input_ids" in sig:
+            fwd = lambda st: _first_tensor(enc(input_ids=st.ids, attention_mask=st.mask))  # noqa: E731
+        elif "hidden_states" in sig:
+            emb = hf_model.embeddings
+            fwd = lambda st: _first_tensor(enc(hidden_states=emb(input_ids=st.ids),  # noqa: E731
+                                               attention_mask=st.mask))
+        else:
+            fwd = lambda st: _first_tensor(enc(st.ids, st.mask))  # noqa: E731
+        # unpadding reads the lengths on the host: no CUDA graph
+        return Prepared(fwd, leaves=lambda st: leaves, graph_safe=False)
+
+    def check(s, out, grads, variant):
+        if "ref" not in s.cache:
+            with torch.no_grad():
+                ref_model = _hf_model(config, "sdpa",
+                                      torch.float64 if dtype == torch.float32 else torch.float32,
+                                      s.device).eval()
+                low_model = _hf_model(config, "sdpa", dtype, s.device).eval()
+                s.cache["ref"] = _hf_forward(ref_model)(s)
+                s.cache["low"] = _hf_forward(low_model)(s)
+                del ref_model, low_model
+        real = s.mask.bool()
+        return compare([("hidden states (real tokens)", out.detach()[real], s.cache["ref"][real],
+                         s.cache["low"][real])], factor=CHECK_FACTOR)
+
+    impls = [
+        Impl("hf-eager", hf("eager")),
+        Impl("hf-sdpa", hf("sdpa")),
+        Impl("hf-sdpa-compile", hf_compiled,
+             skip_in_quick="skipped in --quick: compiling a 12-layer model takes minutes"),
+        Impl("fastbert-optimize", fb_optimize, ours=True),
+        Impl("fastbert-BertEncoder", fb_encoder, ours=True),
+    ]
+    return Case(FAMILY, "bert", name, pass_, dtype, params, "TFLOP/s", work, "L",
+                f"bert {step} {fill} {dt}", setup, impls, check=check, rotate=False, quick=quick)
+
+
+def cases(quick: bool = False) -> List[Case]:
+    out = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        for l in (128, 512):
+            for fill in ("full", "half"):
+                q = (pass_ == "fwd" and (l == 128 or fill == "half")) or \
+                    (pass_ == "fwd+bwd" and l == 128 and fill == "full")
+                out.append(bert_case(32, l, fill, pass_=pass_, quick=q))
+    return [c for c in out if c.quick] if quick else out

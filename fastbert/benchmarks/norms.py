@@ -1,0 +1,186 @@
+"""Memory-bound cases: layer_norm, add_layer_norm (BERT's residual + bias + LayerNorm output
+sublayer, dropout_p = 0), bias_gelu and gelu, in GB/s (see :func:`~fastbert.benchmarks.common.norm_bytes`).
+
+Peers: torch eager (``F.layer_norm``, and the unfused composition for the fused ops),
+``torch.compile`` of the same composition, and Liger-Kernel's and apex's LayerNorm when installed.
+Shapes: 16384 rows x 768 / 1024 / 4096 / 8192, fp16 and bf16, forward and backward. Each result
+is checked against ``fastbert.reference`` (output and every gradient) with PyTorch eager's error in
+the same precision as the yardstick, before it is timed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from .common import (Case, Impl, Prepared, Unavailable, compare, dtype_name, fastbert_impl,
+                     norm_bytes, ns, configure_compile)
+
+__all__ = ["cases", "norm_case", "OPS", "ROWS", "WIDTHS"]
+
+FAMILY = "norms"
+OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "gelu")
+ROWS = 16384
+WIDTHS = (768, 1024, 4096, 8192)
+EPS = 1e-5
+
+# Inputs of each op, in the order its composition below takes them (also the gradient leaves).
+_INPUTS = {
+    "layer_norm": ("x", "weight", "bias"),
+    "add_layer_norm": ("x", "residual", "weight", "bias", "input_bias"),
+    "gelu": ("x",),
+    "bias_gelu": ("x", "bias"),
+}
+
+
+# The unfused PyTorch compositions (torch eager, and what torch.compile gets).
+def _ln_eager(x, weight, bias):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
+
+
+def _add_ln_eager(x, residual, weight, bias, input_bias):
+    return F.layer_norm(x + input_bias + residual, (x.shape[-1],), weight, bias, EPS)
+
+
+def _gelu_eager(x):
+    return F.gelu(x)
+
+
+def _bias_gelu_eager(x, bias):
+    return F.gelu(x + bias)
+
+
+EAGER: Dict[str, Callable] = {"layer_norm": _ln_eager, "add_layer_norm": _add_ln_eager,
+                              "gelu": _gelu_eager, "bias_gelu": _bias_gelu_eager}
+
+
+def _reference(op: str) -> Callable:
+    from .. import reference
+
+    if op == "layer_norm":
+        return lambda x, w, b: reference.layer_norm(x, (x.shape[-1],), w, b, EPS)
+    if op == "add_layer_norm":
+        return lambda x, r, w, b, ib: reference.add_layer_norm(x, r, w, b, EPS, input_bias=ib)
+    if op == "gelu":
+        return lambda x: reference.gelu(x)
+    return lambda x, b: reference.bias_gelu(x, b)
+
+
+def _fastbert(op: str) -> Callable:
+    def run(s, backend):
+        import fastbert
+
+        if op == "layer_norm":
+            return fastbert.layer_norm(s.x, (s.x.shape[-1],), s.weight, s.bias, EPS, backend=backend)
+        if op == "add_layer_norm":
+            return fastbert.add_layer_norm(s.x, s.residual, s.weight, s.bias, EPS,
+                                           input_bias=s.input_bias, backend=backend)
+        if op == "gelu":
+            return fastbert.gelu(s.x, backend=backend)
+        return fastbert.bias_gelu(s.x, s.bias, backend=backend)
+    return run
+
+
+def _inputs(op: str, s) -> list:
+    return [getattr(s, n) for n in _INPUTS[op]]
+
+
+def _eager_impl(op: str) -> Impl:
+    fn = EAGER[op]
+    return Impl("torch-eager", lambda case, s: Prepared(lambda st: fn(*_inputs(op, st))))
+
+
+def _compile_impl(op: str) -> Impl:
+    def prepare(case, s):
+        configure_compile()
+        compiled = torch.compile(EAGER[op], dynamic=False)
+        return Prepared(lambda st: compiled(*_inputs(op, st)))
+    return Impl("torch-compile", prepare)
+
+
+def _liger_impl() -> Impl:
+    def prepare(case, s):
+        try:
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+        except ImportError as e:
+            raise Unavailable(f"Liger-Kernel is not installed ({e})") from None
+        return Prepared(lambda st: LigerLayerNormFunction.apply(st.x, st.weight, st.bias, EPS))
+    return Impl("liger", prepare)
+
+
+def _apex_impl() -> Impl:
+    def prepare(case, s):
+        try:
+            from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+        except ImportError as e:
+            raise Unavailable(f"apex (with its fused LayerNorm) is not installed ({e})") from None
+        return Prepared(lambda st: fused_layer_norm_affine(st.x, st.weight, st.bias,
+                                                           (st.x.shape[-1],), EPS))
+    return Impl("apex", prepare)
+
+
+def norm_case(op: str, cols: int, dtype: torch.dtype = torch.float16, *, pass_: str = "fwd",
+              rows: int = ROWS, quick: bool = False) -> Case:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    dt = dtype_name(dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    req_grad = pass_ != "fwd"
+    names = _INPUTS[op]
+
+    def setup(device):
+        t = {"x": torch.randn(rows, cols, device=device, dtype=dtype)}
+        if "residual" in names:
+            t["residual"] = torch.randn(rows, cols, device=device, dtype=dtype)
+        if "weight" in names:
+            t["weight"] = 1.0 + 0.1 * torch.randn(cols, device=device, dtype=dtype)
+        if "bias" in names:
+            t["bias"] = 0.1 * torch.randn(cols, device=device, dtype=dtype)
+        if "input_bias" in names:
+            t["input_bias"] = 0.1 * torch.randn(cols, device=device, dtype=dtype)
+        for v in t.values():
+            v.requires_grad_(req_grad)
+        return ns(device=torch.device(device), do=torch.randn(rows, cols, device=device, dtype=dtype),
+                  **t)
+
+    def check(s, out, grads, variant):
+        hi = torch.float64 if dtype == torch.float32 else torch.float32
+        need_grad = len(grads) > 0
+
+        def run(fn, high):
+            xs = [t.detach().to(hi) if high else t.detach().clone() for t in _inputs(op, s)]
+            for x in xs:
+                x.requires_grad_(need_grad)
+            with torch.set_grad_enabled(need_grad):
+                o = fn(*xs)
+                if need_grad:
+                    o.backward(s.do.to(o.dtype))
+            return o.detach(), [x.grad for x in xs]
+
+        ref_o, ref_g = run(_reference(op), True)
+        low_o, low_g = run(EAGER[op], False)
+        items = [("output", out, ref_o, low_o)]
+        items += [(f"grad {n}", g, rg, lg) for n, g, rg, lg in zip(names, grads, ref_g, low_g)]
+        return compare(items)
+
+    impls = [fastbert_impl("triton", op, _fastbert(op)), fastbert_impl("cuda", op, _fastbert(op)),
+             _eager_impl(op), _compile_impl(op)]
+    if op == "layer_norm":
+        impls += [_liger_impl(), _apex_impl()]
+    return Case(FAMILY, op, f"{op}-{pass_}-R{rows}-N{cols}-{dt}", pass_, dtype,
+                {"rows": rows, "N": cols}, "GB/s", norm_bytes(op, pass_, rows, cols, itemsize),
+                "N", f"{op} {pass_} {dt}", setup, impls, leaves=lambda s: _inputs(op, s),
+                check=check, footprint=int(norm_bytes(op, pass_, rows, cols, itemsize)),
+                quick=quick)
+
+
+def cases(quick: bool = False) -> List[Case]:
+    out = []
+    for op in OPS:
+        for pass_ in ("fwd", "bwd"):
+            for dtype in (torch.float16, torch.bfloat16):
+                for n in WIDTHS:
+                    q = dtype == torch.float16 and n in (768, 4096)
+                    out.append(norm_case(op, n, dtype, pass_=pass_, quick=q))
+    return [c for c in out if c.quick] if quick else out

@@ -1,0 +1,633 @@
+"""CPU tests of fastbert.benchmarks and bench/: arguments, the no-GPU path, case enumeration, the
+work formulas, timing statistics, correctness gating, the JSON/CSV writer, the table, the plots,
+the README table tool and the GPU run script. The GPU timings themselves run only on a GPU."""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbert import reference
+from fastbert.benchmarks import attention, bert, common, norms, report, runner, sparse, timing
+from fastbert.benchmarks.common import Case, Impl, Prepared, Unavailable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    runner.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments, the no-GPU path, case selection
+# ----------------------------------------------------------------------------------------------
+def test_arguments_parse():
+    a = _args("--op", "attention", "--op", "norms,gelu", "--quick", "--out", "d", "--budget-s", "30",
+              "--impl", "sdpa", "--rep-ms", "5", "--no-plots")
+    assert runner._split(a.op) == ["attention", "norms", "gelu"]
+    assert a.quick and a.out == "d" and a.budget_s == 30.0 and a.impl == ["sdpa"]
+    assert a.rep_ms == 5.0 and a.no_plots and not a.list_cases
+    d = _args()
+    assert d.op is None and not d.quick and d.out is None and d.budget_s is None
+
+
+def test_no_gpu_message_and_exit_code(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = runner.run(_args("--quick", "--out", str(tmp_path / "res")))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no CUDA GPU" in err and "fastbert check" in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_unknown_op_is_refused(capsys):
+    assert runner.run(_args("--op", "attentoin", "--list")) == 2
+    err = capsys.readouterr().err
+    assert "attentoin" in err and "layer_norm" in err and "attention" in err
+
+
+def test_list_needs_no_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runner.run(_args("--list", "--quick", "--op", "sparse")) == 0
+    out = capsys.readouterr().out
+    n = len(sparse.cases(quick=True))
+    assert f"{n} cases" in out and "sparse/linformer" in out and "flex" in out
+
+
+@pytest.mark.parametrize("family", runner.FAMILIES)
+def test_case_enumeration(family):
+    full = runner.all_cases(quick=False, families=(family,))
+    quick = runner.all_cases(quick=True, families=(family,))
+    assert full and quick
+    ids = [c.id for c in full]
+    assert len(ids) == len(set(ids)), "case names must be unique"
+    assert {c.id for c in quick} <= set(ids)
+    for c in full:
+        assert c.family == family and c.op in runner.OPS_BY_FAMILY[family]
+        assert c.work > 0 and c.metric in ("TFLOP/s", "GB/s")
+        assert c.x_key in c.params and c.series
+        names = [i.name for i in c.impls]
+        assert len(names) == len(set(names))
+        assert any(i.ours for i in c.impls) and any(not i.ours for i in c.impls)
+
+
+def test_quick_selection_stays_small():
+    quick = runner.all_cases(quick=True)
+    assert 20 <= len(quick) <= 45
+    assert {c.family for c in quick} == set(runner.FAMILIES)
+
+
+def test_select_by_op_and_family():
+    ln = runner.select_cases(["layer_norm"], quick=False)
+    assert ln and all(c.op == "layer_norm" for c in ln)
+    mixed = runner.select_cases(["sparse", "gelu"], quick=True)
+    assert {c.family for c in mixed} == {"sparse", "norms"}
+    assert all(c.op == "gelu" for c in mixed if c.family == "norms")
+    with pytest.raises(ValueError, match="unknown --op"):
+        runner.select_cases(["nope"])
+
+
+def test_case_shapes_follow_the_issues():
+    for c in attention.cases():
+        p = c.params
+        if p.get("kind") == "long":
+            assert p["B"] * p["Lq"] == 16384 and p["H"] * p["D"] == 2048
+        elif p.get("kind") == "bert":
+            assert (p["B"], p["H"], p["D"]) == (32, 12, 64) and p["Lq"] in (128, 512)
+        else:  # varlen: lengths average about half the maximum
+            assert 0.35 * p["Lmax"] <= p["mean_len"] <= 0.65 * p["Lmax"]
+            assert max(p["seqlens"]) == p["Lmax"] and sum(p["seqlens"]) == p["total"]
+    for c in sparse.cases():
+        if c.op == "block_sparse_attention":
+            assert 4096 <= c.params["L"] <= 16384 and c.params["B"] * c.params["L"] == 16384
+            assert abs(c.params["density"] - c.params["target_density"]) < 0.01
+    for c in norms.cases():
+        assert c.params["rows"] == 16384 and c.params["N"] in (768, 1024, 4096, 8192)
+    for c in bert.cases():
+        assert c.params["B"] == 32 and c.params["L"] in (128, 512)
+        if c.params["fill"] == "half":
+            assert 0.35 * c.params["L"] <= c.params["mean_len"] <= 0.65 * c.params["L"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Work formulas
+# ----------------------------------------------------------------------------------------------
+def test_attention_flops():
+    assert common.attention_flops(2, 3, 5, 7, 8) == 4 * 2 * 3 * 5 * 7 * 8
+    assert common.attention_flops(2, 3, 5, 7, 8, causal=True) == 2 * 2 * 3 * 5 * 7 * 8
+    assert common.attention_flops(1, 1, 4, 4, 8, pass_="bwd") == 2.5 * 4 * 4 * 4 * 8
+    assert common.attention_flops(1, 1, 4, 4, 8, pass_="fwd+bwd") == 3.5 * 4 * 4 * 4 * 8
+    assert common.attention_flops(1, 1, 4, 4, 8, dv=16) == 2 * 4 * 4 * 8 + 2 * 4 * 4 * 16
+    assert common.varlen_attention_flops([3, 5], 2, 8) == 4 * 2 * 8 * (9 + 25)
+
+
+def test_block_sparse_flops_counts_visited_pairs():
+    layout = torch.tensor([[[1, 0, 1], [0, 1, 0]], [[1, 1, 1], [0, 0, 1]]], dtype=torch.bool)
+    lq, lk, bs, d, b = 40, 70, 32, 8, 3        # last block row/column shorter than 32
+    pairs = int(reference.layout_to_mask(layout, bs, lq, lk).sum())
+    assert common.block_sparse_flops(layout, bs, b, 2, lq, lk, d) == 4.0 * b * d * pairs
+    shared = layout[:1]
+    pairs1 = int(reference.layout_to_mask(shared, bs, lq, lk).sum())
+    assert common.block_sparse_flops(shared, bs, b, 5, lq, lk, d) == 4.0 * b * d * pairs1 * 5
+
+
+def test_sparse_case_work_matches_its_layout():
+    c = sparse.sparse_case(1, 4, 1024, 64, 0.25)
+    lay = sparse.random_layout(4, 8, 8, 0.25, seed=1000 * 1024 + 25 + 64)
+    assert c.work == common.block_sparse_flops(lay, 128, 1, 4, 1024, 1024, 64)
+    dense = [i for i in c.impls if i.variant == "dense"]
+    assert dense and all(i.work == common.attention_flops(1, 4, 1024, 1024, 64) for i in dense)
+
+
+def test_random_layout():
+    lay = sparse.random_layout(3, 10, 10, 0.3, seed=7)
+    assert lay.dtype == torch.bool and lay.shape == (3, 10, 10)
+    assert (lay.sum(dim=(1, 2)) == 30).all()
+    assert lay.diagonal(dim1=1, dim2=2).all()
+    assert torch.equal(lay, sparse.random_layout(3, 10, 10, 0.3, seed=7))
+    assert not torch.equal(lay, sparse.random_layout(3, 10, 10, 0.3, seed=8))
+    assert sparse.random_layout(1, 6, 6, 0.01).sum() == 6   # never fewer than the diagonal
+    with pytest.raises(ValueError):
+        sparse.random_layout(1, 4, 4, 0.0)
+
+
+def test_linformer_and_bert_flops():
+    b, h, n, k, d = 2, 3, 64, 8, 16
+    proj = 2 * 2 * b * h * k * n * d
+    assert common.linformer_flops(b, h, n, n, k, d) == proj + 4 * b * h * n * k * d
+    # BERT-base at B32 L384 is 2.26 TFLOP forward (shared/ANCHORS.md)
+    assert common.bert_flops([384] * 32) == pytest.approx(2.26e12, rel=0.01)
+    assert common.bert_flops([10, 20], hidden=4, layers=1, intermediate=16) == \
+        2 * 30 * (4 * 16 + 2 * 4 * 16) + 4 * (100 + 400) * 4
+    lin = 12 * 2 * 128 * (4 * 768 ** 2 + 2 * 768 * 3072)
+    att = 12 * 4 * 128 ** 2 * 768
+    assert common.bert_flops([128], pass_="fwd+bwd") == pytest.approx(3 * lin + 3.5 * att)
+
+
+def test_norm_bytes():
+    # LayerNorm of 16384 x 768 fp16 moves 50 MB (shared/ANCHORS.md)
+    assert common.norm_bytes("layer_norm", "fwd", 16384, 768, 2) == 2 * 16384 * 768 * 2 + 2 * 768 * 2
+    assert common.norm_bytes("layer_norm", "fwd", 16384, 768, 2) == pytest.approx(50.3e6, rel=0.01)
+    # bias + GELU of 16384 x 3072 fp16: ~201 MB (67 us at 3 TB/s)
+    assert common.norm_bytes("bias_gelu", "fwd", 16384, 3072, 2) == pytest.approx(201.3e6, rel=0.01)
+    r, n, s = 10, 8, 2
+    assert common.norm_bytes("add_layer_norm", "fwd", r, n, s) == 3 * r * n * s + 3 * n * s
+    assert common.norm_bytes("add_layer_norm", "bwd", r, n, s) == 4 * r * n * s + 5 * n * s
+    assert common.norm_bytes("gelu", "bwd", r, n, s) == 3 * r * n * s
+    assert common.norm_bytes("gelu", "fwd+bwd", r, n, s) == 5 * r * n * s
+    with pytest.raises(ValueError):
+        common.norm_bytes("softmax", "fwd", r, n, s)
+
+
+def test_metric_value_and_ceiling_fraction():
+    from fastbert.benchmarks.ceilings import copy_bytes, fraction_of_ceiling, matmul_flops
+
+    assert report.metric_value("TFLOP/s", 2e12, 1000.0) == pytest.approx(2.0)
+    assert report.metric_value("GB/s", 3e9, 1.0) == pytest.approx(3000.0)
+    assert report.metric_value("GB/s", 3e9, None) is None
+    assert copy_bytes(100) == 200 and matmul_flops(10) == 2000
+    ceil = {"copy_gbps": 3000.0, "matmul_tflops": 800.0}
+    assert fraction_of_ceiling("GB/s", 1500.0, ceil) == 0.5
+    assert fraction_of_ceiling("TFLOP/s", 200.0, ceil) == 0.25
+    assert fraction_of_ceiling("TFLOP/s", 200.0, None) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing statistics
+# ----------------------------------------------------------------------------------------------
+def test_quantiles_match_numpy():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 17):
+        xs = torch.rand(n, generator=g).tolist()
+        t = timing.summarize(xs, "events")
+        assert t.reps == n
+        for q, v in ((0.2, t.p20_ms), (0.5, t.p50_ms), (0.8, t.p80_ms)):
+            assert v == pytest.approx(float(np.percentile(xs, 100 * q)))
+    with pytest.raises(ValueError):
+        timing.quantile([], 0.5)
+
+
+def test_rotation_count():
+    l2 = 50 << 20
+    assert timing.rotation_count(l2, l2) == 1
+    assert timing.rotation_count(10 << 20, l2) == 8
+    assert timing.rotation_count(40 << 20, l2) == 4
+    assert timing.rotation_count(1 << 20, 0) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Running cases on CPU: checks gate the timing; failures become rows
+# ----------------------------------------------------------------------------------------------
+SMOKE_IMPLS = ["sdpa-math", "fastbert-cuda", "torch-eager", "torch-linformer", "sdpa-dense"]
+
+
+def test_run_cases_on_cpu_end_to_end(capsys):
+    cases = [
+        attention.dense_case(2, 3, 48, 16, torch.float32, key_padding=True, pass_="fwd+bwd"),
+        attention.varlen_case(3, 40, 2, 16, torch.float32, pass_="fwd"),
+        sparse.linformer_case(1, 2, 64, 8, 16, dtype=torch.float32, pass_="fwd+bwd"),
+        norms.norm_case("add_layer_norm", 40, torch.float32, pass_="bwd", rows=17),
+    ]
+    seen = []
+    rows = runner.run_cases(cases, device="cpu", timer=timing.CpuTimer(reps=2),
+                            impl_filter=SMOKE_IMPLS, progress=False,
+                            ceilings={"copy_gbps": 1.0, "matmul_tflops": 1.0},
+                            on_case=lambda rs: seen.append(len(rs)))
+    assert len(seen) == len(cases) and sum(seen) == len(rows)
+    by = {(r["case"], r["impl"]): r for r in rows}
+    for case, impl in [(cases[0].name, "sdpa-math"), (cases[1].name, "sdpa-math-padded"),
+                       (cases[2].name, "torch-linformer"), (cases[2].name, "sdpa-dense"),
+                       (cases[3].name, "torch-eager")]:
+        r = by[(case, impl)]
+        assert r["status"] == "ok", r
+        assert r["check"] and "max error" in r["check"]
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["timing"] == "cpu"
+        assert r["value"] > 0 and r["pct_of_ceiling"] is not None
+    cuda = by[(cases[0].name, "fastbert-cuda")]
+    assert cuda["status"] == "unavailable" and cuda["reason"]
+    # the Linformer case's dense baseline is credited with dense flops
+    assert by[(cases[2].name, "sdpa-dense")]["work"] == common.attention_flops(1, 2, 64, 64, 16,
+                                                                                 pass_="fwd+bwd")
+    text = report.format_table(rows, {"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    assert cases[0].name in text and "not run here" in text
+
+
+def _toy_case(impls, pass_="fwd", check=True):
+    def setup(device):
+        x = torch.randn(8, 4, device=device).requires_grad_(pass_ != "fwd")
+        return common.ns(device=torch.device(device), x=x, do=torch.randn(8, 4))
+
+    def chk(s, out, grads, variant):
+        items = [("output", out, torch.tanh(s.x.detach().double()), torch.tanh(s.x.detach()))]
+        items += [("grad x", g, (1 - torch.tanh(s.x.detach().double()) ** 2) * s.do.double(), None)
+                  for g in grads]
+        return common.compare(items)
+
+    return Case("norms", "gelu", f"toy-{pass_}", pass_, torch.float32, {"N": 4}, "GB/s", 256.0, "N",
+                "toy", setup, impls, leaves=lambda s: [s.x], check=chk if check else None)
+
+
+def _impl(name, fn, **kw):
+    return Impl(name, lambda case, s: Prepared(lambda st: fn(st.x)), **kw)
+
+
+def test_wrong_results_are_caught_before_timing():
+    calls = []
+
+    def wrong(x):
+        calls.append(1)
+        return torch.tanh(x) * 1.001
+
+    def broken(x):
+        raise RuntimeError("kernel exploded\nmore text")
+
+    def unavailable(case, s):
+        raise Unavailable("needs a GPU with 1 TB of memory")
+
+    impls = [_impl("good", torch.tanh), _impl("fastbert-wrong", wrong, ours=True),
+             _impl("fastbert-broken", broken, ours=True), Impl("peer-missing", unavailable)]
+    for pass_ in ("fwd", "bwd", "fwd+bwd"):
+        calls.clear()
+        rows = runner.run_cases([_toy_case(impls, pass_)], device="cpu",
+                                timer=timing.CpuTimer(reps=2), progress=False)
+        by = {r["impl"]: r for r in rows}
+        assert by["good"]["status"] == "ok" and by["good"]["speedup_vs_best_peer"] == 1.0
+        assert by["fastbert-wrong"]["status"] == "wrong"
+        assert "differs from fastbert.reference" in by["fastbert-wrong"]["reason"]
+        assert by["fastbert-wrong"]["p50_ms"] is None and len(calls) == 1  # never timed
+        assert by["fastbert-broken"]["status"] == "error"
+        assert "RuntimeError: kernel exploded" in by["fastbert-broken"]["reason"]
+        assert by["peer-missing"]["status"] == "unavailable"
+        assert by["peer-missing"]["reason"] == "needs a GPU with 1 TB of memory"
+
+
+def test_budget_and_quick_skips():
+    impls = [_impl("good", torch.tanh), _impl("slow-peer", torch.tanh, skip_in_quick="too slow")]
+    rows = runner.run_cases([_toy_case(impls)], device="cpu", timer=timing.CpuTimer(reps=1),
+                            progress=False, quick=True)
+    by = {r["impl"]: r for r in rows}
+    assert by["good"]["status"] == "ok"
+    assert by["slow-peer"]["status"] == "skipped" and by["slow-peer"]["reason"] == "too slow"
+    rows = runner.run_cases([_toy_case(impls), _toy_case(impls, "bwd")], device="cpu",
+                            timer=timing.CpuTimer(reps=1), progress=False, budget_s=0.0)
+    assert len(rows) == 4 and all(r["status"] == "skipped" for r in rows)
+    assert "time budget" in rows[0]["reason"]
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    p = runner.Progress(2)
+    p.update("attention/a")
+    p.update("attention/b")
+    p.close()
+    err = capsys.readouterr().err
+    assert "[1/2] attention/a" in err and "[2/2] attention/b" in err
+    quiet = runner.Progress(1, enabled=False)
+    quiet.update("x")
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# FlexAttention block masks (eager FlexAttention on CPU)
+# ----------------------------------------------------------------------------------------------
+def _dense_map(num, idx, nk):
+    b, h, nq = num.shape
+    out = torch.zeros(b, h, nq, nk, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for qi in range(nq):
+                out[bi, hi, qi, idx[bi, hi, qi, : num[bi, hi, qi]].long()] = True
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("layout_block", [32, 64, 128])
+def test_block_mask_from_layout_is_equivalent(layout_block):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    l, d = 320, 16   # not a multiple of 128: the last flex block is cut
+    nb = -(-l // layout_block)
+    lay = sparse.random_layout(2, nb, nb, 0.4, seed=layout_block)
+    bm = attention.block_mask_from_layout(lay, layout_block, l, l)
+    # independent expectation: tile the token mask into 128-blocks
+    tm = reference.layout_to_mask(lay, layout_block, l, l)
+    nq = -(-l // 128)
+    pad = torch.zeros(2, nq * 128, nq * 128, dtype=torch.bool)
+    pad[:, :l, :l] = tm
+    inside = torch.zeros_like(pad)
+    inside[:, :l, :l] = True
+    t = pad.view(2, nq, 128, nq, 128)
+    active = t.any(4).any(2)
+    full = (t | ~inside.view(2, nq, 128, nq, 128)).all(4).all(2) & active
+    got_full = _dense_map(bm.full_kv_num_blocks, bm.full_kv_indices, nq)[0]
+    got_partial = _dense_map(bm.kv_num_blocks, bm.kv_indices, nq)[0]
+    assert torch.equal(got_full, full)
+    assert torch.equal(got_partial, active & ~full)
+    q, k, v = (torch.randn(1, 2, l, d) for _ in range(3))
+    out = flex.flex_attention(q, k, v, block_mask=bm)
+    ref = reference.block_sparse_attention(q.double(), k.double(), v.double(), lay, layout_block)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_block_mask_from_token_mask_causal_and_padding():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    for kw in ({"causal": True}, {"key_padding": True}):
+        s = attention.dense_case(3, 2, 200, 16, torch.float32, **kw).setup("cpu")
+        bm = attention._dense_block_mask(s)
+        q, k, v = attention.bhld(s)
+        out = flex.flex_attention(q, k, v, block_mask=bm)
+        ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                     attn_mask=s.mask, is_causal=s.causal)
+        assert (out.double() - ref).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Results files, table, plots, README table
+# ----------------------------------------------------------------------------------------------
+def _row(case, impl, ours, status="ok", p50=1.0, family="attention", x=128, metric="TFLOP/s",
+         work=2e9, series="bert fwd D64 fp16"):
+    r = {k: None for k in report.ROW_FIELDS}
+    r.update(family=family, op="scaled_dot_product_attention", case=case, impl=impl, ours=ours,
+             status=status, metric=metric, work=work, x_key="Lq", x=x, series=series,
+             params={"Lq": x}, **{"pass": "fwd"}, dtype="fp16")
+    if status == "ok":
+        r.update(p20_ms=0.9 * p50, p50_ms=p50, p80_ms=1.1 * p50, reps=10, timing="events")
+    else:
+        r["reason"] = f"{impl} is {status}"
+    return r
+
+
+def _run_record(rows, gpu="NVIDIA H100 80GB HBM3", date="2026-11-20", run_id="r1"):
+    ceil = {"copy_gbps": 3000.0, "matmul_tflops": 800.0}
+    by = {}
+    for r in rows:
+        by.setdefault(r["case"], []).append(r)
+    for rs in by.values():
+        report.annotate_case(rs, ceil)
+    env = {"gpu": gpu, "driver": "580.1", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+           "fastbert": "0.1.0", "commit": "abc123", "timestamp": f"{date}T10:00:00+00:00"}
+    return {"run_id": run_id, "started": f"{date}T10:00:00+00:00", "env": env, "ceilings": ceil,
+            "rows": rows, "plots": []}
+
+
+def _sample_rows():
+    rows = []
+    for x in (128, 512):
+        case = f"fwd-B32-H12-L{x}-D64-fp16"
+        rows += [_row(case, "fastbert-triton", True, p50=0.5, x=x),
+                 _row(case, "sdpa-flash", False, p50=0.75, x=x),
+                 _row(case, "sdpa-math", False, p50=3.0, x=x),
+                 _row(case, "fastbert-cuda", True, status="unavailable", x=x)]
+    rows.append(_row("ln", "fastbert-triton", True, status="wrong", family="norms",
+                     metric="GB/s", series="layer_norm fwd fp16"))
+    rows.append(_row("ln", "torch-eager", False, p50=0.02, family="norms", metric="GB/s", work=5e7,
+                     x=768, series="layer_norm fwd fp16"))
+    return rows
+
+
+def test_annotate_and_table():
+    run = _run_record(_sample_rows())
+    r = {(x["case"], x["impl"]): x for x in run["rows"]}
+    ours = r[("fwd-B32-H12-L128-D64-fp16", "fastbert-triton")]
+    assert ours["best_peer"] == "sdpa-flash" and ours["speedup_vs_best_peer"] == pytest.approx(1.5)
+    assert ours["value"] == pytest.approx(4.0) and ours["pct_of_ceiling"] == pytest.approx(0.5)
+    text = report.format_table(run["rows"], run["ceilings"])
+    assert "1.50x" in text and "fastbert-triton *" in text
+    assert "WRONG" in text and "not run here" in text
+    assert "fastbert-cuda: fastbert-cuda is unavailable [2]" in text
+    assert text.index("fastbert-triton *") < text.index("sdpa-flash")
+
+
+def test_json_and_csv_are_appended(tmp_path):
+    run1 = _run_record(_sample_rows(), run_id="r1")
+    report.write_json(tmp_path, run1)
+    report.append_csv(tmp_path, run1, run1["rows"])
+    run1["finished"] = "later"
+    run1["rows"][0]["check_err"] = float("inf")  # JSON has no inf: written as null
+    report.write_json(tmp_path, run1)            # the same run again: replaced, not duplicated
+    run2 = _run_record(_sample_rows()[:3], run_id="r2")
+    report.write_json(tmp_path, run2)
+    report.append_csv(tmp_path, run2, run2["rows"])
+    data = report.load_results(tmp_path)
+    assert [r["run_id"] for r in data["runs"]] == ["r1", "r2"]
+    assert data["runs"][0]["finished"] == "later" and data["runs"][0]["rows"][0]["check_err"] is None
+    with open(tmp_path / "results.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(run1["rows"]) + 3
+    assert lines[0]["gpu"] == "NVIDIA H100 80GB HBM3" and lines[0]["commit"] == "abc123"
+    assert float(lines[0]["p50_ms"]) == 0.5 and json.loads(lines[0]["params"]) == {"Lq": 128}
+    assert lines[-1]["run_id"] == "r2"
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError):
+        report.load_results(tmp_path / "bad.json")
+
+
+def test_plots_from_a_results_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    report.write_json(tmp_path, _run_record(_sample_rows()))
+    rows = report.load_results(tmp_path)["runs"][-1]["rows"]
+    paths = report.plot_results(rows, tmp_path / "plots", title="test")
+    assert sorted(p.name for p in paths) == ["attention.png", "norms.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_plots_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert report.plot_results(_sample_rows(), tmp_path) == []
+    assert "matplotlib" in capsys.readouterr().err
+
+
+def test_markdown_and_markers():
+    run = _run_record(_sample_rows())
+    md = report.markdown_summary(run, ["bench/results/x/attention.png"])
+    assert "| fwd-B32-H12-L128-D64-fp16 | fastbert-triton | 4.0 TFLOP/s | sdpa-flash |" in md
+    assert "1.50x" in md and "H100" in md and "abc123" in md
+    assert "| ln | wrong | - | torch-eager |" in md
+    assert "![attention](bench/results/x/attention.png)" in md
+    text = "intro\n<!-- bench:begin -->\nold\n<!-- bench:end -->\nrest\n"
+    new = report.replace_between_markers(text, "NEW")
+    assert new == "intro\n<!-- bench:begin -->\nNEW\n<!-- bench:end -->\nrest\n"
+    with pytest.raises(ValueError):
+        report.replace_between_markers("no markers", "x")
+
+
+def test_results_dir_name_and_latest(tmp_path):
+    run = _run_record(_sample_rows())
+    assert report.results_dir_name(run) == "2026-11-20-h100-80gb-hbm3"
+    for name in ("2026-11-19-h200", "2026-11-21-h100-80gb-hbm3", "notes"):
+        (tmp_path / name).mkdir()
+    report.write_json(tmp_path / "2026-11-19-h200", run)
+    assert report.latest_results_dir(tmp_path).name == "2026-11-19-h200"
+    report.write_json(tmp_path / "2026-11-21-h100-80gb-hbm3", run)
+    assert report.latest_results_dir(tmp_path).name == "2026-11-21-h100-80gb-hbm3"
+    with pytest.raises(FileNotFoundError):
+        report.latest_results_dir(tmp_path / "nothing")
+
+
+def test_make_readme_table_tool(tmp_path, capsys):
+    tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
+    src = tmp_path / "out" / "bench"
+    report.write_json(src, _run_record(_sample_rows()))
+    report.append_csv(src, _run_record(_sample_rows()), _sample_rows())
+    (src / "attention.png").write_bytes(b"\x89PNG fake")
+    root = tmp_path / "results"
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- bench:begin -->\nstale\n<!-- bench:end -->\n")
+    assert tool.main(["--import", str(src), "--results-root", str(root), "--write", str(readme)]) == 0
+    dest = root / "2026-11-20-h100-80gb-hbm3"
+    assert (dest / "results.json").exists() and (dest / "attention.png").exists()
+    text = readme.read_text()
+    assert "stale" not in text and "sdpa-flash" in text
+    assert "results/2026-11-20-h100-80gb-hbm3/attention.png" in text
+    # importing the same run again merges instead of duplicating it
+    assert tool.main(["--import", str(src), "--results-root", str(root)]) == 0
+    assert len(report.load_results(dest)["runs"]) == 1
+    with open(dest / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(_sample_rows())
+    capsys.readouterr()
+    assert tool.main(["--results-root", str(root)]) == 0
+    assert "| fwd-B32-H12-L512-D64-fp16 |" in capsys.readouterr().out
+    readme.write_text("no markers here")
+    assert tool.main(["--results-root", str(root), "--write", str(readme)]) == 1
+    assert tool.main(["--results-root", str(tmp_path / "empty")]) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/: the GPU run script and the pytest-benchmark entry points
+# ----------------------------------------------------------------------------------------------
+def test_gpu_run_script():
+    script = REPO / "bench" / "gpu_run.sh"
+    text = script.read_text()
+    assert "set -o pipefail" in text and "timeout" in text and "tee" in text
+    assert "--no-build-isolation --no-deps -e ." in text and "pytest tests -q -rs" in text
+    assert "bench --quick --out" in text and "FASTBERT_COMMIT" in text
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    ok = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "STAGE" in ok.stdout
+    bad = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_bench_files_are_pytest_benchmark_entry_points():
+    for family in runner.FAMILIES:
+        path = REPO / "bench" / f"bench_{family}.py"
+        mod = _load(path, f"bench_{family}_under_test")
+        assert mod.FAMILY == family and callable(getattr(mod, f"test_{family}"))
+        marks = mod.pytestmark if isinstance(mod.pytestmark, list) else [mod.pytestmark]
+        assert any(m.name == "skipif" for m in marks)
+        params = [m for m in getattr(mod, f"test_{family}").pytestmark if m.name == "parametrize"]
+        ids = [p.id for p in params[0].args[1]]
+        assert ids and len(ids) == len(set(ids))
+
+
+def test_bert_case_on_cpu_with_a_tiny_model():
+    pytest.importorskip("transformers")
+    tiny = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                vocab_size=50, max_position_embeddings=32)
+    case = bert.bert_case(3, 12, "half", dtype=torch.float32, config=tiny)
+    rows = runner.run_cases([case], device="cpu", timer=timing.CpuTimer(reps=1), progress=False,
+                            impl_filter=["hf-sdpa", "hf-eager"], quick=True)
+    by = {r["impl"]: r for r in rows}
+    assert by["hf-sdpa"]["status"] == "ok" and by["hf-eager"]["status"] == "ok", rows
+    assert by["hf-sdpa-compile"]["status"] == "skipped"
+    assert "real tokens" in by["hf-sdpa"]["check"]
+    assert case.work == common.bert_flops(case.params["seqlens"], hidden=16, layers=1,
+                                          intermediate=32)
+
+
+def test_environment_records_versions_and_commit(monkeypatch):
+    monkeypatch.setenv("FASTBERT_COMMIT", "0123abcd" * 5)
+    env = report.environment()
+    assert env["commit"] == "0123abcd" * 5 and env["commit_source"] == "FASTBERT_COMMIT"
+    assert env["torch"] == torch.__version__ and env["fastbert"]
+    for key in ("gpu", "driver", "triton", "cuda", "timestamp", "cuda_extension", "peers"):
+        assert key in env
+    monkeypatch.delenv("FASTBERT_COMMIT")
+    commit, source = report.git_commit()
+    assert source in ("git", "none") and commit
+
+
+def test_run_command_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
+    """The whole command (ceilings, cases, table, JSON/CSV, plots, exit code) with its device
+    pointed at the CPU and the toy cases above; on a GPU the same code times CUDA kernels."""
+    from fastbert.benchmarks import ceilings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner, "DEVICE", "cpu")
+    monkeypatch.setattr(ceilings, "measure_ceilings", lambda timer, quick, device: ceilings.Ceilings(
+        copy_gbps=1.0, matmul_tflops=1.0, copy_bytes=1, matmul_n=1))
+    good = [_impl("good", torch.tanh), _impl("fastbert-good", torch.tanh, ours=True)]
+    monkeypatch.setattr(runner, "select_cases",
+                        lambda ops, quick=False: [_toy_case(good), _toy_case(good, "fwd+bwd")])
+    out = tmp_path / "res"
+    assert runner.run(_args("--quick", "--out", str(out), "--no-plots")) == 0
+    printed = capsys.readouterr().out
+    assert "toy-fwd" in printed and "fastbert-good *" in printed and "rows: 4 ok" in printed
+    run = report.load_results(out)["runs"][-1]
+    assert run["finished"] and run["ceilings"]["copy_gbps"] == 1.0 and len(run["rows"]) == 4
+    assert run["args"]["quick"] is True and run["env"]["torch"] == torch.__version__
+    assert (out / "results.csv").exists()
+    # a wrong fastbert result makes the command fail (exit 1) and says which
+    bad = [_impl("good", torch.tanh), _impl("fastbert-bad", torch.sin, ours=True)]
+    monkeypatch.setattr(runner, "select_cases", lambda ops, quick=False: [_toy_case(bad)])
+    assert runner.run(_args("--out", str(out), "--no-plots")) == 1
+    assert "fastbert-bad" in capsys.readouterr().err
+    assert len(report.load_results(out)["runs"]) == 2
