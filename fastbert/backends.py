@@ -18,7 +18,6 @@ The default backend is ``"auto"``; the environment variable ``FASTBERT_BACKEND``
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -53,14 +52,21 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR: Optional[str] = None
+_TRITON_CHECKED = False
+
+
 def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
+    # Cached in module globals (not functools.lru_cache, which Dynamo warns about when tracing).
+    global _TRITON_ERROR, _TRITON_CHECKED
+    if not _TRITON_CHECKED:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install
+            _TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+        _TRITON_CHECKED = True
+    return _TRITON_ERROR
 
 
 _C = None

@@ -1,8 +1,9 @@
 """GELU and bias + GELU: public functions, checks and dispatch (ops ``"gelu"`` and ``"bias_gelu"``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -58,3 +59,68 @@ def _gelu_torch(input, approximate):
 @register("bias_gelu", "torch")
 def _bias_gelu_torch(input, bias, approximate):
     return reference.bias_gelu(input, bias, approximate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend (kernels/gelu.py): torch.library custom ops with fake implementations and
+# autograd, shared by gelu (bias None) and bias_gelu. Triton is imported inside the ops only.
+# ----------------------------------------------------------------------------------------------
+def _triton_reasons(*, input, bias=None, **_) -> List[str]:
+    return [f"{name} is float64; the Triton kernels take float16, bfloat16 or float32"
+            for name, t in (("input", input), ("bias", bias))
+            if t is not None and t.dtype == torch.float64]
+
+
+@torch.library.custom_op("fastbert::gelu_fwd", mutates_args=())
+def _gelu_fwd_op(input: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    from ..kernels.gelu import bias_gelu_fwd
+
+    return bias_gelu_fwd(input, bias, approximate)
+
+
+@_gelu_fwd_op.register_fake
+def _(input, bias, approximate):
+    return input.new_empty(input.shape)
+
+
+@torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())
+def _gelu_bwd_op(grad_out: Tensor, input: Tensor, bias: Optional[Tensor], approximate: str,
+                 need_dbias: bool) -> Tuple[Tensor, Tensor]:
+    """-> (dinput, dbias); dbias is an empty placeholder unless asked for (and bias given)."""
+    from ..kernels.gelu import bias_gelu_bwd
+
+    dx, db = bias_gelu_bwd(grad_out, input, bias, approximate, need_dbias)
+    return dx, (db if db is not None else input.new_empty((0,)))
+
+
+@_gelu_bwd_op.register_fake
+def _(grad_out, input, bias, approximate, need_dbias):
+    db = bias.new_empty(bias.shape) if need_dbias and bias is not None else input.new_empty((0,))
+    return input.new_empty(input.shape), db
+
+
+def _gelu_setup_context(ctx, inputs, output):
+    input, bias, approximate = inputs
+    ctx.save_for_backward(input, bias)
+    ctx.approximate = approximate
+
+
+def _gelu_backward(ctx, grad_out):
+    input, bias = ctx.saved_tensors
+    need_dx, need_db = ctx.needs_input_grad[:2]
+    dx, db = torch.ops.fastbert.gelu_bwd(grad_out, input, bias, ctx.approximate, need_db)
+    return dx if need_dx else None, db if need_db else None, None
+
+
+torch.library.register_autograd("fastbert::gelu_fwd", _gelu_backward,
+                                setup_context=_gelu_setup_context)
+
+
+@register("gelu", "triton", reasons=_triton_reasons)
+def _gelu_triton(input, approximate):
+    return torch.ops.fastbert.gelu_fwd(input, None, approximate)
+
+
+@register("bias_gelu", "triton", reasons=_triton_reasons)
+def _bias_gelu_triton(input, bias, approximate):
+    return torch.ops.fastbert.gelu_fwd(input, bias, approximate)

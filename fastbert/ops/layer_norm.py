@@ -2,9 +2,11 @@
 (ops ``"layer_norm"`` and ``"add_layer_norm"``)."""
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -116,3 +118,209 @@ def _layer_norm_torch(input, normalized_shape, weight, bias, eps):
 def _add_layer_norm_torch(input, residual, weight, bias, eps, input_bias, dropout_p, return_residual):
     return reference.add_layer_norm(input, residual, weight, bias, eps, input_bias=input_bias,
                                     dropout_p=dropout_p, return_residual=return_residual)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend (kernels/layer_norm.py). Registered as torch.library custom ops with fake
+# (meta) implementations and autograd, so torch.compile(fullgraph=True) sees two opaque ops per
+# call (forward, backward). The kernels module is imported inside the ops, so that
+# ``import fastbert`` does not import triton.
+# ----------------------------------------------------------------------------------------------
+def _dropout_seed() -> int:
+    """The dropout seed of one add_layer_norm call, drawn from torch's default CPU generator (so
+    torch.manual_seed reproduces it; CPU, so drawing it never syncs a GPU)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+def _float64_reasons(**tensors) -> List[str]:
+    return [f"{name} is float64; the Triton kernels take float16, bfloat16 or float32"
+            for name, t in tensors.items() if t is not None and t.dtype == torch.float64]
+
+
+def _layer_norm_triton_reasons(*, input, weight=None, bias=None, **_) -> List[str]:
+    return _float64_reasons(input=input, weight=weight, bias=bias)
+
+
+def _add_layer_norm_triton_reasons(*, input, residual, weight=None, bias=None, input_bias=None,
+                                   **_) -> List[str]:
+    return _float64_reasons(input=input, residual=residual, weight=weight, bias=bias,
+                            input_bias=input_bias)
+
+
+def _dtype_or_none(t: Optional[Tensor]):
+    return None if t is None else t.dtype
+
+
+def _grad_like(flag: bool, p: Optional[Tensor], ref: Tensor) -> Tensor:
+    """Fake gradient of parameter ``p``: its shape and dtype, or an empty placeholder."""
+    if flag and p is not None:
+        return p.new_empty(p.shape)
+    return ref.new_empty((0,))
+
+
+@torch.library.custom_op("fastbert::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       norm_ndim: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (out, mean [M] fp32, rstd [M] fp32)."""
+    from ..kernels.layer_norm import layer_norm_fwd
+
+    out, _, mean, rstd = layer_norm_fwd(input, weight, bias, eps, norm_ndim=norm_ndim)
+    return out, mean, rstd
+
+
+@_layer_norm_fwd_op.register_fake
+def _(input, weight, bias, norm_ndim, eps):
+    m = math.prod(input.shape[:input.dim() - norm_ndim])
+    stats = input.new_empty((m,), dtype=torch.float32)
+    return input.new_empty(input.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], mean: Tensor, rstd: Tensor, norm_ndim: int,
+                       need_dweight: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (dinput, dweight, dbias); a gradient not asked for is an empty placeholder. ``bias`` is
+    only read for its dtype (the kernel does not need it)."""
+    from ..kernels.layer_norm import layer_norm_bwd
+
+    need_dweight = need_dweight and weight is not None
+    need_dbias = need_dbias and bias is not None
+    dx, _, dw, db, _ = layer_norm_bwd(
+        grad_out, input, weight, mean, rstd, norm_ndim=norm_ndim, need_dweight=need_dweight,
+        need_dbias=need_dbias, param_dtypes=(_dtype_or_none(weight), _dtype_or_none(bias), None))
+    empty = input.new_empty((0,))
+    return dx, (dw if dw is not None else empty), (db if db is not None else empty.clone())
+
+
+@_layer_norm_bwd_op.register_fake
+def _(grad_out, input, weight, bias, mean, rstd, norm_ndim, need_dweight, need_dbias):
+    return (input.new_empty(input.shape), _grad_like(need_dweight, weight, input),
+            _grad_like(need_dbias, bias, input))
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    input, weight, bias, norm_ndim, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.norm_ndim = norm_ndim
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.fastbert.layer_norm_bwd(grad_out, input, weight, bias, mean, rstd,
+                                                   ctx.norm_ndim, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
+
+
+torch.library.register_autograd("fastbert::layer_norm_fwd", _layer_norm_backward,
+                                setup_context=_layer_norm_setup_context)
+
+
+@torch.library.custom_op("fastbert::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd_op(input: Tensor, residual: Tensor, weight: Optional[Tensor],
+                           bias: Optional[Tensor], input_bias: Optional[Tensor], eps: float,
+                           dropout_p: float, return_residual: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (out, pre_norm_sum (empty unless return_residual), mean, rstd, seed (int64 [1], CPU))."""
+    from ..kernels.layer_norm import layer_norm_fwd
+
+    seed = _dropout_seed() if dropout_p > 0.0 else 0
+    out, s, mean, rstd = layer_norm_fwd(input, weight, bias, eps, residual=residual,
+                                        input_bias=input_bias, dropout_p=dropout_p, seed=seed,
+                                        store_sum=return_residual)
+    if s is None:
+        s = input.new_empty((0,))
+    return out, s, mean, rstd, torch.tensor([seed], dtype=torch.int64)
+
+
+@_add_layer_norm_fwd_op.register_fake
+def _(input, residual, weight, bias, input_bias, eps, dropout_p, return_residual):
+    m = math.prod(input.shape[:-1])
+    stats = input.new_empty((m,), dtype=torch.float32)
+    s = input.new_empty(input.shape if return_residual else (0,))
+    return (input.new_empty(input.shape), s, stats, torch.empty_like(stats),
+            torch.empty((1,), dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd_op(grad_out: Tensor, grad_sum: Optional[Tensor], input: Tensor,
+                           residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           input_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, seed: Tensor,
+                           dropout_p: float, need_dinput: bool, need_dweight: bool,
+                           need_dbias: bool, need_dinput_bias: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dsum, dinput, dweight, dbias, dinput_bias). dsum is the gradient of the pre-norm sum,
+    which is the residual's; dinput is an empty placeholder without dropout (it equals dsum) and
+    so is every gradient not asked for."""
+    from ..kernels.layer_norm import layer_norm_bwd
+
+    need_dweight = need_dweight and weight is not None
+    need_dbias = need_dbias and bias is not None
+    need_dinput_bias = need_dinput_bias and input_bias is not None
+    ds, dx, dw, db, dxb = layer_norm_bwd(
+        grad_out, input, weight, mean, rstd, residual=residual, input_bias=input_bias,
+        dsum=grad_sum, dropout_p=dropout_p, seed=int(seed.item()), need_dinput=need_dinput,
+        need_dweight=need_dweight, need_dbias=need_dbias, need_dinput_bias=need_dinput_bias,
+        param_dtypes=(_dtype_or_none(weight), _dtype_or_none(bias), _dtype_or_none(input_bias)))
+    outs = [ds]
+    for t in (dx if need_dinput else None, dw, db, dxb):
+        outs.append(t if t is not None else input.new_empty((0,)))
+    return tuple(outs)
+
+
+@_add_layer_norm_bwd_op.register_fake
+def _(grad_out, grad_sum, input, residual, weight, bias, input_bias, mean, rstd, seed, dropout_p,
+      need_dinput, need_dweight, need_dbias, need_dinput_bias):
+    dx = input.new_empty(input.shape if need_dinput and dropout_p > 0.0 else (0,))
+    return (input.new_empty(input.shape), dx, _grad_like(need_dweight, weight, input),
+            _grad_like(need_dbias, bias, input), _grad_like(need_dinput_bias, input_bias, input))
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    input, residual, weight, bias, input_bias, eps, dropout_p, return_residual = inputs
+    _, _, mean, rstd, seed = output
+    ctx.save_for_backward(input, residual, weight, bias, input_bias, mean, rstd, seed)
+    ctx.dropout_p = dropout_p
+    ctx.return_residual = return_residual
+    ctx.mark_non_differentiable(mean, rstd, seed)
+    # An unused output's gradient arrives as None instead of a materialised zero tensor that the
+    # backward kernel would have to read.
+    ctx.set_materialize_grads(False)
+
+
+def _add_layer_norm_backward(ctx, grad_out, grad_sum, _grad_mean, _grad_rstd, _grad_seed):
+    input, residual, weight, bias, input_bias, mean, rstd, seed = ctx.saved_tensors
+    need_dx, need_dr, need_dw, need_db, need_dxb = ctx.needs_input_grad[:5]
+    if not ctx.return_residual:
+        grad_sum = None  # the empty placeholder output carries no gradient
+    if grad_out is None:  # only the pre-norm sum was used: a one-element stride-0 zero gradient
+        grad_out = input.new_zeros(()).expand(input.shape)
+    p = ctx.dropout_p
+    ds, dx, dw, db, dxb = torch.ops.fastbert.add_layer_norm_bwd(
+        grad_out, grad_sum, input, residual, weight, bias, input_bias, mean, rstd, seed, p,
+        need_dx and p > 0.0, need_dw, need_db, need_dxb)
+    if p == 0.0:
+        dx = ds  # without dropout the input's gradient is the sum's, as for the residual
+    return (dx if need_dx else None, ds if need_dr else None, dw if need_dw else None,
+            db if need_db else None, dxb if need_dxb else None, None, None, None)
+
+
+torch.library.register_autograd("fastbert::add_layer_norm_fwd", _add_layer_norm_backward,
+                                setup_context=_add_layer_norm_setup_context)
+
+
+@register("layer_norm", "triton", reasons=_layer_norm_triton_reasons)
+def _layer_norm_triton(input, normalized_shape, weight, bias, eps):
+    out, _, _ = torch.ops.fastbert.layer_norm_fwd(input, weight, bias, len(normalized_shape), eps)
+    return out
+
+
+@register("add_layer_norm", "triton", reasons=_add_layer_norm_triton_reasons)
+def _add_layer_norm_triton(input, residual, weight, bias, eps, input_bias, dropout_p,
+                           return_residual):
+    out, s, _, _, _ = torch.ops.fastbert.add_layer_norm_fwd(input, residual, weight, bias,
+                                                            input_bias, eps, dropout_p,
+                                                            return_residual)
+    return (out, s) if return_residual else out

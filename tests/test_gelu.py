@@ -1,0 +1,187 @@
+"""fastbert.gelu and fastbert.bias_gelu, Triton backend, against fastbert.reference in float64 (and
+torch.nn.functional.gelu in the input's precision, for the tolerance rule)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert
+from fastbert import reference
+from fastbert.backends import BackendError, interpreter_enabled, select
+from fastbert.testing import DEVICE, assert_close, rand
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+WIDTHS = [1, 7, 97, 768, 1000, 1024, 4096]
+APPROX = ["none", "tanh"]
+# Triton's interpreter converts fp32 -> bf16 by truncation (up to 1 ulp) where compiled kernels
+# round to nearest (0.5 ulp, like PyTorch), so under the interpreter the bf16 bound is doubled.
+BF16_FACTOR = 4.0 if interpreter_enabled() else 2.0
+
+
+def _leaf(t, dtype=None):
+    if t is None:
+        return None
+    t = t.detach()
+    t = t.to(dtype) if dtype is not None else t.clone()
+    return t.requires_grad_(True)
+
+
+def _check_bias_gelu(x, bias, approximate, dy=None, public="bias_gelu"):
+    """Triton op vs fp64 reference vs F.gelu in x's dtype, output and every gradient with the same
+    upstream gradient. ``public="gelu"`` calls fastbert.gelu (bias must be None)."""
+    dtype = x.dtype
+    xs, bs = _leaf(x), _leaf(bias)
+    if public == "gelu":
+        out = fastbert.gelu(xs, approximate, backend="triton")
+    else:
+        out = fastbert.bias_gelu(xs, bs, approximate, backend="triton")
+    assert out.shape == x.shape and out.dtype == dtype
+    if dy is None:
+        dy = torch.randn(x.shape, device=x.device).to(dtype)
+    out.backward(dy)
+
+    xr, br = _leaf(x, torch.float64), _leaf(bias, torch.float64)
+    ref = reference.bias_gelu(xr, br, approximate)
+    ref.backward(dy.double())
+
+    xl, bl = _leaf(x), _leaf(bias)  # PyTorch's own low-precision computation
+    low = F.gelu(xl if bl is None else xl + bl.to(dtype), approximate=approximate)
+    low.backward(dy)
+
+    pairs = [("out", out, ref, low), ("grad_input", xs.grad, xr.grad, xl.grad)]
+    if bias is not None:
+        pairs.append(("grad_bias", bs.grad, br.grad, bl.grad))
+    for name, o, r, lo in pairs:
+        assert o.dtype == lo.dtype, f"{name}: dtype {o.dtype}, expected {lo.dtype}"
+        factor = BF16_FACTOR if o.dtype == torch.bfloat16 else 2.0
+        assert_close(o, r, lo, factor=factor, name=name)
+    return out, xs.grad, None if bs is None else bs.grad
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("width", WIDTHS, ids=lambda n: f"N{n}")
+def test_bias_gelu(width, dtype, approximate):
+    rows = 17 if width < 1024 else 3
+    x = rand((rows, width), dtype, scale=3.0)
+    b = rand((width,), dtype)
+    _check_bias_gelu(x, b, approximate)
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("shape", [(), (1,), (97,), (2, 3, 130), (1, 1, 1025)],
+                         ids=lambda s: "x".join(map(str, s)) or "scalar")
+def test_gelu(shape, approximate):
+    x = rand(shape, torch.float16, scale=3.0) if shape else torch.randn((), device=DEVICE) * 3
+    _check_bias_gelu(x, None, approximate, public="gelu")
+
+
+def test_bias_gelu_without_bias():
+    _check_bias_gelu(rand((17, 97), torch.float16, scale=3.0), None, "none")
+
+
+@pytest.mark.parametrize("layout", ["strided-cols", "transposed-batch", "row-slice"])
+def test_bias_gelu_noncontiguous(layout):
+    if layout == "strided-cols":
+        x = rand((2, 9, 97), torch.float16, scale=3.0, noncontiguous=True)
+    elif layout == "transposed-batch":  # leading dims cannot merge: the launcher copies
+        x = rand((9, 2, 97), torch.float16, scale=3.0).transpose(0, 1)
+    else:
+        x = rand((17, 130), torch.float16, scale=3.0)[:, 5:102]
+    assert not x.is_contiguous()
+    b = rand((194,), torch.float16)[::2]
+    dy = rand(x.shape, torch.float16, noncontiguous=True)
+    _check_bias_gelu(x, b, "tanh", dy=dy)
+
+
+def test_gelu_transposed():
+    """gelu on a transposed matrix: the last dim is strided, rows are contiguous."""
+    x = rand((97, 33), torch.float32, scale=3.0).t()
+    _check_bias_gelu(x, None, "none", public="gelu",
+                     dy=torch.ones((), device=DEVICE).expand(33, 97))
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_bias_gelu_large_magnitude_fp16(approximate):
+    """Saturated regions (|x| up to the fp16 limit): no overflow, no NaN, exact limits."""
+    x = rand((17, 97), torch.float32, scale=300.0)
+    x[0, :4] = torch.tensor([60000.0, -60000.0, 65504.0, -65504.0])
+    x = x.to(torch.float16)
+    b = rand((97,), torch.float16)
+    b[:4] = 0.0
+    out, dx, db = _check_bias_gelu(x, b, approximate, dy=torch.ones_like(x))
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all() and torch.isfinite(db).all()
+    assert out[0, :4].tolist() == [60000.0, 0.0, 65504.0, 0.0]
+    assert dx[0, :4].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_bias_gelu_fp32_bias_fp16_input():
+    x = rand((17, 97), torch.float16, scale=3.0)
+    b = rand((97,), torch.float32)
+    _, _, db = _check_bias_gelu(x, b, "none")
+    assert db.dtype == torch.float32
+
+
+def test_bias_gelu_deterministic():
+    """The bias gradient (a column sum over many rows) is bitwise reproducible: no atomics."""
+    x = rand((131, 300), torch.float16, scale=3.0)
+    b = rand((300,), torch.float16)
+    dy = rand((131, 300), torch.float16)
+    results = []
+    for _ in range(2):
+        xs, bs = _leaf(x), _leaf(b)
+        out = fastbert.bias_gelu(xs, bs, backend="triton")
+        out.backward(dy)
+        results.append((out, xs.grad, bs.grad))
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+    # and it is the column sum of the input's gradient
+    torch.testing.assert_close(results[0][2].float(), results[0][1].float().sum(0),
+                               atol=2e-2, rtol=2e-3)
+
+
+def test_bias_gelu_empty():
+    x = torch.zeros((0, 97), device=DEVICE, requires_grad=True)
+    b = torch.ones(97, device=DEVICE, requires_grad=True)
+    out = fastbert.bias_gelu(x, b, backend="triton")
+    assert out.shape == (0, 97)
+    out.sum().backward()
+    assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_gelu_dispatch():
+    x = rand((4, 97))
+    if DEVICE == "cpu":  # 'auto' never picks the interpreter: the torch reference serves CPU
+        assert select("gelu", None, x.device, input=x, approximate="none").backend == "torch"
+        assert select("bias_gelu", None, x.device, input=x, bias=None,
+                      approximate="none").backend == "torch"
+    with pytest.raises(BackendError, match="input is float64"):
+        fastbert.gelu(x.double(), backend="triton")
+    with pytest.raises(BackendError, match="bias is float64"):
+        fastbert.bias_gelu(x, rand((97,), torch.float64), backend="triton")
+    torch.testing.assert_close(fastbert.gelu(x.double()), F.gelu(x.double()))
+
+
+def test_bias_gelu_compile():
+    """torch.compile(fullgraph=True) through the custom ops, forward and backward."""
+    x = rand((17, 97), requires_grad=True)
+    b = rand((97,), requires_grad=True)
+    fn = torch.compile(lambda x, b: fastbert.bias_gelu(x, b, "tanh", backend="triton"),
+                       fullgraph=True)
+    out = fn(x, b)
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, b), dy)
+    eager = fastbert.bias_gelu(x, b, "tanh", backend="triton")
+    assert torch.equal(out, eager)
+    for g, e in zip(grads, torch.autograd.grad(eager, (x, b), dy)):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("shape", [(4099, 3072), (3, 513, 4096), (17, 65536)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bias_gelu_cuda(shape, dtype, approximate):
+    x = rand(shape, dtype, scale=3.0)
+    _check_bias_gelu(x, rand((shape[-1],), dtype), approximate)

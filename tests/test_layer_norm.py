@@ -1,0 +1,454 @@
+"""fastbert.layer_norm and fastbert.add_layer_norm, Triton backend, against fastbert.reference in
+float64 (and torch.nn.functional in the input's precision, for the tolerance rule).
+
+Without a GPU the kernels run under Triton's interpreter (tests/conftest.py), so CPU shapes stay
+small; the wide rows (8192 one-pass, 65536 looped) run in the ``cuda`` tests. The looped kernels
+are also checked on CPU by shrinking the one-pass limit (``MAX_FUSED_N``) for a test.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbert
+from fastbert import reference
+from fastbert.backends import BackendError, interpreter_enabled, select
+from fastbert.kernels import layer_norm as kln
+from fastbert.ops.layer_norm import _dropout_seed
+from fastbert.testing import DEVICE, assert_close, rand
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+WIDTHS = [1, 7, 97, 768, 1000, 1024, 4096]
+# (rows, width) on CPU: every width, 1 and 17 rows among them, fewer rows where the interpreter is
+# slow (it runs each program's block ops in numpy, one program after another)
+SHAPES = [(1, 1), (17, 1), (17, 7), (1, 97), (17, 97), (17, 768), (1, 1000), (17, 1000), (5, 1024),
+          (3, 4096)]
+# Triton's interpreter converts fp32 -> bf16 by truncation (up to 1 ulp) where compiled kernels
+# round to nearest (0.5 ulp, like PyTorch), so under the interpreter the bf16 bound is doubled.
+BF16_FACTOR = 4.0 if interpreter_enabled() else 2.0
+
+
+def _leaf(t, dtype=None):
+    if t is None:
+        return None
+    t = t.detach()
+    t = t.to(dtype) if dtype is not None else t.clone()
+    return t.requires_grad_(True)
+
+
+def _grads(ts):
+    return [None if t is None else t.grad for t in ts]
+
+
+def _check(name, outs, refs, lows):
+    for i, (o, r, lo) in enumerate(zip(outs, refs, lows)):
+        if r is None:
+            assert o is None, f"{name}[{i}]: expected no gradient"
+            continue
+        assert o is not None, f"{name}[{i}]: missing"
+        assert o.dtype == lo.dtype, f"{name}[{i}]: dtype {o.dtype}, expected {lo.dtype}"
+        factor = BF16_FACTOR if o.dtype == torch.bfloat16 else 2.0
+        assert_close(o, r, lo, factor=factor, name=f"{name}[{i}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# layer_norm
+# ----------------------------------------------------------------------------------------------
+def _check_layer_norm(x, normalized_shape, weight, bias, eps=1e-5, dy=None, lowp=None):
+    """Runs the Triton op, the fp64 reference and F.layer_norm in x's dtype (or ``lowp``) with the
+    same upstream gradient, and compares the output and every gradient."""
+    dtype = x.dtype
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    ins = [x, weight, bias]
+    ours = [_leaf(t) for t in ins]
+    out = fastbert.layer_norm(ours[0], normalized_shape, ours[1], ours[2], eps, backend="triton")
+    assert out.dtype == dtype and out.shape == x.shape
+    if dy is None:
+        dy = torch.randn(x.shape, device=x.device).to(dtype)
+    out.backward(dy)
+
+    refs = [_leaf(t, torch.float64) for t in ins]
+    ref = reference.layer_norm(refs[0], normalized_shape, refs[1], refs[2], eps)
+    ref.backward(dy.double())
+
+    lows = [_leaf(t) for t in ins]  # PyTorch's own low-precision computation
+    if lowp is None:
+        w_, b_ = (None if t is None else t.to(dtype) for t in lows[1:])
+        low = F.layer_norm(lows[0], normalized_shape, w_, b_, eps)
+    else:
+        low = lowp(*lows)
+    low.backward(dy)
+    _check("out", [out], [ref], [low])
+    _check("grad", _grads(ours), _grads(refs), _grads(lows))
+    return out, _grads(ours)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("rows, width", SHAPES, ids=[f"M{m}-N{n}" for m, n in SHAPES])
+def test_layer_norm(rows, width, dtype):
+    x = rand((rows, width), dtype, scale=2.0) + 0.5
+    w = rand((width,), dtype) * 0.5 + 1.0
+    b = rand((width,), dtype)
+    _check_layer_norm(x, (width,), w, b)
+
+
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_layer_norm_without_weight_or_bias(affine):
+    x = rand((3, 5, 97), torch.float16, scale=3.0)
+    w = rand((97,), torch.float16) if affine == "weight" else None
+    b = rand((97,), torch.float16) if affine == "bias" else None
+    _check_layer_norm(x, 97, w, b)
+
+
+@pytest.mark.parametrize("layout", ["strided-cols", "transposed-batch", "row-slice"])
+def test_layer_norm_noncontiguous(layout):
+    if layout == "strided-cols":  # every other element: row and column strides, no copy
+        x = rand((2, 9, 97), torch.float16, noncontiguous=True)
+    elif layout == "transposed-batch":  # leading dims cannot merge: the launcher copies
+        x = rand((9, 2, 97), torch.float16).transpose(0, 1)
+    else:  # rows with a gap between them
+        x = rand((17, 130), torch.float16)[:, 5:102]
+    assert not x.is_contiguous()
+    w = rand((194,), torch.float16)[::2]  # strided parameters too
+    b = rand((97,), torch.float16)
+    dy = rand(x.shape, torch.float16, noncontiguous=True)  # strided upstream gradient
+    _check_layer_norm(x, 97, w, b, dy=dy)
+
+
+def test_layer_norm_expanded_grad():
+    """out.sum().backward() hands the kernel a stride-0 gradient."""
+    x = rand((17, 97), torch.float32)
+    w, b = rand((97,)), rand((97,))
+    _check_layer_norm(x, 97, w, b, dy=torch.ones((), device=DEVICE).expand(17, 97))
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_layer_norm_multidim_normalized_shape(contiguous):
+    x = rand((3, 4, 25), torch.float16) if contiguous else rand((3, 4, 25), torch.float16,
+                                                                noncontiguous=True)
+    w = rand((4, 25), torch.float16)
+    b = rand((4, 25), torch.float16)
+    _check_layer_norm(x, (4, 25), w, b)
+
+
+def test_layer_norm_large_magnitude_fp16():
+    """Rows of magnitude ~1e3 with a small spread: the statistics must be fp32 and two-pass."""
+    x = (rand((17, 768), torch.float32, scale=30.0) + 1000.0).to(torch.float16)
+    w = rand((768,), torch.float16) * 0.5 + 1.0
+    b = rand((768,), torch.float16)
+    dy = rand((17, 768), torch.float16, scale=30.0)  # so the gradients are well above the floor
+    _check_layer_norm(x, 768, w, b, dy=dy)
+
+
+def test_layer_norm_fp32_params_fp16_input():
+    """Parameters may keep their own dtype; their gradients come back in it."""
+    x = rand((17, 97), torch.float16)
+    w = rand((97,), torch.float32)
+    b = rand((97,), torch.float32)
+
+    def lowp(x_, w_, b_):  # fp32 math, fp16 output: what F.layer_norm does inside
+        return reference.layer_norm(x_, 97, w_, b_, 1e-5)
+
+    _, (_, dw, db) = _check_layer_norm(x, 97, w, b, lowp=lowp)
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32
+
+
+@pytest.mark.parametrize("width", [300, 1000], ids=lambda n: f"N{n}")
+def test_layer_norm_looped(monkeypatch, width):
+    """The looped (wide-row) kernels, forced on CPU with a small one-pass limit and chunk."""
+    monkeypatch.setattr(kln, "MAX_FUSED_N", 128)
+    monkeypatch.setattr(kln, "LOOPED_BLOCK_N", 128)
+    monkeypatch.setattr(kln, "COLS_BLOCK_N", 128)
+    x = rand((5, width), torch.float16, scale=2.0) + 1.0
+    w = rand((width,), torch.float16)
+    b = rand((width,), torch.float16)
+    _check_layer_norm(x, width, w, b)
+
+
+def test_layer_norm_deterministic():
+    """Two runs give identical bits, the weight / bias gradients included (no atomics)."""
+    x = rand((67, 768), torch.float16)
+    w, b = rand((768,), torch.float16), rand((768,), torch.float16)
+    dy = rand((67, 768), torch.float16)
+    results = []
+    for _ in range(2):
+        xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
+        out = fastbert.layer_norm(xs, 768, ws, bs, backend="triton")
+        out.backward(dy)
+        results.append([out, xs.grad, ws.grad, bs.grad])
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+
+
+def test_layer_norm_empty_rows():
+    x = torch.zeros((0, 97), device=DEVICE, requires_grad=True)
+    w = torch.ones(97, device=DEVICE, requires_grad=True)
+    out = fastbert.layer_norm(x, 97, w, None, backend="triton")
+    assert out.shape == (0, 97)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_layer_norm_dispatch():
+    x = rand((4, 97))
+    # CPU tensors: 'auto' never picks the interpreter, the torch reference serves the call
+    if DEVICE == "cpu":
+        assert select("layer_norm", None, x.device, input=x, normalized_shape=(97,), weight=None,
+                      bias=None, eps=1e-5).backend == "torch"
+    with pytest.raises(BackendError, match="float64"):
+        fastbert.layer_norm(x.double(), 97, backend="triton")
+    with pytest.raises(BackendError, match="weight is float64"):
+        fastbert.layer_norm(x, 97, rand((97,), torch.float64), backend="triton")
+    # and the auto fallback for float64 still gives the right answer
+    torch.testing.assert_close(fastbert.layer_norm(x.double(), 97), F.layer_norm(x.double(), (97,)))
+
+
+def test_layer_norm_compile():
+    """torch.compile(fullgraph=True) through the custom ops, forward and backward."""
+    x = rand((17, 97), torch.float32, requires_grad=True)
+    w, b = rand((97,), requires_grad=True), rand((97,), requires_grad=True)
+    fn = torch.compile(lambda x, w, b: fastbert.layer_norm(x, (97,), w, b, backend="triton"),
+                       fullgraph=True)
+    out = fn(x, w, b)
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w, b), dy)
+    eager = fastbert.layer_norm(x, (97,), w, b, backend="triton")
+    eager_grads = torch.autograd.grad(eager, (x, w, b), dy)
+    assert torch.equal(out, eager)
+    for g, e in zip(grads, eager_grads):
+        assert torch.equal(g, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# add_layer_norm
+# ----------------------------------------------------------------------------------------------
+def _torch_add_layer_norm(x, r, w, b, eps, xb, p, mask, return_residual):
+    """The unfused composition in x's dtype (PyTorch's own low-precision computation)."""
+    dt = x.dtype
+    h = x if xb is None else x + xb.to(dt)
+    if mask is not None:
+        h = h * mask.to(dt) / (1.0 - p)
+    s = h + r
+    out = F.layer_norm(s, (x.shape[-1],), None if w is None else w.to(dt),
+                       None if b is None else b.to(dt), eps)
+    return (out, s) if return_residual else out
+
+
+def _check_add_layer_norm(x, r, w, b, xb=None, p=0.0, return_residual=True, eps=1e-5,
+                          dy=None, dsum=None):
+    """Triton op vs fp64 reference vs the fp16/bf16/fp32 composition, same upstream gradients;
+    under dropout the reference uses the exact mask the kernel drew (recovered from the seed)."""
+    dtype = x.dtype
+    ins = [x, r, w, b, xb]
+    ours = [_leaf(t) for t in ins]
+    torch.manual_seed(1234)
+    res = fastbert.add_layer_norm(ours[0], ours[1], ours[2], ours[3], eps, input_bias=ours[4],
+                                  dropout_p=p, return_residual=return_residual, backend="triton")
+    mask = None
+    if p > 0.0:
+        torch.manual_seed(1234)
+        mask = kln.dropout_keep_mask(_dropout_seed(), x.shape, p, x.device)
+    outs = list(res) if return_residual else [res]
+    if dy is None:
+        dy = torch.randn(x.shape, device=x.device).to(dtype)
+    if dsum is None:
+        dsum = torch.randn(x.shape, device=x.device).to(dtype)
+    ups = [dy, dsum][:len(outs)]
+    torch.autograd.backward(outs, ups)
+
+    refs = [_leaf(t, torch.float64) for t in ins]
+    ref = reference.add_layer_norm(refs[0], refs[1], refs[2], refs[3], eps, input_bias=refs[4],
+                                   dropout_p=p, return_residual=return_residual, dropout_mask=mask)
+    ref = list(ref) if return_residual else [ref]
+    torch.autograd.backward(ref, [u.double() for u in ups])
+
+    lows = [_leaf(t) for t in ins]
+    low = _torch_add_layer_norm(*lows[:4], eps, lows[4], p, mask, return_residual)
+    low = list(low) if return_residual else [low]
+    torch.autograd.backward(low, ups)
+
+    _check("out", outs, ref, low)
+    _check("grad", _grads(ours), _grads(refs), _grads(lows))
+    return outs, _grads(ours)
+
+
+def _add_inputs(shape, dtype, scale=1.0, offset=0.0):
+    n = shape[-1]
+    x = rand(shape, dtype, scale=scale) + offset
+    r = rand(shape, dtype, scale=scale) + offset
+    w = rand((n,), dtype) * 0.5 + 1.0
+    b = rand((n,), dtype)
+    xb = rand((n,), dtype)
+    return x, r, w, b, xb
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("width", WIDTHS, ids=lambda n: f"N{n}")
+def test_add_layer_norm(width, dtype):
+    x, r, w, b, xb = _add_inputs((3 if width > 1024 else 17, width), dtype)
+    _check_add_layer_norm(x, r, w, b, xb)
+
+
+DROPOUT_CASES = [(97, torch.float32, True), (97, torch.float16, False), (768, torch.float16, True),
+                 (768, torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("width, dtype, return_residual", DROPOUT_CASES,
+                         ids=[f"N{n}-{DT[d]}-{'return-residual' if r else 'out-only'}"
+                              for n, d, r in DROPOUT_CASES])
+def test_add_layer_norm_dropout_exact(width, dtype, return_residual):
+    x, r, w, b, xb = _add_inputs((3, 7, width), dtype)
+    _check_add_layer_norm(x, r, w, b, xb, p=0.25, return_residual=return_residual)
+
+
+@pytest.mark.parametrize("params", ["none", "weight", "bias", "input_bias"])
+def test_add_layer_norm_optional_params(params):
+    x, r, w, b, xb = _add_inputs((17, 97), torch.float16)
+    _check_add_layer_norm(x, r, w if params == "weight" else None, b if params == "bias" else None,
+                          xb if params == "input_bias" else None, p=0.1)
+
+
+def test_add_layer_norm_noncontiguous():
+    x = rand((2, 9, 97), torch.float16, noncontiguous=True)          # strided columns
+    r = rand((9, 2, 97), torch.float16).transpose(0, 1)               # needs a copy
+    w = rand((97,), torch.float16)
+    b = rand((97,), torch.float16)
+    xb = rand((194,), torch.float16)[::2]
+    dy = rand((2, 9, 97), torch.float16, noncontiguous=True)
+    dsum = torch.ones((), device=DEVICE, dtype=torch.float16).expand(2, 9, 97)
+    _check_add_layer_norm(x, r, w, b, xb, p=0.2, dy=dy, dsum=dsum)
+
+
+def test_add_layer_norm_large_magnitude_fp16():
+    x, r, w, b, xb = _add_inputs((17, 768), torch.float16, scale=30.0, offset=500.0)
+    dy = rand((17, 768), torch.float16, scale=30.0)
+    _check_add_layer_norm(x, r, w, b, xb, dy=dy, dsum=rand((17, 768), torch.float16))
+
+
+def test_add_layer_norm_only_sum_used():
+    """With return_residual, a graph that uses only the pre-norm sum still gets every gradient."""
+    x, r, w, b, xb = _add_inputs((5, 97), torch.float32)
+    xs, rs, ws, bs, xbs = (_leaf(t) for t in (x, r, w, b, xb))
+    _, s = fastbert.add_layer_norm(xs, rs, ws, bs, input_bias=xbs, return_residual=True,
+                                   backend="triton")
+    ds = torch.randn_like(s)
+    s.backward(ds)
+    torch.testing.assert_close(s, x + xb + r)
+    torch.testing.assert_close(xs.grad, ds)
+    torch.testing.assert_close(rs.grad, ds)
+    torch.testing.assert_close(xbs.grad, ds.sum(0))
+    assert ws.grad is None or torch.count_nonzero(ws.grad) == 0
+
+
+@pytest.mark.parametrize("width", [300, 1000], ids=lambda n: f"N{n}")
+def test_add_layer_norm_looped(monkeypatch, width):
+    monkeypatch.setattr(kln, "MAX_FUSED_N", 128)
+    monkeypatch.setattr(kln, "LOOPED_BLOCK_N", 256)
+    monkeypatch.setattr(kln, "COLS_BLOCK_N", 256)
+    x, r, w, b, xb = _add_inputs((3, width), torch.float16)
+    _check_add_layer_norm(x, r, w, b, xb, p=0.2)
+
+
+def test_dropout_statistics():
+    """Kept fraction ~ 1 - p; the mask changes with the seed; rows and columns are not
+    correlated (the same position in different rows, and neighbours in one row, differ)."""
+    p, m, n = 0.3, 32, 512
+    mask = kln.dropout_keep_mask(12345, (m, n), p, DEVICE)
+    assert mask.dtype == torch.bool and mask.shape == (m, n)
+    sigma = (p * (1 - p) / (m * n)) ** 0.5
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * sigma
+    col_frac = mask.float().mean(0)  # 32 draws per column: no column is always kept or dropped
+    assert 0 < col_frac.min() and col_frac.max() < 1
+    assert not torch.equal(mask[0], mask[1])
+    other = kln.dropout_keep_mask(12346, (m, n), p, DEVICE)
+    agree = (mask == other).float().mean().item()  # independent masks agree w.p. p^2 + (1-p)^2
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02
+    # the output itself drops what the mask says, scaled by 1 / (1 - p) where kept
+    x = torch.ones((m, n), device=DEVICE)
+    torch.manual_seed(7)
+    _, s = fastbert.add_layer_norm(x, torch.zeros_like(x), None, None, dropout_p=p,
+                                   return_residual=True, backend="triton")
+    torch.manual_seed(7)
+    seen = kln.dropout_keep_mask(_dropout_seed(), (m, n), p, DEVICE)
+    torch.testing.assert_close(s, seen.float() / (1 - p))
+
+
+def test_add_layer_norm_reproducible():
+    """torch.manual_seed reproduces the dropout; another seed changes it; runs are bitwise
+    deterministic, gradients included."""
+    x, r, w, b, xb = _add_inputs((33, 256), torch.float16)
+    dy = rand((33, 256), torch.float16)
+
+    def run(seed):
+        ins = [_leaf(t) for t in (x, r, w, b, xb)]
+        torch.manual_seed(seed)
+        out = fastbert.add_layer_norm(ins[0], ins[1], ins[2], ins[3], input_bias=ins[4],
+                                      dropout_p=0.5, backend="triton")
+        out.backward(dy)
+        return [out] + _grads(ins)
+
+    a, b_, c = run(1), run(1), run(2)
+    for t1, t2 in zip(a, b_):
+        assert torch.equal(t1, t2)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_add_layer_norm_dispatch():
+    x = rand((4, 97))
+    with pytest.raises(BackendError, match="input_bias is float64"):
+        fastbert.add_layer_norm(x, x, None, None, input_bias=rand((97,), torch.float64),
+                                backend="triton")
+    if DEVICE == "cpu":
+        impl = select("add_layer_norm", None, x.device, input=x, residual=x, weight=None,
+                      bias=None, eps=1e-5, input_bias=None, dropout_p=0.0, return_residual=False)
+        assert impl.backend == "torch"
+
+
+def test_add_layer_norm_compile_dropout():
+    """torch.compile(fullgraph=True) with dropout and return_residual: the seed is drawn inside
+    the opaque op, so compiled and eager runs under one torch.manual_seed agree bitwise."""
+    x, r, w, b, _ = _add_inputs((5, 97), torch.float32)
+    ins = [_leaf(t) for t in (x, r, w, b)]
+
+    def fn(x, r, w, b):
+        return fastbert.add_layer_norm(x, r, w, b, dropout_p=0.2, return_residual=True,
+                                       backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True)
+    results = []
+    for f in (compiled, fn):
+        torch.manual_seed(3)
+        out, s = f(*ins)
+        grads = torch.autograd.grad((out * out).sum() + s.sum(), ins)
+        results.append([out, s, *grads])
+    for t1, t2 in zip(*results):
+        assert torch.equal(t1, t2)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: wide rows (8192 one-pass, 65536 looped) and many rows
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("width", [768, 8192, 65536], ids=lambda n: f"N{n}")
+def test_layer_norm_cuda(width, dtype):
+    rows = 1031 if width <= 8192 else 67
+    x = rand((rows, width), dtype, scale=2.0) + 0.5
+    _check_layer_norm(x, width, rand((width,), dtype), rand((width,), dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("width", [1024, 8192, 65536], ids=lambda n: f"N{n}")
+def test_add_layer_norm_cuda(width, dtype):
+    rows = 1031 if width <= 8192 else 67
+    x, r, w, b, xb = _add_inputs((rows, width), dtype)
+    _check_add_layer_norm(x, r, w, b, xb, p=0.1)
+    _check_add_layer_norm(x, r, w, b, xb, p=0.0, return_residual=False)
+
+
+@pytest.mark.cuda
+def test_layer_norm_cuda_noncontiguous_wide():
+    x = rand((33, 65536), torch.bfloat16, noncontiguous=True)
+    _check_layer_norm(x, 65536, None, rand((65536,), torch.bfloat16))
