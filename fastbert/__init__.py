@@ -8,12 +8,17 @@ Functional API (see each function's docstring for shapes)::
     fastbert.gelu                          fastbert.bias_gelu
     fastbert.unpad_input                   fastbert.pad_input
 
+Modules: ``fastbert.nn`` (drop-ins for torch.nn / HuggingFace layers), ``fastbert.optimize(model)``
+swaps them into an existing model (``fastbert.restore`` undoes it), ``fastbert.models.BertEncoder``
+is a padding-free BERT encoder.
+
 Every op takes ``backend=None | "auto" | "triton" | "cuda" | "torch"``; ``fastbert.reference``
 holds the pure-PyTorch ground truth and ``fastbert.backends`` the dispatch.
 """
-from . import backends, reference, sparsity
+from . import backends, integrations, models, nn, reference, sparsity
 from .ops import (add_layer_norm, bias_gelu, block_sparse_attention, gelu, layer_norm,
                   linformer_attention, scaled_dot_product_attention, varlen_attention)
+from .optimize import optimize, restore
 from .padding import pad_input, unpad_input
 from .version import __version__
 
@@ -29,7 +34,12 @@ __all__ = [
     "bias_gelu",
     "unpad_input",
     "pad_input",
+    "optimize",
+    "restore",
     "backends",
     "reference",
     "sparsity",
+    "nn",
+    "models",
+    "integrations",
 ]

@@ -1,0 +1,4 @@
+"""Whole models built on fastbert: :class:`BertEncoder`, the padding-free BERT encoder."""
+from .bert import BertEncoder, BertLayer
+
+__all__ = ["BertEncoder", "BertLayer"]

@@ -1,0 +1,561 @@
+"""HuggingFace ``transformers`` integration: module swaps for :func:`fastbert.optimize`, and the
+``"fastbert"`` attention implementation.
+
+Importing this module imports ``transformers`` and registers ``"fastbert"`` (see :func:`register`),
+so that with transformers 5.x::
+
+    import fastbert.integrations.huggingface
+    model = AutoModel.from_pretrained(path, attn_implementation="fastbert")
+
+runs every attention through :func:`fastbert.scaled_dot_product_attention`, padding masks included:
+the name is registered both with ``AttentionInterface`` (the attention function) and with
+``AttentionMaskInterface`` (the mask builder, as for "sdpa": a bool mask, True = attend, or None
+without padding). Registering the attention function alone would make transformers build no mask
+at all for an unknown implementation name, silently ignoring the padding.
+
+:func:`fastbert.optimize` on a model of one of the supported families (BERT, RoBERTa, DistilBERT,
+ALBERT, ELECTRA, ViT; transformers 4.57 and 5.x) swaps, keeping every Parameter object and
+``state_dict`` key:
+
+* the self-attention modules -> :class:`SelfAttention` (``scaled_dot_product_attention``; in
+  ALBERT also its output dense + dropout + residual + LayerNorm, fused in ``add_layer_norm``);
+* the output sublayers ``dense -> dropout -> LayerNorm(. + residual)`` (``BertSelfOutput``,
+  ``BertOutput`` and their RoBERTa / ELECTRA copies) -> :class:`DenseAddLayerNorm`, one
+  ``add_layer_norm`` with ``input_bias = dense.bias``;
+* the intermediate ``dense -> GELU`` (``BertIntermediate``, ``ViTIntermediate``, ViT 5.x's
+  ``ViTMLP``) -> :class:`DenseBiasGELU` / :class:`MLP`, one ``bias_gelu``;
+* DistilBERT's ``TransformerBlock`` and ALBERT's ``AlbertLayer`` (whose residual + LayerNorm live
+  in the block) -> :class:`DistilBertBlock` / :class:`AlbertLayer`;
+* the remaining ``nn.LayerNorm`` and GELU activation modules -> :class:`fastbert.nn.LayerNorm` /
+  :class:`fastbert.nn.GELU`.
+
+Left with a reason: decoders (causal self-attention, KV cache, cross-attention), relative position
+embeddings, flex_attention's BlockMask masks, non-GELU activations (applied unfused), and modules
+of other model families. With ``output_attentions=True`` or a ``head_mask`` the swapped attention
+computes its weights through the explicit reference path
+(:func:`fastbert.nn.attention.attention_with_weights`).
+transformers 5.x collects attention weights with hooks on its own classes, so the swapped
+modules' weights do not appear in ``outputs.attentions`` (a warning says so): ``fastbert.restore``
+the model for that. Chunked feed-forward (``chunk_size_feed_forward``) runs unchunked (same result).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+
+from .. import ops
+from ..nn import GELU
+from ..nn._utils import adopt, check_backend
+from ..nn.attention import attention_with_weights
+from ..nn.gelu import gelu_approximation
+
+try:  # transformers >= 4.x keeps the checkpointing base class here
+    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
+except ImportError:  # pragma: no cover - older transformers
+    _LayerBase = nn.Module
+
+__all__ = [
+    "register",
+    "attention_forward",
+    "hf_mask_to_sdpa",
+    "swap_module",
+    "SelfAttention",
+    "DenseAddLayerNorm",
+    "DenseBiasGELU",
+    "MLP",
+    "DistilBertBlock",
+    "AlbertLayer",
+    "FAMILIES",
+]
+
+FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra", "vit")
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks and the "fastbert" attention implementation
+# ----------------------------------------------------------------------------------------------
+def hf_mask_to_sdpa(mask) -> Optional[Tensor]:
+    """Any attention mask a HuggingFace model hands its attention layers -> fastbert's convention.
+
+    * None -> None;
+    * 2-D (B, Lk), 1/True = real token (DistilBERT eager in 4.x, flash-attention paths) -> bool
+      (B, 1, 1, Lk), True = attend;
+    * 4-D (or 3-D (B, Lq, Lk)) bool, True = attend ("sdpa" masks) -> unchanged;
+    * 4-D floating, added to the scores ("eager" masks: 0 or the dtype's min) -> unchanged;
+    * 4-D integer, nonzero = attend -> bool.
+
+    Anything else (e.g. flex_attention's BlockMask) raises NotImplementedError.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise NotImplementedError(f"fastbert cannot use an attention mask of type {type(mask).__name__} "
+                                  "(e.g. flex_attention's BlockMask); load the model with "
+                                  "attn_implementation='sdpa', 'eager' or 'fastbert'")
+    if mask.dim() == 2:
+        return mask.bool()[:, None, None, :]
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    if mask.dim() != 4:
+        raise ValueError(f"attention mask must be 2-D (B, Lk) or 4-D (B, 1, Lq, Lk), got shape "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype == torch.bool or mask.is_floating_point():
+        return mask
+    return mask.bool()
+
+
+_WARNED = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0,
+                      scaling: Optional[float] = None, is_causal: Optional[bool] = None, *,
+                      backend: Optional[str] = None, **kwargs) -> Tuple[Tensor, Optional[Tensor]]:
+    """The ``"fastbert"`` attention function (transformers' ``AttentionInterface`` signature).
+
+    Shapes: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) (H a multiple of H_kv: grouped-query
+    keys are repeated), ``attention_mask`` as accepted by :func:`hf_mask_to_sdpa` ->
+    (out (B, Lq, H, D), weights or None). As transformers' "sdpa": causal (``is_causal``, else the
+    module's ``is_causal``) only without a mask and for Lq > 1; ``position_bias`` (T5-style) is
+    added to the scores; ``output_attentions=True`` returns the weights, computed through the
+    explicit reference path.
+    """
+    if key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    mask = hf_mask_to_sdpa(attention_mask)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = position_bias.masked_fill(~mask, float("-inf"))
+        else:
+            mask = position_bias + mask
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", False)
+    causal = bool(is_causal) and mask is None and query.shape[2] > 1
+    if kwargs.get("output_attentions", False):
+        out, weights = attention_with_weights(query, key, value, mask, dropout, is_causal=causal,
+                                              scale=scaling)
+    else:
+        out = ops.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=causal, scale=scaling, backend=backend)
+        weights = None
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def register(name: str = "fastbert", *, backend: Optional[str] = None) -> None:
+    """Register ``name`` as an attention implementation usable with
+    ``from_pretrained(..., attn_implementation=name)`` / ``from_config``.
+
+    Registers :func:`attention_forward` (with ``backend`` bound) with ``AttentionInterface`` and,
+    where transformers has it (``transformers.masking_utils.AttentionMaskInterface``, 4.53+), the
+    "sdpa" mask builder under the same name, so padding masks reach the attention. Models whose
+    attention does not go through ``AttentionInterface`` (e.g. BERT in transformers 4.57) ignore
+    the name: use :func:`fastbert.optimize` there. Called on import with the defaults.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    backend = check_backend(backend)
+
+    def fastbert_attention(module, query, key, value, attention_mask, **kwargs):
+        return attention_forward(module, query, key, value, attention_mask, backend=backend, **kwargs)
+
+    fastbert_attention.__doc__ = attention_forward.__doc__
+    attention_interface = getattr(transformers, "AttentionInterface", None)
+    if attention_interface is None:  # pragma: no cover - transformers < 4.48
+        raise RuntimeError(f"transformers {transformers.__version__} has no AttentionInterface; "
+                           "use fastbert.optimize(model) instead")
+    attention_interface.register(name, fastbert_attention)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # pragma: no cover - transformers < 4.53
+        return
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Swapped modules
+# ----------------------------------------------------------------------------------------------
+def _arg_names(cls) -> Tuple[str, ...]:
+    """Names of ``cls.forward``'s parameters after ``self`` that can be passed positionally."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _bind(names: Tuple[str, ...], args, kwargs) -> Dict[str, object]:
+    if len(args) > len(names):
+        raise TypeError(f"forward() takes {len(names)} positional arguments but {len(args)} were given")
+    bound = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k in bound:
+            raise TypeError(f"forward() got multiple values for argument {k!r}")
+        bound[k] = v
+    return bound
+
+
+def _dropout_p(module: nn.Module, attr: str) -> float:
+    value = getattr(module, attr)
+    return float(value.p if isinstance(value, nn.Dropout) else value)
+
+
+@dataclass(frozen=True)
+class _AttentionSpec:
+    q: str
+    k: str
+    v: str
+    heads: str                      # attribute with the number of heads
+    head_dim: str                   # attribute with the head size
+    dropout: str                    # attention-probability dropout: nn.Dropout or float attribute
+    out: Optional[str] = None       # output projection inside the module
+    norm: Optional[str] = None      # ALBERT: LayerNorm(hidden + dropout(out(ctx)))
+    out_dropout: Optional[str] = None
+    legacy_tuple: bool = False      # 4.x DistilBERT / ALBERT: returns (out,) or (out, weights)
+
+
+_BERT_ATTN = _AttentionSpec("query", "key", "value", "num_attention_heads", "attention_head_size", "dropout")
+_ATTENTION_SPECS = {
+    ("bert", "BertSelfAttention"): _BERT_ATTN,
+    ("bert", "BertSdpaSelfAttention"): _BERT_ATTN,
+    ("roberta", "RobertaSelfAttention"): _BERT_ATTN,
+    ("roberta", "RobertaSdpaSelfAttention"): _BERT_ATTN,
+    ("electra", "ElectraSelfAttention"): _BERT_ATTN,
+    ("electra", "ElectraSdpaSelfAttention"): _BERT_ATTN,
+    ("vit", "ViTSelfAttention"): _AttentionSpec("query", "key", "value", "num_attention_heads",
+                                                "attention_head_size", "dropout_prob"),
+    ("vit", "ViTAttention"): _AttentionSpec("q_proj", "k_proj", "v_proj", "num_attention_heads",
+                                            "head_dim", "attention_dropout", out="o_proj"),
+    ("albert", "AlbertAttention"): _AttentionSpec("query", "key", "value", "num_attention_heads",
+                                                  "attention_head_size", "attention_dropout",
+                                                  out="dense", norm="LayerNorm",
+                                                  out_dropout="output_dropout", legacy_tuple=True),
+    ("albert", "AlbertSdpaAttention"): _AttentionSpec("query", "key", "value", "num_attention_heads",
+                                                      "attention_head_size", "attention_dropout",
+                                                      out="dense", norm="LayerNorm",
+                                                      out_dropout="output_dropout", legacy_tuple=True),
+}
+for _cls in ("MultiHeadSelfAttention", "DistilBertSdpaAttention", "DistilBertFlashAttention2",
+             "DistilBertSelfAttention"):
+    _ATTENTION_SPECS[("distilbert", _cls)] = _AttentionSpec(
+        "q_lin", "k_lin", "v_lin", "n_heads", "attention_head_size", "dropout", out="out_lin",
+        legacy_tuple=True)
+
+
+def _spec_children(spec: _AttentionSpec):
+    return [n for n in (spec.q, spec.k, spec.v, spec.out, spec.norm) if n is not None]
+
+
+def _attention_refusal(module: nn.Module, spec: _AttentionSpec) -> Optional[str]:
+    for name in _spec_children(spec):
+        if not isinstance(getattr(module, name, None), (nn.Linear, nn.LayerNorm)):
+            return f"expected a Linear/LayerNorm submodule {name!r}: unknown transformers version"
+    for name in (spec.heads, spec.head_dim, spec.dropout):
+        if not hasattr(module, name):
+            return f"expected an attribute {name!r}: unknown transformers version"
+    if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
+        return "decoder self-attention (causal, KV cache, cross-attention) is not supported"
+    pos = getattr(module, "position_embedding_type", "absolute")
+    if pos != "absolute":
+        return f"position_embedding_type={pos!r} (relative position scores) is not supported"
+    config = getattr(module, "config", None)
+    if getattr(config, "_attn_implementation", None) == "flex_attention":
+        return "flex_attention passes BlockMask masks; load the model with attn_implementation='sdpa'"
+    used = tuple(n + "." for n in _spec_children(spec))
+    unused = [n for n, _ in module.named_parameters() if not n.startswith(used)]
+    unused += [n for n, _ in module.named_buffers() if not n.startswith(used)]
+    if unused:
+        return f"has parameters fastbert would not use: {unused}"
+    return None
+
+
+class SelfAttention(nn.Module):
+    """A HuggingFace self-attention module (BERT, RoBERTa, ELECTRA, DistilBERT, ALBERT, ViT) on
+    :func:`fastbert.scaled_dot_product_attention`.
+
+    Built by :func:`swap_module` from the original module, whose attributes, submodules and
+    Parameter objects it takes over (same ``state_dict``). Its ``forward`` accepts the original
+    class's arguments (transformers 4.57 and 5.x conventions) and returns what the original
+    returns; masks as :func:`hf_mask_to_sdpa`. In ALBERT it also runs the output sublayer
+    (dense -> dropout -> residual + LayerNorm) as one :func:`fastbert.add_layer_norm`.
+    """
+
+    _fastbert_spec: _AttentionSpec
+    _fastbert_args: Tuple[str, ...]
+    _fastbert_legacy: bool
+    backend: Optional[str]
+
+    def context(self, hidden: Tensor, mask=None, head_mask: Optional[Tensor] = None,
+                need_weights: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """hidden (B, L, E) -> (context (B, L, H * D) before any output projection, weights
+        (B, H, L, L) when ``need_weights`` or ``head_mask`` is given, else None)."""
+        spec = self._fastbert_spec
+        b, length, _ = hidden.shape
+        h, d = int(getattr(self, spec.heads)), int(getattr(self, spec.head_dim))
+
+        lins = [getattr(self, name) for name in (spec.q, spec.k, spec.v)]
+        biases = [lin.bias for lin in lins]
+        if all(x is None for x in biases) or all(x is not None for x in biases):
+            # one matmul on the concatenated weights: [B, L, E] @ [E, 3HD] -> [B, L, 3, H, D]
+            w = torch.cat([lin.weight for lin in lins])
+            bias = None if biases[0] is None else torch.cat(biases)
+            qkv = F.linear(hidden, w, bias).view(b, length, 3, h, d)
+        else:
+            qkv = torch.stack([lin(hidden) for lin in lins], dim=2).view(b, length, 3, h, d)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # 3 x [B, H, L, D]
+        sdpa_mask = hf_mask_to_sdpa(mask)
+        p = _dropout_p(self, spec.dropout) if self.training else 0.0
+        if need_weights or head_mask is not None:
+            out, weights = attention_with_weights(q, k, v, sdpa_mask, p, scale=d ** -0.5,
+                                                  head_mask=head_mask)
+        else:
+            out = ops.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p,
+                                                   scale=d ** -0.5, backend=self.backend)
+            weights = None
+        return out.transpose(1, 2).reshape(b, length, h * d), weights
+
+    def forward(self, *args, **kwargs):
+        a = _bind(self._fastbert_args, args, kwargs)
+        hidden = a.get("hidden_states", a.get("query"))
+        if hidden is None:
+            raise TypeError("missing the hidden states (hidden_states / query)")
+        if ("key" in a and a["key"] is not hidden) or ("value" in a and a["value"] is not hidden):
+            raise NotImplementedError("fastbert's HuggingFace attention is self-attention only")
+        for name in ("encoder_hidden_states", "past_key_values", "past_key_value"):
+            if a.get(name) is not None:
+                raise NotImplementedError(f"{name} (cross-attention / KV cache) is not supported by "
+                                          "fastbert's swapped attention; fastbert.restore(model)")
+        want_weights = bool(a.get("output_attentions", False))
+        if want_weights and "output_attentions" not in self._fastbert_args:  # 5.x: hooks collect
+            _warn_once("hf-attentions", "fastbert: output_attentions=True: the swapped attention "
+                       "modules return their weights, but transformers 5.x only collects them from "
+                       "its own classes; call fastbert.restore(model) to get outputs.attentions")
+        mask = a.get("attention_mask", a.get("mask"))
+        ctx, weights = self.context(hidden, mask, a.get("head_mask"), want_weights)
+        spec = self._fastbert_spec
+        if spec.norm is not None:
+            dense, norm = getattr(self, spec.out), getattr(self, spec.norm)
+            p = _dropout_p(self, spec.out_dropout) if self.training else 0.0
+            out = ops.add_layer_norm(F.linear(ctx, dense.weight), hidden, norm.weight, norm.bias,
+                                     norm.eps, input_bias=dense.bias, dropout_p=p, backend=self.backend)
+        elif spec.out is not None:
+            lin = getattr(self, spec.out)
+            out = F.linear(ctx, lin.weight, lin.bias)
+        else:
+            out = ctx
+        if self._fastbert_legacy:
+            return (out, weights) if want_weights else (out,)
+        return out, weights
+
+
+class DenseAddLayerNorm(nn.Module):
+    """BERT's output sublayer ``LayerNorm(dropout(dense(x)) + residual)`` (``BertSelfOutput``,
+    ``BertOutput`` and copies) as one :func:`fastbert.add_layer_norm` with
+    ``input_bias = dense.bias``. forward(hidden_states (..., I), input_tensor (..., E)) -> (..., E)."""
+
+    backend: Optional[str]
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        p = self.dropout.p if self.training else 0.0
+        ln = self.LayerNorm
+        return ops.add_layer_norm(F.linear(hidden_states, self.dense.weight), input_tensor, ln.weight,
+                                  ln.bias, ln.eps, input_bias=self.dense.bias, dropout_p=p,
+                                  backend=self.backend)
+
+
+def _bias_act(x: Tensor, lin: nn.Linear, act, backend: Optional[str]) -> Tensor:
+    """act(x @ W^T + b), with the bias and a GELU fused in one ``bias_gelu``."""
+    approximate = gelu_approximation(act)
+    if approximate is None:
+        return act(F.linear(x, lin.weight, lin.bias))
+    return ops.bias_gelu(F.linear(x, lin.weight), lin.bias, approximate, backend=backend)
+
+
+class DenseBiasGELU(nn.Module):
+    """``intermediate_act_fn(dense(x))`` (``BertIntermediate``, ``ViTIntermediate`` and copies) with
+    the bias and GELU fused in one :func:`fastbert.bias_gelu`. forward(hidden_states) -> (..., I)."""
+
+    backend: Optional[str]
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return _bias_act(hidden_states, self.dense, self.intermediate_act_fn, self.backend)
+
+
+class MLP(nn.Module):
+    """transformers 5.x ``ViTMLP``: ``fc2(activation_fn(fc1(x)))`` with fc1's bias + GELU fused."""
+
+    backend: Optional[str]
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        h = _bias_act(hidden_states, self.fc1, self.activation_fn, self.backend)
+        return self.fc2(h)
+
+
+class DistilBertBlock(_LayerBase):
+    """DistilBERT's ``TransformerBlock`` with both residual + LayerNorm sublayers fused:
+    ``sa_layer_norm(out_lin(attn) + x)`` and ``output_layer_norm(dropout(lin2(gelu(lin1(.)))) + .)``
+    each as one :func:`fastbert.add_layer_norm` (with the Linear's bias as ``input_bias``), lin1's
+    bias + GELU as one :func:`fastbert.bias_gelu`. Same arguments and returns as the original
+    (4.57: ``(x, attn_mask, head_mask, output_attentions)`` -> tuple; 5.x:
+    ``(hidden_states, attention_mask, **kwargs)`` -> tensor)."""
+
+    _fastbert_args: Tuple[str, ...]
+    _fastbert_legacy: bool
+    backend: Optional[str]
+
+    def forward(self, *args, **kwargs):
+        a = _bind(self._fastbert_args, args, kwargs)
+        x = a.get("x", a.get("hidden_states"))
+        mask = a.get("attn_mask", a.get("attention_mask"))
+        want_weights = bool(a.get("output_attentions", False))
+        attn: SelfAttention = self.attention
+        ctx, weights = attn.context(x, mask, a.get("head_mask"), want_weights)
+        out_lin, ln1, ln2, ffn = attn.out_lin, self.sa_layer_norm, self.output_layer_norm, self.ffn
+        sa = ops.add_layer_norm(F.linear(ctx, out_lin.weight), x, ln1.weight, ln1.bias, ln1.eps,
+                                input_bias=out_lin.bias, backend=self.backend)
+        h = _bias_act(sa, ffn.lin1, ffn.activation, self.backend)
+        p = ffn.dropout.p if self.training else 0.0
+        out = ops.add_layer_norm(F.linear(h, ffn.lin2.weight), sa, ln2.weight, ln2.bias, ln2.eps,
+                                 input_bias=ffn.lin2.bias, dropout_p=p, backend=self.backend)
+        if self._fastbert_legacy:
+            return (weights, out) if want_weights else (out,)
+        return out
+
+
+class AlbertLayer(nn.Module):
+    """ALBERT's ``AlbertLayer`` with the feed-forward fused: ``full_layer_layer_norm(ffn_output(
+    act(ffn(a))) + a)`` as ``bias_gelu`` + one ``add_layer_norm`` (ALBERT applies no dropout there).
+    Same arguments and returns as the original in 4.57 and 5.x."""
+
+    _fastbert_args: Tuple[str, ...]
+    _fastbert_legacy: bool
+    backend: Optional[str]
+
+    def forward(self, *args, **kwargs):
+        a = _bind(self._fastbert_args, args, kwargs)
+        if self._fastbert_legacy:
+            attention_output = self.attention(a["hidden_states"], a.get("attention_mask"),
+                                              a.get("head_mask"), a.get("output_attentions", False))
+            att = attention_output[0]
+        else:
+            rest = {k: v for k, v in a.items() if k not in ("hidden_states", "attention_mask")}
+            att, _ = self.attention(a["hidden_states"], a.get("attention_mask"), **rest)
+        h = _bias_act(att, self.ffn, self.activation, self.backend)
+        ln = self.full_layer_layer_norm
+        out = ops.add_layer_norm(F.linear(h, self.ffn_output.weight), att, ln.weight, ln.bias, ln.eps,
+                                 input_bias=self.ffn_output.bias, backend=self.backend)
+        if self._fastbert_legacy:
+            return (out,) + tuple(attention_output[1:])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The swapper used by fastbert.optimize
+# ----------------------------------------------------------------------------------------------
+def _family(module: nn.Module) -> Optional[str]:
+    parts = type(module).__module__.split(".")
+    if len(parts) >= 3 and parts[0] == "transformers" and parts[1] == "models":
+        return parts[2]
+    return None
+
+
+def _has(module: nn.Module, **kinds) -> bool:
+    return all(isinstance(getattr(module, n, None), k) for n, k in kinds.items())
+
+
+_OUTPUT_SUBLAYERS = {("bert", "BertSelfOutput"), ("bert", "BertOutput"), ("roberta", "RobertaSelfOutput"),
+                     ("roberta", "RobertaOutput"), ("electra", "ElectraSelfOutput"),
+                     ("electra", "ElectraOutput")}
+_INTERMEDIATES = {("bert", "BertIntermediate"), ("roberta", "RobertaIntermediate"),
+                  ("electra", "ElectraIntermediate"), ("vit", "ViTIntermediate")}
+
+
+def _swap_attention(module, spec, backend):
+    reason = _attention_refusal(module, spec)
+    if reason:
+        return None, reason
+    args = _arg_names(type(module))
+    return adopt(SelfAttention, module, backend=backend, _fastbert_spec=spec, _fastbert_args=args,
+                 _fastbert_legacy=spec.legacy_tuple and "output_attentions" in args), None
+
+
+def swap_module(module: nn.Module, backend: Optional[str] = None):
+    """The fastbert replacement for one HuggingFace module: ``(new_module, None)``, ``(None,
+    reason)`` for a module fastbert recognises but leaves, ``(None, None)`` for anything else (the
+    caller then looks at its children). Used by :func:`fastbert.optimize`."""
+    family = _family(module)
+    if family is None:
+        # transformers' own GELU activation modules (transformers.activations), in any model.
+        cls = type(module)
+        if cls.__module__ == "transformers.activations":
+            approximate = gelu_approximation(module)
+            if approximate is not None:
+                return GELU(approximate, backend=backend), None
+        return None, None
+    name = type(module).__name__
+    if family not in FAMILIES:
+        if name.endswith("Attention"):
+            return None, (f"model family {family!r} is not supported by fastbert.optimize "
+                          f"(supported: {', '.join(FAMILIES)})")
+        return None, None
+    key = (family, name)
+    spec = _ATTENTION_SPECS.get(key)
+    if spec is not None and hasattr(module, spec.q):
+        return _swap_attention(module, spec, backend)
+    if "CrossAttention" in name:
+        return None, "cross-attention is not supported"
+    if key in _OUTPUT_SUBLAYERS and _has(module, dense=nn.Linear, dropout=nn.Dropout,
+                                         LayerNorm=nn.LayerNorm):
+        return adopt(DenseAddLayerNorm, module, backend=backend), None
+    if key in _INTERMEDIATES and _has(module, dense=nn.Linear):
+        if gelu_approximation(module.intermediate_act_fn) is None:
+            return None, f"activation {type(module.intermediate_act_fn).__name__} is not GELU (left unfused)"
+        return adopt(DenseBiasGELU, module, backend=backend), None
+    if key == ("vit", "ViTMLP") and _has(module, fc1=nn.Linear, fc2=nn.Linear):
+        return adopt(MLP, module, backend=backend), None
+    if key == ("distilbert", "TransformerBlock"):
+        attention = module.attention
+        aspec = _ATTENTION_SPECS.get(("distilbert", type(attention).__name__))
+        if aspec is None:
+            return None, f"unknown attention class {type(attention).__name__}"
+        new_attention, reason = _swap_attention(attention, aspec, backend)
+        if reason:
+            return None, reason
+        if not _has(module, sa_layer_norm=nn.LayerNorm, output_layer_norm=nn.LayerNorm) or not _has(
+                module.ffn, lin1=nn.Linear, lin2=nn.Linear, dropout=nn.Dropout):
+            return None, "unexpected TransformerBlock structure: unknown transformers version"
+        args = _arg_names(type(module))
+        new = adopt(DistilBertBlock, module, backend=backend, _fastbert_args=args,
+                    _fastbert_legacy="output_attentions" in args)
+        new.attention = new_attention
+        return new, None
+    if key == ("albert", "AlbertLayer") and _has(module, ffn=nn.Linear, ffn_output=nn.Linear,
+                                                 full_layer_layer_norm=nn.LayerNorm):
+        aspec = _ATTENTION_SPECS.get(("albert", type(module.attention).__name__))
+        args = _arg_names(type(module))
+        new = adopt(AlbertLayer, module, backend=backend, _fastbert_args=args,
+                    _fastbert_legacy="output_attentions" in args)
+        if aspec is not None:
+            new_attention, reason = _swap_attention(module.attention, aspec, backend)
+            if new_attention is not None:
+                new.attention = new_attention
+        return new, None
+    return None, None
+
+
+register()

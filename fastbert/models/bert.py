@@ -1,0 +1,188 @@
+"""A padding-free BERT encoder: remove the padding once, run every layer on the packed real tokens
+(varlen attention + fused ops), put the padding back at the end.
+
+This is the "effective transformer" of FasterTransformer and the padding-free design of
+ByteTransformer: a batch whose mean length is half its padded length does half the work, in every
+layer, instead of computing on padding and masking it out.
+
+Usage::
+
+    hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA, or a
+    enc = fastbert.models.BertEncoder.from_hf(hf)               # BertFor... task model
+    hidden = enc(input_ids, attention_mask=attention_mask)     # (B, L, E), 0 at padding
+    # == hf(input_ids, attention_mask=...).last_hidden_state on the real tokens
+
+    # already packed tokens (e.g. a data loader that packs): (total, E) -> (total, E)
+    out = enc.forward_packed(packed, cu_seqlens, max_seqlen)
+
+The encoder shares the HuggingFace model's modules and Parameter objects (nothing is copied):
+training it trains the HuggingFace model, and an optimizer built on either works on both.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..nn._utils import check_backend
+from ..nn.gelu import gelu_approximation
+from ..padding import pad_input, unpad_input
+
+__all__ = ["BertEncoder", "BertLayer"]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"BertEncoder.from_hf: {message}")
+
+
+class BertLayer(nn.Module):
+    """One post-LN BERT layer on packed tokens, sharing a HuggingFace ``BertLayer``'s modules.
+
+    forward(x (T, E), cu_seqlens (N + 1,) int32, max_seqlen) -> (T, E)::
+
+        qkv = x @ [Wq; Wk; Wv]^T + b                       (one matmul)
+        ctx = varlen_attention(q, k, v, cu_seqlens)        (dropout on the probabilities)
+        a   = add_layer_norm(ctx @ Wo^T, x, ln1, input_bias=bo, dropout)
+        h   = bias_gelu(a @ W1^T, b1)                      (another activation: act(a @ W1^T + b1))
+        out = add_layer_norm(h @ W2^T, a, ln2, input_bias=b2, dropout)
+    """
+
+    def __init__(self, hf_layer: nn.Module, *, backend: Optional[str] = None) -> None:
+        super().__init__()
+        sa, so = hf_layer.attention.self, hf_layer.attention.output
+        inter, out = hf_layer.intermediate, hf_layer.output
+        for owner, names in ((sa, ("query", "key", "value")), (so, ("dense",)), (inter, ("dense",)),
+                             (out, ("dense",))):
+            for n in names:
+                _require(isinstance(getattr(owner, n, None), nn.Linear),
+                         f"expected a Linear {type(owner).__name__}.{n}")
+        for owner in (so, out):
+            _require(isinstance(getattr(owner, "LayerNorm", None), nn.LayerNorm),
+                     f"expected a LayerNorm {type(owner).__name__}.LayerNorm")
+        self.num_heads = int(sa.num_attention_heads)
+        self.head_dim = int(sa.attention_head_size)
+        self.query, self.key, self.value = sa.query, sa.key, sa.value
+        _require(isinstance(getattr(sa, "dropout", None), nn.Dropout),
+                 f"expected a Dropout {type(sa).__name__}.dropout")
+        self.attention_dropout = sa.dropout
+        self.attention_dense, self.attention_norm = so.dense, so.LayerNorm
+        self.intermediate = inter.dense
+        self.activation = inter.intermediate_act_fn
+        self.output_dense, self.output_norm = out.dense, out.LayerNorm
+        self.hidden_dropout = so.dropout
+        self.output_dropout = out.dropout
+        self.backend = backend
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        t = x.shape[0]
+        h, d = self.num_heads, self.head_dim
+        be = self.backend
+        lins = (self.query, self.key, self.value)
+        biases = [lin.bias for lin in lins]
+        if all(bias is None for bias in biases) or all(bias is not None for bias in biases):
+            w = torch.cat([lin.weight for lin in lins])  # [3E, E]
+            b = None if biases[0] is None else torch.cat(biases)
+            qkv = F.linear(x, w, b).view(t, 3, h, d)  # [T, E] @ [E, 3E] -> [T, 3, H, D]
+        else:
+            qkv = torch.stack([lin(x) for lin in lins], dim=1).view(t, 3, h, d)
+        q, k, v = qkv.unbind(dim=1)  # 3 x [T, H, D]
+        p_attn = self.attention_dropout.p if self.training else 0.0
+        ctx = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                   dropout_p=p_attn, scale=d ** -0.5, backend=be).reshape(t, h * d)
+        ln1, ln2 = self.attention_norm, self.output_norm
+        p1 = self.hidden_dropout.p if self.training else 0.0
+        a = ops.add_layer_norm(F.linear(ctx, self.attention_dense.weight), x, ln1.weight, ln1.bias,
+                               ln1.eps, input_bias=self.attention_dense.bias, dropout_p=p1, backend=be)
+        approximate = gelu_approximation(self.activation)
+        if approximate is not None:
+            inter = ops.bias_gelu(F.linear(a, self.intermediate.weight), self.intermediate.bias,
+                                  approximate, backend=be)
+        else:
+            inter = self.activation(self.intermediate(a))
+        p2 = self.output_dropout.p if self.training else 0.0
+        return ops.add_layer_norm(F.linear(inter, self.output_dense.weight), a, ln2.weight, ln2.bias,
+                                  ln2.eps, input_bias=self.output_dense.bias, dropout_p=p2, backend=be)
+
+
+class BertEncoder(nn.Module):
+    """Padding-free BERT encoder (embeddings + layers) built from a HuggingFace model.
+
+    Build with :meth:`from_hf`. ``forward(input_ids, attention_mask, token_type_ids, position_ids,
+    inputs_embeds)`` -> last hidden state (B, L, E): the HuggingFace embeddings run on the padded
+    batch (they are cheap and model-specific: RoBERTa's padding-aware positions, ELECTRA's
+    projection), then :func:`fastbert.unpad_input` packs the real tokens once, every layer runs
+    on the packed (total, E) tokens with :func:`fastbert.varlen_attention` and the fused
+    ``add_layer_norm`` / ``bias_gelu``, and :func:`fastbert.pad_input` scatters them back (padding
+    positions are 0). Equal to the HuggingFace model's ``last_hidden_state`` on the real tokens.
+
+    Attributes: ``embeddings`` (the HuggingFace module), ``embeddings_project`` (ELECTRA, else
+    None), ``layers`` (:class:`BertLayer` list), ``pooler`` (the HuggingFace pooler or None; not
+    applied by forward), ``backend``.
+
+    Training works (dropout in every place HuggingFace has it; gradients flow to the shared
+    HuggingFace parameters). ``varlen_attention`` checks the sequence lengths on the host: one
+    device sync per layer in eager mode.
+    """
+
+    def __init__(self, embeddings: nn.Module, layers, *, embeddings_project: Optional[nn.Module] = None,
+                 pooler: Optional[nn.Module] = None, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.embeddings_project = embeddings_project
+        self.layers = nn.ModuleList(layers)
+        self.pooler = pooler
+        self.backend = check_backend(backend)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, *, backend: Optional[str] = None) -> "BertEncoder":
+        """Build the encoder on a HuggingFace BERT (``BertModel`` or any ``BertFor...``), RoBERTa
+        or ELECTRA model (transformers 4.57 or 5.x), sharing its modules and parameters.
+
+        Refused with ValueError: decoders / cross-attention, relative position embeddings, models
+        of other structure. Works on a model already passed through :func:`fastbert.optimize` too.
+        The encoder starts in the model's train/eval mode; ``encoder.train()`` / ``.eval()`` also
+        switch the shared embeddings module.
+        """
+        backend = check_backend(backend)
+        base = getattr(hf_model, "base_model", hf_model)
+        _require(isinstance(base, nn.Module) and hasattr(base, "embeddings") and hasattr(base, "encoder")
+                 and hasattr(base.encoder, "layer"),
+                 f"{type(hf_model).__name__} is not a BERT-style model (embeddings + encoder.layer)")
+        config = getattr(base, "config", None)
+        _require(not getattr(config, "is_decoder", False), "decoder models are not supported")
+        _require(not getattr(config, "add_cross_attention", False), "cross-attention is not supported")
+        pos = getattr(config, "position_embedding_type", "absolute") or "absolute"
+        _require(pos == "absolute", f"position_embedding_type={pos!r} is not supported")
+        layers = [BertLayer(layer, backend=backend) for layer in base.encoder.layer]
+        encoder = cls(base.embeddings, layers, embeddings_project=getattr(base, "embeddings_project", None),
+                      pooler=getattr(base, "pooler", None), backend=backend)
+        return encoder.train(base.training)  # start in the HuggingFace model's mode
+
+    def forward_packed(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Run the layers on packed tokens: hidden (total, E), cu_seqlens (N + 1,) int32 (as from
+        :func:`fastbert.unpad_input`), max_seqlen -> (total, E)."""
+        for layer in self.layers:
+            hidden = layer(hidden, cu_seqlens, max_seqlen)
+        return hidden
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                inputs_embeds: Optional[Tensor] = None) -> Tensor:
+        """input_ids (B, L) or inputs_embeds (B, L, E_emb); attention_mask (B, L), 1 = real token
+        (default: all real) -> last hidden state (B, L, E), 0 at padded positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
+                                 position_ids=position_ids, inputs_embeds=inputs_embeds)
+        if self.embeddings_project is not None:
+            hidden = self.embeddings_project(hidden)
+        b, length = hidden.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones((b, length), dtype=torch.bool, device=hidden.device)
+        packed, indices, cu_seqlens, max_seqlen = unpad_input(hidden, attention_mask)
+        packed = self.forward_packed(packed, cu_seqlens, max_seqlen)
+        return pad_input(packed, indices, b, length)

@@ -1,0 +1,113 @@
+"""``fastbert.nn.BlockSparseSelfAttention``: multi-head self-attention restricted to the blocks of a
+layout (a tensor, or a preset of :mod:`fastbert.sparsity`), on :func:`fastbert.block_sparse_attention`."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import ops, sparsity
+from ._self_attention import SelfAttentionBase
+
+__all__ = ["BlockSparseSelfAttention", "PRESETS"]
+
+# Preset names accepted for ``layout`` (functions of fastbert.sparsity with the signature
+# ``preset(seq_len, block_size, **layout_kwargs, device=...) -> bool (H or 1, nb, nb)``).
+PRESETS = ("dense", "sliding_window", "global_tokens", "longformer", "bigbird", "fixed", "strided")
+_MAX_CACHED = 64  # layouts kept per module (one per input length and device)
+
+
+class BlockSparseSelfAttention(SelfAttentionBase):
+    """Multi-head self-attention where query block i sees key block j iff ``layout[h, i, j]``.
+
+    Args:
+        embed_dim, num_heads: model width E and heads H (E divisible by H).
+        layout: either a bool tensor (H or 1, nb, nb) covering the longest sequence
+            (``nb >= ceil(L / block_size)``; a shorter input uses its top-left corner), stored as
+            the buffer ``layout``; or the name of a :mod:`fastbert.sparsity` preset (one of
+            ``PRESETS``), built for each input length as
+            ``preset(L, block_size, **layout_kwargs)`` and cached per length and device (the 64
+            most recent).
+        block_size: tokens per block side.
+        layout_kwargs: keyword arguments of the preset (sizes in blocks, e.g. ``{"window": 2}``).
+        dropout: attention-probability dropout (training only).
+        bias: biases of the projections. batch_first: (N, L, E) if True (default), else (L, N, E).
+        backend: passed to :func:`fastbert.block_sparse_attention`.
+
+    Parameters: ``in_proj_weight`` (3E, E), ``in_proj_bias`` (3E,), ``out_proj`` (named as in
+    ``torch.nn.MultiheadAttention``).
+
+    forward(x, key_padding_mask=None) -> same shape as x. ``key_padding_mask`` (N, L) is bool with
+    True = padding (``torch.nn`` convention). A query that sees no real key returns 0 before
+    ``out_proj`` (so the output row equals ``out_proj.bias``).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, layout: Union[str, Tensor] = "sliding_window",
+                 block_size: int = 64, *, layout_kwargs: Optional[Dict[str, Any]] = None,
+                 dropout: float = 0.0, bias: bool = True, batch_first: bool = True, device=None,
+                 dtype=None, backend: Optional[str] = None) -> None:
+        super().__init__(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, backend)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        self.block_size = block_size
+        self.layout_kwargs = dict(layout_kwargs or {})
+        self._layouts: Dict[tuple, Tensor] = {}
+        if isinstance(layout, str):
+            if layout not in PRESETS:
+                raise ValueError(f"layout {layout!r} is not a preset; expected a bool layout tensor "
+                                 f"or one of {PRESETS}")
+            self.preset = layout
+            self._preset_fn = getattr(sparsity, layout)
+            self.register_buffer("layout", None)
+            self._preset_fn(block_size, block_size, **self.layout_kwargs)  # check the kwargs now
+        elif isinstance(layout, Tensor):
+            if layout.dtype != torch.bool or layout.dim() != 3 or layout.shape[0] not in (1, num_heads):
+                raise ValueError(f"layout must be a bool tensor (H or 1, nb, nb) with H = {num_heads}, "
+                                 f"got dtype {layout.dtype} and shape {tuple(layout.shape)}")
+            if layout_kwargs:
+                raise ValueError("layout_kwargs only applies to a preset name")
+            self.preset = None
+            self._preset_fn = None
+            self.register_buffer("layout", layout.to(device=device))
+        else:
+            raise TypeError(f"layout must be a bool tensor or a preset name, got {type(layout).__name__}")
+
+    def extra_repr(self) -> str:
+        what = self.preset if self.preset is not None else f"tensor{tuple(self.layout.shape)}"
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, layout={what}, "
+                f"block_size={self.block_size}, backend={self.backend!r}")
+
+    def layout_for(self, seq_len: int, device: torch.device) -> Tensor:
+        """The (H or 1, nb, nb) layout used for inputs of ``seq_len`` tokens (cached: the same tensor
+        object is returned for the same length, so fastbert.sparsity's preparation cache hits)."""
+        nb = -(-seq_len // self.block_size)
+        if self._preset_fn is not None:
+            key = (seq_len, str(device))
+            lay = self._layouts.get(key)
+            if lay is None:
+                lay = self._preset_fn(seq_len, self.block_size, device=device, **self.layout_kwargs)
+                if len(self._layouts) >= _MAX_CACHED:  # drop the oldest length
+                    self._layouts.pop(next(iter(self._layouts)))
+                self._layouts[key] = lay
+            return lay
+        full = self.layout
+        if full.shape[1] < nb or full.shape[2] < nb:
+            raise ValueError(f"the layout covers {full.shape[1]} x {full.shape[2]} blocks of "
+                             f"{self.block_size} tokens, too few for a sequence of {seq_len} tokens")
+        key = (seq_len, str(full.device), full.data_ptr(), full._version)
+        lay = self._layouts.get(key)
+        if lay is None:
+            self._layouts = {k: v for k, v in self._layouts.items() if k[1:] == key[1:]}
+            lay = full[:, :nb, :nb].contiguous()
+            self._layouts[key] = lay
+        return lay.to(device)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        x_bf, q, k, v = self._heads(x, key_padding_mask)
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = ops.block_sparse_attention(q, k, v, self.layout_for(q.shape[2], q.device),
+                                         self.block_size, attn_mask=mask,
+                                         dropout_p=self.dropout if self.training else 0.0,
+                                         backend=self.backend)
+        return self._output(out)

@@ -1,0 +1,63 @@
+"""``fastbert.nn.GELU``: ``torch.nn.GELU`` running :func:`fastbert.gelu`, and the helper that
+recognises GELU activations (torch's and HuggingFace's) for the fused bias + GELU."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ._utils import adopt, check_backend
+
+__all__ = ["GELU", "gelu_approximation"]
+
+
+class GELU(nn.GELU):
+    """Drop-in for :class:`torch.nn.GELU`: ``approximate="none"`` (erf) or ``"tanh"``, plus
+    ``backend`` passed to :func:`fastbert.gelu`. Any input shape."""
+
+    def __init__(self, approximate: str = "none", *, backend: Optional[str] = None) -> None:
+        super().__init__(approximate=approximate)
+        self.backend = check_backend(backend)
+
+    @classmethod
+    def from_torch(cls, module: nn.GELU, *, backend: Optional[str] = None) -> "GELU":
+        if not isinstance(module, nn.GELU):
+            raise TypeError(f"module must be a torch.nn.GELU, got {type(module).__name__}")
+        return adopt(cls, module, backend=check_backend(backend))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.gelu(input, self.approximate, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+
+# HuggingFace activation classes (transformers.activations) that compute GELU, by class name:
+# GELUActivation -> F.gelu (erf) unless built with use_gelu_python (same math, kept: "none");
+# NewGELUActivation, FastGELUActivation -> the tanh formula written out; GELUTanh (alias
+# PytorchGELUTanh) -> F.gelu(approximate="tanh").
+_HF_GELU = {
+    "GELUActivation": "none",
+    "NewGELUActivation": "tanh",
+    "FastGELUActivation": "tanh",
+    "GELUTanh": "tanh",
+    "PytorchGELUTanh": "tanh",
+}
+
+
+def gelu_approximation(act) -> Optional[str]:
+    """``"none"`` or ``"tanh"`` when ``act`` (a module or function) computes GELU, else None.
+
+    Recognises ``F.gelu``, ``torch.nn.GELU`` (and fastbert's), and HuggingFace's GELU activation
+    modules. Anything else (ReLU, QuickGELU, clipped GELU, ...) returns None.
+    """
+    if act is F.gelu:
+        return "none"
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    cls = type(act)
+    if cls.__module__.startswith("transformers.") and cls.__name__ in _HF_GELU:
+        return _HF_GELU[cls.__name__]
+    return None

@@ -1,0 +1,252 @@
+"""Swap fastbert into an existing model: :func:`optimize` and :func:`restore`.
+
+``optimize(model)`` walks the module tree and replaces, in place, every submodule fastbert has a
+drop-in for, building each replacement on the very same Parameter (and buffer) objects — nothing
+is copied, optimizer state and tied weights stay valid, ``state_dict`` keys do not change:
+
+=====================================  ===========================================================
+``torch.nn.MultiheadAttention``         :class:`fastbert.nn.MultiheadAttention`
+``torch.nn.TransformerEncoderLayer``    :class:`fastbert.nn.TransformerEncoderLayer`
+``torch.nn.LayerNorm`` / ``GELU``       :class:`fastbert.nn.LayerNorm` / :class:`fastbert.nn.GELU`
+HuggingFace BERT, RoBERTa, DistilBERT,  self-attention, output sublayers (dense -> dropout ->
+ALBERT, ELECTRA, ViT                    add + LayerNorm fused), intermediate bias + GELU fused,
+                                        LayerNorms and GELU activations (see
+                                        :mod:`fastbert.integrations.huggingface`)
+=====================================  ===========================================================
+
+Only these exact classes are swapped: a user subclass may have its own forward and is left, with
+the reason in the report. ``restore(model)`` puts the original modules back.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from torch import nn
+
+from .nn import GELU, LayerNorm, MultiheadAttention, TransformerEncoderLayer
+from .nn._utils import check_backend
+
+__all__ = ["optimize", "restore", "OptimizeReport", "Swapped", "Left"]
+
+# Attribute (in a module's __dict__, so not a submodule and not in state_dict) holding the module a
+# fastbert replacement was built from; restore() puts it back.
+_ORIGINAL = "_fastbert_original"
+# On a torch.nn.TransformerEncoder whose layers were swapped: its use_nested_tensor before.
+_NESTED = "_fastbert_use_nested_tensor"
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """A submodule that was replaced: its dotted path, original class and fastbert class."""
+    path: str
+    original: str
+    replacement: str
+
+
+@dataclass(frozen=True)
+class Left:
+    """A submodule fastbert recognised but did not replace, and why."""
+    path: str
+    module: str
+    reason: str
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` did. ``swapped`` and ``left`` are lists of :class:`Swapped` / :class:`Left`;
+    ``str(report)`` is a readable table; ``report.counts()`` counts swaps per original class."""
+    backend: Optional[str] = None
+    swapped: List[Swapped] = field(default_factory=list)
+    left: List[Left] = field(default_factory=list)
+
+    def counts(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for s in self.swapped:
+            out[s.original] = out.get(s.original, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"fastbert.optimize (backend={self.backend!r}): {len(self.swapped)} module(s) "
+                 f"swapped, {len(self.left)} left"]
+        for s in self.swapped:
+            lines.append(f"  swapped  {s.path or '<root>'}: {s.original} -> {s.replacement}")
+        for s in self.left:
+            lines.append(f"  left     {s.path or '<root>'}: {s.module} ({s.reason})")
+        return "\n".join(lines)
+
+
+def _name(module: nn.Module) -> str:
+    return _class_name(type(module))
+
+
+def _class_name(cls) -> str:
+    """A readable dotted name: torch.nn.LayerNorm, transformers.bert.BertSelfAttention,
+    fastbert.nn.LayerNorm, fastbert.integrations.huggingface.SelfAttention."""
+    parts = cls.__module__.split(".")
+    if parts[:3] == ["torch", "nn", "modules"]:
+        return f"torch.nn.{cls.__qualname__}"
+    if parts[:2] == ["transformers", "models"] and len(parts) > 2:
+        return f"transformers.{parts[2]}.{cls.__qualname__}"
+    if parts[:2] == ["fastbert", "nn"]:
+        return f"fastbert.nn.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_fastbert(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("fastbert.")
+
+
+# A swapper returns (replacement, None), (None, reason) to report the module as left, or
+# (None, None) when the module is not one it handles.
+Swapper = Callable[[nn.Module, Optional[str]], Tuple[Optional[nn.Module], Optional[str]]]
+
+
+def _swap_torch(module: nn.Module, backend: Optional[str]):
+    cls = type(module)
+    exact = {
+        nn.MultiheadAttention: MultiheadAttention,
+        nn.TransformerEncoderLayer: TransformerEncoderLayer,
+        nn.LayerNorm: LayerNorm,
+        nn.GELU: GELU,
+    }
+    if cls in exact:
+        return exact[cls].from_torch(module, backend=backend), None
+    for base in exact:
+        if isinstance(module, base):
+            return None, (f"subclass of torch.nn.{base.__name__} (its forward may differ); "
+                          f"swap it by hand with fastbert.nn.{exact[base].__name__}.from_torch")
+    return None, None
+
+
+def _swappers() -> List[Swapper]:
+    out: List[Swapper] = [_swap_torch]
+    # HuggingFace models: only when transformers is already imported (a model built from it
+    # exists); fastbert never imports transformers on its own.
+    if "transformers" in sys.modules:
+        from .integrations import huggingface
+
+        out.insert(0, huggingface.swap_module)
+    return out
+
+
+def optimize(model: nn.Module, *, backend: Optional[str] = None) -> OptimizeReport:
+    """Replace, in place, every submodule of ``model`` that fastbert supports (see the module docs).
+
+    Args:
+        model: any ``torch.nn.Module``; modified in place (the root itself is never replaced: call
+            ``fastbert.nn.X.from_torch(m)`` for a bare module).
+        backend: passed to every fastbert op the new modules call (None: ``FASTBERT_BACKEND`` or
+            "auto" at call time).
+
+    Returns:
+        an :class:`OptimizeReport` listing what was swapped and what was left, with reasons.
+
+    The new modules hold the very same Parameter objects as the old ones (``state_dict`` keys are
+    unchanged), run in train and eval mode, and give the original model's outputs up to floating
+    point rounding. Differences to know: a query row whose keys are all masked gives 0 instead of
+    NaN; dropout draws different random numbers than torch's (same distribution). Calling it twice
+    is harmless (already swapped modules are skipped); :func:`restore` undoes it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    backend = check_backend(backend)
+    report = OptimizeReport(backend=backend)
+    swappers = _swappers()
+    memo: Dict[int, nn.Module] = {}  # a module shared by several parents gets one replacement
+    walked = set()  # and a shared module that stays is looked at once
+
+    def try_swap(module):
+        for swapper in swappers:
+            try:
+                new, reason = swapper(module, backend)
+            except ValueError as e:  # adopt() refuses a module whose forward is wrapped
+                return None, str(e)
+            if new is not None or reason is not None:
+                return new, reason
+        return None, None
+
+    if not _is_fastbert(model):
+        new, reason = try_swap(model)
+        if new is not None:
+            reason = ("the root module cannot be replaced in place; use "
+                      "fastbert.nn.<Module>.from_torch(module) or wrap it in a container")
+        if reason is not None:
+            report.left.append(Left("", _name(model), reason))
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            path = prefix + name
+            if _is_fastbert(child):
+                continue
+            if id(child) in memo:
+                setattr(parent, name, memo[id(child)])
+                continue
+            if id(child) in walked:
+                continue
+            walked.add(id(child))
+            new, reason = try_swap(child)
+            if new is not None:
+                new.__dict__[_ORIGINAL] = child
+                memo[id(child)] = new
+                setattr(parent, name, new)
+                report.swapped.append(Swapped(path, _name(child), _class_name(type(new))))
+                continue
+            if reason is not None:
+                report.left.append(Left(path, _name(child), reason))
+            walk(child, path + ".")
+        if isinstance(parent, nn.TransformerEncoder):
+            _fix_transformer_encoder(parent)
+
+    walk(model, "")
+    return report
+
+
+def _fix_transformer_encoder(encoder: nn.TransformerEncoder) -> None:
+    """torch.nn.TransformerEncoder decided at construction whether to pack inputs into nested
+    tensors (its eval-mode fast path); fastbert layers take padded batches, so turn it off."""
+    if getattr(encoder, "use_nested_tensor", False) and _NESTED not in encoder.__dict__:
+        if any(_is_fastbert(layer) for layer in encoder.layers):
+            encoder.__dict__[_NESTED] = encoder.use_nested_tensor
+            encoder.use_nested_tensor = False
+
+
+def _resync(original: nn.Module, new: nn.Module) -> None:
+    """Make ``original`` hold the replacement's current Parameter/buffer objects (they differ only
+    if something replaced a Parameter object of the new module after optimize())."""
+    for kind, named in (("_parameters", new.named_parameters), ("_buffers", new.named_buffers)):
+        for name, tensor in named(remove_duplicate=False):
+            owner_path, _, attr = name.rpartition(".")
+            try:
+                owner = original.get_submodule(owner_path) if owner_path else original
+            except AttributeError:
+                continue
+            store = getattr(owner, kind)
+            if attr in store and store[attr] is not tensor:
+                store[attr] = tensor
+
+
+def restore(model: nn.Module) -> int:
+    """Undo :func:`optimize`: put every original module back (with the Parameter objects the
+    fastbert modules hold). Returns the number of distinct modules restored (as many as
+    optimize() reported swapped; 0 if none were)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    restored = set()
+
+    def walk(parent: nn.Module) -> None:
+        if _NESTED in parent.__dict__:
+            parent.use_nested_tensor = parent.__dict__.pop(_NESTED)
+        for name, child in list(parent.named_children()):
+            original = child.__dict__.get(_ORIGINAL)
+            if original is not None:
+                _resync(original, child)
+                setattr(parent, name, original)
+                restored.add(id(child))
+                walk(original)
+            else:
+                walk(child)
+
+    walk(model)
+    return len(restored)

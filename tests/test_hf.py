@@ -1,0 +1,378 @@
+"""HuggingFace integration: fastbert.optimize on BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA and ViT,
+and the "fastbert" attention implementation (transformers 5.x).
+
+Models are built from small random configs (no downloads). Each optimized model is compared with
+the same model before optimize() (float32, PyTorch's own precision) and a float64 copy (the
+reference), on the real tokens of a padded batch, in eval mode and in train mode (dropout 0, with
+gradients). The tests are written for transformers 5.x and 4.57 alike.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from packaging.version import Version  # noqa: E402  (a transformers dependency)
+
+import fastbert  # noqa: E402
+from fastbert import backends  # noqa: E402
+from fastbert.integrations import huggingface as hf  # noqa: E402
+from fastbert.optimize import optimize, restore  # noqa: E402
+from fastbert.testing import DEVICE, assert_close  # noqa: E402
+
+TF5 = Version(transformers.__version__) >= Version("5")
+B, L, VOCAB = 3, 9, 99
+ZERO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _config(family, impl, **overrides):
+    common = dict(vocab_size=VOCAB, max_position_embeddings=32, attn_implementation=impl)
+    if family == "distilbert":
+        kw = dict(common, dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0,
+                  attention_dropout=0.0)
+        kw.update(overrides)
+        return transformers.DistilBertConfig(**kw)
+    if family == "vit":
+        kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  image_size=12, patch_size=4, attn_implementation=impl, **ZERO_DROPOUT)
+        kw.update(overrides)
+        return transformers.ViTConfig(**kw)
+    kw = dict(common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              **ZERO_DROPOUT)
+    if family in ("albert", "electra"):
+        kw["embedding_size"] = 16
+    kw.update(overrides)
+    cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+           "albert": transformers.AlbertConfig, "electra": transformers.ElectraConfig}[family]
+    return cls(**kw)
+
+
+MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel",
+          "albert": "AlbertModel", "electra": "ElectraModel", "vit": "ViTModel"}
+# swapped modules per family for a 2-layer model (every LayerNorm counted; ALBERT shares its layer)
+EXPECTED_SWAPS = {"bert": 9, "roberta": 9, "electra": 9, "albert": 2, "distilbert": 3, "vit": 9}
+
+
+def _build(family, impl="eager", model_cls=None, **overrides):
+    cls = getattr(transformers, model_cls or MODELS[family])
+    try:
+        model = cls(_config(family, impl, **overrides))
+    except ValueError as e:  # e.g. ELECTRA has no "sdpa" in transformers 4.57
+        pytest.skip(f"{cls.__name__} with attn_implementation={impl!r}: {str(e).split('. ')[0]}")
+    return model
+
+
+def _inputs(family, device="cpu"):
+    if family == "vit":
+        return {"pixel_values": torch.randn(2, 3, 12, 12, device=device)}, None
+    ids = torch.randint(3, VOCAB, (B, L), device=device)
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}, mask.bool()
+
+
+def _last_hidden(model, inputs):
+    out = model(**inputs)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _real(t, real):
+    return t if real is None else t[real]
+
+
+def _compare(model, reference, inputs, real, train, backend_tolerance=2.0, dtype=torch.float32):
+    """``model`` (optimized) vs ``reference`` (the original in ``dtype``: PyTorch's own error) and
+    its float64 copy (the reference); both models are cast to ``dtype`` first."""
+    ref64 = copy.deepcopy(reference).double()
+    model.to(dtype)
+    reference.to(dtype)
+
+    def cast(d, to):
+        return {k: (v.to(to) if v.is_floating_point() else v) for k, v in d.items()}
+
+    for m in (model, reference, ref64):
+        m.train(train)
+    with torch.set_grad_enabled(train):
+        out = _last_hidden(model, cast(inputs, dtype))
+        low = _last_hidden(reference, cast(inputs, dtype))
+        ref = _last_hidden(ref64, cast(inputs, torch.float64))
+    assert_close(_real(out, real), _real(ref, real), _real(low, real), factor=backend_tolerance,
+                 name="last_hidden_state")
+    if not train:
+        return
+    g = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
+    if real is not None:
+        g = g * real[..., None]  # the loss reads only the real tokens
+    for o in (out, low, ref):
+        o.backward(g.to(o.dtype))
+    p_ref = dict(ref64.named_parameters())
+    p_low = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p_ref[name].grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        assert_close(p.grad, p_ref[name].grad, p_low[name].grad, factor=backend_tolerance,
+                     name=f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", list(MODELS))
+def test_optimize_hf_model(family, impl):
+    torch.manual_seed(0)
+    model = _build(family, impl)
+    reference = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    modules = dict(model.named_modules())
+
+    report = optimize(model, backend="torch")
+
+    assert report.left == [], str(report)
+    assert len(report.swapped) == EXPECTED_SWAPS[family], str(report)
+    assert all(s.replacement.startswith("fastbert.") for s in report.swapped)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    inputs, real = _inputs(family)
+    _compare(model, reference, inputs, real, train=False)
+    _compare(model, reference, inputs, real, train=True)
+
+    assert restore(model) == EXPECTED_SWAPS[family]
+    assert all(m is modules[n] for n, m in model.named_modules())
+
+
+def test_optimize_bert_report_names_every_sublayer():
+    model = _build("bert")
+    report = optimize(model)
+    by_path = {s.path: s for s in report.swapped}
+    assert by_path["encoder.layer.0.attention.self"].replacement == \
+        "fastbert.integrations.huggingface.SelfAttention"
+    assert by_path["encoder.layer.1.attention.output"].replacement == \
+        "fastbert.integrations.huggingface.DenseAddLayerNorm"
+    assert by_path["encoder.layer.0.output"].original == "transformers.bert.BertOutput"
+    assert by_path["encoder.layer.0.intermediate"].replacement == \
+        "fastbert.integrations.huggingface.DenseBiasGELU"
+    assert by_path["embeddings.LayerNorm"].replacement == "fastbert.nn.LayerNorm"
+
+
+@pytest.mark.parametrize("task", ["BertForSequenceClassification", "BertForMaskedLM"])
+def test_optimize_task_models(task):
+    torch.manual_seed(0)
+    model = _build("bert", model_cls=task)
+    reference = copy.deepcopy(model)
+    report = optimize(model, backend="torch")
+    assert report.left == []
+    if task == "BertForMaskedLM":  # the prediction head's LayerNorm and GELU are swapped too
+        assert {"cls.predictions.transform.LayerNorm",
+                "cls.predictions.transform.transform_act_fn"} <= {s.path for s in report.swapped}
+    inputs, real = _inputs("bert")
+    labels = torch.randint(0, 2, (B,)) if task == "BertForSequenceClassification" else \
+        torch.where(real, torch.randint(0, VOCAB, (B, L)), torch.full((B, L), -100))
+    model.train()
+    reference.train()
+    loss_a = reference(**inputs, labels=labels).loss
+    loss_b = model(**inputs, labels=labels).loss
+    assert_close(loss_b, loss_a.double(), loss_a, atol=1e-5, name="loss")
+    loss_a.backward()
+    loss_b.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        r = ref_params[name].grad
+        assert (p.grad is None) == (r is None), name
+        if r is not None:
+            assert_close(p.grad, r.double(), r, atol=1e-5, name=f"grad {name}")
+
+
+def test_optimize_leaves_what_it_cannot_run_with_reasons():
+    # a decoder: causal self-attention with a KV cache is left; the rest is swapped
+    torch.manual_seed(0)
+    model = _build("bert", is_decoder=True)
+    reference = copy.deepcopy(model)
+    report = optimize(model, backend="torch")
+    left = {s.path: s.reason for s in report.left}
+    assert set(left) == {"encoder.layer.0.attention.self", "encoder.layer.1.attention.self"}
+    assert all("decoder" in r for r in left.values())
+    assert len(report.swapped) == 7
+    inputs, real = _inputs("bert")
+    _compare(model, reference, inputs, real, train=False)
+
+    # a non-GELU activation: the intermediate is left (the activation would run unfused)
+    model = _build("bert", hidden_act="relu")
+    report = optimize(model)
+    assert {s.path for s in report.left} == {"encoder.layer.0.intermediate",
+                                             "encoder.layer.1.intermediate"}
+    assert "not GELU" in report.left[0].reason
+
+    # another model family is reported, not touched
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB,
+                                                          n_positions=16))
+    report = optimize(gpt2)
+    assert any("not supported" in s.reason for s in report.left)
+
+
+def test_output_attentions_after_optimize():
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    reference = copy.deepcopy(model)
+    optimize(model)
+    inputs, real = _inputs("bert")
+    hf._WARNED.clear()
+    if TF5:
+        with pytest.warns(UserWarning, match="output_attentions"):
+            out = model(**inputs, output_attentions=True)
+    else:  # transformers 4.x passes the weights up through the layers' return values
+        out = model(**inputs, output_attentions=True)
+        ref = reference(**inputs, output_attentions=True)
+        pairs = (real[:, None, :, None] & real[:, None, None, :]).expand(-1, 4, -1, -1)
+        assert len(out.attentions) == len(ref.attentions) == 2
+        for a, b in zip(out.attentions, ref.attentions):
+            assert_close(a[pairs], b[pairs].double(), b[pairs], atol=1e-6)
+        head_mask = torch.ones(2, 4)
+        head_mask[0, 1] = 0.0
+        head_mask[1, 3] = 0.5
+        a = model(**inputs, head_mask=head_mask).last_hidden_state
+        b = reference(**inputs, head_mask=head_mask).last_hidden_state
+        assert_close(a[real], b[real].double(), b[real], atol=1e-5, name="with head_mask")
+    assert_close(out.last_hidden_state[real], reference(**inputs).last_hidden_state[real].double(),
+                 atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks and the "fastbert" attention implementation
+# ----------------------------------------------------------------------------------------------
+def test_hf_mask_to_sdpa():
+    pad = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    m = hf.hf_mask_to_sdpa(pad)
+    assert m.dtype == torch.bool and m.shape == (2, 1, 1, 3)
+    assert m[:, 0, 0].tolist() == [[True, True, False], [True, False, False]]
+    b4 = torch.rand(2, 1, 3, 3) > 0.5
+    assert hf.hf_mask_to_sdpa(b4) is b4
+    f4 = torch.randn(2, 1, 3, 3)
+    assert hf.hf_mask_to_sdpa(f4) is f4
+    assert hf.hf_mask_to_sdpa((b4.long())).equal(b4)
+    assert hf.hf_mask_to_sdpa(b4[:, 0]).shape == (2, 1, 3, 3)
+    assert hf.hf_mask_to_sdpa(None) is None
+    with pytest.raises(NotImplementedError, match="BlockMask"):
+        hf.hf_mask_to_sdpa(object())
+    with pytest.raises(ValueError, match="attention mask"):
+        hf.hf_mask_to_sdpa(torch.ones(1, 1, 1, 1, 3))
+
+
+def test_attention_forward_matches_eager_formula():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)  # GQA 4/2
+    additive = torch.zeros(2, 1, 5, 7)
+    additive[1, ..., 5:] = torch.finfo(torch.float32).min
+    module = torch.nn.Module()
+    out, w = hf.attention_forward(module, q, k, v, additive, scaling=0.3, output_attentions=True,
+                                  backend="torch")
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    probs = torch.softmax(q @ kk.transpose(-1, -2) * 0.3 + additive, dim=-1)
+    ref = (probs @ vv).transpose(1, 2)
+    assert out.shape == (2, 5, 4, 8)
+    assert (out - ref).abs().max() < 1e-5 and (w - probs).abs().max() < 1e-6
+    out2, w2 = hf.attention_forward(module, q, k, v, additive > -1, scaling=0.3, backend="torch")
+    assert w2 is None and (out2 - ref).abs().max() < 1e-5
+    module.is_causal = True  # no mask: the module's is_causal applies
+    out3, _ = hf.attention_forward(module, q, k, v, None, backend="torch")
+    ref3 = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True).transpose(1, 2)
+    assert (out3 - ref3).abs().max() < 1e-5
+
+
+def test_mask_interface_registered():
+    if not hasattr(transformers, "AttentionInterface"):
+        pytest.skip("transformers has no AttentionInterface")
+    assert "fastbert" in transformers.AttentionInterface._global_mapping
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        pytest.skip("transformers has no AttentionMaskInterface")
+    assert AttentionMaskInterface._global_mapping["fastbert"] is sdpa_mask
+
+
+@pytest.mark.skipif(not TF5, reason="transformers 4.x BERT does not dispatch through "
+                                    "AttentionInterface: use fastbert.optimize there")
+@pytest.mark.parametrize("family", ["bert", "distilbert", "vit"])
+def test_attn_implementation_fastbert_from_pretrained(family, tmp_path):
+    torch.manual_seed(0)
+    model = _build(family, "eager").eval()
+    model.save_pretrained(tmp_path)
+    cls = getattr(transformers, MODELS[family])
+    ours = cls.from_pretrained(tmp_path, attn_implementation="fastbert").eval()
+    assert ours.config._attn_implementation == "fastbert"
+    inputs, real = _inputs(family)
+    with torch.no_grad():
+        a, b = _last_hidden(model, inputs), _last_hidden(ours, inputs)
+    assert_close(_real(b, real), _real(a, real).double(), _real(a, real), atol=1e-5)
+    if real is not None:
+        # the padding mask reaches the attention: a padded sequence equals the sequence alone
+        with torch.no_grad():
+            alone = _last_hidden(ours, {"input_ids": inputs["input_ids"][2:, :3]})
+            unmasked = _last_hidden(ours, {"input_ids": inputs["input_ids"][2:]})  # sees the padding
+        assert_close(b[2, :3], alone[0].double(), alone[0], atol=1e-5)
+        assert (b[2, :3] - unmasked[0, :3]).abs().max() > 1e-4, "the mask made no difference"
+
+
+@pytest.mark.skipif(not TF5, reason="needs transformers 5.x (AttentionInterface in BERT)")
+def test_register_with_backend_and_from_config():
+    hf.register("fastbert_torch_test", backend="torch")
+    config = _config("bert", "eager")
+    model = transformers.BertModel(config).eval()
+    ours = transformers.AutoModel.from_config(config, attn_implementation="fastbert_torch_test").eval()
+    ours.load_state_dict(model.state_dict())
+    inputs, real = _inputs("bert")
+    with torch.no_grad():
+        a, b = _last_hidden(model, inputs), _last_hidden(ours, inputs)
+    assert_close(b[real], a[real].double(), a[real], atol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        hf.register("bad", backend="tpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_optimize_hf_triton(family):
+    ops = ("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
+    missing = [op for op in ops if "triton" not in backends.implementations(op)]
+    if missing:
+        pytest.skip(f"no Triton registration yet for {missing}")
+    reasons = backends.backend_reasons("triton", torch.device(DEVICE))
+    if reasons:
+        pytest.skip("Triton backend unavailable: " + "; ".join(reasons))
+    torch.manual_seed(0)
+    heads = {"n_heads": 2} if family == "distilbert" else {"num_attention_heads": 2}  # head dim 16
+    model = _build(family, "sdpa", **heads).to(DEVICE)
+    reference = copy.deepcopy(model)
+    optimize(model, backend="triton")
+    inputs, real = _inputs(family, device=DEVICE)
+    try:
+        _compare(model, reference, inputs, real, train=True)
+    except fastbert.backends.BackendError as e:
+        pytest.skip(f"the Triton backend declines: {e}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["bert", "distilbert", "albert"])
+def test_cuda_optimize_half(family):
+    """fp16 on the GPU, default backend: the optimized model within 2x PyTorch's own fp16 error."""
+    torch.manual_seed(0)
+    model = _build(family, "sdpa").to("cuda")
+    reference = copy.deepcopy(model)
+    optimize(model)
+    inputs, real = _inputs(family, device="cuda")
+    _compare(model, reference, inputs, real, train=True, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_optimize_with_gradient_checkpointing(family):
+    torch.manual_seed(0)
+    model = _build(family)
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimize(model, backend="torch")
+    inputs, real = _inputs(family)
+    _compare(model, reference, inputs, real, train=True)

@@ -1,0 +1,725 @@
+"""fastbert.nn modules against their torch counterparts with identical weights.
+
+Each comparison runs the fastbert module in the test dtype, the torch module in the same dtype
+(PyTorch's own low-precision result) and the torch module in float64 (the reference), with the same
+inputs and the same upstream gradient, and applies fastbert.testing's rule to the output and every
+gradient (inputs and parameters). The modules run on the torch reference backend on CPU; the
+Triton tests run the same modules with backend="triton" (under the interpreter without a GPU) when
+the ops they call have a Triton registration.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastbert
+import fastbert.nn as fnn
+from fastbert import backends, reference
+from fastbert.testing import DEVICE, assert_close
+
+# torch warns when key_padding_mask and attn_mask differ in type; those cases are tested on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _leaf(t, dtype):
+    if t is None:
+        return None
+    if t.is_floating_point():
+        return t.detach().to(dtype).requires_grad_(True)
+    return t
+
+
+def _cast_mask(m, dtype):
+    if m is None or m.dtype == torch.bool:
+        return m
+    return m.to(dtype)
+
+
+def _run(module, inputs, kwargs, dtype, grads_out, pick):
+    """forward + backward with the given upstream gradients; returns (outputs, input grads,
+    param grads by name)."""
+    module.zero_grad(set_to_none=True)
+    xs = [_leaf(x, dtype) for x in inputs]
+    kw = {k: _cast_mask(v, dtype) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out = module(*xs, **kw)
+    outs = [o for o in pick(out)]
+    loss = sum((o.double() * g.double()).sum() for o, g in zip(outs, grads_out) if o is not None)
+    loss.backward()
+    return (outs, [None if x is None or not x.is_floating_point() else x.grad for x in xs],
+            {n: p.grad for n, p in module.named_parameters()})
+
+
+def compare_modules(ours, theirs, inputs, kwargs=None, dtype=torch.float32, pick=None,
+                    check_param_grads=True, device="cpu", factor=2.0):
+    """Compare ``ours`` (fastbert) with ``theirs`` (torch) sharing weights: outputs and gradients.
+    Everything runs on ``device``; ``theirs`` in float64 is the reference, in ``dtype`` PyTorch's
+    own low-precision result."""
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in (kwargs or {}).items()}
+    inputs = [x.to(device) for x in inputs]
+    pick = pick or (lambda out: [out])
+    ours = ours.to(device=device, dtype=dtype)
+    low = copy.deepcopy(theirs).to(device=device, dtype=dtype)
+    ref = copy.deepcopy(theirs).to(device=device, dtype=torch.float64)
+    with torch.no_grad():
+        shapes = [o.shape for o in pick(ref(*[_leaf(x, torch.float64) for x in inputs],
+                                            **{k: _cast_mask(v, torch.float64)
+                                               if isinstance(v, torch.Tensor) else v
+                                               for k, v in kwargs.items()}))
+                  if o is not None]
+    grads_out = [torch.randn(s, dtype=torch.float64, device=device) for s in shapes]
+    o_out, o_gin, o_gp = _run(ours, inputs, kwargs, dtype, grads_out, pick)
+    r_out, r_gin, r_gp = _run(ref, inputs, kwargs, torch.float64, grads_out, pick)
+    l_out, l_gin, l_gp = _run(low, inputs, kwargs, dtype, grads_out, pick)
+    for i, (o, r, lo) in enumerate(zip(o_out, r_out, l_out)):
+        if r is None:
+            assert o is None, f"output[{i}]: expected None"
+            continue
+        assert o.dtype == dtype
+        assert_close(o, r, lo, factor=factor, name=f"output[{i}]")
+    for i, (o, r, lo) in enumerate(zip(o_gin, r_gin, l_gin)):
+        if r is None:
+            continue
+        assert o is not None, f"input {i}: no gradient"
+        assert_close(o, r, lo, factor=factor, name=f"grad input[{i}]")
+    if check_param_grads:
+        assert set(o_gp) == set(r_gp)
+        for n in r_gp:
+            if r_gp[n] is None:
+                assert o_gp[n] is None or not o_gp[n].any(), n
+                continue
+            assert o_gp[n] is not None, f"{n}: no gradient"
+            assert_close(o_gp[n], r_gp[n], l_gp[n], factor=factor, name=f"grad {n}")
+    return o_out
+
+
+def need_triton(*ops):
+    missing = [op for op in ops if "triton" not in backends.implementations(op)]
+    if missing:
+        pytest.skip(f"no Triton registration yet for {missing}")
+    reasons = backends.backend_reasons("triton", torch.device(DEVICE))
+    if reasons:
+        pytest.skip("Triton backend unavailable here: " + "; ".join(reasons))
+
+
+def run_triton(fn):
+    """Run ``fn``; a Triton backend that declines the call (reasons) skips with its reasons."""
+    try:
+        return fn()
+    except backends.BackendError as e:
+        pytest.skip(f"the Triton backend declines this call: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# MultiheadAttention
+# ----------------------------------------------------------------------------------------------
+MHA_CONFIGS = {
+    "plain": {},
+    "kvdim": {"kdim": 12, "vdim": 20},
+    "biaskv": {"add_bias_kv": True},
+    "zeroattn": {"add_zero_attn": True},
+    "biaskv-zeroattn": {"add_bias_kv": True, "add_zero_attn": True},
+    "nobias": {"bias": False},
+}
+E, H, N, L = 16, 4, 3, 7
+
+
+def _masks(kind, n, lq, s, heads):
+    """torch.nn conventions: bool True = do not attend; float added. No row fully masked."""
+    kpm = attn = None
+    if "kpm" in kind:
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        kpm[1, -3:] = True
+        kpm[2, 0] = True
+        if "kpmf" in kind:
+            kpm = torch.zeros(n, s).masked_fill(kpm, float("-inf")) + 0.3 * torch.randn(n, s)
+    if "attn2b" in kind:
+        attn = torch.ones(lq, s, dtype=torch.bool).triu(1)  # causal-like: key 0 always visible
+        attn[:, 0] = False
+    if "attn3f" in kind:
+        attn = torch.randn(n * heads, lq, s)
+        attn[:, :, 1] = float("-inf")
+    return kpm, attn
+
+
+MASKS = ["none", "kpm", "kpmf", "attn2b", "attn3f", "kpm-attn2b", "kpmf-attn2b", "kpm-attn3f"]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("config", list(MHA_CONFIGS))
+def test_mha_matches_torch(config, mask):
+    kw = MHA_CONFIGS[config]
+    cross = "kdim" in kw
+    for batch_first in (False, True):
+        theirs = nn.MultiheadAttention(E, H, batch_first=batch_first, **kw)
+        ours = fnn.MultiheadAttention(E, H, batch_first=batch_first, **kw, backend="torch")
+        ours.load_state_dict(theirs.state_dict())
+        s = 9 if cross else L
+        kpm, attn = _masks(mask, N, L, s, H)
+
+        def mk(length, dim):
+            return torch.randn(N, length, dim) if batch_first else torch.randn(length, N, dim)
+
+        if cross:
+            inputs = [mk(L, E), mk(s, kw["kdim"]), mk(s, kw["vdim"])]
+        else:
+            x = mk(L, E)
+            inputs = [x, x, x]
+        for need_weights, average in ((False, True), (True, True), (True, False)):
+            kwargs = dict(key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights,
+                          average_attn_weights=average)
+            if cross:
+                compare_modules(ours, theirs, inputs, kwargs, pick=lambda o: list(o))
+            else:
+                # self-attention: one tensor for query, key and value (the packed projection)
+                def pick(o):
+                    return list(o)
+                model_ours = _SelfAttn(ours)
+                model_theirs = _SelfAttn(theirs)
+                compare_modules(model_ours, model_theirs, inputs[:1], kwargs, pick=pick)
+
+
+class _SelfAttn(nn.Module):
+    """Calls an attention module with query is key is value (what TransformerEncoderLayer does)."""
+
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x, **kwargs):
+        return self.mha(x, x, x, **kwargs)
+
+
+@pytest.mark.parametrize("same", ["q-is-k-is-v", "k-is-v", "distinct"])
+def test_mha_projection_paths(same):
+    theirs = nn.MultiheadAttention(E, H)
+    ours = fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs), backend="torch")
+    x, y, z = torch.randn(L, N, E), torch.randn(L, N, E), torch.randn(L, N, E)
+    args = {"q-is-k-is-v": (x, x, x), "k-is-v": (x, y, y), "distinct": (x, y, z)}[same]
+    a, _ = theirs(*args, need_weights=False)
+    b, _ = ours(*args, need_weights=False)
+    assert_close(b, a.double(), a, atol=1e-5)
+
+
+def test_mha_float64_tight():
+    theirs = nn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True).double()
+    ours = fnn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    kpm, _ = _masks("kpm", N, L, L + 0, H)
+    a, wa = theirs(x, x, x, key_padding_mask=kpm)
+    b, wb = ours(x, x, x, key_padding_mask=kpm)
+    assert (a - b).abs().max() < 1e-12 and (wa - wb).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["kpm", "attn3f"])
+def test_mha_unbatched(kind):
+    theirs = nn.MultiheadAttention(E, H)
+    ours = fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs), backend="torch")
+    x = torch.randn(L, E)
+    kpm, attn = None, None
+    if kind == "kpm":
+        kpm = torch.zeros(L, dtype=torch.bool)
+        kpm[-2:] = True
+    else:
+        attn = torch.randn(H, L, L)
+    for avg in (True, False):
+        a, wa = theirs(x, x, x, key_padding_mask=kpm, attn_mask=attn, average_attn_weights=avg)
+        b, wb = ours(x, x, x, key_padding_mask=kpm, attn_mask=attn, average_attn_weights=avg)
+        assert b.shape == a.shape == (L, E) and wb.shape == wa.shape
+        assert_close(b, a.double(), a, atol=1e-5)
+        assert_close(wb, wa.double(), wa, atol=1e-5)
+
+
+def test_mha_is_causal_hint():
+    theirs = nn.MultiheadAttention(E, H, batch_first=True)
+    ours = fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs), backend="torch")
+    x = torch.randn(N, L, E)
+    causal = nn.Transformer.generate_square_subsequent_mask(L)  # float, -inf above the diagonal
+    a, _ = theirs(x, x, x, attn_mask=causal, need_weights=False, is_causal=True)
+    b, _ = ours(x, x, x, attn_mask=causal, need_weights=False, is_causal=True)
+    assert_close(b, a.double(), a, atol=1e-5)
+    # the hint alone (no mask) is refused, as in torch
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        ours(x, x, x, is_causal=True)
+
+
+def test_mha_fully_masked_rows_give_zero_not_nan():
+    """torch gives NaN for a query whose keys are all masked; fastbert gives 0 (and finite grads)."""
+    theirs = nn.MultiheadAttention(E, H, batch_first=True)
+    ours = fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs), backend="torch")
+    x = torch.randn(N, L, E)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1] = True  # batch element 1: every key is padding
+    a, wa = theirs(x, x, x, key_padding_mask=kpm)
+    assert torch.isnan(a[1]).all()
+    xg = x.clone().requires_grad_(True)
+    b, wb = ours(xg, xg, xg, key_padding_mask=kpm)
+    assert torch.isfinite(b).all() and torch.isfinite(wb).all()
+    assert (wb[1] == 0).all()
+    # the fully masked rows hold out_proj(0) = out_proj.bias
+    assert torch.equal(b[1], ours.out_proj.bias.expand(L, E).detach()) or (
+        (b[1] - ours.out_proj.bias).abs().max() < 1e-6)
+    assert_close(b[[0, 2]], a[[0, 2]].double(), a[[0, 2]], atol=1e-5)
+    b.sum().backward()
+    assert torch.isfinite(xg.grad).all()
+
+
+def test_mha_state_dict_and_constructor_match_torch():
+    for kw in MHA_CONFIGS.values():
+        torch.manual_seed(0)
+        theirs = nn.MultiheadAttention(E, H, **kw)
+        torch.manual_seed(0)
+        ours = fnn.MultiheadAttention(E, H, **kw)
+        sd_t, sd_o = theirs.state_dict(), ours.state_dict()
+        assert list(sd_t) == list(sd_o)
+        for k in sd_t:  # same initialisation from the same seed
+            assert torch.equal(sd_t[k], sd_o[k]), k
+        ours.load_state_dict(sd_t, strict=True)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        assert isinstance(ours, nn.MultiheadAttention)
+
+
+def test_mha_from_torch_keeps_parameter_objects():
+    theirs = nn.MultiheadAttention(E, H, add_bias_kv=True, kdim=8, vdim=8)
+    ours = fnn.MultiheadAttention.from_torch(theirs)
+    for (n1, p1), (n2, p2) in zip(theirs.named_parameters(), ours.named_parameters()):
+        assert n1 == n2 and p1 is p2
+    assert ours.out_proj is theirs.out_proj
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        fnn.MultiheadAttention.from_torch(nn.Linear(2, 2))
+
+
+def test_mha_bad_inputs():
+    m = fnn.MultiheadAttention(E, H, batch_first=True)
+    x = torch.randn(N, L, E)
+    with pytest.raises(ValueError, match="query"):
+        m(x[None], x[None], x[None])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        m(x, x, x, key_padding_mask=torch.zeros(N, L + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask"):
+        m(x, x, x, attn_mask=torch.zeros(L, L + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="3-D attn_mask"):
+        m(x, x, x, attn_mask=torch.zeros(N, L, L, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        m(x, x, x, key_padding_mask=torch.zeros(N, L, dtype=torch.int64))
+    with pytest.raises(ValueError, match="embed_dim"):
+        m(torch.randn(N, L, E + 1), x, x)
+    with pytest.raises(ValueError, match="backend"):
+        fnn.MultiheadAttention(E, H, backend="tpu")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_mha_inside_torch_transformer_encoder_layer(train, monkeypatch):
+    """fastbert's MHA swapped into torch's layer: same outputs and grads in train and eval mode;
+    in train mode (and eval with grad) torch's layer calls our forward."""
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True)
+    swapped = copy.deepcopy(layer)
+    swapped.self_attn = fnn.MultiheadAttention.from_torch(swapped.self_attn, backend="torch")
+    layer.train(train)
+    swapped.train(train)
+    calls = []
+    real = fastbert.ops.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastbert.ops, "scaled_dot_product_attention", spy)
+    x = torch.randn(N, L, E)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[0, -2:] = True
+    compare_modules(swapped, layer, [x], {"src_key_padding_mask": kpm})
+    assert calls, "fastbert attention was not called"
+    if not train:
+        # eval + no grad: torch's fused fast path reads the parameters itself; same result
+        with torch.no_grad():
+            a, b = layer(x, src_key_padding_mask=kpm), swapped(x, src_key_padding_mask=kpm)
+        real_rows = ~kpm
+        assert_close(b[real_rows], a[real_rows].double(), a[real_rows], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# TransformerEncoderLayer
+# ----------------------------------------------------------------------------------------------
+TEL_CASES = {
+    "post-relu": dict(),
+    "post-gelu": dict(activation="gelu"),
+    "pre-relu": dict(norm_first=True),
+    "pre-gelu": dict(norm_first=True, activation=F.gelu),
+    "post-nngelu-tanh": dict(activation=nn.GELU(approximate="tanh")),
+    "pre-silu-nobias": dict(norm_first=True, activation=F.silu, bias=False),
+    "seqfirst": dict(batch_first=False),
+}
+
+
+@pytest.mark.parametrize("masks", ["none", "kpm", "kpm-attn2b", "attn3f"])
+@pytest.mark.parametrize("case", list(TEL_CASES))
+def test_transformer_encoder_layer_matches_torch(case, masks):
+    kw = dict(batch_first=True, dim_feedforward=40, dropout=0.0)
+    kw.update(TEL_CASES[case])
+    torch.manual_seed(0)
+    theirs = nn.TransformerEncoderLayer(E, H, **kw)
+    torch.manual_seed(0)
+    ours = fnn.TransformerEncoderLayer(E, H, **kw, backend="torch")
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k  # same init from the same seed
+    kpm, attn = _masks(masks, N, L, L, H)
+    x = torch.randn(N, L, E) if kw["batch_first"] else torch.randn(L, N, E)
+    for train in (True, False):  # dropout 0: train and eval must both match
+        theirs.train(train)
+        ours.train(train)
+        compare_modules(ours, theirs, [x], {"src_key_padding_mask": kpm, "src_mask": attn})
+
+
+def test_transformer_encoder_layer_unbatched_and_causal():
+    theirs = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0)
+    ours = fnn.TransformerEncoderLayer.from_torch(copy.deepcopy(theirs), backend="torch")
+    x = torch.randn(L, E)
+    compare_modules(ours, theirs, [x])
+    causal = nn.Transformer.generate_square_subsequent_mask(L)
+    compare_modules(ours, theirs, [torch.randn(L, N, E)], {"src_mask": causal, "is_causal": True})
+
+
+def test_transformer_encoder_layer_in_torch_encoder_eval_with_padding():
+    """Inside torch.nn.TransformerEncoder: torch's reference runs its nested-tensor fast path
+    (padding positions come out 0); compare the real tokens."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, batch_first=True)
+    theirs = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    ours = nn.TransformerEncoder(fnn.TransformerEncoderLayer(E, H, dim_feedforward=32, batch_first=True,
+                                                             backend="torch"), 2,
+                                 enable_nested_tensor=False).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(N, L, E)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1, 4:] = True
+    with torch.no_grad():
+        a, b = theirs(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+    real = ~kpm
+    assert_close(b[real], a[real].double(), a[real], atol=1e-5)
+
+
+def test_transformer_encoder_layer_dropout_train_mode():
+    ours = fnn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.3, batch_first=True,
+                                       backend="torch")
+    x = torch.randn(N, L, E)
+    ours.eval()
+    ev = ours(x)
+    ours.train()
+    torch.manual_seed(5)
+    t1 = ours(x)
+    torch.manual_seed(5)
+    t2 = ours(x)
+    assert torch.equal(t1, t2), "dropout must be reproducible under torch.manual_seed"
+    assert (t1 - ev).abs().max() > 1e-3, "dropout had no effect in train mode"
+    t1.sum().backward()
+    assert all(p.grad is not None for p in ours.parameters())
+
+
+def test_transformer_encoder_layer_bad_inputs():
+    m = fnn.TransformerEncoderLayer(E, H, batch_first=True)
+    with pytest.raises(ValueError, match="src_key_padding_mask"):
+        m(torch.randn(N, L, E), src_key_padding_mask=torch.zeros(N, L + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="src_mask"):
+        m(torch.randn(N, L, E), src_mask=torch.zeros(L, L + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="src"):
+        m(torch.randn(2, N, L, E))
+    with pytest.raises(RuntimeError, match="relu/gelu"):
+        fnn.TransformerEncoderLayer(E, H, activation="tanh")
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm, GELU
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,normalized,kw", [
+    ((3, 17), 17, {}),
+    ((2, 5, 97), (97,), {"eps": 1e-6}),
+    ((4, 3, 8), (3, 8), {}),
+    ((5, 16), 16, {"elementwise_affine": False}),
+    ((5, 16), 16, {"bias": False}),
+], ids=["17", "97-eps", "2d-shape", "no-affine", "no-bias"])
+def test_layer_norm_matches_torch(shape, normalized, kw):
+    theirs = nn.LayerNorm(normalized, **kw)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours = fnn.LayerNorm.from_torch(copy.deepcopy(theirs), backend="torch")
+    assert isinstance(ours, nn.LayerNorm)
+    compare_modules(ours, theirs, [torch.randn(shape)])
+    fresh = fnn.LayerNorm(normalized, **kw)
+    assert list(fresh.state_dict()) == list(theirs.state_dict())
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_matches_torch(approximate):
+    compare_modules(fnn.GELU(approximate, backend="torch"), nn.GELU(approximate),
+                    [torch.randn(3, 5, 17) * 3])
+    g = fnn.GELU.from_torch(nn.GELU(approximate))
+    assert g.approximate == approximate and isinstance(g, nn.GELU)
+
+
+# ----------------------------------------------------------------------------------------------
+# BlockSparseSelfAttention, LinformerSelfAttention
+# ----------------------------------------------------------------------------------------------
+def _mha_twin(module):
+    """A torch MultiheadAttention with the same in/out projections (the names match)."""
+    mha = nn.MultiheadAttention(module.embed_dim, module.num_heads, batch_first=module.batch_first,
+                                bias=module.in_proj_bias is not None)
+    sd = {k: v for k, v in module.state_dict().items() if k.startswith(("in_proj", "out_proj"))}
+    mha.load_state_dict(sd)
+    return mha
+
+
+class _MaskedMHA(nn.Module):
+    """torch MHA with a fixed token mask (True = do not attend): the dense twin of a sparse layer."""
+
+    def __init__(self, mha, blocked):
+        super().__init__()
+        self.mha, self.blocked = mha, blocked
+
+    def forward(self, x, key_padding_mask=None):
+        return self.mha(x, x, x, key_padding_mask=key_padding_mask, attn_mask=self.blocked,
+                        need_weights=False)[0]
+
+
+@pytest.mark.parametrize("preset,kwargs,bs,length", [
+    ("dense", {}, 4, 17),
+    ("sliding_window", {"window": 1}, 4, 17),
+    ("global_tokens", {"window": 1, "global_blocks": 1}, 3, 13),
+    ("bigbird", {"window": 1, "global_blocks": 1, "random_blocks": 1, "seed": 3}, 4, 21),
+    ("fixed", {"stride": 2}, 4, 16),
+    ("strided", {"stride": 2}, 2, 11),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_block_sparse_preset_matches_masked_mha(preset, kwargs, bs, length):
+    torch.manual_seed(0)
+    ours = fnn.BlockSparseSelfAttention(E, H, preset, block_size=bs, layout_kwargs=kwargs,
+                                        backend="torch")
+    layout = getattr(fastbert.sparsity, preset)(length, bs, **kwargs)
+    keep = reference.layout_to_mask(layout, bs, length, length)[0]  # [L, L], True = attend
+    theirs = _MaskedMHA(_mha_twin(ours), ~keep)
+    kpm = torch.zeros(N, length, dtype=torch.bool)
+    kpm[1, -3:] = True
+    x = torch.randn(N, length, E)
+    # every query sees its own block (all presets keep the diagonal), and key 0 is never padding
+    compare_modules(_SparseAsMHA(ours), theirs, [x], {"key_padding_mask": kpm},
+                    check_param_grads=False)
+    assert torch.equal(ours.layout_for(length, x.device), layout)
+    assert ours.layout_for(length, x.device) is ours.layout_for(length, x.device)  # cached
+
+
+class _SparseAsMHA(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, key_padding_mask=None):
+        return self.m(x, key_padding_mask=key_padding_mask)
+
+
+def test_block_sparse_layout_tensor_per_head_and_shorter_input():
+    torch.manual_seed(0)
+    nb, bs = 5, 4
+    layout = torch.rand(H, nb, nb) < 0.5
+    layout |= torch.eye(nb, dtype=torch.bool)  # every row sees something
+    ours = fnn.BlockSparseSelfAttention(E, H, layout, block_size=bs, backend="torch",
+                                        batch_first=False)
+    assert "layout" in ours.state_dict()
+    for length in (nb * bs, 13):  # full coverage, and a shorter input using the top-left corner
+        x = torch.randn(length, N, E)
+        out = ours(x)
+        lay = layout[:, :-(-length // bs), :-(-length // bs)]
+        q, k, v = F.linear(x.transpose(0, 1), ours.in_proj_weight, ours.in_proj_bias).view(
+            N, length, 3, H, E // H).unbind(2)
+        ref = reference.block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               lay, bs)
+        ref = ours.out_proj(ref.transpose(1, 2).reshape(N, length, E)).transpose(0, 1)
+        assert_close(out, ref.double(), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="too few"):
+        ours(torch.randn(nb * bs + 1, N, E))
+
+
+def test_block_sparse_bad_arguments():
+    with pytest.raises(ValueError, match="preset"):
+        fnn.BlockSparseSelfAttention(E, H, "diagonal")
+    with pytest.raises(ValueError, match="bool tensor"):
+        fnn.BlockSparseSelfAttention(E, H, torch.ones(3, 2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        fnn.BlockSparseSelfAttention(E, H, "sliding_window", layout_kwargs={"bogus": 1})
+    with pytest.raises(ValueError, match="divisible"):
+        fnn.BlockSparseSelfAttention(E, 3)
+
+
+def _linformer_explicit(m, x, kpm):
+    """Linformer written out with einsum from the paper's formulas (independent of fastbert)."""
+    n, length, _ = x.shape
+    h, d = m.num_heads, m.head_dim
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).view(n, length, 3, h, d)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [N, H, L, D]
+    if kpm is not None:
+        keep = (~kpm)[:, None, :, None].to(x.dtype)
+        k, v = k * keep, v * keep
+    e = m.proj_k[..., :length]
+    f = e if m.proj_v is None else m.proj_v[..., :length]
+    eq = "kl,nhld->nhkd" if e.dim() == 2 else "hkl,nhld->nhkd"
+    k2, v2 = torch.einsum(eq, e, k), torch.einsum(eq, f, v)
+    att = torch.softmax(q @ k2.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    out = (att @ v2).transpose(1, 2).reshape(n, length, h * d)
+    return m.out_proj(out)
+
+
+@pytest.mark.parametrize("share_heads", [True, False], ids=["shared-heads", "per-head"])
+@pytest.mark.parametrize("share_kv", [False, True], ids=["EF", "E=F"])
+def test_linformer_matches_explicit(share_heads, share_kv):
+    torch.manual_seed(0)
+    m = fnn.LinformerSelfAttention(E, H, max_seq_len=19, k=6, share_heads=share_heads,
+                                   share_kv=share_kv, backend="torch").double()
+    assert (m.proj_v is None) == share_kv
+    assert m.proj_k.shape == ((6, 19) if share_heads else (H, 6, 19))
+    for length in (19, 11):
+        x = torch.randn(N, length, E, dtype=torch.float64, requires_grad=True)
+        kpm = torch.zeros(N, length, dtype=torch.bool)
+        kpm[2, -4:] = True
+        out = m(x, key_padding_mask=kpm)
+        ref = _linformer_explicit(m, x, kpm)
+        assert (out - ref).abs().max() < 1e-10
+        g = torch.randn_like(out)
+        gx, gp = torch.autograd.grad(out, (x, m.proj_k), g)
+        rx, rp = torch.autograd.grad(ref, (x, m.proj_k), g)
+        assert (gx - rx).abs().max() < 1e-10 and (gp - rp).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.randn(N, 20, E, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend (under the interpreter without a GPU)
+# ----------------------------------------------------------------------------------------------
+def _triton_vs_reference(module_factory, theirs_factory, inputs, kwargs=None, pick=None):
+    """fastbert module with backend="triton" vs the torch twin in float64 (reference) and float32,
+    on DEVICE (the GPU when there is one, else the CPU under Triton's interpreter)."""
+    ours = module_factory()
+    theirs = theirs_factory(ours)
+    run_triton(lambda: compare_modules(ours, theirs, inputs, kwargs or {}, pick=pick, device=DEVICE))
+
+
+def test_triton_mha():
+    need_triton("scaled_dot_product_attention")
+    torch.manual_seed(0)
+    e, h = 32, 2  # head dim 16
+    theirs = nn.MultiheadAttention(e, h, batch_first=True)
+    x = torch.randn(2, 17, e)
+    kpm = torch.zeros(2, 17, dtype=torch.bool)
+    kpm[1, -5:] = True
+    _triton_vs_reference(lambda: _SelfAttn(fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs),
+                                                                           backend="triton")),
+                         lambda o: _SelfAttn(theirs), [x],
+                         {"key_padding_mask": kpm, "need_weights": False}, pick=lambda o: [o[0]])
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
+def test_triton_transformer_encoder_layer(norm_first):
+    need_triton("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
+    torch.manual_seed(0)
+    e, h = 32, 2
+    theirs = nn.TransformerEncoderLayer(e, h, dim_feedforward=48, dropout=0.0, activation="gelu",
+                                        batch_first=True, norm_first=norm_first)
+    x = torch.randn(2, 17, e)
+    kpm = torch.zeros(2, 17, dtype=torch.bool)
+    kpm[0, -4:] = True
+    _triton_vs_reference(
+        lambda: fnn.TransformerEncoderLayer.from_torch(copy.deepcopy(theirs), backend="triton"),
+        lambda o: theirs, [x], {"src_key_padding_mask": kpm})
+
+
+def test_triton_layer_norm_and_gelu():
+    need_triton("layer_norm", "gelu")
+    theirs = nn.LayerNorm(97)
+    _triton_vs_reference(lambda: fnn.LayerNorm.from_torch(copy.deepcopy(theirs), backend="triton"),
+                         lambda o: theirs, [torch.randn(3, 97)])
+    _triton_vs_reference(lambda: fnn.GELU("tanh", backend="triton"), lambda o: nn.GELU("tanh"),
+                         [torch.randn(5, 17)])
+
+
+def test_triton_block_sparse_attention():
+    need_triton("block_sparse_attention")
+    torch.manual_seed(0)
+    e, h, bs, length = 32, 2, 16, 40
+    ours = fnn.BlockSparseSelfAttention(e, h, "sliding_window", block_size=bs, backend="triton")
+    keep = reference.layout_to_mask(fastbert.sparsity.sliding_window(length, bs), bs, length, length)[0]
+    theirs = _MaskedMHA(_mha_twin(ours), ~keep)
+    x = torch.randn(2, length, e)
+    run_triton(lambda: compare_modules(_SparseAsMHA(ours), theirs.to(DEVICE), [x],
+                                       check_param_grads=False, device=DEVICE))
+
+
+def test_triton_linformer_attention():
+    need_triton("linformer_attention")
+    torch.manual_seed(0)
+    m = fnn.LinformerSelfAttention(32, 2, max_seq_len=24, k=16, backend="triton").to(DEVICE)
+    x = torch.randn(2, 24, 32, device=DEVICE)
+    kpm = torch.zeros(2, 24, dtype=torch.bool, device=DEVICE)
+    kpm[1, -6:] = True
+    out = run_triton(lambda: m(x, key_padding_mask=kpm))
+    ref = _linformer_explicit(copy.deepcopy(m).double(), x.double(), kpm)
+    low = _linformer_explicit(m, x, kpm)
+    assert_close(out, ref, low, name="linformer output")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+def test_compile_transformer_encoder_layer_fullgraph():
+    """One fastbert module under torch.compile(fullgraph=True): forward and backward match eager."""
+    torch.manual_seed(0)
+    layer = fnn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True,
+                                        activation="gelu", backend="torch")
+    x = torch.randn(N, L, E, requires_grad=True)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1, -2:] = True
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x, src_key_padding_mask=kpm)
+    ref = layer(x, src_key_padding_mask=kpm)
+    assert_close(out, ref.double(), atol=1e-5)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, layer.linear1.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, layer.linear1.weight), g)
+    assert_close(gx, rx.double(), atol=1e-5)
+    assert_close(gw, rw.double(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU, half precision (compiled kernels, default backend)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
+def test_cuda_transformer_encoder_layer_half(norm_first, dtype):
+    torch.manual_seed(0)
+    e, h = 256, 4  # head dim 64
+    theirs = nn.TransformerEncoderLayer(e, h, dim_feedforward=1024, dropout=0.0, activation="gelu",
+                                        batch_first=True, norm_first=norm_first)
+    ours = fnn.TransformerEncoderLayer.from_torch(copy.deepcopy(theirs))
+    x = torch.randn(4, 130, e)
+    kpm = torch.zeros(4, 130, dtype=torch.bool)
+    kpm[1, 97:] = True
+    kpm[3, 17:] = True
+    compare_modules(ours, theirs, [x], {"src_key_padding_mask": kpm}, dtype=dtype, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_mha_half_cross_attention():
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(128, 2, kdim=96, vdim=80, batch_first=True)
+    ours = fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs))
+    q, k, v = torch.randn(3, 97, 128), torch.randn(3, 130, 96), torch.randn(3, 130, 80)
+    kpm = torch.zeros(3, 130, dtype=torch.bool)
+    kpm[0, 100:] = True
+    compare_modules(ours, theirs, [q, k, v], {"key_padding_mask": kpm, "need_weights": False},
+                    dtype=torch.float16, device="cuda", pick=lambda o: [o[0]])

@@ -1,0 +1,240 @@
+"""fastbert.optimize / fastbert.restore on plain torch models (HuggingFace models: tests/test_hf.py).
+
+Checked: every supported module is swapped and reported, the very same Parameter objects stay in
+the model (``is``), state_dict keys do not change, outputs and gradients equal the original's (eval
+with padding; train with dropout 0), restore() brings back the original module objects, and what
+is left is reported with its reason.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastbert.nn as fnn
+from fastbert.optimize import Left, OptimizeReport, Swapped, optimize, restore
+from fastbert.testing import assert_close
+
+E, H, N, L = 16, 4, 3, 9
+
+# torch's own encoder (the reference) packs padded batches into its prototype nested tensors
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+
+
+class ToyModel(nn.Module):
+    """A small model with every torch module optimize() knows, plus a shared LayerNorm."""
+
+    def __init__(self, dropout=0.0, norm_first=False):
+        super().__init__()
+        self.embed = nn.Linear(5, E)
+        self.norm_in = nn.LayerNorm(E)
+        layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=dropout, batch_first=True,
+                                           activation="gelu", norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=not norm_first)
+        self.cross = nn.MultiheadAttention(E, H, dropout=dropout, kdim=7, vdim=7, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(E, E), nn.GELU(approximate="tanh"), self.norm_in)
+
+    def forward(self, x, memory, kpm):
+        h = self.norm_in(self.embed(x))
+        h = self.encoder(h, src_key_padding_mask=kpm)
+        c, _ = self.cross(h, memory, memory, need_weights=False)
+        return self.head(h + c)
+
+
+def _inputs():
+    x = torch.randn(N, L, 5)
+    memory = torch.randn(N, 4, 7)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1, 5:] = True
+    kpm[2, 2:] = True
+    return x, memory, kpm
+
+
+def _params(model):
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_optimize_swaps_keeps_parameters_and_matches(norm_first):
+    torch.manual_seed(0)
+    model = ToyModel(norm_first=norm_first)
+    reference = copy.deepcopy(model)
+    before = _params(model)
+    keys = list(model.state_dict())
+    originals = {name: mod for name, mod in model.named_modules()}
+
+    report = optimize(model, backend="torch")
+
+    assert isinstance(report, OptimizeReport) and report.backend == "torch"
+    swapped = {s.path: s for s in report.swapped}
+    assert set(swapped) == {"norm_in", "encoder.layers.0", "encoder.layers.1", "cross", "head.1",
+                            "head.2"} - {"head.2"}  # head.2 is norm_in again: swapped once (shared)
+    assert swapped["encoder.layers.0"] == Swapped("encoder.layers.0", "torch.nn.TransformerEncoderLayer",
+                                                  "fastbert.nn.TransformerEncoderLayer")
+    assert report.counts() == {"torch.nn.LayerNorm": 1, "torch.nn.TransformerEncoderLayer": 2,
+                               "torch.nn.MultiheadAttention": 1, "torch.nn.GELU": 1}
+    assert type(model.encoder.layers[0]) is fnn.TransformerEncoderLayer
+    assert type(model.encoder.layers[0].self_attn) is fnn.MultiheadAttention
+    assert type(model.cross) is fnn.MultiheadAttention and type(model.head[1]) is fnn.GELU
+    assert model.head[2] is model.norm_in and type(model.norm_in) is fnn.LayerNorm  # sharing kept
+    assert all(m.backend == "torch" for m in (model.cross, model.norm_in, model.head[1]))
+    # the very same Parameter objects, the same state_dict keys
+    after = _params(model)
+    assert list(after) == list(before)
+    assert all(after[k] is before[k] for k in before)
+    assert list(model.state_dict()) == keys
+    assert "encoder.layers.0" in str(report) and "fastbert.nn.MultiheadAttention" in str(report)
+
+    # eval with padding (torch's encoder runs its nested-tensor fast path on the reference)
+    ref64 = copy.deepcopy(reference).double()
+    x, memory, kpm = _inputs()
+    real = ~kpm
+    for m in (model, reference, ref64):
+        m.eval()
+    with torch.no_grad():
+        a, b = reference(x, memory, kpm), model(x, memory, kpm)
+        a64 = ref64(x.double(), memory.double(), kpm)
+    assert_close(b[real], a64[real], a[real], name="eval output")
+
+    # train mode, dropout 0: same outputs and gradients (the fp64 model is the reference)
+    for m in (model, reference, ref64):
+        m.train()
+    outs = [m(x.to(dt), memory.to(dt), kpm) for m, dt in
+            ((model, torch.float32), (reference, torch.float32), (ref64, torch.float64))]
+    assert_close(outs[0], outs[2], outs[1], name="train output")
+    g = torch.randn_like(outs[2])
+    for o in outs:
+        o.backward(g.to(o.dtype))
+    low_params, ref_params = _params(reference), _params(ref64)
+    for name, p in after.items():
+        assert_close(p.grad, ref_params[name].grad, low_params[name].grad, name=f"grad {name}")
+
+    # restore: the original module objects come back, still on the same parameters
+    assert restore(model) == 5
+    for name, mod in model.named_modules():
+        assert mod is originals[name], name
+    assert all(_params(model)[k] is before[k] for k in before)
+    assert model.encoder.use_nested_tensor is (not norm_first)
+    assert restore(model) == 0
+
+
+def test_optimizer_step_after_optimize_updates_the_model():
+    torch.manual_seed(0)
+    model = ToyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before optimize()
+    optimize(model)
+    x, memory, kpm = _inputs()
+    w = model.encoder.layers[0].linear1.weight.detach().clone()
+    model(x, memory, kpm).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(model.encoder.layers[0].linear1.weight, w)
+
+
+def test_transformer_encoder_nested_fast_path_is_turned_off():
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=True))
+    reference = copy.deepcopy(model).eval()
+    assert model[0].use_nested_tensor
+    optimize(model)
+    assert not model[0].use_nested_tensor
+    model.eval()
+    x = torch.randn(N, L, E)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[0, 3:] = True
+    with torch.no_grad():  # eval + no grad + padding: where torch would pack into nested tensors
+        a = reference[0](x, src_key_padding_mask=kpm)
+        b = model[0](x, src_key_padding_mask=kpm)
+    assert_close(b[~kpm], a[~kpm].double(), a[~kpm], atol=1e-5)
+    restore(model)
+    assert model[0].use_nested_tensor
+
+
+def test_optimize_twice_is_harmless():
+    model = ToyModel()
+    first = optimize(model)
+    second = optimize(model)
+    assert len(first.swapped) == 5 and second.swapped == [] and second.left == []
+    assert restore(model) == 5
+
+
+def test_subclasses_and_root_are_left_with_reasons():
+    class MyNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyNorm(E), nn.GELU())
+    report = optimize(model)
+    assert [s.path for s in report.swapped] == ["1"]
+    assert len(report.left) == 1 and isinstance(report.left[0], Left)
+    assert report.left[0].path == "0" and report.left[0].module.endswith("MyNorm")
+    assert "subclass of torch.nn.LayerNorm" in report.left[0].reason
+    assert isinstance(model[0], MyNorm) and type(model[0]) is MyNorm
+
+    bare = nn.LayerNorm(E)
+    report = optimize(bare)
+    assert report.swapped == [] and report.left[0].path == ""
+    assert "root module" in report.left[0].reason and type(bare) is nn.LayerNorm
+
+
+def test_optimize_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        optimize("not a model")
+    with pytest.raises(ValueError, match="backend"):
+        optimize(nn.Sequential(nn.LayerNorm(4)), backend="tpu")
+    with pytest.raises(TypeError, match="model"):
+        restore(3)
+
+
+def test_restore_keeps_replaced_parameter_objects():
+    """If something swaps a Parameter object on the fastbert module after optimize(), restore() hands
+    that object to the original module (it never resurrects a stale parameter)."""
+    model = nn.Sequential(nn.LayerNorm(E))
+    optimize(model)
+    new_weight = nn.Parameter(torch.randn(E))
+    model[0].weight = new_weight
+    restore(model)
+    assert type(model[0]) is nn.LayerNorm and model[0].weight is new_weight
+
+
+def test_deepcopy_and_state_dict_roundtrip_after_optimize():
+    torch.manual_seed(0)
+    model = ToyModel()
+    optimize(model)
+    clone = copy.deepcopy(model)
+    x, memory, kpm = _inputs()
+    model.eval()
+    clone.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, memory, kpm), clone(x, memory, kpm))
+    fresh = ToyModel()
+    fresh.load_state_dict(model.state_dict(), strict=True)  # a torch model loads it as is
+    fresh.eval()
+    with torch.no_grad():
+        a, b = fresh(x, memory, kpm), model(x, memory, kpm)
+    assert_close(b[~kpm], a[~kpm].double(), a[~kpm], atol=1e-5)
+    assert restore(clone) == 5
+
+
+def test_functional_relu_layer_and_unbatched():
+    """A relu layer (activation applied unfused) and an unbatched call through the swapped layer."""
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, activation=F.relu)
+    model = nn.Sequential(layer)
+    reference = copy.deepcopy(model)
+    optimize(model)
+    x = torch.randn(L, E)
+    assert_close(model(x), reference(x).double(), reference(x), atol=1e-5)
+
+
+def test_module_with_wrapped_forward_is_left():
+    """accelerate-style hooks replace ``module.forward`` on the instance: swapping would bypass them."""
+    norm = nn.LayerNorm(E)
+    original_forward = norm.forward
+    norm.forward = lambda x: original_forward(x) + 1.0
+    model = nn.Sequential(norm, nn.GELU())
+    report = optimize(model)
+    assert [s.path for s in report.swapped] == ["1"]
+    assert report.left[0].path == "0" and "forward is replaced" in report.left[0].reason
+    assert model[0] is norm
+    with pytest.raises(ValueError, match="forward is replaced"):
+        fnn.LayerNorm.from_torch(norm)
