@@ -208,9 +208,10 @@ def linformer_attention(
     cdt = _compute_dtype(query, compute_dtype)
     k, v = key.to(cdt), value.to(cdt)
     if key_padding_mask is not None:
-        keep = (~key_padding_mask.bool()).to(cdt)[:, None, :, None]  # [B, 1, Lk, 1]
-        k = k * keep
-        v = v * keep
+        # where(), not a product: padded positions contribute nothing, even when they hold NaN.
+        keep = (~key_padding_mask.bool())[:, None, :, None]  # [B, 1, Lk, 1]
+        k = torch.where(keep, k, torch.zeros((), dtype=cdt, device=k.device))
+        v = torch.where(keep, v, torch.zeros((), dtype=cdt, device=v.device))
     e, f = proj_k.to(cdt), proj_v.to(cdt)
     if e.dim() == 2:
         e = e.unsqueeze(0)

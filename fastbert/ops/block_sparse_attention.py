@@ -1,14 +1,16 @@
 """Block-sparse attention: public function, checks and dispatch (op ``"block_sparse_attention"``)."""
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .. import reference
 from .._validation import (check_attn_mask, check_dropout, check_int, check_same, check_scale,
                            check_tensor)
-from ..backends import register, select
+from ..backends import interpreter_enabled, register, select
 from .attention import _check_qkv
 
 __all__ = ["block_sparse_attention"]
@@ -47,6 +49,13 @@ def block_sparse_attention(
 
     Returns:
         (B, H, Lq, Dv). A query row that sees no key returns 0.
+
+    The Triton backend walks, for each query block, only its listed key blocks (work proportional
+    to the layout's density); it serves float16/bfloat16/float32, block sizes 16/32/64/128, head
+    dims that are multiples of 8 up to 256, any strides, bool or float masks (no gradient for the
+    mask) and dropout. The layout's preparation is cached per layout tensor
+    (:func:`fastbert.sparsity.prepare_layout`): keep the layout (e.g. as a module buffer) rather
+    than rebuilding it every call.
     """
     _check_qkv(query, key, value, 4, "(B, H, L, D)")
     if key.shape[:2] != query.shape[:2]:
@@ -71,3 +80,113 @@ def block_sparse_attention(
 def _block_sparse_torch(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
     return reference.block_sparse_attention(query, key, value, layout, block_size, attn_mask,
                                             dropout_p, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend: kernels/block_sparse_attention.py, registered as torch ops so that autograd and
+# torch.compile(fullgraph=True) see one opaque op per pass.
+# ----------------------------------------------------------------------------------------------
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_BLOCK_SIZES = (16, 32, 64, 128)  # = fastbert.kernels.block_sparse_attention.BLOCK_SIZES
+
+
+def _triton_reasons(*, query, key, value, layout, block_size, attn_mask, dropout_p, scale, **_):
+    reasons = []
+    if query.dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {query.dtype} is not supported by the Triton kernel "
+                       "(float16, bfloat16, float32)")
+    elif query.dtype == torch.bfloat16 and query.device.type == "cpu" and interpreter_enabled():
+        reasons.append("bfloat16 is refused under the Triton interpreter (TRITON_INTERPRET=1): its "
+                       "tl.dot gives wrong results for bfloat16; use a GPU or float16/float32")
+    if block_size not in _TRITON_BLOCK_SIZES:
+        reasons.append(f"block_size {block_size} is not supported by the Triton kernel "
+                       f"(one of {_TRITON_BLOCK_SIZES})")
+    for name, d in (("query/key", query.shape[-1]), ("value", value.shape[-1])):
+        if d < 8 or d > 256 or d % 8:
+            reasons.append(f"{name} head dim {d} is not supported by the Triton kernel "
+                           "(a multiple of 8, from 8 to 256)")
+    b, h = query.shape[:2]
+    if b * h > 65535:
+        reasons.append(f"batch * heads = {b * h} exceeds the Triton kernel's grid limit of 65535")
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad:
+        reasons.append("the Triton kernel computes no gradient for a float attn_mask that "
+                       "requires grad")
+    return reasons
+
+
+def _draw_dropout_seed() -> int:
+    """A Philox seed from torch's default CPU generator (so torch.manual_seed reproduces dropout)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+@torch.library.custom_op("fastbert::block_sparse_attention_fwd", mutates_args=())
+def _block_sparse_attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, layout: Tensor,
+                                   block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
+                                   scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (out (B, H, Lq, Dv), lse (B, H, Lq) float32 base 2, seed (1,) int64 on the CPU)."""
+    from .. import sparsity
+    from ..kernels import block_sparse_attention as kern
+
+    prep = sparsity.prepare_layout(layout)
+    seed = _draw_dropout_seed() if dropout_p > 0.0 else 0
+    out, lse = kern.block_sparse_attention_fwd(query, key, value, prep.q_count, prep.q_index,
+                                               block_size, attn_mask, dropout_p, scale, seed)
+    return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+@_block_sparse_attention_fwd_op.register_fake
+def _(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
+    b, h, lq, _ = query.shape
+    out = query.new_empty((b, h, lq, value.shape[-1]))
+    lse = query.new_empty((b, h, lq), dtype=torch.float32)
+    return out, lse, torch.empty((1,), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("fastbert::block_sparse_attention_bwd", mutates_args=())
+def _block_sparse_attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                                   out: Tensor, lse: Tensor, seed: Tensor, layout: Tensor,
+                                   block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
+                                   scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv)."""
+    from .. import sparsity
+    from ..kernels import block_sparse_attention as kern
+
+    prep = sparsity.prepare_layout(layout)
+    return kern.block_sparse_attention_bwd(grad_out, query, key, value, out, lse, prep.q_count,
+                                           prep.q_index, prep.k_count, prep.k_index, block_size,
+                                           attn_mask, dropout_p, scale, int(seed[0]))
+
+
+@_block_sparse_attention_bwd_op.register_fake
+def _(grad_out, query, key, value, out, lse, seed, layout, block_size, attn_mask, dropout_p,
+      scale):
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape))
+
+
+def _block_sparse_attention_setup_context(ctx, inputs, output):
+    query, key, value, layout, block_size, attn_mask, dropout_p, scale = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(query, key, value, out, lse, seed, layout, attn_mask)
+    ctx.block_size, ctx.dropout_p, ctx.scale = block_size, dropout_p, scale
+
+
+def _block_sparse_attention_backward(ctx, grad_out, grad_lse, grad_seed):
+    query, key, value, out, lse, seed, layout, attn_mask = ctx.saved_tensors
+    dq, dk, dv = _block_sparse_attention_bwd_op(grad_out.to(out.dtype), query, key, value, out,
+                                                lse, seed, layout, ctx.block_size, attn_mask,
+                                                ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("fastbert::block_sparse_attention_fwd",
+                                _block_sparse_attention_backward,
+                                setup_context=_block_sparse_attention_setup_context)
+
+
+@register("block_sparse_attention", "triton", reasons=_triton_reasons)
+def _block_sparse_triton(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    out, _, _ = _block_sparse_attention_fwd_op(query, key, value, layout.bool(), block_size,
+                                               attn_mask, dropout_p, scale)
+    return out

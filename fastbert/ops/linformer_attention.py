@@ -81,3 +81,55 @@ def linformer_attention(
 def _linformer_torch(query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
     return reference.linformer_attention(query, key, value, proj_k, proj_v, key_padding_mask,
                                          dropout_p, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend: the masked projections are batched GEMMs that torch hands to cuBLAS; a fused
+# Triton projection would mainly save the one elementwise pass that zeroes padded rows, so none is
+# written (not measured yet: no GPU in the session that wrote this). The dense Triton attention
+# kernel then runs over the k projected keys. Autograd flows through both, so proj_k and proj_v
+# get their gradients.
+# ----------------------------------------------------------------------------------------------
+def _dense_triton():
+    from ..backends import implementations
+
+    return implementations("scaled_dot_product_attention").get("triton")
+
+
+def _triton_reasons(*, query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale, **_):
+    dense = _dense_triton()
+    if dense is None:
+        return ["the Triton Linformer runs on the dense Triton attention kernel "
+                "(scaled_dot_product_attention, backend 'triton'), which is not registered"]
+    # Ask the dense kernel about the call it will get: keys/values of k rows (stand-ins that
+    # share dtype, device and last-dim stride with the real projections, without allocating).
+    b, h, _, d = query.shape
+    kp = proj_k.shape[-2]
+
+    def stand_in(x):
+        base = x[:, :, :1] if x.shape[2] > 0 else x.new_zeros((b, h, 1, x.shape[-1]))
+        return base.expand(b, h, kp, x.shape[-1])
+
+    reasons = dense.reasons(query=query, key=stand_in(key), value=stand_in(value), attn_mask=None,
+                            dropout_p=dropout_p, is_causal=False, scale=scale)
+    return [f"dense Triton attention over the {kp} projected keys: {r}" for r in reasons]
+
+
+def _project(x: Tensor, proj: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """proj @ x along the sequence axis, padded rows excluded: x (B, H, Lk, D), proj (k, Lk) or
+    (H, k, Lk), keep (B, 1, Lk, 1) bool or None -> (B, H, k, D) in x's dtype."""
+    if keep is not None:
+        x = torch.where(keep, x, x.new_zeros(()))  # where, not multiply: NaN padding stays out
+    e = proj if proj.dim() == 3 else proj.unsqueeze(0)
+    return torch.matmul(e.to(x.dtype).unsqueeze(0), x)  # [1, H|1, k, Lk] @ [B, H, Lk, D] -> [B, H, k, D]
+
+
+@register("linformer_attention", "triton", reasons=_triton_reasons)
+def _linformer_triton(query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
+    from .attention import scaled_dot_product_attention
+
+    keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
+    k_proj = _project(key, proj_k, keep)
+    v_proj = _project(value, proj_v, keep)
+    return scaled_dot_product_attention(query, k_proj, v_proj, dropout_p=dropout_p, scale=scale,
+                                        backend="triton")

@@ -1,0 +1,514 @@
+"""Block-sparse attention in Triton: forward, backward (dq; dk and dv) and the dropout-mask launcher.
+
+The layout (see :mod:`fastbert.sparsity`) arrives prepared as lists: for every (layout head,
+query block) the key blocks it sees (``q_count``, ``q_index``), and for every (layout head, key
+block) the query blocks that see it (``k_count``, ``k_index``). Each program of the forward and
+dq kernels owns one query tile and walks its query block's key-block list; each program of the
+dk/dv kernel owns one key tile and walks the transposed list. Empty blocks are never visited, every
+output element is written by exactly one program, and no atomics are used.
+
+Tiles (``BLOCK_M`` query rows x ``BLOCK_N`` key columns) equal the layout block size or divide it,
+so a program walks ``BLOCK // BLOCK_N`` key tiles per listed key block (``BLOCK // BLOCK_M`` query
+tiles per listed query block in dk/dv). Rows or columns past Lq / Lk, and head-dim lanes past D,
+are masked, so L need not be a multiple of the block size and D is padded to a power of two.
+
+Scores are kept in base 2: ``s2 = (q . k * scale + bias) * log2(e)`` and the saved logsumexp
+``lse2`` is base 2 too; ``p = exp2(s2 - lse2)``. A query row that sees no key (no block, or every
+key masked) stores 0 and ``lse2 = +inf``, so its backward probabilities are exactly 0.
+
+Dropout uses Philox (``tl.philox``) keyed by the seed with the counters (key column, query row,
+batch * H + head): the backward pass and :func:`block_sparse_attention_dropout_mask` regenerate
+exactly the forward's keep mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "block_sparse_attention_fwd",
+    "block_sparse_attention_bwd",
+    "block_sparse_attention_dropout_mask",
+    "BLOCK_SIZES",
+]
+
+BLOCK_SIZES = (16, 32, 64, 128)  # layout block sizes the kernels accept
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, dropout_p):
+    """[BM, BN] bool: True where dropout keeps p[row, col] of (batch * H + head) ``bh``."""
+    c0 = offs_n[None, :] + offs_m[:, None] * 0  # key column   [BM, BN]
+    c1 = offs_m[:, None] + offs_n[None, :] * 0  # query row    [BM, BN]
+    zero = c0 * 0
+    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero + bh, zero)
+    return tl.uint_to_uniform_float(r0) >= dropout_p
+
+
+@triton.jit
+def _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
+                   HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """Base-2 scores [BM, BN] with the attn_mask applied and out-of-range keys set to -inf."""
+    if HAS_MASK:
+        m_ptrs = m_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+        in_range = mask_m[:, None] & mask_n[None, :]
+        if MASK_IS_BOOL:
+            allowed = tl.load(m_ptrs, mask=in_range, other=0)
+            s = tl.where(allowed != 0, s, float("-inf"))
+        else:
+            bias = tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32)
+            s = s + bias * 1.4426950408889634  # bias in base 2, like the scores
+    return tl.where(mask_n[None, :], s, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed"])
+def _block_sparse_attention_fwd_kernel(
+    Q, K, V, Out,            # q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, DV], out [B, H, Lq, DV]
+    Lse,                     # [B, H, Lq] float32 contiguous: base-2 logsumexp of each query row
+    Mask,                    # attn_mask expanded to [B, H, Lq, Lk] (uint8 view of bool, or float)
+    QCount, QIndex,          # [HL, NBQ] int32 key blocks per query block; [HL, NBQ, NBK] their ids
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, HL, NBQ, NBK,         # heads, layout heads (1 = shared, or H), query blocks, key blocks
+    Lq, Lk, D, DV,           # sequence lengths and true head dims
+    qk_scale,                # softmax scale * log2(e)
+    dropout_p, dropout_scale, seed,  # drop probability, 1 / (1 - p), Philox seed
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,     # layout block size
+    BLOCK_M: tl.constexpr,   # query rows per program (divides BLOCK)
+    BLOCK_N: tl.constexpr,   # key columns per inner step (divides BLOCK)
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # D, DV padded to powers of two (>= 16)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (ignored for 16-bit)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    lay_row = ((pid_bh % H) % HL).to(tl.int64) * NBQ + (pid_m * BLOCK_M) // BLOCK
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    mask_dv = offs_dv < DV
+
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    m_base = Mask + off_b * stride_mb + off_h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # running softmax denominator
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # running (dropped) P @ V
+
+    n_blocks = tl.load(QCount + lay_row)
+    idx_ptr = QIndex + lay_row * NBK
+    for t in range(0, n_blocks):
+        blk_k = tl.load(idx_ptr + t)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            offs_n = blk_k * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < Lk
+            kt_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+            kt = tl.load(kt_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BD, BN]
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
+            s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
+                               HAS_MASK, MASK_IS_BOOL)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            alpha = tl.exp2(m_i - m_safe)                           # rescales the old sums
+            p = tl.exp2(s - m_safe[:, None])                        # [BM, BN], 0 where masked
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
+                p = tl.where(keep, p, 0.0)
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)  # [BN, BDV]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            # [BM, BN] @ [BN, BDV] -> [BM, BDV]
+            m_i = m_new
+
+    alive = l_i > 0.0
+    l_safe = tl.where(alive, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+    lse = tl.where(alive, m_i + tl.log2(l_safe), float("inf"))
+    tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _block_sparse_attention_bwd_preprocess_kernel(
+    Out, DO,                 # out, grad_out [B, H, Lq, DV]
+    Delta,                   # [B, H, Lq] float32: rowsum(out * grad_out)
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Lq, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m < Lq)[:, None] & (offs_dv < DV)[None, :]
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
+                + offs_dv[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)  # [BM, BDV]
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)  # [BM, BDV]
+    tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _block_sparse_attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ,         # q, dq [B, H, Lq, D]; k [B, H, Lk, D]; v [B, H, Lk, DV]; do [B, H, Lq, DV]
+    Lse, Delta,              # [B, H, Lq] float32: base-2 logsumexp, rowsum(out * do)
+    Mask,                    # attn_mask expanded to [B, H, Lq, Lk]
+    QCount, QIndex,          # key-block lists of the query blocks (as in the forward)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, HL, NBQ, NBK, Lq, Lk, D, DV,
+    qk_scale, sm_scale,      # scale * log2(e), scale
+    dropout_p, dropout_scale, seed,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    lay_row = ((pid_bh % H) % HL).to(tl.int64) * NBQ + (pid_m * BLOCK_M) // BLOCK
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    mask_dv = offs_dv < DV
+    rows = offs_m[:, None].to(tl.int64)
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=mask_m[:, None] & mask_dv[None, :], other=0.0)  # [BM, BDV]
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=float("inf"))  # [BM]
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)       # [BM]
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    m_base = Mask + off_b * stride_mb + off_h * stride_mh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_blocks = tl.load(QCount + lay_row)
+    idx_ptr = QIndex + lay_row * NBK
+    for t in range(0, n_blocks):
+        blk_k = tl.load(idx_ptr + t)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            offs_n = blk_k * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < Lk
+            cols = offs_n[:, None].to(tl.int64)
+            k = tl.load(k_base + cols * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BN, BD]
+            v = tl.load(v_base + cols * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=mask_n[:, None] & mask_dv[None, :], other=0.0)  # [BN, BDV]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
+            s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
+                               HAS_MASK, MASK_IS_BOOL)
+            p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            ds = p * (dp - delta[:, None])                                           # [BM, BN]
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _block_sparse_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV_,    # dk [B, H, Lk, D], dv [B, H, Lk, DV] (others as in the dq kernel)
+    Lse, Delta, Mask,
+    KCount, KIndex,          # [HL, NBK] int32 query blocks per key block; [HL, NBK, NBQ] their ids
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, HL, NBQ, NBK, Lq, Lk, D, DV,
+    qk_scale, sm_scale,
+    dropout_p, dropout_scale, seed,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,   # query rows per inner step (divides BLOCK)
+    BLOCK_N: tl.constexpr,   # key rows per program (divides BLOCK)
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    lay_row = ((pid_bh % H) % HL).to(tl.int64) * NBK + (pid_n * BLOCK_N) // BLOCK
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < Lk
+    mask_d = offs_d < D
+    mask_dv = offs_dv < DV
+    cols = offs_n[:, None].to(tl.int64)
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + cols * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BN, BD]
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + cols * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=mask_n[:, None] & mask_dv[None, :], other=0.0)  # [BN, BDV]
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    m_base = Mask + off_b * stride_mb + off_h * stride_mh
+    lse_base = Lse + pid_bh.to(tl.int64) * Lq
+    delta_base = Delta + pid_bh.to(tl.int64) * Lq
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    n_blocks = tl.load(KCount + lay_row)
+    idx_ptr = KIndex + lay_row * NBQ
+    for t in range(0, n_blocks):
+        blk_q = tl.load(idx_ptr + t)
+        for sub in tl.static_range(BLOCK // BLOCK_M):
+            offs_m = blk_q * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Lq
+            rows = offs_m[:, None].to(tl.int64)
+            q = tl.load(q_base + rows * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
+            do = tl.load(do_base + rows * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=mask_m[:, None] & mask_dv[None, :], other=0.0)  # [BM, BDV]
+            lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))  # [BM]
+            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)      # [BM]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
+            s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
+                               HAS_MASK, MASK_IS_BOOL)
+            p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
+                p_drop = tl.where(keep, p * dropout_scale, 0.0)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            else:
+                p_drop = p
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            # [BN, BM] @ [BM, BDV] -> [BN, BDV]
+            ds = p * (dp - delta[:, None])                                           # [BM, BN]
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            # [BN, BM] @ [BM, BD] -> [BN, BD]
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(DV_ + off_b * stride_dvb + off_h * stride_dvh + cols * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV_.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _block_sparse_attention_dropout_mask_kernel(
+    Keep,                    # [B * H, Lq, Lk] uint8 output, 1 = kept
+    Lq, Lk, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
+    ptrs = (Keep + pid_bh.to(tl.int64) * Lq * Lk + offs_m[:, None].to(tl.int64) * Lk
+            + offs_n[None, :])
+    tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _check_block_size(block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _tiles(block_size: int, d: int, dv: int, dtype: torch.dtype, device: torch.device,
+           backward: bool, block_m: Optional[int], block_n: Optional[int]) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tiles divide the layout block. Under the
+    interpreter (CPU): one tile per block, i.e. fewer, larger numpy steps. On a GPU the defaults
+    follow the usual FlashAttention-2 Triton shapes and are not tuned yet (no GPU measurement behind
+    them); they were checked to compile for sm_90 and sm_80 within the shared memory of an A100
+    (ahead-of-time compilation: e.g. fp16 D=128 backward 75 KB; fp32 D=256 forward 168 KB with two
+    stages, too much for an A100, hence one stage there)."""
+    dmax = max(d, dv)
+    wide = dtype == torch.float32
+    if device.type == "cpu":
+        bm = bn = block_size
+    elif backward:
+        bm = bn = min(block_size, 64 if dmax <= (64 if wide else 128) else 32)
+    else:
+        bm = min(block_size, 128 if dmax <= 64 and not wide else 64 if dmax <= 128 else 32)
+        bn = min(block_size, 64 if dmax <= 128 else 32)
+    bm = block_m or bm
+    bn = block_n or bn
+    for name, t in (("block_m", bm), ("block_n", bn)):
+        if t < 16 or block_size % t or t & (t - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 dividing block_size = "
+                             f"{block_size}, got {t}")
+    warps = 8 if (bm * bn >= 128 * 64 or (backward and dmax > 64 and bm * bn >= 64 * 64)) else 4
+    stages = 1 if wide and dmax > 128 else 2
+    return bm, bn, warps, stages
+
+
+def _mask_args(attn_mask: Optional[torch.Tensor], shape, dummy: torch.Tensor):
+    """(tensor, strides, HAS_MASK, MASK_IS_BOOL) for an SDPA-style mask broadcast to [B, H, Lq, Lk]
+    by strides (nothing is materialised)."""
+    if attn_mask is None:
+        return dummy, (0, 0, 0, 0), False, False
+    m = attn_mask.detach().expand(*shape)
+    is_bool = m.dtype == torch.bool
+    if is_bool:
+        m = m.view(torch.uint8)
+    return m, m.stride(), True, is_bool
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_sparse_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_count: torch.Tensor, q_index: torch.Tensor, block_size: int,
+    attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+    scale: Optional[float] = None, seed: int = 0, *,
+    block_m: Optional[int] = None, block_n: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass.
+
+    Args:
+        q: (B, H, Lq, D); k: (B, H, Lk, D); v: (B, H, Lk, DV); any strides; fp16/bf16/fp32.
+        q_count, q_index: (HL, NBQ), (HL, NBQ, NBK) int32 from ``fastbert.sparsity.prepare_layout``.
+        block_size: layout block size (16, 32, 64 or 128).
+        attn_mask: optional bool (True = attend) or float (added) mask broadcastable to (B, H, Lq, Lk).
+        dropout_p, seed: dropout on the attention probabilities, Philox seed.
+        scale: softmax scale, default 1/sqrt(D). block_m, block_n: tile overrides (tests).
+
+    Returns:
+        out (B, H, Lq, DV) in q's dtype and lse (B, H, Lq) float32, base-2 logsumexp (+inf for rows
+        that see no key).
+    """
+    _check_block_size(block_size)
+    b, h, lq, d = q.shape
+    lk, dv = k.shape[2], v.shape[-1]
+    hl, nbq, nbk = q_index.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty((b, h, lq, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("inf"))
+        return out, lse
+    bm, bn, warps, stages = _tiles(block_size, d, dv, q.dtype, q.device, False, block_m, block_n)
+    mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
+    grid = (triton.cdiv(lq, bm), b * h)
+    _block_sparse_attention_fwd_kernel[grid](
+        q, k, v, out, lse, mask, q_count, q_index,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
+        h, hl, nbq, nbk, lq, lk, d, dv,
+        scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv),
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def block_sparse_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
+    block_size: int, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+    scale: Optional[float] = None, seed: int = 0, *,
+    block_m: Optional[int] = None, block_n: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass: (dq, dk, dv) for upstream ``do`` (B, H, Lq, DV), given the forward's ``out``
+    and ``lse`` and the same layout lists, mask, dropout and seed. dq walks each query block's
+    key-block list; dk/dv walk each key block's query-block list (``k_count``, ``k_index``)."""
+    _check_block_size(block_size)
+    b, h, lq, d = q.shape
+    lk, dv_dim = k.shape[2], v.shape[-1]
+    hl, nbq, nbk = q_index.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    dq = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, h, lk, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, h, lk, dv_dim), dtype=v.dtype, device=v.device)
+    if b * h == 0:
+        return dq, dk, dv
+    bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, True, block_m, block_n)
+    mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
+    flags = dict(HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, HAS_DROPOUT=dropout_p > 0.0,
+                 BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d),
+                 BLOCK_DV=_pad_dim(dv_dim), DOT_PRECISION=_dot_precision(q.dtype),
+                 num_warps=warps, num_stages=stages)
+    drop = (dropout_p, 1.0 / (1.0 - dropout_p), seed)
+    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    if lq > 0:
+        _block_sparse_attention_bwd_preprocess_kernel[(triton.cdiv(lq, bm), b * h)](
+            out, do, delta, *out.stride(), *do.stride(), h, lq, dv_dim,
+            BLOCK_M=bm, BLOCK_DV=_pad_dim(dv_dim))
+        _block_sparse_attention_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
+            q, k, v, do, dq, lse, delta, mask, q_count, q_index,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstr,
+            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, **flags)
+    if lk > 0:
+        _block_sparse_attention_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
+            q, k, v, do, dk, dv, lse, delta, mask, k_count, k_index,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstr,
+            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, **flags)
+    return dq, dk, dv
+
+
+def block_sparse_attention_dropout_mask(seed: int, shape, dropout_p: float,
+                                        device) -> torch.Tensor:
+    """The exact keep-mask (bool (B, H, Lq, Lk), True = kept) that the kernels use for ``seed``;
+    for tests: pass it to ``fastbert.reference.block_sparse_attention(..., dropout_mask=...)``."""
+    b, h, lq, lk = shape
+    keep = torch.empty((b * h, lq, lk), dtype=torch.uint8, device=device)
+    if keep.numel():
+        grid = (b * h, triton.cdiv(lq, 32), triton.cdiv(lk, 32))
+        _block_sparse_attention_dropout_mask_kernel[grid](keep, lq, lk, dropout_p, seed,
+                                                          BLOCK_M=32, BLOCK_N=32)
+    return keep.view(b, h, lq, lk).bool()

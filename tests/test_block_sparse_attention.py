@@ -1,0 +1,446 @@
+"""fastbert.block_sparse_attention: the reference against an explicit per-row loop, and the Triton
+kernel against the reference in float64 (values and dq/dk/dv with the same upstream gradient) for
+every preset, several block sizes, awkward lengths, per-head layouts, masks, dropout and strides.
+
+On CPU the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, set by conftest)."""
+import math
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import reference
+from fastbert import sparsity as S
+from fastbert.backends import BackendError
+from fastbert.testing import DEVICE, assert_close, rand
+
+TRITON = dict(backend="triton")
+
+
+def nb(n, bs):
+    return -(-n // bs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference, checked independently
+# ----------------------------------------------------------------------------------------------
+def loop_block_sparse(q, k, v, layout, bs, attn_mask=None, scale=None, dropout_p=0.0,
+                      dropout_mask=None):
+    """Row by row in float64: query i of head h sees key j iff layout[h or 0, i // bs, j // bs]
+    and the mask lets it; softmax over those keys only; no key -> 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    mask = None if attn_mask is None else attn_mask.expand(b, h, lq, lk)
+    out = torch.zeros(b, h, lq, v.shape[-1], dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            lay = layout[hi if layout.shape[0] > 1 else 0]
+            for i in range(lq):
+                cols = [j for j in range(lk) if lay[i // bs, j // bs]]
+                if mask is not None and mask.dtype == torch.bool:
+                    cols = [j for j in cols if mask[bi, hi, i, j]]
+                if not cols:
+                    continue
+                idx = torch.tensor(cols)
+                s = (k[bi, hi, idx] @ q[bi, hi, i]) * scale
+                if mask is not None and mask.dtype != torch.bool:
+                    s = s + mask[bi, hi, i, idx].double()
+                if not torch.isfinite(s).any():
+                    continue
+                p = torch.exp(s - s.max())
+                p = p / p.sum()
+                if dropout_mask is not None:
+                    p = p * dropout_mask[bi, hi, i, idx].double() / (1.0 - dropout_p)
+                out[bi, hi, i] = p @ v[bi, hi, idx]
+    return out
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "float_bias", "dropout"])
+def test_reference_matches_loop(mask_kind):
+    b, h, lq, lk, d, bs = 2, 2, 37, 29, 8, 8
+    q, k, v = (rand((b, h, n, d), torch.float64, "cpu") for n in (lq, lk, lk))
+    layout = S.bigbird(lq, bs, key_len=lk, random_blocks=1, num_heads=h, seed=2)
+    layout[0, 1, :] = False  # a query block with no key block
+    mask, p, keep = None, 0.0, None
+    if mask_kind == "key_padding":
+        mask = torch.rand(b, 1, 1, lk) > 0.3
+        mask[1] = False  # batch 1 sees no key at all
+    elif mask_kind == "float_bias":
+        mask = torch.randn(b, h, lq, lk, dtype=torch.float64)
+        mask[0, 0, 5, :] = float("-inf")  # a row removed by -inf
+    elif mask_kind == "dropout":
+        p = 0.3
+        keep = torch.rand(b, h, lq, lk) >= p
+    want = loop_block_sparse(q, k, v, layout, bs, mask, 0.3, p, keep)
+    got = reference.block_sparse_attention(q, k, v, layout, bs, mask, p, 0.3, dropout_mask=keep)
+    assert_close(got, want, atol=1e-12)
+    # and the row-level claim directly: block 1 of head 0 returns 0
+    assert torch.equal(got[:, 0, bs:2 * bs], torch.zeros_like(got[:, 0, bs:2 * bs]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton vs reference
+# ----------------------------------------------------------------------------------------------
+def make_layout(preset, lq, lk, bs, h):
+    kw = dict(key_len=lk)
+    if preset == "dense":
+        return S.dense(lq, bs, **kw)
+    if preset == "sliding":
+        return S.sliding_window(lq, bs, window=1, **kw)
+    if preset == "longformer":
+        return S.global_tokens(lq, bs, window=1, global_blocks=1, **kw)
+    if preset == "bigbird":  # per-head random blocks
+        return S.bigbird(lq, bs, window=1, global_blocks=1, random_blocks=1, num_heads=h,
+                         seed=int(torch.randint(0, 1000, ())), **kw)
+    if preset == "fixed":
+        return S.fixed(lq, bs, stride=2, summary=1, **kw)
+    if preset == "strided":
+        return S.strided(lq, bs, stride=2, causal=True, **kw)
+    if preset == "perhead":  # a different preset per head
+        lays = [S.sliding_window(lq, bs, window=0, **kw), S.strided(lq, bs, stride=3, **kw),
+                S.fixed(lq, bs, stride=2, summary=1, causal=True, **kw)]
+        return torch.cat([lays[i % 3] for i in range(h)])
+    raise ValueError(preset)
+
+
+def run_case(q, k, v, layout, bs, attn_mask=None, scale=None, check_grads=True):
+    """Triton vs the float64 reference, with a PyTorch low-precision computation as the yardstick
+    (fastbert.testing rule); outputs and dq/dk/dv with the same upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fastbert.block_sparse_attention(*leaves, layout, bs, attn_mask, 0.0, scale, **TRITON)
+    ref64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = reference.block_sparse_attention(*ref64, layout, bs, attn_mask, 0.0, scale)
+    lowp = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    low = reference.block_sparse_attention(*lowp, layout, bs, attn_mask, 0.0, scale,
+                                           compute_dtype=q.dtype)
+    assert out.dtype == q.dtype and out.shape == ref.shape
+    assert_close(out, ref, low, name="out")
+    if not check_grads:
+        return out
+    g = torch.randn(out.shape, dtype=torch.float64, device=q.device)
+    grads = torch.autograd.grad(out, leaves, g.to(q.dtype))
+    grads_ref = torch.autograd.grad(ref, ref64, g)
+    grads_low = torch.autograd.grad(low, lowp, g.to(q.dtype))
+    for name, a, r, lo in zip(("dq", "dk", "dv"), grads, grads_ref, grads_low):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, r, lo, name=name)
+    return out
+
+
+DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (preset, B, H, Lq, Lk, D, block_size, dtype)
+CASES = [
+    ("dense", 1, 2, 97, 97, 40, 16, "fp32"),
+    ("sliding", 2, 2, 130, 130, 80, 32, "fp16"),
+    ("longformer", 1, 3, 130, 97, 40, 64, "fp32"),
+    ("bigbird", 2, 3, 97, 97, 96, 32, "fp16"),
+    ("fixed", 1, 2, 97, 130, 64, 16, "fp32"),
+    ("strided", 1, 2, 130, 130, 40, 32, "fp16"),
+    ("perhead", 1, 3, 130, 130, 80, 64, "fp32"),
+    ("bigbird", 1, 2, 130, 17, 48, 16, "fp32"),
+    ("dense", 2, 1, 1, 17, 8, 64, "fp16"),
+    ("sliding", 1, 1, 33, 33, 256, 16, "fp32"),
+]
+
+
+def case_id(c):
+    preset, b, h, lq, lk, d, bs, dt = c
+    return f"B{b}-H{h}-Lq{lq}-Lk{lk}-D{d}-bs{bs}-{dt}-{preset}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_triton_presets(case):
+    preset, b, h, lq, lk, d, bs, dt = case
+    dtype = DT[dt]
+    q, k, v = (rand((b, h, n, d), dtype) for n in (lq, lk, lk))
+    run_case(q, k, v, make_layout(preset, lq, lk, bs, h).to(DEVICE), bs)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp16"])
+def test_triton_from_token_mask_exact(dt):
+    """A token-level pattern: its covering layout plus the token mask itself as attn_mask."""
+    b, h, lq, lk, d, bs = 1, 2, 97, 130, 40, 16
+    tok = torch.rand(h, lq, lk) < 0.05
+    tok |= torch.eye(lq, lk, dtype=torch.bool)
+    layout = S.from_token_mask(tok, bs).to(DEVICE)
+    q, k, v = (rand((b, h, n, d), DT[dt]) for n in (lq, lk, lk))
+    run_case(q, k, v, layout, bs, attn_mask=tok.unsqueeze(0).to(DEVICE))
+
+
+MASKS = ["key_padding", "float_bias", "bool_2d"]
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_triton_attn_mask(kind):
+    b, h, lq, lk, d, bs = 2, 2, 97, 130, 40, 32
+    dtype = torch.float16 if kind == "key_padding" else torch.float32
+    q, k, v = (rand((b, h, n, d), dtype) for n in (lq, lk, lk))
+    layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
+    if kind == "key_padding":  # (B, 1, 1, Lk), True = real token
+        lengths = torch.tensor([lk, 71])
+        mask = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
+    elif kind == "float_bias":  # (B, H, Lq, Lk) additive, with -inf entries
+        mask = torch.randn(b, h, lq, lk)
+        mask[torch.rand(b, h, lq, lk) < 0.2] = float("-inf")
+    else:  # (Lq, Lk) bool, broadcast over batch and heads
+        mask = torch.rand(lq, lk) > 0.5
+    run_case(q, k, v, layout, bs, attn_mask=mask.to(DEVICE), scale=0.17)
+
+
+def test_triton_rows_without_keys():
+    """Query blocks with no key block, a batch whose keys are all padding, and a row removed by
+    -inf: output exactly 0, gradients finite, dq of those rows exactly 0."""
+    b, h, lq, lk, d, bs = 2, 2, 70, 50, 40, 16
+    q, k, v = (rand((b, h, n, d), torch.float32) for n in (lq, lk, lk))
+    layout = make_layout("sliding", lq, lk, bs, h).to(DEVICE)
+    layout[0, 2, :] = False  # rows 32..47 see no block
+    mask = torch.zeros(b, 1, lq, lk)
+    mask[1] = float("-inf")  # batch 1: every key removed
+    mask[0, 0, 5, :] = float("-inf")  # one row of batch 0
+    out = run_case(q, k, v, layout, bs, attn_mask=mask.to(DEVICE))
+    assert (out[0, :, 32:48] == 0).all() and (out[1] == 0).all() and (out[0, :, 5] == 0).all()
+    qq = q.detach().clone().requires_grad_(True)
+    o = fastbert.block_sparse_attention(qq, k, v, layout, bs, mask.to(DEVICE), **TRITON)
+    (dq,) = torch.autograd.grad(o, qq, torch.randn_like(o))
+    assert (dq[0, :, 32:48] == 0).all() and (dq[1] == 0).all() and (dq[0, :, 5] == 0).all()
+
+
+def test_triton_unvisited_blocks_never_read():
+    """Key blocks that no query block sees are filled with NaN: the kernel must never load them
+    (output finite and equal to the reference on zeros), and their dk/dv are exactly 0."""
+    b, h, lq, lk, d, bs = 1, 2, 97, 97, 40, 16
+    layout = make_layout("sliding", lq, lk, bs, 1).to(DEVICE)
+    layout[:, :, 2] = False  # key block 2 (tokens 32..47)
+    k, v = rand((b, h, lk, d)), rand((b, h, lk, d))
+    q = rand((b, h, lq, d))
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, 32:48] = float("nan")
+    v_nan[:, :, 32:48] = float("nan")
+    leaves = [t.requires_grad_(True) for t in (q.clone(), k_nan, v_nan)]
+    out = fastbert.block_sparse_attention(*leaves, layout, bs, **TRITON)
+    ref = reference.block_sparse_attention(q.double(), k.double(), v.double(), layout, bs)
+    assert_close(out, ref)
+    _, dk, dv = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert (dk[:, :, 32:48] == 0).all() and (dv[:, :, 32:48] == 0).all()
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+def test_triton_noncontiguous_and_int_layout():
+    b, h, lq, lk, d, bs = 2, 2, 97, 130, 40, 32
+    # (B, L, H, D) memory seen as (B, H, L, D), a strided last dim, and a sliced value
+    q = rand((b, lq, h, d)).transpose(1, 2)
+    k = rand((b, h, lk, d), noncontiguous=True)
+    v = rand((b, h, lk, 2 * d))[..., d:]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    layout = make_layout("longformer", lq, lk, bs, h).to(DEVICE)
+    run_case(q, k, v, layout.to(torch.int8), bs)
+
+
+def test_triton_value_head_dim_differs():
+    b, h, lq, lk, d, dv, bs = 1, 2, 40, 33, 24, 72, 16
+    q, k = rand((b, h, lq, d)), rand((b, h, lk, d))
+    v = rand((b, h, lk, dv))
+    run_case(q, k, v, make_layout("strided", lq, lk, bs, h).to(DEVICE), bs)
+
+
+def test_kernel_tiles_smaller_than_block():
+    """The launcher with tiles that divide the layout block (the GPU configuration for big blocks
+    or head dims): same result as the reference, forward and backward."""
+    from fastbert.kernels import block_sparse_attention as K
+
+    b, h, lq, lk, d, bs = 1, 2, 130, 97, 40, 64
+    q, k, v = (rand((b, h, n, d), torch.float32) for n in (lq, lk, lk))
+    layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
+    prep = S.prepare_layout(layout)
+    out, lse = K.block_sparse_attention_fwd(q, k, v, prep.q_count, prep.q_index, bs,
+                                            block_m=16, block_n=32)
+    ref64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = reference.block_sparse_attention(*ref64, layout, bs)
+    assert_close(out, ref, name="out")
+    do = torch.randn_like(out)
+    grads = K.block_sparse_attention_bwd(do, q, k, v, out, lse, *prep, bs, block_m=32, block_n=16)
+    for name, a, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref64, do.double())):
+        assert_close(a, r, name=name)
+    with pytest.raises(ValueError, match="block_m"):
+        K.block_sparse_attention_fwd(q, k, v, prep.q_count, prep.q_index, bs, block_m=48)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------
+def test_triton_dropout_exact():
+    """The kernel's keep-mask, materialised by the launcher, reproduces output and gradients
+    exactly through the reference."""
+    from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
+
+    b, h, lq, lk, d, bs, p = 2, 2, 97, 70, 40, 32, 0.3
+    leaves = [rand((b, h, n, d), requires_grad=True) for n in (lq, lk, lk)]
+    layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
+    pad = (torch.rand(b, 1, 1, lk) > 0.2).to(DEVICE)
+    out, _, seed = torch.ops.fastbert.block_sparse_attention_fwd(*leaves, layout, bs, pad, p, 0.2)
+    keep = block_sparse_attention_dropout_mask(int(seed[0]), (b, h, lq, lk), p, DEVICE)
+    ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference.block_sparse_attention(*ref64, layout, bs, pad, p, 0.2, dropout_mask=keep)
+    assert_close(out, ref, name="out")
+    g = torch.randn_like(out)
+    for name, a, r in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, g),
+                          torch.autograd.grad(ref, ref64, g.double())):
+        assert_close(a, r, name=name)
+
+
+def test_triton_dropout_statistics_and_seed():
+    from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
+
+    b, h, lq, lk, p = 2, 3, 97, 130, 0.25
+    keep = block_sparse_attention_dropout_mask(1234, (b, h, lq, lk), p, DEVICE)
+    n = keep.numel()
+    frac = keep.double().mean().item()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), frac
+    planes = keep.view(b * h, -1).double().mean(dim=1)
+    assert (planes - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / (lq * lk))
+    flat = keep.view(b * h, lq * lk)
+    assert not any(torch.equal(flat[0], flat[i]) for i in range(1, b * h)), "heads share a mask"
+    assert torch.equal(keep, block_sparse_attention_dropout_mask(1234, (b, h, lq, lk), p, DEVICE))
+    assert not torch.equal(keep, block_sparse_attention_dropout_mask(1235, (b, h, lq, lk), p, DEVICE))
+    # the public op draws its seed from torch's generator: manual_seed reproduces it
+    q, k, v = (rand((1, 2, 40, 16)) for _ in range(3))
+    layout = S.dense(40, 16).to(DEVICE)
+    torch.manual_seed(7)
+    a = fastbert.block_sparse_attention(q, k, v, layout, 16, dropout_p=0.5, **TRITON)
+    torch.manual_seed(7)
+    a2 = fastbert.block_sparse_attention(q, k, v, layout, 16, dropout_p=0.5, **TRITON)
+    torch.manual_seed(8)
+    a3 = fastbert.block_sparse_attention(q, k, v, layout, 16, dropout_p=0.5, **TRITON)
+    assert torch.equal(a, a2) and not torch.equal(a, a3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch, caching, torch.compile
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("what,words", [
+    ("float64", "float64"), ("block_size", "block_size 8"), ("head_dim", "head dim 12"),
+    ("value_dim", "value head dim 264"), ("mask_grad", "float attn_mask that requires grad"),
+])
+def test_triton_reasons(what, words):
+    b, h, lq, lk, d, dv, bs, dtype = 1, 2, 20, 20, 16, 16, 16, torch.float32
+    mask = None
+    if what == "float64":
+        dtype = torch.float64
+    elif what == "block_size":
+        bs = 8
+    elif what == "head_dim":
+        d = 12
+    elif what == "value_dim":
+        dv = 264
+    elif what == "mask_grad":
+        mask = torch.zeros(lq, lk, device=DEVICE, requires_grad=True)
+    q, k = rand((b, h, lq, d), dtype), rand((b, h, lk, d), dtype)
+    v = rand((b, h, lk, dv), dtype)
+    layout = S.dense(lq, bs, key_len=lk).to(DEVICE)
+    with pytest.raises(BackendError, match=words):
+        fastbert.block_sparse_attention(q, k, v, layout, bs, mask, **TRITON)
+    # "auto" falls back to a backend that can serve it
+    out = fastbert.block_sparse_attention(q, k, v, layout, bs, mask)
+    assert out.shape == (b, h, lq, dv)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="bfloat16 is refused only under the interpreter")
+def test_triton_refuses_bf16_under_interpreter():
+    q = rand((1, 2, 20, 16), torch.bfloat16)
+    with pytest.raises(BackendError, match="bfloat16"):
+        fastbert.block_sparse_attention(q, q, q, S.dense(20, 16), 16, **TRITON)
+
+
+def test_layout_preparation_cached_across_calls():
+    q, k, v = (rand((1, 2, 40, 16)) for _ in range(3))
+    layout = S.sliding_window(40, 16).to(DEVICE)
+    fastbert.block_sparse_attention(q, k, v, layout, 16, **TRITON)
+    before = S.cache_info()
+    fastbert.block_sparse_attention(q, k, v, layout, 16, **TRITON)
+    after = S.cache_info()
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+
+
+def test_triton_torch_compile_fullgraph():
+    b, h, lq, lk, d, bs = 1, 2, 40, 33, 16, 16
+    layout = make_layout("longformer", lq, lk, bs, h).to(DEVICE)
+    pad = (torch.arange(lk) < 30).view(1, 1, 1, lk).to(DEVICE)
+
+    def f(q, k, v):
+        return fastbert.block_sparse_attention(q, k, v, layout, bs, pad, **TRITON)
+
+    leaves = [rand((b, h, n, d), requires_grad=True) for n in (lq, lk, lk)]
+    out = torch.compile(f, fullgraph=True)(*leaves)
+    ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference.block_sparse_attention(*ref64, layout, bs, pad)
+    assert_close(out, ref)
+    g = torch.randn_like(out)
+    for name, a, r in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, g),
+                          torch.autograd.grad(ref, ref64, g.double())):
+        assert_close(a, r, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: compiled kernels, bf16 (tl.dot on bf16 is unreliable under the interpreter), block 128,
+# long sequences, big head dims
+# ----------------------------------------------------------------------------------------------
+CUDA_CASES = [
+    ("bigbird", 2, 4, 1025, 1025, 64, 128, "fp16"),
+    ("longformer", 1, 4, 1025, 777, 128, 128, "bf16"),
+    ("perhead", 2, 3, 513, 513, 96, 64, "bf16"),
+    ("strided", 1, 2, 300, 300, 256, 32, "fp16"),
+    ("fixed", 1, 2, 2048, 2048, 80, 16, "fp32"),
+    ("sliding", 2, 2, 1000, 1000, 256, 128, "bf16"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[case_id(c) for c in CUDA_CASES])
+def test_triton_cuda(case):
+    preset, b, h, lq, lk, d, bs, dt = case
+    q, k, v = (rand((b, h, n, d), DT[dt]) for n in (lq, lk, lk))
+    lengths = torch.randint(lk // 2, lk + 1, (b,))
+    pad = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
+    run_case(q, k, v, make_layout(preset, lq, lk, bs, h).to(DEVICE), bs, attn_mask=pad)
+
+
+@pytest.mark.cuda
+def test_triton_cuda_dropout_block128():
+    from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
+
+    b, h, lq, lk, d, bs, p = 2, 2, 300, 260, 64, 128, 0.1
+    leaves = [rand((b, h, n, d), torch.float16, requires_grad=True) for n in (lq, lk, lk)]
+    layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
+    out, _, seed = torch.ops.fastbert.block_sparse_attention_fwd(*leaves, layout, bs, None, p, 0.125)
+    keep = block_sparse_attention_dropout_mask(int(seed[0]), (b, h, lq, lk), p, DEVICE)
+    lowp = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference.block_sparse_attention(*ref64, layout, bs, None, p, 0.125, dropout_mask=keep)
+    low = reference.block_sparse_attention(*lowp, layout, bs, None, p, 0.125, dropout_mask=keep,
+                                           compute_dtype=torch.float16)
+    assert_close(out, ref, low, name="out")
+    g = torch.randn_like(out)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, g),
+                              torch.autograd.grad(ref, ref64, g.double()),
+                              torch.autograd.grad(low, lowp, g)):
+        assert_close(a, r, lo, name=name)
+
+
+@pytest.mark.cuda
+def test_triton_cuda_int64_offsets():
+    """More than 2^31 elements in q (B * H * L * D): the kernels' offsets must be 64-bit. The last
+    head's last blocks (past element 2^31) are checked against the reference."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs >= 40 GiB of GPU memory")
+    b, h, lq, d, bs = 1, 520, 65536, 64, 128  # 2.18e9 elements
+    q = torch.randn(b, h, lq, d, device="cuda", dtype=torch.float16)
+    layout = S.sliding_window(lq, bs, window=0, device="cuda")  # block diagonal
+    out = fastbert.block_sparse_attention(q, q, q, layout, bs, **TRITON)
+    start = lq - 2 * bs
+    tail = q[:, -1:, start:].double()
+    ref = reference.block_sparse_attention(tail, tail, tail,
+                                           S.sliding_window(2 * bs, bs, window=0, device="cuda"), bs)
+    assert_close(out[:, -1:, start:], ref, atol=5e-3)
