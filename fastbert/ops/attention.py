@@ -6,7 +6,7 @@ registered here.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -152,3 +152,234 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                   is_causal, scale):
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, dropout_p, is_causal, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton backend (kernels/attention.py): torch.library custom ops with fake impls and autograd,
+# so that torch.compile(fullgraph=True) treats each pass as one opaque op.
+# ----------------------------------------------------------------------------------------------
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MIN_HEAD_DIM, _TRITON_MAX_HEAD_DIM = 16, 256
+
+
+def _triton_attention_reasons(query: Tensor, value: Tensor) -> list:
+    """What the Triton attention kernels cannot do, common to the dense and varlen ops."""
+    from ..backends import interpreter_enabled
+
+    reasons = []
+    if query.dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {query.dtype} is not supported by the Triton attention kernels "
+                       "(float16, bfloat16, float32)")
+    elif query.dtype == torch.bfloat16 and query.device.type == "cpu" and interpreter_enabled():
+        reasons.append("bfloat16 is refused under the Triton interpreter (TRITON_INTERPRET=1): its "
+                       "tl.dot gives wrong results for bfloat16; use a GPU or float16/float32")
+    for name, d in (("head dim D", query.shape[-1]), ("value head dim Dv", value.shape[-1])):
+        if d % 8 != 0 or not _TRITON_MIN_HEAD_DIM <= d <= _TRITON_MAX_HEAD_DIM:
+            reasons.append(f"{name} = {d}: the Triton attention kernels need a multiple of 8 in "
+                           f"[{_TRITON_MIN_HEAD_DIM}, {_TRITON_MAX_HEAD_DIM}]")
+    return reasons
+
+
+# The kernels address each (batch, head, sequence) slice from a 64-bit base with 32-bit offsets
+# inside it (64-bit offsets that change inside the key loop make ptxas serialise the sm90 wgmma
+# pipeline); a slice must therefore span fewer than 2^31 elements.
+_INT32_SPAN = 2 ** 31
+
+
+def _span(t: Tensor, dims) -> int:
+    """Largest element offset reachable inside ``t`` along ``dims``."""
+    return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims)
+
+
+def _span_reasons(named_spans) -> list:
+    return [f"{name} spans {span} elements within one (batch, head) slice; the Triton attention "
+            f"kernels use 32-bit offsets inside a slice (limit 2^31)"
+            for name, span in named_spans if span >= _INT32_SPAN]
+
+
+def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
+    # Any mask dtype the public op accepts (bool, float16/bfloat16/float32/float64) is read as is.
+    reasons = _triton_attention_reasons(query, value)
+    b, h, lq, _ = query.shape
+    lk = key.shape[2]
+    spans = [("query", _span(query, (2, 3))), ("key", _span(key, (2, 3))),
+             ("value", _span(value, (2, 3))), ("the output", lq * h * value.shape[-1])]
+    if attn_mask is not None:
+        spans.append(("attn_mask", _span(attn_mask.expand(b, h, lq, lk), (2, 3))))
+    return reasons + _span_reasons(spans)
+
+
+def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, **_) -> list:
+    reasons = _triton_attention_reasons(q, v)
+    spans = [("q", max_seqlen_q * abs(q.stride(0)) + _span(q, (2,))),
+             ("k", max_seqlen_k * abs(k.stride(0)) + _span(k, (2,))),
+             ("v", max_seqlen_k * abs(v.stride(0)) + _span(v, (2,))),
+             ("the output", max_seqlen_q * q.shape[1] * v.shape[-1])]
+    return reasons + _span_reasons(spans)
+
+
+def _draw_dropout_seed() -> int:
+    """The dropout seed of one call, from torch's default (CPU) generator, so that
+    ``torch.manual_seed`` reproduces the dropout mask."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+def _seed_tensor(dropout_p: float) -> Tensor:
+    # A CPU tensor: reading it back in the backward pass never synchronises the GPU.
+    return torch.tensor([_draw_dropout_seed() if dropout_p > 0.0 else 0], dtype=torch.int64)
+
+
+def _default_scale(scale: Optional[float], head_dim: int) -> float:
+    return 1.0 / head_dim ** 0.5 if scale is None else float(scale)
+
+
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+def _attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                      dropout_p: float, is_causal: bool, scale: float
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> out (B, H, Lq, Dv), softmax stats (2 * B * H * Lq,) fp32, seed (1,) int64 on the CPU."""
+    from ..kernels.attention import attention_fwd
+
+    seed = _seed_tensor(dropout_p)
+    out, stats = attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                               int(seed[0]))
+    return out, stats, seed
+
+
+@_attention_fwd_op.register_fake
+def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    from ..kernels.attention import attention_out_layout
+
+    b, h, lq, _ = query.shape
+    out = attention_out_layout(query, (b, h, lq, value.shape[-1]))
+    stats = query.new_empty((2 * b * h * lq,), dtype=torch.float32)
+    return out, stats, torch.empty((1,), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+def _attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                      stats: Tensor, seed: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                      is_causal: bool, scale: float, mask_grad: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, dmask (the float mask's gradient in its shape, or an empty tensor)."""
+    from ..kernels.attention import attention_bwd
+
+    dq, dk, dv, dmask = attention_bwd(grad_out, query, key, value, out, stats, attn_mask,
+                                      dropout_p, is_causal, scale, int(seed[0]), mask_grad)
+    if dmask is None:
+        dmask = query.new_zeros((0,))
+    return dq, dk, dv, dmask
+
+
+@_attention_bwd_op.register_fake
+def _attention_bwd_fake(grad_out, query, key, value, out, stats, seed, attn_mask, dropout_p,
+                        is_causal, scale, mask_grad):
+    from ..kernels.attention import attention_out_layout
+
+    b, h, lq, d = query.shape
+    lk, dv = key.shape[2], value.shape[-1]
+    if mask_grad and attn_mask is not None and attn_mask.is_floating_point():
+        dmask = attn_mask.new_empty(attn_mask.shape)
+    else:
+        dmask = query.new_empty((0,))
+    return (attention_out_layout(query, (b, h, lq, d)), attention_out_layout(key, (b, h, lk, d)),
+            attention_out_layout(value, (b, h, lk, dv)), dmask)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale = inputs
+    out, stats, seed = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed)
+    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+
+
+def _attention_backward(ctx, grad_out, grad_stats, grad_seed):
+    query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
+    mask_grad = (attn_mask is not None and attn_mask.is_floating_point()
+                 and ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = _attention_bwd_op(grad_out.to(out.dtype), query, key, value, out, stats,
+                                          seed, attn_mask, ctx.dropout_p, ctx.is_causal,
+                                          ctx.scale, mask_grad)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+
+
+torch.library.register_autograd("fastbert::attention_fwd", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+@register("scaled_dot_product_attention", "triton", reasons=_sdpa_triton_reasons)
+def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    out, _, _ = _attention_fwd_op(query, key, value, attn_mask, dropout_p, is_causal,
+                                  _default_scale(scale, query.shape[-1]))
+    return out
+
+
+@torch.library.custom_op("fastbert::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                             cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                             dropout_p: float, is_causal: bool, scale: float
+                             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> out (total_q, H, Dv), softmax stats (2 * H * total_q,) fp32, seed (1,) int64 (CPU)."""
+    from ..kernels.attention import varlen_attention_fwd
+
+    seed = _seed_tensor(dropout_p)
+    out, stats = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, dropout_p, is_causal, scale, int(seed[0]))
+    return out, stats, seed
+
+
+@_varlen_attention_fwd_op.register_fake
+def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p, is_causal, scale):
+    total_q, h, _ = q.shape
+    return (q.new_empty((total_q, h, v.shape[-1])),
+            q.new_empty((2 * h * total_q,), dtype=torch.float32),
+            torch.empty((1,), dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("fastbert::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                             stats: Tensor, seed: Tensor, cu_seqlens_q: Tensor,
+                             cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                             dropout_p: float, is_causal: bool, scale: float
+                             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv (packed)."""
+    from ..kernels.attention import varlen_attention_bwd
+
+    return varlen_attention_bwd(grad_out, q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k,
+                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
+                                int(seed[0]))
+
+
+@_varlen_attention_bwd_op.register_fake
+def _varlen_attention_bwd_fake(grad_out, q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k,
+                               max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_attention_setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
+     scale) = inputs
+    out, stats, seed = output
+    ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
+
+
+def _varlen_attention_backward(ctx, grad_out, grad_stats, grad_seed):
+    q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_bwd_op(grad_out.to(out.dtype), q, k, v, out, stats, seed,
+                                          cu_seqlens_q, cu_seqlens_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastbert::varlen_attention_fwd", _varlen_attention_backward,
+                                setup_context=_varlen_attention_setup_context)
+
+
+@register("varlen_attention", "triton", reasons=_varlen_triton_reasons)
+def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   is_causal, scale):
+    out, _, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, dropout_p, is_causal,
+                                         _default_scale(scale, q.shape[-1]))
+    return out

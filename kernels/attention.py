@@ -1,0 +1,1003 @@
+"""Fused multi-head attention in Triton, FlashAttention-2 style: forward, backward, dropout, varlen.
+
+Kernels (all one program per tile; ``pid`` is flattened so that batch x heads can be in the
+thousands without hitting CUDA's 65535 limit on grid dims y/z):
+
+* ``_attention_fwd_kernel``: one program per (query block, head, batch/sequence). It streams the
+  key/value blocks through an online softmax (running max ``m_i`` and sum ``l_i`` in base 2,
+  fp32 accumulator), so the Lq x Lk score matrix never exists in memory, and writes the output and
+  the softmax statistics of each row (see ``attention_fwd``).
+* ``_attention_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` (fp32), one value per query row.
+* ``_attention_bwd_dkdv_kernel``: one program per key block; it walks the query blocks, rebuilds
+  ``P = exp2((S - m) - log2(l))`` and accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` in registers.
+* ``_attention_bwd_dq_kernel``: one program per query block; it walks the key blocks and
+  accumulates ``dQ += dS K``; when the additive mask needs a gradient it also writes ``dS``.
+  The two backward kernels recompute ``S`` each (FlashAttention-2's atomic-free split), so the
+  backward pass is deterministic.
+* ``_attention_dropout_mask_kernel``: writes the keep-mask the attention kernels use for a seed,
+  for tests and references only.
+
+Semantics (those of ``fastbert.reference.scaled_dot_product_attention``): a bool mask is True where
+a key takes part, a float mask is added to the scores; masks are read through their strides, so
+a broadcast dim has stride 0 and is never expanded in memory; ``is_causal`` keeps key j for query
+i iff j <= i (top-left aligned) and combines with the mask; a query row with no key left returns 0
+and gets zero gradients. Dropout keeps element (b, h, i, j) iff ``tl.rand(seed, offset) >=
+dropout_p`` with ``offset = ((b * H + h) * Lq + i) * Lk + j`` (varlen: b is the sequence and
+Lq/Lk are max_seqlen_q/max_seqlen_k), which is the flat index of a contiguous (B, H, Lq, Lk)
+tensor, so :func:`attention_dropout_mask` can materialise exactly the same mask.
+
+Head dims (any multiple of 8 up to 256) are padded to the next power of two inside the kernel
+(``BLOCK_D``) with masked loads; tensors may have any strides (a (B, L, H, D) tensor viewed as
+(B, H, L, D) runs without a copy). The base of each (batch, head, sequence) slice is a 64-bit
+offset, so tensors may exceed 2^31 elements; offsets inside one slice are 32-bit (a 64-bit offset
+that changes inside the key loop makes ptxas serialise the sm90 wgmma pipeline), so one slice must
+span fewer than 2^31 elements (the Triton backend's reasons in fastbert.ops.attention check it).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "attention_fwd",
+    "attention_bwd",
+    "varlen_attention_fwd",
+    "varlen_attention_bwd",
+    "attention_dropout_mask",
+    "varlen_attention_dropout_masks",
+    "attention_config",
+    "attention_out_layout",
+    "softmax_stats_to_lse",
+]
+
+LOG2E = 1.4426950408889634  # log2(e): scores are kept in base 2 so the kernels use exp2
+LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
+
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+@triton.jit
+def _bias_log2(bias):
+    """An additive mask tile (fp32) in base-2 units. Finite values below -2e38 (e.g. HuggingFace's
+    torch.finfo(float32).min padding) are clamped first so that `* log2(e)` cannot overflow them
+    to -inf: they stay "alive" keys, as in the reference, while -inf stays -inf (key removed)."""
+    bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.0e38))
+    return bias * 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_block(
+    acc, l_i, m_i,            # running state: [BM, BDV] f32 sum of P V, [BM] f32 sum of P, [BM] f32 max (base 2)
+    q,                        # [BM, BD] query tile, input dtype
+    start_n,                  # first key index of this block (within the sequence)
+    offs_m, rows, row_ok,     # [BM] local row ids 0..BM-1, query indices (start_m + offs_m), rows < len_q
+    k_base, v_base,           # K / V pointers at (batch, head, sequence start), 64-bit offsets
+    mask_base,                # mask pointer at (batch, head, start_m, 0)
+    rng_rows,                 # [BM] int64 dropout offset of (row, key 0)
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    len_k,                    # keys in this sequence
+    sm_scale_log2,            # scale * log2(e)
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BOUNDARY: tl.constexpr,   # this block may hold keys >= len_k or keys above the causal diagonal
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = start_n + offs_n                                   # [BN] key indices
+    col_ok = cols < len_k
+    # Offsets that move with the loop are 32-bit and relative to 64-bit bases: a 64-bit
+    # loop-carried offset makes ptxas serialise the wgmma pipeline on sm90.
+    # K^T tile [BD, BN], read through the strides (no transposed copy).
+    kT_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    kT = tl.load(kT_ptrs, mask=col_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * sm_scale_log2   # [BM, BD] @ [BD, BN] -> [BM, BN]
+    if MASK_KIND != 0:
+        m_ptrs = mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+        m_ok = row_ok[:, None] & col_ok[None, :]
+        if MASK_KIND == 1:
+            keep = tl.load(m_ptrs, mask=m_ok, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            bias = tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32)
+            s = s + _bias_log2(bias)
+    if BOUNDARY:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if IS_CAUSAL:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+
+    # Online softmax. A row that has seen no key yet keeps m = -inf; m_use = 0 there so that
+    # exp2(-inf - m_use) = 0 and no inf - inf (NaN) appears.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)                              # [BM] rescales the old state
+    p = tl.exp2(s - m_use[:, None])                           # [BM, BN]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        rnd = tl.rand(seed, rng_rows[:, None] + cols[None, :])
+        p = tl.where(rnd >= dropout_p, p, 0.0)                # 1/(1-p) is applied once at the end
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BM, BN] @ [BN, BDV] -> [BM, BDV]
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V,                  # q [.., Lq, D], k [.., Lk, D], v [.., Lk, DV] (dense (B, H, L, D); varlen (total, H, D))
+    Mask,                     # bool (as uint8) or float mask, read as (B, H, Lq, Lk) through its strides
+    Out,                      # [.., Lq, DV] output, input dtype
+    Stats,                    # fp32 [2, .., Lq]: row max m of the base-2 scores, and log2 of the row sum l
+    CuSeqlensQ, CuSeqlensK,   # varlen: [N + 1] cumulative lengths; dense: unused
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh, stride_lm, stride_ls,   # Stats: (batch, head, row) and m -> log2(l)
+    num_heads,
+    num_m_blocks,             # query blocks per (batch, head): cdiv(Lq or max_seqlen_q, BLOCK_M)
+    seqlen_q, seqlen_k,       # dense: Lq, Lk; varlen: max_seqlen_q, max_seqlen_k (dropout offsets)
+    sm_scale_log2,            # scale * log2(e)
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block_m = pid % num_m_blocks
+    if IS_CAUSAL:
+        block_m = num_m_blocks - 1 - block_m   # the longest rows of a (b, h) start first
+    pid_bh = pid // num_m_blocks
+    pid_h = pid_bh % num_heads
+    pid_b = pid_bh // num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
+        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
+        len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        len_q = seqlen_q
+        k_start = 0
+        len_k = seqlen_k
+    start_m = block_m * BLOCK_M
+    if start_m >= len_q:
+        return
+
+    b64 = pid_b.to(tl.int64)
+    h64 = pid_h.to(tl.int64)
+    row0 = q_start + tl.cast(start_m, tl.int64)              # first row of the block in the tensor
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = start_m + offs_m                                   # [BM] query indices in the sequence
+    row_ok = rows < len_q
+
+    q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
+              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BM, BD]
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vn
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_m, tl.int64) * stride_mm
+    rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k  # [BM] int64
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Key blocks [0, full_hi) need neither the key-bound nor the causal check; [full_hi, hi) do.
+    if IS_CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M)
+        full_hi = tl.minimum((start_m + 1) // BLOCK_N * BLOCK_N, len_k // BLOCK_N * BLOCK_N)
+    else:
+        hi = len_k
+        full_hi = len_k // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_hi, BLOCK_N):
+        acc, l_i, m_i = _attention_fwd_block(
+            acc, l_i, m_i, q, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base, rng_rows,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, len_k,
+            sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, False, DOT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _attention_fwd_block(
+            acc, l_i, m_i, q, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base, rng_rows,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, len_k,
+            sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, True, DOT_PRECISION)
+
+    alive = l_i > 0.0                                         # rows with at least one key
+    inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
+    if HAS_DROPOUT:
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
+    out = acc * inv_l[:, None]
+    o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
+              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    # m and log2(l) are kept apart (not as one logsumexp m + log2(l)): with a huge finite bias
+    # (e.g. -1e9 on every key of a row) m + log2(l) rounds log2(l) away and the backward pass
+    # would rebuild P off by a factor of l. A row with no key stores m = 0, log2(l) = +inf: P = 0.
+    st_ptrs = Stats + b64 * stride_lb + h64 * stride_lh + row0 * stride_lm + offs_m * stride_lm
+    tl.store(st_ptrs, tl.where(alive, m_i, 0.0), mask=row_ok)
+    tl.store(st_ptrs + stride_ls, tl.where(alive, tl.log2(tl.where(alive, l_i, 1.0)), float("inf")),
+             mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out, DO,                  # [.., Lq, DV] output and its gradient
+    Delta,                    # fp32 rowsum(dO * O), same layout as one plane of Stats
+    CuSeqlensQ,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm,
+    num_heads, num_m_blocks, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    pid_h = pid_bh % num_heads
+    pid_b = pid_bh // num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
+        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
+    else:
+        q_start = 0
+        len_q = seqlen_q
+    start_m = block_m * BLOCK_M
+    if start_m >= len_q:
+        return
+    b64 = pid_b.to(tl.int64)
+    h64 = pid_h.to(tl.int64)
+    row0 = q_start + tl.cast(start_m, tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = start_m + offs_m < len_q
+    ld_mask = row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
+                + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, mask=ld_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom
+                 + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, mask=ld_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BM]
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + row0 * stride_lm + offs_m * stride_lm,
+             delta, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv_block(
+    dk, dv,                   # [BN, BD], [BN, BDV] f32 accumulators
+    k, v,                     # [BN, BD], [BN, BDV] key / value tiles of this program
+    start_m,                  # first query row of this block
+    cols,                     # [BN] key indices of this program
+    q_base, do_base, stats_base, delta_base,   # pointers at (batch, head, sequence start)
+    mask_base,                # mask pointer at (batch, head, 0, start_n)
+    rng_cols,                 # [BN] int64: (b*H + h) * Lq * Lk + col (dropout offset of row 0)
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
+    len_q, len_k, seqlen_k,   # lengths of this sequence; seqlen_k: Lk of the dropout offsets
+    sm_scale_log2, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    CAUSAL_BLOCK: tl.constexpr,   # this query block crosses the causal diagonal
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = start_m + offs_m                                   # [BM]
+    row_ok = rows < len_q
+    # Rows >= len_q load q = dO = 0, log2(l) = +inf, delta = 0: their P and dS are exactly 0; keys
+    # >= len_k only touch rows of dK/dV that are never stored. Hence no bound checks on S here.
+    qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                 mask=row_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)      # [BD, BM]
+    do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)   # [BM, BDV]
+    m2 = tl.load(stats_base + rows * stride_lm, mask=row_ok, other=0.0)                # [BM] row max
+    log2_l = tl.load(stats_base + stride_ls + rows * stride_lm, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_base + rows * stride_lm, mask=row_ok, other=0.0)
+
+    sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * sm_scale_log2   # [BN, BD] @ [BD, BM] -> [BN, BM]
+    if MASK_KIND != 0:
+        m_ptrs = mask_base + rows[None, :] * stride_mm + offs_n[:, None] * stride_mn
+        m_ok = row_ok[None, :] & (cols < len_k)[:, None]
+        if MASK_KIND == 1:
+            keepT = tl.load(m_ptrs, mask=m_ok, other=0)
+            sT = tl.where(keepT != 0, sT, float("-inf"))
+        else:
+            # -inf outside the bounds: a key >= len_k next to a row whose m is a huge negative
+            # bias would otherwise get P = exp2(-m) = inf (harmless in rows never stored, but
+            # inf / NaN in registers all the same).
+            sT = sT + _bias_log2(tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32))
+    if CAUSAL_BLOCK:
+        sT = tl.where(cols[:, None] <= rows[None, :], sT, float("-inf"))
+    pT = tl.exp2((sT - m2[None, :]) - log2_l[None, :])        # [BN, BM] softmax probabilities
+    if HAS_DROPOUT:
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        # Dropout offset ((b*H + h) * Lq + i) * Lk + j, with i along axis 1 here.
+        rnd = tl.rand(seed, rng_cols[:, None] + rows.to(tl.int64)[None, :] * seqlen_k)
+        keepT_d = rnd >= dropout_p
+        pT_used = tl.where(keepT_d, pT * inv_keep, 0.0)
+    else:
+        pT_used = pT
+    dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # [BN, BM] @ [BM, BDV] -> [BN, BDV]
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # [BN, BDV] @ [BDV, BM] -> [BN, BM]
+    if HAS_DROPOUT:
+        dpT = tl.where(keepT_d, dpT * inv_keep, 0.0)
+    dsT = pT * (dpT - delta[None, :])                         # [BN, BM] dL/dS (S unscaled by log2e)
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)  # [BN, BM] @ [BM, BD] -> [BN, BD]
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, Mask, DO,        # as in the forward; DO has the layout of Out
+    Stats, Delta,             # fp32 softmax statistics of the forward pass, rowsum(dO * O)
+    DK, DV,                   # outputs, layouts of K / V (strides given)
+    CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh, stride_lm, stride_ls,
+    num_heads,
+    num_n_blocks,             # key blocks per (batch, head): cdiv(Lk or max_seqlen_k, BLOCK_N)
+    seqlen_q, seqlen_k,
+    sm_scale, sm_scale_log2,
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block_n = pid % num_n_blocks
+    pid_bh = pid // num_n_blocks
+    pid_h = pid_bh % num_heads
+    pid_b = pid_bh // num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
+        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
+        len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        len_q = seqlen_q
+        k_start = 0
+        len_k = seqlen_k
+    start_n = block_n * BLOCK_N
+    if start_n >= len_k:
+        return
+
+    b64 = pid_b.to(tl.int64)
+    h64 = pid_h.to(tl.int64)
+    col0 = k_start + tl.cast(start_n, tl.int64)               # first key of the block in the tensor
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = start_n + offs_n                                   # [BN] key indices in the sequence
+    col_ok = cols < len_k
+    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + col0 * stride_kn
+                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)       # [BN, BD]
+    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + col0 * stride_vn
+                + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)    # [BN, BDV]
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
+    do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
+    stats_base = Stats + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
+    delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_n, tl.int64) * stride_mn
+    rng_cols = (b64 * num_heads + h64) * seqlen_q * seqlen_k + cols.to(tl.int64)   # [BN]
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # Causal: rows below start_n see none of these keys; query blocks that start before the last
+    # key of this block cross the diagonal ([lo, mid), masked), the rest see every key ([mid, Lq)).
+    if IS_CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        mid = tl.minimum((start_n + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M, len_q)
+    else:
+        lo = 0
+        mid = 0
+    for start_m in range(lo, mid, BLOCK_M):
+        dk, dv = _attention_bwd_dkdv_block(
+            dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base, rng_cols,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
+            len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT, True, DOT_PRECISION)
+    for start_m in range(mid, len_q, BLOCK_M):
+        dk, dv = _attention_bwd_dkdv_block(
+            dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base, rng_cols,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
+            len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT, False, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + col0 * stride_dvn
+             + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def _attention_bwd_dq_block(
+    dq,                       # [BM, BD] f32 accumulator
+    q, do, m2, log2_l, delta,  # [BM, BD], [BM, BDV], [BM] row max and log2(row sum), [BM]
+    start_n, offs_m, rows, row_ok,
+    k_base, v_base, mask_base, ds_base,   # ds_base: dS pointer at (batch, head, start_m, 0)
+    rng_rows,                 # [BM] int64 dropout offset of (row, key 0)
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_dsm, stride_dsn,
+    len_k,
+    sm_scale_log2, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_DS: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = start_n + offs_n
+    col_ok = cols < len_k
+    kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=col_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)      # [BD, BN]
+    vT = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                 mask=col_ok[None, :] & (offs_dv < HEAD_DIM_V)[:, None], other=0.0)   # [BDV, BN]
+
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * sm_scale_log2   # [BM, BD] @ [BD, BN] -> [BM, BN]
+    if MASK_KIND != 0:
+        m_ptrs = mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+        m_ok = row_ok[:, None] & col_ok[None, :]
+        if MASK_KIND == 1:
+            keep = tl.load(m_ptrs, mask=m_ok, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            s = s + _bias_log2(tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32))
+    if BOUNDARY:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if IS_CAUSAL:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+    p = tl.exp2((s - m2[:, None]) - log2_l[:, None])          # [BM, BN]
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)        # [BM, BDV] @ [BDV, BN] -> [BM, BN]
+    if HAS_DROPOUT:
+        rnd = tl.rand(seed, rng_rows[:, None] + cols[None, :])
+        dp = tl.where(rnd >= dropout_p, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])                            # [BM, BN] dL/d(score)
+    if STORE_DS:
+        ds_ptrs = ds_base + offs_m[:, None] * stride_dsm + cols[None, :] * stride_dsn
+        tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, Mask, DO, Stats, Delta,
+    DQ,                       # output, layout of Q (strides given)
+    DS,                       # fp32 (B, H, Lq, Lk) dS when STORE_DS (mask gradient), else unused
+    CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dsb, stride_dsh, stride_dsm, stride_dsn,
+    stride_lb, stride_lh, stride_lm, stride_ls,
+    num_heads, num_m_blocks, seqlen_q, seqlen_k,
+    sm_scale, sm_scale_log2,
+    dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block_m = pid % num_m_blocks
+    if IS_CAUSAL:
+        block_m = num_m_blocks - 1 - block_m
+    pid_bh = pid // num_m_blocks
+    pid_h = pid_bh % num_heads
+    pid_b = pid_bh // num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
+        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
+        len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        len_q = seqlen_q
+        k_start = 0
+        len_k = seqlen_k
+    start_m = block_m * BLOCK_M
+    if start_m >= len_q:
+        return
+
+    b64 = pid_b.to(tl.int64)
+    h64 = pid_h.to(tl.int64)
+    start_m64 = tl.cast(start_m, tl.int64)
+    row0 = q_start + start_m64
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = start_m + offs_m
+    row_ok = rows < len_q
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)       # [BM, BD]
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom
+                 + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)   # [BM, BDV]
+    l_off = b64 * stride_lb + h64 * stride_lh + row0 * stride_lm + offs_m * stride_lm
+    m2 = tl.load(Stats + l_off, mask=row_ok, other=0.0)
+    log2_l = tl.load(Stats + stride_ls + l_off, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vn
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + start_m64 * stride_mm
+    ds_base = DS + b64 * stride_dsb + h64 * stride_dsh + start_m64 * stride_dsm
+    rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M)
+        full_hi = tl.minimum((start_m + 1) // BLOCK_N * BLOCK_N, len_k // BLOCK_N * BLOCK_N)
+    else:
+        hi = len_k
+        full_hi = len_k // BLOCK_N * BLOCK_N
+    for start_n in range(0, full_hi, BLOCK_N):
+        dq = _attention_bwd_dq_block(
+            dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
+            ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_dsm, stride_dsn, len_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, STORE_DS, False,
+            DOT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _attention_bwd_dq_block(
+            dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
+            ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_dsm, stride_dsn, len_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, STORE_DS, True,
+            DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout mask (tests and references only)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_dropout_mask_kernel(
+    Keep,                     # [numel] uint8 output, 1 = kept
+    numel, dropout_p, seed,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # = the attention offsets
+    rnd = tl.rand(seed, offs)
+    tl.store(Keep + offs, (rnd >= dropout_p).to(tl.uint8), mask=offs < numel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block sizes
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass and padded head dim (BLOCK_D).
+#
+# Not yet timed in this repo (no GPU in the session that wrote them; bench/ times them and each
+# entry should then carry its measurement). What they do rest on: every entry was compiled offline
+# for its architecture (triton.compile for GPUTarget("cuda", 90 | 80), then `ptxas -v`) and is
+# the largest tile tried that keeps the kernel free of register spills, with Triton's pipeliner
+# active (shared memory = stages x tiles) and, on sm90, without ptxas serialising the wgmma
+# pipeline (warning C7515). Rationale for the shapes:
+# * fwd: a 128-row query tile amortises each K/V load over many rows (FlashAttention-2 and the
+#   Triton tutorial use 128 x 64); D = 128 needs 8 warps to hold the [128, 128] fp32 accumulator
+#   without spilling; D = 256 halves BLOCK_M for the same reason.
+# * bwd dK/dV: the program keeps K, V and two [BLOCK_N, D] fp32 accumulators for its whole life
+#   and streams small query blocks (BLOCK_M = 32) past them; 8 warps (4 spill 48 B at D = 64 on
+#   sm90); BLOCK_N = 32 at D = 256 (64 spills 120 B).
+# * bwd dQ: the transpose (query tile resident, small key blocks streamed).
+# * masks and dropout (_cached_config adjusts the table): a mask tile and Philox (four 32-bit
+#   words per score) need registers. Measured spills that the adjustments remove: fwd with a bool
+#   mask at 4 warps (sm90 D = 40: 192 B, sm80 D = 64: 840 B) -> 8 warps; fwd with dropout at
+#   BLOCK_N = 64 (sm90 D = 128: 208 B) -> BLOCK_N = 32; sm80 fwd with a mask at D = 128 and
+#   BLOCK_N = 64 (672 B) -> 32; dQ with float mask + dropout at 4 warps (sm90 D = 64: 276 B)
+#   -> 8 warps; dK/dV with dropout at D = 128, BLOCK_N = 128 (sm90: 264 B varlen causal, 396 B
+#   with a float mask) -> 64. Left as they are (no better size found without timing): sm80 dK/dV
+#   with a mask or dropout at D <= 64 spills 120-470 B; sm90 dK/dV with float mask + dropout at
+#   D = 128, BLOCK_N = 64, makes ptxas serialise the wgmma pipeline (C7515).
+# * fp32 inputs: the products run on FMA units ("ieee"), with fp32 tiles twice as large in
+#   registers; on sm90 the forward spills with 2 stages at D >= 128 (248-7000 B) and not with 1.
+# * Other GPUs: _fit_shared_memory lowers stages, then the streamed block, then the resident one
+#   until the estimated footprint fits the device's shared memory (sm86/sm89: 100 KB).
+_CFG = Dict[int, Tuple[int, int, int, int]]
+_CONFIGS_SM90: Dict[str, _CFG] = {
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+            128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    "bwd_dkdv": {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3),
+                 128: (32, 128, 8, 3), 256: (32, 32, 8, 2)},
+    "bwd_dq": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3),
+               128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
+}
+_CONFIGS_SM80: Dict[str, _CFG] = {  # A100: 164 KB of shared memory, mma.sync
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+            128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
+    "bwd_dkdv": {16: (32, 128, 8, 2), 32: (32, 128, 8, 2), 64: (32, 128, 8, 2),
+                 128: (32, 64, 8, 2), 256: (32, 32, 8, 2)},
+    "bwd_dq": {16: (128, 32, 8, 2), 32: (128, 32, 8, 2), 64: (128, 32, 8, 2),
+               128: (64, 32, 8, 2), 256: (64, 32, 8, 2)},
+}
+_CONFIGS_FP32: Dict[str, _CFG] = {  # any architecture
+    "fwd": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2),
+            128: (32, 16, 8, 1), 256: (32, 16, 8, 1)},
+    "bwd_dkdv": {16: (16, 64, 8, 2), 32: (16, 64, 8, 2), 64: (16, 64, 8, 2),
+                 128: (16, 32, 8, 2), 256: (16, 32, 8, 2)},
+    "bwd_dq": {16: (64, 16, 8, 2), 32: (64, 16, 8, 2), 64: (64, 16, 8, 2),
+               128: (64, 16, 8, 2), 256: (32, 16, 8, 2)},
+}
+# Under TRITON_INTERPRET=1 every block op is a numpy call: small tiles make short test shapes
+# (17, 97, 130) span several blocks, and BLOCK_M != BLOCK_N exercises the causal split logic.
+_CONFIG_INTERPRETER: Dict[str, Tuple[int, int, int, int]] = {
+    "fwd": (32, 16, 1, 1), "bwd_dkdv": (16, 32, 1, 1), "bwd_dq": (32, 16, 1, 1),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> Tuple[int, int]:
+    """(compute capability major*10+minor, usable shared memory bytes a block) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    cc = props.major * 10 + props.minor
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or (227 * 1024 if cc >= 90 else 99 * 1024)
+    return cc, int(smem)
+
+
+def _smem_estimate(kind: str, bm: int, bn: int, stages: int, bd: int, bdv: int, elem: int) -> int:
+    """Rough shared-memory footprint (bytes) of the pipelined tiles of one program."""
+    if kind == "fwd":        # Q resident, K and V streamed
+        return elem * (bm * bd + stages * bn * (bd + bdv))
+    if kind == "bwd_dkdv":   # K, V resident, Q and dO streamed, plus the P / dS tile
+        return elem * (bn * (bd + bdv) + stages * bm * (bd + bdv) + 2 * bm * bn)
+    return elem * (bm * (bd + bdv) + stages * bn * (bd + bdv) + 2 * bm * bn)  # bwd_dq
+
+
+def _fit_shared_memory(kind, cfg, bd, bdv, elem, budget):
+    bm, bn, warps, stages = cfg
+    while _smem_estimate(kind, bm, bn, stages, bd, bdv, elem) > budget:
+        if stages > 1:
+            stages -= 1
+        elif kind == "bwd_dkdv" and bm > 16:   # shrink the streamed block first
+            bm //= 2
+        elif bn > 16:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+        else:
+            break
+    return bm, bn, warps, stages
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_config(kind: str, device_index: int, bd: int, bdv: int, elem: int, dropout: bool,
+                   masked: bool) -> Tuple[int, int, int, int]:
+    cc, smem = _device_limits(device_index)
+    if elem == 4:
+        table = _CONFIGS_FP32
+    else:
+        table = _CONFIGS_SM90 if cc >= 90 else _CONFIGS_SM80
+    d = max(bd, bdv)
+    bm, bn, warps, stages = table[kind][d]
+    if elem == 2:  # register pressure of masks / dropout (see the table's comment)
+        if kind == "fwd":
+            if masked or dropout:
+                warps = 8
+            if dropout or (cc < 90 and masked and d >= 128):
+                bn = min(bn, 32)
+        elif kind == "bwd_dq" and (masked or dropout):
+            warps = 8
+        elif kind == "bwd_dkdv" and dropout and d >= 128:
+            bn = min(bn, 64)
+    budget = int(smem * 0.9)  # room for the layout conversions Triton adds
+    return _fit_shared_memory(kind, (bm, bn, warps, stages), bd, bdv, elem, budget)
+
+
+def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                     device: torch.device, dropout: bool = False,
+                     masked: bool = False) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for pass ``kind`` ("fwd", "bwd_dkdv", "bwd_dq"),
+    looked up once per (device, head dims, dtype size, dropout, mask or not)."""
+    if device.type != "cuda" or _interpreting():
+        return _CONFIG_INTERPRETER[kind]
+    bd, bdv = _block_dim(head_dim), _block_dim(head_dim_v)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cached_config(kind, index, bd, bdv, torch.finfo(dtype).bits // 8, bool(dropout),
+                          bool(masked))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full fp32 products unless torch allows TF32 for matmuls; 16-bit inputs ignore it.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _mask_args(attn_mask: Optional[Tensor], shape: Sequence[int], dummy: Tensor):
+    """(pointer tensor, 4 strides, MASK_KIND) for a mask broadcast to ``shape`` (never copied)."""
+    if attn_mask is None:
+        return dummy, (0, 0, 0, 0), MASK_NONE
+    m = attn_mask.expand(*shape)  # a view: broadcast dims get stride 0
+    if m.dtype == torch.bool:
+        return m.view(torch.uint8), m.stride(), MASK_BOOL
+    return m, m.stride(), MASK_FLOAT
+
+
+def _varlen_strides(t: Tensor) -> Tuple[int, int, int, int]:
+    """(batch, head, token, dim) strides of a packed (total, H, D) tensor; batch stride 0."""
+    return 0, t.stride(1), t.stride(0), t.stride(2)
+
+
+def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_strides, l_strides,
+                m_strides, mask_kind, cu_q, cu_k, batch, heads, seqlen_q, seqlen_k, scale,
+                dropout_p, seed, is_causal, is_varlen):
+    """Runs the forward kernel; strides are (batch, head, token, dim) (varlen: batch stride 0)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    bm, bn, warps, stages = attention_config("fwd", d, dv, q.dtype, q.device, dropout_p > 0.0,
+                                              mask_kind != MASK_NONE)
+    num_m = triton.cdiv(seqlen_q, bm)
+    if num_m * heads * batch == 0:
+        return
+    _attention_fwd_kernel[(num_m * heads * batch,)](
+        q, k, v, mask, out, stats, cu_q, cu_k,
+        *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides,
+        heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), int(seed),
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
+        BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
+        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
+
+
+def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
+                q_strides, k_strides, v_strides, o_strides, do_strides, dq_strides, dk_strides,
+                dv_strides, l_strides, m_strides, ds_strides, mask_kind, cu_q, cu_k,
+                batch, heads, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, is_varlen):
+    """Runs preprocess, dK/dV and dQ (+ dS when ``ds`` is a tensor) kernels."""
+    d, dvd = q.shape[-1], v.shape[-1]
+    bd, bdv = _block_dim(d), _block_dim(dvd)
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dvd, BLOCK_D=bd, BLOCK_DV=bdv, IS_VARLEN=is_varlen,
+                  MASK_KIND=mask_kind, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    store_ds = ds is not None
+    if not store_ds:
+        ds = q  # never dereferenced (STORE_DS=False)
+    # delta = rowsum(dO * O): fp32, laid out like one plane of stats.
+    delta = torch.empty((l_strides[3],), dtype=torch.float32, device=q.device)
+    pre_bm = 64 if q.device.type == "cuda" and not _interpreting() else 16
+    num_m = triton.cdiv(seqlen_q, pre_bm)
+    if num_m * heads * batch > 0:
+        _attention_bwd_preprocess_kernel[(num_m * heads * batch,)](
+            out, do, delta, cu_q, *o_strides, *do_strides, *l_strides[:3], heads, num_m, seqlen_q,
+            HEAD_DIM_V=dvd, BLOCK_M=pre_bm, BLOCK_DV=bdv, IS_VARLEN=is_varlen, num_warps=4)
+
+    bm, bn, warps, stages = attention_config("bwd_dkdv", d, dvd, q.dtype, q.device,
+                                              dropout_p > 0.0, mask_kind != MASK_NONE)
+    num_n = triton.cdiv(seqlen_k, bn)
+    if num_n * heads * batch > 0:
+        _attention_bwd_dkdv_kernel[(num_n * heads * batch,)](
+            q, k, v, mask, do, stats, delta, dk, dv, cu_q, cu_k,
+            *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides, *dv_strides,
+            *l_strides, heads, num_n, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
+            int(seed), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    bm, bn, warps, stages = attention_config("bwd_dq", d, dvd, q.dtype, q.device,
+                                              dropout_p > 0.0, mask_kind != MASK_NONE)
+    num_m = triton.cdiv(seqlen_q, bm)
+    if num_m * heads * batch > 0:
+        _attention_bwd_dq_kernel[(num_m * heads * batch,)](
+            q, k, v, mask, do, stats, delta, dq, ds, cu_q, cu_k,
+            *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides, *ds_strides,
+            *l_strides, heads, num_m, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
+            int(seed), BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
+            num_warps=warps, num_stages=stages, **common)
+
+
+def attention_out_layout(like: Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An empty (B, H, L, E) tensor: stored as (B, L, H, E) and transposed when ``like`` is such a
+    view (so a following reshape to (B, L, H * E) is free), else contiguous (B, H, L, E)."""
+    b, h, l, e = shape
+    dtype = like.dtype if dtype is None else dtype
+    if h > 1 and l > 1 and like.stride(1) < like.stride(2):
+        return torch.empty((b, l, h, e), dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.empty((b, h, l, e), dtype=dtype, device=like.device)
+
+
+def _stats_strides(rows_shape: Sequence[int]) -> Tuple[int, int, int, int]:
+    """(batch, head, row, plane) strides of the statistics of rows (B, H, L) or varlen (H, total).
+
+    The statistics live in a flat fp32 tensor of 2 * rows elements (plane 0: m, plane 1: log2(l)),
+    one layout for dense and varlen rows."""
+    numel = math.prod(rows_shape)
+    if len(rows_shape) == 3:
+        _, h, l = rows_shape
+        return h * l, l, 1, numel
+    _, total = rows_shape
+    return 0, total, 1, numel
+
+
+def softmax_stats_to_lse(stats: Tensor, rows_shape: Sequence[int]) -> Tensor:
+    """The natural-log logsumexp of each row of scaled scores (+inf for a row with no key), shape
+    ``rows_shape`` ((B, H, Lq) or varlen (H, total_q)), from the statistics the forward pass
+    returns: (m + log2(l)) * ln(2)."""
+    st = stats.view(2, *rows_shape)
+    return (st[0] + st[1]) * LN2
+
+
+def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                  dropout_p: float, is_causal: bool, scale: float, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """Forward pass.
+
+    Args: query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), any strides;
+    attn_mask None, bool or float, broadcastable to (B, H, Lq, Lk); ``scale`` a float; ``seed``
+    the dropout seed (ignored when ``dropout_p == 0``).
+
+    Returns: out (B, H, Lq, Dv) in the input dtype (layout: :func:`attention_out_layout`) and
+    stats, fp32 (2 * B * H * Lq,), viewed as (2, B, H, Lq): [0] the row max m of the scores in
+    base 2 (``log2(e) * (scale * q.k + mask)``), [1] log2 of the row sum l of ``exp2(s - m)``
+    (m = 0, log2(l) = +inf for a row with no key). See :func:`softmax_stats_to_lse`.
+    """
+    b, h, lq, d = query.shape
+    lk, dv = key.shape[2], value.shape[-1]
+    out = attention_out_layout(query, (b, h, lq, dv))
+    stats = torch.empty((2 * b * h * lq,), dtype=torch.float32, device=query.device)
+    mask, m_strides, kind = _mask_args(attn_mask, (b, h, lq, lk), query)
+    _launch_fwd(query, key, value, out, stats, mask, query.stride(), key.stride(), value.stride(),
+                out.stride(), _stats_strides((b, h, lq)), m_strides, kind, query, query, b, h,
+                lq, lk, scale, dropout_p, seed, is_causal, False)
+    return out, stats
+
+
+def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                  stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                  scale: float, seed: int = 0, mask_grad: bool = False):
+    """Backward pass of :func:`attention_fwd` (same arguments plus its outputs).
+
+    grad_out (B, H, Lq, Dv) any strides (stride 0 included). Returns dq, dk, dv in the layouts of
+    the inputs (see :func:`attention_out_layout`), and dmask: the gradient of a float
+    ``attn_mask`` summed over its broadcast dims (its shape and dtype) when ``mask_grad``, else
+    None. dmask needs an fp32 (B, H, Lq, Lk) scratch tensor.
+    """
+    b, h, lq, d = query.shape
+    lk, dvd = key.shape[2], value.shape[-1]
+    if (lq - 1) * abs(grad_out.stride(2)) + (dvd - 1) * abs(grad_out.stride(3)) >= 2 ** 31:
+        grad_out = grad_out.contiguous()  # 32-bit offsets inside a (batch, head) slice
+    dq = attention_out_layout(query, (b, h, lq, d))
+    dk = attention_out_layout(key, (b, h, lk, d))
+    dv = attention_out_layout(value, (b, h, lk, dvd))
+    mask, m_strides, kind = _mask_args(attn_mask, (b, h, lq, lk), query)
+    mask_grad = bool(mask_grad) and kind == MASK_FLOAT
+    if mask_grad:
+        # Causal programs skip key blocks above the diagonal: their dS entries stay 0.
+        ds = torch.zeros((b, h, lq, lk), dtype=torch.float32, device=query.device)
+        ds_strides = ds.stride()
+    else:
+        ds, ds_strides = None, (0, 0, 0, 0)
+    _launch_bwd(grad_out, query, key, value, out, stats, dq, dk, dv, mask, ds,
+                query.stride(), key.stride(), value.stride(), out.stride(), grad_out.stride(),
+                dq.stride(), dk.stride(), dv.stride(), _stats_strides((b, h, lq)), m_strides,
+                ds_strides, kind, query, query, b, h, lq, lk, scale, dropout_p, seed, is_causal,
+                False)
+    dmask = None
+    if mask_grad:
+        dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    return dq, dk, dv, dmask
+
+
+def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                         cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         dropout_p: float, is_causal: bool, scale: float,
+                         seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """Forward pass over packed sequences.
+
+    Args: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv), any strides; cu_seqlens_*
+    (N + 1,) int32/int64 on the tensors' device; max_seqlen_* upper bounds of the lengths (they
+    size the grid and the dropout offsets).
+
+    Returns: out (total_q, H, Dv) contiguous, stats fp32 (2 * H * total_q,), viewed as
+    (2, H, total_q) (as in :func:`attention_fwd`).
+    """
+    total_q, h, d = q.shape
+    dv = v.shape[-1]
+    n = cu_seqlens_q.numel() - 1
+    out = torch.empty((total_q, h, dv), dtype=q.dtype, device=q.device)
+    stats = torch.empty((2 * h * total_q,), dtype=torch.float32, device=q.device)
+    _launch_fwd(q, k, v, out, stats, q, _varlen_strides(q), _varlen_strides(k), _varlen_strides(v),
+                _varlen_strides(out), _stats_strides((h, total_q)), (0, 0, 0, 0), MASK_NONE,
+                cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale, dropout_p,
+                seed, is_causal, True)
+    return out, stats
+
+
+def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                         stats: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool,
+                         scale: float, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward pass of :func:`varlen_attention_fwd`; returns dq, dk, dv (packed, contiguous)."""
+    total_q, h, d = q.shape
+    n = cu_seqlens_q.numel() - 1
+    if max_seqlen_q * abs(grad_out.stride(0)) + v.shape[-1] * abs(grad_out.stride(2)) >= 2 ** 31:
+        grad_out = grad_out.contiguous()  # 32-bit offsets inside a sequence
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # Every row of dq / dk / dv belongs to a sequence and is written by its program (zero-length
+    # partners give zero rows), as long as max_seqlen_* bound the lengths (checked by the op).
+    _launch_bwd(grad_out, q, k, v, out, stats, dq, dk, dv, q, None,
+                _varlen_strides(q), _varlen_strides(k), _varlen_strides(v), _varlen_strides(out),
+                _varlen_strides(grad_out), _varlen_strides(dq), _varlen_strides(dk),
+                _varlen_strides(dv), _stats_strides((h, total_q)), (0, 0, 0, 0), (0, 0, 0, 0),
+                MASK_NONE, cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale,
+                dropout_p, seed, is_causal, True)
+    return dq, dk, dv
+
+
+def attention_dropout_mask(seed: int, dropout_p: float, shape: Sequence[int],
+                           device=None) -> Tensor:
+    """The exact keep-mask (bool, True = kept) the attention kernels draw for ``seed``.
+
+    ``shape`` is (B, H, Lq, Lk) for dense attention; for varlen use (N, H, max_seqlen_q,
+    max_seqlen_k) (or :func:`varlen_attention_dropout_masks`).
+    """
+    numel = math.prod(shape)
+    keep = torch.empty(numel, dtype=torch.uint8, device=device)
+    if numel:
+        block = 1024
+        _attention_dropout_mask_kernel[(triton.cdiv(numel, block),)](
+            keep, numel, float(dropout_p), int(seed), BLOCK=block)
+    return keep.view(torch.bool).view(*shape)
+
+
+def varlen_attention_dropout_masks(seed: int, dropout_p: float, cu_seqlens_q: Tensor,
+                                   cu_seqlens_k: Tensor, num_heads: int, max_seqlen_q: int,
+                                   max_seqlen_k: int) -> List[Tensor]:
+    """Per-sequence keep-masks (H, Lq_i, Lk_i) the varlen kernels draw for ``seed``."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    n = len(cq) - 1
+    full = attention_dropout_mask(seed, dropout_p, (n, num_heads, max_seqlen_q, max_seqlen_k),
+                                  device=cu_seqlens_q.device)
+    return [full[i, :, :cq[i + 1] - cq[i], :ck[i + 1] - ck[i]] for i in range(n)]

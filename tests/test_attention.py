@@ -1,0 +1,696 @@
+"""Triton backend of fastbert.scaled_dot_product_attention and fastbert.varlen_attention.
+
+Every check runs the kernel (forward and backward, with one upstream gradient) against
+fastbert.reference in float64, with the FlashAttention rule of fastbert.testing.assert_close: the
+kernel's error is at most twice that of the reference computed in the input dtype
+(``compute_dtype=dtype``), plus the per-dtype floor. Without a GPU the kernels run under the
+Triton interpreter (small, awkward shapes); ``@pytest.mark.cuda`` tests add large shapes, bf16 and
+head dim 256 on a GPU.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import reference
+from fastbert.backends import BackendError, interpreter_enabled
+from fastbert.testing import DEVICE, assert_close, rand
+
+kernels = pytest.importorskip("fastbert.kernels.attention")
+
+# Under the interpreter, numpy reports inf / NaN arising anywhere inside a kernel (even in rows
+# that are never stored) as a RuntimeWarning: make it an error.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _case_id(b, h, lq, lk, d, dtype, causal=False, extra=""):
+    s = f"B{b}-H{h}-Lq{lq}-Lk{lk}-D{d}-{DTYPE_NAMES[dtype]}"
+    if causal:
+        s += "-causal"
+    return s + (f"-{extra}" if extra else "")
+
+
+def _leaves(b, h, lq, lk, d, dv, dtype, layout):
+    """q, k, v leaves in their storage layout; ``_views`` turns them into (B, H, L, D)."""
+    if layout == "blhd":  # (B, L, H, D) storage, the layout a fused QKV projection produces
+        shapes = [(b, lq, h, d), (b, lk, h, d), (b, lk, h, dv)]
+    else:
+        shapes = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, dv)]
+    return [rand(s, dtype, requires_grad=True, noncontiguous=(layout == "strided")) for s in shapes]
+
+
+def _views(leaves, layout):
+    return [t.transpose(1, 2) for t in leaves] if layout == "blhd" else list(leaves)
+
+
+def _clone_leaf(t, dtype=None):
+    if t is None:
+        return None
+    c = t.detach().clone() if dtype is None else t.detach().to(dtype)
+    return c.requires_grad_(t.requires_grad)
+
+
+def _run_sdpa(leaves, layout, mask, causal, dropout_p=0.0, scale=None):
+    q, k, v = _views(leaves, layout)
+    return fastbert.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                 is_causal=causal, scale=scale, backend="triton")
+
+
+def _grads(out, leaves, mask, dout):
+    wrt = list(leaves) + ([mask] if mask is not None and mask.requires_grad else [])
+    return torch.autograd.grad(out, wrt, dout)
+
+
+def _check_sdpa(leaves, layout, mask=None, causal=False, dropout_p=0.0, dropout_mask=None,
+                scale=None):
+    """Output and every gradient (q, k, v, and the mask when it requires grad) vs fp64."""
+    dtype = leaves[0].dtype
+    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale)
+    dout = rand(out.shape, dtype)
+    grads = _grads(out, leaves, mask, dout)
+
+    mask_dtype64 = torch.float64 if mask is not None and mask.is_floating_point() else None
+    ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
+    ref_mask = _clone_leaf(mask, mask_dtype64)
+    ref = reference.scaled_dot_product_attention(*_views(ref_leaves, layout), ref_mask, dropout_p,
+                                                 causal, scale, dropout_mask=dropout_mask)
+    ref_grads = _grads(ref, ref_leaves, ref_mask, dout.double())
+
+    low_leaves = [_clone_leaf(t) for t in leaves]
+    low_mask = _clone_leaf(mask)
+    low = reference.scaled_dot_product_attention(*_views(low_leaves, layout), low_mask, dropout_p,
+                                                 causal, scale, dropout_mask=dropout_mask,
+                                                 compute_dtype=dtype)
+    low_grads = _grads(low, low_leaves, low_mask, dout)
+
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, low, name="out")
+    for name, g, r, lo in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, low_grads):
+        assert g.dtype == (mask.dtype if name == "dmask" else dtype)
+        assert_close(g, r, lo, name=name)
+    return out, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# dense: shapes, layouts, dtypes
+# ----------------------------------------------------------------------------------------------
+F16, F32 = torch.float16, torch.float32
+SHAPES = [
+    # b, h, lq, lk, d, dv, dtype, causal, layout
+    (1, 1, 1, 1, 16, 16, F32, False, "bhld"),
+    (2, 3, 17, 17, 40, 40, F16, False, "bhld"),
+    (2, 3, 17, 130, 80, 80, F16, True, "bhld"),      # causal with Lq < Lk
+    (1, 2, 130, 17, 96, 96, F32, True, "bhld"),      # causal with Lq > Lk: rows past Lk see all keys
+    (2, 2, 97, 97, 64, 64, F16, True, "blhd"),      # (B, L, H, D).transpose(1, 2), no copy
+    (1, 2, 97, 130, 128, 128, F32, False, "blhd"),
+    (2, 1, 130, 1, 40, 40, F16, False, "bhld"),
+    (1, 2, 1, 97, 80, 80, F32, True, "bhld"),
+    (1, 2, 17, 33, 40, 80, F16, False, "bhld"),      # value head dim != query head dim
+    (2, 2, 33, 17, 96, 96, F16, True, "strided"),   # every tensor has a last-dim stride of 2
+    (1, 3, 17, 97, 24, 24, F32, False, "strided"),
+    (1, 1, 17, 20, 160, 160, F16, True, "bhld"),     # padded to BLOCK_D = 256
+    (1, 1, 20, 17, 256, 256, F32, False, "blhd"),
+]
+
+
+@pytest.mark.parametrize(
+    "b,h,lq,lk,d,dv,dtype,causal,layout",
+    [pytest.param(*s, id=_case_id(*s[:5], s[6], s[7], s[8] + (f"-Dv{s[5]}" if s[5] != s[4] else "")))
+     for s in SHAPES])
+def test_sdpa_shapes(b, h, lq, lk, d, dv, dtype, causal, layout):
+    leaves = _leaves(b, h, lq, lk, d, dv, dtype, layout)
+    out, _ = _check_sdpa(leaves, layout, causal=causal)
+    if layout == "blhd" and h > 1 and lq > 1:  # the output keeps the (B, L, H, D) storage
+        assert out.transpose(1, 2).is_contiguous()
+
+
+BLOCK_CONFIGS = {
+    # pass -> (BLOCK_M, BLOCK_N, num_warps, num_stages); the causal split depends on BM vs BN
+    "bm16-bn16": {"fwd": (16, 16, 4, 1), "bwd_dkdv": (16, 16, 4, 1), "bwd_dq": (16, 16, 4, 1)},
+    "bm16-bn64": {"fwd": (16, 64, 4, 1), "bwd_dkdv": (64, 16, 4, 1), "bwd_dq": (16, 64, 4, 1)},
+    "bm64-bn16": {"fwd": (64, 16, 4, 1), "bwd_dkdv": (16, 64, 4, 1), "bwd_dq": (64, 16, 4, 1)},
+}
+
+
+@pytest.mark.parametrize("blocks", list(BLOCK_CONFIGS))
+@pytest.mark.parametrize("lq,lk", [(33, 70), (70, 33)], ids=["Lq33-Lk70", "Lq70-Lk33"])
+def test_sdpa_block_sizes(blocks, lq, lk, monkeypatch, fresh_seed):
+    """Causal + float mask (with its gradient) + dropout under other tilings than the default."""
+    cfg = BLOCK_CONFIGS[blocks]
+    monkeypatch.setattr(kernels, "attention_config", lambda kind, *args: cfg[kind])
+    b, h, d, p = 1, 2, 40, 0.2
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld")
+    mask = _make_mask("float", (1, 1, lq, lk), F32).requires_grad_()
+    seed = _seed_of_next_call(fresh_seed)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk), device=DEVICE)
+    torch.manual_seed(fresh_seed)
+    _check_sdpa(leaves, "bhld", mask=mask, causal=True, dropout_p=p, dropout_mask=keep)
+
+
+def test_sdpa_scale():
+    leaves = _leaves(1, 2, 17, 33, 40, 40, F32, "bhld")
+    _check_sdpa(leaves, "bhld", causal=True, scale=0.37)
+
+
+# ----------------------------------------------------------------------------------------------
+# dense: masks
+# ----------------------------------------------------------------------------------------------
+def _make_mask(kind, shape, dtype, keep_fraction=0.7):
+    """bool: True = attend; float: a random bias with some -inf entries."""
+    if kind == "bool":
+        return torch.rand(shape, device=DEVICE) < keep_fraction
+    m = torch.randn(shape, device=DEVICE)
+    m = m.masked_fill(torch.rand(shape, device=DEVICE) > keep_fraction + 0.2, float("-inf"))
+    return m.to(dtype)
+
+
+MASKS = [
+    # mask kind, mask shape (symbolic), mask dtype (None: query dtype), causal, q dtype
+    ("bool", "B11K", None, False, F16),       # key padding (B, 1, 1, Lk)
+    ("bool", "B11K", None, True, F32),
+    ("float", "11QK", None, False, F16),     # a bias shared by batch and heads
+    ("float", "11QK", None, True, F32),
+    ("bool", "BHQK", None, False, F32),      # full mask
+    ("float", "BHQK", None, True, F16),
+    ("bool", "QK", None, True, F16),          # 2-D mask
+    ("float", "QK", torch.float64, False, F32),
+    ("float", "1H1K", torch.bfloat16, False, F16),
+    ("float", "B1Q1", torch.float32, True, F16),   # per-query bias (stride 0 along keys)
+    ("float", "1HQKt", None, True, F32),      # a transposed (1, H, Lk, Lq) view: stride 1 along Q
+    ("bool", "BHQKt", None, False, F16),
+]
+
+
+def _mask_shape(code, b, h, lq, lk):
+    sizes = {"B": b, "H": h, "Q": lq, "K": lk, "1": 1}
+    return tuple(sizes[c] for c in code.rstrip("t"))
+
+
+@pytest.mark.parametrize(
+    "kind,shape_code,mask_dtype,causal,dtype",
+    [pytest.param(*m, id=_case_id(2, 3, 17, 33, 40, m[4], m[3],
+                                  f"{m[0]}{m[1]}" + (f"-{DTYPE_NAMES.get(m[2], 'fp64')}" if m[2] else "")))
+     for m in MASKS])
+def test_sdpa_masks(kind, shape_code, mask_dtype, causal, dtype):
+    b, h, lq, lk, d = 2, 3, 17, 33, 40
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "blhd")
+    shape = _mask_shape(shape_code, b, h, lq, lk)
+    if shape_code.endswith("t"):  # stored as (..., Lk, Lq), read through the transposed view
+        mask = _make_mask(kind, shape[:-2] + (lk, lq), mask_dtype or dtype).transpose(-1, -2)
+    else:
+        mask = _make_mask(kind, shape, mask_dtype or dtype)
+    _check_sdpa(leaves, "blhd", mask=mask, causal=causal)
+
+
+@pytest.mark.parametrize("shape_code,causal,dtype", [
+    pytest.param("11QK", False, F32, id=_case_id(2, 2, 17, 97, 40, F32, False, "dmask11QK")),
+    pytest.param("11QK", True, F16, id=_case_id(2, 2, 17, 97, 40, F16, True, "dmask11QK")),
+    pytest.param("BHQK", True, F32, id=_case_id(2, 2, 17, 97, 40, F32, True, "dmaskBHQK")),
+    pytest.param("1HQK", False, F16, id=_case_id(2, 2, 17, 97, 40, F16, False, "dmask1HQK")),
+    pytest.param("QK", True, F32, id=_case_id(2, 2, 17, 97, 40, F32, True, "dmaskQK")),
+    pytest.param("B11K", False, F32, id=_case_id(2, 2, 17, 97, 40, F32, False, "dmaskB11K")),
+])
+def test_sdpa_mask_grad(shape_code, causal, dtype):
+    """Gradient of a trainable additive bias (ALiBi / relative position), summed over its
+    broadcast dims; -inf entries get zero gradient."""
+    b, h, lq, lk, d = 2, 2, 17, 97, 40
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "bhld")
+    mask = _make_mask("float", _mask_shape(shape_code, b, h, lq, lk), dtype).requires_grad_()
+    _, grads = _check_sdpa(leaves, "bhld", mask=mask, causal=causal)
+    dmask = grads[3]
+    assert dmask.shape == mask.shape
+    assert torch.all(dmask[torch.isinf(mask.detach())] == 0)
+
+
+@pytest.mark.parametrize("kind,causal,dtype", [
+    pytest.param("bool", False, F16, id=_case_id(2, 2, 33, 20, 64, F16, False, "bool-dead-rows")),
+    pytest.param("float", True, F32, id=_case_id(2, 2, 33, 20, 64, F32, True, "float-dead-rows")),
+    pytest.param("keypad", True, F16, id=_case_id(2, 2, 33, 20, 64, F16, True, "keypad0-dead-row0")),
+])
+def test_sdpa_fully_masked_rows(kind, causal, dtype):
+    """A query row with no key left gives exactly 0, zero gradients, and no NaN anywhere."""
+    b, h, lq, lk, d = 2, 2, 33, 20, 64
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "bhld")
+    if kind == "keypad":
+        # Key 0 is padding in batch 0; with causal, query 0 of batch 0 then sees no key at all.
+        mask = torch.ones((b, 1, 1, lk), dtype=torch.bool, device=DEVICE)
+        mask[0, ..., 0] = False
+        dead = [(0, slice(None), 0)]
+    else:
+        mask = _make_mask(kind, (b, 1, lq, lk), dtype)
+        if kind == "bool":
+            mask[0, 0, [3, 17, 32]] = False
+            mask[1, 0, 0] = False
+        else:
+            mask[0, 0, [3, 17, 32]] = float("-inf")
+            mask[1, 0, 0] = float("-inf")
+        dead = [(0, slice(None), [3, 17, 32]), (1, slice(None), 0)]
+    out, grads = _check_sdpa(leaves, "bhld", mask=mask, causal=causal)
+    for idx in dead:
+        assert torch.all(out[idx] == 0)
+        assert torch.all(grads[0][idx] == 0)
+    for t in (out,) + tuple(grads):
+        assert not torch.isnan(t).any()
+
+
+@pytest.mark.parametrize("fill", [torch.finfo(F32).min, -1e4], ids=["finfo-min", "-1e4"])
+def test_sdpa_large_negative_padding_mask(fill):
+    """Additive padding masks with large finite values (HuggingFace uses torch.finfo(float32).min)
+    keep "alive" rows: a sequence padded everywhere averages over its keys in the reference and
+    must here too, gradients included (log2(e) * finfo.min must not overflow to -inf, and the
+    backward pass must not lose log(l) next to a huge row max)."""
+    b, h, lq, lk, d = 3, 2, 17, 20, 40
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "blhd")
+    lengths = torch.tensor([20, 7, 0], device=DEVICE)
+    pad = torch.arange(lk, device=DEVICE)[None, :] >= lengths[:, None]
+    mask = torch.zeros((b, 1, 1, lk), device=DEVICE).masked_fill(pad[:, None, None, :], fill)
+    out, _ = _check_sdpa(leaves, "blhd", mask=mask)
+    assert torch.all(out[2] != 0)  # the all-padding sequence is averaged, not zeroed
+
+
+def test_sdpa_every_key_masked():
+    """No row has a key: the whole output and every gradient are exactly 0."""
+    leaves = _leaves(1, 2, 17, 20, 40, 40, F16, "bhld")
+    mask = torch.zeros((1, 1, 1, 20), dtype=torch.bool, device=DEVICE)
+    out = _run_sdpa(leaves, "bhld", mask, True)
+    grads = _grads(out, leaves, None, rand(out.shape, F16))
+    for t in (out,) + tuple(grads):
+        assert torch.all(t == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# dense: dropout
+# ----------------------------------------------------------------------------------------------
+def _seed_of_next_call(user_seed):
+    """The dropout seed the op draws right after torch.manual_seed(user_seed)."""
+    from fastbert.ops.attention import _draw_dropout_seed
+
+    torch.manual_seed(user_seed)
+    return _draw_dropout_seed()
+
+
+@pytest.mark.parametrize("b,h,lq,lk,d,dtype,causal,with_mask", [
+    pytest.param(2, 2, 17, 130, 40, F32, False, False, id=_case_id(2, 2, 17, 130, 40, F32, False, "p0.3")),
+    pytest.param(2, 2, 17, 130, 40, F16, True, True, id=_case_id(2, 2, 17, 130, 40, F16, True, "p0.3-keypad")),
+    pytest.param(1, 2, 97, 33, 80, F32, True, False, id=_case_id(1, 2, 97, 33, 80, F32, True, "p0.3")),
+])
+def test_sdpa_dropout_exact(b, h, lq, lk, d, dtype, causal, with_mask, fresh_seed):
+    """The kernel's dropout equals the reference's with the materialised keep-mask, forward and
+    backward (the backward pass regenerates the same mask)."""
+    p = 0.3
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "bhld")
+    mask = _make_mask("bool", (b, 1, 1, lk), None) if with_mask else None
+    seed = _seed_of_next_call(fresh_seed)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk), device=DEVICE)
+    torch.manual_seed(fresh_seed)
+    _check_sdpa(leaves, "bhld", mask=mask, causal=causal, dropout_p=p, dropout_mask=keep)
+
+
+def test_sdpa_dropout_statistics():
+    p = 0.25
+    keep = kernels.attention_dropout_mask(1234, p, (2, 4, 64, 130), device=DEVICE)
+    assert keep.dtype == torch.bool and keep.shape == (2, 4, 64, 130)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    # Neighbouring rows/columns are not correlated (a broken counter would repeat patterns).
+    kf = keep.float() - keep.float().mean()
+    for a, c in ((kf[..., 1:, :], kf[..., :-1, :]), (kf[..., 1:], kf[..., :-1])):
+        corr = (a * c).mean() / kf.var()
+        assert abs(corr.item()) < 0.02
+    other = kernels.attention_dropout_mask(1235, p, (2, 4, 64, 130), device=DEVICE)
+    assert (other != keep).float().mean().item() > 0.3
+
+    # Expectation: with uniform scores (q = 0) and value = 1, each output is
+    # kept_j / (Lk (1 - p)); its mean over 4 * 64 rows is 1 up to ~0.004 (one std).
+    b, h, lq, lk, d = 1, 4, 64, 64, 16
+    q = torch.zeros((b, h, lq, d), device=DEVICE)
+    k = rand((b, h, lk, d))
+    v = torch.ones((b, h, lk, d), device=DEVICE)
+    out = fastbert.scaled_dot_product_attention(q, k, v, dropout_p=p, backend="triton")
+    assert abs(out[..., 0].mean().item() - 1.0) < 0.03
+    assert (out[..., 0] != 1.0).any()  # dropout did something
+    assert torch.all(out[..., 0] == out[..., 1])  # one mask per (row, key), shared by all dims
+
+
+def test_sdpa_dropout_reproducible(fresh_seed):
+    leaves = _leaves(1, 2, 17, 33, 40, 40, F32, "bhld")
+    runs = []
+    for s in (fresh_seed, fresh_seed, fresh_seed + 1):
+        torch.manual_seed(s)
+        out = _run_sdpa(leaves, "bhld", None, True, dropout_p=0.4)
+        runs.append((out,) + tuple(_grads(out, leaves, None, torch.ones_like(out))))
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_sdpa_deterministic():
+    """Two identical calls give bitwise identical outputs and gradients (no atomics)."""
+    b, h, lq, lk, d = 2, 2, 97, 33, 40
+    leaves = _leaves(b, h, lq, lk, d, d, F16, "blhd")
+    mask = _make_mask("float", (1, h, lq, lk), F16).requires_grad_()
+    dout = rand((b, h, lq, d), F16)
+    runs = []
+    for _ in range(2):
+        out = _run_sdpa(leaves, "blhd", mask, True)
+        runs.append((out,) + tuple(_grads(out, leaves, mask, dout)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile and the backend's declared limits
+# ----------------------------------------------------------------------------------------------
+def test_sdpa_compile_fullgraph():
+    def fn(q, k, v, m):
+        out = fastbert.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True,
+                                                    backend="triton")
+        return out * 2.0
+
+    leaves = _leaves(1, 2, 17, 20, 16, 16, F32, "bhld")
+    mask = _make_mask("float", (17, 20), F32).requires_grad_()
+    compiled = torch.compile(fn, fullgraph=True)
+    out = compiled(*leaves, mask)
+    dout = rand(out.shape)
+    grads = torch.autograd.grad(out, leaves + [mask], dout)
+    eager = fn(*leaves, mask)
+    eager_grads = torch.autograd.grad(eager, leaves + [mask], dout)
+    assert torch.equal(out, eager)
+    for g, e in zip(grads, eager_grads):
+        assert torch.equal(g, e)
+
+
+def _reasons(query, value):
+    from fastbert.ops.attention import _sdpa_triton_reasons
+
+    return _sdpa_triton_reasons(query=query, key=query, value=value)
+
+
+@pytest.mark.parametrize("dtype,d,dv,needle", [
+    pytest.param(torch.float64, 64, 64, "float64", id="fp64"),
+    pytest.param(F16, 12, 12, "head dim D = 12", id="D12"),
+    pytest.param(F16, 44, 44, "head dim D = 44", id="D44"),
+    pytest.param(F16, 264, 264, "head dim D = 264", id="D264"),
+    pytest.param(F16, 64, 20, "value head dim Dv = 20", id="Dv20"),
+])
+def test_triton_reasons(dtype, d, dv, needle):
+    q = torch.zeros((1, 1, 4, d), dtype=dtype, device=DEVICE)
+    v = torch.zeros((1, 1, 4, dv), dtype=dtype, device=DEVICE)
+    reasons = _reasons(q, v)
+    assert any(needle in r for r in reasons), reasons
+    k = torch.zeros((1, 1, 4, d), dtype=dtype, device=DEVICE)
+    with pytest.raises(BackendError, match="triton"):
+        fastbert.scaled_dot_product_attention(q, k, v, backend="triton")
+    # The public op still serves the call through the torch backend.
+    fastbert.scaled_dot_product_attention(q, k, v, backend="torch")
+
+
+def test_triton_reasons_accept_supported():
+    for d in range(16, 257, 8):
+        q = torch.zeros((1, 1, 1, d), dtype=F16, device=DEVICE)
+        assert _reasons(q, q) == []
+    q = torch.zeros((1, 1, 1, 64), dtype=torch.bfloat16, device=DEVICE)
+    if DEVICE == "cpu" and interpreter_enabled():
+        assert any("bfloat16" in r and "interpreter" in r for r in _reasons(q, q))
+    else:
+        assert _reasons(q, q) == []
+
+
+def test_triton_reasons_32bit_slices():
+    """One (batch, head) slice must span < 2^31 elements (meta tensors: nothing is allocated)."""
+    from fastbert.ops.attention import _varlen_triton_reasons
+
+    ok = torch.empty_strided((2, 2, 4, 64), (512, 256, 64, 1), dtype=F16, device="meta")
+    assert _reasons(ok, ok) == []
+    big = torch.empty_strided((1, 1, 2, 64), (0, 0, 2 ** 31, 1), dtype=F16, device="meta")
+    assert any("32-bit" in r for r in _reasons(big, ok[:1, :1]))
+    from fastbert.ops.attention import _sdpa_triton_reasons
+    mask = torch.empty_strided((70000, 70000), (70000, 1), dtype=torch.bool, device="meta")
+    q = torch.empty((1, 1, 70000, 64), dtype=F16, device="meta")
+    assert any("attn_mask" in r for r in _sdpa_triton_reasons(query=q, key=q, value=q,
+                                                               attn_mask=mask))
+    packed = torch.empty((10, 16, 128), dtype=F16, device="meta")
+    assert _varlen_triton_reasons(q=packed, k=packed, v=packed, max_seqlen_q=10,
+                                  max_seqlen_k=10) == []
+    assert any("32-bit" in r for r in _varlen_triton_reasons(
+        q=packed, k=packed, v=packed, max_seqlen_q=2 ** 21, max_seqlen_k=10))
+
+
+@pytest.mark.parametrize("cc,smem_kb", [(90, 227), (80, 163), (86, 99)], ids=["sm90", "sm80", "sm86"])
+def test_block_config_table(cc, smem_kb, monkeypatch):
+    """Every (pass, head dim, dtype, dropout) gets power-of-two tiles >= 16 that fit the
+    device's shared memory."""
+    monkeypatch.setattr(kernels, "_device_limits", lambda index: (cc, smem_kb * 1024))
+    kernels._cached_config.cache_clear()
+    try:
+        for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+            for d in range(16, 257, 8):
+                for elem, dropout, masked in itertools.product((2, 4), (False, True), (False, True)):
+                    bd = kernels._block_dim(d)
+                    bm, bn, warps, stages = kernels._cached_config(kind, 0, bd, bd, elem, dropout,
+                                                                   masked)
+                    for blk in (bm, bn):
+                        assert blk >= 16 and blk & (blk - 1) == 0
+                    assert warps in (4, 8) and stages >= 1
+                    est = kernels._smem_estimate(kind, bm, bn, stages, bd, bd, elem)
+                    assert est <= 0.9 * smem_kb * 1024, (kind, d, elem, bm, bn, stages)
+    finally:
+        kernels._cached_config.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# varlen
+# ----------------------------------------------------------------------------------------------
+def _cu(lens):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32,
+                        device=DEVICE)
+
+
+def _varlen_reference(q, k, v, lens_q, lens_k, causal, masks=None, p=0.0, compute_dtype=None):
+    """Per-sequence dense reference (with explicit dropout masks when given)."""
+    outs, cq, ck = [], 0, 0
+    for i, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        qi = q[cq:cq + lq].transpose(0, 1)
+        ki, vi = k[ck:ck + lk].transpose(0, 1), v[ck:ck + lk].transpose(0, 1)
+        if lq == 0 or lk == 0:
+            oi = vi.new_zeros((vi.shape[0], lq, vi.shape[-1])) + 0.0 * qi.sum()
+        else:
+            oi = reference.scaled_dot_product_attention(
+                qi, ki, vi, dropout_p=p, is_causal=causal,
+                dropout_mask=None if masks is None else masks[i], compute_dtype=compute_dtype)
+        outs.append(oi.transpose(0, 1))
+        cq, ck = cq + lq, ck + lk
+    return torch.cat(outs, 0)
+
+
+VARLEN = [
+    # lens_q, lens_k, h, d, dtype, causal, layout, extra max_seqlen slack
+    ([17, 0, 5, 33], [9, 4, 0, 40], 2, 40, F16, False, "plain", 0),
+    ([17, 0, 5, 33], [17, 0, 5, 33], 3, 64, F32, True, "plain", 0),
+    ([1, 97, 30], [130, 20, 30], 2, 80, F16, True, "qkv-packed-slack", 7),
+    ([40, 17], [40, 17], 2, 96, F32, False, "strided", 0),
+]
+
+
+def _varlen_id(lens_q, lens_k, h, d, dtype, causal, layout, slack):
+    return (f"N{len(lens_q)}-H{h}-Lq{'_'.join(map(str, lens_q))}-Lk{'_'.join(map(str, lens_k))}"
+            f"-D{d}-{DTYPE_NAMES[dtype]}" + ("-causal" if causal else "") + f"-{layout}")
+
+
+def _varlen_leaves(lens_q, lens_k, h, d, dtype, layout):
+    tq, tk = sum(lens_q), sum(lens_k)
+    if layout.startswith("qkv-packed"):
+        # Slices of fused (total, 3, H, D) projection outputs: token stride 3 * H * D.
+        q = rand((tq, 3, h, d), dtype)[:, 0].requires_grad_()
+        kv = rand((tk, 3, h, d), dtype)
+        return [q, kv[:, 1].requires_grad_(), kv[:, 2].requires_grad_()]
+    nc = layout == "strided"
+    return [rand((tq, h, d), dtype, requires_grad=True, noncontiguous=nc),
+            rand((tk, h, d), dtype, requires_grad=True, noncontiguous=nc),
+            rand((tk, h, d), dtype, requires_grad=True, noncontiguous=nc)]
+
+
+@pytest.mark.parametrize("lens_q,lens_k,h,d,dtype,causal,layout,slack",
+                         [pytest.param(*c, id=_varlen_id(*c)) for c in VARLEN])
+def test_varlen(lens_q, lens_k, h, d, dtype, causal, layout, slack):
+    leaves = _varlen_leaves(lens_q, lens_k, h, d, dtype, layout)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    max_q, max_k = max(lens_q) + slack, max(lens_k) + slack
+    out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, is_causal=causal,
+                                    backend="triton")
+    dout = rand(out.shape, dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
+    ref = reference.varlen_attention(*ref_leaves, cu_q, cu_k, max_q, max_k, is_causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    low_leaves = [_clone_leaf(t) for t in leaves]
+    low = reference.varlen_attention(*low_leaves, cu_q, cu_k, max_q, max_k, is_causal=causal,
+                                     compute_dtype=dtype)
+    low_grads = torch.autograd.grad(low, low_leaves, dout)
+    assert_close(out, ref, low, name="out")
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_close(g, r, lo, name=name)
+    # Rows of a sequence with no key are exactly 0 and get zero gradient.
+    cq = cu_q.tolist()
+    for i, lk in enumerate(lens_k):
+        if lk == 0:
+            assert torch.all(out[cq[i]:cq[i + 1]] == 0)
+            assert torch.all(grads[0][cq[i]:cq[i + 1]] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["N3-H2-D40-fp32-p0.3", "N3-H2-D40-fp32-causal-p0.3"])
+def test_varlen_dropout_exact(causal, fresh_seed):
+    lens_q, lens_k, h, d, p = [17, 0, 33], [20, 5, 9], 2, 40, 0.3
+    leaves = _varlen_leaves(lens_q, lens_k, h, d, F32, "plain")
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    max_q, max_k = max(lens_q), max(lens_k)
+    seed = _seed_of_next_call(fresh_seed)
+    masks = kernels.varlen_attention_dropout_masks(seed, p, cu_q, cu_k, h, max_q, max_k)
+    torch.manual_seed(fresh_seed)
+    out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, dropout_p=p,
+                                    is_causal=causal, backend="triton")
+    dout = rand(out.shape)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
+    ref = _varlen_reference(*ref_leaves, lens_q, lens_k, causal, masks, p)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    low_leaves = [_clone_leaf(t) for t in leaves]
+    low = _varlen_reference(*low_leaves, lens_q, lens_k, causal, masks, p, compute_dtype=F32)
+    low_grads = torch.autograd.grad(low, low_leaves, dout)
+    assert_close(out, ref, low, name="out")
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_close(g, r, lo, name=name)
+
+
+def test_varlen_matches_padded_dense():
+    """varlen over packed tokens == dense attention with a key-padding mask on the padded batch
+    (both through the Triton kernels), on the real rows."""
+    lens, h, d, L = [17, 5, 30], 2, 40, 30
+    b = len(lens)
+    x = rand((b, L, h, d), F16)
+    keep = torch.arange(L, device=DEVICE)[None, :] < torch.tensor(lens, device=DEVICE)[:, None]
+    packed, _, cu, max_len = fastbert.unpad_input(x, keep)
+    out_v = fastbert.varlen_attention(packed, packed, packed, cu, cu, max_len, max_len,
+                                      backend="triton")
+    xt = x.transpose(1, 2)
+    out_d = fastbert.scaled_dot_product_attention(xt, xt, xt, attn_mask=keep[:, None, None, :],
+                                                  backend="triton")
+    dense_rows = out_d.transpose(1, 2)[keep]
+    assert_close(out_v, dense_rows, atol=1e-3, name="varlen vs padded dense")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: large shapes, bf16, head dim 256, long sequences, CUDA graphs, 64-bit offsets
+# ----------------------------------------------------------------------------------------------
+BF16 = torch.bfloat16
+CUDA_SHAPES = [
+    (2, 4, 1025, 1025, 64, BF16, True, "blhd", None),
+    (1, 2, 2048, 512, 128, F16, False, "blhd", None),
+    (2, 2, 300, 700, 256, BF16, True, "bhld", "bool"),
+    (2, 3, 513, 257, 160, F16, True, "blhd", "float"),
+    (1, 2, 4096, 4096, 128, F16, True, "blhd", None),
+    (512, 2, 65, 65, 64, F16, False, "blhd", "bool"),
+    (1, 2, 1000, 999, 128, F32, False, "bhld", "float"),
+    (2, 2, 130, 97, 256, F32, True, "strided", None),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "b,h,lq,lk,d,dtype,causal,layout,mask_kind",
+    [pytest.param(*s, id=_case_id(*s[:5], s[5], s[6], s[7] + (f"-{s[8]}" if s[8] else "")))
+     for s in CUDA_SHAPES])
+def test_sdpa_cuda_large(b, h, lq, lk, d, dtype, causal, layout, mask_kind):
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, layout)
+    mask = None
+    if mask_kind == "bool":
+        mask = _make_mask("bool", (b, 1, 1, lk), None, keep_fraction=0.9)
+    elif mask_kind == "float":
+        mask = _make_mask("float", (1, h, lq, lk), dtype).requires_grad_()
+    _check_sdpa(leaves, layout, mask=mask, causal=causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_sdpa_cuda_dropout_exact(dtype, fresh_seed):
+    b, h, lq, lk, d, p = 2, 4, 600, 1100, 128, 0.1
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "blhd")
+    seed = _seed_of_next_call(fresh_seed)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk), device=DEVICE)
+    torch.manual_seed(fresh_seed)
+    _check_sdpa(leaves, "blhd", causal=True, dropout_p=p, dropout_mask=keep)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,d,causal", [(BF16, 128, True), (F16, 64, False), (BF16, 256, False)],
+                         ids=["N32-H4-D128-bf16-causal", "N32-H4-D64-fp16", "N32-H4-D256-bf16"])
+def test_varlen_cuda_large(dtype, d, causal):
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(0, 1500, (32,), generator=g).tolist()
+    lens[3] = 0
+    leaves = _varlen_leaves(lens, lens, 4, d, dtype, "plain")
+    cu = _cu(lens)
+    out = fastbert.varlen_attention(*leaves, cu, cu, max(lens), max(lens), is_causal=causal,
+                                    backend="triton")
+    dout = rand(out.shape, dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
+    ref = reference.varlen_attention(*ref_leaves, cu, cu, max(lens), max(lens), is_causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    low_leaves = [_clone_leaf(t) for t in leaves]
+    low = reference.varlen_attention(*low_leaves, cu, cu, max(lens), max(lens), is_causal=causal,
+                                     compute_dtype=dtype)
+    low_grads = torch.autograd.grad(low, low_leaves, dout)
+    assert_close(out, ref, low, name="out")
+    for name, gr, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_close(gr, r, lo, name=name)
+
+
+@pytest.mark.cuda
+def test_sdpa_cuda_graph_capture():
+    b, h, lq, lk, d = 4, 4, 257, 300, 64
+    q, k, v = _views(_leaves(b, h, lq, lk, d, d, F16, "blhd"), "blhd")
+    q, k, v = q.detach(), k.detach(), v.detach()
+    mask = _make_mask("bool", (b, 1, 1, lk), None)
+    fn = lambda: fastbert.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True,  # noqa: E731
+                                                       backend="triton")
+    expected = fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up compiles the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, fn())
+    assert not torch.equal(static_out, expected)
+
+
+@pytest.mark.cuda
+def test_sdpa_cuda_int64_offsets():
+    """q / k / v / out of 2^31 elements each: batch offsets overflow 32 bits (forward only)."""
+    b, h, l, d = 4096, 16, 256, 128
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    q = torch.randn((b, l, h, d), dtype=F16, device=DEVICE).transpose(1, 2)
+    k = torch.randn_like(q)
+    v = torch.randn_like(q)
+    out = fastbert.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+    for bi in (0, 2047, b - 1):  # the last batch starts past 2^31 elements
+        sl = slice(bi, bi + 1)
+        ref = reference.scaled_dot_product_attention(q[sl].double(), k[sl].double(), v[sl].double(),
+                                                     is_causal=True)
+        low = reference.scaled_dot_product_attention(q[sl], k[sl], v[sl], is_causal=True,
+                                                     compute_dtype=F16)
+        assert_close(out[sl], ref, low, name=f"out[{bi}]")
