@@ -11,6 +11,7 @@ Environment:
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -31,6 +32,21 @@ def _cuda_sources():
                   + glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
 
 
+def _point_cuda_home_at_toolkit():
+    """torch derives CUDA_HOME from `which nvcc`; when that is a wrapper script (e.g.
+    /usr/local/bin/nvcc) it gets /usr/local, which has neither the CUDA headers nor libcudart.
+    Unless CUDA_HOME / CUDA_PATH is set, point it at a toolkit that has them."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _cuda_extension():
     """Return (ext_modules, cmdclass) for fastbert._C, or ([], {}) with a printed reason."""
     mode = os.environ.get("FASTBERT_BUILD_CUDA", "").strip()
@@ -49,6 +65,7 @@ def _cuda_extension():
     sources = _cuda_sources()
     if not sources:
         return skip("csrc/ has no sources")
+    _point_cuda_home_at_toolkit()  # before torch.utils.cpp_extension reads it
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -77,8 +94,9 @@ def _cuda_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            # No -std: torch adds the standard its headers need (C++20 from torch 2.14 on).
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },

@@ -17,6 +17,7 @@ import torch
 import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, interpreter_enabled
+from fastbert.ops.attention import _cuda_ops
 from fastbert.testing import DEVICE, assert_close, rand
 
 kernels = pytest.importorskip("fastbert.kernels.attention")
@@ -694,3 +695,295 @@ def test_sdpa_cuda_int64_offsets():
         low = reference.scaled_dot_product_attention(q[sl], k[sl], v[sl], is_causal=True,
                                                      compute_dtype=F16)
         assert_close(out[sl], ref, low, name=f"out[{bi}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="cuda" (csrc/attention, extension fastbert._C): GPU only. Output and every gradient
+# against the fp64 reference with the same upstream gradient; the reference computed in the input's
+# dtype sets the bound. C++ allocations bypass conftest's NaN poisoning, so the CUDA cache's free
+# blocks are filled with NaN first: an output the kernel leaves unwritten then shows up as NaN.
+# ----------------------------------------------------------------------------------------------
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _poison_cuda_cache():
+    """Fills free blocks of the CUDA caching allocator (small and large pools) with NaN."""
+    sizes = [1 << 10] * 512 + [1 << 17] * 16 + [1 << 22] * 8  # fp32: 2 MiB + 8 MiB small pool, 128 MiB large
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
+    del blocks
+
+
+def _cuda_leaf(t, dtype=None):
+    """A fresh leaf copy of ``t`` (cast to ``dtype`` if floating) that requires grad if floating;
+    bool masks stay bool."""
+    if t is None:
+        return None
+    t = t.detach()
+    if not t.is_floating_point():
+        return t
+    t = t.to(dtype) if dtype is not None else t.clone()
+    return t.requires_grad_(True)
+
+
+def _cuda_check_all(name, outs, refs, lows):
+    for i, (o, r, lo) in enumerate(zip(outs, refs, lows)):
+        if r is None:
+            assert o is None, f"{name}[{i}]: expected no gradient"
+            continue
+        assert o is not None, f"{name}[{i}]: missing"
+        assert o.dtype == lo.dtype, f"{name}[{i}]: dtype {o.dtype}, expected {lo.dtype}"
+        assert torch.isfinite(o).all(), f"{name}[{i}]: non-finite values"
+        assert_close(o, r, lo, name=f"{name}[{i}]")
+
+
+def _cuda_compare(fn, inputs, dys, dtype, name, ref_kwargs=None):
+    """Runs ``fn(*inputs, backend=...)`` on the CUDA backend, the fp64 reference and the reference
+    computed in ``dtype``, with the same upstream gradients ``dys`` (one per output), and compares
+    every output and every input gradient."""
+    _poison_cuda_cache()
+    ref_kwargs = ref_kwargs or {}
+
+    def run(backend, cast, extra):
+        ins = [_cuda_leaf(t, cast) if isinstance(t, torch.Tensor) else t for t in inputs]
+        outs = fn(*ins, backend=backend, **extra)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward([o for o, dy in zip(outs, dys) if dy is not None],
+                                [(dy.to(o.dtype)) for o, dy in zip(outs, dys) if dy is not None])
+        grads = [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in ins]
+        return [o.detach() for o in outs], grads
+
+    outs, grads = run("cuda", None, {})
+    refs, ref_grads = run("ref", torch.float64, dict(ref_kwargs))
+    lows, low_grads = run("ref", None, dict(ref_kwargs, compute_dtype=dtype))
+    for o in outs:
+        assert o.dtype == dtype
+    _cuda_check_all(f"{name} out", outs, refs, lows)
+    _cuda_check_all(f"{name} grad", grads, ref_grads, low_grads)
+
+
+def _cuda_with_seed(seed, fn):
+    torch.manual_seed(seed)
+    return fn()
+
+
+def _cuda_sdpa(dropout_p=0.0, is_causal=False, scale=None, dropout_mask=None):
+    def fn(q, k, v, m, backend, **kw):
+        if backend == "cuda":
+            return fastbert.scaled_dot_product_attention(q, k, v, m, dropout_p, is_causal, scale, backend="cuda")
+        return reference.scaled_dot_product_attention(q, k, v, m, dropout_p, is_causal, scale,
+                                                      dropout_mask=dropout_mask, **kw)
+    return fn
+
+
+CUDA_ATTN_SHAPES = [  # (B, H, Lq, Lk, D, Dv)
+    (1, 1, 1, 1, 64, 64), (2, 3, 17, 17, 40, 40), (1, 2, 97, 130, 80, 80), (2, 2, 130, 97, 96, 96),
+    (1, 2, 512, 512, 64, 64), (2, 1, 17, 512, 128, 128), (1, 3, 97, 97, 64, 40),
+]
+
+
+def _cuda_sid(s):
+    b, h, lq, lk, d, dv = s
+    return f"B{b}-H{h}-Lq{lq}-Lk{lk}-D{d}" + (f"-Dv{dv}" if dv != d else "")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=[DTYPE_NAMES[d] for d in CUDA_DTYPES])
+@pytest.mark.parametrize("shape", CUDA_ATTN_SHAPES, ids=_cuda_sid)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_sdpa(shape, dtype, causal):
+    b, h, lq, lk, d, dv = shape
+    q, k, v = rand((b, h, lq, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda"), rand((b, h, lk, dv), dtype, "cuda")
+    dy = rand((b, h, lq, dv), dtype, "cuda")
+    _cuda_compare(_cuda_sdpa(is_causal=causal), [q, k, v, None], [dy], dtype, f"sdpa {_cuda_sid(shape)}")
+
+
+def _cuda_mask(kind, b, h, lq, lk, dtype):
+    """Masks of every kind; some rows of the bool ones are fully masked."""
+    if kind == "key-padding":  # (B, 1, 1, Lk), True = real token; the last batch entry fully padded
+        lens = torch.randint(1, lk + 1, (b,))
+        lens[-1] = 0
+        return (torch.arange(lk)[None, :] < lens[:, None]).view(b, 1, 1, lk).to("cuda")
+    if kind == "bool-full":
+        m = torch.rand(b, h, lq, lk) > 0.3
+        m[..., 0, :] = False  # a fully masked query row
+        return m.to("cuda")
+    if kind == "bool-2d-transposed":  # (Lq, Lk) as a non-contiguous view
+        return (torch.rand(lk, lq) > 0.5).to("cuda").t()
+    if kind == "bool-expanded":  # stride-0 broadcast view
+        return (torch.rand(1, 1, 1, lk) > 0.2).to("cuda").expand(b, h, lq, lk)
+    if kind == "float-same":
+        m = torch.randn(b, 1, lq, lk)
+        m[..., : lk // 3] = float("-inf")
+        return m.to("cuda", dtype)
+    if kind == "float32":
+        return torch.randn(lq, lk, device="cuda")
+    raise ValueError(kind)
+
+
+CUDA_MASK_KINDS = ["key-padding", "bool-full", "bool-2d-transposed", "bool-expanded", "float-same", "float32"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=[DTYPE_NAMES[d] for d in CUDA_DTYPES])
+@pytest.mark.parametrize("kind", CUDA_MASK_KINDS)
+@pytest.mark.parametrize("shape", [(2, 2, 17, 97, 64, 64), (3, 2, 130, 130, 40, 40)], ids=_cuda_sid)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_sdpa_masks(shape, kind, dtype, causal):
+    b, h, lq, lk, d, dv = shape
+    q, k, v = rand((b, h, lq, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda"), rand((b, h, lk, dv), dtype, "cuda")
+    m = _cuda_mask(kind, b, h, lq, lk, dtype)
+    dy = rand((b, h, lq, dv), dtype, "cuda")
+    _cuda_compare(_cuda_sdpa(is_causal=causal), [q, k, v, m], [dy], dtype, f"sdpa {_cuda_sid(shape)} {kind}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_cuda_sdpa_float_mask_grad(dtype):
+    b, h, lq, lk, d = 2, 3, 17, 33, 40
+    q, k, v = rand((b, h, lq, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda")
+    m = rand((b, 1, lq, lk), dtype, "cuda")  # broadcast over heads: its gradient sums them
+    dy = rand((b, h, lq, d), dtype, "cuda")
+    _cuda_compare(_cuda_sdpa(is_causal=True, scale=0.3), [q, k, v, m], [dy], dtype, "sdpa mask grad")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=[DTYPE_NAMES[d] for d in CUDA_DTYPES])
+@pytest.mark.parametrize("grad", [True, False], ids=["unfused", "fused-inference"])
+def test_cuda_sdpa_fully_masked_rows_are_zero(dtype, grad):
+    _poison_cuda_cache()
+    b, h, lq, lk, d = 2, 2, 17, 40, 64
+    q, k, v = rand((b, h, lq, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda")
+    m = torch.ones(b, 1, lq, lk, dtype=torch.bool, device="cuda")
+    m[0, :, 3] = False   # one dead row
+    m[1] = False         # a whole dead batch entry
+    leaves = [_cuda_leaf(t) for t in (q, k, v)]
+    with torch.set_grad_enabled(grad):
+        out = fastbert.scaled_dot_product_attention(*(leaves if grad else (q, k, v)), m, backend="cuda")
+    assert torch.isfinite(out).all()
+    assert (out[0, :, 3] == 0).all() and (out[1] == 0).all()
+    if grad:
+        out.backward(rand(out.shape, dtype, "cuda"))
+        for t in leaves:
+            assert torch.isfinite(t.grad).all()
+        assert (leaves[0].grad[0, :, 3] == 0).all() and (leaves[0].grad[1] == 0).all()
+        assert (leaves[1].grad[1] == 0).all() and (leaves[2].grad[1] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=[DTYPE_NAMES[d] for d in CUDA_DTYPES])
+@pytest.mark.parametrize("shape,with_mask,causal", [
+    ((2, 3, 17, 97, 40, 40), False, False), ((1, 2, 130, 130, 64, 64), True, True),
+    ((2, 1, 97, 512, 128, 128), True, False)], ids=["B2-H3-Lq17-Lk97-D40", "B1-H2-L130-D64-mask-causal",
+                                                     "B2-H1-Lq97-Lk512-D128-mask"])
+@pytest.mark.parametrize("p", [0.1, 0.5], ids=["p0.1", "p0.5"])
+def test_cuda_sdpa_dropout_exact(shape, with_mask, causal, dtype, p):
+    _cuda_ops()
+    b, h, lq, lk, d, dv = shape
+    q, k, v = rand((b, h, lq, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda"), rand((b, h, lk, dv), dtype, "cuda")
+    m = _cuda_mask("key-padding", b, h, lq, lk, dtype) if with_mask else None
+    scale = d ** -0.5
+    outs = _cuda_with_seed(99, lambda: torch.ops.fastbert_cuda.attention_fwd(q, k, v, m, p, causal, scale))
+    keep = torch.ops.fastbert_cuda.dropout_mask(outs[-1], [b, h, lq, lk], p)
+    dy = rand((b, h, lq, dv), dtype, "cuda")
+
+    def fn(*args, backend, **kw):
+        if backend == "cuda":
+            return _cuda_with_seed(99, lambda: _cuda_sdpa(p, causal)(*args, backend="cuda"))
+        return _cuda_sdpa(p, causal, dropout_mask=keep)(*args, backend=backend, **kw)
+
+    _cuda_compare(fn, [q, k, v, m], [dy], dtype, f"sdpa dropout {_cuda_sid(shape)}")
+
+
+@pytest.mark.cuda
+def test_cuda_sdpa_dropout_reproducible_and_fresh():
+    q = rand((2, 2, 64, 64), F16, "cuda", requires_grad=True)
+    run = lambda: fastbert.scaled_dot_product_attention(q, q, q, dropout_p=0.2, backend="cuda")  # noqa: E731
+    a, b = _cuda_with_seed(5, run), _cuda_with_seed(5, run)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run())
+
+
+@pytest.mark.cuda
+def test_cuda_sdpa_deterministic():
+    _poison_cuda_cache()
+    q, k, v = (rand((2, 4, 130, 64), F16, "cuda") for _ in range(3))
+    dy = rand((2, 4, 130, 64), F16, "cuda")
+    results = []
+    for _ in range(2):
+        leaves = [_cuda_leaf(t) for t in (q, k, v)]
+        out = fastbert.scaled_dot_product_attention(*leaves, is_causal=True, backend="cuda")
+        out.backward(dy)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+# Fused tensor-core forward (inference: no gradient, no dropout, fp16 / bf16, D 64 / 128, Lk <= 512)
+CUDA_FUSED_SHAPES = [(1, 1, 1, 1, 64), (2, 3, 17, 17, 64), (1, 2, 97, 130, 128), (2, 2, 130, 97, 64),
+                     (1, 2, 512, 512, 128), (2, 1, 300, 512, 64), (1, 1, 65, 64, 128)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", CUDA_FUSED_SHAPES, ids=lambda s: _cuda_sid(s + (s[-1],)))
+@pytest.mark.parametrize("mask", [None, "key-padding", "bool-full", "bool-2d-transposed"],
+                         ids=["nomask", "key-padding", "bool-full", "bool-2d"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_cuda_sdpa_fused_inference(shape, dtype, mask, causal, layout):
+    _poison_cuda_cache()
+    b, h, lq, lk, d = shape
+
+    def make(l):
+        if layout == "blhd":  # (B, L, H, D) memory seen as (B, H, L, D)
+            return rand((b, l, h, d), dtype, "cuda").transpose(1, 2)
+        return rand((b, h, l, d), dtype, "cuda")
+
+    q, k, v = make(lq), make(lk), make(lk)
+    m = None if mask is None else _cuda_mask(mask, b, h, lq, lk, dtype)
+    ops = _cuda_ops()
+    assert ops.fused_attention_unsupported(q, k, v, m) == ""  # the fused kernel really runs
+    with torch.no_grad():
+        out = fastbert.scaled_dot_product_attention(q, k, v, m, is_causal=causal, backend="cuda")
+        again = fastbert.scaled_dot_product_attention(q, k, v, m, is_causal=causal, backend="cuda")
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), m, is_causal=causal)
+    low = reference.scaled_dot_product_attention(q, k, v, m, is_causal=causal, compute_dtype=dtype)
+    assert out.dtype == dtype and out.shape == (b, h, lq, d)
+    assert_close(out, ref, low, name=f"fused sdpa {_cuda_sid(shape + (d,))}")
+    assert torch.equal(out, again)
+
+
+@pytest.mark.cuda
+def test_cuda_sdpa_fused_falls_back_when_unsupported():
+    _poison_cuda_cache()
+    q = rand((1, 2, 17, 80), F16, "cuda")
+    ops = _cuda_ops()
+    assert "head dim" in ops.fused_attention_unsupported(q, q, q, None)
+    out = ops.fused_attention_fwd(q, q, q, None, False, 0.125)  # served by the unfused path
+    ref = reference.scaled_dot_product_attention(q.double(), q.double(), q.double(), scale=0.125)
+    low = reference.scaled_dot_product_attention(q, q, q, scale=0.125, compute_dtype=F16)
+    assert_close(out, ref, low)
+
+
+@pytest.mark.cuda
+def test_cuda_attention_opcheck():
+    ops = _cuda_ops()
+    q, k = rand((2, 2, 17, 64), F16, "cuda", requires_grad=True), rand((2, 2, 33, 64), F16, "cuda")
+    m = torch.rand(2, 1, 1, 33, device="cuda") > 0.2
+    torch.library.opcheck(ops.attention_fwd, (q, k, k, m, 0.0, True, 0.125))
+    torch.library.opcheck(ops.attention_fwd, (q, k, k, rand((17, 33), F16, "cuda"), 0.0, False, 0.125))
+    torch.library.opcheck(ops.fused_attention_fwd, (q.detach(), k, k, m, False, 0.125))
+
+
+@pytest.mark.cuda
+def test_cuda_attention_compile_fullgraph():
+    q = rand((2, 2, 33, 64), F16, "cuda", requires_grad=True)
+
+    def f(q):
+        return fastbert.scaled_dot_product_attention(q, q, q, is_causal=True, backend="cuda")
+
+    eager = f(q)  # loads the extension and registers its fakes before tracing
+    compiled = torch.compile(f, fullgraph=True)(q)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    with torch.no_grad():  # the fused inference kernel
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(q), f(q), rtol=0, atol=0)

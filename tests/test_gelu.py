@@ -185,3 +185,103 @@ def test_bias_gelu_compile():
 def test_bias_gelu_cuda(shape, dtype, approximate):
     x = rand(shape, dtype, scale=3.0)
     _check_bias_gelu(x, rand((shape[-1],), dtype), approximate)
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="cuda" (csrc/gelu, extension fastbert._C): GPU only, against the fp64 reference with the
+# reference in the input's dtype setting the bound. C++ allocations bypass conftest's NaN
+# poisoning, so the CUDA cache's free blocks are filled with NaN first.
+# ----------------------------------------------------------------------------------------------
+def _poison_cuda_cache():
+    sizes = [1 << 10] * 512 + [1 << 17] * 16 + [1 << 22] * 8  # fp32: 2 + 8 MiB small pool, 128 MiB large
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
+    del blocks
+
+
+def _cuda_leaf(t, dtype=None):
+    if t is None:
+        return None
+    t = t.detach()
+    t = t.to(dtype) if dtype is not None else t.clone()
+    return t.requires_grad_(True)
+
+
+def _cuda_check(x, bias, approximate, dy, public="bias_gelu"):
+    """Output and every gradient of the CUDA op vs the fp64 reference (same dy); the reference
+    computed in x's dtype sets the bound."""
+    _poison_cuda_cache()
+    dtype = x.dtype
+
+    def run(cast, backend=None, **kw):
+        xl, bl = _cuda_leaf(x, cast), _cuda_leaf(bias, cast)
+        if backend == "cuda":
+            out = (fastbert.gelu(xl, approximate, backend="cuda") if public == "gelu"
+                   else fastbert.bias_gelu(xl, bl, approximate, backend="cuda"))
+        else:
+            out = reference.bias_gelu(xl, bl, approximate, **kw)
+        out.backward(dy.to(out.dtype))
+        return [out.detach(), xl.grad, None if bl is None else bl.grad]
+
+    got = run(None, "cuda")
+    want = run(torch.float64)
+    low = run(None, compute_dtype=dtype)
+    for name, o, r, lo in zip(("out", "grad input", "grad bias"), got, want, low):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype and torch.isfinite(o).all(), name
+        assert_close(o, r, lo, name=f"{public} {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("shape", [(1,), (67, 1), (67, 7), (5, 13, 97), (129, 768), (67, 1000), (33, 3072),
+                                   (17, 4096), (9, 8192)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_cuda_bias_gelu(shape, dtype, approximate, with_bias):
+    x = rand(shape, dtype, "cuda", scale=3.0)
+    bias = rand((shape[-1],), dtype, "cuda") if with_bias else None
+    _cuda_check(x, bias, approximate, rand(shape, dtype, "cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("shape", [(), (1,), (1001,), (4, 17, 96)], ids=lambda s: "x".join(map(str, s)) or "scalar")
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("approximate", APPROX)
+def test_cuda_gelu(shape, dtype, strided, approximate):
+    if strided and not shape:
+        pytest.skip("a 0-d tensor has no strided view")
+    x = rand(shape, dtype, "cuda", scale=3.0, noncontiguous=strided) if shape else rand((), dtype, "cuda")
+    _cuda_check(x, None, approximate, rand(shape, dtype, "cuda"), public="gelu")
+
+
+@pytest.mark.cuda
+def test_cuda_bias_gelu_transposed_input():
+    x = rand((768, 129), torch.bfloat16, "cuda").t()  # (129, 768) with a column-major layout
+    _cuda_check(x, rand((768,), torch.bfloat16, "cuda"), "tanh", rand((129, 768), torch.bfloat16, "cuda"))
+
+
+@pytest.mark.cuda
+def test_cuda_bias_gelu_deterministic():
+    x, b, dy = rand((4099, 768), torch.float16, "cuda"), rand((768,), torch.float16, "cuda"), rand((4099, 768), torch.float16, "cuda")
+    grads = []
+    for _ in range(2):
+        bl = _cuda_leaf(b)
+        fastbert.bias_gelu(x, bl, backend="cuda").backward(dy)
+        grads.append(bl.grad)
+    assert torch.equal(*grads)
+
+
+@pytest.mark.cuda
+def test_cuda_gelu_opcheck_and_compile():
+    from fastbert.ops.gelu import _cuda_ops
+
+    x = rand((33, 1000), torch.float16, "cuda", requires_grad=True)
+    b = rand((1000,), torch.float16, "cuda", requires_grad=True)
+    for bias in (b, None):
+        torch.library.opcheck(_cuda_ops().bias_gelu_fwd, (x, bias, "tanh"))
+    f = lambda x, b: fastbert.bias_gelu(x, b, backend="cuda") + fastbert.gelu(x, "tanh", backend="cuda")  # noqa: E731
+    eager = f(x, b)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, b), eager, rtol=0, atol=0)

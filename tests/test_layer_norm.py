@@ -452,3 +452,209 @@ def test_add_layer_norm_cuda(width, dtype):
 def test_layer_norm_cuda_noncontiguous_wide():
     x = rand((33, 65536), torch.bfloat16, noncontiguous=True)
     _check_layer_norm(x, 65536, None, rand((65536,), torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="cuda" (csrc/layer_norm, extension fastbert._C): GPU only. Reference in fp64 and, for
+# the tolerance, the reference computed in the input's dtype; the same upstream gradient for all.
+# C++ allocations bypass conftest's NaN poisoning, so the CUDA cache's free blocks are filled with
+# NaN first: an output the kernel leaves unwritten then shows up as NaN.
+# ----------------------------------------------------------------------------------------------
+CUDA_WIDTHS = [1, 7, 97, 768, 1000, 1024, 4096, 8192, 65536]
+
+
+def _poison_cuda_cache():
+    sizes = [1 << 10] * 512 + [1 << 17] * 16 + [1 << 22] * 8  # fp32: 2 + 8 MiB small pool, 128 MiB large
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
+    del blocks
+
+
+def _cuda_leaf(t, dtype=None):
+    if t is None or not t.is_floating_point():
+        return t
+    t = t.detach()
+    t = t.to(dtype) if dtype is not None else t.clone()
+    return t.requires_grad_(True)
+
+
+def _cuda_compare(fn, inputs, dys, dtype, name):
+    """``fn(*inputs, backend=b, **ref_kwargs)`` runs the CUDA op (b = "cuda") or the reference
+    (b = "ref"). Compares outputs and input gradients (same upstream ``dys``, one per output) of
+    the CUDA op against the fp64 reference, with the reference in ``dtype`` setting the bound."""
+    _poison_cuda_cache()
+
+    def run(backend, cast, **kw):
+        ins = [_cuda_leaf(t, cast) for t in inputs]
+        outs = fn(*ins, backend=backend, **kw)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(list(outs), [dy.to(o.dtype) for o, dy in zip(outs, dys)])
+        return [o.detach() for o in outs], [None if t is None else t.grad for t in ins]
+
+    outs, grads = run("cuda", None)
+    refs, ref_grads = run("ref", torch.float64)
+    lows, low_grads = run("ref", None, compute_dtype=dtype)
+    for kind, got, want, low in (("out", outs, refs, lows), ("grad", grads, ref_grads, low_grads)):
+        for i, (o, r, lo) in enumerate(zip(got, want, low)):
+            if r is None:
+                assert o is None, f"{name} {kind}[{i}]: unexpected gradient"
+                continue
+            assert o.dtype == lo.dtype and torch.isfinite(o).all(), f"{name} {kind}[{i}]: {o.dtype}"
+            assert_close(o, r, lo, name=f"{name} {kind}[{i}]")
+
+
+def _cuda_layer_norm(shape):
+    def fn(x, w, b, backend, **kw):
+        if backend == "cuda":
+            return fastbert.layer_norm(x, shape, w, b, 1e-5, backend="cuda")
+        return reference.layer_norm(x, shape, w, b, 1e-5, **kw)
+    return fn
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("rows,width", [pytest.param(r, w, id=f"R{r}-N{w}") for r, w in
+                                        [(r, w) for w in CUDA_WIDTHS for r in (1, 67)] + [(1537, 768), (400, 1000)]])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_cuda_layer_norm(rows, width, dtype, affine):
+    x = rand((rows, width), dtype, "cuda", scale=2.0) + 0.5
+    w = rand((width,), dtype, "cuda") if affine else None
+    b = rand((width,), dtype, "cuda") if affine else None
+    _cuda_compare(_cuda_layer_norm((width,)), [x, w, b], [rand((rows, width), dtype, "cuda")], dtype,
+                  f"layer_norm R{rows}-N{width}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("view", ["row-stride-768of1024", "row-stride-97of100", "every-other-1000",
+                                  "3d-normalized-8x96"])
+def test_cuda_layer_norm_views(view, dtype):
+    if view == "row-stride-768of1024":  # vectorised fast path with a row stride
+        x, shape = rand((33, 1024), dtype, "cuda")[:, :768], (768,)
+    elif view == "row-stride-97of100":  # unaligned rows: the scalar path
+        x, shape = rand((33, 100), dtype, "cuda")[:, 3:], (97,)
+    elif view == "every-other-1000":
+        x, shape = rand((2, 17, 1000), dtype, "cuda", noncontiguous=True), (1000,)
+    else:
+        x, shape = rand((3, 5, 8, 96), dtype, "cuda"), (8, 96)
+    w, b = rand(shape, dtype, "cuda"), rand(shape, dtype, "cuda")
+    _cuda_compare(_cuda_layer_norm(shape), [x, w, b], [rand(x.shape, dtype, "cuda")], dtype, f"layer_norm {view}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("width", [768, 1000], ids=["N768-fast", "N1000-generic"])
+def test_cuda_layer_norm_deterministic(width):
+    x, w, b = rand((3000, width), torch.float16, "cuda"), rand((width,), torch.float16, "cuda"), rand((width,), torch.float16, "cuda")
+    dy = rand((3000, width), torch.float16, "cuda")
+    results = []
+    for _ in range(2):
+        leaves = [_cuda_leaf(t) for t in (x, w, b)]
+        out = fastbert.layer_norm(leaves[0], (width,), leaves[1], leaves[2], backend="cuda")
+        out.backward(dy)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for t1, t2 in zip(*results):
+        assert torch.equal(t1, t2)
+
+
+def _cuda_add_ln(return_residual, dropout_p=0.0, mask=None):
+    def fn(x, r, w, b, ib, backend, **kw):
+        if backend == "cuda":
+            return fastbert.add_layer_norm(x, r, w, b, 1e-5, input_bias=ib, dropout_p=dropout_p,
+                                           return_residual=return_residual, backend="cuda")
+        return reference.add_layer_norm(x, r, w, b, 1e-5, input_bias=ib, dropout_p=dropout_p,
+                                        return_residual=return_residual, dropout_mask=mask, **kw)
+    return fn
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("rows,width", [pytest.param(r, w, id=f"R{r}-N{w}") for r, w in [
+    (1, 1), (67, 7), (67, 97), (1537, 768), (67, 1000), (300, 1024), (67, 4096), (9, 8192), (3, 65536)]])
+@pytest.mark.parametrize("params", ["all", "no-input-bias", "none"])
+@pytest.mark.parametrize("return_residual", [False, True], ids=["out", "out+sum"])
+def test_cuda_add_layer_norm(rows, width, dtype, params, return_residual):
+    x, r = rand((rows, width), dtype, "cuda"), rand((rows, width), dtype, "cuda")
+    w = rand((width,), dtype, "cuda") if params != "none" else None
+    b = rand((width,), dtype, "cuda") if params != "none" else None
+    ib = rand((width,), dtype, "cuda") if params == "all" else None
+    dys = [rand((rows, width), dtype, "cuda") for _ in range(2 if return_residual else 1)]
+    _cuda_compare(_cuda_add_ln(return_residual), [x, r, w, b, ib], dys, dtype,
+                  f"add_layer_norm R{rows}-N{width}-{params}")
+
+
+def _with_seed(seed, fn):
+    torch.manual_seed(seed)
+    return fn()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("shape", [(3, 5, 97), (2, 50, 768), (67, 1000), (9, 4096)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.1, 0.5], ids=["p0.1", "p0.5"])
+def test_cuda_add_layer_norm_dropout_exact(shape, dtype, p):
+    """The CUDA forward's keep-mask (materialised from its seed by dropout_mask) given to the
+    reference reproduces output, pre-norm sum and every gradient."""
+    from fastbert.ops.layer_norm import _cuda_ops
+
+    ops = _cuda_ops()
+    n = shape[-1]
+    x, r = rand(shape, dtype, "cuda"), rand(shape, dtype, "cuda")
+    w, b, ib = rand((n,), dtype, "cuda"), rand((n,), dtype, "cuda"), rand((n,), dtype, "cuda")
+    outs = _with_seed(1234, lambda: ops.add_layer_norm_fwd(x.reshape(-1, n), r.reshape(-1, n), w, b, ib, 1e-5, p))
+    keep = ops.dropout_mask(outs[-1], list(shape), p)
+    assert 0.0 < keep.float().mean().item() < 1.0
+
+    def fn(*args, backend, **kw):
+        if backend == "cuda":  # the public op, drawing the same seed
+            return _with_seed(1234, lambda: _cuda_add_ln(True, p)(*args, backend="cuda"))
+        return _cuda_add_ln(True, p, keep)(*args, backend=backend, **kw)
+
+    _cuda_compare(fn, [x, r, w, b, ib], [rand(shape, dtype, "cuda"), rand(shape, dtype, "cuda")], dtype,
+                  f"add_layer_norm dropout {shape} p{p}")
+
+
+@pytest.mark.cuda
+def test_cuda_add_layer_norm_dropout_reproducible():
+    x, r = rand((64, 768), torch.float16, "cuda"), rand((64, 768), torch.float16, "cuda")
+    run = lambda: fastbert.add_layer_norm(x, r, None, None, dropout_p=0.3, backend="cuda")  # noqa: E731
+    first, again = _with_seed(7, run), _with_seed(7, run)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, run())  # the generator moved on: a fresh mask
+
+
+@pytest.mark.cuda
+def test_cuda_add_layer_norm_only_sum_used():
+    x, r = rand((17, 97), torch.float32, "cuda"), rand((17, 97), torch.float32, "cuda")
+    grads = []
+    for backend, cast in (("cuda", None), ("ref", torch.float64)):
+        xl, rl = _cuda_leaf(x, cast), _cuda_leaf(r, cast)
+        _, s = _cuda_add_ln(True)(xl, rl, None, None, None, backend=backend)
+        s.backward(torch.ones_like(s))
+        grads.append((xl.grad, rl.grad))
+    for got, want in zip(*grads):
+        assert_close(got, want)
+
+
+@pytest.mark.cuda
+def test_cuda_layer_norm_opcheck():
+    from fastbert.ops.layer_norm import _cuda_ops
+
+    ops = _cuda_ops()
+    x = rand((17, 97), torch.float16, "cuda", requires_grad=True)
+    r = rand((17, 97), torch.float16, "cuda")
+    w, b = rand((97,), torch.float16, "cuda", requires_grad=True), rand((97,), torch.float16, "cuda")
+    torch.library.opcheck(ops.layer_norm_fwd, (x, w, b, 1e-5))
+    torch.library.opcheck(ops.add_layer_norm_fwd, (x, r, w, b, b, 1e-5, 0.0))
+
+
+@pytest.mark.cuda
+def test_cuda_layer_norm_compile_fullgraph():
+    x, r = rand((33, 768), torch.float16, "cuda"), rand((33, 768), torch.float16, "cuda")
+    w, b = rand((768,), torch.float16, "cuda"), rand((768,), torch.float16, "cuda")
+
+    def f(x, r, w, b):
+        y = fastbert.layer_norm(x, (768,), w, b, backend="cuda")
+        return fastbert.add_layer_norm(y, r, w, b, input_bias=b, backend="cuda")
+
+    eager = f(x, r, w, b)  # loads the extension and registers its fakes before tracing
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, r, w, b), eager, rtol=0, atol=0)

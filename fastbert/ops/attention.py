@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import reference
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
                            check_same, check_scale, check_tensor)
-from ..backends import register, select
+from ..backends import cuda_extension, cuda_extension_error, register, select
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
@@ -382,4 +382,109 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     out, _, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, dropout_p, is_causal,
                                          _default_scale(scale, q.shape[-1]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA backend (csrc/attention, extension fastbert._C), for scaled_dot_product_attention:
+#   * with gradients, dropout, float masks or any head dim: the unfused path, cuBLAS GEMMs (through
+#     torch) around a fused scale + mask + softmax (+ dropout) kernel and its fused backward
+#     (torch.ops.fastbert_cuda.attention_fwd / attention_bwd);
+#   * inference (no gradient needed) without dropout, fp16 / bf16, head dim 64 or 128, at most 512
+#     keys, no mask or a bool mask: the fused tensor-core forward (fused_attention_fwd, which itself
+#     falls back to the unfused path where the device lacks the shared memory).
+# Fakes and autograd are registered here when the extension is first used (it is loaded lazily;
+# run an op once eagerly before torch.compile). Dropout: the C++ forward draws its seed from
+# torch's default CPU generator and returns it as an int64 [1] CUDA tensor, which backward takes.
+# ----------------------------------------------------------------------------------------------
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_FUSED_HEAD_DIMS = (64, 128)
+_CUDA_FUSED_MAX_KEYS = 512
+_CUDA_READY = False
+
+
+def _sdpa_cuda_reasons(*, query, **_) -> list:
+    # Every mask kind (bool / float, any broadcast, float masks that require grad), causal,
+    # dropout, Lq != Lk and any head dims are served by the unfused path.
+    if query.dtype not in _CUDA_DTYPES:
+        return [f"query dtype {query.dtype} is not supported by the CUDA kernels "
+                "(float16, bfloat16, float32)"]
+    return []
+
+
+def _cuda_fused_eligible(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                         dropout_p: float) -> bool:
+    """True when the fused tensor-core forward serves this call: no gradient needed, no dropout,
+    fp16 / bf16, head dim 64 or 128 (value's equal), at most 512 keys, no mask or a bool mask."""
+    tensors = (query, key, value) + ((attn_mask,) if attn_mask is not None else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return (dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] in _CUDA_FUSED_HEAD_DIMS and value.shape[-1] == query.shape[-1]
+            and 1 <= key.shape[-2] <= _CUDA_FUSED_MAX_KEYS
+            and (attn_mask is None or attn_mask.dtype == torch.bool))
+
+
+def _cuda_ops():
+    """torch.ops.fastbert_cuda, with the extension loaded and the attention fakes / autograd registered."""
+    global _CUDA_READY
+    if not _CUDA_READY:
+        if cuda_extension() is None:
+            raise RuntimeError(cuda_extension_error())
+        _register_cuda_ops()
+        _CUDA_READY = True
+    return torch.ops.fastbert_cuda
+
+
+def _register_cuda_ops() -> None:
+    lib = "fastbert_cuda::"
+
+    @torch.library.register_fake(lib + "attention_fwd")
+    def _(query, key, value, attn_mask, dropout_p, is_causal, scale):
+        b, h, lq, _ = query.shape
+        seed = query.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
+        return query.new_empty((b, h, lq, value.shape[3])), query.new_empty((b, h, lq, key.shape[2])), seed
+
+    @torch.library.register_fake(lib + "attention_bwd")
+    def _(grad_out, query, key, value, probs, seed, dropout_p, scale):
+        return (query.new_empty(query.shape), query.new_empty(key.shape), query.new_empty(value.shape),
+                query.new_empty(probs.shape))
+
+    @torch.library.register_fake(lib + "fused_attention_fwd")
+    def _(query, key, value, attn_mask, is_causal, scale):
+        return query.new_empty(query.shape[:3] + value.shape[3:])
+
+    def setup(ctx, inputs, output):
+        query, key, value, attn_mask, dropout_p, _is_causal, scale = inputs
+        _, probs, seed = output
+        ctx.save_for_backward(query, key, value, probs, seed)  # P: the dropout mask is regenerated
+        ctx.dropout_p = dropout_p
+        ctx.scale = scale
+        float_mask = attn_mask is not None and attn_mask.is_floating_point()
+        ctx.mask_shape = tuple(attn_mask.shape) if float_mask else None
+        ctx.mask_dtype = attn_mask.dtype if float_mask else None
+        ctx.mark_non_differentiable(probs, seed)
+
+    def backward(ctx, grad_out, _grad_probs, _grad_seed):
+        query, key, value, probs, seed = ctx.saved_tensors
+        dq, dk, dv, ds = torch.ops.fastbert_cuda.attention_bwd(grad_out, query, key, value, probs,
+                                                               seed, ctx.dropout_p, ctx.scale)
+        need = ctx.needs_input_grad
+        dmask = None
+        if need[3]:
+            # ds = dL/d(logits) * scale, and a float mask is added to the logits.
+            dmask = ds.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype) / ctx.scale
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, dmask,
+                None, None, None)
+
+    torch.library.register_autograd(lib + "attention_fwd", backward, setup_context=setup)
+
+
+@register("scaled_dot_product_attention", "cuda", reasons=_sdpa_cuda_reasons)
+def _sdpa_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    ops = _cuda_ops()
+    scale = _default_scale(scale, query.shape[-1])
+    if _cuda_fused_eligible(query, key, value, attn_mask, dropout_p):
+        return ops.fused_attention_fwd(query, key, value, attn_mask, is_causal, scale)
+    out, _, _ = ops.attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale)
     return out

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import check_same, check_tensor
-from ..backends import register, select
+from ..backends import cuda_extension, cuda_extension_error, register, select
 
 __all__ = ["gelu", "bias_gelu"]
 
@@ -124,3 +124,74 @@ def _gelu_triton(input, approximate):
 @register("bias_gelu", "triton", reasons=_triton_reasons)
 def _bias_gelu_triton(input, bias, approximate):
     return torch.ops.fastbert.gelu_fwd(input, bias, approximate)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA backend (csrc/gelu, extension fastbert._C): torch.ops.fastbert_cuda.bias_gelu_{fwd,bwd},
+# shared by gelu (bias None) and bias_gelu. Fakes and autograd are registered here when the
+# extension is first used (loaded lazily; run an op once eagerly before torch.compile).
+# ----------------------------------------------------------------------------------------------
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_READY = False
+
+
+def _cuda_reasons(*, input, bias=None, **_) -> List[str]:
+    reasons = []
+    if input.dtype not in _CUDA_DTYPES:
+        reasons.append(f"input dtype {input.dtype} is not supported by the CUDA kernels "
+                       "(float16, bfloat16, float32)")
+    if bias is not None and bias.dtype != input.dtype:
+        reasons.append(f"bias dtype {bias.dtype} differs from input dtype {input.dtype} (the CUDA "
+                       "kernels need them equal)")
+    return reasons
+
+
+def _cuda_ops():
+    """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
+    global _CUDA_READY
+    if not _CUDA_READY:
+        if cuda_extension() is None:
+            raise RuntimeError(cuda_extension_error())
+        _register_cuda_ops()
+        _CUDA_READY = True
+    return torch.ops.fastbert_cuda
+
+
+def _register_cuda_ops() -> None:
+    lib = "fastbert_cuda::"
+
+    @torch.library.register_fake(lib + "bias_gelu_fwd")
+    def _(input, bias, approximate):
+        return input.new_empty(input.shape)
+
+    @torch.library.register_fake(lib + "bias_gelu_bwd")
+    def _(grad_out, input, bias, approximate, need_bias_grad):
+        n = input.shape[-1] if need_bias_grad and bias is not None else 0
+        return input.new_empty(input.shape), input.new_empty((n,))
+
+    def setup(ctx, inputs, output):
+        input, bias, approximate = inputs
+        ctx.save_for_backward(input, bias)  # gelu'(input + bias) is recomputed, nothing else stored
+        ctx.approximate = approximate
+
+    def backward(ctx, grad_out):
+        input, bias = ctx.saved_tensors
+        need_dx, need_db = ctx.needs_input_grad[:2]
+        dx, db = torch.ops.fastbert_cuda.bias_gelu_bwd(grad_out, input, bias, ctx.approximate,
+                                                       need_db and bias is not None)
+        return dx if need_dx else None, db if need_db else None, None
+
+    torch.library.register_autograd(lib + "bias_gelu_fwd", backward, setup_context=setup)
+
+
+@register("gelu", "cuda", reasons=_cuda_reasons)
+def _gelu_cuda(input, approximate):
+    ops = _cuda_ops()
+    if input.dim() == 0:  # the kernels take (..., N)
+        return ops.bias_gelu_fwd(input.reshape(1), None, approximate).reshape(())
+    return ops.bias_gelu_fwd(input, None, approximate)
+
+
+@register("bias_gelu", "cuda", reasons=_cuda_reasons)
+def _bias_gelu_cuda(input, bias, approximate):
+    return _cuda_ops().bias_gelu_fwd(input, bias, approximate)

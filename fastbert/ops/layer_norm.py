@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import check_bool, check_dropout, check_same, check_tensor
-from ..backends import register, select
+from ..backends import cuda_extension, cuda_extension_error, register, select
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -324,3 +324,145 @@ def _add_layer_norm_triton(input, residual, weight, bias, eps, input_bias, dropo
                                                             input_bias, eps, dropout_p,
                                                             return_residual)
     return (out, s) if return_residual else out
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA backend (csrc/layer_norm, extension fastbert._C). The C++ extension registers the schemas
+# and CUDA kernels as torch.ops.fastbert_cuda.{layer_norm,add_layer_norm}_{fwd,bwd}; the fake
+# implementations and the autograd formulas are registered here, when the extension is first
+# used (it is loaded lazily: ``import fastbert`` never needs it). Run an op once eagerly before
+# torch.compile-ing code that uses it. Dropout: the C++ forward draws its seed from torch's
+# default CPU generator and returns it as an int64 [1] CUDA tensor, which backward takes back.
+# ----------------------------------------------------------------------------------------------
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_READY = False
+
+
+def _cuda_reasons(input: Tensor, **params: Optional[Tensor]) -> List[str]:
+    reasons = []
+    if input.dtype not in _CUDA_DTYPES:
+        reasons.append(f"input dtype {input.dtype} is not supported by the CUDA kernels "
+                       "(float16, bfloat16, float32)")
+    reasons += [f"{name} dtype {p.dtype} differs from input dtype {input.dtype} (the CUDA kernels "
+                "need them equal)" for name, p in params.items() if p is not None and p.dtype != input.dtype]
+    return reasons
+
+
+def _layer_norm_cuda_reasons(*, input, weight=None, bias=None, **_) -> List[str]:
+    return _cuda_reasons(input, weight=weight, bias=bias)
+
+
+def _add_layer_norm_cuda_reasons(*, input, weight=None, bias=None, input_bias=None, **_) -> List[str]:
+    return _cuda_reasons(input, weight=weight, bias=bias, input_bias=input_bias)
+
+
+def _cuda_ops():
+    """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
+    global _CUDA_READY
+    if not _CUDA_READY:
+        if cuda_extension() is None:
+            raise RuntimeError(cuda_extension_error())
+        _register_cuda_ops()
+        _CUDA_READY = True
+    return torch.ops.fastbert_cuda
+
+
+def _cuda_grad_like(need: bool, ref: Tensor, n: int) -> Tensor:
+    return ref.new_empty((n,) if need else (0,))
+
+
+def _register_cuda_ops() -> None:
+    lib = "fastbert_cuda::"
+
+    @torch.library.register_fake(lib + "layer_norm_fwd")
+    def _(input, weight, bias, eps):
+        stats = input.new_empty((input.shape[0],), dtype=torch.float32)
+        return input.new_empty(input.shape), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake(lib + "layer_norm_bwd")
+    def _(grad_out, input, weight, mean, rstd, need_weight_grad, need_bias_grad):
+        n = input.shape[1]
+        return (input.new_empty(input.shape),
+                _cuda_grad_like(need_weight_grad and weight is not None, input, n),
+                _cuda_grad_like(need_bias_grad, input, n))
+
+    @torch.library.register_fake(lib + "add_layer_norm_fwd")
+    def _(input, residual, weight, bias, input_bias, eps, dropout_p):
+        stats = input.new_empty((input.shape[0],), dtype=torch.float32)
+        seed = input.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
+        return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats), seed
+
+    @torch.library.register_fake(lib + "add_layer_norm_bwd")
+    def _(grad_out, grad_sum, sum, weight, mean, rstd, seed, dropout_p, need_weight_grad,
+          need_bias_grad, need_input_bias_grad):
+        n = sum.shape[1]
+        return (sum.new_empty(sum.shape if dropout_p > 0.0 else (0,)), sum.new_empty(sum.shape),
+                _cuda_grad_like(need_weight_grad and weight is not None, sum, n),
+                _cuda_grad_like(need_bias_grad, sum, n), _cuda_grad_like(need_input_bias_grad, sum, n))
+
+    def layer_norm_setup(ctx, inputs, output):
+        input, weight, bias, _eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(input, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        input, weight, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = torch.ops.fastbert_cuda.layer_norm_bwd(
+            grad_out, input, weight, mean, rstd, need_dw and weight is not None, need_db and ctx.has_bias)
+        return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None
+
+    torch.library.register_autograd(lib + "layer_norm_fwd", layer_norm_backward,
+                                    setup_context=layer_norm_setup)
+
+    def add_layer_norm_setup(ctx, inputs, output):
+        _input, _residual, weight, bias, input_bias, _eps, dropout_p = inputs
+        _, s, mean, rstd, seed = output
+        ctx.save_for_backward(s, weight, mean, rstd, seed)  # x_hat is recomputed from the sum s
+        ctx.dropout_p = dropout_p
+        ctx.has_bias = bias is not None
+        ctx.has_input_bias = input_bias is not None
+        ctx.mark_non_differentiable(mean, rstd, seed)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+
+    def add_layer_norm_backward(ctx, grad_out, grad_sum, _grad_mean, _grad_rstd, _grad_seed):
+        s, weight, mean, rstd, seed = ctx.saved_tensors
+        need_dx, need_dr, need_dw, need_db, need_dxb = ctx.needs_input_grad[:5]
+        if grad_out is None and grad_sum is None:
+            return (None,) * 7
+        if grad_out is None:  # only the pre-norm sum was used
+            grad_out = s.new_zeros(()).expand(s.shape)
+        dx, dr, dw, db, dxb = torch.ops.fastbert_cuda.add_layer_norm_bwd(
+            grad_out, grad_sum, s, weight, mean, rstd, seed, ctx.dropout_p,
+            need_dw and weight is not None, need_db and ctx.has_bias, need_dxb and ctx.has_input_bias)
+        if ctx.dropout_p == 0.0:
+            dx = dr  # without dropout the input's gradient is the residual's (returned once)
+        return (dx if need_dx else None, dr if need_dr else None, dw if need_dw else None,
+                db if need_db else None, dxb if need_dxb else None, None, None)
+
+    torch.library.register_autograd(lib + "add_layer_norm_fwd", add_layer_norm_backward,
+                                    setup_context=add_layer_norm_setup)
+
+
+@register("layer_norm", "cuda", reasons=_layer_norm_cuda_reasons)
+def _layer_norm_cuda(input, normalized_shape, weight, bias, eps):
+    ops = _cuda_ops()
+    n = math.prod(normalized_shape)
+    rows = math.prod(input.shape[:input.dim() - len(normalized_shape)])
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    out, _, _ = ops.layer_norm_fwd(input.reshape(rows, n), w, b, eps)
+    return out.view(input.shape)
+
+
+@register("add_layer_norm", "cuda", reasons=_add_layer_norm_cuda_reasons)
+def _add_layer_norm_cuda(input, residual, weight, bias, eps, input_bias, dropout_p, return_residual):
+    ops = _cuda_ops()
+    n = input.shape[-1]
+    rows = math.prod(input.shape[:-1])
+    out, s, _, _, _ = ops.add_layer_norm_fwd(input.reshape(rows, n), residual.reshape(rows, n), weight,
+                                             bias, input_bias, eps, dropout_p)
+    out = out.view(input.shape)
+    return (out, s.view(input.shape)) if return_residual else out

@@ -1,0 +1,199 @@
+// bias + GELU forward / backward for fp16 / bf16 / fp32, math in fp32.
+//
+//   exact: gelu(z) = z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2)),  gelu'(z) = Phi(z) + z * phi(z)
+//   tanh:  gelu(z) = 0.5 z (1 + t), t = tanh(k (z + c z^3)), k = sqrt(2 / pi), c = 0.044715
+//          gelu'(z) = 0.5 (1 + t) + 0.5 z (1 - t^2) k (1 + 3 c z^2)
+// with z = x + bias. The backward recomputes z from the saved x (no activation is stored).
+#include <algorithm>
+
+#include "device_utils.cuh"
+#include "gelu/gelu.h"
+
+namespace fastbert {
+namespace gelu {
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;   // sqrt(2 / pi)
+constexpr float kInvSqrt2 = 0.7071067811865476f;      // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
+constexpr float kCubic = 0.044715f;
+
+__device__ __forceinline__ float gelu_value(float z, bool tanh_approx) {
+  if (tanh_approx) {
+    const float t = tanhf(kSqrt2OverPi * (z + kCubic * z * z * z));
+    return 0.5f * z * (1.f + t);
+  }
+  return 0.5f * z * (1.f + erff(z * kInvSqrt2));
+}
+
+__device__ __forceinline__ float gelu_derivative(float z, bool tanh_approx) {
+  if (tanh_approx) {
+    const float z2 = z * z;
+    const float t = tanhf(kSqrt2OverPi * (z + kCubic * z2 * z));
+    return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
+  }
+  const float cdf = 0.5f * (1.f + erff(z * kInvSqrt2));
+  const float pdf = expf(-0.5f * z * z) * kInvSqrt2Pi;
+  return cdf + z * pdf;
+}
+
+// z[0..N) = x + bias for the N elements starting at linear index e (column col).
+template <typename T, int N>
+__device__ __forceinline__ void load_z(const BiasGeluParams& p, int64_t e, int64_t col, float (&z)[N]) {
+  load_vec<T, N>(static_cast<const T*>(p.x) + e, z);
+  if (p.bias != nullptr) {
+    float b[N];
+    load_vec<T, N>(static_cast<const T*>(p.bias) + col, b);
+#pragma unroll
+    for (int i = 0; i < N; ++i) z[i] += b[i];
+  }
+}
+
+// Elementwise over all rows * cols elements, VEC per thread per step, grid-stride. Forward
+// (BWD = false) writes gelu(z); backward without a bias writes dy * gelu'(z). VEC > 1 requires
+// cols % VEC == 0, so a vector never straddles two rows.
+template <typename T, int VEC, bool BWD>
+__global__ void __launch_bounds__(256)
+bias_gelu_flat_kernel(const BiasGeluParams p) {
+  const int64_t n_vec = p.rows * p.cols / VEC;
+  const int64_t cols_vec = p.cols / VEC;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_vec; v += stride) {
+    const int64_t e = v * VEC;
+    const int64_t col = p.bias != nullptr ? (v % cols_vec) * VEC : 0;
+    float z[VEC], y[VEC];
+    load_z<T, VEC>(p, e, col, z);
+    if constexpr (BWD) {
+      float dy[VEC];
+      load_vec<T, VEC>(static_cast<const T*>(p.grad_out) + e, dy);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[i] = dy[i] * gelu_derivative(z[i], p.tanh_approx);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[i] = gelu_value(z[i], p.tanh_approx);
+    }
+    store_vec<T, VEC>(static_cast<T*>(p.out) + e, y);
+  }
+}
+
+// Backward with a bias. Block (TPR, RPB); row slot s = blockIdx.x * RPB + threadIdx.y handles
+// rows s, s + slots, ...; for each of its VEC-column chunks a thread walks those rows, writes dL/dx
+// and keeps the chunk's column sum in registers, then stores it to partial_bias[s, chunk].
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256)
+bias_gelu_bwd_kernel(const BiasGeluParams p) {
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t slots = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t col = static_cast<int64_t>(threadIdx.x) * VEC; col < p.cols;
+       col += static_cast<int64_t>(blockDim.x) * VEC) {
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+    for (int64_t row = slot; row < p.rows; row += slots) {
+      const int64_t e = row * p.cols + col;
+      float z[VEC], dy[VEC], dx[VEC];
+      load_z<T, VEC>(p, e, col, z);
+      load_vec<T, VEC>(static_cast<const T*>(p.grad_out) + e, dy);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        dx[i] = dy[i] * gelu_derivative(z[i], p.tanh_approx);
+        acc[i] += dx[i];
+      }
+      store_vec<T, VEC>(static_cast<T*>(p.out) + e, dx);
+    }
+    store_floats<VEC>(p.partial_bias + slot * p.cols + col, acc);
+  }
+}
+
+template <typename T>
+bool vectorizable(const BiasGeluParams& p) {
+  constexpr int VEC = vec_width<T>();
+  return p.cols % VEC == 0 && is_aligned(p.x, 16) && is_aligned(p.bias, 16) &&
+         is_aligned(p.grad_out, 16) && is_aligned(p.out, 16) && is_aligned(p.partial_bias, 16);
+}
+
+template <typename T, bool BWD>
+cudaError_t launch_flat(const BiasGeluParams& p, int num_sms, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  constexpr int VEC = vec_width<T>();
+  const bool vec = vectorizable<T>(p);
+  const int64_t n_vec = p.rows * p.cols / (vec ? VEC : 1);
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>((n_vec + kThreads - 1) / kThreads, static_cast<int64_t>(std::max(num_sms, 1)) * 8));
+  if (vec) {
+    bias_gelu_flat_kernel<T, VEC, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  } else {
+    bias_gelu_flat_kernel<T, 1, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+// Backward-with-bias configuration: TPR threads per row (power of two in [32, 256], at most one
+// vector each per column step), RPB = 256 / TPR rows per block.
+struct BwdConfig {
+  int vec, tpr, rpb;
+};
+
+template <typename T>
+BwdConfig bwd_config(const BiasGeluParams& p) {
+  BwdConfig c;
+  c.vec = vectorizable<T>(p) ? vec_width<T>() : 1;
+  const int64_t vecs = p.cols / c.vec;
+  c.tpr = 32;
+  while (c.tpr < 256 && c.tpr < vecs) c.tpr *= 2;
+  c.rpb = 256 / c.tpr;
+  return c;
+}
+
+template <typename T>
+int slots_for(const BiasGeluParams& p, int num_sms) {
+  const BwdConfig c = bwd_config<T>(p);
+  int64_t blocks = static_cast<int64_t>(std::max(num_sms, 1)) * 4;
+  blocks = std::min<int64_t>(blocks, (p.rows + c.rpb - 1) / c.rpb);
+  blocks = std::min<int64_t>(blocks, std::max<int64_t>(1, (int64_t{4} << 20) / (p.cols * c.rpb)));
+  blocks = std::max<int64_t>(blocks, 1);
+  return static_cast<int>(blocks) * c.rpb;
+}
+
+template <typename T>
+cudaError_t launch_bwd(const BiasGeluParams& p, int num_sms, cudaStream_t stream) {
+  if (p.grad_bias == nullptr) return launch_flat<T, true>(p, num_sms, stream);  // no column sum wanted
+  const BwdConfig c = bwd_config<T>(p);
+  if (p.slots <= 0 || p.slots % c.rpb != 0 || p.partial_bias == nullptr) return cudaErrorInvalidValue;
+  const int blocks = p.slots / c.rpb;
+  if (c.vec > 1) {
+    bias_gelu_bwd_kernel<T, vec_width<T>()><<<blocks, dim3(c.tpr, c.rpb), 0, stream>>>(p);
+  } else {
+    bias_gelu_bwd_kernel<T, 1><<<blocks, dim3(c.tpr, c.rpb), 0, stream>>>(p);
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return static_cast<cudaError_t>(column_sum(p.partial_bias, p.slots, p.cols, p.grad_bias, p.dtype, stream));
+}
+
+}  // namespace gelu
+
+Status bias_gelu_fwd(const BiasGeluParams& params, int num_sms, cudaStream_t stream) {
+  if (params.rows == 0 || params.cols == 0) return cudaSuccess;
+  return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
+    return gelu::launch_flat<scalar_t, false>(params, num_sms, stream);
+  });
+}
+
+int bias_gelu_bwd_slots(const BiasGeluParams& params, int num_sms) {
+  if (params.rows == 0 || params.cols == 0) return 0;
+  switch (params.dtype) {
+    case DType::kFloat16: return gelu::slots_for<__half>(params, num_sms);
+    case DType::kBFloat16: return gelu::slots_for<__nv_bfloat16>(params, num_sms);
+    case DType::kFloat32: return gelu::slots_for<float>(params, num_sms);
+  }
+  return 0;
+}
+
+Status bias_gelu_bwd(const BiasGeluParams& params, int num_sms, cudaStream_t stream) {
+  if (params.rows == 0 || params.cols == 0) return cudaSuccess;
+  return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
+    return gelu::launch_bwd<scalar_t>(params, num_sms, stream);
+  });
+}
+
+}  // namespace fastbert
