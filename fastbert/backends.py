@@ -36,6 +36,7 @@ __all__ = [
     "op_names",
     "interpreter_enabled",
     "cuda_extension",
+    "cuda_ops",
 ]
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -88,6 +89,20 @@ def cuda_extension():
 def cuda_extension_error() -> Optional[str]:
     cuda_extension()
     return _C_ERROR
+
+
+_CUDA_FAMILIES_READY: set = set()
+
+
+def cuda_ops(family: str, register_fakes: Callable[[], None]):
+    """``torch.ops.fastbert_cuda`` with the extension loaded and ``register_fakes`` (the op family's
+    fake / autograd registrations, which need the extension's schemas) run once per family."""
+    if cuda_extension() is None:
+        raise RuntimeError(cuda_extension_error())
+    if family not in _CUDA_FAMILIES_READY:
+        register_fakes()
+        _CUDA_FAMILIES_READY.add(family)
+    return torch.ops.fastbert_cuda
 
 
 def backend_reasons(backend: str, device: Optional[torch.device] = None,

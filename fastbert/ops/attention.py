@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import reference
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
                            check_same, check_scale, check_tensor)
-from ..backends import cuda_extension, cuda_extension_error, register, select
+from ..backends import cuda_ops, register, select
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
@@ -400,7 +400,6 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CUDA_FUSED_HEAD_DIMS = (64, 128)
 _CUDA_FUSED_MAX_KEYS = 512
-_CUDA_READY = False
 
 
 def _sdpa_cuda_reasons(*, query, **_) -> list:
@@ -426,14 +425,8 @@ def _cuda_fused_eligible(query: Tensor, key: Tensor, value: Tensor, attn_mask: O
 
 
 def _cuda_ops():
-    """torch.ops.fastbert_cuda, with the extension loaded and the attention fakes / autograd registered."""
-    global _CUDA_READY
-    if not _CUDA_READY:
-        if cuda_extension() is None:
-            raise RuntimeError(cuda_extension_error())
-        _register_cuda_ops()
-        _CUDA_READY = True
-    return torch.ops.fastbert_cuda
+    """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
+    return cuda_ops("attention", _register_cuda_ops)
 
 
 def _register_cuda_ops() -> None:

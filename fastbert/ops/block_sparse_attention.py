@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validation import (check_attn_mask, check_dropout, check_int, check_same, check_scale,
+from .._validation import (check_attn_mask, check_dropout, check_int, check_scale,
                            check_tensor)
 from ..backends import interpreter_enabled, register, select
 from .attention import _check_qkv

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import check_same, check_tensor
-from ..backends import cuda_extension, cuda_extension_error, register, select
+from ..backends import cuda_ops, register, select
 
 __all__ = ["gelu", "bias_gelu"]
 
@@ -132,7 +132,6 @@ def _bias_gelu_triton(input, bias, approximate):
 # extension is first used (loaded lazily; run an op once eagerly before torch.compile).
 # ----------------------------------------------------------------------------------------------
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CUDA_READY = False
 
 
 def _cuda_reasons(*, input, bias=None, **_) -> List[str]:
@@ -148,13 +147,7 @@ def _cuda_reasons(*, input, bias=None, **_) -> List[str]:
 
 def _cuda_ops():
     """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
-    global _CUDA_READY
-    if not _CUDA_READY:
-        if cuda_extension() is None:
-            raise RuntimeError(cuda_extension_error())
-        _register_cuda_ops()
-        _CUDA_READY = True
-    return torch.ops.fastbert_cuda
+    return cuda_ops("gelu", _register_cuda_ops)
 
 
 def _register_cuda_ops() -> None:

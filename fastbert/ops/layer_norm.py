@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import check_bool, check_dropout, check_same, check_tensor
-from ..backends import cuda_extension, cuda_extension_error, register, select
+from ..backends import cuda_ops, register, select
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -335,7 +335,6 @@ def _add_layer_norm_triton(input, residual, weight, bias, eps, input_bias, dropo
 # default CPU generator and returns it as an int64 [1] CUDA tensor, which backward takes back.
 # ----------------------------------------------------------------------------------------------
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CUDA_READY = False
 
 
 def _cuda_reasons(input: Tensor, **params: Optional[Tensor]) -> List[str]:
@@ -358,13 +357,7 @@ def _add_layer_norm_cuda_reasons(*, input, weight=None, bias=None, input_bias=No
 
 def _cuda_ops():
     """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
-    global _CUDA_READY
-    if not _CUDA_READY:
-        if cuda_extension() is None:
-            raise RuntimeError(cuda_extension_error())
-        _register_cuda_ops()
-        _CUDA_READY = True
-    return torch.ops.fastbert_cuda
+    return cuda_ops("layer_norm", _register_cuda_ops)
 
 
 def _cuda_grad_like(need: bool, ref: Tensor, n: int) -> Tensor:
