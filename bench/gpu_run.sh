@@ -11,6 +11,8 @@
 #         tests    the whole test suite compiled on the GPU (interpreter off, cuda tests included)
 #         bench    fastbert bench --quick --out $OUT/bench
 #         all      all of the above (the default)
+#         sanitize compute-sanitizer memcheck / racecheck / synccheck over every CUDA kernel
+#                  (bench/sanitize_cuda.sh; not part of "all": run it as a call of its own)
 # "tests" and "bench" alone also run info and install first (a fresh machine is bare; set
 # FASTBERT_SKIP_INSTALL=1 to skip install on a machine where it already ran), so the two halves of a
 # run that does not fit in one command are:
@@ -39,7 +41,7 @@ STAGES=()
 for arg in "$@"; do
     case "$arg" in
         -h|--help) usage; exit 0 ;;
-        info|install|tests|bench) STAGES+=("$arg") ;;
+        info|install|tests|bench|sanitize) STAGES+=("$arg") ;;
         all) STAGES+=(info install tests bench) ;;
         *)
             if [[ "$arg" =~ ^[0-9a-fA-F]{7,40}(-dirty)?$ ]]; then
@@ -54,7 +56,7 @@ done
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(info install tests bench)
 has_stage() { local s; for s in "${STAGES[@]}"; do [[ "$s" == "$1" ]] && return 0; done; return 1; }
 # tests and bench need an installed fastbert on a fresh machine
-if has_stage tests || has_stage bench; then
+if has_stage tests || has_stage bench || has_stage sanitize; then
     has_stage install || [[ "${FASTBERT_SKIP_INSTALL:-0}" == 1 ]] || STAGES=(install "${STAGES[@]}")
     has_stage info || STAGES=(info "${STAGES[@]}")
 fi
@@ -69,7 +71,7 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-16}"
 unset TRITON_INTERPRET            # compiled Triton kernels on the GPU, never the interpreter
 
-if has_stage tests; then MAINLOG="$OUT/tests.log"; else MAINLOG="$OUT/bench.log"; fi
+if has_stage tests; then MAINLOG="$OUT/tests.log"; elif has_stage bench; then MAINLOG="$OUT/bench.log"; else MAINLOG="$OUT/sanitize.log"; fi
 
 remaining() { echo $(( TOTAL_S - (SECONDS - START) )); }
 # stage_limit CAP RESERVE: CAP seconds, but leave RESERVE seconds of the run's budget for later stages
@@ -177,6 +179,13 @@ stage_bench() {
         | tee -a "$OUT/bench.log"
     timeout --kill-after=10 "$limit" "${cmd[@]}" --quick --out "$OUT/bench" --budget-s "$budget" 2>&1 \
         | tee -a "$OUT/bench.log"
+}
+
+stage_sanitize() {
+    local limit
+    limit=$(stage_limit 540 10)
+    log "== sanitize: bench/sanitize_cuda.sh $OUT (limit ${limit} s)"
+    timeout --kill-after=10 "$limit" bash bench/sanitize_cuda.sh "$OUT" 2>&1 | tail -n 100 | tee -a "$MAINLOG"
 }
 
 for stage in "${STAGES[@]}"; do

@@ -81,8 +81,20 @@ def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name:
         raise ValueError(f"{name} of shape {shape} does not broadcast to (B, H, Lq, Lk) = {target}")
 
 
-def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device) -> list:
-    """Checks a cumulative-lengths tensor and returns it as a Python list (one host sync)."""
+def host_checks_allowed(device: torch.device) -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured: checks that read tensor
+    values on the host (a device sync) are skipped then, and run in eager mode."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device,
+                     values: bool = True) -> Optional[list]:
+    """Checks a cumulative-lengths tensor and, with ``values``, returns it as a Python list (one
+    host sync); without, checks only its type, dtype, shape and device and returns None."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64):
@@ -91,6 +103,8 @@ def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device) ->
         raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the packed tensors are on {device}")
+    if not values:
+        return None
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")

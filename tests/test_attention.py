@@ -987,3 +987,22 @@ def test_cuda_attention_compile_fullgraph():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     with torch.no_grad():  # the fused inference kernel
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(q), f(q), rtol=0, atol=0)
+
+
+def test_varlen_compile_fullgraph():
+    # Under torch.compile the cu_seqlens values are not read on the host, so the graph has no break.
+    lens = [5, 0, 17]
+    cu = torch.tensor([0, 5, 5, 22], dtype=torch.int32, device=DEVICE)
+    q, k, v = (rand((sum(lens), 2, 16), F32).requires_grad_() for _ in range(3))
+
+    def fn(q, k, v):
+        return fastbert.varlen_attention(q, k, v, cu, cu, 17, 17, is_causal=True, backend="triton")
+
+    out = torch.compile(fn, fullgraph=True)(q, k, v)
+    dout = rand(out.shape)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    eager = fn(q, k, v)
+    eager_grads = torch.autograd.grad(eager, [q, k, v], dout)
+    assert torch.equal(out, eager)
+    for g, e in zip(grads, eager_grads):
+        assert torch.equal(g, e)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
-                           check_same, check_scale, check_tensor)
+                           check_same, check_scale, check_tensor, host_checks_allowed)
 from ..backends import cuda_ops, register, select
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -113,24 +113,27 @@ def varlen_attention(
     Returns:
         (total_q, H, Dv). See :func:`fastbert.unpad_input` to build the inputs from a padded batch.
 
-    The lengths are checked on the host (one device sync in eager mode).
+    In eager mode the lengths are checked on the host (one device sync); under torch.compile and
+    CUDA-graph capture only their type, shape and device are.
     """
     _check_qkv(q, k, v, 3, "(total, H, D)", names=("q", "k", "v"))
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same number of heads")
-    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-    if len(cq) != len(ck):
-        raise ValueError(f"cu_seqlens_q has {len(cq)} entries but cu_seqlens_k has {len(ck)}; "
-                         "both must describe the same batch")
+    host = host_checks_allowed(q.device)
+    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, values=host)
+    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, values=host)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+                         f"{cu_seqlens_k.numel()}; both must describe the same batch")
     max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k)
-    longest_q = max(b - a for a, b in zip(cq, cq[1:]))
-    longest_k = max(b - a for a, b in zip(ck, ck[1:]))
-    if longest_q > max_seqlen_q:
-        raise ValueError(f"max_seqlen_q = {max_seqlen_q} but a query sequence has {longest_q} tokens")
-    if longest_k > max_seqlen_k:
-        raise ValueError(f"max_seqlen_k = {max_seqlen_k} but a key sequence has {longest_k} tokens")
+    if host:
+        longest_q = max(b - a for a, b in zip(cq, cq[1:]))
+        longest_k = max(b - a for a, b in zip(ck, ck[1:]))
+        if longest_q > max_seqlen_q:
+            raise ValueError(f"max_seqlen_q = {max_seqlen_q} but a query sequence has {longest_q} tokens")
+        if longest_k > max_seqlen_k:
+            raise ValueError(f"max_seqlen_k = {max_seqlen_k} but a key sequence has {longest_k} tokens")
     dropout_p = check_dropout(dropout_p)
     is_causal = check_bool("is_causal", is_causal)
     scale = check_scale(scale)
