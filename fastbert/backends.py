@@ -74,6 +74,29 @@ _C = None
 _C_ERROR: Optional[str] = None
 
 
+def _version_tuple(version: str) -> tuple:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _interpreter_problem() -> Optional[str]:
+    """A known-broken combination for Triton's CPU interpreter, or None.
+
+    Seen here: Triton 3.6's interpreter fails on NumPy 2.4 ("only 0-dimensional arrays can be
+    converted to Python scalars"), where NumPy 2.3 and Triton 3.7.1 / 3.8 work.
+    """
+    import numpy
+    import triton
+
+    if _version_tuple(triton.__version__) < (3, 7) and _version_tuple(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__}; "
+                "use numpy<2.4 or triton>=3.7 to run Triton kernels on CPU")
+    return None
+
+
 def cuda_extension():
     """The loaded ``fastbert._C`` module, or None (see :func:`cuda_extension_error`)."""
     global _C, _C_ERROR
@@ -121,6 +144,8 @@ def backend_reasons(backend: str, device: Optional[torch.device] = None,
         elif device.type == "cpu":
             if not interpreter_enabled():
                 reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+            elif _interpreter_problem():
+                reasons.append(_interpreter_problem())
             elif not explicit:
                 reasons.append("the Triton interpreter is for testing: 'auto' never picks it; "
                                "pass backend='triton' to use it")

@@ -234,3 +234,16 @@ def test_unpad_bad_inputs():
         fastbert.unpad_input(x, torch.ones(2, 4))
     with pytest.raises(ValueError, match="indices must be 1-D"):
         fastbert.pad_input(x[0], torch.arange(3), 2, 4)
+
+
+def test_known_broken_interpreter_combination_is_refused_with_a_reason(monkeypatch):
+    import numpy
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    reasons = backends.backend_reasons("triton", torch.device("cpu"))
+    assert any("numpy<2.4 or triton>=3.7" in r for r in reasons)
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert backends.backend_reasons("triton", torch.device("cpu")) == []
