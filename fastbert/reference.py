@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "attention_probs",
     "scaled_dot_product_attention",
     "varlen_attention",
     "block_sparse_attention",
@@ -52,6 +53,46 @@ def _apply_dropout(x: Tensor, p: float, mask: Optional[Tensor]) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
+def attention_probs(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """The attention weights softmax(Q K^T * scale + mask), before dropout, in the compute dtype.
+
+    Shapes: query (..., Lq, D), key (..., Lk, D) -> (..., Lq, Lk). Mask and causal semantics as in
+    :func:`scaled_dot_product_attention`; a row whose every key is masked gets all-zero weights.
+    """
+    cdt = _compute_dtype(query, compute_dtype)
+    q, k = query.to(cdt), key.to(cdt)
+    lq, lk = q.shape[-2], k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [..., Lq, D] @ [..., D, Lk] -> [..., Lq, Lk]
+
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep = torch.tril(keep)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = keep & attn_mask
+        else:
+            scores = scores + attn_mask.to(cdt)
+    keep = keep.expand_as(scores)
+    # A row is "alive" when at least one key takes part; -inf additive entries also remove keys.
+    scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    alive = torch.isfinite(row_max)
+    row_max = torch.where(alive, row_max, torch.zeros_like(row_max)).detach()
+    exp = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
+    denom = exp.sum(dim=-1, keepdim=True)
+    return exp / torch.where(alive, denom, torch.ones_like(denom))
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -76,31 +117,9 @@ def scaled_dot_product_attention(
     which attention probabilities dropout keeps.
     """
     cdt = _compute_dtype(query, compute_dtype)
-    q, k, v = query.to(cdt), key.to(cdt), value.to(cdt)
-    lq, lk = q.shape[-2], k.shape[-2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [..., Lq, Lk]
-
-    keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-    if is_causal:
-        keep = torch.tril(keep)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            keep = keep & attn_mask
-        else:
-            scores = scores + attn_mask.to(cdt)
-    keep = keep.expand_as(scores)
-    # A row is "alive" when at least one key takes part; -inf additive entries also remove keys.
-    scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    alive = torch.isfinite(row_max)
-    row_max = torch.where(alive, row_max, torch.zeros_like(row_max)).detach()
-    exp = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
-    denom = exp.sum(dim=-1, keepdim=True)
-    probs = exp / torch.where(alive, denom, torch.ones_like(denom))
+    probs = attention_probs(query, key, attn_mask, is_causal, scale, compute_dtype=cdt)
     probs = _apply_dropout(probs, dropout_p, dropout_mask)
-    out = torch.matmul(probs, v)
+    out = torch.matmul(probs, value.to(cdt))  # [..., Lq, Lk] @ [..., Lk, Dv] -> [..., Lq, Dv]
     return out.to(query.dtype)
 
 

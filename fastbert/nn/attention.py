@@ -3,14 +3,13 @@
 the attention weights (used by every fastbert module when weights are asked for)."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, reference
 from ._utils import adopt, check_backend, compute_dtype
 
 __all__ = ["MultiheadAttention", "attention_with_weights"]
@@ -38,32 +37,12 @@ def attention_with_weights(
     (out (B, H, Lq, Dv), weights (B, H, Lq, Lk)), both in the dtype of ``query``.
     """
     cdt = compute_dtype(query)
-    q, k, v = query.to(cdt), key.to(cdt), value.to(cdt)
-    lq, lk = q.shape[-2], k.shape[-2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, Lq, D] @ [B, H, D, Lk] -> [B, H, Lq, Lk]
-    keep = None
-    if is_causal:
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            keep = attn_mask if keep is None else keep & attn_mask
-        else:
-            scores = scores + attn_mask.to(cdt)
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    alive = torch.isfinite(row_max)
-    row_max = torch.where(alive, row_max, torch.zeros_like(row_max)).detach()
-    exp = torch.exp(scores - row_max)
-    denom = exp.sum(dim=-1, keepdim=True)
-    probs = exp / torch.where(alive, denom, torch.ones_like(denom))
+    probs = reference.attention_probs(query, key, attn_mask, is_causal, scale, compute_dtype=cdt)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     if head_mask is not None:
         probs = probs * head_mask.to(cdt)
-    out = torch.matmul(probs, v)  # [B, H, Lq, Lk] @ [B, H, Lk, Dv] -> [B, H, Lq, Dv]
+    out = torch.matmul(probs, value.to(cdt))  # [B, H, Lq, Lk] @ [B, H, Lk, Dv] -> [B, H, Lq, Dv]
     return out.to(query.dtype), probs.to(query.dtype)
 
 
