@@ -117,6 +117,8 @@ setup(
     packages=["fastbert", "fastbert.ops", "fastbert.nn", "fastbert.benchmarks",
               "fastbert.integrations", "fastbert.models", "fastbert.kernels"],
     package_dir={"fastbert.kernels": "kernels"},
+    # The measured dispatch table (bench/make_dispatch_table.py), once GPU results exist.
+    package_data={"fastbert": ["dispatch_table.json"]},
     install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest", "hypothesis", "matplotlib", "transformers>=4.57"],

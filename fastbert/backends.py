@@ -12,7 +12,10 @@ Every op registers one implementation per backend with :func:`register`, togethe
 function that returns the reasons (a list of strings) why that implementation cannot serve a
 given call — an empty list means it can. :func:`select` walks the backends: an explicitly
 requested backend that cannot serve raises :class:`BackendError` listing every reason; ``"auto"``
-takes the first capable backend in the op's priority order and falls back to ``"torch"``.
+takes the first capable backend in the op's priority order and falls back to ``"torch"``. For ops
+with two fast backends, the priority of a call on a CUDA tensor comes from measurements when the
+dispatch table has them for this GPU architecture and the call's shape class
+(:mod:`fastbert.dispatch`); otherwise from the op's default order.
 
 The default backend is ``"auto"``; the environment variable ``FASTBERT_BACKEND`` changes it.
 """
@@ -25,11 +28,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from . import dispatch
+
 __all__ = [
     "BACKENDS",
     "BackendError",
     "register",
     "select",
+    "auto_order",
+    "explain",
     "resolve",
     "backend_reasons",
     "implementations",
@@ -243,6 +250,17 @@ def _impl_reasons(impl: Implementation, device: Optional[torch.device], explicit
     return list(impl.reasons(**call))
 
 
+def auto_order(op: str, device: Optional[torch.device], call: dict) -> Sequence[str]:
+    """The order in which "auto" tries the backends for this call: the measured order of its
+    shape class (:func:`fastbert.dispatch.measured_order`) followed by the op's default priority
+    for the backends the measurement does not rank; or the default priority alone."""
+    default = _OPS[op].priority
+    measured = dispatch.measured_order(op, device, call)
+    if not measured:
+        return default
+    return tuple(measured) + tuple(b for b in default if b not in measured)
+
+
 def select(op: str, backend: Optional[str], device: Optional[torch.device], **call) -> Implementation:
     """Pick the implementation of ``op`` that serves ``call`` (see the module docstring)."""
     backend = resolve(backend)
@@ -257,7 +275,7 @@ def select(op: str, backend: Optional[str], device: Optional[torch.device], **ca
             raise BackendError(f"{op}: backend {backend!r} cannot serve this call: " + "; ".join(reasons))
         return impl
     all_reasons = []
-    for name in entry.priority:
+    for name in auto_order(op, device, call):
         impl = entry.impls.get(name)
         if impl is None:
             all_reasons.append(f"{name}: not implemented")

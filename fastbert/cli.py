@@ -24,6 +24,22 @@ def _versions() -> List[str]:
     return lines
 
 
+def _dispatch_line() -> str:
+    from . import dispatch
+
+    try:
+        source, table = dispatch.active_table()
+    except ValueError as e:
+        return f"dispatch table: unusable ({e})"
+    if not table["archs"]:
+        return ("dispatch table: none with measurements; backend='auto' uses each op's default "
+                "order (triton, cuda, torch)")
+    parts = []
+    for arch, ops in sorted(table["archs"].items()):
+        parts.append(f"{arch}: {sum(len(c) for c in ops.values())} shape classes over {len(ops)} ops")
+    return f"dispatch table: {source} ({'; '.join(parts)})"
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -42,6 +58,7 @@ def cmd_info(args) -> int:
           f"FASTBERT_BACKEND={os.environ.get('FASTBERT_BACKEND', '')}")
     ext = backends.cuda_extension()
     print(f"CUDA extension fastbert._C: {'loaded from ' + ext.__file__ if ext else backends.cuda_extension_error()}")
+    print(_dispatch_line())
     print()
     print("backends per op (device-level availability; each op may refuse some inputs):")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
