@@ -3,6 +3,8 @@ the argument and what was expected, raised before any backend sees the call."""
 from __future__ import annotations
 
 import numbers
+import weakref
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -91,10 +93,41 @@ def host_checks_allowed(device: torch.device) -> bool:
     return True
 
 
+# cu_seqlens tensors whose values were checked on the host, so that a model calling
+# varlen_attention once per layer with the same tensor syncs the device once, not once per layer.
+# Keyed by id(); an entry holds a weak reference (the id may be reused after the tensor dies), the
+# tensor's version counter (bumped by any in-place write), its data pointer and the packed length.
+_CU_CHECKED: "OrderedDict[int, tuple]" = OrderedDict()
+_CU_CHECKED_MAX = 16
+
+
+def _cu_cache_get(cu: Tensor, total: int) -> Optional[list]:
+    hit = _CU_CHECKED.get(id(cu))
+    if hit is None:
+        return None
+    ref, version, ptr, checked_total, values = hit
+    if ref() is not cu or version != cu._version or ptr != cu.data_ptr() or checked_total != total:
+        del _CU_CHECKED[id(cu)]
+        return None
+    _CU_CHECKED.move_to_end(id(cu))
+    return values
+
+
+def _cu_cache_put(cu: Tensor, total: int, values: list) -> None:
+    try:
+        ref = weakref.ref(cu)
+    except TypeError:  # not weak-referenceable (a tensor subclass): just do not cache
+        return
+    _CU_CHECKED[id(cu)] = (ref, cu._version, cu.data_ptr(), total, values)
+    while len(_CU_CHECKED) > _CU_CHECKED_MAX:
+        _CU_CHECKED.popitem(last=False)
+
+
 def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device,
                      values: bool = True) -> Optional[list]:
     """Checks a cumulative-lengths tensor and, with ``values``, returns it as a Python list (one
-    host sync); without, checks only its type, dtype, shape and device and returns None."""
+    host sync, remembered for the same unmodified tensor: later checks of it cost no sync);
+    without, checks only its type, dtype, shape and device and returns None."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64):
@@ -105,6 +138,9 @@ def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device,
         raise ValueError(f"{name} is on {cu.device} but the packed tensors are on {device}")
     if not values:
         return None
+    cached = _cu_cache_get(cu, total)
+    if cached is not None:
+        return cached
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
@@ -112,4 +148,5 @@ def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device,
         raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {values}")
     if values[-1] != total:
         raise ValueError(f"{name}[-1] = {values[-1]} does not match the packed length {total}")
+    _cu_cache_put(cu, total, values)
     return values

@@ -247,3 +247,30 @@ def test_known_broken_interpreter_combination_is_refused_with_a_reason(monkeypat
     assert any("numpy<2.4 or triton>=3.7" in r for r in reasons)
     monkeypatch.setattr(numpy, "__version__", "2.3.5")
     assert backends.backend_reasons("triton", torch.device("cpu")) == []
+
+
+def test_cu_seqlens_values_read_once_until_modified():
+    """The host check of cu_seqlens is remembered for the same unmodified tensor (one device sync
+    per model forward instead of one per layer), and forgotten after an in-place change."""
+    from fastbert import _validation as v
+
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    first = v.check_cu_seqlens("cu_seqlens_q", cu, 10, cu.device)
+    assert first == [0, 4, 10]
+    assert v.check_cu_seqlens("cu_seqlens_q", cu, 10, cu.device) is first  # not read again
+    with pytest.raises(ValueError, match="does not match the packed length 11"):
+        v.check_cu_seqlens("cu_seqlens_q", cu, 11, cu.device)  # other total: checked afresh
+    cu[1] = 11  # in-place write: the version counter moves, the values are read again
+    with pytest.raises(ValueError, match="non-decreasing"):
+        v.check_cu_seqlens("cu_seqlens_q", cu, 10, cu.device)
+    view = cu[:]  # a view shares the version counter
+    cu.copy_(torch.tensor([0, 5, 10], dtype=torch.int32))
+    assert v.check_cu_seqlens("cu_seqlens_q", cu, 10, cu.device) == [0, 5, 10]
+    view[1] = 12
+    with pytest.raises(ValueError, match="non-decreasing"):
+        v.check_cu_seqlens("cu_seqlens_q", cu, 10, cu.device)
+    # the cache stays small
+    keep = [torch.tensor([0, i], dtype=torch.int32) for i in range(3 * v._CU_CHECKED_MAX)]
+    for t in keep:
+        v.check_cu_seqlens("cu", t, int(t[1]), t.device)
+    assert len(v._CU_CHECKED) <= v._CU_CHECKED_MAX

@@ -124,8 +124,9 @@ class BertEncoder(nn.Module):
     applied by forward), ``backend``.
 
     Training works (dropout in every place HuggingFace has it; gradients flow to the shared
-    HuggingFace parameters). ``varlen_attention`` checks the sequence lengths on the host: one
-    device sync per layer in eager mode.
+    HuggingFace parameters). ``varlen_attention`` checks the sequence lengths on the host in eager
+    mode; every layer gets the same ``cu_seqlens`` tensor, so that is one device sync per forward,
+    not one per layer.
     """
 
     def __init__(self, embeddings: nn.Module, layers, *, embeddings_project: Optional[nn.Module] = None,
