@@ -17,6 +17,8 @@
 # FASTBERT_SKIP_INSTALL=1 to skip install on a machine where it already ran), so the two halves of a
 # run that does not fit in one command are:
 #   bash bench/gpu_run.sh <commit> tests      and      bash bench/gpu_run.sh <commit> bench
+# Paths under tests/ (files or pytest node ids) narrow the tests stage to them, e.g. to re-run what
+# failed: bash bench/gpu_run.sh <commit> tests tests/test_layer_norm.py tests/test_gelu.py
 #
 # Output under $OUT (default ./out): tests.log, bench.log (info and install go to the first of them),
 # bench/results.json, bench/results.csv and bench/<family>.png: at most 8 files, 2 levels deep.
@@ -38,9 +40,11 @@ usage() {
 
 COMMIT="${FASTBERT_COMMIT:-}"
 STAGES=()
+TEST_PATHS=()
 for arg in "$@"; do
     case "$arg" in
         -h|--help) usage; exit 0 ;;
+        tests/*) TEST_PATHS+=("$arg") ;;
         info|install|tests|bench|sanitize) STAGES+=("$arg") ;;
         all) STAGES+=(info install tests bench) ;;
         *)
@@ -54,6 +58,7 @@ for arg in "$@"; do
     esac
 done
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(info install tests bench)
+[[ ${#TEST_PATHS[@]} -eq 0 ]] && TEST_PATHS=(tests)
 has_stage() { local s; for s in "${STAGES[@]}"; do [[ "$s" == "$1" ]] && return 0; done; return 1; }
 # tests and bench need an installed fastbert on a fresh machine
 if has_stage tests || has_stage bench || has_stage sanitize; then
@@ -158,9 +163,10 @@ stage_tests() {
     local limit reserve=0
     has_stage bench && reserve=240
     limit=$(stage_limit 540 "$reserve")
-    log "== tests: python3 -m pytest tests -q -rs (limit ${limit} s)"
-    timeout --kill-after=10 "$limit" "$PY" -m pytest tests -q -rs -p no:cacheprovider 2>&1 \
-        | tee -a "$OUT/tests.log"
+    # --durations: the slowest tests (Triton compiles included), to plan later GPU runs
+    log "== tests: python3 -m pytest ${TEST_PATHS[*]} -q -rs --durations=25 (limit ${limit} s)"
+    timeout --kill-after=10 "$limit" "$PY" -m pytest "${TEST_PATHS[@]}" -q -rs --durations=25 \
+        -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log"
 }
 
 stage_bench() {
