@@ -17,9 +17,19 @@ constexpr float kInvSqrt2 = 0.7071067811865476f;      // 1 / sqrt(2)
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
 constexpr float kCubic = 0.044715f;
 
+// tanh that stays within a few ulp under --use_fast_math, which turns tanhf into tanh.approx.f32
+// (relative error about 2^-11: far outside the fp32 tolerance of the tanh form and its gradient).
+// tanh(a) = expm1(2a) / (expm1(2a) + 2); |a| is capped at 10, where tanh rounds to 1.0f anyway and
+// expm1 stays finite.
+__device__ __forceinline__ float tanh_accurate(float u) {
+  const float a = fminf(fabsf(u), 10.f);
+  const float e = expm1f(2.f * a);
+  return copysignf(e / (e + 2.f), u);
+}
+
 __device__ __forceinline__ float gelu_value(float z, bool tanh_approx) {
   if (tanh_approx) {
-    const float t = tanhf(kSqrt2OverPi * (z + kCubic * z * z * z));
+    const float t = tanh_accurate(kSqrt2OverPi * (z + kCubic * z * z * z));
     return 0.5f * z * (1.f + t);
   }
   return 0.5f * z * (1.f + erff(z * kInvSqrt2));
@@ -28,7 +38,7 @@ __device__ __forceinline__ float gelu_value(float z, bool tanh_approx) {
 __device__ __forceinline__ float gelu_derivative(float z, bool tanh_approx) {
   if (tanh_approx) {
     const float z2 = z * z;
-    const float t = tanhf(kSqrt2OverPi * (z + kCubic * z2 * z));
+    const float t = tanh_accurate(kSqrt2OverPi * (z + kCubic * z2 * z));
     return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
   }
   const float cdf = 0.5f * (1.f + erff(z * kInvSqrt2));
