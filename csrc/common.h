@@ -37,8 +37,9 @@ size_t device_max_smem_per_block(int device, Status* status);
 // Element type of a kernel's floating-point tensors; the binding maps at::ScalarType onto it.
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 
-// Dropout RNG state: a device pointer to one int64 seed (drawn on the host from torch's default CPU
-// generator and filled on the device, so kernels never need a host sync) plus the keep probability.
+// Dropout RNG state: a device pointer to one int64 seed (drawn on the device by torch's default
+// generator of that device, so neither drawing nor reading it syncs the host, and a captured CUDA
+// graph draws a fresh one on each replay) plus the drop probability.
 // Element e of a dropout-able tensor (its linear index in the logical contiguous layout) is kept
 // iff uniform(seed, e) >= p, see philox.cuh; the same rule regenerates the mask in backward and
 // materialises it for tests (dropout_mask).

@@ -6,27 +6,28 @@
 // implementations and autograd formulas are registered from Python (fastbert/ops/*.py) when the
 // extension is first used.
 //
-// Dropout: forward ops draw a 64-bit seed from torch's default CPU generator (so torch.manual_seed
-// reproduces them) and return it as a 1-element int64 CUDA tensor, filled asynchronously; kernels
-// read it from device memory and backward ops take it back, so there is no host sync and the op
-// stays a pure function of its inputs and outputs. `dropout_mask` materialises the keep-mask of a
-// seed for tests.
+// Dropout: forward ops draw a 63-bit seed on the device, with the default CUDA generator of the
+// inputs' device (at::randint: torch.manual_seed reproduces it), and return it as a 1-element
+// int64 CUDA tensor; kernels read it from device memory and backward ops take it back, so the host
+// never sees the value (no sync) and the op stays a pure function of its inputs and outputs. Under
+// CUDA graph capture the draw is captured like any torch random op, so every replay draws a fresh
+// seed (a fresh mask) instead of reusing the one of the capture. `dropout_mask` materialises the
+// keep-mask of a seed for tests.
 #include <Python.h>
 
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <mutex>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/randint.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -158,18 +159,14 @@ size_t max_smem_per_block(int device) {
   return static_cast<size_t>(cached_property(cache, device, "max_smem_per_block", device_max_smem_per_block));
 }
 
-// A fresh dropout seed from torch's default CPU generator, as a [1] int64 tensor on `device`
-// (filled by a kernel on the current stream: no host sync). Empty when dropout is off.
+// A fresh dropout seed in [0, 2^63 - 1), drawn on `device` by torch's default generator of that
+// device (a Philox kernel on the current stream: no host sync, graph-safe, reproduced by
+// torch.manual_seed), as a [1] int64 tensor. The kernels take any 64-bit seed (philox4x32_10 keys
+// on both halves). Empty, and nothing launched, when dropout is off.
 at::Tensor draw_seed(double p, const at::Device& device) {
   const auto options = at::TensorOptions().dtype(at::kLong).device(device);
   if (p <= 0.0) return at::empty({0}, options);
-  uint64_t seed = 0;
-  {
-    at::Generator gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    seed = gen.get<at::CPUGeneratorImpl>()->random64();
-  }
-  return at::full({1}, static_cast<int64_t>(seed), options);
+  return at::randint(std::numeric_limits<int64_t>::max(), {1}, options);
 }
 
 DropoutParams dropout_params(double p, const at::Tensor& seed, const at::Tensor& ref, const char* op) {

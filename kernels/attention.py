@@ -24,7 +24,10 @@ i iff j <= i (top-left aligned) and combines with the mask; a query row with no 
 and gets zero gradients. Dropout keeps element (b, h, i, j) iff ``tl.rand(seed, offset) >=
 dropout_p`` with ``offset = ((b * H + h) * Lq + i) * Lk + j`` (varlen: b is the sequence and
 Lq/Lk are max_seqlen_q/max_seqlen_k), which is the flat index of a contiguous (B, H, Lq, Lk)
-tensor, so :func:`attention_dropout_mask` can materialise exactly the same mask.
+tensor, so :func:`attention_dropout_mask` can materialise exactly the same mask. The seed is an
+int64 (1,) tensor on the inputs' device (``fastbert._rng.dropout_seed``) that each kernel loads
+(``tl.load(Seed)``) only when ``HAS_DROPOUT``: the host never reads it (no sync), and a captured
+CUDA graph reads the fresh seed drawn on each replay.
 
 Head dims (any multiple of 8 up to 256) are padded to the next power of two inside the kernel
 (``BLOCK_D``) with masked loads; tensors may have any strides (a (B, L, H, D) tensor viewed as
@@ -154,7 +157,8 @@ def _attention_fwd_kernel(
     num_m_blocks,             # query blocks per (batch, head): cdiv(Lq or max_seqlen_q, BLOCK_M)
     seqlen_q, seqlen_k,       # dense: Lq, Lk; varlen: max_seqlen_q, max_seqlen_k (dropout offsets)
     sm_scale_log2,            # scale * log2(e)
-    dropout_p, seed,
+    dropout_p,                # drop probability (used when HAS_DROPOUT)
+    Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -198,6 +202,10 @@ def _attention_fwd_kernel(
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_m, tl.int64) * stride_mm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k  # [BM] int64
 
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)                                  # read on the device: no host sync
+    else:
+        seed = 0                                              # unused
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -368,7 +376,8 @@ def _attention_bwd_dkdv_kernel(
     num_n_blocks,             # key blocks per (batch, head): cdiv(Lk or max_seqlen_k, BLOCK_N)
     seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
-    dropout_p, seed,
+    dropout_p,                # drop probability (used when HAS_DROPOUT)
+    Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -414,6 +423,10 @@ def _attention_bwd_dkdv_kernel(
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_n, tl.int64) * stride_mn
     rng_cols = (b64 * num_heads + h64) * seqlen_q * seqlen_k + cols.to(tl.int64)   # [BN]
 
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)                                  # read on the device: no host sync
+    else:
+        seed = 0                                              # unused
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # Causal: rows below start_n see none of these keys; query blocks that start before the last
@@ -513,7 +526,8 @@ def _attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lm, stride_ls,
     num_heads, num_m_blocks, seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
-    dropout_p, seed,
+    dropout_p,                # drop probability (used when HAS_DROPOUT)
+    Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -565,6 +579,10 @@ def _attention_bwd_dq_kernel(
     ds_base = DS + b64 * stride_dsb + h64 * stride_dsh + start_m64 * stride_dsm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
 
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)                                  # read on the device: no host sync
+    else:
+        seed = 0                                              # unused
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if IS_CAUSAL:
         hi = tl.minimum(len_k, start_m + BLOCK_M)
@@ -598,11 +616,12 @@ def _attention_bwd_dq_kernel(
 @triton.jit
 def _attention_dropout_mask_kernel(
     Keep,                     # [numel] uint8 output, 1 = kept
-    numel, dropout_p, seed,
+    numel, dropout_p,
+    Seed,                     # int64 [1] dropout seed in device memory
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # = the attention offsets
-    rnd = tl.rand(seed, offs)
+    rnd = tl.rand(tl.load(Seed), offs)
     tl.store(Keep + offs, (rnd >= dropout_p).to(tl.uint8), mask=offs < numel)
 
 
@@ -773,6 +792,25 @@ def _varlen_strides(t: Tensor) -> Tuple[int, int, int, int]:
     return 0, t.stride(1), t.stride(0), t.stride(2)
 
 
+def _check_seed(seed) -> None:
+    if not (isinstance(seed, Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        got = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, Tensor)
+               else type(seed).__name__)
+        raise TypeError("seed must be the int64 (1,) dropout seed tensor (as the forward op "
+                        f"returns it), got {got}")
+
+
+def _seed_arg(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
+    """The kernels' ``Seed`` pointer: with dropout the int64 (1,) seed tensor (the kernels load it
+    on the device; the host never reads it), else ``dummy`` (never dereferenced)."""
+    if dropout_p <= 0.0:
+        return dummy
+    _check_seed(seed)
+    if seed.device != dummy.device:
+        raise ValueError(f"seed is on {seed.device}, the attention tensors on {dummy.device}")
+    return seed
+
+
 def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_strides, l_strides,
                 m_strides, mask_kind, cu_q, cu_k, batch, heads, seqlen_q, seqlen_k, scale,
                 dropout_p, seed, is_causal, is_varlen):
@@ -781,12 +819,13 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
     bm, bn, warps, stages = attention_config("fwd", d, dv, q.dtype, q.device, dropout_p > 0.0,
                                               mask_kind != MASK_NONE)
     num_m = triton.cdiv(seqlen_q, bm)
+    seed_arg = _seed_arg(seed, dropout_p, q)
     if num_m * heads * batch == 0:
         return
     _attention_fwd_kernel[(num_m * heads * batch,)](
         q, k, v, mask, out, stats, cu_q, cu_k,
         *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides,
-        heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), int(seed),
+        heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), seed_arg,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
         BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
@@ -806,6 +845,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
     store_ds = ds is not None
     if not store_ds:
         ds = q  # never dereferenced (STORE_DS=False)
+    seed_arg = _seed_arg(seed, dropout_p, q)
     # delta = rowsum(dO * O): fp32, laid out like one plane of stats.
     delta = torch.empty((l_strides[3],), dtype=torch.float32, device=q.device)
     pre_bm = 64 if q.device.type == "cuda" and not _interpreting() else 16
@@ -823,7 +863,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             q, k, v, mask, do, stats, delta, dk, dv, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides, *dv_strides,
             *l_strides, heads, num_n, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
-            int(seed), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+            seed_arg, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     bm, bn, warps, stages = attention_config("bwd_dq", d, dvd, q.dtype, q.device,
                                               dropout_p > 0.0, mask_kind != MASK_NONE)
@@ -833,7 +873,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             q, k, v, mask, do, stats, delta, dq, ds, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides, *ds_strides,
             *l_strides, heads, num_m, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
-            int(seed), BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
+            seed_arg, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
             num_warps=warps, num_stages=stages, **common)
 
 
@@ -869,12 +909,15 @@ def softmax_stats_to_lse(stats: Tensor, rows_shape: Sequence[int]) -> Tensor:
 
 
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                  dropout_p: float, is_causal: bool, scale: float, seed: int = 0) -> Tuple[Tensor, Tensor]:
+                  dropout_p: float, is_causal: bool, scale: float,
+                  seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass.
 
     Args: query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), any strides;
     attn_mask None, bool or float, broadcastable to (B, H, Lq, Lk); ``scale`` a float; ``seed``
-    the dropout seed (ignored when ``dropout_p == 0``).
+    the dropout seed, an int64 (1,) tensor on the inputs' device (e.g. from
+    ``fastbert._rng.dropout_seed``), read by the kernels on the device; ignored (may be None)
+    when ``dropout_p == 0``.
 
     Returns: out (B, H, Lq, Dv) in the input dtype (layout: :func:`attention_out_layout`) and
     stats, fp32 (2 * B * H * Lq,), viewed as (2, B, H, Lq): [0] the row max m of the scores in
@@ -894,7 +937,7 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
 
 def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                   stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                  scale: float, seed: int = 0, mask_grad: bool = False):
+                  scale: float, seed: Optional[Tensor] = None, mask_grad: bool = False):
     """Backward pass of :func:`attention_fwd` (same arguments plus its outputs).
 
     grad_out (B, H, Lq, Dv) any strides (stride 0 included). Returns dq, dk, dv in the layouts of
@@ -931,12 +974,12 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          dropout_p: float, is_causal: bool, scale: float,
-                         seed: int = 0) -> Tuple[Tensor, Tensor]:
+                         seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass over packed sequences.
 
     Args: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv), any strides; cu_seqlens_*
     (N + 1,) int32/int64 on the tensors' device; max_seqlen_* upper bounds of the lengths (they
-    size the grid and the dropout offsets).
+    size the grid and the dropout offsets); ``seed`` as in :func:`attention_fwd`.
 
     Returns: out (total_q, H, Dv) contiguous, stats fp32 (2 * H * total_q,), viewed as
     (2, H, total_q) (as in :func:`attention_fwd`).
@@ -956,7 +999,7 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
 def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          stats: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool,
-                         scale: float, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                         scale: float, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward pass of :func:`varlen_attention_fwd`; returns dq, dk, dv (packed, contiguous)."""
     total_q, h, d = q.shape
     n = cu_seqlens_q.numel() - 1
@@ -976,28 +1019,29 @@ def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq, dk, dv
 
 
-def attention_dropout_mask(seed: int, dropout_p: float, shape: Sequence[int],
-                           device=None) -> Tensor:
-    """The exact keep-mask (bool, True = kept) the attention kernels draw for ``seed``.
+def attention_dropout_mask(seed: Tensor, dropout_p: float, shape: Sequence[int]) -> Tensor:
+    """The exact keep-mask (bool, True = kept) the attention kernels draw for ``seed``, the int64
+    (1,) seed tensor of a forward call (the mask is built on its device, without reading it).
 
     ``shape`` is (B, H, Lq, Lk) for dense attention; for varlen use (N, H, max_seqlen_q,
     max_seqlen_k) (or :func:`varlen_attention_dropout_masks`).
     """
+    _check_seed(seed)
     numel = math.prod(shape)
-    keep = torch.empty(numel, dtype=torch.uint8, device=device)
+    keep = torch.empty(numel, dtype=torch.uint8, device=seed.device)
     if numel:
         block = 1024
         _attention_dropout_mask_kernel[(triton.cdiv(numel, block),)](
-            keep, numel, float(dropout_p), int(seed), BLOCK=block)
+            keep, numel, float(dropout_p), seed, BLOCK=block)
     return keep.view(torch.bool).view(*shape)
 
 
-def varlen_attention_dropout_masks(seed: int, dropout_p: float, cu_seqlens_q: Tensor,
+def varlen_attention_dropout_masks(seed: Tensor, dropout_p: float, cu_seqlens_q: Tensor,
                                    cu_seqlens_k: Tensor, num_heads: int, max_seqlen_q: int,
                                    max_seqlen_k: int) -> List[Tensor]:
-    """Per-sequence keep-masks (H, Lq_i, Lk_i) the varlen kernels draw for ``seed``."""
+    """Per-sequence keep-masks (H, Lq_i, Lk_i) the varlen kernels draw for ``seed`` (the int64 (1,)
+    seed tensor of a forward call)."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     n = len(cq) - 1
-    full = attention_dropout_mask(seed, dropout_p, (n, num_heads, max_seqlen_q, max_seqlen_k),
-                                  device=cu_seqlens_q.device)
+    full = attention_dropout_mask(seed, dropout_p, (n, num_heads, max_seqlen_q, max_seqlen_k))
     return [full[i, :, :cq[i + 1] - cq[i], :ck[i + 1] - ck[i]] for i in range(n)]

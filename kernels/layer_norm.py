@@ -30,7 +30,10 @@ Dropout is counter based (Philox via ``tl.rand``): element ``(row, col)`` of the
 row matrix is kept iff ``rand(seed, row * N + col) >= p``. Forward, backward and
 :func:`dropout_keep_mask` compute the same expression, so the backward regenerates the forward mask
 and tests can materialise it for the reference. Offsets are int32 while ``M * N < 2**31`` and int64
-beyond (Triton's Philox then also uses the high word).
+beyond (Triton's Philox then also uses the high word). The seed is an int64 (1,) tensor on the
+device (``fastbert._rng.dropout_seed``) that each kernel loads (``tl.load(SEED)``) only when
+``HAS_DROPOUT``: the host never reads it (no sync) and a captured CUDA graph reads the fresh seed
+drawn on each replay.
 
 Offsets into the data are int64: row indices are widened before they are multiplied by the row
 stride; the in-row part ``col * stride_col`` stays int32 (the launcher makes a row whose extent is
@@ -145,13 +148,19 @@ def _layer_norm_fwd_kernel(
     Y,                              # out [M, N], contiguous, input dtype
     S,                              # pre-norm sum [M, N], contiguous, input dtype (STORE_SUM)
     MEAN, RSTD,                     # [M] fp32
-    M, N, eps, seed, dropout_p, dropout_scale,
+    M, N, eps,
+    SEED,                           # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
+    dropout_p, dropout_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_SUM: tl.constexpr,
     OFFSET_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # BLOCK_N >= N: whole rows in the tile
 ):
     """One-pass forward: program i normalises rows [i * BLOCK_M, (i + 1) * BLOCK_M)."""
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)                                             # read on the device
+    else:
+        seed = 0                                                         # unused
     pid_m = tl.program_id(0)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
@@ -185,7 +194,9 @@ def _layer_norm_fwd_kernel(
 @triton.jit
 def _layer_norm_fwd_looped_kernel(
     X, stride_xm, stride_xn, R, stride_rm, stride_rn, XB, W, B, Y, S, MEAN, RSTD,  # as above
-    M, N, eps, seed, dropout_p, dropout_scale,
+    M, N, eps,
+    SEED,                           # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
+    dropout_p, dropout_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_SUM: tl.constexpr,
     OFFSET_64: tl.constexpr,
@@ -194,6 +205,10 @@ def _layer_norm_fwd_looped_kernel(
 ):
     """Looped forward for wide rows: pass 1 statistics (Chan's merge of per-chunk mean / M2),
     pass 2 recomputes the chunk (same dropout mask) and writes the output."""
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)                                             # read on the device
+    else:
+        seed = 0                                                         # unused
     pid_m = tl.program_id(0)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
@@ -261,7 +276,9 @@ def _layer_norm_bwd_kernel(
     DS,                             # out: grad of s [M, N] contiguous (= dx of layer_norm)
     DX,                             # out: grad of input under dropout [M, N] contiguous (STORE_DX)
     DW_PART, DB_PART, DXB_PART,     # out: partial column sums [G, N] fp32, row = program id
-    M, N, seed, dropout_p, dropout_scale,
+    M, N,
+    SEED,                           # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
+    dropout_p, dropout_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr,
     STORE_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DXB: tl.constexpr,
@@ -271,6 +288,10 @@ def _layer_norm_bwd_kernel(
     """One-pass backward: program g handles row blocks g, g + G, g + 2G, ... and accumulates its
     dweight / dbias / dinput_bias partials in registers ([BN] fp32 each, summed over the tile's
     rows every step)."""
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)                                             # read on the device
+    else:
+        seed = 0                                                         # unused
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     o_n = tl.arange(0, BLOCK_N)                                          # [BN]
@@ -334,7 +355,9 @@ def _layer_norm_bwd_looped_kernel(
     DY, stride_dym, stride_dyn, DSUM, stride_dsm, stride_dsn, X, stride_xm, stride_xn,
     R, stride_rm, stride_rn, XB, W, MEAN, RSTD, DS, DX,  # as in _layer_norm_bwd_kernel
     C1, C2,                         # out: per-row mean_n(g * xhat), mean_n(g) [M] fp32 (STORE_C)
-    M, N, seed, dropout_p, dropout_scale,
+    M, N,
+    SEED,                           # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
+    dropout_p, dropout_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr, STORE_DX: tl.constexpr,
     STORE_C: tl.constexpr, OFFSET_64: tl.constexpr,
@@ -344,6 +367,10 @@ def _layer_norm_bwd_looped_kernel(
     """Looped backward for wide rows, ds / dx only: pass 1 reduces mean_n(g * xhat) and mean_n(g)
     (kept in C1 / C2 for the column kernel), pass 2 writes ds (and dx under dropout). Column sums:
     _layer_norm_bwd_cols_kernel."""
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)                                             # read on the device
+    else:
+        seed = 0                                                         # unused
     pid_m = tl.program_id(0)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
@@ -415,7 +442,9 @@ def _layer_norm_bwd_cols_kernel(
     MEAN, RSTD,                     # [M] fp32 from the forward
     C1, C2,                         # [M] fp32 row terms of the looped row kernel (NEED_DXB)
     DW_PART, DB_PART, DXB_PART,     # out: partial column sums [G, N] fp32
-    M, N, seed, dropout_p, dropout_scale,
+    M, N,
+    SEED,                           # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
+    dropout_p, dropout_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_DSUM: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DXB: tl.constexpr,
@@ -426,6 +455,10 @@ def _layer_norm_bwd_cols_kernel(
     column block j over row blocks g, g + G, ... into row g of the partial buffers. dinput_bias is
     summed from the fp32 d_input, recomputed from the stored row terms (not from the rounded
     d_input tensor)."""
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)                                             # read on the device
+    else:
+        seed = 0                                                         # unused
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
     n_progs = tl.num_programs(1)
@@ -484,9 +517,12 @@ def _layer_norm_bwd_cols_kernel(
 @triton.jit
 def _dropout_keep_mask_kernel(
     MASK,                           # out: [M, N] contiguous, uint8 (1 = kept)
-    M, N, seed, dropout_p,
+    M, N,
+    SEED,                           # int64 [1] dropout seed (device memory)
+    dropout_p,
     OFFSET_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    seed = tl.load(SEED)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -538,6 +574,25 @@ def _offset_64(m: int, n: int) -> bool:
     return m * n > _INT32_MAX
 
 
+def _check_seed(seed) -> None:
+    if not (isinstance(seed, Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        got = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, Tensor)
+               else type(seed).__name__)
+        raise TypeError("seed must be the int64 (1,) dropout seed tensor (as the forward op "
+                        f"returns it), got {got}")
+
+
+def _seed_arg(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
+    """The kernels' ``SEED`` pointer: with dropout the int64 (1,) seed tensor (loaded on the device,
+    never read by the host), else ``dummy`` (never dereferenced)."""
+    if dropout_p <= 0.0:
+        return dummy
+    _check_seed(seed)
+    if seed.device != dummy.device:
+        raise ValueError(f"seed is on {seed.device}, the rows on {dummy.device}")
+    return seed
+
+
 def layer_norm_fwd(
     x: Tensor,
     weight: Optional[Tensor],
@@ -548,7 +603,7 @@ def layer_norm_fwd(
     residual: Optional[Tensor] = None,
     input_bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: Optional[Tensor] = None,
     store_sum: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """LayerNorm of ``s = dropout(x + input_bias) + residual`` over the last ``norm_ndim`` dims.
@@ -556,7 +611,9 @@ def layer_norm_fwd(
     Shapes: x, residual (..., *norm_shape) with N = prod(norm_shape); weight, bias, input_bias
     norm_shape (any dtype). Returns ``(out, pre_norm_sum, mean, rstd)``: out (x's shape and dtype,
     contiguous), pre_norm_sum (same, or None unless ``store_sum``), mean and rstd [M] fp32.
-    Dropout keeps element (row, col) of the [M, N] row matrix iff rand(seed, row * N + col) >= p.
+    Dropout keeps element (row, col) of the [M, N] row matrix iff rand(seed, row * N + col) >= p;
+    ``seed`` is an int64 (1,) tensor on x's device (e.g. from ``fastbert._rng.dropout_seed``) that
+    the kernels load on the device (the host never reads it); ignored (may be None) when p == 0.
     """
     shape = x.shape
     n = math.prod(shape[x.dim() - norm_ndim:])
@@ -581,7 +638,7 @@ def layer_norm_fwd(
     args = (x2, x2.stride(0), x2.stride(1), r2, r2.stride(0), r2.stride(1),
             xb if xb is not None else x2, w if w is not None else x2, b if b is not None else x2,
             y, s_out if s_out is not None else y, mean, rstd,
-            m, n, float(eps), int(seed), float(dropout_p),
+            m, n, float(eps), _seed_arg(seed, dropout_p, x2), float(dropout_p),
             1.0 / (1.0 - dropout_p) if has_dropout else 1.0)
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _one_pass_config(n)
@@ -606,7 +663,7 @@ def layer_norm_bwd(
     input_bias: Optional[Tensor] = None,
     dsum: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: Optional[Tensor] = None,
     need_dinput: bool = True,
     need_dweight: bool = False,
     need_dbias: bool = False,
@@ -614,7 +671,8 @@ def layer_norm_bwd(
     param_dtypes: Tuple[Optional[torch.dtype], ...] = (None, None, None),
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of :func:`layer_norm_fwd`, given its inputs (the pre-norm sum is recomputed in
-    fp32 from x, input_bias, the dropout ``seed`` and residual) and its mean / rstd.
+    fp32 from x, input_bias, the dropout ``seed`` (the forward's seed tensor) and residual) and
+    its mean / rstd.
 
     Shapes: dy, x, residual, dsum (..., *norm_shape), any strides; mean, rstd [M]. ``dsum`` is the
     gradient of the returned pre-norm sum (add_layer_norm with return_residual). ``param_dtypes``
@@ -653,7 +711,8 @@ def layer_norm_bwd(
                  HAS_DROPOUT=has_dropout, OFFSET_64=_offset_64(m, n))
     inputs = (x2, x2.stride(0), x2.stride(1), r2, r2.stride(0), r2.stride(1),
               xb if xb is not None else x2)
-    rng = (int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p) if has_dropout else 1.0)
+    rng = (_seed_arg(seed, dropout_p, x2), float(dropout_p),
+           1.0 / (1.0 - dropout_p) if has_dropout else 1.0)
     sms = _num_sms(device)
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _one_pass_config(n, BWD_TILE_ELEMS, BWD_ELEMS_PER_THREAD)
@@ -687,19 +746,21 @@ def layer_norm_bwd(
     return finish(parts)
 
 
-def dropout_keep_mask(seed: int, shape, dropout_p: float, device) -> Tensor:
-    """The exact keep-mask (bool, True = kept) that the kernels draw for ``seed`` over a tensor of
-    ``shape`` (..., N): element (row, col) of the [M, N] row matrix is kept iff
+def dropout_keep_mask(seed: Tensor, shape, dropout_p: float) -> Tensor:
+    """The exact keep-mask (bool, True = kept) that the kernels draw for ``seed`` (the int64 (1,)
+    seed tensor of a forward call; the mask is built on its device) over a tensor of ``shape``
+    (..., N): element (row, col) of the [M, N] row matrix is kept iff
     rand(seed, row * N + col) >= dropout_p. For tests and references only."""
+    _check_seed(seed)
     shape = tuple(shape)
     n = shape[-1] if shape else 1
     m = math.prod(shape[:-1]) if shape else 1
-    out = torch.empty((m, n), dtype=torch.uint8, device=device)
+    out = torch.empty((m, n), dtype=torch.uint8, device=seed.device)
     if m > 0 and n > 0:
         block_n = min(triton.next_power_of_2(n), 1024)
         block_m = max(1, min(MAX_BLOCK_M, TILE_ELEMS // block_n))
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _dropout_keep_mask_kernel[grid](out, m, n, int(seed), float(dropout_p),
+        _dropout_keep_mask_kernel[grid](out, m, n, seed, float(dropout_p),
                                         OFFSET_64=_offset_64(m, n), BLOCK_M=block_m,
                                         BLOCK_N=block_n, num_warps=8)
     return out.view(torch.bool).reshape(shape)

@@ -150,8 +150,8 @@ def test_sdpa_block_sizes(blocks, lq, lk, monkeypatch, fresh_seed):
     b, h, d, p = 1, 2, 40, 0.2
     leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld")
     mask = _make_mask("float", (1, 1, lq, lk), F32).requires_grad_()
-    seed = _seed_of_next_call(fresh_seed)
-    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk), device=DEVICE)
+    seed = _seed_of_call(fresh_seed, leaves, mask, p, True)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
     torch.manual_seed(fresh_seed)
     _check_sdpa(leaves, "bhld", mask=mask, causal=True, dropout_p=p, dropout_mask=keep)
 
@@ -290,12 +290,15 @@ def test_sdpa_every_key_masked():
 # ----------------------------------------------------------------------------------------------
 # dense: dropout
 # ----------------------------------------------------------------------------------------------
-def _seed_of_next_call(user_seed):
-    """The dropout seed the op draws right after torch.manual_seed(user_seed)."""
-    from fastbert.ops.attention import _draw_dropout_seed
-
+def _seed_of_call(user_seed, leaves, mask, p, causal, layout="bhld"):
+    """The dropout seed tensor that the forward op returns when called right after
+    torch.manual_seed(user_seed) (the public op called after the same torch.manual_seed draws it
+    too)."""
+    q, k, v = (t.detach() for t in _views(leaves, layout))
     torch.manual_seed(user_seed)
-    return _draw_dropout_seed()
+    _, _, seed = torch.ops.fastbert.attention_fwd(q, k, v, None if mask is None else mask.detach(),
+                                                  p, causal, q.shape[-1] ** -0.5)
+    return seed
 
 
 @pytest.mark.parametrize("b,h,lq,lk,d,dtype,causal,with_mask", [
@@ -309,15 +312,19 @@ def test_sdpa_dropout_exact(b, h, lq, lk, d, dtype, causal, with_mask, fresh_see
     p = 0.3
     leaves = _leaves(b, h, lq, lk, d, d, dtype, "bhld")
     mask = _make_mask("bool", (b, 1, 1, lk), None) if with_mask else None
-    seed = _seed_of_next_call(fresh_seed)
-    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk), device=DEVICE)
+    seed = _seed_of_call(fresh_seed, leaves, mask, p, causal)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
     torch.manual_seed(fresh_seed)
     _check_sdpa(leaves, "bhld", mask=mask, causal=causal, dropout_p=p, dropout_mask=keep)
 
 
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
 def test_sdpa_dropout_statistics():
     p = 0.25
-    keep = kernels.attention_dropout_mask(1234, p, (2, 4, 64, 130), device=DEVICE)
+    keep = kernels.attention_dropout_mask(_seed(1234), p, (2, 4, 64, 130))
     assert keep.dtype == torch.bool and keep.shape == (2, 4, 64, 130)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     # Neighbouring rows/columns are not correlated (a broken counter would repeat patterns).
@@ -325,7 +332,7 @@ def test_sdpa_dropout_statistics():
     for a, c in ((kf[..., 1:, :], kf[..., :-1, :]), (kf[..., 1:], kf[..., :-1])):
         corr = (a * c).mean() / kf.var()
         assert abs(corr.item()) < 0.02
-    other = kernels.attention_dropout_mask(1235, p, (2, 4, 64, 130), device=DEVICE)
+    other = kernels.attention_dropout_mask(_seed(1235), p, (2, 4, 64, 130))
     assert (other != keep).float().mean().item() > 0.3
 
     # Expectation: with uniform scores (q = 0) and value = 1, each output is
@@ -350,6 +357,98 @@ def test_sdpa_dropout_reproducible(fresh_seed):
     for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b)
     assert not torch.equal(runs[0][0], runs[2][0])
+
+
+# ----------------------------------------------------------------------------------------------
+# dense and varlen: the dropout seed is drawn on the inputs' device and never read on the host
+# ----------------------------------------------------------------------------------------------
+def _fwd_op(kind, q, p):
+    """The dense or varlen forward op on ``q`` (B=1, H, L, D) as query, key and value:
+    -> (out, stats, seed)."""
+    if kind == "dense":
+        return torch.ops.fastbert.attention_fwd(q, q, q, None, p, False, 0.25)
+    x = q[0].transpose(0, 1)  # (L, H, D): one packed sequence
+    n = x.shape[0]
+    cu = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+    return torch.ops.fastbert.varlen_attention_fwd(x, x, x, cu, cu, n, n, p, False, 0.25)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("device", ["inputs", "meta"], ids=["kernel", "fake-on-meta"])
+@pytest.mark.parametrize("kind", ["dense", "varlen"])
+def test_dropout_seed_output(kind, device, p):
+    """The forward op returns its seed as an int64 (1,) tensor on the inputs' device (so a GPU
+    call draws and keeps it on the GPU), an empty (0,) one without dropout; the fake agrees."""
+    q = rand((1, 2, 17, 16))
+    if device == "meta":
+        q = q.to("meta")
+    seed = _fwd_op(kind, q, p)[2]
+    assert seed.dtype == torch.int64 and seed.device == q.device
+    assert seed.shape == ((1,) if p > 0.0 else (0,))
+    if device != "meta" and p > 0.0:
+        assert 0 <= int(seed[0]) < 2 ** 31  # fastbert._rng draws below 2**31
+
+
+def _forbid_int64_host_reads(monkeypatch):
+    """Make every host read of an int64 tensor's value (``int(seed[0])``, ``seed.item()``, ...)
+    fail, so a passing test proves that the seed stays on the device."""
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            if self.dtype == torch.int64:
+                raise AssertionError(f"Tensor.{name}() read an int64 tensor on the host")
+            return original(self, *args, **kwargs)
+        return method
+
+    for name in ("item", "tolist", "__int__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+
+
+@pytest.mark.parametrize("kind", ["dense", "varlen"])
+def test_dropout_seed_never_read_on_host(kind, monkeypatch, fresh_seed):
+    """Forward and backward with dropout run with host reads of int64 tensors forbidden; the
+    result is the same as without the guard (same torch.manual_seed)."""
+    q = rand((1, 2, 33, 16), requires_grad=True)
+    dout = rand((1, 2, 33, 16))
+
+    def run():
+        torch.manual_seed(fresh_seed)
+        out = _fwd_op(kind, q, 0.3)[0]
+        return (out,) + torch.autograd.grad(out, q, dout.view(out.shape))
+
+    expected = run()
+    with monkeypatch.context() as m:
+        _forbid_int64_host_reads(m)
+        with pytest.raises(AssertionError, match="on the host"):
+            torch.zeros(1, dtype=torch.int64).item()  # the guard is active
+        got = run()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_dropout_fresh_seed_per_call():
+    """Two calls in a row draw two seeds, so two different masks and outputs; the seed tensor
+    alone reproduces each call's mask."""
+    b, h, l, d, p = 1, 2, 33, 16, 0.3
+    q = rand((b, h, l, d))
+    out1, _, seed1 = _fwd_op("dense", q, p)
+    out2, _, seed2 = _fwd_op("dense", q, p)
+    assert not torch.equal(seed1, seed2)
+    assert not torch.equal(out1, out2)
+    keep1 = kernels.attention_dropout_mask(seed1, p, (b, h, l, l))
+    keep2 = kernels.attention_dropout_mask(seed2, p, (b, h, l, l))
+    assert not torch.equal(keep1, keep2)
+    ref = reference.scaled_dot_product_attention(q, q, q, None, p, False, 0.25, dropout_mask=keep2)
+    assert_close(out2, ref, atol=1e-5, name="out of the second call vs its own mask")
+
+
+def test_dropout_mask_helpers_take_the_seed_tensor():
+    with pytest.raises(TypeError, match="int64 \\(1,\\) dropout seed tensor"):
+        kernels.attention_dropout_mask(1234, 0.1, (1, 1, 2, 2))
+    q = rand((1, 1, 4, 16))
+    with pytest.raises(TypeError, match="int64 \\(1,\\) dropout seed tensor"):
+        kernels.attention_fwd(q, q, q, None, 0.1, False, 0.25, seed=None)
 
 
 def test_sdpa_deterministic():
@@ -552,7 +651,10 @@ def test_varlen_dropout_exact(causal, fresh_seed):
     leaves = _varlen_leaves(lens_q, lens_k, h, d, F32, "plain")
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     max_q, max_k = max(lens_q), max(lens_k)
-    seed = _seed_of_next_call(fresh_seed)
+    torch.manual_seed(fresh_seed)
+    q, k, v = (t.detach() for t in leaves)
+    _, _, seed = torch.ops.fastbert.varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, p,
+                                                         causal, d ** -0.5)
     masks = kernels.varlen_attention_dropout_masks(seed, p, cu_q, cu_k, h, max_q, max_k)
     torch.manual_seed(fresh_seed)
     out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, dropout_p=p,
@@ -623,8 +725,8 @@ def test_sdpa_cuda_large(b, h, lq, lk, d, dtype, causal, layout, mask_kind):
 def test_sdpa_cuda_dropout_exact(dtype, fresh_seed):
     b, h, lq, lk, d, p = 2, 4, 600, 1100, 128, 0.1
     leaves = _leaves(b, h, lq, lk, d, d, dtype, "blhd")
-    seed = _seed_of_next_call(fresh_seed)
-    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk), device=DEVICE)
+    seed = _seed_of_call(fresh_seed, leaves, None, p, True, layout="blhd")
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
     torch.manual_seed(fresh_seed)
     _check_sdpa(leaves, "blhd", causal=True, dropout_p=p, dropout_mask=keep)
 
@@ -676,6 +778,60 @@ def test_sdpa_cuda_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(static_out, fn())
     assert not torch.equal(static_out, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sdpa_cuda_graph_dropout_fresh_masks(backend):
+    """A training step (forward + backward with dropout) captured in a CUDA graph draws a fresh
+    seed on the device at every replay: two replays give different seeds, outputs and gradients,
+    and each replay is the exact dropout attention of its own seed (forward and backward agree)."""
+    b, h, l, d, p = 2, 3, 130, 64, 0.3
+    scale = d ** -0.5
+    q, k, v = (rand((b, h, l, d), F16, "cuda", requires_grad=True) for _ in range(3))
+    dy = rand((b, h, l, d), F16, "cuda")
+    if backend == "triton":
+        fwd = torch.ops.fastbert.attention_fwd
+        mask_of = lambda seed: kernels.attention_dropout_mask(seed, p, (b, h, l, l))  # noqa: E731
+    else:
+        fwd = _cuda_ops().attention_fwd
+        mask_of = lambda seed: torch.ops.fastbert_cuda.dropout_mask(seed, [b, h, l, l], p)  # noqa: E731
+
+    def step():
+        out, _, seed = fwd(q, k, v, None, p, True, scale)
+        return (out, seed) + torch.autograd.grad(out, (q, k, v), dy)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()  # warm-up: kernels compiled, extension loaded, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append([t.clone() for t in static])
+    torch.cuda.synchronize()
+    (out1, seed1, *grads1), (out2, seed2, *grads2) = replays
+    assert seed1.device.type == "cuda" and not torch.equal(seed1, seed2)
+    assert not torch.equal(out1, out2)
+    for g1, g2 in zip(grads1, grads2):
+        assert not torch.equal(g1, g2)
+    for out, seed, *grads in replays:
+        keep = mask_of(seed)
+        refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = reference.scaled_dot_product_attention(*refs, None, p, True, scale, dropout_mask=keep)
+        ref_grads = torch.autograd.grad(ref, refs, dy.double())
+        lows = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        low = reference.scaled_dot_product_attention(*lows, None, p, True, scale, dropout_mask=keep,
+                                                     compute_dtype=F16)
+        low_grads = torch.autograd.grad(low, lows, dy)
+        assert_close(out, ref, low, name=f"{backend} replay out")
+        for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+            assert_close(g, r, lo, name=f"{backend} replay {name}")
 
 
 @pytest.mark.cuda

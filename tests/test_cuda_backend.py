@@ -173,3 +173,31 @@ def test_dropout_mask_statistics(p):
         assert abs(both - (1 - p) ** 2) < 6 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / n)
     other = torch.ops.fastbert_cuda.dropout_mask(seed + 1, [n], p).float()
     assert abs((keep * other).mean().item() - (1 - p) ** 2) < 6 * math.sqrt((1 - p) ** 2 / n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["attention_fwd", "add_layer_norm_fwd"])
+def test_dropout_seed_drawn_on_device(op):
+    """The C++ forward ops draw their seed on the device from its default CUDA generator
+    (at::randint, graph-safe): an int64 (1,) CUDA tensor equal to what torch.randint draws after
+    the same torch.manual_seed, reproduced by it, fresh on the next call; (0,) without dropout."""
+    attention_ops._cuda_ops()
+    layer_norm_ops._cuda_ops()
+    q = torch.randn(1, 2, 16, 64, device=DEV, dtype=F16)
+    x = torch.randn(4, 64, device=DEV, dtype=F16)
+    if op == "attention_fwd":
+        def draw(p):
+            return torch.ops.fastbert_cuda.attention_fwd(q, q, q, None, p, False, 0.125)[-1]
+    else:
+        def draw(p):
+            return torch.ops.fastbert_cuda.add_layer_norm_fwd(x, x, None, None, None, 1e-5, p)[-1]
+    torch.manual_seed(3)
+    first = draw(0.1)
+    torch.manual_seed(3)
+    again = draw(0.1)
+    fresh = draw(0.1)
+    assert first.device == q.device and first.dtype == torch.int64 and first.shape == (1,)
+    assert torch.equal(first, again) and not torch.equal(again, fresh)
+    torch.manual_seed(3)
+    assert torch.equal(first, torch.randint(2 ** 63 - 1, (1,), device=DEV))
+    assert draw(0.0).shape == (0,)

@@ -13,7 +13,6 @@ import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, interpreter_enabled, select
 from fastbert.kernels import layer_norm as kln
-from fastbert.ops.layer_norm import _dropout_seed
 from fastbert.testing import DEVICE, assert_close, rand
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -235,20 +234,28 @@ def _torch_add_layer_norm(x, r, w, b, eps, xb, p, mask, return_residual):
     return (out, s) if return_residual else out
 
 
+def _seed_of_call(user_seed, x, r, p):
+    """The dropout seed tensor that the forward op returns right after torch.manual_seed(user_seed)
+    (which the public op called after the same torch.manual_seed draws too)."""
+    torch.manual_seed(user_seed)
+    return torch.ops.fastbert.add_layer_norm_fwd(x.detach(), r.detach(), None, None, None, 1e-5, p,
+                                                 False)[-1]
+
+
 def _check_add_layer_norm(x, r, w, b, xb=None, p=0.0, return_residual=True, eps=1e-5,
                           dy=None, dsum=None):
     """Triton op vs fp64 reference vs the fp16/bf16/fp32 composition, same upstream gradients;
-    under dropout the reference uses the exact mask the kernel drew (recovered from the seed)."""
+    under dropout the reference uses the exact mask the kernel drew (materialised from the seed
+    tensor that the forward op returns under the same torch.manual_seed)."""
     dtype = x.dtype
     ins = [x, r, w, b, xb]
+    mask = None
+    if p > 0.0:
+        mask = kln.dropout_keep_mask(_seed_of_call(1234, x, r, p), x.shape, p)
     ours = [_leaf(t) for t in ins]
     torch.manual_seed(1234)
     res = fastbert.add_layer_norm(ours[0], ours[1], ours[2], ours[3], eps, input_bias=ours[4],
                                   dropout_p=p, return_residual=return_residual, backend="triton")
-    mask = None
-    if p > 0.0:
-        torch.manual_seed(1234)
-        mask = kln.dropout_keep_mask(_dropout_seed(), x.shape, p, x.device)
     outs = list(res) if return_residual else [res]
     if dy is None:
         dy = torch.randn(x.shape, device=x.device).to(dtype)
@@ -350,18 +357,22 @@ def test_add_layer_norm_looped(monkeypatch, width):
     _check_add_layer_norm(x, r, w, b, xb, p=0.2)
 
 
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
 def test_dropout_statistics():
     """Kept fraction ~ 1 - p; the mask changes with the seed; rows and columns are not
     correlated (the same position in different rows, and neighbours in one row, differ)."""
     p, m, n = 0.3, 32, 512
-    mask = kln.dropout_keep_mask(12345, (m, n), p, DEVICE)
+    mask = kln.dropout_keep_mask(_seed(12345), (m, n), p)
     assert mask.dtype == torch.bool and mask.shape == (m, n)
     sigma = (p * (1 - p) / (m * n)) ** 0.5
     assert abs(mask.float().mean().item() - (1 - p)) < 5 * sigma
     col_frac = mask.float().mean(0)  # 32 draws per column: no column is always kept or dropped
     assert 0 < col_frac.min() and col_frac.max() < 1
     assert not torch.equal(mask[0], mask[1])
-    other = kln.dropout_keep_mask(12346, (m, n), p, DEVICE)
+    other = kln.dropout_keep_mask(_seed(12346), (m, n), p)
     agree = (mask == other).float().mean().item()  # independent masks agree w.p. p^2 + (1-p)^2
     assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02
     # the output itself drops what the mask says, scaled by 1 / (1 - p) where kept
@@ -369,8 +380,7 @@ def test_dropout_statistics():
     torch.manual_seed(7)
     _, s = fastbert.add_layer_norm(x, torch.zeros_like(x), None, None, dropout_p=p,
                                    return_residual=True, backend="triton")
-    torch.manual_seed(7)
-    seen = kln.dropout_keep_mask(_dropout_seed(), (m, n), p, DEVICE)
+    seen = kln.dropout_keep_mask(_seed_of_call(7, x, x, p), (m, n), p)
     torch.testing.assert_close(s, seen.float() / (1 - p))
 
 
@@ -424,6 +434,132 @@ def test_add_layer_norm_compile_dropout():
         results.append([out, s, *grads])
     for t1, t2 in zip(*results):
         assert torch.equal(t1, t2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dropout seed: drawn on the inputs' device, never read on the host
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
+@pytest.mark.parametrize("device", ["inputs", "meta"], ids=["kernel", "fake-on-meta"])
+def test_add_layer_norm_seed_output(device, p):
+    """The forward op returns its seed as an int64 (1,) tensor on the input's device, an empty
+    (0,) one without dropout; the fake agrees."""
+    x = rand((5, 97))
+    if device == "meta":
+        x = x.to("meta")
+    seed = torch.ops.fastbert.add_layer_norm_fwd(x, x, None, None, None, 1e-5, p, False)[-1]
+    assert seed.dtype == torch.int64 and seed.device == x.device
+    assert seed.shape == ((1,) if p > 0.0 else (0,))
+    if device != "meta" and p > 0.0:
+        assert 0 <= int(seed[0]) < 2 ** 31  # fastbert._rng draws below 2**31
+
+
+def test_add_layer_norm_seed_never_read_on_host(monkeypatch):
+    """Forward and backward with dropout run while every host read of an int64 tensor's value
+    (``int(seed[0])``, ``seed.item()``, ...) fails; results equal those of an unguarded run."""
+    x, r, w, b, xb = _add_inputs((9, 97), torch.float32)
+    dy = rand((9, 97))
+
+    def run():
+        ins = [_leaf(t) for t in (x, r, w, b, xb)]
+        torch.manual_seed(5)
+        out = fastbert.add_layer_norm(ins[0], ins[1], ins[2], ins[3], input_bias=ins[4],
+                                      dropout_p=0.3, backend="triton")
+        out.backward(dy)
+        return [out] + _grads(ins)
+
+    expected = run()
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            if self.dtype == torch.int64:
+                raise AssertionError(f"Tensor.{name}() read an int64 tensor on the host")
+            return original(self, *args, **kwargs)
+        return method
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__int__", "__index__", "__float__"):
+            m.setattr(torch.Tensor, name, guard(name))
+        with pytest.raises(AssertionError, match="on the host"):
+            int(torch.zeros((), dtype=torch.int64))  # the guard is active
+        got = run()
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e)
+
+
+def test_add_layer_norm_fresh_seed_per_call():
+    """Two calls in a row draw two seeds: different masks and outputs; each call's seed tensor
+    reproduces its mask."""
+    x = torch.ones((8, 97), device=DEVICE)
+    z = torch.zeros_like(x)
+    p = 0.3
+    calls = [torch.ops.fastbert.add_layer_norm_fwd(x, z, None, None, None, 1e-5, p, True)
+             for _ in range(2)]
+    (_, s1, _, _, seed1), (_, s2, _, _, seed2) = calls
+    assert not torch.equal(seed1, seed2)
+    assert not torch.equal(s1, s2)
+    for s, seed in ((s1, seed1), (s2, seed2)):
+        torch.testing.assert_close(s, kln.dropout_keep_mask(seed, x.shape, p).float() / (1 - p))
+    with pytest.raises(TypeError, match="int64 \\(1,\\) dropout seed tensor"):
+        kln.dropout_keep_mask(12345, x.shape, p)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_add_layer_norm_cuda_graph_dropout_fresh_masks(backend):
+    """A training step (forward + backward with dropout) captured in a CUDA graph draws a fresh
+    seed on the device at every replay: two replays give different seeds, outputs and gradients,
+    and each replay is the exact dropout add + LayerNorm of its own seed."""
+    rows, n, p, dtype = 64, 768, 0.3, torch.float16
+    x, r = rand((rows, n), dtype, "cuda", requires_grad=True), rand((rows, n), dtype, "cuda", requires_grad=True)
+    w = (rand((n,), dtype, "cuda") * 0.5 + 1.0).requires_grad_()
+    b = rand((n,), dtype, "cuda", requires_grad=True)
+    dy = rand((rows, n), dtype, "cuda")
+    if backend == "triton":
+        fwd = lambda: torch.ops.fastbert.add_layer_norm_fwd(x, r, w, b, None, 1e-5, p, False)  # noqa: E731
+        mask_of = lambda seed: kln.dropout_keep_mask(seed, (rows, n), p)  # noqa: E731
+    else:
+        from fastbert.ops.layer_norm import _cuda_ops
+
+        ops = _cuda_ops()
+        fwd = lambda: ops.add_layer_norm_fwd(x, r, w, b, None, 1e-5, p)  # noqa: E731
+        mask_of = lambda seed: ops.dropout_mask(seed, [rows, n], p)  # noqa: E731
+
+    def step():
+        out, *_, seed = fwd()
+        return [out, seed, *torch.autograd.grad(out, (x, r, w, b), dy)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()  # warm-up: kernels compiled, extension loaded, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append([t.clone() for t in static])
+    torch.cuda.synchronize()
+    (out1, seed1, *grads1), (out2, seed2, *grads2) = replays
+    assert seed1.device.type == "cuda" and not torch.equal(seed1, seed2)
+    assert not torch.equal(out1, out2)
+    for g1, g2 in zip(grads1, grads2):
+        assert not torch.equal(g1, g2)
+    for out, seed, *grads in replays:
+        keep = mask_of(seed)
+        refs = [_leaf(t, torch.float64) for t in (x, r, w, b)]
+        ref = reference.add_layer_norm(*refs, 1e-5, dropout_p=p, dropout_mask=keep)
+        ref.backward(dy.double())
+        lows = [_leaf(t) for t in (x, r, w, b)]
+        low = _torch_add_layer_norm(*lows, 1e-5, None, p, keep, False)
+        low.backward(dy)
+        _check(f"{backend} replay out", [out], [ref], [low])
+        _check(f"{backend} replay grad", grads, _grads(refs), _grads(lows))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._rng import dropout_seed, seed_like
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
                            check_same, check_scale, check_tensor, host_checks_allowed)
 from ..backends import cuda_ops, register, select
@@ -113,8 +114,10 @@ def varlen_attention(
     Returns:
         (total_q, H, Dv). See :func:`fastbert.unpad_input` to build the inputs from a padded batch.
 
-    In eager mode the lengths are checked on the host (one device sync); under torch.compile and
-    CUDA-graph capture only their type, shape and device are.
+    In eager mode the lengths are checked on the host (one device sync the first time a
+    ``cu_seqlens`` tensor is seen; an unmodified tensor passed again, e.g. by every layer of a
+    model, is not read again); under torch.compile and CUDA-graph capture only their type, shape
+    and device are.
     """
     _check_qkv(q, k, v, 3, "(total, H, D)", names=("q", "k", "v"))
     if k.shape[1] != q.shape[1]:
@@ -221,17 +224,6 @@ def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, **_) -> list:
     return reasons + _span_reasons(spans)
 
 
-def _draw_dropout_seed() -> int:
-    """The dropout seed of one call, from torch's default (CPU) generator, so that
-    ``torch.manual_seed`` reproduces the dropout mask."""
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-
-
-def _seed_tensor(dropout_p: float) -> Tensor:
-    # A CPU tensor: reading it back in the backward pass never synchronises the GPU.
-    return torch.tensor([_draw_dropout_seed() if dropout_p > 0.0 else 0], dtype=torch.int64)
-
-
 def _default_scale(scale: Optional[float], head_dim: int) -> float:
     return 1.0 / head_dim ** 0.5 if scale is None else float(scale)
 
@@ -240,12 +232,12 @@ def _default_scale(scale: Optional[float], head_dim: int) -> float:
 def _attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                       dropout_p: float, is_causal: bool, scale: float
                       ) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> out (B, H, Lq, Dv), softmax stats (2 * B * H * Lq,) fp32, seed (1,) int64 on the CPU."""
+    """-> out (B, H, Lq, Dv), softmax stats (2 * B * H * Lq,) fp32, dropout seed: int64 (1,) on
+    query's device, drawn there (see fastbert._rng), or (0,) without dropout."""
     from ..kernels.attention import attention_fwd
 
-    seed = _seed_tensor(dropout_p)
-    out, stats = attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                               int(seed[0]))
+    seed = dropout_seed(dropout_p, query.device)
+    out, stats = attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
     return out, stats, seed
 
 
@@ -256,7 +248,7 @@ def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scal
     b, h, lq, _ = query.shape
     out = attention_out_layout(query, (b, h, lq, value.shape[-1]))
     stats = query.new_empty((2 * b * h * lq,), dtype=torch.float32)
-    return out, stats, torch.empty((1,), dtype=torch.int64, device="cpu")
+    return out, stats, seed_like(dropout_p, query.device)
 
 
 @torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
@@ -268,7 +260,7 @@ def _attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
     from ..kernels.attention import attention_bwd
 
     dq, dk, dv, dmask = attention_bwd(grad_out, query, key, value, out, stats, attn_mask,
-                                      dropout_p, is_causal, scale, int(seed[0]), mask_grad)
+                                      dropout_p, is_causal, scale, seed, mask_grad)
     if dmask is None:
         dmask = query.new_zeros((0,))
     return dq, dk, dv, dmask
@@ -322,12 +314,13 @@ def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              dropout_p: float, is_causal: bool, scale: float
                              ) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> out (total_q, H, Dv), softmax stats (2 * H * total_q,) fp32, seed (1,) int64 (CPU)."""
+    """-> out (total_q, H, Dv), softmax stats (2 * H * total_q,) fp32, dropout seed (as in
+    fastbert::attention_fwd, on q's device)."""
     from ..kernels.attention import varlen_attention_fwd
 
-    seed = _seed_tensor(dropout_p)
+    seed = dropout_seed(dropout_p, q.device)
     out, stats = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, dropout_p, is_causal, scale, int(seed[0]))
+                                      max_seqlen_k, dropout_p, is_causal, scale, seed)
     return out, stats, seed
 
 
@@ -337,7 +330,7 @@ def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     total_q, h, _ = q.shape
     return (q.new_empty((total_q, h, v.shape[-1])),
             q.new_empty((2 * h * total_q,), dtype=torch.float32),
-            torch.empty((1,), dtype=torch.int64, device="cpu"))
+            seed_like(dropout_p, q.device))
 
 
 @torch.library.custom_op("fastbert::varlen_attention_bwd", mutates_args=())
@@ -350,8 +343,7 @@ def _varlen_attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     from ..kernels.attention import varlen_attention_bwd
 
     return varlen_attention_bwd(grad_out, q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
-                                int(seed[0]))
+                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed)
 
 
 @_varlen_attention_bwd_op.register_fake
@@ -397,8 +389,10 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 #     keys, no mask or a bool mask: the fused tensor-core forward (fused_attention_fwd, which itself
 #     falls back to the unfused path where the device lacks the shared memory).
 # Fakes and autograd are registered here when the extension is first used (it is loaded lazily;
-# run an op once eagerly before torch.compile). Dropout: the C++ forward draws its seed from
-# torch's default CPU generator and returns it as an int64 [1] CUDA tensor, which backward takes.
+# run an op once eagerly before torch.compile). Dropout: the C++ forward draws its seed on the
+# device from that device's default CUDA generator (as fastbert._rng does: graph-safe, reproduced
+# by torch.manual_seed, never read on the host) and returns it as an int64 [1] CUDA tensor, which
+# backward takes.
 # ----------------------------------------------------------------------------------------------
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CUDA_FUSED_HEAD_DIMS = (64, 128)
@@ -438,7 +432,7 @@ def _register_cuda_ops() -> None:
     @torch.library.register_fake(lib + "attention_fwd")
     def _(query, key, value, attn_mask, dropout_p, is_causal, scale):
         b, h, lq, _ = query.shape
-        seed = query.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
+        seed = seed_like(dropout_p, query.device)
         return query.new_empty((b, h, lq, value.shape[3])), query.new_empty((b, h, lq, key.shape[2])), seed
 
     @torch.library.register_fake(lib + "attention_bwd")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._rng import dropout_seed, seed_like
 from .._validation import check_bool, check_dropout, check_same, check_tensor
 from ..backends import cuda_ops, register, select
 
@@ -126,12 +127,6 @@ def _add_layer_norm_torch(input, residual, weight, bias, eps, input_bias, dropou
 # call (forward, backward). The kernels module is imported inside the ops, so that
 # ``import fastbert`` does not import triton.
 # ----------------------------------------------------------------------------------------------
-def _dropout_seed() -> int:
-    """The dropout seed of one add_layer_norm call, drawn from torch's default CPU generator (so
-    torch.manual_seed reproduces it; CPU, so drawing it never syncs a GPU)."""
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
-
-
 def _float64_reasons(**tensors) -> List[str]:
     return [f"{name} is float64; the Triton kernels take float16, bfloat16 or float32"
             for name, t in tensors.items() if t is not None and t.dtype == torch.float64]
@@ -223,16 +218,17 @@ def _add_layer_norm_fwd_op(input: Tensor, residual: Tensor, weight: Optional[Ten
                            bias: Optional[Tensor], input_bias: Optional[Tensor], eps: float,
                            dropout_p: float, return_residual: bool
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (out, pre_norm_sum (empty unless return_residual), mean, rstd, seed (int64 [1], CPU))."""
+    """-> (out, pre_norm_sum (empty unless return_residual), mean, rstd, dropout seed: int64 (1,)
+    on input's device, drawn there (see fastbert._rng), or (0,) without dropout)."""
     from ..kernels.layer_norm import layer_norm_fwd
 
-    seed = _dropout_seed() if dropout_p > 0.0 else 0
+    seed = dropout_seed(dropout_p, input.device)
     out, s, mean, rstd = layer_norm_fwd(input, weight, bias, eps, residual=residual,
                                         input_bias=input_bias, dropout_p=dropout_p, seed=seed,
                                         store_sum=return_residual)
     if s is None:
         s = input.new_empty((0,))
-    return out, s, mean, rstd, torch.tensor([seed], dtype=torch.int64)
+    return out, s, mean, rstd, seed
 
 
 @_add_layer_norm_fwd_op.register_fake
@@ -241,7 +237,7 @@ def _(input, residual, weight, bias, input_bias, eps, dropout_p, return_residual
     stats = input.new_empty((m,), dtype=torch.float32)
     s = input.new_empty(input.shape if return_residual else (0,))
     return (input.new_empty(input.shape), s, stats, torch.empty_like(stats),
-            torch.empty((1,), dtype=torch.int64, device="cpu"))
+            seed_like(dropout_p, input.device))
 
 
 @torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
@@ -261,7 +257,7 @@ def _add_layer_norm_bwd_op(grad_out: Tensor, grad_sum: Optional[Tensor], input: 
     need_dinput_bias = need_dinput_bias and input_bias is not None
     ds, dx, dw, db, dxb = layer_norm_bwd(
         grad_out, input, weight, mean, rstd, residual=residual, input_bias=input_bias,
-        dsum=grad_sum, dropout_p=dropout_p, seed=int(seed.item()), need_dinput=need_dinput,
+        dsum=grad_sum, dropout_p=dropout_p, seed=seed, need_dinput=need_dinput,
         need_dweight=need_dweight, need_dbias=need_dbias, need_dinput_bias=need_dinput_bias,
         param_dtypes=(_dtype_or_none(weight), _dtype_or_none(bias), _dtype_or_none(input_bias)))
     outs = [ds]
@@ -331,8 +327,10 @@ def _add_layer_norm_triton(input, residual, weight, bias, eps, input_bias, dropo
 # and CUDA kernels as torch.ops.fastbert_cuda.{layer_norm,add_layer_norm}_{fwd,bwd}; the fake
 # implementations and the autograd formulas are registered here, when the extension is first
 # used (it is loaded lazily: ``import fastbert`` never needs it). Run an op once eagerly before
-# torch.compile-ing code that uses it. Dropout: the C++ forward draws its seed from torch's
-# default CPU generator and returns it as an int64 [1] CUDA tensor, which backward takes back.
+# torch.compile-ing code that uses it. Dropout: the C++ forward draws its seed on the device from
+# that device's default CUDA generator (as fastbert._rng does: graph-safe, reproduced by
+# torch.manual_seed, never read on the host) and returns it as an int64 [1] CUDA tensor, which
+# backward takes back.
 # ----------------------------------------------------------------------------------------------
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -382,7 +380,7 @@ def _register_cuda_ops() -> None:
     @torch.library.register_fake(lib + "add_layer_norm_fwd")
     def _(input, residual, weight, bias, input_bias, eps, dropout_p):
         stats = input.new_empty((input.shape[0],), dtype=torch.float32)
-        seed = input.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64)
+        seed = seed_like(dropout_p, input.device)
         return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats), seed
 
     @torch.library.register_fake(lib + "add_layer_norm_bwd")
