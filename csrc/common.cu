@@ -54,4 +54,10 @@ size_t device_max_smem_per_block(int device, Status* status) {
   return static_cast<size_t>(n);
 }
 
+int device_cc_major(int device, Status* status) {
+  int n = 0;
+  *status = cudaDeviceGetAttribute(&n, cudaDevAttrComputeCapabilityMajor, device);
+  return n;
+}
+
 }  // namespace fastbert

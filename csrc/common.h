@@ -33,6 +33,8 @@ const char* status_string(Status status);
 int device_sm_count(int device, Status* status);
 // Largest dynamic shared memory a block may opt into on `device` (bytes).
 size_t device_max_smem_per_block(int device, Status* status);
+// Major compute capability of `device` (cudaDevAttrComputeCapabilityMajor); 0 and *status on error.
+int device_cc_major(int device, Status* status);
 
 // Element type of a kernel's floating-point tensors; the binding maps at::ScalarType onto it.
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };

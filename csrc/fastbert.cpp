@@ -535,8 +535,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
     p.mask_stride_k = mask.stride(3);
   }
 
-  // [B, H, Lq, D] @ [B, H, D, Lk] -> [B, H, Lq, Lk]; the softmax overwrites it with P.
-  at::Tensor probs = at::matmul(query, key.transpose(-2, -1)).contiguous();
+  // scale * [B*H, Lq, D] @ [B*H, D, Lk] -> [B, H, Lq, Lk]; the softmax overwrites it with P. The
+  // scale is applied by the GEMM in fp32 before rounding (alpha; beta = 0 ignores the empty
+  // input), so fp16 scores that only overflow unscaled (|q.k| > 65504) stay finite.
+  const at::Tensor q3 = query.reshape({b * h, lq, query.size(3)});
+  const at::Tensor k3 = key.reshape({b * h, lk, key.size(3)});
+  at::Tensor probs = at::empty({b * h, lq, lk}, query.options());
+  probs.baddbmm_(q3, k3.transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
+  probs = probs.view({b, h, lq, lk});
+  p.scale = 1.f;  // already applied
   at::Tensor seed = draw_seed(dropout_p, query.device());
   at::Tensor dropped = dropout_p > 0.0 ? at::empty_like(probs) : at::Tensor();
   p.scores = probs.data_ptr();
@@ -583,12 +590,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {grad_query, grad_key, grad_value, grad_scores};
 }
 
+// The stride of dim `d` as the fused kernel uses it: a size-1 dim is only ever indexed at 0, so
+// its stride (which torch leaves arbitrary) does not matter and counts as 0.
+int64_t used_stride(const at::Tensor& t, int64_t d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
 // A tensor the fused kernel can read: last dim contiguous, other strides multiples of 8 elements,
-// 16-byte aligned; a contiguous copy otherwise.
+// 16-byte aligned; a fresh contiguous copy otherwise (clone, not contiguous(): a tensor torch
+// already calls contiguous may still be misaligned, e.g. a view at an odd storage offset).
 at::Tensor fusable(const at::Tensor& t) {
-  const bool ok = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  const bool ok = t.stride(3) == 1 && used_stride(t, 0) % 8 == 0 && used_stride(t, 1) % 8 == 0 &&
+                  used_stride(t, 2) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Compute capability (major) of `device`: the fused kernel needs 8.0+ (bf16 WMMA, cp.async);
+// on older GPUs it is compiled as a trap, so it must never be launched there.
+int cc_major(int device) {
+  static std::array<std::atomic<int64_t>, 64> cache;
+  return static_cast<int>(cached_property(cache, device, "compute_capability", device_cc_major));
+}
+
+// Why the fused kernel cannot serve `p` on `device` ("" = it can).
+const char* fused_reason(const FusedMhaFwdParams& p, int device) {
+  if (cc_major(device) < 8) return "the fused kernel needs compute capability 8.0 or newer";
+  return fused_mha_fwd_unsupported(p, max_smem_per_block(device));
 }
 
 // Params of the fused kernel for these inputs; `q`, `k`, `v`, `mask` keep the tensors it reads alive.
@@ -607,17 +632,17 @@ FusedMhaFwdParams fused_params(const at::Tensor& query, const at::Tensor& key, c
   *k = fusable(key);
   *v = fusable(value);
   p.q = q->data_ptr();
-  p.q_stride_b = q->stride(0);
-  p.q_stride_h = q->stride(1);
-  p.q_stride_l = q->stride(2);
+  p.q_stride_b = used_stride(*q, 0);
+  p.q_stride_h = used_stride(*q, 1);
+  p.q_stride_l = used_stride(*q, 2);
   p.k = k->data_ptr();
-  p.k_stride_b = k->stride(0);
-  p.k_stride_h = k->stride(1);
-  p.k_stride_l = k->stride(2);
+  p.k_stride_b = used_stride(*k, 0);
+  p.k_stride_h = used_stride(*k, 1);
+  p.k_stride_l = used_stride(*k, 2);
   p.v = v->data_ptr();
-  p.v_stride_b = v->stride(0);
-  p.v_stride_h = v->stride(1);
-  p.v_stride_l = v->stride(2);
+  p.v_stride_b = used_stride(*v, 0);
+  p.v_stride_h = used_stride(*v, 1);
+  p.v_stride_l = used_stride(*v, 2);
   if (attn_mask.has_value() && attn_mask->defined()) {
     *mask = expand_mask(*attn_mask, query, b, h, lq, lk, op, &p.mask_kind);
     p.mask = mask->data_ptr();
@@ -643,7 +668,7 @@ at::Tensor fused_attention_fwd(const at::Tensor& query, const at::Tensor& key, c
   FusedMhaFwdParams p = fused_params(query, key, value, attn_mask, is_causal, scale, op, &q, &k, &v, &mask);
   at::Tensor out = at::empty({p.batch, p.heads, p.q_len, value.size(3)}, query.options());
   p.out = out.data_ptr();
-  const char* reason = fused_mha_fwd_unsupported(p, max_smem_per_block(query.get_device()));
+  const char* reason = fused_reason(p, query.get_device());
   if (reason[0] != '\0') {
     return std::get<0>(attention_fwd(query, key, value, attn_mask, 0.0, is_causal, scale));
   }
@@ -660,7 +685,7 @@ std::string fused_attention_unsupported(const at::Tensor& query, const at::Tenso
   at::Tensor q, k, v, mask;
   FusedMhaFwdParams p = fused_params(query, key, value, attn_mask, false, 1.0, op, &q, &k, &v, &mask);
   p.out = q.data_ptr();  // alignment stand-in: the real output is a fresh (aligned) allocation
-  return fused_mha_fwd_unsupported(p, max_smem_per_block(query.get_device()));
+  return fused_reason(p, query.get_device());
 }
 
 // keep[e] for the elements of a contiguous tensor of `shape` under the seed of a forward op.

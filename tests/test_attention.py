@@ -835,7 +835,8 @@ def test_sdpa_cuda_graph_dropout_fresh_masks(backend):
 
 
 @pytest.mark.cuda
-def test_sdpa_cuda_int64_offsets():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])  # cuda: the fused inference kernel
+def test_sdpa_cuda_int64_offsets(backend):
     """q / k / v / out of 2^31 elements each: batch offsets overflow 32 bits (forward only)."""
     b, h, l, d = 4096, 16, 256, 128
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
@@ -843,7 +844,9 @@ def test_sdpa_cuda_int64_offsets():
     q = torch.randn((b, l, h, d), dtype=F16, device=DEVICE).transpose(1, 2)
     k = torch.randn_like(q)
     v = torch.randn_like(q)
-    out = fastbert.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+    if backend == "cuda":
+        assert _cuda_ops().fused_attention_unsupported(q, k, v, None) == ""
+    out = fastbert.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
     for bi in (0, 2047, b - 1):  # the last batch starts past 2^31 elements
         sl = slice(bi, bi + 1)
         ref = reference.scaled_dot_product_attention(q[sl].double(), k[sl].double(), v[sl].double(),
@@ -1107,6 +1110,56 @@ def test_cuda_sdpa_fused_inference(shape, dtype, mask, causal, layout):
     assert out.dtype == dtype and out.shape == (b, h, lq, d)
     assert_close(out, ref, low, name=f"fused sdpa {_cuda_sid(shape + (d,))}")
     assert torch.equal(out, again)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("grad", [True, False], ids=["unfused", "fused-inference"])
+def test_cuda_sdpa_fp16_unscaled_overflow_stays_finite(grad):
+    """fp16 scores whose *unscaled* q.k exceeds 65504 (about 2% of them here) but whose scaled
+    logits are ordinary: the scale must be applied before rounding to fp16, or rows turn NaN."""
+    _poison_cuda_cache()
+    b, h, l, d, scale = 1, 2, 97, 64, 1 / 4000
+    q, k = (rand((b, h, l, d), F16, "cuda", scale=60.0) for _ in range(2))
+    v = rand((b, h, l, d), F16, "cuda")
+    assert (q.double() @ k.double().transpose(-1, -2)).abs().max() > 65504
+    leaves = [_cuda_leaf(t) for t in (q, k, v)] if grad else [q, k, v]
+    with torch.set_grad_enabled(grad):
+        out = fastbert.scaled_dot_product_attention(*leaves, scale=scale, backend="cuda")
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+    assert torch.isfinite(out).all()
+    # logits of magnitude ~20 rounded to fp16 (ulp 2^-6) move the probabilities by ~1%
+    assert (out.double() - ref).abs().max() < 5e-2
+    if grad:
+        out.backward(rand(out.shape, F16, "cuda"))
+        assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.cuda
+def test_cuda_sdpa_fused_graph_capture():
+    """The fused inference kernel (shared-memory opt-in, current stream) inside a CUDA graph."""
+    b, h, l, d = 2, 4, 130, 64
+    q, k, v = (rand((b, l, h, d), F16, "cuda").transpose(1, 2) for _ in range(3))
+    m = _cuda_mask("key-padding", b, h, l, l, F16)
+    ops = _cuda_ops()
+    assert ops.fused_attention_unsupported(q, k, v, m) == ""
+
+    def fn():
+        with torch.no_grad():
+            return fastbert.scaled_dot_product_attention(q, k, v, m, backend="cuda")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    first = fn()
+    q.copy_(rand(q.shape, F16, "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, fn()) and not torch.equal(static, first)
 
 
 @pytest.mark.cuda
