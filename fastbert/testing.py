@@ -7,12 +7,13 @@ precision instead of a hand-tuned constant.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["rand", "max_err", "check_close", "assert_close", "DEVICE", "ATOL_FLOOR"]
+__all__ = ["rand", "max_err", "check_close", "assert_close", "DEVICE", "ATOL_FLOOR",
+           "cuda_graph_replays", "assert_fresh_replays"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -68,3 +69,34 @@ def assert_close(out: Tensor, ref: Tensor, lowp_ref: Optional[Tensor] = None, fa
     if not ok:
         raise AssertionError(f"{name}: max error {err:.3e} > allowed {allowed:.3e} "
                              f"(dtype {out.dtype}, shape {tuple(out.shape)})")
+
+
+def cuda_graph_replays(step: Callable[[], Sequence[Tensor]], replays: int = 2,
+                       warmup: int = 2) -> List[List[Tensor]]:
+    """Capture ``step()`` (which returns tensors) in a CUDA graph and replay it ``replays`` times;
+    returns a copy of the outputs of each replay. ``step`` first runs ``warmup`` times on a side
+    stream, outside the capture (kernels compiled, extension loaded, allocator warmed)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = list(step())
+    out = []
+    for _ in range(replays):
+        graph.replay()
+        out.append([t.clone() for t in static])
+    torch.cuda.synchronize()
+    return out
+
+
+def assert_fresh_replays(replays: Sequence[Sequence[Tensor]], seed_index: int = 1) -> None:
+    """Replays of a captured dropout step drew fresh randomness: the seed (``replays[i][seed_index]``,
+    on the GPU) and every other output differ between the first two replays."""
+    first, second = replays[0], replays[1]
+    assert first[seed_index].device.type == "cuda", "the dropout seed must live on the GPU"
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert not torch.equal(a, b), f"output {i} is identical in two replays: the dropout mask was frozen"

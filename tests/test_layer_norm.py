@@ -13,7 +13,7 @@ import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, interpreter_enabled, select
 from fastbert.kernels import layer_norm as kln
-from fastbert.testing import DEVICE, assert_close, rand
+from fastbert.testing import DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays, rand
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -531,25 +531,8 @@ def test_add_layer_norm_cuda_graph_dropout_fresh_masks(backend):
         out, *_, seed = fwd()
         return [out, seed, *torch.autograd.grad(out, (x, r, w, b), dy)]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()  # warm-up: kernels compiled, extension loaded, outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    replays = []
-    for _ in range(2):
-        graph.replay()
-        replays.append([t.clone() for t in static])
-    torch.cuda.synchronize()
-    (out1, seed1, *grads1), (out2, seed2, *grads2) = replays
-    assert seed1.device.type == "cuda" and not torch.equal(seed1, seed2)
-    assert not torch.equal(out1, out2)
-    for g1, g2 in zip(grads1, grads2):
-        assert not torch.equal(g1, g2)
+    replays = cuda_graph_replays(step)
+    assert_fresh_replays(replays)
     for out, seed, *grads in replays:
         keep = mask_of(seed)
         refs = [_leaf(t, torch.float64) for t in (x, r, w, b)]
