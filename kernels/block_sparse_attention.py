@@ -18,7 +18,13 @@ key masked) stores 0 and ``lse2 = +inf``, so its backward probabilities are exac
 
 Dropout uses Philox (``tl.philox``) keyed by the seed with the counters (key column, query row,
 batch * H + head): the backward pass and :func:`block_sparse_attention_dropout_mask` regenerate
-exactly the forward's keep mask.
+exactly the forward's keep mask. The seed is a (1,) int64 device tensor
+(``fastbert._rng.dropout_seed``) that the kernels load themselves (only when HAS_DROPOUT), so the
+host never reads it: no GPU sync, and a captured CUDA graph draws a fresh seed on every replay.
+
+A float attn_mask that requires grad gets d(mask) = dS = P * (dP - delta), the gradient of the
+softmax input: the dq kernel writes it (STORE_DS) into a zeroed fp32 (B, H, Lq, Lk) buffer for the
+listed blocks only, and the launcher sums it over the mask's broadcast dims.
 """
 from __future__ import annotations
 
@@ -54,6 +60,17 @@ def _dropout_keep(seed, bh, offs_m, offs_n, dropout_p):
 
 
 @triton.jit
+def _load_seed(Seed, HAS_DROPOUT: tl.constexpr):
+    """The dropout seed (int64 scalar) from device memory; the pointer is not touched without
+    dropout (it may point at an empty tensor)."""
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
+    return seed
+
+
+@triton.jit
 def _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
                    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
     """Base-2 scores [BM, BN] with the attn_mask applied and out-of-range keys set to -inf."""
@@ -72,7 +89,7 @@ def _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _block_sparse_attention_fwd_kernel(
     Q, K, V, Out,            # q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, DV], out [B, H, Lq, DV]
     Lse,                     # [B, H, Lq] float32 contiguous: base-2 logsumexp of each query row
@@ -86,7 +103,8 @@ def _block_sparse_attention_fwd_kernel(
     H, HL, NBQ, NBK,         # heads, layout heads (1 = shared, or H), query blocks, key blocks
     Lq, Lk, D, DV,           # sequence lengths and true head dims
     qk_scale,                # softmax scale * log2(e)
-    dropout_p, dropout_scale, seed,  # drop probability, 1 / (1 - p), Philox seed
+    dropout_p, dropout_scale,  # drop probability, 1 / (1 - p)
+    Seed,                    # [1] int64 Philox seed in device memory, read only when HAS_DROPOUT
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK: tl.constexpr,     # layout block size
     BLOCK_M: tl.constexpr,   # query rows per program (divides BLOCK)
@@ -118,31 +136,34 @@ def _block_sparse_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # running softmax denominator
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # running (dropped) P @ V
 
+    seed = _load_seed(Seed, HAS_DROPOUT)
     n_blocks = tl.load(QCount + lay_row)
     idx_ptr = QIndex + lay_row * NBK
-    for t in range(0, n_blocks):
-        blk_k = tl.load(idx_ptr + t)
-        for sub in tl.static_range(BLOCK // BLOCK_N):
-            offs_n = blk_k * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < Lk
-            kt_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
-            kt = tl.load(kt_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BD, BN]
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
-            s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
-                               HAS_MASK, MASK_IS_BOOL)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            alpha = tl.exp2(m_i - m_safe)                           # rescales the old sums
-            p = tl.exp2(s - m_safe[:, None])                        # [BM, BN], 0 where masked
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
-                p = tl.where(keep, p, 0.0)
-            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)  # [BN, BDV]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            # [BM, BN] @ [BN, BDV] -> [BM, BDV]
-            m_i = m_new
+    # one flat loop over (listed block, BLOCK_N sub-tile): a static inner loop would be
+    # unrolled BLOCK // BLOCK_N times, which made layout block 128 spill and overflow shared memory
+    for it in range(0, n_blocks * (BLOCK // BLOCK_N)):
+        blk_k = tl.load(idx_ptr + it // (BLOCK // BLOCK_N))
+        sub = it % (BLOCK // BLOCK_N)
+        offs_n = blk_k * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Lk
+        kt_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+        kt = tl.load(kt_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BD, BN]
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN] -> [BM, BN]
+        s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
+                           HAS_MASK, MASK_IS_BOOL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        alpha = tl.exp2(m_i - m_safe)                           # rescales the old sums
+        p = tl.exp2(s - m_safe[:, None])                        # [BM, BN], 0 where masked
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)  # [BN, BDV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        # [BM, BN] @ [BN, BDV] -> [BM, BDV]
+        m_i = m_new
 
     alive = l_i > 0.0
     l_safe = tl.where(alive, l_i, 1.0)
@@ -182,11 +203,12 @@ def _block_sparse_attention_bwd_preprocess_kernel(
     tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _block_sparse_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ,         # q, dq [B, H, Lq, D]; k [B, H, Lk, D]; v [B, H, Lk, DV]; do [B, H, Lq, DV]
     Lse, Delta,              # [B, H, Lq] float32: base-2 logsumexp, rowsum(out * do)
     Mask,                    # attn_mask expanded to [B, H, Lq, Lk]
+    DS,                      # [B, H, Lq, Lk] float32 zeros: receives dS when STORE_DS, else unused
     QCount, QIndex,          # key-block lists of the query blocks (as in the forward)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -194,10 +216,12 @@ def _block_sparse_attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dsb, stride_dsh, stride_dsm, stride_dsn,
     H, HL, NBQ, NBK, Lq, Lk, D, DV,
     qk_scale, sm_scale,      # scale * log2(e), scale
-    dropout_p, dropout_scale, seed,
+    dropout_p, dropout_scale, Seed,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_DS: tl.constexpr,  # write dS (the float mask's gradient before its broadcast sum)
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -224,37 +248,44 @@ def _block_sparse_attention_bwd_dq_kernel(
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     m_base = Mask + off_b * stride_mb + off_h * stride_mh
+    ds_base = DS + off_b * stride_dsb + off_h * stride_dsh
 
+    seed = _load_seed(Seed, HAS_DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_blocks = tl.load(QCount + lay_row)
     idx_ptr = QIndex + lay_row * NBK
-    for t in range(0, n_blocks):
-        blk_k = tl.load(idx_ptr + t)
-        for sub in tl.static_range(BLOCK // BLOCK_N):
-            offs_n = blk_k * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < Lk
-            cols = offs_n[:, None].to(tl.int64)
-            k = tl.load(k_base + cols * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BN, BD]
-            v = tl.load(v_base + cols * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=mask_n[:, None] & mask_dv[None, :], other=0.0)  # [BN, BDV]
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
-            s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
-                               HAS_MASK, MASK_IS_BOOL)
-            p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            ds = p * (dp - delta[:, None])                                           # [BM, BN]
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
+    # one flat loop over (listed block, BLOCK_N sub-tile): a static inner loop would be
+    # unrolled BLOCK // BLOCK_N times, which made layout block 128 spill and overflow shared memory
+    for it in range(0, n_blocks * (BLOCK // BLOCK_N)):
+        blk_k = tl.load(idx_ptr + it // (BLOCK // BLOCK_N))
+        sub = it % (BLOCK // BLOCK_N)
+        offs_n = blk_k * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Lk
+        cols = offs_n[:, None].to(tl.int64)
+        k = tl.load(k_base + cols * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BN, BD]
+        v = tl.load(v_base + cols * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)  # [BN, BDV]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
+        s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
+                           HAS_MASK, MASK_IS_BOOL)
+        p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])                       # [BM, BN] dL/d(score), natural log
+        if STORE_DS:  # d(attn_mask) = dS: every (row, listed column) is written exactly once
+            tl.store(ds_base + rows * stride_dsm + offs_n[None, :].to(tl.int64) * stride_dsn, ds,
+                     mask=mask_m[:, None] & mask_n[None, :])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # [BM, BN] @ [BN, BD] -> [BM, BD]
 
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _block_sparse_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_,    # dk [B, H, Lk, D], dv [B, H, Lk, DV] (others as in the dq kernel)
     Lse, Delta, Mask,
@@ -268,7 +299,7 @@ def _block_sparse_attention_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, HL, NBQ, NBK, Lq, Lk, D, DV,
     qk_scale, sm_scale,
-    dropout_p, dropout_scale, seed,
+    dropout_p, dropout_scale, Seed,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,   # query rows per inner step (divides BLOCK)
@@ -299,38 +330,41 @@ def _block_sparse_attention_bwd_dkdv_kernel(
     lse_base = Lse + pid_bh.to(tl.int64) * Lq
     delta_base = Delta + pid_bh.to(tl.int64) * Lq
 
+    seed = _load_seed(Seed, HAS_DROPOUT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     n_blocks = tl.load(KCount + lay_row)
     idx_ptr = KIndex + lay_row * NBQ
-    for t in range(0, n_blocks):
-        blk_q = tl.load(idx_ptr + t)
-        for sub in tl.static_range(BLOCK // BLOCK_M):
-            offs_m = blk_q * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < Lq
-            rows = offs_m[:, None].to(tl.int64)
-            q = tl.load(q_base + rows * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
-            do = tl.load(do_base + rows * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=mask_m[:, None] & mask_dv[None, :], other=0.0)  # [BM, BDV]
-            lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))  # [BM]
-            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)      # [BM]
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
-            s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
-                               HAS_MASK, MASK_IS_BOOL)
-            p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
-                p_drop = tl.where(keep, p * dropout_scale, 0.0)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            else:
-                p_drop = p
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            # [BN, BM] @ [BM, BDV] -> [BN, BDV]
-            ds = p * (dp - delta[:, None])                                           # [BM, BN]
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            # [BN, BM] @ [BM, BD] -> [BN, BD]
+    # one flat loop over (listed block, BLOCK_M sub-tile): a static inner loop would be
+    # unrolled BLOCK // BLOCK_M times, which made layout block 128 spill and overflow shared memory
+    for it in range(0, n_blocks * (BLOCK // BLOCK_M)):
+        blk_q = tl.load(idx_ptr + it // (BLOCK // BLOCK_M))
+        sub = it % (BLOCK // BLOCK_M)
+        offs_m = blk_q * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < Lq
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(q_base + rows * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
+        do = tl.load(do_base + rows * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)  # [BM, BDV]
+        lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))  # [BM]
+        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)      # [BM]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
+        s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
+                           HAS_MASK, MASK_IS_BOOL)
+        p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
+            p_drop = tl.where(keep, p * dropout_scale, 0.0)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        else:
+            p_drop = p
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        # [BN, BM] @ [BM, BDV] -> [BN, BDV]
+        ds = p * (dp - delta[:, None])                                           # [BM, BN]
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        # [BN, BM] @ [BM, BD] -> [BN, BD]
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -339,12 +373,14 @@ def _block_sparse_attention_bwd_dkdv_kernel(
              dv.to(DV_.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _block_sparse_attention_dropout_mask_kernel(
     Keep,                    # [B * H, Lq, Lk] uint8 output, 1 = kept
-    Lq, Lk, dropout_p, seed,
+    Lq, Lk, dropout_p,
+    Seed,                    # [1] int64 Philox seed in device memory
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    seed = tl.load(Seed)
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -366,22 +402,60 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# fp32 tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (<= 64, <= 128,
+# <= 256). fp32 runs tl.dot in "ieee" precision, on FMA units without tensor cores, where the
+# 16-bit tiles spill kilobytes per thread (see _tiles). BLOCK_N of the dk/dv kernel is its key
+# rows per program, BLOCK_M its query rows per inner step. Tiles larger than the layout block are
+# cut to it (same warps, except at 16 x 16: see _tiles).
+_FP32_TILES = {
+    "fwd": {64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
+    "bwd_dq": {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
+    "bwd_dkdv": {64: (64, 16, 8, 1), 128: (64, 16, 8, 2), 256: (32, 16, 8, 1)},
+}
+_KERNELS = tuple(_FP32_TILES)
+
+
 def _tiles(block_size: int, d: int, dv: int, dtype: torch.dtype, device: torch.device,
-           backward: bool, block_m: Optional[int], block_n: Optional[int]) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tiles divide the layout block. Under the
-    interpreter (CPU): one tile per block, i.e. fewer, larger numpy steps. On a GPU the defaults
-    follow the usual FlashAttention-2 Triton shapes and are not tuned yet (no GPU measurement behind
-    them); they were checked to compile for sm_90 and sm_80 within the shared memory of an A100
-    (ahead-of-time compilation: e.g. fp16 D=128 backward 75 KB; fp32 D=256 forward 168 KB with two
-    stages, too much for an A100, hence one stage there)."""
+           kernel: str, block_m: Optional[int], block_n: Optional[int]) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv";
+    explicit ``block_m`` / ``block_n`` override the tiles of every kernel). Tiles divide the layout
+    block. Under the interpreter (CPU): one tile per block, i.e. fewer, larger numpy steps.
+
+    GPU defaults. 16-bit: the usual FlashAttention-2 Triton shapes (64 x 64, 128 query rows in the
+    forward at D <= 64, 32 x 32 beyond D = 128). fp32: the table above, per kernel.
+
+    How they were checked (no GPU, so no timing yet): ahead-of-time compilation with Triton 3.8 for
+    sm_90a and sm_80 and the bundled ``ptxas -v`` (tests/_compile_kernels.py; per-kernel spills and
+    shared memory with ``python tests/_compile_kernels.py --family block_sparse_attention``), fp16
+    / bf16 / fp32 at D = 64 and 128, layout blocks 64 and 128, plain and float mask (with its
+    gradient) + dropout; fp32 also at D = 256 and layout blocks 16 / 32 (no spill above 16 B). The
+    former fp32 tiles (the 16-bit ones with 4 warps; 32 x 32 in the backward at D = 128) spilled
+    0.5-4.6 KB per thread at D = 64 on sm_90 (up to 28 KB on sm_80) and 5-36 KB at D = 128 (spill
+    stores; ptxas often fell back to 32 registers): fp32 runs tl.dot in "ieee" precision on FMA
+    units, whose operand layouts need far more registers than the tensor-core ones. With the table
+    no kernel spills more than 480 B (fp32 D = 128 dq with the mask gradient; most spill nothing)
+    and the 16-bit tiles at most 116 B (sm_80 dk/dv, float mask + dropout); the most shared memory
+    is 120 KB (fp16 D = 128 dq with the mask gradient on sm_90), within an A100's 163 KB and an
+    H100's 227 KB. The ptxas fits are erratic (fp32 D = 64 dk/dv: 64 x 16 with 8 warps spills
+    nothing, 32 x 32 1.8 KB), so the table records measurements, not a rule: re-check after a
+    change. Layout block 128 gives the same numbers as 64 because the kernels walk sub-tiles in one
+    flat loop (see the kernels).
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
     dmax = max(d, dv)
-    wide = dtype == torch.float32
+    backward = kernel != "fwd"
+    warps = stages = None
     if device.type == "cpu":
         bm = bn = block_size
+    elif dtype == torch.float32:
+        bucket = 64 if dmax <= 64 else 128 if dmax <= 128 else 256
+        bm, bn, warps, stages = _FP32_TILES[kernel][bucket]
+        bm, bn = min(block_size, bm), min(block_size, bn)
     elif backward:
-        bm = bn = min(block_size, 64 if dmax <= (64 if wide else 128) else 32)
+        bm = bn = min(block_size, 64 if dmax <= 128 else 32)
     else:
-        bm = min(block_size, 128 if dmax <= 64 and not wide else 64 if dmax <= 128 else 32)
+        bm = min(block_size, 128 if dmax <= 64 else 64 if dmax <= 128 else 32)
         bn = min(block_size, 64 if dmax <= 128 else 32)
     bm = block_m or bm
     bn = block_n or bn
@@ -389,9 +463,9 @@ def _tiles(block_size: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
         if t < 16 or block_size % t or t & (t - 1):
             raise ValueError(f"{name} must be a power of two >= 16 dividing block_size = "
                              f"{block_size}, got {t}")
-    warps = 8 if (bm * bn >= 128 * 64 or (backward and dmax > 64 and bm * bn >= 64 * 64)) else 4
-    stages = 1 if wide and dmax > 128 else 2
-    return bm, bn, warps, stages
+    if warps is None or bm * bn < 16 * 32:  # 16 x 16 (a block-16 layout): the generic rule
+        warps = 8 if (bm * bn >= 128 * 64 or (backward and dmax > 64 and bm * bn >= 64 * 64)) else 4
+    return bm, bn, warps, 2 if stages is None else stages
 
 
 def _mask_args(attn_mask: Optional[torch.Tensor], shape, dummy: torch.Tensor):
@@ -410,11 +484,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _seed_arg(seed: Optional[torch.Tensor], dropout_p: float, dummy: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``Seed`` pointer: the (1,) int64 device tensor with dropout (never read on the
+    host), else ``dummy`` (not dereferenced: HAS_DROPOUT is False)."""
+    if dropout_p <= 0.0:
+        return dummy
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != dummy.device:
+        raise ValueError(f"dropout_p = {dropout_p} needs seed: a (1,) int64 tensor on {dummy.device} "
+                         "(fastbert._rng.dropout_seed), got "
+                         + ("None" if seed is None else f"{tuple(seed.shape)} {seed.dtype} on {seed.device}"))
+    return seed
+
+
+def _sum_to_mask(ds: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor]):
+    """dS (B, H, Lq, Lk) summed over the mask's broadcast dims, in its dtype (None: no gradient)."""
+    return None if ds is None else ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+
+
 def block_sparse_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_count: torch.Tensor, q_index: torch.Tensor, block_size: int,
     attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-    scale: Optional[float] = None, seed: int = 0, *,
+    scale: Optional[float] = None, seed: Optional[torch.Tensor] = None, *,
     block_m: Optional[int] = None, block_n: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
@@ -424,7 +515,9 @@ def block_sparse_attention_fwd(
         q_count, q_index: (HL, NBQ), (HL, NBQ, NBK) int32 from ``fastbert.sparsity.prepare_layout``.
         block_size: layout block size (16, 32, 64 or 128).
         attn_mask: optional bool (True = attend) or float (added) mask broadcastable to (B, H, Lq, Lk).
-        dropout_p, seed: dropout on the attention probabilities, Philox seed.
+        dropout_p, seed: dropout on the attention probabilities; seed is the (1,) int64 Philox
+            seed on q's device (``fastbert._rng.dropout_seed``), read by the kernel only, needed
+            when dropout_p > 0 and ignored otherwise.
         scale: softmax scale, default 1/sqrt(D). block_m, block_n: tile overrides (tests).
 
     Returns:
@@ -436,12 +529,13 @@ def block_sparse_attention_fwd(
     lk, dv = k.shape[2], v.shape[-1]
     hl, nbq, nbk = q_index.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    seed = _seed_arg(seed, dropout_p, q)
     out = torch.empty((b, h, lq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out, lse
-    bm, bn, warps, stages = _tiles(block_size, d, dv, q.dtype, q.device, False, block_m, block_n)
+    bm, bn, warps, stages = _tiles(block_size, d, dv, q.dtype, q.device, "fwd", block_m, block_n)
     mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
     grid = (triton.cdiv(lq, bm), b * h)
     _block_sparse_attention_fwd_kernel[grid](
@@ -461,52 +555,70 @@ def block_sparse_attention_bwd(
     out: torch.Tensor, lse: torch.Tensor,
     q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
     block_size: int, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-    scale: Optional[float] = None, seed: int = 0, *,
-    block_m: Optional[int] = None, block_n: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward pass: (dq, dk, dv) for upstream ``do`` (B, H, Lq, DV), given the forward's ``out``
-    and ``lse`` and the same layout lists, mask, dropout and seed. dq walks each query block's
-    key-block list; dk/dv walk each key block's query-block list (``k_count``, ``k_index``)."""
+    scale: Optional[float] = None, seed: Optional[torch.Tensor] = None, mask_grad: bool = False,
+    *, block_m: Optional[int] = None, block_n: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Backward pass for upstream ``do`` (B, H, Lq, DV), given the forward's ``out`` and ``lse``
+    and the same layout lists, mask, dropout and seed tensor. dq walks each query block's key-block
+    list; dk/dv walk each key block's query-block list (``k_count``, ``k_index``).
+
+    Returns (dq, dk, dv, dmask). dmask is None unless ``mask_grad`` and ``attn_mask`` is a float
+    mask: then it is the gradient of the additive mask, dS = P * (dP - delta) (the gradient of the
+    softmax input), summed over the mask's broadcast dims (its shape and dtype), exactly 0 in the
+    blocks the layout skips. It needs an fp32 (B, H, Lq, Lk) scratch tensor, written by the dq
+    kernel for the listed blocks only.
+    """
     _check_block_size(block_size)
     b, h, lq, d = q.shape
     lk, dv_dim = k.shape[2], v.shape[-1]
     hl, nbq, nbk = q_index.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    seed = _seed_arg(seed, dropout_p, q)
+    mask_grad = bool(mask_grad) and attn_mask is not None and attn_mask.is_floating_point()
     dq = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, h, lk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=v.dtype, device=v.device)
+    # Skipped blocks (and positions of an empty problem) keep their 0.
+    ds = torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device) if mask_grad else None
     if b * h == 0:
-        return dq, dk, dv
-    bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, True, block_m, block_n)
+        return dq, dk, dv, _sum_to_mask(ds, attn_mask)
     mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
     flags = dict(HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, HAS_DROPOUT=dropout_p > 0.0,
-                 BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d),
-                 BLOCK_DV=_pad_dim(dv_dim), DOT_PRECISION=_dot_precision(q.dtype),
-                 num_warps=warps, num_stages=stages)
+                 BLOCK=block_size, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv_dim),
+                 DOT_PRECISION=_dot_precision(q.dtype))
     drop = (dropout_p, 1.0 / (1.0 - dropout_p), seed)
+    ds_arg, ds_strides = (ds, ds.stride()) if mask_grad else (q, (0, 0, 0, 0))
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     if lq > 0:
+        bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dq",
+                                       block_m, block_n)
         _block_sparse_attention_bwd_preprocess_kernel[(triton.cdiv(lq, bm), b * h)](
             out, do, delta, *out.stride(), *do.stride(), h, lq, dv_dim,
             BLOCK_M=bm, BLOCK_DV=_pad_dim(dv_dim))
         _block_sparse_attention_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
-            q, k, v, do, dq, lse, delta, mask, q_count, q_index,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstr,
-            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, **flags)
+            q, k, v, do, dq, lse, delta, mask, ds_arg, q_count, q_index,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstr, *ds_strides,
+            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, STORE_DS=mask_grad,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
     if lk > 0:
+        bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dkdv",
+                                       block_m, block_n)
         _block_sparse_attention_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
             q, k, v, do, dk, dv, lse, delta, mask, k_count, k_index,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstr,
-            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, **flags)
-    return dq, dk, dv
+            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
+    return dq, dk, dv, _sum_to_mask(ds, attn_mask)
 
 
-def block_sparse_attention_dropout_mask(seed: int, shape, dropout_p: float,
-                                        device) -> torch.Tensor:
-    """The exact keep-mask (bool (B, H, Lq, Lk), True = kept) that the kernels use for ``seed``;
-    for tests: pass it to ``fastbert.reference.block_sparse_attention(..., dropout_mask=...)``."""
+def block_sparse_attention_dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """The exact keep-mask (bool (B, H, Lq, Lk) on ``seed``'s device, True = kept) that the kernels
+    draw for the (1,) int64 seed tensor ``seed`` (the third output of the forward op); for tests:
+    pass it to ``fastbert.reference.block_sparse_attention(..., dropout_mask=...)``."""
     b, h, lq, lk = shape
-    keep = torch.empty((b * h, lq, lk), dtype=torch.uint8, device=device)
+    if seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"seed must be a (1,) int64 tensor, got {tuple(seed.shape)} {seed.dtype}")
+    keep = torch.empty((b * h, lq, lk), dtype=torch.uint8, device=seed.device)
     if keep.numel():
         grid = (b * h, triton.cdiv(lq, 32), triton.cdiv(lk, 32))
         _block_sparse_attention_dropout_mask_kernel[grid](keep, lq, lk, dropout_p, seed,

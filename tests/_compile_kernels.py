@@ -223,7 +223,9 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd,
                   IS_VARLEN=varlen, MASK_KIND=mask_kind, IS_CAUSAL=causal, HAS_DROPOUT=dropout,
                   DOT_PRECISION=att._dot_precision(dtype))
-    rng = dict(dropout_p=0.1, seed=SEED)
+    # the seed is a (1,) int64 device tensor (fastbert._rng.dropout_seed); without dropout the
+    # launchers pass q as the (unread) pointer
+    rng = dict(dropout_p=0.1, Seed=ptr("i64") if dropout else ptr(dt))
     strides = {}
     if kind == "fwd":
         kernel = att._attention_fwd_kernel
@@ -277,7 +279,7 @@ def _attention_small_cases(cc: int) -> List[Case]:
                stride_lb=0, stride_lh=_TOTAL, stride_lm=1, num_heads=_H,
                num_m_blocks=triton.cdiv(_MAXSEQ, 64), seqlen_q=_MAXSEQ,
                HEAD_DIM_V=d, BLOCK_M=64, BLOCK_DV=bd, IS_VARLEN=True)
-    mask = dict(Keep=ptr("u8"), numel=_B * _H * _L * _L, dropout_p=0.1, seed=SEED, BLOCK=1024)
+    mask = dict(Keep=ptr("u8"), numel=_B * _H * _L * _L, dropout_p=0.1, Seed=ptr("i64"), BLOCK=1024)
     return [Case("attention", f"sm{cc}-bwd_preprocess-D80-fp16-varlen", att._attention_bwd_preprocess_kernel,
                  pre, 4, 3, cc),
             Case("attention", f"sm{cc}-dropout_mask", att._attention_dropout_mask_kernel, mask, 4, 3, cc)]
@@ -308,11 +310,13 @@ def attention_cases() -> List[Case]:
 # block_sparse_attention.py
 # ------------------------------------------------------------------------------------------------
 def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = "none",
-              dropout: bool = False, per_head_layout: bool = False) -> Case:
+              dropout: bool = False, per_head_layout: bool = False, mask_grad: bool = False) -> Case:
+    """mask_grad: a float mask that requires grad (the dq kernel also writes dS)."""
     dtype = DTYPES[dt]
-    backward = kind != "fwd"
     # _tiles only looks at device.type ("cuda": GPU tiles); it does not depend on the architecture.
-    bm, bn, warps, stages = bsa._tiles(block, d, d, dtype, torch.device("cuda"), backward, None, None)
+    # The delta preprocessing runs with the dq kernel's BLOCK_M.
+    tile_kind = "bwd_dq" if kind == "bwd_preprocess" else kind
+    bm, bn, warps, stages = bsa._tiles(block, d, d, dtype, torch.device("cuda"), tile_kind, None, None)
     if kind == "bwd_preprocess":
         warps, stages = 4, 3  # launched without num_warps / num_stages: Triton's defaults
     h, l = _H, _L
@@ -325,7 +329,10 @@ def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = 
                  BLOCK=block, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bsa._pad_dim(d),
                  BLOCK_DV=bsa._pad_dim(d), DOT_PRECISION=bsa._dot_precision(dtype))
     sizes = dict(H=h, HL=hl, NBQ=nb, NBK=nb, Lq=l, Lk=l, D=d, DV=d)
-    drop = dict(dropout_p=0.1, dropout_scale=1 / 0.9, seed=SEED)
+    # the seed is a (1,) int64 device tensor (fastbert._rng.dropout_seed); without dropout the
+    # launchers pass q as the (unread) pointer
+    drop = dict(dropout_p=0.1, dropout_scale=1 / 0.9, Seed=ptr("i64") if dropout else ptr(dt))
+    store_ds = mask_grad and mask == "float"
     strides = lambda *names: {f"stride_{n}{s}": v for n in names for s, v in zip("bhmd", t)}  # noqa: E731
     if kind == "fwd":
         kernel = bsa._block_sparse_attention_fwd_kernel
@@ -335,9 +342,12 @@ def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = 
     elif kind == "bwd_dq":
         kernel = bsa._block_sparse_attention_bwd_dq_kernel
         args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DQ=ptr(dt), Lse=ptr("fp32"),
-                    Delta=ptr("fp32"), Mask=mask_ptr, QCount=ptr("i32"), QIndex=ptr("i32"),
+                    Delta=ptr("fp32"), Mask=mask_ptr, DS=ptr("fp32") if store_ds else ptr(dt),
+                    QCount=ptr("i32"), QIndex=ptr("i32"),
                     **strides("q", "k", "v", "do", "dq"), **sizes, qk_scale=0.18, sm_scale=0.125,
-                    **drop, **flags)
+                    **drop, **flags, STORE_DS=store_ds)
+        ds = (h * l * l, l * l, l, 1) if store_ds else (0, 0, 0, 0)
+        args.update(zip(("stride_dsb", "stride_dsh", "stride_dsm", "stride_dsn"), ds))
     elif kind == "bwd_dkdv":
         kernel = bsa._block_sparse_attention_bwd_dkdv_kernel
         args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DK=ptr(dt), DV_=ptr(dt),
@@ -358,23 +368,27 @@ def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = 
     if kind == "bwd_preprocess":
         for s in ("stride_mb", "stride_mh", "stride_mm", "stride_mn"):
             args.pop(s)
-    variant = "-".join(f for f, on in ((f"{mask}mask", mask != "none"), ("dropout", dropout),
-                                       ("headlayout", per_head_layout)) if on) or "plain"
+    variant = "-".join(f for f, on in ((f"{mask}mask", mask != "none"), ("maskgrad", store_ds),
+                                       ("dropout", dropout), ("headlayout", per_head_layout))
+                       if on) or "plain"
     name = f"sm{cc}-{kind}-block{block}-D{d}-{dt}-{variant}-BM{bm}-BN{bn}-w{warps}-s{stages}"
     return Case("block_sparse_attention", name, kernel, args, warps, stages, cc)
 
 
 def block_sparse_attention_cases() -> List[Case]:
     """sm_90: every variant at fp16 (layout block 64), every dtype, head dims 40 / 128 / 256 with
-    layout blocks 16 / 128 / 64. sm_80 (same tiles): fp16 float mask + dropout, bf16 D = 128."""
+    layout blocks 16 / 128 / 64, fp32 (its own tiles) at D = 128 with the heaviest variant. sm_80
+    (same tiles): fp16 float mask + dropout, bf16 D = 128, fp32 D = 64 at layout block 128. The
+    float mask variant requires grad (the dq kernel also writes dS)."""
     kinds = ("fwd", "bwd_dq", "bwd_dkdv")
     plain, bool_mask = {}, dict(mask="bool", per_head_layout=True)
-    float_drop = dict(mask="float", dropout=True)
+    float_drop = dict(mask="float", dropout=True, mask_grad=True)
     specs = {90: [("fp16", 64, 64, plain), ("fp16", 64, 64, bool_mask), ("fp16", 64, 64, float_drop),
                   ("bf16", 64, 64, plain), ("fp32", 64, 64, plain), ("fp16", 40, 16, plain),
-                  ("fp16", 128, 128, dict(dropout=True)), ("fp16", 256, 64, plain)],
+                  ("fp16", 128, 128, dict(dropout=True)), ("fp16", 256, 64, plain),
+                  ("fp32", 128, 64, float_drop)],
              80: [("fp16", 64, 64, float_drop),
-                  ("bf16", 128, 128, dict(dropout=True))]}
+                  ("bf16", 128, 128, dict(dropout=True)), ("fp32", 64, 128, float_drop)]}
     cases = []
     for cc, cc_specs in specs.items():
         for dt, d, block, var in cc_specs:
@@ -382,7 +396,7 @@ def block_sparse_attention_cases() -> List[Case]:
         cases.append(_bsa_case("bwd_preprocess", cc, "fp16", 64))
         cases.append(Case("block_sparse_attention", f"sm{cc}-dropout_mask",
                           bsa._block_sparse_attention_dropout_mask_kernel,
-                          dict(Keep=ptr("u8"), Lq=_L, Lk=_L, dropout_p=0.1, seed=SEED,
+                          dict(Keep=ptr("u8"), Lq=_L, Lk=_L, dropout_p=0.1, Seed=ptr("i64"),
                                BLOCK_M=32, BLOCK_N=32), 4, 3, cc))
     return cases
 
@@ -406,7 +420,9 @@ def _layer_norm_cases_for(cc: int, dt: str, n: int, feat: Dict[str, bool], col_s
     m = _M
     offset_64 = ln._offset_64(m, n)
     looped = n > ln.MAX_FUSED_N
-    drop = dict(seed=SEED, dropout_p=0.1, dropout_scale=1 / 0.9)
+    # the seed is a (1,) int64 device tensor (fastbert._rng.dropout_seed); without dropout the
+    # launchers pass the input rows as the (unread) pointer
+    drop = dict(SEED=ptr("i64") if feat["dropout"] else ptr(dt), dropout_p=0.1, dropout_scale=1 / 0.9)
     tag = tag or ("full" if feat["residual"] else "plain")
     fwd = dict(**_ln_row_args(dt, n, col_stride), B=ptr(dt), Y=ptr(dt), S=ptr(dt),
                MEAN=ptr("fp32"), RSTD=ptr("fp32"), M=m, N=n, eps=1e-5, **drop,
@@ -463,7 +479,7 @@ def layer_norm_cases() -> List[Case]:
     cases += _layer_norm_cases_for(80, "fp16", 3 * ln.LOOPED_BLOCK_N + 100, _FULL)
     for cc in (90, 80):
         cases.append(Case("layer_norm", f"sm{cc}-dropout_keep_mask", ln._dropout_keep_mask_kernel,
-                          dict(MASK=ptr("u8"), M=_M, N=768, seed=SEED, dropout_p=0.1,
+                          dict(MASK=ptr("u8"), M=_M, N=768, SEED=ptr("i64"), dropout_p=0.1,
                                OFFSET_64=False, BLOCK_M=4, BLOCK_N=1024), 8, 3, cc))
     return cases
 

@@ -12,7 +12,7 @@ import fastbert
 from fastbert import reference
 from fastbert import sparsity as S
 from fastbert.backends import BackendError
-from fastbert.testing import DEVICE, assert_close, rand
+from fastbert.testing import DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays, rand
 
 TRITON = dict(backend="triton")
 
@@ -261,11 +261,113 @@ def test_kernel_tiles_smaller_than_block():
     ref = reference.block_sparse_attention(*ref64, layout, bs)
     assert_close(out, ref, name="out")
     do = torch.randn_like(out)
-    grads = K.block_sparse_attention_bwd(do, q, k, v, out, lse, *prep, bs, block_m=32, block_n=16)
+    *grads, dmask = K.block_sparse_attention_bwd(do, q, k, v, out, lse, *prep, bs, block_m=32,
+                                                 block_n=16)
+    assert dmask is None
     for name, a, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref64, do.double())):
         assert_close(a, r, name=name)
     with pytest.raises(ValueError, match="block_m"):
         K.block_sparse_attention_fwd(q, k, v, prep.q_count, prep.q_index, bs, block_m=48)
+
+
+def test_gpu_tiles_valid_for_every_config():
+    """The GPU tile table (no GPU needed: _tiles only looks at device.type): for every dtype, head
+    dim, layout block and kernel, tiles are powers of two >= 16 dividing the block, with 4 or 8
+    warps and 1 or 2 stages; an unknown kernel name is refused."""
+    from fastbert.kernels import block_sparse_attention as K
+
+    cuda = torch.device("cuda")
+    for dtype in DT.values():
+        for d in (8, 40, 64, 96, 128, 200, 256):
+            for bs in K.BLOCK_SIZES:
+                for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+                    bm, bn, warps, stages = K._tiles(bs, d, d, dtype, cuda, kernel, None, None)
+                    for t in (bm, bn):
+                        assert t >= 16 and bs % t == 0 and t & (t - 1) == 0, (dtype, d, bs, kernel)
+                    assert warps in (4, 8) and stages in (1, 2), (dtype, d, bs, kernel)
+    with pytest.raises(ValueError, match="kernel"):
+        K._tiles(64, 64, 64, torch.float16, cuda, "bwd", None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient of a float attn_mask
+# ----------------------------------------------------------------------------------------------
+def run_mask_grad_case(q, k, v, layout, bs, mask, scale=None, dropout_p=0.0):
+    """Triton vs the float64 reference for a float attn_mask that requires grad: out, dq, dk, dv
+    and d(attn_mask) with the same upstream gradient (with dropout: through the kernel's exact
+    keep-mask). Returns (dmask, its float64 reference)."""
+    from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
+
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, mask)]
+    keep = None
+    if dropout_p:
+        sc = 1.0 / math.sqrt(d) if scale is None else scale
+        out, _, seed = torch.ops.fastbert.block_sparse_attention_fwd(*leaves[:3], layout, bs,
+                                                                     leaves[3], dropout_p, sc)
+        keep = block_sparse_attention_dropout_mask(seed, (b, h, lq, lk), dropout_p)
+    else:
+        out = fastbert.block_sparse_attention(*leaves[:3], layout, bs, leaves[3], 0.0, scale,
+                                              **TRITON)
+    ref64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, mask)]
+    lowp = [t.detach().clone().requires_grad_(True) for t in (q, k, v, mask)]
+    ref = reference.block_sparse_attention(*ref64[:3], layout, bs, ref64[3], dropout_p, scale,
+                                           dropout_mask=keep)
+    low = reference.block_sparse_attention(*lowp[:3], layout, bs, lowp[3], dropout_p, scale,
+                                           dropout_mask=keep, compute_dtype=q.dtype)
+    assert_close(out, ref, low, name="out")
+    g = torch.randn(out.shape, dtype=torch.float64, device=q.device)
+    grads = torch.autograd.grad(out, leaves, g.to(q.dtype))
+    grads_ref = torch.autograd.grad(ref, ref64, g)
+    grads_low = torch.autograd.grad(low, lowp, g.to(q.dtype))
+    assert grads[3].shape == mask.shape and grads[3].dtype == mask.dtype
+    for name, a, r, lo in zip(("dq", "dk", "dv", "dmask"), grads, grads_ref, grads_low):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, r, lo, name=name)
+    return grads[3], grads_ref[3]
+
+
+# (mask shape, B, H, Lq, Lk, D, block_size, dtype, mask dtype, preset, dropout_p)
+MASK_GRAD_CASES = [
+    ("B11L", 2, 2, 97, 70, 40, 32, "fp32", "fp32", "bigbird", 0.0),
+    ("11LL", 1, 3, 70, 97, 24, 16, "fp32", "fp32", "perhead", 0.0),
+    ("BHLL", 2, 2, 50, 45, 40, 16, "fp16", "fp32", "sliding", 0.0),
+    ("BHLL", 2, 2, 97, 70, 40, 32, "fp32", "fp16", "bigbird", 0.3),
+]
+
+
+def mask_grad_id(c):
+    shape, b, h, lq, lk, d, bs, dt, mdt, preset, p = c
+    return (f"B{b}-H{h}-Lq{lq}-Lk{lk}-D{d}-bs{bs}-{dt}-mask{shape}-{mdt}-{preset}"
+            + (f"-dropout{p}" if p else ""))
+
+
+@pytest.mark.parametrize("case", MASK_GRAD_CASES, ids=[mask_grad_id(c) for c in MASK_GRAD_CASES])
+def test_triton_float_mask_grad(case):
+    """d(attn_mask) = dS (the softmax-input gradient) summed over the mask's broadcast dims, 0 in
+    the blocks the layout skips and in rows that see no key; -inf entries included."""
+    shape, b, h, lq, lk, d, bs, dt, mdt, preset, p = case
+    q, k, v = (rand((b, h, n, d), DT[dt]) for n in (lq, lk, lk))
+    layout = make_layout(preset, lq, lk, bs, h).to(DEVICE)
+    mshape = {"B11L": (b, 1, 1, lk), "11LL": (1, 1, lq, lk), "BHLL": (b, h, lq, lk)}[shape]
+    mask = torch.randn(mshape, dtype=DT[mdt])
+    if shape == "B11L":
+        mask[1, ..., 50:] = float("-inf")  # key padding of batch 1
+    else:
+        mask[..., 3, :] = float("-inf")  # a fully masked row
+        mask[torch.rand(mshape) < 0.1] = float("-inf")
+    if shape == "BHLL" and preset == "sliding":
+        layout[:, 1, :] = False  # query block 1 sees no key block
+    dmask, dmask_ref = run_mask_grad_case(q, k, v, layout, bs, mask.to(DEVICE), scale=0.3,
+                                          dropout_p=p)
+    if shape != "B11L":
+        assert (dmask[..., 3, :] == 0).all()  # the fully masked row
+    if shape == "BHLL":
+        # positions in blocks the layout skips: exactly 0, as in the reference
+        seen = reference.layout_to_mask(layout.bool(), bs, lq, lk).unsqueeze(0).expand(mshape)
+        assert (dmask[~seen] == 0).all() and (dmask_ref[~seen] == 0).all()
+        assert (dmask[seen] != 0).any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +383,7 @@ def test_triton_dropout_exact():
     layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
     pad = (torch.rand(b, 1, 1, lk) > 0.2).to(DEVICE)
     out, _, seed = torch.ops.fastbert.block_sparse_attention_fwd(*leaves, layout, bs, pad, p, 0.2)
-    keep = block_sparse_attention_dropout_mask(int(seed[0]), (b, h, lq, lk), p, DEVICE)
+    keep = block_sparse_attention_dropout_mask(seed, (b, h, lq, lk), p)
     ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
     ref = reference.block_sparse_attention(*ref64, layout, bs, pad, p, 0.2, dropout_mask=keep)
     assert_close(out, ref, name="out")
@@ -295,7 +397,8 @@ def test_triton_dropout_statistics_and_seed():
     from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
 
     b, h, lq, lk, p = 2, 3, 97, 130, 0.25
-    keep = block_sparse_attention_dropout_mask(1234, (b, h, lq, lk), p, DEVICE)
+    s1234, s1235 = (torch.tensor([s], dtype=torch.int64, device=DEVICE) for s in (1234, 1235))
+    keep = block_sparse_attention_dropout_mask(s1234, (b, h, lq, lk), p)
     n = keep.numel()
     frac = keep.double().mean().item()
     assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), frac
@@ -303,8 +406,8 @@ def test_triton_dropout_statistics_and_seed():
     assert (planes - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / (lq * lk))
     flat = keep.view(b * h, lq * lk)
     assert not any(torch.equal(flat[0], flat[i]) for i in range(1, b * h)), "heads share a mask"
-    assert torch.equal(keep, block_sparse_attention_dropout_mask(1234, (b, h, lq, lk), p, DEVICE))
-    assert not torch.equal(keep, block_sparse_attention_dropout_mask(1235, (b, h, lq, lk), p, DEVICE))
+    assert torch.equal(keep, block_sparse_attention_dropout_mask(s1234, (b, h, lq, lk), p))
+    assert not torch.equal(keep, block_sparse_attention_dropout_mask(s1235, (b, h, lq, lk), p))
     # the public op draws its seed from torch's generator: manual_seed reproduces it
     q, k, v = (rand((1, 2, 40, 16)) for _ in range(3))
     layout = S.dense(40, 16).to(DEVICE)
@@ -317,12 +420,37 @@ def test_triton_dropout_statistics_and_seed():
     assert torch.equal(a, a2) and not torch.equal(a, a3)
 
 
+def test_triton_dropout_seed_tensor():
+    """The forward op's third output is the dropout seed: int64 on the inputs' device, (1,) with
+    dropout and (0,) without; drawn from that device's generator, so torch.manual_seed reproduces
+    it; the launchers refuse dropout without a seed tensor."""
+    from fastbert.kernels import block_sparse_attention as K
+
+    q, k, v = (rand((1, 2, 40, 16)) for _ in range(3))
+    layout = S.dense(40, 16).to(DEVICE)
+    op = torch.ops.fastbert.block_sparse_attention_fwd
+    torch.manual_seed(3)
+    out, _, seed = op(q, k, v, layout, 16, None, 0.5, 0.25)
+    assert seed.dtype == torch.int64 and seed.shape == (1,) and seed.device == q.device
+    assert 0 <= int(seed[0]) < 2 ** 31
+    torch.manual_seed(3)
+    out2, _, seed2 = op(q, k, v, layout, 16, None, 0.5, 0.25)
+    assert torch.equal(seed, seed2) and torch.equal(out, out2)
+    out3, _, seed3 = op(q, k, v, layout, 16, None, 0.5, 0.25)  # the generator moved on
+    assert not torch.equal(seed, seed3) and not torch.equal(out, out3)
+    _, _, no_seed = op(q, k, v, layout, 16, None, 0.0, 0.25)
+    assert no_seed.shape == (0,) and no_seed.dtype == torch.int64 and no_seed.device == q.device
+    prep = S.prepare_layout(layout)
+    with pytest.raises(ValueError, match="needs seed"):
+        K.block_sparse_attention_fwd(q, k, v, prep.q_count, prep.q_index, 16, dropout_p=0.5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dispatch, caching, torch.compile
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("what,words", [
     ("float64", "float64"), ("block_size", "block_size 8"), ("head_dim", "head dim 12"),
-    ("value_dim", "value head dim 264"), ("mask_grad", "float attn_mask that requires grad"),
+    ("value_dim", "value head dim 264"),
 ])
 def test_triton_reasons(what, words):
     b, h, lq, lk, d, dv, bs, dtype = 1, 2, 20, 20, 16, 16, 16, torch.float32
@@ -335,8 +463,6 @@ def test_triton_reasons(what, words):
         d = 12
     elif what == "value_dim":
         dv = 264
-    elif what == "mask_grad":
-        mask = torch.zeros(lq, lk, device=DEVICE, requires_grad=True)
     q, k = rand((b, h, lq, d), dtype), rand((b, h, lk, d), dtype)
     v = rand((b, h, lk, dv), dtype)
     layout = S.dense(lq, bs, key_len=lk).to(DEVICE)
@@ -365,20 +491,24 @@ def test_layout_preparation_cached_across_calls():
 
 
 def test_triton_torch_compile_fullgraph():
+    """One opaque op per pass under torch.compile(fullgraph=True), with a float key-padding bias
+    that requires grad (the backward op's fake returns its gradient)."""
     b, h, lq, lk, d, bs = 1, 2, 40, 33, 16, 16
     layout = make_layout("longformer", lq, lk, bs, h).to(DEVICE)
-    pad = (torch.arange(lk) < 30).view(1, 1, 1, lk).to(DEVICE)
+    bias = torch.randn(1, 1, 1, lk)
+    bias[..., 30:] = float("-inf")
 
-    def f(q, k, v):
-        return fastbert.block_sparse_attention(q, k, v, layout, bs, pad, **TRITON)
+    def f(q, k, v, m):
+        return fastbert.block_sparse_attention(q, k, v, layout, bs, m, **TRITON)
 
     leaves = [rand((b, h, n, d), requires_grad=True) for n in (lq, lk, lk)]
+    leaves.append(bias.to(DEVICE).requires_grad_(True))
     out = torch.compile(f, fullgraph=True)(*leaves)
     ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
-    ref = reference.block_sparse_attention(*ref64, layout, bs, pad)
+    ref = reference.block_sparse_attention(*ref64[:3], layout, bs, ref64[3])
     assert_close(out, ref)
     g = torch.randn_like(out)
-    for name, a, r in zip(("dq", "dk", "dv"), torch.autograd.grad(out, leaves, g),
+    for name, a, r in zip(("dq", "dk", "dv", "dmask"), torch.autograd.grad(out, leaves, g),
                           torch.autograd.grad(ref, ref64, g.double())):
         assert_close(a, r, name=name)
 
@@ -415,7 +545,7 @@ def test_triton_cuda_dropout_block128():
     leaves = [rand((b, h, n, d), torch.float16, requires_grad=True) for n in (lq, lk, lk)]
     layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
     out, _, seed = torch.ops.fastbert.block_sparse_attention_fwd(*leaves, layout, bs, None, p, 0.125)
-    keep = block_sparse_attention_dropout_mask(int(seed[0]), (b, h, lq, lk), p, DEVICE)
+    keep = block_sparse_attention_dropout_mask(seed, (b, h, lq, lk), p)
     lowp = [t.detach().clone().requires_grad_(True) for t in leaves]
     ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
     ref = reference.block_sparse_attention(*ref64, layout, bs, None, p, 0.125, dropout_mask=keep)
@@ -444,3 +574,41 @@ def test_triton_cuda_int64_offsets():
     ref = reference.block_sparse_attention(tail, tail, tail,
                                            S.sliding_window(2 * bs, bs, window=0, device="cuda"), bs)
     assert_close(out[:, -1:, start:], ref, atol=5e-3)
+
+
+@pytest.mark.cuda
+def test_triton_cuda_graph_dropout_fresh_mask_per_replay():
+    """A training step (forward with dropout + backward) captured in a CUDA graph: the seed is
+    drawn on the GPU inside the graph and read only by the kernels, so every replay draws a new
+    seed and mask (outputs and gradients differ between replays), and each replay is exact for
+    the keep-mask of the seed it drew."""
+    from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
+
+    b, h, l, d, bs, p, scale = 2, 4, 320, 64, 64, 0.2, 0.125
+    layout = make_layout("bigbird", l, l, bs, h).to(DEVICE)
+    leaves = [rand((b, h, l, d), torch.float16, requires_grad=True) for _ in range(3)]
+    g_out = torch.randn(b, h, l, d, device=DEVICE, dtype=torch.float16)
+    op = torch.ops.fastbert.block_sparse_attention_fwd
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out, _, seed = op(*leaves, layout, bs, None, p, scale)
+        out.backward(g_out)
+        return [out, seed] + [t.grad for t in leaves]
+
+    replays = cuda_graph_replays(step)
+    assert_fresh_replays(replays)  # seed, output and every gradient differ between replays
+    for o, sd, *grads in replays:
+        keep = block_sparse_attention_dropout_mask(sd, (b, h, l, l), p)
+        ref64 = [t.detach().double().requires_grad_(True) for t in leaves]
+        lowp = [t.detach().clone().requires_grad_(True) for t in leaves]
+        ref = reference.block_sparse_attention(*ref64, layout, bs, None, p, scale,
+                                               dropout_mask=keep)
+        low = reference.block_sparse_attention(*lowp, layout, bs, None, p, scale,
+                                               dropout_mask=keep, compute_dtype=torch.float16)
+        assert_close(o, ref, low, name="out")
+        for name, a, r, lo in zip(("dq", "dk", "dv"), grads,
+                                  torch.autograd.grad(ref, ref64, g_out.double()),
+                                  torch.autograd.grad(low, lowp, g_out)):
+            assert_close(a, r, lo, name=name)

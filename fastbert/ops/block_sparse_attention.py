@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import _rng, reference
 from .._validation import (check_attn_mask, check_dropout, check_int, check_scale,
                            check_tensor)
 from ..backends import interpreter_enabled, register, select
@@ -52,10 +52,11 @@ def block_sparse_attention(
 
     The Triton backend walks, for each query block, only its listed key blocks (work proportional
     to the layout's density); it serves float16/bfloat16/float32, block sizes 16/32/64/128, head
-    dims that are multiples of 8 up to 256, any strides, bool or float masks (no gradient for the
-    mask) and dropout. The layout's preparation is cached per layout tensor
-    (:func:`fastbert.sparsity.prepare_layout`): keep the layout (e.g. as a module buffer) rather
-    than rebuilding it every call.
+    dims that are multiples of 8 up to 256, any strides, bool or float masks (a float mask that
+    requires grad gets its gradient, zero in the blocks the layout skips; it needs an fp32
+    (B, H, Lq, Lk) buffer in the backward) and dropout. The layout's preparation is cached per
+    layout tensor (:func:`fastbert.sparsity.prepare_layout`): keep the layout (e.g. as a module
+    buffer) rather than rebuilding it every call.
     """
     _check_qkv(query, key, value, 4, "(B, H, L, D)")
     if key.shape[:2] != query.shape[:2]:
@@ -108,30 +109,24 @@ def _triton_reasons(*, query, key, value, layout, block_size, attn_mask, dropout
     b, h = query.shape[:2]
     if b * h > 65535:
         reasons.append(f"batch * heads = {b * h} exceeds the Triton kernel's grid limit of 65535")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad:
-        reasons.append("the Triton kernel computes no gradient for a float attn_mask that "
-                       "requires grad")
     return reasons
-
-
-def _draw_dropout_seed() -> int:
-    """A Philox seed from torch's default CPU generator (so torch.manual_seed reproduces dropout)."""
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
 
 
 @torch.library.custom_op("fastbert::block_sparse_attention_fwd", mutates_args=())
 def _block_sparse_attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, layout: Tensor,
                                    block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
                                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (out (B, H, Lq, Dv), lse (B, H, Lq) float32 base 2, seed (1,) int64 on the CPU)."""
+    """-> (out (B, H, Lq, Dv), lse (B, H, Lq) float32 base 2, seed: int64 on query's device, (1,)
+    with dropout (drawn there, read only by the kernels: no host sync, fresh on every CUDA graph
+    replay) or (0,) without)."""
     from .. import sparsity
     from ..kernels import block_sparse_attention as kern
 
     prep = sparsity.prepare_layout(layout)
-    seed = _draw_dropout_seed() if dropout_p > 0.0 else 0
+    seed = _rng.dropout_seed(dropout_p, query.device)
     out, lse = kern.block_sparse_attention_fwd(query, key, value, prep.q_count, prep.q_index,
                                                block_size, attn_mask, dropout_p, scale, seed)
-    return out, lse, torch.tensor([seed], dtype=torch.int64)
+    return out, lse, seed
 
 
 @_block_sparse_attention_fwd_op.register_fake
@@ -139,28 +134,40 @@ def _(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
     b, h, lq, _ = query.shape
     out = query.new_empty((b, h, lq, value.shape[-1]))
     lse = query.new_empty((b, h, lq), dtype=torch.float32)
-    return out, lse, torch.empty((1,), dtype=torch.int64, device="cpu")
+    return out, lse, _rng.seed_like(dropout_p, query.device)
 
 
 @torch.library.custom_op("fastbert::block_sparse_attention_bwd", mutates_args=())
 def _block_sparse_attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                                    out: Tensor, lse: Tensor, seed: Tensor, layout: Tensor,
                                    block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
-                                   scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (dq, dk, dv)."""
+                                   scale: float, mask_grad: bool
+                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv, dmask): dmask is the float attn_mask's gradient in its shape and dtype when
+    ``mask_grad``, else an empty tensor."""
     from .. import sparsity
     from ..kernels import block_sparse_attention as kern
 
     prep = sparsity.prepare_layout(layout)
-    return kern.block_sparse_attention_bwd(grad_out, query, key, value, out, lse, prep.q_count,
-                                           prep.q_index, prep.k_count, prep.k_index, block_size,
-                                           attn_mask, dropout_p, scale, int(seed[0]))
+    dq, dk, dv, dmask = kern.block_sparse_attention_bwd(
+        grad_out, query, key, value, out, lse, prep.q_count, prep.q_index, prep.k_count,
+        prep.k_index, block_size, attn_mask, dropout_p, scale, seed, mask_grad)
+    if dmask is None:
+        dmask = query.new_empty((0,))
+    return dq, dk, dv, dmask
+
+
+def _wants_mask_grad(attn_mask: Optional[Tensor], mask_grad: bool) -> bool:
+    return bool(mask_grad) and attn_mask is not None and attn_mask.is_floating_point()
 
 
 @_block_sparse_attention_bwd_op.register_fake
 def _(grad_out, query, key, value, out, lse, seed, layout, block_size, attn_mask, dropout_p,
-      scale):
-    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape))
+      scale, mask_grad):
+    dmask = (attn_mask.new_empty(attn_mask.shape) if _wants_mask_grad(attn_mask, mask_grad)
+             else query.new_empty((0,)))
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            dmask)
 
 
 def _block_sparse_attention_setup_context(ctx, inputs, output):
@@ -172,10 +179,11 @@ def _block_sparse_attention_setup_context(ctx, inputs, output):
 
 def _block_sparse_attention_backward(ctx, grad_out, grad_lse, grad_seed):
     query, key, value, out, lse, seed, layout, attn_mask = ctx.saved_tensors
-    dq, dk, dv = _block_sparse_attention_bwd_op(grad_out.to(out.dtype), query, key, value, out,
-                                                lse, seed, layout, ctx.block_size, attn_mask,
-                                                ctx.dropout_p, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    mask_grad = _wants_mask_grad(attn_mask, ctx.needs_input_grad[5])
+    dq, dk, dv, dmask = _block_sparse_attention_bwd_op(
+        grad_out.to(out.dtype), query, key, value, out, lse, seed, layout, ctx.block_size,
+        attn_mask, ctx.dropout_p, ctx.scale, mask_grad)
+    return dq, dk, dv, None, None, (dmask if mask_grad else None), None, None
 
 
 torch.library.register_autograd("fastbert::block_sparse_attention_fwd",
