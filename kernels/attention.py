@@ -48,6 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._seed import check_seed, seed_arg
+
 __all__ = [
     "attention_fwd",
     "attention_bwd",
@@ -792,25 +794,6 @@ def _varlen_strides(t: Tensor) -> Tuple[int, int, int, int]:
     return 0, t.stride(1), t.stride(0), t.stride(2)
 
 
-def _check_seed(seed) -> None:
-    if not (isinstance(seed, Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
-        got = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, Tensor)
-               else type(seed).__name__)
-        raise TypeError("seed must be the int64 (1,) dropout seed tensor (as the forward op "
-                        f"returns it), got {got}")
-
-
-def _seed_arg(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
-    """The kernels' ``Seed`` pointer: with dropout the int64 (1,) seed tensor (the kernels load it
-    on the device; the host never reads it), else ``dummy`` (never dereferenced)."""
-    if dropout_p <= 0.0:
-        return dummy
-    _check_seed(seed)
-    if seed.device != dummy.device:
-        raise ValueError(f"seed is on {seed.device}, the attention tensors on {dummy.device}")
-    return seed
-
-
 def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_strides, l_strides,
                 m_strides, mask_kind, cu_q, cu_k, batch, heads, seqlen_q, seqlen_k, scale,
                 dropout_p, seed, is_causal, is_varlen):
@@ -819,13 +802,13 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
     bm, bn, warps, stages = attention_config("fwd", d, dv, q.dtype, q.device, dropout_p > 0.0,
                                               mask_kind != MASK_NONE)
     num_m = triton.cdiv(seqlen_q, bm)
-    seed_arg = _seed_arg(seed, dropout_p, q)
+    seed_ptr = seed_arg(seed, dropout_p, q)
     if num_m * heads * batch == 0:
         return
     _attention_fwd_kernel[(num_m * heads * batch,)](
         q, k, v, mask, out, stats, cu_q, cu_k,
         *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides,
-        heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), seed_arg,
+        heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), seed_ptr,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
         BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
@@ -845,7 +828,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
     store_ds = ds is not None
     if not store_ds:
         ds = q  # never dereferenced (STORE_DS=False)
-    seed_arg = _seed_arg(seed, dropout_p, q)
+    seed_ptr = seed_arg(seed, dropout_p, q)
     # delta = rowsum(dO * O): fp32, laid out like one plane of stats.
     delta = torch.empty((l_strides[3],), dtype=torch.float32, device=q.device)
     pre_bm = 64 if q.device.type == "cuda" and not _interpreting() else 16
@@ -863,7 +846,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             q, k, v, mask, do, stats, delta, dk, dv, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides, *dv_strides,
             *l_strides, heads, num_n, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
-            seed_arg, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+            seed_ptr, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     bm, bn, warps, stages = attention_config("bwd_dq", d, dvd, q.dtype, q.device,
                                               dropout_p > 0.0, mask_kind != MASK_NONE)
@@ -873,7 +856,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             q, k, v, mask, do, stats, delta, dq, ds, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides, *ds_strides,
             *l_strides, heads, num_m, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
-            seed_arg, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
+            seed_ptr, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
             num_warps=warps, num_stages=stages, **common)
 
 
@@ -1026,7 +1009,7 @@ def attention_dropout_mask(seed: Tensor, dropout_p: float, shape: Sequence[int])
     ``shape`` is (B, H, Lq, Lk) for dense attention; for varlen use (N, H, max_seqlen_q,
     max_seqlen_k) (or :func:`varlen_attention_dropout_masks`).
     """
-    _check_seed(seed)
+    check_seed(seed)
     numel = math.prod(shape)
     keep = torch.empty(numel, dtype=torch.uint8, device=seed.device)
     if numel:

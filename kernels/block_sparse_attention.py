@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._seed import check_seed, seed_arg
+
 __all__ = [
     "block_sparse_attention_fwd",
     "block_sparse_attention_bwd",
@@ -484,18 +486,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _seed_arg(seed: Optional[torch.Tensor], dropout_p: float, dummy: torch.Tensor) -> torch.Tensor:
-    """The kernels' ``Seed`` pointer: the (1,) int64 device tensor with dropout (never read on the
-    host), else ``dummy`` (not dereferenced: HAS_DROPOUT is False)."""
-    if dropout_p <= 0.0:
-        return dummy
-    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != dummy.device:
-        raise ValueError(f"dropout_p = {dropout_p} needs seed: a (1,) int64 tensor on {dummy.device} "
-                         "(fastbert._rng.dropout_seed), got "
-                         + ("None" if seed is None else f"{tuple(seed.shape)} {seed.dtype} on {seed.device}"))
-    return seed
-
-
 def _sum_to_mask(ds: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor]):
     """dS (B, H, Lq, Lk) summed over the mask's broadcast dims, in its dtype (None: no gradient)."""
     return None if ds is None else ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
@@ -529,7 +519,7 @@ def block_sparse_attention_fwd(
     lk, dv = k.shape[2], v.shape[-1]
     hl, nbq, nbk = q_index.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    seed = _seed_arg(seed, dropout_p, q)
+    seed = seed_arg(seed, dropout_p, q)
     out = torch.empty((b, h, lq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -573,7 +563,7 @@ def block_sparse_attention_bwd(
     lk, dv_dim = k.shape[2], v.shape[-1]
     hl, nbq, nbk = q_index.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    seed = _seed_arg(seed, dropout_p, q)
+    seed = seed_arg(seed, dropout_p, q)
     mask_grad = bool(mask_grad) and attn_mask is not None and attn_mask.is_floating_point()
     dq = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, h, lk, d), dtype=k.dtype, device=k.device)
@@ -616,8 +606,7 @@ def block_sparse_attention_dropout_mask(seed: torch.Tensor, shape, dropout_p: fl
     draw for the (1,) int64 seed tensor ``seed`` (the third output of the forward op); for tests:
     pass it to ``fastbert.reference.block_sparse_attention(..., dropout_mask=...)``."""
     b, h, lq, lk = shape
-    if seed.numel() != 1 or seed.dtype != torch.int64:
-        raise ValueError(f"seed must be a (1,) int64 tensor, got {tuple(seed.shape)} {seed.dtype}")
+    check_seed(seed)
     keep = torch.empty((b * h, lq, lk), dtype=torch.uint8, device=seed.device)
     if keep.numel():
         grid = (b * h, triton.cdiv(lq, 32), triton.cdiv(lk, 32))

@@ -85,6 +85,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._seed import check_seed, seed_arg
+
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "dropout_keep_mask", "MAX_FUSED_N"]
 
 Tensor = torch.Tensor
@@ -574,25 +576,6 @@ def _offset_64(m: int, n: int) -> bool:
     return m * n > _INT32_MAX
 
 
-def _check_seed(seed) -> None:
-    if not (isinstance(seed, Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
-        got = (f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, Tensor)
-               else type(seed).__name__)
-        raise TypeError("seed must be the int64 (1,) dropout seed tensor (as the forward op "
-                        f"returns it), got {got}")
-
-
-def _seed_arg(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
-    """The kernels' ``SEED`` pointer: with dropout the int64 (1,) seed tensor (loaded on the device,
-    never read by the host), else ``dummy`` (never dereferenced)."""
-    if dropout_p <= 0.0:
-        return dummy
-    _check_seed(seed)
-    if seed.device != dummy.device:
-        raise ValueError(f"seed is on {seed.device}, the rows on {dummy.device}")
-    return seed
-
-
 def layer_norm_fwd(
     x: Tensor,
     weight: Optional[Tensor],
@@ -638,7 +621,7 @@ def layer_norm_fwd(
     args = (x2, x2.stride(0), x2.stride(1), r2, r2.stride(0), r2.stride(1),
             xb if xb is not None else x2, w if w is not None else x2, b if b is not None else x2,
             y, s_out if s_out is not None else y, mean, rstd,
-            m, n, float(eps), _seed_arg(seed, dropout_p, x2), float(dropout_p),
+            m, n, float(eps), seed_arg(seed, dropout_p, x2), float(dropout_p),
             1.0 / (1.0 - dropout_p) if has_dropout else 1.0)
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _one_pass_config(n)
@@ -711,7 +694,7 @@ def layer_norm_bwd(
                  HAS_DROPOUT=has_dropout, OFFSET_64=_offset_64(m, n))
     inputs = (x2, x2.stride(0), x2.stride(1), r2, r2.stride(0), r2.stride(1),
               xb if xb is not None else x2)
-    rng = (_seed_arg(seed, dropout_p, x2), float(dropout_p),
+    rng = (seed_arg(seed, dropout_p, x2), float(dropout_p),
            1.0 / (1.0 - dropout_p) if has_dropout else 1.0)
     sms = _num_sms(device)
     if n <= MAX_FUSED_N:
@@ -751,7 +734,7 @@ def dropout_keep_mask(seed: Tensor, shape, dropout_p: float) -> Tensor:
     seed tensor of a forward call; the mask is built on its device) over a tensor of ``shape``
     (..., N): element (row, col) of the [M, N] row matrix is kept iff
     rand(seed, row * N + col) >= dropout_p. For tests and references only."""
-    _check_seed(seed)
+    check_seed(seed)
     shape = tuple(shape)
     n = shape[-1] if shape else 1
     m = math.prod(shape[:-1]) if shape else 1

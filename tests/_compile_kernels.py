@@ -61,7 +61,6 @@ from fastbert.kernels import layer_norm as ln  # noqa: E402
 # i.e. cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100 / A100).
 ARCHS = {90: ("sm_90a", 227 * 1024), 80: ("sm_80", 163 * 1024)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SEED = 12345  # a dropout seed as the ops draw it: a 31-bit integer that is neither 1 nor % 16 == 0
 
 
 def ptr(dtype: str) -> str:

@@ -2,13 +2,21 @@
 
 Without a visible GPU the Triton kernels run under Triton's CPU interpreter; that switch must be
 made before triton (or fastbert.kernels) is imported, hence at the top of this file.
+
+torch.compile's on-disk caches go to a fresh directory per test session (unless
+TORCHINDUCTOR_CACHE_DIR is set): a cache left by an earlier checkout can replay a backward graph
+compiled against an older signature of one of our custom ops and fail (or pass) for the wrong
+reason.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastbert-inductor-")
 
 import pytest  # noqa: E402
 

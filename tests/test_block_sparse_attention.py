@@ -441,7 +441,7 @@ def test_triton_dropout_seed_tensor():
     _, _, no_seed = op(q, k, v, layout, 16, None, 0.0, 0.25)
     assert no_seed.shape == (0,) and no_seed.dtype == torch.int64 and no_seed.device == q.device
     prep = S.prepare_layout(layout)
-    with pytest.raises(ValueError, match="needs seed"):
+    with pytest.raises(TypeError, match="int64 \\(1,\\) dropout seed tensor"):
         K.block_sparse_attention_fwd(q, k, v, prep.q_count, prep.q_index, 16, dropout_p=0.5)
 
 
