@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "DEVICE", "ATOL_FLOOR",
-           "cuda_graph_replays", "assert_fresh_replays"]
+           "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -100,3 +100,20 @@ def assert_fresh_replays(replays: Sequence[Sequence[Tensor]], seed_index: int = 
     assert first[seed_index].device.type == "cuda", "the dropout seed must live on the GPU"
     for i, (a, b) in enumerate(zip(first, second)):
         assert not torch.equal(a, b), f"output {i} is identical in two replays: the dropout mask was frozen"
+
+
+def forbid_int64_host_reads(monkeypatch) -> None:
+    """With pytest's ``monkeypatch`` (or one of its contexts): make every host read of an int64
+    tensor's value (``int(seed[0])``, ``seed.item()``, ``tolist``, ...) raise AssertionError, so
+    that a test passing under it proves the dropout seed stays on the device."""
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            if self.dtype == torch.int64:
+                raise AssertionError(f"Tensor.{name}() read an int64 tensor on the host")
+            return original(self, *args, **kwargs)
+        return method
+
+    for name in ("item", "tolist", "__int__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))

@@ -18,7 +18,8 @@ import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, interpreter_enabled
 from fastbert.ops.attention import _cuda_ops
-from fastbert.testing import DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays, rand
+from fastbert.testing import (DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays,
+                              forbid_int64_host_reads, rand)
 
 kernels = pytest.importorskip("fastbert.kernels.attention")
 
@@ -389,22 +390,6 @@ def test_dropout_seed_output(kind, device, p):
         assert 0 <= int(seed[0]) < 2 ** 31  # fastbert._rng draws below 2**31
 
 
-def _forbid_int64_host_reads(monkeypatch):
-    """Make every host read of an int64 tensor's value (``int(seed[0])``, ``seed.item()``, ...)
-    fail, so a passing test proves that the seed stays on the device."""
-    def guard(name):
-        original = getattr(torch.Tensor, name)
-
-        def method(self, *args, **kwargs):
-            if self.dtype == torch.int64:
-                raise AssertionError(f"Tensor.{name}() read an int64 tensor on the host")
-            return original(self, *args, **kwargs)
-        return method
-
-    for name in ("item", "tolist", "__int__", "__index__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
-
-
 @pytest.mark.parametrize("kind", ["dense", "varlen"])
 def test_dropout_seed_never_read_on_host(kind, monkeypatch, fresh_seed):
     """Forward and backward with dropout run with host reads of int64 tensors forbidden; the
@@ -419,7 +404,7 @@ def test_dropout_seed_never_read_on_host(kind, monkeypatch, fresh_seed):
 
     expected = run()
     with monkeypatch.context() as m:
-        _forbid_int64_host_reads(m)
+        forbid_int64_host_reads(m)
         with pytest.raises(AssertionError, match="on the host"):
             torch.zeros(1, dtype=torch.int64).item()  # the guard is active
         got = run()

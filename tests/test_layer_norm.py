@@ -13,7 +13,8 @@ import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, interpreter_enabled, select
 from fastbert.kernels import layer_norm as kln
-from fastbert.testing import DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays, rand
+from fastbert.testing import (DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays,
+                              forbid_int64_host_reads, rand)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -470,18 +471,8 @@ def test_add_layer_norm_seed_never_read_on_host(monkeypatch):
 
     expected = run()
 
-    def guard(name):
-        original = getattr(torch.Tensor, name)
-
-        def method(self, *args, **kwargs):
-            if self.dtype == torch.int64:
-                raise AssertionError(f"Tensor.{name}() read an int64 tensor on the host")
-            return original(self, *args, **kwargs)
-        return method
-
     with monkeypatch.context() as m:
-        for name in ("item", "tolist", "__int__", "__index__", "__float__"):
-            m.setattr(torch.Tensor, name, guard(name))
+        forbid_int64_host_reads(m)
         with pytest.raises(AssertionError, match="on the host"):
             int(torch.zeros((), dtype=torch.int64))  # the guard is active
         got = run()
