@@ -92,6 +92,15 @@ def _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _program_tile(num_tiles):
+    """(tile, batch * head) of this program. The grid is flat, with the tiles of one (batch, head)
+    adjacent (launched together, they share its K/V in L2), so that batch * heads may exceed
+    CUDA's 65535 limit on grid dims y and z."""
+    pid = tl.program_id(0)
+    return pid % num_tiles, pid // num_tiles
+
+
+@triton.jit
 def _block_sparse_attention_fwd_kernel(
     Q, K, V, Out,            # q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, DV], out [B, H, Lq, DV]
     Lse,                     # [B, H, Lq] float32 contiguous: base-2 logsumexp of each query row
@@ -114,8 +123,7 @@ def _block_sparse_attention_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # D, DV padded to powers of two (>= 16)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), else "tf32" (ignored for 16-bit)
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     lay_row = ((pid_bh % H) % HL).to(tl.int64) * NBQ + (pid_m * BLOCK_M) // BLOCK
@@ -191,8 +199,7 @@ def _block_sparse_attention_bwd_preprocess_kernel(
     H, Lq, DV,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,8 +234,7 @@ def _block_sparse_attention_bwd_dq_kernel(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     lay_row = ((pid_bh % H) % HL).to(tl.int64) * NBQ + (pid_m * BLOCK_M) // BLOCK
@@ -308,8 +314,7 @@ def _block_sparse_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,   # key rows per program (divides BLOCK)
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_tile(tl.cdiv(Lk, BLOCK_N))
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     lay_row = ((pid_bh % H) % HL).to(tl.int64) * NBK + (pid_n * BLOCK_N) // BLOCK
@@ -527,7 +532,7 @@ def block_sparse_attention_fwd(
         return out, lse
     bm, bn, warps, stages = _tiles(block_size, d, dv, q.dtype, q.device, "fwd", block_m, block_n)
     mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
-    grid = (triton.cdiv(lq, bm), b * h)
+    grid = (triton.cdiv(lq, bm) * b * h,)  # flat: see _program_tile
     _block_sparse_attention_fwd_kernel[grid](
         q, k, v, out, lse, mask, q_count, q_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
@@ -582,10 +587,10 @@ def block_sparse_attention_bwd(
     if lq > 0:
         bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dq",
                                        block_m, block_n)
-        _block_sparse_attention_bwd_preprocess_kernel[(triton.cdiv(lq, bm), b * h)](
+        _block_sparse_attention_bwd_preprocess_kernel[(triton.cdiv(lq, bm) * b * h,)](
             out, do, delta, *out.stride(), *do.stride(), h, lq, dv_dim,
             BLOCK_M=bm, BLOCK_DV=_pad_dim(dv_dim))
-        _block_sparse_attention_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
+        _block_sparse_attention_bwd_dq_kernel[(triton.cdiv(lq, bm) * b * h,)](
             q, k, v, do, dq, lse, delta, mask, ds_arg, q_count, q_index,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstr, *ds_strides,
             h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, STORE_DS=mask_grad,
@@ -593,7 +598,7 @@ def block_sparse_attention_bwd(
     if lk > 0:
         bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dkdv",
                                        block_m, block_n)
-        _block_sparse_attention_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
+        _block_sparse_attention_bwd_dkdv_kernel[(triton.cdiv(lk, bn) * b * h,)](
             q, k, v, do, dk, dv, lse, delta, mask, k_count, k_index,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstr,
             h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop,

@@ -106,9 +106,11 @@ def _triton_reasons(*, query, key, value, layout, block_size, attn_mask, dropout
         if d < 8 or d > 256 or d % 8:
             reasons.append(f"{name} head dim {d} is not supported by the Triton kernel "
                            "(a multiple of 8, from 8 to 256)")
-    b, h = query.shape[:2]
-    if b * h > 65535:
-        reasons.append(f"batch * heads = {b * h} exceeds the Triton kernel's grid limit of 65535")
+    b, h, lq = query.shape[:3]
+    programs = b * h * -(-max(lq, key.shape[2]) // 16)  # at most, with the smallest 16-row tiles
+    if programs > 2 ** 31 - 1:
+        reasons.append(f"batch * heads * tiles = {programs} exceeds the Triton kernel's grid limit "
+                       "of 2^31 - 1 programs")
     return reasons
 
 
