@@ -8,7 +8,8 @@
 # STAGE:  info     GPU, driver, versions (nvidia-smi, python, torch, triton, nvcc)
 #         install  python3 -m pip install --no-build-isolation --no-deps -e .  (with
 #                  FASTBERT_BUILD_CUDA=1 and MAX_JOBS=16 when csrc/ has sources)
-#         tests    the whole test suite compiled on the GPU (interpreter off, cuda tests included)
+#         tests    the whole test suite compiled on the GPU (interpreter off, cuda tests included),
+#                  in FASTBERT_TEST_SHARDS (default 4) parallel pytest processes
 #         bench    fastbert bench --quick --out $OUT/bench
 #         all      all of the above (the default)
 #         sanitize compute-sanitizer memcheck / racecheck / synccheck over every CUDA kernel
@@ -160,13 +161,41 @@ stage_install() {
 }
 
 stage_tests() {
-    local limit reserve=0
+    # The suite runs as FASTBERT_TEST_SHARDS (default 4) pytest processes in parallel on the one
+    # GPU (tests/conftest.py splits the tests by function, balanced by count; Triton compiles are
+    # CPU-bound, and the machine has 16 cores), then the `bigmem` tests alone. Each shard logs to
+    # $OUT/shard<i>.log while it runs (kept if the run is cut short); the logs are then merged into
+    # tests.log, preceded by each shard's summary line.
+    local limit reserve=0 shards="${FASTBERT_TEST_SHARDS:-4}" i r rc=0 pids=()
     has_stage bench && reserve=240
     limit=$(stage_limit 540 "$reserve")
-    # --durations: the slowest tests (Triton compiles included), to plan later GPU runs
-    log "== tests: python3 -m pytest ${TEST_PATHS[*]} -q -rs --durations=25 (limit ${limit} s)"
-    timeout --kill-after=10 "$limit" "$PY" -m pytest "${TEST_PATHS[@]}" -q -rs --durations=25 \
-        -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log"
+    local shard_limit=$(( limit - 60 ))
+    (( shard_limit < 30 )) && shard_limit=30
+    local args=("${TEST_PATHS[@]}" -q -rs --durations=15 -p no:cacheprovider)
+    log "== tests: $shards parallel shards of python3 -m pytest ${args[*]} (limit ${shard_limit} s), then -m bigmem"
+    for (( i = 0; i < shards; i++ )); do
+        FASTBERT_TEST_SHARD="$i/$shards" OMP_NUM_THREADS=4 \
+            timeout --kill-after=10 "$shard_limit" "$PY" -m pytest "${args[@]}" \
+            > "$OUT/shard$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for (( i = 0; i < shards; i++ )); do
+        wait "${pids[$i]}"
+        r=$?
+        log "== shard $i/$shards: exit $r: $(tail -n 1 "$OUT/shard$i.log")"
+        # 5: pytest collected nothing in this shard (possible when the paths are narrowed)
+        (( r != 0 && r != 5 && rc == 0 )) && rc=$r
+    done
+    for (( i = 0; i < shards; i++ )); do
+        { echo; echo "== shard $i/$shards log"; cat "$OUT/shard$i.log"; } >> "$OUT/tests.log"
+        rm -f "$OUT/shard$i.log"
+    done
+    log "== tests: the bigmem tests, alone (python3 -m pytest ${TEST_PATHS[*]} -m bigmem)"
+    timeout --kill-after=10 "$(stage_limit 120 "$reserve")" "$PY" -m pytest "${TEST_PATHS[@]}" -m bigmem \
+        -q -rs -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log"
+    r=${PIPESTATUS[0]}
+    (( r != 0 && r != 5 && rc == 0 )) && rc=$r
+    return "$rc"
 }
 
 stage_bench() {

@@ -7,13 +7,14 @@ precision instead of a hand-tuned constant.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "DEVICE", "ATOL_FLOOR",
-           "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads"]
+           "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
+           "shard_groups", "parse_shard"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -117,3 +118,27 @@ def forbid_int64_host_reads(monkeypatch) -> None:
 
     for name in ("item", "tolist", "__int__", "__index__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, guard(name))
+
+
+def parse_shard(spec: str) -> Tuple[int, int]:
+    """``"i/n"`` (0 <= i < n) -> (i, n); ValueError naming the expected form otherwise."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"FASTBERT_TEST_SHARD must look like 'i/n' (e.g. '0/4'), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"FASTBERT_TEST_SHARD {spec!r}: need 0 <= i < n")
+    return i, n
+
+
+def shard_groups(sizes: Dict[str, int], n: int) -> Dict[str, int]:
+    """Assign groups of tests (name -> number of tests) to ``n`` shards, largest group first onto
+    the least-loaded shard (deterministic: ties go by name, then by shard index). The tests of one
+    test function stay together, so that the kernel variants they compile are compiled once."""
+    load = [0] * n
+    out: Dict[str, int] = {}
+    for name in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        shard = min(range(n), key=lambda i: (load[i], i))
+        out[name] = shard
+        load[shard] += sizes[name]
+    return out

@@ -802,6 +802,7 @@ def test_sdpa_cuda_graph_dropout_fresh_masks(backend):
             assert_close(g, r, lo, name=f"{backend} replay {name}")
 
 
+@pytest.mark.bigmem
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])  # cuda: the fused inference kernel
 def test_sdpa_cuda_int64_offsets(backend):

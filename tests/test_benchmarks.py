@@ -557,7 +557,8 @@ def test_gpu_run_script():
     script = REPO / "bench" / "gpu_run.sh"
     text = script.read_text()
     assert "set -o pipefail" in text and "timeout" in text and "tee" in text
-    assert "--no-build-isolation --no-deps -e ." in text and '-m pytest "${TEST_PATHS[@]}" -q -rs' in text
+    assert "--no-build-isolation --no-deps -e ." in text and 'FASTBERT_TEST_SHARD="$i/$shards"' in text
+    assert "-m bigmem" in text
     assert "bench --quick --out" in text and "FASTBERT_COMMIT" in text
     subprocess.run(["bash", "-n", str(script)], check=True)
     ok = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)

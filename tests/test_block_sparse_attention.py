@@ -559,6 +559,7 @@ def test_triton_cuda_dropout_block128():
         assert_close(a, r, lo, name=name)
 
 
+@pytest.mark.bigmem
 @pytest.mark.cuda
 def test_triton_cuda_int64_offsets():
     """More than 2^31 elements in q (B * H * L * D): the kernels' offsets must be 64-bit. The last

@@ -1,0 +1,55 @@
+"""fastbert.testing's own helpers: the shard assignment behind bench/gpu_run.sh's parallel test
+run, checked as a pure function and through pytest's collection."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastbert.testing import parse_shard, shard_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parse_shard():
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("2", "a/b", "5/5", "-1/3", "1/0"):
+        with pytest.raises(ValueError, match="FASTBERT_TEST_SHARD"):
+            parse_shard(bad)
+
+
+def test_shard_groups_balances_and_keeps_groups_whole():
+    sizes = {"a": 10, "b": 7, "c": 5, "d": 5, "e": 1}
+    owner = shard_groups(sizes, 2)
+    assert set(owner) == set(sizes)
+    load = [sum(n for g, n in sizes.items() if owner[g] == s) for s in range(2)]
+    assert sum(load) == 28 and max(load) - min(load) <= 2  # greedy: a=10,d=5 | b=7,c=5,e=1
+    assert shard_groups(sizes, 2) == owner  # deterministic
+    assert set(shard_groups(sizes, 1).values()) == {0}
+    assert shard_groups({}, 3) == {}
+
+
+def _collect(shard=None):
+    env = dict(os.environ)
+    env.pop("FASTBERT_TEST_SHARD", None)
+    if shard:
+        env["FASTBERT_TEST_SHARD"] = shard
+    out = subprocess.run([sys.executable, "-m", "pytest", "tests/test_sparsity.py",
+                          "tests/test_dispatch.py", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [line for line in out.stdout.splitlines() if "::" in line]
+
+
+def test_shards_partition_the_collected_tests():
+    everything = _collect()
+    shards = [_collect(f"{i}/3") for i in range(3)]
+    union = [t for s in shards for t in s]
+    assert sorted(union) == sorted(everything)  # disjoint and complete (no bigmem tests here)
+    assert all(shards)
+    for s in shards:  # a function's parametrizations stay in one shard
+        funcs = {t.split("[")[0] for t in s}
+        for other in shards:
+            if other is not s:
+                assert not funcs & {t.split("[")[0] for t in other}
