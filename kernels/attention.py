@@ -143,6 +143,36 @@ def _attention_fwd_block(
 
 
 @triton.jit
+def _program_tile(num_tiles, num_heads, REVERSE: tl.constexpr):
+    """(tile, head, batch) of this program. The grid is flat with the tiles of one (batch, head)
+    adjacent, so batch * heads may exceed CUDA's 65535 limit on grid dims y / z; REVERSE starts
+    the last tile first (causal forward: the longest rows of a (batch, head) start first)."""
+    pid = tl.program_id(0)
+    tile = pid % num_tiles
+    if REVERSE:
+        tile = num_tiles - 1 - tile
+    pid_bh = pid // num_tiles
+    return tile, pid_bh % num_heads, pid_bh // num_heads
+
+
+@triton.jit
+def _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(q_start, len_q, k_start, len_k) of batch entry / sequence ``pid_b``: varlen reads the
+    cumulative lengths (starts are int64 token offsets); dense is (0, Lq, 0, Lk)."""
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
+        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
+        len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        len_q = seqlen_q
+        k_start = 0
+        len_k = seqlen_k
+    return q_start, len_q, k_start, len_k
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V,                  # q [.., Lq, D], k [.., Lk, D], v [.., Lk, DV] (dense (B, H, L, D); varlen (total, H, D))
     Mask,                     # bool (as uint8) or float mask, read as (B, H, Lq, Lk) through its strides
@@ -166,23 +196,9 @@ def _attention_fwd_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block_m = pid % num_m_blocks
-    if IS_CAUSAL:
-        block_m = num_m_blocks - 1 - block_m   # the longest rows of a (b, h) start first
-    pid_bh = pid // num_m_blocks
-    pid_h = pid_bh % num_heads
-    pid_b = pid_bh // num_heads
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
-        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
-        len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        len_q = seqlen_q
-        k_start = 0
-        len_k = seqlen_k
+    block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
+    q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
+                                                      seqlen_k, IS_VARLEN)
     start_m = block_m * BLOCK_M
     if start_m >= len_q:
         return
@@ -264,17 +280,9 @@ def _attention_bwd_preprocess_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    pid_h = pid_bh % num_heads
-    pid_b = pid_bh // num_heads
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
-        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
-    else:
-        q_start = 0
-        len_q = seqlen_q
+    block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, False)
+    q_start, len_q, _, _ = _sequence_bounds(CuSeqlensQ, CuSeqlensQ, pid_b, seqlen_q, seqlen_q,
+                                            IS_VARLEN)
     start_m = block_m * BLOCK_M
     if start_m >= len_q:
         return
@@ -385,21 +393,9 @@ def _attention_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block_n = pid % num_n_blocks
-    pid_bh = pid // num_n_blocks
-    pid_h = pid_bh % num_heads
-    pid_b = pid_bh // num_heads
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
-        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
-        len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        len_q = seqlen_q
-        k_start = 0
-        len_k = seqlen_k
+    block_n, pid_h, pid_b = _program_tile(num_n_blocks, num_heads, False)
+    q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
+                                                      seqlen_k, IS_VARLEN)
     start_n = block_n * BLOCK_N
     if start_n >= len_k:
         return
@@ -535,23 +531,9 @@ def _attention_bwd_dq_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block_m = pid % num_m_blocks
-    if IS_CAUSAL:
-        block_m = num_m_blocks - 1 - block_m
-    pid_bh = pid // num_m_blocks
-    pid_h = pid_bh % num_heads
-    pid_b = pid_bh // num_heads
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
-        len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
-        len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        len_q = seqlen_q
-        k_start = 0
-        len_k = seqlen_k
+    block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
+    q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
+                                                      seqlen_k, IS_VARLEN)
     start_m = block_m * BLOCK_M
     if start_m >= len_q:
         return
