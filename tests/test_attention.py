@@ -802,6 +802,34 @@ def test_sdpa_cuda_graph_dropout_fresh_masks(backend):
             assert_close(g, r, lo, name=f"{backend} replay {name}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sdpa_compile_reduce_overhead_uses_cudagraphs(backend):
+    """torch.compile(mode="reduce-overhead") of a training step with dropout: every output of our
+    ops (the seed included) lives on the GPU and nothing syncs, so inductor keeps its CUDA graphs
+    (no "cudagraph skip"), and the replays still draw fresh dropout masks."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q, k, v = (rand((2, 4, 130, 64), F16, "cuda", requires_grad=True) for _ in range(3))
+
+    def step(q, k, v):
+        out = fastbert.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend=backend)
+        return out.float().square().mean()
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    losses = []
+    for _ in range(4):
+        loss = compiled(q, k, v)
+        loss.backward()
+        losses.append(loss.detach().clone())
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert len({float(x) for x in losses}) == len(losses)  # a fresh mask at every step
+    torch._dynamo.reset()
+
+
 @pytest.mark.bigmem
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])  # cuda: the fused inference kernel
