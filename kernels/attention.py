@@ -39,6 +39,7 @@ span fewer than 2^31 elements (the Triton backend's reasons in fastbert.ops.atte
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -748,6 +749,141 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
 
 
 # ----------------------------------------------------------------------------------------------
+# Opt-in autotuning (FASTBERT_AUTOTUNE=1)
+#
+# The tables above are heuristics (compiled for sm_80 / sm_90 without a GPU; not yet timed). With
+# FASTBERT_AUTOTUNE=1, the first call of each tuning key on a CUDA device times a few candidate
+# tiles around the table's choice on the call's own tensors (the kernels overwrite their outputs,
+# so re-running them is harmless), keeps the fastest, and remembers it in memory and in a JSON
+# file (FASTBERT_AUTOTUNE_CACHE, default ~/.cache/fastbert/attention-configs.json) keyed by GPU,
+# Triton version, pass, head dims, dtype size, mask / dropout / causal / varlen and the sequence
+# lengths rounded up to a power of two. The cost (about ten compiles and timings per key) is paid
+# once per key and machine. Never inside CUDA-graph capture: there the cached choice or the table
+# is used. The file's entries are what a measured table would be built from.
+# ----------------------------------------------------------------------------------------------
+AUTOTUNE_ENV = "FASTBERT_AUTOTUNE"
+AUTOTUNE_CACHE_ENV = "FASTBERT_AUTOTUNE_CACHE"
+_Config = Tuple[int, int, int, int]
+_TUNED: Dict[str, _Config] = {}
+_TUNED_FILE_LOADED: Dict[str, bool] = {}
+# (BLOCK_M, BLOCK_N) candidates per pass; warps follow the tile size, stages are tried at 2 and 3.
+_TUNE_TILES = {
+    "fwd": ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128)),
+    "bwd_dkdv": ((16, 64), (32, 64), (32, 128), (64, 64), (64, 128)),
+    "bwd_dq": ((64, 32), (64, 64), (128, 32), (128, 64)),
+}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0").lower() in ("1", "true", "yes", "on")
+
+
+def autotune_cache_path() -> str:
+    return os.environ.get(AUTOTUNE_CACHE_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "fastbert", "attention-configs.json")
+
+
+def tune_candidates(kind: str, default: _Config, bd: int, bdv: int, elem: int,
+                    budget: int) -> List[_Config]:
+    """The table's config first, then the candidate tiles that fit ``budget`` bytes of shared
+    memory (by :func:`_smem_estimate`), without repeats."""
+    out = [default]
+    for bm, bn in _TUNE_TILES[kind]:
+        warps = 8 if bm * bn >= 128 * 64 or (elem == 4 and bm * bn >= 64 * 64) else 4
+        for stages in (2, 3):
+            cfg = (bm, bn, warps, stages)
+            if cfg not in out and _smem_estimate(kind, bm, bn, stages, bd, bdv, elem) <= budget:
+                out.append(cfg)
+    return out
+
+
+def pick_fastest(candidates: Sequence[_Config], time_ms) -> Tuple[_Config, Dict[_Config, float]]:
+    """(the fastest candidate, every candidate's time); ``time_ms(cfg)`` may raise for a config that
+    does not compile or launch (out of shared memory or registers): it is skipped. The first
+    candidate is kept when none can be timed."""
+    times: Dict[_Config, float] = {}
+    for cfg in candidates:
+        try:
+            times[cfg] = float(time_ms(cfg))
+        except Exception:  # a candidate that cannot run on this GPU is simply not chosen
+            continue
+    if not times:
+        return candidates[0], times
+    return min(times, key=lambda c: (times[c], candidates.index(c))), times
+
+
+def _load_tuned(path: str) -> None:
+    if _TUNED_FILE_LOADED.get(path):
+        return
+    _TUNED_FILE_LOADED[path] = True
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        for key, cfg in data.items():
+            if isinstance(cfg, list) and len(cfg) == 4:
+                _TUNED.setdefault(key, tuple(int(x) for x in cfg))
+    except (OSError, ValueError):
+        pass  # no file yet, or an unreadable one: tune again
+
+
+def _save_tuned(path: str, key: str, cfg: _Config) -> None:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data[key] = list(cfg)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choice is still kept in memory
+
+
+def _time_cuda_ms(fn, reps: int = 10) -> float:
+    fn()  # compiles the variant; a failure raises here
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _tuned_config(kind: str, key_fn, default: _Config, device: torch.device,
+                  bd: int, bdv: int, elem: int, launch) -> _Config:
+    """The config to launch ``kind`` with: the table's ``default`` unless autotuning is on (see
+    above), in which case the cached or freshly measured fastest candidate. ``key_fn()`` gives
+    the call's tuning key (only computed when tuning)."""
+    if not autotune_enabled() or device.type != "cuda" or _interpreting():
+        return default
+    key_parts = key_fn()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    key = "|".join([kind, props.name, f"sm{props.major}{props.minor}", f"triton{triton.__version__}"]
+                   + [str(p) for p in key_parts])
+    path = autotune_cache_path()
+    _load_tuned(path)
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return default  # no timing inside a capture
+    budget = int(_device_limits(index)[1] * 0.9)
+    best, _ = pick_fastest(tune_candidates(kind, default, bd, bdv, elem, budget),
+                           lambda cfg: _time_cuda_ms(lambda: launch(cfg)))
+    _TUNED[key] = best
+    _save_tuned(path, key, best)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def _block_dim(d: int) -> int:
@@ -781,20 +917,28 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
                 dropout_p, seed, is_causal, is_varlen):
     """Runs the forward kernel; strides are (batch, head, token, dim) (varlen: batch stride 0)."""
     d, dv = q.shape[-1], v.shape[-1]
-    bm, bn, warps, stages = attention_config("fwd", d, dv, q.dtype, q.device, dropout_p > 0.0,
-                                              mask_kind != MASK_NONE)
-    num_m = triton.cdiv(seqlen_q, bm)
+    default = attention_config("fwd", d, dv, q.dtype, q.device, dropout_p > 0.0,
+                               mask_kind != MASK_NONE)
     seed_ptr = seed_arg(seed, dropout_p, q)
-    if num_m * heads * batch == 0:
-        return
-    _attention_fwd_kernel[(num_m * heads * batch,)](
-        q, k, v, mask, out, stats, cu_q, cu_k,
-        *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides,
-        heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), seed_ptr,
-        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
-        BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
-        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages)
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        num_m = triton.cdiv(seqlen_q, bm)
+        if num_m * heads * batch == 0:
+            return
+        _attention_fwd_kernel[(num_m * heads * batch,)](
+            q, k, v, mask, out, stats, cu_q, cu_k,
+            *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides,
+            heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), seed_ptr,
+            HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
+            BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
+            HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
+
+    key = lambda: _tune_key(q, d, dv, mask_kind, dropout_p, is_causal, is_varlen,  # noqa: E731
+                            seqlen_q, seqlen_k)
+    launch(_tuned_config("fwd", key, default, q.device, _block_dim(d), _block_dim(dv),
+                         q.element_size(), launch))
 
 
 def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
@@ -820,26 +964,49 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             out, do, delta, cu_q, *o_strides, *do_strides, *l_strides[:3], heads, num_m, seqlen_q,
             HEAD_DIM_V=dvd, BLOCK_M=pre_bm, BLOCK_DV=bdv, IS_VARLEN=is_varlen, num_warps=4)
 
-    bm, bn, warps, stages = attention_config("bwd_dkdv", d, dvd, q.dtype, q.device,
-                                              dropout_p > 0.0, mask_kind != MASK_NONE)
-    num_n = triton.cdiv(seqlen_k, bn)
-    if num_n * heads * batch > 0:
-        _attention_bwd_dkdv_kernel[(num_n * heads * batch,)](
-            q, k, v, mask, do, stats, delta, dk, dv, cu_q, cu_k,
-            *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides, *dv_strides,
-            *l_strides, heads, num_n, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
-            seed_ptr, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    key = lambda: _tune_key(q, d, dvd, mask_kind, dropout_p, is_causal, is_varlen,  # noqa: E731
+                            seqlen_q, seqlen_k)
 
-    bm, bn, warps, stages = attention_config("bwd_dq", d, dvd, q.dtype, q.device,
-                                              dropout_p > 0.0, mask_kind != MASK_NONE)
-    num_m = triton.cdiv(seqlen_q, bm)
-    if num_m * heads * batch > 0:
-        _attention_bwd_dq_kernel[(num_m * heads * batch,)](
-            q, k, v, mask, do, stats, delta, dq, ds, cu_q, cu_k,
-            *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides, *ds_strides,
-            *l_strides, heads, num_m, seqlen_q, seqlen_k, scale, scale * LOG2E, float(dropout_p),
-            seed_ptr, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
-            num_warps=warps, num_stages=stages, **common)
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        num_n = triton.cdiv(seqlen_k, bn)
+        if num_n * heads * batch > 0:
+            _attention_bwd_dkdv_kernel[(num_n * heads * batch,)](
+                q, k, v, mask, do, stats, delta, dk, dv, cu_q, cu_k,
+                *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides,
+                *dv_strides, *l_strides, heads, num_n, seqlen_q, seqlen_k, scale, scale * LOG2E,
+                float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                num_stages=stages, **common)
+
+    default = attention_config("bwd_dkdv", d, dvd, q.dtype, q.device, dropout_p > 0.0,
+                               mask_kind != MASK_NONE)
+    launch_dkdv(_tuned_config("bwd_dkdv", key, default, q.device, bd, bdv, q.element_size(),
+                              launch_dkdv))
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        num_m = triton.cdiv(seqlen_q, bm)
+        if num_m * heads * batch > 0:
+            _attention_bwd_dq_kernel[(num_m * heads * batch,)](
+                q, k, v, mask, do, stats, delta, dq, ds, cu_q, cu_k,
+                *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides,
+                *ds_strides, *l_strides, heads, num_m, seqlen_q, seqlen_k, scale, scale * LOG2E,
+                float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
+                num_warps=warps, num_stages=stages, **common)
+
+    default = attention_config("bwd_dq", d, dvd, q.dtype, q.device, dropout_p > 0.0,
+                               mask_kind != MASK_NONE)
+    launch_dq(_tuned_config("bwd_dq", key, default, q.device, bd, bdv, q.element_size(), launch_dq))
+
+
+def _tune_key(q: Tensor, d: int, dv: int, mask_kind: int, dropout_p: float, is_causal: bool,
+              is_varlen: bool, seqlen_q: int, seqlen_k: int) -> Tuple:
+    """What the best tiles depend on, for the autotuning cache (lengths rounded up to a power of
+    two, capped at 16384)."""
+    return (f"D{d}x{dv}", f"e{q.element_size()}", f"mask{mask_kind}", f"drop{int(dropout_p > 0.0)}",
+            f"causal{int(is_causal)}", f"varlen{int(is_varlen)}",
+            f"Lq{triton.next_power_of_2(min(max(seqlen_q, 1), 16384))}",
+            f"Lk{triton.next_power_of_2(min(max(seqlen_k, 1), 16384))}")
 
 
 def attention_out_layout(like: Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -10,6 +10,7 @@ head dim 256 on a GPU.
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -1212,3 +1213,91 @@ def test_varlen_compile_fullgraph():
     assert torch.equal(out, eager)
     for g, e in zip(grads, eager_grads):
         assert torch.equal(g, e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Opt-in autotuning (FASTBERT_AUTOTUNE=1): the choice logic here, the timing on a GPU
+# ----------------------------------------------------------------------------------------------
+def test_autotune_candidates_fit_shared_memory():
+    for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+        for elem, bd in ((2, 64), (2, 128), (4, 64), (2, 256)):
+            default = (32, 16, 4, 1)
+            budget = 100 * 1024
+            cands = kernels.tune_candidates(kind, default, bd, bd, elem, budget)
+            assert cands[0] == default and len(set(cands)) == len(cands)
+            for bm, bn, warps, stages in cands[1:]:
+                assert kernels._smem_estimate(kind, bm, bn, stages, bd, bd, elem) <= budget
+                assert warps in (4, 8) and stages in (2, 3)
+    assert kernels.tune_candidates("fwd", (1, 2, 3, 4), 256, 256, 4, 1) == [(1, 2, 3, 4)]
+
+
+def test_autotune_pick_fastest():
+    times = {(1, 1, 4, 2): 3.0, (2, 2, 4, 2): 1.0, (3, 3, 8, 3): 2.0}
+
+    def timer(cfg):
+        if cfg == (9, 9, 9, 9):
+            raise RuntimeError("out of resources")
+        return times[cfg]
+
+    best, measured = kernels.pick_fastest([(1, 1, 4, 2), (9, 9, 9, 9), (2, 2, 4, 2), (3, 3, 8, 3)], timer)
+    assert best == (2, 2, 4, 2) and set(measured) == set(times)
+    assert kernels.pick_fastest([(9, 9, 9, 9)], timer) == ((9, 9, 9, 9), {})
+
+
+def test_autotune_off_or_on_cpu_keeps_the_table(monkeypatch):
+    def launch(cfg):
+        raise AssertionError("nothing is timed")
+
+    keyf = lambda: ("k",)  # noqa: E731
+    monkeypatch.delenv(kernels.AUTOTUNE_ENV, raising=False)
+    cfg = (32, 16, 4, 1)
+    assert kernels._tuned_config("fwd", keyf, cfg, torch.device("cpu"), 64, 64, 2, launch) == cfg
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "1")
+    assert kernels._tuned_config("fwd", keyf, cfg, torch.device("cpu"), 64, 64, 2, launch) == cfg
+
+
+def test_autotune_cache_file_round_trip(tmp_path, monkeypatch):
+    path = str(tmp_path / "sub" / "configs.json")
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    monkeypatch.setattr(kernels, "_TUNED_FILE_LOADED", {})
+    kernels._save_tuned(path, "fwd|x", (128, 64, 8, 3))
+    kernels._save_tuned(path, "bwd_dq|x", (64, 32, 4, 2))
+    kernels._load_tuned(path)
+    assert kernels._TUNED == {"fwd|x": (128, 64, 8, 3), "bwd_dq|x": (64, 32, 4, 2)}
+    (tmp_path / "bad.json").write_text("{not json")
+    kernels._load_tuned(str(tmp_path / "bad.json"))  # ignored, not raised
+    kernels._load_tuned(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.cuda
+def test_autotune_on_gpu(tmp_path, monkeypatch):
+    """FASTBERT_AUTOTUNE=1: the first call times candidates and writes the cache file; results stay
+    exact; a second call reuses the choice without timing anything."""
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(kernels.AUTOTUNE_CACHE_ENV, str(tmp_path / "configs.json"))
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    monkeypatch.setattr(kernels, "_TUNED_FILE_LOADED", {})
+    q, k, v = (rand((2, 3, 257, 64), F16, "cuda", requires_grad=True) for _ in range(3))
+    dy = rand((2, 3, 257, 64), F16, "cuda")
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fastbert.scaled_dot_product_attention(*leaves, is_causal=True, backend="triton")
+        out.backward(dy)
+        return [out] + [t.grad for t in leaves]
+
+    first = run()
+    saved = json.loads((tmp_path / "configs.json").read_text())
+    assert {key.split("|")[0] for key in saved} == {"fwd", "bwd_dkdv", "bwd_dq"}
+    monkeypatch.setattr(kernels, "pick_fastest", lambda *a: pytest.fail("tuned twice"))
+    second = run()
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.scaled_dot_product_attention(*refs, is_causal=True)
+    ref.backward(dy.double())
+    lows = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    low = reference.scaled_dot_product_attention(*lows, is_causal=True, compute_dtype=F16)
+    low.backward(dy)
+    for got in (first, second):
+        assert_close(got[0], ref, low, name="out")
+        for name, g, r, lo in zip(("dq", "dk", "dv"), got[1:], refs, lows):
+            assert_close(g, r.grad, lo.grad, name=name)
