@@ -12,6 +12,10 @@
 # SANITIZE_TOOLS="memcheck racecheck synccheck initcheck" picks the tools (initcheck is off by
 # default: it also reports torch's own reads of fresh allocations). Only kernels of the fastbert
 # namespace are checked (--kernel-regex), which keeps the run to a few minutes.
+# A last pass, memcheck over the Triton kernels (SANITIZE_TRITON=0 skips it), runs the same kinds
+# of calls with backend="triton" (dense, varlen and block-sparse attention with masks, dropout and
+# gradients; LayerNorm, add+LayerNorm, GELU) and checks every kernel (no name filter), into
+# LOG_DIR/sanitize_memcheck_triton.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${1:-${OUT:-/tmp}}"
@@ -94,6 +98,44 @@ with torch.no_grad():
 seed = torch.tensor([1234], dtype=torch.int64, device=dev)
 torch.ops.fastbert_cuda.dropout_mask(seed, [1001], 0.3)
 torch.cuda.synchronize()
+
+
+def triton_calls():
+    """The Triton kernels on small awkward shapes: every mask kind, causal, dropout, varlen,
+    block-sparse (layout block 64 and 128, L not a multiple of it), row widths around the looped
+    LayerNorm, forward and backward."""
+    from fastbert import sparsity
+
+    T = dict(backend="triton")
+    for (b, h, lq, lk, d, dtype) in [(2, 2, 97, 130, 40, F16), (1, 2, 17, 300, 128, BF16), (1, 1, 33, 5, 80, F32)]:
+        q, k, v = leaf(b, h, lq, d, dtype=dtype), leaf(b, h, lk, d, dtype=dtype), leaf(b, h, lk, d, dtype=dtype)
+        pad = (torch.arange(lk, device=dev)[None, :] < torch.tensor([lk // 2, lk][:b], device=dev)[:, None])
+        bias = (torch.randn(lq, lk, device=dev) * 0.1).to(dtype).requires_grad_(True)
+        for m in [None, pad.view(b, 1, 1, lk), bias]:
+            backward(fastbert.scaled_dot_product_attention(q, k, v, m, dropout_p=0.1, is_causal=True, **T))
+            backward(fastbert.scaled_dot_product_attention(q, k, v, m, **T))
+    lens = torch.tensor([0, 5, 102, 103], dtype=torch.int32, device=dev)
+    qp, kp, vp = leaf(103, 2, 64), leaf(103, 2, 64), leaf(103, 2, 64)
+    backward(fastbert.varlen_attention(qp, kp, vp, lens, lens, 97, 97, dropout_p=0.1, is_causal=True, **T))
+    for bs, l in [(64, 300), (128, 257)]:
+        q, k, v = leaf(2, 2, l, 64), leaf(2, 2, l, 64), leaf(2, 2, l, 64)
+        layout = sparsity.bigbird(l, bs, num_heads=2, seed=0, device=dev)
+        pad = torch.ones(2, 1, 1, l, dtype=torch.bool, device=dev)
+        pad[0, ..., l // 2:] = False
+        backward(fastbert.block_sparse_attention(q, k, v, layout, bs, pad, dropout_p=0.1, **T))
+    for rows, width, dtype in [(67, 768, F16), (5, 8192, F32), (3, 9000, BF16), (33, 97, F16)]:
+        x, r = leaf(rows, width, dtype=dtype), leaf(rows, width, dtype=dtype)
+        w, b = leaf(width, dtype=dtype), leaf(width, dtype=dtype)
+        backward(fastbert.layer_norm(x, (width,), w, b, **T))
+        backward(fastbert.add_layer_norm(x, r, w, b, input_bias=b, dropout_p=0.1, **T))
+        backward(fastbert.bias_gelu(x, b, "tanh", **T))
+    torch.cuda.synchronize()
+
+
+import os  # noqa: E402
+
+if os.environ.get("SANITIZE_TRITON_CALLS") == "1":
+    triton_calls()
 print("driver done")
 PYEOF
 
@@ -101,10 +143,11 @@ PYEOF
 # allocation (the caching allocator would hide it inside a larger block).
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 rc=0
-for tool in $TOOLS; do
-    log="$LOG_DIR/sanitize_${tool}.log"
-    echo "=== compute-sanitizer --tool $tool (log: $log)"
-    compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 50 --kernel-regex kns=fastbert \
+run_tool() {  # run_tool TOOL LOG [extra compute-sanitizer args...]
+    local tool=$1 log=$2 status
+    shift 2
+    echo "=== compute-sanitizer --tool $tool $* (log: $log)"
+    compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 50 "$@" \
         "$PY" "$driver" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     if [ "$status" -ne 0 ] || ! grep -q "driver done" "$log"; then
@@ -113,5 +156,11 @@ for tool in $TOOLS; do
     else
         echo "=== $tool: clean"
     fi
+}
+for tool in $TOOLS; do
+    run_tool "$tool" "$LOG_DIR/sanitize_${tool}.log" --kernel-regex kns=fastbert
 done
+if [ "${SANITIZE_TRITON:-1}" = 1 ]; then
+    SANITIZE_TRITON_CALLS=1 run_tool memcheck "$LOG_DIR/sanitize_memcheck_triton.log"
+fi
 exit "$rc"
