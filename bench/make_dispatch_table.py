@@ -14,7 +14,6 @@ the later run. The table lists its sources. It prints a summary of what each cla
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,11 +22,9 @@ RESULTS = HERE / "results"
 
 try:
     from fastbert import dispatch
-    from fastbert.benchmarks import report
 except ImportError:  # run from a checkout where fastbert is not installed
     sys.path.insert(0, str(HERE.parent))
     from fastbert import dispatch
-    from fastbert.benchmarks import report
 
 
 def results_files(root: Path = RESULTS):
@@ -48,32 +45,20 @@ def main(argv=None) -> int:
         print(f"no results.json under {RESULTS}: nothing measured, no table written "
               "(backend='auto' keeps each op's default order)", file=sys.stderr)
         return 1
-    runs, sources = [], []
+    sources = []
     for f in files:
-        try:
-            data = report.load_results(f)
-        except (OSError, ValueError) as e:
-            print(f"{f}: {e}", file=sys.stderr)
-            return 2
-        runs.extend(data["runs"])
         try:
             sources.append(str(Path(f).resolve().relative_to(HERE.parent)))
         except ValueError:
             sources.append(str(f))
-    table = dispatch.build_table(runs, sources=sources)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    tmp.replace(args.out)
-    n = 0
-    for arch, ops in sorted(table["archs"].items()):
-        for op, classes in sorted(ops.items()):
-            for cls, entry in sorted(classes.items()):
-                n += 1
-                times = ", ".join(f"{b} {entry['ms'][b]:.4g} ms" for b in entry["order"])
-                print(f"{arch} {op:<30} {cls:<36} {' > '.join(entry['order']):<14} "
-                      f"({times}; {entry['cases']} cases)")
-    print(f"wrote {args.out}: {n} shape classes from {len(files)} results file(s)")
+    try:
+        table = dispatch.write_table(files, args.out, sources)
+    except (OSError, ValueError) as e:
+        print(f"cannot build the table: {e}", file=sys.stderr)
+        return 2
+    lines = dispatch.summary_lines(table)
+    print("\n".join(lines))
+    print(f"wrote {args.out}: {len(lines)} shape classes from {len(files)} results file(s)")
     return 0
 
 

@@ -91,6 +91,21 @@ def cmd_bench(args) -> int:
     return runner.run(args)
 
 
+def cmd_dispatch(args) -> int:
+    from . import dispatch
+
+    try:
+        table = dispatch.write_table(args.results, args.out)
+    except (OSError, ValueError) as e:
+        print(f"fastbert dispatch: cannot build the table: {e}", file=sys.stderr)
+        return 2
+    lines = dispatch.summary_lines(table)
+    print("\n".join(lines) if lines else
+          "no shape class had both fast backends measured: the table is empty")
+    print(f"wrote {args.out}; use it with {dispatch.TABLE_ENV}={args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastbert", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("check", help="run every op on every available backend against the reference")
     pc.add_argument("--op", action="append", help="only this op (repeatable)")
     pc.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    pd = sub.add_parser("dispatch", help="build a dispatch table for backend='auto' from fastbert bench "
+                                         "results (then set FASTBERT_DISPATCH_TABLE to it)")
+    pd.add_argument("results", nargs="+", help="results.json files written by fastbert bench, oldest first")
+    pd.add_argument("--out", required=True, help="where to write the table (JSON)")
     pb = sub.add_parser("bench", help="microbenchmarks against the installed peers (needs a GPU)")
     try:
         from .benchmarks import runner
@@ -114,6 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return cmd_info(args)
     if args.command == "check":
         return cmd_check(args)
+    if args.command == "dispatch":
+        return cmd_dispatch(args)
     if getattr(args, "_bench_error", None):
         print(f"fastbert bench is unavailable: {args._bench_error}", file=sys.stderr)
         return 2

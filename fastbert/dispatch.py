@@ -27,8 +27,11 @@ The table is JSON::
 ``order`` is fastest first; ``ms`` is each backend's geometric-mean p50 over the class's cases
 (informational). The table shipped with fastbert (``fastbert/dispatch_table.json``) is regenerated
 from the committed GPU results by ``python bench/make_dispatch_table.py``; point the environment
-variable ``FASTBERT_DISPATCH_TABLE`` at a table of your own (``python bench/make_dispatch_table.py
---results my-bench/results.json --out my-table.json``) to dispatch by measurements of your GPU.
+variable ``FASTBERT_DISPATCH_TABLE`` at a table of your own to dispatch by measurements of your GPU::
+
+    fastbert bench --op attention --op norms --out my-bench
+    fastbert dispatch my-bench/results.json --out my-table.json
+    FASTBERT_DISPATCH_TABLE=my-table.json python train.py
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ import torch
 
 __all__ = ["FORMAT", "TABLE_ENV", "SHIPPED_TABLE", "MEASURED_OPS", "shape_class",
            "bench_shape_class", "build_table", "load_table", "active_table", "measured_order",
-           "arch_of", "arch_of_capability", "reset_cache"]
+           "arch_of", "arch_of_capability", "reset_cache", "write_table", "summary_lines"]
 
 FORMAT = "fastbert-dispatch/1"
 TABLE_ENV = "FASTBERT_DISPATCH_TABLE"
@@ -261,6 +264,38 @@ def measured_order(op: str, device: Optional[torch.device], call: Mapping) -> Op
         return None
     entry = classes.get(shape_class(op, **call))
     return list(entry["order"]) if entry else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing (``fastbert dispatch`` and bench/make_dispatch_table.py)
+# ----------------------------------------------------------------------------------------------
+def write_table(results: Sequence, out, sources: Optional[Sequence[str]] = None) -> Dict:
+    """Build a table from ``fastbert bench`` results.json files (oldest first) and write it to
+    ``out`` (atomically); returns it. OSError / ValueError name the file that could not be read."""
+    from .benchmarks import report
+
+    runs = []
+    for f in results:
+        runs.extend(report.load_results(f)["runs"])
+    table = build_table(runs, sources=list(sources) if sources is not None else [str(f) for f in results])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out)
+    return table
+
+
+def summary_lines(table: Mapping) -> List[str]:
+    """One line per shape class: the order chosen and each backend's time."""
+    lines = []
+    for arch, ops in sorted(table["archs"].items()):
+        for op, classes in sorted(ops.items()):
+            for cls, entry in sorted(classes.items()):
+                times = ", ".join(f"{b} {entry['ms'][b]:.4g} ms" for b in entry["order"])
+                lines.append(f"{arch} {op:<30} {cls:<36} {' > '.join(entry['order']):<14} "
+                             f"({times}; {entry['cases']} cases)")
+    return lines
 
 
 reset_cache()

@@ -237,3 +237,17 @@ def test_make_dispatch_table_script(tmp_path, capsys):
     empty.mkdir()
     assert mod.main(["--results", str(empty / "results.json"), "--out", str(tmp_path / "t2.json")]) == 2
     assert not (tmp_path / "t2.json").exists()
+
+
+def test_fastbert_dispatch_cli(tmp_path, capsys):
+    from fastbert import cli
+    from fastbert.benchmarks import report
+
+    rows = [_row("gelu", "a", "triton", 0.02, LN4096), _row("gelu", "a", "cuda", 0.01, LN4096)]
+    report.write_json(tmp_path / "run", _run(rows))
+    out = tmp_path / "t.json"
+    assert cli.main(["dispatch", str(tmp_path / "run" / "results.json"), "--out", str(out)]) == 0
+    assert dispatch.load_table(out)["archs"]["sm90"]["gelu"]["fp16/N<=4096"]["order"] == ["cuda", "triton"]
+    assert f"{dispatch.TABLE_ENV}={out}" in capsys.readouterr().out
+    assert cli.main(["dispatch", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
+    assert "cannot build the table" in capsys.readouterr().err
