@@ -1,4 +1,4 @@
-"""Command line: ``fastbert info | check | bench`` (also ``python -m fastbert``)."""
+"""Command line: ``fastbert info | check | dispatch | bench`` (also ``python -m fastbert``)."""
 from __future__ import annotations
 
 import argparse
