@@ -152,9 +152,19 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
-def test_triton_matches_reference(case):
-    require_dense_triton()
+# bf16: GPU only (the interpreter's tl.dot is wrong on bf16); the CUDA backend needs a GPU
+FAST_CASES = [pytest.param(c, id=c[0]) for c in TRITON_CASES] + [
+    pytest.param(("perhead-bf16", 2, 4, 130, 300, 64, 32, "3d", torch.bfloat16, torch.bfloat16),
+                 id="perhead-bf16", marks=pytest.mark.cuda)]
+FAST_BACKENDS = [pytest.param("triton", id="triton"),
+                 pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", FAST_CASES)
+def test_fast_backend_matches_reference(case, backend):
+    if backend == "triton":
+        require_dense_triton()
     _, b, h, lq, lk, d, kdim, kind, dtype, pdtype = case
     q, k, v = (rand((b, h, n, d), dtype) for n in (lq, lk, lk))
     e, f = make_proj(kind, h, kdim, lk, pdtype, DEVICE)
@@ -178,7 +188,7 @@ def test_triton_matches_reference(case):
         ff = ls[3] if f is e else ls[4]
         return fn(ls[0], ls[1], ls[2], ee, ff, pad, 0.0, 0.2, **kw)
 
-    out = call(fastbert.linformer_attention, tk, backend="triton")
+    out = call(fastbert.linformer_attention, tk, backend=backend)
     out_ref = call(reference.linformer_attention, ref)
     out_low = call(reference.linformer_attention, low, compute_dtype=dtype)
     assert out.dtype == dtype

@@ -1,7 +1,7 @@
 """Linformer low-rank attention: public function, checks and dispatch (op ``"linformer_attention"``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -84,23 +84,31 @@ def _linformer_torch(query, key, value, proj_k, proj_v, key_padding_mask, dropou
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton backend: the masked projections are batched GEMMs that torch hands to cuBLAS; a fused
-# Triton projection would mainly save the one elementwise pass that zeroes padded rows, so none is
-# written (not measured yet: no GPU in the session that wrote this). The dense Triton attention
-# kernel then runs over the k projected keys. Autograd flows through both, so proj_k and proj_v
-# get their gradients.
+# Triton and CUDA backends: the masked projections are batched GEMMs that torch hands to cuBLAS; a
+# fused Triton projection would mainly save the one elementwise pass that zeroes padded rows, so
+# none is written (not measured yet: no GPU in the sessions that wrote this). The dense attention
+# of the same backend then runs over the k projected keys. Autograd flows through both, so proj_k
+# and proj_v get their gradients.
 # ----------------------------------------------------------------------------------------------
-def _dense_triton():
+_BACKEND_NAMES = {"triton": "Triton", "cuda": "CUDA"}
+
+
+def _dense(backend: str):
+    """The dense scaled_dot_product_attention implementation of ``backend``, or None."""
     from ..backends import implementations
 
-    return implementations("scaled_dot_product_attention").get("triton")
+    return implementations("scaled_dot_product_attention").get(backend)
 
 
-def _triton_reasons(*, query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale, **_):
-    dense = _dense_triton()
+def _dense_triton():
+    return _dense("triton")
+
+
+def _dense_reasons(backend: str, dense, *, query, key, value, proj_k, dropout_p, scale) -> List[str]:
+    name = _BACKEND_NAMES[backend]
     if dense is None:
-        return ["the Triton Linformer runs on the dense Triton attention kernel "
-                "(scaled_dot_product_attention, backend 'triton'), which is not registered"]
+        return [f"the {name} Linformer runs on the dense {name} attention kernel "
+                f"(scaled_dot_product_attention, backend '{backend}'), which is not registered"]
     # Ask the dense kernel about the call it will get: keys/values of k rows (stand-ins that
     # share dtype, device and last-dim stride with the real projections, without allocating).
     b, h, _, d = query.shape
@@ -112,7 +120,17 @@ def _triton_reasons(*, query, key, value, proj_k, proj_v, key_padding_mask, drop
 
     reasons = dense.reasons(query=query, key=stand_in(key), value=stand_in(value), attn_mask=None,
                             dropout_p=dropout_p, is_causal=False, scale=scale)
-    return [f"dense Triton attention over the {kp} projected keys: {r}" for r in reasons]
+    return [f"dense {name} attention over the {kp} projected keys: {r}" for r in reasons]
+
+
+def _triton_reasons(*, query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale, **_):
+    return _dense_reasons("triton", _dense_triton(), query=query, key=key, value=value,
+                          proj_k=proj_k, dropout_p=dropout_p, scale=scale)
+
+
+def _cuda_reasons(*, query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale, **_):
+    return _dense_reasons("cuda", _dense("cuda"), query=query, key=key, value=value,
+                          proj_k=proj_k, dropout_p=dropout_p, scale=scale)
 
 
 def _project(x: Tensor, proj: Tensor, keep: Optional[Tensor]) -> Tensor:
@@ -124,12 +142,23 @@ def _project(x: Tensor, proj: Tensor, keep: Optional[Tensor]) -> Tensor:
     return torch.matmul(e.to(x.dtype).unsqueeze(0), x)  # [1, H|1, k, Lk] @ [B, H, Lk, D] -> [B, H, k, D]
 
 
-@register("linformer_attention", "triton", reasons=_triton_reasons)
-def _linformer_triton(query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
+def _linformer_on(backend, query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
     from .attention import scaled_dot_product_attention
 
     keep = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
     k_proj = _project(key, proj_k, keep)
     v_proj = _project(value, proj_v, keep)
     return scaled_dot_product_attention(query, k_proj, v_proj, dropout_p=dropout_p, scale=scale,
-                                        backend="triton")
+                                        backend=backend)
+
+
+@register("linformer_attention", "triton", reasons=_triton_reasons)
+def _linformer_triton(query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
+    return _linformer_on("triton", query, key, value, proj_k, proj_v, key_padding_mask, dropout_p,
+                         scale)
+
+
+@register("linformer_attention", "cuda", reasons=_cuda_reasons)
+def _linformer_cuda(query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
+    return _linformer_on("cuda", query, key, value, proj_k, proj_v, key_padding_mask, dropout_p,
+                         scale)
