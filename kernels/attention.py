@@ -595,6 +595,91 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
+@triton.jit
+def _attention_bwd_dmask_kernel(
+    Q, K, V, Mask, DO, Stats, Delta,
+    DMask,                    # fp32 (MB, MH, Lq, Lk) zeros: receives the mask gradient
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_lb, stride_lh, stride_lm, stride_ls,
+    num_heads, seqlen_q, seqlen_k,
+    mask_heads,               # MH: 1 (mask broadcast over heads) or num_heads
+    loop_b, loop_h,           # batch / head entries summed into one mask slice: B or 1, H or 1
+    sm_scale_log2, dropout_p, Seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The gradient of a float mask broadcast over batch and/or heads, summed over the broadcast
+    dims inside the kernel (deterministic: one program owns one [BM, BN] tile of one mask slice
+    and loops over the (batch, head) entries that share it). dS = P * (dP - delta) is recomputed
+    from the saved statistics, as in the dq kernel; the scratch is (MB, MH, Lq, Lk) instead of
+    (B, H, Lq, Lk)."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    num_n = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    tile_n = pid % num_n
+    tile_m = (pid // num_n) % num_m
+    slice_id = pid // (num_n * num_m)              # mb * MH + mh
+    start_m = tile_m * BLOCK_M
+    start_n = tile_n * BLOCK_N
+    if IS_CAUSAL:
+        if start_n > start_m + BLOCK_M - 1:        # above the diagonal: dS is 0 (zeros given)
+            return
+    mb = slice_id // mask_heads
+    mh = slice_id % mask_heads
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    col_ok = cols < seqlen_k
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(0, loop_b * loop_h):
+        b64 = (mb + i // loop_h).to(tl.int64)
+        h64 = (mh + i % loop_h).to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None].to(tl.int64) * stride_qm
+                    + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)   # [BM, BD]
+        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None].to(tl.int64) * stride_dom
+                     + offs_dv[None, :] * stride_dod,
+                     mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)  # [BM, BDV]
+        kT = tl.load(K + b64 * stride_kb + h64 * stride_kh + cols[None, :].to(tl.int64) * stride_kn
+                     + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)  # [BD, BN]
+        vT = tl.load(V + b64 * stride_vb + h64 * stride_vh + cols[None, :].to(tl.int64) * stride_vn
+                     + offs_dv[:, None] * stride_vd,
+                     mask=col_ok[None, :] & (offs_dv < HEAD_DIM_V)[:, None], other=0.0)  # [BDV, BN]
+        l_off = b64 * stride_lb + h64 * stride_lh + rows.to(tl.int64) * stride_lm
+        m2 = tl.load(Stats + l_off, mask=row_ok, other=0.0)
+        log2_l = tl.load(Stats + stride_ls + l_off, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+        bias = tl.load(Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None].to(tl.int64) * stride_mm
+                       + cols[None, :] * stride_mn, mask=tile_ok, other=0.0).to(tl.float32)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * sm_scale_log2 + _bias_log2(bias)
+        s = tl.where(tile_ok, s, float("-inf"))                        # [BM, BD] @ [BD, BN]
+        if IS_CAUSAL:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        p = tl.exp2((s - m2[:, None]) - log2_l[:, None])               # [BM, BN]
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)             # [BM, BDV] @ [BDV, BN]
+        if HAS_DROPOUT:
+            rng = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
+            rnd = tl.rand(seed, rng[:, None] + cols[None, :])
+            dp = tl.where(rnd >= dropout_p, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc += p * (dp - delta[:, None])
+    out = (DMask + slice_id.to(tl.int64) * seqlen_q * seqlen_k
+           + rows[:, None].to(tl.int64) * seqlen_k + cols[None, :])
+    tl.store(out, acc, mask=tile_ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dropout mask (tests and references only)
 # ----------------------------------------------------------------------------------------------
@@ -945,7 +1030,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
                 q_strides, k_strides, v_strides, o_strides, do_strides, dq_strides, dk_strides,
                 dv_strides, l_strides, m_strides, ds_strides, mask_kind, cu_q, cu_k,
                 batch, heads, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, is_varlen):
-    """Runs preprocess, dK/dV and dQ (+ dS when ``ds`` is a tensor) kernels."""
+    """Runs preprocess, dK/dV and dQ (+ dS when ``ds`` is a tensor) kernels; returns delta."""
     d, dvd = q.shape[-1], v.shape[-1]
     bd, bdv = _block_dim(d), _block_dim(dvd)
     common = dict(HEAD_DIM=d, HEAD_DIM_V=dvd, BLOCK_D=bd, BLOCK_DV=bdv, IS_VARLEN=is_varlen,
@@ -997,6 +1082,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
     default = attention_config("bwd_dq", d, dvd, q.dtype, q.device, dropout_p > 0.0,
                                mask_kind != MASK_NONE)
     launch_dq(_tuned_config("bwd_dq", key, default, q.device, bd, bdv, q.element_size(), launch_dq))
+    return delta
 
 
 def _tune_key(q: Tensor, d: int, dv: int, mask_kind: int, dropout_p: float, is_causal: bool,
@@ -1075,7 +1161,8 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
     grad_out (B, H, Lq, Dv) any strides (stride 0 included). Returns dq, dk, dv in the layouts of
     the inputs (see :func:`attention_out_layout`), and dmask: the gradient of a float
     ``attn_mask`` summed over its broadcast dims (its shape and dtype) when ``mask_grad``, else
-    None. dmask needs an fp32 (B, H, Lq, Lk) scratch tensor.
+    None. dmask needs an fp32 scratch tensor of (MB, MH, Lq, Lk), MB / MH being the mask's batch /
+    head extents (1 where it broadcasts).
     """
     b, h, lq, d = query.shape
     lk, dvd = key.shape[2], value.shape[-1]
@@ -1086,21 +1173,60 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
     dv = attention_out_layout(value, (b, h, lk, dvd))
     mask, m_strides, kind = _mask_args(attn_mask, (b, h, lq, lk), query)
     mask_grad = bool(mask_grad) and kind == MASK_FLOAT
-    if mask_grad:
-        # Causal programs skip key blocks above the diagonal: their dS entries stay 0.
+    # A mask broadcast over batch and/or heads gets its gradient from its own kernel, summed over
+    # those dims as it goes (scratch (MB, MH, Lq, Lk)); a full (B, H, ...) mask gets dS from the dq
+    # kernel (scratch (B, H, Lq, Lk)). Causal programs skip the tiles above the diagonal: zeros.
+    mb = b if m_strides[0] != 0 else 1
+    mh = h if m_strides[1] != 0 else 1
+    in_dq = mask_grad and mb * mh == b * h
+    ds, ds_strides = None, (0, 0, 0, 0)
+    if in_dq:
         ds = torch.zeros((b, h, lq, lk), dtype=torch.float32, device=query.device)
         ds_strides = ds.stride()
-    else:
-        ds, ds_strides = None, (0, 0, 0, 0)
-    _launch_bwd(grad_out, query, key, value, out, stats, dq, dk, dv, mask, ds,
-                query.stride(), key.stride(), value.stride(), out.stride(), grad_out.stride(),
-                dq.stride(), dk.stride(), dv.stride(), _stats_strides((b, h, lq)), m_strides,
-                ds_strides, kind, query, query, b, h, lq, lk, scale, dropout_p, seed, is_causal,
-                False)
+    stats_strides = _stats_strides((b, h, lq))
+    delta = _launch_bwd(grad_out, query, key, value, out, stats, dq, dk, dv, mask, ds,
+                        query.stride(), key.stride(), value.stride(), out.stride(),
+                        grad_out.stride(), dq.stride(), dk.stride(), dv.stride(), stats_strides,
+                        m_strides, ds_strides, kind, query, query, b, h, lq, lk, scale, dropout_p,
+                        seed, is_causal, False)
+    if mask_grad and not in_dq:
+        ds = torch.zeros((mb, mh, lq, lk), dtype=torch.float32, device=query.device)
+        _launch_bwd_dmask(grad_out, query, key, value, stats, delta, mask, ds, m_strides,
+                          stats_strides, b, h, mb, mh, lq, lk, scale, dropout_p, seed, is_causal)
     dmask = None
     if mask_grad:
         dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
     return dq, dk, dv, dmask
+
+
+def _dmask_config(dtype: torch.dtype, d: int, device: torch.device) -> _Config:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the broadcast-mask gradient kernel: a [BM, BN] fp32
+    accumulator plus the S / dP tiles of one (batch, head) step. Chosen from ahead-of-time
+    compiles (tests/_compile_kernels.py, triton 3.8, causal + dropout), not from timings: 16-bit
+    D <= 128 at 64x32 with 8 warps spills nothing on sm_80 and sm_90 (64x64 spilled 0.3 to 5 KB a
+    thread on sm_80); fp32, and D 256, at 32x32 with 4 warps (fp32 64x64 spilled up to 24 KB)."""
+    if device.type != "cuda" or _interpreting():
+        return 16, 32, 1, 1
+    if dtype == torch.float32 or d > 128:
+        return 32, 32, 4, 2
+    return 64, 32, 8, 2
+
+
+def _launch_bwd_dmask(do, q, k, v, stats, delta, mask, dmask, m_strides, l_strides, batch, heads,
+                      mb, mh, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal):
+    d, dv = q.shape[-1], v.shape[-1]
+    bm, bn, warps, stages = _dmask_config(q.dtype, max(d, dv), q.device)
+    grid = (triton.cdiv(seqlen_q, bm) * triton.cdiv(seqlen_k, bn) * mb * mh,)
+    if grid[0] == 0:
+        return
+    _attention_bwd_dmask_kernel[grid](
+        q, k, v, mask, do, stats, delta, dmask,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *do.stride(), *l_strides,
+        heads, seqlen_q, seqlen_k, mh, batch if mb == 1 else 1, heads if mh == 1 else 1,
+        scale * LOG2E, float(dropout_p), seed_arg(seed, dropout_p, q),
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
+        BLOCK_DV=_block_dim(dv), IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
 
 
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,

@@ -284,6 +284,29 @@ def _attention_small_cases(cc: int) -> List[Case]:
             Case("attention", f"sm{cc}-dropout_mask", att._attention_dropout_mask_kernel, mask, 4, 3, cc)]
 
 
+def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
+                          dropout: bool = False) -> Case:
+    """The broadcast-mask gradient kernel, for a (1, 1, Lq, Lk) bias summed over batch and heads."""
+    dtype = DTYPES[dt]
+    bd = att._block_dim(d)
+    bm, bn, warps, stages = att._dmask_config(dtype, d, torch.device("cuda", _DEVICE_INDEX[cc]))
+    qkv = _dense_strides(_H, _L, d)
+    args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Mask=ptr(dt), DO=ptr(dt), Stats=ptr("fp32"),
+                Delta=ptr("fp32"), DMask=ptr("fp32"))
+    for pre, tok in (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m")):
+        args.update(zip((f"stride_{pre}{x}" for x in ("b", "h", tok, "d")), qkv))
+    args.update(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), (0, 0, _L, 1)))
+    args.update(zip(("stride_lb", "stride_lh", "stride_lm", "stride_ls"),
+                    att._stats_strides((_B, _H, _L))))
+    args.update(num_heads=_H, seqlen_q=_L, seqlen_k=_L, mask_heads=1, loop_b=_B, loop_h=_H,
+                sm_scale_log2=0.18, dropout_p=0.1, Seed=ptr("i64") if dropout else ptr(dt),
+                HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd,
+                IS_CAUSAL=causal, HAS_DROPOUT=dropout, DOT_PRECISION=att._dot_precision(dtype))
+    variant = "-".join(f for f, on in (("causal", causal), ("dropout", dropout)) if on) or "plain"
+    name = f"sm{cc}-bwd_dmask-D{d}-{dt}-{variant}-BM{bm}-BN{bn}-w{warps}-s{stages}"
+    return Case("attention", name, att._attention_bwd_dmask_kernel, args, warps, stages, cc)
+
+
 def attention_cases() -> List[Case]:
     """sm_90: every variant at fp16, every dtype, head dims 40 / 128 / 256. sm_80 (its own tables):
     float mask + dropout at fp16, fp32, head dims 128 / 256 (bf16)."""
@@ -302,6 +325,9 @@ def attention_cases() -> List[Case]:
         for dt, d, var in cc_specs:
             cases += [_attention_case(k, cc, dt, d, **var) for k in kinds]
         cases += _attention_small_cases(cc)
+        cases += [_attention_dmask_case(cc, "fp16", 64, causal=True, dropout=True),
+                  _attention_dmask_case(cc, "bf16", 128), _attention_dmask_case(cc, "fp32", 64),
+                  _attention_dmask_case(cc, "fp16", 256, dropout=True)]
     return cases
 
 

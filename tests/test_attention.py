@@ -233,6 +233,30 @@ def test_sdpa_mask_grad(shape_code, causal, dtype):
     assert torch.all(dmask[torch.isinf(mask.detach())] == 0)
 
 
+@pytest.mark.parametrize("shape_code,causal,expect_kernel", [
+    pytest.param("11QK", True, True, id="dmask11QK-causal-p0.3"),
+    pytest.param("B11K", False, True, id="dmaskB11K-p0.3"),
+    pytest.param("BHQK", False, False, id="dmaskBHQK-p0.3"),
+])
+def test_sdpa_mask_grad_with_dropout(shape_code, causal, expect_kernel, monkeypatch, fresh_seed):
+    """A trainable bias with dropout, exact against the reference with the kernel's keep-mask. A
+    bias broadcast over batch or heads takes the kernel that sums its gradient over them as it
+    goes (scratch (MB, MH, Lq, Lk)); a full (B, H, Lq, Lk) one takes the dS of the dq kernel."""
+    calls = []
+    launch = kernels._launch_bwd_dmask
+    monkeypatch.setattr(kernels, "_launch_bwd_dmask",
+                        lambda *a, **kw: (calls.append(1), launch(*a, **kw))[1])
+    b, h, lq, lk, d, p = 2, 3, 33, 40, 16, 0.3
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld")
+    mask = (_make_mask("float", _mask_shape(shape_code, b, h, lq, lk), F32) * 0.5).requires_grad_()
+    seed = _seed_of_call(fresh_seed, leaves, mask, p, causal)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
+    torch.manual_seed(fresh_seed)
+    _, grads = _check_sdpa(leaves, "bhld", mask=mask, causal=causal, dropout_p=p, dropout_mask=keep)
+    assert grads[3].shape == mask.shape
+    assert bool(calls) == expect_kernel
+
+
 @pytest.mark.parametrize("kind,causal,dtype", [
     pytest.param("bool", False, F16, id=_case_id(2, 2, 33, 20, 64, F16, False, "bool-dead-rows")),
     pytest.param("float", True, F32, id=_case_id(2, 2, 33, 20, 64, F32, True, "float-dead-rows")),
@@ -740,6 +764,26 @@ def test_varlen_cuda_large(dtype, d, causal):
     assert_close(out, ref, low, name="out")
     for name, gr, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
         assert_close(gr, r, lo, name=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape_code,d,causal", [("1HQK", 64, True), ("11QK", 128, False),
+                                                  ("B11K", 64, False), ("QK", 256, True)])
+def test_sdpa_cuda_broadcast_mask_grad(shape_code, d, causal, dtype):
+    """Trainable biases broadcast over batch / heads (ALiBi, relative position) compiled on the
+    GPU: the gradient kernel that sums over the broadcast dims, against fp64, with a second run
+    bit-identical (deterministic: no atomics)."""
+    b, h, lq, lk = 3, 4, 300, 257
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "blhd")
+    mask = (_make_mask("float", _mask_shape(shape_code, b, h, lq, lk), dtype) * 0.5).requires_grad_()
+    out, grads = _check_sdpa(leaves, "blhd", mask=mask, causal=causal)
+    assert grads[3].shape == mask.shape
+    dout = rand(out.shape, dtype)
+    runs = [_grads(_run_sdpa(leaves, "blhd", mask, causal, 0.0, None), leaves, mask, dout)
+            for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
 
 
 @pytest.mark.cuda
