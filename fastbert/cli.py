@@ -55,7 +55,8 @@ def cmd_info(args) -> int:
     else:
         print("device   cpu only (no CUDA GPU visible)")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s:<3} "
-          f"FASTBERT_BACKEND={os.environ.get('FASTBERT_BACKEND', '')}")
+          f"FASTBERT_BACKEND={os.environ.get('FASTBERT_BACKEND', '')} "
+          f"FASTBERT_AUTOTUNE={os.environ.get('FASTBERT_AUTOTUNE', '')}")
     ext = backends.cuda_extension()
     print(f"CUDA extension fastbert._C: {'loaded from ' + ext.__file__ if ext else backends.cuda_extension_error()}")
     print(_dispatch_line())
