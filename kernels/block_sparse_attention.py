@@ -381,6 +381,81 @@ def _block_sparse_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _block_sparse_attention_bwd_dmask_kernel(
+    Q, K, V, DO, Lse, Delta, Mask,
+    Layout,                  # [HL, NBQ, NBK] uint8, contiguous: 1 = the block is attended
+    DMask,                   # [MB, MH, Lq, Lk] float32 zeros: receives the mask gradient
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, HL, NBQ, NBK, Lq, Lk, D, DV,
+    MH,                      # mask heads: 1 (broadcast over heads) or H
+    loop_b, loop_h,          # (batch, head) entries summed into one mask slice: B or 1, H or 1
+    qk_scale, dropout_p, dropout_scale, Seed,
+    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The gradient of a float mask broadcast over batch and/or heads, summed over those dims in
+    the kernel (deterministic: one program owns one [BM, BN] tile of one mask slice and loops over
+    the (batch, head) entries sharing it, skipping those whose layout leaves the tile's block
+    out). Scratch (MB, MH, Lq, Lk) fp32 instead of (B, H, Lq, Lk); tiles of blocks no head
+    attends return at once and keep their zeros."""
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    num_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    tile_n = pid % num_n
+    tile_m = (pid // num_n) % num_m
+    slice_id = pid // (num_n * num_m)               # mb * MH + mh
+    mb = slice_id // MH
+    mh = slice_id % MH
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Lq
+    mask_n = offs_n < Lk
+    rows = offs_m[:, None].to(tl.int64)
+    cols = offs_n[:, None].to(tl.int64)
+    lay_block = ((tile_m * BLOCK_M) // BLOCK).to(tl.int64) * NBK + (tile_n * BLOCK_N) // BLOCK
+    seed = _load_seed(Seed, HAS_DROPOUT)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(0, loop_b * loop_h):
+        b = mb + i // loop_h
+        h = mh + i % loop_h
+        if tl.load(Layout + (h % HL).to(tl.int64) * NBQ * NBK + lay_block) != 0:
+            off_b = b.to(tl.int64)
+            off_h = h.to(tl.int64)
+            q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm
+                        + offs_d[None, :] * stride_qd,
+                        mask=mask_m[:, None] & (offs_d < D)[None, :], other=0.0)    # [BM, BD]
+            do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom
+                         + offs_dv[None, :] * stride_dod,
+                         mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)  # [BM, BDV]
+            k = tl.load(K + off_b * stride_kb + off_h * stride_kh + cols * stride_kn
+                        + offs_d[None, :] * stride_kd,
+                        mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)    # [BN, BD]
+            v = tl.load(V + off_b * stride_vb + off_h * stride_vh + cols * stride_vn
+                        + offs_dv[None, :] * stride_vd,
+                        mask=mask_n[:, None] & (offs_dv < DV)[None, :], other=0.0)  # [BN, BDV]
+            bh = b * H + h
+            lse = tl.load(Lse + bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=float("inf"))
+            delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
+            s = _masked_scores(s, Mask + off_b * stride_mb + off_h * stride_mh, offs_m, offs_n,
+                               mask_m, mask_n, stride_mm, stride_mn, True, False)
+            p = tl.exp2(s - lse[:, None])                                        # [BM, BN]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN]
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            acc += p * (dp - delta[:, None])
+    tl.store(DMask + slice_id.to(tl.int64) * Lq * Lk + rows * Lk + offs_n[None, :], acc,
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _block_sparse_attention_dropout_mask_kernel(
     Keep,                    # [B * H, Lq, Lk] uint8 output, 1 = kept
     Lq, Lk, dropout_p,
@@ -419,12 +494,18 @@ _FP32_TILES = {
     "bwd_dq": {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
     "bwd_dkdv": {64: (64, 16, 8, 1), 128: (64, 16, 8, 2), 256: (32, 16, 8, 1)},
 }
-_KERNELS = tuple(_FP32_TILES)
+# The broadcast-mask gradient kernel: an fp32 [BM, BN] accumulator on top of the dq kernel's S / dP
+# tiles. From ahead-of-time compiles (not timings), sm_80 and sm_90: 16-bit D <= 128 at 64 x 32
+# with 8 warps and fp32 at 32 x 32 with 4 warps spill nothing; at D > 128, 32 x 32 spilled
+# 0.6-0.7 KB a thread and 16 x 32 nothing.
+_DMASK_TILES = {"16bit": (64, 32, 8, 2), "fp32": (32, 32, 4, 2), "d256": (16, 32, 4, 2)}
+_KERNELS = tuple(_FP32_TILES) + ("bwd_dmask",)
 
 
 def _tiles(block_size: int, d: int, dv: int, dtype: torch.dtype, device: torch.device,
            kernel: str, block_m: Optional[int], block_n: Optional[int]) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv";
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv" or
+    "bwd_dmask";
     explicit ``block_m`` / ``block_n`` override the tiles of every kernel). Tiles divide the layout
     block. Under the interpreter (CPU): one tile per block, i.e. fewer, larger numpy steps.
 
@@ -455,6 +536,10 @@ def _tiles(block_size: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     warps = stages = None
     if device.type == "cpu":
         bm = bn = block_size
+    elif kernel == "bwd_dmask":
+        bm, bn, warps, stages = _DMASK_TILES[
+            "d256" if dmax > 128 else "fp32" if dtype == torch.float32 else "16bit"]
+        bm, bn = min(block_size, bm), min(block_size, bn)
     elif dtype == torch.float32:
         bucket = 64 if dmax <= 64 else 128 if dmax <= 128 else 256
         bm, bn, warps, stages = _FP32_TILES[kernel][bucket]
@@ -552,6 +637,7 @@ def block_sparse_attention_bwd(
     block_size: int, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
     scale: Optional[float] = None, seed: Optional[torch.Tensor] = None, mask_grad: bool = False,
     *, block_m: Optional[int] = None, block_n: Optional[int] = None,
+    layout: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Backward pass for upstream ``do`` (B, H, Lq, DV), given the forward's ``out`` and ``lse``
     and the same layout lists, mask, dropout and seed tensor. dq walks each query block's key-block
@@ -560,8 +646,10 @@ def block_sparse_attention_bwd(
     Returns (dq, dk, dv, dmask). dmask is None unless ``mask_grad`` and ``attn_mask`` is a float
     mask: then it is the gradient of the additive mask, dS = P * (dP - delta) (the gradient of the
     softmax input), summed over the mask's broadcast dims (its shape and dtype), exactly 0 in the
-    blocks the layout skips. It needs an fp32 (B, H, Lq, Lk) scratch tensor, written by the dq
-    kernel for the listed blocks only.
+    blocks the layout skips. A mask broadcast over batch and/or heads, given ``layout`` (the
+    (HL, NBQ, NBK) layout the lists were prepared from), is summed over those dims by its own
+    kernel into an fp32 (MB, MH, Lq, Lk) scratch; otherwise the dq kernel writes dS into an fp32
+    (B, H, Lq, Lk) scratch, for the listed blocks only.
     """
     _check_block_size(block_size)
     b, h, lq, d = q.shape
@@ -573,16 +661,23 @@ def block_sparse_attention_bwd(
     dq = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, h, lk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=v.dtype, device=v.device)
+    mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
+    mb = b if mstr[0] != 0 else 1
+    mh = h if mstr[1] != 0 else 1
+    own_kernel = mask_grad and layout is not None and mb * mh < b * h
     # Skipped blocks (and positions of an empty problem) keep their 0.
-    ds = torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device) if mask_grad else None
+    ds = None
+    if mask_grad:
+        ds = torch.zeros((mb, mh, lq, lk) if own_kernel else (b, h, lq, lk), dtype=torch.float32,
+                         device=q.device)
     if b * h == 0:
         return dq, dk, dv, _sum_to_mask(ds, attn_mask)
-    mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
     flags = dict(HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, HAS_DROPOUT=dropout_p > 0.0,
                  BLOCK=block_size, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv_dim),
                  DOT_PRECISION=_dot_precision(q.dtype))
     drop = (dropout_p, 1.0 / (1.0 - dropout_p), seed)
-    ds_arg, ds_strides = (ds, ds.stride()) if mask_grad else (q, (0, 0, 0, 0))
+    in_dq = mask_grad and not own_kernel
+    ds_arg, ds_strides = (ds, ds.stride()) if in_dq else (q, (0, 0, 0, 0))
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     if lq > 0:
         bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dq",
@@ -593,7 +688,7 @@ def block_sparse_attention_bwd(
         _block_sparse_attention_bwd_dq_kernel[(triton.cdiv(lq, bm) * b * h,)](
             q, k, v, do, dq, lse, delta, mask, ds_arg, q_count, q_index,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstr, *ds_strides,
-            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, STORE_DS=mask_grad,
+            h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, STORE_DS=in_dq,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
     if lk > 0:
         bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dkdv",
@@ -603,6 +698,18 @@ def block_sparse_attention_bwd(
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstr,
             h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
+    if own_kernel and lq > 0 and lk > 0:
+        bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dmask",
+                                       block_m, block_n)
+        lay = layout.to(device=q.device, dtype=torch.uint8).contiguous()
+        grid = (triton.cdiv(lq, bm) * triton.cdiv(lk, bn) * mb * mh,)
+        _block_sparse_attention_bwd_dmask_kernel[grid](
+            q, k, v, do, lse, delta, mask, lay, ds,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *mstr,
+            h, hl, nbq, nbk, lq, lk, d, dv_dim, mh, b if mb == 1 else 1, h if mh == 1 else 1,
+            scale * LOG2E, *drop, HAS_DROPOUT=dropout_p > 0.0, BLOCK=block_size, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv_dim),
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return dq, dk, dv, _sum_to_mask(ds, attn_mask)
 
 

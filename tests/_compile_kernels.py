@@ -379,6 +379,15 @@ def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = 
                     Lse=ptr("fp32"), Delta=ptr("fp32"), Mask=mask_ptr, KCount=ptr("i32"),
                     KIndex=ptr("i32"), **strides("q", "k", "v", "do", "dk", "dv"), **sizes,
                     qk_scale=0.18, sm_scale=0.125, **drop, **flags)
+    elif kind == "bwd_dmask":  # a (1, 1, Lq, Lk) float mask, summed over batch and heads
+        kernel = bsa._block_sparse_attention_bwd_dmask_kernel
+        m_strides = (0, 0, l, 1)
+        args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), Lse=ptr("fp32"),
+                    Delta=ptr("fp32"), Mask=ptr(dt), Layout=ptr("u8"), DMask=ptr("fp32"),
+                    **strides("q", "k", "v", "do"), **sizes, MH=1, loop_b=_B, loop_h=h,
+                    qk_scale=0.18, **drop, HAS_DROPOUT=dropout, BLOCK=block, BLOCK_M=bm,
+                    BLOCK_N=bn, BLOCK_D=bsa._pad_dim(d), BLOCK_DV=bsa._pad_dim(d),
+                    DOT_PRECISION=bsa._dot_precision(dtype))
     elif kind == "bwd_preprocess":
         kernel = bsa._block_sparse_attention_bwd_preprocess_kernel
         args = dict(Out=ptr(dt), DO=ptr(dt), Delta=ptr("fp32"), **strides("o", "do"), H=h, Lq=l,
@@ -419,6 +428,10 @@ def block_sparse_attention_cases() -> List[Case]:
         for dt, d, block, var in cc_specs:
             cases += [_bsa_case(k, cc, dt, d, block, **var) for k in kinds]
         cases.append(_bsa_case("bwd_preprocess", cc, "fp16", 64))
+        cases += [_bsa_case("bwd_dmask", cc, dt, d, block, dropout=dropout, per_head_layout=True)
+                  for dt, d, block, dropout in (("fp16", 64, 64, True), ("bf16", 128, 128, False),
+                                                ("fp32", 64, 64, True), ("fp32", 128, 64, False),
+                                                ("fp16", 256, 64, True), ("fp32", 256, 64, False))]
         cases.append(Case("block_sparse_attention", f"sm{cc}-dropout_mask",
                           bsa._block_sparse_attention_dropout_mask_kernel,
                           dict(Keep=ptr("u8"), Lq=_L, Lk=_L, dropout_p=0.1, Seed=ptr("i64"),

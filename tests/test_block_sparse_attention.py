@@ -334,6 +334,7 @@ MASK_GRAD_CASES = [
     ("11LL", 1, 3, 70, 97, 24, 16, "fp32", "fp32", "perhead", 0.0),
     ("BHLL", 2, 2, 50, 45, 40, 16, "fp16", "fp32", "sliding", 0.0),
     ("BHLL", 2, 2, 97, 70, 40, 32, "fp32", "fp16", "bigbird", 0.3),
+    ("11LL", 2, 3, 70, 97, 24, 16, "fp16", "fp32", "perhead", 0.3),
 ]
 
 
@@ -363,11 +364,51 @@ def test_triton_float_mask_grad(case):
                                           dropout_p=p)
     if shape != "B11L":
         assert (dmask[..., 3, :] == 0).all()  # the fully masked row
+    seen = reference.layout_to_mask(layout.bool(), bs, lq, lk)  # (HL, Lq, Lk)
     if shape == "BHLL":
         # positions in blocks the layout skips: exactly 0, as in the reference
-        seen = reference.layout_to_mask(layout.bool(), bs, lq, lk).unsqueeze(0).expand(mshape)
+        seen = seen.unsqueeze(0).expand(mshape)
+    elif shape == "11LL":
+        # summed over heads (in the broadcast-mask kernel): 0 where no head attends
+        seen = seen.any(0).expand(mshape)
+    if shape != "B11L":
         assert (dmask[~seen] == 0).all() and (dmask_ref[~seen] == 0).all()
         assert (dmask[seen] != 0).any()
+
+
+def test_triton_broadcast_mask_grad_kernel_matches_full_scratch(monkeypatch):
+    """The broadcast-mask gradient two ways: summed over batch and heads by its own kernel (given
+    the layout) and the (B, H, Lq, Lk) dS of the dq kernel summed by torch; with dropout."""
+    from fastbert.kernels import block_sparse_attention as K
+
+    class Spy:  # counts launches of the broadcast-mask kernel
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
+    spy = Spy(K._block_sparse_attention_bwd_dmask_kernel)
+    monkeypatch.setattr(K, "_block_sparse_attention_bwd_dmask_kernel", spy)
+
+    b, h, lq, lk, d, bs, p = 2, 3, 70, 50, 16, 16, 0.2
+    q, k, v = (rand((b, h, n, d)) for n in (lq, lk, lk))
+    layout = make_layout("perhead", lq, lk, bs, h).to(DEVICE)
+    prep = S.prepare_layout(layout)
+    mask = torch.randn(1, h, lq, lk, device=DEVICE)  # broadcast over batch only
+    out, lse, seed = torch.ops.fastbert.block_sparse_attention_fwd(q, k, v, layout, bs, mask, p, 0.25)
+    do = rand(out.shape)
+    args = (do, q, k, v, out, lse, prep.q_count, prep.q_index, prep.k_count, prep.k_index, bs,
+            mask, p, 0.25, seed, True)
+    own = K.block_sparse_attention_bwd(*args, layout=layout)
+    assert spy.launches == 1
+    full = K.block_sparse_attention_bwd(*args)
+    assert spy.launches == 1
+    for a, c in zip(own[:3], full[:3]):
+        assert torch.equal(a, c)
+    assert own[3].shape == mask.shape
+    torch.testing.assert_close(own[3], full[3], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,6 +616,20 @@ def test_triton_cuda_int64_offsets():
     ref = reference.block_sparse_attention(tail, tail, tail,
                                            S.sliding_window(2 * bs, bs, window=0, device="cuda"), bs)
     assert_close(out[:, -1:, start:], ref, atol=5e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dt,d,bs,mshape", [("fp16", 64, 64, "1HLL"), ("bf16", 128, 128, "11LL"),
+                                            ("fp16", 64, 32, "B11L")])
+def test_triton_cuda_broadcast_mask_grad(dt, d, bs, mshape):
+    """The broadcast-mask gradient kernel compiled: a trainable bias shared by the batch (and the
+    heads) with per-head layouts, against fp64."""
+    b, h, l = 3, 4, 300
+    q, k, v = (rand((b, h, l, d), DT[dt]) for _ in range(3))
+    layout = make_layout("perhead", l, l, bs, h).to(DEVICE)
+    shape = {"1HLL": (1, h, l, l), "11LL": (1, 1, l, l), "B11L": (b, 1, 1, l)}[mshape]
+    mask = torch.randn(shape, device=DEVICE, dtype=DT[dt]) * 0.5
+    run_mask_grad_case(q, k, v, layout, bs, mask, scale=0.2, dropout_p=0.0)
 
 
 @pytest.mark.cuda

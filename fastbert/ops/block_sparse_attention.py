@@ -53,10 +53,10 @@ def block_sparse_attention(
     The Triton backend walks, for each query block, only its listed key blocks (work proportional
     to the layout's density); it serves float16/bfloat16/float32, block sizes 16/32/64/128, head
     dims that are multiples of 8 up to 256, any strides, bool or float masks (a float mask that
-    requires grad gets its gradient, zero in the blocks the layout skips; it needs an fp32
-    (B, H, Lq, Lk) buffer in the backward) and dropout. The layout's preparation is cached per
-    layout tensor (:func:`fastbert.sparsity.prepare_layout`): keep the layout (e.g. as a module
-    buffer) rather than rebuilding it every call.
+    requires grad gets its gradient, zero in the blocks the layout skips; the backward needs an
+    fp32 scratch of the mask's batch and head extents times (Lq, Lk)) and dropout. The layout's
+    preparation is cached per layout tensor (:func:`fastbert.sparsity.prepare_layout`): keep the
+    layout (e.g. as a module buffer) rather than rebuilding it every call.
     """
     _check_qkv(query, key, value, 4, "(B, H, L, D)")
     if key.shape[:2] != query.shape[:2]:
@@ -153,7 +153,7 @@ def _block_sparse_attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor,
     prep = sparsity.prepare_layout(layout)
     dq, dk, dv, dmask = kern.block_sparse_attention_bwd(
         grad_out, query, key, value, out, lse, prep.q_count, prep.q_index, prep.k_count,
-        prep.k_index, block_size, attn_mask, dropout_p, scale, seed, mask_grad)
+        prep.k_index, block_size, attn_mask, dropout_p, scale, seed, mask_grad, layout=layout)
     if dmask is None:
         dmask = query.new_empty((0,))
     return dq, dk, dv, dmask
