@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-__all__ = ["check_seed", "seed_arg"]
+__all__ = ["check_seed", "seed_arg", "load_seed"]
 
 
 def check_seed(seed) -> None:
@@ -28,4 +30,15 @@ def seed_arg(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
     check_seed(seed)
     if seed.device != dummy.device:
         raise ValueError(f"seed is on {seed.device}, the kernel's tensors on {dummy.device}")
+    return seed
+
+
+@triton.jit
+def load_seed(Seed, HAS_DROPOUT: tl.constexpr):
+    """In a kernel: the dropout seed read from device memory (no host sync), or 0 (unused) when
+    ``HAS_DROPOUT`` is off, in which case the pointer is never dereferenced."""
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
     return seed

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._seed import check_seed, seed_arg
+from ._seed import check_seed, load_seed, seed_arg
 
 __all__ = [
     "attention_fwd",
@@ -221,10 +221,7 @@ def _attention_fwd_kernel(
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_m, tl.int64) * stride_mm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k  # [BM] int64
 
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)                                  # read on the device: no host sync
-    else:
-        seed = 0                                              # unused
+    seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -422,10 +419,7 @@ def _attention_bwd_dkdv_kernel(
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_n, tl.int64) * stride_mn
     rng_cols = (b64 * num_heads + h64) * seqlen_q * seqlen_k + cols.to(tl.int64)   # [BN]
 
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)                                  # read on the device: no host sync
-    else:
-        seed = 0                                              # unused
+    seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # Causal: rows below start_n see none of these keys; query blocks that start before the last
@@ -564,10 +558,7 @@ def _attention_bwd_dq_kernel(
     ds_base = DS + b64 * stride_dsb + h64 * stride_dsh + start_m64 * stride_dsm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
 
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)                                  # read on the device: no host sync
-    else:
-        seed = 0                                              # unused
+    seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if IS_CAUSAL:
         hi = tl.minimum(len_k, start_m + BLOCK_M)
@@ -638,10 +629,7 @@ def _attention_bwd_dmask_kernel(
     row_ok = rows < seqlen_q
     col_ok = cols < seqlen_k
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-    else:
-        seed = 0
+    seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in range(0, loop_b * loop_h):
         b64 = (mb + i // loop_h).to(tl.int64)

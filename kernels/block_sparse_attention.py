@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._seed import check_seed, seed_arg
+from ._seed import check_seed, load_seed, seed_arg
 
 __all__ = [
     "block_sparse_attention_fwd",
@@ -59,17 +59,6 @@ def _dropout_keep(seed, bh, offs_m, offs_n, dropout_p):
     zero = c0 * 0
     r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero + bh, zero)
     return tl.uint_to_uniform_float(r0) >= dropout_p
-
-
-@triton.jit
-def _load_seed(Seed, HAS_DROPOUT: tl.constexpr):
-    """The dropout seed (int64 scalar) from device memory; the pointer is not touched without
-    dropout (it may point at an empty tensor)."""
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-    else:
-        seed = 0
-    return seed
 
 
 @triton.jit
@@ -146,7 +135,7 @@ def _block_sparse_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # running softmax denominator
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)      # running (dropped) P @ V
 
-    seed = _load_seed(Seed, HAS_DROPOUT)
+    seed = load_seed(Seed, HAS_DROPOUT)
     n_blocks = tl.load(QCount + lay_row)
     idx_ptr = QIndex + lay_row * NBK
     # one flat loop over (listed block, BLOCK_N sub-tile): a static inner loop would be
@@ -258,7 +247,7 @@ def _block_sparse_attention_bwd_dq_kernel(
     m_base = Mask + off_b * stride_mb + off_h * stride_mh
     ds_base = DS + off_b * stride_dsb + off_h * stride_dsh
 
-    seed = _load_seed(Seed, HAS_DROPOUT)
+    seed = load_seed(Seed, HAS_DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_blocks = tl.load(QCount + lay_row)
     idx_ptr = QIndex + lay_row * NBK
@@ -337,7 +326,7 @@ def _block_sparse_attention_bwd_dkdv_kernel(
     lse_base = Lse + pid_bh.to(tl.int64) * Lq
     delta_base = Delta + pid_bh.to(tl.int64) * Lq
 
-    seed = _load_seed(Seed, HAS_DROPOUT)
+    seed = load_seed(Seed, HAS_DROPOUT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     n_blocks = tl.load(KCount + lay_row)
@@ -419,7 +408,7 @@ def _block_sparse_attention_bwd_dmask_kernel(
     rows = offs_m[:, None].to(tl.int64)
     cols = offs_n[:, None].to(tl.int64)
     lay_block = ((tile_m * BLOCK_M) // BLOCK).to(tl.int64) * NBK + (tile_n * BLOCK_N) // BLOCK
-    seed = _load_seed(Seed, HAS_DROPOUT)
+    seed = load_seed(Seed, HAS_DROPOUT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in range(0, loop_b * loop_h):
         b = mb + i // loop_h

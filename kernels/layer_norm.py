@@ -85,7 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._seed import check_seed, seed_arg
+from ._seed import check_seed, load_seed, seed_arg
 
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "dropout_keep_mask", "MAX_FUSED_N"]
 
@@ -159,10 +159,7 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,   # BLOCK_N >= N: whole rows in the tile
 ):
     """One-pass forward: program i normalises rows [i * BLOCK_M, (i + 1) * BLOCK_M)."""
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)                                             # read on the device
-    else:
-        seed = 0                                                         # unused
+    seed = load_seed(SEED, HAS_DROPOUT)  # read on the device: no host sync
     pid_m = tl.program_id(0)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
@@ -207,10 +204,7 @@ def _layer_norm_fwd_looped_kernel(
 ):
     """Looped forward for wide rows: pass 1 statistics (Chan's merge of per-chunk mean / M2),
     pass 2 recomputes the chunk (same dropout mask) and writes the output."""
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)                                             # read on the device
-    else:
-        seed = 0                                                         # unused
+    seed = load_seed(SEED, HAS_DROPOUT)  # read on the device: no host sync
     pid_m = tl.program_id(0)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
@@ -290,10 +284,7 @@ def _layer_norm_bwd_kernel(
     """One-pass backward: program g handles row blocks g, g + G, g + 2G, ... and accumulates its
     dweight / dbias / dinput_bias partials in registers ([BN] fp32 each, summed over the tile's
     rows every step)."""
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)                                             # read on the device
-    else:
-        seed = 0                                                         # unused
+    seed = load_seed(SEED, HAS_DROPOUT)  # read on the device: no host sync
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     o_n = tl.arange(0, BLOCK_N)                                          # [BN]
@@ -369,10 +360,7 @@ def _layer_norm_bwd_looped_kernel(
     """Looped backward for wide rows, ds / dx only: pass 1 reduces mean_n(g * xhat) and mean_n(g)
     (kept in C1 / C2 for the column kernel), pass 2 writes ds (and dx under dropout). Column sums:
     _layer_norm_bwd_cols_kernel."""
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)                                             # read on the device
-    else:
-        seed = 0                                                         # unused
+    seed = load_seed(SEED, HAS_DROPOUT)  # read on the device: no host sync
     pid_m = tl.program_id(0)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
@@ -457,10 +445,7 @@ def _layer_norm_bwd_cols_kernel(
     column block j over row blocks g, g + G, ... into row g of the partial buffers. dinput_bias is
     summed from the fp32 d_input, recomputed from the stored row terms (not from the rounded
     d_input tensor)."""
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)                                             # read on the device
-    else:
-        seed = 0                                                         # unused
+    seed = load_seed(SEED, HAS_DROPOUT)  # read on the device: no host sync
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
     n_progs = tl.num_programs(1)
