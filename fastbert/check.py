@@ -29,13 +29,16 @@ class Case:
 
 
 def _sdpa_case(dtype, device):
+    """A trainable additive bias shared by the batch (ALiBi / relative-position style), with -inf
+    at a few keys (padding): its gradient is checked too, through the kernel that sums it over the
+    broadcast batch dim."""
     b, h, lq, lk, d = 2, 3, 17, 33, 40
     q = rand((b, h, lq, d), dtype, device, requires_grad=True)
     k = rand((b, h, lk, d), dtype, device, requires_grad=True)
     v = rand((b, h, lk, d), dtype, device, requires_grad=True)
-    mask = torch.rand(b, 1, 1, lk, device=device) > 0.3
-    mask[..., 0] = True
-    return (q, k, v), {"attn_mask": mask}
+    bias = rand((1, h, lq, lk), dtype, device, scale=0.5)
+    bias[..., [5, 20, 31]] = float("-inf")
+    return (q, k, v, bias.requires_grad_(True)), {}
 
 
 def _sdpa_independent(q, k, v, attn_mask=None):
