@@ -507,6 +507,30 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               " in all but the last dim (B, H, Lk, Dv)");
 }
 
+// The fields the softmax and fused-attention params share: dtype, (B, H, Lq, Lk), scale, causal and
+// the mask, read through its strides (`mask` keeps the expanded view alive).
+template <typename Params>
+void fill_attention_params(Params& p, const at::Tensor& query, const at::Tensor& key,
+                           const OptTensor& attn_mask, bool is_causal, double scale, const char* op,
+                           at::Tensor* mask) {
+  const int64_t b = query.size(0), h = query.size(1), lq = query.size(2), lk = key.size(2);
+  p.dtype = dtype_of(query, op, "query");
+  p.batch = b;
+  p.heads = h;
+  p.q_len = lq;
+  p.k_len = lk;
+  p.scale = static_cast<float>(scale);
+  p.causal = is_causal;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    *mask = expand_mask(*attn_mask, query, b, h, lq, lk, op, &p.mask_kind);
+    p.mask = mask->data_ptr();
+    p.mask_stride_b = mask->stride(0);
+    p.mask_stride_h = mask->stride(1);
+    p.mask_stride_q = mask->stride(2);
+    p.mask_stride_k = mask->stride(3);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& query, const at::Tensor& key,
                                                              const at::Tensor& value, const OptTensor& attn_mask,
                                                              double dropout_p, bool is_causal, double scale) {
@@ -518,22 +542,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
   const int64_t b = query.size(0), h = query.size(1), lq = query.size(2), lk = key.size(2);
 
   SoftmaxFwdParams p;
-  p.dtype = dtype_of(query, op, "query");
-  p.batch = b;
-  p.heads = h;
-  p.q_len = lq;
-  p.k_len = lk;
-  p.scale = static_cast<float>(scale);
-  p.causal = is_causal;
   at::Tensor mask;
-  if (attn_mask.has_value() && attn_mask->defined()) {
-    mask = expand_mask(*attn_mask, query, b, h, lq, lk, op, &p.mask_kind);
-    p.mask = mask.data_ptr();
-    p.mask_stride_b = mask.stride(0);
-    p.mask_stride_h = mask.stride(1);
-    p.mask_stride_q = mask.stride(2);
-    p.mask_stride_k = mask.stride(3);
-  }
+  // scale 1 in the softmax: the GEMM below applies the real one
+  fill_attention_params(p, query, key, attn_mask, is_causal, /*scale=*/1.0, op, &mask);
 
   // scale * [B*H, Lq, D] @ [B*H, D, Lk] -> [B, H, Lq, Lk]; the softmax overwrites it with P. The
   // scale is applied by the GEMM in fp32 before rounding (alpha; beta = 0 ignores the empty
@@ -543,7 +554,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
   at::Tensor probs = at::empty({b * h, lq, lk}, query.options());
   probs.baddbmm_(q3, k3.transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
   probs = probs.view({b, h, lq, lk});
-  p.scale = 1.f;  // already applied
   at::Tensor seed = draw_seed(dropout_p, query.device());
   at::Tensor dropped = dropout_p > 0.0 ? at::empty_like(probs) : at::Tensor();
   p.scores = probs.data_ptr();
@@ -620,13 +630,8 @@ const char* fused_reason(const FusedMhaFwdParams& p, int device) {
 FusedMhaFwdParams fused_params(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const OptTensor& attn_mask, bool is_causal, double scale, const char* op,
                                at::Tensor* q, at::Tensor* k, at::Tensor* v, at::Tensor* mask) {
-  const int64_t b = query.size(0), h = query.size(1), lq = query.size(2), lk = key.size(2);
   FusedMhaFwdParams p;
-  p.dtype = dtype_of(query, op, "query");
-  p.batch = b;
-  p.heads = h;
-  p.q_len = lq;
-  p.k_len = lk;
+  fill_attention_params(p, query, key, attn_mask, is_causal, scale, op, mask);
   p.head_dim = value.size(3) == query.size(3) ? static_cast<int>(query.size(3)) : -1;
   *q = fusable(query);
   *k = fusable(key);
@@ -643,16 +648,6 @@ FusedMhaFwdParams fused_params(const at::Tensor& query, const at::Tensor& key, c
   p.v_stride_b = used_stride(*v, 0);
   p.v_stride_h = used_stride(*v, 1);
   p.v_stride_l = used_stride(*v, 2);
-  if (attn_mask.has_value() && attn_mask->defined()) {
-    *mask = expand_mask(*attn_mask, query, b, h, lq, lk, op, &p.mask_kind);
-    p.mask = mask->data_ptr();
-    p.mask_stride_b = mask->stride(0);
-    p.mask_stride_h = mask->stride(1);
-    p.mask_stride_q = mask->stride(2);
-    p.mask_stride_k = mask->stride(3);
-  }
-  p.scale = static_cast<float>(scale);
-  p.causal = is_causal;
   return p;
 }
 
