@@ -13,7 +13,8 @@ results.json written by ``fastbert bench``; the table is made from its last run,
 
 ``--import DIR`` takes a results directory (e.g. the ``bench/`` folder a GPU run left under $OUT),
 finds the date and GPU of its last run and copies results.json (runs merged by run_id),
-results.csv (rows appended) and the PNGs into bench/results/<date>-<gpu>/.
+results.csv (rows appended; rebuilt from results.json when the run left it out), the PNGs and
+overhead.json (``bench/bench_overhead.py``, in DIR or beside it) into bench/results/<date>-<gpu>/.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+OVERHEAD_NAME = "overhead.json"
 
 try:
     from fastbert.benchmarks import report
@@ -46,7 +48,10 @@ def import_results(src: Path, results_root: Path = RESULTS) -> Path:
         report.write_json(dest, run)
     src_dir = src if src.is_dir() else src.parent
     src_csv = src_dir / report.CSV_NAME
-    if src_csv.exists():
+    if not src_csv.exists():  # the GPU run leaves it out (the device tool brings back 8 files):
+        for run in runs:      # the same rows, from results.json
+            report.append_csv(dest, run, run["rows"])
+    else:
         dest_csv = dest / report.CSV_NAME
         with open(src_csv, newline="") as f:
             rows = list(csv.reader(f))
@@ -56,6 +61,10 @@ def import_results(src: Path, results_root: Path = RESULTS) -> Path:
                 csv.writer(f).writerows(rows if new else rows[1:])
     for png in sorted(src_dir.glob("*.png")):
         shutil.copy2(png, dest / png.name)
+    for extra in (src_dir / OVERHEAD_NAME, src_dir.parent / OVERHEAD_NAME):
+        if extra.exists():  # bench/bench_overhead.py's host cost per call, from the same GPU run
+            shutil.copy2(extra, dest / OVERHEAD_NAME)
+            break
     return dest
 
 

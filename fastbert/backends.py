@@ -44,6 +44,7 @@ __all__ = [
     "interpreter_enabled",
     "cuda_extension",
     "cuda_ops",
+    "clear_select_cache",
 ]
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -204,7 +205,9 @@ def register(op: str, backend: str, reasons: Optional[Reasons] = None,
     """Decorator: register ``fn`` as ``op``'s implementation on ``backend``.
 
     ``reasons(**call)`` receives the op's normalised arguments and returns why it cannot serve
-    them (empty list: it can). ``priority`` optionally sets the op's "auto" order.
+    them (empty list: it can). It may look only at the tensors' dtypes, shapes, strides and device
+    and at the other arguments' values: :func:`select` remembers its answers by those.
+    ``priority`` optionally sets the op's "auto" order.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -214,6 +217,7 @@ def register(op: str, backend: str, reasons: Optional[Reasons] = None,
         entry.impls[backend] = Implementation(op, backend, fn, reasons or _no_reasons)
         if priority is not None:
             entry.priority = tuple(priority)
+        clear_select_cache()
         return fn
 
     return deco
@@ -261,9 +265,56 @@ def auto_order(op: str, device: Optional[torch.device], call: dict) -> Sequence[
     return tuple(measured) + tuple(b for b in default if b not in measured)
 
 
+def _signature(call: dict) -> tuple:
+    """What the reasons functions may look at: each tensor's dtype, shape and strides, and the
+    other arguments' values (the device is part of select's key: a call's tensors share it)."""
+    sig = []
+    for v in call.values():
+        if isinstance(v, torch.Tensor):
+            sig.append((v.dtype, v.shape, v.stride()))
+        elif isinstance(v, list):
+            sig.append(tuple(v))
+        else:
+            sig.append(v)
+    return tuple(sig)
+
+
+# select's answers, by op, requested backend, device, interpreter setting, dispatch table and call
+# signature. A model calls each op with a handful of signatures, so the reasons of every backend
+# are worked out once per signature instead of once per call (they cost 5-15 us of Python).
+_SELECTED: Dict[tuple, Implementation] = {}
+_SELECTED_MAX = 4096
+
+
+def clear_select_cache() -> None:
+    """Forget select's remembered answers (done by :func:`register` and when the dispatch table is
+    reloaded; tests that change what a backend reports call it too)."""
+    _SELECTED.clear()
+
+
 def select(op: str, backend: Optional[str], device: Optional[torch.device], **call) -> Implementation:
-    """Pick the implementation of ``op`` that serves ``call`` (see the module docstring)."""
+    """Pick the implementation of ``op`` that serves ``call`` (see the module docstring).
+
+    The answer is remembered for calls with the same signature (dtypes, shapes, strides, device,
+    non-tensor arguments): reasons functions must depend on nothing else. A call that no backend can
+    serve is worked out again each time, so it raises each time."""
     backend = resolve(backend)
+    try:
+        key = (op, backend, device, interpreter_enabled(), dispatch.table_generation(),
+               _signature(call))
+        impl = _SELECTED.get(key)
+    except TypeError:  # an unhashable argument: work it out, remember nothing
+        key, impl = None, None
+    if impl is None:
+        impl = _select(op, backend, device, call)
+        if key is not None:
+            if len(_SELECTED) >= _SELECTED_MAX:
+                _SELECTED.clear()
+            _SELECTED[key] = impl
+    return impl
+
+
+def _select(op: str, backend: str, device: Optional[torch.device], call: dict) -> Implementation:
     entry = _OPS[op]
     if backend != "auto":
         impl = entry.impls.get(backend)

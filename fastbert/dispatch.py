@@ -46,7 +46,8 @@ import torch
 
 __all__ = ["FORMAT", "TABLE_ENV", "SHIPPED_TABLE", "MEASURED_OPS", "shape_class",
            "bench_shape_class", "build_table", "load_table", "active_table", "measured_order",
-           "arch_of", "arch_of_capability", "reset_cache", "write_table", "summary_lines"]
+           "arch_of", "arch_of_capability", "reset_cache", "table_generation", "write_table",
+           "summary_lines"]
 
 FORMAT = "fastbert-dispatch/1"
 TABLE_ENV = "FASTBERT_DISPATCH_TABLE"
@@ -222,6 +223,7 @@ def load_table(path) -> Dict:
 _EMPTY = {"format": FORMAT, "sources": [], "archs": {}}
 _ACTIVE: Optional[Tuple[Optional[str], Dict]] = None  # (source, table)
 _ACTIVE_ERROR: Optional[str] = None
+_GENERATION = 0  # bumped by every (re)load, so that backends.select forgets what it remembered
 
 
 def reset_cache() -> None:
@@ -229,8 +231,9 @@ def reset_cache() -> None:
     present, else an empty one. Called once at import (so that no file is read while
     torch.compile traces an op) and again after changing ``FASTBERT_DISPATCH_TABLE``. A bad table
     named by the variable is remembered, and every measured lookup then raises its ValueError."""
-    global _ACTIVE, _ACTIVE_ERROR
+    global _ACTIVE, _ACTIVE_ERROR, _GENERATION
     _ACTIVE, _ACTIVE_ERROR = None, None
+    _GENERATION += 1
     path = os.environ.get(TABLE_ENV)
     try:
         if path:
@@ -241,6 +244,12 @@ def reset_cache() -> None:
             _ACTIVE = (None, _EMPTY)
     except ValueError as e:
         _ACTIVE_ERROR = f"{TABLE_ENV}: {e}" if path else str(e)
+
+
+def table_generation() -> int:
+    """How many times the active table has been (re)loaded: part of the key under which
+    :func:`fastbert.backends.select` remembers its answers."""
+    return _GENERATION
 
 
 def active_table() -> Tuple[Optional[str], Dict]:

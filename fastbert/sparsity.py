@@ -124,10 +124,13 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
     return out
 
 
-def _check_layout(name: str, layout) -> Tensor:
+def _check_layout(name: str, layout, integers: bool = False) -> Tensor:
+    """A 3-D bool layout (``integers``: or a 0/1 integer one, as the attention op accepts)."""
     if not isinstance(layout, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(layout).__name__}")
-    if layout.dtype != torch.bool:
+    if integers and (layout.is_floating_point() or layout.is_complex()):
+        raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got dtype {layout.dtype}")
+    if not integers and layout.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got dtype {layout.dtype}")
     if layout.dim() != 3:
         raise ValueError(f"{name} must be 3-D (H or 1, query blocks, key blocks), got shape "
@@ -493,12 +496,15 @@ class PreparedLayout(NamedTuple):
     ``q_index[h, i, :q_count[h, i]]`` are the key blocks of query block i in increasing order
     (the rest of the row is filler); ``k_index[h, j, :k_count[h, j]]`` the query blocks of key
     block j (the transposed lists, for dk/dv). All int32, contiguous, on the layout's device.
+    ``blocks`` is the layout itself as contiguous uint8, 1 where a block is attended (the kernel
+    that sums a broadcast mask's gradient looks blocks up in it).
     """
 
     q_count: Tensor  # (HL, NBQ)
     q_index: Tensor  # (HL, NBQ, NBK)
     k_count: Tensor  # (HL, NBK)
     k_index: Tensor  # (HL, NBK, NBQ)
+    blocks: Tensor   # (HL, NBQ, NBK) uint8
 
 
 def _prepare(layout: Tensor) -> PreparedLayout:
@@ -512,7 +518,7 @@ def _prepare(layout: Tensor) -> PreparedLayout:
 
     q_count, q_index = lists(lay)
     k_count, k_index = lists(lay.transpose(1, 2))
-    return PreparedLayout(q_count, q_index, k_count, k_index)
+    return PreparedLayout(q_count, q_index, k_count, k_index, lay.to(torch.uint8).contiguous())
 
 
 # id(layout) -> (weakref to layout, signature, PreparedLayout), least recently used first. The
@@ -536,7 +542,8 @@ def _forget(key: int, ref) -> None:
 
 
 def prepare_layout(layout: Tensor) -> PreparedLayout:
-    """The kernel's lists for ``layout`` (see :class:`PreparedLayout`), cached per layout tensor.
+    """The kernel's lists for ``layout`` (bool, or 0/1 integers; see :class:`PreparedLayout`),
+    cached per layout tensor.
 
     The cache (LRU, 64 entries) is keyed on the tensor object itself plus its data pointer, shape,
     strides, device and version counter: reusing the same layout tensor hits, modifying it in
@@ -544,7 +551,7 @@ def prepare_layout(layout: Tensor) -> PreparedLayout:
     the layout's device without a host sync. Inference-mode tensors (no version counter) are
     never cached.
     """
-    _check_layout("layout", layout)
+    _check_layout("layout", layout, integers=True)
     if layout.is_inference() or torch.compiler.is_compiling():
         return _prepare(layout)
     key = id(layout)

@@ -79,6 +79,17 @@ def nan_poison(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def fresh_select_cache():
+    """Tests monkeypatch what backends report (availability, versions, registered ops); select's
+    remembered answers from an earlier test must not outlive that."""
+    from fastbert import backends
+
+    backends.clear_select_cache()
+    yield
+    backends.clear_select_cache()
+
+
+@pytest.fixture(autouse=True)
 def fresh_seed(request):
     """Fresh random inputs every run; a failing test's report shows the seed
     (rerun with FASTBERT_TEST_SEED=<seed> to reproduce it)."""

@@ -196,6 +196,63 @@ def test_op_reasons_are_collected_for_auto():
         backends._OPS.pop("_test_op")
 
 
+def test_select_remembers_answers_by_signature(monkeypatch):
+    calls = []
+
+    def count(**call):
+        calls.append(call)
+        return [] if call["x"].dtype != torch.float64 else ["no float64 for the test"]
+
+    backends.register("_test_op", "torch", reasons=count)(lambda: None)
+    cpu = torch.device("cpu")
+    try:
+        x = torch.zeros(4, 6)
+        for t in (x, x.clone(), torch.ones(4, 6)):  # same dtype, shape, strides: worked out once
+            assert backends.select("_test_op", "torch", cpu, x=t, p=0.5).backend == "torch"
+        assert len(calls) == 1
+        # another stride, shape, dtype, scalar or requested backend is worked out anew
+        backends.select("_test_op", "torch", cpu, x=x.t(), p=0.5)
+        backends.select("_test_op", "torch", cpu, x=x[:3], p=0.5)
+        backends.select("_test_op", "torch", cpu, x=x.half(), p=0.5)
+        backends.select("_test_op", "torch", cpu, x=x, p=0.25)
+        backends.select("_test_op", "auto", cpu, x=x, p=0.5)
+        assert len(calls) == 6
+        # so is a call after the interpreter setting changes or the cache is cleared
+        monkeypatch.setenv("TRITON_INTERPRET", "0" if backends.interpreter_enabled() else "1")
+        backends.select("_test_op", "torch", cpu, x=x, p=0.5)
+        backends.clear_select_cache()
+        backends.select("_test_op", "torch", cpu, x=x, p=0.5)
+        assert len(calls) == 8
+        # a refusal is never remembered: it raises every time
+        for _ in range(2):
+            with pytest.raises(backends.BackendError, match="no float64 for the test"):
+                backends.select("_test_op", "torch", cpu, x=x.double(), p=0.5)
+        assert len(calls) == 10
+        # lists are compared by value; an unhashable argument is served without being remembered
+        backends.select("_test_op", "torch", cpu, x=x, p=[1, 2])
+        backends.select("_test_op", "torch", cpu, x=x, p=[1, 2])
+        backends.select("_test_op", "torch", cpu, x=x, p={"a": 1})
+        backends.select("_test_op", "torch", cpu, x=x, p={"a": 1})
+        assert len(calls) == 13
+    finally:
+        backends._OPS.pop("_test_op")
+        backends.clear_select_cache()
+
+
+def test_registering_an_implementation_forgets_remembered_answers(monkeypatch):
+    monkeypatch.setattr(backends, "backend_reasons", lambda *a, **k: [])  # every backend can run
+    cpu = torch.device("cpu")
+    backends.register("_test_op", "torch", priority=("cuda", "torch"))(lambda: "torch")
+    try:
+        x = torch.zeros(3)
+        assert backends.select("_test_op", "auto", cpu, x=x).backend == "torch"
+        backends.register("_test_op", "cuda")(lambda: "cuda")
+        assert backends.select("_test_op", "auto", cpu, x=x).backend == "cuda"
+    finally:
+        backends._OPS.pop("_test_op")
+        backends.clear_select_cache()
+
+
 def test_every_public_op_has_a_torch_implementation():
     for op in ["scaled_dot_product_attention", "varlen_attention", "block_sparse_attention",
                "linformer_attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"]:

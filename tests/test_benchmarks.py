@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastbert import reference
+from fastbert._library import fast_ops
 from fastbert.benchmarks import attention, bert, common, norms, report, runner, sparse, timing
 from fastbert.benchmarks.common import Case, Impl, Prepared, Unavailable
 
@@ -550,6 +551,18 @@ def test_make_readme_table_tool(tmp_path, capsys):
     assert tool.main(["--results-root", str(tmp_path / "empty")]) == 1
 
 
+def test_import_rebuilds_the_csv_the_gpu_run_leaves_out(tmp_path):
+    tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
+    out = tmp_path / "out"
+    report.write_json(out / "bench", _run_record(_sample_rows()))
+    (out / "overhead.json").write_text('{"meta": {}, "rows": []}')  # beside bench/, as gpu_run.sh
+    dest = tool.import_results(out / "bench", tmp_path / "results")
+    with open(dest / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(_sample_rows()) and rows[0]["run_id"]
+    assert json.loads((dest / "overhead.json").read_text()) == {"meta": {}, "rows": []}
+
+
 # ----------------------------------------------------------------------------------------------
 # bench/: the GPU run script and the pytest-benchmark entry points
 # ----------------------------------------------------------------------------------------------
@@ -577,6 +590,27 @@ def test_bench_files_are_pytest_benchmark_entry_points():
         params = [m for m in getattr(mod, f"test_{family}").pytestmark if m.name == "parametrize"]
         ids = [p.id for p in params[0].args[1]]
         assert ids and len(ids) == len(set(ids))
+
+
+def test_overhead_script_with_stubbed_kernels(tmp_path, monkeypatch):
+    mod = _load(REPO / "bench" / "bench_overhead.py", "bench_overhead_under_test")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert mod.main(["--stub"]) == 2  # --stub runs Triton on CPU tensors: needs the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mod.main([]) == 2  # without a GPU the real kernels cannot be timed
+    out = tmp_path / "overhead.json"
+    assert mod.main(["--stub", "--calls", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["mode"] == "stub"
+    rows = {(r["op"], r["pass"], r["impl"]): r["us_per_call"] for r in data["rows"]}
+    for op in ("scaled_dot_product_attention", "varlen_attention", "block_sparse_attention",
+               "layer_norm", "add_layer_norm", "bias_gelu"):
+        for pass_ in ("fwd", "fwd+bwd"):
+            assert rows[(op, pass_, "fastbert-triton")] > 0
+    assert rows[("layer_norm", "fwd", "torch-eager")] > 0
+    # the stubs were put back
+    assert fast_ops() and all(op.impl is not op.fake for op in fast_ops())
 
 
 def test_bert_case_on_cpu_with_a_tiny_model():

@@ -261,7 +261,8 @@ def test_kernel_tiles_smaller_than_block():
     ref = reference.block_sparse_attention(*ref64, layout, bs)
     assert_close(out, ref, name="out")
     do = torch.randn_like(out)
-    *grads, dmask = K.block_sparse_attention_bwd(do, q, k, v, out, lse, *prep, bs, block_m=32,
+    *grads, dmask = K.block_sparse_attention_bwd(do, q, k, v, out, lse, prep.q_count, prep.q_index,
+                                                 prep.k_count, prep.k_index, bs, block_m=32,
                                                  block_n=16)
     assert dmask is None
     for name, a, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref64, do.double())):
@@ -521,14 +522,22 @@ def test_triton_refuses_bf16_under_interpreter():
         fastbert.block_sparse_attention(q, q, q, S.dense(20, 16), 16, **TRITON)
 
 
-def test_layout_preparation_cached_across_calls():
-    q, k, v = (rand((1, 2, 40, 16)) for _ in range(3))
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64], ids=str)
+def test_layout_preparation_cached_across_calls(dtype):
+    """Forward and backward each hit the cache on every call after the first, for a bool layout
+    and for a 0/1 integer one (not converted to a new tensor per call); same numbers for both."""
+    q, k, v = (rand((1, 2, 40, 16), requires_grad=True) for _ in range(3))
     layout = S.sliding_window(40, 16).to(DEVICE)
-    fastbert.block_sparse_attention(q, k, v, layout, 16, **TRITON)
+    ref = fastbert.block_sparse_attention(q, k, v, layout, 16, **TRITON)
+    layout = layout.to(dtype)
+    out = fastbert.block_sparse_attention(q, k, v, layout, 16, **TRITON)
+    out.sum().backward()
     before = S.cache_info()
-    fastbert.block_sparse_attention(q, k, v, layout, 16, **TRITON)
+    out2 = fastbert.block_sparse_attention(q, k, v, layout, 16, **TRITON)
+    out2.sum().backward()
     after = S.cache_info()
-    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+    assert after["hits"] == before["hits"] + 2 and after["misses"] == before["misses"]
+    assert torch.equal(out, ref) and torch.equal(out2, ref)
 
 
 def test_triton_torch_compile_fullgraph():

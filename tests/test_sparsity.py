@@ -228,6 +228,8 @@ def _check_prepared(prep, lay):
     hl, nbq, nbk = lay.shape
     assert prep.q_count.dtype == prep.q_index.dtype == torch.int32
     assert prep.q_index.shape == (hl, nbq, nbk) and prep.k_index.shape == (hl, nbk, nbq)
+    assert prep.blocks.dtype == torch.uint8 and prep.blocks.is_contiguous()
+    assert torch.equal(prep.blocks.bool(), lay.bool())
     for h in range(hl):
         for i in range(nbq):
             n = int(prep.q_count[h, i])

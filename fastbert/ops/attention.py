@@ -15,6 +15,7 @@ from .. import reference
 from .._rng import dropout_seed, seed_like
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
                            check_same, check_scale, check_tensor, host_checks_allowed)
+from .._library import custom_op
 from ..backends import cuda_ops, register, select
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -228,7 +229,7 @@ def _default_scale(scale: Optional[float], head_dim: int) -> float:
     return 1.0 / head_dim ** 0.5 if scale is None else float(scale)
 
 
-@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+@custom_op("fastbert::attention_fwd")
 def _attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                       dropout_p: float, is_causal: bool, scale: float
                       ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -251,7 +252,7 @@ def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scal
     return out, stats, seed_like(dropout_p, query.device)
 
 
-@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+@custom_op("fastbert::attention_bwd")
 def _attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                       stats: Tensor, seed: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
                       is_causal: bool, scale: float, mask_grad: bool
@@ -285,6 +286,7 @@ def _attention_setup_context(ctx, inputs, output):
     query, key, value, attn_mask, dropout_p, is_causal, scale = inputs
     out, stats, seed = output
     ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed)
+    ctx.mark_non_differentiable(stats, seed)  # no zero gradient is materialised for them
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
 
 
@@ -298,8 +300,7 @@ def _attention_backward(ctx, grad_out, grad_stats, grad_seed):
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None
 
 
-torch.library.register_autograd("fastbert::attention_fwd", _attention_backward,
-                                setup_context=_attention_setup_context)
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 @register("scaled_dot_product_attention", "triton", reasons=_sdpa_triton_reasons)
@@ -309,7 +310,7 @@ def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale):
     return out
 
 
-@torch.library.custom_op("fastbert::varlen_attention_fwd", mutates_args=())
+@custom_op("fastbert::varlen_attention_fwd")
 def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              dropout_p: float, is_causal: bool, scale: float
@@ -333,7 +334,7 @@ def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
             seed_like(dropout_p, q.device))
 
 
-@torch.library.custom_op("fastbert::varlen_attention_bwd", mutates_args=())
+@custom_op("fastbert::varlen_attention_bwd")
 def _varlen_attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                              stats: Tensor, seed: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -357,6 +358,7 @@ def _varlen_attention_setup_context(ctx, inputs, output):
      scale) = inputs
     out, stats, seed = output
     ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.mark_non_differentiable(stats, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
 
 
@@ -367,8 +369,8 @@ def _varlen_attention_backward(ctx, grad_out, grad_stats, grad_seed):
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastbert::varlen_attention_fwd", _varlen_attention_backward,
-                                setup_context=_varlen_attention_setup_context)
+_varlen_attention_fwd_op.register_autograd(
+    _varlen_attention_backward, setup_context=_varlen_attention_setup_context)
 
 
 @register("varlen_attention", "triton", reasons=_varlen_triton_reasons)

@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import _rng, reference
 from .._validation import (check_attn_mask, check_dropout, check_int, check_scale,
                            check_tensor)
+from .._library import custom_op
 from ..backends import interpreter_enabled, register, select
 from .attention import _check_qkv
 
@@ -114,7 +115,7 @@ def _triton_reasons(*, query, key, value, layout, block_size, attn_mask, dropout
     return reasons
 
 
-@torch.library.custom_op("fastbert::block_sparse_attention_fwd", mutates_args=())
+@custom_op("fastbert::block_sparse_attention_fwd")
 def _block_sparse_attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, layout: Tensor,
                                    block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
                                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -139,7 +140,7 @@ def _(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
     return out, lse, _rng.seed_like(dropout_p, query.device)
 
 
-@torch.library.custom_op("fastbert::block_sparse_attention_bwd", mutates_args=())
+@custom_op("fastbert::block_sparse_attention_bwd")
 def _block_sparse_attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                                    out: Tensor, lse: Tensor, seed: Tensor, layout: Tensor,
                                    block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
@@ -153,7 +154,7 @@ def _block_sparse_attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor,
     prep = sparsity.prepare_layout(layout)
     dq, dk, dv, dmask = kern.block_sparse_attention_bwd(
         grad_out, query, key, value, out, lse, prep.q_count, prep.q_index, prep.k_count,
-        prep.k_index, block_size, attn_mask, dropout_p, scale, seed, mask_grad, layout=layout)
+        prep.k_index, block_size, attn_mask, dropout_p, scale, seed, mask_grad, layout=prep.blocks)
     if dmask is None:
         dmask = query.new_empty((0,))
     return dq, dk, dv, dmask
@@ -176,6 +177,7 @@ def _block_sparse_attention_setup_context(ctx, inputs, output):
     query, key, value, layout, block_size, attn_mask, dropout_p, scale = inputs
     out, lse, seed = output
     ctx.save_for_backward(query, key, value, out, lse, seed, layout, attn_mask)
+    ctx.mark_non_differentiable(lse, seed)  # no zero gradient is materialised for them
     ctx.block_size, ctx.dropout_p, ctx.scale = block_size, dropout_p, scale
 
 
@@ -188,15 +190,16 @@ def _block_sparse_attention_backward(ctx, grad_out, grad_lse, grad_seed):
     return dq, dk, dv, None, None, (dmask if mask_grad else None), None, None
 
 
-torch.library.register_autograd("fastbert::block_sparse_attention_fwd",
-                                _block_sparse_attention_backward,
-                                setup_context=_block_sparse_attention_setup_context)
+_block_sparse_attention_fwd_op.register_autograd(
+    _block_sparse_attention_backward, setup_context=_block_sparse_attention_setup_context)
 
 
 @register("block_sparse_attention", "triton", reasons=_triton_reasons)
 def _block_sparse_triton(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    out, _, _ = _block_sparse_attention_fwd_op(query, key, value, layout.bool(), block_size,
-                                               attn_mask, dropout_p, scale)
+    # The layout goes in as given (bool or 0/1 integers): a converted copy would be a new tensor
+    # on every call, and miss sparsity.prepare_layout's per-tensor cache.
+    out, _, _ = _block_sparse_attention_fwd_op(query, key, value, layout, block_size, attn_mask,
+                                               dropout_p, scale)
     return out

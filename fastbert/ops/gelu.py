@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import check_same, check_tensor
+from .._library import custom_op
 from ..backends import cuda_ops, register, select
 
 __all__ = ["gelu", "bias_gelu"]
@@ -71,7 +72,7 @@ def _triton_reasons(*, input, bias=None, **_) -> List[str]:
             if t is not None and t.dtype == torch.float64]
 
 
-@torch.library.custom_op("fastbert::gelu_fwd", mutates_args=())
+@custom_op("fastbert::gelu_fwd")
 def _gelu_fwd_op(input: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     from ..kernels.gelu import bias_gelu_fwd
 
@@ -83,7 +84,7 @@ def _(input, bias, approximate):
     return input.new_empty(input.shape)
 
 
-@torch.library.custom_op("fastbert::gelu_bwd", mutates_args=())
+@custom_op("fastbert::gelu_bwd")
 def _gelu_bwd_op(grad_out: Tensor, input: Tensor, bias: Optional[Tensor], approximate: str,
                  need_dbias: bool) -> Tuple[Tensor, Tensor]:
     """-> (dinput, dbias); dbias is an empty placeholder unless asked for (and bias given)."""
@@ -108,22 +109,21 @@ def _gelu_setup_context(ctx, inputs, output):
 def _gelu_backward(ctx, grad_out):
     input, bias = ctx.saved_tensors
     need_dx, need_db = ctx.needs_input_grad[:2]
-    dx, db = torch.ops.fastbert.gelu_bwd(grad_out, input, bias, ctx.approximate, need_db)
+    dx, db = _gelu_bwd_op(grad_out, input, bias, ctx.approximate, need_db)
     return dx if need_dx else None, db if need_db else None, None
 
 
-torch.library.register_autograd("fastbert::gelu_fwd", _gelu_backward,
-                                setup_context=_gelu_setup_context)
+_gelu_fwd_op.register_autograd(_gelu_backward, setup_context=_gelu_setup_context)
 
 
 @register("gelu", "triton", reasons=_triton_reasons)
 def _gelu_triton(input, approximate):
-    return torch.ops.fastbert.gelu_fwd(input, None, approximate)
+    return _gelu_fwd_op(input, None, approximate)
 
 
 @register("bias_gelu", "triton", reasons=_triton_reasons)
 def _bias_gelu_triton(input, bias, approximate):
-    return torch.ops.fastbert.gelu_fwd(input, bias, approximate)
+    return _gelu_fwd_op(input, bias, approximate)
 
 
 # ----------------------------------------------------------------------------------------------

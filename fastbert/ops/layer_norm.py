@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import reference
 from .._rng import dropout_seed, seed_like
 from .._validation import check_bool, check_dropout, check_same, check_tensor
+from .._library import custom_op
 from ..backends import cuda_ops, register, select
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -153,7 +154,7 @@ def _grad_like(flag: bool, p: Optional[Tensor], ref: Tensor) -> Tensor:
     return ref.new_empty((0,))
 
 
-@torch.library.custom_op("fastbert::layer_norm_fwd", mutates_args=())
+@custom_op("fastbert::layer_norm_fwd")
 def _layer_norm_fwd_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        norm_ndim: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (out, mean [M] fp32, rstd [M] fp32)."""
@@ -170,7 +171,7 @@ def _(input, weight, bias, norm_ndim, eps):
     return input.new_empty(input.shape), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastbert::layer_norm_bwd", mutates_args=())
+@custom_op("fastbert::layer_norm_bwd")
 def _layer_norm_bwd_op(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], mean: Tensor, rstd: Tensor, norm_ndim: int,
                        need_dweight: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -204,16 +205,15 @@ def _layer_norm_setup_context(ctx, inputs, output):
 def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
     input, weight, bias, mean, rstd = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = torch.ops.fastbert.layer_norm_bwd(grad_out, input, weight, bias, mean, rstd,
+    dx, dw, db = _layer_norm_bwd_op(grad_out, input, weight, bias, mean, rstd,
                                                    ctx.norm_ndim, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
 
 
-torch.library.register_autograd("fastbert::layer_norm_fwd", _layer_norm_backward,
-                                setup_context=_layer_norm_setup_context)
+_layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 
 
-@torch.library.custom_op("fastbert::add_layer_norm_fwd", mutates_args=())
+@custom_op("fastbert::add_layer_norm_fwd")
 def _add_layer_norm_fwd_op(input: Tensor, residual: Tensor, weight: Optional[Tensor],
                            bias: Optional[Tensor], input_bias: Optional[Tensor], eps: float,
                            dropout_p: float, return_residual: bool
@@ -240,7 +240,7 @@ def _(input, residual, weight, bias, input_bias, eps, dropout_p, return_residual
             seed_like(dropout_p, input.device))
 
 
-@torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
+@custom_op("fastbert::add_layer_norm_bwd")
 def _add_layer_norm_bwd_op(grad_out: Tensor, grad_sum: Optional[Tensor], input: Tensor,
                            residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                            input_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, seed: Tensor,
@@ -294,7 +294,7 @@ def _add_layer_norm_backward(ctx, grad_out, grad_sum, _grad_mean, _grad_rstd, _g
     if grad_out is None:  # only the pre-norm sum was used: a one-element stride-0 zero gradient
         grad_out = input.new_zeros(()).expand(input.shape)
     p = ctx.dropout_p
-    ds, dx, dw, db, dxb = torch.ops.fastbert.add_layer_norm_bwd(
+    ds, dx, dw, db, dxb = _add_layer_norm_bwd_op(
         grad_out, grad_sum, input, residual, weight, bias, input_bias, mean, rstd, seed, p,
         need_dx and p > 0.0, need_dw, need_db, need_dxb)
     if p == 0.0:
@@ -303,20 +303,20 @@ def _add_layer_norm_backward(ctx, grad_out, grad_sum, _grad_mean, _grad_rstd, _g
             db if need_db else None, dxb if need_dxb else None, None, None, None)
 
 
-torch.library.register_autograd("fastbert::add_layer_norm_fwd", _add_layer_norm_backward,
-                                setup_context=_add_layer_norm_setup_context)
+_add_layer_norm_fwd_op.register_autograd(
+    _add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
 
 
 @register("layer_norm", "triton", reasons=_layer_norm_triton_reasons)
 def _layer_norm_triton(input, normalized_shape, weight, bias, eps):
-    out, _, _ = torch.ops.fastbert.layer_norm_fwd(input, weight, bias, len(normalized_shape), eps)
+    out, _, _ = _layer_norm_fwd_op(input, weight, bias, len(normalized_shape), eps)
     return out
 
 
 @register("add_layer_norm", "triton", reasons=_add_layer_norm_triton_reasons)
 def _add_layer_norm_triton(input, residual, weight, bias, eps, input_bias, dropout_p,
                            return_residual):
-    out, s, _, _, _ = torch.ops.fastbert.add_layer_norm_fwd(input, residual, weight, bias,
+    out, s, _, _, _ = _add_layer_norm_fwd_op(input, residual, weight, bias,
                                                             input_bias, eps, dropout_p,
                                                             return_residual)
     return (out, s) if return_residual else out

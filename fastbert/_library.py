@@ -1,0 +1,109 @@
+"""Custom ops that stay one opaque op under torch.compile and cost little in eager mode.
+
+Every Triton pass is a ``torch.library`` custom op (``fastbert::<name>``) with a fake implementation
+and autograd, so that torch.compile(fullgraph=True), export, CUDA graph trees, selective activation
+checkpointing and FlopCounterMode each see one op per pass. Calling a custom op from Python goes
+through the dispatcher twice (autograd, then the device kernel) and a Dynamo-disabled wrapper: about
+9-14 us a call on this project's 2-core CI host, against 1-3 us for an equivalent
+``torch.autograd.Function``. A fused kernel at BERT-base shapes runs for 5-50 us, so in an eager
+model that difference decides whether the host keeps the GPU busy (``bench/bench_overhead.py``
+measures the host cost per call of every op).
+
+:class:`FastOp` therefore keeps both: in plain eager mode it runs the implementation under an
+``autograd.Function`` built from the same ``setup_context`` and ``backward`` that are registered
+with the custom op (or calls it directly when no gradient can be needed), and it calls the custom op
+whenever something may be tracing or intercepting ops: torch.compile or export, a tensor subclass
+(FakeTensor, DTensor, ...), an active TorchDispatchMode (FakeTensorMode, make_fx, selective
+checkpointing, FlopCounterMode) or a functorch transform. Both paths run the same launcher, so they
+give the same numbers bit for bit (``tests/test_library.py``).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["FastOp", "custom_op", "eager_call", "fast_ops"]
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+_FAST_OPS: List["FastOp"] = []
+
+
+def fast_ops() -> List["FastOp"]:
+    """Every FastOp created so far (``import fastbert`` creates all of fastbert's)."""
+    return list(_FAST_OPS)
+
+
+def eager_call(args) -> bool:
+    """True when a call with these arguments may skip the dispatcher: nothing traces or intercepts
+    it and every tensor among ``args`` is a plain ``torch.Tensor`` (or Parameter)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _dispatch_modes is None or _dispatch_modes() > 0:
+        return False
+    if _functorch_active is None or _functorch_active():
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and type(a) not in _PLAIN_TENSORS:
+            return False
+    return True
+
+
+class FastOp:
+    """A ``torch.library`` custom op (``op``) plus an eager fast path to its implementation.
+
+    ``FastOp(name, impl)`` registers ``impl`` as the custom op ``name`` (mutating nothing; its type
+    annotations give the schema). :meth:`register_fake` and :meth:`register_autograd` register with
+    the custom op, the latter also building the eager ``autograd.Function``. Calling the FastOp with
+    positional arguments picks the path (see the module docstring).
+    """
+
+    def __init__(self, name: str, impl: Callable):
+        self.name = name
+        self.impl = impl
+        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        self.fake: Optional[Callable] = None
+        self._function: Optional[type] = None
+        self.__doc__ = impl.__doc__
+        _FAST_OPS.append(self)
+
+    def register_fake(self, fn: Callable) -> Callable:
+        self.op.register_fake(fn)
+        self.fake = fn
+        return fn
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        torch.library.register_autograd(self.op, backward, setup_context=setup_context)
+
+        def forward(*args):
+            return self.impl(*args)
+
+        self._function = type(f"{self.name.split('::')[-1]}_function", (torch.autograd.Function,),
+                              {"forward": staticmethod(forward),
+                               "setup_context": staticmethod(setup_context),
+                               "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        if not eager_call(args):
+            return self.op(*args)
+        if self._function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self._function.apply(*args)
+        return self.impl(*args)
+
+    def __repr__(self) -> str:
+        return f"FastOp({self.name!r})"
+
+
+def custom_op(name: str) -> Callable[[Callable], FastOp]:
+    """Decorator: ``@custom_op("fastbert::x_fwd")`` on an annotated implementation gives a
+    :class:`FastOp`."""
+    def deco(impl: Callable) -> FastOp:
+        return FastOp(name, impl)
+
+    return deco

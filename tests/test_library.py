@@ -1,0 +1,180 @@
+"""fastbert._library.FastOp: the eager fast path and the custom op give the same results bit for
+bit, the eager path really skips the dispatcher, and anything that traces or intercepts ops gets the
+custom op. Also torch.library.opcheck on every Triton custom op (schema, autograd registration,
+fake implementation against the real one, AOT dispatch)."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastbert
+from fastbert import _library, sparsity
+from fastbert._library import eager_call, fast_ops
+from fastbert.testing import DEVICE, rand
+
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not fastbert.backends.interpreter_enabled(),
+                                reason="Triton kernels on CPU need TRITON_INTERPRET=1")
+
+FAST_OPS = {op.name: op for op in fast_ops()}
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+# Each case: (make inputs, run the public op on them) -> output; gradients flow to every leaf.
+def _sdpa(g):
+    q, k, v = _leaves(rand((2, 3, 17, 40)), rand((2, 3, 9, 40)), rand((2, 3, 9, 40)))
+    bias = _leaves(rand((1, 3, 17, 9)))[0]
+    out = fastbert.scaled_dot_product_attention(q, k, v, bias, dropout_p=0.3, backend="triton")
+    return out, [q, k, v, bias]
+
+
+def _varlen(g):
+    q, k, v = _leaves(rand((12, 2, 16)), rand((12, 2, 16)), rand((12, 2, 16)))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    out = fastbert.varlen_attention(q, k, v, cu, cu, 7, 7, dropout_p=0.2, is_causal=True,
+                                    backend="triton")
+    return out, [q, k, v]
+
+
+def _block_sparse(g):
+    q, k, v = _leaves(rand((1, 2, 40, 16)), rand((1, 2, 40, 16)), rand((1, 2, 40, 16)))
+    layout = sparsity.sliding_window(40, 16, window=1)
+    out = fastbert.block_sparse_attention(q, k, v, layout, 16, dropout_p=0.2, backend="triton")
+    return out, [q, k, v]
+
+
+def _layer_norm(g):
+    x, w, b = _leaves(rand((5, 97)), rand((97,)), rand((97,)))
+    return fastbert.layer_norm(x, (97,), w, b, backend="triton"), [x, w, b]
+
+
+def _add_layer_norm(g):
+    x, r, w, b, xb = _leaves(rand((5, 97)), rand((5, 97)), rand((97,)), rand((97,)), rand((97,)))
+    out, s = fastbert.add_layer_norm(x, r, w, b, input_bias=xb, dropout_p=0.25,
+                                     return_residual=True, backend="triton")
+    return out + s, [x, r, w, b, xb]
+
+
+def _bias_gelu(g):
+    x, b = _leaves(rand((7, 33), torch.float16), rand((33,), torch.float16))
+    return fastbert.bias_gelu(x, b, "tanh", backend="triton"), [x, b]
+
+
+CASES = {"sdpa": _sdpa, "varlen": _varlen, "block_sparse": _block_sparse, "layer_norm": _layer_norm,
+         "add_layer_norm": _add_layer_norm, "bias_gelu": _bias_gelu}
+
+
+def _run(case, seed):
+    torch.manual_seed(seed)
+    out, leaves = CASES[case](None)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_path_and_custom_op_agree_bit_for_bit(case, monkeypatch):
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    fast = _run(case, seed)
+    monkeypatch.setattr(_library, "eager_call", lambda args: False)  # every call through the op
+    slow = _run(case, seed)
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert a is not None and b is not None, f"{case}: result {i} missing"
+        assert torch.equal(a, b), f"{case}: result {i} differs between the eager path and the op"
+
+
+class _Counting:
+    """Stands in for a FastOp's custom op and counts the calls that reach it."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_calls_never_reach_the_dispatcher(case, monkeypatch):
+    counters = {}
+    for name, fop in FAST_OPS.items():
+        counters[name] = _Counting(fop.op)
+        monkeypatch.setattr(fop, "op", counters[name])
+    _run(case, 0)
+    assert sum(c.calls for c in counters.values()) == 0
+    # Under a TorchDispatchMode (selective checkpointing, FlopCounterMode) the op is called.
+    with _PassThrough():
+        _run(case, 0)
+    assert sum(c.calls for c in counters.values()) >= 2  # forward and backward
+
+
+class _PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_triton_custom_op_is_a_fast_op():
+    registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastbert::")}
+    assert registered == set(FAST_OPS) and set(OPCHECKED) <= registered
+
+
+def test_eager_call_sees_tracing_and_interception():
+    x = torch.ones(3)
+    assert eager_call((x, None, 0.5, torch.nn.Parameter(torch.ones(2))))
+    with _PassThrough():
+        assert not eager_call((x,))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert not eager_call((fake,))
+    assert not eager_call((x, fake))  # a subclass argument, outside the mode
+    seen = []
+    torch.func.grad(lambda t: (seen.append(eager_call((t,))), t.sum())[1])(x)
+    assert seen == [False]
+    compiled = torch.compile(lambda t: t + (1.0 if eager_call((t,)) else 2.0), backend="eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(x), x + 2.0)
+
+
+def test_no_grad_and_inference_calls_skip_autograd():
+    x, w, b = rand((3, 16)), rand((16,)), rand((16,))
+    w.requires_grad_(True)
+    with torch.no_grad():
+        assert fastbert.layer_norm(x, (16,), w, b, backend="triton").grad_fn is None
+    with torch.inference_mode():
+        assert fastbert.layer_norm(x, (16,), w, b, backend="triton").grad_fn is None
+    out = fastbert.layer_norm(x, (16,), w, b, backend="triton")
+    assert out.grad_fn is not None and "layer_norm_fwd" in type(out.grad_fn).__name__
+
+
+def _opcheck_args():
+    q, k, v = rand((1, 2, 17, 16)), rand((1, 2, 9, 16)), rand((1, 2, 9, 16))
+    x = rand((5, 24))
+    w, b = rand((24,)), rand((24,))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    pq, pk = rand((9, 2, 16)), rand((9, 2, 16))
+    layout = sparsity.sliding_window(17, 16, window=1).bool()
+    bias = rand((1, 2, 17, 9))
+    return {
+        "fastbert::attention_fwd": (q, k, v, bias, 0.0, False, 0.25),
+        "fastbert::varlen_attention_fwd": (pq, pk, pk.clone(), cu, cu, 5, 5, 0.0, True, 0.25),
+        "fastbert::block_sparse_attention_fwd": (q, q.clone(), q.clone(), layout, 16, None, 0.0,
+                                                  0.25),
+        "fastbert::layer_norm_fwd": (x, w, b, 1, 1e-5),
+        "fastbert::add_layer_norm_fwd": (x, x.clone(), w, b, b.clone(), 1e-5, 0.0, True),
+        "fastbert::gelu_fwd": (x, b, "none"),
+    }
+
+
+OPCHECKED = ["fastbert::attention_fwd", "fastbert::varlen_attention_fwd",
+             "fastbert::block_sparse_attention_fwd", "fastbert::layer_norm_fwd",
+             "fastbert::add_layer_norm_fwd", "fastbert::gelu_fwd"]
+
+
+@pytest.mark.parametrize("name", OPCHECKED, ids=lambda n: n.split("::")[1])
+def test_opcheck(name):
+    args = _opcheck_args()[name]
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
+    torch.library.opcheck(FAST_OPS[name].op, args)
