@@ -1008,8 +1008,8 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
             HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=warps, num_stages=stages)
 
-    key = lambda: _tune_key(q, d, dv, mask_kind, dropout_p, is_causal, is_varlen,  # noqa: E731
-                            seqlen_q, seqlen_k)
+    key = lambda: _tune_key((q, k, v), d, dv, mask_kind, dropout_p, is_causal,  # noqa: E731
+                            is_varlen, seqlen_q, seqlen_k)
     launch(_tuned_config("fwd", key, default, q.device, _block_dim(d), _block_dim(dv),
                          q.element_size(), launch))
 
@@ -1037,8 +1037,8 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             out, do, delta, cu_q, *o_strides, *do_strides, *l_strides[:3], heads, num_m, seqlen_q,
             HEAD_DIM_V=dvd, BLOCK_M=pre_bm, BLOCK_DV=bdv, IS_VARLEN=is_varlen, num_warps=4)
 
-    key = lambda: _tune_key(q, d, dvd, mask_kind, dropout_p, is_causal, is_varlen,  # noqa: E731
-                            seqlen_q, seqlen_k)
+    key = lambda: _tune_key((q, k, v, do), d, dvd, mask_kind, dropout_p, is_causal,  # noqa: E731
+                            is_varlen, seqlen_q, seqlen_k)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
@@ -1073,14 +1073,17 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
     return delta
 
 
-def _tune_key(q: Tensor, d: int, dv: int, mask_kind: int, dropout_p: float, is_causal: bool,
-              is_varlen: bool, seqlen_q: int, seqlen_k: int) -> Tuple:
+def _tune_key(tensors: Sequence[Tensor], d: int, dv: int, mask_kind: int, dropout_p: float,
+              is_causal: bool, is_varlen: bool, seqlen_q: int, seqlen_k: int) -> Tuple:
     """What the best tiles depend on, for the autotuning cache (lengths rounded up to a power of
-    two, capped at 16384)."""
+    two, capped at 16384; which of the operands have rows that are not contiguous along the head
+    dim, since those loads cannot be vectorised)."""
+    q = tensors[0]
+    strided = "".join(str(int(t.stride(-1) != 1 and t.shape[-1] > 1)) for t in tensors)
     return (f"D{d}x{dv}", f"e{q.element_size()}", f"mask{mask_kind}", f"drop{int(dropout_p > 0.0)}",
             f"causal{int(is_causal)}", f"varlen{int(is_varlen)}",
             f"Lq{triton.next_power_of_2(min(max(seqlen_q, 1), 16384))}",
-            f"Lk{triton.next_power_of_2(min(max(seqlen_k, 1), 16384))}")
+            f"Lk{triton.next_power_of_2(min(max(seqlen_k, 1), 16384))}", f"strided{strided}")
 
 
 def attention_out_layout(like: Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> Tensor:

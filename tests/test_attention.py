@@ -1313,6 +1313,16 @@ def test_autotune_cache_file_round_trip(tmp_path, monkeypatch):
     kernels._load_tuned(str(tmp_path / "missing.json"))
 
 
+def test_autotune_key_tells_strided_head_dims_apart():
+    q = torch.empty(2, 3, 17, 40)
+    k_strided = torch.empty(2, 3, 40, 9).transpose(-1, -2)  # head dim not contiguous
+    v = torch.empty(2, 9, 3, 40).transpose(1, 2)             # (B, L, H, D) view: head dim contiguous
+    args = (40, 40, kernels.MASK_NONE, 0.0, False, False, 17, 9)
+    plain = kernels._tune_key((q, q[:, :, :9], v), *args)
+    strided = kernels._tune_key((q, k_strided, v), *args)
+    assert plain[-1] == "strided000" and strided[-1] == "strided010" and plain[:-1] == strided[:-1]
+
+
 @pytest.mark.cuda
 def test_autotune_on_gpu(tmp_path, monkeypatch):
     """FASTBERT_AUTOTUNE=1: the first call times candidates and writes the cache file; results stay
