@@ -62,7 +62,8 @@ def _poisoned(fn):
     def wrapper(*args, **kwargs):
         t = fn(*args, **kwargs)
         if t.is_floating_point():
-            t.fill_(float("nan"))
+            with torch.no_grad():  # torch.empty(..., requires_grad=True) gives a leaf
+                t.fill_(float("nan"))
         return t
 
     return wrapper

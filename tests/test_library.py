@@ -178,3 +178,73 @@ def test_opcheck(name):
     args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
                  else a for a in args)
     torch.library.opcheck(FAST_OPS[name].op, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation checkpointing: the eager path recomputes with the same dropout mask; selective
+# checkpointing (a TorchDispatchMode) sees fastbert's ops by name and can keep their outputs.
+# ----------------------------------------------------------------------------------------------
+def _dropout_attention(q, k, v):
+    return fastbert.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="triton")
+
+
+def _counting_forward_kernel(monkeypatch):
+    from fastbert.kernels import attention as kern
+
+    calls = []
+    real = kern.attention_fwd
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(kern, "attention_fwd", counted)
+    return calls
+
+
+def _grads_of(fn, leaves, dy, seed):
+    torch.manual_seed(seed)
+    xs = _leaves(*leaves)
+    out = fn(*xs)
+    out.backward(dy)
+    return [out.detach()] + [x.grad for x in xs]
+
+
+def test_checkpoint_recomputes_the_same_dropout_mask(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    leaves = (rand((1, 2, 17, 16)), rand((1, 2, 9, 16)), rand((1, 2, 9, 16)))
+    dy = rand((1, 2, 17, 16))
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    plain = _grads_of(_dropout_attention, leaves, dy, seed)
+    calls = _counting_forward_kernel(monkeypatch)
+    ckpt = _grads_of(lambda *x: checkpoint(_dropout_attention, *x, use_reentrant=False),
+                     leaves, dy, seed)
+    assert len(calls) == 2  # the forward ran again in the backward pass
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
+def test_selective_checkpointing_sees_and_saves_the_attention_op(monkeypatch):
+    from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                        create_selective_checkpoint_contexts)
+
+    seen = []
+
+    def policy(ctx, op, *args, **kwargs):
+        if op is torch.ops.fastbert.attention_fwd.default:
+            seen.append(op)
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    leaves = (rand((1, 2, 17, 16)), rand((1, 2, 9, 16)), rand((1, 2, 9, 16)))
+    dy = rand((1, 2, 17, 16))
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    plain = _grads_of(_dropout_attention, leaves, dy, seed)
+    calls = _counting_forward_kernel(monkeypatch)
+    sac = _grads_of(lambda *x: checkpoint(
+        _dropout_attention, *x, use_reentrant=False,
+        context_fn=lambda: create_selective_checkpoint_contexts(policy)), leaves, dy, seed)
+    assert seen and len(calls) == 1  # saved, not recomputed
+    for a, b in zip(plain, sac):
+        assert torch.equal(a, b)
