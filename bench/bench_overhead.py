@@ -68,7 +68,7 @@ def cases(device: str) -> Dict[str, Dict[str, Callable]]:
         return make
 
     def block_sparse(backend):
-        layout = fastbert.sparsity.sliding_window(64, 16, window=1)
+        layout = fastbert.sparsity.sliding_window(64, 16, window=1).to(device)
 
         def make(grad):
             q, k, v = (t(1, 2, 64, 64, grad=grad) for _ in range(3))
