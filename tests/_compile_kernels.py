@@ -91,6 +91,7 @@ class Result:
     spill_loads: int = 0
     warnings: List[str] = field(default_factory=list)
     error: str = ""
+    mma: str = ""                # tensor-core instructions in the PTX: "wgmma", "mma", or ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,6 +138,16 @@ _RE_REGS = re.compile(r"Used (\d+) registers")
 _RE_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def mma_kind(ptx: str) -> str:
+    """Which tensor-core instructions the kernel issues: "wgmma" (Hopper's asynchronous warpgroup
+    MMA, what sm_90 needs for full speed), "mma" (the Ampere-style warp mma.sync), or ""."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return ""
+
+
 def compile_case(case: Case) -> Result:
     res = Result(case.family, case.name, ok=False)
     t0 = time.perf_counter()
@@ -151,6 +162,7 @@ def compile_case(case: Case) -> Result:
         res.error = f"{type(exc).__name__}: " + " | ".join(msg[-12:])[:2000]
         return res
     res.shared = int(compiled.metadata.shared)
+    res.mma = mma_kind(compiled.asm["ptx"])
     arch, smem_limit = ARCHS[case.cc]
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
@@ -308,7 +320,8 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
 
 
 def attention_cases() -> List[Case]:
-    """sm_90: every variant at fp16, every dtype, head dims 40 / 128 / 256. sm_80 (its own tables):
+    """sm_90: every variant at fp16, every dtype, head dims 40 / 128 / 256 (128 also plain: the
+    shape of the issue's H100 throughput targets). sm_80 (its own tables):
     float mask + dropout at fp16, fp32, head dims 128 / 256 (bf16)."""
     kinds = ("fwd", "bwd_dkdv", "bwd_dq")
     causal, bool_mask = dict(causal=True), dict(mask="bool")
@@ -317,7 +330,7 @@ def attention_cases() -> List[Case]:
     heavy = dict(mask="bool", dropout=True)
     specs = {90: [("fp16", 64, causal), ("fp16", 64, bool_mask), ("fp16", 64, float_drop),
                   ("fp16", 64, varlen), ("bf16", 64, causal), ("fp32", 64, causal),
-                  ("fp16", 40, {}), ("fp16", 128, heavy), ("fp16", 256, causal)],
+                  ("fp16", 40, {}), ("fp16", 128, {}), ("fp16", 128, heavy), ("fp16", 256, causal)],
              80: [("fp16", 64, float_drop), ("fp32", 64, causal),
                   ("fp16", 128, heavy), ("bf16", 256, causal)]}
     cases = []
@@ -601,7 +614,8 @@ def _report(results) -> List[Result]:
         out.append(r)
         spill = f" spills {r.spill_stores}/{r.spill_loads} B" if r.spill_stores or r.spill_loads else ""
         status = "ok  " if r.ok else "FAIL"
-        print(f"{status} {r.family}/{r.name}: smem {r.shared} B, {r.registers} regs{spill}"
+        mma = f", {r.mma}" if r.mma else ""
+        print(f"{status} {r.family}/{r.name}: smem {r.shared} B, {r.registers} regs{mma}{spill}"
               f"{' [' + '; '.join(r.warnings) + ']' if r.warnings else ''} ({r.seconds:.1f}s)"
               f"{'  ' + r.error if r.error else ''}", flush=True)
     return out

@@ -51,3 +51,25 @@ def test_kernels_compile_for_sm90_and_sm80(compile_results, family):
     assert not failed, f"{len(failed)}/{len(mine)} {family} kernels failed:\n" + "\n".join(failed)
     if family == FAMILIES[-1]:
         assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_attention_forward_kernels_use_the_architectures_tensor_cores(compile_results):
+    """A 16-bit attention forward must issue Hopper's wgmma on sm_90 (where its tile has the 64
+    rows a warpgroup MMA needs) and mma.sync on sm_80: a change that quietly drops to a slower
+    instruction (or to FMA) would otherwise show first as a benchmark regression on a GPU."""
+    import re
+
+    results, _ = compile_results
+    checked = []
+    for r in results:
+        name = r["name"]
+        if (r["family"] not in ("attention", "block_sparse_attention") or "-fwd-" not in name
+                or not ("-fp16" in name or "-bf16" in name) or not r["ok"]):
+            continue
+        block_m = int(re.search(r"-BM(\d+)-", name).group(1))
+        if name.startswith("sm90") and block_m >= 64:
+            assert r["mma"] == "wgmma", f"{name}: {r['mma'] or 'no tensor-core'} instructions"
+        elif name.startswith("sm80"):
+            assert r["mma"] == "mma", f"{name}: {r['mma'] or 'no tensor-core'} instructions"
+        checked.append(name)
+    assert len(checked) >= 8, checked
