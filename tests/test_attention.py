@@ -546,6 +546,9 @@ def test_triton_reasons_32bit_slices():
     q = torch.empty((1, 1, 70000, 64), dtype=F16, device="meta")
     assert any("attn_mask" in r for r in _sdpa_triton_reasons(query=q, key=q, value=q,
                                                                attn_mask=mask))
+    for broadcast in ((1, 1, 1, 70000), (70000, 1), (70000,)):  # one row or column, read again
+        m = torch.empty(broadcast, dtype=torch.bool, device="meta")
+        assert _sdpa_triton_reasons(query=q, key=q, value=q, attn_mask=m) == []
     packed = torch.empty((10, 16, 128), dtype=F16, device="meta")
     assert _varlen_triton_reasons(q=packed, k=packed, v=packed, max_seqlen_q=10,
                                   max_seqlen_k=10) == []

@@ -248,3 +248,27 @@ def test_selective_checkpointing_sees_and_saves_the_attention_op(monkeypatch):
     assert seen and len(calls) == 1  # saved, not recomputed
     for a, b in zip(plain, sac):
         assert torch.equal(a, b)
+
+
+def test_torch_export_keeps_one_op_per_pass():
+    """torch.export traces the custom ops (fake tensors), and the exported program runs them."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = fastbert.nn.LayerNorm(32, backend="triton")
+
+        def forward(self, q, k, v, mask):
+            o = fastbert.scaled_dot_product_attention(q, k, v, mask, backend="triton")
+            return self.norm(o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+
+    block = Block()
+    q, k, v = (rand((2, 2, 9, 16)) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., 5:] = False
+    program = torch.export.export(block, (q, k, v, mask))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("fastbert.attention_fwd.default") == 1
+    assert targets.count("fastbert.layer_norm_fwd.default") == 1
+    assert not any("expand" in t for t in targets), targets  # no stray ops from argument checks
+    assert torch.equal(program.module()(q, k, v, mask), block(q, k, v, mask))

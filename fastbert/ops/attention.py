@@ -211,8 +211,11 @@ def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
     lk = key.shape[2]
     spans = [("query", _span(query, (2, 3))), ("key", _span(key, (2, 3))),
              ("value", _span(value, (2, 3))), ("the output", lq * h * value.shape[-1])]
-    if attn_mask is not None:
-        spans.append(("attn_mask", _span(attn_mask.expand(b, h, lq, lk), (2, 3))))
+    if attn_mask is not None:  # broadcast dims are read with stride 0
+        m_lq, m_lk = (attn_mask.shape[-2] if attn_mask.dim() > 1 else 1), attn_mask.shape[-1]
+        m_sq = attn_mask.stride(-2) if attn_mask.dim() > 1 and m_lq > 1 else 0
+        m_sk = attn_mask.stride(-1) if m_lk > 1 else 0
+        spans.append(("attn_mask", (lq - 1) * abs(m_sq) + (lk - 1) * abs(m_sk)))
     return reasons + _span_reasons(spans)
 
 
