@@ -26,6 +26,7 @@ __all__ = [
     "attention_probs",
     "scaled_dot_product_attention",
     "varlen_attention",
+    "repeat_kv_heads",
     "block_sparse_attention",
     "linformer_attention",
     "layout_to_mask",
@@ -101,6 +102,7 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    enable_gqa: bool = False,
     *,
     dropout_mask: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
@@ -110,17 +112,28 @@ def scaled_dot_product_attention(
     Shapes: query (..., Lq, D), key (..., Lk, D), value (..., Lk, Dv) -> (..., Lq, Dv); in
     fastbert the leading dims are (B, H). ``attn_mask`` broadcasts to (..., Lq, Lk): bool is True
     where a key takes part, float is added to the scores. ``is_causal`` keeps key j for query i
-    iff j <= i (top-left aligned). ``scale`` defaults to 1/sqrt(D).
+    iff j <= i (top-left aligned). ``scale`` defaults to 1/sqrt(D). ``enable_gqa``: key and value
+    may have fewer heads (dim -3) than query, a divisor of its count; query head h then uses key /
+    value head h // (H / Hkv) (grouped-query attention, as torch's ``enable_gqa``).
 
     Unlike torch, a query row whose every key is masked out returns 0 (and gets zero gradient)
     instead of NaN. ``dropout_mask`` (bool, broadcastable to (..., Lq, Lk), True = keep) fixes
     which attention probabilities dropout keeps.
     """
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        key, value = repeat_kv_heads(key, value, query.shape[-3], dim=-3)
     cdt = _compute_dtype(query, compute_dtype)
     probs = attention_probs(query, key, attn_mask, is_causal, scale, compute_dtype=cdt)
     probs = _apply_dropout(probs, dropout_p, dropout_mask)
     out = torch.matmul(probs, value.to(cdt))  # [..., Lq, Lk] @ [..., Lk, Dv] -> [..., Lq, Dv]
     return out.to(query.dtype)
+
+
+def repeat_kv_heads(key: Tensor, value: Tensor, num_heads: int, dim: int) -> Tuple[Tensor, Tensor]:
+    """Key and value with each of their heads (along ``dim``) repeated to ``num_heads`` query heads:
+    head h of the result is head h // (num_heads / Hkv) of the input (grouped-query attention)."""
+    group = num_heads // key.shape[dim]
+    return key.repeat_interleave(group, dim=dim), value.repeat_interleave(group, dim=dim)
 
 
 def varlen_attention(
@@ -142,8 +155,11 @@ def varlen_attention(
     Shapes: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv), cu_seqlens_* (N + 1,) int32
     cumulative lengths starting at 0 -> (total_q, H, Dv). Sequence i owns rows
     ``cu_seqlens[i]:cu_seqlens[i+1]``; causal is top-left aligned within each sequence.
-    ``max_seqlen_*`` are accepted for API compatibility; the reference does not need them.
+    ``max_seqlen_*`` are accepted for API compatibility; the reference does not need them. k and
+    v may have fewer heads than q, a divisor of its count (grouped-query attention).
     """
+    if k.shape[1] != q.shape[1]:
+        k, v = repeat_kv_heads(k, v, q.shape[1], dim=1)
     outs = []
     n = cu_seqlens_q.numel() - 1
     cq = cu_seqlens_q.tolist()

@@ -186,7 +186,8 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_lm, stride_ls,   # Stats: (batch, head, row) and m -> log2(l)
-    num_heads,
+    num_heads,                # query heads H
+    kv_group,                 # query heads per key / value head (GQA; 1: as many K/V heads as H)
     num_m_blocks,             # query blocks per (batch, head): cdiv(Lq or max_seqlen_q, BLOCK_M)
     seqlen_q, seqlen_k,       # dense: Lq, Lk; varlen: max_seqlen_q, max_seqlen_k (dropout offsets)
     sm_scale_log2,            # scale * log2(e)
@@ -216,8 +217,9 @@ def _attention_fwd_kernel(
     q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
               + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BM, BD]
-    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kn
-    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vn
+    hk64 = (pid_h // kv_group).to(tl.int64)                   # the key / value head
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_m, tl.int64) * stride_mm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k  # [BM] int64
 
@@ -380,8 +382,9 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_lb, stride_lh, stride_lm, stride_ls,
-    num_heads,
-    num_n_blocks,             # key blocks per (batch, head): cdiv(Lk or max_seqlen_k, BLOCK_N)
+    num_heads,                # query heads H
+    kv_group,                 # query heads per key / value head: each program loops over them
+    num_n_blocks,             # key blocks per (batch, K/V head): cdiv(Lk or max_seqlen_k, BLOCK_N)
     seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
     dropout_p,                # drop probability (used when HAS_DROPOUT)
@@ -391,7 +394,7 @@ def _attention_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    block_n, pid_h, pid_b = _program_tile(num_n_blocks, num_heads, False)
+    block_n, pid_hk, pid_b = _program_tile(num_n_blocks, num_heads // kv_group, False)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
                                                       seqlen_k, IS_VARLEN)
     start_n = block_n * BLOCK_N
@@ -399,25 +402,19 @@ def _attention_bwd_dkdv_kernel(
         return
 
     b64 = pid_b.to(tl.int64)
-    h64 = pid_h.to(tl.int64)
+    hk64 = pid_hk.to(tl.int64)                                # the key / value head
     col0 = k_start + tl.cast(start_n, tl.int64)               # first key of the block in the tensor
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = start_n + offs_n                                   # [BN] key indices in the sequence
     col_ok = cols < len_k
-    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + col0 * stride_kn
+    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + col0 * stride_kn
                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)       # [BN, BD]
-    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + col0 * stride_vn
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + col0 * stride_vn
                 + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)    # [BN, BDV]
-    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
-    do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
-    stats_base = Stats + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
-    delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
-    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_n, tl.int64) * stride_mn
-    rng_cols = (b64 * num_heads + h64) * seqlen_q * seqlen_k + cols.to(tl.int64)   # [BN]
 
     seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -430,24 +427,36 @@ def _attention_bwd_dkdv_kernel(
     else:
         lo = 0
         mid = 0
-    for start_m in range(lo, mid, BLOCK_M):
-        dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base, rng_cols,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
-            len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT, True, DOT_PRECISION)
-    for start_m in range(mid, len_q, BLOCK_M):
-        dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base, rng_cols,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
-            len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT, False, DOT_PRECISION)
+    # dK / dV sum over the query heads that share this key / value head (one unless GQA), in
+    # registers: deterministic, and no (B, H, Lk, D) scratch.
+    for g in range(kv_group):
+        h64 = hk64 * kv_group + g                             # the query head
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
+        do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
+        stats_base = Stats + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
+        delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
+        mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_n, tl.int64) * stride_mn
+        rng_cols = (b64 * num_heads + h64) * seqlen_q * seqlen_k + cols.to(tl.int64)   # [BN]
+        for start_m in range(lo, mid, BLOCK_M):
+            dk, dv = _attention_bwd_dkdv_block(
+                dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
+                rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
+                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT,
+                True, DOT_PRECISION)
+        for start_m in range(mid, len_q, BLOCK_M):
+            dk, dv = _attention_bwd_dkdv_block(
+                dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
+                rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
+                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT,
+                False, DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + col0 * stride_dkn
+    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + col0 * stride_dvn
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + col0 * stride_dvn
              + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
 
@@ -517,7 +526,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dsb, stride_dsh, stride_dsm, stride_dsn,
     stride_lb, stride_lh, stride_lm, stride_ls,
-    num_heads, num_m_blocks, seqlen_q, seqlen_k,
+    num_heads, kv_group, num_m_blocks, seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
     dropout_p,                # drop probability (used when HAS_DROPOUT)
     Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
@@ -552,8 +561,9 @@ def _attention_bwd_dq_kernel(
     m2 = tl.load(Stats + l_off, mask=row_ok, other=0.0)
     log2_l = tl.load(Stats + stride_ls + l_off, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + h64 * stride_kh + k_start * stride_kn
-    v_base = V + b64 * stride_vb + h64 * stride_vh + k_start * stride_vn
+    hk64 = (pid_h // kv_group).to(tl.int64)                   # the key / value head
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + start_m64 * stride_mm
     ds_base = DS + b64 * stride_dsb + h64 * stride_dsh + start_m64 * stride_dsm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
@@ -596,7 +606,7 @@ def _attention_bwd_dmask_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm, stride_ls,
-    num_heads, seqlen_q, seqlen_k,
+    num_heads, kv_group, seqlen_q, seqlen_k,
     mask_heads,               # MH: 1 (mask broadcast over heads) or num_heads
     loop_b, loop_h,           # batch / head entries summed into one mask slice: B or 1, H or 1
     sm_scale_log2, dropout_p, Seed,
@@ -640,10 +650,11 @@ def _attention_bwd_dmask_kernel(
         do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None].to(tl.int64) * stride_dom
                      + offs_dv[None, :] * stride_dod,
                      mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)  # [BM, BDV]
-        kT = tl.load(K + b64 * stride_kb + h64 * stride_kh + cols[None, :].to(tl.int64) * stride_kn
+        hk64 = h64 // kv_group                                  # the key / value head
+        kT = tl.load(K + b64 * stride_kb + hk64 * stride_kh + cols[None, :].to(tl.int64) * stride_kn
                      + offs_d[:, None] * stride_kd,
                      mask=col_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)  # [BD, BN]
-        vT = tl.load(V + b64 * stride_vb + h64 * stride_vh + cols[None, :].to(tl.int64) * stride_vn
+        vT = tl.load(V + b64 * stride_vb + hk64 * stride_vh + cols[None, :].to(tl.int64) * stride_vn
                      + offs_dv[:, None] * stride_vd,
                      mask=col_ok[None, :] & (offs_dv < HEAD_DIM_V)[:, None], other=0.0)  # [BDV, BN]
         l_off = b64 * stride_lb + h64 * stride_lh + rows.to(tl.int64) * stride_lm
@@ -1002,7 +1013,8 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
         _attention_fwd_kernel[(num_m * heads * batch,)](
             q, k, v, mask, out, stats, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides,
-            heads, num_m, seqlen_q, seqlen_k, scale * LOG2E, float(dropout_p), seed_ptr,
+            heads, heads // k.shape[1], num_m, seqlen_q, seqlen_k, scale * LOG2E,
+            float(dropout_p), seed_ptr,
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
             BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
             HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
@@ -1040,14 +1052,17 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
     key = lambda: _tune_key((q, k, v, do), d, dvd, mask_kind, dropout_p, is_causal,  # noqa: E731
                             is_varlen, seqlen_q, seqlen_k)
 
+    kv_heads = k.shape[1]  # dense (B, Hkv, Lk, D) and packed (total, Hkv, D) alike
+
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         num_n = triton.cdiv(seqlen_k, bn)
-        if num_n * heads * batch > 0:
-            _attention_bwd_dkdv_kernel[(num_n * heads * batch,)](
+        if num_n * kv_heads * batch > 0:  # one program per key block of each K/V head
+            _attention_bwd_dkdv_kernel[(num_n * kv_heads * batch,)](
                 q, k, v, mask, do, stats, delta, dk, dv, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides,
-                *dv_strides, *l_strides, heads, num_n, seqlen_q, seqlen_k, scale, scale * LOG2E,
+                *dv_strides, *l_strides, heads, heads // kv_heads, num_n, seqlen_q, seqlen_k,
+                scale, scale * LOG2E,
                 float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                 num_stages=stages, **common)
 
@@ -1063,7 +1078,8 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             _attention_bwd_dq_kernel[(num_m * heads * batch,)](
                 q, k, v, mask, do, stats, delta, dq, ds, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides,
-                *ds_strides, *l_strides, heads, num_m, seqlen_q, seqlen_k, scale, scale * LOG2E,
+                *ds_strides, *l_strides, heads, heads // kv_heads, num_m, seqlen_q, seqlen_k,
+                scale, scale * LOG2E,
                 float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
                 num_warps=warps, num_stages=stages, **common)
 
@@ -1122,7 +1138,8 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
                   seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass.
 
-    Args: query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), any strides;
+    Args: query (B, H, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv), any strides, where
+    Hkv divides H (grouped-query attention: query head h reads key / value head h // (H / Hkv));
     attn_mask None, bool or float, broadcastable to (B, H, Lq, Lk); ``scale`` a float; ``seed``
     the dropout seed, an int64 (1,) tensor on the inputs' device (e.g. from
     ``fastbert._rng.dropout_seed``), read by the kernels on the device; ignored (may be None)
@@ -1150,7 +1167,8 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
     """Backward pass of :func:`attention_fwd` (same arguments plus its outputs).
 
     grad_out (B, H, Lq, Dv) any strides (stride 0 included). Returns dq, dk, dv in the layouts of
-    the inputs (see :func:`attention_out_layout`), and dmask: the gradient of a float
+    the inputs (see :func:`attention_out_layout`; with GQA, dk / dv sum over the query heads of
+    each group inside the kernel), and dmask: the gradient of a float
     ``attn_mask`` summed over its broadcast dims (its shape and dtype) when ``mask_grad``, else
     None. dmask needs an fp32 scratch tensor of (MB, MH, Lq, Lk), MB / MH being the mask's batch /
     head extents (1 where it broadcasts).
@@ -1159,9 +1177,10 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
     lk, dvd = key.shape[2], value.shape[-1]
     if (lq - 1) * abs(grad_out.stride(2)) + (dvd - 1) * abs(grad_out.stride(3)) >= 2 ** 31:
         grad_out = grad_out.contiguous()  # 32-bit offsets inside a (batch, head) slice
+    hkv = key.shape[1]
     dq = attention_out_layout(query, (b, h, lq, d))
-    dk = attention_out_layout(key, (b, h, lk, d))
-    dv = attention_out_layout(value, (b, h, lk, dvd))
+    dk = attention_out_layout(key, (b, hkv, lk, d))
+    dv = attention_out_layout(value, (b, hkv, lk, dvd))
     mask, m_strides, kind = _mask_args(attn_mask, (b, h, lq, lk), query)
     mask_grad = bool(mask_grad) and kind == MASK_FLOAT
     # A mask broadcast over batch and/or heads gets its gradient from its own kernel, summed over
@@ -1213,7 +1232,8 @@ def _launch_bwd_dmask(do, q, k, v, stats, delta, mask, dmask, m_strides, l_strid
     _attention_bwd_dmask_kernel[grid](
         q, k, v, mask, do, stats, delta, dmask,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *do.stride(), *l_strides,
-        heads, seqlen_q, seqlen_k, mh, batch if mb == 1 else 1, heads if mh == 1 else 1,
+        heads, heads // k.shape[1], seqlen_q, seqlen_k, mh, batch if mb == 1 else 1,
+        heads if mh == 1 else 1,
         scale * LOG2E, float(dropout_p), seed_arg(seed, dropout_p, q),
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
         BLOCK_DV=_block_dim(dv), IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
@@ -1226,7 +1246,8 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass over packed sequences.
 
-    Args: q (total_q, H, D), k (total_k, H, D), v (total_k, H, Dv), any strides; cu_seqlens_*
+    Args: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) with Hkv dividing H (GQA),
+    any strides; cu_seqlens_*
     (N + 1,) int32/int64 on the tensors' device; max_seqlen_* upper bounds of the lengths (they
     size the grid and the dropout offsets); ``seed`` as in :func:`attention_fwd`.
 

@@ -210,7 +210,7 @@ def _dense_strides(h, l, d):
 
 
 def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", causal: bool = False,
-                    dropout: bool = False, varlen: bool = False) -> Case:
+                    dropout: bool = False, varlen: bool = False, kv_group: int = 1) -> Case:
     dtype = DTYPES[dt]
     mask_kind = {"none": att.MASK_NONE, "bool": att.MASK_BOOL, "float": att.MASK_FLOAT}[mask]
     if varlen:
@@ -244,16 +244,16 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
                        CuSeqlensQ=cu, CuSeqlensK=cu)
         for pre in ("q", "k", "v", "o"):
             strides.update(zip((f"stride_{pre}{s}" for s in "bhmd"), qkv))
-        extra = dict(num_heads=heads, num_m_blocks=triton.cdiv(seqlen, bm), seqlen_q=seqlen,
-                     seqlen_k=seqlen, sm_scale_log2=0.18, **rng)
+        extra = dict(num_heads=heads, kv_group=kv_group, num_m_blocks=triton.cdiv(seqlen, bm),
+                     seqlen_q=seqlen, seqlen_k=seqlen, sm_scale_log2=0.18, **rng)
     elif kind == "bwd_dkdv":
         kernel = att._attention_bwd_dkdv_kernel
         tensors = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Mask=mask_ptr, DO=ptr(dt), Stats=ptr("fp32"),
                        Delta=ptr("fp32"), DK=ptr(dt), DV=ptr(dt), CuSeqlensQ=cu, CuSeqlensK=cu)
         for pre in ("q", "k", "v", "do", "dk", "dv"):
             strides.update(zip((f"stride_{pre}{s}" for s in "bhmd"), qkv))
-        extra = dict(num_heads=heads, num_n_blocks=triton.cdiv(seqlen, bn), seqlen_q=seqlen,
-                     seqlen_k=seqlen, sm_scale=0.125, sm_scale_log2=0.18, **rng)
+        extra = dict(num_heads=heads, kv_group=kv_group, num_n_blocks=triton.cdiv(seqlen, bn),
+                     seqlen_q=seqlen, seqlen_k=seqlen, sm_scale=0.125, sm_scale_log2=0.18, **rng)
     elif kind == "bwd_dq":
         kernel = att._attention_bwd_dq_kernel
         store_ds = mask == "float"  # dS only for a float mask that needs its gradient
@@ -264,8 +264,9 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
             strides.update(zip((f"stride_{pre}{s}" for s in "bhmd"), qkv))
         ds = (_H * _L * _L, _L * _L, _L, 1) if store_ds else (0, 0, 0, 0)
         strides.update(zip(("stride_dsb", "stride_dsh", "stride_dsm", "stride_dsn"), ds))
-        extra = dict(num_heads=heads, num_m_blocks=triton.cdiv(seqlen, bm), seqlen_q=seqlen,
-                     seqlen_k=seqlen, sm_scale=0.125, sm_scale_log2=0.18, STORE_DS=store_ds, **rng)
+        extra = dict(num_heads=heads, kv_group=kv_group, num_m_blocks=triton.cdiv(seqlen, bm),
+                     seqlen_q=seqlen, seqlen_k=seqlen, sm_scale=0.125, sm_scale_log2=0.18,
+                     STORE_DS=store_ds, **rng)
     else:
         raise ValueError(kind)
     # the kernels name the k/v/dk/dv token stride "n", the q/o/do/dq one "m"
@@ -276,7 +277,8 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     strides.update(zip(("stride_lb", "stride_lh", "stride_lm", "stride_ls"), l_strides))
     args = {**tensors, **strides, **extra, **common}
     variant = "-".join(f for f, on in (("causal", causal), (f"{mask}mask", mask != "none"),
-                                       ("dropout", dropout), ("varlen", varlen)) if on) or "plain"
+                                       ("dropout", dropout), ("varlen", varlen),
+                                       (f"gqa{kv_group}", kv_group > 1)) if on) or "plain"
     name = f"sm{cc}-{kind}-D{d}-{dt}-{variant}-BM{bm}-BN{bn}-w{warps}-s{stages}"
     return Case("attention", name, kernel, args, warps, stages, cc)
 
@@ -310,7 +312,7 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
     args.update(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), (0, 0, _L, 1)))
     args.update(zip(("stride_lb", "stride_lh", "stride_lm", "stride_ls"),
                     att._stats_strides((_B, _H, _L))))
-    args.update(num_heads=_H, seqlen_q=_L, seqlen_k=_L, mask_heads=1, loop_b=_B, loop_h=_H,
+    args.update(num_heads=_H, kv_group=1, seqlen_q=_L, seqlen_k=_L, mask_heads=1, loop_b=_B, loop_h=_H,
                 sm_scale_log2=0.18, dropout_p=0.1, Seed=ptr("i64") if dropout else ptr(dt),
                 HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd,
                 IS_CAUSAL=causal, HAS_DROPOUT=dropout, DOT_PRECISION=att._dot_precision(dtype))
@@ -321,17 +323,19 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
 
 def attention_cases() -> List[Case]:
     """sm_90: every variant at fp16, every dtype, head dims 40 / 128 / 256 (128 also plain: the
-    shape of the issue's H100 throughput targets). sm_80 (its own tables):
+    shape of the issue's H100 throughput targets; and grouped-query). sm_80 (its own tables): GQA,
     float mask + dropout at fp16, fp32, head dims 128 / 256 (bf16)."""
     kinds = ("fwd", "bwd_dkdv", "bwd_dq")
     causal, bool_mask = dict(causal=True), dict(mask="bool")
     float_drop = dict(mask="float", dropout=True)
     varlen = dict(causal=True, dropout=True, varlen=True)
     heavy = dict(mask="bool", dropout=True)
+    gqa = dict(causal=True, kv_group=4)  # 12 query heads on 3 key / value heads
     specs = {90: [("fp16", 64, causal), ("fp16", 64, bool_mask), ("fp16", 64, float_drop),
                   ("fp16", 64, varlen), ("bf16", 64, causal), ("fp32", 64, causal),
-                  ("fp16", 40, {}), ("fp16", 128, {}), ("fp16", 128, heavy), ("fp16", 256, causal)],
-             80: [("fp16", 64, float_drop), ("fp32", 64, causal),
+                  ("fp16", 40, {}), ("fp16", 128, {}), ("fp16", 128, heavy), ("fp16", 256, causal),
+                  ("bf16", 128, gqa)],
+             80: [("fp16", 64, float_drop), ("fp32", 64, causal), ("fp16", 64, gqa),
                   ("fp16", 128, heavy), ("bf16", 256, causal)]}
     cases = []
     for cc, cc_specs in specs.items():

@@ -29,8 +29,12 @@ def test_sdpa_bad_inputs():
         sdpa(q, k[..., :4], v)
     with pytest.raises(ValueError, match="key .* and value"):
         sdpa(q, k, v[:, :, :3])
-    with pytest.raises(ValueError, match="same batch and head"):
+    with pytest.raises(ValueError, match="same batch dim"):
         sdpa(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="enable_gqa=True"):  # fewer K/V heads need the flag
+        sdpa(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="divide"):
+        sdpa(q, k[:, :2], v[:, :2], enable_gqa=True)
     with pytest.raises(ValueError, match="attn_mask of shape"):
         sdpa(q, k, v, attn_mask=torch.ones(2, 3, 5, 6, dtype=torch.bool))
     with pytest.raises(TypeError, match="attn_mask must be a bool tensor"):
@@ -76,6 +80,9 @@ def test_varlen_bad_inputs():
         va(q, q, q, cu, cu, 6, 6.0)
     with pytest.raises(ValueError, match="1-D with batch"):
         va(q, q, q, cu[:1], cu[:1], 6, 6)
+    q3 = torch.randn(10, 3, d)  # 3 query heads cannot share 2 key / value heads
+    with pytest.raises(ValueError, match="divide"):
+        va(q3, q, q, cu, cu, 6, 6)
 
 
 def test_block_sparse_bad_inputs():

@@ -41,12 +41,14 @@ def _case_id(b, h, lq, lk, d, dtype, causal=False, extra=""):
     return s + (f"-{extra}" if extra else "")
 
 
-def _leaves(b, h, lq, lk, d, dv, dtype, layout):
-    """q, k, v leaves in their storage layout; ``_views`` turns them into (B, H, L, D)."""
+def _leaves(b, h, lq, lk, d, dv, dtype, layout, hkv=None):
+    """q, k, v leaves in their storage layout; ``_views`` turns them into (B, H, L, D). ``hkv``:
+    key / value heads (grouped-query attention), default ``h``."""
+    hkv = h if hkv is None else hkv
     if layout == "blhd":  # (B, L, H, D) storage, the layout a fused QKV projection produces
-        shapes = [(b, lq, h, d), (b, lk, h, d), (b, lk, h, dv)]
+        shapes = [(b, lq, h, d), (b, lk, hkv, d), (b, lk, hkv, dv)]
     else:
-        shapes = [(b, h, lq, d), (b, h, lk, d), (b, h, lk, dv)]
+        shapes = [(b, h, lq, d), (b, hkv, lk, d), (b, hkv, lk, dv)]
     return [rand(s, dtype, requires_grad=True, noncontiguous=(layout == "strided")) for s in shapes]
 
 
@@ -61,10 +63,12 @@ def _clone_leaf(t, dtype=None):
     return c.requires_grad_(t.requires_grad)
 
 
-def _run_sdpa(leaves, layout, mask, causal, dropout_p=0.0, scale=None):
+def _run_sdpa(leaves, layout, mask, causal, dropout_p=0.0, scale=None, gqa=False,
+              backend="triton"):
     q, k, v = _views(leaves, layout)
     return fastbert.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                 is_causal=causal, scale=scale, backend="triton")
+                                                 is_causal=causal, scale=scale, enable_gqa=gqa,
+                                                 backend=backend)
 
 
 def _grads(out, leaves, mask, dout):
@@ -73,10 +77,10 @@ def _grads(out, leaves, mask, dout):
 
 
 def _check_sdpa(leaves, layout, mask=None, causal=False, dropout_p=0.0, dropout_mask=None,
-                scale=None):
+                scale=None, gqa=False, backend="triton"):
     """Output and every gradient (q, k, v, and the mask when it requires grad) vs fp64."""
     dtype = leaves[0].dtype
-    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale)
+    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale, gqa, backend)
     dout = rand(out.shape, dtype)
     grads = _grads(out, leaves, mask, dout)
 
@@ -84,13 +88,13 @@ def _check_sdpa(leaves, layout, mask=None, causal=False, dropout_p=0.0, dropout_
     ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
     ref_mask = _clone_leaf(mask, mask_dtype64)
     ref = reference.scaled_dot_product_attention(*_views(ref_leaves, layout), ref_mask, dropout_p,
-                                                 causal, scale, dropout_mask=dropout_mask)
+                                                 causal, scale, gqa, dropout_mask=dropout_mask)
     ref_grads = _grads(ref, ref_leaves, ref_mask, dout.double())
 
     low_leaves = [_clone_leaf(t) for t in leaves]
     low_mask = _clone_leaf(mask)
     low = reference.scaled_dot_product_attention(*_views(low_leaves, layout), low_mask, dropout_p,
-                                                 causal, scale, dropout_mask=dropout_mask,
+                                                 causal, scale, gqa, dropout_mask=dropout_mask,
                                                  compute_dtype=dtype)
     low_grads = _grads(low, low_leaves, low_mask, dout)
 
@@ -133,6 +137,58 @@ def test_sdpa_shapes(b, h, lq, lk, d, dv, dtype, causal, layout):
     out, _ = _check_sdpa(leaves, layout, causal=causal)
     if layout == "blhd" and h > 1 and lq > 1:  # the output keeps the (B, L, H, D) storage
         assert out.transpose(1, 2).is_contiguous()
+
+
+GQA_SHAPES = [
+    # b, h, hkv, lq, lk, d, dtype, causal, layout
+    (2, 4, 2, 17, 33, 40, F16, False, "bhld"),
+    (1, 6, 1, 33, 17, 64, F32, True, "blhd"),      # multi-query: one key / value head
+    (2, 4, 2, 17, 97, 80, F16, True, "strided"),
+    (1, 6, 3, 20, 20, 96, F32, False, "blhd"),
+]
+
+
+@pytest.mark.parametrize(
+    "b,h,hkv,lq,lk,d,dtype,causal,layout",
+    [pytest.param(*s, id=_case_id(s[0], s[1], s[3], s[4], s[5], s[6], s[7], f"Hkv{s[2]}-{s[8]}"))
+     for s in GQA_SHAPES])
+def test_sdpa_gqa(b, h, hkv, lq, lk, d, dtype, causal, layout):
+    """Grouped-query attention (enable_gqa): key / value read in place; dk / dv sum over each
+    group's query heads inside the kernel."""
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, layout, hkv=hkv)
+    _, grads = _check_sdpa(leaves, layout, causal=causal, gqa=True)
+    assert grads[1].shape == leaves[1].shape and grads[2].shape == leaves[2].shape
+
+
+@pytest.mark.parametrize("shape_code", ["B11K", "1HQK", "BHQK"])
+def test_sdpa_gqa_with_masks_and_dropout(shape_code, fresh_seed):
+    """GQA with a trainable bias (per query head, or broadcast) and dropout, exact against the
+    reference with the kernel's keep-mask (drawn per query head)."""
+    b, h, hkv, lq, lk, d, p = 2, 4, 2, 17, 33, 16, 0.3
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld", hkv=hkv)
+    mask = (_make_mask("float", _mask_shape(shape_code, b, h, lq, lk), F32) * 0.5).requires_grad_()
+    q, k, v = (t.detach() for t in leaves)
+    torch.manual_seed(fresh_seed)
+    _, _, seed = torch.ops.fastbert.attention_fwd(q, k, v, mask.detach(), p, False, d ** -0.5)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
+    torch.manual_seed(fresh_seed)
+    _, grads = _check_sdpa(leaves, "bhld", mask=mask, dropout_p=p, dropout_mask=keep, gqa=True)
+    assert grads[3].shape == mask.shape
+
+
+def test_sdpa_gqa_arguments():
+    q = rand((1, 4, 5, 16))
+    k3, k2 = rand((1, 3, 5, 16)), rand((1, 2, 5, 16))
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        fastbert.scaled_dot_product_attention(q, k2, k2, backend="triton")
+    with pytest.raises(ValueError, match="divide"):
+        fastbert.scaled_dot_product_attention(q, k3, k3, enable_gqa=True, backend="triton")
+    with pytest.raises(TypeError, match="enable_gqa"):
+        fastbert.scaled_dot_product_attention(q, k2, k2, enable_gqa=1, backend="triton")
+    # equal head counts with enable_gqa=True are plain attention, as in torch
+    out = fastbert.scaled_dot_product_attention(q, q, q, enable_gqa=True, backend="triton")
+    ref = reference.scaled_dot_product_attention(q.double(), q.double(), q.double())
+    assert_close(out, ref, name="out")
 
 
 BLOCK_CONFIGS = {
@@ -609,6 +665,8 @@ VARLEN = [
     ([17, 0, 5, 33], [17, 0, 5, 33], 3, 64, F32, True, "plain", 0),
     ([1, 97, 30], [130, 20, 30], 2, 80, F16, True, "qkv-packed-slack", 7),
     ([40, 17], [40, 17], 2, 96, F32, False, "strided", 0),
+    ([17, 0, 5, 33], [9, 4, 0, 40], 4, 40, F16, True, "gqa2", 0),   # 2 query heads per K/V head
+    ([30, 20], [25, 40], 3, 64, F32, False, "gqa3", 3),             # multi-query
 ]
 
 
@@ -625,9 +683,10 @@ def _varlen_leaves(lens_q, lens_k, h, d, dtype, layout):
         kv = rand((tk, 3, h, d), dtype)
         return [q, kv[:, 1].requires_grad_(), kv[:, 2].requires_grad_()]
     nc = layout == "strided"
+    hkv = h // int(layout[3:]) if layout.startswith("gqa") else h  # "gqaG": G query heads per K/V
     return [rand((tq, h, d), dtype, requires_grad=True, noncontiguous=nc),
-            rand((tk, h, d), dtype, requires_grad=True, noncontiguous=nc),
-            rand((tk, h, d), dtype, requires_grad=True, noncontiguous=nc)]
+            rand((tk, hkv, d), dtype, requires_grad=True, noncontiguous=nc),
+            rand((tk, hkv, d), dtype, requires_grad=True, noncontiguous=nc)]
 
 
 @pytest.mark.parametrize("lens_q,lens_k,h,d,dtype,causal,layout,slack",
@@ -787,6 +846,18 @@ def test_sdpa_cuda_broadcast_mask_grad(shape_code, d, causal, dtype):
             for _ in range(2)]
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_sdpa_cuda_gqa(dtype, backend):
+    """Grouped-query attention at a larger shape, compiled: 8 query heads on 2 key / value heads,
+    Lq != Lk, causal, a key-padding mask (the CUDA backend repeats K/V; Triton reads them in place)."""
+    b, h, hkv, lq, lk, d = 2, 8, 2, 300, 1000, 128
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "blhd", hkv=hkv)
+    mask = _make_mask("bool", (b, 1, 1, lk), None, keep_fraction=0.9)
+    _check_sdpa(leaves, "blhd", mask=mask, causal=True, gqa=True, backend=backend)
 
 
 @pytest.mark.cuda

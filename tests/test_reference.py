@@ -68,6 +68,18 @@ def test_sdpa_matches_torch_math(mask_kind, lq, lk, d):
     assert_all_close(grads(out, inputs, g), grads(want, inputs, g))
 
 
+@pytest.mark.parametrize("hkv", [1, 2, 6], ids=["MQA", "GQA", "MHA"])
+def test_sdpa_gqa_matches_torch(hkv):
+    """enable_gqa maps query head h to key / value head h // (H / Hkv), as torch does; gradients
+    of the shared heads sum over their group."""
+    q, k, v = r(2, 6, 7, 8), r(2, hkv, 9, 8), r(2, hkv, 9, 8)
+    g = torch.randn(2, 6, 7, 8, dtype=f64)
+    ours = reference.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert_all_close([ours], [theirs])
+    assert_all_close(grads(ours, [q, k, v], g), grads(theirs, [q, k, v], g))
+
+
 def test_sdpa_causal_is_top_left_aligned():
     # With Lq < Lk, top-left alignment means query i sees keys 0..i (not the bottom-right diagonal).
     q, k, v = r(1, 1, 3, 8), r(1, 1, 5, 8), r(1, 1, 5, 8)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, reference
 from ..nn import GELU
 from ..nn._utils import adopt, check_backend
 from ..nn.attention import attention_with_weights
@@ -127,16 +127,14 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     """The ``"fastbert"`` attention function (transformers' ``AttentionInterface`` signature).
 
     Shapes: query (B, H, Lq, D), key/value (B, H_kv, Lk, D) (H a multiple of H_kv: grouped-query
-    keys are repeated), ``attention_mask`` as accepted by :func:`hf_mask_to_sdpa` ->
+    attention, read in place by the kernels; repeated only for the weights path),
+    ``attention_mask`` as accepted by :func:`hf_mask_to_sdpa` ->
     (out (B, Lq, H, D), weights or None). As transformers' "sdpa": causal (``is_causal``, else the
     module's ``is_causal``) only without a mask and for Lq > 1; ``position_bias`` (T5-style) is
     added to the scores; ``output_attentions=True`` returns the weights, computed through the
     explicit reference path.
     """
-    if key.shape[1] != query.shape[1]:
-        groups = query.shape[1] // key.shape[1]
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    gqa = key.shape[1] != query.shape[1]
     mask = hf_mask_to_sdpa(attention_mask)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
@@ -150,11 +148,14 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         is_causal = getattr(module, "is_causal", False)
     causal = bool(is_causal) and mask is None and query.shape[2] > 1
     if kwargs.get("output_attentions", False):
+        if gqa:
+            key, value = reference.repeat_kv_heads(key, value, query.shape[1], dim=1)
         out, weights = attention_with_weights(query, key, value, mask, dropout, is_causal=causal,
                                               scale=scaling)
     else:
         out = ops.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=causal, scale=scaling, backend=backend)
+                                               is_causal=causal, scale=scaling, enable_gqa=gqa,
+                                               backend=backend)
         weights = None
     return out.transpose(1, 2).contiguous(), weights
 

@@ -36,6 +36,18 @@ def _check_qkv(query, key, value, ndim: int, layout: str, names=("query", "key",
                          f"but the last dim ({layout})")
 
 
+def _check_kv_heads(heads: int, kv_heads: int, gqa: bool, nq: str, nk: str, layout: str) -> None:
+    """Key / value heads: as many as the query's, or (grouped-query attention) a divisor of them."""
+    if kv_heads == heads:
+        return
+    if not gqa:
+        raise ValueError(f"{nq} has {heads} heads but {nk} has {kv_heads} {layout}; pass "
+                         "enable_gqa=True for grouped-query attention")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"grouped-query attention needs the {nk} heads ({kv_heads}) to divide the "
+                         f"{nq} heads ({heads}) {layout}")
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -44,6 +56,7 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    enable_gqa: bool = False,
     *,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -51,13 +64,16 @@ def scaled_dot_product_attention(
 
     Args:
         query: (B, H, Lq, D).
-        key: (B, H, Lk, D).
-        value: (B, H, Lk, Dv).
+        key: (B, Hkv, Lk, D); Hkv = H, or with ``enable_gqa`` any divisor of H.
+        value: (B, Hkv, Lk, Dv).
         attn_mask: optional, broadcastable to (B, H, Lq, Lk). A bool mask is True where a key takes
             part; a floating mask is added to the scores (it may require grad).
         dropout_p: dropout probability on the attention weights, in [0, 1).
         is_causal: query i sees keys j <= i (top-left aligned); may be combined with ``attn_mask``.
         scale: score scale, default 1/sqrt(D).
+        enable_gqa: grouped-query attention (as torch's): query head h attends with key / value
+            head h // (H / Hkv). The Triton kernels read the shared heads in place and sum their
+            gradients over each group in registers; nothing is repeated in memory.
         backend: None/"auto", "triton", "cuda" or "torch" (default from ``FASTBERT_BACKEND``).
 
     Returns:
@@ -67,9 +83,11 @@ def scaled_dot_product_attention(
     Inputs may be non-contiguous views, e.g. a (B, L, H, D) tensor ``.transpose(1, 2)``.
     """
     _check_qkv(query, key, value, 4, "(B, H, L, D)")
-    if key.shape[:2] != query.shape[:2]:
+    enable_gqa = check_bool("enable_gqa", enable_gqa)
+    if key.shape[0] != query.shape[0]:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same "
-                         "batch and head dims (B, H, L, D)")
+                         "batch dim (B, H, L, D)")
+    _check_kv_heads(query.shape[1], key.shape[1], enable_gqa, "query", "key", "(B, H, L, D)")
     b, h, lq, _ = query.shape
     lk = key.shape[2]
     check_attn_mask(attn_mask, query, (b, h, lq, lk))
@@ -82,8 +100,8 @@ def scaled_dot_product_attention(
         return out + 0.0 * (query.sum() + key.sum() + value.sum())
     impl = select("scaled_dot_product_attention", backend, query.device, query=query, key=key,
                   value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                  scale=scale)
-    return impl.fn(query, key, value, attn_mask, dropout_p, is_causal, scale)
+                  scale=scale, enable_gqa=enable_gqa)
+    return impl.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 def varlen_attention(
@@ -104,8 +122,9 @@ def varlen_attention(
 
     Args:
         q: (total_q, H, D) tokens of all sequences, packed.
-        k: (total_k, H, D).
-        v: (total_k, H, Dv).
+        k: (total_k, Hkv, D); Hkv = H, or a divisor of H for grouped-query attention (query head h
+            uses key / value head h // (H / Hkv), as in FlashAttention's varlen functions).
+        v: (total_k, Hkv, Dv).
         cu_seqlens_q: (N + 1,) int32 cumulative query lengths, starting at 0 and ending at total_q.
         cu_seqlens_k: (N + 1,) int32 cumulative key lengths.
         max_seqlen_q / max_seqlen_k: the longest query / key sequence (upper bounds are fine).
@@ -121,8 +140,7 @@ def varlen_attention(
     and device are.
     """
     _check_qkv(q, k, v, 3, "(total, H, D)", names=("q", "k", "v"))
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same number of heads")
+    _check_kv_heads(q.shape[1], k.shape[1], True, "q", "k", "(total, H, D)")
     host = host_checks_allowed(q.device)
     cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, values=host)
     ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, values=host)
@@ -149,9 +167,9 @@ def varlen_attention(
 
 
 @register("scaled_dot_product_attention", "torch")
-def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale):
+def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
-                                                  is_causal, scale)
+                                                  is_causal, scale, enable_gqa)
 
 
 @register("varlen_attention", "torch")
@@ -276,13 +294,13 @@ def _attention_bwd_fake(grad_out, query, key, value, out, stats, seed, attn_mask
     from ..kernels.attention import attention_out_layout
 
     b, h, lq, d = query.shape
-    lk, dv = key.shape[2], value.shape[-1]
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
     if mask_grad and attn_mask is not None and attn_mask.is_floating_point():
         dmask = attn_mask.new_empty(attn_mask.shape)
     else:
         dmask = query.new_empty((0,))
-    return (attention_out_layout(query, (b, h, lq, d)), attention_out_layout(key, (b, h, lk, d)),
-            attention_out_layout(value, (b, h, lk, dv)), dmask)
+    return (attention_out_layout(query, (b, h, lq, d)), attention_out_layout(key, (b, hkv, lk, d)),
+            attention_out_layout(value, (b, hkv, lk, dv)), dmask)
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -307,7 +325,8 @@ _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attentio
 
 
 @register("scaled_dot_product_attention", "triton", reasons=_sdpa_triton_reasons)
-def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale):
+def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    # GQA needs nothing more: the kernels read key / value head h // (H / Hkv) from the shapes.
     out, _, _ = _attention_fwd_op(query, key, value, attn_mask, dropout_p, is_causal,
                                   _default_scale(scale, query.shape[-1]))
     return out
@@ -476,7 +495,11 @@ def _register_cuda_ops() -> None:
 
 
 @register("scaled_dot_product_attention", "cuda", reasons=_sdpa_cuda_reasons)
-def _sdpa_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale):
+def _sdpa_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if key.shape[1] != query.shape[1]:
+        # GQA: the CUDA kernels take one key / value head per query head; the repeated copies'
+        # gradients sum back through autograd.
+        key, value = reference.repeat_kv_heads(key, value, query.shape[1], dim=1)
     ops = _cuda_ops()
     scale = _default_scale(scale, query.shape[-1])
     if _cuda_fused_eligible(query, key, value, attn_mask, dropout_p):
