@@ -27,6 +27,8 @@ __all__ = [
     "scaled_dot_product_attention",
     "varlen_attention",
     "repeat_kv_heads",
+    "alibi_bias",
+    "with_alibi",
     "block_sparse_attention",
     "linformer_attention",
     "layout_to_mask",
@@ -104,6 +106,7 @@ def scaled_dot_product_attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     *,
+    alibi_slopes: Optional[Tensor] = None,
     dropout_mask: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
@@ -115,6 +118,8 @@ def scaled_dot_product_attention(
     iff j <= i (top-left aligned). ``scale`` defaults to 1/sqrt(D). ``enable_gqa``: key and value
     may have fewer heads (dim -3) than query, a divisor of its count; query head h then uses key /
     value head h // (H / Hkv) (grouped-query attention, as torch's ``enable_gqa``).
+    ``alibi_slopes`` (H,) or (B, H): ALiBi, ``- slope * |i - j|`` added to the score of query i and
+    key j (see :func:`alibi_bias`), on top of ``attn_mask``.
 
     Unlike torch, a query row whose every key is masked out returns 0 (and gets zero gradient)
     instead of NaN. ``dropout_mask`` (bool, broadcastable to (..., Lq, Lk), True = keep) fixes
@@ -123,10 +128,33 @@ def scaled_dot_product_attention(
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         key, value = repeat_kv_heads(key, value, query.shape[-3], dim=-3)
     cdt = _compute_dtype(query, compute_dtype)
+    if alibi_slopes is not None:
+        attn_mask = with_alibi(attn_mask, alibi_slopes, query.shape[-2], key.shape[-2], cdt)
     probs = attention_probs(query, key, attn_mask, is_causal, scale, compute_dtype=cdt)
     probs = _apply_dropout(probs, dropout_p, dropout_mask)
     out = torch.matmul(probs, value.to(cdt))  # [..., Lq, Lk] @ [..., Lk, Dv] -> [..., Lq, Dv]
     return out.to(query.dtype)
+
+
+def alibi_bias(slopes: Tensor, lq: int, lk: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The ALiBi bias ``- slope * |i - j|`` for query i and key j: slopes (H,) -> (H, Lq, Lk),
+    (B, H) -> (B, H, Lq, Lk). Symmetric (bidirectional encoders: MosaicBERT, Jina-BERT) and aligned
+    top-left like ``is_causal`` (FlashAttention aligns it bottom-right when Lq != Lk)."""
+    dtype = slopes.dtype if dtype is None else dtype
+    i = torch.arange(lq, device=slopes.device, dtype=dtype)[:, None]
+    j = torch.arange(lk, device=slopes.device, dtype=dtype)[None, :]
+    return -slopes.to(dtype)[..., None, None] * (i - j).abs()
+
+
+def with_alibi(attn_mask: Optional[Tensor], slopes: Tensor, lq: int, lk: int,
+               dtype: torch.dtype) -> Tensor:
+    """``attn_mask`` (None, bool or float) with the ALiBi bias added, as one float mask."""
+    bias = alibi_bias(slopes, lq, lk, dtype)
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.to(dtype) + bias
 
 
 def repeat_kv_heads(key: Tensor, value: Tensor, num_heads: int, dim: int) -> Tuple[Tensor, Tensor]:
@@ -149,6 +177,7 @@ def varlen_attention(
     scale: Optional[float] = None,
     *,
     compute_dtype: Optional[torch.dtype] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
@@ -157,6 +186,7 @@ def varlen_attention(
     ``cu_seqlens[i]:cu_seqlens[i+1]``; causal is top-left aligned within each sequence.
     ``max_seqlen_*`` are accepted for API compatibility; the reference does not need them. k and
     v may have fewer heads than q, a divisor of its count (grouped-query attention).
+    ``alibi_slopes`` (H,) or (N, H): ALiBi within each sequence.
     """
     if k.shape[1] != q.shape[1]:
         k, v = repeat_kv_heads(k, v, q.shape[1], dim=1)
@@ -171,8 +201,12 @@ def varlen_attention(
         if qi.shape[1] == 0 or ki.shape[1] == 0:  # empty sequence: nothing to attend, output 0
             oi = vi.new_zeros((vi.shape[0], qi.shape[1], vi.shape[-1])) + 0.0 * qi.sum()
         else:
+            slopes = None
+            if alibi_slopes is not None:
+                slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i]
             oi = scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal,
-                                              scale=scale, compute_dtype=compute_dtype)
+                                              scale=scale, alibi_slopes=slopes,
+                                              compute_dtype=compute_dtype)
         outs.append(oi.transpose(0, 1))
     if not outs:
         return q.new_empty((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))

@@ -78,6 +78,15 @@ def _bias_log2(bias):
     return bias * 1.4426950408889634
 
 
+@triton.jit
+def _alibi_slope_log2(Alibi, b64, h64, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of (batch, head) in base-2 units (0 without ALiBi)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah).to(tl.float32) * 1.4426950408889634
+    return slope
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -93,10 +102,12 @@ def _attention_fwd_block(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
     len_k,                    # keys in this sequence
     sm_scale_log2,            # scale * log2(e)
+    alibi_log2,               # ALiBi slope * log2(e) of this (batch, head) (used when HAS_ALIBI)
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     BOUNDARY: tl.constexpr,   # this block may hold keys >= len_k or keys above the causal diagonal
     DOT_PRECISION: tl.constexpr,
 ):
@@ -123,6 +134,8 @@ def _attention_fwd_block(
         else:
             bias = tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32)
             s = s + _bias_log2(bias)
+    if HAS_ALIBI:  # - slope * |i - j|, computed here: no bias tensor is read
+        s = s - alibi_log2 * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)
     if BOUNDARY:
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if IS_CAUSAL:
@@ -177,6 +190,7 @@ def _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q, seqlen_k, IS_VARLE
 def _attention_fwd_kernel(
     Q, K, V,                  # q [.., Lq, D], k [.., Lk, D], v [.., Lk, DV] (dense (B, H, L, D); varlen (total, H, D))
     Mask,                     # bool (as uint8) or float mask, read as (B, H, Lq, Lk) through its strides
+    Alibi,                    # fp32 ALiBi slopes read as (B, H) through stride_ab / stride_ah
     Out,                      # [.., Lq, DV] output, input dtype
     Stats,                    # fp32 [2, .., Lq]: row max m of the base-2 scores, and log2 of the row sum l
     CuSeqlensQ, CuSeqlensK,   # varlen: [N + 1] cumulative lengths; dense: unused
@@ -186,6 +200,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_lm, stride_ls,   # Stats: (batch, head, row) and m -> log2(l)
+    stride_ab, stride_ah,
     num_heads,                # query heads H
     kv_group,                 # query heads per key / value head (GQA; 1: as many K/V heads as H)
     num_m_blocks,             # query blocks per (batch, head): cdiv(Lq or max_seqlen_q, BLOCK_M)
@@ -196,7 +211,7 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
@@ -222,6 +237,7 @@ def _attention_fwd_kernel(
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_m, tl.int64) * stride_mm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k  # [BM] int64
+    alibi = _alibi_slope_log2(Alibi, b64, h64, stride_ab, stride_ah, HAS_ALIBI)
 
     seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -238,14 +254,14 @@ def _attention_fwd_kernel(
         acc, l_i, m_i = _attention_fwd_block(
             acc, l_i, m_i, q, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base, rng_rows,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, len_k,
-            sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, False, DOT_PRECISION)
+            sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
+            BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, False, DOT_PRECISION)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _attention_fwd_block(
             acc, l_i, m_i, q, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base, rng_rows,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, len_k,
-            sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, True, DOT_PRECISION)
+            sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
+            BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, True, DOT_PRECISION)
 
     alive = l_i > 0.0                                         # rows with at least one key
     inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
@@ -313,10 +329,10 @@ def _attention_bwd_dkdv_block(
     rng_cols,                 # [BN] int64: (b*H + h) * Lq * Lk + col (dropout offset of row 0)
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
     len_q, len_k, seqlen_k,   # lengths of this sequence; seqlen_k: Lk of the dropout offsets
-    sm_scale_log2, dropout_p, seed,
+    sm_scale_log2, alibi_log2, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CAUSAL_BLOCK: tl.constexpr,   # this query block crosses the causal diagonal
     DOT_PRECISION: tl.constexpr,
 ):
@@ -348,6 +364,8 @@ def _attention_bwd_dkdv_block(
             # bias would otherwise get P = exp2(-m) = inf (harmless in rows never stored, but
             # inf / NaN in registers all the same).
             sT = sT + _bias_log2(tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32))
+    if HAS_ALIBI:
+        sT = sT - alibi_log2 * tl.abs(cols[:, None] - rows[None, :]).to(tl.float32)
     if CAUSAL_BLOCK:
         sT = tl.where(cols[:, None] <= rows[None, :], sT, float("-inf"))
     pT = tl.exp2((sT - m2[None, :]) - log2_l[None, :])        # [BN, BM] softmax probabilities
@@ -371,6 +389,7 @@ def _attention_bwd_dkdv_block(
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, Mask, DO,        # as in the forward; DO has the layout of Out
+    Alibi,                    # as in the forward
     Stats, Delta,             # fp32 softmax statistics of the forward pass, rowsum(dO * O)
     DK, DV,                   # outputs, layouts of K / V (strides given)
     CuSeqlensQ, CuSeqlensK,
@@ -382,6 +401,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_lb, stride_lh, stride_lm, stride_ls,
+    stride_ab, stride_ah,
     num_heads,                # query heads H
     kv_group,                 # query heads per key / value head: each program loops over them
     num_n_blocks,             # key blocks per (batch, K/V head): cdiv(Lk or max_seqlen_k, BLOCK_N)
@@ -392,7 +412,7 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_n, pid_hk, pid_b = _program_tile(num_n_blocks, num_heads // kv_group, False)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
@@ -437,20 +457,21 @@ def _attention_bwd_dkdv_kernel(
         delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh + tl.cast(start_n, tl.int64) * stride_mn
         rng_cols = (b64 * num_heads + h64) * seqlen_q * seqlen_k + cols.to(tl.int64)   # [BN]
+        alibi = _alibi_slope_log2(Alibi, b64, h64, stride_ab, stride_ah, HAS_ALIBI)
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
                 rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
-                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT,
-                True, DOT_PRECISION)
+                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, dropout_p,
+                seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
+                HAS_DROPOUT, HAS_ALIBI, True, DOT_PRECISION)
         for start_m in range(mid, len_q, BLOCK_M):
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
                 rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
-                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, dropout_p, seed,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT,
-                False, DOT_PRECISION)
+                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, dropout_p,
+                seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
+                HAS_DROPOUT, HAS_ALIBI, False, DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkn
@@ -470,11 +491,12 @@ def _attention_bwd_dq_block(
     rng_rows,                 # [BM] int64 dropout offset of (row, key 0)
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_dsm, stride_dsn,
     len_k,
-    sm_scale_log2, dropout_p, seed,
+    sm_scale_log2, alibi_log2, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    STORE_DS: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, STORE_DS: tl.constexpr, BOUNDARY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -495,6 +517,8 @@ def _attention_bwd_dq_block(
             s = tl.where(keep != 0, s, float("-inf"))
         else:
             s = s + _bias_log2(tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32))
+    if HAS_ALIBI:
+        s = s - alibi_log2 * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)
     if BOUNDARY:
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if IS_CAUSAL:
@@ -515,6 +539,7 @@ def _attention_bwd_dq_block(
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, Mask, DO, Stats, Delta,
+    Alibi,                    # as in the forward
     DQ,                       # output, layout of Q (strides given)
     DS,                       # fp32 (B, H, Lq, Lk) dS when STORE_DS (mask gradient), else unused
     CuSeqlensQ, CuSeqlensK,
@@ -526,6 +551,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dsb, stride_dsh, stride_dsm, stride_dsn,
     stride_lb, stride_lh, stride_lm, stride_ls,
+    stride_ab, stride_ah,
     num_heads, kv_group, num_m_blocks, seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
     dropout_p,                # drop probability (used when HAS_DROPOUT)
@@ -533,7 +559,8 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, STORE_DS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
@@ -567,6 +594,7 @@ def _attention_bwd_dq_kernel(
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + start_m64 * stride_mm
     ds_base = DS + b64 * stride_dsb + h64 * stride_dsh + start_m64 * stride_dsm
     rng_rows = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
+    alibi = _alibi_slope_log2(Alibi, b64, h64, stride_ab, stride_ah, HAS_ALIBI)
 
     seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -580,16 +608,16 @@ def _attention_bwd_dq_kernel(
         dq = _attention_bwd_dq_block(
             dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
             ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_dsm, stride_dsn, len_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, STORE_DS, False,
-            DOT_PRECISION)
+            stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM,
+            HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI,
+            STORE_DS, False, DOT_PRECISION)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _attention_bwd_dq_block(
             dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
             ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_dsm, stride_dsn, len_k, sm_scale_log2, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
-            BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, STORE_DS, True,
-            DOT_PRECISION)
+            stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM,
+            HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI,
+            STORE_DS, True, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -599,6 +627,7 @@ def _attention_bwd_dq_kernel(
 @triton.jit
 def _attention_bwd_dmask_kernel(
     Q, K, V, Mask, DO, Stats, Delta,
+    Alibi,                    # as in the forward
     DMask,                    # fp32 (MB, MH, Lq, Lk) zeros: receives the mask gradient
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -606,13 +635,15 @@ def _attention_bwd_dmask_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm, stride_ls,
+    stride_ab, stride_ah,
     num_heads, kv_group, seqlen_q, seqlen_k,
     mask_heads,               # MH: 1 (mask broadcast over heads) or num_heads
     loop_b, loop_h,           # batch / head entries summed into one mask slice: B or 1, H or 1
     sm_scale_log2, dropout_p, Seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The gradient of a float mask broadcast over batch and/or heads, summed over the broadcast
     dims inside the kernel (deterministic: one program owns one [BM, BN] tile of one mask slice
@@ -664,6 +695,9 @@ def _attention_bwd_dmask_kernel(
         bias = tl.load(Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None].to(tl.int64) * stride_mm
                        + cols[None, :] * stride_mn, mask=tile_ok, other=0.0).to(tl.float32)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * sm_scale_log2 + _bias_log2(bias)
+        if HAS_ALIBI:
+            alibi = _alibi_slope_log2(Alibi, b64, h64, stride_ab, stride_ah, HAS_ALIBI)
+            s = s - alibi * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)
         s = tl.where(tile_ok, s, float("-inf"))                        # [BM, BD] @ [BD, BN]
         if IS_CAUSAL:
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
@@ -991,6 +1025,16 @@ def _mask_args(attn_mask: Optional[Tensor], shape: Sequence[int], dummy: Tensor)
     return m, m.stride(), MASK_FLOAT
 
 
+def _alibi_args(alibi: Optional[Tensor], dummy: Tensor):
+    """(pointer tensor, (batch stride, head stride), HAS_ALIBI) for fp32 slopes of shape (H,) (one
+    set for every batch entry / sequence) or (B, H)."""
+    if alibi is None:
+        return dummy, (0, 0), False
+    if alibi.dim() == 1:
+        return alibi, (0, alibi.stride(0)), True
+    return alibi, alibi.stride(), True
+
+
 def _varlen_strides(t: Tensor) -> Tuple[int, int, int, int]:
     """(batch, head, token, dim) strides of a packed (total, H, D) tensor; batch stride 0."""
     return 0, t.stride(1), t.stride(0), t.stride(2)
@@ -998,8 +1042,9 @@ def _varlen_strides(t: Tensor) -> Tuple[int, int, int, int]:
 
 def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_strides, l_strides,
                 m_strides, mask_kind, cu_q, cu_k, batch, heads, seqlen_q, seqlen_k, scale,
-                dropout_p, seed, is_causal, is_varlen):
+                dropout_p, seed, is_causal, is_varlen, alibi=None):
     """Runs the forward kernel; strides are (batch, head, token, dim) (varlen: batch stride 0)."""
+    alibi, a_strides, has_alibi = _alibi_args(alibi, q)
     d, dv = q.shape[-1], v.shape[-1]
     default = attention_config("fwd", d, dv, q.dtype, q.device, dropout_p > 0.0,
                                mask_kind != MASK_NONE)
@@ -1011,13 +1056,13 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
         if num_m * heads * batch == 0:
             return
         _attention_fwd_kernel[(num_m * heads * batch,)](
-            q, k, v, mask, out, stats, cu_q, cu_k,
-            *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides,
+            q, k, v, mask, alibi, out, stats, cu_q, cu_k,
+            *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides, *a_strides,
             heads, heads // k.shape[1], num_m, seqlen_q, seqlen_k, scale * LOG2E,
             float(dropout_p), seed_ptr,
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
             BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
-            HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
+            HAS_DROPOUT=dropout_p > 0.0, HAS_ALIBI=has_alibi, DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=warps, num_stages=stages)
 
     key = lambda: _tune_key((q, k, v), d, dv, mask_kind, dropout_p, is_causal,  # noqa: E731
@@ -1029,13 +1074,15 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
 def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
                 q_strides, k_strides, v_strides, o_strides, do_strides, dq_strides, dk_strides,
                 dv_strides, l_strides, m_strides, ds_strides, mask_kind, cu_q, cu_k,
-                batch, heads, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, is_varlen):
+                batch, heads, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, is_varlen,
+                alibi=None):
     """Runs preprocess, dK/dV and dQ (+ dS when ``ds`` is a tensor) kernels; returns delta."""
     d, dvd = q.shape[-1], v.shape[-1]
     bd, bdv = _block_dim(d), _block_dim(dvd)
+    alibi, a_strides, has_alibi = _alibi_args(alibi, q)
     common = dict(HEAD_DIM=d, HEAD_DIM_V=dvd, BLOCK_D=bd, BLOCK_DV=bdv, IS_VARLEN=is_varlen,
                   MASK_KIND=mask_kind, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
-                  DOT_PRECISION=_dot_precision(q.dtype))
+                  HAS_ALIBI=has_alibi, DOT_PRECISION=_dot_precision(q.dtype))
     store_ds = ds is not None
     if not store_ds:
         ds = q  # never dereferenced (STORE_DS=False)
@@ -1059,9 +1106,9 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
         num_n = triton.cdiv(seqlen_k, bn)
         if num_n * kv_heads * batch > 0:  # one program per key block of each K/V head
             _attention_bwd_dkdv_kernel[(num_n * kv_heads * batch,)](
-                q, k, v, mask, do, stats, delta, dk, dv, cu_q, cu_k,
+                q, k, v, mask, do, alibi, stats, delta, dk, dv, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides,
-                *dv_strides, *l_strides, heads, heads // kv_heads, num_n, seqlen_q, seqlen_k,
+                *dv_strides, *l_strides, *a_strides, heads, heads // kv_heads, num_n, seqlen_q, seqlen_k,
                 scale, scale * LOG2E,
                 float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                 num_stages=stages, **common)
@@ -1076,9 +1123,9 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
         num_m = triton.cdiv(seqlen_q, bm)
         if num_m * heads * batch > 0:
             _attention_bwd_dq_kernel[(num_m * heads * batch,)](
-                q, k, v, mask, do, stats, delta, dq, ds, cu_q, cu_k,
+                q, k, v, mask, do, stats, delta, alibi, dq, ds, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides,
-                *ds_strides, *l_strides, heads, heads // kv_heads, num_m, seqlen_q, seqlen_k,
+                *ds_strides, *l_strides, *a_strides, heads, heads // kv_heads, num_m, seqlen_q, seqlen_k,
                 scale, scale * LOG2E,
                 float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
                 num_warps=warps, num_stages=stages, **common)
@@ -1135,7 +1182,8 @@ def softmax_stats_to_lse(stats: Tensor, rows_shape: Sequence[int]) -> Tensor:
 
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   dropout_p: float, is_causal: bool, scale: float,
-                  seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  seed: Optional[Tensor] = None,
+                  alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass.
 
     Args: query (B, H, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv), any strides, where
@@ -1143,7 +1191,8 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
     attn_mask None, bool or float, broadcastable to (B, H, Lq, Lk); ``scale`` a float; ``seed``
     the dropout seed, an int64 (1,) tensor on the inputs' device (e.g. from
     ``fastbert._rng.dropout_seed``), read by the kernels on the device; ignored (may be None)
-    when ``dropout_p == 0``.
+    when ``dropout_p == 0``. ``alibi_slopes``: fp32 (H,) or (B, H); the score of query i and
+    key j gets ``- slope * |i - j|``, computed in the kernel (no bias tensor).
 
     Returns: out (B, H, Lq, Dv) in the input dtype (layout: :func:`attention_out_layout`) and
     stats, fp32 (2 * B * H * Lq,), viewed as (2, B, H, Lq): [0] the row max m of the scores in
@@ -1157,13 +1206,14 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
     mask, m_strides, kind = _mask_args(attn_mask, (b, h, lq, lk), query)
     _launch_fwd(query, key, value, out, stats, mask, query.stride(), key.stride(), value.stride(),
                 out.stride(), _stats_strides((b, h, lq)), m_strides, kind, query, query, b, h,
-                lq, lk, scale, dropout_p, seed, is_causal, False)
+                lq, lk, scale, dropout_p, seed, is_causal, False, alibi_slopes)
     return out, stats
 
 
 def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                   stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                  scale: float, seed: Optional[Tensor] = None, mask_grad: bool = False):
+                  scale: float, seed: Optional[Tensor] = None, mask_grad: bool = False,
+                  alibi_slopes: Optional[Tensor] = None):
     """Backward pass of :func:`attention_fwd` (same arguments plus its outputs).
 
     grad_out (B, H, Lq, Dv) any strides (stride 0 included). Returns dq, dk, dv in the layouts of
@@ -1198,11 +1248,12 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
                         query.stride(), key.stride(), value.stride(), out.stride(),
                         grad_out.stride(), dq.stride(), dk.stride(), dv.stride(), stats_strides,
                         m_strides, ds_strides, kind, query, query, b, h, lq, lk, scale, dropout_p,
-                        seed, is_causal, False)
+                        seed, is_causal, False, alibi_slopes)
     if mask_grad and not in_dq:
         ds = torch.zeros((mb, mh, lq, lk), dtype=torch.float32, device=query.device)
         _launch_bwd_dmask(grad_out, query, key, value, stats, delta, mask, ds, m_strides,
-                          stats_strides, b, h, mb, mh, lq, lk, scale, dropout_p, seed, is_causal)
+                          stats_strides, b, h, mb, mh, lq, lk, scale, dropout_p, seed, is_causal,
+                          alibi_slopes)
     dmask = None
     if mask_grad:
         dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
@@ -1223,33 +1274,37 @@ def _dmask_config(dtype: torch.dtype, d: int, device: torch.device) -> _Config:
 
 
 def _launch_bwd_dmask(do, q, k, v, stats, delta, mask, dmask, m_strides, l_strides, batch, heads,
-                      mb, mh, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal):
+                      mb, mh, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, alibi=None):
     d, dv = q.shape[-1], v.shape[-1]
     bm, bn, warps, stages = _dmask_config(q.dtype, max(d, dv), q.device)
     grid = (triton.cdiv(seqlen_q, bm) * triton.cdiv(seqlen_k, bn) * mb * mh,)
     if grid[0] == 0:
         return
+    alibi, a_strides, has_alibi = _alibi_args(alibi, q)
     _attention_bwd_dmask_kernel[grid](
-        q, k, v, mask, do, stats, delta, dmask,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *do.stride(), *l_strides,
+        q, k, v, mask, do, stats, delta, alibi, dmask,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *do.stride(), *l_strides, *a_strides,
         heads, heads // k.shape[1], seqlen_q, seqlen_k, mh, batch if mb == 1 else 1,
         heads if mh == 1 else 1,
         scale * LOG2E, float(dropout_p), seed_arg(seed, dropout_p, q),
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
         BLOCK_DV=_block_dim(dv), IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+        HAS_ALIBI=has_alibi, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps,
+        num_stages=stages)
 
 
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          dropout_p: float, is_causal: bool, scale: float,
-                         seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                         seed: Optional[Tensor] = None,
+                         alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass over packed sequences.
 
     Args: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) with Hkv dividing H (GQA),
     any strides; cu_seqlens_*
     (N + 1,) int32/int64 on the tensors' device; max_seqlen_* upper bounds of the lengths (they
-    size the grid and the dropout offsets); ``seed`` as in :func:`attention_fwd`.
+    size the grid and the dropout offsets); ``seed`` and ``alibi_slopes`` ((H,) or (N, H)) as in
+    :func:`attention_fwd`, positions counted within each sequence.
 
     Returns: out (total_q, H, Dv) contiguous, stats fp32 (2 * H * total_q,), viewed as
     (2, H, total_q) (as in :func:`attention_fwd`).
@@ -1262,14 +1317,15 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     _launch_fwd(q, k, v, out, stats, q, _varlen_strides(q), _varlen_strides(k), _varlen_strides(v),
                 _varlen_strides(out), _stats_strides((h, total_q)), (0, 0, 0, 0), MASK_NONE,
                 cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-                seed, is_causal, True)
+                seed, is_causal, True, alibi_slopes)
     return out, stats
 
 
 def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          stats: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool,
-                         scale: float, seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                         scale: float, seed: Optional[Tensor] = None,
+                         alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward pass of :func:`varlen_attention_fwd`; returns dq, dk, dv (packed, contiguous)."""
     total_q, h, d = q.shape
     n = cu_seqlens_q.numel() - 1
@@ -1285,7 +1341,7 @@ def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                 _varlen_strides(grad_out), _varlen_strides(dq), _varlen_strides(dk),
                 _varlen_strides(dv), _stats_strides((h, total_q)), (0, 0, 0, 0), (0, 0, 0, 0),
                 MASK_NONE, cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale,
-                dropout_p, seed, is_causal, True)
+                dropout_p, seed, is_causal, True, alibi_slopes)
     return dq, dk, dv
 
 

@@ -64,11 +64,11 @@ def _clone_leaf(t, dtype=None):
 
 
 def _run_sdpa(leaves, layout, mask, causal, dropout_p=0.0, scale=None, gqa=False,
-              backend="triton"):
+              backend="triton", alibi=None):
     q, k, v = _views(leaves, layout)
     return fastbert.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                  is_causal=causal, scale=scale, enable_gqa=gqa,
-                                                 backend=backend)
+                                                 alibi_slopes=alibi, backend=backend)
 
 
 def _grads(out, leaves, mask, dout):
@@ -77,25 +77,26 @@ def _grads(out, leaves, mask, dout):
 
 
 def _check_sdpa(leaves, layout, mask=None, causal=False, dropout_p=0.0, dropout_mask=None,
-                scale=None, gqa=False, backend="triton"):
+                scale=None, gqa=False, backend="triton", alibi=None):
     """Output and every gradient (q, k, v, and the mask when it requires grad) vs fp64."""
     dtype = leaves[0].dtype
-    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale, gqa, backend)
+    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale, gqa, backend, alibi)
     dout = rand(out.shape, dtype)
     grads = _grads(out, leaves, mask, dout)
 
     mask_dtype64 = torch.float64 if mask is not None and mask.is_floating_point() else None
     ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
     ref_mask = _clone_leaf(mask, mask_dtype64)
-    ref = reference.scaled_dot_product_attention(*_views(ref_leaves, layout), ref_mask, dropout_p,
-                                                 causal, scale, gqa, dropout_mask=dropout_mask)
+    ref = reference.scaled_dot_product_attention(
+        *_views(ref_leaves, layout), ref_mask, dropout_p, causal, scale, gqa,
+        alibi_slopes=None if alibi is None else alibi.double(), dropout_mask=dropout_mask)
     ref_grads = _grads(ref, ref_leaves, ref_mask, dout.double())
 
     low_leaves = [_clone_leaf(t) for t in leaves]
     low_mask = _clone_leaf(mask)
     low = reference.scaled_dot_product_attention(*_views(low_leaves, layout), low_mask, dropout_p,
-                                                 causal, scale, gqa, dropout_mask=dropout_mask,
-                                                 compute_dtype=dtype)
+                                                 causal, scale, gqa, alibi_slopes=alibi,
+                                                 dropout_mask=dropout_mask, compute_dtype=dtype)
     low_grads = _grads(low, low_leaves, low_mask, dout)
 
     assert out.shape == ref.shape and out.dtype == dtype
@@ -189,6 +190,74 @@ def test_sdpa_gqa_arguments():
     out = fastbert.scaled_dot_product_attention(q, q, q, enable_gqa=True, backend="triton")
     ref = reference.scaled_dot_product_attention(q.double(), q.double(), q.double())
     assert_close(out, ref, name="out")
+
+
+def _slopes(shape):
+    """ALiBi slopes of the usual geometric kind (2^(-8 i / H)), per head or per (batch, head)."""
+    h = shape[-1]
+    base = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=DEVICE)
+    return base.expand(shape).contiguous() * (1 + 0.1 * torch.rand(shape, device=DEVICE))
+
+
+ALIBI = [
+    # b, h, hkv, lq, lk, d, dtype, causal, layout, slopes shape code, mask
+    (2, 3, 3, 17, 33, 40, F16, False, "bhld", "H", None),
+    (2, 3, 3, 33, 17, 64, F32, True, "blhd", "BH", "boolB11K"),
+    (1, 4, 2, 20, 97, 80, F16, True, "bhld", "H", "float1HQK"),     # + GQA, trainable broadcast bias
+    (2, 2, 2, 17, 17, 16, F32, False, "strided", "BH", "floatBHQK"),
+]
+
+
+@pytest.mark.parametrize(
+    "b,h,hkv,lq,lk,d,dtype,causal,layout,slopes,mask_code",
+    [pytest.param(*a, id=_case_id(a[0], a[1], a[3], a[4], a[5], a[6], a[7],
+                                  f"alibi{a[9]}-{a[8]}" + (f"-Hkv{a[2]}" if a[2] != a[1] else "")
+                                  + (f"-{a[10]}" if a[10] else ""))) for a in ALIBI])
+def test_sdpa_alibi(b, h, hkv, lq, lk, d, dtype, causal, layout, slopes, mask_code):
+    """ALiBi computed in the kernels (no bias tensor), against the reference's explicit bias:
+    output, dq / dk / dv, and the gradient of a float mask given beside it."""
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, layout, hkv=hkv)
+    mask = None
+    if mask_code is not None:
+        kind, code = mask_code[:-4], mask_code[-4:]
+        mask = _make_mask(kind, _mask_shape(code, b, h, lq, lk), dtype)
+        if kind == "float":
+            mask.requires_grad_()
+    alibi = _slopes((h,) if slopes == "H" else (b, h))
+    _check_sdpa(leaves, layout, mask=mask, causal=causal, gqa=hkv != h, alibi=alibi)
+
+
+def test_sdpa_alibi_with_dropout(fresh_seed):
+    b, h, lq, lk, d, p = 2, 2, 17, 33, 16, 0.3
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld")
+    alibi = _slopes((h,))
+    q, k, v = (t.detach() for t in leaves)
+    torch.manual_seed(fresh_seed)
+    _, _, seed = torch.ops.fastbert.attention_fwd(q, k, v, None, p, True, d ** -0.5, alibi)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
+    torch.manual_seed(fresh_seed)
+    _check_sdpa(leaves, "bhld", causal=True, dropout_p=p, dropout_mask=keep, alibi=alibi)
+
+
+def test_sdpa_alibi_arguments():
+    q = rand((2, 3, 5, 16))
+    sdpa = fastbert.scaled_dot_product_attention
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        sdpa(q, q, q, alibi_slopes=torch.ones(4, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        sdpa(q, q, q, alibi_slopes=torch.ones(3, 2, device=DEVICE), backend="triton")
+    with pytest.raises(TypeError, match="floating"):
+        sdpa(q, q, q, alibi_slopes=torch.ones(3, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(TypeError, match="alibi_slopes must be a torch.Tensor"):
+        sdpa(q, q, q, alibi_slopes=[0.5, 0.25, 0.125])
+    with pytest.raises(NotImplementedError, match="constants"):
+        sdpa(q, q, q, alibi_slopes=torch.ones(3, device=DEVICE, requires_grad=True))
+    with pytest.raises(ValueError, match="is on meta"):
+        sdpa(q, q, q, alibi_slopes=torch.ones(3, device="meta"))
+    # zero slopes are plain attention
+    out = sdpa(q, q, q, alibi_slopes=torch.zeros(3, device=DEVICE), backend="triton")
+    assert_close(out, reference.scaled_dot_product_attention(q.double(), q.double(), q.double()),
+                 name="out")
 
 
 BLOCK_CONFIGS = {
@@ -717,6 +786,32 @@ def test_varlen(lens_q, lens_k, h, d, dtype, causal, layout, slack):
             assert torch.all(grads[0][cq[i]:cq[i + 1]] == 0)
 
 
+@pytest.mark.parametrize("per_sequence,layout", [(False, "plain"), (True, "gqa2")],
+                         ids=["N3-H4-D40-fp16-causal-alibiH", "N3-H4-D40-fp16-causal-alibiNH-gqa2"])
+def test_varlen_alibi(per_sequence, layout):
+    """ALiBi over packed sequences: positions counted within each sequence; slopes (H,) or one
+    set per sequence (N, H)."""
+    lens_q, lens_k, h, d = [17, 0, 33], [9, 4, 40], 4, 40
+    leaves = _varlen_leaves(lens_q, lens_k, h, d, F16, layout)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    alibi = _slopes((len(lens_q), h) if per_sequence else (h,))
+    out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), is_causal=True,
+                                    alibi_slopes=alibi, backend="triton")
+    dout = rand(out.shape, F16)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
+    ref = reference.varlen_attention(*ref_leaves, cu_q, cu_k, max(lens_q), max(lens_k),
+                                     is_causal=True, alibi_slopes=alibi.double())
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    low_leaves = [_clone_leaf(t) for t in leaves]
+    low = reference.varlen_attention(*low_leaves, cu_q, cu_k, max(lens_q), max(lens_k),
+                                     is_causal=True, alibi_slopes=alibi, compute_dtype=F16)
+    low_grads = torch.autograd.grad(low, low_leaves, dout)
+    assert_close(out, ref, low, name="out")
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_close(g, r, lo, name=name)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["N3-H2-D40-fp32-p0.3", "N3-H2-D40-fp32-causal-p0.3"])
 def test_varlen_dropout_exact(causal, fresh_seed):
     lens_q, lens_k, h, d, p = [17, 0, 33], [20, 5, 9], 2, 40, 0.3
@@ -858,6 +953,17 @@ def test_sdpa_cuda_gqa(dtype, backend):
     leaves = _leaves(b, h, lq, lk, d, d, dtype, "blhd", hkv=hkv)
     mask = _make_mask("bool", (b, 1, 1, lk), None, keep_fraction=0.9)
     _check_sdpa(leaves, "blhd", mask=mask, causal=True, gqa=True, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sdpa_cuda_alibi(backend):
+    """ALiBi with key padding at a BERT-like shape, compiled (the CUDA backend adds the bias to
+    the mask; Triton computes it in the kernels)."""
+    b, h, l, d = 4, 12, 512, 64
+    leaves = _leaves(b, h, l, l, d, d, BF16, "blhd")
+    mask = _make_mask("bool", (b, 1, 1, l), None, keep_fraction=0.8)
+    _check_sdpa(leaves, "blhd", mask=mask, alibi=_slopes((h,)), backend=backend)
 
 
 @pytest.mark.cuda

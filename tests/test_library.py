@@ -175,6 +175,18 @@ OPCHECKED = ["fastbert::attention_fwd", "fastbert::varlen_attention_fwd",
 @pytest.mark.parametrize("name", OPCHECKED, ids=lambda n: n.split("::")[1])
 def test_opcheck(name):
     args = _opcheck_args()[name]
+    _opcheck(name, args)
+
+
+def test_opcheck_attention_with_alibi_and_gqa():
+    q, k, v = rand((1, 4, 17, 16), requires_grad=True), *(rand((1, 2, 9, 16), requires_grad=True)
+                                                          for _ in range(2))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)  # constants: no grad
+    torch.library.opcheck(FAST_OPS["fastbert::attention_fwd"].op,
+                          (q, k, v, None, 0.0, True, 0.25, slopes))
+
+
+def _opcheck(name, args):
     args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
                  else a for a in args)
     torch.library.opcheck(FAST_OPS[name].op, args)

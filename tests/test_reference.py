@@ -80,6 +80,25 @@ def test_sdpa_gqa_matches_torch(hkv):
     assert_all_close(grads(ours, [q, k, v], g), grads(theirs, [q, k, v], g))
 
 
+def test_alibi_bias_and_sdpa_with_alibi():
+    """alibi_bias[h, i, j] = -slope[h] * |i - j|; with_alibi adds it to any mask kind; sdpa's
+    alibi_slopes equals passing that bias as a float mask."""
+    slopes = torch.tensor([0.5, 0.25], dtype=f64)
+    bias = reference.alibi_bias(slopes, 3, 4)
+    for h in range(2):
+        for i in range(3):
+            for j in range(4):
+                assert bias[h, i, j].item() == -slopes[h].item() * abs(i - j)
+    assert reference.alibi_bias(slopes.expand(5, 2), 3, 4).shape == (5, 2, 3, 4)
+    keep = torch.tensor([True, True, False, True])
+    merged = reference.with_alibi(keep, slopes, 3, 4, f64)
+    assert torch.isinf(merged[..., 2]).all() and torch.equal(merged[..., [0, 1, 3]], bias[..., [0, 1, 3]])
+    q, k, v = r(2, 2, 3, 8), r(2, 2, 4, 8), r(2, 2, 4, 8)
+    a = reference.scaled_dot_product_attention(q, k, v, keep, alibi_slopes=slopes)
+    b = reference.scaled_dot_product_attention(q, k, v, merged)
+    assert_all_close([a], [b])
+
+
 def test_sdpa_causal_is_top_left_aligned():
     # With Lq < Lk, top-left alignment means query i sees keys 0..i (not the bottom-right diagonal).
     q, k, v = r(1, 1, 3, 8), r(1, 1, 5, 8), r(1, 1, 5, 8)

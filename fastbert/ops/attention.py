@@ -36,6 +36,25 @@ def _check_qkv(query, key, value, ndim: int, layout: str, names=("query", "key",
                          f"but the last dim ({layout})")
 
 
+def _check_alibi(slopes, query: Tensor, batch: int, heads: int, batch_name: str) -> None:
+    """ALiBi slopes: None, or a floating (H,) / (batch, H) tensor on query's device, constant."""
+    if slopes is None:
+        return
+    if not isinstance(slopes, Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be a floating tensor, got dtype {slopes.dtype}")
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({heads},) or ({batch_name}, H) = "
+                         f"({batch}, {heads}), got {tuple(slopes.shape)}")
+    if slopes.device != query.device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but the queries are on {query.device}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("alibi_slopes are constants: their gradient is not computed; "
+                                  "pass alibi_slopes.detach(), or a float attn_mask (whose "
+                                  "gradient is) for a trainable bias")
+
+
 def _check_kv_heads(heads: int, kv_heads: int, gqa: bool, nq: str, nk: str, layout: str) -> None:
     """Key / value heads: as many as the query's, or (grouped-query attention) a divisor of them."""
     if kv_heads == heads:
@@ -58,6 +77,7 @@ def scaled_dot_product_attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     *,
+    alibi_slopes: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Multi-head attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
@@ -74,6 +94,10 @@ def scaled_dot_product_attention(
         enable_gqa: grouped-query attention (as torch's): query head h attends with key / value
             head h // (H / Hkv). The Triton kernels read the shared heads in place and sum their
             gradients over each group in registers; nothing is repeated in memory.
+        alibi_slopes: optional (H,) or (B, H) floating tensor: ALiBi (as in MosaicBERT and
+            Jina-BERT), ``- slope * |i - j|`` added to the score of query i and key j, on top of
+            ``attn_mask``. The Triton kernels compute it in place (no (H, Lq, Lk) bias is read);
+            the slopes are constants (no gradient).
         backend: None/"auto", "triton", "cuda" or "torch" (default from ``FASTBERT_BACKEND``).
 
     Returns:
@@ -91,6 +115,7 @@ def scaled_dot_product_attention(
     b, h, lq, _ = query.shape
     lk = key.shape[2]
     check_attn_mask(attn_mask, query, (b, h, lq, lk))
+    _check_alibi(alibi_slopes, query, b, h, "B")
     dropout_p = check_dropout(dropout_p)
     is_causal = check_bool("is_causal", is_causal)
     scale = check_scale(scale)
@@ -100,8 +125,9 @@ def scaled_dot_product_attention(
         return out + 0.0 * (query.sum() + key.sum() + value.sum())
     impl = select("scaled_dot_product_attention", backend, query.device, query=query, key=key,
                   value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                  scale=scale, enable_gqa=enable_gqa)
-    return impl.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+                  scale=scale, enable_gqa=enable_gqa, alibi_slopes=alibi_slopes)
+    return impl.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                   alibi_slopes)
 
 
 def varlen_attention(
@@ -116,6 +142,7 @@ def varlen_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     *,
+    alibi_slopes: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences, with no padding stored or computed.
@@ -130,6 +157,8 @@ def varlen_attention(
         max_seqlen_q / max_seqlen_k: the longest query / key sequence (upper bounds are fine).
         dropout_p, is_causal, scale, backend: as in :func:`scaled_dot_product_attention`; causal is
             top-left aligned within each sequence.
+        alibi_slopes: optional (H,) or (N, H): ALiBi as in :func:`scaled_dot_product_attention`,
+            positions counted within each sequence.
 
     Returns:
         (total_q, H, Dv). See :func:`fastbert.unpad_input` to build the inputs from a padded batch.
@@ -156,27 +185,31 @@ def varlen_attention(
             raise ValueError(f"max_seqlen_q = {max_seqlen_q} but a query sequence has {longest_q} tokens")
         if longest_k > max_seqlen_k:
             raise ValueError(f"max_seqlen_k = {max_seqlen_k} but a key sequence has {longest_k} tokens")
+    _check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1, q.shape[1], "N")
     dropout_p = check_dropout(dropout_p)
     is_causal = check_bool("is_causal", is_causal)
     scale = check_scale(scale)
     impl = select("varlen_attention", backend, q.device, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                  dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, alibi_slopes=alibi_slopes)
     return impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   is_causal, scale)
+                   is_causal, scale, alibi_slopes)
 
 
 @register("scaled_dot_product_attention", "torch")
-def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                alibi_slopes):
     return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
-                                                  is_causal, scale, enable_gqa)
+                                                  is_causal, scale, enable_gqa,
+                                                  alibi_slopes=alibi_slopes)
 
 
 @register("varlen_attention", "torch")
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                  is_causal, scale):
+                  is_causal, scale, alibi_slopes):
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, dropout_p, is_causal, scale)
+                                      max_seqlen_k, dropout_p, is_causal, scale,
+                                      alibi_slopes=alibi_slopes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,19 +285,21 @@ def _default_scale(scale: Optional[float], head_dim: int) -> float:
 
 @custom_op("fastbert::attention_fwd")
 def _attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                      dropout_p: float, is_causal: bool, scale: float
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
+                      dropout_p: float, is_causal: bool, scale: float,
+                      alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """-> out (B, H, Lq, Dv), softmax stats (2 * B * H * Lq,) fp32, dropout seed: int64 (1,) on
     query's device, drawn there (see fastbert._rng), or (0,) without dropout."""
     from ..kernels.attention import attention_fwd
 
     seed = dropout_seed(dropout_p, query.device)
-    out, stats = attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+    out, stats = attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, seed,
+                               alibi_slopes)
     return out, stats, seed
 
 
 @_attention_fwd_op.register_fake
-def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale):
+def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                        alibi_slopes=None):
     from ..kernels.attention import attention_out_layout
 
     b, h, lq, _ = query.shape
@@ -276,13 +311,14 @@ def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scal
 @custom_op("fastbert::attention_bwd")
 def _attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                       stats: Tensor, seed: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                      is_causal: bool, scale: float, mask_grad: bool
+                      is_causal: bool, scale: float, mask_grad: bool,
+                      alibi_slopes: Optional[Tensor] = None
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, dmask (the float mask's gradient in its shape, or an empty tensor)."""
     from ..kernels.attention import attention_bwd
 
     dq, dk, dv, dmask = attention_bwd(grad_out, query, key, value, out, stats, attn_mask,
-                                      dropout_p, is_causal, scale, seed, mask_grad)
+                                      dropout_p, is_causal, scale, seed, mask_grad, alibi_slopes)
     if dmask is None:
         dmask = query.new_zeros((0,))
     return dq, dk, dv, dmask
@@ -290,7 +326,7 @@ def _attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
 
 @_attention_bwd_op.register_fake
 def _attention_bwd_fake(grad_out, query, key, value, out, stats, seed, attn_mask, dropout_p,
-                        is_causal, scale, mask_grad):
+                        is_causal, scale, mask_grad, alibi_slopes=None):
     from ..kernels.attention import attention_out_layout
 
     b, h, lq, d = query.shape
@@ -304,38 +340,40 @@ def _attention_bwd_fake(grad_out, query, key, value, out, stats, seed, attn_mask
 
 
 def _attention_setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale = inputs
+    query, key, value, attn_mask, dropout_p, is_causal, scale, alibi_slopes = inputs
     out, stats, seed = output
-    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed)
+    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed, alibi_slopes)
     ctx.mark_non_differentiable(stats, seed)  # no zero gradient is materialised for them
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
 
 
 def _attention_backward(ctx, grad_out, grad_stats, grad_seed):
-    query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
+    query, key, value, attn_mask, out, stats, seed, alibi_slopes = ctx.saved_tensors
     mask_grad = (attn_mask is not None and attn_mask.is_floating_point()
                  and ctx.needs_input_grad[3])
     dq, dk, dv, dmask = _attention_bwd_op(grad_out.to(out.dtype), query, key, value, out, stats,
                                           seed, attn_mask, ctx.dropout_p, ctx.is_causal,
-                                          ctx.scale, mask_grad)
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+                                          ctx.scale, mask_grad, alibi_slopes)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 @register("scaled_dot_product_attention", "triton", reasons=_sdpa_triton_reasons)
-def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                 alibi_slopes):
     # GQA needs nothing more: the kernels read key / value head h // (H / Hkv) from the shapes.
     out, _, _ = _attention_fwd_op(query, key, value, attn_mask, dropout_p, is_causal,
-                                  _default_scale(scale, query.shape[-1]))
+                                  _default_scale(scale, query.shape[-1]), alibi_slopes)
     return out
 
 
 @custom_op("fastbert::varlen_attention_fwd")
 def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                             dropout_p: float, is_causal: bool, scale: float
+                             dropout_p: float, is_causal: bool, scale: float,
+                             alibi_slopes: Optional[Tensor] = None
                              ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> out (total_q, H, Dv), softmax stats (2 * H * total_q,) fp32, dropout seed (as in
     fastbert::attention_fwd, on q's device)."""
@@ -343,13 +381,14 @@ def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
 
     seed = dropout_seed(dropout_p, q.device)
     out, stats = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, dropout_p, is_causal, scale, seed)
+                                      max_seqlen_k, dropout_p, is_causal, scale, seed,
+                                      alibi_slopes)
     return out, stats, seed
 
 
 @_varlen_attention_fwd_op.register_fake
 def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               dropout_p, is_causal, scale):
+                               dropout_p, is_causal, scale, alibi_slopes=None):
     total_q, h, _ = q.shape
     return (q.new_empty((total_q, h, v.shape[-1])),
             q.new_empty((2 * h * total_q,), dtype=torch.float32),
@@ -360,35 +399,38 @@ def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 def _varlen_attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                              stats: Tensor, seed: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                             dropout_p: float, is_causal: bool, scale: float
+                             dropout_p: float, is_causal: bool, scale: float,
+                             alibi_slopes: Optional[Tensor] = None
                              ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv (packed)."""
     from ..kernels.attention import varlen_attention_bwd
 
     return varlen_attention_bwd(grad_out, q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed)
+                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed,
+                                alibi_slopes)
 
 
 @_varlen_attention_bwd_op.register_fake
 def _varlen_attention_bwd_fake(grad_out, q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k,
-                               max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale):
+                               max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
+                               alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_attention_setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-     scale) = inputs
+     scale, alibi_slopes) = inputs
     out, stats, seed = output
-    ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     ctx.mark_non_differentiable(stats, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
 
 
 def _varlen_attention_backward(ctx, grad_out, grad_stats, grad_seed):
-    q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd_op(grad_out.to(out.dtype), q, k, v, out, stats, seed,
-                                          cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                                          cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _varlen_attention_fwd_op.register_autograd(
@@ -397,10 +439,10 @@ _varlen_attention_fwd_op.register_autograd(
 
 @register("varlen_attention", "triton", reasons=_varlen_triton_reasons)
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   is_causal, scale):
+                   is_causal, scale, alibi_slopes):
     out, _, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, dropout_p, is_causal,
-                                         _default_scale(scale, q.shape[-1]))
+                                         _default_scale(scale, q.shape[-1]), alibi_slopes)
     return out
 
 
@@ -495,7 +537,13 @@ def _register_cuda_ops() -> None:
 
 
 @register("scaled_dot_product_attention", "cuda", reasons=_sdpa_cuda_reasons)
-def _sdpa_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _sdpa_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+               alibi_slopes):
+    if alibi_slopes is not None:
+        # ALiBi as a float bias added to the mask (materialised, (B or 1, H, Lq, Lk)); a float
+        # mask that requires grad still gets its gradient through the sum.
+        attn_mask = reference.with_alibi(attn_mask, alibi_slopes, query.shape[2], key.shape[2],
+                                         torch.float32)
     if key.shape[1] != query.shape[1]:
         # GQA: the CUDA kernels take one key / value head per query head; the repeated copies'
         # gradients sum back through autograd.
