@@ -29,6 +29,8 @@ __all__ = [
     "repeat_kv_heads",
     "alibi_bias",
     "with_alibi",
+    "window_mask",
+    "with_window",
     "block_sparse_attention",
     "linformer_attention",
     "layout_to_mask",
@@ -107,6 +109,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     alibi_slopes: Optional[Tensor] = None,
+    window_size: Optional[Tuple[int, int]] = None,
     dropout_mask: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
@@ -119,7 +122,8 @@ def scaled_dot_product_attention(
     may have fewer heads (dim -3) than query, a divisor of its count; query head h then uses key /
     value head h // (H / Hkv) (grouped-query attention, as torch's ``enable_gqa``).
     ``alibi_slopes`` (H,) or (B, H): ALiBi, ``- slope * |i - j|`` added to the score of query i and
-    key j (see :func:`alibi_bias`), on top of ``attn_mask``.
+    key j (see :func:`alibi_bias`), on top of ``attn_mask``. ``window_size`` (left, right): query i
+    sees keys i - left .. i + right only (-1: unbounded; see :func:`window_mask`).
 
     Unlike torch, a query row whose every key is masked out returns 0 (and gets zero gradient)
     instead of NaN. ``dropout_mask`` (bool, broadcastable to (..., Lq, Lk), True = keep) fixes
@@ -128,6 +132,9 @@ def scaled_dot_product_attention(
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         key, value = repeat_kv_heads(key, value, query.shape[-3], dim=-3)
     cdt = _compute_dtype(query, compute_dtype)
+    if window_size is not None:
+        attn_mask = with_window(attn_mask, window_size, query.shape[-2], key.shape[-2],
+                                query.device)
     if alibi_slopes is not None:
         attn_mask = with_alibi(attn_mask, alibi_slopes, query.shape[-2], key.shape[-2], cdt)
     probs = attention_probs(query, key, attn_mask, is_causal, scale, compute_dtype=cdt)
@@ -157,6 +164,33 @@ def with_alibi(attn_mask: Optional[Tensor], slopes: Tensor, lq: int, lk: int,
     return attn_mask.to(dtype) + bias
 
 
+def window_mask(window_size: Tuple[int, int], lq: int, lk: int,
+                device: Optional[torch.device] = None) -> Tensor:
+    """(Lq, Lk) bool, True where key j lies in query i's sliding window: ``i - left <= j <= i + right``
+    (``window_size = (left, right)``; -1: unbounded on that side). Aligned top-left like
+    ``is_causal``; ModernBERT's local layers use (64, 64), FlashAttention's ``window_size``."""
+    left, right = window_size
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def with_window(attn_mask: Optional[Tensor], window_size: Tuple[int, int], lq: int, lk: int,
+                device: Optional[torch.device] = None) -> Tensor:
+    """``attn_mask`` (None, bool or float) restricted to the sliding window."""
+    keep = window_mask(window_size, lq, lk, attn_mask.device if attn_mask is not None else device)
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
 def repeat_kv_heads(key: Tensor, value: Tensor, num_heads: int, dim: int) -> Tuple[Tensor, Tensor]:
     """Key and value with each of their heads (along ``dim``) repeated to ``num_heads`` query heads:
     head h of the result is head h // (num_heads / Hkv) of the input (grouped-query attention)."""
@@ -178,6 +212,7 @@ def varlen_attention(
     *,
     compute_dtype: Optional[torch.dtype] = None,
     alibi_slopes: Optional[Tensor] = None,
+    window_size: Optional[Tuple[int, int]] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
@@ -186,7 +221,7 @@ def varlen_attention(
     ``cu_seqlens[i]:cu_seqlens[i+1]``; causal is top-left aligned within each sequence.
     ``max_seqlen_*`` are accepted for API compatibility; the reference does not need them. k and
     v may have fewer heads than q, a divisor of its count (grouped-query attention).
-    ``alibi_slopes`` (H,) or (N, H): ALiBi within each sequence.
+    ``alibi_slopes`` (H,) or (N, H): ALiBi within each sequence; ``window_size`` likewise.
     """
     if k.shape[1] != q.shape[1]:
         k, v = repeat_kv_heads(k, v, q.shape[1], dim=1)
@@ -206,6 +241,7 @@ def varlen_attention(
                 slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i]
             oi = scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale, alibi_slopes=slopes,
+                                              window_size=window_size,
                                               compute_dtype=compute_dtype)
         outs.append(oi.transpose(0, 1))
     if not outs:

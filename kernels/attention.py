@@ -79,6 +79,12 @@ def _bias_log2(bias):
 
 
 @triton.jit
+def _window_keep(rows, cols, window_left, window_right):
+    """[len(rows), len(cols)] True where key j lies in query i's window: i - left <= j <= i + right."""
+    return (cols[None, :] >= rows[:, None] - window_left) & (cols[None, :] <= rows[:, None] + window_right)
+
+
+@triton.jit
 def _alibi_slope_log2(Alibi, b64, h64, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
     """The ALiBi slope of (batch, head) in base-2 units (0 without ALiBi)."""
     slope = 0.0
@@ -103,12 +109,14 @@ def _attention_fwd_block(
     len_k,                    # keys in this sequence
     sm_scale_log2,            # scale * log2(e)
     alibi_log2,               # ALiBi slope * log2(e) of this (batch, head) (used when HAS_ALIBI)
+    window_left, window_right,  # sliding window (used when HAS_WINDOW)
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    BOUNDARY: tl.constexpr,   # this block may hold keys >= len_k or keys above the causal diagonal
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BOUNDARY: tl.constexpr,   # this block may hold keys >= len_k, above the causal diagonal or
+                              # outside the window
     DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
@@ -140,6 +148,8 @@ def _attention_fwd_block(
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if IS_CAUSAL:
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        if HAS_WINDOW:
+            s = tl.where(_window_keep(rows, cols, window_left, window_right), s, float("-inf"))
 
     # Online softmax. A row that has seen no key yet keeps m = -inf; m_use = 0 there so that
     # exp2(-inf - m_use) = 0 and no inf - inf (NaN) appears.
@@ -154,6 +164,26 @@ def _attention_fwd_block(
         p = tl.where(rnd >= dropout_p, p, 0.0)                # 1/(1-p) is applied once at the end
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BM, BN] @ [BN, BDV] -> [BM, BDV]
     return acc, l_i, m_new
+
+
+@triton.jit
+def _key_range(start_m, len_k, window_left, window_right, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(lo, hi, full_hi): the key blocks a query block [start_m, start_m + BLOCK_M) visits.
+    [lo, full_hi) need neither the key-bound nor the causal check; [full_hi, hi) do. With a
+    sliding window only the blocks it reaches are visited, each of them checked."""
+    if IS_CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M)
+        full_hi = tl.minimum((start_m + 1) // BLOCK_N * BLOCK_N, len_k // BLOCK_N * BLOCK_N)
+    else:
+        hi = len_k
+        full_hi = len_k // BLOCK_N * BLOCK_N
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, start_m + BLOCK_M + window_right)
+        full_hi = lo
+    return lo, hi, full_hi
 
 
 @triton.jit
@@ -203,6 +233,7 @@ def _attention_fwd_kernel(
     stride_ab, stride_ah,
     num_heads,                # query heads H
     kv_group,                 # query heads per key / value head (GQA; 1: as many K/V heads as H)
+    window_left, window_right,  # query i sees keys i - left .. i + right (when HAS_WINDOW)
     num_m_blocks,             # query blocks per (batch, head): cdiv(Lq or max_seqlen_q, BLOCK_M)
     seqlen_q, seqlen_k,       # dense: Lq, Lk; varlen: max_seqlen_q, max_seqlen_k (dropout offsets)
     sm_scale_log2,            # scale * log2(e)
@@ -211,7 +242,8 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
@@ -243,25 +275,22 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # Key blocks [0, full_hi) need neither the key-bound nor the causal check; [full_hi, hi) do.
-    if IS_CAUSAL:
-        hi = tl.minimum(len_k, start_m + BLOCK_M)
-        full_hi = tl.minimum((start_m + 1) // BLOCK_N * BLOCK_N, len_k // BLOCK_N * BLOCK_N)
-    else:
-        hi = len_k
-        full_hi = len_k // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_hi, BLOCK_N):
+    lo, hi, full_hi = _key_range(start_m, len_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                 IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _attention_fwd_block(
             acc, l_i, m_i, q, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base, rng_rows,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, len_k,
-            sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-            BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, False, DOT_PRECISION)
+            sm_scale_log2, alibi, window_left, window_right, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW,
+            False, DOT_PRECISION)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _attention_fwd_block(
             acc, l_i, m_i, q, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base, rng_rows,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, len_k,
-            sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-            BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, True, DOT_PRECISION)
+            sm_scale_log2, alibi, window_left, window_right, dropout_p, seed, HEAD_DIM, HEAD_DIM_V,
+            BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW,
+            True, DOT_PRECISION)
 
     alive = l_i > 0.0                                         # rows with at least one key
     inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
@@ -329,10 +358,11 @@ def _attention_bwd_dkdv_block(
     rng_cols,                 # [BN] int64: (b*H + h) * Lq * Lk + col (dropout offset of row 0)
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
     len_q, len_k, seqlen_k,   # lengths of this sequence; seqlen_k: Lk of the dropout offsets
-    sm_scale_log2, alibi_log2, dropout_p, seed,
+    sm_scale_log2, alibi_log2, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,     # every block is checked against the window
     CAUSAL_BLOCK: tl.constexpr,   # this query block crosses the causal diagonal
     DOT_PRECISION: tl.constexpr,
 ):
@@ -368,6 +398,10 @@ def _attention_bwd_dkdv_block(
         sT = sT - alibi_log2 * tl.abs(cols[:, None] - rows[None, :]).to(tl.float32)
     if CAUSAL_BLOCK:
         sT = tl.where(cols[:, None] <= rows[None, :], sT, float("-inf"))
+    if HAS_WINDOW:
+        in_window = ((cols[:, None] >= rows[None, :] - window_left)
+                     & (cols[:, None] <= rows[None, :] + window_right))             # [BN, BM]
+        sT = tl.where(in_window, sT, float("-inf"))
     pT = tl.exp2((sT - m2[None, :]) - log2_l[None, :])        # [BN, BM] softmax probabilities
     if HAS_DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -404,6 +438,7 @@ def _attention_bwd_dkdv_kernel(
     stride_ab, stride_ah,
     num_heads,                # query heads H
     kv_group,                 # query heads per key / value head: each program loops over them
+    window_left, window_right,  # sliding window (when HAS_WINDOW), as in the forward
     num_n_blocks,             # key blocks per (batch, K/V head): cdiv(Lk or max_seqlen_k, BLOCK_N)
     seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
@@ -412,7 +447,8 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     block_n, pid_hk, pid_b = _program_tile(num_n_blocks, num_heads // kv_group, False)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
@@ -447,6 +483,14 @@ def _attention_bwd_dkdv_kernel(
     else:
         lo = 0
         mid = 0
+    hi = len_q
+    if HAS_WINDOW:  # rows i - left <= j <= i + right of some key j of this block: i in [lo, hi)
+        hi = tl.minimum(len_q, start_n + BLOCK_N + window_left)
+        lo = tl.maximum(lo, tl.maximum(start_n - window_right, 0) // BLOCK_M * BLOCK_M)
+        if IS_CAUSAL:
+            mid = tl.minimum(tl.maximum(mid, lo), hi)
+        else:
+            mid = lo
     # dK / dV sum over the query heads that share this key / value head (one unless GQA), in
     # registers: deterministic, and no (B, H, Lk, D) scratch.
     for g in range(kv_group):
@@ -462,16 +506,16 @@ def _attention_bwd_dkdv_kernel(
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
                 rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
-                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, dropout_p,
-                seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
-                HAS_DROPOUT, HAS_ALIBI, True, DOT_PRECISION)
-        for start_m in range(mid, len_q, BLOCK_M):
+                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, window_left,
+                window_right, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
+                BLOCK_DV, MASK_KIND, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, True, DOT_PRECISION)
+        for start_m in range(mid, hi, BLOCK_M):
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
                 rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
-                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, dropout_p,
-                seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
-                HAS_DROPOUT, HAS_ALIBI, False, DOT_PRECISION)
+                stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, window_left,
+                window_right, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
+                BLOCK_DV, MASK_KIND, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, False, DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkn
@@ -491,12 +535,12 @@ def _attention_bwd_dq_block(
     rng_rows,                 # [BM] int64 dropout offset of (row, key 0)
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_dsm, stride_dsn,
     len_k,
-    sm_scale_log2, alibi_log2, dropout_p, seed,
+    sm_scale_log2, alibi_log2, window_left, window_right, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, STORE_DS: tl.constexpr, BOUNDARY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, STORE_DS: tl.constexpr,
+    BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -523,6 +567,8 @@ def _attention_bwd_dq_block(
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if IS_CAUSAL:
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        if HAS_WINDOW:
+            s = tl.where(_window_keep(rows, cols, window_left, window_right), s, float("-inf"))
     p = tl.exp2((s - m2[:, None]) - log2_l[:, None])          # [BM, BN]
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)        # [BM, BDV] @ [BDV, BN] -> [BM, BN]
     if HAS_DROPOUT:
@@ -552,15 +598,15 @@ def _attention_bwd_dq_kernel(
     stride_dsb, stride_dsh, stride_dsm, stride_dsn,
     stride_lb, stride_lh, stride_lm, stride_ls,
     stride_ab, stride_ah,
-    num_heads, kv_group, num_m_blocks, seqlen_q, seqlen_k,
+    num_heads, kv_group, window_left, window_right, num_m_blocks, seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
     dropout_p,                # drop probability (used when HAS_DROPOUT)
     Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, STORE_DS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
@@ -598,26 +644,22 @@ def _attention_bwd_dq_kernel(
 
     seed = load_seed(Seed, HAS_DROPOUT)  # read on the device: no host sync
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if IS_CAUSAL:
-        hi = tl.minimum(len_k, start_m + BLOCK_M)
-        full_hi = tl.minimum((start_m + 1) // BLOCK_N * BLOCK_N, len_k // BLOCK_N * BLOCK_N)
-    else:
-        hi = len_k
-        full_hi = len_k // BLOCK_N * BLOCK_N
-    for start_n in range(0, full_hi, BLOCK_N):
+    lo, hi, full_hi = _key_range(start_m, len_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                                 IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, full_hi, BLOCK_N):
         dq = _attention_bwd_dq_block(
             dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
             ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM,
-            HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI,
-            STORE_DS, False, DOT_PRECISION)
+            stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, window_left, window_right,
+            dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
+            IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, STORE_DS, False, DOT_PRECISION)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _attention_bwd_dq_block(
             dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
             ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, dropout_p, seed, HEAD_DIM,
-            HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI,
-            STORE_DS, True, DOT_PRECISION)
+            stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, window_left, window_right,
+            dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
+            IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, STORE_DS, True, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -636,14 +678,14 @@ def _attention_bwd_dmask_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm, stride_ls,
     stride_ab, stride_ah,
-    num_heads, kv_group, seqlen_q, seqlen_k,
+    num_heads, kv_group, window_left, window_right, seqlen_q, seqlen_k,
     mask_heads,               # MH: 1 (mask broadcast over heads) or num_heads
     loop_b, loop_h,           # batch / head entries summed into one mask slice: B or 1, H or 1
     sm_scale_log2, dropout_p, Seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The gradient of a float mask broadcast over batch and/or heads, summed over the broadcast
     dims inside the kernel (deterministic: one program owns one [BM, BN] tile of one mask slice
@@ -660,6 +702,11 @@ def _attention_bwd_dmask_kernel(
     start_n = tile_n * BLOCK_N
     if IS_CAUSAL:
         if start_n > start_m + BLOCK_M - 1:        # above the diagonal: dS is 0 (zeros given)
+            return
+    if HAS_WINDOW:                                 # a tile outside the window: dS is 0
+        if start_n > start_m + BLOCK_M - 1 + window_right:
+            return
+        if start_n + BLOCK_N - 1 < start_m - window_left:
             return
     mb = slice_id // mask_heads
     mh = slice_id % mask_heads
@@ -701,6 +748,8 @@ def _attention_bwd_dmask_kernel(
         s = tl.where(tile_ok, s, float("-inf"))                        # [BM, BD] @ [BD, BN]
         if IS_CAUSAL:
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        if HAS_WINDOW:
+            s = tl.where(_window_keep(rows, cols, window_left, window_right), s, float("-inf"))
         p = tl.exp2((s - m2[:, None]) - log2_l[:, None])               # [BM, BN]
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)             # [BM, BDV] @ [BDV, BN]
         if HAS_DROPOUT:
@@ -1025,6 +1074,16 @@ def _mask_args(attn_mask: Optional[Tensor], shape: Sequence[int], dummy: Tensor)
     return m, m.stride(), MASK_FLOAT
 
 
+def _window_args(window: Optional[Tuple[int, int]], seqlen_q: int, seqlen_k: int):
+    """(left, right, HAS_WINDOW) for ``window`` = (left, right) keys before / after the query's own
+    position (-1: unbounded) or None."""
+    if window is None:
+        return 0, 0, False
+    unbounded = max(seqlen_q, seqlen_k)
+    left, right = (unbounded if w < 0 else min(int(w), unbounded) for w in window)
+    return left, right, True
+
+
 def _alibi_args(alibi: Optional[Tensor], dummy: Tensor):
     """(pointer tensor, (batch stride, head stride), HAS_ALIBI) for fp32 slopes of shape (H,) (one
     set for every batch entry / sequence) or (B, H)."""
@@ -1042,9 +1101,10 @@ def _varlen_strides(t: Tensor) -> Tuple[int, int, int, int]:
 
 def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_strides, l_strides,
                 m_strides, mask_kind, cu_q, cu_k, batch, heads, seqlen_q, seqlen_k, scale,
-                dropout_p, seed, is_causal, is_varlen, alibi=None):
+                dropout_p, seed, is_causal, is_varlen, alibi=None, window=None):
     """Runs the forward kernel; strides are (batch, head, token, dim) (varlen: batch stride 0)."""
     alibi, a_strides, has_alibi = _alibi_args(alibi, q)
+    w_left, w_right, has_window = _window_args(window, seqlen_q, seqlen_k)
     d, dv = q.shape[-1], v.shape[-1]
     default = attention_config("fwd", d, dv, q.dtype, q.device, dropout_p > 0.0,
                                mask_kind != MASK_NONE)
@@ -1058,12 +1118,12 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
         _attention_fwd_kernel[(num_m * heads * batch,)](
             q, k, v, mask, alibi, out, stats, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides, *a_strides,
-            heads, heads // k.shape[1], num_m, seqlen_q, seqlen_k, scale * LOG2E,
-            float(dropout_p), seed_ptr,
+            heads, heads // k.shape[1], w_left, w_right, num_m, seqlen_q, seqlen_k,
+            scale * LOG2E, float(dropout_p), seed_ptr,
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
             BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
-            HAS_DROPOUT=dropout_p > 0.0, HAS_ALIBI=has_alibi, DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages)
+            HAS_DROPOUT=dropout_p > 0.0, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
 
     key = lambda: _tune_key((q, k, v), d, dv, mask_kind, dropout_p, is_causal,  # noqa: E731
                             is_varlen, seqlen_q, seqlen_k)
@@ -1075,14 +1135,15 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
                 q_strides, k_strides, v_strides, o_strides, do_strides, dq_strides, dk_strides,
                 dv_strides, l_strides, m_strides, ds_strides, mask_kind, cu_q, cu_k,
                 batch, heads, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, is_varlen,
-                alibi=None):
+                alibi=None, window=None):
     """Runs preprocess, dK/dV and dQ (+ dS when ``ds`` is a tensor) kernels; returns delta."""
     d, dvd = q.shape[-1], v.shape[-1]
     bd, bdv = _block_dim(d), _block_dim(dvd)
     alibi, a_strides, has_alibi = _alibi_args(alibi, q)
+    w_left, w_right, has_window = _window_args(window, seqlen_q, seqlen_k)
     common = dict(HEAD_DIM=d, HEAD_DIM_V=dvd, BLOCK_D=bd, BLOCK_DV=bdv, IS_VARLEN=is_varlen,
                   MASK_KIND=mask_kind, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
-                  HAS_ALIBI=has_alibi, DOT_PRECISION=_dot_precision(q.dtype))
+                  HAS_ALIBI=has_alibi, HAS_WINDOW=has_window, DOT_PRECISION=_dot_precision(q.dtype))
     store_ds = ds is not None
     if not store_ds:
         ds = q  # never dereferenced (STORE_DS=False)
@@ -1108,7 +1169,8 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             _attention_bwd_dkdv_kernel[(num_n * kv_heads * batch,)](
                 q, k, v, mask, do, alibi, stats, delta, dk, dv, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dk_strides,
-                *dv_strides, *l_strides, *a_strides, heads, heads // kv_heads, num_n, seqlen_q, seqlen_k,
+                *dv_strides, *l_strides, *a_strides, heads, heads // kv_heads, w_left, w_right,
+                num_n, seqlen_q, seqlen_k,
                 scale, scale * LOG2E,
                 float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                 num_stages=stages, **common)
@@ -1125,7 +1187,8 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
             _attention_bwd_dq_kernel[(num_m * heads * batch,)](
                 q, k, v, mask, do, stats, delta, alibi, dq, ds, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *m_strides, *do_strides, *dq_strides,
-                *ds_strides, *l_strides, *a_strides, heads, heads // kv_heads, num_m, seqlen_q, seqlen_k,
+                *ds_strides, *l_strides, *a_strides, heads, heads // kv_heads, w_left, w_right,
+                num_m, seqlen_q, seqlen_k,
                 scale, scale * LOG2E,
                 float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
                 num_warps=warps, num_stages=stages, **common)
@@ -1183,7 +1246,8 @@ def softmax_stats_to_lse(stats: Tensor, rows_shape: Sequence[int]) -> Tensor:
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   dropout_p: float, is_causal: bool, scale: float,
                   seed: Optional[Tensor] = None,
-                  alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  alibi_slopes: Optional[Tensor] = None,
+                  window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass.
 
     Args: query (B, H, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv), any strides, where
@@ -1192,7 +1256,9 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
     the dropout seed, an int64 (1,) tensor on the inputs' device (e.g. from
     ``fastbert._rng.dropout_seed``), read by the kernels on the device; ignored (may be None)
     when ``dropout_p == 0``. ``alibi_slopes``: fp32 (H,) or (B, H); the score of query i and
-    key j gets ``- slope * |i - j|``, computed in the kernel (no bias tensor).
+    key j gets ``- slope * |i - j|``, computed in the kernel (no bias tensor). ``window``
+    (left, right): query i sees keys i - left .. i + right only (-1: unbounded), and only the key
+    blocks the window reaches are visited.
 
     Returns: out (B, H, Lq, Dv) in the input dtype (layout: :func:`attention_out_layout`) and
     stats, fp32 (2 * B * H * Lq,), viewed as (2, B, H, Lq): [0] the row max m of the scores in
@@ -1206,14 +1272,14 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
     mask, m_strides, kind = _mask_args(attn_mask, (b, h, lq, lk), query)
     _launch_fwd(query, key, value, out, stats, mask, query.stride(), key.stride(), value.stride(),
                 out.stride(), _stats_strides((b, h, lq)), m_strides, kind, query, query, b, h,
-                lq, lk, scale, dropout_p, seed, is_causal, False, alibi_slopes)
+                lq, lk, scale, dropout_p, seed, is_causal, False, alibi_slopes, window)
     return out, stats
 
 
 def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                   stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                   scale: float, seed: Optional[Tensor] = None, mask_grad: bool = False,
-                  alibi_slopes: Optional[Tensor] = None):
+                  alibi_slopes: Optional[Tensor] = None, window: Optional[Tuple[int, int]] = None):
     """Backward pass of :func:`attention_fwd` (same arguments plus its outputs).
 
     grad_out (B, H, Lq, Dv) any strides (stride 0 included). Returns dq, dk, dv in the layouts of
@@ -1248,12 +1314,12 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
                         query.stride(), key.stride(), value.stride(), out.stride(),
                         grad_out.stride(), dq.stride(), dk.stride(), dv.stride(), stats_strides,
                         m_strides, ds_strides, kind, query, query, b, h, lq, lk, scale, dropout_p,
-                        seed, is_causal, False, alibi_slopes)
+                        seed, is_causal, False, alibi_slopes, window)
     if mask_grad and not in_dq:
         ds = torch.zeros((mb, mh, lq, lk), dtype=torch.float32, device=query.device)
         _launch_bwd_dmask(grad_out, query, key, value, stats, delta, mask, ds, m_strides,
                           stats_strides, b, h, mb, mh, lq, lk, scale, dropout_p, seed, is_causal,
-                          alibi_slopes)
+                          alibi_slopes, window)
     dmask = None
     if mask_grad:
         dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
@@ -1274,37 +1340,41 @@ def _dmask_config(dtype: torch.dtype, d: int, device: torch.device) -> _Config:
 
 
 def _launch_bwd_dmask(do, q, k, v, stats, delta, mask, dmask, m_strides, l_strides, batch, heads,
-                      mb, mh, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, alibi=None):
+                      mb, mh, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, alibi=None,
+                      window=None):
     d, dv = q.shape[-1], v.shape[-1]
     bm, bn, warps, stages = _dmask_config(q.dtype, max(d, dv), q.device)
     grid = (triton.cdiv(seqlen_q, bm) * triton.cdiv(seqlen_k, bn) * mb * mh,)
     if grid[0] == 0:
         return
     alibi, a_strides, has_alibi = _alibi_args(alibi, q)
+    w_left, w_right, has_window = _window_args(window, seqlen_q, seqlen_k)
     _attention_bwd_dmask_kernel[grid](
         q, k, v, mask, do, stats, delta, alibi, dmask,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *do.stride(), *l_strides, *a_strides,
-        heads, heads // k.shape[1], seqlen_q, seqlen_k, mh, batch if mb == 1 else 1,
+        heads, heads // k.shape[1], w_left, w_right, seqlen_q, seqlen_k, mh,
+        batch if mb == 1 else 1,
         heads if mh == 1 else 1,
         scale * LOG2E, float(dropout_p), seed_arg(seed, dropout_p, q),
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
         BLOCK_DV=_block_dim(dv), IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
-        HAS_ALIBI=has_alibi, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps,
-        num_stages=stages)
+        HAS_ALIBI=has_alibi, HAS_WINDOW=has_window, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
 
 
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          dropout_p: float, is_causal: bool, scale: float,
                          seed: Optional[Tensor] = None,
-                         alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                         alibi_slopes: Optional[Tensor] = None,
+                         window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass over packed sequences.
 
     Args: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) with Hkv dividing H (GQA),
     any strides; cu_seqlens_*
     (N + 1,) int32/int64 on the tensors' device; max_seqlen_* upper bounds of the lengths (they
-    size the grid and the dropout offsets); ``seed`` and ``alibi_slopes`` ((H,) or (N, H)) as in
-    :func:`attention_fwd`, positions counted within each sequence.
+    size the grid and the dropout offsets); ``seed``, ``alibi_slopes`` ((H,) or (N, H)) and
+    ``window`` as in :func:`attention_fwd`, positions counted within each sequence.
 
     Returns: out (total_q, H, Dv) contiguous, stats fp32 (2 * H * total_q,), viewed as
     (2, H, total_q) (as in :func:`attention_fwd`).
@@ -1317,7 +1387,7 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     _launch_fwd(q, k, v, out, stats, q, _varlen_strides(q), _varlen_strides(k), _varlen_strides(v),
                 _varlen_strides(out), _stats_strides((h, total_q)), (0, 0, 0, 0), MASK_NONE,
                 cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-                seed, is_causal, True, alibi_slopes)
+                seed, is_causal, True, alibi_slopes, window)
     return out, stats
 
 
@@ -1325,7 +1395,8 @@ def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          stats: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool,
                          scale: float, seed: Optional[Tensor] = None,
-                         alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                         alibi_slopes: Optional[Tensor] = None,
+                         window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward pass of :func:`varlen_attention_fwd`; returns dq, dk, dv (packed, contiguous)."""
     total_q, h, d = q.shape
     n = cu_seqlens_q.numel() - 1
@@ -1341,7 +1412,7 @@ def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                 _varlen_strides(grad_out), _varlen_strides(dq), _varlen_strides(dk),
                 _varlen_strides(dv), _stats_strides((h, total_q)), (0, 0, 0, 0), (0, 0, 0, 0),
                 MASK_NONE, cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale,
-                dropout_p, seed, is_causal, True, alibi_slopes)
+                dropout_p, seed, is_causal, True, alibi_slopes, window)
     return dq, dk, dv
 
 

@@ -211,7 +211,7 @@ def _dense_strides(h, l, d):
 
 def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", causal: bool = False,
                     dropout: bool = False, varlen: bool = False, kv_group: int = 1,
-                    alibi: bool = False) -> Case:
+                    alibi: bool = False, window: bool = False) -> Case:
     dtype = DTYPES[dt]
     mask_kind = {"none": att.MASK_NONE, "bool": att.MASK_BOOL, "float": att.MASK_FLOAT}[mask]
     if varlen:
@@ -234,10 +234,12 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
         dropout, mask != "none")
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd,
                   IS_VARLEN=varlen, MASK_KIND=mask_kind, IS_CAUSAL=causal, HAS_DROPOUT=dropout,
-                  HAS_ALIBI=alibi, DOT_PRECISION=att._dot_precision(dtype))
+                  HAS_ALIBI=alibi, HAS_WINDOW=window, DOT_PRECISION=att._dot_precision(dtype))
     # ALiBi slopes: fp32 (H,) (batch stride 0, head stride 1); without, q stands in, strides 0
     alibi_args = dict(Alibi=ptr("fp32") if alibi else ptr(dt), stride_ab=0,
-                      stride_ah=1 if alibi else 0)
+                      stride_ah=1 if alibi else 0,
+                      # a 128-token window (ModernBERT's local layers: 64 keys each side)
+                      window_left=64 if window else 0, window_right=64 if window else 0)
     # the seed is a (1,) int64 device tensor (fastbert._rng.dropout_seed); without dropout the
     # launchers pass q as the (unread) pointer
     rng = dict(dropout_p=0.1, Seed=ptr("i64") if dropout else ptr(dt))
@@ -282,7 +284,8 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     args = {**tensors, **strides, **extra, **common, **alibi_args}
     variant = "-".join(f for f, on in (("causal", causal), (f"{mask}mask", mask != "none"),
                                        ("dropout", dropout), ("varlen", varlen),
-                                       (f"gqa{kv_group}", kv_group > 1), ("alibi", alibi))
+                                       (f"gqa{kv_group}", kv_group > 1), ("alibi", alibi),
+                                       ("window", window))
                        if on) or "plain"
     name = f"sm{cc}-{kind}-D{d}-{dt}-{variant}-BM{bm}-BN{bn}-w{warps}-s{stages}"
     return Case("attention", name, kernel, args, warps, stages, cc)
@@ -311,7 +314,8 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
     bm, bn, warps, stages = att._dmask_config(dtype, d, torch.device("cuda", _DEVICE_INDEX[cc]))
     qkv = _dense_strides(_H, _L, d)
     args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Mask=ptr(dt), DO=ptr(dt), Stats=ptr("fp32"),
-                Delta=ptr("fp32"), DMask=ptr("fp32"), Alibi=ptr(dt), stride_ab=0, stride_ah=0)
+                Delta=ptr("fp32"), DMask=ptr("fp32"), Alibi=ptr(dt), stride_ab=0, stride_ah=0,
+                window_left=0, window_right=0)
     for pre, tok in (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m")):
         args.update(zip((f"stride_{pre}{x}" for x in ("b", "h", tok, "d")), qkv))
     args.update(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), (0, 0, _L, 1)))
@@ -320,7 +324,7 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
     args.update(num_heads=_H, kv_group=1, seqlen_q=_L, seqlen_k=_L, mask_heads=1, loop_b=_B, loop_h=_H,
                 sm_scale_log2=0.18, dropout_p=0.1, Seed=ptr("i64") if dropout else ptr(dt),
                 HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd,
-                IS_CAUSAL=causal, HAS_DROPOUT=dropout, HAS_ALIBI=False,
+                IS_CAUSAL=causal, HAS_DROPOUT=dropout, HAS_ALIBI=False, HAS_WINDOW=False,
                 DOT_PRECISION=att._dot_precision(dtype))
     variant = "-".join(f for f, on in (("causal", causal), ("dropout", dropout)) if on) or "plain"
     name = f"sm{cc}-bwd_dmask-D{d}-{dt}-{variant}-BM{bm}-BN{bn}-w{warps}-s{stages}"
@@ -329,7 +333,8 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
 
 def attention_cases() -> List[Case]:
     """sm_90: every variant at fp16, every dtype, head dims 40 / 128 / 256 (128 also plain: the
-    shape of the issue's H100 throughput targets; grouped-query; ALiBi). sm_80 (its own tables): GQA,
+    shape of the issue's H100 throughput targets; grouped-query; ALiBi; sliding window). sm_80 (its
+    own tables): GQA,
     float mask + dropout at fp16, fp32, head dims 128 / 256 (bf16)."""
     kinds = ("fwd", "bwd_dkdv", "bwd_dq")
     causal, bool_mask = dict(causal=True), dict(mask="bool")
@@ -338,10 +343,11 @@ def attention_cases() -> List[Case]:
     heavy = dict(mask="bool", dropout=True)
     gqa = dict(causal=True, kv_group=4)  # 12 query heads on 3 key / value heads
     alibi = dict(mask="bool", alibi=True)  # key padding + ALiBi (MosaicBERT / Jina-BERT style)
+    window = dict(mask="bool", window=True)  # key padding + sliding window (ModernBERT's local layers)
     specs = {90: [("fp16", 64, causal), ("fp16", 64, bool_mask), ("fp16", 64, float_drop),
                   ("fp16", 64, varlen), ("bf16", 64, causal), ("fp32", 64, causal),
                   ("fp16", 40, {}), ("fp16", 128, {}), ("fp16", 128, heavy), ("fp16", 256, causal),
-                  ("bf16", 128, gqa), ("fp16", 64, alibi)],
+                  ("bf16", 128, gqa), ("fp16", 64, alibi), ("bf16", 64, window)],
              80: [("fp16", 64, float_drop), ("fp32", 64, causal), ("fp16", 64, gqa),
                   ("fp16", 128, heavy), ("bf16", 256, causal)]}
     cases = []

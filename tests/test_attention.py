@@ -64,11 +64,12 @@ def _clone_leaf(t, dtype=None):
 
 
 def _run_sdpa(leaves, layout, mask, causal, dropout_p=0.0, scale=None, gqa=False,
-              backend="triton", alibi=None):
+              backend="triton", alibi=None, window=None):
     q, k, v = _views(leaves, layout)
     return fastbert.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                  is_causal=causal, scale=scale, enable_gqa=gqa,
-                                                 alibi_slopes=alibi, backend=backend)
+                                                 alibi_slopes=alibi, window_size=window,
+                                                 backend=backend)
 
 
 def _grads(out, leaves, mask, dout):
@@ -77,10 +78,10 @@ def _grads(out, leaves, mask, dout):
 
 
 def _check_sdpa(leaves, layout, mask=None, causal=False, dropout_p=0.0, dropout_mask=None,
-                scale=None, gqa=False, backend="triton", alibi=None):
+                scale=None, gqa=False, backend="triton", alibi=None, window=None):
     """Output and every gradient (q, k, v, and the mask when it requires grad) vs fp64."""
     dtype = leaves[0].dtype
-    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale, gqa, backend, alibi)
+    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale, gqa, backend, alibi, window)
     dout = rand(out.shape, dtype)
     grads = _grads(out, leaves, mask, dout)
 
@@ -89,14 +90,16 @@ def _check_sdpa(leaves, layout, mask=None, causal=False, dropout_p=0.0, dropout_
     ref_mask = _clone_leaf(mask, mask_dtype64)
     ref = reference.scaled_dot_product_attention(
         *_views(ref_leaves, layout), ref_mask, dropout_p, causal, scale, gqa,
-        alibi_slopes=None if alibi is None else alibi.double(), dropout_mask=dropout_mask)
+        alibi_slopes=None if alibi is None else alibi.double(), window_size=window,
+        dropout_mask=dropout_mask)
     ref_grads = _grads(ref, ref_leaves, ref_mask, dout.double())
 
     low_leaves = [_clone_leaf(t) for t in leaves]
     low_mask = _clone_leaf(mask)
     low = reference.scaled_dot_product_attention(*_views(low_leaves, layout), low_mask, dropout_p,
                                                  causal, scale, gqa, alibi_slopes=alibi,
-                                                 dropout_mask=dropout_mask, compute_dtype=dtype)
+                                                 window_size=window, dropout_mask=dropout_mask,
+                                                 compute_dtype=dtype)
     low_grads = _grads(low, low_leaves, low_mask, dout)
 
     assert out.shape == ref.shape and out.dtype == dtype
@@ -257,6 +260,66 @@ def test_sdpa_alibi_arguments():
     # zero slopes are plain attention
     out = sdpa(q, q, q, alibi_slopes=torch.zeros(3, device=DEVICE), backend="triton")
     assert_close(out, reference.scaled_dot_product_attention(q.double(), q.double(), q.double()),
+                 name="out")
+
+
+WINDOWS = [
+    # lq, lk, (left, right), causal, dtype, layout, mask code
+    (97, 97, (8, 8), False, F16, "bhld", None),          # ModernBERT-like local attention
+    (33, 130, (0, 0), False, F32, "blhd", None),         # each query sees one key
+    (130, 33, (20, 3), True, F16, "bhld", "boolB11K"),   # Lq > Lk, causal, key padding
+    (17, 97, (-1, 5), False, F32, "strided", "float11QK"),  # left unbounded, trainable shared bias
+    (70, 40, (6, -1), True, F32, "bhld", "floatBHQK"),   # right unbounded (= causal window)
+    (40, 40, (100, 100), False, F16, "blhd", None),     # wider than the sequence: dense
+]
+
+
+@pytest.mark.parametrize(
+    "lq,lk,window,causal,dtype,layout,mask_code",
+    [pytest.param(*w, id=_case_id(1, 2, w[0], w[1], 40, w[4], w[3],
+                                  f"window{w[2][0]}_{w[2][1]}-{w[5]}" + (f"-{w[6]}" if w[6] else "")))
+     for w in WINDOWS])
+def test_sdpa_window(lq, lk, window, causal, dtype, layout, mask_code):
+    """Sliding-window attention: only the key blocks the window reaches are visited, every one of
+    them checked; against the reference with the window as a mask (rows that see no key: 0)."""
+    b, h, d = 1, 2, 40
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, layout)
+    mask = None
+    if mask_code is not None:
+        kind, code = mask_code[:-4], mask_code[-4:]
+        mask = _make_mask(kind, _mask_shape(code, b, h, lq, lk), dtype)
+        if kind == "float":
+            mask.requires_grad_()
+    _check_sdpa(leaves, layout, mask=mask, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("blocks", ["bm16-bn64", "bm64-bn16"])
+def test_sdpa_window_block_sizes(blocks, monkeypatch):
+    """Window edges that cut tiles of either shape, with GQA, ALiBi and dropout together."""
+    cfg = BLOCK_CONFIGS[blocks]
+    monkeypatch.setattr(kernels, "attention_config", lambda kind, *a, **k: cfg[kind])
+    b, h, hkv, lq, lk, d, p = 1, 4, 2, 70, 97, 16, 0.2
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld", hkv=hkv)
+    alibi = _slopes((h,))
+    q, k, v = (t.detach() for t in leaves)
+    seed_value = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    torch.manual_seed(seed_value)
+    _, _, seed = torch.ops.fastbert.attention_fwd(q, k, v, None, p, True, d ** -0.5, alibi, 9, 30)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
+    torch.manual_seed(seed_value)
+    _check_sdpa(leaves, "bhld", causal=True, dropout_p=p, dropout_mask=keep, gqa=True,
+                alibi=alibi, window=(9, 30))
+
+
+def test_sdpa_window_arguments():
+    q = rand((1, 2, 5, 16))
+    sdpa = fastbert.scaled_dot_product_attention
+    for bad, exc in (((3,), TypeError), ((1.5, 2), TypeError), (5, TypeError), ((-2, 0), ValueError)):
+        with pytest.raises(exc, match="window_size"):
+            sdpa(q, q, q, window_size=bad, backend="triton")
+    # (-1, -1) is no window at all
+    full = sdpa(q, q, q, window_size=(-1, -1), backend="triton")
+    assert_close(full, reference.scaled_dot_product_attention(q.double(), q.double(), q.double()),
                  name="out")
 
 
@@ -786,26 +849,30 @@ def test_varlen(lens_q, lens_k, h, d, dtype, causal, layout, slack):
             assert torch.all(grads[0][cq[i]:cq[i + 1]] == 0)
 
 
-@pytest.mark.parametrize("per_sequence,layout", [(False, "plain"), (True, "gqa2")],
-                         ids=["N3-H4-D40-fp16-causal-alibiH", "N3-H4-D40-fp16-causal-alibiNH-gqa2"])
-def test_varlen_alibi(per_sequence, layout):
-    """ALiBi over packed sequences: positions counted within each sequence; slopes (H,) or one
-    set per sequence (N, H)."""
+@pytest.mark.parametrize("per_sequence,layout,window", [(False, "plain", None), (True, "gqa2", None),
+                                                       (False, "plain", (5, 3))],
+                         ids=["N3-H4-D40-fp16-causal-alibiH", "N3-H4-D40-fp16-causal-alibiNH-gqa2",
+                              "N3-H4-D40-fp16-causal-alibiH-window5_3"])
+def test_varlen_alibi(per_sequence, layout, window):
+    """ALiBi (and a sliding window) over packed sequences: positions counted within each
+    sequence; slopes (H,) or one set per sequence (N, H)."""
     lens_q, lens_k, h, d = [17, 0, 33], [9, 4, 40], 4, 40
     leaves = _varlen_leaves(lens_q, lens_k, h, d, F16, layout)
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     alibi = _slopes((len(lens_q), h) if per_sequence else (h,))
     out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), is_causal=True,
-                                    alibi_slopes=alibi, backend="triton")
+                                    alibi_slopes=alibi, window_size=window, backend="triton")
     dout = rand(out.shape, F16)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
     ref = reference.varlen_attention(*ref_leaves, cu_q, cu_k, max(lens_q), max(lens_k),
-                                     is_causal=True, alibi_slopes=alibi.double())
+                                     is_causal=True, alibi_slopes=alibi.double(),
+                                     window_size=window)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     low_leaves = [_clone_leaf(t) for t in leaves]
     low = reference.varlen_attention(*low_leaves, cu_q, cu_k, max(lens_q), max(lens_k),
-                                     is_causal=True, alibi_slopes=alibi, compute_dtype=F16)
+                                     is_causal=True, alibi_slopes=alibi, window_size=window,
+                                     compute_dtype=F16)
     low_grads = torch.autograd.grad(low, low_leaves, dout)
     assert_close(out, ref, low, name="out")
     for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
@@ -964,6 +1031,16 @@ def test_sdpa_cuda_alibi(backend):
     leaves = _leaves(b, h, l, l, d, d, BF16, "blhd")
     mask = _make_mask("bool", (b, 1, 1, l), None, keep_fraction=0.8)
     _check_sdpa(leaves, "blhd", mask=mask, alibi=_slopes((h,)), backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sdpa_cuda_window(backend):
+    """ModernBERT-style local attention (64 keys each side) at L 2048 with key padding, compiled."""
+    b, h, l, d = 2, 12, 2048, 64
+    leaves = _leaves(b, h, l, l, d, d, BF16, "blhd")
+    mask = _make_mask("bool", (b, 1, 1, l), None, keep_fraction=0.9)
+    _check_sdpa(leaves, "blhd", mask=mask, window=(64, 64), backend=backend)
 
 
 @pytest.mark.cuda

@@ -88,11 +88,12 @@ def test_fakes_and_autograd_on_meta_tensors():
     y3 = ln._add_layer_norm_cuda(y, r, None, None, 1e-5, None, 0.0, False)
     g = ge._bias_gelu_cuda(y2, b, "tanh")
     g0 = ge._gelu_cuda(z, "none")
-    a = at._sdpa_cuda(q, k, v, m, 0.1, True, None, False, None)
-    # grouped-query (one K/V head for three query heads, repeated) with ALiBi (added to the mask)
+    a = at._sdpa_cuda(q, k, v, m, 0.1, True, None, False, None, None)
+    # grouped-query (one K/V head for three query heads, repeated) with ALiBi and a sliding
+    # window (both merged into the mask)
     k1, v1 = leaf(2, 1, 33, 64), leaf(2, 1, 33, 40)
     slopes = torch.empty(3, device="meta")
-    a2 = at._sdpa_cuda(q, k1, v1, m, 0.0, False, None, True, slopes)
+    a2 = at._sdpa_cuda(q, k1, v1, m, 0.0, False, None, True, slopes, (4, 2))  # + a window
     assert [t.shape for t in (y, y2, s, y3, g)] == [x.shape] * 5 and g0.shape == () and a.shape == (2, 3, 17, 40)
     assert a2.shape == a.shape
     outs = [g, s, a, y3, g0, a2]
@@ -104,7 +105,7 @@ def test_fakes_and_autograd_on_meta_tensors():
     s2.sum().backward()  # only the pre-norm sum is used
     assert x2.grad.shape == x2.shape
     with torch.no_grad():  # the fused inference forward
-        assert at._sdpa_cuda(q, k, k, None, 0.0, False, None, False, None).shape == q.shape
+        assert at._sdpa_cuda(q, k, k, None, 0.0, False, None, False, None, None).shape == q.shape
 
 
 def test_cuda_ops_are_registered_for_dispatch():

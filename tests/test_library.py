@@ -178,12 +178,14 @@ def test_opcheck(name):
     _opcheck(name, args)
 
 
-def test_opcheck_attention_with_alibi_and_gqa():
+def test_opcheck_attention_with_alibi_gqa_and_window():
     q, k, v = rand((1, 4, 17, 16), requires_grad=True), *(rand((1, 2, 9, 16), requires_grad=True)
                                                           for _ in range(2))
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)  # constants: no grad
     torch.library.opcheck(FAST_OPS["fastbert::attention_fwd"].op,
                           (q, k, v, None, 0.0, True, 0.25, slopes))
+    torch.library.opcheck(FAST_OPS["fastbert::attention_fwd"].op,  # and a sliding window
+                          (q, k, v, None, 0.0, False, 0.25, slopes, 3, 2))
 
 
 def _opcheck(name, args):

@@ -99,6 +99,18 @@ def test_alibi_bias_and_sdpa_with_alibi():
     assert_all_close([a], [b])
 
 
+def test_window_mask():
+    keep = reference.window_mask((1, 2), 4, 6)
+    for i in range(4):
+        for j in range(6):
+            assert bool(keep[i, j]) == (i - 1 <= j <= i + 2)
+    assert torch.equal(reference.window_mask((-1, 0), 5, 5), torch.ones(5, 5).tril().bool())
+    assert reference.window_mask((-1, -1), 3, 4).all()
+    float_mask = torch.zeros(4, 6, dtype=f64)
+    merged = reference.with_window(float_mask, (1, 2), 4, 6)
+    assert torch.equal(torch.isinf(merged), ~keep)
+
+
 def test_sdpa_causal_is_top_left_aligned():
     # With Lq < Lk, top-left alignment means query i sees keys 0..i (not the bottom-right diagonal).
     q, k, v = r(1, 1, 3, 8), r(1, 1, 5, 8), r(1, 1, 5, 8)

@@ -36,6 +36,24 @@ def _check_qkv(query, key, value, ndim: int, layout: str, names=("query", "key",
                          f"but the last dim ({layout})")
 
 
+def _window(left: int, right: int) -> Optional[Tuple[int, int]]:
+    """The kernels' window argument: None when both sides are unbounded (-1)."""
+    return None if left < 0 and right < 0 else (left, right)
+
+
+def check_window_size(window_size) -> Optional[Tuple[int, int]]:
+    """None, or (left, right) ints >= -1 (-1: unbounded on that side); (-1, -1) gives None."""
+    if window_size is None:
+        return None
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"window_size must be None or a pair of ints (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size values must be >= 0, or -1 for unbounded; got {window_size!r}")
+    return None if left == -1 and right == -1 else (left, right)
+
+
 def _check_alibi(slopes, query: Tensor, batch: int, heads: int, batch_name: str) -> None:
     """ALiBi slopes: None, or a floating (H,) / (batch, H) tensor on query's device, constant."""
     if slopes is None:
@@ -78,6 +96,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     alibi_slopes: Optional[Tensor] = None,
+    window_size: Optional[Tuple[int, int]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Multi-head attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
@@ -98,6 +117,10 @@ def scaled_dot_product_attention(
             Jina-BERT), ``- slope * |i - j|`` added to the score of query i and key j, on top of
             ``attn_mask``. The Triton kernels compute it in place (no (H, Lq, Lk) bias is read);
             the slopes are constants (no gradient).
+        window_size: optional (left, right): local (sliding-window) attention, query i sees keys
+            i - left .. i + right only; -1 leaves a side unbounded (FlashAttention's convention,
+            aligned top-left like ``is_causal``; ModernBERT's local layers use (64, 64)). The Triton
+            kernels visit only the key blocks the window reaches: work O(L * window).
         backend: None/"auto", "triton", "cuda" or "torch" (default from ``FASTBERT_BACKEND``).
 
     Returns:
@@ -116,6 +139,7 @@ def scaled_dot_product_attention(
     lk = key.shape[2]
     check_attn_mask(attn_mask, query, (b, h, lq, lk))
     _check_alibi(alibi_slopes, query, b, h, "B")
+    window_size = check_window_size(window_size)
     dropout_p = check_dropout(dropout_p)
     is_causal = check_bool("is_causal", is_causal)
     scale = check_scale(scale)
@@ -125,9 +149,10 @@ def scaled_dot_product_attention(
         return out + 0.0 * (query.sum() + key.sum() + value.sum())
     impl = select("scaled_dot_product_attention", backend, query.device, query=query, key=key,
                   value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                  scale=scale, enable_gqa=enable_gqa, alibi_slopes=alibi_slopes)
+                  scale=scale, enable_gqa=enable_gqa, alibi_slopes=alibi_slopes,
+                  window_size=window_size)
     return impl.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                   alibi_slopes)
+                   alibi_slopes, window_size)
 
 
 def varlen_attention(
@@ -143,6 +168,7 @@ def varlen_attention(
     scale: Optional[float] = None,
     *,
     alibi_slopes: Optional[Tensor] = None,
+    window_size: Optional[Tuple[int, int]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences, with no padding stored or computed.
@@ -159,6 +185,8 @@ def varlen_attention(
             top-left aligned within each sequence.
         alibi_slopes: optional (H,) or (N, H): ALiBi as in :func:`scaled_dot_product_attention`,
             positions counted within each sequence.
+        window_size: optional (left, right): sliding window as in
+            :func:`scaled_dot_product_attention`, within each sequence.
 
     Returns:
         (total_q, H, Dv). See :func:`fastbert.unpad_input` to build the inputs from a padded batch.
@@ -186,30 +214,33 @@ def varlen_attention(
         if longest_k > max_seqlen_k:
             raise ValueError(f"max_seqlen_k = {max_seqlen_k} but a key sequence has {longest_k} tokens")
     _check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1, q.shape[1], "N")
+    window_size = check_window_size(window_size)
     dropout_p = check_dropout(dropout_p)
     is_causal = check_bool("is_causal", is_causal)
     scale = check_scale(scale)
     impl = select("varlen_attention", backend, q.device, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, alibi_slopes=alibi_slopes)
+                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, alibi_slopes=alibi_slopes,
+                  window_size=window_size)
     return impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   is_causal, scale, alibi_slopes)
+                   is_causal, scale, alibi_slopes, window_size)
 
 
 @register("scaled_dot_product_attention", "torch")
 def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                alibi_slopes):
+                alibi_slopes, window_size):
     return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                                   is_causal, scale, enable_gqa,
-                                                  alibi_slopes=alibi_slopes)
+                                                  alibi_slopes=alibi_slopes,
+                                                  window_size=window_size)
 
 
 @register("varlen_attention", "torch")
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                  is_causal, scale, alibi_slopes):
+                  is_causal, scale, alibi_slopes, window_size):
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, dropout_p, is_causal, scale,
-                                      alibi_slopes=alibi_slopes)
+                                      alibi_slopes=alibi_slopes, window_size=window_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,20 +317,21 @@ def _default_scale(scale: Optional[float], head_dim: int) -> float:
 @custom_op("fastbert::attention_fwd")
 def _attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                       dropout_p: float, is_causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                      alibi_slopes: Optional[Tensor] = None, window_left: int = -1,
+                      window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     """-> out (B, H, Lq, Dv), softmax stats (2 * B * H * Lq,) fp32, dropout seed: int64 (1,) on
     query's device, drawn there (see fastbert._rng), or (0,) without dropout."""
     from ..kernels.attention import attention_fwd
 
     seed = dropout_seed(dropout_p, query.device)
     out, stats = attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, seed,
-                               alibi_slopes)
+                               alibi_slopes, _window(window_left, window_right))
     return out, stats, seed
 
 
 @_attention_fwd_op.register_fake
 def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                        alibi_slopes=None):
+                        alibi_slopes=None, window_left=-1, window_right=-1):
     from ..kernels.attention import attention_out_layout
 
     b, h, lq, _ = query.shape
@@ -312,13 +344,14 @@ def _attention_fwd_fake(query, key, value, attn_mask, dropout_p, is_causal, scal
 def _attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                       stats: Tensor, seed: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
                       is_causal: bool, scale: float, mask_grad: bool,
-                      alibi_slopes: Optional[Tensor] = None
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      alibi_slopes: Optional[Tensor] = None, window_left: int = -1,
+                      window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, dmask (the float mask's gradient in its shape, or an empty tensor)."""
     from ..kernels.attention import attention_bwd
 
     dq, dk, dv, dmask = attention_bwd(grad_out, query, key, value, out, stats, attn_mask,
-                                      dropout_p, is_causal, scale, seed, mask_grad, alibi_slopes)
+                                      dropout_p, is_causal, scale, seed, mask_grad, alibi_slopes,
+                                      _window(window_left, window_right))
     if dmask is None:
         dmask = query.new_zeros((0,))
     return dq, dk, dv, dmask
@@ -326,7 +359,8 @@ def _attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tenso
 
 @_attention_bwd_op.register_fake
 def _attention_bwd_fake(grad_out, query, key, value, out, stats, seed, attn_mask, dropout_p,
-                        is_causal, scale, mask_grad, alibi_slopes=None):
+                        is_causal, scale, mask_grad, alibi_slopes=None, window_left=-1,
+                        window_right=-1):
     from ..kernels.attention import attention_out_layout
 
     b, h, lq, d = query.shape
@@ -340,11 +374,13 @@ def _attention_bwd_fake(grad_out, query, key, value, out, stats, seed, attn_mask
 
 
 def _attention_setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, alibi_slopes = inputs
+    (query, key, value, attn_mask, dropout_p, is_causal, scale, alibi_slopes, window_left,
+     window_right) = inputs
     out, stats, seed = output
     ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed, alibi_slopes)
     ctx.mark_non_differentiable(stats, seed)  # no zero gradient is materialised for them
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    ctx.window = (window_left, window_right)
 
 
 def _attention_backward(ctx, grad_out, grad_stats, grad_seed):
@@ -353,8 +389,8 @@ def _attention_backward(ctx, grad_out, grad_stats, grad_seed):
                  and ctx.needs_input_grad[3])
     dq, dk, dv, dmask = _attention_bwd_op(grad_out.to(out.dtype), query, key, value, out, stats,
                                           seed, attn_mask, ctx.dropout_p, ctx.is_causal,
-                                          ctx.scale, mask_grad, alibi_slopes)
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
+                                          ctx.scale, mask_grad, alibi_slopes, *ctx.window)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -362,10 +398,11 @@ _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attentio
 
 @register("scaled_dot_product_attention", "triton", reasons=_sdpa_triton_reasons)
 def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                 alibi_slopes):
+                 alibi_slopes, window_size):
     # GQA needs nothing more: the kernels read key / value head h // (H / Hkv) from the shapes.
     out, _, _ = _attention_fwd_op(query, key, value, attn_mask, dropout_p, is_causal,
-                                  _default_scale(scale, query.shape[-1]), alibi_slopes)
+                                  _default_scale(scale, query.shape[-1]), alibi_slopes,
+                                  *(window_size or (-1, -1)))
     return out
 
 
@@ -373,8 +410,8 @@ def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              dropout_p: float, is_causal: bool, scale: float,
-                             alibi_slopes: Optional[Tensor] = None
-                             ) -> Tuple[Tensor, Tensor, Tensor]:
+                             alibi_slopes: Optional[Tensor] = None, window_left: int = -1,
+                             window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     """-> out (total_q, H, Dv), softmax stats (2 * H * total_q,) fp32, dropout seed (as in
     fastbert::attention_fwd, on q's device)."""
     from ..kernels.attention import varlen_attention_fwd
@@ -382,13 +419,14 @@ def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     seed = dropout_seed(dropout_p, q.device)
     out, stats = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, dropout_p, is_causal, scale, seed,
-                                      alibi_slopes)
+                                      alibi_slopes, _window(window_left, window_right))
     return out, stats, seed
 
 
 @_varlen_attention_fwd_op.register_fake
 def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               dropout_p, is_causal, scale, alibi_slopes=None):
+                               dropout_p, is_causal, scale, alibi_slopes=None, window_left=-1,
+                               window_right=-1):
     total_q, h, _ = q.shape
     return (q.new_empty((total_q, h, v.shape[-1])),
             q.new_empty((2 * h * total_q,), dtype=torch.float32),
@@ -400,37 +438,39 @@ def _varlen_attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                              stats: Tensor, seed: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              dropout_p: float, is_causal: bool, scale: float,
-                             alibi_slopes: Optional[Tensor] = None
-                             ) -> Tuple[Tensor, Tensor, Tensor]:
+                             alibi_slopes: Optional[Tensor] = None, window_left: int = -1,
+                             window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv (packed)."""
     from ..kernels.attention import varlen_attention_bwd
 
     return varlen_attention_bwd(grad_out, q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k,
                                 max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed,
-                                alibi_slopes)
+                                alibi_slopes, _window(window_left, window_right))
 
 
 @_varlen_attention_bwd_op.register_fake
 def _varlen_attention_bwd_fake(grad_out, q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k,
                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
-                               alibi_slopes=None):
+                               alibi_slopes=None, window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_attention_setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-     scale, alibi_slopes) = inputs
+     scale, alibi_slopes, window_left, window_right) = inputs
     out, stats, seed = output
     ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     ctx.mark_non_differentiable(stats, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
+    ctx.window = (window_left, window_right)
 
 
 def _varlen_attention_backward(ctx, grad_out, grad_stats, grad_seed):
     q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd_op(grad_out.to(out.dtype), q, k, v, out, stats, seed,
-                                          cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                          cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes,
+                                          *ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _varlen_attention_fwd_op.register_autograd(
@@ -439,10 +479,11 @@ _varlen_attention_fwd_op.register_autograd(
 
 @register("varlen_attention", "triton", reasons=_varlen_triton_reasons)
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   is_causal, scale, alibi_slopes):
+                   is_causal, scale, alibi_slopes, window_size):
     out, _, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, dropout_p, is_causal,
-                                         _default_scale(scale, q.shape[-1]), alibi_slopes)
+                                         _default_scale(scale, q.shape[-1]), alibi_slopes,
+                                         *(window_size or (-1, -1)))
     return out
 
 
@@ -538,7 +579,10 @@ def _register_cuda_ops() -> None:
 
 @register("scaled_dot_product_attention", "cuda", reasons=_sdpa_cuda_reasons)
 def _sdpa_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-               alibi_slopes):
+               alibi_slopes, window_size):
+    if window_size is not None:  # the window as a (Lq, Lk) bool mask merged into attn_mask
+        attn_mask = reference.with_window(attn_mask, window_size, query.shape[2], key.shape[2],
+                                          query.device)
     if alibi_slopes is not None:
         # ALiBi as a float bias added to the mask (materialised, (B or 1, H, Lq, Lk)); a float
         # mask that requires grad still gets its gradient through the sum.
