@@ -389,14 +389,36 @@ def test_block_mask_from_layout_is_equivalent(layout_block):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_block_mask_from_token_mask_causal_and_padding():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    for kw in ({"causal": True}, {"key_padding": True}):
+    for kw in ({"causal": True}, {"key_padding": True}, {"window": (20, 7)}):
         s = attention.dense_case(3, 2, 200, 16, torch.float32, **kw).setup("cpu")
         bm = attention._dense_block_mask(s)
         q, k, v = attention.bhld(s)
         out = flex.flex_attention(q, k, v, block_mask=bm)
         ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(),
-                                                     attn_mask=s.mask, is_causal=s.causal)
+                                                     attn_mask=s.mask, is_causal=s.causal,
+                                                     window_size=s.window)
         assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_window_case_counts_only_the_window_and_runs_on_cpu():
+    assert attention.window_pairs(5, 5, (1, 1)) == 13
+    assert attention.window_pairs(4, 6, (-1, -1)) == 24
+    assert attention.window_pairs(3, 3, (0, -1)) == 6
+    case = attention.dense_case(2, 2, 64, 16, torch.float32, window=(8, 8), pass_="fwd+bwd")
+    assert case.name.endswith("-window8_8") and case.params["window"] == [8, 8]
+    full = common.attention_flops(2, 2, 64, 64, 16, pass_="fwd+bwd")
+    assert case.work == pytest.approx(full * attention.window_pairs(64, 64, (8, 8)) / 64 ** 2)
+    rows = runner.run_cases([case], device="cpu", timer=timing.CpuTimer(reps=1),
+                            impl_filter=["sdpa-math", "fastbert-triton"], progress=False,
+                            ceilings={"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    by = {r["impl"]: r for r in rows}
+    assert by["sdpa-math"]["status"] == "ok", by["sdpa-math"]  # the window as an SDPA bool mask
+    if by["fastbert-triton"]["status"] != "unavailable":       # Triton on CPU: interpreter only
+        assert by["fastbert-triton"]["status"] == "ok", by["fastbert-triton"]
+    windowed = [c for c in attention.cases() if "window" in c.params]
+    assert windowed and any(c.quick for c in windowed)
+    with pytest.raises(ValueError, match="window"):
+        attention.dense_case(1, 1, 8, 16, window=(2, 2), causal=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -272,7 +272,7 @@ def _xformers_impl() -> Impl:
             import xformers.ops as xops
         except ImportError as e:
             raise Unavailable(f"xformers is not installed ({e})") from None
-        if s.mask is not None:
+        if s.mask is not None or getattr(s, "window", None) is not None:
             raise Unavailable("this benchmark wires xformers for unmasked and causal cases only")
         bias = xops.LowerTriangularMask() if s.causal else None
         return Prepared(lambda st: xops.memory_efficient_attention(st.q, st.k, st.v,
@@ -289,7 +289,9 @@ def _flash_attn_impl() -> Impl:
             raise Unavailable(f"flash-attn is not installed ({e})") from None
         if s.mask is not None:
             raise Unavailable("flash_attn_func takes no key-padding mask (see the varlen cases)")
-        return Prepared(lambda st: flash_attn_func(st.q, st.k, st.v, causal=st.causal).transpose(1, 2))
+        window = getattr(s, "window", None) or (-1, -1)  # its own sliding window, where given
+        return Prepared(lambda st: flash_attn_func(st.q, st.k, st.v, causal=st.causal,
+                                                   window_size=window).transpose(1, 2))
 
     return Impl("flash-attn", prepare)
 
@@ -301,6 +303,12 @@ def _dense_token_mask(s):
     """(token mask, mask_mod) of a dense state, or (None, None) when nothing is masked."""
     b, lq, lk = s.q.shape[0], s.q.shape[1], s.k.shape[1]
     dev = s.q.device
+    if getattr(s, "window", None) is not None:
+        left, right = s.window
+
+        def sliding_window(b, h, q_idx, kv_idx):
+            return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+        return s.window_mask, sliding_window
     if s.causal:
         tm = torch.ones(lq, lk, dtype=torch.bool, device=dev).tril_()[None, None]
 
@@ -322,35 +330,57 @@ def _dense_block_mask(s):
     return None if tm is None else block_mask_from_token_mask(tm, mm)
 
 
+def window_pairs(lq: int, lk: int, window: Tuple[int, int]) -> int:
+    """Query-key pairs inside a sliding window (left, right) (-1: unbounded)."""
+    left, right = (lk if w < 0 else w for w in window)
+    i = torch.arange(lq, dtype=torch.int64)
+    lo = torch.clamp(i - left, min=0)
+    hi = torch.clamp(i + right, max=lk - 1)
+    return int(torch.clamp(hi - lo + 1, min=0).sum())
+
+
 def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float16, *,
                lk: Optional[int] = None, causal: bool = False, key_padding: bool = False,
-               pass_: str = "fwd", kind: str = "bert", quick: bool = False) -> Case:
+               window: Optional[Tuple[int, int]] = None, pass_: str = "fwd", kind: str = "bert",
+               quick: bool = False) -> Case:
     """Dense attention (B, H, Lq, D) x (B, H, Lk, D); ``key_padding`` masks keys beyond per-sequence
-    lengths drawn by :func:`seqlens` (mean about L / 2); the flops count the full Lq x Lk."""
+    lengths drawn by :func:`seqlens` (mean about L / 2); the flops count the full Lq x Lk.
+    ``window`` = (left, right): local attention (fastbert's ``window_size``; SDPA gets the window
+    as a bool mask, FlexAttention as a mask_mod, flash-attn its own ``window_size``); its flops
+    count the pairs inside the window only."""
     lk = lq if lk is None else lk
     if causal and key_padding:
         raise ValueError("dense_case: causal and key_padding are not combined")
+    if window is not None and (causal or key_padding):
+        raise ValueError("dense_case: a window is not combined with causal or key_padding")
     lens = seqlens(b, lk, seed=lk) if key_padding else None
     dt = dtype_name(dtype)
     name = (f"{pass_}-B{b}-H{h}-L{lq}" + ("" if lk == lq else f"-Lk{lk}") + f"-D{d}-{dt}"
-            + ("-causal" if causal else "") + ("-pad" if key_padding else ""))
+            + ("-causal" if causal else "") + ("-pad" if key_padding else "")
+            + (f"-window{window[0]}_{window[1]}" if window else ""))
     params = {"B": b, "H": h, "Lq": lq, "Lk": lk, "D": d, "causal": causal,
               "mask": "key_padding" if key_padding else "none", "layout": "BLHD", "kind": kind}
     if lens is not None:
         params["mean_len"] = sum(lens) / len(lens)
+    if window is not None:
+        params["window"] = list(window)
     series = (f"{kind} {pass_} D{d} {dt}" + (" causal" if causal else "")
-              + (" key-padding" if key_padding else ""))
+              + (" key-padding" if key_padding else "")
+              + (f" window {window[0]}/{window[1]}" if window else ""))
     req_grad = pass_ != "fwd"
 
     def setup(device):
         q, k, v = _qkv_blhd(b, lq, lk, h, d, dtype, device, req_grad)
         do = torch.randn(b, lq, h, d, device=device, dtype=dtype).transpose(1, 2)
-        lens_t = mask = None
+        lens_t = mask = window_mask = None
         if lens is not None:
             lens_t = torch.tensor(lens, device=device)
             mask = (torch.arange(lk, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+        if window is not None:
+            from .. import reference
+            window_mask = reference.window_mask(window, lq, lk, torch.device(device))[None, None]
         return ns(device=torch.device(device), q=q, k=k, v=v, do=do, mask=mask, lens=lens_t,
-                  causal=causal, cache={})
+                  causal=causal, window=window, window_mask=window_mask, cache={})
 
     def check(s, out, grads, variant):
         nh = _check_heads(h, lq, lk)
@@ -360,7 +390,8 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
         def ref(q, k, v, cdt):
             from .. import reference
             return reference.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                          is_causal=s.causal, compute_dtype=cdt)
+                                                          is_causal=s.causal,
+                                                          window_size=s.window, compute_dtype=cdt)
         q, k, v = bhld(s)
         g = _slice_grads(grads, lambda t: t.transpose(1, 2)[sl])
         return attention_check(ref, (q[sl], k[sl], v[sl]), out[sl], g, s.do[sl], dtype,
@@ -369,10 +400,11 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
     def fb(s, backend):
         import fastbert
         return fastbert.scaled_dot_product_attention(*bhld(s), attn_mask=s.mask, is_causal=s.causal,
-                                                     backend=backend)
+                                                     window_size=s.window, backend=backend)
 
     def sdpa(s):
-        return F.scaled_dot_product_attention(*bhld(s), attn_mask=s.mask, is_causal=s.causal)
+        mask = s.mask if s.window_mask is None else s.window_mask
+        return F.scaled_dot_product_attention(*bhld(s), attn_mask=mask, is_causal=s.causal)
 
     score_bytes = float(b * h * lq * lk * torch.empty((), dtype=dtype).element_size() * 3)
     impls = [fastbert_impl("triton", "scaled_dot_product_attention", fb),
@@ -381,8 +413,11 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
     impls += [flex_impl(lambda flex, s, bm: flex(*bhld(s), block_mask=bm), _dense_block_mask),
               _xformers_impl(), _flash_attn_impl()]
     itemsize = torch.empty((), dtype=dtype).element_size()
+    flops = attention_flops(b, h, lq, lk, d, causal=causal, pass_=pass_)
+    if window is not None:
+        flops *= window_pairs(lq, lk, window) / (lq * lk)
     return Case(FAMILY, "scaled_dot_product_attention", name, pass_, dtype, params, "TFLOP/s",
-                attention_flops(b, h, lq, lk, d, causal=causal, pass_=pass_), "Lq", series, setup,
+                flops, "Lq", series, setup,
                 impls, leaves=lambda s: [s.q, s.k, s.v], check=check,
                 footprint=itemsize * b * h * d * (2 * lq + 2 * lk), quick=quick)
 
@@ -567,4 +602,9 @@ def cases(quick: bool = False) -> List[Case]:
     for l in (128, 512):
         for pass_ in ("fwd", "fwd+bwd"):
             out.append(varlen_case(32, l, 12, 64, pass_=pass_, quick=(l == 512 and pass_ == "fwd")))
+    # ModernBERT's local layers: a 128-token window (64 keys each side), 16k tokens, BERT heads
+    for l in (2048, 8192):
+        for pass_ in ("fwd", "fwd+bwd"):
+            out.append(dense_case(LONG_TOKENS // l, 12, l, 64, window=(64, 64), kind="local",
+                                  pass_=pass_, quick=(l == 8192 and pass_ == "fwd")))
     return [c for c in out if c.quick] if quick else out
