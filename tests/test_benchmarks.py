@@ -111,6 +111,8 @@ def test_case_shapes_follow_the_issues():
             assert p["B"] * p["Lq"] == 16384 and p["H"] * p["D"] == 2048
         elif p.get("kind") == "bert":
             assert (p["B"], p["H"], p["D"]) == (32, 12, 64) and p["Lq"] in (128, 512)
+        elif p.get("kind") == "local":  # ModernBERT's local layers
+            assert p["B"] * p["Lq"] == 16384 and p["window"] == [64, 64] and p["H"] == 12
         else:  # varlen: lengths average about half the maximum
             assert 0.35 * p["Lmax"] <= p["mean_len"] <= 0.65 * p["Lmax"]
             assert max(p["seqlens"]) == p["Lmax"] and sum(p["seqlens"]) == p["total"]
