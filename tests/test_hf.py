@@ -315,6 +315,47 @@ def test_attn_implementation_fastbert_from_pretrained(family, tmp_path):
         assert (b[2, :3] - unmasked[0, :3]).abs().max() > 1e-4, "the mask made no difference"
 
 
+@pytest.mark.skipif(not hasattr(transformers, "ModernBertConfig") or not TF5,
+                    reason="needs transformers 5.x with ModernBERT")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_modernbert_local_layers_pass_their_window(backend, monkeypatch):
+    """ModernBERT through attn_implementation="fastbert": its sliding-window layers reach the
+    kernels as window_size (sliding_window - 1 on each side, as transformers' flash path), the
+    global layers without; hidden states equal the eager model's on the real tokens."""
+    if backend == "triton" and DEVICE == "cpu" and not backends.interpreter_enabled():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    cfg = transformers.ModernBertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, local_attention=8, global_attn_every_n_layers=3,
+        max_position_embeddings=64, pad_token_id=0, cls_token_id=1, sep_token_id=2,
+        bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    eager = transformers.ModernBertModel(cfg).to(DEVICE).eval()
+    name = f"fastbert_modernbert_{backend}"
+    hf.register(name, backend=backend)
+    # a copy: the models read config._attn_implementation at every forward
+    ours = transformers.AutoModel.from_config(copy.deepcopy(cfg), attn_implementation=name)
+    ours = ours.to(DEVICE).eval()
+    ours.load_state_dict(eager.state_dict())
+    windows = []
+    real_sdpa = fastbert.ops.scaled_dot_product_attention
+
+    def spy(*args, window_size=None, **kw):
+        windows.append(window_size)
+        return real_sdpa(*args, window_size=window_size, **kw)
+
+    monkeypatch.setattr(hf.ops, "scaled_dot_product_attention", spy)
+    ids = torch.randint(3, 100, (2, 20), device=DEVICE)
+    att = torch.ones(2, 20, dtype=torch.long, device=DEVICE)
+    att[1, 14:] = 0
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=att).last_hidden_state
+        b = ours(input_ids=ids, attention_mask=att).last_hidden_state
+    real = att.bool()
+    assert_close(b[real], a[real].double(), a[real], atol=1e-5)
+    assert windows == [None, (4, 4), (4, 4)]  # layer 0 global; local_attention 8 -> 4 each side
+
+
 @pytest.mark.skipif(not TF5, reason="needs transformers 5.x (AttentionInterface in BERT)")
 def test_register_with_backend_and_from_config():
     hf.register("fastbert_torch_test", backend="torch")

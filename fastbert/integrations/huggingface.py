@@ -132,9 +132,16 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     (out (B, Lq, H, D), weights or None). As transformers' "sdpa": causal (``is_causal``, else the
     module's ``is_causal``) only without a mask and for Lq > 1; ``position_bias`` (T5-style) is
     added to the scores; ``output_attentions=True`` returns the weights, computed through the
-    explicit reference path.
+    explicit reference path. ``sliding_window`` (ModernBERT's local layers, Mistral-style models)
+    becomes ``window_size = (sliding_window - 1,) * 2``, as transformers' flash-attention path
+    maps it, so the kernels skip the key blocks outside the window (the mask transformers builds
+    for those layers holds the same window).
     """
     gqa = key.shape[1] != query.shape[1]
+    sliding_window = kwargs.get("sliding_window")
+    window = None
+    if sliding_window is not None and key.shape[2] > sliding_window:
+        window = (sliding_window - 1, sliding_window - 1)
     mask = hf_mask_to_sdpa(attention_mask)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
@@ -150,12 +157,14 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if kwargs.get("output_attentions", False):
         if gqa:
             key, value = reference.repeat_kv_heads(key, value, query.shape[1], dim=1)
+        if window is not None:
+            mask = reference.with_window(mask, window, query.shape[2], key.shape[2], query.device)
         out, weights = attention_with_weights(query, key, value, mask, dropout, is_causal=causal,
                                               scale=scaling)
     else:
         out = ops.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
                                                is_causal=causal, scale=scaling, enable_gqa=gqa,
-                                               backend=backend)
+                                               window_size=window, backend=backend)
         weights = None
     return out.transpose(1, 2).contiguous(), weights
 
