@@ -45,26 +45,42 @@ def _sdpa_independent(q, k, v, attn_mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
-def _varlen_independent(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+def _varlen_independent(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, alibi_slopes=None,
+                        window_size=None):
+    """Per sequence, torch's SDPA with GQA and an explicit bias: ALiBi, the window and causal as
+    -inf."""
     outs = []
-    for i in range(cu_q.numel() - 1):
-        a, b = int(cu_q[i]), int(cu_q[i + 1])
-        c, d = int(cu_k[i]), int(cu_k[i + 1])
+    for s in range(cu_q.numel() - 1):
+        a, b = int(cu_q[s]), int(cu_q[s + 1])
+        c, d = int(cu_k[s]), int(cu_k[s + 1])
+        i = torch.arange(b - a, device=q.device)[:, None]
+        j = torch.arange(d - c, device=q.device)[None, :]
+        bias = torch.zeros(q.shape[1], b - a, d - c, dtype=q.dtype, device=q.device)
+        if alibi_slopes is not None:
+            bias = bias - alibi_slopes.to(q.dtype)[:, None, None] * (i - j).abs()
+        drop = torch.zeros(b - a, d - c, dtype=torch.bool, device=q.device)
+        if window_size is not None:
+            drop |= (j < i - window_size[0]) | (j > i + window_size[1])
+        if is_causal:
+            drop |= j > i
+        bias = bias.masked_fill(drop, float("-inf"))
         o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
-                                           v[c:d].transpose(0, 1), is_causal=is_causal)
+                                           v[c:d].transpose(0, 1), attn_mask=bias, enable_gqa=True)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs)
 
 
 def _varlen_case(dtype, device):
+    """Grouped-query (4 query heads on 2 key / value heads) with ALiBi and a sliding window."""
     lens = [5, 17, 1]
-    h, d = 2, 16
+    h, hkv, d = 4, 2, 16
     total = sum(lens)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
     q = rand((total, h, d), dtype, device, requires_grad=True)
-    k = rand((total, h, d), dtype, device, requires_grad=True)
-    v = rand((total, h, d), dtype, device, requires_grad=True)
-    return (q, k, v, cu, cu, max(lens), max(lens)), {"is_causal": True}
+    k = rand((total, hkv, d), dtype, device, requires_grad=True)
+    v = rand((total, hkv, d), dtype, device, requires_grad=True)
+    slopes = torch.tensor([2.0 ** (-2 * (i + 1)) for i in range(h)], device=device)
+    return (q, k, v, cu, cu, max(lens), max(lens)), {"alibi_slopes": slopes, "window_size": (4, 2)}
 
 
 def _block_sparse_case(dtype, device):
