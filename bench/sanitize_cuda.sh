@@ -114,9 +114,21 @@ def triton_calls():
         for m in [None, pad.view(b, 1, 1, lk), bias]:
             backward(fastbert.scaled_dot_product_attention(q, k, v, m, dropout_p=0.1, is_causal=True, **T))
             backward(fastbert.scaled_dot_product_attention(q, k, v, m, **T))
+    # grouped-query (K/V heads read in place, dK/dV looped over each group), ALiBi and a sliding
+    # window (only the blocks it reaches), with a trainable broadcast bias (its own kernel)
+    q, kv = leaf(2, 4, 97, 64, dtype=F16), leaf(2, 2, 130, 64, dtype=F16)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=dev)
+    bias = (torch.randn(1, 1, 97, 130, device=dev) * 0.1).half().requires_grad_(True)
+    for causal in (False, True):
+        backward(fastbert.scaled_dot_product_attention(q, kv, kv, bias, dropout_p=0.1, is_causal=causal,
+                                                       enable_gqa=True, alibi_slopes=slopes,
+                                                       window_size=(17, 5), **T))
     lens = torch.tensor([0, 5, 102, 103], dtype=torch.int32, device=dev)
     qp, kp, vp = leaf(103, 2, 64), leaf(103, 2, 64), leaf(103, 2, 64)
     backward(fastbert.varlen_attention(qp, kp, vp, lens, lens, 97, 97, dropout_p=0.1, is_causal=True, **T))
+    kp1 = leaf(103, 1, 64)
+    backward(fastbert.varlen_attention(qp, kp1, kp1, lens, lens, 97, 97, window_size=(8, 8),
+                                       alibi_slopes=slopes[:2], **T))
     for bs, l in [(64, 300), (128, 257)]:
         q, k, v = leaf(2, 2, l, 64), leaf(2, 2, l, 64), leaf(2, 2, l, 64)
         layout = sparsity.bigbird(l, bs, num_heads=2, seed=0, device=dev)
