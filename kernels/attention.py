@@ -8,7 +8,8 @@ thousands without hitting CUDA's 65535 limit on grid dims y/z):
   fp32 accumulator), so the Lq x Lk score matrix never exists in memory, and writes the output and
   the softmax statistics of each row (see ``attention_fwd``).
 * ``_attention_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` (fp32), one value per query row.
-* ``_attention_bwd_dkdv_kernel``: one program per key block; it walks the query blocks, rebuilds
+* ``_attention_bwd_dkdv_kernel``: one program per key block (of each key / value head); it walks
+  the query blocks (of every query head that shares the K/V head, under GQA), rebuilds
   ``P = exp2((S - m) - log2(l))`` and accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` in registers.
 * ``_attention_bwd_dq_kernel``: one program per query block; it walks the key blocks and
   accumulates ``dQ += dS K``; when the additive mask needs a gradient it also writes ``dS``.
@@ -28,6 +29,12 @@ tensor, so :func:`attention_dropout_mask` can materialise exactly the same mask.
 int64 (1,) tensor on the inputs' device (``fastbert._rng.dropout_seed``) that each kernel loads
 (``tl.load(Seed)``) only when ``HAS_DROPOUT``: the host never reads it (no sync), and a captured
 CUDA graph reads the fresh seed drawn on each replay.
+
+Options, each a constexpr that compiles away when off: grouped-query attention (``kv_group``
+query heads per key / value head: K/V read at head h // kv_group; dK/dV summed over the group in
+registers), ALiBi (``HAS_ALIBI``: ``- slope * |i - j|`` added to the scores from one slope per
+(batch, head)), and a sliding window (``HAS_WINDOW``: query i sees keys i - left .. i + right; the
+programs visit only the blocks the window reaches, and check each of them).
 
 Head dims (any multiple of 8 up to 256) are padded to the next power of two inside the kernel
 (``BLOCK_D``) with masked loads; tensors may have any strides (a (B, L, H, D) tensor viewed as
