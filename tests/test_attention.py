@@ -195,6 +195,16 @@ def test_sdpa_gqa_arguments():
     assert_close(out, ref, name="out")
 
 
+def _coded_mask(code, b, h, lq, lk, dtype):
+    """None, or the mask a code such as "boolB11K" / "float1HQK" names (kind + shape code); a
+    float mask requires grad, so its gradient is checked too."""
+    if code is None:
+        return None
+    kind, shape_code = code[:-4], code[-4:]
+    mask = _make_mask(kind, _mask_shape(shape_code, b, h, lq, lk), dtype)
+    return mask.requires_grad_() if kind == "float" else mask
+
+
 def _slopes(shape):
     """ALiBi slopes of the usual geometric kind (2^(-8 i / H)), per head or per (batch, head)."""
     h = shape[-1]
@@ -220,12 +230,7 @@ def test_sdpa_alibi(b, h, hkv, lq, lk, d, dtype, causal, layout, slopes, mask_co
     """ALiBi computed in the kernels (no bias tensor), against the reference's explicit bias:
     output, dq / dk / dv, and the gradient of a float mask given beside it."""
     leaves = _leaves(b, h, lq, lk, d, d, dtype, layout, hkv=hkv)
-    mask = None
-    if mask_code is not None:
-        kind, code = mask_code[:-4], mask_code[-4:]
-        mask = _make_mask(kind, _mask_shape(code, b, h, lq, lk), dtype)
-        if kind == "float":
-            mask.requires_grad_()
+    mask = _coded_mask(mask_code, b, h, lq, lk, dtype)
     alibi = _slopes((h,) if slopes == "H" else (b, h))
     _check_sdpa(leaves, layout, mask=mask, causal=causal, gqa=hkv != h, alibi=alibi)
 
@@ -284,12 +289,7 @@ def test_sdpa_window(lq, lk, window, causal, dtype, layout, mask_code):
     them checked; against the reference with the window as a mask (rows that see no key: 0)."""
     b, h, d = 1, 2, 40
     leaves = _leaves(b, h, lq, lk, d, d, dtype, layout)
-    mask = None
-    if mask_code is not None:
-        kind, code = mask_code[:-4], mask_code[-4:]
-        mask = _make_mask(kind, _mask_shape(code, b, h, lq, lk), dtype)
-        if kind == "float":
-            mask.requires_grad_()
+    mask = _coded_mask(mask_code, b, h, lq, lk, dtype)
     _check_sdpa(leaves, layout, mask=mask, causal=causal, window=window)
 
 
