@@ -138,6 +138,14 @@ _RE_REGS = re.compile(r"Used (\d+) registers")
 _RE_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def _key_token_strides(args: Dict[str, Any]) -> None:
+    """The kernels name the token stride of k / v / dk / dv "n" (that of q / o / do / dq "m"):
+    rename the "m" strides the case builders made for them, in place."""
+    for pre in ("k", "v", "dk", "dv"):
+        if f"stride_{pre}m" in args:
+            args[f"stride_{pre}n"] = args.pop(f"stride_{pre}m")
+
+
 def mma_kind(ptx: str) -> str:
     """Which tensor-core instructions the kernel issues: "wgmma" (Hopper's asynchronous warpgroup
     MMA, what sm_90 needs for full speed), "mma" (the Ampere-style warp mma.sync), or ""."""
@@ -275,10 +283,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
                      STORE_DS=store_ds, **rng)
     else:
         raise ValueError(kind)
-    # the kernels name the k/v/dk/dv token stride "n", the q/o/do/dq one "m"
-    for pre in ("k", "v", "dk", "dv"):
-        if f"stride_{pre}m" in strides:
-            strides[f"stride_{pre}n"] = strides.pop(f"stride_{pre}m")
+    _key_token_strides(strides)
     strides.update(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), m_strides))
     strides.update(zip(("stride_lb", "stride_lh", "stride_lm", "stride_ls"), l_strides))
     args = {**tensors, **strides, **extra, **common, **alibi_args}
@@ -424,10 +429,7 @@ def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = 
                     DV=d, BLOCK_M=bm, BLOCK_DV=bsa._pad_dim(d))
     else:
         raise ValueError(kind)
-    # the kernels name the token stride of k/v/dk/dv "n" and of q/o/do/dq "m"
-    for n in ("k", "v", "dk", "dv"):
-        if f"stride_{n}m" in args:
-            args[f"stride_{n}n"] = args.pop(f"stride_{n}m")
+    _key_token_strides(args)
     args.update(zip(("stride_mb", "stride_mh", "stride_mm", "stride_mn"), m_strides))
     if kind == "bwd_preprocess":
         for s in ("stride_mb", "stride_mh", "stride_mm", "stride_mn"):
