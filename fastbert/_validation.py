@@ -70,6 +70,10 @@ def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name:
         return
     if not isinstance(attn_mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if type(attn_mask).__name__ == "CausalBias":
+        raise TypeError(f"{name} is one of torch's causal-bias objects, which only "
+                        "fastbert.scaled_dot_product_attention accepts; pass a bool or float mask "
+                        "tensor here")
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a bool tensor (True = take part) or a floating tensor "
                         f"added to the scores, got dtype {attn_mask.dtype}")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastbert
 from fastbert import reference
@@ -78,10 +80,13 @@ def _grads(out, leaves, mask, dout):
 
 
 def _check_sdpa(leaves, layout, mask=None, causal=False, dropout_p=0.0, dropout_mask=None,
-                scale=None, gqa=False, backend="triton", alibi=None, window=None):
-    """Output and every gradient (q, k, v, and the mask when it requires grad) vs fp64."""
+                scale=None, gqa=False, backend="triton", alibi=None, window=None, fast_mask=None):
+    """Output and every gradient (q, k, v, and the mask when it requires grad) vs fp64.
+    ``fast_mask``: what fastbert gets as ``attn_mask`` in place of ``mask`` (e.g. torch's causal-bias
+    object, whose meaning ``mask`` spells out for the reference)."""
     dtype = leaves[0].dtype
-    out = _run_sdpa(leaves, layout, mask, causal, dropout_p, scale, gqa, backend, alibi, window)
+    out = _run_sdpa(leaves, layout, mask if fast_mask is None else fast_mask, causal, dropout_p,
+                    scale, gqa, backend, alibi, window)
     dout = rand(out.shape, dtype)
     grads = _grads(out, leaves, mask, dout)
 
@@ -321,6 +326,62 @@ def test_sdpa_window_arguments():
     full = sdpa(q, q, q, window_size=(-1, -1), backend="triton")
     assert_close(full, reference.scaled_dot_product_attention(q.double(), q.double(), q.double()),
                  name="out")
+
+
+def _causal_bias(variant, lq, lk):
+    """torch's causal-bias object (``torch.nn.attention.bias``) and the (Lq, Lk) bool mask it means."""
+    bias = pytest.importorskip("torch.nn.attention.bias")
+    with warnings.catch_warnings():  # torch warns that lower-right with Lq > Lk gives NaN rows
+        warnings.simplefilter("ignore", UserWarning)
+        obj = getattr(bias, f"causal_{variant}")(lq, lk)
+    diagonal = lk - lq if variant == "lower_right" else 0
+    return obj, torch.ones(lq, lk, dtype=torch.bool, device=DEVICE).tril(diagonal)
+
+
+CAUSAL_BIASES = [
+    # lq, lk, variant, window, dtype, layout
+    (5, 70, "lower_right", None, F32, "blhd"),      # a window bounded Lk - Lq keys ahead
+    (17, 97, "lower_right", (8, 3), F16, "bhld"),   # intersected with a user window
+    (70, 33, "lower_right", None, F32, "strided"),  # Lq > Lk: the first 37 rows see no key
+    (33, 33, "lower_right", None, F16, "blhd"),     # Lq == Lk: plain causal
+    (17, 97, "upper_left", (-1, 5), F32, "bhld"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(
+    "lq,lk,variant,window,dtype,layout",
+    [pytest.param(*c, id=_case_id(1, 2, c[0], c[1], 40, c[4], False, f"{c[2]}-{c[5]}"
+                                  + (f"-window{c[3][0]}_{c[3][1]}" if c[3] else "")))
+     for c in CAUSAL_BIASES])
+def test_sdpa_causal_bias(lq, lk, variant, window, dtype, layout, backend):
+    """torch's ``causal_upper_left`` / ``causal_lower_right`` as ``attn_mask``, as in torch's SDPA:
+    output and gradients against the reference given the mask they mean; and against torch's own
+    SDPA with the same object where torch defines every row."""
+    if backend == "torch" and dtype == F16 and DEVICE == "cpu":
+        dtype = F32  # torch's CPU SDPA kernels in fp16 are not what this test is about
+    b, h, d = 1, 2, 40
+    obj, keep = _causal_bias(variant, lq, lk)
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, layout)
+    out, _ = _check_sdpa(leaves, layout, mask=keep, window=window, fast_mask=obj, backend=backend)
+    if window is None and not (variant == "lower_right" and lq > lk):
+        torch_out = F.scaled_dot_product_attention(*_views([t.detach().double() for t in leaves],
+                                                           layout), attn_mask=obj)
+        assert_close(out, torch_out, torch_out.to(dtype), name="out vs torch's SDPA")
+
+
+def test_sdpa_causal_bias_arguments():
+    q = rand((1, 2, 5, 16))
+    k = rand((1, 2, 9, 16))
+    obj, _ = _causal_bias("lower_right", 5, 8)
+    with pytest.raises(ValueError, match=r"causal bias for \(Lq, Lk\) = \(5, 8\).*\(5, 9\)"):
+        fastbert.scaled_dot_product_attention(q, k, k, attn_mask=obj)
+    obj, _ = _causal_bias("lower_right", 5, 9)
+    with pytest.raises(ValueError, match="is_causal=False"):
+        fastbert.scaled_dot_product_attention(q, k, k, attn_mask=obj, is_causal=True)
+    layout = fastbert.sparsity.sliding_window(9, 16)
+    with pytest.raises(TypeError, match="attn_mask is one of torch's causal-bias objects"):
+        fastbert.block_sparse_attention(k, k, k, layout, 16, attn_mask=_causal_bias("upper_left", 9, 9)[0])
 
 
 BLOCK_CONFIGS = {
@@ -1041,6 +1102,17 @@ def test_sdpa_cuda_window(backend):
     leaves = _leaves(b, h, l, l, d, d, BF16, "blhd")
     mask = _make_mask("bool", (b, 1, 1, l), None, keep_fraction=0.9)
     _check_sdpa(leaves, "blhd", mask=mask, window=(64, 64), backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sdpa_cuda_causal_bias(backend):
+    """torch's ``causal_lower_right`` with Lq < Lk (a chunk of queries against a longer key
+    prefix), compiled: the Triton kernels skip the blocks above the shifted diagonal."""
+    b, h, lq, lk, d = 2, 8, 256, 1000, 64
+    obj, keep = _causal_bias("lower_right", lq, lk)
+    leaves = _leaves(b, h, lq, lk, d, d, BF16, "blhd")
+    _check_sdpa(leaves, "blhd", mask=keep, fast_mask=obj, backend=backend)
 
 
 @pytest.mark.cuda

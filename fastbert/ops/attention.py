@@ -54,6 +54,39 @@ def check_window_size(window_size) -> Optional[Tuple[int, int]]:
     return None if left == -1 and right == -1 else (left, right)
 
 
+def _causal_bias_variant(attn_mask) -> Optional[str]:
+    """"upper_left" / "lower_right" when ``attn_mask`` is one of torch's causal-bias objects
+    (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``), else None."""
+    if type(attn_mask).__name__ != "CausalBias":  # no import (it loads torch._dynamo) otherwise
+        return None
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    return "lower_right" if attn_mask.variant == CausalVariant.LOWER_RIGHT else "upper_left"
+
+
+def _from_causal_bias(variant: str, attn_mask, is_causal: bool, window_size, lq: int, lk: int,
+                      device: torch.device):
+    """(attn_mask, is_causal, window_size) with torch's causal-bias object ``attn_mask`` expressed
+    in fastbert's own terms. Upper-left is ``is_causal``. Lower-right (query i sees keys
+    j <= i + Lk - Lq) is a window bounded Lk - Lq keys after the query when Lk >= Lq, so the kernels
+    still skip the blocks above the diagonal; when Lq > Lk it is an (Lq, Lk) bool mask whose first
+    Lq - Lk rows see no key (they return 0, where torch warns of NaN)."""
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (lq, lk):
+        raise ValueError(f"attn_mask is a causal bias for (Lq, Lk) = ({attn_mask.seq_len_q}, "
+                         f"{attn_mask.seq_len_kv}) but query and key give ({lq}, {lk})")
+    if is_causal:
+        raise ValueError("attn_mask is already a causal bias; pass is_causal=False with it")
+    if variant == "upper_left" or lq == lk:
+        return None, True, window_size
+    if lk > lq:
+        left, right = window_size if window_size is not None else (-1, -1)
+        shift = lk - lq
+        return None, False, (left, shift if right < 0 else min(right, shift))
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+    return keep, False, window_size
+
+
 def _check_alibi(slopes, query: Tensor, batch: int, heads: int, batch_name: str) -> None:
     """ALiBi slopes: None, or a floating (H,) / (batch, H) tensor on query's device, constant."""
     if slopes is None:
@@ -106,7 +139,10 @@ def scaled_dot_product_attention(
         key: (B, Hkv, Lk, D); Hkv = H, or with ``enable_gqa`` any divisor of H.
         value: (B, Hkv, Lk, Dv).
         attn_mask: optional, broadcastable to (B, H, Lq, Lk). A bool mask is True where a key takes
-            part; a floating mask is added to the scores (it may require grad).
+            part; a floating mask is added to the scores (it may require grad). torch's
+            ``causal_upper_left(Lq, Lk)`` / ``causal_lower_right(Lq, Lk)`` objects
+            (``torch.nn.attention.bias``) are accepted as in torch and never materialised when
+            Lq <= Lk: lower-right query i sees keys j <= i + Lk - Lq.
         dropout_p: dropout probability on the attention weights, in [0, 1).
         is_causal: query i sees keys j <= i (top-left aligned); may be combined with ``attn_mask``.
         scale: score scale, default 1/sqrt(D).
@@ -137,11 +173,15 @@ def scaled_dot_product_attention(
     _check_kv_heads(query.shape[1], key.shape[1], enable_gqa, "query", "key", "(B, H, L, D)")
     b, h, lq, _ = query.shape
     lk = key.shape[2]
+    window_size = check_window_size(window_size)
+    is_causal = check_bool("is_causal", is_causal)
+    variant = _causal_bias_variant(attn_mask)
+    if variant is not None:
+        attn_mask, is_causal, window_size = _from_causal_bias(variant, attn_mask, is_causal,
+                                                              window_size, lq, lk, query.device)
     check_attn_mask(attn_mask, query, (b, h, lq, lk))
     _check_alibi(alibi_slopes, query, b, h, "B")
-    window_size = check_window_size(window_size)
     dropout_p = check_dropout(dropout_p)
-    is_causal = check_bool("is_causal", is_causal)
     scale = check_scale(scale)
     if lq == 0 or lk == 0 or b == 0 or h == 0:
         # Nothing to attend to: every row is fully masked and returns 0.
