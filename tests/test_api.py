@@ -19,8 +19,14 @@ def test_sdpa_bad_inputs():
     sdpa = fastbert.scaled_dot_product_attention
     with pytest.raises(TypeError, match="query must be a torch.Tensor"):
         sdpa(q.numpy(), k, v)
-    with pytest.raises(ValueError, match="query must be 4-D"):
+    with pytest.raises(ValueError, match="same rank, at least 2"):
         sdpa(q[0], k, v)
+    with pytest.raises(ValueError, match="same rank, at least 2"):
+        sdpa(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])
+    with pytest.raises(ValueError, match="must agree in the dims before"):
+        sdpa(q[None].expand(2, -1, -1, -1, -1), k[None], v[None])
+    with pytest.raises(ValueError, match="more dims than query"):
+        sdpa(q[0], k[0], v[0], attn_mask=torch.ones(1, 3, 5, 7, dtype=torch.bool))
     with pytest.raises(TypeError, match="key must be a floating-point"):
         sdpa(q, k.long(), v)
     with pytest.raises(TypeError, match="value has dtype torch.float16"):

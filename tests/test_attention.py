@@ -370,6 +370,45 @@ def test_sdpa_causal_bias(lq, lk, variant, window, dtype, layout, backend):
         assert_close(out, torch_out, torch_out.to(dtype), name="out vs torch's SDPA")
 
 
+RANKS = [
+    # query / key / value shapes (Lq 17, Lk 20 or 9), the mask's shape, mask kind, causal
+    ((3, 17, 40), (3, 20, 40), (3, 20, 40), (3, 17, 20), "bool", False),          # (H, L, D)
+    ((17, 40), (9, 40), (9, 24), None, None, True),                               # (L, D)
+    ((2, 3, 2, 17, 16), (2, 3, 2, 20, 16), (2, 3, 2, 20, 16), (3, 1, 17, 20), "float", False),
+    ((2, 2, 4, 17, 16), (2, 2, 2, 9, 16), (2, 2, 2, 9, 16), (2, 1, 1, 1, 9), "bool", False),  # GQA
+]
+
+
+@pytest.mark.parametrize("shapes", RANKS, ids=["HLD-bool", "LD-causal-Dv24", "5d-float-grad",
+                                               "5d-gqa-keypad"])
+def test_sdpa_any_rank(shapes):
+    """Inputs of rank 2, 3 and 5, as torch's SDPA takes them: output and gradients (a float mask's
+    included, summed over its broadcast) against torch's own SDPA in float64."""
+    qs, ks, vs, ms, kind, causal = shapes
+    leaves = [rand(s, F32, requires_grad=True) for s in (qs, ks, vs)]
+    mask = None if ms is None else _make_mask(kind, ms, F32)
+    if kind == "float":
+        mask.requires_grad_()
+    gqa = ks[-3] != qs[-3] if len(qs) > 2 else False
+    out = fastbert.scaled_dot_product_attention(*leaves, attn_mask=mask, is_causal=causal,
+                                                enable_gqa=gqa, backend="triton")
+    assert out.shape == qs[:-1] + (vs[-1],)
+    dout = rand(out.shape, F32)
+    grads = _grads(out, leaves, mask, dout)
+
+    def torch_sdpa(dtype):
+        ls = [_clone_leaf(t, dtype) for t in leaves]
+        m = _clone_leaf(mask, dtype if kind == "float" else None)
+        o = F.scaled_dot_product_attention(*ls, attn_mask=m, is_causal=causal, enable_gqa=gqa)
+        return o, _grads(o, ls, m, dout.to(dtype))
+    ref, ref_grads = torch_sdpa(torch.float64)
+    low, low_grads = torch_sdpa(F32)
+    assert_close(out, ref, low, name="out")
+    for name, g, r, lo in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, low_grads):
+        assert g.shape == r.shape
+        assert_close(g, r, lo, name=name)
+
+
 def test_sdpa_causal_bias_arguments():
     q = rand((1, 2, 5, 16))
     k = rand((1, 2, 9, 16))

@@ -135,7 +135,8 @@ def scaled_dot_product_attention(
     """Multi-head attention with the semantics of ``torch.nn.functional.scaled_dot_product_attention``.
 
     Args:
-        query: (B, H, Lq, D).
+        query: (B, H, Lq, D). As in torch, any rank >= 2 is taken, (..., H, Lq, D): a rank below 4
+            runs as B = 1 (and H = 1), the dims before H of a larger rank are flattened into B.
         key: (B, Hkv, Lk, D); Hkv = H, or with ``enable_gqa`` any divisor of H.
         value: (B, Hkv, Lk, Dv).
         attn_mask: optional, broadcastable to (B, H, Lq, Lk). A bool mask is True where a key takes
@@ -165,6 +166,9 @@ def scaled_dot_product_attention(
 
     Inputs may be non-contiguous views, e.g. a (B, L, H, D) tensor ``.transpose(1, 2)``.
     """
+    if isinstance(query, Tensor) and query.dim() != 4:
+        return _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                              alibi_slopes=alibi_slopes, window_size=window_size, backend=backend)
     _check_qkv(query, key, value, 4, "(B, H, L, D)")
     enable_gqa = check_bool("enable_gqa", enable_gqa)
     if key.shape[0] != query.shape[0]:
@@ -193,6 +197,35 @@ def scaled_dot_product_attention(
                   window_size=window_size)
     return impl.fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                    alibi_slopes, window_size)
+
+
+def _sdpa_any_rank(query: Tensor, key, value, attn_mask, *args, **kwargs) -> Tensor:
+    """Inputs (..., L, D) of rank 2, 3 or more than 4, as torch's SDPA takes them: run as
+    (B, H, L, D), with leading 1s added or the dims before H flattened into B, then given back the
+    caller's leading dims."""
+    for name, t in (("key", key), ("value", value)):
+        check_tensor(name, t)
+    nd = query.dim()
+    if nd < 2 or key.dim() != nd or value.dim() != nd:
+        raise ValueError("query, key and value must have the same rank, at least 2 ((..., L, D)); "
+                         f"got shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    lead = query.shape[:-3]
+    if nd > 4 and (key.shape[:-3] != lead or value.shape[:-3] != lead):
+        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                         f"{tuple(value.shape)} must agree in the dims before (H, L, D)")
+    if isinstance(attn_mask, Tensor) and attn_mask.dim() > nd:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} has more dims than query "
+                         f"{tuple(query.shape)}")
+
+    def as_4d(t: Tensor) -> Tensor:
+        return t.reshape((1,) * (4 - nd) + tuple(t.shape)) if nd < 4 else t.flatten(0, nd - 4)
+
+    mask = attn_mask
+    if nd > 4 and isinstance(mask, Tensor) and mask.dim() > 3:
+        m = mask.reshape((1,) * (nd - mask.dim()) + tuple(mask.shape))
+        mask = m.expand(*lead, *m.shape[-3:]).flatten(0, nd - 4)
+    out = scaled_dot_product_attention(as_4d(query), as_4d(key), as_4d(value), mask, *args, **kwargs)
+    return out.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
 
 
 def varlen_attention(
