@@ -101,8 +101,15 @@ def host_checks_allowed(device: torch.device) -> bool:
 # varlen_attention once per layer with the same tensor syncs the device once, not once per layer.
 # Keyed by id(); an entry holds a weak reference (the id may be reused after the tensor dies), the
 # tensor's version counter (bumped by any in-place write), its data pointer and the packed length.
+# Inference tensors (made under torch.inference_mode) have no version counter: they are remembered
+# by reference, pointer and length only, so an in-place write to one between calls goes unseen,
+# as every value check does under torch.compile and CUDA graph capture.
 _CU_CHECKED: "OrderedDict[int, tuple]" = OrderedDict()
 _CU_CHECKED_MAX = 16
+
+
+def _cu_version(cu: Tensor) -> Optional[int]:
+    return None if cu.is_inference() else cu._version
 
 
 def _cu_cache_get(cu: Tensor, total: int) -> Optional[list]:
@@ -110,7 +117,7 @@ def _cu_cache_get(cu: Tensor, total: int) -> Optional[list]:
     if hit is None:
         return None
     ref, version, ptr, checked_total, values = hit
-    if ref() is not cu or version != cu._version or ptr != cu.data_ptr() or checked_total != total:
+    if ref() is not cu or version != _cu_version(cu) or ptr != cu.data_ptr() or checked_total != total:
         del _CU_CHECKED[id(cu)]
         return None
     _CU_CHECKED.move_to_end(id(cu))
@@ -122,7 +129,7 @@ def _cu_cache_put(cu: Tensor, total: int, values: list) -> None:
         ref = weakref.ref(cu)
     except TypeError:  # not weak-referenceable (a tensor subclass): just do not cache
         return
-    _CU_CHECKED[id(cu)] = (ref, cu._version, cu.data_ptr(), total, values)
+    _CU_CHECKED[id(cu)] = (ref, _cu_version(cu), cu.data_ptr(), total, values)
     while len(_CU_CHECKED) > _CU_CHECKED_MAX:
         _CU_CHECKED.popitem(last=False)
 

@@ -339,6 +339,13 @@ def test_cu_seqlens_values_read_once_until_modified():
     view[1] = 12
     with pytest.raises(ValueError, match="non-decreasing"):
         v.check_cu_seqlens("cu_seqlens_q", cu, 10, cu.device)
+    # an inference tensor (no version counter) is remembered by reference, pointer and length
+    with torch.inference_mode():
+        inf = torch.tensor([0, 3, 10], dtype=torch.int32)
+        assert inf.is_inference()
+        first = v.check_cu_seqlens("cu_seqlens_q", inf, 10, inf.device)
+        assert v.check_cu_seqlens("cu_seqlens_q", inf, 10, inf.device) is first
+    assert v.check_cu_seqlens("cu_seqlens_q", inf, 10, inf.device) is first
     # the cache stays small
     keep = [torch.tensor([0, i], dtype=torch.int32) for i in range(3 * v._CU_CHECKED_MAX)]
     for t in keep:

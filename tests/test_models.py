@@ -79,6 +79,27 @@ def test_encoder_matches_hf_eval(family, lengths):
     _check(enc, hf, ids, mask)
 
 
+def test_encoder_under_inference_mode(monkeypatch):
+    """torch.inference_mode (whose tensors have no version counter) gives the no_grad output; the
+    cu_seqlens the encoder builds is checked on the host once per forward, not once per layer."""
+    from fastbert import _validation
+    torch.manual_seed(0)
+    hf = _model().eval()
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((9, 4, 1), 11)
+    with torch.no_grad():
+        expected = enc(ids, attention_mask=mask)
+    fresh_checks = []
+    real_put = _validation._cu_cache_put
+    monkeypatch.setattr(_validation, "_cu_cache_put",
+                        lambda cu, *a: (fresh_checks.append(cu), real_put(cu, *a)))
+    with torch.inference_mode():
+        out = enc(ids, attention_mask=mask)
+    assert out.is_inference()
+    assert torch.equal(out, expected)
+    assert len(hf.encoder.layer) > 1 and len(fresh_checks) == 1
+
+
 def test_encoder_non_contiguous_and_empty_sequences():
     torch.manual_seed(0)
     hf = _model().eval()
@@ -247,3 +268,162 @@ def test_cuda_encoder_half(dtype):
         if p_ref[name].grad is None or name.startswith("pooler"):
             continue
         assert_close(p.grad, p_ref[name].grad, p_low[name].grad, name=f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused Q/K/V weight cache of BertLayer
+# ----------------------------------------------------------------------------------------------
+def _count_qkv_cats(monkeypatch, enc):
+    """Count torch.cat calls that fuse a layer's Q/K/V weights (other cats are not counted)."""
+    weights = {id(layer.query.weight) for layer in enc.layers}
+    calls = []
+    real_cat = torch.cat
+
+    def cat(tensors, *args, **kwargs):
+        if isinstance(tensors, (list, tuple)) and tensors and id(tensors[0]) in weights:
+            calls.append(tensors[0])
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    return calls
+
+
+def _fused(layer):
+    """The layer's fused (weight, bias), asked for the way an eval forward does (no grad)."""
+    with torch.no_grad():
+        return layer._fused_qkv()
+
+
+def _hf_out(hf, ids, mask):
+    with torch.no_grad():
+        return hf(ids, attention_mask=mask).last_hidden_state
+
+
+def test_qkv_cache_reused_without_grad_and_equal_to_hf(monkeypatch):
+    torch.manual_seed(0)
+    hf = _model().eval()
+    enc = BertEncoder.from_hf(hf, backend="torch").eval()
+    keys = list(enc.state_dict())
+    ids, mask = _batch((6, 3), 6)
+    cats = _count_qkv_cats(monkeypatch, enc)
+    with torch.no_grad():
+        first = enc(ids, attention_mask=mask)
+    assert len(cats) == 2  # one fused weight per layer
+    fused = [_fused(layer)[0] for layer in enc.layers]
+    with torch.no_grad():
+        second = enc(ids, attention_mask=mask)
+    packed, _, cu, max_len = fastbert.unpad_input(torch.randn(2, 6, 32), mask)
+    with torch.no_grad():
+        mid = enc.layers[0](packed, cu, max_len)
+    with torch.inference_mode():  # a layer under inference_mode (cu_seqlens made outside it)
+        third = enc.layers[0](packed, cu, max_len)
+    assert len(cats) == 2, "the cached fused weights must be reused under no_grad / inference_mode"
+    assert all(_fused(layer)[0] is w for layer, w in zip(enc.layers, fused))
+    assert torch.equal(first, second) and torch.equal(mid, third)
+    assert fused[0].shape == (3 * 32, 32) and _fused(enc.layers[0])[1].shape == (3 * 32,)
+    real = mask.bool()
+    ref = _hf_out(copy.deepcopy(hf).double(), ids, mask)
+    assert_close(first[real], ref[real], _hf_out(hf, ids, mask)[real], name="cached eval output")
+    assert list(enc.state_dict()) == keys, "the cache must not enter the state_dict"
+    assert all("qkv" not in name for name, _ in enc.named_buffers())
+
+
+def test_qkv_cache_invalidated_by_parameter_changes(monkeypatch):
+    torch.manual_seed(0)
+    hf = _model().eval()
+    enc = BertEncoder.from_hf(hf, backend="torch").eval()
+    layer = enc.layers[0]
+    ids, mask = _batch((5, 4), 5)
+    real = mask.bool()
+    cats = _count_qkv_cats(monkeypatch, enc)
+
+    def run():
+        with torch.no_grad():
+            out = enc(ids, attention_mask=mask)
+        low = _hf_out(hf, ids, mask)
+        ref = _hf_out(copy.deepcopy(hf).double(), ids, mask)
+        assert_close(out[real], ref[real], low[real], name="output after a parameter change")
+        return out
+
+    before = run()
+    assert len(cats) == 2
+    w0 = _fused(layer)[0]
+    with torch.no_grad():  # an in-place update (what an optimizer step does)
+        layer.query.weight.add_(1)
+    after = run()
+    assert len(cats) == 3 and not torch.equal(before, after)  # layer 0 rebuilt, layer 1 reused
+    assert _fused(layer)[0] is not w0
+    assert torch.equal(_fused(layer)[0][:32], layer.query.weight)
+    with torch.no_grad():
+        layer.value.bias.mul_(2)     # a bias alone
+    run()
+    assert len(cats) == 4
+    assert torch.equal(_fused(layer)[1][64:], layer.value.bias)
+    enc.load_state_dict({k: v + 0.01 for k, v in enc.state_dict().items()})
+    run()
+    assert len(cats) == 6
+    enc.double()                     # a dtype change (the HuggingFace model shares the modules)
+    assert _fused(layer)[0].dtype == torch.float64 and len(cats) == 7
+    run()
+    assert len(cats) == 8
+    new = torch.nn.Parameter(layer.key.weight.detach().clone() * 3)
+    layer.key.weight = new           # a replaced parameter (shared with the HuggingFace model)
+    run()
+    assert len(cats) == 9 and torch.equal(_fused(layer)[0][32:64], new)
+    with torch.no_grad():
+        layer.key.weight.data.zero_()  # .data bypasses the version counter: clear by hand
+    layer.clear_qkv_cache()
+    run()
+    assert len(cats) == 10 and (_fused(layer)[0][32:64] == 0).all()
+
+
+def test_qkv_cache_not_used_while_gradients_flow(monkeypatch):
+    torch.manual_seed(0)
+    hf = _model()
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((4, 2), 4)
+    cats = _count_qkv_cats(monkeypatch, enc)
+    for _ in range(2):
+        enc(ids, attention_mask=mask).sum().backward()
+    assert len(cats) == 4, "training with grad concatenates on every forward"
+    assert "_qkv_cache" not in enc.layers[0].__dict__
+    for layer in enc.layers:
+        assert layer.query.weight.grad is not None and layer.value.bias.grad is not None
+    # frozen Q/K/V with grad on: the cache serves, the input still gets its gradient
+    for layer in enc.layers:
+        for lin in (layer.query, layer.key, layer.value):
+            lin.requires_grad_(False)
+    x = torch.randn(7, 32, requires_grad=True)
+    cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    with torch.inference_mode():
+        enc.layers[0](x.detach(), cu, 4)  # builds the cache under inference_mode
+    n = len(cats)
+    enc.layers[0](x, cu, 4).sum().backward()
+    assert len(cats) == n and x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_qkv_cache_deepcopy_and_pickle():
+    import io
+
+    torch.manual_seed(0)
+    hf = _model().eval()
+    enc = BertEncoder.from_hf(hf, backend="torch").eval()
+    ids, mask = _batch((5, 2), 5)
+    with torch.no_grad():
+        out = enc(ids, attention_mask=mask)
+    assert "_qkv_cache" in enc.layers[0].__dict__
+    twin = copy.deepcopy(enc)
+    assert "_qkv_cache" not in twin.layers[0].__dict__
+    with torch.no_grad():
+        assert torch.equal(twin(ids, attention_mask=mask), out)
+        twin.layers[0].query.weight.add_(1)  # the copy's cache follows the copy's parameters
+        assert not torch.equal(twin(ids, attention_mask=mask), out)
+        assert torch.equal(enc(ids, attention_mask=mask), out)
+    assert _fused(twin.layers[0])[0] is not _fused(enc.layers[0])[0]
+    buf = io.BytesIO()
+    torch.save(enc, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask), out)
+    assert list(loaded.state_dict()) == list(enc.state_dict())

@@ -20,7 +20,8 @@ training it trains the HuggingFace model, and an optimizer built on either works
 """
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,16 @@ class BertLayer(nn.Module):
         a   = add_layer_norm(ctx @ Wo^T, x, ln1, input_bias=bo, dropout)
         h   = bias_gelu(a @ W1^T, b1)                      (another activation: act(a @ W1^T + b1))
         out = add_layer_norm(h @ W2^T, a, ln2, input_bias=b2, dropout)
+
+    The fused [3E, E] weight and [3E] bias are concatenated on every call while a gradient can
+    flow to them (grad mode on and one of the six tensors requires grad). Otherwise (``no_grad`` /
+    ``inference_mode``, or frozen Q/K/V) they are made once and reused until one of the six
+    tensors changes: replaced, moved or cast (``.to()``, ``.half()``), or updated in place
+    (optimizer step, ``load_state_dict``): the cache is keyed on each tensor's identity,
+    ``data_ptr``, dtype, device and version counter. Writes through ``.data``
+    (``weight.data.copy_(...)``) bypass the version counter: call :meth:`clear_qkv_cache` after
+    them. The cache is a plain attribute (not a buffer: ``state_dict`` is unchanged), costs one
+    extra copy of the Q/K/V weights, and is left out of ``deepcopy`` / pickling.
     """
 
     def __init__(self, hf_layer: nn.Module, *, backend: Optional[str] = None) -> None:
@@ -77,6 +88,38 @@ class BertLayer(nn.Module):
         self.output_dropout = out.dropout
         self.backend = backend
 
+    def _fused_qkv(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """[Wq; Wk; Wv] (3E, E) and [bq; bk; bv] (3E,) or None; cached when no gradient can flow."""
+        lins = (self.query, self.key, self.value)
+        weights = [lin.weight for lin in lins]
+        biases = [lin.bias for lin in lins] if lins[0].bias is not None else []
+        tensors = weights + biases
+        if ((torch.is_grad_enabled() and any(p.requires_grad for p in tensors))
+                or torch.compiler.is_compiling()  # compiled graphs fold the cat themselves
+                or any(p.is_inference() for p in tensors)):  # no version counter to key on
+            return torch.cat(weights), torch.cat(biases) if biases else None
+        key = [(p.data_ptr(), p.dtype, p.device, p._version) for p in tensors]
+        cached = self.__dict__.get("_qkv_cache")
+        if (cached is not None and cached[1] == key
+                and all(ref() is p for ref, p in zip(cached[0], tensors))):
+            return cached[2], cached[3]
+        # a normal tensor even under inference_mode: it may later meet autograd (frozen weights,
+        # input that requires grad), which refuses inference tensors
+        with torch.inference_mode(False), torch.no_grad():
+            w = torch.cat(weights)
+            b = torch.cat(biases) if biases else None
+        self.__dict__["_qkv_cache"] = ([weakref.ref(p) for p in tensors], key, w, b)
+        return w, b
+
+    def clear_qkv_cache(self) -> None:
+        """Drop the cached fused Q/K/V weight (needed only after writes through ``.data``)."""
+        self.__dict__.pop("_qkv_cache", None)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_qkv_cache", None)  # weak references do not pickle; a copy builds its own
+        return state
+
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         t = x.shape[0]
         h, d = self.num_heads, self.head_dim
@@ -84,8 +127,7 @@ class BertLayer(nn.Module):
         lins = (self.query, self.key, self.value)
         biases = [lin.bias for lin in lins]
         if all(bias is None for bias in biases) or all(bias is not None for bias in biases):
-            w = torch.cat([lin.weight for lin in lins])  # [3E, E]
-            b = None if biases[0] is None else torch.cat(biases)
+            w, b = self._fused_qkv()
             qkv = F.linear(x, w, b).view(t, 3, h, d)  # [T, E] @ [E, 3E] -> [T, 3, H, D]
         else:
             qkv = torch.stack([lin(x) for lin in lins], dim=1).view(t, 3, h, d)
