@@ -113,6 +113,9 @@ def test_case_shapes_follow_the_issues():
             assert (p["B"], p["H"], p["D"]) == (32, 12, 64) and p["Lq"] in (128, 512)
         elif p.get("kind") == "local":  # ModernBERT's local layers
             assert p["B"] * p["Lq"] == 16384 and p["window"] == [64, 64] and p["H"] == 12
+        elif p.get("kind") == "gqa":    # Llama-style grouped-query heads
+            assert p["B"] * p["Lq"] == 16384 and (p["H"], p["Hkv"], p["D"]) == (32, 8, 128)
+            assert p["Lq"] in (2048, 8192) and c.dtype == torch.float16
         else:  # varlen: lengths average about half the maximum
             assert 0.35 * p["Lmax"] <= p["mean_len"] <= 0.65 * p["Lmax"]
             assert max(p["seqlens"]) == p["Lmax"] and sum(p["seqlens"]) == p["total"]
@@ -421,6 +424,67 @@ def test_window_case_counts_only_the_window_and_runs_on_cpu():
     assert windowed and any(c.quick for c in windowed)
     with pytest.raises(ValueError, match="window"):
         attention.dense_case(1, 1, 8, 16, window=(2, 2), causal=True)
+
+
+def test_gqa_cases_names_and_flops():
+    gqa = [c for c in attention.cases() if c.params.get("kind") == "gqa"]
+    assert sorted((c.params["Lq"], c.pass_) for c in gqa) == [
+        (2048, "fwd"), (2048, "fwd+bwd"), (8192, "fwd"), (8192, "fwd+bwd")]
+    assert [c.name for c in gqa if c.quick] == ["fwd-B2-H32-Hkv8-L8192-D128-fp16"]
+    for c in gqa:
+        p = c.params
+        assert c.name == f"{c.pass_}-B{p['B']}-H32-Hkv8-L{p['Lq']}-D128-fp16"
+        assert c.series == f"gqa {c.pass_} D128 fp16 Hq32/Hkv8"
+        # every query head does its own QK^T and PV: 4 * B * Hq * Lq * Lk * D (x3.5 fwd+bwd)
+        factor = {"fwd": 1.0, "fwd+bwd": 3.5}[c.pass_]
+        assert c.work == factor * 4 * p["B"] * 32 * p["Lq"] ** 2 * 128
+        assert c.work == common.attention_flops(p["B"], 32, p["Lq"], p["Lq"], 128, pass_=c.pass_)
+        assert {"sdpa-flash", "sdpa-math", "flex", "flash-attn"} <= {i.name for i in c.impls}
+    mha = attention.dense_case(2, 4, 8, 16)
+    assert "Hkv" not in mha.params and "Hkv" not in mha.name and "Hq" not in mha.series
+    with pytest.raises(ValueError, match="kv_heads"):
+        attention.dense_case(1, 4, 8, 16, kv_heads=3)
+
+
+def _sdpa_wrong_head_map(case, s):
+    """GQA with the K/V heads tiled (query head h -> K/V head h % Hkv) instead of grouped
+    (h // (Hq / Hkv)): the check must call it wrong."""
+    def fwd(st):
+        q, k, v = attention.bhld(st)
+        r = q.shape[1] // k.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(q, k.repeat(1, r, 1, 1),
+                                                                v.repeat(1, r, 1, 1))
+    return Prepared(fwd)
+
+
+def test_gqa_case_runs_on_cpu(monkeypatch):
+    """A tiny GQA case (6 query heads, 3 K/V heads, Lq != Lk): SDPA's math backend with
+    enable_gqa and fastbert's Triton kernel (the interpreter) pass the check against
+    fastbert.reference with enable_gqa; a wrong head mapping is caught. The check budget is cut
+    to 5 heads' scores, as big cases are cut: it checks whole groups only (query heads 0-3 with
+    K/V heads 0-1), so that the checked K/V gradients are complete."""
+    from fastbert import backends
+
+    monkeypatch.setattr(attention, "CHECK_SCORE_ELEMS", 5 * 17 * 40)
+    case = attention.dense_case(2, 6, 17, 16, torch.float32, lk=40, kv_heads=3, pass_="fwd+bwd")
+    assert case.name == "fwd+bwd-B2-H6-Hkv3-L17-Lk40-D16-fp32" and case.params["Hkv"] == 3
+    assert case.work == common.attention_flops(2, 6, 17, 40, 16, pass_="fwd+bwd")
+    s = case.setup("cpu")
+    assert s.q.shape == (2, 17, 6, 16) and s.k.shape == s.v.shape == (2, 40, 3, 16)
+    case.impls.append(Impl("sdpa-wrong-head-map", _sdpa_wrong_head_map))
+    rows = runner.run_cases([case], device="cpu", timer=timing.CpuTimer(reps=1),
+                            impl_filter=["sdpa-math", "fastbert-triton", "sdpa-wrong-head-map",
+                                         "xformers"],
+                            progress=False, ceilings={"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    by = {r["impl"]: r for r in rows}
+    assert by["sdpa-math"]["status"] == "ok", by["sdpa-math"]
+    assert "max error" in by["sdpa-math"]["check"]
+    assert by["sdpa-wrong-head-map"]["status"] == "wrong", by["sdpa-wrong-head-map"]
+    assert by["xformers"]["status"] == "unavailable"
+    if backends.backend_reasons("triton", torch.device("cpu"), explicit=True):
+        assert by["fastbert-triton"]["status"] == "unavailable"
+    else:                                                          # the interpreter runs it
+        assert by["fastbert-triton"]["status"] == "ok", by["fastbert-triton"]
 
 
 # ----------------------------------------------------------------------------------------------

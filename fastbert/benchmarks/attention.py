@@ -1,5 +1,6 @@
 """Attention cases: dense SDPA at BERT shapes (with and without key padding), long sequences
-(causal and not), and variable-length batches against padded SDPA.
+(causal and not), local attention (a sliding window), grouped-query attention (32 query heads
+sharing 8 K/V heads), and variable-length batches against padded SDPA.
 
 Implementations: fastbert on each backend; torch SDPA pinned to each of its backends
 (``torch.nn.attention.sdpa_kernel``: flash, cuDNN, memory-efficient, math); FlexAttention
@@ -52,10 +53,11 @@ def bhld(s):
     return s.q.transpose(1, 2), s.k.transpose(1, 2), s.v.transpose(1, 2)
 
 
-def _qkv_blhd(b, lq, lk, h, d, dtype, device, requires_grad):
+def _qkv_blhd(b, lq, lk, h, d, dtype, device, requires_grad, hkv=None):
+    hkv = h if hkv is None else hkv
     q = torch.randn(b, lq, h, d, device=device, dtype=dtype).requires_grad_(requires_grad)
-    k = torch.randn(b, lk, h, d, device=device, dtype=dtype).requires_grad_(requires_grad)
-    v = torch.randn(b, lk, h, d, device=device, dtype=dtype).requires_grad_(requires_grad)
+    k = torch.randn(b, lk, hkv, d, device=device, dtype=dtype).requires_grad_(requires_grad)
+    v = torch.randn(b, lk, hkv, d, device=device, dtype=dtype).requires_grad_(requires_grad)
     return q, k, v
 
 
@@ -274,6 +276,9 @@ def _xformers_impl() -> Impl:
             raise Unavailable(f"xformers is not installed ({e})") from None
         if s.mask is not None or getattr(s, "window", None) is not None:
             raise Unavailable("this benchmark wires xformers for unmasked and causal cases only")
+        if s.k.shape[2] != s.q.shape[2]:
+            raise Unavailable("this benchmark does not wire xformers' grouped-query layout "
+                              "(5-D BMGHK inputs)")
         bias = xops.LowerTriangularMask() if s.causal else None
         return Prepared(lambda st: xops.memory_efficient_attention(st.q, st.k, st.v,
                                                                    attn_bias=bias).transpose(1, 2))
@@ -341,21 +346,30 @@ def window_pairs(lq: int, lk: int, window: Tuple[int, int]) -> int:
 
 def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float16, *,
                lk: Optional[int] = None, causal: bool = False, key_padding: bool = False,
-               window: Optional[Tuple[int, int]] = None, pass_: str = "fwd", kind: str = "bert",
-               quick: bool = False) -> Case:
+               window: Optional[Tuple[int, int]] = None, kv_heads: Optional[int] = None,
+               pass_: str = "fwd", kind: str = "bert", quick: bool = False) -> Case:
     """Dense attention (B, H, Lq, D) x (B, H, Lk, D); ``key_padding`` masks keys beyond per-sequence
     lengths drawn by :func:`seqlens` (mean about L / 2); the flops count the full Lq x Lk.
     ``window`` = (left, right): local attention (fastbert's ``window_size``; SDPA gets the window
     as a bool mask, FlexAttention as a mask_mod, flash-attn its own ``window_size``); its flops
-    count the pairs inside the window only."""
+    count the pairs inside the window only. ``kv_heads`` (a divisor of ``h``): grouped-query
+    attention, key / value with ``kv_heads`` heads (``enable_gqa=True`` for fastbert, SDPA and
+    FlexAttention; flash-attn takes fewer K/V heads as they are); the flops count the ``h``
+    query heads."""
     lk = lq if lk is None else lk
+    hkv = h if kv_heads is None else kv_heads
+    gqa = hkv != h
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"dense_case: kv_heads={kv_heads} must divide the {h} query heads")
+    group = h // hkv
     if causal and key_padding:
         raise ValueError("dense_case: causal and key_padding are not combined")
     if window is not None and (causal or key_padding):
         raise ValueError("dense_case: a window is not combined with causal or key_padding")
     lens = seqlens(b, lk, seed=lk) if key_padding else None
     dt = dtype_name(dtype)
-    name = (f"{pass_}-B{b}-H{h}-L{lq}" + ("" if lk == lq else f"-Lk{lk}") + f"-D{d}-{dt}"
+    name = (f"{pass_}-B{b}-H{h}" + (f"-Hkv{hkv}" if gqa else "") + f"-L{lq}"
+            + ("" if lk == lq else f"-Lk{lk}") + f"-D{d}-{dt}"
             + ("-causal" if causal else "") + ("-pad" if key_padding else "")
             + (f"-window{window[0]}_{window[1]}" if window else ""))
     params = {"B": b, "H": h, "Lq": lq, "Lk": lk, "D": d, "causal": causal,
@@ -364,13 +378,17 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
         params["mean_len"] = sum(lens) / len(lens)
     if window is not None:
         params["window"] = list(window)
+    if gqa:
+        params["Hkv"] = hkv
     series = (f"{kind} {pass_} D{d} {dt}" + (" causal" if causal else "")
               + (" key-padding" if key_padding else "")
-              + (f" window {window[0]}/{window[1]}" if window else ""))
+              + (f" window {window[0]}/{window[1]}" if window else "")
+              + (f" Hq{h}/Hkv{hkv}" if gqa else ""))
+    gqa_kw = {"enable_gqa": True} if gqa else {}  # peers that predate enable_gqa still run MHA
     req_grad = pass_ != "fwd"
 
     def setup(device):
-        q, k, v = _qkv_blhd(b, lq, lk, h, d, dtype, device, req_grad)
+        q, k, v = _qkv_blhd(b, lq, lk, h, d, dtype, device, req_grad, hkv)
         do = torch.randn(b, lq, h, d, device=device, dtype=dtype).transpose(1, 2)
         lens_t = mask = window_mask = None
         if lens is not None:
@@ -383,34 +401,39 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
                   causal=causal, window=window, window_mask=window_mask, cache={})
 
     def check(s, out, grads, variant):
-        nh = _check_heads(h, lq, lk)
-        sl = (slice(0, 1), slice(0, nh))
+        # whole groups of query heads, so that the checked K/V heads get all their gradient
+        nkv = max(1, _check_heads(h, lq, lk) // group)
+        sl, sl_kv = (slice(0, 1), slice(0, nkv * group)), (slice(0, 1), slice(0, nkv))
         mask = None if s.mask is None else s.mask[:1]
 
         def ref(q, k, v, cdt):
             from .. import reference
             return reference.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                          is_causal=s.causal,
+                                                          is_causal=s.causal, enable_gqa=gqa,
                                                           window_size=s.window, compute_dtype=cdt)
         q, k, v = bhld(s)
-        g = _slice_grads(grads, lambda t: t.transpose(1, 2)[sl])
-        return attention_check(ref, (q[sl], k[sl], v[sl]), out[sl], g, s.do[sl], dtype,
+        g = [None if t is None else t.transpose(1, 2)[sl if i == 0 else sl_kv]
+             for i, t in enumerate(grads)]
+        return attention_check(ref, (q[sl], k[sl_kv], v[sl_kv]), out[sl], g, s.do[sl], dtype,
                                cache=s.cache, key=variant)
 
     def fb(s, backend):
         import fastbert
         return fastbert.scaled_dot_product_attention(*bhld(s), attn_mask=s.mask, is_causal=s.causal,
-                                                     window_size=s.window, backend=backend)
+                                                     enable_gqa=gqa, window_size=s.window,
+                                                     backend=backend)
 
     def sdpa(s):
         mask = s.mask if s.window_mask is None else s.window_mask
-        return F.scaled_dot_product_attention(*bhld(s), attn_mask=mask, is_causal=s.causal)
+        return F.scaled_dot_product_attention(*bhld(s), attn_mask=mask, is_causal=s.causal,
+                                              **gqa_kw)
 
     score_bytes = float(b * h * lq * lk * torch.empty((), dtype=dtype).element_size() * 3)
     impls = [fastbert_impl("triton", "scaled_dot_product_attention", fb),
              fastbert_impl("cuda", "scaled_dot_product_attention", fb)]
     impls += [sdpa_impl(n, be, sdpa, footprint=lambda s: score_bytes) for n, be in SDPA_BACKENDS]
-    impls += [flex_impl(lambda flex, s, bm: flex(*bhld(s), block_mask=bm), _dense_block_mask),
+    impls += [flex_impl(lambda flex, s, bm: flex(*bhld(s), block_mask=bm, **gqa_kw),
+                        _dense_block_mask),
               _xformers_impl(), _flash_attn_impl()]
     itemsize = torch.empty((), dtype=dtype).element_size()
     flops = attention_flops(b, h, lq, lk, d, causal=causal, pass_=pass_)
@@ -419,7 +442,7 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
     return Case(FAMILY, "scaled_dot_product_attention", name, pass_, dtype, params, "TFLOP/s",
                 flops, "Lq", series, setup,
                 impls, leaves=lambda s: [s.q, s.k, s.v], check=check,
-                footprint=itemsize * b * h * d * (2 * lq + 2 * lk), quick=quick)
+                footprint=itemsize * b * d * (2 * h * lq + 2 * hkv * lk), quick=quick)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,6 +595,7 @@ def varlen_case(b: int, max_len: int, h: int, d: int, dtype: torch.dtype = torch
 BERT_SHAPE = dict(b=32, h=12, d=64)
 LONG_TOKENS = 16384          # B * L, as in the FlashAttention papers
 LONG_HIDDEN = 2048           # H * D
+GQA_HEADS = (32, 8)          # (query heads, key / value heads), Llama-style
 
 
 def _long(l: int, d: int, **kw) -> Case:
@@ -607,4 +631,9 @@ def cases(quick: bool = False) -> List[Case]:
         for pass_ in ("fwd", "fwd+bwd"):
             out.append(dense_case(LONG_TOKENS // l, 12, l, 64, window=(64, 64), kind="local",
                                   pass_=pass_, quick=(l == 8192 and pass_ == "fwd")))
+    # grouped-query attention (Llama-style heads): 16k tokens, 32 query heads share 8 K/V heads
+    for l in (2048, 8192):
+        for pass_ in ("fwd", "fwd+bwd"):
+            out.append(dense_case(LONG_TOKENS // l, GQA_HEADS[0], l, 128, kv_heads=GQA_HEADS[1],
+                                  kind="gqa", pass_=pass_, quick=(l == 8192 and pass_ == "fwd")))
     return [c for c in out if c.quick] if quick else out
