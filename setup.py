@@ -113,13 +113,15 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # as torch 2.11
     packages=["fastbert", "fastbert.ops", "fastbert.nn", "fastbert.benchmarks",
               "fastbert.integrations", "fastbert.models", "fastbert.kernels"],
     package_dir={"fastbert.kernels": "kernels"},
     # The measured dispatch table (bench/make_dispatch_table.py), once GPU results exist.
     package_data={"fastbert": ["dispatch_table.json"]},
-    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    # The oldest torch / Triton this is tested with: torch 2.11 + Triton 3.6 (the GPU machine's),
+    # and torch 2.14.1 + Triton 3.8 (CI).
+    install_requires=["torch>=2.11", "numpy", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest", "hypothesis", "matplotlib", "transformers>=4.57"],
         "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
