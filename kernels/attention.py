@@ -15,6 +15,7 @@ thousands without hitting CUDA's 65535 limit on grid dims y/z):
   accumulates ``dQ += dS K``; when the additive mask needs a gradient it also writes ``dS``.
   The two backward kernels recompute ``S`` each (FlashAttention-2's atomic-free split), so the
   backward pass is deterministic.
+* ``_key_limit_kernel``: per batch entry, one past the last key a bool mask lets through.
 * ``_attention_dropout_mask_kernel``: writes the keep-mask the attention kernels use for a seed,
   for tests and references only.
 
@@ -34,7 +35,10 @@ Options, each a constexpr that compiles away when off: grouped-query attention (
 query heads per key / value head: K/V read at head h // kv_group; dK/dV summed over the group in
 registers), ALiBi (``HAS_ALIBI``: ``- slope * |i - j|`` added to the scores from one slope per
 (batch, head)), and a sliding window (``HAS_WINDOW``: query i sees keys i - left .. i + right; the
-programs visit only the blocks the window reaches, and check each of them).
+programs visit only the blocks the window reaches, and check each of them), and key limits
+(``KEY_LIMIT``, dense bool masks: ``_key_limit_kernel`` finds, per batch entry, one past the last
+key the mask lets through; the programs stop there, so the right-padded keys of a padded batch
+cost no work, and dK / dV store zeros for them).
 
 Head dims (any multiple of 8 up to 256) are padded to the next power of two inside the kernel
 (``BLOCK_D``) with masked loads; tensors may have any strides (a (B, L, H, D) tensor viewed as
@@ -67,6 +71,7 @@ __all__ = [
     "varlen_attention_dropout_masks",
     "attention_config",
     "attention_out_layout",
+    "key_limits",
     "softmax_stats_to_lse",
 ]
 
@@ -207,9 +212,13 @@ def _program_tile(num_tiles, num_heads, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+def _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr,
+                     KEY_LIMIT: tl.constexpr = 0):
     """(q_start, len_q, k_start, len_k) of batch entry / sequence ``pid_b``: varlen reads the
-    cumulative lengths (starts are int64 token offsets); dense is (0, Lq, 0, Lk)."""
+    cumulative lengths (starts are int64 token offsets); dense is (0, Lq, 0, Lk), or with
+    KEY_LIMIT > 0 (0, Lq, 0, CuSeqlensK[b]): one past the last key that the bool mask lets through
+    for some query of the entry (:func:`key_limits`), rounded up to a multiple of KEY_LIMIT, so
+    the padded keys are never visited."""
     if IS_VARLEN:
         q_start = tl.load(CuSeqlensQ + pid_b).to(tl.int64)
         len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
@@ -220,6 +229,10 @@ def _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q, seqlen_k, IS_VARLE
         len_q = seqlen_q
         k_start = 0
         len_k = seqlen_k
+        if KEY_LIMIT > 0:
+            len_k = tl.load(CuSeqlensK + pid_b)
+            if KEY_LIMIT > 1:  # as Lk's own alignment: the K / V loads stay vectorised
+                len_k = tl.multiple_of(len_k, KEY_LIMIT)
     return q_start, len_q, k_start, len_k
 
 
@@ -251,10 +264,11 @@ def _attention_fwd_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KEY_LIMIT: tl.constexpr = 0,  # > 0 (dense): CuSeqlensK holds key limits, multiples of it
 ):
     block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
-                                                      seqlen_k, IS_VARLEN)
+                                                      seqlen_k, IS_VARLEN, KEY_LIMIT)
     start_m = block_m * BLOCK_M
     if start_m >= len_q:
         return
@@ -456,12 +470,16 @@ def _attention_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KEY_LIMIT: tl.constexpr = 0,  # > 0 (dense): CuSeqlensK holds key limits, multiples of it
 ):
     block_n, pid_hk, pid_b = _program_tile(num_n_blocks, num_heads // kv_group, False)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
-                                                      seqlen_k, IS_VARLEN)
+                                                      seqlen_k, IS_VARLEN, KEY_LIMIT)
     start_n = block_n * BLOCK_N
-    if start_n >= len_k:
+    # Keys in [len_k, Lk) past a key limit exist in the tensor: they are masked for every query,
+    # their dK / dV rows are 0 and are stored (k = v = 0 and P = 0 there make the sums exactly 0).
+    store_len = seqlen_k if KEY_LIMIT > 0 else len_k
+    if start_n >= store_len:
         return
 
     b64 = pid_b.to(tl.int64)
@@ -498,6 +516,10 @@ def _attention_bwd_dkdv_kernel(
             mid = tl.minimum(tl.maximum(mid, lo), hi)
         else:
             mid = lo
+    if KEY_LIMIT > 0:
+        if start_n >= len_k:  # every key of the block is masked: nothing to sum, zeros stored
+            mid = lo
+            hi = lo
     # dK / dV sum over the query heads that share this key / value head (one unless GQA), in
     # registers: deterministic, and no (B, H, Lk, D) scratch.
     for g in range(kv_group):
@@ -525,12 +547,13 @@ def _attention_bwd_dkdv_kernel(
                 BLOCK_DV, MASK_KIND, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, False, DOT_PRECISION)
 
     dk = dk * sm_scale
+    col_store = cols < store_len
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+             dk.to(DK.dtype.element_ty), mask=col_store[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + col0 * stride_dvn
              + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+             dv.to(DV.dtype.element_ty), mask=col_store[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
 
 
 @triton.jit
@@ -614,10 +637,11 @@ def _attention_bwd_dq_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
     STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KEY_LIMIT: tl.constexpr = 0,  # > 0 (dense): CuSeqlensK holds key limits, multiples of it
 ):
     block_m, pid_h, pid_b = _program_tile(num_m_blocks, num_heads, IS_CAUSAL)
     q_start, len_q, k_start, len_k = _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q,
-                                                      seqlen_k, IS_VARLEN)
+                                                      seqlen_k, IS_VARLEN, KEY_LIMIT)
     start_m = block_m * BLOCK_M
     if start_m >= len_q:
         return
@@ -1057,6 +1081,72 @@ def _tuned_config(kind: str, key_fn, default: _Config, device: torch.device,
     return best
 
 
+@triton.jit
+def _key_limit_kernel(
+    Mask,                     # bool mask as uint8, read as (B, MH, MQ, Lk) through its strides
+    Limit,                    # int32 [B] output
+    mask_heads, mask_rows,    # MH, MQ: the mask's head / query extents (1 where it broadcasts)
+    seqlen_k,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr,      # limits rounded up to a multiple of this (which divides Lk)
+):
+    """Limit[b] = 1 + the last key that the mask lets through for some head and query of batch
+    entry b (0 when it lets none through), rounded up to a multiple of ALIGN."""
+    b64 = tl.program_id(0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    best = tl.zeros([BLOCK_N], dtype=tl.int32)                # per lane: 1 + last key seen
+    for h in range(mask_heads):
+        base = Mask + b64 * stride_mb + tl.cast(h, tl.int64) * stride_mh
+        for r0 in range(0, mask_rows, BLOCK_R):
+            rows = r0 + offs_r
+            for n0 in range(0, seqlen_k, BLOCK_N):
+                cols = n0 + offs_n
+                keep = tl.load(base + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :] * stride_mn,
+                               mask=(rows < mask_rows)[:, None] & (cols < seqlen_k)[None, :],
+                               other=0)                       # [BR, BN]
+                seen = tl.max(keep.to(tl.int32), 0)           # [BN]: some row keeps the key
+                best = tl.maximum(best, tl.where(seen != 0, cols + 1, 0))
+    tl.store(Limit + b64, (tl.max(best, 0) + ALIGN - 1) // ALIGN * ALIGN)
+
+
+def key_limit_align(seqlen_k: int) -> int:
+    """What key limits are rounded up to: 16 when Lk is a multiple of 16 (the kernels then keep
+    the alignment facts that vectorise their K / V loads; keys past a limit are masked anyway),
+    else 1."""
+    return 16 if seqlen_k % 16 == 0 else 1
+
+
+def _key_limit_min_keys(device: torch.device) -> int:
+    """Key lengths from which :func:`key_limits` is worth its launch: a few key blocks to skip."""
+    return 32 if device.type != "cuda" or _interpreting() else 256
+
+
+def key_limits(mask: Tensor, m_strides: Sequence[int], mask_kind: int, batch: int, heads: int,
+               seqlen_q: int, seqlen_k: int) -> Optional[Tensor]:
+    """int32 (B,) key limits of a bool mask (uint8 view from :func:`_mask_args`, broadcast to
+    (B, H, Lq, Lk) through ``m_strides``): for batch entry b, one past the last key that some
+    head and query may attend, rounded up by :func:`key_limit_align`. The attention kernels then
+    stop at it, so right-padded keys (a key-padding mask, or HuggingFace's (B, 1, Lq, Lk) padding
+    masks) cost nothing; the result is the same for any mask, since the keys past the limit are
+    masked everywhere (and the kernels still apply the mask below it). None (no limit)
+    for other masks, broadcast keys and short key lengths. One small kernel on the device, no
+    host sync."""
+    if (mask_kind != MASK_BOOL or m_strides[3] == 0 or batch == 0
+            or seqlen_k < _key_limit_min_keys(mask.device)):
+        return None
+    mask_heads = heads if m_strides[1] != 0 else 1
+    mask_rows = seqlen_q if m_strides[2] != 0 else 1
+    limit = torch.empty((batch,), dtype=torch.int32, device=mask.device)
+    _key_limit_kernel[(batch,)](
+        mask, limit, mask_heads, mask_rows, seqlen_k, *m_strides,
+        BLOCK_R=min(16, triton.next_power_of_2(mask_rows)),
+        BLOCK_N=min(256, triton.next_power_of_2(seqlen_k)), ALIGN=key_limit_align(seqlen_k),
+        num_warps=4)
+    return limit
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -1108,8 +1198,11 @@ def _varlen_strides(t: Tensor) -> Tuple[int, int, int, int]:
 
 def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_strides, l_strides,
                 m_strides, mask_kind, cu_q, cu_k, batch, heads, seqlen_q, seqlen_k, scale,
-                dropout_p, seed, is_causal, is_varlen, alibi=None, window=None):
-    """Runs the forward kernel; strides are (batch, head, token, dim) (varlen: batch stride 0)."""
+                dropout_p, seed, is_causal, is_varlen, alibi=None, window=None, key_limit=None):
+    """Runs the forward kernel; strides are (batch, head, token, dim) (varlen: batch stride 0).
+    ``key_limit``: dense only, int32 (B,) from :func:`key_limits`, or None."""
+    if key_limit is not None:
+        cu_k = key_limit
     alibi, a_strides, has_alibi = _alibi_args(alibi, q)
     w_left, w_right, has_window = _window_args(window, seqlen_q, seqlen_k)
     d, dv = q.shape[-1], v.shape[-1]
@@ -1130,7 +1223,9 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
             BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
             HAS_DROPOUT=dropout_p > 0.0, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+            DOT_PRECISION=_dot_precision(q.dtype),
+            KEY_LIMIT=0 if key_limit is None else key_limit_align(seqlen_k),
+            num_warps=warps, num_stages=stages)
 
     key = lambda: _tune_key((q, k, v), d, dv, mask_kind, dropout_p, is_causal,  # noqa: E731
                             is_varlen, seqlen_q, seqlen_k)
@@ -1142,15 +1237,19 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
                 q_strides, k_strides, v_strides, o_strides, do_strides, dq_strides, dk_strides,
                 dv_strides, l_strides, m_strides, ds_strides, mask_kind, cu_q, cu_k,
                 batch, heads, seqlen_q, seqlen_k, scale, dropout_p, seed, is_causal, is_varlen,
-                alibi=None, window=None):
-    """Runs preprocess, dK/dV and dQ (+ dS when ``ds`` is a tensor) kernels; returns delta."""
+                alibi=None, window=None, key_limit=None):
+    """Runs preprocess, dK/dV and dQ (+ dS when ``ds`` is a tensor) kernels; returns delta.
+    ``key_limit`` as in :func:`_launch_fwd`."""
     d, dvd = q.shape[-1], v.shape[-1]
     bd, bdv = _block_dim(d), _block_dim(dvd)
     alibi, a_strides, has_alibi = _alibi_args(alibi, q)
     w_left, w_right, has_window = _window_args(window, seqlen_q, seqlen_k)
     common = dict(HEAD_DIM=d, HEAD_DIM_V=dvd, BLOCK_D=bd, BLOCK_DV=bdv, IS_VARLEN=is_varlen,
                   MASK_KIND=mask_kind, IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
-                  HAS_ALIBI=has_alibi, HAS_WINDOW=has_window, DOT_PRECISION=_dot_precision(q.dtype))
+                  HAS_ALIBI=has_alibi, HAS_WINDOW=has_window, DOT_PRECISION=_dot_precision(q.dtype),
+                  KEY_LIMIT=0 if key_limit is None else key_limit_align(seqlen_k))
+    if key_limit is not None:
+        cu_k = key_limit
     store_ds = ds is not None
     if not store_ds:
         ds = q  # never dereferenced (STORE_DS=False)
@@ -1279,7 +1378,8 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
     mask, m_strides, kind = _mask_args(attn_mask, (b, h, lq, lk), query)
     _launch_fwd(query, key, value, out, stats, mask, query.stride(), key.stride(), value.stride(),
                 out.stride(), _stats_strides((b, h, lq)), m_strides, kind, query, query, b, h,
-                lq, lk, scale, dropout_p, seed, is_causal, False, alibi_slopes, window)
+                lq, lk, scale, dropout_p, seed, is_causal, False, alibi_slopes, window,
+                key_limits(mask, m_strides, kind, b, h, lq, lk))
     return out, stats
 
 
@@ -1321,7 +1421,8 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
                         query.stride(), key.stride(), value.stride(), out.stride(),
                         grad_out.stride(), dq.stride(), dk.stride(), dv.stride(), stats_strides,
                         m_strides, ds_strides, kind, query, query, b, h, lq, lk, scale, dropout_p,
-                        seed, is_causal, False, alibi_slopes, window)
+                        seed, is_causal, False, alibi_slopes, window,
+                        key_limits(mask, m_strides, kind, b, h, lq, lk))
     if mask_grad and not in_dq:
         ds = torch.zeros((mb, mh, lq, lk), dtype=torch.float32, device=query.device)
         _launch_bwd_dmask(grad_out, query, key, value, stats, delta, mask, ds, m_strides,

@@ -219,7 +219,7 @@ def _dense_strides(h, l, d):
 
 def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", causal: bool = False,
                     dropout: bool = False, varlen: bool = False, kv_group: int = 1,
-                    alibi: bool = False, window: bool = False) -> Case:
+                    alibi: bool = False, window: bool = False, key_limit: bool = False) -> Case:
     dtype = DTYPES[dt]
     mask_kind = {"none": att.MASK_NONE, "bool": att.MASK_BOOL, "float": att.MASK_FLOAT}[mask]
     if varlen:
@@ -231,6 +231,8 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
         heads, rows_shape, seqlen = _H, (_B, _H, _L), _L
         qkv = _dense_strides(_H, _L, d)
         cu = ptr(dt)  # the dense launchers pass q for the unused cu_seqlens pointers
+    assert not key_limit or (mask == "bool" and not varlen), "key limits come from dense bool masks"
+    cu_k = ptr("i32") if key_limit else cu  # int32 (B,) key limits (kernels.key_limits)
     mask_ptr = {"none": ptr(dt), "bool": ptr("u8"), "float": ptr(dt)}[mask]
     # masks as the ops see them: bool key-padding mask (B, 1, 1, Lk), float mask (B, H, Lq, Lk)
     m_strides = {"none": (0, 0, 0, 0), "bool": (_L, 0, 0, 1),
@@ -243,6 +245,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     common = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd,
                   IS_VARLEN=varlen, MASK_KIND=mask_kind, IS_CAUSAL=causal, HAS_DROPOUT=dropout,
                   HAS_ALIBI=alibi, HAS_WINDOW=window, DOT_PRECISION=att._dot_precision(dtype))
+    common["KEY_LIMIT"] = att.key_limit_align(seqlen) if key_limit else 0
     # ALiBi slopes: fp32 (H,) (batch stride 0, head stride 1); without, q stands in, strides 0
     alibi_args = dict(Alibi=ptr("fp32") if alibi else ptr(dt), stride_ab=0,
                       stride_ah=1 if alibi else 0,
@@ -255,7 +258,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     if kind == "fwd":
         kernel = att._attention_fwd_kernel
         tensors = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Mask=mask_ptr, Out=ptr(dt), Stats=ptr("fp32"),
-                       CuSeqlensQ=cu, CuSeqlensK=cu)
+                       CuSeqlensQ=cu, CuSeqlensK=cu_k)
         for pre in ("q", "k", "v", "o"):
             strides.update(zip((f"stride_{pre}{s}" for s in "bhmd"), qkv))
         extra = dict(num_heads=heads, kv_group=kv_group, num_m_blocks=triton.cdiv(seqlen, bm),
@@ -263,7 +266,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     elif kind == "bwd_dkdv":
         kernel = att._attention_bwd_dkdv_kernel
         tensors = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Mask=mask_ptr, DO=ptr(dt), Stats=ptr("fp32"),
-                       Delta=ptr("fp32"), DK=ptr(dt), DV=ptr(dt), CuSeqlensQ=cu, CuSeqlensK=cu)
+                       Delta=ptr("fp32"), DK=ptr(dt), DV=ptr(dt), CuSeqlensQ=cu, CuSeqlensK=cu_k)
         for pre in ("q", "k", "v", "do", "dk", "dv"):
             strides.update(zip((f"stride_{pre}{s}" for s in "bhmd"), qkv))
         extra = dict(num_heads=heads, kv_group=kv_group, num_n_blocks=triton.cdiv(seqlen, bn),
@@ -273,7 +276,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
         store_ds = mask == "float"  # dS only for a float mask that needs its gradient
         tensors = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Mask=mask_ptr, DO=ptr(dt), Stats=ptr("fp32"),
                        Delta=ptr("fp32"), DQ=ptr(dt), DS=ptr("fp32") if store_ds else ptr(dt),
-                       CuSeqlensQ=cu, CuSeqlensK=cu)
+                       CuSeqlensQ=cu, CuSeqlensK=cu_k)
         for pre in ("q", "k", "v", "do", "dq"):
             strides.update(zip((f"stride_{pre}{s}" for s in "bhmd"), qkv))
         ds = (_H * _L * _L, _L * _L, _L, 1) if store_ds else (0, 0, 0, 0)
@@ -290,7 +293,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     variant = "-".join(f for f, on in (("causal", causal), (f"{mask}mask", mask != "none"),
                                        ("dropout", dropout), ("varlen", varlen),
                                        (f"gqa{kv_group}", kv_group > 1), ("alibi", alibi),
-                                       ("window", window))
+                                       ("window", window), ("keylimit", key_limit))
                        if on) or "plain"
     name = f"sm{cc}-{kind}-D{d}-{dt}-{variant}-BM{bm}-BN{bn}-w{warps}-s{stages}"
     return Case("attention", name, kernel, args, warps, stages, cc)
@@ -306,9 +309,14 @@ def _attention_small_cases(cc: int) -> List[Case]:
                num_m_blocks=triton.cdiv(_MAXSEQ, 64), seqlen_q=_MAXSEQ,
                HEAD_DIM_V=d, BLOCK_M=64, BLOCK_DV=bd, IS_VARLEN=True)
     mask = dict(Keep=ptr("u8"), numel=_B * _H * _L * _L, dropout_p=0.1, Seed=ptr("i64"), BLOCK=1024)
+    # key limits of a HuggingFace-style (B, 1, Lq, Lk) bool padding mask, as kernels.key_limits runs it
+    limit = dict(Mask=ptr("u8"), Limit=ptr("i32"), mask_heads=1, mask_rows=_L, seqlen_k=_L,
+                 stride_mb=_L * _L, stride_mh=0, stride_mm=_L, stride_mn=1,
+                 BLOCK_R=16, BLOCK_N=min(256, triton.next_power_of_2(_L)), ALIGN=att.key_limit_align(_L))
     return [Case("attention", f"sm{cc}-bwd_preprocess-D80-fp16-varlen", att._attention_bwd_preprocess_kernel,
                  pre, 4, 3, cc),
-            Case("attention", f"sm{cc}-dropout_mask", att._attention_dropout_mask_kernel, mask, 4, 3, cc)]
+            Case("attention", f"sm{cc}-dropout_mask", att._attention_dropout_mask_kernel, mask, 4, 3, cc),
+            Case("attention", f"sm{cc}-key_limit", att._key_limit_kernel, limit, 4, 3, cc)]
 
 
 def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
@@ -338,8 +346,8 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
 
 def attention_cases() -> List[Case]:
     """sm_90: every variant at fp16, every dtype, head dims 40 / 128 / 256 (128 also plain: the
-    shape of the issue's H100 throughput targets; grouped-query; ALiBi; sliding window). sm_80 (its
-    own tables): GQA,
+    shape of the issue's H100 throughput targets; grouped-query; ALiBi; sliding window; key limits).
+    sm_80 (its own tables): GQA, key limits,
     float mask + dropout at fp16, fp32, head dims 128 / 256 (bf16)."""
     kinds = ("fwd", "bwd_dkdv", "bwd_dq")
     causal, bool_mask = dict(causal=True), dict(mask="bool")
@@ -349,11 +357,13 @@ def attention_cases() -> List[Case]:
     gqa = dict(causal=True, kv_group=4)  # 12 query heads on 3 key / value heads
     alibi = dict(mask="bool", alibi=True)  # key padding + ALiBi (MosaicBERT / Jina-BERT style)
     window = dict(mask="bool", window=True)  # key padding + sliding window (ModernBERT's local layers)
+    keylimit = dict(mask="bool", key_limit=True)  # key padding, padded keys skipped (BERT batches)
     specs = {90: [("fp16", 64, causal), ("fp16", 64, bool_mask), ("fp16", 64, float_drop),
                   ("fp16", 64, varlen), ("bf16", 64, causal), ("fp32", 64, causal),
                   ("fp16", 40, {}), ("fp16", 128, {}), ("fp16", 128, heavy), ("fp16", 256, causal),
-                  ("bf16", 128, gqa), ("fp16", 64, alibi), ("bf16", 64, window)],
-             80: [("fp16", 64, float_drop), ("fp32", 64, causal), ("fp16", 64, gqa),
+                  ("bf16", 128, gqa), ("fp16", 64, alibi), ("bf16", 64, window),
+                  ("fp16", 64, keylimit)],
+             80: [("fp16", 64, float_drop), ("fp32", 64, causal), ("fp16", 64, gqa), ("fp16", 64, keylimit),
                   ("fp16", 128, heavy), ("bf16", 256, causal)]}
     cases = []
     for cc, cc_specs in specs.items():

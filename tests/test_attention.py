@@ -576,6 +576,92 @@ def test_sdpa_fully_masked_rows(kind, causal, dtype):
         assert not torch.isnan(t).any()
 
 
+def _padding_mask(lens, lk, lq=None):
+    """Right padding as a bool key-padding mask (B, 1, 1, Lk), or with ``lq`` as HuggingFace's
+    "sdpa" masks hand it over, materialised (B, 1, Lq, Lk)."""
+    keep = torch.arange(lk, device=DEVICE)[None, :] < torch.tensor(lens, device=DEVICE)[:, None]
+    keep = keep[:, None, None, :]
+    return keep if lq is None else keep.expand(-1, 1, lq, -1).clone()
+
+
+def test_key_limits():
+    """One past the last key some head and query of each batch entry may attend, for any bool
+    mask; None where it cannot pay (float masks, keys broadcast, short key lengths)."""
+    b, h, lq, lk = 3, 2, 9, 70
+
+    def limits(mask):
+        m, strides, kind = kernels._mask_args(mask, (b, h, lq, lk), mask)
+        out = kernels.key_limits(m, strides, kind, b, h, lq, lk)
+        return None if out is None else out.tolist()
+
+    assert limits(_padding_mask([70, 33, 0], lk)) == [70, 33, 0]
+    assert limits(_padding_mask([5, 70, 1], lk, lq)) == [5, 70, 1]
+    left = torch.zeros((b, 1, lq, lk), dtype=torch.bool, device=DEVICE)
+    left[0, 0, 4, 50] = True        # one query of one entry sees one key
+    left[1, 0, :, 20:] = True       # left padding: no keys to drop at the end
+    left[2, 0, :, :3] = True
+    assert limits(left) == [51, 70, 3]
+    per_head = torch.zeros((1, h, 1, lk), dtype=torch.bool, device=DEVICE)
+    per_head[0, 1, 0, 60] = True    # shared by the batch: every entry gets the same limit
+    assert limits(per_head) == [61, 61, 61]
+    assert limits(torch.ones((lq, 1), dtype=torch.bool, device=DEVICE)) is None  # keys broadcast
+    assert limits(torch.zeros((b, 1, 1, lk), device=DEVICE)) is None             # float mask
+    m, strides, kind = kernels._mask_args(_padding_mask([3, 3, 3], 20), (b, h, lq, 20), left)
+    assert kernels.key_limits(m, strides, kind, b, h, lq, 20) is None             # too short
+    # Lk a multiple of 16: limits rounded up to one too (the keys in between stay masked)
+    m, strides, kind = kernels._mask_args(_padding_mask([64, 33, 0], 64), (b, h, lq, 64), left)
+    assert kernels.key_limits(m, strides, kind, b, h, lq, 64).tolist() == [64, 48, 0]
+
+
+KEY_LIMIT_CASES = [
+    # lens, lq, lk, hf-style (B, 1, Lq, Lk), causal, gqa, dtype
+    ([130, 40, 0], 33, 130, False, False, False, F32),
+    ([97, 61, 7], 97, 97, True, True, False, F16),
+    ([100, 17], 50, 100, False, False, True, F32),
+    ([128, 33, 70], 40, 128, True, False, False, F16),  # limits rounded up to 16: 128, 48, 80
+]
+
+
+@pytest.mark.parametrize(
+    "lens,lq,lk,hf,causal,gqa,dtype",
+    [pytest.param(*c, id=_case_id(len(c[0]), 4, c[1], c[2], 40, c[6], c[4],
+                                  "lens" + "_".join(map(str, c[0])) + ("-hf" if c[3] else "-keypad")
+                                  + ("-gqa" if c[5] else "")))
+     for c in KEY_LIMIT_CASES])
+def test_sdpa_key_limit_skips_padded_keys(lens, lq, lk, hf, causal, gqa, dtype, monkeypatch):
+    """Right-padded keys are never visited (the kernels stop at each entry's key limit), and the
+    output and every gradient stay exact: dK / dV of the skipped keys are stored as 0 (the
+    outputs are NaN-poisoned), an entry with no key gives 0."""
+    seen = []
+    real = kernels.key_limits
+    monkeypatch.setattr(kernels, "key_limits", lambda *a: seen.append(real(*a)) or seen[-1])
+    b, h, d = len(lens), 4, 40
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "blhd", hkv=2 if gqa else None)
+    mask = _padding_mask(lens, lk, lq if hf else None)
+    out, grads = _check_sdpa(leaves, "blhd", mask=mask, causal=causal, gqa=gqa)
+    align = kernels.key_limit_align(lk)
+    limits = [-(-n // align) * align for n in lens]
+    assert seen and all(t is not None and t.tolist() == limits for t in seen)  # forward and backward
+    for i, n in enumerate(lens):
+        assert torch.all(grads[1][i, n:] == 0) and torch.all(grads[2][i, n:] == 0)
+        if n == 0:
+            assert torch.all(out[i] == 0)
+
+
+def test_sdpa_key_limit_with_dropout(fresh_seed):
+    """The dropout mask does not move when the padded keys are skipped (offsets use Lk)."""
+    b, h, lq, lk, d, p = 2, 2, 40, 97, 16, 0.3
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld")
+    mask = _padding_mask([97, 50], lk)
+    q, k, v = (t.detach() for t in leaves)
+    seed_value = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    torch.manual_seed(seed_value)
+    _, _, seed = torch.ops.fastbert.attention_fwd(q, k, v, mask, p, False, d ** -0.5)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
+    torch.manual_seed(seed_value)
+    _check_sdpa(leaves, "bhld", mask=mask, dropout_p=p, dropout_mask=keep)
+
+
 @pytest.mark.parametrize("fill", [torch.finfo(F32).min, -1e4], ids=["finfo-min", "-1e4"])
 def test_sdpa_large_negative_padding_mask(fill):
     """Additive padding masks with large finite values (HuggingFace uses torch.finfo(float32).min)
