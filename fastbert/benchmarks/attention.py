@@ -349,7 +349,9 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
                window: Optional[Tuple[int, int]] = None, kv_heads: Optional[int] = None,
                pass_: str = "fwd", kind: str = "bert", quick: bool = False) -> Case:
     """Dense attention (B, H, Lq, D) x (B, H, Lk, D); ``key_padding`` masks keys beyond per-sequence
-    lengths drawn by :func:`seqlens` (mean about L / 2); the flops count the full Lq x Lk.
+    lengths drawn by :func:`seqlens` (mean about L / 2); the flops count the full Lq x Lk, so an
+    implementation that skips the padded keys (fastbert's Triton kernels do) shows an effective
+    rate: the comparison in one case is by time.
     ``window`` = (left, right): local attention (fastbert's ``window_size``; SDPA gets the window
     as a bool mask, FlexAttention as a mask_mod, flash-attn its own ``window_size``); its flops
     count the pairs inside the window only. ``kv_heads`` (a divisor of ``h``): grouped-query
