@@ -13,9 +13,18 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def type_name(value) -> str:
+    """The type of ``value`` for an error message: ``int``, ``Tensor``, or ``numpy.bool`` for a type
+    from outside the builtins (whose bare name can read like a builtin's)."""
+    cls = type(value)
+    if cls.__module__ in ("builtins", "torch") or cls.__module__.startswith("torch."):
+        return cls.__name__
+    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
 def check_tensor(name: str, t, *, ndim: Optional[Sequence[int]] = None, floating: bool = True) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
     if floating and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
                         f"float64), got dtype {t.dtype}")
@@ -34,7 +43,7 @@ def check_same(ref_name: str, ref: Tensor, name: str, t: Tensor, *, dtype: bool 
 
 def check_dropout(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type_name(dropout_p)}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
@@ -44,7 +53,7 @@ def check_scale(scale) -> Optional[float]:
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"scale must be a float or None, got {type_name(scale)}")
     if not float(scale) > 0.0 or float(scale) == float("inf"):
         raise ValueError(f"scale must be a finite positive float, got {scale}")
     return float(scale)
@@ -52,13 +61,13 @@ def check_scale(scale) -> Optional[float]:
 
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
     return value
 
 
 def check_int(name: str, value, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type_name(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
@@ -69,7 +78,7 @@ def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name:
     if attn_mask is None:
         return
     if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type_name(attn_mask)}")
     if type(attn_mask).__name__ == "CausalBias":
         raise TypeError(f"{name} is one of torch's causal-bias objects, which only "
                         "fastbert.scaled_dot_product_attention accepts; pass a bool or float mask "
@@ -81,10 +90,14 @@ def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name:
         raise ValueError(f"{name} is on {attn_mask.device} but query is on {query.device}")
     shape = tuple(attn_mask.shape)
     target = tuple(target_shape)
+    if not shape:
+        raise ValueError(f"{name} must have at least 1 dim (a mask broadcastable to (..., Lq, Lk)); "
+                         "got a 0-dim tensor")
     ok = len(shape) <= len(target) and all(
         s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
     if not ok:
-        raise ValueError(f"{name} of shape {shape} does not broadcast to (B, H, Lq, Lk) = {target}")
+        dims = "(B, H, Lq, Lk)" if len(target) == 4 else "(..., H, Lq, Lk)"
+        raise ValueError(f"{name} of shape {shape} does not broadcast to {dims} = {target}")
 
 
 def host_checks_allowed(device: torch.device) -> bool:
@@ -140,7 +153,7 @@ def check_cu_seqlens(name: str, cu: Tensor, total: int, device: torch.device,
     host sync, remembered for the same unmodified tensor: later checks of it cost no sync);
     without, checks only its type, dtype, shape and device and returns None."""
     if not isinstance(cu, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(cu)}")
     if cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 (or int64) tensor, got dtype {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 2:

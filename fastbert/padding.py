@@ -7,6 +7,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ._validation import check_int, host_checks_allowed, type_name
+
 __all__ = ["unpad_input", "pad_input"]
 
 
@@ -25,9 +27,9 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor) -> Tuple[Tensor, 
         max_seqlen, the longest real length (a Python int: one host sync).
     """
     if not isinstance(hidden_states, Tensor):
-        raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        raise TypeError(f"hidden_states must be a torch.Tensor, got {type_name(hidden_states)}")
     if not isinstance(attention_mask, Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type_name(attention_mask)}")
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (B, L), got shape {tuple(attention_mask.shape)}")
     if hidden_states.dim() < 2 or tuple(hidden_states.shape[:2]) != tuple(attention_mask.shape):
@@ -39,6 +41,9 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor) -> Tuple[Tensor, 
     if attention_mask.device != hidden_states.device:
         raise ValueError(f"attention_mask is on {attention_mask.device} but hidden_states is on "
                          f"{hidden_states.device}")
+    if attention_mask.device.type == "meta":
+        raise ValueError("attention_mask is a meta tensor: unpad_input needs its values (which "
+                         "tokens are real) to build the packed layout")
     keep = attention_mask.bool()
     seqlens = keep.sum(dim=1, dtype=torch.int32)
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
@@ -50,14 +55,37 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor) -> Tuple[Tensor, 
 
 def pad_input(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     """Inverse of :func:`unpad_input`: scatter packed (total, ...) tokens back into a zero-filled
-    (batch, seqlen, ...) tensor. Differentiable with respect to ``packed``."""
-    if not isinstance(packed, Tensor) or not isinstance(indices, Tensor):
-        raise TypeError("packed and indices must be torch.Tensors")
+    (batch, seqlen, ...) tensor. Differentiable with respect to ``packed``.
+
+    ``indices`` (total,) are flat positions in [0, batch * seqlen), as :func:`unpad_input` returns
+    them; on the CPU they are range-checked (ValueError), on CUDA (no host sync) index_copy_'s own
+    device-side check applies."""
+    for name, t in (("packed", packed), ("indices", indices)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
+    if packed.dim() == 0:
+        raise ValueError("packed must be (total, ...) with at least 1 dim, got a 0-dim tensor")
     if indices.dim() != 1 or indices.shape[0] != packed.shape[0]:
         raise ValueError(f"indices must be 1-D with one entry per packed token ({packed.shape[0]}), "
                          f"got shape {tuple(indices.shape)}")
     if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        raise TypeError(f"indices must be an int32 or int64 tensor, got dtype {indices.dtype}")
+    if indices.device != packed.device:
+        raise ValueError(f"indices is on {indices.device} but packed is on {packed.device}")
+    if host_checks_allowed(packed.device):  # (under torch.compile the sizes may be symbolic)
+        batch = check_int("batch", batch)
+        seqlen = check_int("seqlen", seqlen)
+        slots = batch * seqlen
+        if indices.shape[0] > slots:
+            raise ValueError(f"{indices.shape[0]} packed tokens do not fit in batch * seqlen = "
+                             f"{batch} * {seqlen} = {slots} positions")
+        if indices.device.type == "cpu" and indices.numel():
+            # Positions are range-checked only where reading them costs no device sync (on CUDA,
+            # index_copy_ checks them itself, with a device-side assert).
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= slots:
+                raise ValueError(f"indices must be positions in [0, batch * seqlen) = [0, {slots}), "
+                                 f"got values in [{lo}, {hi}]")
     out = packed.new_zeros((batch * seqlen,) + tuple(packed.shape[1:]))
     out = out.index_copy(0, indices.long(), packed)
     return out.reshape((batch, seqlen) + tuple(packed.shape[1:]))

@@ -38,6 +38,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._validation import type_name
+
 __all__ = [
     "dense",
     "sliding_window",
@@ -65,18 +67,38 @@ Device = Union[str, torch.device, None]
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type_name(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
 def _check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
     return value
+
+
+def _check_device(device: Device) -> Optional[torch.device]:
+    """None, a device string / torch.device / CUDA index -> None or a torch.device."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"device must be None, a str, a torch.device or an int, got "
+                        f"{type_name(device)}")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a valid torch device: {e}") from None
+
+
+def _check_has_values(name: str, layout: Tensor) -> None:
+    if layout.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: it has no values to read")
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -94,6 +116,7 @@ def _grid(seq_len, block_size, key_len) -> Tuple[int, int]:
 
 
 def _ij(nbq: int, nbk: int, device: Device) -> Tuple[Tensor, Tensor]:
+    device = _check_device(device)
     i = torch.arange(nbq, device=device)[:, None]  # query block index, [nbq, 1]
     j = torch.arange(nbk, device=device)[None, :]  # key block index,   [1, nbk]
     return i, j
@@ -110,14 +133,21 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
             raise ValueError(f"global_blocks = {n} exceeds the number of blocks ({limit})")
         return list(range(n))
     if isinstance(global_blocks, Tensor):
+        if global_blocks.is_floating_point() or global_blocks.is_complex() or global_blocks.dim() > 1:
+            raise TypeError(f"global_blocks as a tensor must be a 1-D integer tensor of block "
+                            f"indices, got dtype {global_blocks.dtype} and shape "
+                            f"{tuple(global_blocks.shape)}")
+        _check_has_values("global_blocks", global_blocks)
+        if global_blocks.dim() == 0:
+            return _global_indices(int(global_blocks), nbq, nbk)
         global_blocks = global_blocks.tolist()
     if not isinstance(global_blocks, (list, tuple, range)):
         raise TypeError("global_blocks must be an int (the first n blocks) or a sequence of block "
-                        f"indices, got {type(global_blocks).__name__}")
+                        f"indices, got {type_name(global_blocks)}")
     out = []
     for g in global_blocks:
         if isinstance(g, bool) or not isinstance(g, numbers.Integral):
-            raise TypeError(f"global_blocks entries must be ints, got {type(g).__name__}")
+            raise TypeError(f"global_blocks entries must be ints, got {type_name(g)}")
         if not 0 <= g < limit:
             raise ValueError(f"global block index {g} is out of range [0, {limit})")
         out.append(int(g))
@@ -127,7 +157,7 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
 def _check_layout(name: str, layout, integers: bool = False) -> Tensor:
     """A 3-D bool layout (``integers``: or a 0/1 integer one, as the attention op accepts)."""
     if not isinstance(layout, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(layout).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(layout)}")
     if integers and (layout.is_floating_point() or layout.is_complex()):
         raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got dtype {layout.dtype}")
     if not integers and layout.dtype != torch.bool:
@@ -158,7 +188,7 @@ def dense(seq_len: int, block_size: int = 64, *, key_len: Optional[int] = None,
         # # # #
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
-    return torch.ones(1, nbq, nbk, dtype=torch.bool, device=device)
+    return torch.ones(1, nbq, nbk, dtype=torch.bool, device=_check_device(device))
 
 
 def sliding_window(seq_len: int, block_size: int = 64, *, window: int = 1, causal: bool = False,
@@ -263,7 +293,8 @@ def bigbird(seq_len: int, block_size: int = 64, *, window: int = 1,
     nbq, nbk = _grid(seq_len, block_size, key_len)
     random_blocks = _check_int("random_blocks", random_blocks, 0)
     num_heads = _check_int("num_heads", num_heads, 1)
-    seed = _check_int("seed", seed, 0)
+    seed = _check_int("seed", seed, 0, 2 ** 64 - 1)
+    device = _check_device(device)
     base = global_tokens(seq_len, block_size, window=window, global_blocks=global_blocks,
                          key_len=key_len, device="cpu")[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -369,7 +400,7 @@ def from_token_mask(mask: Tensor, block_size: int = 64) -> Tensor:
         # # # #
     """
     if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"mask must be a torch.Tensor, got {type_name(mask)}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
     if mask.dim() not in (2, 3):
@@ -377,8 +408,8 @@ def from_token_mask(mask: Tensor, block_size: int = 64) -> Tensor:
     block_size = _check_int("block_size", block_size, 1)
     m = mask if mask.dim() == 3 else mask.unsqueeze(0)
     h, lq, lk = m.shape
-    if lq == 0 or lk == 0:
-        raise ValueError(f"mask must have Lq, Lk >= 1, got shape {tuple(mask.shape)}")
+    if h == 0 or lq == 0 or lk == 0:
+        raise ValueError(f"mask must have H, Lq, Lk >= 1, got shape {tuple(mask.shape)}")
     nbq, nbk = num_blocks(lq, block_size), num_blocks(lk, block_size)
     padded = m.new_zeros((h, nbq * block_size, nbk * block_size))
     padded[:, :lq, :lk] = m
@@ -450,6 +481,7 @@ def density(layout: Tensor, block_size: Optional[int] = None, seq_len: Optional[
     """A :class:`DensityReport` of ``layout``; pass ``block_size`` and ``seq_len`` (and ``key_len``
     when Lk != Lq) to also get the token-level density."""
     _check_layout("layout", layout)
+    _check_has_values("layout", layout)
     h, nbq, nbk = layout.shape
     lay = layout.detach().to("cpu")
     nonzero = int(lay.sum())
@@ -480,6 +512,7 @@ def density(layout: Tensor, block_size: Optional[int] = None, seq_len: Optional[
 def render(layout: Tensor, head: int = 0) -> str:
     """One head of a layout as text: a row per query block, ``#`` = attend, ``.`` = skip."""
     _check_layout("layout", layout)
+    _check_has_values("layout", layout)
     head = _check_int("head", head, 0)
     if head >= layout.shape[0]:
         raise ValueError(f"head {head} is out of range for a layout with {layout.shape[0]} head(s)")

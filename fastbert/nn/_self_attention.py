@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._utils import check_backend
+from .._validation import type_name
+from ._utils import (check_backend, check_factory_dtype, check_flag, check_input,
+                     check_positive_int, check_probability)
 
 
 class SelfAttentionBase(nn.Module):
@@ -19,17 +21,18 @@ class SelfAttentionBase(nn.Module):
                  device, dtype, backend: Optional[str]) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        embed_dim = check_positive_int("embed_dim", embed_dim)
+        num_heads = check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dropout = check_probability("dropout", dropout)
+        bias = check_flag("bias", bias)
+        batch_first = check_flag("batch_first", batch_first)
+        check_factory_dtype(dtype)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.dropout = float(dropout)
+        self.dropout = dropout
         self.batch_first = batch_first
         self.backend = check_backend(backend)
         self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
@@ -45,8 +48,7 @@ class SelfAttentionBase(nn.Module):
 
     def _heads(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """x (N, L, E) or (L, N, E) -> batch-first x and q, k, v (N, H, L, D) views."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_input("x", x, self.in_proj_weight)
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
             raise ValueError(f"x must be {layout} with E = {self.embed_dim}, got shape {tuple(x.shape)}")
@@ -55,10 +57,15 @@ class SelfAttentionBase(nn.Module):
         n, length, _ = x.shape
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-                raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+                what = (f"dtype {key_padding_mask.dtype}" if isinstance(key_padding_mask, Tensor)
+                        else type_name(key_padding_mask))
+                raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {what}")
             if tuple(key_padding_mask.shape) != (n, length):
                 raise ValueError(f"key_padding_mask must have shape (N, L) = ({n}, {length}), got "
                                  f"{tuple(key_padding_mask.shape)}")
+            if key_padding_mask.device != x.device:
+                raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but x is on "
+                                 f"{x.device}")
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [N, L, E] -> [N, L, 3E]
         qkv = qkv.view(n, length, 3, self.num_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # 3 x [N, H, L, D]

@@ -1,12 +1,14 @@
 """Helpers shared by the fastbert modules: backend argument checks and adopting an existing module."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Type, TypeVar
 
 import torch
 from torch import nn
 
 from .. import backends
+from .._validation import type_name
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -22,6 +24,53 @@ def check_backend(backend: Optional[str]) -> Optional[str]:
     if backend is not None:
         backends.resolve(backend)  # raises TypeError / ValueError naming the argument
     return backend
+
+
+def check_positive_int(name: str, value) -> int:
+    """A module size argument (embed_dim, num_heads, ...): an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type_name(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_probability(name: str, value) -> float:
+    """A module's dropout probability: a float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type_name(value)}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
+    return value
+
+
+def check_factory_dtype(dtype) -> None:
+    """The ``dtype`` of a module's parameters: None or a floating dtype."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type_name(dtype)}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype for the module's parameters, got {dtype}")
+
+
+def check_input(name: str, t, param: torch.Tensor) -> None:
+    """A module input: a tensor with the dtype (unless autocast is on) and device of the module's
+    parameter ``param`` (the matmuls that use it need both)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
+    if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(f"{name} has dtype {t.dtype} but the module's parameters are {param.dtype}; "
+                        f"pass {name}.to({param.dtype}) or convert the module")
+    if t.device != param.device:
+        raise ValueError(f"{name} is on {t.device} but the module's parameters are on "
+                         f"{param.device}")
 
 
 def adopt(cls: Type[M], module: nn.Module, **attrs) -> M:

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ._utils import adopt, check_backend, compute_dtype
+from .._validation import type_name
+from ._utils import (adopt, check_backend, check_factory_dtype, check_input, check_positive_int,
+                     check_probability, compute_dtype)
 
 __all__ = ["MultiheadAttention", "attention_with_weights"]
 
@@ -37,6 +39,10 @@ def attention_with_weights(
     (out (B, H, Lq, Dv), weights (B, H, Lq, Lk)), both in the dtype of ``query``.
     """
     cdt = compute_dtype(query)
+    if key.shape[-2] == 0:  # no key: every row is fully masked, zero weights and output
+        probs = query.new_zeros(query.shape[:-1] + (0,), dtype=cdt)
+        out = query.new_zeros(query.shape[:-1] + (value.shape[-1],))
+        return out + 0.0 * (query.sum() + key.sum() + value.sum()), probs.to(query.dtype)
     probs = reference.attention_probs(query, key, attn_mask, is_causal, scale, compute_dtype=cdt)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
@@ -50,7 +56,7 @@ def _check_mask_dtype(name: str, mask: Optional[Tensor]) -> None:
     if mask is None:
         return
     if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type_name(mask)}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
 
@@ -127,6 +133,15 @@ class MultiheadAttention(nn.MultiheadAttention):
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None, *,
                  backend: Optional[str] = None) -> None:
+        # Checked here with clear errors (torch asserts, or fails inside torch.empty, on some).
+        embed_dim = check_positive_int("embed_dim", embed_dim)
+        num_heads = check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        dropout = check_probability("dropout", dropout)
+        kdim = None if kdim is None else check_positive_int("kdim", kdim)
+        vdim = None if vdim is None else check_positive_int("vdim", vdim)
+        check_factory_dtype(dtype)
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
@@ -146,11 +161,14 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     # ------------------------------------------------------------------------------------------
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
         for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_input(name, t, weight)
         _check_mask_dtype("key_padding_mask", key_padding_mask)
         _check_mask_dtype("attn_mask", attn_mask)
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and m.device != query.device:
+                raise ValueError(f"{name} is on {m.device} but query is on {query.device}")
         if query.dim() == 3:
             batched = True
         elif query.dim() == 2:

@@ -2,13 +2,15 @@
 layout (a tensor, or a preset of :mod:`fastbert.sparsity`), on :func:`fastbert.block_sparse_attention`."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .. import ops, sparsity
+from .._validation import type_name
 from ._self_attention import SelfAttentionBase
+from ._utils import check_positive_int
 
 __all__ = ["BlockSparseSelfAttention", "PRESETS"]
 
@@ -16,6 +18,8 @@ __all__ = ["BlockSparseSelfAttention", "PRESETS"]
 # ``preset(seq_len, block_size, **layout_kwargs, device=...) -> bool (H or 1, nb, nb)``).
 PRESETS = ("dense", "sliding_window", "global_tokens", "longformer", "bigbird", "fixed", "strided")
 _MAX_CACHED = 64  # layouts kept per module (one per input length and device)
+# Preset arguments the module sets itself (a self-attention layout for the input's length).
+_SET_BY_MODULE = ("seq_len", "block_size", "key_len", "device")
 
 
 class BlockSparseSelfAttention(SelfAttentionBase):
@@ -48,21 +52,35 @@ class BlockSparseSelfAttention(SelfAttentionBase):
                  dropout: float = 0.0, bias: bool = True, batch_first: bool = True, device=None,
                  dtype=None, backend: Optional[str] = None) -> None:
         super().__init__(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, backend)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        self.block_size = block_size
+        self.block_size = check_positive_int("block_size", block_size)
+        if layout_kwargs is not None and not isinstance(layout_kwargs, Mapping):
+            raise TypeError(f"layout_kwargs must be a dict of the preset's keyword arguments or "
+                            f"None, got {type_name(layout_kwargs)}")
         self.layout_kwargs = dict(layout_kwargs or {})
         self._layouts: Dict[tuple, Tensor] = {}
         if isinstance(layout, str):
             if layout not in PRESETS:
                 raise ValueError(f"layout {layout!r} is not a preset; expected a bool layout tensor "
                                  f"or one of {PRESETS}")
+            reserved = sorted(set(self.layout_kwargs) & set(_SET_BY_MODULE))
+            if reserved:
+                raise ValueError(f"layout_kwargs may not set {reserved}: the module builds each "
+                                 "layout itself for the input's length, block_size and device "
+                                 "(self-attention: key_len = seq_len)")
             self.preset = layout
             self._preset_fn = getattr(sparsity, layout)
             self.register_buffer("layout", None)
-            self._preset_fn(block_size, block_size, **self.layout_kwargs)  # check the kwargs now
+            # Build one layout now, so that bad kwargs fail here rather than on the first forward.
+            probe = self._preset_fn(block_size, block_size, **self.layout_kwargs)
+            if probe.shape[0] not in (1, num_heads):
+                raise ValueError(f"the {layout!r} preset with layout_kwargs {self.layout_kwargs} "
+                                 f"gives layouts for {probe.shape[0]} heads; the module has "
+                                 f"num_heads = {num_heads} (use 1 or {num_heads})")
         elif isinstance(layout, Tensor):
-            if layout.dtype != torch.bool or layout.dim() != 3 or layout.shape[0] not in (1, num_heads):
+            if layout.dtype != torch.bool:
+                raise TypeError(f"layout must be a bool tensor (H or 1, nb, nb), got dtype "
+                                f"{layout.dtype}")
+            if layout.dim() != 3 or layout.shape[0] not in (1, num_heads):
                 raise ValueError(f"layout must be a bool tensor (H or 1, nb, nb) with H = {num_heads}, "
                                  f"got dtype {layout.dtype} and shape {tuple(layout.shape)}")
             if layout_kwargs:
@@ -71,7 +89,7 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             self._preset_fn = None
             self.register_buffer("layout", layout.to(device=device))
         else:
-            raise TypeError(f"layout must be a bool tensor or a preset name, got {type(layout).__name__}")
+            raise TypeError(f"layout must be a bool tensor or a preset name, got {type_name(layout)}")
 
     def extra_repr(self) -> str:
         what = self.preset if self.preset is not None else f"tensor{tuple(self.layout.shape)}"
@@ -82,6 +100,9 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         """The (H or 1, nb, nb) layout used for inputs of ``seq_len`` tokens (cached: the same tensor
         object is returned for the same length, so fastbert.sparsity's preparation cache hits)."""
         nb = -(-seq_len // self.block_size)
+        if seq_len == 0:  # an empty input: an empty layout (the op returns an empty output)
+            heads = 1 if self.layout is None else self.layout.shape[0]
+            return torch.zeros((heads, 0, 0), dtype=torch.bool, device=device)
         if self._preset_fn is not None:
             key = (seq_len, str(device))
             lay = self._layouts.get(key)

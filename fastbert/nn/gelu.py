@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.gelu import _check_approximate
 from ._utils import adopt, check_backend
 
 __all__ = ["GELU", "gelu_approximation"]
@@ -18,7 +19,8 @@ class GELU(nn.GELU):
     ``backend`` passed to :func:`fastbert.gelu`. Any input shape."""
 
     def __init__(self, approximate: str = "none", *, backend: Optional[str] = None) -> None:
-        super().__init__(approximate=approximate)
+        # Checked here (torch.nn.GELU only fails on the first call).
+        super().__init__(approximate=_check_approximate(approximate))
         self.backend = check_backend(backend)
 
     @classmethod

@@ -6,7 +6,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import ops
-from ._utils import adopt, check_backend
+from ..ops.layer_norm import _check_eps, check_normalized_shape
+from ._utils import adopt, check_backend, check_factory_dtype
 
 __all__ = ["LayerNorm"]
 
@@ -25,7 +26,14 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, backend: Optional[str] = None) -> None:
-        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+        # Checked here with clear errors (torch fails inside torch.empty on some, and accepts a
+        # negative or NaN eps that fastbert.layer_norm refuses on every call).
+        shape = check_normalized_shape(normalized_shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"normalized_shape must hold sizes >= 0, got {shape}")
+        eps = _check_eps(eps)
+        check_factory_dtype(dtype)
+        super().__init__(shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
         self.backend = check_backend(backend)
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._self_attention import SelfAttentionBase
+from ._utils import check_flag, check_positive_int
 
 __all__ = ["LinformerSelfAttention"]
 
@@ -41,13 +42,10 @@ class LinformerSelfAttention(SelfAttentionBase):
                  bias: bool = True, batch_first: bool = True, device=None, dtype=None,
                  backend: Optional[str] = None) -> None:
         super().__init__(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, backend)
-        for name, value in (("max_seq_len", max_seq_len), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.max_seq_len = max_seq_len
-        self.k = k
-        self.share_heads = bool(share_heads)
-        self.share_kv = bool(share_kv)
+        self.max_seq_len = max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+        self.k = k = check_positive_int("k", k)
+        self.share_heads = check_flag("share_heads", share_heads)
+        self.share_kv = check_flag("share_kv", share_kv)
         shape = (k, max_seq_len) if self.share_heads else (num_heads, k, max_seq_len)
         self.proj_k = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         nn.init.normal_(self.proj_k, std=1.0 / math.sqrt(k))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._utils import adopt, check_backend
+from .._validation import type_name
+from ._utils import adopt, check_backend, check_input, check_positive_int, check_probability
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
 from .layer_norm import LayerNorm
@@ -25,7 +26,7 @@ def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callab
             return F.gelu
         raise RuntimeError(f"activation should be relu/gelu, not {activation}")
     if not callable(activation):
-        raise TypeError(f"activation must be 'relu', 'gelu' or a callable, got {type(activation).__name__}")
+        raise TypeError(f"activation must be 'relu', 'gelu' or a callable, got {type_name(activation)}")
     return activation
 
 
@@ -64,6 +65,8 @@ class TransformerEncoderLayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         backend = check_backend(backend)
+        dim_feedforward = check_positive_int("dim_feedforward", dim_feedforward)
+        dropout = check_probability("dropout", dropout)
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, backend=backend, **factory)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
@@ -115,15 +118,22 @@ class TransformerEncoderLayer(nn.Module):
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if not isinstance(src, Tensor):
-            raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
+            raise TypeError(f"src must be a torch.Tensor, got {type_name(src)}")
         if src.is_nested:
             raise NotImplementedError("fastbert.nn.TransformerEncoderLayer does not take nested "
                                       "tensors; pass a padded batch with src_key_padding_mask")
         if src.dim() not in (2, 3):
             raise ValueError(f"src must be (S, N, E), (N, S, E) with batch_first, or unbatched "
                              f"(S, E); got shape {tuple(src.shape)}")
+        e = self.self_attn.embed_dim
+        if src.shape[-1] != e:
+            raise ValueError(f"src must end in d_model = {e}, got shape {tuple(src.shape)}")
+        check_input("src", src, self.linear1.weight)
         _check_mask_dtype("src_mask", src_mask)
         _check_mask_dtype("src_key_padding_mask", src_key_padding_mask)
+        for name, m in (("src_mask", src_mask), ("src_key_padding_mask", src_key_padding_mask)):
+            if m is not None and m.device != src.device:
+                raise ValueError(f"{name} is on {m.device} but src is on {src.device}")
         batched = src.dim() == 3
         if batched and not self.self_attn.batch_first:
             x = src.transpose(0, 1)

@@ -6,6 +6,7 @@ registered here.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -31,6 +32,9 @@ def _check_qkv(query, key, value, ndim: int, layout: str, names=("query", "key",
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"{nk} head dim {key.shape[-1]} must equal {nq} head dim {query.shape[-1]} "
                          f"(shapes {layout}: {nq} {tuple(query.shape)}, {nk} {tuple(key.shape)})")
+    if query.shape[-1] == 0:
+        raise ValueError(f"{nq} and {nk} head dim D must be >= 1, got shapes {layout}: "
+                         f"{nq} {tuple(query.shape)}, {nk} {tuple(key.shape)}")
     if key.shape[:-1] != value.shape[:-1]:
         raise ValueError(f"{nk} {tuple(key.shape)} and {nv} {tuple(value.shape)} must agree in all "
                          f"but the last dim ({layout})")
@@ -46,7 +50,7 @@ def check_window_size(window_size) -> Optional[Tuple[int, int]]:
     if window_size is None:
         return None
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size)):
         raise TypeError(f"window_size must be None or a pair of ints (left, right), got {window_size!r}")
     left, right = (int(w) for w in window_size)
     if left < -1 or right < -1:
@@ -167,6 +171,10 @@ def scaled_dot_product_attention(
     Inputs may be non-contiguous views, e.g. a (B, L, H, D) tensor ``.transpose(1, 2)``.
     """
     if isinstance(query, Tensor) and query.dim() != 4:
+        if (query.dim() > 4 and isinstance(key, Tensor) and key.dim() == query.dim()
+                and _causal_bias_variant(attn_mask) is None):
+            # the dims before (H, L, D) are flattened into B: check the mask against the full rank
+            check_attn_mask(attn_mask, query, tuple(query.shape[:-1]) + (key.shape[-2],))
         return _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                               alibi_slopes=alibi_slopes, window_size=window_size, backend=backend)
     _check_qkv(query, key, value, 4, "(B, H, L, D)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from .._rng import dropout_seed, seed_like
-from .._validation import check_bool, check_dropout, check_same, check_tensor
+from .._validation import check_bool, check_dropout, check_same, check_tensor, type_name
 from .._library import custom_op
 from ..backends import cuda_ops, register, select
 
@@ -20,10 +21,35 @@ __all__ = ["layer_norm", "add_layer_norm"]
 
 def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise TypeError(f"eps must be a float, got {type_name(eps)}")
+    if not 0.0 <= float(eps) < math.inf:
+        raise ValueError(f"eps must be >= 0 and finite, got {eps}")
     return float(eps)
+
+
+def check_normalized_shape(normalized_shape) -> Tuple[int, ...]:
+    """An int or a sequence of ints (a torch.Size, a list, ...) -> a tuple of ints."""
+    if type(normalized_shape) in (tuple, torch.Size) and all(type(d) is int for d in normalized_shape):
+        return tuple(normalized_shape)  # the common case, checked cheaply
+    if isinstance(normalized_shape, (str, bytes, bool)):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+                        f"{type_name(normalized_shape)}")
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    try:
+        dims = list(normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+                        f"{type_name(normalized_shape)}") from None
+    out = []
+    for d in dims:
+        if isinstance(d, bool):
+            raise TypeError(f"normalized_shape must hold ints, got {normalized_shape!r}")
+        try:
+            out.append(operator.index(d))
+        except TypeError:
+            raise TypeError(f"normalized_shape must hold ints, got {normalized_shape!r}") from None
+    return tuple(out)
 
 
 def _check_param(name: str, p, shape: Tuple[int, ...], ref: Tensor) -> None:
@@ -50,13 +76,7 @@ def layer_norm(
     Statistics are computed in fp32 (fp64 for fp64 input).
     """
     check_tensor("input", input)
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
-        normalized_shape = (int(normalized_shape),)
-    try:
-        normalized_shape = tuple(int(s) for s in normalized_shape)
-    except TypeError:
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
-                        f"{type(normalized_shape).__name__}") from None
+    normalized_shape = check_normalized_shape(normalized_shape)
     n = len(normalized_shape)
     if n == 0 or n > input.dim() or tuple(input.shape[input.dim() - n:]) != normalized_shape:
         raise ValueError(f"normalized_shape {normalized_shape} must match the trailing dims of "
