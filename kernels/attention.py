@@ -1409,8 +1409,11 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
     # A mask broadcast over batch and/or heads gets its gradient from its own kernel, summed over
     # those dims as it goes (scratch (MB, MH, Lq, Lk)); a full (B, H, ...) mask gets dS from the dq
     # kernel (scratch (B, H, Lq, Lk)). Causal programs skip the tiles above the diagonal: zeros.
-    mb = b if m_strides[0] != 0 else 1
-    mh = h if m_strides[1] != 0 else 1
+    # Broadcast dims by the mask's shape, not its strides: a stride-0 view of full size
+    # (``bias.expand(B, H, Lq, Lk)``) gets its gradient per element, as autograd expects.
+    mshape = (1, 1) if attn_mask is None else (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    mb = b if mshape[0] != 1 else 1
+    mh = h if mshape[1] != 1 else 1
     in_dq = mask_grad and mb * mh == b * h
     ds, ds_strides = None, (0, 0, 0, 0)
     if in_dq:

@@ -651,8 +651,10 @@ def block_sparse_attention_bwd(
     dk = torch.empty((b, h, lk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=v.dtype, device=v.device)
     mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
-    mb = b if mstr[0] != 0 else 1
-    mh = h if mstr[1] != 0 else 1
+    # broadcast dims by the mask's shape (a stride-0 view of full size gets a per-element gradient)
+    mshape = (1, 1) if attn_mask is None else (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    mb = b if mshape[0] != 1 else 1
+    mh = h if mshape[1] != 1 else 1
     own_kernel = mask_grad and layout is not None and mb * mh < b * h
     # Skipped blocks (and positions of an empty problem) keep their 0.
     ds = None

@@ -601,13 +601,7 @@ def test_pad_input_accepts_exact_fit():
     assert torch.equal(back[AM.bool()], XP[AM.bool()]) and (back[~AM.bool()] == 0).all()
 
 
-# ----------------------------------------------------- holes outside the argument checks (known)
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="kernels/attention.py attention_bwd decides the float mask's broadcast dims "
-                          "from its expanded strides, so a mask that is a stride-0 view of full "
-                          "(B, H, Lq, Lk) shape gets a (1, 1, Lq, Lk) gradient: autograd raises 'not "
-                          "expandable'. Fix in the kernel launcher (broadcast dims from the mask's "
-                          "shape), not in the argument checks.")
+# ------------------------------------ a stride-0 (expanded) float mask gets its gradient per element
 def test_triton_sdpa_gradient_of_stride0_float_mask():
     base = t(1, 1, 5, 7).requires_grad_()
     mask = base.expand(2, 2, 5, 7)
@@ -617,9 +611,6 @@ def test_triton_sdpa_gradient_of_stride0_float_mask():
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="kernels/block_sparse_attention.py: as for dense attention, the gradient of "
-                          "a stride-0 (expanded) float mask comes back in the broadcast shape.")
 def test_triton_block_sparse_gradient_of_stride0_float_mask():
     base = t(1, 1, 20, 20).requires_grad_()
     mask = base.expand(1, 2, 20, 20)
