@@ -250,9 +250,11 @@ def varlen_attention(
 
 
 def layout_to_mask(layout: Tensor, block_size: int, lq: int, lk: int) -> Tensor:
-    """Expand a block layout (H or 1, nbq, nbk) to a token mask (H or 1, lq, lk), True = attend."""
-    mask = layout.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)
-    return mask[..., :lq, :lk]
+    """Expand a block layout (H or 1, nbq, nbk) to a token mask (H or 1, lq, lk), True = attend:
+    token (i, j) takes layout[..., i // block_size, j // block_size]."""
+    rows = torch.arange(lq, device=layout.device) // block_size
+    cols = torch.arange(lk, device=layout.device) // block_size
+    return layout[..., rows[:, None], cols[None, :]]
 
 
 def block_sparse_attention(

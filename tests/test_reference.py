@@ -286,3 +286,14 @@ def test_layout_to_mask_crops_partial_blocks():
     m = reference.layout_to_mask(layout, 4, 6, 5)
     assert m.shape == (1, 6, 5)
     assert m[0, :4, :4].all() and not m[0, :4, 4:].any() and m[0, 4:, 4:].all() and not m[0, 4:, :4].any()
+
+
+def test_layout_to_mask_matches_block_expansion_and_takes_huge_blocks():
+    """Token (i, j) takes block (i // bs, j // bs): the same as repeating every block bs times,
+    without materialising the (nb * bs)^2 expansion (a huge block size costs nothing)."""
+    layout = torch.rand(3, 4, 5) > 0.5
+    want = layout.repeat_interleave(16, dim=-2).repeat_interleave(16, dim=-1)[..., :50, :70]
+    assert torch.equal(reference.layout_to_mask(layout, 16, 50, 70), want)
+    one = torch.tensor([[[True]], [[False]]])
+    m = reference.layout_to_mask(one, 2 ** 40, 5, 7)
+    assert m.shape == (2, 5, 7) and m[0].all() and not m[1].any()
