@@ -659,6 +659,26 @@ def test_triton_block_sparse_attention():
                                        check_param_grads=False, device=DEVICE))
 
 
+@pytest.mark.parametrize("layout", ["preset", "tensor"])
+def test_triton_block_sparse_trains_after_an_inference_mode_pass(layout):
+    """A first forward under torch.inference_mode (a validation pass before training, as
+    Lightning's sanity check runs) caches the module's layout: it must still be a normal tensor,
+    which the training step then saves for backward."""
+    need_triton("block_sparse_attention")
+    torch.manual_seed(0)
+    lay = "sliding_window" if layout == "preset" else fastbert.sparsity.sliding_window(64, 16)
+    m = fnn.BlockSparseSelfAttention(32, 2, lay, block_size=16, backend="triton").to(DEVICE).eval()
+
+    def run():
+        with torch.inference_mode():
+            m(torch.randn(2, 40, 32, device=DEVICE))
+        m.train()
+        x = torch.randn(2, 40, 32, device=DEVICE, requires_grad=True)
+        m(x).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    run_triton(run)
+
+
 def test_triton_linformer_attention():
     need_triton("linformer_attention")
     torch.manual_seed(0)

@@ -103,11 +103,15 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         if seq_len == 0:  # an empty input: an empty layout (the op returns an empty output)
             heads = 1 if self.layout is None else self.layout.shape[0]
             return torch.zeros((heads, 0, 0), dtype=torch.bool, device=device)
+        # Cached layouts are made as normal tensors even under torch.inference_mode: a layout
+        # first built there (a validation pass before training) may later be saved for backward.
         if self._preset_fn is not None:
             key = (seq_len, str(device))
             lay = self._layouts.get(key)
             if lay is None:
-                lay = self._preset_fn(seq_len, self.block_size, device=device, **self.layout_kwargs)
+                with torch.inference_mode(False):
+                    lay = self._preset_fn(seq_len, self.block_size, device=device,
+                                          **self.layout_kwargs)
                 if len(self._layouts) >= _MAX_CACHED:  # drop the oldest length
                     self._layouts.pop(next(iter(self._layouts)))
                 self._layouts[key] = lay
@@ -116,11 +120,13 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         if full.shape[1] < nb or full.shape[2] < nb:
             raise ValueError(f"the layout covers {full.shape[1]} x {full.shape[2]} blocks of "
                              f"{self.block_size} tokens, too few for a sequence of {seq_len} tokens")
-        key = (seq_len, str(full.device), full.data_ptr(), full._version)
+        version = None if full.is_inference() else full._version  # inference tensors have none
+        key = (seq_len, str(full.device), full.data_ptr(), version)
         lay = self._layouts.get(key)
         if lay is None:
             self._layouts = {k: v for k, v in self._layouts.items() if k[1:] == key[1:]}
-            lay = full[:, :nb, :nb].contiguous()
+            with torch.inference_mode(False):
+                lay = full[:, :nb, :nb].clone()
             self._layouts[key] = lay
         return lay.to(device)
 
