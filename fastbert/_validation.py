@@ -66,8 +66,13 @@ def check_bool(name: str, value) -> bool:
 
 
 def check_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type_name(value)}")
+    if torch.compiler.is_compiling() or isinstance(value, torch.SymInt):
+        # traced: the value may be a symbol (e.g. a max_seqlen read from a tensor), on which an
+        # `if` cannot branch; torch._check asserts it instead
+        torch._check(value >= minimum, lambda: f"{name} must be >= {minimum}")
+        return value
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)

@@ -299,6 +299,10 @@ def select(op: str, backend: Optional[str], device: Optional[torch.device], **ca
     non-tensor arguments): reasons functions must depend on nothing else. A call that no backend can
     serve is worked out again each time, so it raises each time."""
     backend = resolve(backend)
+    if torch.compiler.is_compiling():
+        # traced once per graph anyway; symbolic sizes (e.g. a max_seqlen read from a tensor)
+        # cannot be hashed into a key
+        return _select(op, backend, device, call)
     try:
         key = (op, backend, device, interpreter_enabled(), dispatch.table_generation(),
                _signature(call))

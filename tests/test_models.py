@@ -241,6 +241,29 @@ def test_encoder_triton_eval():
         pytest.skip(f"the Triton backend declines: {e}")
 
 
+def test_encoder_compiles_as_one_graph_with_its_unpadding():
+    """torch.compile(fullgraph=True) of the whole encoder, unpadding included: with Dynamo told to
+    capture data-dependent shapes (the packed length and max_seqlen come from the mask), the
+    packed length stays a symbol through every op's checks; a second batch with other lengths
+    runs too."""
+    _need_triton(*TRITON_OPS)
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    hf = _model(num_attention_heads=2).to(DEVICE).eval()  # head dim 16
+    enc = BertEncoder.from_hf(hf, backend="triton")
+    compiled = torch.compile(enc, fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                     capture_scalar_outputs=True):
+        for lengths in ((9, 4, 1), (7, 9, 2)):
+            ids, mask = _batch(lengths, 9, device=DEVICE)
+            # Inductor fuses the ops around the kernels (embeddings, matmul epilogues): fp32
+            # rounding differs, nothing more
+            torch.testing.assert_close(compiled(ids, attention_mask=mask),
+                                       enc(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_encoder_half(dtype):

@@ -362,9 +362,21 @@ def _span(t: Tensor, dims) -> int:
 
 
 def _span_reasons(named_spans) -> list:
-    return [f"{name} spans {span} elements within one (batch, head) slice; the Triton attention "
-            f"kernels use 32-bit offsets inside a slice (limit 2^31)"
-            for name, span in named_spans if span >= _INT32_SPAN]
+    reasons = []
+    for name, span in named_spans:
+        if torch.compiler.is_compiling():
+            # traced, maybe with a size only known at run time (e.g. a packed length read from a
+            # tensor): unless it is known too large, the Triton kernels are kept and the limit
+            # becomes a run-time check
+            from torch.fx.experimental.symbolic_shapes import guard_or_false
+            if not guard_or_false(span >= _INT32_SPAN):
+                torch._check(span < _INT32_SPAN, lambda: f"{name} spans 2^31 elements or more "
+                             "within one (batch, head) slice (Triton attention's 32-bit offsets)")
+                continue
+        if span >= _INT32_SPAN:
+            reasons.append(f"{name} spans {span} elements within one (batch, head) slice; the "
+                           "Triton attention kernels use 32-bit offsets inside a slice (limit 2^31)")
+    return reasons
 
 
 def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
