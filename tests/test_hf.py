@@ -44,14 +44,24 @@ def _config(family, impl, **overrides):
         kw["embedding_size"] = 16
     kw.update(overrides)
     cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
-           "albert": transformers.AlbertConfig, "electra": transformers.ElectraConfig}[family]
+           "albert": transformers.AlbertConfig, "electra": transformers.ElectraConfig,
+           "xlm_roberta": transformers.XLMRobertaConfig, "camembert": transformers.CamembertConfig,
+           "data2vec": transformers.Data2VecTextConfig, "ernie": transformers.ErnieConfig,
+           "xlm_roberta_xl": transformers.XLMRobertaXLConfig,
+           "roberta_prelayernorm": transformers.RobertaPreLayerNormConfig}[family]
     return cls(**kw)
 
 
 MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel",
-          "albert": "AlbertModel", "electra": "ElectraModel", "vit": "ViTModel"}
+          "albert": "AlbertModel", "electra": "ElectraModel", "vit": "ViTModel",
+          # BERT's layers copied under other names, and two pre-LayerNorm variants
+          "xlm_roberta": "XLMRobertaModel", "camembert": "CamembertModel",
+          "data2vec": "Data2VecTextModel", "ernie": "ErnieModel",
+          "xlm_roberta_xl": "XLMRobertaXLModel", "roberta_prelayernorm": "RobertaPreLayerNormModel"}
 # swapped modules per family for a 2-layer model (every LayerNorm counted; ALBERT shares its layer)
-EXPECTED_SWAPS = {"bert": 9, "roberta": 9, "electra": 9, "albert": 2, "distilbert": 3, "vit": 9}
+EXPECTED_SWAPS = {"bert": 9, "roberta": 9, "electra": 9, "albert": 2, "distilbert": 3, "vit": 9,
+                  "xlm_roberta": 9, "camembert": 9, "data2vec": 9, "ernie": 9,
+                  "xlm_roberta_xl": 9, "roberta_prelayernorm": 10}
 
 
 def _build(family, impl="eager", model_cls=None, **overrides):

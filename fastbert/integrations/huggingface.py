@@ -14,8 +14,9 @@ without padding). Registering the attention function alone would make transforme
 at all for an unknown implementation name, silently ignoring the padding.
 
 :func:`fastbert.optimize` on a model of one of the supported families (BERT, RoBERTa, DistilBERT,
-ALBERT, ELECTRA, ViT; transformers 4.57 and 5.x) swaps, keeping every Parameter object and
-``state_dict`` key:
+ALBERT, ELECTRA, ViT, and BERT's copies XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE; the
+self-attention and intermediate of the pre-LayerNorm XLM-RoBERTa-XL and RoBERTa-PreLayerNorm;
+transformers 4.57 and 5.x) swaps, keeping every Parameter object and ``state_dict`` key:
 
 * the self-attention modules -> :class:`SelfAttention` (``scaled_dot_product_attention``; in
   ALBERT also its output dense + dropout + residual + LayerNorm, fused in ``add_layer_norm``);
@@ -75,7 +76,15 @@ __all__ = [
     "FAMILIES",
 ]
 
-FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra", "vit")
+# Families whose layers are BERT's, copied by transformers into classes of their own name (the
+# prefix): self-attention, output sublayers and intermediate are all swapped.
+_BERT_LAYOUT = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra",
+                "xlm_roberta": "XLMRoberta", "camembert": "Camembert", "data2vec": "Data2VecText",
+                "ernie": "Ernie"}
+# Pre-LayerNorm variants: BERT's self-attention and (XLM-R XL) intermediate; their output
+# sublayers hold no LayerNorm and are left as they are.
+_BERT_ATTENTION_ONLY = {"xlm_roberta_xl": "XLMRobertaXL", "roberta_prelayernorm": "RobertaPreLayerNorm"}
+FAMILIES = tuple(_BERT_LAYOUT) + ("distilbert", "albert", "vit") + tuple(_BERT_ATTENTION_ONLY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,12 +250,8 @@ class _AttentionSpec:
 
 _BERT_ATTN = _AttentionSpec("query", "key", "value", "num_attention_heads", "attention_head_size", "dropout")
 _ATTENTION_SPECS = {
-    ("bert", "BertSelfAttention"): _BERT_ATTN,
-    ("bert", "BertSdpaSelfAttention"): _BERT_ATTN,
-    ("roberta", "RobertaSelfAttention"): _BERT_ATTN,
-    ("roberta", "RobertaSdpaSelfAttention"): _BERT_ATTN,
-    ("electra", "ElectraSelfAttention"): _BERT_ATTN,
-    ("electra", "ElectraSdpaSelfAttention"): _BERT_ATTN,
+    **{(family, f"{prefix}{kind}SelfAttention"): _BERT_ATTN
+       for family, prefix in {**_BERT_LAYOUT, **_BERT_ATTENTION_ONLY}.items() for kind in ("", "Sdpa")},
     ("vit", "ViTSelfAttention"): _AttentionSpec("query", "key", "value", "num_attention_heads",
                                                 "attention_head_size", "dropout_prob"),
     ("vit", "ViTAttention"): _AttentionSpec("q_proj", "k_proj", "v_proj", "num_attention_heads",
@@ -488,11 +493,10 @@ def _has(module: nn.Module, **kinds) -> bool:
     return all(isinstance(getattr(module, n, None), k) for n, k in kinds.items())
 
 
-_OUTPUT_SUBLAYERS = {("bert", "BertSelfOutput"), ("bert", "BertOutput"), ("roberta", "RobertaSelfOutput"),
-                     ("roberta", "RobertaOutput"), ("electra", "ElectraSelfOutput"),
-                     ("electra", "ElectraOutput")}
-_INTERMEDIATES = {("bert", "BertIntermediate"), ("roberta", "RobertaIntermediate"),
-                  ("electra", "ElectraIntermediate"), ("vit", "ViTIntermediate")}
+_OUTPUT_SUBLAYERS = {(family, prefix + kind) for family, prefix in _BERT_LAYOUT.items()
+                     for kind in ("SelfOutput", "Output")}
+_INTERMEDIATES = ({(family, prefix + "Intermediate") for family, prefix in _BERT_LAYOUT.items()}
+                  | {("vit", "ViTIntermediate"), ("xlm_roberta_xl", "XLMRobertaXLIntermediate")})
 
 
 def _swap_attention(module, spec, backend):
@@ -533,6 +537,9 @@ def swap_module(module: nn.Module, backend: Optional[str] = None):
                                          LayerNorm=nn.LayerNorm):
         return adopt(DenseAddLayerNorm, module, backend=backend), None
     if key in _INTERMEDIATES and _has(module, dense=nn.Linear):
+        extra = [n for n, _ in module.named_parameters() if not n.startswith("dense.")]
+        if extra:
+            return None, f"has parameters fastbert would not use: {extra}"
         if gelu_approximation(module.intermediate_act_fn) is None:
             return None, f"activation {type(module.intermediate_act_fn).__name__} is not GELU (left unfused)"
         return adopt(DenseBiasGELU, module, backend=backend), None
