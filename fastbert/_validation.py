@@ -71,7 +71,7 @@ def check_int(name: str, value, minimum: int = 0) -> int:
     if torch.compiler.is_compiling() or isinstance(value, torch.SymInt):
         # traced: the value may be a symbol (e.g. a max_seqlen read from a tensor), on which an
         # `if` cannot branch; torch._check asserts it instead
-        torch._check(value >= minimum, lambda: f"{name} must be >= {minimum}")
+        torch._check(value >= minimum)  # no message: torch 2.11's Dynamo cannot trace one
         return value
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
