@@ -41,11 +41,12 @@ def check_same(ref_name: str, ref: Tensor, name: str, t: Tensor, *, dtype: bool 
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
-def check_dropout(dropout_p) -> float:
+def check_dropout(dropout_p, name: str = "dropout_p") -> float:
+    """A dropout probability: a float in [0, 1)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type_name(dropout_p)}")
+        raise TypeError(f"{name} must be a float in [0, 1), got {type_name(dropout_p)}")
     if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._validation import type_name
+from ._validation import check_bool, type_name
 
 __all__ = [
     "dense",
@@ -75,12 +75,6 @@ def _check_int(name: str, value, minimum: int, maximum: Optional[int] = None) ->
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
-    return value
 
 
 def _check_device(device: Device) -> Optional[torch.device]:
@@ -222,7 +216,7 @@ def sliding_window(seq_len: int, block_size: int = 64, *, window: int = 1, causa
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
     window = _check_int("window", window, 0)
-    causal = _check_flag("causal", causal)
+    causal = check_bool("causal", causal)
     i, j = _ij(nbq, nbk, device)
     keep = (j - i).abs() <= window
     if causal:
@@ -341,7 +335,7 @@ def fixed(seq_len: int, block_size: int = 64, *, stride: int = 4, summary: int =
     summary = _check_int("summary", summary, 1)
     if summary > stride:
         raise ValueError(f"summary must be <= stride, got summary = {summary}, stride = {stride}")
-    causal = _check_flag("causal", causal)
+    causal = check_bool("causal", causal)
     i, j = _ij(nbq, nbk, device)
     keep = (j // stride == i // stride) | (j % stride >= stride - summary)
     if causal:
@@ -373,7 +367,7 @@ def strided(seq_len: int, block_size: int = 64, *, stride: int = 4, causal: bool
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
     stride = _check_int("stride", stride, 1)
-    causal = _check_flag("causal", causal)
+    causal = check_bool("causal", causal)
     i, j = _ij(nbq, nbk, device)
     keep = ((i - j).abs() < stride) | ((i - j) % stride == 0)
     if causal:

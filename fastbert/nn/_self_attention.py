@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from .._validation import type_name
-from ._utils import (check_backend, check_factory_dtype, check_flag, check_input,
-                     check_positive_int, check_probability)
+from .._validation import check_bool, check_dropout, type_name
+from ._utils import check_backend, check_factory_dtype, check_input, check_positive_int
 
 
 class SelfAttentionBase(nn.Module):
@@ -25,9 +24,9 @@ class SelfAttentionBase(nn.Module):
         num_heads = check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        dropout = check_probability("dropout", dropout)
-        bias = check_flag("bias", bias)
-        batch_first = check_flag("batch_first", batch_first)
+        dropout = check_dropout(dropout, "dropout")
+        bias = check_bool("bias", bias)
+        batch_first = check_bool("batch_first", batch_first)
         check_factory_dtype(dtype)
         self.embed_dim = embed_dim
         self.num_heads = num_heads

@@ -35,21 +35,6 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_probability(name: str, value) -> float:
-    """A module's dropout probability: a float in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type_name(value)}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return float(value)
-
-
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
-    return value
-
-
 def check_factory_dtype(dtype) -> None:
     """The ``dtype`` of a module's parameters: None or a floating dtype."""
     if dtype is None:

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
-from .._validation import type_name
+from .._validation import check_dropout, type_name
 from ._utils import (adopt, check_backend, check_factory_dtype, check_input, check_positive_int,
-                     check_probability, compute_dtype)
+                     compute_dtype)
 
 __all__ = ["MultiheadAttention", "attention_with_weights"]
 
@@ -138,7 +138,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         num_heads = check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        dropout = check_probability("dropout", dropout)
+        dropout = check_dropout(dropout, "dropout")
         kdim = None if kdim is None else check_positive_int("kdim", kdim)
         vdim = None if vdim is None else check_positive_int("vdim", vdim)
         check_factory_dtype(dtype)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._self_attention import SelfAttentionBase
-from ._utils import check_flag, check_positive_int
+from ._utils import check_positive_int
+from .._validation import check_bool
 
 __all__ = ["LinformerSelfAttention"]
 
@@ -44,8 +45,8 @@ class LinformerSelfAttention(SelfAttentionBase):
         super().__init__(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, backend)
         self.max_seq_len = max_seq_len = check_positive_int("max_seq_len", max_seq_len)
         self.k = k = check_positive_int("k", k)
-        self.share_heads = check_flag("share_heads", share_heads)
-        self.share_kv = check_flag("share_kv", share_kv)
+        self.share_heads = check_bool("share_heads", share_heads)
+        self.share_kv = check_bool("share_kv", share_kv)
         shape = (k, max_seq_len) if self.share_heads else (num_heads, k, max_seq_len)
         self.proj_k = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         nn.init.normal_(self.proj_k, std=1.0 / math.sqrt(k))

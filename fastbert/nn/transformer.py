@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .._validation import type_name
-from ._utils import adopt, check_backend, check_input, check_positive_int, check_probability
+from .._validation import check_dropout, type_name
+from ._utils import adopt, check_backend, check_input, check_positive_int
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
 from .layer_norm import LayerNorm
@@ -66,7 +66,7 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         backend = check_backend(backend)
         dim_feedforward = check_positive_int("dim_feedforward", dim_feedforward)
-        dropout = check_probability("dropout", dropout)
+        dropout = check_dropout(dropout, "dropout")
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, backend=backend, **factory)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
