@@ -26,8 +26,10 @@ def _model(family="bert", model_cls=None, dropout=0.0, **overrides):
         kw["embedding_size"] = 16  # exercises ELECTRA's embeddings_project
     kw.update(overrides)
     config = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
-              "electra": transformers.ElectraConfig}[family](**kw)
-    name = model_cls or {"bert": "BertModel", "roberta": "RobertaModel", "electra": "ElectraModel"}[family]
+              "electra": transformers.ElectraConfig, "xlm_roberta": transformers.XLMRobertaConfig,
+              "ernie": transformers.ErnieConfig}[family](**kw)
+    name = model_cls or {"bert": "BertModel", "roberta": "RobertaModel", "electra": "ElectraModel",
+                         "xlm_roberta": "XLMRobertaModel", "ernie": "ErnieModel"}[family]
     return getattr(transformers, name)(config)
 
 
@@ -69,7 +71,7 @@ def _need_triton(*ops):
 TRITON_OPS = ("varlen_attention", "add_layer_norm", "bias_gelu")
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "xlm_roberta", "ernie"])
 @pytest.mark.parametrize("lengths", [(9, 4, 1), (7, 7), (1,)], ids=["9-4-1", "full", "B1"])
 def test_encoder_matches_hf_eval(family, lengths):
     torch.manual_seed(0)
