@@ -1084,7 +1084,7 @@ def _tuned_config(kind: str, key_fn, default: _Config, device: torch.device,
 @triton.jit
 def _key_limit_kernel(
     Mask,                     # bool mask as uint8, read as (B, MH, MQ, Lk) through its strides
-    Limit,                    # int32 [B] output
+    Limit,                    # int32 [B], zero-filled: raised with atomic max
     mask_heads, mask_rows,    # MH, MQ: the mask's head / query extents (1 where it broadcasts)
     seqlen_k,
     stride_mb, stride_mh, stride_mm, stride_mn,
@@ -1092,23 +1092,27 @@ def _key_limit_kernel(
     ALIGN: tl.constexpr,      # limits rounded up to a multiple of this (which divides Lk)
 ):
     """Limit[b] = 1 + the last key that the mask lets through for some head and query of batch
-    entry b (0 when it lets none through), rounded up to a multiple of ALIGN."""
+    entry b (0 when it lets none through), rounded up to a multiple of ALIGN. Program (b, c) takes
+    BLOCK_R of the entry's (head, query) rows and walks their keys from the end, stopping at the
+    first block that lets a key through: an unpadded mask costs one block of keys per row, a
+    padded one its padding."""
     b64 = tl.program_id(0).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
+    pairs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)   # [BR] (head, row) pairs
+    pair_ok = pairs < mask_heads * mask_rows
+    row_base = (b64 * stride_mb + (pairs // mask_rows).to(tl.int64) * stride_mh
+                + (pairs % mask_rows).to(tl.int64) * stride_mm)               # [BR] int64
     offs_n = tl.arange(0, BLOCK_N)
-    best = tl.zeros([BLOCK_N], dtype=tl.int32)                # per lane: 1 + last key seen
-    for h in range(mask_heads):
-        base = Mask + b64 * stride_mb + tl.cast(h, tl.int64) * stride_mh
-        for r0 in range(0, mask_rows, BLOCK_R):
-            rows = r0 + offs_r
-            for n0 in range(0, seqlen_k, BLOCK_N):
-                cols = n0 + offs_n
-                keep = tl.load(base + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :] * stride_mn,
-                               mask=(rows < mask_rows)[:, None] & (cols < seqlen_k)[None, :],
-                               other=0)                       # [BR, BN]
-                seen = tl.max(keep.to(tl.int32), 0)           # [BN]: some row keeps the key
-                best = tl.maximum(best, tl.where(seen != 0, cols + 1, 0))
-    tl.store(Limit + b64, (tl.max(best, 0) + ALIGN - 1) // ALIGN * ALIGN)
+    start_n = (seqlen_k - 1) // BLOCK_N * BLOCK_N
+    last = 0                                                  # 1 + last key let through
+    while (start_n >= 0) & (last == 0):
+        cols = start_n + offs_n
+        keep = tl.load(Mask + row_base[:, None] + cols[None, :] * stride_mn,
+                       mask=pair_ok[:, None] & (cols < seqlen_k)[None, :], other=0)  # [BR, BN]
+        seen = tl.max(keep.to(tl.int32), 0)                   # [BN]: some row keeps the key
+        last = tl.max(tl.where(seen != 0, cols + 1, 0), 0)
+        start_n -= BLOCK_N
+    if last > 0:
+        tl.atomic_max(Limit + b64, (last + ALIGN - 1) // ALIGN * ALIGN)
 
 
 def key_limit_align(seqlen_k: int) -> int:
@@ -1132,18 +1136,20 @@ def key_limits(mask: Tensor, m_strides: Sequence[int], mask_kind: int, batch: in
     masks) cost nothing; the result is the same for any mask, since the keys past the limit are
     masked everywhere (and the kernels still apply the mask below it). None (no limit)
     for other masks, broadcast keys and short key lengths. One small kernel on the device, no
-    host sync."""
+    host sync: programs over (batch entry, 16 of its (head, query) rows), each reading keys from
+    the end until one is let through."""
     if (mask_kind != MASK_BOOL or m_strides[3] == 0 or batch == 0
             or seqlen_k < _key_limit_min_keys(mask.device)):
         return None
     mask_heads = heads if m_strides[1] != 0 else 1
     mask_rows = seqlen_q if m_strides[2] != 0 else 1
-    limit = torch.empty((batch,), dtype=torch.int32, device=mask.device)
-    _key_limit_kernel[(batch,)](
+    limit = torch.zeros((batch,), dtype=torch.int32, device=mask.device)
+    rows = mask_heads * mask_rows
+    block_r = min(16, triton.next_power_of_2(rows))
+    _key_limit_kernel[(batch, triton.cdiv(rows, block_r))](
         mask, limit, mask_heads, mask_rows, seqlen_k, *m_strides,
-        BLOCK_R=min(16, triton.next_power_of_2(mask_rows)),
-        BLOCK_N=min(256, triton.next_power_of_2(seqlen_k)), ALIGN=key_limit_align(seqlen_k),
-        num_warps=4)
+        BLOCK_R=block_r, BLOCK_N=min(128, triton.next_power_of_2(seqlen_k)),
+        ALIGN=key_limit_align(seqlen_k), num_warps=4)
     return limit
 
 

@@ -601,6 +601,14 @@ def test_key_limits():
     left[1, 0, :, 20:] = True       # left padding: no keys to drop at the end
     left[2, 0, :, :3] = True
     assert limits(left) == [51, 70, 3]
+    spread = torch.zeros((b, 1, 40, lk), dtype=torch.bool, device=DEVICE)
+    spread[0, 0, 2, 10] = True      # rows in different programs (16 rows each) of one entry
+    spread[0, 0, 37, 65] = True
+    spread[1, 0, 2, 60] = True      # the later program finds the smaller limit: a max, not the last
+    spread[1, 0, 37, 5] = True
+    spread[2, 0, 39, 0] = True
+    m, strides, kind = kernels._mask_args(spread, (b, h, 40, lk), spread)
+    assert kernels.key_limits(m, strides, kind, b, h, 40, lk).tolist() == [66, 61, 1]
     per_head = torch.zeros((1, h, 1, lk), dtype=torch.bool, device=DEVICE)
     per_head[0, 1, 0, 60] = True    # shared by the batch: every entry gets the same limit
     assert limits(per_head) == [61, 61, 61]
