@@ -74,8 +74,13 @@ DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+#ifdef FASTBERT_EMULATE
+  // tests/cuda_emu: the launchers run emulated kernels over CPU memory
+  TORCH_CHECK(t.is_cpu(), "fastbert_emu::", op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+#else
   TORCH_CHECK(t.is_cuda(), "fastbert_cuda::", op, ": ", name, " must be a CUDA tensor, got one on ",
               t.device());
+#endif
 }
 
 // `t` is on ref's device, with ref's dtype when `same_dtype`.
@@ -129,6 +134,9 @@ using DeviceGuard = c10::DeviceGuard;
 
 // The current torch stream of `device` (torch's CUDA stream, as a cudaStream_t).
 cudaStream_t current_stream(const at::Device& device) {
+#ifdef FASTBERT_EMULATE
+  return nullptr;  // tests/cuda_emu: a launch runs to completion on the calling thread
+#endif
   const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
   return static_cast<cudaStream_t>(stream.native_handle());
 }
@@ -708,7 +716,9 @@ at::Tensor dropout_mask_meta(const at::Tensor& seed, at::IntArrayRef shape, doub
 }  // namespace ops
 }  // namespace fastbert
 
-TORCH_LIBRARY(fastbert_cuda, m) {
+namespace {
+
+void define_schemas(torch::Library& m) {
   const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
   m.def("layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, "
@@ -733,7 +743,7 @@ TORCH_LIBRARY(fastbert_cuda, m) {
   m.def("dropout_mask(Tensor seed, int[] shape, float p) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastbert_cuda, CUDA, m) {
+void impl_kernels(torch::Library& m) {
   m.impl("layer_norm_fwd", &fastbert::ops::layer_norm_fwd);
   m.impl("layer_norm_bwd", &fastbert::ops::layer_norm_bwd);
   m.impl("add_layer_norm_fwd", &fastbert::ops::add_layer_norm_fwd);
@@ -747,6 +757,16 @@ TORCH_LIBRARY_IMPL(fastbert_cuda, CUDA, m) {
   m.impl("dropout_mask", &fastbert::ops::dropout_mask);
 }
 
+}  // namespace
+
+#ifdef FASTBERT_EMULATE
+// tests/cuda_emu/build.py: the same schemas and kernels, emulated on CPU tensors.
+TORCH_LIBRARY(fastbert_emu, m) { define_schemas(m); }
+TORCH_LIBRARY_IMPL(fastbert_emu, CPU, m) { impl_kernels(m); }
+#else
+TORCH_LIBRARY(fastbert_cuda, m) { define_schemas(m); }
+TORCH_LIBRARY_IMPL(fastbert_cuda, CUDA, m) { impl_kernels(m); }
 TORCH_LIBRARY_IMPL(fastbert_cuda, Meta, m) {
   m.impl("dropout_mask", &fastbert::ops::dropout_mask_meta);
 }
+#endif

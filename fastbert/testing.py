@@ -14,7 +14,7 @@ from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol", "DEVICE",
            "ATOL_FLOOR",
-           "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
+           "leaf_like", "compare_to_reference", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
            "shard_groups", "parse_shard"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +86,56 @@ def assert_close(out: Tensor, ref: Tensor, lowp_ref: Optional[Tensor] = None, fa
     if not ok:
         raise AssertionError(f"{name}: max error {err:.3e} > allowed {allowed:.3e} "
                              f"(dtype {out.dtype}, shape {tuple(out.shape)})")
+
+
+def leaf_like(t, dtype: Optional[torch.dtype] = None):
+    """A fresh leaf copy of ``t`` that requires grad, with ``t``'s strides (a strided view stays a
+    strided view, so the kernel sees the same layout) and cast to ``dtype`` if given. Non-floating
+    tensors (bool masks) and non-tensors come back as they are."""
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        return t
+    t = t.detach()
+    out = torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device=t.device)
+    return out.copy_(t).requires_grad_(True)
+
+
+def compare_to_reference(fn: Callable, inputs: Sequence, dys: Sequence[Optional[Tensor]],
+                         dtype: torch.dtype, name: str, *, backend: str,
+                         ref_kwargs: Optional[dict] = None) -> None:
+    """Checks an op's outputs and every input gradient against the fp64 reference.
+
+    ``fn(*inputs, backend=b, **kw)`` runs the op under test (``b = backend``) or the reference
+    (``b = "ref"``, with ``ref_kwargs`` and, for the low-precision run, ``compute_dtype=dtype``);
+    it returns one tensor or a tuple. Every floating input becomes a leaf (:func:`leaf_like`: same
+    strides); ``dys`` holds one upstream gradient per output (None: that output gets none), the
+    same for all three runs. Each output and gradient must have the low-precision run's dtype, be
+    finite and be within :func:`assert_close` of the fp64 one, with the low-precision run's error
+    setting the bound."""
+    ref_kwargs = dict(ref_kwargs or {})
+
+    def run(b, cast, extra):
+        ins = [leaf_like(t, cast) for t in inputs]
+        outs = fn(*ins, backend=b, **extra)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, dy.to(o.dtype)) for o, dy in zip(outs, dys) if dy is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [dy for _, dy in pairs])
+        grads = [t.grad if isinstance(t, Tensor) and t.requires_grad else None for t in ins]
+        return [o.detach() for o in outs], grads
+
+    got = run(backend, None, {})
+    want = run("ref", torch.float64, ref_kwargs)
+    low = run("ref", None, dict(ref_kwargs, compute_dtype=dtype))
+    for kind, g, w, lo in (("out", got[0], want[0], low[0]), ("grad", got[1], want[1], low[1])):
+        for i, (o, r, l) in enumerate(zip(g, w, lo)):
+            label = f"{name} {kind}[{i}]"
+            if r is None:
+                assert o is None, f"{label}: unexpected gradient"
+                continue
+            assert o is not None, f"{label}: missing"
+            assert o.dtype == l.dtype, f"{label}: dtype {o.dtype}, expected {l.dtype}"
+            assert torch.isfinite(o).all(), f"{label}: non-finite values"
+            assert_close(o, r, l, name=label)
 
 
 def cuda_graph_replays(step: Callable[[], Sequence[Tensor]], replays: int = 2,

@@ -625,8 +625,10 @@ def _cuda_ops():
     return cuda_ops("attention", _register_cuda_ops)
 
 
-def _register_cuda_ops() -> None:
-    lib = "fastbert_cuda::"
+def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
+    # `namespace`: also "fastbert_emu", the CPU-emulated build of the same kernels (tests/cuda_emu).
+    lib = namespace + "::"
+    ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(lib + "attention_fwd")
     def _(query, key, value, attn_mask, dropout_p, is_causal, scale):
@@ -656,8 +658,8 @@ def _register_cuda_ops() -> None:
 
     def backward(ctx, grad_out, _grad_probs, _grad_seed):
         query, key, value, probs, seed = ctx.saved_tensors
-        dq, dk, dv, ds = torch.ops.fastbert_cuda.attention_bwd(grad_out, query, key, value, probs,
-                                                               seed, ctx.dropout_p, ctx.scale)
+        dq, dk, dv, ds = ops.attention_bwd(grad_out, query, key, value, probs, seed, ctx.dropout_p,
+                                           ctx.scale)
         need = ctx.needs_input_grad
         dmask = None
         if need[3]:

@@ -150,8 +150,10 @@ def _cuda_ops():
     return cuda_ops("gelu", _register_cuda_ops)
 
 
-def _register_cuda_ops() -> None:
-    lib = "fastbert_cuda::"
+def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
+    # `namespace`: also "fastbert_emu", the CPU-emulated build of the same kernels (tests/cuda_emu).
+    lib = namespace + "::"
+    ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(lib + "bias_gelu_fwd")
     def _(input, bias, approximate):
@@ -170,8 +172,7 @@ def _register_cuda_ops() -> None:
     def backward(ctx, grad_out):
         input, bias = ctx.saved_tensors
         need_dx, need_db = ctx.needs_input_grad[:2]
-        dx, db = torch.ops.fastbert_cuda.bias_gelu_bwd(grad_out, input, bias, ctx.approximate,
-                                                       need_db and bias is not None)
+        dx, db = ops.bias_gelu_bwd(grad_out, input, bias, ctx.approximate, need_db and bias is not None)
         return dx if need_dx else None, db if need_db else None, None
 
     torch.library.register_autograd(lib + "bias_gelu_fwd", backward, setup_context=setup)

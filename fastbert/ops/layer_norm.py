@@ -382,8 +382,10 @@ def _cuda_grad_like(need: bool, ref: Tensor, n: int) -> Tensor:
     return ref.new_empty((n,) if need else (0,))
 
 
-def _register_cuda_ops() -> None:
-    lib = "fastbert_cuda::"
+def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
+    # `namespace`: also "fastbert_emu", the CPU-emulated build of the same kernels (tests/cuda_emu).
+    lib = namespace + "::"
+    ops = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(lib + "layer_norm_fwd")
     def _(input, weight, bias, eps):
@@ -421,7 +423,7 @@ def _register_cuda_ops() -> None:
     def layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
         input, weight, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = torch.ops.fastbert_cuda.layer_norm_bwd(
+        dx, dw, db = ops.layer_norm_bwd(
             grad_out, input, weight, mean, rstd, need_dw and weight is not None, need_db and ctx.has_bias)
         return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None
 
@@ -445,7 +447,7 @@ def _register_cuda_ops() -> None:
             return (None,) * 7
         if grad_out is None:  # only the pre-norm sum was used
             grad_out = s.new_zeros(()).expand(s.shape)
-        dx, dr, dw, db, dxb = torch.ops.fastbert_cuda.add_layer_norm_bwd(
+        dx, dr, dw, db, dxb = ops.add_layer_norm_bwd(
             grad_out, grad_sum, s, weight, mean, rstd, seed, ctx.dropout_p,
             need_dw and weight is not None, need_db and ctx.has_bias, need_dxb and ctx.has_input_bias)
         if ctx.dropout_p == 0.0:

@@ -1,0 +1,122 @@
+"""Builds csrc/ as a CPU library for the CUDA emulator (see cuda_emu.h) and loads it.
+
+Every csrc file is copied into a build folder with three mechanical rewrites that let a C++
+compiler take a .cu file: ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
+``::emu::launch(::emu::Config(grid, block, smem, stream), kernel, args);``, an ``extern __shared__``
+array becomes a pointer to the emulated dynamic shared memory, and a kernel's
+``__launch_bounds__(N)`` becomes a check at the top of its body. The binding (csrc/fastbert.cpp) is
+compiled with ``FASTBERT_EMULATE``, which registers the same schemas as ``torch.ops.fastbert_emu``
+with CPU kernels (the launchers then run on CPU tensors' memory). Nothing here ships with the
+package.
+
+    python tests/cuda_emu/build.py      # builds (about 2 minutes on 2 cores) and prints the library
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+
+_LAUNCH = re.compile(r"(?m)^(?P<indent>[ \t]*)(?P<kernel>[^\s;{}][^;{}]*?)<<<(?P<config>.*?)>>>\((?P<args>.*?)\);[ \t]*$",
+                     re.S)
+_EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w ]+?)\s+(?P<name>\w+)\[\];")
+_BOUNDS = re.compile(r"__global__\s+void\s+__launch_bounds__\((?P<bounds>[^)]*)\)\s*(?P<head>\w+\s*\()")
+
+
+def _rewrite_bounds(text: str) -> str:
+    out, pos = [], 0
+    for m in _BOUNDS.finditer(text):
+        body = text.index("{", m.end())  # the kernel body's opening brace
+        threads = m.group("bounds").split(",")[0].strip()
+        out.append(text[pos:m.start()])
+        out.append(f"__global__ void {m.group('head')}")
+        out.append(text[m.end():body + 1])
+        out.append(f" ::emu::check_launch_bounds({threads});")
+        pos = body + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def rewrite(text: str) -> str:
+    """A csrc source made compilable as C++ against cuda_emu.h (see the module docstring)."""
+    text = _LAUNCH.sub(lambda m: (f"{m.group('indent')}::emu::launch(::emu::Config({m.group('config')}), "
+                                  f"{m.group('kernel').strip()}, {m.group('args')});"), text)
+    text = _EXTERN_SMEM.sub(lambda m: (f"{m.group('type')}* {m.group('name')} = "
+                                       f"reinterpret_cast<{m.group('type')}*>(::emu::dynamic_smem());"), text)
+    return _rewrite_bounds(text)
+
+
+def _sources(build: Path) -> list:
+    """Rewritten copies of csrc under build/src; returns the files to compile."""
+    src = build / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    compiled = []
+    for path in sorted(CSRC.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(CSRC)
+        text = path.read_text()
+        if path.suffix in (".cu", ".cuh"):
+            text = rewrite(text)
+            if "<<<" in text or "extern __shared__" in text or "__launch_bounds__" in text:
+                raise RuntimeError(f"cuda_emu: {rel} has a construct the rewrite does not handle")
+        if path.suffix == ".cu":
+            rel = rel.with_suffix(".cpp")
+            text = '#include "cuda_emu.h"\n' + text
+        dest = src / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+        if dest.suffix == ".cpp":
+            compiled.append(str(dest))
+    return compiled + [str(HERE / "cuda_emu_runtime.cpp")]
+
+
+def cuda_include() -> Path:
+    """The CUDA toolkit's include folder (cuda_fp16.h and friends; nothing is linked)."""
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and (Path(base) / "include" / "cuda_fp16.h").exists():
+            return Path(base) / "include"
+    nvcc = shutil.which("nvcc")
+    if nvcc and (Path(nvcc).resolve().parents[1] / "include" / "cuda_fp16.h").exists():
+        return Path(nvcc).resolve().parents[1] / "include"
+    raise RuntimeError("cuda_emu: no CUDA toolkit headers found (set CUDA_HOME)")
+
+
+def build(verbose: bool = False) -> str:
+    """Builds (or reuses) the emulated library and loads it; returns its path. The ops are then
+    torch.ops.fastbert_emu.*."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256()
+    for path in sorted(list(CSRC.rglob("*")) + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cpp"))
+                       + [Path(__file__)]):
+        if path.is_file():
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    name = "fastbert_emu_" + digest.hexdigest()[:12]
+    build_dir = Path(os.environ.get("FASTBERT_EMU_BUILD", ROOT / "build" / "cuda_emu")) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = _sources(build_dir)
+    lib = cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_include_paths=[str(HERE / "include"), str(HERE), str(build_dir / "src"), str(cuda_include())],
+        extra_cflags=["-O2", "-DFASTBERT_EMULATE", "-Wno-attributes"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        with_cuda=False,
+        verbose=verbose,
+    )
+    return lib if isinstance(lib, str) else str(build_dir / f"{name}.so")
+
+
+if __name__ == "__main__":
+    print(build(verbose="-v" in sys.argv))
