@@ -309,6 +309,31 @@ def test_attention_lq_and_dv_differ(emu):
                          "attention dv != d", backend="emu")
 
 
+@pytest.mark.parametrize("path", ["unfused", "fused"])
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_attention_nan_propagates(emu, path, dtype):
+    """A NaN input makes the rows it reaches NaN, as in torch's SDPA, and leaves the others exact:
+    a row whose every live logit is NaN must not come out as a fully masked row (0)."""
+    b, h, lq, lk, d = 1, 3, 9, 20, 64
+    q, k, v = _qkv(b, h, lq, lk, d, dtype)
+    q[0, 0, 3, 5] = float("nan")  # every logit of row 3 of head 0
+    k[0, 1, 7, 0] = float("nan")  # one logit of every row of head 1
+    m = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    m[0, 0, 4] = False            # a fully masked row stays 0
+    m[0, 0, 3, 10:] = False       # row 3: NaN logits among masked keys
+    if path == "fused":
+        assert emu.fused_attention_unsupported(q, k, v, m) == ""
+        out = emu.fused_attention_fwd(q, k, v, m, False, d ** -0.5)
+    else:
+        out = emu.attention_fwd(q, k, v, m, 0.0, False, d ** -0.5)[0]
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), m)
+    low = reference.scaled_dot_product_attention(q, k, v, m, compute_dtype=dtype)
+    assert ref[0, 0, 3].isnan().all() and ref[0, 1, :4].isnan().all() and not ref[0, 2].isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan()), f"NaN pattern differs: {out.isnan().nonzero().tolist()}"
+    assert (out[0, 0, 4] == 0).all()
+    assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name=f"{path} non-NaN rows")
+
+
 FUSED_SHAPES = [(1, 2, 17, 20, 64), (2, 1, 70, 130, 64), (1, 1, 64, 512, 128), (1, 1, 5, 1, 128),
                 (1, 1, 130, 64, 64)]
 

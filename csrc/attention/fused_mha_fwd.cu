@@ -143,7 +143,9 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
 #pragma unroll
     for (int t = 0; t < kMaxPerLane; ++t) {
       if (t < per_lane) {
-        x[t] = alive ? expf(x[t] - mx) : 0.f;  // exp(-inf) = 0 for masked and padded keys
+        // exp(-inf) = 0 for masked and padded keys. fmaxf skips NaN, so a row whose only live
+        // logits are NaN has mx = -inf: its NaN are kept and make the row NaN, as in torch.
+        x[t] = alive ? expf(x[t] - mx) : (x[t] != x[t] ? x[t] : 0.f);
         sum += x[t];
       }
     }

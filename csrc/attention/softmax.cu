@@ -36,7 +36,7 @@ __device__ __forceinline__ void softmax_add(float& m, float& l, float x) {
 __device__ __forceinline__ void softmax_merge(float& m, float& l, float m2, float l2) {
   const float mx = fmaxf(m, m2);
   if (mx == -INFINITY) {
-    l = 0.f;
+    l = l + l2;  // both 0, or NaN from a NaN logit (kept, so that the row comes out NaN)
   } else {
     l = l * expf(m - mx) + l2 * expf(m2 - mx);
   }
@@ -114,7 +114,8 @@ softmax_fwd_kernel(const SoftmaxFwdParams p) {
   row_softmax_merge(m, l, smem_m, smem_l);
   if (!valid) return;
 
-  const bool alive = m != -INFINITY;  // at least one key takes part
+  // At least one key takes part (a NaN logit counts: l is then NaN and so is the row, as in torch).
+  const bool alive = m != -INFINITY || l != 0.f;
   const float inv_l = alive ? 1.f / l : 0.f;
   const bool dropout = p.dropout.p > 0.f;
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
@@ -131,8 +132,9 @@ softmax_fwd_kernel(const SoftmaxFwdParams p) {
     if (dropout) {
       bool keep[VEC];
       dropout_keep<VEC>(seed, static_cast<uint64_t>(row * p.k_len + col), p.dropout.p, keep);
+      // From P as stored, as the backward regenerates it: forward and backward agree bitwise.
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = keep[k] ? v[k] * inv_keep : 0.f;
+      for (int k = 0; k < VEC; ++k) v[k] = keep[k] ? round_to<T>(v[k]) * inv_keep : 0.f;
       store_vec<T, VEC>(dropped + col, v);
     }
   }
