@@ -14,7 +14,7 @@ from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol", "DEVICE",
            "ATOL_FLOOR",
-           "leaf_like", "compare_to_reference", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
+           "leaf_like", "compare_to_reference", "poison_cuda_cache", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
            "shard_groups", "parse_shard"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +86,15 @@ def assert_close(out: Tensor, ref: Tensor, lowp_ref: Optional[Tensor] = None, fa
     if not ok:
         raise AssertionError(f"{name}: max error {err:.3e} > allowed {allowed:.3e} "
                              f"(dtype {out.dtype}, shape {tuple(out.shape)})")
+
+
+def poison_cuda_cache() -> None:
+    """Fills the free blocks of the CUDA caching allocator (small and large pools) with NaN, so that
+    an output a C++ / CUDA kernel allocates through it and leaves unwritten shows up as NaN (such
+    allocations bypass the test suite's NaN poisoning of Python-side allocations)."""
+    sizes = [1 << 10] * 512 + [1 << 17] * 16 + [1 << 22] * 8  # fp32: 2 + 8 MiB small pool, 128 MiB large
+    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
+    del blocks
 
 
 def leaf_like(t, dtype: Optional[torch.dtype] = None):

@@ -21,8 +21,9 @@ import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, interpreter_enabled
 from fastbert.ops.attention import _cuda_ops
-from fastbert.testing import (DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays,
-                              forbid_int64_host_reads, rand)
+from fastbert.testing import (DEVICE, assert_close, assert_fresh_replays, compare_to_reference,
+                              cuda_graph_replays, forbid_int64_host_reads, leaf_like, poison_cuda_cache,
+                              rand)
 
 kernels = pytest.importorskip("fastbert.kernels.attention")
 
@@ -1369,59 +1370,12 @@ def test_sdpa_cuda_int64_offsets(backend):
 CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _poison_cuda_cache():
-    """Fills free blocks of the CUDA caching allocator (small and large pools) with NaN."""
-    sizes = [1 << 10] * 512 + [1 << 17] * 16 + [1 << 22] * 8  # fp32: 2 MiB + 8 MiB small pool, 128 MiB large
-    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
-    del blocks
-
-
-def _cuda_leaf(t, dtype=None):
-    """A fresh leaf copy of ``t`` (cast to ``dtype`` if floating) that requires grad if floating;
-    bool masks stay bool."""
-    if t is None:
-        return None
-    t = t.detach()
-    if not t.is_floating_point():
-        return t
-    t = t.to(dtype) if dtype is not None else t.clone()
-    return t.requires_grad_(True)
-
-
-def _cuda_check_all(name, outs, refs, lows):
-    for i, (o, r, lo) in enumerate(zip(outs, refs, lows)):
-        if r is None:
-            assert o is None, f"{name}[{i}]: expected no gradient"
-            continue
-        assert o is not None, f"{name}[{i}]: missing"
-        assert o.dtype == lo.dtype, f"{name}[{i}]: dtype {o.dtype}, expected {lo.dtype}"
-        assert torch.isfinite(o).all(), f"{name}[{i}]: non-finite values"
-        assert_close(o, r, lo, name=f"{name}[{i}]")
-
-
 def _cuda_compare(fn, inputs, dys, dtype, name, ref_kwargs=None):
     """Runs ``fn(*inputs, backend=...)`` on the CUDA backend, the fp64 reference and the reference
     computed in ``dtype``, with the same upstream gradients ``dys`` (one per output), and compares
-    every output and every input gradient."""
-    _poison_cuda_cache()
-    ref_kwargs = ref_kwargs or {}
-
-    def run(backend, cast, extra):
-        ins = [_cuda_leaf(t, cast) if isinstance(t, torch.Tensor) else t for t in inputs]
-        outs = fn(*ins, backend=backend, **extra)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.backward([o for o, dy in zip(outs, dys) if dy is not None],
-                                [(dy.to(o.dtype)) for o, dy in zip(outs, dys) if dy is not None])
-        grads = [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in ins]
-        return [o.detach() for o in outs], grads
-
-    outs, grads = run("cuda", None, {})
-    refs, ref_grads = run("ref", torch.float64, dict(ref_kwargs))
-    lows, low_grads = run("ref", None, dict(ref_kwargs, compute_dtype=dtype))
-    for o in outs:
-        assert o.dtype == dtype
-    _cuda_check_all(f"{name} out", outs, refs, lows)
-    _cuda_check_all(f"{name} grad", grads, ref_grads, low_grads)
+    every output and every input gradient (fastbert.testing.compare_to_reference)."""
+    poison_cuda_cache()
+    compare_to_reference(fn, inputs, dys, dtype, name, backend="cuda", ref_kwargs=ref_kwargs)
 
 
 def _cuda_with_seed(seed, fn):
@@ -1513,13 +1467,13 @@ def test_cuda_sdpa_float_mask_grad(dtype):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=[DTYPE_NAMES[d] for d in CUDA_DTYPES])
 @pytest.mark.parametrize("grad", [True, False], ids=["unfused", "fused-inference"])
 def test_cuda_sdpa_fully_masked_rows_are_zero(dtype, grad):
-    _poison_cuda_cache()
+    poison_cuda_cache()
     b, h, lq, lk, d = 2, 2, 17, 40, 64
     q, k, v = rand((b, h, lq, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda"), rand((b, h, lk, d), dtype, "cuda")
     m = torch.ones(b, 1, lq, lk, dtype=torch.bool, device="cuda")
     m[0, :, 3] = False   # one dead row
     m[1] = False         # a whole dead batch entry
-    leaves = [_cuda_leaf(t) for t in (q, k, v)]
+    leaves = [leaf_like(t) for t in (q, k, v)]
     with torch.set_grad_enabled(grad):
         out = fastbert.scaled_dot_product_attention(*(leaves if grad else (q, k, v)), m, backend="cuda")
     assert torch.isfinite(out).all()
@@ -1568,12 +1522,12 @@ def test_cuda_sdpa_dropout_reproducible_and_fresh():
 
 @pytest.mark.cuda
 def test_cuda_sdpa_deterministic():
-    _poison_cuda_cache()
+    poison_cuda_cache()
     q, k, v = (rand((2, 4, 130, 64), F16, "cuda") for _ in range(3))
     dy = rand((2, 4, 130, 64), F16, "cuda")
     results = []
     for _ in range(2):
-        leaves = [_cuda_leaf(t) for t in (q, k, v)]
+        leaves = [leaf_like(t) for t in (q, k, v)]
         out = fastbert.scaled_dot_product_attention(*leaves, is_causal=True, backend="cuda")
         out.backward(dy)
         results.append([out.detach()] + [t.grad for t in leaves])
@@ -1594,7 +1548,7 @@ CUDA_FUSED_SHAPES = [(1, 1, 1, 1, 64), (2, 3, 17, 17, 64), (1, 2, 97, 130, 128),
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 def test_cuda_sdpa_fused_inference(shape, dtype, mask, causal, layout):
-    _poison_cuda_cache()
+    poison_cuda_cache()
     b, h, lq, lk, d = shape
 
     def make(l):
@@ -1621,12 +1575,12 @@ def test_cuda_sdpa_fused_inference(shape, dtype, mask, causal, layout):
 def test_cuda_sdpa_fp16_unscaled_overflow_stays_finite(grad):
     """fp16 scores whose *unscaled* q.k exceeds 65504 (about 2% of them here) but whose scaled
     logits are ordinary: the scale must be applied before rounding to fp16, or rows turn NaN."""
-    _poison_cuda_cache()
+    poison_cuda_cache()
     b, h, l, d, scale = 1, 2, 97, 64, 1 / 4000
     q, k = (rand((b, h, l, d), F16, "cuda", scale=60.0) for _ in range(2))
     v = rand((b, h, l, d), F16, "cuda")
     assert (q.double() @ k.double().transpose(-1, -2)).abs().max() > 65504
-    leaves = [_cuda_leaf(t) for t in (q, k, v)] if grad else [q, k, v]
+    leaves = [leaf_like(t) for t in (q, k, v)] if grad else [q, k, v]
     with torch.set_grad_enabled(grad):
         out = fastbert.scaled_dot_product_attention(*leaves, scale=scale, backend="cuda")
     ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
@@ -1668,7 +1622,7 @@ def test_cuda_sdpa_fused_graph_capture():
 
 @pytest.mark.cuda
 def test_cuda_sdpa_fused_falls_back_when_unsupported():
-    _poison_cuda_cache()
+    poison_cuda_cache()
     q = rand((1, 2, 17, 80), F16, "cuda")
     ops = _cuda_ops()
     assert "head dim" in ops.fused_attention_unsupported(q, q, q, None)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, select
-from fastbert.testing import DEVICE, assert_close, interpreter_atol, rand
+from fastbert.testing import (DEVICE, assert_close, compare_to_reference, interpreter_atol, leaf_like,
+                              poison_cuda_cache, rand)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -188,45 +189,18 @@ def test_bias_gelu_cuda(shape, dtype, approximate):
 # reference in the input's dtype setting the bound. C++ allocations bypass conftest's NaN
 # poisoning, so the CUDA cache's free blocks are filled with NaN first.
 # ----------------------------------------------------------------------------------------------
-def _poison_cuda_cache():
-    sizes = [1 << 10] * 512 + [1 << 17] * 16 + [1 << 22] * 8  # fp32: 2 + 8 MiB small pool, 128 MiB large
-    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
-    del blocks
-
-
-def _cuda_leaf(t, dtype=None):
-    if t is None:
-        return None
-    t = t.detach()
-    t = t.to(dtype) if dtype is not None else t.clone()
-    return t.requires_grad_(True)
-
-
 def _cuda_check(x, bias, approximate, dy, public="bias_gelu"):
     """Output and every gradient of the CUDA op vs the fp64 reference (same dy); the reference
     computed in x's dtype sets the bound."""
-    _poison_cuda_cache()
-    dtype = x.dtype
+    poison_cuda_cache()
 
-    def run(cast, backend=None, **kw):
-        xl, bl = _cuda_leaf(x, cast), _cuda_leaf(bias, cast)
+    def fn(xl, bl, backend, **kw):
         if backend == "cuda":
-            out = (fastbert.gelu(xl, approximate, backend="cuda") if public == "gelu"
-                   else fastbert.bias_gelu(xl, bl, approximate, backend="cuda"))
-        else:
-            out = reference.bias_gelu(xl, bl, approximate, **kw)
-        out.backward(dy.to(out.dtype))
-        return [out.detach(), xl.grad, None if bl is None else bl.grad]
+            return (fastbert.gelu(xl, approximate, backend="cuda") if public == "gelu"
+                    else fastbert.bias_gelu(xl, bl, approximate, backend="cuda"))
+        return reference.bias_gelu(xl, bl, approximate, **kw)
 
-    got = run(None, "cuda")
-    want = run(torch.float64)
-    low = run(None, compute_dtype=dtype)
-    for name, o, r, lo in zip(("out", "grad input", "grad bias"), got, want, low):
-        if r is None:
-            assert o is None
-            continue
-        assert o.dtype == dtype and torch.isfinite(o).all(), name
-        assert_close(o, r, lo, name=f"{public} {name}")
+    compare_to_reference(fn, [x, bias], [dy], x.dtype, public, backend="cuda")
 
 
 @pytest.mark.cuda
@@ -264,7 +238,7 @@ def test_cuda_bias_gelu_deterministic():
     x, b, dy = rand((4099, 768), torch.float16, "cuda"), rand((768,), torch.float16, "cuda"), rand((4099, 768), torch.float16, "cuda")
     grads = []
     for _ in range(2):
-        bl = _cuda_leaf(b)
+        bl = leaf_like(b)
         fastbert.bias_gelu(x, bl, backend="cuda").backward(dy)
         grads.append(bl.grad)
     assert torch.equal(*grads)

@@ -13,8 +13,9 @@ import fastbert
 from fastbert import reference
 from fastbert.backends import BackendError, select
 from fastbert.kernels import layer_norm as kln
-from fastbert.testing import (DEVICE, assert_close, assert_fresh_replays, cuda_graph_replays,
-                              forbid_int64_host_reads, interpreter_atol, rand)
+from fastbert.testing import (DEVICE, assert_close, assert_fresh_replays, compare_to_reference,
+                              cuda_graph_replays, forbid_int64_host_reads, interpreter_atol, leaf_like,
+                              poison_cuda_cache, rand)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -569,43 +570,12 @@ def test_layer_norm_cuda_noncontiguous_wide():
 CUDA_WIDTHS = [1, 7, 97, 768, 1000, 1024, 4096, 8192, 65536]
 
 
-def _poison_cuda_cache():
-    sizes = [1 << 10] * 512 + [1 << 17] * 16 + [1 << 22] * 8  # fp32: 2 + 8 MiB small pool, 128 MiB large
-    blocks = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
-    del blocks
-
-
-def _cuda_leaf(t, dtype=None):
-    if t is None or not t.is_floating_point():
-        return t
-    t = t.detach()
-    t = t.to(dtype) if dtype is not None else t.clone()
-    return t.requires_grad_(True)
-
-
 def _cuda_compare(fn, inputs, dys, dtype, name):
     """``fn(*inputs, backend=b, **ref_kwargs)`` runs the CUDA op (b = "cuda") or the reference
     (b = "ref"). Compares outputs and input gradients (same upstream ``dys``, one per output) of
     the CUDA op against the fp64 reference, with the reference in ``dtype`` setting the bound."""
-    _poison_cuda_cache()
-
-    def run(backend, cast, **kw):
-        ins = [_cuda_leaf(t, cast) for t in inputs]
-        outs = fn(*ins, backend=backend, **kw)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.backward(list(outs), [dy.to(o.dtype) for o, dy in zip(outs, dys)])
-        return [o.detach() for o in outs], [None if t is None else t.grad for t in ins]
-
-    outs, grads = run("cuda", None)
-    refs, ref_grads = run("ref", torch.float64)
-    lows, low_grads = run("ref", None, compute_dtype=dtype)
-    for kind, got, want, low in (("out", outs, refs, lows), ("grad", grads, ref_grads, low_grads)):
-        for i, (o, r, lo) in enumerate(zip(got, want, low)):
-            if r is None:
-                assert o is None, f"{name} {kind}[{i}]: unexpected gradient"
-                continue
-            assert o.dtype == lo.dtype and torch.isfinite(o).all(), f"{name} {kind}[{i}]: {o.dtype}"
-            assert_close(o, r, lo, name=f"{name} {kind}[{i}]")
+    poison_cuda_cache()
+    compare_to_reference(fn, inputs, dys, dtype, name, backend="cuda")
 
 
 def _cuda_layer_norm(shape):
@@ -653,7 +623,7 @@ def test_cuda_layer_norm_deterministic(width):
     dy = rand((3000, width), torch.float16, "cuda")
     results = []
     for _ in range(2):
-        leaves = [_cuda_leaf(t) for t in (x, w, b)]
+        leaves = [leaf_like(t) for t in (x, w, b)]
         out = fastbert.layer_norm(leaves[0], (width,), leaves[1], leaves[2], backend="cuda")
         out.backward(dy)
         results.append([out.detach()] + [t.grad for t in leaves])
@@ -733,7 +703,7 @@ def test_cuda_add_layer_norm_only_sum_used():
     x, r = rand((17, 97), torch.float32, "cuda"), rand((17, 97), torch.float32, "cuda")
     grads = []
     for backend, cast in (("cuda", None), ("ref", torch.float64)):
-        xl, rl = _cuda_leaf(x, cast), _cuda_leaf(r, cast)
+        xl, rl = leaf_like(x, cast), leaf_like(r, cast)
         _, s = _cuda_add_ln(True)(xl, rl, None, None, None, backend=backend)
         s.backward(torch.ones_like(s))
         grads.append((xl.grad, rl.grad))
