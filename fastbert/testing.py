@@ -99,11 +99,13 @@ def poison_cuda_cache() -> None:
 
 def leaf_like(t, dtype: Optional[torch.dtype] = None):
     """A fresh leaf copy of ``t`` that requires grad, with ``t``'s strides (a strided view stays a
-    strided view, so the kernel sees the same layout) and cast to ``dtype`` if given. Non-floating
-    tensors (bool masks) and non-tensors come back as they are."""
+    strided view, so the kernel sees the same layout; an expanded view becomes contiguous) and cast
+    to ``dtype`` if given. Non-floating tensors (bool masks) and non-tensors come back as they are."""
     if not isinstance(t, Tensor) or not t.is_floating_point():
         return t
     t = t.detach()
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):  # an expanded view: no overlap
+        return t.to(dtype or t.dtype, copy=True).contiguous().requires_grad_(True)
     out = torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device=t.device)
     return out.copy_(t).requires_grad_(True)
 
