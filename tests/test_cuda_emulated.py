@@ -18,15 +18,19 @@ fp16 / bf16 conversions and tensor cores round slightly differently), speed, or 
 memory ordering between blocks. The ``cuda``-marked tests in test_layer_norm.py, test_gelu.py and
 test_attention.py run the same kernels on a GPU.
 """
+import math
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fastbert import reference
-from fastbert.testing import assert_close, compare_to_reference, rand
+from fastbert.testing import assert_close, compare_to_reference, leaf_like, rand
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
@@ -184,6 +188,360 @@ def test_add_layer_norm_without_affine_or_input_bias(emu):
                          "add_layer_norm plain", backend="emu")
 
 
+# Launch configurations of csrc/layer_norm, mirrored from its launchers so that each case below can
+# assert the path it is meant to take (the emulator runs whatever the launcher picks).
+_VEC = {F32: 4, F16: 8, BF16: 8}  # vec_width<T>(): elements per 128-bit access
+_FAST_WIDTHS = (768, 1024, 4096)
+_SMS = 132  # the emulated H100's SM count (sizes the backward's row slots)
+
+
+def _aligned(t):
+    return t is None or t.data_ptr() % 16 == 0
+
+
+def _ln_path(x, *vectors, residual=None):
+    """The forward kernel layer_norm_fwd.cu's `launch` picks for a [rows, cols] input `x` (last dim
+    contiguous), the optional [cols] vectors (weight, bias, input_bias) and residual: "fast" (the
+    register-resident 768 / 1024 / 4096 kernels), "vec" (generic, 128-bit vectors) or "scalar"
+    (generic, VEC = 1). The outputs are fresh (aligned) allocations."""
+    vec = _VEC[x.dtype]
+    ok = (x.shape[-1] % vec == 0 and x.stride(0) % vec == 0 and _aligned(x)
+          and all(_aligned(t) for t in vectors)
+          and (residual is None or (residual.stride(0) % vec == 0 and _aligned(residual))))
+    if not ok:
+        return "scalar"
+    return "fast" if x.shape[-1] in _FAST_WIDTHS else "vec"
+
+
+def _ln_bwd_slots(path, dtype, rows, cols):
+    """layer_norm_bwd_slots: how many row slots (partial sums per column) the backward uses."""
+    vec = 1 if path == "scalar" else _VEC[dtype]
+    if path == "fast":
+        tpr = 128 if cols // vec >= 512 else 32
+        rpb, per_sm = 128 // tpr, 2
+    else:
+        tpr = 32
+        while tpr < 512 and tpr * 4 < cols // vec:
+            tpr *= 2
+        rpb = 1 if tpr >= 128 else 128 // tpr
+        per_sm = 1 if tpr * rpb >= 512 else 512 // (tpr * rpb)
+    blocks = min(_SMS * per_sm, -(-rows // rpb), max(1, (4 << 20) // (cols * rpb)))
+    return max(blocks, 1) * rpb
+
+
+def _layout(kind, rows, cols, dtype, scale=1.0):
+    """(base, view): a fresh random leaf-able tensor and the function giving the [rows, cols] view
+    the op sees. Views that need a storage offset are taken inside the op's function: leaf_like
+    (compare_to_reference) copies its inputs into fresh (aligned) storage with the same strides."""
+    if kind == "contiguous":
+        return rand((rows, cols), dtype, "cpu", scale=scale), None
+    if kind == "odd_offset":  # element offset 1: misaligned for every 128-bit access
+        return rand((rows * cols + 1,), dtype, "cpu", scale=scale), lambda t: t[1:].view(rows, cols)
+    if kind.startswith("stride"):  # row stride > cols, first element aligned
+        return rand((rows, int(kind[6:])), dtype, "cpu", scale=scale), lambda t: t[:, :cols]
+    if kind == "every_other_row":
+        return rand((2 * rows, cols), dtype, "cpu", scale=scale), lambda t: t[::2]
+    raise ValueError(kind)
+
+
+def _vector(kind, cols, dtype):
+    """(base, view) of a [cols] parameter: "plain", "odd_offset" (misaligned) or "none"."""
+    if kind == "none":
+        return None, None
+    if kind == "odd_offset":
+        return rand((cols + 1,), dtype, "cpu"), lambda t: t[1:]
+    return rand((cols,), dtype, "cpu"), None
+
+
+def _apply_views(fn, views):
+    """fn over views[i](inputs[i]) (None: the input as it is)."""
+    def wrapped(*inputs, backend, **kw):
+        return fn(*[v(t) if v is not None and t is not None else t for v, t in zip(views, inputs)],
+                  backend=backend, **kw)
+    return wrapped
+
+
+def _expect_path(fn, path, path_of):
+    """fn, asserting on the emulated run that the kernel path is `path` (path_of(*op inputs))."""
+    def wrapped(*inputs, backend, **kw):
+        if backend == "emu":
+            got = path_of(*inputs)
+            assert got == path, f"the inputs take the {got} path, the case is meant for {path}"
+        return fn(*inputs, backend=backend, **kw)
+    return wrapped
+
+
+# (dtype, rows, width, x layout, weight layout, bias layout, expected forward path)
+LN_PATH_CASES = [
+    (F16, 17, 768, "odd_offset", "plain", "plain", "scalar"),        # fast width, misaligned input
+    (BF16, 6, 1024, "odd_offset", "plain", "plain", "scalar"),
+    (F32, 2, 4096, "odd_offset", "plain", "plain", "scalar"),        # 512 threads, 8 passes a row
+    (F16, 9, 768, "stride772", "plain", "plain", "scalar"),          # row stride 772 % 8 != 0
+    (F32, 9, 768, "stride772", "plain", "plain", "fast"),            # 772 % 4 == 0: fast, stride != cols
+    (BF16, 5, 4096, "every_other_row", "plain", "plain", "fast"),    # 128-thread rows, strided
+    (F16, 7, 1024, "contiguous", "odd_offset", "plain", "scalar"),   # misaligned weight
+    (F32, 7, 1024, "contiguous", "plain", "odd_offset", "scalar"),   # misaligned bias (backward: fast)
+    (F16, 17, 8, "contiguous", "plain", "plain", "vec"),             # one vector per row
+    (F32, 17, 4, "contiguous", "none", "plain", "vec"),
+    (F16, 3, 8192, "contiguous", "plain", "plain", "vec"),           # 256 threads a row, 4 passes
+    (F32, 2, 8192, "contiguous", "plain", "none", "vec"),            # 512 threads a row
+    (BF16, 1, 8192, "odd_offset", "plain", "plain", "scalar"),       # 512 threads, 16 passes
+    (F32, 1, 65536, "contiguous", "plain", "none", "vec"),           # 512 threads, 32 passes
+    (F16, 1, 768, "contiguous", "plain", "plain", "fast"),           # a single row (3 idle warps)
+    (BF16, 1, 4096, "contiguous", "plain", "plain", "fast"),
+    (F32, 1, 97, "contiguous", "plain", "plain", "scalar"),
+    (F16, 1, 1000, "contiguous", "plain", "plain", "vec"),
+]
+
+
+def _ln_case_id(case):
+    dtype, rows, width, xl, wl, bl, path = case
+    return f"{path}-{width}-{str(dtype)[6:]}-R{rows}-x_{xl}-w_{wl}-b_{bl}"
+
+
+@pytest.mark.parametrize("case", LN_PATH_CASES, ids=_ln_case_id)
+def test_layer_norm_launch_paths(emu, case):
+    """Every branch of the forward and backward launchers (fast / generic vectorised / scalar),
+    chosen by width, alignment and row stride; the widest generic widths; a single row."""
+    dtype, rows, width, xl, wl, bl, path = case
+    x, xv = _layout(xl, rows, width, dtype, scale=2.0)
+    w, wv = _vector(wl, width, dtype)
+    b, bv = _vector(bl, width, dtype)
+    fn = _expect_path(_layer_norm((width,)), path, lambda x, w, b: _ln_path(x, w, b))
+    compare_to_reference(_apply_views(fn, [xv, wv, bv]), [x, w, b], [rand((rows, width), dtype, "cpu")],
+                         dtype, f"layer_norm {_ln_case_id(case)}", backend="emu")
+
+
+def _reference_grads(ref_fn, inputs, dys, dtype):
+    """[(outputs, input grads)] of ref_fn(*inputs) in fp64 and in `dtype` (compute_dtype): the two
+    references of assert_close. ``dys`` holds one upstream gradient per output (None: none)."""
+    runs = []
+    for cast, kw in ((torch.float64, {}), (None, {"compute_dtype": dtype})):
+        ins = [leaf_like(t, cast) for t in inputs]
+        outs = ref_fn(*ins, **kw)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, dy.to(o.dtype)) for o, dy in zip(outs, dys) if dy is not None]
+        torch.autograd.backward([o for o, _ in pairs], [dy for _, dy in pairs])
+        grads = [t.grad if isinstance(t, torch.Tensor) else None for t in ins]
+        runs.append(([o.detach() for o in outs], grads))
+    return runs
+
+
+def _layer_norm_ref(n):
+    return lambda x, w, b, **kw: reference.layer_norm(x, (n,), w, b, 1e-5, **kw)
+
+
+def _check(got, want, low, name):
+    assert got.dtype == low.dtype, f"{name}: dtype {got.dtype}, expected {low.dtype}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert_close(got, want, low, name=name)
+
+
+# (dtype, width, expected path): one of each backward kernel
+LN_BWD_WIDTHS = [(F16, 768, "fast"), (BF16, 97, "scalar"), (F32, 1000, "vec")]
+# (weight present, need_weight_grad, need_bias_grad)
+LN_BWD_FLAGS = [(True, True, True), (True, False, True), (True, True, False), (True, False, False),
+                (False, True, True), (False, False, False)]
+
+
+@pytest.mark.parametrize("width", LN_BWD_WIDTHS, ids=lambda c: f"{c[2]}-{c[1]}-{str(c[0])[6:]}")
+@pytest.mark.parametrize("flags", LN_BWD_FLAGS, ids=lambda f: "w{}-dw{}-db{}".format(*map(int, f)))
+def test_layer_norm_bwd_flags(emu, width, flags):
+    """torch.ops.fastbert_emu.layer_norm_bwd called directly: weight absent, and each column sum
+    (partial buffer + column_sum) requested or not; a gradient not asked for comes back empty."""
+    dtype, n, path = width
+    has_w, need_dw, need_db = flags
+    rows = 23
+    x = rand((rows, n), dtype, "cpu", scale=2.0) + 0.5
+    w = rand((n,), dtype, "cpu") if has_w else None
+    b = rand((n,), dtype, "cpu")  # the reference's bias: its gradient is what need_bias_grad asks for
+    dy = rand((rows, n), dtype, "cpu")
+    assert _ln_path(x, w) == path
+    out, mean, rstd = emu.layer_norm_fwd(x, w, None, 1e-5)
+    dx, dw, db = emu.layer_norm_bwd(dy, x, w, mean, rstd, need_dw, need_db)
+    (_, want), (_, low) = _reference_grads(_layer_norm_ref(n), [x, w, b], [dy], dtype)
+    name = f"layer_norm_bwd {n} {flags}"
+    _check(dx, want[0], low[0], name + " grad_x")
+    if need_dw and has_w:
+        _check(dw, want[1], low[1], name + " grad_weight")
+    else:
+        assert dw.shape == (0,), f"{name}: grad_weight not asked for, got shape {tuple(dw.shape)}"
+    if need_db:
+        _check(db, want[2], low[2], name + " grad_bias")
+    else:
+        assert db.shape == (0,), f"{name}: grad_bias not asked for, got shape {tuple(db.shape)}"
+
+
+@pytest.mark.parametrize("width", LN_BWD_WIDTHS, ids=lambda c: f"{c[2]}-{c[1]}-{str(c[0])[6:]}")
+@pytest.mark.parametrize("layout", ["every_other_row", "broadcast", "odd_offset"])
+def test_layer_norm_bwd_grad_out_layouts(emu, width, layout):
+    """Upstream gradients the binding passes on without a copy: a row stride other than cols, a row
+    stride of 0 (one [cols] gradient broadcast over the rows) and a misaligned one (the scalar
+    kernel, whatever the width)."""
+    dtype, n, path = width
+    rows = 19
+    x = rand((rows, n), dtype, "cpu", scale=2.0)
+    w, b = rand((n,), dtype, "cpu"), rand((n,), dtype, "cpu")
+    if layout == "broadcast":
+        dy = rand((n,), dtype, "cpu").expand(rows, n)
+        assert dy.stride() == (0, 1)
+    else:
+        base, view = _layout(layout, rows, n, dtype)
+        dy = view(base)
+    assert dy.stride(1) == 1 and (layout != "odd_offset" or not _aligned(dy))
+    out, mean, rstd = emu.layer_norm_fwd(x, w, b, 1e-5)
+    dx, dw, db = emu.layer_norm_bwd(dy, x, w, mean, rstd, True, True)
+    (_, want), (_, low) = _reference_grads(_layer_norm_ref(n), [x, w, b], [dy], dtype)
+    for i, (got, label) in enumerate(((dx, "grad_x"), (dw, "grad_weight"), (db, "grad_bias"))):
+        _check(got, want[i], low[i], f"layer_norm_bwd {n} dy {layout} {label}")
+
+
+# add + LayerNorm, each path with dropout, input bias, a returned sum and every gradient.
+# (dtype, rows, width, x layout, residual layout, input_bias layout, expected forward path)
+ADD_LN_PATH_CASES = [
+    (F16, 5, 4096, "contiguous", "contiguous", "plain", "fast"),       # 128-thread rows
+    (F32, 3, 4096, "contiguous", "contiguous", "plain", "fast"),
+    (F16, 17, 1000, "contiguous", "contiguous", "plain", "vec"),        # 8-wide dropout groups
+    (F32, 17, 1000, "contiguous", "contiguous", "plain", "vec"),        # 64-thread rows, 2 per block
+    (BF16, 2, 8192, "contiguous", "contiguous", "plain", "vec"),
+    (F16, 17, 8, "contiguous", "contiguous", "plain", "vec"),
+    (F16, 11, 768, "contiguous", "stride772", "plain", "scalar"),       # residual stride % 8 != 0
+    (F32, 11, 768, "contiguous", "stride772", "plain", "fast"),         # residual stride != cols
+    (F16, 11, 768, "every_other_row", "contiguous", "plain", "fast"),   # input stride != cols
+    (F16, 9, 1024, "odd_offset", "contiguous", "plain", "scalar"),
+    (BF16, 9, 1024, "contiguous", "odd_offset", "plain", "scalar"),
+    (BF16, 9, 768, "contiguous", "contiguous", "odd_offset", "scalar"),  # misaligned input bias
+    (F16, 1, 768, "contiguous", "contiguous", "plain", "fast"),          # a single row
+]
+
+
+def _add_ln_case_id(case):
+    dtype, rows, width, xl, rl, bl, path = case
+    return f"{path}-{width}-{str(dtype)[6:]}-R{rows}-x_{xl}-r_{rl}-xb_{bl}"
+
+
+@pytest.mark.parametrize("case", ADD_LN_PATH_CASES, ids=_add_ln_case_id)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_add_layer_norm_launch_paths(emu, case, dropout_p):
+    dtype, rows, width, xl, rl, bl, path = case
+    x, xv = _layout(xl, rows, width, dtype)
+    r, rv = _layout(rl, rows, width, dtype)
+    xb, xbv = _vector(bl, width, dtype)
+    w, b = rand((width,), dtype, "cpu") * 0.5 + 1.0, rand((width,), dtype, "cpu")
+    seed = int(torch.randint(1 << 30, ()))
+    keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, width], dropout_p) if dropout_p > 0 else None
+    fn = _expect_path(_add_layer_norm(dropout_p, True, keep, seed=seed), path,
+                      lambda x, r, w, b, xb: _ln_path(x, w, b, xb, residual=r))
+    dys = [rand((rows, width), dtype, "cpu"), rand((rows, width), dtype, "cpu")]
+    compare_to_reference(_apply_views(fn, [xv, rv, None, None, xbv]), [x, r, w, b, xb], dys, dtype,
+                         f"add_layer_norm {_add_ln_case_id(case)} p={dropout_p}", backend="emu")
+
+
+@pytest.mark.parametrize("width", [(F16, 768), (F32, 97), (BF16, 1000), (F16, 4096)],
+                         ids=lambda c: f"{c[1]}-{str(c[0])[6:]}")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_add_layer_norm_only_sum_gets_gradient(emu, width, dropout_p):
+    """A pre-LN block that uses only the returned sum s: the normalised output gets no gradient
+    (the glue passes a zero grad_out; dL/dx = dropout'(dL/ds), dL/dresidual = dL/ds, the weight
+    and bias gradients are zero)."""
+    dtype, n = width
+    rows = 6 if n == 4096 else 13
+    x, r = rand((rows, n), dtype, "cpu"), rand((rows, n), dtype, "cpu")
+    w, b, xb = rand((n,), dtype, "cpu"), rand((n,), dtype, "cpu"), rand((n,), dtype, "cpu")
+    seed = int(torch.randint(1 << 30, ()))
+    keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, n], dropout_p) if dropout_p > 0 else None
+    fn = _add_layer_norm(dropout_p, True, keep, seed=seed)
+
+    def sum_only(x, r, w, b, xb, backend, **kw):
+        out, s = fn(x, r, w, b, xb, backend, **kw)
+        if backend == "ref":  # autograd leaves weight / bias without a gradient; the op returns zeros
+            s = s + 0 * (w.sum() + b.sum()).to(s.dtype)
+        return out, s
+
+    compare_to_reference(sum_only, [x, r, w, b, xb], [None, rand((rows, n), dtype, "cpu")], dtype,
+                         f"add_layer_norm sum only {n}", backend="emu")
+
+
+# (dtype, width, expected path) x (grad_sum given, need_weight_grad, need_bias_grad, need_input_bias_grad)
+ADD_LN_BWD_FLAGS = [(True, True, True, True), (False, False, True, False), (True, False, False, True),
+                    (False, False, False, False)]
+
+
+@pytest.mark.parametrize("width", LN_BWD_WIDTHS, ids=lambda c: f"{c[2]}-{c[1]}-{str(c[0])[6:]}")
+@pytest.mark.parametrize("flags", ADD_LN_BWD_FLAGS, ids=lambda f: "gs{}-dw{}-db{}-dxb{}".format(*map(int, f)))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_add_layer_norm_bwd_flags(emu, width, flags, dropout_p):
+    """torch.ops.fastbert_emu.add_layer_norm_bwd called directly with each set of requested
+    gradients, with and without dL/ds; without dropout grad_input comes back empty (the glue
+    reuses grad_residual)."""
+    dtype, n, path = width
+    has_gs, need_dw, need_db, need_dxb = flags
+    rows = 21
+    x, r = rand((rows, n), dtype, "cpu"), rand((rows, n), dtype, "cpu")
+    w, b, xb = rand((n,), dtype, "cpu"), rand((n,), dtype, "cpu"), rand((n,), dtype, "cpu")
+    dy = rand((rows, n), dtype, "cpu")
+    ds = rand((rows, n), dtype, "cpu") if has_gs else None
+    assert _ln_path(x, w, b, xb, residual=r) == path
+    out, s, mean, rstd, seed = emu.add_layer_norm_fwd(x, r, w, b, xb, 1e-5, dropout_p)
+    keep = emu.dropout_mask(seed, [rows, n], dropout_p) if dropout_p > 0 else None
+    grads = emu.add_layer_norm_bwd(dy, ds, s, w, mean, rstd, seed, dropout_p, need_dw, need_db, need_dxb)
+    d_input, d_residual, dw, db, dxb = grads
+
+    def ref(x, r, w, b, xb, **kw):
+        return reference.add_layer_norm(x, r, w, b, 1e-5, input_bias=xb, dropout_p=dropout_p,
+                                        return_residual=True, dropout_mask=keep, **kw)
+
+    (want_out, want), (low_out, low) = _reference_grads(ref, [x, r, w, b, xb], [dy, ds], dtype)
+    name = f"add_layer_norm_bwd {n} {flags} p={dropout_p}"
+    _check(out, want_out[0], low_out[0], name + " out")
+    _check(s, want_out[1], low_out[1], name + " sum")
+    _check(d_residual, want[1], low[1], name + " grad_residual")
+    if dropout_p > 0:
+        _check(d_input, want[0], low[0], name + " grad_input")
+    else:
+        assert d_input.shape == (0,), f"{name}: grad_input without dropout must be empty"
+        _check(d_residual, want[0], low[0], name + " grad_input (= grad_residual)")
+    for got, need, i, label in ((dw, need_dw, 2, "grad_weight"), (db, need_db, 3, "grad_bias"),
+                                (dxb, need_dxb, 4, "grad_input_bias")):
+        if need:
+            _check(got, want[i], low[i], f"{name} {label}")
+        else:
+            assert got.shape == (0,), f"{name}: {label} not asked for, got shape {tuple(got.shape)}"
+
+
+# Row slots: more rows than the backward has slots, so a slot accumulates several rows (registers in
+# the fast kernel, read-modify-write of its partial row in the generic one) and column_sum reduces
+# 1000+ slots per column (with compensated sums: a plain fp32 running sum over thousands of slots
+# exceeded "2x PyTorch's error + 1e-5" for fp32 outputs). (dtype, rows, width, op, expected path).
+LN_MANY_ROWS = [
+    (F16, 1100, 768, "add", "fast"),     # 1056 slots
+    (BF16, 2200, 40, "add", "vec"),      # 2112 slots
+    (F32, 2200, 40, "add", "vec"),       # 2112 slots
+    (F32, 1100, 768, "plain", "fast"),   # 1056 slots
+]
+
+
+@pytest.mark.parametrize("case", LN_MANY_ROWS, ids=lambda c: f"{c[4]}-{c[3]}-{c[2]}-{str(c[0])[6:]}-R{c[1]}")
+def test_layer_norm_rows_beyond_slots(emu, case):
+    dtype, rows, n, op, path = case
+    x = rand((rows, n), dtype, "cpu", scale=2.0) + 0.5
+    w, b = rand((n,), dtype, "cpu") * 0.5 + 1.0, rand((n,), dtype, "cpu")
+    assert _ln_path(x, w, b) == path
+    slots = _ln_bwd_slots(path, dtype, rows, n)
+    assert 16 < slots < rows, (slots, rows)
+    dy = rand((rows, n), dtype, "cpu")
+    if op == "plain":
+        compare_to_reference(_layer_norm((n,)), [x, w, b], [dy], dtype, f"layer_norm {rows} rows",
+                             backend="emu")
+        return
+    seed = int(torch.randint(1 << 30, ()))
+    keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, n], 0.2)
+    compare_to_reference(_add_layer_norm(0.2, True, keep, seed=seed),
+                         [x, rand((rows, n), dtype, "cpu"), w, b, rand((n,), dtype, "cpu")],
+                         [dy, rand((rows, n), dtype, "cpu")], dtype, f"add_layer_norm {rows} rows",
+                         backend="emu")
+
+
 # ----------------------------------------------------------------------------------------------
 # bias + GELU (csrc/gelu)
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +573,88 @@ def test_bias_gelu_views_and_shapes(emu):
                          F16, "bias_gelu view", backend="emu")
     compare_to_reference(_bias_gelu("none"), [rand((), F32, "cpu"), None], [rand((), F32, "cpu")], F32,
                          "gelu 0-d", backend="emu")
+
+
+def _gelu_path(x, b):
+    """Whether csrc/gelu/gelu.cu runs its kernels with 128-bit vectors ("vec") or one element at a
+    time ("scalar"): vectorizable() wants cols % VEC == 0 and aligned x / bias (the binding passes a
+    contiguous view as it is; the outputs and partial sums are fresh, aligned allocations)."""
+    ok = x.shape[-1] % _VEC[x.dtype] == 0 and _aligned(x) and _aligned(b)
+    return "vec" if ok else "scalar"
+
+
+def _gelu_bwd_slots(path, dtype, rows, cols):
+    """bias_gelu_bwd_slots: row slots of the bias-gradient kernel."""
+    vecs = cols // (_VEC[dtype] if path == "vec" else 1)
+    tpr = 32
+    while tpr < 256 and tpr < vecs:
+        tpr *= 2
+    rpb = 256 // tpr
+    return max(1, min(_SMS * 4, -(-rows // rpb), max(1, (4 << 20) // (cols * rpb)))) * rpb
+
+
+def _gelu_flat_passes(path, dtype, numel):
+    """Grid-stride passes of bias_gelu_flat_kernel: its grid is capped at 8 blocks of 256 per SM."""
+    n_vec = numel // (_VEC[dtype] if path == "vec" else 1)
+    blocks = max(1, min(-(-n_vec // 256), _SMS * 8))
+    return -(-n_vec // (blocks * 256))
+
+
+# (dtype, shape, x layout, bias: "plain" / "odd_offset" / "none", approximate, expected path, what it covers)
+GELU_CASES = [
+    (F16, (8, 1024), "odd_offset", "plain", "tanh", "scalar", "misaligned input"),
+    (F32, (9, 768), "contiguous", "odd_offset", "none", "scalar", "misaligned bias"),
+    (F16, (3, 5, 12), "contiguous", "plain", "none", "scalar", "3-D, width % 8 != 0"),
+    (F32, (3, 5, 12), "contiguous", "plain", "tanh", "vec", "3-D, 3 vectors a row"),
+    (BF16, (768,), "contiguous", "plain", "none", "vec", "1-D: one row"),
+    (F16, (50, 100, 7), "contiguous", "plain", "tanh", "scalar", "5000 rows > 4224 slots"),
+    (BF16, (40, 125, 8), "contiguous", "plain", "none", "vec", "5000 rows > 4224 slots"),
+    (F16, (11, 100, 768), "contiguous", "plain", "tanh", "vec", "1100 rows > 1056 slots"),
+    (F32, (50, 100, 8), "contiguous", "plain", "none", "vec", "5000 rows > 4224 slots"),
+    (F16, (2817, 97), "contiguous", "none", "tanh", "scalar", "2 grid-stride passes"),
+    (F32, (1060, 1024), "contiguous", "none", "none", "vec", "2 grid-stride passes"),
+]
+
+
+@pytest.mark.parametrize("case", GELU_CASES, ids=lambda c: "{}-{}-{}-x_{}-b_{}-{}".format(
+    c[5], "x".join(map(str, c[1])), str(c[0])[6:], c[2], c[3], c[4]))
+def test_bias_gelu_launch_paths(emu, case):
+    """Scalar and vectorised kernels, the bias gradient with more rows than row slots (a slot sums
+    several rows; column_sum reduces thousands of slots), and the flat kernels' grid-stride loop."""
+    dtype, shape, xl, bl, approximate, path, what = case
+    cols, numel = shape[-1], math.prod(shape)
+    rows = numel // cols
+    if xl == "odd_offset":
+        x, xv = rand((numel + 1,), dtype, "cpu", scale=2.0), lambda t: t[1:].view(shape)
+    else:
+        x, xv = rand(shape, dtype, "cpu", scale=2.0), None
+    b, bv = _vector(bl, cols, dtype)
+    if "slots" in what:
+        assert 16 < _gelu_bwd_slots(path, dtype, rows, cols) < rows
+    if "grid-stride" in what:
+        assert _gelu_flat_passes(path, dtype, numel) == 2
+    fn = _expect_path(_bias_gelu(approximate), path, _gelu_path)
+    compare_to_reference(_apply_views(fn, [xv, bv]), [x, b], [rand(shape, dtype, "cpu")], dtype,
+                         f"bias_gelu {case}", backend="emu")
+
+
+@pytest.mark.parametrize("case", [(F32, (1060, 1024), "tanh", "vec"), (F16, (2817, 97), "none", "scalar"),
+                                  (BF16, (5, 3, 40), "tanh", "vec")],
+                         ids=lambda c: "{}-{}-{}-{}".format(c[3], "x".join(map(str, c[1])), str(c[0])[6:],
+                                                            c[2]))
+def test_bias_gelu_bwd_without_bias_grad(emu, case):
+    """A bias that needs no gradient: the backward runs the flat kernel with the bias (its column
+    from the linear index; two grid-stride passes for the large cases), no slots, no column sum;
+    grad_bias comes back empty."""
+    dtype, shape, approximate, path = case
+    x, dy = rand(shape, dtype, "cpu", scale=2.0), rand(shape, dtype, "cpu")
+    b = rand((shape[-1],), dtype, "cpu")
+    assert _gelu_path(x, b) == path
+    dx, db = emu.bias_gelu_bwd(dy, x, b, approximate, False)
+    assert db.shape == (0,)
+    (_, want), (_, low) = _reference_grads(lambda x, **kw: reference.bias_gelu(x, b, approximate, **kw),
+                                           [x], [dy], dtype)
+    _check(dx, want[0], low[0], f"bias_gelu_bwd {shape} {approximate} grad_input")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,3 +824,87 @@ def test_dropout_mask(emu, p):
     assert abs(frac - (1 - p)) < 4.5 * (p * (1 - p) / n) ** 0.5
     assert torch.equal(keep, emu.dropout_mask(seed, [997, 13], p))
     assert not torch.equal(keep, emu.dropout_mask(seed + 1, [997, 13], p))
+
+
+def _philox4x32_10(counter, key):
+    """Philox-4x32-10 (Salmon et al., SC'11) on numpy uint64 arrays holding 32-bit words: counter
+    (c0, c1, c2, c3), key (k0, k1) -> the four output words. An independent implementation of the
+    generator behind every dropout mask (csrc/device_utils.cuh), checked against Random123's
+    published known answers in test_philox_known_answers."""
+    m32 = np.uint64(0xFFFFFFFF)
+    c0, c1, c2, c3 = (np.asarray(w, dtype=np.uint64) for w in counter)
+    k0, k1 = (np.asarray(w, dtype=np.uint64) for w in key)
+    for _ in range(10):
+        p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)  # exact: 32 x 32 -> 64 bits
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return c0, c1, c2, c3
+
+
+def _reference_keep(seed, numel, p):
+    """The documented rule: element e is kept iff uniform(lane e % 4 of philox(seed, counter e / 4))
+    >= p, with uniform(x) = (x >> 8) / 2^24 and p in fp32."""
+    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
+    s = np.uint64(seed)
+    m32 = np.uint64(0xFFFFFFFF)
+    words = _philox4x32_10((groups & m32, groups >> np.uint64(32), 0, 0), (s & m32, s >> np.uint64(32)))
+    x = np.stack(words, axis=1).reshape(-1)[:numel]
+    u = (x >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return torch.from_numpy(u >= np.float32(p))
+
+
+def test_philox_known_answers():
+    kat = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+           ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, want in kat:
+        assert tuple(int(w) for w in _philox4x32_10(counter, key)) == want
+
+
+@pytest.mark.parametrize("shape", [[1], [2], [3], [5], [3, 5, 7], [1085347]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_dropout_mask_matches_reference_rule(emu, shape):
+    """The exact keep-mask against an independent Philox: numel 1..3 (a single partial group of
+    four), numel % 4 != 0, and 271337 groups (1001 more than the 1056 x 256 threads of the capped
+    grid: the grid-stride loop runs twice, the second pass ends in a partial group)."""
+    if math.prod(shape) > 1 << 20:
+        assert (math.prod(shape) + 3) // 4 > _SMS * 8 * 256
+    seed = torch.randint(torch.iinfo(torch.int64).max, (1,))  # fresh, both 32-bit key halves
+    p = float(torch.empty(()).uniform_(0.05, 0.95))
+    keep = emu.dropout_mask(seed, shape, p)
+    assert keep.shape == tuple(shape) and keep.dtype == torch.bool
+    want = _reference_keep(int(seed), math.prod(shape), p)
+    mismatch = (keep.reshape(-1) != want).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.numel()} elements differ, first at {mismatch[0].item()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Out-of-bounds accesses: the kernels under AddressSanitizer (compute-sanitizer's memcheck on CPU)
+# ----------------------------------------------------------------------------------------------
+def test_kernels_under_address_sanitizer(tmp_path):
+    """Runs this file's tests (forward order) in a child process against a build instrumented with
+    AddressSanitizer: any read or write outside a tensor, or outside a block's shared memory,
+    stops the child with a report, which fails this test and is printed."""
+    if os.environ.get("FASTBERT_EMU_SANITIZE"):
+        pytest.skip("this is the instrumented run itself")
+    missing = _toolchain_missing()
+    if missing:
+        pytest.skip(missing)
+    runtimes = [cuda_emu.asan_runtime()]
+    if not runtimes[0]:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime")
+    # libasan intercepts C++ throws; libstdc++ must be loaded before any library that throws.
+    libstdcxx = subprocess.run(["c++", "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
+    if os.path.isabs(libstdcxx):
+        runtimes.append(libstdcxx)
+    env = dict(os.environ, FASTBERT_EMU_SANITIZE="address", LD_PRELOAD=" ".join(runtimes),
+               ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={tmp_path / 'asan'}")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "forward",
+                           "-p", "no:cacheprovider"], env=env, capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    reports = [p.read_text() for p in tmp_path.glob("asan*")]
+    errors = [r for r in reports if "ERROR: AddressSanitizer" in r]
+    assert not errors, "AddressSanitizer found a bad access:\n" + errors[0][:6000]
+    assert proc.returncode == 0, f"instrumented run failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert " passed" in proc.stdout

@@ -90,32 +90,72 @@ def cuda_include() -> Path:
     raise RuntimeError("cuda_emu: no CUDA toolkit headers found (set CUDA_HOME)")
 
 
-def build(verbose: bool = False) -> str:
+_LOADED: list = []  # the library this process has loaded
+
+
+def asan_runtime() -> str:
+    """Path of the compiler's AddressSanitizer runtime (to LD_PRELOAD into the Python that loads
+    an instrumented build), or "" when the compiler has none."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return out if os.path.isabs(out) and os.path.exists(out) else ""
+
+
+def build(verbose: bool = False, sanitize: bool = None) -> str:
     """Builds (or reuses) the emulated library and loads it; returns its path. The ops are then
-    torch.ops.fastbert_emu.*."""
+    torch.ops.fastbert_emu.*.
+
+    ``sanitize`` (default: ``FASTBERT_EMU_SANITIZE=address`` in the environment) instruments the
+    kernels with AddressSanitizer and UndefinedBehaviorSanitizer: a read or write outside any tensor
+    or outside a block's shared memory (the CPU counterpart of compute-sanitizer's memcheck), a
+    signed overflow in index arithmetic or a misaligned vector access then stops the process with a
+    report. The process must have been started with the ASan runtime preloaded
+    (``LD_PRELOAD=$(c++ -print-file-name=libasan.so)``, see :func:`asan_runtime`)."""
     from torch.utils import cpp_extension
 
+    if sanitize is None:
+        sanitize = os.environ.get("FASTBERT_EMU_SANITIZE", "") == "address"
+    if _LOADED:
+        # A process holds one: torch refuses a second library registering fastbert_emu (as after
+        # an edit of csrc/ while the tests run). An instrumented and a plain build never meet.
+        return _LOADED[0]
     digest = hashlib.sha256()
     for path in sorted(list(CSRC.rglob("*")) + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cpp"))
                        + [Path(__file__)]):
         if path.is_file():
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
-    name = "fastbert_emu_" + digest.hexdigest()[:12]
+    name = "fastbert_emu_" + digest.hexdigest()[:12] + ("_asan" if sanitize else "")
     build_dir = Path(os.environ.get("FASTBERT_EMU_BUILD", ROOT / "build" / "cuda_emu")) / name
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = _sources(build_dir)
+    cflags = ["-O2", "-DFASTBERT_EMULATE", "-Wno-attributes"]
+    ldflags = []
+    if sanitize:
+        # UndefinedBehaviorSanitizer too: signed overflow in index arithmetic, bad shifts, misaligned
+        # vector accesses; any finding aborts (no recovery), like an ASan report.
+        checks = "address,undefined"
+        cflags = ["-O1", "-g", f"-fsanitize={checks}", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer"] + cflags[1:]
+        ldflags = [f"-fsanitize={checks}"]
     lib = cpp_extension.load(
         name=name,
         sources=sources,
         extra_include_paths=[str(HERE / "include"), str(HERE), str(build_dir / "src"), str(cuda_include())],
-        extra_cflags=["-O2", "-DFASTBERT_EMULATE", "-Wno-attributes"],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
         build_directory=str(build_dir),
         is_python_module=False,
         with_cuda=False,
         verbose=verbose,
     )
-    return lib if isinstance(lib, str) else str(build_dir / f"{name}.so")
+    _LOADED.append(lib if isinstance(lib, str) else str(build_dir / f"{name}.so"))
+    return _LOADED[0]
 
 
 if __name__ == "__main__":
