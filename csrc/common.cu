@@ -12,9 +12,16 @@ __global__ void __launch_bounds__(512)
 column_sum_kernel(const float* __restrict__ partial, int slots, int64_t cols, T* __restrict__ out) {
   __shared__ float smem[16][33];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  float acc = 0.f;
+  // Compensated (Kahan) summation: each thread adds up to thousands of slots, and a plain fp32
+  // running sum would lose a few ulp more than torch's own (pairwise) reductions.
+  float acc = 0.f, comp = 0.f;
   if (col < cols) {
-    for (int s = static_cast<int>(threadIdx.y); s < slots; s += 16) acc += partial[s * cols + col];
+    for (int s = static_cast<int>(threadIdx.y); s < slots; s += 16) {
+      const float y = partial[s * cols + col] - comp;
+      const float t = acc + y;
+      comp = (t - acc) - y;
+      acc = t;
+    }
   }
   smem[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
