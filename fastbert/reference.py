@@ -88,6 +88,8 @@ def attention_probs(
         else:
             scores = scores + attn_mask.to(cdt)
     keep = keep.expand_as(scores)
+    if lk == 0:  # no key at all: every row is fully masked (empty weights; P V is then zeros)
+        return scores
     # A row is "alive" when at least one key takes part; -inf additive entries also remove keys.
     scores = scores.masked_fill(~keep, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)

@@ -882,6 +882,35 @@ def test_dropout_mask_matches_reference_rule(emu, shape):
 # ----------------------------------------------------------------------------------------------
 # Out-of-bounds accesses: the kernels under AddressSanitizer (compute-sanitizer's memcheck on CPU)
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["layer_norm", "add_layer_norm", "bias_gelu", "attention_lq0",
+                                  "attention_lk0", "attention_b0"])
+def test_empty_inputs(emu, case):
+    """Zero rows, zero queries or zero keys: the launchers launch nothing, and every output and
+    gradient is still written (empty, or zeros where a sum over nothing is asked for)."""
+    if case == "layer_norm":
+        fn, ins, dys = _layer_norm((768,)), [rand((0, 768), F16, "cpu"), rand((768,), F16, "cpu"),
+                                            rand((768,), F16, "cpu")], [rand((0, 768), F16, "cpu")]
+    elif case == "add_layer_norm":
+        keep = torch.ones(0, 97, dtype=torch.bool)
+        fn = _add_layer_norm(0.3, True, keep)
+        ins = [rand((0, 97), F16, "cpu"), rand((0, 97), F16, "cpu"), rand((97,), F16, "cpu"),
+               rand((97,), F16, "cpu"), rand((97,), F16, "cpu")]
+        dys = [rand((0, 97), F16, "cpu"), rand((0, 97), F16, "cpu")]
+    elif case == "bias_gelu":
+        fn, ins, dys = _bias_gelu("tanh"), [rand((0, 768), F16, "cpu"), rand((768,), F16, "cpu")], \
+            [rand((0, 768), F16, "cpu")]
+    else:
+        b, lq, lk = {"attention_lq0": (2, 0, 5), "attention_lk0": (2, 7, 0), "attention_b0": (0, 7, 5)}[case]
+        q, k, v = _qkv(b, 2, lq, lk, 64, F16)
+        fn, ins, dys = _sdpa(), [q, k, v, None], [rand((b, 2, lq, 64), F16, "cpu")]
+    compare_to_reference(fn, ins, dys, F16, case, backend="emu")
+    if case.startswith("attention"):  # inference: the fused kernel's refusal, then the unfused path
+        with torch.no_grad():
+            out = attention_ops._sdpa_cuda(*[t.detach() if t is not None else t for t in ins], 0.0, False,
+                                           None, False, None, None)
+        assert out.shape == dys[0].shape and (out == 0).all()
+
+
 def test_kernels_under_address_sanitizer(tmp_path):
     """Runs this file's tests (forward order) in a child process against a build instrumented with
     AddressSanitizer: any read or write outside a tensor, or outside a block's shared memory,

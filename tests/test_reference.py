@@ -142,6 +142,18 @@ def test_sdpa_fully_masked_rows_are_zero_without_nan():
         assert (out[alive] - want[alive]).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("lq,lk", [(7, 0), (0, 5)])
+def test_sdpa_without_keys_or_queries(lq, lk):
+    """No key at all: every row is fully masked, output 0 (torch's SDPA agrees); no query: empty."""
+    q = torch.randn(2, 3, lq, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, lk, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, lk, 8, dtype=torch.float64, requires_grad=True)
+    out = reference.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.shape == (2, 3, lq, 8) and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    out.sum().backward()
+    assert (q.grad == 0).all() and k.grad.shape == k.shape
+
+
 def test_sdpa_dropout_mask_explicit():
     b, h, l, d, p = 1, 2, 9, 8, 0.4
     q, k, v = r(b, h, l, d), r(b, h, l, d), r(b, h, l, d)
