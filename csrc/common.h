@@ -23,6 +23,10 @@ using cudaStream_t = CUstream_st*;  // the same type as the CUDA runtime's typed
 
 namespace fastbert {
 
+// Longest row (elements) the row kernels take: they walk a row with an `int` column counter that
+// steps by up to 4096, which must not overflow past the row's end.
+constexpr int64_t kMaxRowLength = (int64_t{1} << 31) - 8192;
+
 // A launcher's result: the cudaError_t of its launches as an int; 0 (cudaSuccess) = launched.
 using Status = int;
 constexpr Status kSuccess = 0;

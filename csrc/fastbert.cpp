@@ -669,12 +669,13 @@ at::Tensor fused_attention_fwd(const at::Tensor& query, const at::Tensor& key, c
   const DeviceGuard guard(query.device());
   at::Tensor q, k, v, mask;
   FusedMhaFwdParams p = fused_params(query, key, value, attn_mask, is_causal, scale, op, &q, &k, &v, &mask);
-  at::Tensor out = at::empty({p.batch, p.heads, p.q_len, value.size(3)}, query.options());
-  p.out = out.data_ptr();
+  // Checked with p.out unset (null passes the alignment check): a fresh allocation is aligned.
   const char* reason = fused_reason(p, query.get_device());
   if (reason[0] != '\0') {
     return std::get<0>(attention_fwd(query, key, value, attn_mask, 0.0, is_causal, scale));
   }
+  at::Tensor out = at::empty({p.batch, p.heads, p.q_len, value.size(3)}, query.options());
+  p.out = out.data_ptr();
   check_launch(fused_mha_fwd(p, current_stream(query.device())), op);
   return out;
 }

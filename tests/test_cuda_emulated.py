@@ -102,12 +102,15 @@ def _seed_of_next_draw(seed):
 # ----------------------------------------------------------------------------------------------
 def test_rewrite_of_cuda_syntax():
     src = ("template <typename T>\n__global__ void __launch_bounds__(256, 2)\nk(const P p) {\n"
-           "  extern __shared__ __align__(128) unsigned char smem_raw[];\n}\n"
+           "  extern __shared__ __align__(128) unsigned char smem_raw[];\n"
+           "  __shared__ float a[32], b[4][33];\n}\n"
            "void f() {\n  k<T, 4><<<dim3(a, b), 128, smem,\n      stream>>>(p, q);\n}\n")
     out = cuda_emu.rewrite(src)
     assert "__global__ void k(const P p) { ::emu::check_launch_bounds(256);" in out
     assert "unsigned char* smem_raw = reinterpret_cast<unsigned char*>(::emu::dynamic_smem());" in out
     assert "::emu::launch(::emu::Config(dim3(a, b), 128, smem,\n      stream), k<T, 4>, p, q);" in out
+    assert ("__shared__ float a[32], b[4][33]; ::emu::poison_shared_once(a, sizeof(a)); "
+            "::emu::poison_shared_once(b, sizeof(b));") in out
     assert "<<<" not in out and "__launch_bounds__" not in out
 
 

@@ -266,7 +266,7 @@ cudaError_t launch_bwd(const SoftmaxBwdParams& p, cudaStream_t stream) {
 
 Status softmax_fwd(const SoftmaxFwdParams& params, cudaStream_t stream) {
   if (params.batch * params.heads * params.q_len == 0 || params.k_len == 0) return cudaSuccess;
-  if (params.k_len > 0x7fffffff) return cudaErrorInvalidValue;
+  if (params.k_len > kMaxRowLength) return cudaErrorInvalidValue;
   if (params.mask_kind != MaskKind::kNone && params.mask == nullptr) return cudaErrorInvalidValue;
   if (params.dropout.p > 0.f && (params.probs_dropped == nullptr || params.dropout.seed == nullptr))
     return cudaErrorInvalidValue;
@@ -277,7 +277,7 @@ Status softmax_fwd(const SoftmaxFwdParams& params, cudaStream_t stream) {
 
 Status softmax_bwd(const SoftmaxBwdParams& params, cudaStream_t stream) {
   if (params.rows == 0 || params.cols == 0) return cudaSuccess;
-  if (params.cols > 0x7fffffff) return cudaErrorInvalidValue;
+  if (params.cols > kMaxRowLength) return cudaErrorInvalidValue;
   if (params.dropout.p > 0.f && params.dropout.seed == nullptr) return cudaErrorInvalidValue;
   return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
     return attention::launch_bwd<scalar_t>(params, stream);

@@ -291,7 +291,7 @@ int layer_norm_bwd_slots(const LayerNormBwdParams& params, int num_sms) {
 
 Status layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream) {
   if (params.rows == 0 || params.cols == 0) return cudaSuccess;
-  if (params.cols > 0x7fffffff) return cudaErrorInvalidValue;
+  if (params.cols > kMaxRowLength) return cudaErrorInvalidValue;
   return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] { return layer_norm::launch<scalar_t>(params, stream); });
 }
 

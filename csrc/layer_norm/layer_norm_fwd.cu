@@ -182,7 +182,7 @@ cudaError_t launch(const LayerNormFwdParams& p, cudaStream_t stream) {
 
 Status layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream) {
   if (params.rows == 0 || params.cols == 0) return cudaSuccess;
-  if (params.cols > 0x7fffffff) return cudaErrorInvalidValue;
+  if (params.cols > kMaxRowLength) return cudaErrorInvalidValue;
   return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] { return layer_norm::launch<scalar_t>(params, stream); });
 }
 

@@ -4,7 +4,8 @@ Every csrc file is copied into a build folder with three mechanical rewrites tha
 compiler take a .cu file: ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
 ``::emu::launch(::emu::Config(grid, block, smem, stream), kernel, args);``, an ``extern __shared__``
 array becomes a pointer to the emulated dynamic shared memory, and a kernel's
-``__launch_bounds__(N)`` becomes a check at the top of its body. The binding (csrc/fastbert.cpp) is
+``__launch_bounds__(N)`` becomes a check at the top of its body; a static ``__shared__`` array is
+filled with NaN bytes by the first thread of each block that reaches it (its content is undefined). The binding (csrc/fastbert.cpp) is
 compiled with ``FASTBERT_EMULATE``, which registers the same schemas as ``torch.ops.fastbert_emu``
 with CPU kernels (the launchers then run on CPU tensors' memory). Nothing here ships with the
 package.
@@ -27,6 +28,7 @@ CSRC = ROOT / "csrc"
 _LAUNCH = re.compile(r"(?m)^(?P<indent>[ \t]*)(?P<kernel>[^\s;{}][^;{}]*?)<<<(?P<config>.*?)>>>\((?P<args>.*?)\);[ \t]*$",
                      re.S)
 _EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w ]+?)\s+(?P<name>\w+)\[\];")
+_STATIC_SMEM = re.compile(r"(?m)^(?P<indent>[ \t]*)__shared__\s+(?P<type>[\w:]+)\s+(?P<decls>[^;]+);")
 _BOUNDS = re.compile(r"__global__\s+void\s+__launch_bounds__\((?P<bounds>[^)]*)\)\s*(?P<head>\w+\s*\()")
 
 
@@ -44,12 +46,19 @@ def _rewrite_bounds(text: str) -> str:
     return "".join(out)
 
 
+def _poison_static_smem(m: "re.Match") -> str:
+    names = [d.split("[")[0].strip() for d in m.group("decls").split(",")]
+    poison = " ".join(f"::emu::poison_shared_once({n}, sizeof({n}));" for n in names)
+    return f"{m.group(0)} {poison}"
+
+
 def rewrite(text: str) -> str:
     """A csrc source made compilable as C++ against cuda_emu.h (see the module docstring)."""
     text = _LAUNCH.sub(lambda m: (f"{m.group('indent')}::emu::launch(::emu::Config({m.group('config')}), "
                                   f"{m.group('kernel').strip()}, {m.group('args')});"), text)
     text = _EXTERN_SMEM.sub(lambda m: (f"{m.group('type')}* {m.group('name')} = "
                                        f"reinterpret_cast<{m.group('type')}*>(::emu::dynamic_smem());"), text)
+    text = _STATIC_SMEM.sub(_poison_static_smem, text)
     return _rewrite_bounds(text)
 
 

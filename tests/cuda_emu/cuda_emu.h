@@ -11,8 +11,8 @@
 // last thread the first; a thread that reads what another writes with no barrier between gets a
 // stale value in one of the two orders, so a missing barrier shows up as a wrong result.
 //
-// What is emulated: thread / block indices, static and dynamic shared memory (dynamic shared memory
-// is filled with 0xff bytes, NaN in every float type, before each block), __syncthreads, __syncwarp,
+// What is emulated: thread / block indices, static and dynamic shared memory (filled with 0xff
+// bytes, NaN in every float type, at the start of each block), __syncthreads, __syncwarp,
 // full-warp __shfl_xor_sync, __launch_bounds__ (a launch with more threads fails), the launch
 // limits of an H100 (grid, block, opt-in shared memory), WMMA 16x16x16 (tests/cuda_emu/include/
 // mma.h) and the math intrinsics the kernels use. What is not: timing, memory coalescing, bank
@@ -96,6 +96,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   unsigned char* dyn_smem = nullptr;
   std::string error;  // first exception a thread raised
+  std::vector<const void*> poisoned;  // static shared arrays filled with NaN bytes in this block
 };
 
 inline Block*& current() {
@@ -191,6 +192,7 @@ inline void run_block(Block& b, char* stacks, bool reverse) {
   b.warps.assign((n + 31) / 32, Warp());
   b.live = n;
   b.block_waiting = 0;
+  b.poisoned.clear();
   for (int t = 0; t < n; ++t) {
     Fiber& f = b.fibers[t];
     f.linear = t;
@@ -304,6 +306,16 @@ void launch(const Config& c, void (*kernel)(KArgs...), Args&&... args) {
 }
 
 inline unsigned char* dynamic_smem() { return current()->dyn_smem; }
+
+// A static __shared__ array's content is undefined when a block starts: the first thread of the
+// block to reach its declaration fills it with 0xff bytes (NaN), the others leave it be (no thread
+// can have written it before reaching the declaration itself).
+inline void poison_shared_once(void* ptr, size_t bytes) {
+  Block& b = *current();
+  if (std::find(b.poisoned.begin(), b.poisoned.end(), ptr) != b.poisoned.end()) return;
+  std::memset(ptr, 0xff, bytes);
+  b.poisoned.push_back(ptr);
+}
 
 template <typename T>
 inline uint32_t umulhi(T a, T b) {
