@@ -135,10 +135,12 @@ using DeviceGuard = c10::DeviceGuard;
 // The current torch stream of `device` (torch's CUDA stream, as a cudaStream_t).
 cudaStream_t current_stream(const at::Device& device) {
 #ifdef FASTBERT_EMULATE
+  (void)device;
   return nullptr;  // tests/cuda_emu: a launch runs to completion on the calling thread
-#endif
+#else
   const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
   return static_cast<cudaStream_t>(stream.native_handle());
+#endif
 }
 
 // A per-device property, queried once (static storage: zero-initialised).
