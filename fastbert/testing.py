@@ -14,7 +14,7 @@ from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol", "DEVICE",
            "ATOL_FLOOR",
-           "leaf_like", "compare_to_reference", "poison_cuda_cache", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
+           "leaf_like", "compare_to_reference", "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
            "shard_groups", "parse_shard"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,20 +123,9 @@ def compare_to_reference(fn: Callable, inputs: Sequence, dys: Sequence[Optional[
     finite and be within :func:`assert_close` of the fp64 one, with the low-precision run's error
     setting the bound."""
     ref_kwargs = dict(ref_kwargs or {})
-
-    def run(b, cast, extra):
-        ins = [leaf_like(t, cast) for t in inputs]
-        outs = fn(*ins, backend=b, **extra)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, dy.to(o.dtype)) for o, dy in zip(outs, dys) if dy is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [dy for _, dy in pairs])
-        grads = [t.grad if isinstance(t, Tensor) and t.requires_grad else None for t in ins]
-        return [o.detach() for o in outs], grads
-
-    got = run(backend, None, {})
-    want = run("ref", torch.float64, ref_kwargs)
-    low = run("ref", None, dict(ref_kwargs, compute_dtype=dtype))
+    got = run_with_grads(fn, inputs, dys, None, backend=backend)
+    want = run_with_grads(fn, inputs, dys, torch.float64, backend="ref", **ref_kwargs)
+    low = run_with_grads(fn, inputs, dys, None, backend="ref", compute_dtype=dtype, **ref_kwargs)
     for kind, g, w, lo in (("out", got[0], want[0], low[0]), ("grad", got[1], want[1], low[1])):
         for i, (o, r, l) in enumerate(zip(g, w, lo)):
             label = f"{name} {kind}[{i}]"
@@ -144,9 +133,30 @@ def compare_to_reference(fn: Callable, inputs: Sequence, dys: Sequence[Optional[
                 assert o is None, f"{label}: unexpected gradient"
                 continue
             assert o is not None, f"{label}: missing"
-            assert o.dtype == l.dtype, f"{label}: dtype {o.dtype}, expected {l.dtype}"
-            assert torch.isfinite(o).all(), f"{label}: non-finite values"
-            assert_close(o, r, l, name=label)
+            check_output(o, r, l, label)
+
+
+def run_with_grads(fn: Callable, inputs: Sequence, dys: Sequence[Optional[Tensor]],
+                   cast: Optional[torch.dtype] = None, **kwargs) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+    """``fn(*leaves, **kwargs)`` on :func:`leaf_like` copies of ``inputs`` (cast to ``cast``), then
+    backward with ``dys`` (one upstream gradient per output; None: that output gets none). Returns
+    (detached outputs, the leaves' gradients; None for non-tensors and leaves without one)."""
+    ins = [leaf_like(t, cast) for t in inputs]
+    outs = fn(*ins, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, dy.to(o.dtype)) for o, dy in zip(outs, dys) if dy is not None]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [dy for _, dy in pairs])
+    grads = [t.grad if isinstance(t, Tensor) and t.requires_grad else None for t in ins]
+    return [o.detach() for o in outs], grads
+
+
+def check_output(out: Tensor, ref: Tensor, lowp_ref: Tensor, name: str) -> None:
+    """``out`` has ``lowp_ref``'s dtype, is finite and is within :func:`assert_close` of the fp64
+    ``ref`` (the low-precision reference's error setting the bound)."""
+    assert out.dtype == lowp_ref.dtype, f"{name}: dtype {out.dtype}, expected {lowp_ref.dtype}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    assert_close(out, ref, lowp_ref, name=name)
 
 
 def cuda_graph_replays(step: Callable[[], Sequence[Tensor]], replays: int = 2,

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from fastbert import reference
-from fastbert.testing import assert_close, compare_to_reference, leaf_like, rand
+from fastbert.testing import assert_close, check_output, compare_to_reference, rand, run_with_grads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
@@ -318,26 +318,12 @@ def test_layer_norm_launch_paths(emu, case):
 def _reference_grads(ref_fn, inputs, dys, dtype):
     """[(outputs, input grads)] of ref_fn(*inputs) in fp64 and in `dtype` (compute_dtype): the two
     references of assert_close. ``dys`` holds one upstream gradient per output (None: none)."""
-    runs = []
-    for cast, kw in ((torch.float64, {}), (None, {"compute_dtype": dtype})):
-        ins = [leaf_like(t, cast) for t in inputs]
-        outs = ref_fn(*ins, **kw)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, dy.to(o.dtype)) for o, dy in zip(outs, dys) if dy is not None]
-        torch.autograd.backward([o for o, _ in pairs], [dy for _, dy in pairs])
-        grads = [t.grad if isinstance(t, torch.Tensor) else None for t in ins]
-        runs.append(([o.detach() for o in outs], grads))
-    return runs
+    return [run_with_grads(ref_fn, inputs, dys, torch.float64),
+            run_with_grads(ref_fn, inputs, dys, None, compute_dtype=dtype)]
 
 
 def _layer_norm_ref(n):
     return lambda x, w, b, **kw: reference.layer_norm(x, (n,), w, b, 1e-5, **kw)
-
-
-def _check(got, want, low, name):
-    assert got.dtype == low.dtype, f"{name}: dtype {got.dtype}, expected {low.dtype}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    assert_close(got, want, low, name=name)
 
 
 # (dtype, width, expected path): one of each backward kernel
@@ -364,13 +350,13 @@ def test_layer_norm_bwd_flags(emu, width, flags):
     dx, dw, db = emu.layer_norm_bwd(dy, x, w, mean, rstd, need_dw, need_db)
     (_, want), (_, low) = _reference_grads(_layer_norm_ref(n), [x, w, b], [dy], dtype)
     name = f"layer_norm_bwd {n} {flags}"
-    _check(dx, want[0], low[0], name + " grad_x")
+    check_output(dx, want[0], low[0], name + " grad_x")
     if need_dw and has_w:
-        _check(dw, want[1], low[1], name + " grad_weight")
+        check_output(dw, want[1], low[1], name + " grad_weight")
     else:
         assert dw.shape == (0,), f"{name}: grad_weight not asked for, got shape {tuple(dw.shape)}"
     if need_db:
-        _check(db, want[2], low[2], name + " grad_bias")
+        check_output(db, want[2], low[2], name + " grad_bias")
     else:
         assert db.shape == (0,), f"{name}: grad_bias not asked for, got shape {tuple(db.shape)}"
 
@@ -396,7 +382,7 @@ def test_layer_norm_bwd_grad_out_layouts(emu, width, layout):
     dx, dw, db = emu.layer_norm_bwd(dy, x, w, mean, rstd, True, True)
     (_, want), (_, low) = _reference_grads(_layer_norm_ref(n), [x, w, b], [dy], dtype)
     for i, (got, label) in enumerate(((dx, "grad_x"), (dw, "grad_weight"), (db, "grad_bias"))):
-        _check(got, want[i], low[i], f"layer_norm_bwd {n} dy {layout} {label}")
+        check_output(got, want[i], low[i], f"layer_norm_bwd {n} dy {layout} {label}")
 
 
 # add + LayerNorm, each path with dropout, input bias, a returned sum and every gradient.
@@ -496,18 +482,18 @@ def test_add_layer_norm_bwd_flags(emu, width, flags, dropout_p):
 
     (want_out, want), (low_out, low) = _reference_grads(ref, [x, r, w, b, xb], [dy, ds], dtype)
     name = f"add_layer_norm_bwd {n} {flags} p={dropout_p}"
-    _check(out, want_out[0], low_out[0], name + " out")
-    _check(s, want_out[1], low_out[1], name + " sum")
-    _check(d_residual, want[1], low[1], name + " grad_residual")
+    check_output(out, want_out[0], low_out[0], name + " out")
+    check_output(s, want_out[1], low_out[1], name + " sum")
+    check_output(d_residual, want[1], low[1], name + " grad_residual")
     if dropout_p > 0:
-        _check(d_input, want[0], low[0], name + " grad_input")
+        check_output(d_input, want[0], low[0], name + " grad_input")
     else:
         assert d_input.shape == (0,), f"{name}: grad_input without dropout must be empty"
-        _check(d_residual, want[0], low[0], name + " grad_input (= grad_residual)")
+        check_output(d_residual, want[0], low[0], name + " grad_input (= grad_residual)")
     for got, need, i, label in ((dw, need_dw, 2, "grad_weight"), (db, need_db, 3, "grad_bias"),
                                 (dxb, need_dxb, 4, "grad_input_bias")):
         if need:
-            _check(got, want[i], low[i], f"{name} {label}")
+            check_output(got, want[i], low[i], f"{name} {label}")
         else:
             assert got.shape == (0,), f"{name}: {label} not asked for, got shape {tuple(got.shape)}"
 
@@ -657,7 +643,7 @@ def test_bias_gelu_bwd_without_bias_grad(emu, case):
     assert db.shape == (0,)
     (_, want), (_, low) = _reference_grads(lambda x, **kw: reference.bias_gelu(x, b, approximate, **kw),
                                            [x], [dy], dtype)
-    _check(dx, want[0], low[0], f"bias_gelu_bwd {shape} {approximate} grad_input")
+    check_output(dx, want[0], low[0], f"bias_gelu_bwd {shape} {approximate} grad_input")
 
 
 # ----------------------------------------------------------------------------------------------
