@@ -663,8 +663,10 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         need = ctx.needs_input_grad
         dmask = None
         if need[3]:
-            # ds = dL/d(logits) * scale, and a float mask is added to the logits.
-            dmask = ds.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype) / ctx.scale
+            # ds = dL/d(logits) * scale, and a float mask is added to the logits. The broadcast
+            # sum and the division by the scale run in fp32: rounding the sum to fp16/bf16 before
+            # the division would add a second rounding error, amplified by 1 / scale.
+            dmask = (ds.float().sum_to_size(ctx.mask_shape) / ctx.scale).to(ctx.mask_dtype)
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, dmask,
                 None, None, None)
 
