@@ -127,7 +127,7 @@ def leaf_like(t, dtype: Optional[torch.dtype] = None):
 
 def compare_to_reference(fn: Callable, inputs: Sequence, dys: Sequence[Optional[Tensor]],
                          dtype: torch.dtype, name: str, *, backend: str,
-                         ref_kwargs: Optional[dict] = None) -> None:
+                         ref_kwargs: Optional[dict] = None) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
     """Checks an op's outputs and every input gradient against the fp64 reference.
 
     ``fn(*inputs, backend=b, **kw)`` runs the op under test (``b = backend``) or the reference
@@ -136,7 +136,7 @@ def compare_to_reference(fn: Callable, inputs: Sequence, dys: Sequence[Optional[
     strides); ``dys`` holds one upstream gradient per output (None: that output gets none), the
     same for all three runs. Each output and gradient must have the low-precision run's dtype, be
     finite and be within :func:`assert_close` of the fp64 one, with the low-precision run's error
-    setting the bound."""
+    setting the bound. Returns the op's (outputs, gradients), as :func:`run_with_grads` does."""
     ref_kwargs = dict(ref_kwargs or {})
     got = run_with_grads(fn, inputs, dys, None, backend=backend)
     want = run_with_grads(fn, inputs, dys, torch.float64, backend="ref", **ref_kwargs)
@@ -149,6 +149,7 @@ def compare_to_reference(fn: Callable, inputs: Sequence, dys: Sequence[Optional[
                 continue
             assert o is not None, f"{label}: missing"
             check_output(o, r, l, label)
+    return got
 
 
 def run_with_grads(fn: Callable, inputs: Sequence, dys: Sequence[Optional[Tensor]],

@@ -90,6 +90,34 @@ def _nan_filled_allocations():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+def _compare(fn, inputs, dys, dtype, name):
+    """compare_to_reference on the emulated kernels (``fn(..., backend="emu")``). In the forward
+    order it then reruns the op on the same inputs in the reverse order, from the same generator
+    state, and asserts that every output and gradient is bitwise the same: the kernels have no
+    atomics and fixed reduction trees, so any difference is a race between threads (a read of
+    shared memory another thread has or has not yet written), even one too small for the
+    tolerance. The AddressSanitizer rerun skips this half."""
+    state = torch.get_rng_state()
+    outs, grads = compare_to_reference(fn, inputs, dys, dtype, name, backend="emu")
+    if os.environ.get("FASTBERT_EMU_ORDER") != "forward" or os.environ.get("FASTBERT_EMU_SANITIZE"):
+        return
+    torch.set_rng_state(state)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTBERT_EMU_ORDER", "reverse")
+        outs_r, grads_r = run_with_grads(fn, inputs, dys, None, backend="emu")
+    first = [("out", i, t) for i, t in enumerate(outs)] + [("grad", i, t) for i, t in enumerate(grads)]
+    second = list(outs_r) + list(grads_r)
+    for (kind, i, a), b in zip(first, second):
+        if a is None:
+            assert b is None, f"{name} {kind}[{i}]: a gradient in the reverse order only"
+            continue
+        same = (a == b) | (a.isnan() & b.isnan())
+        assert same.all(), (f"{name} {kind}[{i}]: {int((~same).sum())} of {a.numel()} elements differ "
+                            f"between the forward and reverse thread orders (max diff "
+                            f"{float((a.double() - b.double()).abs().nan_to_num(float('inf')).max()):.3e}): "
+                            f"a race between threads")
+
+
 def _seed_of_next_draw(seed):
     """The dropout seed the binding draws after torch.manual_seed(seed): at::randint(2^63 - 1, {1})
     on the CPU generator, reproduced here."""
@@ -100,6 +128,22 @@ def _seed_of_next_draw(seed):
 # ----------------------------------------------------------------------------------------------
 # The emulator itself
 # ----------------------------------------------------------------------------------------------
+def test_order_check_fails_on_an_order_dependent_result(monkeypatch):
+    """_compare's bitwise check between the thread orders: a result that moves by one ulp with the
+    order (what a race on a finite, stale value gives) passes the tolerance but fails the check."""
+    def fn(x, backend, **kw):
+        if backend == "emu":
+            nudge = 1 + 2.0 ** -20 if os.environ["FASTBERT_EMU_ORDER"] == "reverse" else 1.0
+            return x * nudge
+        return x.to(kw.get("compute_dtype") or x.dtype) * 1.0
+    monkeypatch.setenv("FASTBERT_EMU_ORDER", "forward")
+    x = rand((4, 8), F32, "cpu")
+    with pytest.raises(AssertionError, match="differ between the forward and reverse thread orders"):
+        _compare(fn, [x], [rand((4, 8), F32, "cpu")], F32, "order-dependent")
+    monkeypatch.setenv("FASTBERT_EMU_ORDER", "reverse")  # the reverse half only compares
+    _compare(fn, [x], [rand((4, 8), F32, "cpu")], F32, "order-dependent")
+
+
 def test_rewrite_of_cuda_syntax():
     src = ("template <typename T>\n__global__ void __launch_bounds__(256, 2)\nk(const P p) {\n"
            "  extern __shared__ __align__(128) unsigned char smem_raw[];\n"
@@ -133,8 +177,8 @@ def test_layer_norm(emu, width, dtype, affine):
     x = rand((rows, width), dtype, "cpu", scale=2.0) + 0.5
     w = rand((width,), dtype, "cpu") if affine else None
     b = rand((width,), dtype, "cpu") if affine else None
-    compare_to_reference(_layer_norm((width,)), [x, w, b], [rand((rows, width), dtype, "cpu")], dtype,
-                         f"layer_norm {width}", backend="emu")
+    _compare(_layer_norm((width,)), [x, w, b], [rand((rows, width), dtype, "cpu")], dtype,
+             f"layer_norm {width}")
 
 
 @pytest.mark.parametrize("view", ["cols_768_of_1024", "cols_97_of_100", "every_other_row"])
@@ -146,16 +190,16 @@ def test_layer_norm_views(emu, view):
     else:
         x = rand((66, 768), F16, "cpu")[::2]
     n = x.shape[-1]
-    compare_to_reference(_layer_norm((n,)), [x, rand((n,), F16, "cpu"), rand((n,), F16, "cpu")],
-                         [rand(x.shape, F16, "cpu")], F16, f"layer_norm {view}", backend="emu")
+    _compare(_layer_norm((n,)), [x, rand((n,), F16, "cpu"), rand((n,), F16, "cpu")],
+             [rand(x.shape, F16, "cpu")], F16, f"layer_norm {view}")
 
 
 def test_layer_norm_rows(emu):
     """Many rows of a narrow width (several rows per block, a partial last block), fp16 with
     large magnitudes."""
     x = rand((130, 97), F16, "cpu", scale=300.0) + 1000.0
-    compare_to_reference(_layer_norm((97,)), [x, None, None], [rand((130, 97), F16, "cpu")], F16,
-                         "layer_norm 130 rows", backend="emu")
+    _compare(_layer_norm((97,)), [x, None, None], [rand((130, 97), F16, "cpu")], F16,
+             "layer_norm 130 rows")
 
 
 def _add_layer_norm(dropout_p=0.0, return_residual=False, keep=None, seed=0):
@@ -181,14 +225,14 @@ def test_add_layer_norm(emu, width, dtype, dropout_p, return_residual):
     if dropout_p > 0:
         keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], dropout_p)
     dys = [rand((rows, width), dtype, "cpu")] + ([rand((rows, width), dtype, "cpu")] if return_residual else [])
-    compare_to_reference(_add_layer_norm(dropout_p, return_residual, keep, seed=7), [x, r, w, b, xb], dys,
-                         dtype, f"add_layer_norm {width} p={dropout_p}", backend="emu")
+    _compare(_add_layer_norm(dropout_p, return_residual, keep, seed=7), [x, r, w, b, xb], dys,
+             dtype, f"add_layer_norm {width} p={dropout_p}")
 
 
 def test_add_layer_norm_without_affine_or_input_bias(emu):
     x, r = rand((5, 768), F16, "cpu"), rand((5, 768), F16, "cpu")
-    compare_to_reference(_add_layer_norm(), [x, r, None, None, None], [rand((5, 768), F16, "cpu")], F16,
-                         "add_layer_norm plain", backend="emu")
+    _compare(_add_layer_norm(), [x, r, None, None, None], [rand((5, 768), F16, "cpu")], F16,
+             "add_layer_norm plain")
 
 
 # Launch configurations of csrc/layer_norm, mirrored from its launchers so that each case below can
@@ -235,7 +279,7 @@ def _ln_bwd_slots(path, dtype, rows, cols):
 def _layout(kind, rows, cols, dtype, scale=1.0):
     """(base, view): a fresh random leaf-able tensor and the function giving the [rows, cols] view
     the op sees. Views that need a storage offset are taken inside the op's function: leaf_like
-    (compare_to_reference) copies its inputs into fresh (aligned) storage with the same strides."""
+    (_compare) copies its inputs into fresh (aligned) storage with the same strides."""
     if kind == "contiguous":
         return rand((rows, cols), dtype, "cpu", scale=scale), None
     if kind == "odd_offset":  # element offset 1: misaligned for every 128-bit access
@@ -311,8 +355,8 @@ def test_layer_norm_launch_paths(emu, case):
     w, wv = _vector(wl, width, dtype)
     b, bv = _vector(bl, width, dtype)
     fn = _expect_path(_layer_norm((width,)), path, lambda x, w, b: _ln_path(x, w, b))
-    compare_to_reference(_apply_views(fn, [xv, wv, bv]), [x, w, b], [rand((rows, width), dtype, "cpu")],
-                         dtype, f"layer_norm {_ln_case_id(case)}", backend="emu")
+    _compare(_apply_views(fn, [xv, wv, bv]), [x, w, b], [rand((rows, width), dtype, "cpu")],
+             dtype, f"layer_norm {_ln_case_id(case)}")
 
 
 def _reference_grads(ref_fn, inputs, dys, dtype):
@@ -422,8 +466,8 @@ def test_add_layer_norm_launch_paths(emu, case, dropout_p):
     fn = _expect_path(_add_layer_norm(dropout_p, True, keep, seed=seed), path,
                       lambda x, r, w, b, xb: _ln_path(x, w, b, xb, residual=r))
     dys = [rand((rows, width), dtype, "cpu"), rand((rows, width), dtype, "cpu")]
-    compare_to_reference(_apply_views(fn, [xv, rv, None, None, xbv]), [x, r, w, b, xb], dys, dtype,
-                         f"add_layer_norm {_add_ln_case_id(case)} p={dropout_p}", backend="emu")
+    _compare(_apply_views(fn, [xv, rv, None, None, xbv]), [x, r, w, b, xb], dys, dtype,
+             f"add_layer_norm {_add_ln_case_id(case)} p={dropout_p}")
 
 
 @pytest.mark.parametrize("width", [(F16, 768), (F32, 97), (BF16, 1000), (F16, 4096)],
@@ -447,8 +491,8 @@ def test_add_layer_norm_only_sum_gets_gradient(emu, width, dropout_p):
             s = s + 0 * (w.sum() + b.sum()).to(s.dtype)
         return out, s
 
-    compare_to_reference(sum_only, [x, r, w, b, xb], [None, rand((rows, n), dtype, "cpu")], dtype,
-                         f"add_layer_norm sum only {n}", backend="emu")
+    _compare(sum_only, [x, r, w, b, xb], [None, rand((rows, n), dtype, "cpu")], dtype,
+             f"add_layer_norm sum only {n}")
 
 
 # (dtype, width, expected path) x (grad_sum given, need_weight_grad, need_bias_grad, need_input_bias_grad)
@@ -520,15 +564,13 @@ def test_layer_norm_rows_beyond_slots(emu, case):
     assert 16 < slots < rows, (slots, rows)
     dy = rand((rows, n), dtype, "cpu")
     if op == "plain":
-        compare_to_reference(_layer_norm((n,)), [x, w, b], [dy], dtype, f"layer_norm {rows} rows",
-                             backend="emu")
+        _compare(_layer_norm((n,)), [x, w, b], [dy], dtype, f"layer_norm {rows} rows")
         return
     seed = int(torch.randint(1 << 30, ()))
     keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, n], 0.2)
-    compare_to_reference(_add_layer_norm(0.2, True, keep, seed=seed),
-                         [x, rand((rows, n), dtype, "cpu"), w, b, rand((n,), dtype, "cpu")],
-                         [dy, rand((rows, n), dtype, "cpu")], dtype, f"add_layer_norm {rows} rows",
-                         backend="emu")
+    _compare(_add_layer_norm(0.2, True, keep, seed=seed),
+             [x, rand((rows, n), dtype, "cpu"), w, b, rand((n,), dtype, "cpu")],
+             [dy, rand((rows, n), dtype, "cpu")], dtype, f"add_layer_norm {rows} rows")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,16 +594,16 @@ def test_bias_gelu(emu, width, dtype, approximate, with_bias):
     rows = 4 if width >= 3072 else 17
     x = rand((rows, width), dtype, "cpu", scale=2.0)
     b = rand((width,), dtype, "cpu") if with_bias else None
-    compare_to_reference(_bias_gelu(approximate), [x, b], [rand((rows, width), dtype, "cpu")], dtype,
-                         f"bias_gelu {width} {approximate}", backend="emu")
+    _compare(_bias_gelu(approximate), [x, b], [rand((rows, width), dtype, "cpu")], dtype,
+             f"bias_gelu {width} {approximate}")
 
 
 def test_bias_gelu_views_and_shapes(emu):
     x = rand((3, 5, 200), F16, "cpu")[..., 1:98]  # (3, 5, 97) with a row stride of 200
-    compare_to_reference(_bias_gelu("tanh"), [x, rand((97,), F16, "cpu")], [rand((3, 5, 97), F16, "cpu")],
-                         F16, "bias_gelu view", backend="emu")
-    compare_to_reference(_bias_gelu("none"), [rand((), F32, "cpu"), None], [rand((), F32, "cpu")], F32,
-                         "gelu 0-d", backend="emu")
+    _compare(_bias_gelu("tanh"), [x, rand((97,), F16, "cpu")], [rand((3, 5, 97), F16, "cpu")],
+             F16, "bias_gelu view")
+    _compare(_bias_gelu("none"), [rand((), F32, "cpu"), None], [rand((), F32, "cpu")], F32,
+             "gelu 0-d")
 
 
 def _gelu_path(x, b):
@@ -623,8 +665,8 @@ def test_bias_gelu_launch_paths(emu, case):
     if "grid-stride" in what:
         assert _gelu_flat_passes(path, dtype, numel) == 2
     fn = _expect_path(_bias_gelu(approximate), path, _gelu_path)
-    compare_to_reference(_apply_views(fn, [xv, bv]), [x, b], [rand(shape, dtype, "cpu")], dtype,
-                         f"bias_gelu {case}", backend="emu")
+    _compare(_apply_views(fn, [xv, bv]), [x, b], [rand(shape, dtype, "cpu")], dtype,
+             f"bias_gelu {case}")
 
 
 @pytest.mark.parametrize("case", [(F32, (1060, 1024), "tanh", "vec"), (F16, (2817, 97), "none", "scalar"),
@@ -704,8 +746,8 @@ def test_attention(emu, shape, dtype, mask, is_causal):
         pytest.skip("an fp32 mask with fp32 inputs is the 'float' case")
     q, k, v = _qkv(b, h, lq, lk, d, dtype)
     m = _mask(mask, b, h, lq, lk, dtype)
-    compare_to_reference(_sdpa(is_causal=is_causal), [q, k, v, m], [rand((b, h, lq, d), dtype, "cpu")], dtype,
-                         f"attention {shape} {mask}", backend="emu")
+    _compare(_sdpa(is_causal=is_causal), [q, k, v, m], [rand((b, h, lq, d), dtype, "cpu")], dtype,
+             f"attention {shape} {mask}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -715,9 +757,8 @@ def test_attention_dropout(emu, dtype, dropout_p):
     q, k, v = _qkv(b, h, lq, lk, d, dtype)
     m = _mask("key_padding", b, h, lq, lk, dtype)
     keep = emu.dropout_mask(_seed_of_next_draw(11), [b, h, lq, lk], dropout_p)
-    compare_to_reference(_sdpa(dropout_p=dropout_p, keep=keep, seed=11), [q, k, v, m],
-                         [rand((b, h, lq, d), dtype, "cpu")], dtype, f"attention dropout {dropout_p}",
-                         backend="emu")
+    _compare(_sdpa(dropout_p=dropout_p, keep=keep, seed=11), [q, k, v, m],
+             [rand((b, h, lq, d), dtype, "cpu")], dtype, f"attention dropout {dropout_p}")
 
 
 def test_attention_views_gqa_alibi_window(emu):
@@ -728,14 +769,13 @@ def test_attention_views_gqa_alibi_window(emu):
     v = rand((b, lk, 2, d), F16, "cpu").transpose(1, 2)
     slopes = torch.rand(h) * 0.5
     fn = _sdpa(enable_gqa=True, alibi_slopes=slopes, window_size=(5, 2))
-    compare_to_reference(fn, [q, k, v, None], [rand((b, h, lq, d), F16, "cpu")], F16, "attention gqa",
-                         backend="emu")
+    _compare(fn, [q, k, v, None], [rand((b, h, lq, d), F16, "cpu")], F16, "attention gqa")
 
 
 def test_attention_lq_and_dv_differ(emu):
     q, k, v = _qkv(1, 2, 5, 70, 32, F32, dv=24)
-    compare_to_reference(_sdpa(scale=0.3), [q, k, v, None], [rand((1, 2, 5, 24), F32, "cpu")], F32,
-                         "attention dv != d", backend="emu")
+    _compare(_sdpa(scale=0.3), [q, k, v, None], [rand((1, 2, 5, 24), F32, "cpu")], F32,
+             "attention dv != d")
 
 
 @pytest.mark.parametrize("path", ["unfused", "fused"])
@@ -892,7 +932,7 @@ def test_empty_inputs(emu, case):
         b, lq, lk = {"attention_lq0": (2, 0, 5), "attention_lk0": (2, 7, 0), "attention_b0": (0, 7, 5)}[case]
         q, k, v = _qkv(b, 2, lq, lk, 64, F16)
         fn, ins, dys = _sdpa(), [q, k, v, None], [rand((b, 2, lq, 64), F16, "cpu")]
-    compare_to_reference(fn, ins, dys, F16, case, backend="emu")
+    _compare(fn, ins, dys, F16, case)
     if case.startswith("attention"):  # inference: the fused kernel's refusal, then the unfused path
         with torch.no_grad():
             out = attention_ops._sdpa_cuda(*[t.detach() if t is not None else t for t in ins], 0.0, False,
