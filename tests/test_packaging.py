@@ -25,14 +25,20 @@ def test_every_subpackage_is_installed():
     assert "fastbert.kernels" in packages and _setup_kwarg("package_dir")["fastbert.kernels"] == "kernels"
 
 
-def test_sdist_manifest_covers_the_cuda_sources():
+def _left_out(folder, rules):
+    """Files under ``folder`` that no ``recursive-include folder <patterns>`` rule covers."""
+    patterns = [pat for rule in rules if rule[:2] == ["recursive-include", folder] for pat in rule[2:]]
+    files = [p for p in (ROOT / folder).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+    assert files, f"{folder}/ is empty"
+    return [str(p.relative_to(ROOT)) for p in files if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
+
+
+def test_sdist_manifest_covers_the_cuda_sources_and_tests():
+    """The sdist carries every csrc/ file (the build needs them all) and every tests/ file (the
+    CUDA emulator's headers and runtime source included: its tests compile them)."""
     rules = [line.split() for line in (ROOT / "MANIFEST.in").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    csrc_patterns = [pat for rule in rules if rule[:2] == ["recursive-include", "csrc"]
-                     for pat in rule[2:]]
-    files = [p for p in (ROOT / "csrc").rglob("*") if p.is_file()]
-    assert files
-    missing = [str(p.relative_to(ROOT)) for p in files
-               if not any(fnmatch.fnmatch(p.name, pat) for pat in csrc_patterns)]
-    assert not missing, f"csrc files the sdist would leave out (add them to MANIFEST.in): {missing}"
-    assert any(rule[:2] == ["recursive-include", "tests"] for rule in rules)
+    for folder in ("csrc", "tests"):
+        missing = _left_out(folder, rules)
+        assert not missing, f"{folder} files the sdist would leave out (add them to MANIFEST.in): {missing}"
