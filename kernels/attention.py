@@ -417,6 +417,10 @@ def _attention_bwd_dkdv_block(
             sT = sT + _bias_log2(tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32))
     if HAS_ALIBI:
         sT = sT - alibi_log2 * tl.abs(cols[:, None] - rows[None, :]).to(tl.float32)
+        # As for a float mask: a key >= len_k (score 0 before the bias) sits closer to a row than
+        # the row's real keys, so its P = exp2(s - m) could exceed 1 by far and overflow the
+        # fp16 / bf16 cast below (in rows of dK / dV that are never stored, but inf all the same).
+        sT = tl.where((cols < len_k)[:, None], sT, float("-inf"))
     if CAUSAL_BLOCK:
         sT = tl.where(cols[:, None] <= rows[None, :], sT, float("-inf"))
     if HAS_WINDOW:

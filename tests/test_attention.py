@@ -241,6 +241,15 @@ def test_sdpa_alibi(b, h, hkv, lq, lk, d, dtype, causal, layout, slopes, mask_co
     _check_sdpa(leaves, layout, mask=mask, causal=causal, gqa=hkv != h, alibi=alibi)
 
 
+def test_sdpa_alibi_keys_past_lk_stay_finite():
+    """Lk = 1, steep slopes: the key slots past Lk in the dK / dV kernel's tile lie closer to the
+    late query rows than the one real key, so unless they are cut their P = exp2(s - m) runs far
+    above 1 and overflows the fp16 cast (under the interpreter numpy's overflow warning is an
+    error here; compiled it would be inf in rows never stored). Found by tests/test_fuzz.py."""
+    leaves = _leaves(1, 2, 22, 1, 96, 96, F16, "strided", hkv=1)
+    _check_sdpa(leaves, "strided", gqa=True, alibi=torch.tensor([1.0, 0.5], device=DEVICE))
+
+
 def test_sdpa_alibi_with_dropout(fresh_seed):
     b, h, lq, lk, d, p = 2, 2, 17, 33, 16, 0.3
     leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld")
