@@ -20,7 +20,6 @@ test_attention.py run the same kernels on a GPU.
 """
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,21 +38,9 @@ import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
 attention_ops = sys.modules["fastbert.ops.attention"]
 gelu_ops = sys.modules["fastbert.ops.gelu"]
 layer_norm_ops = sys.modules["fastbert.ops.layer_norm"]
-FAMILIES = (layer_norm_ops, gelu_ops, attention_ops)
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 DTYPES = [F32, F16, BF16]
-_REGISTERED = []
-
-
-def _toolchain_missing():
-    if shutil.which("c++") is None:
-        return "no C++ compiler (c++) to build the CUDA emulator"
-    try:
-        cuda_emu.cuda_include()
-    except RuntimeError as e:
-        return str(e)
-    return None
 
 
 @pytest.fixture(scope="module", params=["forward", "reverse"])
@@ -62,19 +49,10 @@ def emu(request):
     ``_cuda_ops`` pointing at it (so their backend="cuda" implementations run emulated). Every test
     runs twice: with each block's threads run first to last, then last to first (a thread that
     reads what another writes without a barrier between gets a stale value in one of the two)."""
-    missing = _toolchain_missing()
+    missing = cuda_emu.toolchain_missing()
     if missing:
         pytest.skip(missing)
-    cuda_emu.build()
-    ops = torch.ops.fastbert_emu
-    if not _REGISTERED:
-        for family in FAMILIES:
-            family._register_cuda_ops("fastbert_emu")
-        _REGISTERED.append(True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTBERT_EMU_ORDER", request.param)
-        for family in FAMILIES:
-            mp.setattr(family, "_cuda_ops", lambda: ops)
+    with cuda_emu.emulated_cuda_backend(request.param) as ops:
         yield ops
 
 
@@ -946,7 +924,7 @@ def test_kernels_under_address_sanitizer(tmp_path):
     stops the child with a report, which fails this test and is printed."""
     if os.environ.get("FASTBERT_EMU_SANITIZE"):
         pytest.skip("this is the instrumented run itself")
-    missing = _toolchain_missing()
+    missing = cuda_emu.toolchain_missing()
     if missing:
         pytest.skip(missing)
     runtimes = [cuda_emu.asan_runtime()]

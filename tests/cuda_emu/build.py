@@ -14,6 +14,7 @@ package.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -165,6 +166,55 @@ def build(verbose: bool = False, sanitize: bool = None) -> str:
     )
     _LOADED.append(lib if isinstance(lib, str) else str(build_dir / f"{name}.so"))
     return _LOADED[0]
+
+
+def toolchain_missing() -> str:
+    """Why the emulator cannot be built here ("" when it can)."""
+    if shutil.which("c++") is None:
+        return "no C++ compiler (c++) to build the CUDA emulator"
+    try:
+        cuda_include()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+_GLUE: list = []  # set once the op families' glue is registered on torch.ops.fastbert_emu
+
+
+@contextlib.contextmanager
+def emulated_cuda_backend(order: str = "forward"):
+    """Builds (or reuses) and loads the emulated library, registers each op family's fakes and
+    autograd on ``torch.ops.fastbert_emu`` (once per process), and while the context lasts points
+    the families' ``backend="cuda"`` implementation functions (``_layer_norm_cuda``,
+    ``_sdpa_cuda``, ...) at it, with each block's threads run in ``order`` ("forward" or
+    "reverse"). Yields ``torch.ops.fastbert_emu``. The public ops still refuse backend="cuda" on
+    CPU tensors: call the implementation functions."""
+    import torch
+
+    if order not in ("forward", "reverse"):
+        raise ValueError(f"order must be 'forward' or 'reverse', got {order!r}")
+    build()
+    families = [sys.modules[f"fastbert.ops.{name}"] for name in ("layer_norm", "gelu", "attention")]
+    ops = torch.ops.fastbert_emu
+    if not _GLUE:
+        for family in families:
+            family._register_cuda_ops("fastbert_emu")
+        _GLUE.append(True)
+    saved_order = os.environ.get("FASTBERT_EMU_ORDER")
+    saved_ops = [family._cuda_ops for family in families]
+    os.environ["FASTBERT_EMU_ORDER"] = order
+    for family in families:
+        family._cuda_ops = lambda: ops
+    try:
+        yield ops
+    finally:
+        for family, fn in zip(families, saved_ops):
+            family._cuda_ops = fn
+        if saved_order is None:
+            os.environ.pop("FASTBERT_EMU_ORDER", None)
+        else:
+            os.environ["FASTBERT_EMU_ORDER"] = saved_order
 
 
 if __name__ == "__main__":

@@ -1,0 +1,387 @@
+"""Property-based tests: random combinations of the options the other files test one grid at a time.
+
+Each example draws a shape, dtype, layout and a set of options (mask kind and broadcast, causal,
+window, ALiBi, grouped-query heads, scale; normalized shapes, strides, affine parameters) and checks
+the op's output and every gradient against fastbert.reference in fp64 with the usual rule
+(fastbert.testing.compare_to_reference). The inputs come from a generator seeded by a drawn
+integer, so a failing example is replayed exactly from what hypothesis prints. Without a GPU the
+Triton kernels run under the interpreter (few, small examples); on a GPU both backends run
+compiled, with more examples. ``FASTBERT_FUZZ_EXAMPLES=N`` sets the number of examples per test
+(a longer hunt than CI's). Without a GPU the CUDA kernels take part too, through the emulator of
+tests/cuda_emu ("emu": the backend="cuda" implementation functions, each example in a drawn thread
+order, every allocation NaN-filled).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import reference
+from fastbert.backends import backend_reasons
+from fastbert.ops.attention import check_window_size
+from fastbert.testing import DEVICE, compare_to_reference, rand
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
+
+# the op family modules (fastbert.ops.gelu etc. are shadowed by the functions of that name)
+attention_ops = sys.modules["fastbert.ops.attention"]
+gelu_ops = sys.modules["fastbert.ops.gelu"]
+layer_norm_ops = sys.modules["fastbert.ops.layer_norm"]
+
+hypothesis = pytest.importorskip("hypothesis")
+# Under the interpreter numpy reports an inf / NaN arising anywhere inside a kernel (even in rows
+# that are never stored) as a RuntimeWarning: an error here, as in test_attention.py.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+st = hypothesis.strategies
+
+ON_GPU = DEVICE == "cuda"
+BACKENDS = ["triton", "cuda"] if ON_GPU else ["triton", "emu"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])  # interpreter: no bf16 dot
+SETTINGS = hypothesis.settings(
+    max_examples=int(os.environ.get("FASTBERT_FUZZ_EXAMPLES") or (60 if ON_GPU else 12)), deadline=None, database=None, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
+                           hypothesis.HealthCheck.too_slow])
+
+
+def _skip_unavailable(backend):
+    if backend == "emu":
+        reason = cuda_emu.toolchain_missing()
+    else:
+        reason = "; ".join(backend_reasons(backend, torch.device(DEVICE), explicit=True))
+    if reason:
+        pytest.skip(f"backend {backend!r} unavailable here: {reason}")
+
+
+@contextlib.contextmanager
+def _running(backend, order):
+    """Where ``backend`` runs: for "emu", the emulated CUDA kernels in thread order ``order``, with
+    every allocation (the C++ ones too) filled with NaN."""
+    if backend != "emu":
+        yield
+        return
+    det = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with cuda_emu.emulated_cuda_backend(order):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _sdpa(backend):
+    """fastbert.scaled_dot_product_attention on ``backend`` (for "emu": the backend="cuda"
+    implementation function, which takes the checked arguments)."""
+    if backend == "emu":
+        return lambda q, k, v, m, causal, scale, gqa, alibi, window: attention_ops._sdpa_cuda(
+            q, k, v, m, 0.0, causal, scale, gqa, alibi, check_window_size(window))
+    return lambda q, k, v, m, causal, scale, gqa, alibi, window: fastbert.scaled_dot_product_attention(
+        q, k, v, m, 0.0, causal, scale, gqa, alibi_slopes=alibi, window_size=window, backend=backend)
+
+
+def _layer_norm(backend):
+    if backend == "emu":
+        return lambda x, norm, w, b, eps: layer_norm_ops._layer_norm_cuda(x, tuple(norm), w, b, eps)
+    return lambda x, norm, w, b, eps: fastbert.layer_norm(x, norm, w, b, eps, backend=backend)
+
+
+def _add_layer_norm(backend):
+    if backend == "emu":
+        return lambda x, r, w, b, eps, xb, ret: layer_norm_ops._add_layer_norm_cuda(
+            x, r, w, b, eps, xb, 0.0, ret)
+    return lambda x, r, w, b, eps, xb, ret: fastbert.add_layer_norm(
+        x, r, w, b, eps, input_bias=xb, return_residual=ret, backend=backend)
+
+
+def _bias_gelu(backend):
+    if backend == "emu":
+        return lambda x, b, approx: (gelu_ops._gelu_cuda(x, approx) if b is None
+                                     else gelu_ops._bias_gelu_cuda(x, b, approx))
+    return lambda x, b, approx: fastbert.bias_gelu(x, b, approximate=approx, backend=backend)
+
+
+_ORDERS = st.sampled_from(["forward", "reverse"])
+
+
+def _tensor(gen, shape, dtype, layout):
+    """A (..., L, D)-shaped tensor in one of three memory layouts: contiguous, "transposed" (the
+    last two-but-one dims stored swapped: (B, L, H, D) viewed as (B, H, L, D)) or "strided" (every
+    other element of a twice-as-wide last dim)."""
+    if layout == "transposed" and len(shape) == 4:
+        b, h, l, d = shape
+        return rand((b, l, h, d), dtype, DEVICE, generator=gen).transpose(1, 2)
+    return rand(shape, dtype, DEVICE, generator=gen, noncontiguous=(layout == "strided"))
+
+
+@st.composite
+def attention_cases(draw):
+    b = draw(st.integers(1, 3))
+    hkv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    h = hkv * group
+    lq, lk = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    d = draw(st.sampled_from([16, 24, 40, 64, 80, 96]))
+    dv = draw(st.sampled_from([d, 16, 40]))
+    mask = draw(st.sampled_from(["none", "bool", "float", "float_grad"]))
+    # which of (B, H, Lq, Lk) the mask spans (1: broadcast); Lk always spanned for key masks
+    mask_dims = [draw(st.booleans()) for _ in range(3)]
+    window = draw(st.one_of(st.none(), st.tuples(st.integers(-1, 40), st.integers(-1, 40))))
+    return dict(
+        shape=(b, h, hkv, lq, lk, d, dv), dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+        mask=mask, mask_dims=mask_dims, causal=draw(st.booleans()), window=window,
+        alibi=draw(st.sampled_from([None, "per_head", "per_batch"])),
+        scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
+
+
+def _attention_inputs(case):
+    b, h, hkv, lq, lk, d, dv = case["shape"]
+    dtype, layout = case["dtype"], case["layout"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    q = _tensor(gen, (b, h, lq, d), dtype, layout)
+    k = _tensor(gen, (b, hkv, lk, d), dtype, layout)
+    v = _tensor(gen, (b, hkv, lk, dv), dtype, layout)
+    mshape = tuple(n if keep else 1 for n, keep in zip((b, h, lq), case["mask_dims"])) + (lk,)
+    if case["mask"] == "bool":  # some rows see no key at all
+        m = (torch.rand(mshape, generator=gen) < 0.6).to(DEVICE)
+        if lq > 2 and mshape[2] > 1:
+            m[..., 1, :] = False
+    elif case["mask"].startswith("float"):
+        m = rand(mshape, dtype, DEVICE, generator=gen)
+    else:
+        m = None
+    alibi = None
+    if case["alibi"] == "per_head":
+        alibi = (torch.rand((h,), generator=gen) * 0.5).to(DEVICE)
+    elif case["alibi"] == "per_batch":
+        alibi = (torch.rand((b, h), generator=gen) * 0.5).to(DEVICE)
+    dout = rand((b, h, lq, dv), dtype, DEVICE, generator=gen)
+    return q, k, v, m, alibi, dout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_fuzz(backend):
+    _skip_unavailable(backend)
+    sdpa = _sdpa(backend)
+
+    @SETTINGS
+    @hypothesis.given(case=attention_cases())
+    def run(case):
+        q, k, v, m, alibi, dout = _attention_inputs(case)
+        args = (case["causal"], case["scale"], q.shape[1] != k.shape[1], alibi, case["window"])
+
+        def fn(q, k, v, m, backend, **kw):
+            if backend == "ref":
+                causal, scale, gqa, alibi, window = args
+                return reference.scaled_dot_product_attention(q, k, v, m, 0.0, causal, scale, gqa,
+                                                              alibi_slopes=alibi, window_size=window, **kw)
+            return sdpa(q, k, v, m, *args)
+
+        # a constant float mask (no gradient asked for) goes in as a non-leaf constant
+        inputs = [q, k, v] + ([m] if case["mask"] != "float" else [])
+        call = fn if case["mask"] != "float" else (lambda q, k, v, backend, **kw: fn(q, k, v, m, backend, **kw))
+        with _running(backend, case["order"]):
+            compare_to_reference(call, inputs, [dout], case["dtype"], f"attention {case}", backend=backend)
+
+    run()
+
+
+@st.composite
+def layer_norm_cases(draw):
+    rows = draw(st.sampled_from([(1,), (17,), (3, 5), (2, 1, 7)]))
+    norm = draw(st.sampled_from([(1,), (7,), (97,), (768,), (1000,), (4, 24), (2, 3, 16)]))
+    return dict(
+        rows=rows, norm=norm, dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(["contiguous", "strided", "row_slice"])),
+        weight=draw(st.booleans()), bias=draw(st.booleans()),
+        residual=draw(st.booleans()), input_bias=draw(st.booleans()),
+        return_residual=draw(st.booleans()), eps=draw(st.sampled_from([1e-5, 1e-12, 0.1])),
+        scale=draw(st.sampled_from([1.0, 30.0])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
+
+
+def _ln_input(shape, dtype, layout, gen, scale):
+    if layout == "row_slice":  # every other row of a twice-as-long leading dim
+        full = rand((2 * shape[0],) + tuple(shape[1:]), dtype, DEVICE, generator=gen, scale=scale)
+        return full[::2]
+    return rand(shape, dtype, DEVICE, generator=gen, scale=scale, noncontiguous=(layout == "strided"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_fuzz(backend):
+    """layer_norm, and add_layer_norm when the case has a residual (no dropout: its mask is drawn
+    by the kernel; the dropout tests check it separately)."""
+    _skip_unavailable(backend)
+    layer_norm, add_layer_norm = _layer_norm(backend), _add_layer_norm(backend)
+
+    @SETTINGS
+    @hypothesis.given(case=layer_norm_cases())
+    def run(case):
+        gen = torch.Generator().manual_seed(case["seed"])
+        dtype, norm, eps = case["dtype"], case["norm"], case["eps"]
+        shape = case["rows"] + norm
+        x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
+        dy = rand(shape, dtype, DEVICE, generator=gen)
+        name = f"layer_norm {case}"
+        if case["residual"]:  # add_layer_norm normalizes the last dim (the others become rows)
+            norm = norm[-1:]
+        w = rand(norm, dtype, DEVICE, generator=gen) if case["weight"] else None
+        b = rand(norm, dtype, DEVICE, generator=gen) if case["bias"] else None
+        if not case["residual"]:
+            def fn(x, w, b, backend, **kw):
+                if backend == "ref":
+                    return reference.layer_norm(x, norm, w, b, eps, **kw)
+                return layer_norm(x, norm, w, b, eps)
+            with _running(backend, case["order"]):
+                compare_to_reference(fn, [x, w, b], [dy], dtype, name, backend=backend)
+            return
+        r = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
+        xb = rand(norm, dtype, DEVICE, generator=gen) if case["input_bias"] else None
+        ret = case["return_residual"]
+
+        def fn(x, r, w, b, xb, backend, **kw):
+            if backend == "ref":
+                return reference.add_layer_norm(x, r, w, b, eps, input_bias=xb, return_residual=ret, **kw)
+            return add_layer_norm(x, r, w, b, eps, xb, ret)
+        dys = [dy, rand(shape, dtype, DEVICE, generator=gen)] if ret else [dy]
+        with _running(backend, case["order"]):
+            compare_to_reference(fn, [x, r, w, b, xb], dys, dtype, name, backend=backend)
+
+    run()
+
+
+@st.composite
+def gelu_cases(draw):
+    return dict(
+        shape=draw(st.sampled_from([(1,), (5, 1), (17, 97), (3, 4, 768), (2, 1000)])),
+        dtype=draw(st.sampled_from(DTYPES)), approximate=draw(st.sampled_from(["none", "tanh"])),
+        bias=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "strided", "row_slice"])),
+        scale=draw(st.sampled_from([1.0, 4.0])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gelu_fuzz(backend):
+    _skip_unavailable(backend)
+    bias_gelu = _bias_gelu(backend)
+
+    @SETTINGS
+    @hypothesis.given(case=gelu_cases())
+    def run(case):
+        gen = torch.Generator().manual_seed(case["seed"])
+        dtype, shape, approx = case["dtype"], case["shape"], case["approximate"]
+        x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
+        b = rand(shape[-1:], dtype, DEVICE, generator=gen) if case["bias"] else None
+        dy = rand(shape, dtype, DEVICE, generator=gen)
+
+        def fn(x, b, backend, **kw):
+            if backend == "ref":
+                return reference.bias_gelu(x, b, approximate=approx, **kw)
+            return bias_gelu(x, b, approx)
+        with _running(backend, case["order"]):
+            compare_to_reference(fn, [x, b], [dy], dtype, f"bias_gelu {case}", backend=backend)
+
+    run()
+
+
+@st.composite
+def varlen_cases(draw):
+    n = draw(st.integers(1, 4))
+    lens_q = draw(st.lists(st.integers(0, 40), min_size=n, max_size=n))
+    same = draw(st.booleans())  # self-attention: the same lengths for keys
+    lens_k = lens_q if same else draw(st.lists(st.integers(0, 40), min_size=n, max_size=n))
+    hkv = draw(st.sampled_from([1, 2]))
+    return dict(
+        lens_q=lens_q, lens_k=lens_k, h=hkv * draw(st.sampled_from([1, 2])), hkv=hkv,
+        d=draw(st.sampled_from([16, 40, 64, 80])), dtype=draw(st.sampled_from(DTYPES)),
+        strided=draw(st.booleans()), causal=draw(st.booleans()),
+        window=draw(st.one_of(st.none(), st.tuples(st.integers(-1, 20), st.integers(-1, 20)))),
+        alibi=draw(st.sampled_from([None, "per_head", "per_sequence"])),
+        scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+def test_varlen_attention_fuzz():
+    """Packed sequences of random lengths (empty ones included), per-sequence causal / window /
+    ALiBi, grouped-query heads, strided token rows; the Triton backend (the only one with varlen)."""
+    _skip_unavailable("triton")
+
+    @SETTINGS
+    @hypothesis.given(case=varlen_cases())
+    def run(case):
+        gen = torch.Generator().manual_seed(case["seed"])
+        dtype, h, hkv, d = case["dtype"], case["h"], case["hkv"], case["d"]
+        hypothesis.assume(sum(case["lens_q"]) > 0 and sum(case["lens_k"]) > 0)
+
+        def cu(lens):
+            return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+        cu_q, cu_k = cu(case["lens_q"]), cu(case["lens_k"])
+        tq, tk = sum(case["lens_q"]), sum(case["lens_k"])
+        q = rand((tq, h, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
+        k = rand((tk, hkv, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
+        v = rand((tk, hkv, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
+        n = len(case["lens_q"])
+        alibi = {None: None, "per_head": (h,), "per_sequence": (n, h)}[case["alibi"]]
+        if alibi is not None:
+            alibi = (torch.rand(alibi, generator=gen) * 0.5).to(DEVICE)
+        mq, mk = max(case["lens_q"]), max(case["lens_k"])
+        kwargs = dict(dropout_p=0.0, is_causal=case["causal"], scale=case["scale"], alibi_slopes=alibi,
+                      window_size=case["window"])
+
+        def fn(q, k, v, backend, **kw):
+            if backend == "ref":
+                return reference.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, **kw)
+            return fastbert.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, backend=backend)
+        compare_to_reference(fn, [q, k, v], [rand((tq, h, d), dtype, DEVICE, generator=gen)], dtype,
+                             f"varlen_attention {case}", backend="triton")
+
+    run()
+
+
+@st.composite
+def block_sparse_cases(draw):
+    bs = draw(st.sampled_from([16, 32, 64]))
+    return dict(
+        b=draw(st.integers(1, 2)), h=draw(st.sampled_from([1, 2, 3])), lq=draw(st.integers(1, 140)),
+        lk=draw(st.integers(1, 140)), d=draw(st.sampled_from([16, 40, 64])), block=bs,
+        dtype=draw(st.sampled_from(DTYPES)), per_head=draw(st.booleans()),
+        density=draw(st.sampled_from([0.0, 0.3, 0.7, 1.0])),
+        key_padding=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])),
+        seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+def test_block_sparse_attention_fuzz():
+    """Random layouts (empty, dense and in between, per head or shared; sizes not multiples of the
+    block), with and without a key-padding mask; the Triton backend against the reference, which
+    expands the layout into a dense token mask."""
+    _skip_unavailable("triton")
+
+    @SETTINGS
+    @hypothesis.given(case=block_sparse_cases())
+    def run(case):
+        gen = torch.Generator().manual_seed(case["seed"])
+        b, h, lq, lk, d, bs, dtype = (case[x] for x in ("b", "h", "lq", "lk", "d", "block", "dtype"))
+        q = rand((b, h, lq, d), dtype, DEVICE, generator=gen)
+        k = rand((b, h, lk, d), dtype, DEVICE, generator=gen)
+        v = rand((b, h, lk, d), dtype, DEVICE, generator=gen)
+        nq, nk = -(-lq // bs), -(-lk // bs)
+        layout = (torch.rand((h if case["per_head"] else 1, nq, nk), generator=gen) < case["density"]).to(DEVICE)
+        mask = None
+        if case["key_padding"]:
+            lengths = torch.randint(0, lk + 1, (b,), generator=gen)
+            mask = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
+
+        def fn(q, k, v, backend, **kw):
+            if backend == "ref":
+                return reference.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], **kw)
+            return fastbert.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], backend=backend)
+        compare_to_reference(fn, [q, k, v], [rand((b, h, lq, d), dtype, DEVICE, generator=gen)], dtype,
+                             f"block_sparse_attention {case}", backend="triton")
+
+    run()
