@@ -4,12 +4,13 @@ Each example draws a shape, dtype, layout and a set of options (mask kind and br
 window, ALiBi, grouped-query heads, scale; normalized shapes, strides, affine parameters) and checks
 the op's output and every gradient against fastbert.reference in fp64 with the usual rule
 (fastbert.testing.compare_to_reference). The inputs come from a generator seeded by a drawn
-integer, so a failing example is replayed exactly from what hypothesis prints. Without a GPU the
-Triton kernels run under the interpreter (few, small examples); on a GPU both backends run
-compiled, with more examples. ``FASTBERT_FUZZ_EXAMPLES=N`` sets the number of examples per test
-(a longer hunt than CI's). Without a GPU the CUDA kernels take part too, through the emulator of
-tests/cuda_emu ("emu": the backend="cuda" implementation functions, each example in a drawn thread
-order, every allocation NaN-filled).
+integer, so a failing example is replayed exactly from what hypothesis prints.
+
+Without a GPU the Triton kernels run under the interpreter (12 small examples per test), and the
+CUDA kernels take part through the emulator of tests/cuda_emu ("emu": the backend="cuda"
+implementation functions, each example in a drawn thread order, every allocation NaN-filled). On a
+GPU both backends run compiled (20 examples: each new combination compiles kernels).
+``FASTBERT_FUZZ_EXAMPLES=N`` sets the number of examples per test, for a longer hunt than CI's.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ ON_GPU = DEVICE == "cuda"
 BACKENDS = ["triton", "cuda"] if ON_GPU else ["triton", "emu"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])  # interpreter: no bf16 dot
 SETTINGS = hypothesis.settings(
-    max_examples=int(os.environ.get("FASTBERT_FUZZ_EXAMPLES") or (60 if ON_GPU else 12)), deadline=None, database=None, print_blob=True,
+    max_examples=int(os.environ.get("FASTBERT_FUZZ_EXAMPLES") or (20 if ON_GPU else 12)),
+    deadline=None, database=None, print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
                            hypothesis.HealthCheck.too_slow])
 
