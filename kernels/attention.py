@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._mask import bias_log2
 from ._seed import check_seed, load_seed, seed_arg
 
 __all__ = [
@@ -79,15 +80,6 @@ LOG2E = 1.4426950408889634  # log2(e): scores are kept in base 2 so the kernels 
 LN2 = 0.6931471805599453  # ln(2): converts the base-2 logsumexp back to natural log
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-
-
-@triton.jit
-def _bias_log2(bias):
-    """An additive mask tile (fp32) in base-2 units. Finite values below -2e38 (e.g. HuggingFace's
-    torch.finfo(float32).min padding) are clamped first so that `* log2(e)` cannot overflow them
-    to -inf: they stay "alive" keys, as in the reference, while -inf stays -inf (key removed)."""
-    bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.0e38))
-    return bias * 1.4426950408889634
 
 
 @triton.jit
@@ -153,7 +145,7 @@ def _attention_fwd_block(
             s = tl.where(keep != 0, s, float("-inf"))
         else:
             bias = tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32)
-            s = s + _bias_log2(bias)
+            s = s + bias_log2(bias)
     if HAS_ALIBI:  # - slope * |i - j|, computed here: no bias tensor is read
         s = s - alibi_log2 * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)
     if BOUNDARY:
@@ -414,7 +406,7 @@ def _attention_bwd_dkdv_block(
             # -inf outside the bounds: a key >= len_k next to a row whose m is a huge negative
             # bias would otherwise get P = exp2(-m) = inf (harmless in rows never stored, but
             # inf / NaN in registers all the same).
-            sT = sT + _bias_log2(tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32))
+            sT = sT + bias_log2(tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32))
     if HAS_ALIBI:
         sT = sT - alibi_log2 * tl.abs(cols[:, None] - rows[None, :]).to(tl.float32)
         # As for a float mask: a key >= len_k (score 0 before the bias) sits closer to a row than
@@ -594,7 +586,7 @@ def _attention_bwd_dq_block(
             keep = tl.load(m_ptrs, mask=m_ok, other=0)
             s = tl.where(keep != 0, s, float("-inf"))
         else:
-            s = s + _bias_log2(tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32))
+            s = s + bias_log2(tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32))
     if HAS_ALIBI:
         s = s - alibi_log2 * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)
     if BOUNDARY:
@@ -776,7 +768,7 @@ def _attention_bwd_dmask_kernel(
         delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
         bias = tl.load(Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None].to(tl.int64) * stride_mm
                        + cols[None, :] * stride_mn, mask=tile_ok, other=0.0).to(tl.float32)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * sm_scale_log2 + _bias_log2(bias)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * sm_scale_log2 + bias_log2(bias)
         if HAS_ALIBI:
             alibi = _alibi_slope_log2(Alibi, b64, h64, stride_ab, stride_ah, HAS_ALIBI)
             s = s - alibi * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)

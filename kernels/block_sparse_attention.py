@@ -12,9 +12,13 @@ so a program walks ``BLOCK // BLOCK_N`` key tiles per listed key block (``BLOCK 
 tiles per listed query block in dk/dv). Rows or columns past Lq / Lk, and head-dim lanes past D,
 are masked, so L need not be a multiple of the block size and D is padded to a power of two.
 
-Scores are kept in base 2: ``s2 = (q . k * scale + bias) * log2(e)`` and the saved logsumexp
-``lse2`` is base 2 too; ``p = exp2(s2 - lse2)``. A query row that sees no key (no block, or every
-key masked) stores 0 and ``lse2 = +inf``, so its backward probabilities are exactly 0.
+Scores are kept in base 2: ``s2 = (q . k * scale + bias) * log2(e)``. The forward saves each
+row's softmax statistics in two planes, ``stats[b, h, 0] = m2`` (the row max) and
+``stats[b, h, 1] = log2(l)`` (the log of its sum of ``exp2(s2 - m2)``), and the backward recomputes
+``p = exp2((s2 - m2) - log2(l))``. One logsumexp ``m2 + log2(l)`` would not do: next to a row max
+near -2.9e38 (a row padded everywhere with HuggingFace's finfo.min) the fp32 sum loses log2(l)
+entirely and every p of the row comes out 1. A query row that sees no key (no block, or every key
+masked) stores 0 and ``m2 = 0, log2(l) = +inf``, so its backward probabilities are exactly 0.
 
 Dropout uses Philox (``tl.philox``) keyed by the seed with the counters (key column, query row,
 batch * H + head): the backward pass and :func:`block_sparse_attention_dropout_mask` regenerate
@@ -35,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._mask import bias_log2
 from ._seed import check_seed, load_seed, seed_arg
 
 __all__ = [
@@ -73,7 +78,7 @@ def _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_
             s = tl.where(allowed != 0, s, float("-inf"))
         else:
             bias = tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32)
-            s = s + bias * 1.4426950408889634  # bias in base 2, like the scores
+            s = s + bias_log2(bias)
     return tl.where(mask_n[None, :], s, float("-inf"))
 
 
@@ -92,7 +97,7 @@ def _program_tile(num_tiles):
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
     Q, K, V, Out,            # q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, DV], out [B, H, Lq, DV]
-    Lse,                     # [B, H, Lq] float32 contiguous: base-2 logsumexp of each query row
+    Stats,                   # [B, H, 2, Lq] float32 contiguous: row max m2 and log2(l), base 2
     Mask,                    # attn_mask expanded to [B, H, Lq, Lk] (uint8 view of bool, or float)
     QCount, QIndex,          # [HL, NBQ] int32 key blocks per query block; [HL, NBQ, NBK] their ids
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -172,8 +177,19 @@ def _block_sparse_attention_fwd_kernel(
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
-    lse = tl.where(alive, m_i + tl.log2(l_safe), float("inf"))
-    tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
+    stats = Stats + pid_bh.to(tl.int64) * 2 * Lq
+    tl.store(stats + offs_m, tl.where(alive, m_i, 0.0), mask=mask_m)
+    tl.store(stats + Lq + offs_m, tl.where(alive, tl.log2(l_safe), float("inf")), mask=mask_m)
+
+
+@triton.jit
+def _load_stats(Stats, bh, offs_m, mask_m, Lq):
+    """The forward's (m2, log2(l)) [BM] of rows ``offs_m`` of (batch * H + head) ``bh``; rows past
+    Lq get (0, +inf), hence probabilities exp2((s - m2) - log2(l)) of exactly 0."""
+    stats = Stats + bh.to(tl.int64) * 2 * Lq
+    m2 = tl.load(stats + offs_m, mask=mask_m, other=0.0)
+    log2_l = tl.load(stats + Lq + offs_m, mask=mask_m, other=float("inf"))
+    return m2, log2_l
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +220,7 @@ def _block_sparse_attention_bwd_preprocess_kernel(
 @triton.jit
 def _block_sparse_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ,         # q, dq [B, H, Lq, D]; k [B, H, Lk, D]; v [B, H, Lk, DV]; do [B, H, Lq, DV]
-    Lse, Delta,              # [B, H, Lq] float32: base-2 logsumexp, rowsum(out * do)
+    Stats, Delta,            # [B, H, 2, Lq] float32 forward statistics; [B, H, Lq] rowsum(out * do)
     Mask,                    # attn_mask expanded to [B, H, Lq, Lk]
     DS,                      # [B, H, Lq, Lk] float32 zeros: receives dS when STORE_DS, else unused
     QCount, QIndex,          # key-block lists of the query blocks (as in the forward)
@@ -240,7 +256,7 @@ def _block_sparse_attention_bwd_dq_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=mask_m[:, None] & mask_dv[None, :], other=0.0)  # [BM, BDV]
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=float("inf"))  # [BM]
+    m2, log2_l = _load_stats(Stats, pid_bh, offs_m, mask_m, Lq)                              # [BM]
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)       # [BM]
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -266,7 +282,7 @@ def _block_sparse_attention_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
         s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
                            HAS_MASK, MASK_IS_BOOL)
-        p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
+        p = tl.exp2((s - m2[:, None]) - log2_l[:, None])                         # [BM, BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
@@ -285,7 +301,7 @@ def _block_sparse_attention_bwd_dq_kernel(
 @triton.jit
 def _block_sparse_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_,    # dk [B, H, Lk, D], dv [B, H, Lk, DV] (others as in the dq kernel)
-    Lse, Delta, Mask,
+    Stats, Delta, Mask,
     KCount, KIndex,          # [HL, NBK] int32 query blocks per key block; [HL, NBK, NBQ] their ids
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -323,7 +339,6 @@ def _block_sparse_attention_bwd_dkdv_kernel(
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     m_base = Mask + off_b * stride_mb + off_h * stride_mh
-    lse_base = Lse + pid_bh.to(tl.int64) * Lq
     delta_base = Delta + pid_bh.to(tl.int64) * Lq
 
     seed = load_seed(Seed, HAS_DROPOUT)
@@ -343,12 +358,12 @@ def _block_sparse_attention_bwd_dkdv_kernel(
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
         do = tl.load(do_base + rows * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=mask_m[:, None] & mask_dv[None, :], other=0.0)  # [BM, BDV]
-        lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))  # [BM]
+        m2, log2_l = _load_stats(Stats, pid_bh, offs_m, mask_m, Lq)       # [BM]
         delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)      # [BM]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
         s = _masked_scores(s, m_base, offs_m, offs_n, mask_m, mask_n, stride_mm, stride_mn,
                            HAS_MASK, MASK_IS_BOOL)
-        p = tl.exp2(s - lse[:, None])                                            # [BM, BN]
+        p = tl.exp2((s - m2[:, None]) - log2_l[:, None])                         # [BM, BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN] -> [BM, BN]
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, dropout_p)
@@ -371,7 +386,7 @@ def _block_sparse_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _block_sparse_attention_bwd_dmask_kernel(
-    Q, K, V, DO, Lse, Delta, Mask,
+    Q, K, V, DO, Stats, Delta, Mask,
     Layout,                  # [HL, NBQ, NBK] uint8, contiguous: 1 = the block is attended
     DMask,                   # [MB, MH, Lq, Lk] float32 zeros: receives the mask gradient
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -429,12 +444,12 @@ def _block_sparse_attention_bwd_dmask_kernel(
                         + offs_dv[None, :] * stride_vd,
                         mask=mask_n[:, None] & (offs_dv < DV)[None, :], other=0.0)  # [BN, BDV]
             bh = b * H + h
-            lse = tl.load(Lse + bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=float("inf"))
+            m2, log2_l = _load_stats(Stats, bh, offs_m, mask_m, Lq)
             delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BM, BD] @ [BD, BN]
             s = _masked_scores(s, Mask + off_b * stride_mb + off_h * stride_mh, offs_m, offs_n,
                                mask_m, mask_n, stride_mm, stride_mn, True, False)
-            p = tl.exp2(s - lse[:, None])                                        # [BM, BN]
+            p = tl.exp2((s - m2[:, None]) - log2_l[:, None])                     # [BM, BN]
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BDV] @ [BDV, BN]
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
@@ -590,8 +605,8 @@ def block_sparse_attention_fwd(
         scale: softmax scale, default 1/sqrt(D). block_m, block_n: tile overrides (tests).
 
     Returns:
-        out (B, H, Lq, DV) in q's dtype and lse (B, H, Lq) float32, base-2 logsumexp (+inf for rows
-        that see no key).
+        out (B, H, Lq, DV) in q's dtype and stats (B, H, 2, Lq) float32: each row's max score m2
+        and log2 of its sum of exp2(s2 - m2), base 2 (0 and +inf for rows that see no key).
     """
     _check_block_size(block_size)
     b, h, lq, d = q.shape
@@ -600,15 +615,16 @@ def block_sparse_attention_fwd(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     seed = seed_arg(seed, dropout_p, q)
     out = torch.empty((b, h, lq, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((b, h, 2, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        lse.fill_(float("inf"))
-        return out, lse
+        stats[:, :, 0] = 0.0
+        stats[:, :, 1] = float("inf")
+        return out, stats
     bm, bn, warps, stages = _tiles(block_size, d, dv, q.dtype, q.device, "fwd", block_m, block_n)
     mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, (b, h, lq, lk), q)
     grid = (triton.cdiv(lq, bm) * b * h,)  # flat: see _program_tile
     _block_sparse_attention_fwd_kernel[grid](
-        q, k, v, out, lse, mask, q_count, q_index,
+        q, k, v, out, stats, mask, q_count, q_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
         h, hl, nbq, nbk, lq, lk, d, dv,
         scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
@@ -616,19 +632,19 @@ def block_sparse_attention_fwd(
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
-    return out, lse
+    return out, stats
 
 
 def block_sparse_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor,
+    out: torch.Tensor, stats: torch.Tensor,
     q_count: torch.Tensor, q_index: torch.Tensor, k_count: torch.Tensor, k_index: torch.Tensor,
     block_size: int, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
     scale: Optional[float] = None, seed: Optional[torch.Tensor] = None, mask_grad: bool = False,
     *, block_m: Optional[int] = None, block_n: Optional[int] = None,
     layout: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Backward pass for upstream ``do`` (B, H, Lq, DV), given the forward's ``out`` and ``lse``
+    """Backward pass for upstream ``do`` (B, H, Lq, DV), given the forward's ``out`` and ``stats``
     and the same layout lists, mask, dropout and seed tensor. dq walks each query block's key-block
     list; dk/dv walk each key block's query-block list (``k_count``, ``k_index``).
 
@@ -677,7 +693,7 @@ def block_sparse_attention_bwd(
             out, do, delta, *out.stride(), *do.stride(), h, lq, dv_dim,
             BLOCK_M=bm, BLOCK_DV=_pad_dim(dv_dim))
         _block_sparse_attention_bwd_dq_kernel[(triton.cdiv(lq, bm) * b * h,)](
-            q, k, v, do, dq, lse, delta, mask, ds_arg, q_count, q_index,
+            q, k, v, do, dq, stats, delta, mask, ds_arg, q_count, q_index,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mstr, *ds_strides,
             h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop, STORE_DS=in_dq,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
@@ -685,7 +701,7 @@ def block_sparse_attention_bwd(
         bm, bn, warps, stages = _tiles(block_size, d, dv_dim, q.dtype, q.device, "bwd_dkdv",
                                        block_m, block_n)
         _block_sparse_attention_bwd_dkdv_kernel[(triton.cdiv(lk, bn) * b * h,)](
-            q, k, v, do, dk, dv, lse, delta, mask, k_count, k_index,
+            q, k, v, do, dk, dv, stats, delta, mask, k_count, k_index,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mstr,
             h, hl, nbq, nbk, lq, lk, d, dv_dim, scale * LOG2E, scale, *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
@@ -695,7 +711,7 @@ def block_sparse_attention_bwd(
         lay = layout.to(device=q.device, dtype=torch.uint8).contiguous()
         grid = (triton.cdiv(lq, bm) * triton.cdiv(lk, bn) * mb * mh,)
         _block_sparse_attention_bwd_dmask_kernel[grid](
-            q, k, v, do, lse, delta, mask, lay, ds,
+            q, k, v, do, stats, delta, mask, lay, ds,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *mstr,
             h, hl, nbq, nbk, lq, lk, d, dv_dim, mh, b if mb == 1 else 1, h if mh == 1 else 1,
             scale * LOG2E, *drop, HAS_DROPOUT=dropout_p > 0.0, BLOCK=block_size, BLOCK_M=bm,

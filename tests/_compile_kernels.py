@@ -406,12 +406,12 @@ def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = 
     strides = lambda *names: {f"stride_{n}{s}": v for n in names for s, v in zip("bhmd", t)}  # noqa: E731
     if kind == "fwd":
         kernel = bsa._block_sparse_attention_fwd_kernel
-        args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Out=ptr(dt), Lse=ptr("fp32"), Mask=mask_ptr,
+        args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), Out=ptr(dt), Stats=ptr("fp32"), Mask=mask_ptr,
                     QCount=ptr("i32"), QIndex=ptr("i32"), **strides("q", "k", "v", "o"),
                     **sizes, qk_scale=0.18, **drop, **flags)
     elif kind == "bwd_dq":
         kernel = bsa._block_sparse_attention_bwd_dq_kernel
-        args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DQ=ptr(dt), Lse=ptr("fp32"),
+        args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DQ=ptr(dt), Stats=ptr("fp32"),
                     Delta=ptr("fp32"), Mask=mask_ptr, DS=ptr("fp32") if store_ds else ptr(dt),
                     QCount=ptr("i32"), QIndex=ptr("i32"),
                     **strides("q", "k", "v", "do", "dq"), **sizes, qk_scale=0.18, sm_scale=0.125,
@@ -421,13 +421,13 @@ def _bsa_case(kind: str, cc: int, dt: str, d: int, block: int = 64, mask: str = 
     elif kind == "bwd_dkdv":
         kernel = bsa._block_sparse_attention_bwd_dkdv_kernel
         args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DK=ptr(dt), DV_=ptr(dt),
-                    Lse=ptr("fp32"), Delta=ptr("fp32"), Mask=mask_ptr, KCount=ptr("i32"),
+                    Stats=ptr("fp32"), Delta=ptr("fp32"), Mask=mask_ptr, KCount=ptr("i32"),
                     KIndex=ptr("i32"), **strides("q", "k", "v", "do", "dk", "dv"), **sizes,
                     qk_scale=0.18, sm_scale=0.125, **drop, **flags)
     elif kind == "bwd_dmask":  # a (1, 1, Lq, Lk) float mask, summed over batch and heads
         kernel = bsa._block_sparse_attention_bwd_dmask_kernel
         m_strides = (0, 0, l, 1)
-        args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), Lse=ptr("fp32"),
+        args = dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), Stats=ptr("fp32"),
                     Delta=ptr("fp32"), Mask=ptr(dt), Layout=ptr("u8"), DMask=ptr("fp32"),
                     **strides("q", "k", "v", "do"), **sizes, MH=1, loop_b=_B, loop_h=h,
                     qk_scale=0.18, **drop, HAS_DROPOUT=dropout, BLOCK=block, BLOCK_M=bm,

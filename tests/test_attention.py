@@ -695,6 +695,42 @@ def test_sdpa_large_negative_padding_mask(fill):
     assert torch.all(out[2] != 0)  # the all-padding sequence is averaged, not zeroed
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_sdpa_nan_propagates(mask_kind, causal, dtype):
+    """NaN reaches exactly the rows it reaches in torch: a NaN in a query element (its row), in a
+    key (every row that sees that key), in a float mask entry (its row; clamping finfo.min padding
+    must not drop it). A NaN logit of a masked key does nothing; a fully masked row stays 0; the
+    other rows stay exact."""
+    b, h, lq, lk, d = 1, 3, 9, 20, 64
+    q, k, v = (rand((b, h, n, d), dtype) for n in (lq, lk, lk))
+    q[0, 0, 3, 5] = float("nan")
+    k[0, 1, 7, 0] = float("nan")
+    if mask_kind == "bool":
+        mask = torch.ones((b, 1, lq, lk), dtype=torch.bool, device=DEVICE)
+        mask[0, 0, 4] = False       # a fully masked row
+        mask[0, 0, 2, 7] = False    # row 2 (every head) does not see key 7: head 1's NaN misses it
+    else:
+        mask = torch.zeros((b, h, lq, lk), dtype=dtype, device=DEVICE)
+        mask[0, 0, 4] = float("-inf")
+        mask[0, 1, 2, 7] = float("-inf")                  # head 1, row 2: the NaN key masked
+        mask[0, 2, 5, 2] = float("nan")                   # head 2, row 5
+        mask[0, 2, 6, :] = torch.finfo(torch.float32).min  # head 2, row 6: "padding", stays alive
+    with warnings.catch_warnings():  # numpy, under the interpreter, warns of the NaN it computes
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = fastbert.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, backend="triton")
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                 mask if mask_kind == "bool" else mask.double(),
+                                                 is_causal=causal)
+    low = reference.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, compute_dtype=dtype)
+    nan_rows = ref.isnan().any(-1)
+    assert nan_rows[0, 0, 3] and nan_rows.sum() >= 2
+    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().any(-1) != nan_rows).nonzero().tolist()
+    assert (out[0, 0, 4] == 0).all()
+    assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name="rows without NaN")
+
+
 def test_sdpa_every_key_masked():
     """No row has a key: the whole output and every gradient are exactly 0."""
     leaves = _leaves(1, 2, 17, 20, 40, 40, F16, "bhld")

@@ -190,6 +190,28 @@ def test_triton_attn_mask(kind):
     run_case(q, k, v, layout, bs, attn_mask=mask.to(DEVICE), scale=0.17)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter warns on NaN, as it should
+def test_triton_float_mask_large_negative_and_nan():
+    """A float mask read as the dense kernels read it: a row padded everywhere with HuggingFace's
+    finfo(float32).min stays "alive" and averages its listed keys (as the reference does; scaling
+    finfo.min by log2(e) must not overflow it to -inf and zero the row), and a NaN entry makes its
+    row NaN, as in torch, gradients included for the rest."""
+    b, h, lq, lk, d, bs = 1, 2, 40, 40, 16, 16
+    q, k, v = (rand((b, h, n, d), torch.float32) for n in (lq, lk, lk))
+    layout = torch.ones((1, 3, 3), dtype=torch.bool, device=DEVICE)
+    layout[0, 2, 0] = False
+    mask = torch.zeros((b, 1, lq, lk), device=DEVICE)
+    mask[0, 0, 5, :] = torch.finfo(torch.float32).min
+    mask[0, 0, 30:, 20:] = torch.finfo(torch.float32).min
+    out = run_case(q, k, v, layout, bs, attn_mask=mask)
+    assert torch.all(out[0, :, 5] != 0)
+    mask[0, 0, 7, 3] = float("nan")
+    out = fastbert.block_sparse_attention(q, k, v, layout, bs, mask, **TRITON)
+    ref = reference.block_sparse_attention(q.double(), k.double(), v.double(), layout, bs, mask.double())
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, :, 7].isnan().all()
+    assert not out[0, :, 6].isnan().any()
+
+
 def test_triton_rows_without_keys():
     """Query blocks with no key block, a batch whose keys are all padding, and a row removed by
     -inf: output exactly 0, gradients finite, dq of those rows exactly 0."""
@@ -255,13 +277,13 @@ def test_kernel_tiles_smaller_than_block():
     q, k, v = (rand((b, h, n, d), torch.float32) for n in (lq, lk, lk))
     layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
     prep = S.prepare_layout(layout)
-    out, lse = K.block_sparse_attention_fwd(q, k, v, prep.q_count, prep.q_index, bs,
+    out, stats = K.block_sparse_attention_fwd(q, k, v, prep.q_count, prep.q_index, bs,
                                             block_m=16, block_n=32)
     ref64 = [t.double().requires_grad_(True) for t in (q, k, v)]
     ref = reference.block_sparse_attention(*ref64, layout, bs)
     assert_close(out, ref, name="out")
     do = torch.randn_like(out)
-    *grads, dmask = K.block_sparse_attention_bwd(do, q, k, v, out, lse, prep.q_count, prep.q_index,
+    *grads, dmask = K.block_sparse_attention_bwd(do, q, k, v, out, stats, prep.q_count, prep.q_index,
                                                  prep.k_count, prep.k_index, bs, block_m=32,
                                                  block_n=16)
     assert dmask is None
@@ -398,9 +420,9 @@ def test_triton_broadcast_mask_grad_kernel_matches_full_scratch(monkeypatch):
     layout = make_layout("perhead", lq, lk, bs, h).to(DEVICE)
     prep = S.prepare_layout(layout)
     mask = torch.randn(1, h, lq, lk, device=DEVICE)  # broadcast over batch only
-    out, lse, seed = torch.ops.fastbert.block_sparse_attention_fwd(q, k, v, layout, bs, mask, p, 0.25)
+    out, stats, seed = torch.ops.fastbert.block_sparse_attention_fwd(q, k, v, layout, bs, mask, p, 0.25)
     do = rand(out.shape)
-    args = (do, q, k, v, out, lse, prep.q_count, prep.q_index, prep.k_count, prep.k_index, bs,
+    args = (do, q, k, v, out, stats, prep.q_count, prep.q_index, prep.k_count, prep.k_index, bs,
             mask, p, 0.25, seed, True)
     own = K.block_sparse_attention_bwd(*args, layout=layout)
     assert spy.launches == 1

@@ -123,7 +123,8 @@ def _triton_reasons(*, query, key, value, layout, block_size, attn_mask, dropout
 def _block_sparse_attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, layout: Tensor,
                                    block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
                                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (out (B, H, Lq, Dv), lse (B, H, Lq) float32 base 2, seed: int64 on query's device, (1,)
+    """-> (out (B, H, Lq, Dv), stats (B, H, 2, Lq) float32 (each row's max and log2 of its sum,
+    base 2), seed: int64 on query's device, (1,)
     with dropout (drawn there, read only by the kernels: no host sync, fresh on every CUDA graph
     replay) or (0,) without)."""
     from .. import sparsity
@@ -131,22 +132,22 @@ def _block_sparse_attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, la
 
     prep = sparsity.prepare_layout(layout)
     seed = _rng.dropout_seed(dropout_p, query.device)
-    out, lse = kern.block_sparse_attention_fwd(query, key, value, prep.q_count, prep.q_index,
+    out, stats = kern.block_sparse_attention_fwd(query, key, value, prep.q_count, prep.q_index,
                                                block_size, attn_mask, dropout_p, scale, seed)
-    return out, lse, seed
+    return out, stats, seed
 
 
 @_block_sparse_attention_fwd_op.register_fake
 def _(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
     b, h, lq, _ = query.shape
     out = query.new_empty((b, h, lq, value.shape[-1]))
-    lse = query.new_empty((b, h, lq), dtype=torch.float32)
-    return out, lse, _rng.seed_like(dropout_p, query.device)
+    stats = query.new_empty((b, h, 2, lq), dtype=torch.float32)
+    return out, stats, _rng.seed_like(dropout_p, query.device)
 
 
 @custom_op("fastbert::block_sparse_attention_bwd")
 def _block_sparse_attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
-                                   out: Tensor, lse: Tensor, seed: Tensor, layout: Tensor,
+                                   out: Tensor, stats: Tensor, seed: Tensor, layout: Tensor,
                                    block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
                                    scale: float, mask_grad: bool
                                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -157,7 +158,7 @@ def _block_sparse_attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor,
 
     prep = sparsity.prepare_layout(layout)
     dq, dk, dv, dmask = kern.block_sparse_attention_bwd(
-        grad_out, query, key, value, out, lse, prep.q_count, prep.q_index, prep.k_count,
+        grad_out, query, key, value, out, stats, prep.q_count, prep.q_index, prep.k_count,
         prep.k_index, block_size, attn_mask, dropout_p, scale, seed, mask_grad, layout=prep.blocks)
     if dmask is None:
         dmask = query.new_empty((0,))
@@ -169,7 +170,7 @@ def _wants_mask_grad(attn_mask: Optional[Tensor], mask_grad: bool) -> bool:
 
 
 @_block_sparse_attention_bwd_op.register_fake
-def _(grad_out, query, key, value, out, lse, seed, layout, block_size, attn_mask, dropout_p,
+def _(grad_out, query, key, value, out, stats, seed, layout, block_size, attn_mask, dropout_p,
       scale, mask_grad):
     dmask = (attn_mask.new_empty(attn_mask.shape) if _wants_mask_grad(attn_mask, mask_grad)
              else query.new_empty((0,)))
@@ -179,17 +180,17 @@ def _(grad_out, query, key, value, out, lse, seed, layout, block_size, attn_mask
 
 def _block_sparse_attention_setup_context(ctx, inputs, output):
     query, key, value, layout, block_size, attn_mask, dropout_p, scale = inputs
-    out, lse, seed = output
-    ctx.save_for_backward(query, key, value, out, lse, seed, layout, attn_mask)
-    ctx.mark_non_differentiable(lse, seed)  # no zero gradient is materialised for them
+    out, stats, seed = output
+    ctx.save_for_backward(query, key, value, out, stats, seed, layout, attn_mask)
+    ctx.mark_non_differentiable(stats, seed)  # no zero gradient is materialised for them
     ctx.block_size, ctx.dropout_p, ctx.scale = block_size, dropout_p, scale
 
 
-def _block_sparse_attention_backward(ctx, grad_out, grad_lse, grad_seed):
-    query, key, value, out, lse, seed, layout, attn_mask = ctx.saved_tensors
+def _block_sparse_attention_backward(ctx, grad_out, grad_stats, grad_seed):
+    query, key, value, out, stats, seed, layout, attn_mask = ctx.saved_tensors
     mask_grad = _wants_mask_grad(attn_mask, ctx.needs_input_grad[5])
     dq, dk, dv, dmask = _block_sparse_attention_bwd_op(
-        grad_out.to(out.dtype), query, key, value, out, lse, seed, layout, ctx.block_size,
+        grad_out.to(out.dtype), query, key, value, out, stats, seed, layout, ctx.block_size,
         attn_mask, ctx.dropout_p, ctx.scale, mask_grad)
     return dq, dk, dv, None, None, (dmask if mask_grad else None), None, None
 

@@ -1,0 +1,19 @@
+"""How the attention kernels read an additive (float) attn_mask: shared by the dense, varlen and
+block-sparse kernels, so that every one treats -inf, HuggingFace's finfo.min padding and NaN alike."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["bias_log2"]
+
+
+@triton.jit
+def bias_log2(bias):
+    """An additive mask tile (fp32) in base-2 units, as the scores are. Finite values below -2e38
+    (e.g. HuggingFace's torch.finfo(float32).min padding) are clamped first so that ``* log2(e)``
+    cannot overflow them to -inf: they stay "alive" keys, as in the reference (a row padded that
+    way everywhere averages its keys, as torch does), while -inf stays -inf (key removed) and NaN
+    stays NaN (its row comes out NaN, as in torch; tl.maximum would drop it)."""
+    bias = tl.where((bias < -2.0e38) & (bias != float("-inf")), -2.0e38, bias)
+    return bias * 1.4426950408889634
