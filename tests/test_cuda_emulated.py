@@ -781,6 +781,26 @@ def test_attention_nan_propagates(emu, path, dtype):
     assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name=f"{path} non-NaN rows")
 
 
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_attention_float_mask_nan_and_large_negative(emu, dtype):
+    """The unfused path reads a float mask as torch does: a NaN entry makes its row NaN, a row
+    padded everywhere with finfo(float32).min averages its keys (it is not a masked row), -inf
+    removes keys; the other rows stay exact."""
+    b, h, lq, lk, d = 1, 2, 9, 20, 40
+    q, k, v = _qkv(b, h, lq, lk, d, dtype)
+    m = torch.zeros(b, h, lq, lk, dtype=dtype)
+    m[0, 0, 2, 5] = float("nan")
+    m[0, 1, 3] = torch.finfo(torch.float32).min if dtype == F32 else torch.finfo(dtype).min
+    m[0, 1, 4] = float("-inf")
+    m[0, 0, 6, ::2] = float("-inf")
+    out = emu.attention_fwd(q, k, v, m, 0.0, False, d ** -0.5)[0]
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), m.double())
+    low = reference.scaled_dot_product_attention(q, k, v, m, compute_dtype=dtype)
+    assert ref[0, 0, 2].isnan().all() and torch.equal(out.isnan(), ref.isnan())
+    assert (out[0, 1, 4] == 0).all() and (out[0, 1, 3] != 0).any()
+    assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name="rows without NaN")
+
+
 FUSED_SHAPES = [(1, 2, 17, 20, 64), (2, 1, 70, 130, 64), (1, 1, 64, 512, 128), (1, 1, 5, 1, 128),
                 (1, 1, 130, 64, 64)]
 
