@@ -157,8 +157,11 @@ def _attention_inputs(case):
         m = (torch.rand(mshape, generator=gen) < 0.6).to(DEVICE)
         if lq > 2 and mshape[2] > 1:
             m[..., 1, :] = False
-    elif case["mask"].startswith("float"):
+    elif case["mask"].startswith("float"):  # a bias with -inf entries, and a row of finfo.min padding
         m = rand(mshape, dtype, DEVICE, generator=gen)
+        m[torch.rand(mshape, generator=gen).to(DEVICE) < 0.15] = float("-inf")
+        if mshape[2] > 1:
+            m[..., 0, :] = torch.finfo(dtype).min
     else:
         m = None
     alibi = None
@@ -354,14 +357,15 @@ def block_sparse_cases(draw):
         lk=draw(st.integers(1, 140)), d=draw(st.sampled_from([16, 40, 64])), block=bs,
         dtype=draw(st.sampled_from(DTYPES)), per_head=draw(st.booleans()),
         density=draw(st.sampled_from([0.0, 0.3, 0.7, 1.0])),
-        key_padding=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])),
+        mask=draw(st.sampled_from(["none", "key_padding", "float"])), scale=draw(st.sampled_from([None, 0.3])),
         seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
 def test_block_sparse_attention_fuzz():
     """Random layouts (empty, dense and in between, per head or shared; sizes not multiples of the
-    block), with and without a key-padding mask; the Triton backend against the reference, which
-    expands the layout into a dense token mask."""
+    block), with no mask, a key-padding mask or a float bias (with -inf entries and a row of
+    finfo.min padding); the Triton backend against the reference, which expands the layout into a
+    dense token mask."""
     _skip_unavailable("triton")
 
     @SETTINGS
@@ -375,9 +379,13 @@ def test_block_sparse_attention_fuzz():
         nq, nk = -(-lq // bs), -(-lk // bs)
         layout = (torch.rand((h if case["per_head"] else 1, nq, nk), generator=gen) < case["density"]).to(DEVICE)
         mask = None
-        if case["key_padding"]:
+        if case["mask"] == "key_padding":
             lengths = torch.randint(0, lk + 1, (b,), generator=gen)
             mask = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
+        elif case["mask"] == "float":  # (1, H, Lq, Lk): a bias, -inf entries, a finfo.min padded row
+            mask = rand((1, h, lq, lk), dtype, DEVICE, generator=gen)
+            mask[torch.rand((1, h, lq, lk), generator=gen).to(DEVICE) < 0.15] = float("-inf")
+            mask[:, :, lq // 2, :] = torch.finfo(dtype).min
 
         def fn(q, k, v, backend, **kw):
             if backend == "ref":
