@@ -61,6 +61,19 @@ def _skip_unavailable(backend):
         pytest.skip(f"backend {backend!r} unavailable here: {reason}")
 
 
+def _fuzz(backend, cases, check):
+    """Runs ``check(backend, case)`` on hypothesis-drawn ``cases`` (skipped when ``backend`` is
+    unavailable here)."""
+    _skip_unavailable(backend)
+
+    @SETTINGS
+    @hypothesis.given(case=cases)
+    def run(case):
+        check(backend, case)
+
+    run()
+
+
 @contextlib.contextmanager
 def _running(backend, order):
     """Where ``backend`` runs: for "emu", the emulated CUDA kernels in thread order ``order``, with
@@ -173,31 +186,28 @@ def _attention_inputs(case):
     return q, k, v, m, alibi, dout
 
 
+def _check_attention(backend, case):
+    sdpa = _sdpa(backend)
+    q, k, v, m, alibi, dout = _attention_inputs(case)
+    args = (case["causal"], case["scale"], q.shape[1] != k.shape[1], alibi, case["window"])
+
+    def fn(q, k, v, m, backend, **kw):
+        if backend == "ref":
+            causal, scale, gqa, alibi, window = args
+            return reference.scaled_dot_product_attention(q, k, v, m, 0.0, causal, scale, gqa,
+                                                          alibi_slopes=alibi, window_size=window, **kw)
+        return sdpa(q, k, v, m, *args)
+
+    # a constant float mask (no gradient asked for) goes in as a non-leaf constant
+    inputs = [q, k, v] + ([m] if case["mask"] != "float" else [])
+    call = fn if case["mask"] != "float" else (lambda q, k, v, backend, **kw: fn(q, k, v, m, backend, **kw))
+    with _running(backend, case["order"]):
+        compare_to_reference(call, inputs, [dout], case["dtype"], f"attention {case}", backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_fuzz(backend):
-    _skip_unavailable(backend)
-    sdpa = _sdpa(backend)
-
-    @SETTINGS
-    @hypothesis.given(case=attention_cases())
-    def run(case):
-        q, k, v, m, alibi, dout = _attention_inputs(case)
-        args = (case["causal"], case["scale"], q.shape[1] != k.shape[1], alibi, case["window"])
-
-        def fn(q, k, v, m, backend, **kw):
-            if backend == "ref":
-                causal, scale, gqa, alibi, window = args
-                return reference.scaled_dot_product_attention(q, k, v, m, 0.0, causal, scale, gqa,
-                                                              alibi_slopes=alibi, window_size=window, **kw)
-            return sdpa(q, k, v, m, *args)
-
-        # a constant float mask (no gradient asked for) goes in as a non-leaf constant
-        inputs = [q, k, v] + ([m] if case["mask"] != "float" else [])
-        call = fn if case["mask"] != "float" else (lambda q, k, v, backend, **kw: fn(q, k, v, m, backend, **kw))
-        with _running(backend, case["order"]):
-            compare_to_reference(call, inputs, [dout], case["dtype"], f"attention {case}", backend=backend)
-
-    run()
+    _fuzz(backend, attention_cases(), _check_attention)
 
 
 @st.composite
@@ -220,47 +230,44 @@ def _ln_input(shape, dtype, layout, gen, scale):
     return rand(shape, dtype, DEVICE, generator=gen, scale=scale, noncontiguous=(layout == "strided"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_layer_norm_fuzz(backend):
+def _check_layer_norm(backend, case):
     """layer_norm, and add_layer_norm when the case has a residual (no dropout: its mask is drawn
     by the kernel; the dropout tests check it separately)."""
-    _skip_unavailable(backend)
     layer_norm, add_layer_norm = _layer_norm(backend), _add_layer_norm(backend)
-
-    @SETTINGS
-    @hypothesis.given(case=layer_norm_cases())
-    def run(case):
-        gen = torch.Generator().manual_seed(case["seed"])
-        dtype, norm, eps = case["dtype"], case["norm"], case["eps"]
-        shape = case["rows"] + norm
-        x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
-        dy = rand(shape, dtype, DEVICE, generator=gen)
-        name = f"layer_norm {case}"
-        if case["residual"]:  # add_layer_norm normalizes the last dim (the others become rows)
-            norm = norm[-1:]
-        w = rand(norm, dtype, DEVICE, generator=gen) if case["weight"] else None
-        b = rand(norm, dtype, DEVICE, generator=gen) if case["bias"] else None
-        if not case["residual"]:
-            def fn(x, w, b, backend, **kw):
-                if backend == "ref":
-                    return reference.layer_norm(x, norm, w, b, eps, **kw)
-                return layer_norm(x, norm, w, b, eps)
-            with _running(backend, case["order"]):
-                compare_to_reference(fn, [x, w, b], [dy], dtype, name, backend=backend)
-            return
-        r = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
-        xb = rand(norm, dtype, DEVICE, generator=gen) if case["input_bias"] else None
-        ret = case["return_residual"]
-
-        def fn(x, r, w, b, xb, backend, **kw):
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, norm, eps = case["dtype"], case["norm"], case["eps"]
+    shape = case["rows"] + norm
+    x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
+    dy = rand(shape, dtype, DEVICE, generator=gen)
+    name = f"layer_norm {case}"
+    if case["residual"]:  # add_layer_norm normalizes the last dim (the others become rows)
+        norm = norm[-1:]
+    w = rand(norm, dtype, DEVICE, generator=gen) if case["weight"] else None
+    b = rand(norm, dtype, DEVICE, generator=gen) if case["bias"] else None
+    if not case["residual"]:
+        def fn(x, w, b, backend, **kw):
             if backend == "ref":
-                return reference.add_layer_norm(x, r, w, b, eps, input_bias=xb, return_residual=ret, **kw)
-            return add_layer_norm(x, r, w, b, eps, xb, ret)
-        dys = [dy, rand(shape, dtype, DEVICE, generator=gen)] if ret else [dy]
+                return reference.layer_norm(x, norm, w, b, eps, **kw)
+            return layer_norm(x, norm, w, b, eps)
         with _running(backend, case["order"]):
-            compare_to_reference(fn, [x, r, w, b, xb], dys, dtype, name, backend=backend)
+            compare_to_reference(fn, [x, w, b], [dy], dtype, name, backend=backend)
+        return
+    r = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
+    xb = rand(norm, dtype, DEVICE, generator=gen) if case["input_bias"] else None
+    ret = case["return_residual"]
 
-    run()
+    def fn(x, r, w, b, xb, backend, **kw):
+        if backend == "ref":
+            return reference.add_layer_norm(x, r, w, b, eps, input_bias=xb, return_residual=ret, **kw)
+        return add_layer_norm(x, r, w, b, eps, xb, ret)
+    dys = [dy, rand(shape, dtype, DEVICE, generator=gen)] if ret else [dy]
+    with _running(backend, case["order"]):
+        compare_to_reference(fn, [x, r, w, b, xb], dys, dtype, name, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_fuzz(backend):
+    _fuzz(backend, layer_norm_cases(), _check_layer_norm)
 
 
 @st.composite
@@ -272,28 +279,25 @@ def gelu_cases(draw):
         scale=draw(st.sampled_from([1.0, 4.0])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
 
 
+def _check_bias_gelu(backend, case):
+    bias_gelu = _bias_gelu(backend)
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, shape, approx = case["dtype"], case["shape"], case["approximate"]
+    x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
+    b = rand(shape[-1:], dtype, DEVICE, generator=gen) if case["bias"] else None
+    dy = rand(shape, dtype, DEVICE, generator=gen)
+
+    def fn(x, b, backend, **kw):
+        if backend == "ref":
+            return reference.bias_gelu(x, b, approximate=approx, **kw)
+        return bias_gelu(x, b, approx)
+    with _running(backend, case["order"]):
+        compare_to_reference(fn, [x, b], [dy], dtype, f"bias_gelu {case}", backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_gelu_fuzz(backend):
-    _skip_unavailable(backend)
-    bias_gelu = _bias_gelu(backend)
-
-    @SETTINGS
-    @hypothesis.given(case=gelu_cases())
-    def run(case):
-        gen = torch.Generator().manual_seed(case["seed"])
-        dtype, shape, approx = case["dtype"], case["shape"], case["approximate"]
-        x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
-        b = rand(shape[-1:], dtype, DEVICE, generator=gen) if case["bias"] else None
-        dy = rand(shape, dtype, DEVICE, generator=gen)
-
-        def fn(x, b, backend, **kw):
-            if backend == "ref":
-                return reference.bias_gelu(x, b, approximate=approx, **kw)
-            return bias_gelu(x, b, approx)
-        with _running(backend, case["order"]):
-            compare_to_reference(fn, [x, b], [dy], dtype, f"bias_gelu {case}", backend=backend)
-
-    run()
+    _fuzz(backend, gelu_cases(), _check_bias_gelu)
 
 
 @st.composite
@@ -312,41 +316,38 @@ def varlen_cases(draw):
         scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
-def test_varlen_attention_fuzz():
+def _check_varlen_attention(backend, case):
     """Packed sequences of random lengths (empty ones included), per-sequence causal / window /
     ALiBi, grouped-query heads, strided token rows; the Triton backend (the only one with varlen)."""
-    _skip_unavailable("triton")
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, h, hkv, d = case["dtype"], case["h"], case["hkv"], case["d"]
+    hypothesis.assume(sum(case["lens_q"]) > 0 and sum(case["lens_k"]) > 0)
 
-    @SETTINGS
-    @hypothesis.given(case=varlen_cases())
-    def run(case):
-        gen = torch.Generator().manual_seed(case["seed"])
-        dtype, h, hkv, d = case["dtype"], case["h"], case["hkv"], case["d"]
-        hypothesis.assume(sum(case["lens_q"]) > 0 and sum(case["lens_k"]) > 0)
+    def cu(lens):
+        return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    cu_q, cu_k = cu(case["lens_q"]), cu(case["lens_k"])
+    tq, tk = sum(case["lens_q"]), sum(case["lens_k"])
+    q = rand((tq, h, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
+    k = rand((tk, hkv, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
+    v = rand((tk, hkv, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
+    n = len(case["lens_q"])
+    alibi = {None: None, "per_head": (h,), "per_sequence": (n, h)}[case["alibi"]]
+    if alibi is not None:
+        alibi = (torch.rand(alibi, generator=gen) * 0.5).to(DEVICE)
+    mq, mk = max(case["lens_q"]), max(case["lens_k"])
+    kwargs = dict(dropout_p=0.0, is_causal=case["causal"], scale=case["scale"], alibi_slopes=alibi,
+                  window_size=case["window"])
 
-        def cu(lens):
-            return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
-        cu_q, cu_k = cu(case["lens_q"]), cu(case["lens_k"])
-        tq, tk = sum(case["lens_q"]), sum(case["lens_k"])
-        q = rand((tq, h, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
-        k = rand((tk, hkv, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
-        v = rand((tk, hkv, d), dtype, DEVICE, generator=gen, noncontiguous=case["strided"])
-        n = len(case["lens_q"])
-        alibi = {None: None, "per_head": (h,), "per_sequence": (n, h)}[case["alibi"]]
-        if alibi is not None:
-            alibi = (torch.rand(alibi, generator=gen) * 0.5).to(DEVICE)
-        mq, mk = max(case["lens_q"]), max(case["lens_k"])
-        kwargs = dict(dropout_p=0.0, is_causal=case["causal"], scale=case["scale"], alibi_slopes=alibi,
-                      window_size=case["window"])
+    def fn(q, k, v, backend, **kw):
+        if backend == "ref":
+            return reference.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, **kw)
+        return fastbert.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, backend=backend)
+    compare_to_reference(fn, [q, k, v], [rand((tq, h, d), dtype, DEVICE, generator=gen)], dtype,
+                         f"varlen_attention {case}", backend=backend)
 
-        def fn(q, k, v, backend, **kw):
-            if backend == "ref":
-                return reference.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, **kw)
-            return fastbert.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, backend=backend)
-        compare_to_reference(fn, [q, k, v], [rand((tq, h, d), dtype, DEVICE, generator=gen)], dtype,
-                             f"varlen_attention {case}", backend="triton")
 
-    run()
+def test_varlen_attention_fuzz():
+    _fuzz("triton", varlen_cases(), _check_varlen_attention)
 
 
 @st.composite
@@ -361,37 +362,34 @@ def block_sparse_cases(draw):
         seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
-def test_block_sparse_attention_fuzz():
+def _check_block_sparse_attention(backend, case):
     """Random layouts (empty, dense and in between, per head or shared; sizes not multiples of the
     block), with no mask, a key-padding mask or a float bias (with -inf entries and a row of
     finfo.min padding); the Triton backend against the reference, which expands the layout into a
     dense token mask."""
-    _skip_unavailable("triton")
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, h, lq, lk, d, bs, dtype = (case[x] for x in ("b", "h", "lq", "lk", "d", "block", "dtype"))
+    q = rand((b, h, lq, d), dtype, DEVICE, generator=gen)
+    k = rand((b, h, lk, d), dtype, DEVICE, generator=gen)
+    v = rand((b, h, lk, d), dtype, DEVICE, generator=gen)
+    nq, nk = -(-lq // bs), -(-lk // bs)
+    layout = (torch.rand((h if case["per_head"] else 1, nq, nk), generator=gen) < case["density"]).to(DEVICE)
+    mask = None
+    if case["mask"] == "key_padding":
+        lengths = torch.randint(0, lk + 1, (b,), generator=gen)
+        mask = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
+    elif case["mask"] == "float":  # (1, H, Lq, Lk): a bias, -inf entries, a finfo.min padded row
+        mask = rand((1, h, lq, lk), dtype, DEVICE, generator=gen)
+        mask[torch.rand((1, h, lq, lk), generator=gen).to(DEVICE) < 0.15] = float("-inf")
+        mask[:, :, lq // 2, :] = torch.finfo(dtype).min
 
-    @SETTINGS
-    @hypothesis.given(case=block_sparse_cases())
-    def run(case):
-        gen = torch.Generator().manual_seed(case["seed"])
-        b, h, lq, lk, d, bs, dtype = (case[x] for x in ("b", "h", "lq", "lk", "d", "block", "dtype"))
-        q = rand((b, h, lq, d), dtype, DEVICE, generator=gen)
-        k = rand((b, h, lk, d), dtype, DEVICE, generator=gen)
-        v = rand((b, h, lk, d), dtype, DEVICE, generator=gen)
-        nq, nk = -(-lq // bs), -(-lk // bs)
-        layout = (torch.rand((h if case["per_head"] else 1, nq, nk), generator=gen) < case["density"]).to(DEVICE)
-        mask = None
-        if case["mask"] == "key_padding":
-            lengths = torch.randint(0, lk + 1, (b,), generator=gen)
-            mask = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
-        elif case["mask"] == "float":  # (1, H, Lq, Lk): a bias, -inf entries, a finfo.min padded row
-            mask = rand((1, h, lq, lk), dtype, DEVICE, generator=gen)
-            mask[torch.rand((1, h, lq, lk), generator=gen).to(DEVICE) < 0.15] = float("-inf")
-            mask[:, :, lq // 2, :] = torch.finfo(dtype).min
+    def fn(q, k, v, backend, **kw):
+        if backend == "ref":
+            return reference.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], **kw)
+        return fastbert.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], backend=backend)
+    compare_to_reference(fn, [q, k, v], [rand((b, h, lq, d), dtype, DEVICE, generator=gen)], dtype,
+                         f"block_sparse_attention {case}", backend=backend)
 
-        def fn(q, k, v, backend, **kw):
-            if backend == "ref":
-                return reference.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], **kw)
-            return fastbert.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], backend=backend)
-        compare_to_reference(fn, [q, k, v], [rand((b, h, lq, d), dtype, DEVICE, generator=gen)], dtype,
-                             f"block_sparse_attention {case}", backend="triton")
 
-    run()
+def test_block_sparse_attention_fuzz():
+    _fuzz("triton", block_sparse_cases(), _check_block_sparse_attention)
