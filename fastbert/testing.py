@@ -7,6 +7,7 @@ precision instead of a hand-tuned constant.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +16,7 @@ from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol", "DEVICE",
            "ATOL_FLOOR",
-           "leaf_like", "compare_to_reference", "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
+           "leaf_like", "nan_filled_allocations", "compare_to_reference", "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
            "shard_groups", "parse_shard"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,6 +102,22 @@ def assert_close(out: Tensor, ref: Tensor, lowp_ref: Optional[Tensor] = None, fa
     if not ok:
         raise AssertionError(f"{name}: max error {err:.3e} > allowed {allowed:.3e} "
                              f"(dtype {out.dtype}, shape {tuple(out.shape)})")
+
+
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """While active, every new tensor starts as NaN (torch's deterministic mode with
+    ``fill_uninitialized_memory``), those a C++ extension allocates through ATen included, so an
+    output element a kernel leaves unwritten shows up. Restores both settings on exit."""
+    det = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def poison_cuda_cache() -> None:

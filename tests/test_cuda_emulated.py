@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from fastbert import reference
-from fastbert.testing import assert_close, check_output, compare_to_reference, rand, run_with_grads
+from fastbert.testing import (assert_close, check_output, compare_to_reference, nan_filled_allocations, rand,
+                              run_with_grads)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
@@ -59,13 +60,8 @@ def emu(request):
 @pytest.fixture(autouse=True)
 def _nan_filled_allocations():
     """Every new tensor (the binding's outputs included) starts as NaN: unwritten outputs show."""
-    det = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+    with nan_filled_allocations():
+        yield
 
 
 def _compare(fn, inputs, dys, dtype, name):

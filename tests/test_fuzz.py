@@ -26,7 +26,7 @@ import fastbert
 from fastbert import reference
 from fastbert.backends import backend_reasons
 from fastbert.ops.attention import check_window_size
-from fastbert.testing import DEVICE, compare_to_reference, rand
+from fastbert.testing import DEVICE, compare_to_reference, nan_filled_allocations, rand
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
@@ -81,16 +81,8 @@ def _running(backend, order):
     if backend != "emu":
         yield
         return
-    det = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        with cuda_emu.emulated_cuda_backend(order):
-            yield
-    finally:
-        torch.use_deterministic_algorithms(det)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+    with nan_filled_allocations(), cuda_emu.emulated_cuda_backend(order):
+        yield
 
 
 def _sdpa(backend):
