@@ -385,8 +385,10 @@ def _attention_bwd_dkdv_block(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = start_m + offs_m                                   # [BM]
     row_ok = rows < len_q
-    # Rows >= len_q load q = dO = 0, log2(l) = +inf, delta = 0: their P and dS are exactly 0; keys
-    # >= len_k only touch rows of dK/dV that are never stored. Hence no bound checks on S here.
+    # Rows >= len_q load q = dO = 0, log2(l) = +inf, delta = 0: their P and dS are exactly 0. Keys
+    # >= len_k only touch rows of dK/dV that are never stored, but their score (0: k loads as 0)
+    # can lie far above a row's real scores (large negative logits, a huge negative bias, ALiBi),
+    # so that P = exp2(s - m) would overflow the fp16 / bf16 casts below: they get -inf.
     qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                  mask=row_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)      # [BD, BM]
     do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
@@ -396,6 +398,7 @@ def _attention_bwd_dkdv_block(
     delta = tl.load(delta_base + rows * stride_lm, mask=row_ok, other=0.0)
 
     sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * sm_scale_log2   # [BN, BD] @ [BD, BM] -> [BN, BM]
+    sT = tl.where((cols < len_k)[:, None], sT, float("-inf"))
     if MASK_KIND != 0:
         m_ptrs = mask_base + rows[None, :] * stride_mm + offs_n[:, None] * stride_mn
         m_ok = row_ok[None, :] & (cols < len_k)[:, None]
@@ -403,16 +406,9 @@ def _attention_bwd_dkdv_block(
             keepT = tl.load(m_ptrs, mask=m_ok, other=0)
             sT = tl.where(keepT != 0, sT, float("-inf"))
         else:
-            # -inf outside the bounds: a key >= len_k next to a row whose m is a huge negative
-            # bias would otherwise get P = exp2(-m) = inf (harmless in rows never stored, but
-            # inf / NaN in registers all the same).
-            sT = sT + bias_log2(tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32))
+            sT = sT + bias_log2(tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32))
     if HAS_ALIBI:
         sT = sT - alibi_log2 * tl.abs(cols[:, None] - rows[None, :]).to(tl.float32)
-        # As for a float mask: a key >= len_k (score 0 before the bias) sits closer to a row than
-        # the row's real keys, so its P = exp2(s - m) could exceed 1 by far and overflow the
-        # fp16 / bf16 cast below (in rows of dK / dV that are never stored, but inf all the same).
-        sT = tl.where((cols < len_k)[:, None], sT, float("-inf"))
     if CAUSAL_BLOCK:
         sT = tl.where(cols[:, None] <= rows[None, :], sT, float("-inf"))
     if HAS_WINDOW:

@@ -241,13 +241,23 @@ def test_sdpa_alibi(b, h, hkv, lq, lk, d, dtype, causal, layout, slopes, mask_co
     _check_sdpa(leaves, layout, mask=mask, causal=causal, gqa=hkv != h, alibi=alibi)
 
 
-def test_sdpa_alibi_keys_past_lk_stay_finite():
-    """Lk = 1, steep slopes: the key slots past Lk in the dK / dV kernel's tile lie closer to the
-    late query rows than the one real key, so unless they are cut their P = exp2(s - m) runs far
-    above 1 and overflows the fp16 cast (under the interpreter numpy's overflow warning is an
-    error here; compiled it would be inf in rows never stored). Found by tests/test_fuzz.py."""
-    leaves = _leaves(1, 2, 22, 1, 96, 96, F16, "strided", hkv=1)
-    _check_sdpa(leaves, "strided", gqa=True, alibi=torch.tensor([1.0, 0.5], device=DEVICE))
+@pytest.mark.parametrize("cause", ["alibi", "large_logits"])
+def test_sdpa_keys_past_lk_stay_finite(cause):
+    """Lk below one key block, with real scores far below 0 (steep ALiBi slopes; q and k pointing
+    apart): the key slots past Lk in the dK / dV kernel's tile (score 0, as k loads as 0)
+    lie far above the rows' real scores, so unless they are cut their P = exp2(s - m) overflows
+    the fp16 cast (under the interpreter numpy's overflow warning is an error here; compiled it
+    would be inf in rows never stored). Found by tests/test_fuzz.py."""
+    if cause == "alibi":
+        leaves = _leaves(1, 2, 22, 1, 96, 96, F16, "strided", hkv=1)
+        _check_sdpa(leaves, "strided", gqa=True, alibi=torch.tensor([1.0, 0.5], device=DEVICE))
+        return
+    b, h, lq, lk, d = 1, 2, 40, 5, 64
+    q = (rand((b, h, lq, d), F32).abs() * 4).to(F16)     # q . k ~ -650: every real score far below 0
+    k = (-rand((b, h, lk, d), F32).abs() * 4).to(F16)
+    leaves = [t.requires_grad_(True) for t in (q, k, rand((b, h, lk, d), F16))]
+    for causal in (False, True):
+        _check_sdpa(leaves, "bhld", causal=causal)
 
 
 def test_sdpa_alibi_with_dropout(fresh_seed):
