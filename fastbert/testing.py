@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol", "DEVICE",
-           "ATOL_FLOOR",
-           "leaf_like", "nan_filled_allocations", "compare_to_reference", "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays", "assert_fresh_replays", "forbid_int64_host_reads",
-           "shard_groups", "parse_shard"]
+           "ATOL_FLOOR", "leaf_like", "nan_filled_allocations", "compare_to_reference",
+           "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays",
+           "assert_fresh_replays", "forbid_int64_host_reads", "shard_groups", "parse_shard"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

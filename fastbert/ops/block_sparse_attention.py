@@ -133,7 +133,7 @@ def _block_sparse_attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, la
     prep = sparsity.prepare_layout(layout)
     seed = _rng.dropout_seed(dropout_p, query.device)
     out, stats = kern.block_sparse_attention_fwd(query, key, value, prep.q_count, prep.q_index,
-                                               block_size, attn_mask, dropout_p, scale, seed)
+                                                 block_size, attn_mask, dropout_p, scale, seed)
     return out, stats, seed
 
 
