@@ -62,6 +62,7 @@ from torch import Tensor
 
 from ._mask import bias_log2
 from ._seed import check_seed, load_seed, seed_arg
+from ._tiles import gpu_tiles, interpreter_tiles, interpreting
 
 __all__ = [
     "attention_fwd",
@@ -858,13 +859,10 @@ _CONFIGS_FP32: Dict[str, _CFG] = {  # any architecture
 }
 # Under TRITON_INTERPRET=1 every block op is a numpy call: small tiles make short test shapes
 # (17, 97, 130) span several blocks, and BLOCK_M != BLOCK_N exercises the causal split logic.
+# FASTBERT_INTERPRETER_TILES=sm90 / sm80 replaces them with the tables above (see _tiles.py).
 _CONFIG_INTERPRETER: Dict[str, Tuple[int, int, int, int]] = {
     "fwd": (32, 16, 1, 1), "bwd_dkdv": (16, 32, 1, 1), "bwd_dq": (32, 16, 1, 1),
 }
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 @functools.lru_cache(maxsize=None)
@@ -904,7 +902,13 @@ def _fit_shared_memory(kind, cfg, bd, bdv, elem, budget):
 @functools.lru_cache(maxsize=None)
 def _cached_config(kind: str, device_index: int, bd: int, bdv: int, elem: int, dropout: bool,
                    masked: bool) -> Tuple[int, int, int, int]:
-    cc, smem = _device_limits(device_index)
+    return _table_config(kind, *_device_limits(device_index), bd, bdv, elem, dropout, masked)
+
+
+def _table_config(kind: str, cc: int, smem: int, bd: int, bdv: int, elem: int, dropout: bool,
+                  masked: bool) -> Tuple[int, int, int, int]:
+    """The per-architecture table's (BLOCK_M, BLOCK_N, warps, stages), adjusted for masks and
+    dropout and fitted into ``smem`` bytes of shared memory."""
     if elem == 4:
         table = _CONFIGS_FP32
     else:
@@ -930,12 +934,15 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
                      masked: bool = False) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for pass ``kind`` ("fwd", "bwd_dkdv", "bwd_dq"),
     looked up once per (device, head dims, dtype size, dropout, mask or not)."""
-    if device.type != "cuda" or _interpreting():
-        return _CONFIG_INTERPRETER[kind]
     bd, bdv = _block_dim(head_dim), _block_dim(head_dim_v)
+    elem = torch.finfo(dtype).bits // 8
+    if device.type != "cuda" or interpreting():
+        arch = interpreter_tiles()
+        if arch is None:
+            return _CONFIG_INTERPRETER[kind]
+        return _table_config(kind, *arch, bd, bdv, elem, bool(dropout), bool(masked))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cached_config(kind, index, bd, bdv, torch.finfo(dtype).bits // 8, bool(dropout),
-                          bool(masked))
+    return _cached_config(kind, index, bd, bdv, elem, bool(dropout), bool(masked))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1052,7 +1059,7 @@ def _tuned_config(kind: str, key_fn, default: _Config, device: torch.device,
     """The config to launch ``kind`` with: the table's ``default`` unless autotuning is on (see
     above), in which case the cached or freshly measured fastest candidate. ``key_fn()`` gives
     the call's tuning key (only computed when tuning)."""
-    if not autotune_enabled() or device.type != "cuda" or _interpreting():
+    if not autotune_enabled() or device.type != "cuda" or interpreting():
         return default
     key_parts = key_fn()
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -1116,7 +1123,7 @@ def key_limit_align(seqlen_k: int) -> int:
 
 def _key_limit_min_keys(device: torch.device) -> int:
     """Key lengths from which :func:`key_limits` is worth its launch: a few key blocks to skip."""
-    return 32 if device.type != "cuda" or _interpreting() else 256
+    return 32 if device.type != "cuda" or interpreting() else 256
 
 
 def key_limits(mask: Tensor, m_strides: Sequence[int], mask_kind: int, batch: int, heads: int,
@@ -1254,7 +1261,7 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
     seed_ptr = seed_arg(seed, dropout_p, q)
     # delta = rowsum(dO * O): fp32, laid out like one plane of stats.
     delta = torch.empty((l_strides[3],), dtype=torch.float32, device=q.device)
-    pre_bm = 64 if q.device.type == "cuda" and not _interpreting() else 16
+    pre_bm = 64 if gpu_tiles(q.device) else 16
     num_m = triton.cdiv(seqlen_q, pre_bm)
     if num_m * heads * batch > 0:
         _attention_bwd_preprocess_kernel[(num_m * heads * batch,)](
@@ -1441,7 +1448,7 @@ def _dmask_config(dtype: torch.dtype, d: int, device: torch.device) -> _Config:
     compiles (tests/_compile_kernels.py, triton 3.8, causal + dropout), not from timings: 16-bit
     D <= 128 at 64x32 with 8 warps spills nothing on sm_80 and sm_90 (64x64 spilled 0.3 to 5 KB a
     thread on sm_80); fp32, and D 256, at 32x32 with 4 warps (fp32 64x64 spilled up to 24 KB)."""
-    if device.type != "cuda" or _interpreting():
+    if not gpu_tiles(device):
         return 16, 32, 1, 1
     if dtype == torch.float32 or d > 128:
         return 32, 32, 4, 2

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ._mask import bias_log2
 from ._seed import check_seed, load_seed, seed_arg
+from ._tiles import gpu_tiles
 
 __all__ = [
     "block_sparse_attention_fwd",
@@ -511,7 +512,8 @@ def _tiles(block_size: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv" or
     "bwd_dmask";
     explicit ``block_m`` / ``block_n`` override the tiles of every kernel). Tiles divide the layout
-    block. Under the interpreter (CPU): one tile per block, i.e. fewer, larger numpy steps.
+    block. Under the interpreter (CPU): one tile per block, i.e. fewer, larger numpy steps (the GPU
+    tiles with FASTBERT_INTERPRETER_TILES, see ``_tiles.py``).
 
     GPU defaults. 16-bit: the usual FlashAttention-2 Triton shapes (64 x 64, 128 query rows in the
     forward at D <= 64, 32 x 32 beyond D = 128). fp32: the table above, per kernel.
@@ -538,7 +540,7 @@ def _tiles(block_size: int, d: int, dv: int, dtype: torch.dtype, device: torch.d
     dmax = max(d, dv)
     backward = kernel != "fwd"
     warps = stages = None
-    if device.type == "cpu":
+    if not gpu_tiles(device):
         bm = bn = block_size
     elif kernel == "bwd_dmask":
         bm, bn, warps, stages = _DMASK_TILES[
