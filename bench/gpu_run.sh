@@ -9,7 +9,7 @@
 #         install  python3 -m pip install --no-build-isolation --no-deps -e .  (with
 #                  FASTBERT_BUILD_CUDA=1 and MAX_JOBS=16 when csrc/ has sources)
 #         tests    the whole test suite compiled on the GPU (interpreter off, cuda tests included),
-#                  in FASTBERT_TEST_SHARDS (default 4) parallel pytest processes
+#                  in FASTBERT_TEST_SHARDS (default 7) parallel pytest processes
 #         bench    fastbert bench --quick --out $OUT/bench, then bench/bench_overhead.py
 #         all      all of the above (the default)
 #         sanitize compute-sanitizer memcheck / racecheck / synccheck over every CUDA kernel
@@ -162,12 +162,15 @@ stage_install() {
 }
 
 stage_tests() {
-    # The suite runs as FASTBERT_TEST_SHARDS (default 4) pytest processes in parallel on the one
-    # GPU (tests/conftest.py splits the tests by function, balanced by count; Triton compiles are
-    # CPU-bound, and the machine has 16 cores), then the `bigmem` tests alone. Each shard logs to
+    # The suite runs as FASTBERT_TEST_SHARDS (default 7) pytest processes in parallel on the one
+    # GPU (tests/conftest.py splits the tests by function, balanced by count), then the `bigmem`
+    # tests alone. On a fresh machine most of the time goes to Triton compiles, each single-threaded
+    # on the CPU: counted under the interpreter, the suite launches well over a thousand distinct
+    # kernel specialisations, so 7 shards of 2 threads each keep most of the 16 cores busy (7: their
+    # logs and tests.log are the 8 files that come back from a run that is cut short). Each shard logs to
     # $OUT/shard<i>.log while it runs (kept if the run is cut short); the logs are then merged into
     # tests.log, preceded by each shard's summary line.
-    local limit reserve=0 shards="${FASTBERT_TEST_SHARDS:-4}" i r rc=0 pids=()
+    local limit reserve=0 shards="${FASTBERT_TEST_SHARDS:-7}" i r rc=0 pids=()
     has_stage bench && reserve=240
     limit=$(stage_limit 540 "$reserve")
     local shard_limit=$(( limit - 60 ))
@@ -177,7 +180,7 @@ stage_tests() {
     local args=("${TEST_PATHS[@]}" --ignore=tests/test_cuda_emulated.py -q -rs --durations=15 -p no:cacheprovider)
     log "== tests: $shards parallel shards of python3 -m pytest ${args[*]} (limit ${shard_limit} s), then -m bigmem"
     for (( i = 0; i < shards; i++ )); do
-        FASTBERT_TEST_SHARD="$i/$shards" OMP_NUM_THREADS=4 \
+        FASTBERT_TEST_SHARD="$i/$shards" OMP_NUM_THREADS=2 \
             timeout --kill-after=10 "$shard_limit" "$PY" -m pytest "${args[@]}" \
             > "$OUT/shard$i.log" 2>&1 &
         pids+=($!)

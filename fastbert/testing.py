@@ -17,7 +17,8 @@ from torch import Tensor
 __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol", "DEVICE",
            "ATOL_FLOOR", "leaf_like", "nan_filled_allocations", "compare_to_reference",
            "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays",
-           "assert_fresh_replays", "forbid_int64_host_reads", "shard_groups", "parse_shard"]
+           "assert_fresh_replays", "forbid_int64_host_reads", "shard_group",
+           "shard_sizes", "shard_groups", "parse_shard"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -249,6 +250,25 @@ def parse_shard(spec: str) -> Tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"FASTBERT_TEST_SHARD {spec!r}: need 0 <= i < n")
     return i, n
+
+
+def shard_group(item) -> str:
+    """The group of a collected pytest item: its test function (node id without parameters)."""
+    return item.nodeid.split("[", 1)[0]
+
+
+def shard_sizes(items) -> Dict[str, int]:
+    """Group (test function) -> weight, over collected pytest items other than `bigmem` ones: a test
+    counts once, or n times when marked ``shard_weight(n)`` (a fuzz test, whose every example
+    compiles kernels on a GPU)."""
+    sizes: Dict[str, int] = {}
+    for item in items:
+        if "bigmem" in item.keywords:
+            continue
+        marker = item.get_closest_marker("shard_weight")
+        weight = int(marker.args[0]) if marker is not None else 1
+        sizes[shard_group(item)] = sizes.get(shard_group(item), 0) + weight
+    return sizes
 
 
 def shard_groups(sizes: Dict[str, int], n: int) -> Dict[str, int]:

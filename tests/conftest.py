@@ -26,23 +26,16 @@ HAS_CUDA = torch.cuda.is_available()
 def _shard(config, items):
     """FASTBERT_TEST_SHARD=i/n keeps shard i of n (bench/gpu_run.sh runs the shards in parallel
     processes on the GPU machine): the tests of one function stay together, functions are balanced
-    by test count, and `bigmem` tests are left to a serial run (`-m bigmem`)."""
+    by test count (a test marked ``shard_weight(n)`` counts n times: e.g. a fuzz test, whose every
+    example compiles kernels), and `bigmem` tests are left to a serial run (`-m bigmem`)."""
     spec = os.environ.get("FASTBERT_TEST_SHARD")
     if not spec:
         return items
-    from fastbert.testing import parse_shard, shard_groups
+    from fastbert.testing import parse_shard, shard_group, shard_groups, shard_sizes
 
     index, n = parse_shard(spec)
-
-    def group(item):
-        return item.nodeid.split("[", 1)[0]
-
-    sizes = {}
-    for item in items:
-        if "bigmem" not in item.keywords:
-            sizes[group(item)] = sizes.get(group(item), 0) + 1
-    owner = shard_groups(sizes, n)
-    keep = [it for it in items if "bigmem" not in it.keywords and owner[group(it)] == index]
+    owner = shard_groups(shard_sizes(items), n)
+    keep = [it for it in items if "bigmem" not in it.keywords and owner[shard_group(it)] == index]
     kept = set(id(it) for it in keep)
     dropped = [it for it in items if id(it) not in kept]
     if dropped:

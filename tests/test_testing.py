@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastbert.testing import parse_shard, shard_groups
+from fastbert.testing import parse_shard, shard_groups, shard_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,29 @@ def test_shard_groups_balances_and_keeps_groups_whole():
     assert shard_groups(sizes, 2) == owner  # deterministic
     assert set(shard_groups(sizes, 1).values()) == {0}
     assert shard_groups({}, 3) == {}
+
+
+class _Item:
+    """The parts of a collected pytest item that shard_sizes reads."""
+
+    def __init__(self, nodeid, weight=None, bigmem=False):
+        self.nodeid = nodeid
+        self.keywords = {"bigmem": True} if bigmem else {}
+        self._marker = None if weight is None else pytest.mark.shard_weight(weight).mark
+
+    def get_closest_marker(self, name):
+        return self._marker if name == "shard_weight" else None
+
+
+def test_shard_sizes_counts_weights_and_leaves_bigmem_out():
+    items = [_Item("t.py::test_a[1]"), _Item("t.py::test_a[2]"), _Item("t.py::test_fuzz[x]", 48),
+             _Item("t.py::test_fuzz[y]", 48), _Item("t.py::test_big[1]", bigmem=True),
+             _Item("u.py::test_a")]
+    assert shard_sizes(items) == {"t.py::test_a": 2, "t.py::test_fuzz": 96, "u.py::test_a": 1}
+    # two heavy fuzz tests and many light ones: the fuzz test gets a shard to itself
+    items += [_Item(f"v.py::test_{i}") for i in range(90)]
+    owner = shard_groups(shard_sizes(items), 2)
+    assert {g for g, s in owner.items() if s == owner["t.py::test_fuzz"]} == {"t.py::test_fuzz"}
 
 
 def _collect(shard=None):
