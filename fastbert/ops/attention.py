@@ -17,6 +17,7 @@ from .._rng import dropout_seed, seed_like
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
                            check_same, check_scale, check_tensor, host_checks_allowed)
 from .._library import custom_op
+from .._autocast import autocast_dtype, cast, disabled
 from ..backends import cuda_ops, register, select
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
@@ -168,8 +169,19 @@ def scaled_dot_product_attention(
         (B, H, Lq, Dv) in the dtype of ``query``. Unlike torch, a query row whose every key is masked
         returns 0 and gets zero gradient, never NaN.
 
-    Inputs may be non-contiguous views, e.g. a (B, L, H, D) tensor ``.transpose(1, 2)``.
+    Inputs may be non-contiguous views, e.g. a (B, L, H, D) tensor ``.transpose(1, 2)``. Under
+    ``torch.autocast``, floating query, key, value and attn_mask are cast to the autocast dtype, as
+    autocast casts those of torch's SDPA.
     """
+    ac = autocast_dtype(query)
+    if ac is not None:
+        if _causal_bias_variant(attn_mask) is None:
+            attn_mask = cast(attn_mask, ac)
+        with disabled(query):
+            return scaled_dot_product_attention(
+                cast(query, ac), cast(key, ac), cast(value, ac), attn_mask, dropout_p, is_causal,
+                scale, enable_gqa, alibi_slopes=alibi_slopes, window_size=window_size,
+                backend=backend)
     if isinstance(query, Tensor) and query.dim() != 4:
         if (query.dim() > 4 and isinstance(key, Tensor) and key.dim() == query.dim()
                 and _causal_bias_variant(attn_mask) is None):
@@ -277,6 +289,13 @@ def varlen_attention(
     model, is not read again); under torch.compile and CUDA-graph capture only their type, shape
     and device are.
     """
+    ac = autocast_dtype(q)
+    if ac is not None:  # as torch's SDPA under autocast
+        with disabled(q):
+            return varlen_attention(cast(q, ac), cast(k, ac), cast(v, ac), cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
+                                    alibi_slopes=alibi_slopes, window_size=window_size,
+                                    backend=backend)
     _check_qkv(q, k, v, 3, "(total, H, D)", names=("q", "k", "v"))
     _check_kv_heads(q.shape[1], k.shape[1], True, "q", "k", "(total, H, D)")
     host = host_checks_allowed(q.device)

@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import _rng, reference
 from .._validation import (check_attn_mask, check_dropout, check_int, check_scale,
                            check_tensor)
+from .._autocast import autocast_dtype, cast, disabled
 from .._library import custom_op
 from ..backends import interpreter_enabled, register, select
 from .attention import _check_qkv
@@ -57,8 +58,15 @@ def block_sparse_attention(
     requires grad gets its gradient, zero in the blocks the layout skips; the backward needs an
     fp32 scratch of the mask's batch and head extents times (Lq, Lk)) and dropout. The layout's
     preparation is cached per layout tensor (:func:`fastbert.sparsity.prepare_layout`): keep the
-    layout (e.g. as a module buffer) rather than rebuilding it every call.
+    layout (e.g. as a module buffer) rather than rebuilding it every call. Under ``torch.autocast``,
+    floating query, key, value and attn_mask are cast to the autocast dtype (as for SDPA).
     """
+    ac = autocast_dtype(query)
+    if ac is not None:
+        with disabled(query):
+            return block_sparse_attention(cast(query, ac), cast(key, ac), cast(value, ac), layout,
+                                          block_size, cast(attn_mask, ac), dropout_p, scale,
+                                          backend=backend)
     _check_qkv(query, key, value, 4, "(B, H, L, D)")
     if key.shape[:2] != query.shape[:2]:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same "

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._autocast import autocast_dtype, cast, disabled, layer_norm_dtype
 from .._rng import dropout_seed, seed_like
 from .._validation import check_bool, check_dropout, check_same, check_tensor, type_name
 from .._library import custom_op
@@ -73,8 +74,16 @@ def layer_norm(
     """LayerNorm over the trailing ``normalized_shape`` dims, as ``torch.nn.functional.layer_norm``.
 
     Shapes: input (..., *normalized_shape); weight, bias: normalized_shape or None -> input's shape.
-    Statistics are computed in fp32 (fp64 for fp64 input).
+    Statistics are computed in fp32 (fp64 for fp64 input). The output has input's dtype, except
+    under ``torch.autocast`` on CUDA, where, as ``F.layer_norm`` there, input, weight and bias are
+    cast to fp32 and so is the output.
     """
+    if autocast_dtype(input) is not None:
+        dtype = layer_norm_dtype(input, input.dtype)
+        if dtype == torch.float32:  # CUDA: every argument in fp32, as autocast casts F.layer_norm's
+            input, weight, bias = cast(input, dtype), cast(weight, dtype), cast(bias, dtype)
+        with disabled(input):
+            return layer_norm(input, normalized_shape, weight, bias, eps, backend=backend)
     check_tensor("input", input)
     normalized_shape = check_normalized_shape(normalized_shape)
     n = len(normalized_shape)
@@ -109,7 +118,24 @@ def add_layer_norm(
     Shapes: input, residual (..., N); weight, bias, input_bias (N,) or None -> (..., N).
     With ``return_residual=True`` returns ``(out, pre_norm_sum)``, the sum being what a pre-LN model
     carries on as its residual stream.
+
+    Under ``torch.autocast`` input and residual may differ in dtype (a Linear's bf16 output and an
+    fp32 residual stream): the sum takes their promoted dtype, as torch's ``+``, input_bias follows
+    input, and the LayerNorm is computed and returned in fp32 on CUDA (as ``F.layer_norm`` under
+    autocast there), in the promoted dtype on CPU; ``pre_norm_sum`` is in the promoted dtype.
     """
+    if autocast_dtype(input) is not None and isinstance(residual, Tensor):
+        sum_dtype = torch.promote_types(input.dtype, residual.dtype)
+        dtype = layer_norm_dtype(input, sum_dtype)
+        if dtype == torch.float32:
+            weight, bias = cast(weight, dtype), cast(bias, dtype)
+        with disabled(input):
+            result = add_layer_norm(cast(input, dtype), cast(residual, dtype), weight, bias, eps,
+                                    input_bias=cast(input_bias, dtype), dropout_p=dropout_p,
+                                    return_residual=return_residual, backend=backend)
+        if return_residual is True and result[1].dtype != sum_dtype:  # computed in fp32 (CUDA)
+            result = (result[0], result[1].to(sum_dtype))
+        return result
     check_tensor("input", input)
     check_tensor("residual", residual)
     check_same("input", input, "residual", residual)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._autocast import autocast_dtype, cast, disabled
 from .._validation import check_dropout, check_same, check_scale, check_tensor
 from ..backends import register, select
 from .attention import _check_qkv
@@ -48,7 +49,17 @@ def linformer_attention(
 
     Returns:
         (B, H, Lq, Dv): softmax(Q (E K)^T * scale) (F V), with E = proj_k, F = proj_v.
+
+    Under ``torch.autocast``, floating query, key, value and the projections are cast to the
+    autocast dtype (the projections are matmuls, the rest is SDPA).
     """
+    ac = autocast_dtype(query)
+    if ac is not None:
+        pk = cast(proj_k, ac)
+        pv = pk if proj_v is proj_k else cast(proj_v, ac)  # a shared projection stays shared
+        with disabled(query):
+            return linformer_attention(cast(query, ac), cast(key, ac), cast(value, ac), pk, pv,
+                                       key_padding_mask, dropout_p, scale, backend=backend)
     _check_qkv(query, key, value, 4, "(B, H, L, D)")
     if key.shape[:2] != query.shape[:2]:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same "
