@@ -215,6 +215,7 @@ def varlen_attention(
     compute_dtype: Optional[torch.dtype] = None,
     alibi_slopes: Optional[Tensor] = None,
     window_size: Optional[Tuple[int, int]] = None,
+    dropout_mask: Optional[Sequence[Tensor]] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
@@ -224,7 +225,13 @@ def varlen_attention(
     ``max_seqlen_*`` are accepted for API compatibility; the reference does not need them. k and
     v may have fewer heads than q, a divisor of its count (grouped-query attention).
     ``alibi_slopes`` (H,) or (N, H): ALiBi within each sequence; ``window_size`` likewise.
+    ``dropout_mask``: one bool keep-mask per sequence, broadcastable to (H, Lq_i, Lk_i) (e.g. the
+    kernels' masks from ``fastbert.kernels.attention.varlen_attention_dropout_masks``).
+    An empty sequence (no query or no key) gives 0, with zero gradients for its tokens.
     """
+    if dropout_mask is not None and len(dropout_mask) != cu_seqlens_q.numel() - 1:
+        raise ValueError(f"dropout_mask must hold one mask per sequence "
+                         f"({cu_seqlens_q.numel() - 1}), got {len(dropout_mask)}")
     if k.shape[1] != q.shape[1]:
         k, v = repeat_kv_heads(k, v, q.shape[1], dim=1)
     outs = []
@@ -236,7 +243,9 @@ def varlen_attention(
         ki = k[ck[i]:ck[i + 1]].transpose(0, 1)
         vi = v[ck[i]:ck[i + 1]].transpose(0, 1)
         if qi.shape[1] == 0 or ki.shape[1] == 0:  # empty sequence: nothing to attend, output 0
-            oi = vi.new_zeros((vi.shape[0], qi.shape[1], vi.shape[-1])) + 0.0 * qi.sum()
+            # (its tokens stay in the graph: zero gradients rather than none)
+            oi = (vi.new_zeros((vi.shape[0], qi.shape[1], vi.shape[-1]))
+                  + 0.0 * (qi.sum() + ki.sum() + vi.sum()))
         else:
             slopes = None
             if alibi_slopes is not None:
@@ -244,7 +253,9 @@ def varlen_attention(
             oi = scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale, alibi_slopes=slopes,
                                               window_size=window_size,
-                                              compute_dtype=compute_dtype)
+                                              compute_dtype=compute_dtype,
+                                              dropout_mask=None if dropout_mask is None
+                                              else dropout_mask[i])
         outs.append(oi.transpose(0, 1))
     if not outs:
         return q.new_empty((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))

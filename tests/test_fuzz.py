@@ -1,10 +1,18 @@
 """Property-based tests: random combinations of the options the other files test one grid at a time.
 
 Each example draws a shape, dtype, layout and a set of options (mask kind and broadcast, causal,
-window, ALiBi, grouped-query heads, scale; normalized shapes, strides, affine parameters) and checks
+window, ALiBi, grouped-query heads, scale; normalized shapes, strides, affine parameters; Linformer's
+projection length, shared or per-head projections, one tensor for both, key padding) and checks
 the op's output and every gradient against fastbert.reference in fp64 with the usual rule
 (fastbert.testing.compare_to_reference). The inputs come from a generator seeded by a drawn
 integer, so a failing example is replayed exactly from what hypothesis prints.
+
+Dropout (attention, add_layer_norm, varlen, block-sparse and Linformer attention; p = 0.25 in a
+third of the examples) is checked exactly: the op runs right after torch.manual_seed(seed), the
+test draws the same dropout seed after the same torch.manual_seed, materialises the kernels' keep-mask
+for it (the Triton kernels' mask functions, or the CUDA binding's dropout_mask) and hands it to the
+reference as ``dropout_mask``. Attention examples where every row sees at most one key are left
+out on the Triton kernels in fp32 or with dropout (see _assume_scores_matter).
 
 Without a GPU the Triton kernels run under the interpreter (12 small examples per test), and the
 CUDA kernels take part through the emulator of tests/cuda_emu ("emu": the backend="cuda"
@@ -15,6 +23,7 @@ GPU both backends run compiled (20 examples: each new combination compiles kerne
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,9 +33,10 @@ import torch
 
 import fastbert
 from fastbert import reference
+from fastbert._rng import dropout_seed
 from fastbert.backends import backend_reasons
 from fastbert.ops.attention import check_window_size
-from fastbert.testing import DEVICE, compare_to_reference, nan_filled_allocations, rand
+from fastbert.testing import DEVICE, compare_to_reference, nan_filled_allocations, rand, run_with_grads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
@@ -37,9 +47,6 @@ gelu_ops = sys.modules["fastbert.ops.gelu"]
 layer_norm_ops = sys.modules["fastbert.ops.layer_norm"]
 
 hypothesis = pytest.importorskip("hypothesis")
-# Under the interpreter numpy reports an inf / NaN arising anywhere inside a kernel (even in rows
-# that are never stored) as a RuntimeWarning: an error here, as in test_attention.py.
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 st = hypothesis.strategies
 
 ON_GPU = DEVICE == "cuda"
@@ -50,6 +57,14 @@ SETTINGS = hypothesis.settings(
     deadline=None, database=None, print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
                            hypothesis.HealthCheck.too_slow])
+pytestmark = [
+    # Under the interpreter numpy reports an inf / NaN arising anywhere inside a kernel (even in
+    # rows that are never stored) as a RuntimeWarning: an error here, as in test_attention.py.
+    pytest.mark.filterwarnings("error::RuntimeWarning"),
+    # On a GPU every example compiles a few kernel variants: a fuzz test weighs like that many
+    # ordinary tests when bench/gpu_run.sh balances its parallel shards.
+    pytest.mark.shard_weight(3 * SETTINGS.max_examples),
+]
 
 
 def _skip_unavailable(backend):
@@ -77,7 +92,8 @@ def _fuzz(backend, cases, check):
 @contextlib.contextmanager
 def _running(backend, order):
     """Where ``backend`` runs: for "emu", the emulated CUDA kernels in thread order ``order``, with
-    every allocation (the C++ ones too) filled with NaN."""
+    every allocation (the C++ ones too) filled with NaN (and the families' ``_cuda_ops`` giving the
+    emulated ops, so :func:`_dropout_keep` materialises the emulated kernels' masks in here)."""
     if backend != "emu":
         yield
         return
@@ -89,10 +105,10 @@ def _sdpa(backend):
     """fastbert.scaled_dot_product_attention on ``backend`` (for "emu": the backend="cuda"
     implementation function, which takes the checked arguments)."""
     if backend == "emu":
-        return lambda q, k, v, m, causal, scale, gqa, alibi, window: attention_ops._sdpa_cuda(
-            q, k, v, m, 0.0, causal, scale, gqa, alibi, check_window_size(window))
-    return lambda q, k, v, m, causal, scale, gqa, alibi, window: fastbert.scaled_dot_product_attention(
-        q, k, v, m, 0.0, causal, scale, gqa, alibi_slopes=alibi, window_size=window, backend=backend)
+        return lambda q, k, v, m, p, causal, scale, gqa, alibi, window: attention_ops._sdpa_cuda(
+            q, k, v, m, p, causal, scale, gqa, alibi, check_window_size(window))
+    return lambda q, k, v, m, p, causal, scale, gqa, alibi, window: fastbert.scaled_dot_product_attention(
+        q, k, v, m, p, causal, scale, gqa, alibi_slopes=alibi, window_size=window, backend=backend)
 
 
 def _layer_norm(backend):
@@ -103,10 +119,10 @@ def _layer_norm(backend):
 
 def _add_layer_norm(backend):
     if backend == "emu":
-        return lambda x, r, w, b, eps, xb, ret: layer_norm_ops._add_layer_norm_cuda(
-            x, r, w, b, eps, xb, 0.0, ret)
-    return lambda x, r, w, b, eps, xb, ret: fastbert.add_layer_norm(
-        x, r, w, b, eps, input_bias=xb, return_residual=ret, backend=backend)
+        return lambda x, r, w, b, eps, xb, p, ret: layer_norm_ops._add_layer_norm_cuda(
+            x, r, w, b, eps, xb, p, ret)
+    return lambda x, r, w, b, eps, xb, p, ret: fastbert.add_layer_norm(
+        x, r, w, b, eps, input_bias=xb, dropout_p=p, return_residual=ret, backend=backend)
 
 
 def _bias_gelu(backend):
@@ -117,6 +133,58 @@ def _bias_gelu(backend):
 
 
 _ORDERS = st.sampled_from(["forward", "reverse"])
+# Dropout in a third of the examples: the others keep the dropout-free paths as common as before.
+_DROPOUT = st.sampled_from([0.0, 0.0, 0.25])
+
+
+def _assume_scores_matter(backend, fn, inputs, dys, dtype, p):
+    """Skips (hypothesis.assume) the Triton examples, in fp32 or with dropout, whose every row sees
+    one key or none while some see one: each softmax is then 1 whatever the scores, so the exact
+    gradients through them (dq, dk, a float mask's) are 0, and PyTorch's too, which leaves the
+    absolute floor as the whole tolerance. The Triton backward, dS = P * (dP - D) with
+    D = rowsum(dO * O) from the stored output, keeps a rounding residue there that the sums over
+    rows lift past the floor: fp32 (seen: 1.25e-5 > 1e-5 over 130 rows) and, with dropout, fp16
+    (O rounded after the 1 / (1 - p) rescale; seen: 2.4e-3 > 2e-3 over 80 rows, 1e-2 with GQA).
+    fp16 / bf16 without dropout stay far below their floor; the CUDA kernels, which keep P, give
+    exact zeros. ``inputs[0]`` is the query."""
+    if backend != "triton" or (p == 0.0 and dtype != torch.float32):
+        return
+    outs, grads = run_with_grads(fn, inputs, dys, torch.float64, backend="ref")
+    hypothesis.assume(bool(grads[0].any()) or not outs[0].any())
+
+
+def _seed_of_call(backend, seed, p):
+    """The dropout seed that ``backend``'s forward op draws when it runs right after
+    torch.manual_seed(seed): the op's first draw from torch's generators, which is
+    fastbert._rng.dropout_seed for the Triton ops, and for the CUDA binding (csrc/fastbert.cpp
+    draw_seed) at::randint(2^63 - 1, {1}) on the inputs' device."""
+    torch.manual_seed(seed)
+    if backend == "triton":
+        return dropout_seed(p, torch.device(DEVICE))
+    return torch.randint(torch.iinfo(torch.int64).max, (1,), device=DEVICE)
+
+
+def _dropout_keep(backend, p, seed, shape, triton_mask, family=attention_ops):
+    """The keep-mask (bool, True = kept) over ``shape`` that ``backend``'s op draws when it runs right
+    after torch.manual_seed(seed); None without dropout. ``triton_mask(seed_tensor)`` materialises
+    the Triton kernels' mask; the CUDA families share one rule (a counter per flat element index),
+    materialised by the binding's dropout_mask (``family._cuda_ops()``: the emulated ops inside
+    :func:`_running`)."""
+    if p == 0.0:
+        return None
+    s = _seed_of_call(backend, seed, p)
+    if backend == "triton":
+        return triton_mask(s)
+    return family._cuda_ops().dropout_mask(s, list(shape), p)
+
+
+def _attention_mask_of(p, shape):
+    """The dense Triton attention kernels' mask of a seed over (B, H, Lq, Lk), H the query heads."""
+    from fastbert.kernels.attention import attention_dropout_mask
+
+    return lambda s: attention_dropout_mask(s, p, shape)
+
+
 # Sequence lengths: small under the interpreter; on a GPU also some past the lengths where the
 # kernels change strategy (key limits of padded bool masks from 256 keys, several key blocks).
 _SEQ = st.one_of(st.integers(1, 70), st.integers(200, 700)) if ON_GPU else st.integers(1, 70)
@@ -149,7 +217,7 @@ def attention_cases(draw):
         shape=(b, h, hkv, lq, lk, d, dv), dtype=draw(st.sampled_from(DTYPES)),
         layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
         mask=mask, mask_dims=mask_dims, causal=draw(st.booleans()), window=window,
-        alibi=draw(st.sampled_from([None, "per_head", "per_batch"])),
+        alibi=draw(st.sampled_from([None, "per_head", "per_batch"])), dropout_p=draw(_DROPOUT),
         scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
 
 
@@ -184,19 +252,26 @@ def _attention_inputs(case):
 def _check_attention(backend, case):
     sdpa = _sdpa(backend)
     q, k, v, m, alibi, dout = _attention_inputs(case)
-    args = (case["causal"], case["scale"], q.shape[1] != k.shape[1], alibi, case["window"])
+    p, seed = case["dropout_p"], case["seed"]
+    args = (p, case["causal"], case["scale"], q.shape[1] != k.shape[1], alibi, case["window"])
+    b, h, lq, _ = q.shape
 
     def fn(q, k, v, m, backend, **kw):
         if backend == "ref":
-            causal, scale, gqa, alibi, window = args
-            return reference.scaled_dot_product_attention(q, k, v, m, 0.0, causal, scale, gqa,
-                                                          alibi_slopes=alibi, window_size=window, **kw)
+            p, causal, scale, gqa, alibi, window = args
+            return reference.scaled_dot_product_attention(q, k, v, m, p, causal, scale, gqa,
+                                                          alibi_slopes=alibi, window_size=window,
+                                                          dropout_mask=keep, **kw)
+        torch.manual_seed(seed)  # the seed draw that _dropout_keep reproduced
         return sdpa(q, k, v, m, *args)
 
     # a constant float mask (no gradient asked for) goes in as a non-leaf constant
     inputs = [q, k, v] + ([m] if case["mask"] != "float" else [])
     call = fn if case["mask"] != "float" else (lambda q, k, v, backend, **kw: fn(q, k, v, m, backend, **kw))
     with _running(backend, case["order"]):
+        shape = (b, h, lq, k.shape[2])
+        keep = _dropout_keep(backend, p, seed, shape, _attention_mask_of(p, shape))
+        _assume_scores_matter(backend, call, inputs, [dout], case["dtype"], p)
         compare_to_reference(call, inputs, [dout], case["dtype"], f"attention {case}", backend=backend)
 
 
@@ -214,7 +289,8 @@ def layer_norm_cases(draw):
         layout=draw(st.sampled_from(["contiguous", "strided", "row_slice"])),
         weight=draw(st.booleans()), bias=draw(st.booleans()),
         residual=draw(st.booleans()), input_bias=draw(st.booleans()),
-        return_residual=draw(st.booleans()), eps=draw(st.sampled_from([1e-5, 1e-12, 0.1])),
+        return_residual=draw(st.booleans()), dropout_p=draw(_DROPOUT),  # dropout: add_layer_norm only
+        eps=draw(st.sampled_from([1e-5, 1e-12, 0.1])),
         scale=draw(st.sampled_from([1.0, 30.0])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
 
 
@@ -226,8 +302,8 @@ def _ln_input(shape, dtype, layout, gen, scale):
 
 
 def _check_layer_norm(backend, case):
-    """layer_norm, and add_layer_norm when the case has a residual (no dropout: its mask is drawn
-    by the kernel; the dropout tests check it separately)."""
+    """layer_norm, and add_layer_norm when the case has a residual (with dropout on the input
+    branch, against the kernel's exact keep-mask)."""
     layer_norm, add_layer_norm = _layer_norm(backend), _add_layer_norm(backend)
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, norm, eps = case["dtype"], case["norm"], case["eps"]
@@ -249,15 +325,25 @@ def _check_layer_norm(backend, case):
         return
     r = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
     xb = rand(norm, dtype, DEVICE, generator=gen) if case["input_bias"] else None
-    ret = case["return_residual"]
+    ret, p, seed = case["return_residual"], case["dropout_p"], case["seed"]
 
     def fn(x, r, w, b, xb, backend, **kw):
         if backend == "ref":
-            return reference.add_layer_norm(x, r, w, b, eps, input_bias=xb, return_residual=ret, **kw)
-        return add_layer_norm(x, r, w, b, eps, xb, ret)
+            return reference.add_layer_norm(x, r, w, b, eps, input_bias=xb, dropout_p=p, return_residual=ret,
+                                            dropout_mask=keep, **kw)
+        torch.manual_seed(seed)  # the seed draw that _dropout_keep reproduced
+        return add_layer_norm(x, r, w, b, eps, xb, p, ret)
     dys = [dy, rand(shape, dtype, DEVICE, generator=gen)] if ret else [dy]
     with _running(backend, case["order"]):
+        keep = _dropout_keep(backend, p, seed, shape, _layer_norm_mask_of(p, shape), layer_norm_ops)
         compare_to_reference(fn, [x, r, w, b, xb], dys, dtype, name, backend=backend)
+
+
+def _layer_norm_mask_of(p, shape):
+    """The Triton add_layer_norm kernels' mask of a seed over ``shape`` (rows of its last dim)."""
+    from fastbert.kernels.layer_norm import dropout_keep_mask
+
+    return lambda s: dropout_keep_mask(s, shape, p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -307,13 +393,14 @@ def varlen_cases(draw):
         d=draw(st.sampled_from([16, 40, 64, 80])), dtype=draw(st.sampled_from(DTYPES)),
         strided=draw(st.booleans()), causal=draw(st.booleans()),
         window=draw(st.one_of(st.none(), st.tuples(st.integers(-1, 20), st.integers(-1, 20)))),
-        alibi=draw(st.sampled_from([None, "per_head", "per_sequence"])),
+        alibi=draw(st.sampled_from([None, "per_head", "per_sequence"])), dropout_p=draw(_DROPOUT),
         scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
 def _check_varlen_attention(backend, case):
     """Packed sequences of random lengths (empty ones included), per-sequence causal / window /
-    ALiBi, grouped-query heads, strided token rows; the Triton backend (the only one with varlen)."""
+    ALiBi, grouped-query heads, strided token rows, dropout; the Triton backend (the only one with
+    varlen)."""
     gen = torch.Generator().manual_seed(case["seed"])
     dtype, h, hkv, d = case["dtype"], case["h"], case["hkv"], case["d"]
     hypothesis.assume(sum(case["lens_q"]) > 0 and sum(case["lens_k"]) > 0)
@@ -330,15 +417,27 @@ def _check_varlen_attention(backend, case):
     if alibi is not None:
         alibi = (torch.rand(alibi, generator=gen) * 0.5).to(DEVICE)
     mq, mk = max(case["lens_q"]), max(case["lens_k"])
-    kwargs = dict(dropout_p=0.0, is_causal=case["causal"], scale=case["scale"], alibi_slopes=alibi,
+    p, seed = case["dropout_p"], case["seed"]
+    kwargs = dict(dropout_p=p, is_causal=case["causal"], scale=case["scale"], alibi_slopes=alibi,
                   window_size=case["window"])
+    keep = _dropout_keep(backend, p, seed, None, _varlen_masks_of(p, cu_q, cu_k, h, mq, mk))
 
     def fn(q, k, v, backend, **kw):
-        if backend == "ref":
-            return reference.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, **kw)
-        return fastbert.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, backend=backend)
-    compare_to_reference(fn, [q, k, v], [rand((tq, h, d), dtype, DEVICE, generator=gen)], dtype,
-                         f"varlen_attention {case}", backend=backend)
+        if backend != "ref":
+            torch.manual_seed(seed)  # the seed draw that _dropout_keep reproduced
+            return fastbert.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, backend=backend)
+        return reference.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, **kwargs, dropout_mask=keep,
+                                          **kw)
+    dys = [rand((tq, h, d), dtype, DEVICE, generator=gen)]
+    _assume_scores_matter(backend, fn, [q, k, v], dys, dtype, p)
+    compare_to_reference(fn, [q, k, v], dys, dtype, f"varlen_attention {case}", backend=backend)
+
+
+def _varlen_masks_of(p, cu_q, cu_k, h, max_q, max_k):
+    """The varlen Triton kernels' per-sequence masks of a seed (their offsets use max_seqlen_*)."""
+    from fastbert.kernels.attention import varlen_attention_dropout_masks
+
+    return lambda s: varlen_attention_dropout_masks(s, p, cu_q, cu_k, h, max_q, max_k)
 
 
 def test_varlen_attention_fuzz():
@@ -354,14 +453,14 @@ def block_sparse_cases(draw):
         dtype=draw(st.sampled_from(DTYPES)), per_head=draw(st.booleans()),
         density=draw(st.sampled_from([0.0, 0.3, 0.7, 1.0])),
         mask=draw(st.sampled_from(["none", "key_padding", "float"])), scale=draw(st.sampled_from([None, 0.3])),
-        seed=draw(st.integers(0, 2 ** 31 - 1)))
+        dropout_p=draw(_DROPOUT), seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
 def _check_block_sparse_attention(backend, case):
     """Random layouts (empty, dense and in between, per head or shared; sizes not multiples of the
     block), with no mask, a key-padding mask or a float bias (with -inf entries and a row of
-    finfo.min padding); the Triton backend against the reference, which expands the layout into a
-    dense token mask."""
+    finfo.min padding), with or without dropout; the Triton backend against the reference, which
+    expands the layout into a dense token mask."""
     gen = torch.Generator().manual_seed(case["seed"])
     b, h, lq, lk, d, bs, dtype = (case[x] for x in ("b", "h", "lq", "lk", "d", "block", "dtype"))
     q = rand((b, h, lq, d), dtype, DEVICE, generator=gen)
@@ -378,13 +477,107 @@ def _check_block_sparse_attention(backend, case):
         mask[torch.rand((1, h, lq, lk), generator=gen).to(DEVICE) < 0.15] = float("-inf")
         mask[:, :, lq // 2, :] = torch.finfo(dtype).min
 
+    p, seed = case["dropout_p"], case["seed"]
+    keep = _dropout_keep(backend, p, seed, None, _block_sparse_mask_of(p, (b, h, lq, lk)))
+
     def fn(q, k, v, backend, **kw):
         if backend == "ref":
-            return reference.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], **kw)
-        return fastbert.block_sparse_attention(q, k, v, layout, bs, mask, 0.0, case["scale"], backend=backend)
-    compare_to_reference(fn, [q, k, v], [rand((b, h, lq, d), dtype, DEVICE, generator=gen)], dtype,
-                         f"block_sparse_attention {case}", backend=backend)
+            return reference.block_sparse_attention(q, k, v, layout, bs, mask, p, case["scale"],
+                                                    dropout_mask=keep, **kw)
+        torch.manual_seed(seed)  # the seed draw that _dropout_keep reproduced
+        return fastbert.block_sparse_attention(q, k, v, layout, bs, mask, p, case["scale"], backend=backend)
+    dys = [rand((b, h, lq, d), dtype, DEVICE, generator=gen)]
+    _assume_scores_matter(backend, fn, [q, k, v], dys, dtype, p)
+    compare_to_reference(fn, [q, k, v], dys, dtype, f"block_sparse_attention {case}", backend=backend)
+
+
+def _block_sparse_mask_of(p, shape):
+    """The block-sparse Triton kernels' mask of a seed over (B, H, Lq, Lk)."""
+    from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
+
+    return lambda s: block_sparse_attention_dropout_mask(s, shape, p)
 
 
 def test_block_sparse_attention_fuzz():
     _fuzz("triton", block_sparse_cases(), _check_block_sparse_attention)
+
+
+@st.composite
+def linformer_cases(draw):
+    d = draw(st.sampled_from([16, 40, 64]))
+    return dict(
+        b=draw(st.integers(1, 2)), h=draw(st.integers(1, 3)), lq=draw(st.integers(1, 70)),
+        lk=draw(st.integers(1, 70)), d=d, dv=draw(st.sampled_from([d, 16, 40])),
+        k=draw(st.sampled_from([2, 7, 16, 33, 1])), dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+        # (k, Lk) shared by the heads, (H, k, Lk) per head or (1, k, Lk); one tensor for both or two
+        proj=draw(st.sampled_from(["shared", "per_head", "one_head"])), same_proj=draw(st.booleans()),
+        proj_fp32=draw(st.booleans()), padding=draw(st.booleans()), dropout_p=draw(_DROPOUT),
+        scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+def _check_linformer_attention(backend, case):
+    """Linformer: projections shared by the heads or per head (or one head broadcast), in the input
+    dtype or fp32, the same tensor for keys and values or two; a key-padding mask whose padded
+    keys / values hold NaN (they must not reach the projections); dropout on the attention over the
+    k projected keys. Gradients of q, k, v and the projection(s).
+
+    A projection's gradient sums B * H * D products (H: for one shared by the heads): it grows
+    with their square root (to ~50 here) while the per-dtype floor is sized for values near 1, so
+    the tail of the kernels' own error (the backward recomputes P from the saved row statistics:
+    on a peaked row up to ~3.5x PyTorch's fp32 error, seen 4.9e-5 > 3.8e-5 at a gradient of 23)
+    fails it. The leaves hold the projections times 2^n ~ sqrt(B * H * D) and the op gets them
+    times 2^-n (exact in every dtype): their gradients come out near 1, as the others do."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, h, lq, lk, d, dv, kp, dtype = (case[x] for x in ("b", "h", "lq", "lk", "d", "dv", "k", "dtype"))
+    q = _tensor(gen, (b, h, lq, d), dtype, case["layout"])
+    k = _tensor(gen, (b, h, lk, d), dtype, case["layout"])
+    v = _tensor(gen, (b, h, lk, dv), dtype, case["layout"])
+    pshape = {"shared": (kp, lk), "per_head": (h, kp, lk), "one_head": (1, kp, lk)}[case["proj"]]
+    summed = b * max(d, dv) * (h if case["proj"] != "per_head" else 1)
+    unit = 2.0 ** -round(0.5 * math.log2(summed))
+    # 1/sqrt(max(Lk, k)): projected keys / values no larger than the inputs, and k / v gradients
+    # (sums over the k projected rows) no larger than the dense attention's
+    projs = [rand(pshape, dtype, DEVICE, generator=gen, scale=max(lk, kp) ** -0.5 / unit)
+             for _ in range(1 if case["same_proj"] else 2)]
+    pad = None
+    if case["padding"]:  # True = padding; a sequence may be all padding
+        lengths = torch.randint(0, lk + 1, (b,), generator=gen)
+        pad = (torch.arange(lk)[None, :] >= lengths[:, None]).to(DEVICE)
+        k[pad[:, None, :, None].expand_as(k)] = float("nan")
+        v[pad[:, None, :, None].expand_as(v)] = float("nan")
+    p, seed = case["dropout_p"], case["seed"]
+    shape = (b, h, lq, kp)  # the dense attention over the projected keys draws the mask
+    keep = _dropout_keep(backend, p, seed, shape, _attention_mask_of(p, shape))
+
+    def fn(q, k, v, e, f=None, *, backend, **kw):
+        e, f = _projections(e, e if f is None else f, unit, case["proj_fp32"] and backend != "ref")
+        if backend == "ref":
+            return reference.linformer_attention(q, k, v, e, f, pad, p, case["scale"],
+                                                 dropout_mask=keep, **kw)
+        torch.manual_seed(seed)  # the seed draw that _dropout_keep reproduced
+        return fastbert.linformer_attention(q, k, v, e, f, pad, p, case["scale"], backend=backend)
+    dys = [rand((b, h, lq, dv), dtype, DEVICE, generator=gen)]
+    _assume_scores_matter(backend, fn, [q, k, v] + projs, dys, dtype, p)
+    compare_to_reference(fn, [q, k, v] + projs, dys, dtype, f"linformer_attention {case}", backend=backend)
+
+
+def _projections(e, f, unit, fp32):
+    """The projections the op gets from the leaves ``e`` and ``f``: times ``unit`` (a power of
+    two), in fp32 if ``fp32``; one tensor when ``f`` is ``e``. fp32 projections of low-precision
+    inputs hold the leaves' values, and their gradients flow back to those input-dtype leaves: the
+    op casts projections to the inputs' dtype and computes their gradients in it, so that dtype's
+    tolerance applies (with fp32 leaves the fp32 floor would leave "2x PyTorch's fp16 error" alone,
+    which the fp16 gradient exceeds now and then: seen 1.9e-3 > 1.46e-3)."""
+    def cast(t):
+        t = t * unit
+        return t.float() if fp32 else t
+    e_op = cast(e)
+    return e_op, (e_op if f is e else cast(f))
+
+
+# Not on "emu": the CUDA Linformer runs its dense attention through the public op, which refuses
+# backend="cuda" for CPU tensors.
+@pytest.mark.parametrize("backend", ["triton", "cuda"] if ON_GPU else ["triton"])
+def test_linformer_attention_fuzz(backend):
+    _fuzz(backend, linformer_cases(), _check_linformer_attention)
