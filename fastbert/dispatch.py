@@ -14,7 +14,8 @@ covers every call:
 * attention: dtype, head dim (<=64, <=128, >128), key length (<=512, >512), masked or not, causal
   or not — e.g. ``"fp16/D<=64/Lk<=512/mask/full"``;
 * LayerNorm, add+LayerNorm, GELU, bias+GELU: dtype and row width (<=1024, <=4096, >4096) — e.g.
-  ``"bf16/N<=1024"``.
+  ``"bf16/N<=1024"``; an add+LayerNorm whose residual has another dtype than its input (mixed
+  precision) is a class of its own, e.g. ``"bf16+fp32/N<=1024"``.
 
 The table is JSON::
 
@@ -93,8 +94,11 @@ def shape_class(op: str, **call) -> Optional[str]:
         return _attention_class(_DTYPE_NAMES.get(q.dtype, str(q.dtype)), q.shape[-1], k.shape[-2],
                                 call.get("attn_mask") is not None, bool(call.get("is_causal")))
     if op in _ROW_OPS:
-        x = call["input"]
-        return _row_class(_DTYPE_NAMES.get(x.dtype, str(x.dtype)), x.shape[-1] if x.dim() else 1)
+        x, r = call["input"], call.get("residual")
+        dtype = _DTYPE_NAMES.get(x.dtype, str(x.dtype))
+        if isinstance(r, torch.Tensor) and r.dtype != x.dtype:  # mixed precision: "bf16+fp32"
+            dtype += "+" + _DTYPE_NAMES.get(r.dtype, str(r.dtype))
+        return _row_class(dtype, x.shape[-1] if x.dim() else 1)
     return None
 
 

@@ -392,18 +392,21 @@ def add_layer_norm(
     """layer_norm(dropout(input + input_bias) + residual) over the last dim (BERT's output sublayer).
 
     Shapes: input/residual (..., N), weight/bias/input_bias (N,) -> (..., N). With
-    ``return_residual=True`` also returns the pre-norm sum ``dropout(input + input_bias) + residual``
-    (in the input dtype), which pre-LN models carry as the next residual.
+    ``return_residual=True`` also returns the pre-norm sum ``dropout(input + input_bias) + residual``,
+    which pre-LN models carry as the next residual. input and residual may differ in dtype (a
+    Linear's bf16 output and an fp32 residual stream): both results are in their promoted dtype, as
+    torch's ``+`` gives.
     """
-    cdt = _compute_dtype(input, compute_dtype)
+    out_dtype = torch.promote_types(input.dtype, residual.dtype)
+    cdt = compute_dtype or (torch.float64 if out_dtype == torch.float64 else torch.float32)
     h = input.to(cdt)
     if input_bias is not None:
         h = h + input_bias.to(cdt)
     h = _apply_dropout(h, dropout_p, dropout_mask)
     s = h + residual.to(cdt)
-    out = layer_norm(s, (input.shape[-1],), weight, bias, eps, compute_dtype=cdt).to(input.dtype)
+    out = layer_norm(s, (input.shape[-1],), weight, bias, eps, compute_dtype=cdt).to(out_dtype)
     if return_residual:
-        return out, s.to(input.dtype)
+        return out, s.to(out_dtype)
     return out
 
 

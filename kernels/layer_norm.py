@@ -9,7 +9,9 @@ that is normalised is the *pre-norm sum*
 and ``y = (s - mean(s)) * rstd * weight + bias`` with ``rstd = 1 / sqrt(var(s) + eps)`` (biased
 variance). Statistics and all arithmetic are fp32; inputs and outputs are fp16, bf16 or fp32, and
 weight / bias / input_bias may have a dtype of their own (e.g. fp32 parameters with fp16
-activations).
+activations), as may the residual (a bf16 matmul output added to an fp32 residual stream, as under
+mixed precision): every tensor is read in its own dtype, the outputs take the promoted dtype of
+input and residual, and each gradient its input's dtype.
 
 Two variants of each pass:
 
@@ -147,8 +149,8 @@ def _layer_norm_fwd_kernel(
     R, stride_rm, stride_rn,        # residual [M, N] (HAS_RESIDUAL)
     XB,                             # input_bias [N] (HAS_INPUT_BIAS)
     W, B,                           # weight, bias [N] (HAS_WEIGHT, HAS_BIAS)
-    Y,                              # out [M, N], contiguous, input dtype
-    S,                              # pre-norm sum [M, N], contiguous, input dtype (STORE_SUM)
+    Y,                              # out [M, N], contiguous, promoted dtype of input and residual
+    S,                              # pre-norm sum [M, N], contiguous, as Y (STORE_SUM)
     MEAN, RSTD,                     # [M] fp32
     M, N, eps,
     SEED,                           # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
@@ -269,8 +271,10 @@ def _layer_norm_bwd_kernel(
     XB,                             # input_bias [N] (HAS_INPUT_BIAS)
     W,                              # weight [N] (HAS_WEIGHT)
     MEAN, RSTD,                     # [M] fp32 from the forward
-    DS,                             # out: grad of s [M, N] contiguous (= dx of layer_norm)
-    DX,                             # out: grad of input under dropout [M, N] contiguous (STORE_DX)
+    DS,                             # out: grad of s [M, N] contiguous (= dx of layer_norm), in
+                                    #   the residual's dtype
+    DX,                             # out: grad of input [M, N] contiguous, input dtype (STORE_DX:
+                                    #   under dropout, or when input's dtype is not the residual's)
     DW_PART, DB_PART, DXB_PART,     # out: partial column sums [G, N] fp32, row = program id
     M, N,
     SEED,                           # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
@@ -324,10 +328,10 @@ def _layer_norm_bwd_kernel(
         tl.store(DS + o_out, ds.to(DS.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
             dx = tl.where(keep & mask, ds * dropout_scale, 0.0)
-            if STORE_DX:
-                tl.store(DX + o_out, dx.to(DX.dtype.element_ty), mask=mask)
         else:
             dx = tl.where(mask, ds, 0.0)
+        if STORE_DX:  # dropout, or an input dtype other than the residual's
+            tl.store(DX + o_out, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
             dw_acc += tl.sum(dy * xhat, axis=0)
         if NEED_DB:
@@ -416,8 +420,11 @@ def _layer_norm_bwd_looped_kernel(
                           other=0.0).to(tl.float32)
         o_out = rows * N + cols
         tl.store(DS + o_out, ds.to(DS.dtype.element_ty), mask=mask)
-        if HAS_DROPOUT and STORE_DX:
-            dx = tl.where(keep, ds * dropout_scale, 0.0)
+        if STORE_DX:  # dropout, or an input dtype other than the residual's
+            if HAS_DROPOUT:
+                dx = tl.where(keep, ds * dropout_scale, 0.0)
+            else:
+                dx = ds
             tl.store(DX + o_out, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -577,8 +584,9 @@ def layer_norm_fwd(
     """LayerNorm of ``s = dropout(x + input_bias) + residual`` over the last ``norm_ndim`` dims.
 
     Shapes: x, residual (..., *norm_shape) with N = prod(norm_shape); weight, bias, input_bias
-    norm_shape (any dtype). Returns ``(out, pre_norm_sum, mean, rstd)``: out (x's shape and dtype,
-    contiguous), pre_norm_sum (same, or None unless ``store_sum``), mean and rstd [M] fp32.
+    norm_shape (any dtype). Returns ``(out, pre_norm_sum, mean, rstd)``: out (x's shape, contiguous,
+    in the promoted dtype of x and residual: a bf16 x with an fp32 residual gives fp32, each read
+    in its own dtype), pre_norm_sum (same, or None unless ``store_sum``), mean and rstd [M] fp32.
     Dropout keeps element (row, col) of the [M, N] row matrix iff rand(seed, row * N + col) >= p;
     ``seed`` is an int64 (1,) tensor on x's device (e.g. from ``fastbert._rng.dropout_seed``) that
     the kernels load on the device (the host never reads it); ignored (may be None) when p == 0.
@@ -586,8 +594,9 @@ def layer_norm_fwd(
     shape = x.shape
     n = math.prod(shape[x.dim() - norm_ndim:])
     m = x.numel() // n if n > 0 else math.prod(shape[:x.dim() - norm_ndim])
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    s_out = torch.empty(shape, dtype=x.dtype, device=x.device) if store_sum else None
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty(shape, dtype=dtype, device=x.device)
+    s_out = torch.empty(shape, dtype=dtype, device=x.device) if store_sum else None
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
@@ -647,10 +656,11 @@ def layer_norm_bwd(
     are the dtypes of (weight, bias, input_bias) for their gradients (x's dtype where None).
 
     Returns ``(ds, dinput, dweight, dbias, dinput_bias)``: ds = grad of the pre-norm sum (= dx of
-    layer_norm, and the residual's gradient of add_layer_norm), x's shape and dtype, contiguous;
-    dinput the input's gradient under dropout (None without dropout, where it equals ds, or when
-    neither ``need_dinput`` nor ``need_dinput_bias``); the column sums, shape norm_shape, or None
-    where not requested.
+    layer_norm, and the residual's gradient of add_layer_norm), x's shape, the residual's dtype (x's
+    without one), contiguous; dinput the input's gradient in x's dtype, stored under dropout or
+    when x's dtype is not the residual's (under dropout if ``need_dinput`` or ``need_dinput_bias``,
+    else if ``need_dinput``; None otherwise: it equals ds); the column sums, shape norm_shape, or
+    None where not requested.
     """
     shape = x.shape
     norm_shape = shape[x.dim() - norm_ndim:]
@@ -658,8 +668,10 @@ def layer_norm_bwd(
     m = x.numel() // n if n > 0 else math.prod(shape[:x.dim() - norm_ndim])
     device = x.device
     has_dropout = dropout_p > 0.0
-    store_dx = has_dropout and (need_dinput or need_dinput_bias)
-    ds = torch.empty(shape, dtype=x.dtype, device=device)
+    ds_dtype = x.dtype if residual is None else residual.dtype
+    store_dx = ((has_dropout and (need_dinput or need_dinput_bias))
+                or (ds_dtype != x.dtype and need_dinput))
+    ds = torch.empty(shape, dtype=ds_dtype, device=device)
     dx = torch.empty(shape, dtype=x.dtype, device=device) if store_dx else None
     need = (need_dweight, need_dbias, need_dinput_bias)
 

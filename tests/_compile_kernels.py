@@ -496,22 +496,27 @@ def _ln_row_args(dt: str, n: int, col_stride: int = 1) -> Dict[str, Any]:
 
 
 def _layer_norm_cases_for(cc: int, dt: str, n: int, feat: Dict[str, bool], col_stride: int = 1,
-                          tag: str = "") -> List[Case]:
+                          tag: str = "", rdt: str = "") -> List[Case]:
+    """``rdt``: a residual dtype other than the input's ``dt`` (mixed precision): residual,
+    parameters, outputs and the sum's gradient in ``rdt``, the input's gradient stored apart."""
     m = _M
+    mixed = bool(rdt) and rdt != dt
+    rdt = rdt or dt
     offset_64 = ln._offset_64(m, n)
     looped = n > ln.MAX_FUSED_N
     # the seed is a (1,) int64 device tensor (fastbert._rng.dropout_seed); without dropout the
     # launchers pass the input rows as the (unread) pointer
     drop = dict(SEED=ptr("i64") if feat["dropout"] else ptr(dt), dropout_p=0.1, dropout_scale=1 / 0.9)
-    tag = tag or ("full" if feat["residual"] else "plain")
-    fwd = dict(**_ln_row_args(dt, n, col_stride), B=ptr(dt), Y=ptr(dt), S=ptr(dt),
+    tag = (tag or ("full" if feat["residual"] else "plain")) + (f"-{rdt}residual" if mixed else "")
+    rows = dict(_ln_row_args(dt, n, col_stride), R=ptr(rdt), XB=ptr(rdt), W=ptr(rdt))
+    fwd = dict(**rows, B=ptr(rdt), Y=ptr(rdt), S=ptr(rdt),
                MEAN=ptr("fp32"), RSTD=ptr("fp32"), M=m, N=n, eps=1e-5, **drop,
                HAS_RESIDUAL=feat["residual"], HAS_INPUT_BIAS=feat["input_bias"],
                HAS_DROPOUT=feat["dropout"], HAS_WEIGHT=feat["weight"], HAS_BIAS=feat["bias"],
                STORE_SUM=feat["store_sum"], OFFSET_64=offset_64)
     # backward: every gradient requested, as for trainable weight / bias / input bias
-    grads = dict(DY=ptr(dt), stride_dym=n * col_stride, stride_dyn=col_stride, DSUM=ptr(dt),
-                 stride_dsm=n * col_stride, stride_dsn=col_stride, **_ln_row_args(dt, n, col_stride),
+    grads = dict(DY=ptr(rdt), stride_dym=n * col_stride, stride_dyn=col_stride, DSUM=ptr(rdt),
+                 stride_dsm=n * col_stride, stride_dsn=col_stride, **rows,
                  MEAN=ptr("fp32"), RSTD=ptr("fp32"), M=m, N=n, **drop,
                  HAS_RESIDUAL=feat["residual"], HAS_INPUT_BIAS=feat["input_bias"],
                  HAS_DROPOUT=feat["dropout"], HAS_WEIGHT=feat["weight"], HAS_DSUM=feat["store_sum"],
@@ -525,8 +530,8 @@ def _layer_norm_cases_for(cc: int, dt: str, n: int, feat: Dict[str, bool], col_s
             Case("layer_norm", name.format("fwd") + f"-BM{bm}-w{w}", ln._layer_norm_fwd_kernel,
                  dict(fwd, BLOCK_M=bm, BLOCK_N=bn), w, 3, cc),
             Case("layer_norm", name.format("bwd") + f"-BM{bbm}-w{bw}", ln._layer_norm_bwd_kernel,
-                 dict(grads, DS=ptr(dt), DX=ptr(dt), DW_PART=ptr("fp32"), DB_PART=ptr("fp32"),
-                      DXB_PART=ptr("fp32"), STORE_DX=feat["dropout"], **needs,
+                 dict(grads, DS=ptr(rdt), DX=ptr(dt), DW_PART=ptr("fp32"), DB_PART=ptr("fp32"),
+                      DXB_PART=ptr("fp32"), STORE_DX=feat["dropout"] or mixed, **needs,
                       BLOCK_M=bbm, BLOCK_N=bbn), bw, 3, cc)]
     w = ln.LOOPED_NUM_WARPS
     loop = dict(BLOCK_M=1, BLOCK_N=ln.LOOPED_BLOCK_N)
@@ -534,8 +539,8 @@ def _layer_norm_cases_for(cc: int, dt: str, n: int, feat: Dict[str, bool], col_s
         Case("layer_norm", name.format("fwd_looped"), ln._layer_norm_fwd_looped_kernel,
              dict(fwd, **loop), w, 3, cc),
         Case("layer_norm", name.format("bwd_looped"), ln._layer_norm_bwd_looped_kernel,
-             dict(grads, DS=ptr(dt), DX=ptr(dt), C1=ptr("fp32"), C2=ptr("fp32"),
-                  STORE_DX=feat["dropout"], STORE_C=feat["input_bias"], **loop), w, 3, cc),
+             dict(grads, DS=ptr(rdt), DX=ptr(dt), C1=ptr("fp32"), C2=ptr("fp32"),
+                  STORE_DX=feat["dropout"] or mixed, STORE_C=feat["input_bias"], **loop), w, 3, cc),
         Case("layer_norm", name.format("bwd_cols"), ln._layer_norm_bwd_cols_kernel,
              dict(grads, C1=ptr("fp32"), C2=ptr("fp32"), DW_PART=ptr("fp32"), DB_PART=ptr("fp32"),
                   DXB_PART=ptr("fp32"), **needs, BLOCK_M=ln.COLS_BLOCK_M,
@@ -555,6 +560,11 @@ def layer_norm_cases() -> List[Case]:
     cases += _layer_norm_cases_for(90, "fp16", ln.MAX_FUSED_N, _PLAIN)   # widest one-pass row
     cases += _layer_norm_cases_for(90, "bf16", 3 * ln.LOOPED_BLOCK_N + 100, _FULL)   # looped
     cases += _layer_norm_cases_for(90, "fp32", 2 ** 19, _PLAIN)   # looped, M * N >= 2**31
+    # mixed precision (a bf16 / fp16 matmul output, an fp32 residual stream), without dropout:
+    # the input's gradient is stored apart because of its dtype alone
+    cases += _layer_norm_cases_for(90, "bf16", 768, dict(_FULL, dropout=False), rdt="fp32")
+    cases += _layer_norm_cases_for(90, "bf16", 3 * ln.LOOPED_BLOCK_N + 100, _FULL, rdt="fp32")
+    cases += _layer_norm_cases_for(80, "fp16", 768, dict(_FULL, dropout=False), rdt="fp32")
     cases += _layer_norm_cases_for(80, "fp16", 768, _FULL)
     cases += _layer_norm_cases_for(80, "fp16", 3 * ln.LOOPED_BLOCK_N + 100, _FULL)
     for cc in (90, 80):

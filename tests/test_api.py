@@ -147,8 +147,9 @@ def test_norm_and_gelu_bad_inputs():
         fastbert.gelu(x, "erf")
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
         fastbert.bias_gelu(x, torch.ones(4))
-    with pytest.raises(TypeError, match="residual has dtype"):
-        fastbert.add_layer_norm(x, x.double(), None, None)
+    with pytest.raises(TypeError, match="residual must be a floating-point"):
+        fastbert.add_layer_norm(x, x.int(), None, None)
+    assert fastbert.add_layer_norm(x, x.double(), None, None).dtype == torch.float64  # promoted
 
 
 # ------------------------------------------------------------------------------- empty inputs

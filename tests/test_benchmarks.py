@@ -195,6 +195,11 @@ def test_norm_bytes():
     r, n, s = 10, 8, 2
     assert common.norm_bytes("add_layer_norm", "fwd", r, n, s) == 3 * r * n * s + 3 * n * s
     assert common.norm_bytes("add_layer_norm", "bwd", r, n, s) == 4 * r * n * s + 5 * n * s
+    # mixed precision: fp16 input, fp32 residual / parameters / results; two input gradients
+    assert common.norm_bytes("add_layer_norm", "fwd", r, n, 2, 4, 4) == r * n * (2 + 4 + 4) + 3 * n * 4
+    assert common.norm_bytes("add_layer_norm", "bwd", r, n, 2, 4, 4) == r * n * (4 + 2 + 4 + 2 + 4) + 5 * n * 4
+    with pytest.raises(ValueError, match="residual_itemsize"):
+        common.norm_bytes("layer_norm", "fwd", r, n, 2, 4, 4)
     assert common.norm_bytes("gelu", "bwd", r, n, s) == 3 * r * n * s
     assert common.norm_bytes("gelu", "fwd+bwd", r, n, s) == 5 * r * n * s
     with pytest.raises(ValueError):
@@ -250,6 +255,8 @@ def test_run_cases_on_cpu_end_to_end(capsys):
         attention.varlen_case(3, 40, 2, 16, torch.float32, pass_="fwd"),
         sparse.linformer_case(1, 2, 64, 8, 16, dtype=torch.float32, pass_="fwd+bwd"),
         norms.norm_case("add_layer_norm", 40, torch.float32, pass_="bwd", rows=17),
+        norms.norm_case("add_layer_norm", 40, torch.float16, pass_="bwd", rows=17,
+                        residual_dtype=torch.float32),
     ]
     seen = []
     rows = runner.run_cases(cases, device="cpu", timer=timing.CpuTimer(reps=2),
@@ -260,12 +267,14 @@ def test_run_cases_on_cpu_end_to_end(capsys):
     by = {(r["case"], r["impl"]): r for r in rows}
     for case, impl in [(cases[0].name, "sdpa-math"), (cases[1].name, "sdpa-math-padded"),
                        (cases[2].name, "torch-linformer"), (cases[2].name, "sdpa-dense"),
-                       (cases[3].name, "torch-eager")]:
+                       (cases[3].name, "torch-eager"), (cases[4].name, "torch-eager")]:
         r = by[(case, impl)]
         assert r["status"] == "ok", r
         assert r["check"] and "max error" in r["check"]
         assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["timing"] == "cpu"
         assert r["value"] > 0 and r["pct_of_ceiling"] is not None
+    assert by[(cases[4].name, "torch-eager")]["dtype"] == "fp16+fp32"
+    assert cases[4].name.endswith("-fp16+fp32")
     cuda = by[(cases[0].name, "fastbert-cuda")]
     assert cuda["status"] == "unavailable" and cuda["reason"]
     # the Linformer case's dense baseline is credited with dense flops

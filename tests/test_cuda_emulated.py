@@ -203,6 +203,23 @@ def test_add_layer_norm(emu, width, dtype, dropout_p, return_residual):
              dtype, f"add_layer_norm {width} p={dropout_p}")
 
 
+@pytest.mark.parametrize("x_dtype", [F16, BF16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_add_layer_norm_mixed_dtypes(emu, x_dtype, dropout_p):
+    """A 16-bit input with an fp32 residual and fp32 parameters (mixed precision): the CUDA backend
+    casts the input to fp32 and runs the fp32 kernels; results in fp32, the input's gradient in its
+    own dtype (compare_to_reference checks every dtype against the reference's)."""
+    rows, width = 19, 768
+    x, r = rand((rows, width), x_dtype, "cpu"), rand((rows, width), F32, "cpu")
+    w, b, xb = rand((width,), F32, "cpu"), rand((width,), F32, "cpu"), rand((width,), F32, "cpu")
+    keep = None
+    if dropout_p > 0:
+        keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], dropout_p)
+    dys = [rand((rows, width), F32, "cpu") for _ in range(2)]
+    _compare(_add_layer_norm(dropout_p, True, keep, seed=7), [x, r, w, b, xb], dys, x_dtype,
+             f"add_layer_norm {x_dtype}+fp32 p={dropout_p}")
+
+
 def test_add_layer_norm_without_affine_or_input_bias(emu):
     x, r = rand((5, 768), F16, "cpu"), rand((5, 768), F16, "cpu")
     _compare(_add_layer_norm(), [x, r, None, None, None], [rand((5, 768), F16, "cpu")], F16,

@@ -64,6 +64,18 @@ def test_row_class_matches_benchmark_case(op, cols):
     del s
 
 
+def test_mixed_precision_add_layer_norm_has_its_own_class():
+    """A bf16 input with an fp32 residual (autocast's layer) is measured and dispatched apart from
+    the all-bf16 op: a different kernel pair (the CUDA backend casts first)."""
+    case = bench_norms.norm_case("add_layer_norm", 768, torch.bfloat16, rows=3,
+                                 residual_dtype=torch.float32)
+    x, r = torch.empty(3, 768, dtype=torch.bfloat16), torch.empty(3, 768)
+    from_call = dispatch.shape_class("add_layer_norm", input=x, residual=r)
+    assert from_call == "bf16+fp32/N<=1024"
+    assert from_call == dispatch.bench_shape_class(case.op, case.dtype_label, case.params)
+    assert dispatch.shape_class("add_layer_norm", input=x, residual=x) == "bf16/N<=1024"
+
+
 def test_unmeasured_op_has_no_class():
     assert dispatch.shape_class("block_sparse_attention", query=None) is None
     assert dispatch.bench_shape_class("layer_norm", "fp16", {"rows": 4}) is None  # no "N"

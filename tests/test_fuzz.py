@@ -289,6 +289,7 @@ def layer_norm_cases(draw):
         layout=draw(st.sampled_from(["contiguous", "strided", "row_slice"])),
         weight=draw(st.booleans()), bias=draw(st.booleans()),
         residual=draw(st.booleans()), input_bias=draw(st.booleans()),
+        mixed=draw(st.booleans()),  # add_layer_norm, 16-bit input: fp32 residual and parameters
         return_residual=draw(st.booleans()), dropout_p=draw(_DROPOUT),  # dropout: add_layer_norm only
         eps=draw(st.sampled_from([1e-5, 1e-12, 0.1])),
         scale=draw(st.sampled_from([1.0, 30.0])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
@@ -311,10 +312,13 @@ def _check_layer_norm(backend, case):
     x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
     dy = rand(shape, dtype, DEVICE, generator=gen)
     name = f"layer_norm {case}"
+    pdt = dtype  # of the parameters (and the residual)
     if case["residual"]:  # add_layer_norm normalizes the last dim (the others become rows)
         norm = norm[-1:]
-    w = rand(norm, dtype, DEVICE, generator=gen) if case["weight"] else None
-    b = rand(norm, dtype, DEVICE, generator=gen) if case["bias"] else None
+        if case["mixed"]:  # mixed precision: a 16-bit matmul output, an fp32 residual stream
+            pdt = torch.float32
+    w = rand(norm, pdt, DEVICE, generator=gen) if case["weight"] else None
+    b = rand(norm, pdt, DEVICE, generator=gen) if case["bias"] else None
     if not case["residual"]:
         def fn(x, w, b, backend, **kw):
             if backend == "ref":
@@ -323,8 +327,8 @@ def _check_layer_norm(backend, case):
         with _running(backend, case["order"]):
             compare_to_reference(fn, [x, w, b], [dy], dtype, name, backend=backend)
         return
-    r = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
-    xb = rand(norm, dtype, DEVICE, generator=gen) if case["input_bias"] else None
+    r = _ln_input(shape, pdt, case["layout"], gen, case["scale"])
+    xb = rand(norm, pdt, DEVICE, generator=gen) if case["input_bias"] else None
     ret, p, seed = case["return_residual"], case["dropout_p"], case["seed"]
 
     def fn(x, r, w, b, xb, backend, **kw):
@@ -333,7 +337,7 @@ def _check_layer_norm(backend, case):
                                             dropout_mask=keep, **kw)
         torch.manual_seed(seed)  # the seed draw that _dropout_keep reproduced
         return add_layer_norm(x, r, w, b, eps, xb, p, ret)
-    dys = [dy, rand(shape, dtype, DEVICE, generator=gen)] if ret else [dy]
+    dys = [dy.to(pdt), rand(shape, pdt, DEVICE, generator=gen)] if ret else [dy.to(pdt)]
     with _running(backend, case["order"]):
         keep = _dropout_keep(backend, p, seed, shape, _layer_norm_mask_of(p, shape), layer_norm_ops)
         compare_to_reference(fn, [x, r, w, b, xb], dys, dtype, name, backend=backend)

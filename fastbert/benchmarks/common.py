@@ -107,6 +107,7 @@ class Case:
     series: str                    # cases of one series form one plot panel
     setup: Callable[[torch.device], Any]          # builds one set of inputs (a namespace)
     impls: List[Impl]
+    dtype_label: Optional[str] = None  # recorded dtype when not dtype's name, e.g. "bf16+fp32"
     leaves: Callable[[Any], List[Tensor]] = field(default=lambda s: [])
     check: Optional[Callable[[Any, Tensor, list, Optional[str]], CheckResult]] = None
     footprint: int = 0             # bytes of one input set + output (decides input rotation)
@@ -183,8 +184,13 @@ def bert_flops(seqlens: Sequence[int], *, hidden: int = 768, layers: int = 12,
 
 
 def norm_bytes(op: str, pass_: str, rows: int, cols: int, itemsize: int,
-               param_itemsize: Optional[int] = None) -> float:
+               param_itemsize: Optional[int] = None,
+               residual_itemsize: Optional[int] = None) -> float:
     """Bytes that ``op`` must move, each tensor read or written once.
+
+    ``itemsize`` is the input's; ``residual_itemsize`` (add_layer_norm only) a residual of another
+    dtype (mixed precision: e.g. a bf16 input with an fp32 residual stream), in which case the
+    results take the larger itemsize and the input's and residual's gradients are written apart.
 
     forward  layer_norm:     read x, weight, bias; write y
              add_layer_norm: read input, residual, input_bias, weight, bias; write y
@@ -212,6 +218,13 @@ def norm_bytes(op: str, pass_: str, rows: int, cols: int, itemsize: int,
         ("gelu", "bwd"): 3 * big,
         ("bias_gelu", "bwd"): 3 * big + 2 * vec,
     }
+    if residual_itemsize is not None and residual_itemsize != itemsize:
+        if op != "add_layer_norm":
+            raise ValueError(f"residual_itemsize is for add_layer_norm, not {op!r}")
+        elems = rows * cols
+        x, r, o = itemsize, residual_itemsize, max(itemsize, residual_itemsize)
+        table[("add_layer_norm", "fwd")] = elems * (x + r + o) + 3 * vec
+        table[("add_layer_norm", "bwd")] = elems * (o + x + r + x + r) + 5 * vec
     if pass_ == "fwd+bwd":
         return float(table[(op, "fwd")] + table[(op, "bwd")])
     try:

@@ -3,13 +3,15 @@ sublayer, dropout_p = 0), bias_gelu and gelu, in GB/s (see :func:`~fastbert.benc
 
 Peers: torch eager (``F.layer_norm``, and the unfused composition for the fused ops),
 ``torch.compile`` of the same composition, and Liger-Kernel's and apex's LayerNorm when installed.
-Shapes: 16384 rows x 768 / 1024 / 4096 / 8192, fp16 and bf16, forward and backward. Each result
-is checked against ``fastbert.reference`` (output and every gradient) with PyTorch eager's error in
-the same precision as the yardstick, before it is timed.
+Shapes: 16384 rows x 768 / 1024 / 4096 / 8192, fp16 and bf16, forward and backward, and the
+mixed-precision add_layer_norm (bf16 input, fp32 residual and parameters: "bf16+fp32", the layer
+as autocast runs it) at 768 / 1024 / 4096. Each result is checked against ``fastbert.reference``
+(output and every gradient) with PyTorch eager's error in the same precision as the yardstick,
+before it is timed.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,31 +123,40 @@ def _apex_impl() -> Impl:
 
 
 def norm_case(op: str, cols: int, dtype: torch.dtype = torch.float16, *, pass_: str = "fwd",
-              rows: int = ROWS, quick: bool = False) -> Case:
+              rows: int = ROWS, quick: bool = False,
+              residual_dtype: Optional[torch.dtype] = None) -> Case:
+    """One case of ``op`` on ``rows x cols`` inputs of ``dtype``. ``residual_dtype`` (add_layer_norm
+    only) puts the residual and the parameters in another dtype: the mixed-precision layer, e.g. a
+    bf16 matmul output added to an fp32 residual stream (recorded as dtype "bf16+fp32")."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    dt = dtype_name(dtype)
+    if residual_dtype is not None and op != "add_layer_norm":
+        raise ValueError(f"residual_dtype is for add_layer_norm, not {op!r}")
+    rdtype = dtype if residual_dtype is None else residual_dtype
+    out_dtype = torch.promote_types(dtype, rdtype)
+    dt = dtype_name(dtype) if rdtype == dtype else f"{dtype_name(dtype)}+{dtype_name(rdtype)}"
     itemsize = torch.empty((), dtype=dtype).element_size()
+    r_itemsize = torch.empty((), dtype=rdtype).element_size()
     req_grad = pass_ != "fwd"
     names = _INPUTS[op]
 
     def setup(device):
         t = {"x": torch.randn(rows, cols, device=device, dtype=dtype)}
         if "residual" in names:
-            t["residual"] = torch.randn(rows, cols, device=device, dtype=dtype)
+            t["residual"] = torch.randn(rows, cols, device=device, dtype=rdtype)
         if "weight" in names:
-            t["weight"] = 1.0 + 0.1 * torch.randn(cols, device=device, dtype=dtype)
+            t["weight"] = 1.0 + 0.1 * torch.randn(cols, device=device, dtype=rdtype)
         if "bias" in names:
-            t["bias"] = 0.1 * torch.randn(cols, device=device, dtype=dtype)
+            t["bias"] = 0.1 * torch.randn(cols, device=device, dtype=rdtype)
         if "input_bias" in names:
-            t["input_bias"] = 0.1 * torch.randn(cols, device=device, dtype=dtype)
+            t["input_bias"] = 0.1 * torch.randn(cols, device=device, dtype=rdtype)
         for v in t.values():
             v.requires_grad_(req_grad)
-        return ns(device=torch.device(device), do=torch.randn(rows, cols, device=device, dtype=dtype),
-                  **t)
+        return ns(device=torch.device(device),
+                  do=torch.randn(rows, cols, device=device, dtype=out_dtype), **t)
 
     def check(s, out, grads, variant):
-        hi = torch.float64 if dtype == torch.float32 else torch.float32
+        hi = torch.float64 if torch.float32 in (dtype, rdtype) else torch.float32
         need_grad = len(grads) > 0
 
         def run(fn, high):
@@ -168,11 +179,12 @@ def norm_case(op: str, cols: int, dtype: torch.dtype = torch.float16, *, pass_: 
              _eager_impl(op), _compile_impl(op)]
     if op == "layer_norm":
         impls += [_liger_impl(), _apex_impl()]
+    work = norm_bytes(op, pass_, rows, cols, itemsize, param_itemsize=r_itemsize,
+                      residual_itemsize=r_itemsize)
     return Case(FAMILY, op, f"{op}-{pass_}-R{rows}-N{cols}-{dt}", pass_, dtype,
-                {"rows": rows, "N": cols}, "GB/s", norm_bytes(op, pass_, rows, cols, itemsize),
-                "N", f"{op} {pass_} {dt}", setup, impls, leaves=lambda s: _inputs(op, s),
-                check=check, footprint=int(norm_bytes(op, pass_, rows, cols, itemsize)),
-                quick=quick)
+                {"rows": rows, "N": cols}, "GB/s", work, "N", f"{op} {pass_} {dt}", setup, impls,
+                dtype_label=dt, leaves=lambda s: _inputs(op, s), check=check,
+                footprint=int(work), quick=quick)
 
 
 def cases(quick: bool = False) -> List[Case]:
@@ -183,4 +195,8 @@ def cases(quick: bool = False) -> List[Case]:
                 for n in WIDTHS:
                     q = dtype == torch.float16 and n in (768, 4096)
                     out.append(norm_case(op, n, dtype, pass_=pass_, quick=q))
+            if op == "add_layer_norm":  # mixed precision: a bf16 matmul output, an fp32 stream
+                for n in WIDTHS[:3]:
+                    out.append(norm_case(op, n, torch.bfloat16, pass_=pass_, quick=n == 768,
+                                         residual_dtype=torch.float32))
     return [c for c in out if c.quick] if quick else out

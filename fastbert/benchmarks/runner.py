@@ -158,7 +158,7 @@ def _base_row(case: Case, impl: Impl) -> Dict:
     from .common import dtype_name
 
     return {"family": case.family, "op": case.op, "case": case.name, "pass": case.pass_,
-            "dtype": dtype_name(case.dtype), "impl": impl.name, "ours": impl.ours,
+            "dtype": case.dtype_label or dtype_name(case.dtype), "impl": impl.name, "ours": impl.ours,
             "backend": impl.backend, "variant": impl.variant, "status": None, "reason": None,
             "metric": case.metric, "work": case.work_of(impl), "p20_ms": None, "p50_ms": None,
             "p80_ms": None, "reps": None, "timing": None, "value": None,

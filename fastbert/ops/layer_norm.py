@@ -119,18 +119,25 @@ def add_layer_norm(
     With ``return_residual=True`` returns ``(out, pre_norm_sum)``, the sum being what a pre-LN model
     carries on as its residual stream.
 
-    Under ``torch.autocast`` input and residual may differ in dtype (a Linear's bf16 output and an
-    fp32 residual stream): the sum takes their promoted dtype, as torch's ``+``, input_bias follows
-    input, and the LayerNorm is computed and returned in fp32 on CUDA (as ``F.layer_norm`` under
-    autocast there), in the promoted dtype on CPU; ``pre_norm_sum`` is in the promoted dtype.
+    input and residual may differ in dtype (a Linear's bf16 output and an fp32 residual stream, as
+    under mixed precision): the sum and both results take their promoted dtype, as torch's ``+``
+    gives, and each gradient comes back in its input's dtype. The Triton kernels read each tensor
+    in its own dtype (no cast pass); the CUDA kernels take one dtype, so that backend casts input
+    and residual to the promoted dtype first.
+
+    Under ``torch.autocast`` input_bias is cast to the sum's dtype (it is the Linear's bias), and the
+    LayerNorm is computed and returned in fp32 on CUDA (as ``F.layer_norm`` under autocast there),
+    in the promoted dtype on CPU; ``pre_norm_sum`` is in the promoted dtype.
     """
     if autocast_dtype(input) is not None and isinstance(residual, Tensor):
         sum_dtype = torch.promote_types(input.dtype, residual.dtype)
         dtype = layer_norm_dtype(input, sum_dtype)
         if dtype == torch.float32:
             weight, bias = cast(weight, dtype), cast(bias, dtype)
+        if dtype != sum_dtype:  # CUDA, 16-bit input and residual: normalised in fp32
+            input, residual = cast(input, dtype), cast(residual, dtype)
         with disabled(input):
-            result = add_layer_norm(cast(input, dtype), cast(residual, dtype), weight, bias, eps,
+            result = add_layer_norm(input, residual, weight, bias, eps,
                                     input_bias=cast(input_bias, dtype), dropout_p=dropout_p,
                                     return_residual=return_residual, backend=backend)
         if return_residual is True and result[1].dtype != sum_dtype:  # computed in fp32 (CUDA)
@@ -138,7 +145,7 @@ def add_layer_norm(
         return result
     check_tensor("input", input)
     check_tensor("residual", residual)
-    check_same("input", input, "residual", residual)
+    check_same("input", input, "residual", residual, dtype=False)
     if residual.shape != input.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have the shape of input "
                          f"{tuple(input.shape)}")
@@ -281,8 +288,9 @@ def _add_layer_norm_fwd_op(input: Tensor, residual: Tensor, weight: Optional[Ten
 def _(input, residual, weight, bias, input_bias, eps, dropout_p, return_residual):
     m = math.prod(input.shape[:-1])
     stats = input.new_empty((m,), dtype=torch.float32)
-    s = input.new_empty(input.shape if return_residual else (0,))
-    return (input.new_empty(input.shape), s, stats, torch.empty_like(stats),
+    dtype = torch.promote_types(input.dtype, residual.dtype)
+    s = input.new_empty(input.shape if return_residual else (0,), dtype=dtype)
+    return (input.new_empty(input.shape, dtype=dtype), s, stats, torch.empty_like(stats),
             seed_like(dropout_p, input.device))
 
 
@@ -294,8 +302,8 @@ def _add_layer_norm_bwd_op(grad_out: Tensor, grad_sum: Optional[Tensor], input: 
                            need_dbias: bool, need_dinput_bias: bool
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dsum, dinput, dweight, dbias, dinput_bias). dsum is the gradient of the pre-norm sum,
-    which is the residual's; dinput is an empty placeholder without dropout (it equals dsum) and
-    so is every gradient not asked for."""
+    which is the residual's (in its dtype); dinput is an empty placeholder when it equals dsum (no
+    dropout, input in the residual's dtype) and so is every gradient not asked for."""
     from ..kernels.layer_norm import layer_norm_bwd
 
     need_dweight = need_dweight and weight is not None
@@ -315,9 +323,16 @@ def _add_layer_norm_bwd_op(grad_out: Tensor, grad_sum: Optional[Tensor], input: 
 @_add_layer_norm_bwd_op.register_fake
 def _(grad_out, grad_sum, input, residual, weight, bias, input_bias, mean, rstd, seed, dropout_p,
       need_dinput, need_dweight, need_dbias, need_dinput_bias):
-    dx = input.new_empty(input.shape if need_dinput and dropout_p > 0.0 else (0,))
-    return (input.new_empty(input.shape), dx, _grad_like(need_dweight, weight, input),
+    dx = input.new_empty(input.shape if need_dinput and _dinput_stored(input, residual, dropout_p)
+                         else (0,))
+    return (residual.new_empty(input.shape), dx, _grad_like(need_dweight, weight, input),
             _grad_like(need_dbias, bias, input), _grad_like(need_dinput_bias, input_bias, input))
+
+
+def _dinput_stored(input: Tensor, residual: Tensor, dropout_p: float) -> bool:
+    """Whether the backward kernel writes the input's gradient apart from the sum's (the
+    residual's): under dropout, or in another dtype."""
+    return dropout_p > 0.0 or input.dtype != residual.dtype
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
@@ -340,11 +355,12 @@ def _add_layer_norm_backward(ctx, grad_out, grad_sum, _grad_mean, _grad_rstd, _g
     if grad_out is None:  # only the pre-norm sum was used: a one-element stride-0 zero gradient
         grad_out = input.new_zeros(()).expand(input.shape)
     p = ctx.dropout_p
+    stored = _dinput_stored(input, residual, p)
     ds, dx, dw, db, dxb = _add_layer_norm_bwd_op(
         grad_out, grad_sum, input, residual, weight, bias, input_bias, mean, rstd, seed, p,
-        need_dx and p > 0.0, need_dw, need_db, need_dxb)
-    if p == 0.0:
-        dx = ds  # without dropout the input's gradient is the sum's, as for the residual
+        need_dx and stored, need_dw, need_db, need_dxb)
+    if not stored:
+        dx = ds  # no dropout, one dtype: the input's gradient is the sum's, as the residual's
     return (dx if need_dx else None, ds if need_dr else None, dw if need_dw else None,
             db if need_db else None, dxb if need_dxb else None, None, None, None)
 
@@ -381,22 +397,26 @@ def _add_layer_norm_triton(input, residual, weight, bias, eps, input_bias, dropo
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _cuda_reasons(input: Tensor, **params: Optional[Tensor]) -> List[str]:
+def _cuda_reasons(dtype: torch.dtype, what: str, **params: Optional[Tensor]) -> List[str]:
     reasons = []
-    if input.dtype not in _CUDA_DTYPES:
-        reasons.append(f"input dtype {input.dtype} is not supported by the CUDA kernels "
+    if dtype not in _CUDA_DTYPES:
+        reasons.append(f"{what} dtype {dtype} is not supported by the CUDA kernels "
                        "(float16, bfloat16, float32)")
-    reasons += [f"{name} dtype {p.dtype} differs from input dtype {input.dtype} (the CUDA kernels "
-                "need them equal)" for name, p in params.items() if p is not None and p.dtype != input.dtype]
+    reasons += [f"{name} dtype {p.dtype} differs from {what} dtype {dtype} (the CUDA kernels "
+                "need them equal)" for name, p in params.items() if p is not None and p.dtype != dtype]
     return reasons
 
 
 def _layer_norm_cuda_reasons(*, input, weight=None, bias=None, **_) -> List[str]:
-    return _cuda_reasons(input, weight=weight, bias=bias)
+    return _cuda_reasons(input.dtype, "input", weight=weight, bias=bias)
 
 
-def _add_layer_norm_cuda_reasons(*, input, weight=None, bias=None, input_bias=None, **_) -> List[str]:
-    return _cuda_reasons(input, weight=weight, bias=bias, input_bias=input_bias)
+def _add_layer_norm_cuda_reasons(*, input, residual, weight=None, bias=None, input_bias=None,
+                                 **_) -> List[str]:
+    # input and residual of two dtypes are cast to the promoted one (see _add_layer_norm_cuda)
+    what = "input" if residual.dtype == input.dtype else "input + residual (promoted)"
+    return _cuda_reasons(torch.promote_types(input.dtype, residual.dtype), what, weight=weight,
+                         bias=bias, input_bias=input_bias)
 
 
 def _cuda_ops():
@@ -499,6 +519,9 @@ def _layer_norm_cuda(input, normalized_shape, weight, bias, eps):
 @register("add_layer_norm", "cuda", reasons=_add_layer_norm_cuda_reasons)
 def _add_layer_norm_cuda(input, residual, weight, bias, eps, input_bias, dropout_p, return_residual):
     ops = _cuda_ops()
+    if input.dtype != residual.dtype:  # the kernels take one dtype: a cast pass (Triton reads both)
+        dtype = torch.promote_types(input.dtype, residual.dtype)
+        input, residual = input.to(dtype), residual.to(dtype)
     n = input.shape[-1]
     rows = math.prod(input.shape[:-1])
     out, s, _, _, _ = ops.add_layer_norm_fwd(input.reshape(rows, n), residual.reshape(rows, n), weight,
