@@ -257,31 +257,109 @@ def test_optimize_leaves_what_it_cannot_run_with_reasons():
     assert any("not supported" in s.reason for s in report.left)
 
 
-def test_output_attentions_after_optimize():
+# transformers 4.5x's ViT: its outputs are collected by wrapping the forward of the classes in
+# _can_record_outputs (ViTSelfAttention for the attentions) during the call
+_VIT_WRAPS_SELF_ATTENTION = getattr(getattr(transformers, "ViTPreTrainedModel", None),
+                                    "_can_record_outputs", None) is not None
+
+
+def _check_collected_outputs(family, model, reference, inputs, real):
+    """outputs.attentions and outputs.hidden_states of ``model`` as the original's (eager): as many,
+    and equal on the real tokens (attention weights between real tokens)."""
+    out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    ref = reference(**inputs, output_attentions=True, output_hidden_states=True)
+    assert out.attentions is not None and len(out.attentions) == len(ref.attentions) == 2
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    for i, (a, b) in enumerate(zip(out.attentions, ref.attentions)):
+        assert a.shape == b.shape, f"attentions[{i}]: shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        if real is not None:
+            pairs = (real[:, None, :, None] & real[:, None, None, :]).expand(a.shape)
+            a, b = a[pairs], b[pairs]
+        assert_close(a, b.double(), b, atol=1e-6, name=f"{family} attentions[{i}]")
+    for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        assert_close(_real(a, real), _real(b, real).double(), _real(b, real), atol=1e-5,
+                     name=f"{family} hidden_states[{i}]")
+    assert_close(_real(out.last_hidden_state, real), _real(ref.last_hidden_state, real).double(),
+                 _real(ref.last_hidden_state, real), atol=1e-5)
+
+
+@pytest.mark.parametrize("ran_before", [False, True], ids=["fresh", "ran-before-optimize"])
+@pytest.mark.parametrize("family", list(MODELS))
+def test_output_attentions_and_hidden_states_after_optimize(family, ran_before):
+    """output_attentions / output_hidden_states give what the original model gives, for every
+    family. transformers 5.x collects them with hooks on its own classes (installed the first time
+    they are asked for: before optimize() when the model ran with them already); the swapped
+    modules must carry those hooks (DistilBERT's and ALBERT's hidden states are their swapped
+    layers' outputs). After restore() the original modules collect them again."""
+    torch.manual_seed(0)
+    model = _build(family).eval()
+    reference = copy.deepcopy(model)
+    inputs, real = _inputs(family)
+    if ran_before:
+        model(**inputs, output_attentions=True, output_hidden_states=True)
+    report = optimize(model)
+    assert not report.left, report.left  # 4.5x leaves the wrapped forwards behind: still swapped
+    if family == "vit" and not TF5 and _VIT_WRAPS_SELF_ATTENTION:
+        with pytest.raises(AssertionError, match="attentions"):  # the documented limitation
+            _check_collected_outputs(family, model, reference, inputs, real)
+        pytest.skip("transformers 4.5x collects ViT's attentions by wrapping ViTSelfAttention's "
+                    "forward during the call; fastbert's module is not one (see fastbert/"
+                    "integrations/huggingface.py)")
+    _check_collected_outputs(family, model, reference, inputs, real)
+    restore(model)
+    _check_collected_outputs(family, model, reference, inputs, real)
+
+
+def test_weights_only_computed_when_asked_for(monkeypatch):
+    """The swapped attention takes the explicit weights path only when the weights are collected."""
+    calls = []
+    real_fn = hf.attention_with_weights
+    monkeypatch.setattr(hf, "attention_with_weights", lambda *a, **k: calls.append(1) or real_fn(*a, **k))
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    optimize(model)
+    inputs, _ = _inputs("bert")
+    model(**inputs, output_hidden_states=True)
+    assert not calls
+    out = model(**inputs, output_attentions=True)
+    assert len(calls) == 2 and len(out.attentions) == 2
+
+
+def test_hidden_states_of_chosen_layers_after_optimize():
+    """transformers 5.x takes a list of layer indices as output_hidden_states."""
+    if not TF5:
+        pytest.skip("transformers 4.x takes a bool only")
+    torch.manual_seed(0)
+    model = _build("distilbert").eval()
+    reference = copy.deepcopy(model)
+    optimize(model)
+    inputs, real = _inputs("distilbert")
+    try:
+        ref = reference(**inputs, output_hidden_states=[1])
+    except (TypeError, ValueError) as e:
+        pytest.skip(f"this transformers does not take a list: {e}")
+    out = model(**inputs, output_hidden_states=[1])
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a[real], b[real].double(), b[real], atol=1e-5)
+
+
+def test_head_mask_after_optimize():
+    if TF5:
+        pytest.skip("transformers 5.x takes no head_mask")
     torch.manual_seed(0)
     model = _build("bert").eval()
     reference = copy.deepcopy(model)
     optimize(model)
     inputs, real = _inputs("bert")
-    hf._WARNED.clear()
-    if TF5:
-        with pytest.warns(UserWarning, match="output_attentions"):
-            out = model(**inputs, output_attentions=True)
-    else:  # transformers 4.x passes the weights up through the layers' return values
-        out = model(**inputs, output_attentions=True)
-        ref = reference(**inputs, output_attentions=True)
-        pairs = (real[:, None, :, None] & real[:, None, None, :]).expand(-1, 4, -1, -1)
-        assert len(out.attentions) == len(ref.attentions) == 2
-        for a, b in zip(out.attentions, ref.attentions):
-            assert_close(a[pairs], b[pairs].double(), b[pairs], atol=1e-6)
-        head_mask = torch.ones(2, 4)
-        head_mask[0, 1] = 0.0
-        head_mask[1, 3] = 0.5
-        a = model(**inputs, head_mask=head_mask).last_hidden_state
-        b = reference(**inputs, head_mask=head_mask).last_hidden_state
-        assert_close(a[real], b[real].double(), b[real], atol=1e-5, name="with head_mask")
-    assert_close(out.last_hidden_state[real], reference(**inputs).last_hidden_state[real].double(),
-                 atol=1e-5)
+    head_mask = torch.ones(2, 4)
+    head_mask[0, 1] = 0.0
+    head_mask[1, 3] = 0.5
+    a = model(**inputs, head_mask=head_mask).last_hidden_state
+    b = reference(**inputs, head_mask=head_mask).last_hidden_state
+    assert_close(a[real], b[real].double(), b[real], atol=1e-5, name="with head_mask")
 
 
 # ----------------------------------------------------------------------------------------------

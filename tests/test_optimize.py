@@ -238,3 +238,18 @@ def test_module_with_wrapped_forward_is_left():
     assert model[0] is norm
     with pytest.raises(ValueError, match="forward is replaced"):
         fnn.LayerNorm.from_torch(norm)
+
+
+def test_module_whose_own_forward_was_put_back_is_swapped():
+    """transformers 4.5x wraps a module's forward on the instance while it collects outputs and
+    then sets the original bound method back (``m.forward = original``): the class's own forward,
+    so the module is swapped, and the new module runs its own forward, not the old one's."""
+    norm = nn.LayerNorm(E)
+    norm.forward = norm.forward
+    model = nn.Sequential(norm)
+    report = optimize(model)
+    assert [s.path for s in report.swapped] == ["0"] and not report.left
+    assert "forward" not in model[0].__dict__
+    x = torch.randn(L, E)
+    assert_close(model(x), F.layer_norm(x.double(), (E,), norm.weight.double(), norm.bias.double()),
+                 norm(x), atol=1e-5)

@@ -35,14 +35,25 @@ embeddings, flex_attention's BlockMask masks, non-GELU activations (applied unfu
 of other model families. With ``output_attentions=True`` or a ``head_mask`` the swapped attention
 computes its weights through the explicit reference path
 (:func:`fastbert.nn.attention.attention_with_weights`).
-transformers 5.x collects attention weights with hooks on its own classes, so the swapped
-modules' weights do not appear in ``outputs.attentions`` (a warning says so): ``fastbert.restore``
-the model for that. Chunked feed-forward (``chunk_size_feed_forward``) runs unchunked (same result).
+Chunked feed-forward (``chunk_size_feed_forward``) runs unchunked (same result).
+
+``output_attentions`` / ``output_hidden_states`` with transformers 5.x: the model collects those
+outputs with forward hooks that it installs, the first time they are asked for, on the modules of
+its own classes named in ``_can_record_outputs`` (e.g. ``BertSelfAttention`` for the attentions,
+DistilBERT's ``TransformerBlock`` and ALBERT's ``AlbertLayer`` for the hidden states). A swapped
+module is of another class, so :func:`swap_module` has transformers install its hooks first
+(:func:`install_output_hooks`) and hands each replacement the hooks of the module it replaces;
+the originals keep theirs for :func:`fastbert.restore`. The swapped attention computes its
+weights whenever the model is collecting attentions. Where this transformers has no such hooks
+(4.x passes the outputs up through return values instead) nothing needs doing. One case is left:
+transformers 4.5x collects ViT's attentions by wrapping ``ViTSelfAttention.forward`` during the
+call (not through hooks), which fastbert's module is not, so those come back empty after
+optimize() there (``fastbert.restore`` the model for them).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -120,13 +131,65 @@ def hf_mask_to_sdpa(mask) -> Optional[Tensor]:
     return mask.bool()
 
 
-_WARNED = set()
+# ----------------------------------------------------------------------------------------------
+# transformers 5.x output capturing (output_attentions / output_hidden_states through hooks)
+# ----------------------------------------------------------------------------------------------
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=3)
+_CAPTURE_API = []  # [module or None] once looked up
+
+
+def _capture_api():
+    """transformers' output-capturing module (5.x), or None where this transformers has none."""
+    if not _CAPTURE_API:
+        try:
+            mod = importlib.import_module(_CAPTURE_MODULE)
+        except ImportError:
+            mod = None
+        if not (hasattr(mod, "_active_collector") and hasattr(mod, "maybe_install_capturing_hooks")):
+            mod = None
+        _CAPTURE_API.append(mod)
+    return _CAPTURE_API[0]
+
+
+def collecting(key: str) -> bool:
+    """Whether a transformers 5.x model is collecting ``key`` ("attentions", "hidden_states") in
+    the forward running now (its ``output_attentions=True`` etc. reach the layers only this way)."""
+    api = _capture_api()
+    if api is None:
+        return False
+    collected = api._active_collector.get()
+    return collected is not None and key in collected
+
+
+def install_output_hooks(model: nn.Module) -> None:
+    """Have transformers install its output-capturing hooks on ``model`` (a ``PreTrainedModel``)
+    now rather than at the first forward that asks for them, so that the modules fastbert
+    replaces have theirs to hand over (see :func:`_carry_output_hooks`). A no-op where transformers
+    has no such hooks, and when they are installed already."""
+    api = _capture_api()
+    if api is not None and isinstance(model, transformers.PreTrainedModel):
+        api.maybe_install_capturing_hooks(model)
+
+
+def _output_hooks(module: nn.Module) -> list:
+    """The forward hooks transformers' output capturing installed on ``module``."""
+    return [h for h in module._forward_hooks.values()
+            if getattr(h, "__module__", None) == _CAPTURE_MODULE]
+
+
+def _carry_output_hooks(original: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (replacing ``original``) the output-capturing hooks ``original`` has."""
+    for hook in _output_hooks(original):
+        new.register_forward_hook(hook)
+
+
+def _fire_output_hooks(module: nn.Module, args: tuple, output) -> None:
+    """Run ``module``'s output-capturing hooks as if it had been called and returned ``output``
+    (a fused block computes its attention without calling the attention module)."""
+    for hook in _output_hooks(module):
+        hook(module, args, output)
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -355,11 +418,8 @@ class SelfAttention(nn.Module):
             if a.get(name) is not None:
                 raise NotImplementedError(f"{name} (cross-attention / KV cache) is not supported by "
                                           "fastbert's swapped attention; fastbert.restore(model)")
-        want_weights = bool(a.get("output_attentions", False))
-        if want_weights and "output_attentions" not in self._fastbert_args:  # 5.x: hooks collect
-            _warn_once("hf-attentions", "fastbert: output_attentions=True: the swapped attention "
-                       "modules return their weights, but transformers 5.x only collects them from "
-                       "its own classes; call fastbert.restore(model) to get outputs.attentions")
+        # 5.x: the weights are asked for through the model's output collector
+        want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         mask = a.get("attention_mask", a.get("mask"))
         ctx, weights = self.context(hidden, mask, a.get("head_mask"), want_weights)
         spec = self._fastbert_spec
@@ -437,9 +497,11 @@ class DistilBertBlock(_LayerBase):
         a = _bind(self._fastbert_args, args, kwargs)
         x = a.get("x", a.get("hidden_states"))
         mask = a.get("attn_mask", a.get("attention_mask"))
-        want_weights = bool(a.get("output_attentions", False))
+        want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         attn: SelfAttention = self.attention
         ctx, weights = attn.context(x, mask, a.get("head_mask"), want_weights)
+        if weights is not None:  # 5.x: the attention module's hooks collect its (output, weights)
+            _fire_output_hooks(attn, (x,), (ctx, weights))
         out_lin, ln1, ln2, ffn = attn.out_lin, self.sa_layer_norm, self.output_layer_norm, self.ffn
         sa = ops.add_layer_norm(F.linear(ctx, out_lin.weight), x, ln1.weight, ln1.bias, ln1.eps,
                                 input_bias=out_lin.bias, backend=self.backend)
@@ -504,14 +566,29 @@ def _swap_attention(module, spec, backend):
     if reason:
         return None, reason
     args = _arg_names(type(module))
-    return adopt(SelfAttention, module, backend=backend, _fastbert_spec=spec, _fastbert_args=args,
-                 _fastbert_legacy=spec.legacy_tuple and "output_attentions" in args), None
+    new = adopt(SelfAttention, module, backend=backend, _fastbert_spec=spec, _fastbert_args=args,
+                _fastbert_legacy=spec.legacy_tuple and "output_attentions" in args)
+    _carry_output_hooks(module, new)
+    return new, None
 
 
 def swap_module(module: nn.Module, backend: Optional[str] = None):
     """The fastbert replacement for one HuggingFace module: ``(new_module, None)``, ``(None,
     reason)`` for a module fastbert recognises but leaves, ``(None, None)`` for anything else (the
-    caller then looks at its children). Used by :func:`fastbert.optimize`."""
+    caller then looks at its children). Used by :func:`fastbert.optimize`.
+
+    A ``PreTrainedModel`` met on the way gets transformers' output-capturing hooks installed
+    (:func:`install_output_hooks`), and every replacement the hooks of the module it replaces, so
+    that ``output_attentions`` / ``output_hidden_states`` keep working with transformers 5.x."""
+    if isinstance(module, transformers.PreTrainedModel):
+        install_output_hooks(module)
+    new, reason = _swap(module, backend)
+    if new is not None and not _output_hooks(new):  # (attention swaps carry theirs already)
+        _carry_output_hooks(module, new)
+    return new, reason
+
+
+def _swap(module: nn.Module, backend: Optional[str]):
     family = _family(module)
     if family is None:
         # transformers' own GELU activation modules (transformers.activations), in any model.

@@ -58,6 +58,13 @@ def check_input(name: str, t, param: torch.Tensor) -> None:
                          f"{param.device}")
 
 
+def _own_forward(module: nn.Module) -> bool:
+    """Whether ``module.forward`` set on the instance is the class's own forward bound to it."""
+    fwd = module.__dict__.get("forward")
+    return getattr(fwd, "__self__", None) is module and \
+        getattr(fwd, "__func__", None) is getattr(type(module), "forward", None)
+
+
 def adopt(cls: Type[M], module: nn.Module, **attrs) -> M:
     """A new ``cls`` instance that takes over ``module``'s state without copying any tensor.
 
@@ -65,14 +72,19 @@ def adopt(cls: Type[M], module: nn.Module, **attrs) -> M:
     copied (so the two modules can diverge later) but hold the very same Parameter, buffer and
     submodule objects. Hooks are not carried over. ``attrs`` are then set on the new module.
     ``module`` itself is left untouched. A module whose ``forward`` was replaced on the instance
-    (accelerate's device hooks do that) is refused with ValueError.
+    (accelerate's device hooks do that) is refused with ValueError; one whose instance ``forward``
+    is just its own class's, bound to it (transformers 4.5x leaves that behind after wrapping a
+    module's forward to collect its outputs), is not.
     """
     if "forward" in module.__dict__:
-        raise ValueError(f"this {type(module).__name__}'s forward is replaced on the instance (e.g. by "
-                         "accelerate's hooks); a fastbert module would bypass it")
+        if not _own_forward(module):
+            raise ValueError(f"this {type(module).__name__}'s forward is replaced on the instance (e.g. "
+                             "by accelerate's hooks); a fastbert module would bypass it")
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     for name, value in module.__dict__.items():
+        if name == "forward":
+            continue  # the class's own, bound to ``module`` (checked above): never the new one's
         if name in _COPIED_CONTAINERS:
             new.__dict__[name] = type(value)(value)
         elif name in _FRESH:
