@@ -1,7 +1,8 @@
 """Property-based tests: random combinations of the options the other files test one grid at a time.
 
 Each example draws a shape, dtype, layout and a set of options (mask kind and broadcast, causal,
-window, ALiBi, grouped-query heads, scale; normalized shapes, strides, affine parameters; Linformer's
+window, ALiBi, grouped-query heads, scale; normalized shapes, strides, affine parameters, an fp32
+residual stream under a 16-bit input; Linformer's
 projection length, shared or per-head projections, one tensor for both, key padding) and checks
 the op's output and every gradient against fastbert.reference in fp64 with the usual rule
 (fastbert.testing.compare_to_reference). The inputs come from a generator seeded by a drawn
@@ -45,6 +46,7 @@ import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
 attention_ops = sys.modules["fastbert.ops.attention"]
 gelu_ops = sys.modules["fastbert.ops.gelu"]
 layer_norm_ops = sys.modules["fastbert.ops.layer_norm"]
+linformer_ops = sys.modules["fastbert.ops.linformer_attention"]
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
@@ -123,6 +125,24 @@ def _add_layer_norm(backend):
             x, r, w, b, eps, xb, p, ret)
     return lambda x, r, w, b, eps, xb, p, ret: fastbert.add_layer_norm(
         x, r, w, b, eps, input_bias=xb, dropout_p=p, return_residual=ret, backend=backend)
+
+
+def _linformer(backend):
+    """fastbert.linformer_attention on ``backend``. For "emu": the backend="cuda" implementation
+    function, whose dense attention over the projected keys goes through the public op, which
+    refuses backend="cuda" for CPU tensors; that call is routed to the CUDA implementation
+    function (the emulated kernels) for the duration."""
+    if backend == "emu":
+        def run(q, k, v, e, f, pad, p, scale):
+            def dense(q, k, v, *, dropout_p, scale, backend):
+                assert backend == "cuda"
+                return attention_ops._sdpa_cuda(q, k, v, None, dropout_p, False, scale, False, None, None)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(attention_ops, "scaled_dot_product_attention", dense)
+                return linformer_ops._linformer_cuda(q, k, v, e, f, pad, p, scale)
+        return run
+    return lambda q, k, v, e, f, pad, p, scale: fastbert.linformer_attention(
+        q, k, v, e, f, pad, p, scale, backend=backend)
 
 
 def _bias_gelu(backend):
@@ -517,7 +537,8 @@ def linformer_cases(draw):
         # (k, Lk) shared by the heads, (H, k, Lk) per head or (1, k, Lk); one tensor for both or two
         proj=draw(st.sampled_from(["shared", "per_head", "one_head"])), same_proj=draw(st.booleans()),
         proj_fp32=draw(st.booleans()), padding=draw(st.booleans()), dropout_p=draw(_DROPOUT),
-        scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)))
+        scale=draw(st.sampled_from([None, 0.3])), seed=draw(st.integers(0, 2 ** 31 - 1)),
+        order=draw(_ORDERS))
 
 
 def _check_linformer_attention(backend, case):
@@ -552,7 +573,7 @@ def _check_linformer_attention(backend, case):
         v[pad[:, None, :, None].expand_as(v)] = float("nan")
     p, seed = case["dropout_p"], case["seed"]
     shape = (b, h, lq, kp)  # the dense attention over the projected keys draws the mask
-    keep = _dropout_keep(backend, p, seed, shape, _attention_mask_of(p, shape))
+    linformer = _linformer(backend)
 
     def fn(q, k, v, e, f=None, *, backend, **kw):
         e, f = _projections(e, e if f is None else f, unit, case["proj_fp32"] and backend != "ref")
@@ -560,10 +581,13 @@ def _check_linformer_attention(backend, case):
             return reference.linformer_attention(q, k, v, e, f, pad, p, case["scale"],
                                                  dropout_mask=keep, **kw)
         torch.manual_seed(seed)  # the seed draw that _dropout_keep reproduced
-        return fastbert.linformer_attention(q, k, v, e, f, pad, p, case["scale"], backend=backend)
+        return linformer(q, k, v, e, f, pad, p, case["scale"])
     dys = [rand((b, h, lq, dv), dtype, DEVICE, generator=gen)]
-    _assume_scores_matter(backend, fn, [q, k, v] + projs, dys, dtype, p)
-    compare_to_reference(fn, [q, k, v] + projs, dys, dtype, f"linformer_attention {case}", backend=backend)
+    with _running(backend, case["order"]):
+        keep = _dropout_keep(backend, p, seed, shape, _attention_mask_of(p, shape))
+        _assume_scores_matter(backend, fn, [q, k, v] + projs, dys, dtype, p)
+        compare_to_reference(fn, [q, k, v] + projs, dys, dtype, f"linformer_attention {case}",
+                             backend=backend)
 
 
 def _projections(e, f, unit, fp32):
@@ -580,8 +604,6 @@ def _projections(e, f, unit, fp32):
     return e_op, (e_op if f is e else cast(f))
 
 
-# Not on "emu": the CUDA Linformer runs its dense attention through the public op, which refuses
-# backend="cuda" for CPU tensors.
-@pytest.mark.parametrize("backend", ["triton", "cuda"] if ON_GPU else ["triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linformer_attention_fuzz(backend):
     _fuzz(backend, linformer_cases(), _check_linformer_attention)
