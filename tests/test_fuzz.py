@@ -3,9 +3,10 @@
 Each example draws a shape, dtype, layout and a set of options (mask kind and broadcast, causal,
 window, ALiBi, grouped-query heads, scale; normalized shapes, strides, affine parameters, an fp32
 residual stream under a 16-bit input; Linformer's projection length, shared or per-head
-projections, one tensor for both, key padding) and checks the op's output and every gradient against fastbert.reference in fp64 with the usual rule
-(fastbert.testing.compare_to_reference). The inputs come from a generator seeded by a drawn
-integer, so a failing example is replayed exactly from what hypothesis prints.
+projections, one tensor for both, key padding) and checks the op's output and every gradient
+against fastbert.reference in fp64 with the usual rule (fastbert.testing.compare_to_reference).
+The inputs come from a generator seeded by a drawn integer, so a failing example is replayed
+exactly from what hypothesis prints.
 
 Dropout (attention, add_layer_norm, varlen, block-sparse and Linformer attention; p = 0.25 in a
 third of the examples) is checked exactly: the op runs right after torch.manual_seed(seed), the
