@@ -1,5 +1,6 @@
 """Benchmarks: BERT-base inference latency and training step: HuggingFace eager/sdpa, torch.compile,
-fastbert.optimize and the padding-free BertEncoder.
+fastbert.optimize and the padding-free BertEncoder; fp16 models, and fp32 models trained under
+autocast to bf16 (mixed precision).
 
 Two ways to run them (both need a CUDA GPU):
 

@@ -725,6 +725,24 @@ def test_bert_case_on_cpu_with_a_tiny_model():
                                           intermediate=32)
 
 
+def test_bert_amp_case_on_cpu_with_a_tiny_model():
+    """Mixed-precision training: fp32 weights under autocast to bf16, HF SDPA and fastbert.optimize
+    (each checked against the fp32 model, HF SDPA under the same autocast as the yardstick)."""
+    pytest.importorskip("transformers")
+    tiny = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                vocab_size=50, max_position_embeddings=32)
+    case = bert.bert_case(3, 12, "full", pass_="fwd+bwd", dtype=torch.bfloat16, config=tiny,
+                          amp=True)
+    assert "-amp-bf16" in case.name and case.dtype_label == "amp-bf16"
+    rows = runner.run_cases([case], device="cpu", timer=timing.CpuTimer(reps=1), progress=False,
+                            impl_filter=["hf-sdpa", "fastbert-optimize"], quick=True)
+    by = {r["impl"]: r for r in rows}
+    for impl in ("hf-sdpa", "fastbert-optimize"):
+        assert by[impl]["status"] == "ok", by[impl]
+        assert by[impl]["dtype"] == "amp-bf16" and "real tokens" in by[impl]["check"]
+    assert any(c.params["L"] == 128 and c.dtype_label == "amp-bf16" for c in bert.cases(quick=True))
+
+
 def test_environment_records_versions_and_commit(monkeypatch):
     monkeypatch.setenv("FASTBERT_COMMIT", "0123abcd" * 5)
     env = report.environment()

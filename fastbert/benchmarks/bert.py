@@ -7,7 +7,9 @@ of the SDPA model, ``fastbert.optimize`` applied to the SDPA model, and the padd
 one is missing or refuses the model, the row says why.
 
 Batches: B32 at L 128 and 512, "full" (every token real) or "half" (lengths uniform in [1, L],
-mean about L / 2, the padding-free encoder's case). The flops count the real tokens only
+mean about L / 2, the padding-free encoder's case). The model is in fp16 (``model.half()``), or,
+in the "amp" cases, kept in fp32 and run under ``torch.autocast`` to bf16: mixed-precision
+training as it is usually done (recorded as dtype "amp-bf16"). The flops count the real tokens only
 (:func:`~fastbert.benchmarks.common.bert_flops`), so a padded implementation is credited with the
 useful work. Dropout is 0 so that train-mode outputs can be checked. Outputs (real tokens only)
 are checked against the fp32 HuggingFace model, with the fp16 HuggingFace SDPA model's error as the
@@ -83,13 +85,15 @@ def _hf_forward(model):
 
 def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
               dtype: torch.dtype = torch.float16, config: Optional[dict] = None,
-              quick: bool = False) -> Case:
-    """BERT encoder over a (b, l) batch; ``config`` overrides BERT-base's sizes (tests use tiny ones)."""
+              quick: bool = False, amp: bool = False) -> Case:
+    """BERT encoder over a (b, l) batch; ``config`` overrides BERT-base's sizes (tests use tiny
+    ones). ``amp``: the model in fp32 under ``torch.autocast`` to ``dtype`` (else in ``dtype``)."""
     if fill not in ("full", "half"):
         raise ValueError(f"fill must be 'full' or 'half', got {fill!r}")
     sizes = dict(BERT_BASE, **(config or {}))
     lens = [l] * b if fill == "full" else seqlens(b, l, seed=2 * l + 3)
-    dt = dtype_name(dtype)
+    dt = f"amp-{dtype_name(dtype)}" if amp else dtype_name(dtype)
+    model_dtype = torch.float32 if amp else dtype
     step = "infer" if pass_ == "fwd" else "train"
     name = f"bert-{step}-B{b}-L{l}-{fill}-{dt}"
     if config:
@@ -106,8 +110,20 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
         lens_t = torch.tensor(lens, device=device)
         mask = (torch.arange(l, device=device)[None, :] < lens_t[:, None]).long()
         ids = torch.randint(0, sizes["vocab_size"], (b, l), device=device)
-        do = torch.randn(b, l, sizes["hidden_size"], device=device, dtype=dtype)
+        # the output's dtype: the model's; under autocast fp32 too (the residual stream stays fp32:
+        # each output LayerNorm normalises a bf16 matmul output plus an fp32 residual)
+        do = torch.randn(b, l, sizes["hidden_size"], device=device, dtype=model_dtype)
         return ns(device=torch.device(device), ids=ids, mask=mask, do=do, cache={})
+
+    def autocast(fwd):
+        """``fwd`` under torch.autocast to ``dtype`` in the amp cases."""
+        if not amp:
+            return fwd
+
+        def run(st):
+            with torch.autocast(st.device.type, dtype=dtype):
+                return fwd(st)
+        return run
 
     def ready(model):
         model.train(training)
@@ -116,17 +132,18 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
 
     def hf(attn):
         def prepare(case, s):
-            model = _hf_model(config, attn, dtype, s.device)
+            model = _hf_model(config, attn, model_dtype, s.device)
             leaves = ready(model)
-            return Prepared(_hf_forward(model), leaves=lambda st: leaves)
+            return Prepared(autocast(_hf_forward(model)), leaves=lambda st: leaves)
         return prepare
 
     def hf_compiled(case, s):
-        model = _hf_model(config, "sdpa", dtype, s.device)
+        model = _hf_model(config, "sdpa", model_dtype, s.device)
         leaves = ready(model)
         configure_compile()
         compiled = torch.compile(model)
-        return Prepared(lambda st: compiled(input_ids=st.ids, attention_mask=st.mask).last_hidden_state,
+        return Prepared(autocast(lambda st: compiled(input_ids=st.ids,
+                                                     attention_mask=st.mask).last_hidden_state),
                         leaves=lambda st: leaves)
 
     def fb_optimize(case, s):
@@ -137,14 +154,14 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
                 from fastbert.optimize import optimize
             except ImportError as e:
                 raise Unavailable(f"fastbert.optimize is not available in this checkout ({e})") from None
-        model = _hf_model(config, "sdpa", dtype, s.device)
+        model = _hf_model(config, "sdpa", model_dtype, s.device)
         try:
             report = optimize(model)
         except REFUSED as e:
             raise Unavailable(f"fastbert.optimize refused the model: {reason_text(e)}") from None
         leaves = ready(model)
         note = str(report).strip().splitlines()[0][:160] if report is not None else ""
-        return Prepared(_hf_forward(model), leaves=lambda st: leaves, note=note)
+        return Prepared(autocast(_hf_forward(model)), leaves=lambda st: leaves, note=note)
 
     def fb_encoder(case, s):
         try:
@@ -152,12 +169,12 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
         except ImportError as e:
             raise Unavailable(f"fastbert.models.BertEncoder is not available in this checkout "
                               f"({e})") from None
-        hf_model = _hf_model(config, "sdpa", dtype, s.device)
+        hf_model = _hf_model(config, "sdpa", model_dtype, s.device)
         try:
             enc = BertEncoder.from_hf(hf_model)
         except REFUSED as e:
             raise Unavailable(f"BertEncoder.from_hf refused the model: {reason_text(e)}") from None
-        enc = enc.to(device=s.device, dtype=dtype) if isinstance(enc, torch.nn.Module) else enc
+        enc = enc.to(device=s.device, dtype=model_dtype) if isinstance(enc, torch.nn.Module) else enc
         leaves = ready(enc)
         sig = inspect.signature(enc.forward).parameters
         if "input_ids" in sig:
@@ -169,17 +186,17 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
         else:
             fwd = lambda st: _first_tensor(enc(st.ids, st.mask))  # noqa: E731
         # unpadding reads the lengths on the host: no CUDA graph
-        return Prepared(fwd, leaves=lambda st: leaves, graph_safe=False)
+        return Prepared(autocast(fwd), leaves=lambda st: leaves, graph_safe=False)
 
     def check(s, out, grads, variant):
         if "ref" not in s.cache:
             with torch.no_grad():
                 ref_model = _hf_model(config, "sdpa",
-                                      torch.float64 if dtype == torch.float32 else torch.float32,
-                                      s.device).eval()
-                low_model = _hf_model(config, "sdpa", dtype, s.device).eval()
+                                      torch.float64 if model_dtype == torch.float32 and not amp
+                                      else torch.float32, s.device).eval()
+                low_model = _hf_model(config, "sdpa", model_dtype, s.device).eval()
                 s.cache["ref"] = _hf_forward(ref_model)(s)
-                s.cache["low"] = _hf_forward(low_model)(s)
+                s.cache["low"] = autocast(_hf_forward(low_model))(s)  # the yardstick: HF SDPA
                 del ref_model, low_model
         real = s.mask.bool()
         return compare([("hidden states (real tokens)", out.detach()[real], s.cache["ref"][real],
@@ -194,7 +211,8 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
         Impl("fastbert-BertEncoder", fb_encoder, ours=True),
     ]
     return Case(FAMILY, "bert", name, pass_, dtype, params, "TFLOP/s", work, "L",
-                f"bert {step} {fill} {dt}", setup, impls, check=check, rotate=False, quick=quick)
+                f"bert {step} {fill} {dt}", setup, impls, check=check, rotate=False, quick=quick,
+                dtype_label=dt)
 
 
 def cases(quick: bool = False) -> List[Case]:
@@ -205,4 +223,8 @@ def cases(quick: bool = False) -> List[Case]:
                 q = (pass_ == "fwd" and (l == 128 or fill == "half")) or \
                     (pass_ == "fwd+bwd" and l == 128 and fill == "full")
                 out.append(bert_case(32, l, fill, pass_=pass_, quick=q))
+    # mixed-precision training (fp32 weights, autocast to bf16), the usual way BERT is trained
+    for l in (128, 512):
+        out.append(bert_case(32, l, "full", pass_="fwd+bwd", dtype=torch.bfloat16, amp=True,
+                             quick=l == 128))
     return [c for c in out if c.quick] if quick else out
