@@ -234,6 +234,7 @@ def restore(model: nn.Module) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     restored = set()
+    hf = sys.modules.get("fastbert.integrations.huggingface")  # loaded if optimize() used it
 
     def walk(parent: nn.Module) -> None:
         if _NESTED in parent.__dict__:
@@ -242,6 +243,8 @@ def restore(model: nn.Module) -> int:
             original = child.__dict__.get(_ORIGINAL)
             if original is not None:
                 _resync(original, child)
+                if hf is not None:
+                    hf.restore_capturing_hooks(model, original, child)
                 setattr(parent, name, original)
                 restored.add(id(child))
                 walk(original)

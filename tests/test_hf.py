@@ -310,6 +310,36 @@ def test_output_attentions_and_hidden_states_after_optimize(family, ran_before):
     _check_collected_outputs(family, model, reference, inputs, real)
 
 
+def test_optimized_model_pickles_and_still_collects_outputs():
+    """torch.save of a whole optimized model (its modules' capture hooks included) and back."""
+    import io
+
+    torch.manual_seed(0)
+    model = _build("distilbert").eval()
+    reference = copy.deepcopy(model)
+    optimize(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    inputs, real = _inputs("distilbert")
+    _check_collected_outputs("distilbert", loaded, reference, inputs, real)
+
+
+def test_restore_after_collecting_while_optimized():
+    """transformers installs its hooks once, on the modules in the model then: the swapped ones.
+    restore() gives the originals back their hooks, so they collect outputs again."""
+    torch.manual_seed(0)
+    model = _build("distilbert").eval()
+    reference = copy.deepcopy(model)
+    inputs, real = _inputs("distilbert")
+    optimize(model)
+    _check_collected_outputs("distilbert", model, reference, inputs, real)
+    restore(model)
+    _check_collected_outputs("distilbert", model, reference, inputs, real)
+    optimize(model)  # and once more: the originals' hooks are carried again, not doubled
+    _check_collected_outputs("distilbert", model, reference, inputs, real)
+
+
 def test_weights_only_computed_when_asked_for(monkeypatch):
     """The swapped attention takes the explicit weights path only when the weights are collected."""
     calls = []

@@ -41,10 +41,10 @@ Chunked feed-forward (``chunk_size_feed_forward``) runs unchunked (same result).
 outputs with forward hooks that it installs, the first time they are asked for, on the modules of
 its own classes named in ``_can_record_outputs`` (e.g. ``BertSelfAttention`` for the attentions,
 DistilBERT's ``TransformerBlock`` and ALBERT's ``AlbertLayer`` for the hidden states). A swapped
-module is of another class, so :func:`swap_module` has transformers install its hooks first
-(:func:`install_output_hooks`) and hands each replacement the hooks of the module it replaces;
-the originals keep theirs for :func:`fastbert.restore`. The swapped attention computes its
-weights whenever the model is collecting attentions. Where this transformers has no such hooks
+module is of another class, so :func:`swap_module` gives each replacement the hooks transformers
+would install on the module it replaces (:func:`attach_capturing_hooks`; the original gets them
+back on :func:`fastbert.restore` if it missed transformers' installation). The swapped attention
+computes its weights whenever the model is collecting attentions. Where this transformers has no such hooks
 (4.x passes the outputs up through return values instead) nothing needs doing. One case is left:
 transformers 4.5x collects ViT's attentions by wrapping ``ViTSelfAttention.forward`` during the
 call (not through hooks), which fastbert's module is not, so those come back empty after
@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +148,9 @@ def _capture_api():
             mod = importlib.import_module(_CAPTURE_MODULE)
         except ImportError:
             mod = None
-        if not (hasattr(mod, "_active_collector") and hasattr(mod, "maybe_install_capturing_hooks")):
+        if not (hasattr(mod, "_active_collector") and (
+                hasattr(mod, "install_output_capuring_hook")
+                or hasattr(mod, "install_output_capturing_hook"))):
             mod = None
         _CAPTURE_API.append(mod)
     return _CAPTURE_API[0]
@@ -163,32 +166,108 @@ def collecting(key: str) -> bool:
     return collected is not None and key in collected
 
 
-def install_output_hooks(model: nn.Module) -> None:
-    """Have transformers install its output-capturing hooks on ``model`` (a ``PreTrainedModel``)
-    now rather than at the first forward that asks for them, so that the modules fastbert
-    replaces have theirs to hand over (see :func:`_carry_output_hooks`). A no-op where transformers
-    has no such hooks, and when they are installed already."""
+def _capture_specs(module: nn.Module) -> List[Tuple[str, int, bool]]:
+    """What transformers 5.x's output capturing records from ``module``: ``(key, index,
+    capture_initial_hidden_state)`` for each entry of the ``_can_record_outputs`` of the model
+    classes of ``module``'s family (the classes of its modeling file) whose target class
+    ``module`` is an instance of. Empty where this transformers captures no outputs by hooks.
+    Entries that match by module path (``class_name`` / ``layer_name``, multimodal models) are not
+    followed."""
     api = _capture_api()
-    if api is not None and isinstance(model, transformers.PreTrainedModel):
-        api.maybe_install_capturing_hooks(model)
+    source = sys.modules.get(type(module).__module__)
+    if api is None or source is None:
+        return []
+    recorder = getattr(api, "OutputRecorder", None)
+    seen, specs = set(), []
+    for obj in list(vars(source).values()):
+        flags = getattr(obj, "_can_record_outputs", None) if isinstance(obj, type) else None
+        if not isinstance(flags, dict) or id(flags) in seen:
+            continue
+        seen.add(id(flags))
+        for key, entries in flags.items():
+            for entry in entries if isinstance(entries, list) else [entries]:
+                if recorder is not None and isinstance(entry, recorder):
+                    if getattr(entry, "layer_name", None) is not None:
+                        continue
+                    target, index = entry.target_class, entry.index
+                    initial = getattr(entry, "capture_initial_hidden_state", True)
+                else:
+                    target, index, initial = entry, 0 if "hidden_states" in key else 1, True
+                if isinstance(target, type) and isinstance(module, target):
+                    spec = (key, int(index), bool(initial))
+                    if spec not in specs:
+                        specs.append(spec)
+    return specs
 
 
-def _output_hooks(module: nn.Module) -> list:
-    """The forward hooks transformers' output capturing installed on ``module``."""
+class _CapturingHook:
+    """The forward hook transformers 5.x's output capturing would put on the module a fastbert
+    module replaces (e.g. ``BertSelfAttention`` for the attentions, DistilBERT's
+    ``TransformerBlock`` for the hidden states): it records ``output[index]`` under ``key`` while the
+    model collects that key. The recording is transformers' own hook function, built on first use;
+    this wrapper pickles (transformers' hooks are closures, which do not)."""
+
+    def __init__(self, key: str, index: int, initial: bool):
+        self.key, self.index, self.initial = key, index, initial
+
+    def _hook(self):
+        fn = self.__dict__.get("_fn")
+        if fn is None:
+            api = _capture_api()
+            install = getattr(api, "install_output_capuring_hook", None) or \
+                getattr(api, "install_output_capturing_hook")
+            scratch = nn.Module()
+            install(scratch, self.key, self.index, self.initial)
+            fn = self._fn = next(iter(scratch._forward_hooks.values()))
+        return fn
+
+    def __call__(self, module, args, output):
+        return self._hook()(module, args, output)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_fn"}
+
+    def __repr__(self) -> str:
+        return f"_CapturingHook({self.key!r}, index={self.index})"
+
+
+def _capturing_hooks(module: nn.Module) -> list:
+    """The output-capturing hooks on ``module``: fastbert's, and transformers' own."""
     return [h for h in module._forward_hooks.values()
-            if getattr(h, "__module__", None) == _CAPTURE_MODULE]
+            if isinstance(h, _CapturingHook) or getattr(h, "__module__", None) == _CAPTURE_MODULE]
 
 
-def _carry_output_hooks(original: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` (replacing ``original``) the output-capturing hooks ``original`` has."""
-    for hook in _output_hooks(original):
-        new.register_forward_hook(hook)
+def attach_capturing_hooks(original: nn.Module, new: nn.Module) -> None:
+    """Give ``new``, which replaces ``original``, the output-capturing hooks transformers 5.x would
+    install on ``original`` (it installs them by class, and ``new`` is of another class). A no-op
+    where there are none, or ``new`` has them already."""
+    if _capturing_hooks(new):
+        return
+    for spec in _capture_specs(original):
+        new.register_forward_hook(_CapturingHook(*spec))
 
 
-def _fire_output_hooks(module: nn.Module, args: tuple, output) -> None:
+def restore_capturing_hooks(model: nn.Module, original: nn.Module, replacement: nn.Module) -> None:
+    """For :func:`fastbert.restore`: ``original`` goes back in place of ``replacement``. If
+    transformers installed its hooks on ``model`` while ``original`` was out of it (they are
+    installed once, the first time outputs are collected), ``original`` missed them: it gets the
+    replacement's."""
+    if not any(getattr(m, "_output_capturing_hooks_installed", False) for m in model.modules()):
+        return
+    for name, new in replacement.named_modules():  # a swapped block holds a swapped attention
+        try:
+            old = original.get_submodule(name)
+        except AttributeError:
+            continue
+        if old is not new and not _capturing_hooks(old):
+            for hook in _capturing_hooks(new):
+                old.register_forward_hook(hook)
+
+
+def _fire_capturing_hooks(module: nn.Module, args: tuple, output) -> None:
     """Run ``module``'s output-capturing hooks as if it had been called and returned ``output``
     (a fused block computes its attention without calling the attention module)."""
-    for hook in _output_hooks(module):
+    for hook in _capturing_hooks(module):
         hook(module, args, output)
 
 
@@ -501,7 +580,7 @@ class DistilBertBlock(_LayerBase):
         attn: SelfAttention = self.attention
         ctx, weights = attn.context(x, mask, a.get("head_mask"), want_weights)
         if weights is not None:  # 5.x: the attention module's hooks collect its (output, weights)
-            _fire_output_hooks(attn, (x,), (ctx, weights))
+            _fire_capturing_hooks(attn, (x,), (ctx, weights))
         out_lin, ln1, ln2, ffn = attn.out_lin, self.sa_layer_norm, self.output_layer_norm, self.ffn
         sa = ops.add_layer_norm(F.linear(ctx, out_lin.weight), x, ln1.weight, ln1.bias, ln1.eps,
                                 input_bias=out_lin.bias, backend=self.backend)
@@ -568,7 +647,7 @@ def _swap_attention(module, spec, backend):
     args = _arg_names(type(module))
     new = adopt(SelfAttention, module, backend=backend, _fastbert_spec=spec, _fastbert_args=args,
                 _fastbert_legacy=spec.legacy_tuple and "output_attentions" in args)
-    _carry_output_hooks(module, new)
+    attach_capturing_hooks(module, new)
     return new, None
 
 
@@ -577,14 +656,12 @@ def swap_module(module: nn.Module, backend: Optional[str] = None):
     reason)`` for a module fastbert recognises but leaves, ``(None, None)`` for anything else (the
     caller then looks at its children). Used by :func:`fastbert.optimize`.
 
-    A ``PreTrainedModel`` met on the way gets transformers' output-capturing hooks installed
-    (:func:`install_output_hooks`), and every replacement the hooks of the module it replaces, so
-    that ``output_attentions`` / ``output_hidden_states`` keep working with transformers 5.x."""
-    if isinstance(module, transformers.PreTrainedModel):
-        install_output_hooks(module)
+    Every replacement gets the output-capturing hooks transformers 5.x would give the module it
+    replaces (:func:`attach_capturing_hooks`), so that ``output_attentions`` /
+    ``output_hidden_states`` keep working."""
     new, reason = _swap(module, backend)
-    if new is not None and not _output_hooks(new):  # (attention swaps carry theirs already)
-        _carry_output_hooks(module, new)
+    if new is not None:
+        attach_capturing_hooks(module, new)
     return new, reason
 
 
