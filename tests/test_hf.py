@@ -340,6 +340,77 @@ def test_restore_after_collecting_while_optimized():
     _check_collected_outputs("distilbert", model, reference, inputs, real)
 
 
+class _Lora(torch.nn.Module):
+    """A LoRA adapter in place of a Linear, as peft puts one: ``base(x) + B(A(x))``, exposing the
+    base layer's weight and bias as attributes (as peft's layers do). Deterministic weights, so that
+    two models get the same adapters."""
+
+    def __init__(self, base, r=2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False)
+        with torch.no_grad():
+            for lin in (self.lora_A, self.lora_B):
+                n = lin.weight.numel()
+                lin.weight.copy_(torch.linspace(-0.3, 0.3, n).reshape(lin.weight.shape))
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+_LORA_TARGETS = {"query", "value", "q_lin", "v_lin", "dense", "out_lin", "lin1", "lin2", "ffn",
+                 "ffn_output", "fc1"}
+
+
+def _add_lora(model):
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in _LORA_TARGETS and type(child) is torch.nn.Linear:
+                setattr(module, name, _Lora(child))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "albert", "vit"])
+def test_adapters_added_after_optimize_are_used(family):
+    """A LoRA adapter (or anything else) put in place of a Linear of an optimized model runs as
+    it is: fastbert fuses a Linear's weight and bias only for a plain nn.Linear without hooks."""
+    torch.manual_seed(0)
+    model = _build(family).train()
+    reference = copy.deepcopy(model)
+    optimize(model)
+    _add_lora(model)
+    _add_lora(reference)
+    inputs, real = _inputs(family)
+    out, ref = model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state
+    assert_close(_real(out, real), _real(ref, real).double(), _real(ref, real), atol=1e-5)
+    out.sum().backward()
+    adapters = [m for n, m in model.named_modules() if isinstance(m, _Lora) and "pooler" not in n]
+    assert adapters and all(m.lora_B.weight.grad is not None and m.lora_B.weight.grad.any()
+                            for m in adapters)
+
+
+def test_hooks_on_linears_of_an_optimized_model_run():
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    optimize(model)
+    seen = []
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and name.endswith(("query", "attention.output.dense",
+                                                              "intermediate.dense")):
+            module.register_forward_hook(lambda m, a, o, name=name: seen.append(name))
+    inputs, _ = _inputs("bert")
+    model(**inputs)
+    assert len(seen) == 2 * 3, seen
+
+
 def test_weights_only_computed_when_asked_for(monkeypatch):
     """The swapped attention takes the explicit weights path only when the weights are collected."""
     calls = []

@@ -467,12 +467,13 @@ class SelfAttention(nn.Module):
 
         lins = [getattr(self, name) for name in (spec.q, spec.k, spec.v)]
         biases = [lin.bias for lin in lins]
-        if all(x is None for x in biases) or all(x is not None for x in biases):
+        if all(_plain_linear(lin) for lin in lins) and (
+                all(x is None for x in biases) or all(x is not None for x in biases)):
             # one matmul on the concatenated weights: [B, L, E] @ [E, 3HD] -> [B, L, 3, H, D]
             w = torch.cat([lin.weight for lin in lins])
             bias = None if biases[0] is None else torch.cat(biases)
             qkv = F.linear(hidden, w, bias).view(b, length, 3, h, d)
-        else:
+        else:  # each projection as it is (a LoRA adapter or a hook on one of them, say)
             qkv = torch.stack([lin(hidden) for lin in lins], dim=2).view(b, length, 3, h, d)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # 3 x [B, H, L, D]
         sdpa_mask = hf_mask_to_sdpa(mask)
@@ -503,13 +504,13 @@ class SelfAttention(nn.Module):
         ctx, weights = self.context(hidden, mask, a.get("head_mask"), want_weights)
         spec = self._fastbert_spec
         if spec.norm is not None:
-            dense, norm = getattr(self, spec.out), getattr(self, spec.norm)
+            norm = getattr(self, spec.norm)
             p = _dropout_p(self, spec.out_dropout) if self.training else 0.0
-            out = ops.add_layer_norm(F.linear(ctx, dense.weight), hidden, norm.weight, norm.bias,
-                                     norm.eps, input_bias=dense.bias, dropout_p=p, backend=self.backend)
+            h, bias = _matmul(ctx, getattr(self, spec.out))
+            out = ops.add_layer_norm(h, hidden, norm.weight, norm.bias, norm.eps, input_bias=bias,
+                                     dropout_p=p, backend=self.backend)
         elif spec.out is not None:
-            lin = getattr(self, spec.out)
-            out = F.linear(ctx, lin.weight, lin.bias)
+            out = getattr(self, spec.out)(ctx)
         else:
             out = ctx
         if self._fastbert_legacy:
@@ -527,17 +528,37 @@ class DenseAddLayerNorm(nn.Module):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         p = self.dropout.p if self.training else 0.0
         ln = self.LayerNorm
-        return ops.add_layer_norm(F.linear(hidden_states, self.dense.weight), input_tensor, ln.weight,
-                                  ln.bias, ln.eps, input_bias=self.dense.bias, dropout_p=p,
-                                  backend=self.backend)
+        h, bias = _matmul(hidden_states, self.dense)
+        return ops.add_layer_norm(h, input_tensor, ln.weight, ln.bias, ln.eps, input_bias=bias,
+                                  dropout_p=p, backend=self.backend)
 
 
-def _bias_act(x: Tensor, lin: nn.Linear, act, backend: Optional[str]) -> Tensor:
+def _plain_linear(lin: nn.Module) -> bool:
+    """Whether ``lin`` computes exactly ``F.linear(x, lin.weight, lin.bias)``: an ``nn.Linear`` (not
+    a subclass: quantized layers subclass it) without hooks or an instance-level forward. Anything
+    else (a LoRA adapter put on the model after optimize(), a quantized or hooked Linear) is called
+    as it is, its bias then not fused."""
+    return (type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
+            and "forward" not in lin.__dict__)
+
+
+def _matmul(x: Tensor, lin: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(x @ W^T, b)`` for a plain Linear, whose bias the caller fuses into the next op; ``(lin(x),
+    None)`` for any other module in its place (see :func:`_plain_linear`)."""
+    if _plain_linear(lin):
+        return F.linear(x, lin.weight), lin.bias
+    return lin(x), None
+
+
+def _bias_act(x: Tensor, lin: nn.Module, act, backend: Optional[str]) -> Tensor:
     """act(x @ W^T + b), with the bias and a GELU fused in one ``bias_gelu``."""
     approximate = gelu_approximation(act)
     if approximate is None:
-        return act(F.linear(x, lin.weight, lin.bias))
-    return ops.bias_gelu(F.linear(x, lin.weight), lin.bias, approximate, backend=backend)
+        return act(lin(x))
+    h, bias = _matmul(x, lin)
+    if bias is None:
+        return ops.gelu(h, approximate, backend=backend)
+    return ops.bias_gelu(h, bias, approximate, backend=backend)
 
 
 class DenseBiasGELU(nn.Module):
@@ -581,13 +602,15 @@ class DistilBertBlock(_LayerBase):
         ctx, weights = attn.context(x, mask, a.get("head_mask"), want_weights)
         if weights is not None:  # 5.x: the attention module's hooks collect its (output, weights)
             _fire_capturing_hooks(attn, (x,), (ctx, weights))
-        out_lin, ln1, ln2, ffn = attn.out_lin, self.sa_layer_norm, self.output_layer_norm, self.ffn
-        sa = ops.add_layer_norm(F.linear(ctx, out_lin.weight), x, ln1.weight, ln1.bias, ln1.eps,
-                                input_bias=out_lin.bias, backend=self.backend)
+        ln1, ln2, ffn = self.sa_layer_norm, self.output_layer_norm, self.ffn
+        h, bias = _matmul(ctx, attn.out_lin)
+        sa = ops.add_layer_norm(h, x, ln1.weight, ln1.bias, ln1.eps, input_bias=bias,
+                                backend=self.backend)
         h = _bias_act(sa, ffn.lin1, ffn.activation, self.backend)
         p = ffn.dropout.p if self.training else 0.0
-        out = ops.add_layer_norm(F.linear(h, ffn.lin2.weight), sa, ln2.weight, ln2.bias, ln2.eps,
-                                 input_bias=ffn.lin2.bias, dropout_p=p, backend=self.backend)
+        h, bias = _matmul(h, ffn.lin2)
+        out = ops.add_layer_norm(h, sa, ln2.weight, ln2.bias, ln2.eps, input_bias=bias,
+                                 dropout_p=p, backend=self.backend)
         if self._fastbert_legacy:
             return (weights, out) if want_weights else (out,)
         return out
@@ -613,8 +636,9 @@ class AlbertLayer(nn.Module):
             att, _ = self.attention(a["hidden_states"], a.get("attention_mask"), **rest)
         h = _bias_act(att, self.ffn, self.activation, self.backend)
         ln = self.full_layer_layer_norm
-        out = ops.add_layer_norm(F.linear(h, self.ffn_output.weight), att, ln.weight, ln.bias, ln.eps,
-                                 input_bias=self.ffn_output.bias, backend=self.backend)
+        h, bias = _matmul(h, self.ffn_output)
+        out = ops.add_layer_norm(h, att, ln.weight, ln.bias, ln.eps, input_bias=bias,
+                                 backend=self.backend)
         if self._fastbert_legacy:
             return (out,) + tuple(attention_output[1:])
         return out
