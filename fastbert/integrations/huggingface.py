@@ -35,7 +35,9 @@ embeddings, flex_attention's BlockMask masks, non-GELU activations (applied unfu
 of other model families. With ``output_attentions=True`` or a ``head_mask`` the swapped attention
 computes its weights through the explicit reference path
 (:func:`fastbert.nn.attention.attention_with_weights`).
-Chunked feed-forward (``chunk_size_feed_forward``) runs unchunked (same result).
+Chunked feed-forward (``chunk_size_feed_forward``) runs unchunked (same result). A Linear's bias
+is fused into the next op only for a plain ``nn.Linear`` without hooks: a LoRA adapter, a quantized
+or a hooked Linear in its place (e.g. peft applied after optimize()) is called as it is.
 
 ``output_attentions`` / ``output_hidden_states`` with transformers 5.x: the model collects those
 outputs with forward hooks that it installs, the first time they are asked for, on the modules of
