@@ -257,6 +257,16 @@ def test_optimize_leaves_what_it_cannot_run_with_reasons():
     assert any("not supported" in s.reason for s in report.left)
 
 
+def _optimized_pair(family, train=False):
+    """(optimized model, its original, inputs, real-token mask) for ``family``, seeded."""
+    torch.manual_seed(0)
+    model = _build(family).train(train)
+    reference = copy.deepcopy(model)
+    optimize(model)
+    inputs, real = _inputs(family)
+    return model, reference, inputs, real
+
+
 # transformers 4.5x's ViT: its outputs are collected by wrapping the forward of the classes in
 # _can_record_outputs (ViTSelfAttention for the attentions) during the call
 _VIT_WRAPS_SELF_ATTENTION = getattr(getattr(transformers, "ViTPreTrainedModel", None),
@@ -430,11 +440,7 @@ def test_hidden_states_of_chosen_layers_after_optimize():
     """transformers 5.x takes a list of layer indices as output_hidden_states."""
     if not TF5:
         pytest.skip("transformers 4.x takes a bool only")
-    torch.manual_seed(0)
-    model = _build("distilbert").eval()
-    reference = copy.deepcopy(model)
-    optimize(model)
-    inputs, real = _inputs("distilbert")
+    model, reference, inputs, real = _optimized_pair("distilbert")
     try:
         ref = reference(**inputs, output_hidden_states=[1])
     except (TypeError, ValueError) as e:
@@ -450,11 +456,7 @@ def test_hidden_states_of_chosen_layers_after_optimize():
 def test_head_mask_after_optimize():
     if TF5:
         pytest.skip("transformers 5.x takes no head_mask")
-    torch.manual_seed(0)
-    model = _build("bert").eval()
-    reference = copy.deepcopy(model)
-    optimize(model)
-    inputs, real = _inputs("bert")
+    model, reference, inputs, real = _optimized_pair("bert")
     head_mask = torch.ones(2, 4)
     head_mask[0, 1] = 0.0
     head_mask[1, 3] = 0.5
