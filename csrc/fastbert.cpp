@@ -115,9 +115,9 @@ at::Tensor rows_of(const at::Tensor& t) {
 
 // An optional [cols] vector, checked against `ref`, made contiguous; nullptr data when absent.
 at::Tensor vector_arg(const OptTensor& t, int64_t cols, const at::Tensor& ref, const char* op,
-                      const char* name) {
+                      const char* name, const char* ref_name = "input") {
   if (!t.has_value() || !t->defined()) return at::Tensor();
-  check_like(*t, ref, op, name, "input");
+  check_like(*t, ref, op, name, ref_name);
   check_shape(*t, {cols}, op, name);
   return t->contiguous();
 }
@@ -219,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
 
   LayerNormFwdParams p;
   p.dtype = dtype;
+  p.x_dtype = dtype;
   p.rows = rows;
   p.cols = cols;
   p.x = x.data_ptr();
@@ -239,8 +240,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   const char* op = "add_layer_norm_fwd";
   check_cuda(input, op, "input");
   check_dim(input, 2, op, "input");
-  const DType dtype = dtype_of(input, op, "input");
-  check_like(residual, input, op, "residual", "input");
+  const DType x_dtype = dtype_of(input, op, "input");
+  // Everything but the input in the residual's dtype; the input in it too, or (mixed precision) a
+  // 16-bit input with an fp32 residual, read as it is.
+  check_like(residual, input, op, "residual", "input", /*same_dtype=*/false);
+  const DType dtype = dtype_of(residual, op, "residual");
+  TORCH_CHECK(x_dtype == dtype || dtype == DType::kFloat32, "fastbert_cuda::", op,
+              ": input (", input.scalar_type(), ") and residual (", residual.scalar_type(),
+              ") must have one dtype, or the input a 16-bit one with a float32 residual");
   check_shape(residual, input.sizes(), op, "residual");
   TORCH_CHECK(eps >= 0.0, "fastbert_cuda::", op, ": eps must be >= 0, got ", eps);
   check_dropout(dropout_p, op);
@@ -248,17 +255,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   const int64_t rows = input.size(0), cols = input.size(1);
   const at::Tensor x = rows_of(input);
   const at::Tensor r = rows_of(residual);
-  const at::Tensor w = vector_arg(weight, cols, input, op, "weight");
-  const at::Tensor b = vector_arg(bias, cols, input, op, "bias");
-  const at::Tensor ib = vector_arg(input_bias, cols, input, op, "input_bias");
-  at::Tensor out = at::empty({rows, cols}, input.options());
-  at::Tensor sum = at::empty({rows, cols}, input.options());
+  const at::Tensor w = vector_arg(weight, cols, residual, op, "weight", "residual");
+  const at::Tensor b = vector_arg(bias, cols, residual, op, "bias", "residual");
+  const at::Tensor ib = vector_arg(input_bias, cols, residual, op, "input_bias", "residual");
+  at::Tensor out = at::empty({rows, cols}, residual.options());
+  at::Tensor sum = at::empty({rows, cols}, residual.options());
   at::Tensor mean = at::empty({rows}, input.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, input.options().dtype(at::kFloat));
   at::Tensor seed = draw_seed(dropout_p, input.device());
 
   LayerNormFwdParams p;
   p.dtype = dtype;
+  p.x_dtype = x_dtype;
   p.rows = rows;
   p.cols = cols;
   p.x = x.data_ptr();
@@ -320,6 +328,7 @@ void run_layer_norm_bwd(const char* op, const at::Tensor& grad_out, const OptTen
   p.rstd = rstd_c.data_ptr<float>();
   p.grad_x = grad_x.data_ptr();
   p.grad_input = mutable_data_or_null(grad_input);
+  p.grad_input_dtype = grad_input.defined() ? dtype_of(grad_input, op, "grad_input") : p.dtype;
   p.dropout = dropout;
   p.grad_weight = mutable_data_or_null(grad_weight);
   p.grad_bias = mutable_data_or_null(grad_bias);
@@ -367,18 +376,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
     const at::Tensor& grad_out, const OptTensor& grad_sum, const at::Tensor& sum, const OptTensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& seed, double dropout_p,
-    bool need_weight_grad, bool need_bias_grad, bool need_input_bias_grad) {
+    bool need_weight_grad, bool need_bias_grad, bool need_input_bias_grad,
+    std::optional<at::ScalarType> input_dtype) {
   const char* op = "add_layer_norm_bwd";
   check_cuda(sum, op, "sum");
   check_dim(sum, 2, op, "sum");
   dtype_of(sum, op, "sum");
+  const at::ScalarType in_dtype = input_dtype.value_or(sum.scalar_type());
+  TORCH_CHECK(in_dtype == sum.scalar_type() ||
+                  (sum.scalar_type() == at::kFloat && (in_dtype == at::kHalf || in_dtype == at::kBFloat16)),
+              "fastbert_cuda::", op, ": input_dtype ", in_dtype, " with a ", sum.scalar_type(),
+              " sum: the forward takes one dtype, or a 16-bit input with a float32 residual");
   const DeviceGuard guard(sum.device());
   const int64_t cols = sum.size(1);
   const bool dw = need_weight_grad && weight.has_value() && weight->defined();
   const DropoutParams dropout = dropout_params(dropout_p, seed, sum, op);
   // Without dropout dL/dinput = dL/dresidual: grad_input is returned empty and the caller reuses
-  // grad_residual (one [rows, cols] write saved). With dropout the kernel writes both.
-  at::Tensor grad_input = at::empty(dropout_p > 0.0 ? sum.sizes() : at::IntArrayRef({0}), sum.options());
+  // grad_residual (one [rows, cols] write saved), unless the input has a dtype of its own. With
+  // dropout the kernel writes both.
+  const bool separate = dropout_p > 0.0 || in_dtype != sum.scalar_type();
+  at::Tensor grad_input = at::empty(separate ? sum.sizes() : at::IntArrayRef({0}), sum.options().dtype(in_dtype));
   at::Tensor grad_residual = at::empty(sum.sizes(), sum.options());
   at::Tensor grad_weight = at::empty({dw ? cols : 0}, sum.options());
   at::Tensor grad_bias = at::empty({need_bias_grad ? cols : 0}, sum.options());
@@ -386,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   // The input bias gradient sums dL/dinput, which is grad_residual when there is no dropout; the
   // kernel's grad_input path computes it either way.
   run_layer_norm_bwd(op, grad_out, grad_sum, sum, weight, mean, rstd, dropout, grad_residual,
-                     dropout_p > 0.0 ? grad_input : at::Tensor(), dw ? grad_weight : at::Tensor(),
+                     separate ? grad_input : at::Tensor(), dw ? grad_weight : at::Tensor(),
                      need_bias_grad ? grad_bias : at::Tensor(),
                      need_input_bias_grad ? grad_input_bias : at::Tensor());
   return {grad_input, grad_residual, grad_weight, grad_bias, grad_input_bias};
@@ -731,7 +748,8 @@ void define_schemas(torch::Library& m) {
         seeded);
   m.def("add_layer_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor sum, Tensor? weight, Tensor mean, "
         "Tensor rstd, Tensor seed, float dropout_p, bool need_weight_grad, bool need_bias_grad, "
-        "bool need_input_bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool need_input_bias_grad, ScalarType? input_dtype=None) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("bias_gelu_fwd(Tensor input, Tensor? bias, str approximate) -> Tensor");
   m.def("bias_gelu_bwd(Tensor grad_out, Tensor input, Tensor? bias, str approximate, bool need_bias_grad) "
         "-> (Tensor, Tensor)");

@@ -205,12 +205,18 @@ def test_add_layer_norm(emu, width, dtype, dropout_p, return_residual):
 
 @pytest.mark.parametrize("x_dtype", [F16, BF16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_add_layer_norm_mixed_dtypes(emu, x_dtype, dropout_p):
-    """A 16-bit input with an fp32 residual and fp32 parameters (mixed precision): the CUDA backend
-    casts the input to fp32 and runs the fp32 kernels; results in fp32, the input's gradient in its
-    own dtype (compare_to_reference checks every dtype against the reference's)."""
-    rows, width = 19, 768
-    x, r = rand((rows, width), x_dtype, "cpu"), rand((rows, width), F32, "cpu")
+@pytest.mark.parametrize("width", [7, 97, 768, 1024, "1000-strided"])
+def test_add_layer_norm_mixed_dtypes(emu, x_dtype, dropout_p, width):
+    """A 16-bit input with an fp32 residual and fp32 parameters (mixed precision), read as they
+    are: the fast (768, 1024), vectorised generic and scalar (7, a strided input) kernels with the
+    input in its own dtype; results in fp32, the input's gradient in the input's dtype, written by
+    the kernel even without dropout (compare_to_reference checks every dtype against the
+    reference's; the NaN-filled allocations show an unwritten one)."""
+    rows = 19
+    strided = width == "1000-strided"
+    width = 1000 if strided else width
+    x = rand((rows, 2 * width), x_dtype, "cpu")[:, ::2] if strided else rand((rows, width), x_dtype, "cpu")
+    r = rand((rows, width), F32, "cpu")
     w, b, xb = rand((width,), F32, "cpu"), rand((width,), F32, "cpu"), rand((width,), F32, "cpu")
     keep = None
     if dropout_p > 0:
@@ -977,3 +983,34 @@ def test_kernels_under_address_sanitizer(tmp_path):
     assert not errors, "AddressSanitizer found a bad access:\n" + errors[0][:6000]
     assert proc.returncode == 0, f"instrumented run failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_add_layer_norm_mixed_dtypes_opcheck(emu, dropout_p):
+    """The mixed-precision schema (a bf16 input with an fp32 residual; the backward's input_dtype)
+    against its fake implementations and autograd registration: torch.library.opcheck."""
+    x = rand((5, 64), BF16, "cpu", requires_grad=True)
+    r = rand((5, 64), F32, "cpu", requires_grad=True)
+    w, b = rand((64,), F32, "cpu", requires_grad=True), rand((64,), F32, "cpu")
+    torch.library.opcheck(emu.add_layer_norm_fwd, (x, r, w, b, b, 1e-5, dropout_p),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    out, s, mean, rstd, seed = emu.add_layer_norm_fwd(x.detach(), r.detach(), w.detach(), b, b, 1e-5, dropout_p)
+    assert out.dtype == s.dtype == F32
+    grads = emu.add_layer_norm_bwd(torch.ones_like(out), None, s, w.detach(), mean, rstd, seed, dropout_p,
+                                   True, True, True, BF16)
+    assert grads[0].dtype == BF16 and grads[0].shape == x.shape and grads[1].dtype == F32
+    torch.library.opcheck(emu.add_layer_norm_bwd,
+                          (torch.ones_like(out), None, s, w.detach(), mean, rstd, seed, dropout_p,
+                           True, True, True, BF16),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_add_layer_norm_unsupported_dtype_pair_is_refused(emu):
+    """The binding takes one dtype or a 16-bit input with an fp32 residual; the public op casts any
+    other pair (an fp32 input with a bf16 residual here) to the promoted dtype first."""
+    x, r = rand((3, 16), F32, "cpu"), rand((3, 16), BF16, "cpu")
+    with pytest.raises(RuntimeError, match="16-bit one with a float32 residual"):
+        emu.add_layer_norm_fwd(x, r, None, None, None, 1e-5, 0.0)
+    out = layer_norm_ops._add_layer_norm_cuda(x, r, None, None, 1e-5, None, 0.0, False)
+    assert out.dtype == F32
+    torch.testing.assert_close(out, reference.add_layer_norm(x, r, None, None), rtol=1e-5, atol=1e-5)

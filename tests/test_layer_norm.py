@@ -712,6 +712,20 @@ def test_cuda_add_layer_norm(rows, width, dtype, params, return_residual):
                   f"add_layer_norm R{rows}-N{width}-{params}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=DT.get)
+@pytest.mark.parametrize("rows,width", [(67, 97), (1537, 768), (300, 1024), (67, 4096), (9, 8192)],
+                         ids=lambda v: str(v))
+def test_cuda_add_layer_norm_mixed_dtypes(rows, width, x_dtype):
+    """Mixed precision on the CUDA kernels: a 16-bit input read as it is, with an fp32 residual and
+    fp32 parameters; results fp32, the input's gradient in its dtype."""
+    x, r = rand((rows, width), x_dtype, "cuda"), rand((rows, width), torch.float32, "cuda")
+    w, b, ib = (rand((width,), torch.float32, "cuda") for _ in range(3))
+    dys = [rand((rows, width), torch.float32, "cuda") for _ in range(2)]
+    _cuda_compare(_cuda_add_ln(True), [x, r, w, b, ib], dys, x_dtype,
+                  f"add_layer_norm mixed R{rows}-N{width}")
+
+
 def _with_seed(seed, fn):
     torch.manual_seed(seed)
     return fn()

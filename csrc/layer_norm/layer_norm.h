@@ -12,7 +12,10 @@
 namespace fastbert {
 
 struct LayerNormFwdParams {
-  DType dtype = DType::kFloat32;  // dtype of every tensor below except mean / rstd (fp32)
+  DType dtype = DType::kFloat32;  // dtype of every tensor below except x, mean / rstd (fp32)
+  // dtype of x: dtype, or (fused op, dtype fp32) fp16 / bf16: mixed precision, a 16-bit matmul
+  // output added to an fp32 residual stream, read as it is (no cast pass). Set it always.
+  DType x_dtype = DType::kFloat32;
   int64_t rows = 0, cols = 0;
   // s = dropout(x + input_bias) + residual; y = (s - mean(s)) * rstd(s) * weight + bias
   const void* x = nullptr;          // [rows, cols], row stride x_stride (elements)
@@ -43,7 +46,9 @@ struct LayerNormBwdParams {
   const float* rstd = nullptr;      // [rows]
   void* grad_x = nullptr;           // [rows, cols] contiguous: dL/dx (plain) or dL/ds = dL/dresidual
   void* grad_input = nullptr;       // [rows, cols] contiguous: dL/dinput = dropout'(dL/ds), or nullptr
-                                    //   (fused op without dropout: it equals grad_x)
+                                    //   (fused op without dropout, input in dtype: it equals grad_x)
+  DType grad_input_dtype = DType::kFloat32;  // the input's dtype: dtype, or fp16 / bf16 with dtype
+                                             //   fp32 (see LayerNormFwdParams::x_dtype). Set it always.
   DropoutParams dropout;            // the forward's dropout (fused only; p = 0 otherwise)
   // Deterministic column sums: slot s accumulates rows s, s + slots, s + 2 * slots, ... into
   // partial_*[s, :] (fp32, zero-initialised by the caller); a second kernel sums the slots in a

@@ -2,7 +2,8 @@
 //
 // Per row, with x_hat = (s - mean) * rstd and g = dy * weight:
 //   ds = rstd * (g - mean(g) - x_hat * mean(g * x_hat))  (+ dL/ds from a returned s)
-//   fused: d_residual = ds, d_input = ds * keep / (1 - p)
+//   fused: d_residual = ds, d_input = ds * keep / (1 - p) (in the input's dtype, which may be a
+//   16-bit one with everything else fp32: mixed precision)
 // Column sums (d_weight = sum dy * x_hat, d_bias = sum dy, d_input_bias = sum d_input) are
 // accumulated per row slot in fp32 and reduced in a fixed order by column_sum_kernel: the
 // gradients are bitwise reproducible, no atomics.
@@ -24,9 +25,9 @@ __device__ __forceinline__ void load_weight(const LayerNormBwdParams& p, int col
 }
 
 // ds for N elements given x_hat, dy and the row constants (plus dL/ds from a returned s); stores
-// grad_x, and returns d_input = dropout'(ds) in `di` (stored when grad_input is requested; it also
-// feeds the input-bias column sum). Without dropout d_input = ds.
-template <typename T, int N>
+// grad_x, and returns d_input = dropout'(ds) in `di` (stored, as XI, when grad_input is requested;
+// it also feeds the input-bias column sum). Without dropout d_input = ds.
+template <typename T, typename XI, int N>
 __device__ __forceinline__ void store_row_grads(const LayerNormBwdParams& p, int64_t row, int col,
                                                 const float (&x_hat)[N], const float (&dy)[N],
                                                 float rstd, float mean_g, float mean_gx,
@@ -51,12 +52,13 @@ __device__ __forceinline__ void store_row_grads(const LayerNormBwdParams& p, int
 #pragma unroll
     for (int i = 0; i < N; ++i) di[i] = ds[i];
   }
-  if (p.grad_input != nullptr) store_vec<T, N>(static_cast<T*>(p.grad_input) + row * p.cols + col, di);
+  if (p.grad_input != nullptr) store_vec<XI, N>(static_cast<XI*>(p.grad_input) + row * p.cols + col, di);
 }
 
 // Register-resident rows (see FastConfig). Block (TPR, RPB); grid slots / RPB; row slot
-// `slot` handles rows slot, slot + slots, ... and keeps its column sums in registers.
-template <typename T, int COLS>
+// `slot` handles rows slot, slot + slots, ... and keeps its column sums in registers. XI: the
+// dtype of grad_input (LayerNormBwdParams::grad_input_dtype).
+template <typename T, typename XI, int COLS>
 __global__ void __launch_bounds__(128)
 layer_norm_bwd_fast_kernel(const LayerNormBwdParams p) {
   using Cfg = FastConfig<T, COLS>;
@@ -111,7 +113,8 @@ layer_norm_bwd_fast_kernel(const LayerNormBwdParams p) {
     for (int it = 0; it < ITEMS; ++it) {
       const int col = (it * TPR + static_cast<int>(threadIdx.x)) * VEC;
       float di[VEC];
-      store_row_grads<T, VEC>(p, row, col, x_hat[it], dy[it], rstd, mean_g, mean_gx, seed, inv_keep, di);
+      store_row_grads<T, XI, VEC>(p, row, col, x_hat[it], dy[it], rstd, mean_g, mean_gx, seed, inv_keep,
+                                  di);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         acc_w[it][i] += dy[it][i] * x_hat[it][i];
@@ -144,7 +147,7 @@ __device__ __forceinline__ void accumulate(float* partial, int64_t off, const fl
 // Any width: two passes over each row (row constants, then gradients); column sums are
 // accumulated into this slot's row of the (zero-initialised) partial buffers.
 // Block (TPR, RPB); grid slots / RPB.
-template <typename T, int VEC>
+template <typename T, typename XI, int VEC>
 __global__ void __launch_bounds__(512)
 layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   __shared__ float smem[32];
@@ -189,7 +192,7 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
         x_hat[i] = (x_hat[i] - mean) * rstd;
         dw[i] = dy[i] * x_hat[i];
       }
-      store_row_grads<T, VEC>(p, row, col, x_hat, dy, rstd, mean_g, mean_gx, seed, inv_keep, di);
+      store_row_grads<T, XI, VEC>(p, row, col, x_hat, dy, rstd, mean_g, mean_gx, seed, inv_keep, di);
       const int64_t off = static_cast<int64_t>(slot) * cols + col;
       accumulate<VEC>(p.partial_weight, off, dw);
       accumulate<VEC>(p.partial_bias, off, dy);
@@ -242,28 +245,28 @@ int slots_for(const LayerNormBwdParams& p, int num_sms) {
   return static_cast<int>(blocks) * c.rpb;
 }
 
-template <typename T, int COLS>
+template <typename T, typename XI, int COLS>
 void launch_fast(const LayerNormBwdParams& p, int blocks, cudaStream_t stream) {
   using Cfg = FastConfig<T, COLS>;
-  layer_norm_bwd_fast_kernel<T, COLS><<<blocks, dim3(Cfg::TPR, Cfg::RPB), 0, stream>>>(p);
+  layer_norm_bwd_fast_kernel<T, XI, COLS><<<blocks, dim3(Cfg::TPR, Cfg::RPB), 0, stream>>>(p);
 }
 
-template <typename T>
+template <typename T, typename XI>
 cudaError_t launch(const LayerNormBwdParams& p, cudaStream_t stream) {
   const BwdConfig c = bwd_config<T>(p);
   if (p.slots <= 0 || p.slots % c.rpb != 0) return cudaErrorInvalidValue;
   const int blocks = p.slots / c.rpb;
   if (c.fast) {
     switch (p.cols) {
-      case 768: launch_fast<T, 768>(p, blocks, stream); break;
-      case 1024: launch_fast<T, 1024>(p, blocks, stream); break;
-      case 4096: launch_fast<T, 4096>(p, blocks, stream); break;
+      case 768: launch_fast<T, XI, 768>(p, blocks, stream); break;
+      case 1024: launch_fast<T, XI, 1024>(p, blocks, stream); break;
+      case 4096: launch_fast<T, XI, 4096>(p, blocks, stream); break;
       default: return cudaErrorInvalidValue;
     }
   } else if (c.vec > 1) {
-    layer_norm_bwd_kernel<T, vec_width<T>()><<<blocks, dim3(c.tpr, c.rpb), 0, stream>>>(p);
+    layer_norm_bwd_kernel<T, XI, vec_width<T>()><<<blocks, dim3(c.tpr, c.rpb), 0, stream>>>(p);
   } else {
-    layer_norm_bwd_kernel<T, 1><<<blocks, dim3(c.tpr, c.rpb), 0, stream>>>(p);
+    layer_norm_bwd_kernel<T, XI, 1><<<blocks, dim3(c.tpr, c.rpb), 0, stream>>>(p);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -292,7 +295,18 @@ int layer_norm_bwd_slots(const LayerNormBwdParams& params, int num_sms) {
 Status layer_norm_bwd(const LayerNormBwdParams& params, cudaStream_t stream) {
   if (params.rows == 0 || params.cols == 0) return cudaSuccess;
   if (params.cols > kMaxRowLength) return cudaErrorInvalidValue;
-  return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] { return layer_norm::launch<scalar_t>(params, stream); });
+  if (params.grad_input == nullptr || params.grad_input_dtype == params.dtype) {
+    return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
+      return layer_norm::launch<scalar_t, scalar_t>(params, stream);
+    });
+  }
+  // mixed precision (see LayerNormFwdParams::x_dtype): a 16-bit input's gradient, fp32 otherwise
+  if (params.dtype != DType::kFloat32) return cudaErrorInvalidValue;
+  switch (params.grad_input_dtype) {
+    case DType::kFloat16: return layer_norm::launch<float, __half>(params, stream);
+    case DType::kBFloat16: return layer_norm::launch<float, __nv_bfloat16>(params, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace fastbert

@@ -33,11 +33,12 @@ inline int generic_threads_per_row(int64_t vecs) {
 }
 inline int generic_rows_per_block(int tpr) { return tpr >= 128 ? 1 : 128 / tpr; }
 
-// s[0..N) = dropout(x + input_bias) + residual for the N elements at (row, col), in fp32.
-template <typename T, int N>
+// s[0..N) = dropout(x + input_bias) + residual for the N elements at (row, col), in fp32; x is
+// read as X (T, or a 16-bit input with an fp32 T: mixed precision), everything else as T.
+template <typename T, typename X, int N>
 __device__ __forceinline__ void load_pre_norm_sum(const LayerNormFwdParams& p, int64_t row, int col,
                                                   uint64_t seed, float inv_keep, float (&s)[N]) {
-  load_vec<T, N>(static_cast<const T*>(p.x) + row * p.x_stride + col, s);
+  load_vec<X, N>(static_cast<const X*>(p.x) + row * p.x_stride + col, s);
   if (p.input_bias != nullptr) {
     float b[N];
     load_vec<T, N>(static_cast<const T*>(p.input_bias) + col, b);

@@ -6,8 +6,9 @@
 namespace fastbert {
 namespace layer_norm {
 
-// One row per TPR threads, held in registers. Block (TPR, RPB); grid ceil(rows / RPB).
-template <typename T, int COLS>
+// One row per TPR threads, held in registers. Block (TPR, RPB); grid ceil(rows / RPB). T: every
+// tensor's dtype but x's, X (see LayerNormFwdParams::x_dtype).
+template <typename T, typename X, int COLS>
 __global__ void __launch_bounds__(128, 4)
 layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
   using Cfg = FastConfig<T, COLS>;
@@ -25,7 +26,7 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
   for (int it = 0; it < ITEMS; ++it) {
     const int col = (it * TPR + static_cast<int>(threadIdx.x)) * VEC;
     if (valid) {
-      load_pre_norm_sum<T, VEC>(p, row, col, seed, inv_keep, s[it]);
+      load_pre_norm_sum<T, X, VEC>(p, row, col, seed, inv_keep, s[it]);
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) s[it][i] = 0.f;
@@ -76,7 +77,7 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
 // Any width: TPR threads per row loop over the row three times (sum, squared deviations,
 // normalise); the re-reads hit L1/L2. The fused op stores s in pass 1 and re-reads it, so the
 // RNG and the additions run once per element. Block (TPR, RPB); grid ceil(rows / RPB).
-template <typename T, int VEC>
+template <typename T, typename X, int VEC>
 __global__ void __launch_bounds__(512)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   __shared__ float smem[32];
@@ -88,14 +89,20 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
   const float inv_keep = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
   T* sum_row = p.sum != nullptr ? static_cast<T*>(p.sum) + row * p.cols : nullptr;
-  const T* x_row = static_cast<const T*>(p.x) + row * p.x_stride;
-  // Pass 2 and 3 re-read s: from the stored sum (fused) or from x (plain: s = x).
-  const T* s_row = sum_row != nullptr ? sum_row : x_row;
+  const X* x_row = static_cast<const X*>(p.x) + row * p.x_stride;
+  // Pass 2 and 3 re-read s: from the stored sum (fused) or from x (plain: s = x, X = T).
+  const auto load_s = [&](int col, float (&s)[VEC]) {
+    if (sum_row != nullptr) {
+      load_vec<T, VEC>(sum_row + col, s);
+    } else {
+      load_vec<X, VEC>(x_row + col, s);
+    }
+  };
 
   float local = 0.f;
   for (int col = first; valid && col < cols; col += step) {
     float s[VEC];
-    load_pre_norm_sum<T, VEC>(p, row, col, seed, inv_keep, s);
+    load_pre_norm_sum<T, X, VEC>(p, row, col, seed, inv_keep, s);
     if (sum_row != nullptr) store_vec<T, VEC>(sum_row + col, s);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) local += s[i];
@@ -104,7 +111,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   local = 0.f;
   for (int col = first; valid && col < cols; col += step) {
     float s[VEC];
-    load_vec<T, VEC>(s_row + col, s);
+    load_s(col, s);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       const float d = s[i] - mean;
@@ -120,7 +127,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   }
   for (int col = first; col < cols; col += step) {
     float s[VEC], w[VEC], b[VEC], y[VEC];
-    load_vec<T, VEC>(s_row + col, s);
+    load_s(col, s);
     if (p.weight != nullptr) {
       load_vec<T, VEC>(static_cast<const T*>(p.weight) + col, w);
     } else {
@@ -139,42 +146,43 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   }
 }
 
-template <typename T, int COLS>
+template <typename T, typename X, int COLS>
 cudaError_t launch_fast(const LayerNormFwdParams& p, cudaStream_t stream) {
   using Cfg = FastConfig<T, COLS>;
   const int64_t blocks = (p.rows + Cfg::RPB - 1) / Cfg::RPB;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  layer_norm_fwd_fast_kernel<T, COLS>
+  layer_norm_fwd_fast_kernel<T, X, COLS>
       <<<static_cast<unsigned>(blocks), dim3(Cfg::TPR, Cfg::RPB), 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int VEC>
+template <typename T, typename X, int VEC>
 cudaError_t launch_generic(const LayerNormFwdParams& p, cudaStream_t stream) {
   const int tpr = generic_threads_per_row(p.cols / VEC);
   const int rpb = generic_rows_per_block(tpr);
   const int64_t blocks = (p.rows + rpb - 1) / rpb;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  layer_norm_fwd_kernel<T, VEC><<<static_cast<unsigned>(blocks), dim3(tpr, rpb), 0, stream>>>(p);
+  layer_norm_fwd_kernel<T, X, VEC><<<static_cast<unsigned>(blocks), dim3(tpr, rpb), 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename X>
 cudaError_t launch(const LayerNormFwdParams& p, cudaStream_t stream) {
   constexpr int VEC = vec_width<T>();
   constexpr int BYTES = 16;
   const bool vectorizable =
       p.cols % VEC == 0 && p.x_stride % VEC == 0 &&
-      (p.residual == nullptr || p.residual_stride % VEC == 0) && is_aligned(p.x, BYTES) &&
+      (p.residual == nullptr || p.residual_stride % VEC == 0) &&
+      is_aligned(p.x, static_cast<int>(VEC * sizeof(X))) &&
       is_aligned(p.residual, BYTES) && is_aligned(p.input_bias, BYTES) &&
       is_aligned(p.weight, BYTES) && is_aligned(p.bias, BYTES) && is_aligned(p.out, BYTES) &&
       is_aligned(p.sum, BYTES);
-  if (!vectorizable) return launch_generic<T, 1>(p, stream);
+  if (!vectorizable) return launch_generic<T, X, 1>(p, stream);
   switch (p.cols) {
-    case 768: return launch_fast<T, 768>(p, stream);
-    case 1024: return launch_fast<T, 1024>(p, stream);
-    case 4096: return launch_fast<T, 4096>(p, stream);
-    default: return launch_generic<T, VEC>(p, stream);
+    case 768: return launch_fast<T, X, 768>(p, stream);
+    case 1024: return launch_fast<T, X, 1024>(p, stream);
+    case 4096: return launch_fast<T, X, 4096>(p, stream);
+    default: return launch_generic<T, X, VEC>(p, stream);
   }
 }
 
@@ -183,7 +191,18 @@ cudaError_t launch(const LayerNormFwdParams& p, cudaStream_t stream) {
 Status layer_norm_fwd(const LayerNormFwdParams& params, cudaStream_t stream) {
   if (params.rows == 0 || params.cols == 0) return cudaSuccess;
   if (params.cols > kMaxRowLength) return cudaErrorInvalidValue;
-  return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] { return layer_norm::launch<scalar_t>(params, stream); });
+  if (params.x_dtype == params.dtype) {
+    return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
+      return layer_norm::launch<scalar_t, scalar_t>(params, stream);
+    });
+  }
+  // mixed precision: the fused op only (plain LayerNorm re-reads x as its sum), fp32 otherwise
+  if (params.dtype != DType::kFloat32 || params.sum == nullptr) return cudaErrorInvalidValue;
+  switch (params.x_dtype) {
+    case DType::kFloat16: return layer_norm::launch<float, __half>(params, stream);
+    case DType::kBFloat16: return layer_norm::launch<float, __nv_bfloat16>(params, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace fastbert

@@ -122,8 +122,8 @@ def add_layer_norm(
     input and residual may differ in dtype (a Linear's bf16 output and an fp32 residual stream, as
     under mixed precision): the sum and both results take their promoted dtype, as torch's ``+``
     gives, and each gradient comes back in its input's dtype. The Triton kernels read each tensor
-    in its own dtype (no cast pass); the CUDA kernels take one dtype, so that backend casts input
-    and residual to the promoted dtype first.
+    in its own dtype (no cast pass); so do the CUDA kernels for a 16-bit input with an fp32
+    residual (and fp32 parameters), and that backend casts any other pair to the promoted dtype.
 
     Under ``torch.autocast`` input_bias is cast to the sum's dtype (it is the Linear's bias), and the
     LayerNorm is computed and returned in fp32 on CUDA (as ``F.layer_norm`` under autocast there),
@@ -411,10 +411,21 @@ def _layer_norm_cuda_reasons(*, input, weight=None, bias=None, **_) -> List[str]
     return _cuda_reasons(input.dtype, "input", weight=weight, bias=bias)
 
 
+def _cuda_mixed(input: Tensor, residual: Tensor) -> bool:
+    """Whether the CUDA kernels take this input / residual pair as it is (mixed precision: a
+    16-bit input with an fp32 residual; the parameters then in fp32)."""
+    return residual.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
+
+
 def _add_layer_norm_cuda_reasons(*, input, residual, weight=None, bias=None, input_bias=None,
                                  **_) -> List[str]:
-    # input and residual of two dtypes are cast to the promoted one (see _add_layer_norm_cuda)
-    what = "input" if residual.dtype == input.dtype else "input + residual (promoted)"
+    # Other pairs of two dtypes are cast to the promoted one first (see _add_layer_norm_cuda).
+    if residual.dtype == input.dtype:
+        what = "input"
+    elif _cuda_mixed(input, residual):
+        what = "residual"
+    else:
+        what = "input + residual (promoted)"
     return _cuda_reasons(torch.promote_types(input.dtype, residual.dtype), what, weight=weight,
                          bias=bias, input_bias=input_bias)
 
@@ -449,13 +460,16 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
     def _(input, residual, weight, bias, input_bias, eps, dropout_p):
         stats = input.new_empty((input.shape[0],), dtype=torch.float32)
         seed = seed_like(dropout_p, input.device)
-        return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats), seed
+        return (residual.new_empty(input.shape), residual.new_empty(input.shape), stats,
+                torch.empty_like(stats), seed)
 
     @torch.library.register_fake(lib + "add_layer_norm_bwd")
     def _(grad_out, grad_sum, sum, weight, mean, rstd, seed, dropout_p, need_weight_grad,
-          need_bias_grad, need_input_bias_grad):
+          need_bias_grad, need_input_bias_grad, input_dtype=None):
         n = sum.shape[1]
-        return (sum.new_empty(sum.shape if dropout_p > 0.0 else (0,)), sum.new_empty(sum.shape),
+        in_dtype = sum.dtype if input_dtype is None else input_dtype
+        separate = dropout_p > 0.0 or in_dtype != sum.dtype
+        return (sum.new_empty(sum.shape if separate else (0,), dtype=in_dtype), sum.new_empty(sum.shape),
                 _cuda_grad_like(need_weight_grad and weight is not None, sum, n),
                 _cuda_grad_like(need_bias_grad, sum, n), _cuda_grad_like(need_input_bias_grad, sum, n))
 
@@ -477,10 +491,11 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
                                     setup_context=layer_norm_setup)
 
     def add_layer_norm_setup(ctx, inputs, output):
-        _input, _residual, weight, bias, input_bias, _eps, dropout_p = inputs
+        input, _residual, weight, bias, input_bias, _eps, dropout_p = inputs
         _, s, mean, rstd, seed = output
         ctx.save_for_backward(s, weight, mean, rstd, seed)  # x_hat is recomputed from the sum s
         ctx.dropout_p = dropout_p
+        ctx.input_dtype = input.dtype if input.dtype != s.dtype else None  # mixed precision
         ctx.has_bias = bias is not None
         ctx.has_input_bias = input_bias is not None
         ctx.mark_non_differentiable(mean, rstd, seed)
@@ -495,8 +510,9 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
             grad_out = s.new_zeros(()).expand(s.shape)
         dx, dr, dw, db, dxb = ops.add_layer_norm_bwd(
             grad_out, grad_sum, s, weight, mean, rstd, seed, ctx.dropout_p,
-            need_dw and weight is not None, need_db and ctx.has_bias, need_dxb and ctx.has_input_bias)
-        if ctx.dropout_p == 0.0:
+            need_dw and weight is not None, need_db and ctx.has_bias, need_dxb and ctx.has_input_bias,
+            ctx.input_dtype)
+        if ctx.dropout_p == 0.0 and ctx.input_dtype is None:
             dx = dr  # without dropout the input's gradient is the residual's (returned once)
         return (dx if need_dx else None, dr if need_dr else None, dw if need_dw else None,
                 db if need_db else None, dxb if need_dxb else None, None, None)
@@ -519,7 +535,8 @@ def _layer_norm_cuda(input, normalized_shape, weight, bias, eps):
 @register("add_layer_norm", "cuda", reasons=_add_layer_norm_cuda_reasons)
 def _add_layer_norm_cuda(input, residual, weight, bias, eps, input_bias, dropout_p, return_residual):
     ops = _cuda_ops()
-    if input.dtype != residual.dtype:  # the kernels take one dtype: a cast pass (Triton reads both)
+    if input.dtype != residual.dtype and not _cuda_mixed(input, residual):
+        # the kernels take one dtype, or a 16-bit input with an fp32 residual: others are cast
         dtype = torch.promote_types(input.dtype, residual.dtype)
         input, residual = input.to(dtype), residual.to(dtype)
     n = input.shape[-1]
