@@ -65,6 +65,11 @@ _TRITON_ERROR: Optional[str] = None
 _TRITON_CHECKED = False
 
 
+# The environment probes below (can triton be imported, does the CUDA extension load, is the
+# interpreter usable) run inside select(), which torch.compile traces: marked as constant results,
+# Dynamo runs them as they are instead of tracing an import (a graph break: fullgraph=True failed
+# in a process that had not called an op eagerly first).
+@torch.compiler.assume_constant_result
 def _triton_import_error() -> Optional[str]:
     # Cached in module globals (not functools.lru_cache, which Dynamo warns about when tracing).
     global _TRITON_ERROR, _TRITON_CHECKED
@@ -90,6 +95,7 @@ def _version_tuple(version: str) -> tuple:
     return tuple(parts)
 
 
+@torch.compiler.assume_constant_result
 def _interpreter_problem() -> Optional[str]:
     """A known-broken combination for Triton's CPU interpreter, or None.
 
@@ -117,6 +123,7 @@ def cuda_extension():
     return _C
 
 
+@torch.compiler.assume_constant_result
 def cuda_extension_error() -> Optional[str]:
     cuda_extension()
     return _C_ERROR
@@ -150,10 +157,11 @@ def backend_reasons(backend: str, device: Optional[torch.device] = None,
             if not torch.cuda.is_available() and not interpreter_enabled():
                 reasons.append("no CUDA GPU is visible and TRITON_INTERPRET=1 is not set")
         elif device.type == "cpu":
+            problem = _interpreter_problem() if interpreter_enabled() else None
             if not interpreter_enabled():
                 reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
-            elif _interpreter_problem():
-                reasons.append(_interpreter_problem())
+            elif problem:
+                reasons.append(problem)
             elif not explicit:
                 reasons.append("the Triton interpreter is for testing: 'auto' never picks it; "
                                "pass backend='triton' to use it")

@@ -286,3 +286,36 @@ def test_torch_export_keeps_one_op_per_pass():
     assert targets.count("fastbert.layer_norm_fwd.default") == 1
     assert not any("expand" in t for t in targets), targets  # no stray ops from argument checks
     assert torch.equal(program.module()(q, k, v, mask), block(q, k, v, mask))
+
+
+_FRESH_COMPILE = """
+import torch, torch.nn as nn
+import fastbert.nn as fnn
+torch.manual_seed(0)
+layer = fnn.TransformerEncoderLayer.from_torch(
+    nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True))
+compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+for length in (17, 23):
+    x = torch.randn(2, length, 32)
+    mask = torch.zeros(2, length, dtype=torch.bool)
+    mask[1, -3:] = True
+    torch.testing.assert_close(compiled(x, src_key_padding_mask=mask), layer(x, src_key_padding_mask=mask))
+print("compiled ok")
+"""
+
+
+def test_fullgraph_compile_in_a_fresh_process():
+    """torch.compile(fullgraph=True) before any eager call: backend selection, traced, probes the
+    environment (can triton be imported, does the CUDA extension load) without tracing an import.
+    A fresh interpreter, because this process has run those probes already. Default backend (auto:
+    torch on CPU), dynamic sequence lengths."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if DEVICE == "cuda":
+        pytest.skip("the CPU run covers the probes; a GPU run would compile kernels for minutes")
+    proc = subprocess.run([sys.executable, "-c", _FRESH_COMPILE], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stderr[-3000:]
