@@ -206,28 +206,31 @@ class _CapturingHook:
     """The forward hook transformers 5.x's output capturing would put on the module a fastbert
     module replaces (e.g. ``BertSelfAttention`` for the attentions, DistilBERT's
     ``TransformerBlock`` for the hidden states): it records ``output[index]`` under ``key`` while the
-    model collects that key. The recording is transformers' own hook function, built on first use;
-    this wrapper pickles (transformers' hooks are closures, which do not)."""
+    model collects that key. The recording is transformers' own hook function, built here (never
+    while torch.compile traces a forward: registering a hook there breaks the graph); this wrapper
+    pickles (transformers' hooks are closures, which do not) and builds it again when unpickled."""
 
     def __init__(self, key: str, index: int, initial: bool):
         self.key, self.index, self.initial = key, index, initial
+        self._fn = self._build()
 
-    def _hook(self):
-        fn = self.__dict__.get("_fn")
-        if fn is None:
-            api = _capture_api()
-            install = getattr(api, "install_output_capuring_hook", None) or \
-                getattr(api, "install_output_capturing_hook")
-            scratch = nn.Module()
-            install(scratch, self.key, self.index, self.initial)
-            fn = self._fn = next(iter(scratch._forward_hooks.values()))
-        return fn
+    def _build(self):
+        api = _capture_api()
+        install = getattr(api, "install_output_capuring_hook", None) or \
+            getattr(api, "install_output_capturing_hook")
+        scratch = nn.Module()
+        install(scratch, self.key, self.index, self.initial)
+        return next(iter(scratch._forward_hooks.values()))
 
     def __call__(self, module, args, output):
-        return self._hook()(module, args, output)
+        return self._fn(module, args, output)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_fn"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fn = self._build()
 
     def __repr__(self) -> str:
         return f"_CapturingHook({self.key!r}, index={self.index})"

@@ -57,6 +57,8 @@ def gelu_approximation(act) -> Optional[str]:
     """
     if act is F.gelu:
         return "none"
+    if not isinstance(act, nn.Module):  # any other function (F.relu, ...); never read a function
+        return None                     # type's __module__, which torch 2.11's Dynamo cannot trace
     if isinstance(act, nn.GELU):
         return act.approximate
     cls = type(act)
