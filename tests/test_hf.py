@@ -421,6 +421,17 @@ def test_hooks_on_linears_of_an_optimized_model_run():
     assert len(seen) == 2 * 3, seen
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "albert"])
+def test_swapped_modules_have_no_forward_hooks(family):
+    """The swapped modules run their capturing hooks from their own forward, only while outputs
+    are collected: no forward hook makes every call take nn.Module's slow path."""
+    model, _, inputs, _ = _optimized_pair(family)
+    swapped = [m for m in model.modules() if type(m).__module__.startswith("fastbert")]
+    assert swapped and not any(m._forward_hooks or m._forward_pre_hooks for m in swapped)
+    if TF5:
+        assert any(m.__dict__.get("_fastbert_captures") for m in swapped)
+
+
 def test_weights_only_computed_when_asked_for(monkeypatch):
     """The swapped attention takes the explicit weights path only when the weights are collected."""
     calls = []

@@ -44,8 +44,9 @@ outputs with forward hooks that it installs, the first time they are asked for, 
 its own classes named in ``_can_record_outputs`` (e.g. ``BertSelfAttention`` for the attentions,
 DistilBERT's ``TransformerBlock`` and ALBERT's ``AlbertLayer`` for the hidden states). A swapped
 module is of another class, so :func:`swap_module` gives each replacement the hooks transformers
-would install on the module it replaces (:func:`attach_capturing_hooks`; the original gets them
-back on :func:`fastbert.restore` if it missed transformers' installation). The swapped attention
+would install on the module it replaces (:func:`attach_capturing_hooks`: fastbert's modules run
+them from their forward while the model collects, so a model that never asks pays nothing; the
+original gets them back on :func:`fastbert.restore` if it missed transformers' installation). The swapped attention
 computes its weights whenever the model is collecting attentions. Where this transformers has no such hooks
 (4.x passes the outputs up through return values instead) nothing needs doing. One case is left:
 transformers 4.5x collects ViT's attentions by wrapping ``ViTSelfAttention.forward`` during the
@@ -158,13 +159,16 @@ def _capture_api():
     return _CAPTURE_API[0]
 
 
+def _collected() -> Optional[dict]:
+    """The output collector of the transformers 5.x forward running now, or None."""
+    api = _capture_api()
+    return None if api is None else api._active_collector.get()
+
+
 def collecting(key: str) -> bool:
     """Whether a transformers 5.x model is collecting ``key`` ("attentions", "hidden_states") in
     the forward running now (its ``output_attentions=True`` etc. reach the layers only this way)."""
-    api = _capture_api()
-    if api is None:
-        return False
-    collected = api._active_collector.get()
+    collected = _collected()
     return collected is not None and key in collected
 
 
@@ -237,19 +241,29 @@ class _CapturingHook:
 
 
 def _capturing_hooks(module: nn.Module) -> list:
-    """The output-capturing hooks on ``module``: fastbert's, and transformers' own."""
-    return [h for h in module._forward_hooks.values()
-            if isinstance(h, _CapturingHook) or getattr(h, "__module__", None) == _CAPTURE_MODULE]
+    """The output-capturing hooks of ``module``: fastbert's (kept on the module, or registered as
+    forward hooks), and transformers' own."""
+    return list(module.__dict__.get("_fastbert_captures", ())) + [
+        h for h in module._forward_hooks.values()
+        if isinstance(h, _CapturingHook) or getattr(h, "__module__", None) == _CAPTURE_MODULE]
 
 
 def attach_capturing_hooks(original: nn.Module, new: nn.Module) -> None:
     """Give ``new``, which replaces ``original``, the output-capturing hooks transformers 5.x would
-    install on ``original`` (it installs them by class, and ``new`` is of another class). A no-op
-    where there are none, or ``new`` has them already."""
+    install on ``original`` (it installs them by class, and ``new`` is of another class). fastbert's
+    own modules run them from their forward, and only while the model collects outputs (as
+    transformers installs its hooks only once they are asked for: a forward hook would cost every
+    call); any other module gets forward hooks. A no-op where there are none, or ``new`` has them."""
     if _capturing_hooks(new):
         return
-    for spec in _capture_specs(original):
-        new.register_forward_hook(_CapturingHook(*spec))
+    hooks = [_CapturingHook(*spec) for spec in _capture_specs(original)]
+    if not hooks:
+        return
+    if getattr(type(new), "_fastbert_records_outputs", False):
+        new._fastbert_captures = hooks
+    else:
+        for hook in hooks:
+            new.register_forward_hook(hook)
 
 
 def restore_capturing_hooks(model: nn.Module, original: nn.Module, replacement: nn.Module) -> None:
@@ -269,11 +283,14 @@ def restore_capturing_hooks(model: nn.Module, original: nn.Module, replacement: 
                 old.register_forward_hook(hook)
 
 
-def _fire_capturing_hooks(module: nn.Module, args: tuple, output) -> None:
-    """Run ``module``'s output-capturing hooks as if it had been called and returned ``output``
-    (a fused block computes its attention without calling the attention module)."""
-    for hook in _capturing_hooks(module):
-        hook(module, args, output)
+def _record_outputs(module: nn.Module, args: tuple, output) -> None:
+    """While the model collects outputs, run the capturing hooks ``module`` keeps (see
+    :func:`attach_capturing_hooks`) as transformers runs its hooks: on the call's positional
+    arguments and output (also for an attention a fused block computes without calling it)."""
+    captures = module.__dict__.get("_fastbert_captures")
+    if captures and _collected() is not None:
+        for hook in captures:
+            hook(module, args, output)
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -457,6 +474,7 @@ class SelfAttention(nn.Module):
     (dense -> dropout -> residual + LayerNorm) as one :func:`fastbert.add_layer_norm`.
     """
 
+    _fastbert_records_outputs = True  # runs its capturing hooks itself (attach_capturing_hooks)
     _fastbert_spec: _AttentionSpec
     _fastbert_args: Tuple[str, ...]
     _fastbert_legacy: bool
@@ -520,6 +538,7 @@ class SelfAttention(nn.Module):
             out = ctx
         if self._fastbert_legacy:
             return (out, weights) if want_weights else (out,)
+        _record_outputs(self, args, (out, weights))
         return out, weights
 
 
@@ -594,6 +613,7 @@ class DistilBertBlock(_LayerBase):
     (4.57: ``(x, attn_mask, head_mask, output_attentions)`` -> tuple; 5.x:
     ``(hidden_states, attention_mask, **kwargs)`` -> tensor)."""
 
+    _fastbert_records_outputs = True  # runs its capturing hooks itself (attach_capturing_hooks)
     _fastbert_args: Tuple[str, ...]
     _fastbert_legacy: bool
     backend: Optional[str]
@@ -606,7 +626,7 @@ class DistilBertBlock(_LayerBase):
         attn: SelfAttention = self.attention
         ctx, weights = attn.context(x, mask, a.get("head_mask"), want_weights)
         if weights is not None:  # 5.x: the attention module's hooks collect its (output, weights)
-            _fire_capturing_hooks(attn, (x,), (ctx, weights))
+            _record_outputs(attn, (x,), (ctx, weights))
         ln1, ln2, ffn = self.sa_layer_norm, self.output_layer_norm, self.ffn
         h, bias = _matmul(ctx, attn.out_lin)
         sa = ops.add_layer_norm(h, x, ln1.weight, ln1.bias, ln1.eps, input_bias=bias,
@@ -618,6 +638,7 @@ class DistilBertBlock(_LayerBase):
                                  dropout_p=p, backend=self.backend)
         if self._fastbert_legacy:
             return (weights, out) if want_weights else (out,)
+        _record_outputs(self, args, out)
         return out
 
 
@@ -626,6 +647,7 @@ class AlbertLayer(nn.Module):
     act(ffn(a))) + a)`` as ``bias_gelu`` + one ``add_layer_norm`` (ALBERT applies no dropout there).
     Same arguments and returns as the original in 4.57 and 5.x."""
 
+    _fastbert_records_outputs = True  # runs its capturing hooks itself (attach_capturing_hooks)
     _fastbert_args: Tuple[str, ...]
     _fastbert_legacy: bool
     backend: Optional[str]
@@ -646,6 +668,7 @@ class AlbertLayer(nn.Module):
                                  backend=self.backend)
         if self._fastbert_legacy:
             return (out,) + tuple(attention_output[1:])
+        _record_outputs(self, args, out)
         return out
 
 
