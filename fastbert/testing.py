@@ -18,7 +18,7 @@ __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol",
            "ATOL_FLOOR", "leaf_like", "nan_filled_allocations", "compare_to_reference",
            "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays",
            "assert_fresh_replays", "forbid_int64_host_reads", "shard_group",
-           "shard_sizes", "shard_groups", "parse_shard"]
+           "shard_sizes", "shard_groups", "parse_shard", "assert_runs_in_fresh_python"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -282,3 +282,15 @@ def shard_groups(sizes: Dict[str, int], n: int) -> Dict[str, int]:
         out[name] = shard
         load[shard] += sizes[name]
     return out
+
+
+def assert_runs_in_fresh_python(code: str, expect: str, timeout: int = 600) -> None:
+    """Run ``code`` in a new Python interpreter (nothing this process cached or imported carries
+    over), without ``TRITON_INTERPRET``, and assert that it exits 0 and prints ``expect``."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-3000:]

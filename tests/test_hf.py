@@ -19,7 +19,7 @@ import fastbert  # noqa: E402
 from fastbert import backends  # noqa: E402
 from fastbert.integrations import huggingface as hf  # noqa: E402
 from fastbert.optimize import optimize, restore  # noqa: E402
-from fastbert.testing import DEVICE, assert_close  # noqa: E402
+from fastbert.testing import DEVICE, assert_close, assert_runs_in_fresh_python  # noqa: E402
 
 TF5 = Version(transformers.__version__) >= Version("5")
 B, L, VOCAB = 3, 9, 99
@@ -677,13 +677,6 @@ def test_optimized_model_compiles_fullgraph_in_a_fresh_process():
     """torch.compile(fullgraph=True) of an optimized HF model before any eager call: nothing in its
     forward may register hooks or import modules while Dynamo traces it (the swapped modules'
     output-capturing hooks are built in optimize(), the backend probes are constant results)."""
-    import os
-    import subprocess
-    import sys
-
     if DEVICE == "cuda":
         pytest.skip("the CPU run covers it; a GPU run would compile kernels for minutes")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _FRESH_HF_COMPILE], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stderr[-3000:]
+    assert_runs_in_fresh_python(_FRESH_HF_COMPILE, "compiled ok")

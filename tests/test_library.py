@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastbert
 from fastbert import _library, sparsity
 from fastbert._library import eager_call, fast_ops
-from fastbert.testing import DEVICE, rand
+from fastbert.testing import DEVICE, assert_runs_in_fresh_python, rand
 
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not fastbert.backends.interpreter_enabled(),
                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -309,13 +309,6 @@ def test_fullgraph_compile_in_a_fresh_process():
     environment (can triton be imported, does the CUDA extension load) without tracing an import.
     A fresh interpreter, because this process has run those probes already. Default backend (auto:
     torch on CPU), dynamic sequence lengths."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if DEVICE == "cuda":
         pytest.skip("the CPU run covers the probes; a GPU run would compile kernels for minutes")
-    proc = subprocess.run([sys.executable, "-c", _FRESH_COMPILE], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stderr[-3000:]
+    assert_runs_in_fresh_python(_FRESH_COMPILE, "compiled ok")
