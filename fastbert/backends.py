@@ -130,16 +130,33 @@ def cuda_extension_error() -> Optional[str]:
 
 
 _CUDA_FAMILIES_READY: set = set()
+_CUDA_REGISTRARS: dict = {}
 
 
-def cuda_ops(family: str, register_fakes: Callable[[], None]):
-    """``torch.ops.fastbert_cuda`` with the extension loaded and ``register_fakes`` (the op family's
-    fake / autograd registrations, which need the extension's schemas) run once per family."""
+def register_cuda_family(family: str, register_fakes: Callable[[], None]) -> None:
+    """Records ``register_fakes``, the op family's fake / autograd registrations for
+    ``torch.ops.fastbert_cuda`` (which need the extension's schemas, so run on first use)."""
+    _CUDA_REGISTRARS[family] = register_fakes
+
+
+@torch.compiler.assume_constant_result
+def _cuda_family_ready(family: str) -> bool:
+    # A probe Dynamo runs instead of tracing (like cuda_extension_error): the extension's import
+    # and the registrations happen at trace time, so a first call under
+    # torch.compile(fullgraph=True) needs no eager call before it.
     if cuda_extension() is None:
-        raise RuntimeError(cuda_extension_error())
+        return False
     if family not in _CUDA_FAMILIES_READY:
-        register_fakes()
+        _CUDA_REGISTRARS[family]()
         _CUDA_FAMILIES_READY.add(family)
+    return True
+
+
+def cuda_ops(family: str):
+    """``torch.ops.fastbert_cuda`` with the extension loaded and the family's registrations (see
+    :func:`register_cuda_family`) run once."""
+    if not _cuda_family_ready(family):
+        raise RuntimeError(cuda_extension_error())
     return torch.ops.fastbert_cuda
 
 

@@ -17,6 +17,7 @@ import torch
 
 import fastbert
 from fastbert import backends
+from fastbert.testing import assert_runs_in_fresh_python
 
 # The op family modules (``fastbert.ops.gelu`` etc. are shadowed by the functions of that name).
 attention_ops = sys.modules["fastbert.ops.attention"]
@@ -54,6 +55,34 @@ def test_extension_imports_and_registers_ops():
     # Registering the fakes and autograd formulas of every family needs no GPU.
     for family in (layer_norm_ops, gelu_ops, attention_ops):
         assert family._cuda_ops() is torch.ops.fastbert_cuda
+
+
+_FRESH_COMPILE = """
+import sys, torch
+import fastbert
+ln, ge, at = (sys.modules["fastbert.ops." + m] for m in ("layer_norm", "gelu", "attention"))
+def block(x, r, w, b, q, k):
+    y = ln._layer_norm_cuda(x, (x.shape[-1],), w, b, 1e-5)
+    y, s = ln._add_layer_norm_cuda(y, r, w, b, 1e-5, b, 0.1, True)
+    y = ge._bias_gelu_cuda(y, b, "tanh")
+    return y, s, at._sdpa_cuda(q, k, k, None, 0.0, False, None, False, None, None)
+def leaf(*shape):
+    return torch.empty(shape, dtype=torch.float16, device="meta").requires_grad_(True)
+args = [leaf(3, 5, 64), leaf(3, 5, 64), leaf(64), leaf(64), leaf(1, 2, 9, 64), leaf(1, 2, 11, 64)]
+outs = torch.compile(block, backend="aot_eager", fullgraph=True)(*args)
+torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+assert all(a.grad is not None and a.grad.shape == a.shape for a in args)
+print("compiled ok")
+"""
+
+
+@needs_ext
+def test_fullgraph_compile_before_any_eager_call():
+    """The first call of the CUDA ops under torch.compile(fullgraph=True), in a fresh interpreter:
+    loading the extension and registering each family's fakes / autograd run at trace time (a
+    constant-result probe) instead of breaking the graph. Meta tensors (the fakes serve them), so
+    forward and backward run without a GPU."""
+    assert_runs_in_fresh_python(_FRESH_COMPILE, "compiled ok")
 
 
 @needs_ext

@@ -18,7 +18,7 @@ from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_
                            check_same, check_scale, check_tensor, host_checks_allowed)
 from .._library import custom_op
 from .._autocast import autocast_dtype, cast, disabled
-from ..backends import cuda_ops, register, select
+from ..backends import cuda_ops, register, register_cuda_family, select
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
@@ -641,7 +641,7 @@ def _cuda_fused_eligible(query: Tensor, key: Tensor, value: Tensor, attn_mask: O
 
 def _cuda_ops():
     """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
-    return cuda_ops("attention", _register_cuda_ops)
+    return cuda_ops("attention")
 
 
 def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
@@ -690,6 +690,9 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
                 None, None, None)
 
     torch.library.register_autograd(lib + "attention_fwd", backward, setup_context=setup)
+
+
+register_cuda_family("attention", _register_cuda_ops)
 
 
 @register("scaled_dot_product_attention", "cuda", reasons=_sdpa_cuda_reasons)

@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import reference
 from .._validation import check_same, check_tensor
 from .._library import custom_op
-from ..backends import cuda_ops, register, select
+from ..backends import cuda_ops, register, register_cuda_family, select
 
 __all__ = ["gelu", "bias_gelu"]
 
@@ -147,7 +147,7 @@ def _cuda_reasons(*, input, bias=None, **_) -> List[str]:
 
 def _cuda_ops():
     """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
-    return cuda_ops("gelu", _register_cuda_ops)
+    return cuda_ops("gelu")
 
 
 def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
@@ -176,6 +176,9 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         return dx if need_dx else None, db if need_db else None, None
 
     torch.library.register_autograd(lib + "bias_gelu_fwd", backward, setup_context=setup)
+
+
+register_cuda_family("gelu", _register_cuda_ops)
 
 
 @register("gelu", "cuda", reasons=_cuda_reasons)

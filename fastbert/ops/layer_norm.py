@@ -15,7 +15,7 @@ from .._autocast import autocast_dtype, cast, disabled, layer_norm_dtype
 from .._rng import dropout_seed, seed_like
 from .._validation import check_bool, check_dropout, check_same, check_tensor, type_name
 from .._library import custom_op
-from ..backends import cuda_ops, register, select
+from ..backends import cuda_ops, register, register_cuda_family, select
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -432,7 +432,7 @@ def _add_layer_norm_cuda_reasons(*, input, residual, weight=None, bias=None, inp
 
 def _cuda_ops():
     """torch.ops.fastbert_cuda, with the extension loaded and this family's fakes / autograd registered."""
-    return cuda_ops("layer_norm", _register_cuda_ops)
+    return cuda_ops("layer_norm")
 
 
 def _cuda_grad_like(need: bool, ref: Tensor, n: int) -> Tensor:
@@ -519,6 +519,9 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
 
     torch.library.register_autograd(lib + "add_layer_norm_fwd", add_layer_norm_backward,
                                     setup_context=add_layer_norm_setup)
+
+
+register_cuda_family("layer_norm", _register_cuda_ops)
 
 
 @register("layer_norm", "cuda", reasons=_layer_norm_cuda_reasons)
