@@ -48,7 +48,13 @@ def _config(family, impl, **overrides):
            "xlm_roberta": transformers.XLMRobertaConfig, "camembert": transformers.CamembertConfig,
            "data2vec": transformers.Data2VecTextConfig, "ernie": transformers.ErnieConfig,
            "xlm_roberta_xl": transformers.XLMRobertaXLConfig,
-           "roberta_prelayernorm": transformers.RobertaPreLayerNormConfig}[family]
+           "roberta_prelayernorm": transformers.RobertaPreLayerNormConfig,
+           "mpnet": transformers.MPNetConfig, "deberta_v2": transformers.DebertaV2Config}[family]
+    if family == "deberta_v2":  # DeBERTa-v3's layout: relative attention, normed position table
+        kw.update(relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+                  max_relative_positions=-1, position_buckets=8, norm_rel_ebd="layer_norm",
+                  share_att_key=True, type_vocab_size=0)
+        kw.update(overrides)
     return cls(**kw)
 
 
@@ -57,11 +63,16 @@ MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilB
           # BERT's layers copied under other names, and two pre-LayerNorm variants
           "xlm_roberta": "XLMRobertaModel", "camembert": "CamembertModel",
           "data2vec": "Data2VecTextModel", "ernie": "ErnieModel",
-          "xlm_roberta_xl": "XLMRobertaXLModel", "roberta_prelayernorm": "RobertaPreLayerNormModel"}
+          "xlm_roberta_xl": "XLMRobertaXLModel", "roberta_prelayernorm": "RobertaPreLayerNormModel",
+          # BERT's sublayers around attention of their own: MPNet's (relative-position bias,
+          # swapped), DeBERTa-v2's (disentangled, left)
+          "mpnet": "MPNetModel", "deberta_v2": "DebertaV2Model"}
 # swapped modules per family for a 2-layer model (every LayerNorm counted; ALBERT shares its layer)
 EXPECTED_SWAPS = {"bert": 9, "roberta": 9, "electra": 9, "albert": 2, "distilbert": 3, "vit": 9,
                   "xlm_roberta": 9, "camembert": 9, "data2vec": 9, "ernie": 9,
-                  "xlm_roberta_xl": 9, "roberta_prelayernorm": 10}
+                  "xlm_roberta_xl": 9, "roberta_prelayernorm": 10, "mpnet": 7, "deberta_v2": 8}
+# modules left, with a reason, per family (2 layers)
+EXPECTED_LEFT = {"deberta_v2": 2}
 
 
 def _build(family, impl="eager", model_cls=None, **overrides):
@@ -147,13 +158,20 @@ def _compare(model, reference, inputs, real, train, backend_tolerance=2.0, dtype
               name=f"grad {name}")
 
 
+def _sdpa_or_eager(family):
+    """"sdpa" where the family has it (ELECTRA only from 5.x; MPNet and DeBERTa-v2 never)."""
+    if family in ("mpnet", "deberta_v2") or (family == "electra" and not TF5):
+        return "eager"
+    return "sdpa"
+
+
 @pytest.mark.parametrize("family", list(MODELS))
 def test_optimize_hf_model_under_autocast(family):
     """Mixed-precision training: the optimized model under torch.autocast gives the original's
     output dtype, and output and gradients as close to float64 as the original's under autocast
     (bf16 on CPU, whose autocast leaves LayerNorm alone; fp16 on a GPU, where it runs in fp32)."""
     torch.manual_seed(0)
-    model = _build(family, "sdpa" if family != "electra" or TF5 else "eager")
+    model = _build(family, _sdpa_or_eager(family))
     reference = copy.deepcopy(model)
     optimize(model)
     inputs, real = _inputs(family, DEVICE)
@@ -175,7 +193,7 @@ def test_optimize_hf_model(family, impl):
 
     report = optimize(model, backend="torch")
 
-    assert report.left == [], str(report)
+    assert len(report.left) == EXPECTED_LEFT.get(family, 0), str(report)
     assert len(report.swapped) == EXPECTED_SWAPS[family], str(report)
     assert all(s.replacement.startswith("fastbert.") for s in report.swapped)
     assert list(model.state_dict()) == keys
@@ -308,7 +326,8 @@ def test_output_attentions_and_hidden_states_after_optimize(family, ran_before):
     if ran_before:
         model(**inputs, output_attentions=True, output_hidden_states=True)
     report = optimize(model)
-    assert not report.left, report.left  # 4.5x leaves the wrapped forwards behind: still swapped
+    # 4.5x leaves the wrapped forwards behind: still swapped
+    assert len(report.left) == EXPECTED_LEFT.get(family, 0), report.left
     if family == "vit" and not TF5 and _VIT_WRAPS_SELF_ATTENTION:
         with pytest.raises(AssertionError, match="attentions"):  # the documented limitation
             _check_collected_outputs(family, model, reference, inputs, real)
@@ -464,10 +483,11 @@ def test_hidden_states_of_chosen_layers_after_optimize():
             assert_close(a[real], b[real].double(), b[real], atol=1e-5)
 
 
-def test_head_mask_after_optimize():
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_head_mask_after_optimize(family):
     if TF5:
         pytest.skip("transformers 5.x takes no head_mask")
-    model, reference, inputs, real = _optimized_pair("bert")
+    model, reference, inputs, real = _optimized_pair(family)
     head_mask = torch.ones(2, 4)
     head_mask[0, 1] = 0.0
     head_mask[1, 3] = 0.5
@@ -611,7 +631,7 @@ def test_register_with_backend_and_from_config():
 # ----------------------------------------------------------------------------------------------
 # Triton backend
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
 def test_optimize_hf_triton(family):
     ops = ("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
     missing = [op for op in ops if "triton" not in backends.implementations(op)]
@@ -622,7 +642,7 @@ def test_optimize_hf_triton(family):
         pytest.skip("Triton backend unavailable: " + "; ".join(reasons))
     torch.manual_seed(0)
     heads = {"n_heads": 2} if family == "distilbert" else {"num_attention_heads": 2}  # head dim 16
-    model = _build(family, "sdpa", **heads).to(DEVICE)
+    model = _build(family, _sdpa_or_eager(family), **heads).to(DEVICE)
     reference = copy.deepcopy(model)
     optimize(model, backend="triton")
     inputs, real = _inputs(family, device=DEVICE)

@@ -14,12 +14,15 @@ without padding). Registering the attention function alone would make transforme
 at all for an unknown implementation name, silently ignoring the padding.
 
 :func:`fastbert.optimize` on a model of one of the supported families (BERT, RoBERTa, DistilBERT,
-ALBERT, ELECTRA, ViT, and BERT's copies XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE; the
-self-attention and intermediate of the pre-LayerNorm XLM-RoBERTa-XL and RoBERTa-PreLayerNorm;
-transformers 4.57 and 5.x) swaps, keeping every Parameter object and ``state_dict`` key:
+ALBERT, ELECTRA, ViT, MPNet, and BERT's copies XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE; the
+self-attention and intermediate of the pre-LayerNorm XLM-RoBERTa-XL and RoBERTa-PreLayerNorm; the
+output sublayers and intermediate of DeBERTa-v2/v3; transformers 4.57 and 5.x) swaps, keeping
+every Parameter object and ``state_dict`` key:
 
 * the self-attention modules -> :class:`SelfAttention` (``scaled_dot_product_attention``; in
   ALBERT also its output dense + dropout + residual + LayerNorm, fused in ``add_layer_norm``);
+* MPNet's ``MPNetAttention`` -> :class:`MPNetAttention` (the relative-position bias and the
+  padding mask as one float mask; the output sublayer fused as in ALBERT);
 * the output sublayers ``dense -> dropout -> LayerNorm(. + residual)`` (``BertSelfOutput``,
   ``BertOutput`` and their RoBERTa / ELECTRA copies) -> :class:`DenseAddLayerNorm`, one
   ``add_layer_norm`` with ``input_bias = dense.bias``;
@@ -31,7 +34,7 @@ transformers 4.57 and 5.x) swaps, keeping every Parameter object and ``state_dic
   :class:`fastbert.nn.GELU`.
 
 Left with a reason: decoders (causal self-attention, KV cache, cross-attention), relative position
-embeddings, flex_attention's BlockMask masks, non-GELU activations (applied unfused), and modules
+embeddings (BERT's ``position_embedding_type``; DeBERTa's disentangled attention), flex_attention's BlockMask masks, non-GELU activations (applied unfused), and modules
 of other model families. With ``output_attentions=True`` or a ``head_mask`` the swapped attention
 computes its weights through the explicit reference path
 (:func:`fastbert.nn.attention.attention_with_weights`).
@@ -86,6 +89,7 @@ __all__ = [
     "DenseAddLayerNorm",
     "DenseBiasGELU",
     "MLP",
+    "MPNetAttention",
     "DistilBertBlock",
     "AlbertLayer",
     "FAMILIES",
@@ -99,7 +103,12 @@ _BERT_LAYOUT = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra",
 # Pre-LayerNorm variants: BERT's self-attention and (XLM-R XL) intermediate; their output
 # sublayers hold no LayerNorm and are left as they are.
 _BERT_ATTENTION_ONLY = {"xlm_roberta_xl": "XLMRobertaXL", "roberta_prelayernorm": "RobertaPreLayerNorm"}
-FAMILIES = tuple(_BERT_LAYOUT) + ("distilbert", "albert", "vit") + tuple(_BERT_ATTENTION_ONLY)
+# Families whose output sublayers and intermediate are BERT's but whose attention is their own:
+# MPNet's (relative-position bias; swapped by a module of its own), DeBERTa-v2's (disentangled
+# attention; left as it is).
+_BERT_SUBLAYERS = {"mpnet": "MPNet", "deberta_v2": "DebertaV2"}
+FAMILIES = (tuple(_BERT_LAYOUT) + ("distilbert", "albert", "vit") + tuple(_BERT_ATTENTION_ONLY)
+            + tuple(_BERT_SUBLAYERS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,6 +472,38 @@ def _attention_refusal(module: nn.Module, spec: _AttentionSpec) -> Optional[str]
     return None
 
 
+def _attend(owner: nn.Module, spec: _AttentionSpec, backend: Optional[str], hidden: Tensor, mask,
+            head_mask: Optional[Tensor], need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Self-attention with the projections of ``owner`` named by ``spec``: hidden (B, L, E) ->
+    (context (B, L, H * D) before any output projection, weights (B, H, L, L) when
+    ``need_weights`` or ``head_mask`` is given, else None). ``mask``: any HF mask
+    (:func:`hf_mask_to_sdpa`), or a float (B, H, L, L) score bias."""
+    b, length, _ = hidden.shape
+    h, d = int(getattr(owner, spec.heads)), int(getattr(owner, spec.head_dim))
+
+    lins = [getattr(owner, name) for name in (spec.q, spec.k, spec.v)]
+    biases = [lin.bias for lin in lins]
+    if all(_plain_linear(lin) for lin in lins) and (
+            all(x is None for x in biases) or all(x is not None for x in biases)):
+        # one matmul on the concatenated weights: [B, L, E] @ [E, 3HD] -> [B, L, 3, H, D]
+        w = torch.cat([lin.weight for lin in lins])
+        bias = None if biases[0] is None else torch.cat(biases)
+        qkv = F.linear(hidden, w, bias).view(b, length, 3, h, d)
+    else:  # each projection as it is (a LoRA adapter or a hook on one of them, say)
+        qkv = torch.stack([lin(hidden) for lin in lins], dim=2).view(b, length, 3, h, d)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # 3 x [B, H, L, D]
+    sdpa_mask = hf_mask_to_sdpa(mask)
+    p = _dropout_p(owner, spec.dropout) if owner.training else 0.0
+    if need_weights or head_mask is not None:
+        out, weights = attention_with_weights(q, k, v, sdpa_mask, p, scale=d ** -0.5,
+                                              head_mask=head_mask)
+    else:
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p,
+                                               scale=d ** -0.5, backend=backend)
+        weights = None
+    return out.transpose(1, 2).reshape(b, length, h * d), weights
+
+
 class SelfAttention(nn.Module):
     """A HuggingFace self-attention module (BERT, RoBERTa, ELECTRA, DistilBERT, ALBERT, ViT) on
     :func:`fastbert.scaled_dot_product_attention`.
@@ -484,31 +525,7 @@ class SelfAttention(nn.Module):
                 need_weights: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """hidden (B, L, E) -> (context (B, L, H * D) before any output projection, weights
         (B, H, L, L) when ``need_weights`` or ``head_mask`` is given, else None)."""
-        spec = self._fastbert_spec
-        b, length, _ = hidden.shape
-        h, d = int(getattr(self, spec.heads)), int(getattr(self, spec.head_dim))
-
-        lins = [getattr(self, name) for name in (spec.q, spec.k, spec.v)]
-        biases = [lin.bias for lin in lins]
-        if all(_plain_linear(lin) for lin in lins) and (
-                all(x is None for x in biases) or all(x is not None for x in biases)):
-            # one matmul on the concatenated weights: [B, L, E] @ [E, 3HD] -> [B, L, 3, H, D]
-            w = torch.cat([lin.weight for lin in lins])
-            bias = None if biases[0] is None else torch.cat(biases)
-            qkv = F.linear(hidden, w, bias).view(b, length, 3, h, d)
-        else:  # each projection as it is (a LoRA adapter or a hook on one of them, say)
-            qkv = torch.stack([lin(hidden) for lin in lins], dim=2).view(b, length, 3, h, d)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # 3 x [B, H, L, D]
-        sdpa_mask = hf_mask_to_sdpa(mask)
-        p = _dropout_p(self, spec.dropout) if self.training else 0.0
-        if need_weights or head_mask is not None:
-            out, weights = attention_with_weights(q, k, v, sdpa_mask, p, scale=d ** -0.5,
-                                                  head_mask=head_mask)
-        else:
-            out = ops.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p,
-                                                   scale=d ** -0.5, backend=self.backend)
-            weights = None
-        return out.transpose(1, 2).reshape(b, length, h * d), weights
+        return _attend(self, self._fastbert_spec, self.backend, hidden, mask, head_mask, need_weights)
 
     def forward(self, *args, **kwargs):
         a = _bind(self._fastbert_args, args, kwargs)
@@ -540,6 +557,54 @@ class SelfAttention(nn.Module):
             return (out, weights) if want_weights else (out,)
         _record_outputs(self, args, (out, weights))
         return out, weights
+
+
+def _with_score_bias(mask, bias: Optional[Tensor]):
+    """An HF attention mask and a float score bias (B or 1, H, Lq, Lk) as one SDPA mask."""
+    mask = hf_mask_to_sdpa(mask)
+    if bias is None:
+        return mask
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask
+
+
+_MPNET_ATTN = _AttentionSpec("q", "k", "v", "num_attention_heads", "attention_head_size", "dropout",
+                             out="o")
+
+
+class MPNetAttention(nn.Module):
+    """MPNet's ``MPNetAttention``: ``LayerNorm(dropout(o(attention(x))) + x)``, where the scores
+    carry the relative-position bias the encoder computes once (``position_bias``, (B, H, L, L)).
+    The bias and the padding mask go to :func:`fastbert.scaled_dot_product_attention` as one float
+    mask (its gradient reaches the bias table when training); the output projection, dropout,
+    residual and LayerNorm run as one :func:`fastbert.add_layer_norm` with ``input_bias = o.bias``.
+    Built by :func:`swap_module`; the inner ``attn`` (``MPNetSelfAttention``) is kept as it is, so
+    the ``state_dict`` is unchanged. forward: the original's arguments (transformers 4.57 and
+    5.x) -> ``(out,)`` or ``(out, weights)`` with ``output_attentions``."""
+
+    _fastbert_records_outputs = True
+    _fastbert_args: Tuple[str, ...]
+    backend: Optional[str]
+
+    def forward(self, *args, **kwargs):
+        a = _bind(self._fastbert_args, args, kwargs)
+        hidden = a.get("hidden_states")
+        if hidden is None:
+            raise TypeError("missing the hidden states (hidden_states)")
+        want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
+        mask = _with_score_bias(a.get("attention_mask"), a.get("position_bias"))
+        ctx, weights = _attend(self.attn, _MPNET_ATTN, self.backend, hidden, mask, a.get("head_mask"),
+                               want_weights)
+        p = _dropout_p(self, "dropout") if self.training else 0.0
+        h, bias = _matmul(ctx, self.attn.o)
+        norm = self.LayerNorm
+        out = ops.add_layer_norm(h, hidden, norm.weight, norm.bias, norm.eps, input_bias=bias,
+                                 dropout_p=p, backend=self.backend)
+        _record_outputs(self, args, (out, weights))
+        return (out, weights) if want_weights else (out,)
 
 
 class DenseAddLayerNorm(nn.Module):
@@ -686,9 +751,10 @@ def _has(module: nn.Module, **kinds) -> bool:
     return all(isinstance(getattr(module, n, None), k) for n, k in kinds.items())
 
 
-_OUTPUT_SUBLAYERS = {(family, prefix + kind) for family, prefix in _BERT_LAYOUT.items()
+_OUTPUT_SUBLAYERS = {(family, prefix + kind) for family, prefix in {**_BERT_LAYOUT, **_BERT_SUBLAYERS}.items()
                      for kind in ("SelfOutput", "Output")}
-_INTERMEDIATES = ({(family, prefix + "Intermediate") for family, prefix in _BERT_LAYOUT.items()}
+_INTERMEDIATES = ({(family, prefix + "Intermediate")
+                   for family, prefix in {**_BERT_LAYOUT, **_BERT_SUBLAYERS}.items()}
                   | {("vit", "ViTIntermediate"), ("xlm_roberta_xl", "XLMRobertaXLIntermediate")})
 
 
@@ -739,6 +805,9 @@ def _swap(module: nn.Module, backend: Optional[str]):
         return _swap_attention(module, spec, backend)
     if "CrossAttention" in name:
         return None, "cross-attention is not supported"
+    if family == "deberta_v2" and name == "DisentangledSelfAttention":
+        return None, ("DeBERTa's disentangled attention (content-to-position and position-to-content "
+                      "scores) is not supported; its output sublayers and feed-forward are swapped")
     if key in _OUTPUT_SUBLAYERS and _has(module, dense=nn.Linear, dropout=nn.Dropout,
                                          LayerNorm=nn.LayerNorm):
         return adopt(DenseAddLayerNorm, module, backend=backend), None
@@ -749,6 +818,14 @@ def _swap(module: nn.Module, backend: Optional[str]):
         if gelu_approximation(module.intermediate_act_fn) is None:
             return None, f"activation {type(module.intermediate_act_fn).__name__} is not GELU (left unfused)"
         return adopt(DenseBiasGELU, module, backend=backend), None
+    if key == ("mpnet", "MPNetAttention"):
+        if not _has(module, attn=nn.Module, LayerNorm=nn.LayerNorm, dropout=nn.Dropout):
+            return None, "unexpected MPNetAttention structure: unknown transformers version"
+        reason = _attention_refusal(module.attn, _MPNET_ATTN)
+        if reason:
+            return None, reason
+        return adopt(MPNetAttention, module, backend=backend,
+                     _fastbert_args=_arg_names(type(module))), None
     if key == ("vit", "ViTMLP") and _has(module, fc1=nn.Linear, fc2=nn.Linear):
         return adopt(MLP, module, backend=backend), None
     if key == ("distilbert", "TransformerBlock"):
