@@ -9,8 +9,8 @@ is copied, optimizer state and tied weights stay valid, ``state_dict`` keys do n
 ``torch.nn.TransformerEncoderLayer``    :class:`fastbert.nn.TransformerEncoderLayer`
 ``torch.nn.LayerNorm`` / ``GELU``       :class:`fastbert.nn.LayerNorm` / :class:`fastbert.nn.GELU`
 HuggingFace BERT, RoBERTa, DistilBERT,  self-attention, output sublayers (dense -> dropout ->
-ALBERT, ELECTRA, ViT, MPNet, their      add + LayerNorm fused), intermediate bias + GELU fused,
-copies; DeBERTa-v2 (all but attention)  LayerNorms and GELU activations (see
+ALBERT, ELECTRA, ViT, MPNet,            add + LayerNorm fused), intermediate bias + GELU fused,
+DeBERTa-v2 and their copies             LayerNorms and GELU activations (see
                                         :mod:`fastbert.integrations.huggingface`)
 =====================================  ===========================================================
 

@@ -743,6 +743,36 @@ def test_bert_amp_case_on_cpu_with_a_tiny_model():
     assert any(c.params["L"] == 128 and c.dtype_label == "amp-bf16" for c in bert.cases(quick=True))
 
 
+@pytest.mark.parametrize("arch", ["deberta-v3", "mpnet"])
+def test_relative_position_encoder_cases_on_cpu(arch):
+    """DeBERTa-v3 and MPNet, tiny: HF eager (their only attention in transformers) and
+    fastbert.optimize, inference on a padded batch and mixed-precision training, each checked
+    against the fp32 / fp64 HF model with HF eager as the yardstick."""
+    pytest.importorskip("transformers")
+    tiny = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                vocab_size=50, max_position_embeddings=32)
+    if arch == "deberta-v3":
+        tiny["position_buckets"] = 8
+    infer = bert.bert_case(3, 12, "half", dtype=torch.float32, config=tiny, arch=arch)
+    train = bert.bert_case(3, 12, "full", pass_="fwd+bwd", dtype=torch.bfloat16, config=tiny,
+                           amp=True, arch=arch)
+    assert infer.name.startswith(arch + "-infer-") and infer.params["arch"] == arch
+    assert [i.name for i in infer.impls] == ["hf-eager", "hf-eager-compile", "fastbert-optimize"]
+    rows = runner.run_cases([infer, train], device="cpu", timer=timing.CpuTimer(reps=1),
+                            progress=False, quick=True)
+    by = {(r["case"], r["impl"]): r for r in rows}
+    for case in (infer, train):
+        for impl in ("hf-eager", "fastbert-optimize"):
+            row = by[(case.name, impl)]
+            assert row["status"] == "ok" and "real tokens" in row["check"], row
+        assert by[(case.name, "hf-eager-compile")]["status"] == "skipped"
+    assert "0 left" in by[(infer.name, "fastbert-optimize")]["reason"]  # the optimize report
+    quick = {c.name for c in bert.cases(quick=True)}
+    assert any(n.startswith(arch + "-") for n in quick)
+    with pytest.raises(ValueError, match="arch"):
+        bert.bert_case(3, 12, arch="gpt2")
+
+
 def test_environment_records_versions_and_commit(monkeypatch):
     monkeypatch.setenv("FASTBERT_COMMIT", "0123abcd" * 5)
     env = report.environment()

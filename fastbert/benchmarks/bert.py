@@ -1,10 +1,14 @@
-"""BERT-base cases: inference latency and a training step (forward + backward) of a whole encoder.
+"""Whole-encoder cases: inference latency and a training step (forward + backward) of BERT-base,
+and of two encoders with relative-position attention, DeBERTa-v3-base and MPNet-base.
 
-Implementations, all with the same weights (a BERT-base of random weights built from its config,
-no download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
+Implementations, all with the same weights (a model of random weights built from its config, no
+download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
 of the SDPA model, ``fastbert.optimize`` applied to the SDPA model, and the padding-free
-``fastbert.models.BertEncoder.from_hf``. fastbert's model-level APIs are looked up by name; where
-one is missing or refuses the model, the row says why.
+``fastbert.models.BertEncoder.from_hf``. DeBERTa-v3 and MPNet (``arch``) have eager attention
+only in transformers: HF eager, its ``torch.compile`` and ``fastbert.optimize``, with HF eager as
+the yardstick. fastbert's model-level APIs are looked up by name; where one is missing or refuses
+the model, the row says why. Their flops are BERT's formula at the same sizes (the relative-position
+scores are not credited), so compare implementations within a case.
 
 Batches: B32 at L 128 and 512, "full" (every token real) or "half" (lengths uniform in [1, L],
 mean about L / 2, the padding-free encoder's case). The model is in fp16 (``model.half()``), or,
@@ -26,38 +30,52 @@ from .attention import seqlens
 from .common import (Case, Impl, Prepared, Unavailable, bert_flops, compare, configure_compile,
                      dtype_name, ns, reason_text)
 
-__all__ = ["cases", "bert_case", "BERT_BASE"]
+__all__ = ["cases", "bert_case", "BERT_BASE", "ARCHS"]
 
 FAMILY = "bert"
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 3072, "vocab_size": 30522, "max_position_embeddings": 512}
+# arch -> (transformers config class, its base sizes and options, the HF attention it is measured
+# and checked against). DeBERTa-v3-base's and MPNet-base's published configs.
+ARCHS = {
+    "bert": ("BertConfig", BERT_BASE, "sdpa"),
+    "deberta-v3": ("DebertaV2Config", dict(
+        BERT_BASE, vocab_size=128100, relative_attention=True, position_buckets=256,
+        norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, max_relative_positions=-1, type_vocab_size=0,
+        layer_norm_eps=1e-7), "eager"),
+    "mpnet": ("MPNetConfig", dict(BERT_BASE, vocab_size=30527, max_position_embeddings=514,
+                                  relative_attention_num_buckets=32, layer_norm_eps=1e-5), "eager"),
+}
 CHECK_FACTOR = 3.0
 REFUSED = (NotImplementedError, ValueError, TypeError)   # how fastbert's model APIs say "not this model"
 
 _BASE_STATE: Dict[tuple, dict] = {}
 
 
-def _config(overrides: Optional[dict]):
+def _config(overrides: Optional[dict], arch: str = "bert"):
+    cls_name, base, _ = ARCHS[arch]
     try:
-        from transformers import BertConfig
-    except ImportError as e:
-        raise Unavailable(f"transformers is not installed ({e})") from None
-    kw = dict(BERT_BASE, **(overrides or {}))
-    return BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+        import transformers
+        cls = getattr(transformers, cls_name)
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"transformers (with {cls_name}) is not installed ({e})") from None
+    kw = dict(base, **(overrides or {}))
+    return cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
 
 
-def _hf_model(config: Optional[dict], attn: str, dtype: torch.dtype, device):
-    """A BertModel of BERT-base's sizes (``config`` overrides them) with ``attn`` attention and
-    the shared random weights of those sizes."""
-    cfg = _config(config)
+def _hf_model(config: Optional[dict], attn: str, dtype: torch.dtype, device, arch: str = "bert"):
+    """An ``arch`` model (BertModel, ...) of its base sizes (``config`` overrides them) with
+    ``attn`` attention and the shared random weights of those sizes."""
+    cfg = _config(config, arch)
     from transformers import AutoModel
 
-    key = repr(sorted(dict(BERT_BASE, **(config or {})).items()))
+    key = repr((arch, sorted(dict(ARCHS[arch][1], **(config or {})).items())))
     try:
         with torch.device(device):  # random init on the device: seconds faster for BERT-base
             model = AutoModel.from_config(cfg, attn_implementation=attn)
     except (ValueError, ImportError, TypeError) as e:
-        raise Unavailable(f"transformers cannot build BertModel with attn_implementation="
+        raise Unavailable(f"transformers cannot build the {arch} model with attn_implementation="
                           f"{attn!r}: {e}") from None
     got = getattr(model.config, "_attn_implementation", attn)
     if got != attn:
@@ -85,20 +103,24 @@ def _hf_forward(model):
 
 def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
               dtype: torch.dtype = torch.float16, config: Optional[dict] = None,
-              quick: bool = False, amp: bool = False) -> Case:
-    """BERT encoder over a (b, l) batch; ``config`` overrides BERT-base's sizes (tests use tiny
-    ones). ``amp``: the model in fp32 under ``torch.autocast`` to ``dtype`` (else in ``dtype``)."""
+              quick: bool = False, amp: bool = False, arch: str = "bert") -> Case:
+    """An encoder over a (b, l) batch: ``arch`` one of :data:`ARCHS` ("bert", "deberta-v3",
+    "mpnet"); ``config`` overrides its base sizes (tests use tiny ones). ``amp``: the model in fp32
+    under ``torch.autocast`` to ``dtype`` (else in ``dtype``)."""
     if fill not in ("full", "half"):
         raise ValueError(f"fill must be 'full' or 'half', got {fill!r}")
-    sizes = dict(BERT_BASE, **(config or {}))
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    base_attn = ARCHS[arch][2]  # the HF attention to compile, optimize and check against
+    sizes = dict(ARCHS[arch][1], **(config or {}))
     lens = [l] * b if fill == "full" else seqlens(b, l, seed=2 * l + 3)
     dt = f"amp-{dtype_name(dtype)}" if amp else dtype_name(dtype)
     model_dtype = torch.float32 if amp else dtype
     step = "infer" if pass_ == "fwd" else "train"
-    name = f"bert-{step}-B{b}-L{l}-{fill}-{dt}"
+    name = f"{arch}-{step}-B{b}-L{l}-{fill}-{dt}"
     if config:
         name += "-h{hidden_size}-x{num_hidden_layers}".format(**sizes)
-    params = {"B": b, "L": l, "fill": fill, "mean_len": sum(lens) / b, "seqlens": lens,
+    params = {"arch": arch, "B": b, "L": l, "fill": fill, "mean_len": sum(lens) / b, "seqlens": lens,
               "hidden": sizes["hidden_size"], "layers": sizes["num_hidden_layers"],
               "heads": sizes["num_attention_heads"], "intermediate": sizes["intermediate_size"],
               "dropout": 0.0}
@@ -132,13 +154,13 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
 
     def hf(attn):
         def prepare(case, s):
-            model = _hf_model(config, attn, model_dtype, s.device)
+            model = _hf_model(config, attn, model_dtype, s.device, arch)
             leaves = ready(model)
             return Prepared(autocast(_hf_forward(model)), leaves=lambda st: leaves)
         return prepare
 
     def hf_compiled(case, s):
-        model = _hf_model(config, "sdpa", model_dtype, s.device)
+        model = _hf_model(config, base_attn, model_dtype, s.device, arch)
         leaves = ready(model)
         configure_compile()
         compiled = torch.compile(model)
@@ -154,7 +176,7 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
                 from fastbert.optimize import optimize
             except ImportError as e:
                 raise Unavailable(f"fastbert.optimize is not available in this checkout ({e})") from None
-        model = _hf_model(config, "sdpa", model_dtype, s.device)
+        model = _hf_model(config, base_attn, model_dtype, s.device, arch)
         try:
             report = optimize(model)
         except REFUSED as e:
@@ -191,27 +213,34 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
     def check(s, out, grads, variant):
         if "ref" not in s.cache:
             with torch.no_grad():
-                ref_model = _hf_model(config, "sdpa",
+                ref_model = _hf_model(config, base_attn,
                                       torch.float64 if model_dtype == torch.float32 and not amp
-                                      else torch.float32, s.device).eval()
-                low_model = _hf_model(config, "sdpa", model_dtype, s.device).eval()
+                                      else torch.float32, s.device, arch).eval()
+                low_model = _hf_model(config, base_attn, model_dtype, s.device, arch).eval()
                 s.cache["ref"] = _hf_forward(ref_model)(s)
-                s.cache["low"] = autocast(_hf_forward(low_model))(s)  # the yardstick: HF SDPA
+                s.cache["low"] = autocast(_hf_forward(low_model))(s)  # the yardstick: HF SDPA / eager
                 del ref_model, low_model
         real = s.mask.bool()
         return compare([("hidden states (real tokens)", out.detach()[real], s.cache["ref"][real],
                          s.cache["low"][real])], factor=CHECK_FACTOR)
 
-    impls = [
-        Impl("hf-eager", hf("eager")),
-        Impl("hf-sdpa", hf("sdpa")),
-        Impl("hf-sdpa-compile", hf_compiled,
-             skip_in_quick="skipped in --quick: compiling a 12-layer model takes minutes"),
-        Impl("fastbert-optimize", fb_optimize, ours=True),
-        Impl("fastbert-BertEncoder", fb_encoder, ours=True),
-    ]
+    compile_skip = "skipped in --quick: compiling a 12-layer model takes minutes"
+    if arch == "bert":
+        impls = [
+            Impl("hf-eager", hf("eager")),
+            Impl("hf-sdpa", hf("sdpa")),
+            Impl("hf-sdpa-compile", hf_compiled, skip_in_quick=compile_skip),
+            Impl("fastbert-optimize", fb_optimize, ours=True),
+            Impl("fastbert-BertEncoder", fb_encoder, ours=True),
+        ]
+    else:  # no SDPA attention in transformers; the padding-free encoder is BERT's
+        impls = [
+            Impl("hf-eager", hf("eager")),
+            Impl("hf-eager-compile", hf_compiled, skip_in_quick=compile_skip),
+            Impl("fastbert-optimize", fb_optimize, ours=True),
+        ]
     return Case(FAMILY, "bert", name, pass_, dtype, params, "TFLOP/s", work, "L",
-                f"bert {step} {fill} {dt}", setup, impls, check=check, rotate=False, quick=quick,
+                f"{arch} {step} {fill} {dt}", setup, impls, check=check, rotate=False, quick=quick,
                 dtype_label=dt)
 
 
@@ -227,4 +256,10 @@ def cases(quick: bool = False) -> List[Case]:
     for l in (128, 512):
         out.append(bert_case(32, l, "full", pass_="fwd+bwd", dtype=torch.bfloat16, amp=True,
                              quick=l == 128))
+    # relative-position encoders: fp16 inference on padded batches, mixed-precision training
+    for arch in ("deberta-v3", "mpnet"):
+        for l in (128, 512):
+            out.append(bert_case(32, l, "half", arch=arch, quick=l == 128))
+            out.append(bert_case(32, l, "full", pass_="fwd+bwd", dtype=torch.bfloat16, amp=True,
+                                 arch=arch, quick=l == 128 and arch == "deberta-v3"))
     return [c for c in out if c.quick] if quick else out

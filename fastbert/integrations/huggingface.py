@@ -14,15 +14,17 @@ without padding). Registering the attention function alone would make transforme
 at all for an unknown implementation name, silently ignoring the padding.
 
 :func:`fastbert.optimize` on a model of one of the supported families (BERT, RoBERTa, DistilBERT,
-ALBERT, ELECTRA, ViT, MPNet, and BERT's copies XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE; the
-self-attention and intermediate of the pre-LayerNorm XLM-RoBERTa-XL and RoBERTa-PreLayerNorm; the
-output sublayers and intermediate of DeBERTa-v2/v3; transformers 4.57 and 5.x) swaps, keeping
-every Parameter object and ``state_dict`` key:
+ALBERT, ELECTRA, ViT, MPNet, DeBERTa-v2/v3, and BERT's copies XLM-RoBERTa, CamemBERT,
+Data2Vec-Text, ERNIE; the self-attention and intermediate of the pre-LayerNorm XLM-RoBERTa-XL and
+RoBERTa-PreLayerNorm; transformers 4.57 and 5.x) swaps, keeping every Parameter object and
+``state_dict`` key:
 
 * the self-attention modules -> :class:`SelfAttention` (``scaled_dot_product_attention``; in
   ALBERT also its output dense + dropout + residual + LayerNorm, fused in ``add_layer_norm``);
 * MPNet's ``MPNetAttention`` -> :class:`MPNetAttention` (the relative-position bias and the
-  padding mask as one float mask; the output sublayer fused as in ALBERT);
+  padding mask as one float mask; the output sublayer fused as in ALBERT), DeBERTa-v2's
+  ``DisentangledSelfAttention`` -> :class:`DebertaV2SelfAttention` (its content-to-position and
+  position-to-content scores, computed as transformers does, as that float mask);
 * the output sublayers ``dense -> dropout -> LayerNorm(. + residual)`` (``BertSelfOutput``,
   ``BertOutput`` and their RoBERTa / ELECTRA copies) -> :class:`DenseAddLayerNorm`, one
   ``add_layer_norm`` with ``input_bias = dense.bias``;
@@ -34,7 +36,7 @@ every Parameter object and ``state_dict`` key:
   :class:`fastbert.nn.GELU`.
 
 Left with a reason: decoders (causal self-attention, KV cache, cross-attention), relative position
-embeddings (BERT's ``position_embedding_type``; DeBERTa's disentangled attention), flex_attention's BlockMask masks, non-GELU activations (applied unfused), and modules
+embeddings (BERT's ``position_embedding_type``), flex_attention's BlockMask masks, non-GELU activations (applied unfused), and modules
 of other model families. With ``output_attentions=True`` or a ``head_mask`` the swapped attention
 computes its weights through the explicit reference path
 (:func:`fastbert.nn.attention.attention_with_weights`).
@@ -90,6 +92,7 @@ __all__ = [
     "DenseBiasGELU",
     "MLP",
     "MPNetAttention",
+    "DebertaV2SelfAttention",
     "DistilBertBlock",
     "AlbertLayer",
     "FAMILIES",
@@ -103,9 +106,8 @@ _BERT_LAYOUT = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra",
 # Pre-LayerNorm variants: BERT's self-attention and (XLM-R XL) intermediate; their output
 # sublayers hold no LayerNorm and are left as they are.
 _BERT_ATTENTION_ONLY = {"xlm_roberta_xl": "XLMRobertaXL", "roberta_prelayernorm": "RobertaPreLayerNorm"}
-# Families whose output sublayers and intermediate are BERT's but whose attention is their own:
-# MPNet's (relative-position bias; swapped by a module of its own), DeBERTa-v2's (disentangled
-# attention; left as it is).
+# Families whose output sublayers and intermediate are BERT's but whose attention is their own
+# (relative-position scores; swapped by modules of their own).
 _BERT_SUBLAYERS = {"mpnet": "MPNet", "deberta_v2": "DebertaV2"}
 FAMILIES = (tuple(_BERT_LAYOUT) + ("distilbert", "albert", "vit") + tuple(_BERT_ATTENTION_ONLY)
             + tuple(_BERT_SUBLAYERS))
@@ -472,15 +474,11 @@ def _attention_refusal(module: nn.Module, spec: _AttentionSpec) -> Optional[str]
     return None
 
 
-def _attend(owner: nn.Module, spec: _AttentionSpec, backend: Optional[str], hidden: Tensor, mask,
-            head_mask: Optional[Tensor], need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Self-attention with the projections of ``owner`` named by ``spec``: hidden (B, L, E) ->
-    (context (B, L, H * D) before any output projection, weights (B, H, L, L) when
-    ``need_weights`` or ``head_mask`` is given, else None). ``mask``: any HF mask
-    (:func:`hf_mask_to_sdpa`), or a float (B, H, L, L) score bias."""
+def _project_qkv(owner: nn.Module, spec: _AttentionSpec, hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The query, key and value projections of ``owner`` named by ``spec``: hidden (B, L, E) ->
+    3 x (B, H, L, D) (views of one matmul on the concatenated weights where possible)."""
     b, length, _ = hidden.shape
     h, d = int(getattr(owner, spec.heads)), int(getattr(owner, spec.head_dim))
-
     lins = [getattr(owner, name) for name in (spec.q, spec.k, spec.v)]
     biases = [lin.bias for lin in lins]
     if all(_plain_linear(lin) for lin in lins) and (
@@ -491,17 +489,37 @@ def _attend(owner: nn.Module, spec: _AttentionSpec, backend: Optional[str], hidd
         qkv = F.linear(hidden, w, bias).view(b, length, 3, h, d)
     else:  # each projection as it is (a LoRA adapter or a hook on one of them, say)
         qkv = torch.stack([lin(hidden) for lin in lins], dim=2).view(b, length, 3, h, d)
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # 3 x [B, H, L, D]
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
+    return q, k, v
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask, dropout_p: float, scale: float,
+               head_mask: Optional[Tensor], need_weights: bool,
+               backend: Optional[str]) -> Tuple[Tensor, Optional[Tensor]]:
+    """q, k, v (B, H, L, D) -> (context (B, L, H * D), weights (B, H, Lq, Lk) when ``need_weights``
+    or ``head_mask`` is given (computed by the explicit path), else None). ``mask``: any HF mask
+    (:func:`hf_mask_to_sdpa`), or a float score bias."""
     sdpa_mask = hf_mask_to_sdpa(mask)
-    p = _dropout_p(owner, spec.dropout) if owner.training else 0.0
     if need_weights or head_mask is not None:
-        out, weights = attention_with_weights(q, k, v, sdpa_mask, p, scale=d ** -0.5,
+        out, weights = attention_with_weights(q, k, v, sdpa_mask, dropout_p, scale=scale,
                                               head_mask=head_mask)
     else:
-        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=p,
-                                               scale=d ** -0.5, backend=backend)
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p,
+                                               scale=scale, backend=backend)
         weights = None
+    b, h, length, d = out.shape
     return out.transpose(1, 2).reshape(b, length, h * d), weights
+
+
+def _attend(owner: nn.Module, spec: _AttentionSpec, backend: Optional[str], hidden: Tensor, mask,
+            head_mask: Optional[Tensor], need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Self-attention with the projections of ``owner`` named by ``spec``: hidden (B, L, E) ->
+    (context (B, L, H * D) before any output projection, weights (B, H, L, L) when
+    ``need_weights`` or ``head_mask`` is given, else None). ``mask``: any HF mask
+    (:func:`hf_mask_to_sdpa`), or a float (B, H, L, L) score bias."""
+    q, k, v = _project_qkv(owner, spec, hidden)
+    p = _dropout_p(owner, spec.dropout) if owner.training else 0.0
+    return _attention(q, k, v, mask, p, q.shape[-1] ** -0.5, head_mask, need_weights, backend)
 
 
 class SelfAttention(nn.Module):
@@ -605,6 +623,86 @@ class MPNetAttention(nn.Module):
                                  dropout_p=p, backend=self.backend)
         _record_outputs(self, args, (out, weights))
         return (out, weights) if want_weights else (out,)
+
+
+_DEBERTA_ATTN = _AttentionSpec("query_proj", "key_proj", "value_proj", "num_attention_heads",
+                               "attention_head_size", "dropout")
+# what DeBERTa-v2's attention must have for fastbert's to stand in (the original class's bias
+# method is called on the new module)
+_DEBERTA_ATTRS = ("pos_att_type", "relative_attention", "num_attention_heads", "attention_head_size")
+_DEBERTA_METHODS = ("disentangled_attention_bias", "transpose_for_scores")
+
+
+class DebertaV2SelfAttention(nn.Module):
+    """DeBERTa-v2/v3's ``DisentangledSelfAttention`` on :func:`fastbert.scaled_dot_product_attention`.
+
+    The content-to-position and position-to-content scores (the relative-position bias) are
+    computed by the original class's ``disentangled_attention_bias`` as in transformers; they and
+    the padding mask go to the attention kernel as one float mask (B, H, L, L), whose gradient the
+    kernel returns when training. The content-to-content scores, softmax, dropout and the product
+    with the values are the fused kernel's (no (B, H, L, L) scores or probabilities in memory
+    besides the bias). Built by :func:`swap_module` from the original, whose Parameter objects it
+    takes over. forward: the original's arguments -> ``(context (B, L, H * D), weights or None)``.
+
+    DeBERTa masks the padded query rows too (its mask is the outer product of the padding mask);
+    transformers gives those rows the mean of the values, fastbert 0 (a fully masked row). The real
+    tokens never see them.
+    """
+
+    _fastbert_records_outputs = True
+    _fastbert_args: Tuple[str, ...]
+    _fastbert_hf_cls: type
+    backend: Optional[str]
+
+    def transpose_for_scores(self, x: Tensor, attention_heads: int) -> Tensor:
+        # the original's layout helper, which its disentangled_attention_bias calls on ``self``
+        return self._fastbert_hf_cls.transpose_for_scores(self, x, attention_heads)
+
+    def forward(self, *args, **kwargs):
+        a = _bind(self._fastbert_args, args, kwargs)
+        hidden = a.get("hidden_states")
+        if hidden is None:
+            raise TypeError("missing the hidden states (hidden_states)")
+        spec = _DEBERTA_ATTN
+        q, k, v = _project_qkv(self, spec, hidden)
+        query_states = a.get("query_states")
+        if query_states is not None and query_states is not hidden:  # DeBERTa's enhanced mask decoder
+            b, length = query_states.shape[:2]
+            q = self.query_proj(query_states).view(b, length, q.shape[1], q.shape[3]).transpose(1, 2)
+        b, h, lq, d = q.shape
+        scale_factor = 1 + ("c2p" in self.pos_att_type) + ("p2c" in self.pos_att_type)
+        bias = None
+        if self.relative_attention:
+            rel_embeddings = self.pos_dropout(a.get("rel_embeddings"))
+            bias = self._fastbert_hf_cls.disentangled_attention_bias(
+                self, q.reshape(b * h, lq, d), k.reshape(b * h, -1, d), a.get("relative_pos"),
+                rel_embeddings, scale_factor)
+            if not isinstance(bias, Tensor):  # pos_att_type empty: the method returns 0
+                bias = None
+            else:
+                bias = bias.view(b, h, lq, -1)
+        want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
+        p = _dropout_p(self, spec.dropout) if self.training else 0.0
+        ctx, weights = _attention(q, k, v, _with_score_bias(a.get("attention_mask"), bias), p,
+                                  (d * scale_factor) ** -0.5, None, want_weights, self.backend)
+        _record_outputs(self, args, (ctx, weights))
+        return ctx, weights
+
+
+def _deberta_refusal(module: nn.Module) -> Optional[str]:
+    for name in (_DEBERTA_ATTN.q, _DEBERTA_ATTN.k, _DEBERTA_ATTN.v):
+        if not isinstance(getattr(module, name, None), nn.Linear):
+            return f"expected a Linear submodule {name!r}: unknown transformers version"
+    missing = [n for n in _DEBERTA_ATTRS + ("dropout",) if not hasattr(module, n)]
+    missing += [n for n in _DEBERTA_METHODS if not callable(getattr(type(module), n, None))]
+    if getattr(module, "relative_attention", False) and not hasattr(module, "pos_dropout"):
+        missing.append("pos_dropout")
+    if missing:
+        return f"expected {missing}: unknown transformers version"
+    unknown = set(module.pos_att_type) - {"c2p", "p2c"}
+    if unknown:
+        return f"pos_att_type {sorted(unknown)} is not supported"
+    return None
 
 
 class DenseAddLayerNorm(nn.Module):
@@ -805,9 +903,12 @@ def _swap(module: nn.Module, backend: Optional[str]):
         return _swap_attention(module, spec, backend)
     if "CrossAttention" in name:
         return None, "cross-attention is not supported"
-    if family == "deberta_v2" and name == "DisentangledSelfAttention":
-        return None, ("DeBERTa's disentangled attention (content-to-position and position-to-content "
-                      "scores) is not supported; its output sublayers and feed-forward are swapped")
+    if key == ("deberta_v2", "DisentangledSelfAttention"):
+        reason = _deberta_refusal(module)
+        if reason:
+            return None, reason
+        return adopt(DebertaV2SelfAttention, module, backend=backend, _fastbert_hf_cls=type(module),
+                     _fastbert_args=_arg_names(type(module))), None
     if key in _OUTPUT_SUBLAYERS and _has(module, dense=nn.Linear, dropout=nn.Dropout,
                                          LayerNorm=nn.LayerNorm):
         return adopt(DenseAddLayerNorm, module, backend=backend), None
