@@ -894,8 +894,13 @@ def _swap(module: nn.Module, backend: Optional[str]):
     name = type(module).__name__
     if family not in FAMILIES:
         if name.endswith("Attention"):
-            return None, (f"model family {family!r} is not supported by fastbert.optimize "
-                          f"(supported: {', '.join(FAMILIES)})")
+            reason = (f"model family {family!r} is not supported by fastbert.optimize "
+                      f"(supported: {', '.join(FAMILIES)})")
+            if hasattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS"):
+                # the family dispatches its attention through transformers' AttentionInterface
+                reason += ("; its attention can run on fastbert's kernels if the model is loaded "
+                           "with attn_implementation='fastbert' (see fastbert.integrations.huggingface)")
+            return None, reason
         return None, None
     key = (family, name)
     spec = _ATTENTION_SPECS.get(key)
