@@ -4,7 +4,7 @@
 # (illegal __syncthreads / __syncwarp use), each over the same Python driver, which calls every op
 # forward and backward on small awkward shapes that take every kernel path (register-resident and
 # looped LayerNorm, vectorised and scalar loads, multi-warp rows, every mask kind, dropout, the
-# fused tensor-core attention).
+# fused tensor-core attention, dense and over packed sequences).
 #
 # For a session with a GPU, after installing with the extension built:
 #   bash bench/sanitize_cuda.sh [LOG_DIR]          (LOG_DIR defaults to $OUT, else /tmp)
@@ -93,6 +93,13 @@ with torch.no_grad():
         m = torch.rand(b, 1, 1, lk, device=dev) > 0.3
         fastbert.scaled_dot_product_attention(q, k, v, m, is_causal=causal, backend="cuda")
         fastbert.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cuda")
+    # the same kernel over packed sequences: Lq != Lk, a sequence without queries, one without keys
+    cu_q = torch.tensor([0, 5, 135, 135, 199], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 20, 84, 91, 91], dtype=torch.int32, device=dev)
+    for d, dtype, causal in [(64, F16, False), (128, BF16, True)]:
+        qp = torch.randn(199, 3, d, device=dev, dtype=dtype)
+        kp, vp = torch.randn(91, 3, d, device=dev, dtype=dtype), torch.randn(91, 3, d, device=dev, dtype=dtype)
+        fastbert.varlen_attention(qp, kp, vp, cu_q, cu_k, 130, 64, is_causal=causal, backend="cuda")
 
 # the dropout mask helper
 seed = torch.tensor([1234], dtype=torch.int64, device=dev)

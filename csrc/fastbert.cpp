@@ -653,6 +653,14 @@ const char* fused_reason(const FusedMhaFwdParams& p, int device) {
   return fused_mha_fwd_unsupported(p, max_smem_per_block(device));
 }
 
+// Points the fused kernel's output at `out`, whose dims bd / hd / ld are the batch, head and row dims.
+void set_out(FusedMhaFwdParams& p, const at::Tensor& out, int bd, int hd, int ld) {
+  p.out = out.data_ptr();
+  p.out_stride_b = used_stride(out, bd);
+  p.out_stride_h = used_stride(out, hd);
+  p.out_stride_l = out.stride(ld);
+}
+
 // Params of the fused kernel for these inputs; `q`, `k`, `v`, `mask` keep the tensors it reads alive.
 FusedMhaFwdParams fused_params(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                const OptTensor& attn_mask, bool is_causal, double scale, const char* op,
@@ -694,9 +702,101 @@ at::Tensor fused_attention_fwd(const at::Tensor& query, const at::Tensor& key, c
     return std::get<0>(attention_fwd(query, key, value, attn_mask, 0.0, is_causal, scale));
   }
   at::Tensor out = at::empty({p.batch, p.heads, p.q_len, value.size(3)}, query.options());
-  p.out = out.data_ptr();
+  set_out(p, out, 0, 1, 2);
   check_launch(fused_mha_fwd(p, current_stream(query.device())), op);
   return out;
+}
+
+// The varlen fused kernel's params: q (total_q, H, D), k / v (total_k, H, D) packed, the sequences
+// given by cu_seqlens_q / _k ((N + 1,) int32); q_len / k_len the longest lengths.
+FusedMhaFwdParams fused_varlen_params(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                      int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal, double scale,
+                                      const char* op, at::Tensor* q, at::Tensor* k, at::Tensor* v) {
+  check_cuda(q_in, op, "q");
+  check_dim(q_in, 3, op, "q");
+  check_like(k_in, q_in, op, "k", "q");
+  check_like(v_in, q_in, op, "v", "q");
+  check_dim(k_in, 3, op, "k");
+  check_dim(v_in, 3, op, "v");
+  TORCH_CHECK(k_in.size(1) == q_in.size(1) && k_in.size(2) == q_in.size(2) && v_in.sizes() == k_in.sizes(),
+              "fastbert_cuda::", op, ": q ", q_in.sizes(), ", k ", k_in.sizes(), " and v ", v_in.sizes(),
+              " must be (total, H, D) with equal H and D, k and v of one shape");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cu_seqlens_q, "cu_seqlens_q"},
+                                {cu_seqlens_k, "cu_seqlens_k"}}) {
+    check_cuda(t, op, name);
+    TORCH_CHECK(t.device() == q_in.device() && t.scalar_type() == at::kInt && t.dim() == 1 && t.numel() >= 2 &&
+                    t.is_contiguous(),
+                "fastbert_cuda::", op, ": ", name, " must be a contiguous 1-D int32 tensor of at least 2 "
+                "entries on q's device, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+  TORCH_CHECK(cu_seqlens_k.numel() == cu_seqlens_q.numel(), "fastbert_cuda::", op,
+              ": cu_seqlens_q and cu_seqlens_k must have the same length");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "fastbert_cuda::", op, ": max_seqlen_q / _k must be >= 0");
+  FusedMhaFwdParams p;
+  p.dtype = dtype_of(q_in, op, "q");
+  p.batch = cu_seqlens_q.numel() - 1;
+  p.heads = q_in.size(1);
+  p.q_len = max_seqlen_q;
+  p.k_len = max_seqlen_k;
+  p.head_dim = static_cast<int>(q_in.size(2));
+  p.scale = static_cast<float>(scale);
+  p.causal = is_causal;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  // (total, H, D) as the kernel's [B, H, L, D] with a batch stride of 0 (the offsets come from cu_seqlens)
+  *q = fusable(q_in.unsqueeze(0)).squeeze(0);
+  *k = fusable(k_in.unsqueeze(0)).squeeze(0);
+  *v = fusable(v_in.unsqueeze(0)).squeeze(0);
+  p.q = q->data_ptr();
+  p.q_stride_h = q->stride(1);
+  p.q_stride_l = q->stride(0);
+  p.k = k->data_ptr();
+  p.k_stride_h = k->stride(1);
+  p.k_stride_l = k->stride(0);
+  p.v = v->data_ptr();
+  p.v_stride_h = v->stride(1);
+  p.v_stride_l = v->stride(0);
+  return p;
+}
+
+// Padding-free inference forward (ByteTransformer's fused MHA): the fused tensor-core kernel over
+// packed sequences. Refuses (with the reason) what the kernel cannot serve on this device; the
+// Python dispatch asks fused_varlen_attention_unsupported first.
+at::Tensor fused_varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                      int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal, double scale) {
+  const char* op = "fused_varlen_attention_fwd";
+  TORCH_CHECK(scale > 0.0, "fastbert_cuda::", op, ": scale must be > 0, got ", scale);
+  const DeviceGuard guard(q.device());
+  at::Tensor qc, kc, vc;
+  FusedMhaFwdParams p = fused_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            is_causal, scale, op, &qc, &kc, &vc);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.size(0) == 0 || p.batch == 0 || p.q_len == 0) return out.zero_();
+  const char* reason = fused_reason(p, q.get_device());
+  TORCH_CHECK(reason[0] == '\0', "fastbert_cuda::", op, ": the fused kernel cannot serve this call: ", reason);
+  p.out = out.data_ptr();
+  p.out_stride_h = out.stride(1);
+  p.out_stride_l = out.stride(0);
+  check_launch(fused_mha_fwd(p, current_stream(q.device())), op);
+  return out;
+}
+
+// Why fused_varlen_attention_fwd would refuse these inputs on their device ("" = it runs).
+std::string fused_varlen_attention_unsupported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                               int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const char* op = "fused_varlen_attention_unsupported";
+  const DeviceGuard guard(q.device());
+  at::Tensor qc, kc, vc;
+  FusedMhaFwdParams p = fused_varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            false, 1.0, op, &qc, &kc, &vc);
+  if (q.size(0) == 0 || p.batch == 0 || p.q_len == 0) return "";  // nothing to compute: zeros
+  p.out = qc.data_ptr();  // alignment stand-in: the output is a fresh (aligned) allocation
+  p.out_stride_h = q.size(2);
+  p.out_stride_l = q.size(1) * q.size(2);
+  return fused_reason(p, q.get_device());
 }
 
 // Why fused_attention_fwd would take the unfused path for these inputs ("" = it runs fused).
@@ -707,7 +807,11 @@ std::string fused_attention_unsupported(const at::Tensor& query, const at::Tenso
   const DeviceGuard guard(query.device());
   at::Tensor q, k, v, mask;
   FusedMhaFwdParams p = fused_params(query, key, value, attn_mask, false, 1.0, op, &q, &k, &v, &mask);
-  p.out = q.data_ptr();  // alignment stand-in: the real output is a fresh (aligned) allocation
+  // alignment stand-in: the real output is a fresh (aligned) contiguous allocation
+  p.out = q.data_ptr();
+  p.out_stride_b = p.heads * p.q_len * value.size(3);
+  p.out_stride_h = p.q_len * value.size(3);
+  p.out_stride_l = value.size(3);
   return fused_reason(p, query.get_device());
 }
 
@@ -761,6 +865,10 @@ void define_schemas(torch::Library& m) {
   m.def("fused_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
         "float scale) -> Tensor");
   m.def("fused_attention_unsupported(Tensor query, Tensor key, Tensor value, Tensor? attn_mask) -> str");
+  m.def("fused_varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, bool is_causal, float scale) -> Tensor");
+  m.def("fused_varlen_attention_unsupported(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> str");
   m.def("dropout_mask(Tensor seed, int[] shape, float p) -> Tensor");
 }
 
@@ -775,6 +883,8 @@ void impl_kernels(torch::Library& m) {
   m.impl("attention_bwd", &fastbert::ops::attention_bwd);
   m.impl("fused_attention_fwd", &fastbert::ops::fused_attention_fwd);
   m.impl("fused_attention_unsupported", &fastbert::ops::fused_attention_unsupported);
+  m.impl("fused_varlen_attention_fwd", &fastbert::ops::fused_varlen_attention_fwd);
+  m.impl("fused_varlen_attention_unsupported", &fastbert::ops::fused_varlen_attention_unsupported);
   m.impl("dropout_mask", &fastbert::ops::dropout_mask);
 }
 

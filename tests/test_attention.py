@@ -1241,6 +1241,35 @@ def test_varlen_cuda_large(dtype, d, causal):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype,d,causal", [(F16, 64, False), (BF16, 128, True)], ids=["D64-fp16", "D128-bf16-causal"])
+def test_varlen_cuda_backend_inference(dtype, d, causal):
+    """backend="cuda" for varlen_attention: the fused tensor-core kernel over packed sequences
+    (inference), 48 sequences of 0 to 512 tokens, Lq != Lk, against fp64; the Python check of the
+    device's shared memory agrees with the binding's."""
+    from fastbert.ops.attention import _cuda_fused_device_problem
+
+    g = torch.Generator().manual_seed(1)
+    lq = torch.randint(0, 513, (48,), generator=g).tolist()
+    lk = torch.randint(1, 513, (48,), generator=g).tolist()
+    lq[5] = 0
+    q, k, v = (rand((sum(n), 12, d), dtype, "cuda") for n in (lq, lk, lk))
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    args = (cu_q, cu_k, max(lq), max(lk))
+    ops = _cuda_ops()
+    assert ops.fused_varlen_attention_unsupported(q, k, v, *args) == ""
+    for keys in (64, 512):
+        native = ops.fused_varlen_attention_unsupported(q, k, v, cu_q, cu_k, max(lq), keys)
+        assert (native == "") == (_cuda_fused_device_problem(q.device.index or 0, d, keys) == "")
+    with torch.no_grad():
+        out = fastbert.varlen_attention(q, k, v, *args, is_causal=causal, backend="cuda")
+    ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args, is_causal=causal)
+    low = reference.varlen_attention(q, k, v, *args, is_causal=causal, compute_dtype=dtype)
+    assert_close(out, ref, low, name="varlen cuda")
+    with pytest.raises(BackendError, match="inference"):
+        fastbert.varlen_attention(q.clone().requires_grad_(), k, v, *args, backend="cuda")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape_code,d,causal", [("1HQK", 64, True), ("11QK", 128, False),
                                                   ("B11K", 64, False), ("QK", 256, True)])

@@ -133,8 +133,12 @@ def test_fakes_and_autograd_on_meta_tensors():
     _, s2 = ln._add_layer_norm_cuda(x2, x2, None, None, 1e-5, None, 0.0, True)
     s2.sum().backward()  # only the pre-norm sum is used
     assert x2.grad.shape == x2.shape
-    with torch.no_grad():  # the fused inference forward
+    with torch.no_grad():  # the fused inference forward, dense and over packed sequences
         assert at._sdpa_cuda(q, k, k, None, 0.0, False, None, False, None, None).shape == q.shape
+        qp, kp = leaf(11, 3, 64), leaf(20, 3, 64)
+        cu = torch.tensor([0, 4, 11], dtype=torch.int32, device="meta")
+        out = at._varlen_cuda(qp, kp, kp, cu, cu, 7, 16, 0.0, True, None, None, None)
+        assert out.shape == qp.shape and out.dtype == qp.dtype
 
 
 def test_cuda_ops_are_registered_for_dispatch():

@@ -858,6 +858,80 @@ def test_fused_attention_views(emu):
     assert_close(out, ref, low, name="fused attention views")
 
 
+# (query lengths, key lengths) per sequence: awkward lengths, Lq != Lk, a sequence without
+# queries, one without keys (its queries give 0), one of 512 keys
+VARLEN_CASES = [([17, 1, 97], [17, 1, 97]), ([5, 130, 0, 64], [20, 64, 7, 3]), ([3, 9], [0, 40]),
+                ([70], [512])]
+
+
+def _packed(lens, h, d, dtype):
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
+    return rand((int(cu[-1]), h, d), dtype, "cpu"), cu
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("lens", VARLEN_CASES, ids=lambda c: "q{}-k{}".format(*["_".join(map(str, x)) for x in c]))
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fused_varlen_attention(emu, lens, dtype, d, is_causal):
+    """Padding-free inference: the fused kernel over packed sequences, each block reading its
+    sequence's lengths from cu_seqlens; every output row written (NaN-filled allocations)."""
+    lq, lk = lens
+    h = 3
+    q, cu_q = _packed(lq, h, d, dtype)
+    k, cu_k = _packed(lk, h, d, dtype)
+    v = rand(k.shape, dtype, "cpu")
+    args = (cu_q, cu_k, max(lq), max(lk))
+    assert emu.fused_varlen_attention_unsupported(q, k, v, *args) == ""
+    assert attention_ops._varlen_cuda_reasons(q=q, k=k, v=v, max_seqlen_q=max(lq),
+                                              max_seqlen_k=max(lk), cu_seqlens_q=cu_q) == []
+    with torch.no_grad():
+        out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, is_causal, None, None, None)
+    ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args, is_causal=is_causal)
+    low = reference.varlen_attention(q, k, v, *args, is_causal=is_causal, compute_dtype=dtype)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+    assert_close(out, ref, low, name=f"fused varlen attention {lens}")
+    if 0 in lk:  # a sequence without keys: its queries give 0
+        b = lk.index(0)
+        assert (out[int(cu_q[b]):int(cu_q[b + 1])] == 0).all()
+
+
+def test_fused_varlen_attention_views_and_scale(emu):
+    """q, k, v as views of one packed (total, 3, H, D) projection (token stride 3HD) run without a
+    copy; a view at an odd offset is copied first; an explicit scale."""
+    lens, h, d = [33, 7, 64], 2, 64
+    qkv, cu = _packed(lens, 3 * h, d, F16)
+    q, k, v = qkv.view(-1, 3, h, d).unbind(1)
+    k = rand((k.numel() + 1,), F16, "cpu")[1:].view(k.shape)  # 2-byte offset
+    args = (cu, cu, max(lens), max(lens))
+    with torch.no_grad():
+        out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, False, 0.2, None, None)
+    ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args, scale=0.2)
+    low = reference.varlen_attention(q, k, v, *args, scale=0.2, compute_dtype=F16)
+    assert_close(out, ref, low, name="fused varlen attention views")
+
+
+def test_fused_varlen_attention_refusals(emu):
+    """What the kernel cannot serve is refused with the reason, in Python (before dispatch) and
+    in the binding."""
+    q, cu = _packed([10, 20], 2, 64, F16)
+    ok = dict(q=q, k=q, v=q, max_seqlen_q=20, max_seqlen_k=20, cu_seqlens_q=cu)
+    r = attention_ops._varlen_cuda_reasons
+    assert r(**ok) == []
+    assert "inference" in r(**dict(ok, q=q.clone().requires_grad_()))[0]
+    assert "dropout" in r(**ok, dropout_p=0.1)[0]
+    assert "ALiBi" in r(**ok, window_size=(3, 3))[0]
+    assert "float16" in r(**dict(ok, q=q.float(), k=q.float(), v=q.float()))[0]
+    q40, _ = _packed([10, 20], 2, 40, F16)
+    assert "D = 40" in r(**dict(ok, q=q40, k=q40, v=q40))[0]
+    assert "grouped-query" in r(**dict(ok, k=q[:, :1], v=q[:, :1]))[0]
+    assert "513" in r(**dict(ok, max_seqlen_k=513))[0]
+    with pytest.raises(RuntimeError, match="key length"):
+        emu.fused_varlen_attention_fwd(q, q, q, cu, cu, 20, 513, False, 0.125)
+    with pytest.raises(RuntimeError, match="int32"):
+        emu.fused_varlen_attention_fwd(q, q, q, cu.long(), cu, 20, 20, False, 0.125)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dropout mask (the rule every kernel family uses)
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ struct DropoutMaskParams {
 // (value head dim equal); up to 512 keys; no mask or a bool mask with any broadcast strides (a key
 // padding mask is (B, 1, 1, Lk)); causal (top-left) optional. q / k / v rows must be 16-byte aligned
 // (last dim contiguous, other strides multiples of 8 elements).
+// Variable length (ByteTransformer's padding-free fused MHA): with cu_seqlens_q / cu_seqlens_k set,
+// "batch" counts sequences, q / k / v / out hold every sequence's tokens packed ([total, H, D]:
+// the *_stride_b are 0 and row r of sequence b is token cu_seqlens[b] + r), q_len / k_len are the
+// longest lengths (they size the grid and shared memory), and each block reads its sequence's own
+// lengths; no mask (the lengths are the mask).
 struct FusedMhaFwdParams {
   DType dtype = DType::kFloat16;      // kFloat16 or kBFloat16
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0;
@@ -63,7 +68,10 @@ struct FusedMhaFwdParams {
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_l = 0;
   const void* v = nullptr;            // [B, H, Lk, D]
   int64_t v_stride_b = 0, v_stride_h = 0, v_stride_l = 0;
-  void* out = nullptr;                // [B, H, Lq, D] contiguous
+  void* out = nullptr;                // [B, H, Lq, D] with strides (out_stride_b, out_stride_h, out_stride_l, 1)
+  int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
+  const int32_t* cu_seqlens_q = nullptr;  // [batch + 1] cumulative query lengths, or nullptr (dense)
+  const int32_t* cu_seqlens_k = nullptr;  // [batch + 1] cumulative key lengths (set with cu_seqlens_q)
   MaskKind mask_kind = MaskKind::kNone;  // kNone or kBool
   const void* mask = nullptr;
   int64_t mask_stride_b = 0, mask_stride_h = 0, mask_stride_q = 0, mask_stride_k = 0;

@@ -7,7 +7,8 @@
 //   kv_s [64, D + 8]      T     one 64-key chunk of K, then of V (rows past Lk zero)
 //   s_s  [64, Lk_pad + 4] fp32  scores S = Q K^T of the tile, overwritten row by row with the
 //                               probabilities P in T (a row of P takes the first half of its S row)
-// Phases (Lk_pad = Lk rounded up to 64, at most 512):
+// Phases (Lk_pad = Lk rounded up to 64, at most 512; variable length: the block's sequence's Lk,
+// the rows sized for the longest):
 //   1. for each K chunk: S[:, chunk] = Q K_chunk^T    # [16, D] @ [D, 64] -> [16, 64] per warp
 //   2. per row (one warp, 16 logits per lane at most): logits = S * scale, masked keys -> -inf,
 //      exact softmax in fp32 (max, exp, sum), fully masked row -> 0; written back as P in T
@@ -64,28 +65,37 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
   constexpr int LDT = Layout<D>::LDT;
   constexpr int kMaxPerLane = kFusedMhaMaxKeys / 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const int lk_pad = padded_keys(p.k_len);
-  const int lds = lk_pad + 4;  // floats per s_s row
   T* q_s = reinterpret_cast<T*>(smem_raw);                  // [kBM, LDT]
   T* kv_s = q_s + kBM * LDT;                                 // [kBN, LDT]
-  float* s_s = reinterpret_cast<float*>(kv_s + kBN * LDT);  // [kBM, lds]
 
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  // This block's sequence: rows q_start .. q_start + q_len - 1 of q (and out), k_start .. of k / v.
+  int64_t q_start = 0, k_start = 0, q_len = p.q_len, k_len = p.k_len;
+  if (p.cu_seqlens_q != nullptr) {
+    q_start = p.cu_seqlens_q[b];
+    q_len = p.cu_seqlens_q[b + 1] - q_start;
+    k_start = p.cu_seqlens_k[b];
+    k_len = p.cu_seqlens_k[b + 1] - k_start;
+    if (q0 >= q_len) return;  // a tile past this sequence's queries: the whole block leaves at once
+  }
+  const int lk_pad = padded_keys(k_len);  // <= the shared memory's, sized for p.k_len
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + q_start * p.q_stride_l;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h + k_start * p.k_stride_l;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h + k_start * p.v_stride_l;
+  const int lds = padded_keys(p.k_len) + 4;  // floats per s_s row
+  float* s_s = reinterpret_cast<float*>(kv_s + kBN * LDT);  // [kBM, lds]
   T* q_warp = q_s + warp * 16 * LDT;
   float* s_warp = s_s + warp * 16 * lds;
   const int n_chunks = lk_pad / kBN;
 
-  load_tile<T, D>(q_s, q, p.q_stride_l, q0, p.q_len);
+  load_tile<T, D>(q_s, q, p.q_stride_l, q0, q_len);
 
   // Phase 1: S = Q K^T.
   for (int chunk = 0; chunk < n_chunks; ++chunk) {
     __syncthreads();  // the previous chunk is consumed (and q_s is visible on the first pass)
-    load_tile<T, D>(kv_s, k, p.k_stride_l, static_cast<int64_t>(chunk) * kBN, p.k_len);
+    load_tile<T, D>(kv_s, k, p.k_stride_l, static_cast<int64_t>(chunk) * kBN, k_len);
     __syncthreads();
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBN / 16];
 #pragma unroll
@@ -113,7 +123,7 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
   const int per_lane = lk_pad / 32;
   for (int m = 0; m < 16; ++m) {
     const int64_t i = q0 + warp * 16 + m;  // query index; rows past Lq are computed, never stored
-    const bool row_valid = i < p.q_len;
+    const bool row_valid = i < q_len;
     float* s_row = s_warp + m * lds;
     float x[kMaxPerLane];
     float mx = -INFINITY;
@@ -123,7 +133,7 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
       if (t < per_lane) {
         const int64_t j = t * 32 + lane;
         float val = -INFINITY;
-        if (j < p.k_len) {
+        if (j < k_len) {
           val = s_row[j] * p.scale;
           if constexpr (MASK == MaskKind::kBool) {
             if (row_valid && !static_cast<const bool*>(p.mask)[b * p.mask_stride_b + h * p.mask_stride_h +
@@ -168,7 +178,7 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(o[n], 0.f);
   for (int chunk = 0; chunk < n_chunks; ++chunk) {
     __syncthreads();  // every warp is done with kv_s (K in phase 1, or the previous V chunk)
-    load_tile<T, D>(kv_s, v, p.v_stride_l, static_cast<int64_t>(chunk) * kBN, p.k_len);
+    load_tile<T, D>(kv_s, v, p.v_stride_l, static_cast<int64_t>(chunk) * kBN, k_len);
     __syncthreads();
 #pragma unroll
     for (int k0 = 0; k0 < kBN; k0 += 16) {
@@ -185,20 +195,23 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
     }
   }
 
-  // Phase 4: O -> global via this warp's (no longer needed) query rows as fp32 staging.
+  // Phase 4: O -> global via this warp's (no longer needed) query rows as fp32 staging. Without key
+  // chunks (a variable-length sequence with no keys) no barrier above separates load_tile's writes,
+  // which fill every warp's rows, from the staging.
+  if (n_chunks == 0) __syncthreads();
   float* stage = reinterpret_cast<float*>(q_warp);  // [16, 16] fp32 (q_warp holds 16 * LDT T >= 1 KiB)
-  T* out = static_cast<T*>(p.out) + (b * p.heads + h) * p.q_len * D;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + h * p.out_stride_h + q_start * p.out_stride_l;
   const int r = lane / 2, c = (lane % 2) * 8;  // each lane writes 8 consecutive outputs of one row
   const int64_t i = q0 + warp * 16 + r;
 #pragma unroll
   for (int n = 0; n < D / 16; ++n) {
     wmma::store_matrix_sync(stage, o[n], 16, wmma::mem_row_major);
     __syncwarp();
-    if (i < p.q_len) {
+    if (i < q_len) {
       float vals[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) vals[e] = stage[r * 16 + c + e];
-      store_vec<T, 8>(out + i * D + n * 16 + c, vals);
+      store_vec<T, 8>(out + i * p.out_stride_l + n * 16 + c, vals);
     }
     __syncwarp();  // the staging area is read before the next fragment overwrites it
   }
@@ -245,9 +258,12 @@ const char* fused_mha_fwd_unsupported(const FusedMhaFwdParams& p, size_t max_sme
   if (p.batch > 65535 || p.heads > 65535 || (p.q_len + fused_mha::kBM - 1) / fused_mha::kBM > 0x7fffffff)
     return "grid too large";
   if (p.mask_kind != MaskKind::kNone && p.mask_kind != MaskKind::kBool) return "mask is not bool";
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return "only one of cu_seqlens_q / _k";
+  if (p.cu_seqlens_q != nullptr && p.mask_kind != MaskKind::kNone) return "a mask with cu_seqlens";
   const int per = 8;  // elements per 16 bytes
   const int64_t strides[] = {p.q_stride_b, p.q_stride_h, p.q_stride_l, p.k_stride_b, p.k_stride_h,
-                             p.k_stride_l, p.v_stride_b, p.v_stride_h, p.v_stride_l};
+                             p.k_stride_l, p.v_stride_b, p.v_stride_h, p.v_stride_l,
+                             p.out_stride_b, p.out_stride_h, p.out_stride_l};
   for (int64_t s : strides)
     if (s % per != 0) return "q / k / v strides are not multiples of 8 elements";
   if (!is_aligned(p.q, 16) || !is_aligned(p.k, 16) || !is_aligned(p.v, 16) || !is_aligned(p.out, 16))

@@ -606,8 +606,10 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 #   * inference (no gradient needed) without dropout, fp16 / bf16, head dim 64 or 128, at most 512
 #     keys, no mask or a bool mask: the fused tensor-core forward (fused_attention_fwd, which itself
 #     falls back to the unfused path where the device lacks the shared memory).
-# Fakes and autograd are registered here when the extension is first used (it is loaded lazily;
-# run an op once eagerly before torch.compile). Dropout: the C++ forward draws its seed on the
+# and for varlen_attention, inference only: the same fused kernel over packed sequences
+# (fused_varlen_attention_fwd; ByteTransformer's padding-free fused MHA).
+# Fakes and autograd are registered when the extension is first used (it is loaded lazily, at
+# trace time under torch.compile: see fastbert.backends.cuda_ops). Dropout: the C++ forward draws its seed on the
 # device from that device's default CUDA generator (as fastbert._rng does: graph-safe, reproduced
 # by torch.manual_seed, never read on the host) and returns it as an int64 [1] CUDA tensor, which
 # backward takes.
@@ -664,6 +666,10 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
     def _(query, key, value, attn_mask, is_causal, scale):
         return query.new_empty(query.shape[:3] + value.shape[3:])
 
+    @torch.library.register_fake(lib + "fused_varlen_attention_fwd")
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale):
+        return q.new_empty(q.shape)
+
     def setup(ctx, inputs, output):
         query, key, value, attn_mask, dropout_p, _is_causal, scale = inputs
         _, probs, seed = output
@@ -716,3 +722,65 @@ def _sdpa_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return ops.fused_attention_fwd(query, key, value, attn_mask, is_causal, scale)
     out, _, _ = ops.attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale)
     return out
+
+
+def _fused_smem_bytes(head_dim: int, k_len: int) -> int:
+    """Shared memory of the fused kernel's block (csrc/attention/fused_mha_fwd.cu, Layout::bytes):
+    the query tile and one K / V chunk (64 rows of D + 8 16-bit values each) and the fp32 scores
+    of 64 rows of Lk rounded up to 64, + 4."""
+    return 2 * 64 * (head_dim + 8) * 2 + 64 * (-(-k_len // 64) * 64 + 4) * 4
+
+
+@torch.compiler.assume_constant_result
+def _cuda_fused_device_problem(device_index: int, head_dim: int, k_len: int) -> str:
+    # The fused kernel's device needs (as the binding's fused_reason): constant-folded under
+    # torch.compile.
+    props = torch.cuda.get_device_properties(device_index)
+    if props.major < 8:
+        return (f"the fused kernel needs compute capability 8.0 or newer; {props.name} is "
+                f"{props.major}.{props.minor}")
+    need, have = _fused_smem_bytes(head_dim, k_len), props.shared_memory_per_block_optin
+    if need > have:
+        return (f"the fused kernel needs {need} bytes of shared memory per block for head dim "
+                f"{head_dim} and {k_len} keys; {props.name} allows {have}")
+    return ""
+
+
+def _varlen_cuda_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, dropout_p=0.0, alibi_slopes=None,
+                         window_size=None, cu_seqlens_q=None, **_) -> list:
+    reasons = []
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        reasons.append("the CUDA varlen kernel is an inference forward (no autograd); gradients "
+                       "need the Triton backend (or torch.no_grad())")
+    if dropout_p > 0.0:
+        reasons.append("dropout: the CUDA varlen kernel is an inference forward")
+    if alibi_slopes is not None or window_size is not None:
+        reasons.append("ALiBi and sliding windows are not supported by the CUDA varlen kernel")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {q.dtype}: the CUDA varlen kernel takes float16 / bfloat16")
+    d = q.shape[-1]
+    if d not in _CUDA_FUSED_HEAD_DIMS or v.shape[-1] != d:
+        reasons.append(f"head dims D = {d}, Dv = {v.shape[-1]}: the CUDA varlen kernel needs "
+                       "D = Dv in (64, 128)")
+    if k.shape[1] != q.shape[1]:
+        reasons.append("grouped-query attention (fewer K/V heads) is not supported by the CUDA "
+                       "varlen kernel")
+    if not 1 <= max_seqlen_k <= _CUDA_FUSED_MAX_KEYS:
+        reasons.append(f"max_seqlen_k = {max_seqlen_k}: the CUDA varlen kernel takes 1 to "
+                       f"{_CUDA_FUSED_MAX_KEYS} keys per sequence")
+    if cu_seqlens_q is not None and cu_seqlens_q.numel() - 1 > 65535:
+        reasons.append("more than 65535 sequences (the kernel's grid)")
+    if not reasons and q.device.type == "cuda":
+        problem = _cuda_fused_device_problem(q.device.index if q.device.index is not None
+                                             else torch.cuda.current_device(), d, max_seqlen_k)
+        if problem:
+            reasons.append(problem)
+    return reasons
+
+
+@register("varlen_attention", "cuda", reasons=_varlen_cuda_reasons)
+def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 is_causal, scale, alibi_slopes, window_size):
+    return _cuda_ops().fused_varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                  max_seqlen_k, is_causal,
+                                                  _default_scale(scale, q.shape[-1]))
