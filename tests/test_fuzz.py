@@ -24,6 +24,7 @@ GPU both backends run compiled (20 examples: each new combination compiles kerne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -37,7 +38,8 @@ from fastbert import reference
 from fastbert._rng import dropout_seed
 from fastbert.backends import backend_reasons
 from fastbert.ops.attention import check_window_size
-from fastbert.testing import DEVICE, compare_to_reference, nan_filled_allocations, rand, run_with_grads
+from fastbert.testing import (DEVICE, assert_close, compare_to_reference, nan_filled_allocations, rand,
+                              run_with_grads)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
@@ -466,6 +468,44 @@ def _varlen_masks_of(p, cu_q, cu_k, h, max_q, max_k):
 
 def test_varlen_attention_fuzz():
     _fuzz("triton", varlen_cases(), _check_varlen_attention)
+
+
+@st.composite
+def varlen_inference_cases(draw):
+    n = draw(st.integers(1, 4))
+    lens_q = draw(st.lists(st.integers(0, 150), min_size=n, max_size=n))
+    lens_k = draw(st.lists(st.integers(0, 150), min_size=n, max_size=n))
+    return dict(lens_q=lens_q, lens_k=lens_k, h=draw(st.sampled_from([1, 3])),
+                d=draw(st.sampled_from([64, 128])),
+                dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])),
+                causal=draw(st.booleans()), scale=draw(st.sampled_from([None, 0.3])),
+                seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+def _check_varlen_inference(backend, case):
+    """The CUDA backend's varlen kernel (inference: the fused tensor-core forward over packed
+    sequences) on random lengths, sequences without queries or keys included; forward only."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, h, d = case["dtype"], case["h"], case["d"]
+    hypothesis.assume(sum(case["lens_q"]) > 0 and max(case["lens_k"]) > 0)
+    cu_q, cu_k = (torch.tensor([0] + list(itertools.accumulate(case[x])), dtype=torch.int32,
+                               device=DEVICE) for x in ("lens_q", "lens_k"))
+    q = rand((int(cu_q[-1]), h, d), dtype, DEVICE, generator=gen)
+    k, v = (rand((int(cu_k[-1]), h, d), dtype, DEVICE, generator=gen) for _ in range(2))
+    args = (cu_q, cu_k, max(case["lens_q"]), max(case["lens_k"]))
+    kw = dict(is_causal=case["causal"], scale=case["scale"])
+    with _running(backend, "forward"), torch.no_grad():
+        if backend == "emu":
+            out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, kw["is_causal"], kw["scale"], None, None)
+        else:
+            out = fastbert.varlen_attention(q, k, v, *args, **kw, backend=backend)
+    ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args, **kw)
+    low = reference.varlen_attention(q, k, v, *args, **kw, compute_dtype=dtype)
+    assert_close(out, ref, low, name=f"varlen inference {case}")
+
+
+def test_varlen_attention_cuda_inference_fuzz():
+    _fuzz("cuda" if ON_GPU else "emu", varlen_inference_cases(), _check_varlen_inference)
 
 
 @st.composite
