@@ -93,6 +93,8 @@ with torch.no_grad():
         m = torch.rand(b, 1, 1, lk, device=dev) > 0.3
         fastbert.scaled_dot_product_attention(q, k, v, m, is_causal=causal, backend="cuda")
         fastbert.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cuda")
+        for bias in (torch.randn(1, h, lq, lk, device=dev, dtype=dtype), torch.randn(b, 1, 1, lk, device=dev)):
+            fastbert.scaled_dot_product_attention(q, k, v, bias, is_causal=causal, backend="cuda")
     # the same kernel over packed sequences: Lq != Lk, a sequence without queries, one without keys
     cu_q = torch.tensor([0, 5, 135, 135, 199], dtype=torch.int32, device=dev)
     cu_k = torch.tensor([0, 20, 84, 91, 91], dtype=torch.int32, device=dev)

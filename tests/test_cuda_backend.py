@@ -185,12 +185,16 @@ def test_cuda_reasons_accept_supported():
     (False, 0.0, F32, 64, 128, None, False),
     (False, 0.0, F16, 80, 128, None, False),
     (False, 0.0, F16, 64, 513, None, False),
-    (False, 0.0, F16, 64, 128, "float", False),
-], ids=["fp16-D64-Lk512", "bf16-D128-Lk1-bool", "grad", "dropout", "fp32", "D80", "Lk513", "float-mask"])
+    (False, 0.0, F16, 64, 128, "float", True),
+    (False, 0.0, F16, 64, 128, "float-grad", False),
+], ids=["fp16-D64-Lk512", "bf16-D128-Lk1-bool", "grad", "dropout", "fp32", "D80", "Lk513", "float-mask",
+        "float-mask-grad"])
 def test_fused_attention_eligible(grad, dropout, dtype, d, lk, mask, expect):
     q = torch.zeros(1, 2, 3, d, dtype=dtype, requires_grad=grad)
     k = torch.zeros(1, 2, lk, d, dtype=dtype)
     m = None if mask is None else (torch.ones(lk, dtype=torch.bool) if mask == "bool" else torch.zeros(lk))
+    if mask == "float-grad":  # a trainable bias needs the unfused path's gradient
+        m.requires_grad_()
     assert attention_ops._cuda_fused_eligible(q, k, k, m, dropout) is expect
 
 

@@ -775,6 +775,26 @@ def test_attention_lq_and_dv_differ(emu):
              "attention dv != d")
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_fused_attention_float_mask_nan_and_inf(emu, dtype):
+    """A float mask on the fused path: a NaN entry makes its row NaN (as torch), -inf entries
+    exclude keys, a row of -inf is fully masked (0), finfo.min padding (HF "eager") as torch."""
+    b, h, lq, lk, d = 2, 2, 9, 20, 64
+    q, k, v = _qkv(b, h, lq, lk, d, dtype)
+    m = rand((b, 1, lq, lk), F32, "cpu")
+    m[1, ..., 15:] = torch.finfo(F32).min
+    m[0, 0, 2, 7] = float("nan")
+    m[1, 0, 3] = float("-inf")
+    m[:, :, 5, ::3] = float("-inf")
+    assert emu.fused_attention_unsupported(q, k, v, m) == ""
+    out = emu.fused_attention_fwd(q, k, v, m, False, d ** -0.5)
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), m.double())
+    low = reference.scaled_dot_product_attention(q, k, v, m, compute_dtype=dtype)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, :, 2].isnan().all()
+    assert (out[1, :, 3] == 0).all()
+    assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name="float mask")
+
+
 @pytest.mark.parametrize("path", ["unfused", "fused"])
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_attention_nan_propagates(emu, path, dtype):
@@ -826,11 +846,12 @@ FUSED_SHAPES = [(1, 2, 17, 20, 64), (2, 1, 70, 130, 64), (1, 1, 64, 512, 128), (
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mask", ["none", "key_padding", "bool"])
+@pytest.mark.parametrize("mask", ["none", "key_padding", "bool", "float", "float32"])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_fused_attention(emu, shape, dtype, mask, is_causal):
-    """Inference without dropout, fp16 / bf16, D 64 / 128, Lk <= 512, no or a bool mask: the
-    fused tensor-core kernel serves it (WMMA emulated as whole 16x16x16 tiles, fp32 sums)."""
+    """Inference without dropout, fp16 / bf16, D 64 / 128, Lk <= 512, any mask (bool; float in the
+    inputs' dtype, broadcast; fp32 with -inf entries): the fused tensor-core kernel serves it (WMMA
+    emulated as whole 16x16x16 tiles, fp32 sums)."""
     b, h, lq, lk, d = shape
     q, k, v = _qkv(b, h, lq, lk, d, dtype)
     m = _mask(mask, b, h, lq, lk, dtype)

@@ -50,8 +50,9 @@ struct DropoutMaskParams {
 // Fused multi-head attention forward on tensor cores (WMMA, sm_80+), FasterTransformer's fused MHA
 // for encoder shapes: one block computes a 64-query tile of one (batch, head) entirely on chip.
 // Inference only (it saves nothing for backward), no dropout; fp16 / bf16; head dim 64 or 128
-// (value head dim equal); up to 512 keys; no mask or a bool mask with any broadcast strides (a key
-// padding mask is (B, 1, 1, Lk)); causal (top-left) optional. q / k / v rows must be 16-byte aligned
+// (value head dim equal); up to 512 keys; no mask, a bool mask or a float mask added to the scaled
+// scores (in the inputs' dtype or fp32), with any broadcast strides (a key padding mask is
+// (B, 1, 1, Lk)); causal (top-left) optional. q / k / v rows must be 16-byte aligned
 // (last dim contiguous, other strides multiples of 8 elements).
 // Variable length (ByteTransformer's padding-free fused MHA): with cu_seqlens_q / cu_seqlens_k set,
 // "batch" counts sequences, q / k / v / out hold every sequence's tokens packed ([total, H, D]:
@@ -72,7 +73,7 @@ struct FusedMhaFwdParams {
   int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
   const int32_t* cu_seqlens_q = nullptr;  // [batch + 1] cumulative query lengths, or nullptr (dense)
   const int32_t* cu_seqlens_k = nullptr;  // [batch + 1] cumulative key lengths (set with cu_seqlens_q)
-  MaskKind mask_kind = MaskKind::kNone;  // kNone or kBool
+  MaskKind mask_kind = MaskKind::kNone;
   const void* mask = nullptr;
   int64_t mask_stride_b = 0, mask_stride_h = 0, mask_stride_q = 0, mask_stride_k = 0;
   float scale = 1.f;

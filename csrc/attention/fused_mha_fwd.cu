@@ -10,8 +10,9 @@
 // Phases (Lk_pad = Lk rounded up to 64, at most 512; variable length: the block's sequence's Lk,
 // the rows sized for the longest):
 //   1. for each K chunk: S[:, chunk] = Q K_chunk^T    # [16, D] @ [D, 64] -> [16, 64] per warp
-//   2. per row (one warp, 16 logits per lane at most): logits = S * scale, masked keys -> -inf,
-//      exact softmax in fp32 (max, exp, sum), fully masked row -> 0; written back as P in T
+//   2. per row (one warp, 16 logits per lane at most): logits = S * scale (+ a float mask), keys
+//      a bool mask excludes -> -inf, exact softmax in fp32 (max, exp, sum), fully masked row -> 0;
+//      written back as P in T
 //   3. for each V chunk: O += P[:, chunk] V_chunk     # [16, 64] @ [64, D] -> [16, D] per warp,
 //      O kept in WMMA accumulator fragments across chunks (P is final, so no rescaling)
 //   4. O -> fp32 staging (per 16x16 fragment) -> T -> global
@@ -135,10 +136,18 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
         float val = -INFINITY;
         if (j < k_len) {
           val = s_row[j] * p.scale;
-          if constexpr (MASK == MaskKind::kBool) {
-            if (row_valid && !static_cast<const bool*>(p.mask)[b * p.mask_stride_b + h * p.mask_stride_h +
-                                                                i * p.mask_stride_q + j * p.mask_stride_k])
-              val = -INFINITY;
+          if constexpr (MASK != MaskKind::kNone) {
+            if (row_valid) {
+              const int64_t at = b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_q +
+                                 j * p.mask_stride_k;
+              if constexpr (MASK == MaskKind::kBool) {
+                if (!static_cast<const bool*>(p.mask)[at]) val = -INFINITY;
+              } else if constexpr (MASK == MaskKind::kSameAsInput) {
+                val += to_float(static_cast<const T*>(p.mask)[at]);  // added to the scaled scores
+              } else {
+                val += static_cast<const float*>(p.mask)[at];
+              }
+            }
           }
           if (p.causal && j > i) val = -INFINITY;
         }
@@ -234,8 +243,12 @@ cudaError_t launch(const FusedMhaFwdParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t launch_mask(const FusedMhaFwdParams& p, cudaStream_t stream) {
-  return p.mask_kind == MaskKind::kBool ? launch<T, D, MaskKind::kBool>(p, stream)
-                                        : launch<T, D, MaskKind::kNone>(p, stream);
+  switch (p.mask_kind) {
+    case MaskKind::kBool: return launch<T, D, MaskKind::kBool>(p, stream);
+    case MaskKind::kSameAsInput: return launch<T, D, MaskKind::kSameAsInput>(p, stream);
+    case MaskKind::kFloat32: return launch<T, D, MaskKind::kFloat32>(p, stream);
+    default: return launch<T, D, MaskKind::kNone>(p, stream);
+  }
 }
 
 template <typename T>
@@ -257,7 +270,6 @@ const char* fused_mha_fwd_unsupported(const FusedMhaFwdParams& p, size_t max_sme
   if (p.q_len < 1 || p.batch < 1 || p.heads < 1) return "empty input";
   if (p.batch > 65535 || p.heads > 65535 || (p.q_len + fused_mha::kBM - 1) / fused_mha::kBM > 0x7fffffff)
     return "grid too large";
-  if (p.mask_kind != MaskKind::kNone && p.mask_kind != MaskKind::kBool) return "mask is not bool";
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return "only one of cu_seqlens_q / _k";
   if (p.cu_seqlens_q != nullptr && p.mask_kind != MaskKind::kNone) return "a mask with cu_seqlens";
   const int per = 8;  // elements per 16 bytes

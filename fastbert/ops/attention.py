@@ -604,7 +604,7 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 #     torch) around a fused scale + mask + softmax (+ dropout) kernel and its fused backward
 #     (torch.ops.fastbert_cuda.attention_fwd / attention_bwd);
 #   * inference (no gradient needed) without dropout, fp16 / bf16, head dim 64 or 128, at most 512
-#     keys, no mask or a bool mask: the fused tensor-core forward (fused_attention_fwd, which itself
+#     keys, any mask: the fused tensor-core forward (fused_attention_fwd, which itself
 #     falls back to the unfused path where the device lacks the shared memory).
 # and for varlen_attention, inference only: the same fused kernel over packed sequences
 # (fused_varlen_attention_fwd; ByteTransformer's padding-free fused MHA).
@@ -631,14 +631,14 @@ def _sdpa_cuda_reasons(*, query, **_) -> list:
 def _cuda_fused_eligible(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                          dropout_p: float) -> bool:
     """True when the fused tensor-core forward serves this call: no gradient needed, no dropout,
-    fp16 / bf16, head dim 64 or 128 (value's equal), at most 512 keys, no mask or a bool mask."""
+    fp16 / bf16, head dim 64 or 128 (value's equal), at most 512 keys; any mask (bool, or float
+    added to the scores: a relative-position or ALiBi bias, an "eager" padding mask)."""
     tensors = (query, key, value) + ((attn_mask,) if attn_mask is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return (dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16)
             and query.shape[-1] in _CUDA_FUSED_HEAD_DIMS and value.shape[-1] == query.shape[-1]
-            and 1 <= key.shape[-2] <= _CUDA_FUSED_MAX_KEYS
-            and (attn_mask is None or attn_mask.dtype == torch.bool))
+            and 1 <= key.shape[-2] <= _CUDA_FUSED_MAX_KEYS)
 
 
 def _cuda_ops():
