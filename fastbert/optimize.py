@@ -10,7 +10,7 @@ is copied, optimizer state and tied weights stay valid, ``state_dict`` keys do n
 ``torch.nn.LayerNorm`` / ``GELU``       :class:`fastbert.nn.LayerNorm` / :class:`fastbert.nn.GELU`
 HuggingFace BERT, RoBERTa, DistilBERT,  self-attention, output sublayers (dense -> dropout ->
 ALBERT, ELECTRA, ViT, MPNet,            add + LayerNorm fused), intermediate bias + GELU fused,
-DeBERTa-v2 and their copies             LayerNorms and GELU activations (see
+DeBERTa-v2, ModernBERT and copies       LayerNorms and GELU activations (see
                                         :mod:`fastbert.integrations.huggingface`)
 =====================================  ===========================================================
 

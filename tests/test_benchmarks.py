@@ -126,7 +126,8 @@ def test_case_shapes_follow_the_issues():
     for c in norms.cases():
         assert c.params["rows"] == 16384 and c.params["N"] in (768, 1024, 4096, 8192)
     for c in bert.cases():
-        assert c.params["B"] == 32 and c.params["L"] in (128, 512)
+        assert c.params["B"] == 32 and c.params["L"] in ((512, 1024) if c.params["arch"] == "modernbert"
+                                                         else (128, 512))
         if c.params["fill"] == "half":
             assert 0.35 * c.params["L"] <= c.params["mean_len"] <= 0.65 * c.params["L"]
 
@@ -743,29 +744,36 @@ def test_bert_amp_case_on_cpu_with_a_tiny_model():
     assert any(c.params["L"] == 128 and c.dtype_label == "amp-bf16" for c in bert.cases(quick=True))
 
 
-@pytest.mark.parametrize("arch", ["deberta-v3", "mpnet"])
-def test_relative_position_encoder_cases_on_cpu(arch):
-    """DeBERTa-v3 and MPNet, tiny: HF eager (their only attention in transformers) and
-    fastbert.optimize, inference on a padded batch and mixed-precision training, each checked
-    against the fp32 / fp64 HF model with HF eager as the yardstick."""
-    pytest.importorskip("transformers")
+@pytest.mark.parametrize("arch", ["deberta-v3", "mpnet", "modernbert"])
+def test_other_encoder_cases_on_cpu(arch):
+    """DeBERTa-v3, MPNet and ModernBERT, tiny: the HF attentions each has (eager; ModernBERT SDPA
+    too) and fastbert.optimize, inference on a padded batch and mixed-precision training, each
+    checked against the fp32 / fp64 HF model with HF eager / SDPA as the yardstick."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "modernbert" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("optimize() swaps ModernBERT with transformers 5.x only")
     tiny = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                 vocab_size=50, max_position_embeddings=32)
     if arch == "deberta-v3":
         tiny["position_buckets"] = 8
+    if arch == "modernbert":
+        tiny.update(num_hidden_layers=2, global_attn_every_n_layers=2, local_attention=4,
+                    pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1)
     infer = bert.bert_case(3, 12, "half", dtype=torch.float32, config=tiny, arch=arch)
     train = bert.bert_case(3, 12, "full", pass_="fwd+bwd", dtype=torch.bfloat16, config=tiny,
                            amp=True, arch=arch)
     assert infer.name.startswith(arch + "-infer-") and infer.params["arch"] == arch
-    assert [i.name for i in infer.impls] == ["hf-eager", "hf-eager-compile", "fastbert-optimize"]
+    hf_impls = ["hf-eager", "hf-sdpa"] if arch == "modernbert" else ["hf-eager"]
+    compile_impl = "hf-sdpa-compile" if arch == "modernbert" else "hf-eager-compile"
+    assert [i.name for i in infer.impls] == hf_impls + [compile_impl, "fastbert-optimize"]
     rows = runner.run_cases([infer, train], device="cpu", timer=timing.CpuTimer(reps=1),
                             progress=False, quick=True)
     by = {(r["case"], r["impl"]): r for r in rows}
     for case in (infer, train):
-        for impl in ("hf-eager", "fastbert-optimize"):
+        for impl in hf_impls + ["fastbert-optimize"]:
             row = by[(case.name, impl)]
             assert row["status"] == "ok" and "real tokens" in row["check"], row
-        assert by[(case.name, "hf-eager-compile")]["status"] == "skipped"
+        assert by[(case.name, compile_impl)]["status"] == "skipped"
     assert "0 left" in by[(infer.name, "fastbert-optimize")]["reason"]  # the optimize report
     quick = {c.name for c in bert.cases(quick=True)}
     assert any(n.startswith(arch + "-") for n in quick)

@@ -38,6 +38,12 @@ def _config(family, impl, **overrides):
                   image_size=12, patch_size=4, attn_implementation=impl, **ZERO_DROPOUT)
         kw.update(overrides)
         return transformers.ViTConfig(**kw)
+    if family == "modernbert":  # token ids inside the tiny vocabulary; a 4-token local window
+        kw = dict(common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=48, global_attn_every_n_layers=2, local_attention=4,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1)
+        kw.update(overrides)
+        return transformers.ModernBertConfig(**kw)
     kw = dict(common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
               **ZERO_DROPOUT)
     if family in ("albert", "electra"):
@@ -66,16 +72,22 @@ MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilB
           "xlm_roberta_xl": "XLMRobertaXLModel", "roberta_prelayernorm": "RobertaPreLayerNormModel",
           # BERT's sublayers around attention of their own: MPNet's (relative-position bias,
           # swapped), DeBERTa-v2's (disentangled, left)
-          "mpnet": "MPNetModel", "deberta_v2": "DebertaV2Model"}
+          "mpnet": "MPNetModel", "deberta_v2": "DebertaV2Model",
+          # pre-LayerNorm with rotary embeddings, GeGLU and local layers (transformers 5.x)
+          "modernbert": "ModernBertModel"}
 # swapped modules per family for a 2-layer model (every LayerNorm counted; ALBERT shares its layer)
 EXPECTED_SWAPS = {"bert": 9, "roberta": 9, "electra": 9, "albert": 2, "distilbert": 3, "vit": 9,
                   "xlm_roberta": 9, "camembert": 9, "data2vec": 9, "ernie": 9,
-                  "xlm_roberta_xl": 9, "roberta_prelayernorm": 10, "mpnet": 7, "deberta_v2": 10}
+                  "xlm_roberta_xl": 9, "roberta_prelayernorm": 10, "mpnet": 7, "deberta_v2": 10,
+                  "modernbert": 4}
 # modules left, with a reason, per family (2 layers)
 EXPECTED_LEFT: dict = {}
 
 
 def _build(family, impl="eager", model_cls=None, **overrides):
+    if family == "modernbert" and not TF5:
+        pytest.skip("optimize() swaps ModernBERT's layers with transformers 5.x only "
+                    "(test_modernbert_before_5_is_left_with_a_reason)")
     cls = getattr(transformers, model_cls or MODELS[family])
     try:
         model = cls(_config(family, impl, **overrides))
@@ -317,6 +329,19 @@ def test_optimize_deberta_layer_with_query_states():
                           rel_embeddings=m.encoder.get_rel_embedding()))
     out, ref = (o[0] if isinstance(o, tuple) else o for o in outs)
     assert_close(out[real], ref[real], ref[real], atol=1e-9, name="layer output")
+
+
+def test_modernbert_before_5_is_left_with_a_reason():
+    if TF5:
+        pytest.skip("transformers 5.x: ModernBERT's layers are swapped (test_optimize_hf_model)")
+    if not hasattr(transformers, "ModernBertModel"):
+        pytest.skip("this transformers has no ModernBERT")
+    cfg = transformers.ModernBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=48, pad_token_id=0,
+                                        eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1)
+    report = optimize(transformers.ModernBertModel(cfg))
+    left = {s.path: s.reason for s in report.left}
+    assert set(left) == {"layers.0", "layers.1"} and all("5.x" in r for r in left.values()), str(report)
 
 
 def _optimized_pair(family, train=False):
@@ -675,7 +700,7 @@ def test_register_with_backend_and_from_config():
 # ----------------------------------------------------------------------------------------------
 # Triton backend
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet", "deberta_v2"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet", "deberta_v2", "modernbert"])
 def test_optimize_hf_triton(family):
     ops = ("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
     missing = [op for op in ops if "triton" not in backends.implementations(op)]

@@ -1,5 +1,6 @@
 """Whole-encoder cases: inference latency and a training step (forward + backward) of BERT-base,
-and of two encoders with relative-position attention, DeBERTa-v3-base and MPNet-base.
+of two encoders with relative-position attention, DeBERTa-v3-base and MPNet-base, and of
+ModernBERT-base (transformers 5.x; against HF eager and SDPA).
 
 Implementations, all with the same weights (a model of random weights built from its config, no
 download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
@@ -8,7 +9,8 @@ of the SDPA model, ``fastbert.optimize`` applied to the SDPA model, and the padd
 only in transformers: HF eager, its ``torch.compile`` and ``fastbert.optimize``, with HF eager as
 the yardstick. fastbert's model-level APIs are looked up by name; where one is missing or refuses
 the model, the row says why. Their flops are BERT's formula at the same sizes (the relative-position
-scores are not credited), so compare implementations within a case.
+scores are not credited; ModernBERT's GeGLU and local layers make it an approximation), so compare
+implementations within a case.
 
 Batches: B32 at L 128 and 512, "full" (every token real) or "half" (lengths uniform in [1, L],
 mean about L / 2, the padding-free encoder's case). The model is in fp16 (``model.half()``), or,
@@ -46,6 +48,11 @@ ARCHS = {
         layer_norm_eps=1e-7), "eager"),
     "mpnet": ("MPNetConfig", dict(BERT_BASE, vocab_size=30527, max_position_embeddings=514,
                                   relative_attention_num_buckets=32, layer_norm_eps=1e-5), "eager"),
+    "modernbert": ("ModernBertConfig", dict(
+        hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
+        vocab_size=50368, max_position_embeddings=8192, global_attn_every_n_layers=3,
+        local_attention=128, pad_token_id=50283, eos_token_id=50282, bos_token_id=50281,
+        cls_token_id=50281, sep_token_id=50282), "sdpa"),
 }
 CHECK_FACTOR = 3.0
 REFUSED = (NotImplementedError, ValueError, TypeError)   # how fastbert's model APIs say "not this model"
@@ -61,6 +68,8 @@ def _config(overrides: Optional[dict], arch: str = "bert"):
     except (ImportError, AttributeError) as e:
         raise Unavailable(f"transformers (with {cls_name}) is not installed ({e})") from None
     kw = dict(base, **(overrides or {}))
+    if arch == "modernbert":  # its dropouts default to 0
+        return cls(**kw)
     return cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
 
 
@@ -233,10 +242,12 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
             Impl("fastbert-optimize", fb_optimize, ours=True),
             Impl("fastbert-BertEncoder", fb_encoder, ours=True),
         ]
-    else:  # no SDPA attention in transformers; the padding-free encoder is BERT's
-        impls = [
-            Impl("hf-eager", hf("eager")),
-            Impl("hf-eager-compile", hf_compiled, skip_in_quick=compile_skip),
+    else:  # the padding-free encoder is BERT's; DeBERTa and MPNet have no SDPA attention in HF
+        impls = [Impl("hf-eager", hf("eager"))]
+        if base_attn == "sdpa":
+            impls.append(Impl("hf-sdpa", hf("sdpa")))
+        impls += [
+            Impl(f"hf-{base_attn}-compile", hf_compiled, skip_in_quick=compile_skip),
             Impl("fastbert-optimize", fb_optimize, ours=True),
         ]
     return Case(FAMILY, "bert", name, pass_, dtype, params, "TFLOP/s", work, "L",
@@ -262,4 +273,9 @@ def cases(quick: bool = False) -> List[Case]:
             out.append(bert_case(32, l, "half", arch=arch, quick=l == 128))
             out.append(bert_case(32, l, "full", pass_="fwd+bwd", dtype=torch.bfloat16, amp=True,
                                  arch=arch, quick=l == 128 and arch == "deberta-v3"))
+    # ModernBERT-base: its local layers (a 128-token window) pay off from L 512
+    for l in (512, 1024):
+        out.append(bert_case(32, l, "half", arch="modernbert", quick=l == 512))
+        out.append(bert_case(32, l, "full", pass_="fwd+bwd", dtype=torch.bfloat16, amp=True,
+                             arch="modernbert"))
     return [c for c in out if c.quick] if quick else out

@@ -16,8 +16,8 @@ at all for an unknown implementation name, silently ignoring the padding.
 :func:`fastbert.optimize` on a model of one of the supported families (BERT, RoBERTa, DistilBERT,
 ALBERT, ELECTRA, ViT, MPNet, DeBERTa-v2/v3, and BERT's copies XLM-RoBERTa, CamemBERT,
 Data2Vec-Text, ERNIE; the self-attention and intermediate of the pre-LayerNorm XLM-RoBERTa-XL and
-RoBERTa-PreLayerNorm; transformers 4.57 and 5.x) swaps, keeping every Parameter object and
-``state_dict`` key:
+RoBERTa-PreLayerNorm; transformers 4.57 and 5.x; ModernBERT with 5.x) swaps, keeping every
+Parameter object and ``state_dict`` key:
 
 * the self-attention modules -> :class:`SelfAttention` (``scaled_dot_product_attention``; in
   ALBERT also its output dense + dropout + residual + LayerNorm, fused in ``add_layer_norm``);
@@ -31,7 +31,9 @@ RoBERTa-PreLayerNorm; transformers 4.57 and 5.x) swaps, keeping every Parameter 
 * the intermediate ``dense -> GELU`` (``BertIntermediate``, ``ViTIntermediate``, ViT 5.x's
   ``ViTMLP``) -> :class:`DenseBiasGELU` / :class:`MLP`, one ``bias_gelu``;
 * DistilBERT's ``TransformerBlock`` and ALBERT's ``AlbertLayer`` (whose residual + LayerNorm live
-  in the block) -> :class:`DistilBertBlock` / :class:`AlbertLayer`;
+  in the block) -> :class:`DistilBertBlock` / :class:`AlbertLayer`; ModernBERT's
+  ``ModernBertEncoderLayer`` -> :class:`ModernBertLayer` (its attention a
+  :class:`ModernBertAttention` on the kernels whatever ``attn_implementation`` the model has);
 * the remaining ``nn.LayerNorm`` and GELU activation modules -> :class:`fastbert.nn.LayerNorm` /
   :class:`fastbert.nn.GELU`.
 
@@ -64,7 +66,7 @@ import importlib
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +95,8 @@ __all__ = [
     "MLP",
     "MPNetAttention",
     "DebertaV2SelfAttention",
+    "ModernBertAttention",
+    "ModernBertLayer",
     "DistilBertBlock",
     "AlbertLayer",
     "FAMILIES",
@@ -110,7 +114,7 @@ _BERT_ATTENTION_ONLY = {"xlm_roberta_xl": "XLMRobertaXL", "roberta_prelayernorm"
 # (relative-position scores; swapped by modules of their own).
 _BERT_SUBLAYERS = {"mpnet": "MPNet", "deberta_v2": "DebertaV2"}
 FAMILIES = (tuple(_BERT_LAYOUT) + ("distilbert", "albert", "vit") + tuple(_BERT_ATTENTION_ONLY)
-            + tuple(_BERT_SUBLAYERS))
+            + tuple(_BERT_SUBLAYERS) + ("modernbert",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,15 +330,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     window = None
     if sliding_window is not None and key.shape[2] > sliding_window:
         window = (sliding_window - 1, sliding_window - 1)
-    mask = hf_mask_to_sdpa(attention_mask)
-    position_bias = kwargs.get("position_bias")
-    if position_bias is not None:
-        if mask is None:
-            mask = position_bias
-        elif mask.dtype == torch.bool:
-            mask = position_bias.masked_fill(~mask, float("-inf"))
-        else:
-            mask = position_bias + mask
+    mask = _with_score_bias(attention_mask, kwargs.get("position_bias"))
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
     causal = bool(is_causal) and mask is None and query.shape[2] > 1
@@ -689,6 +685,81 @@ class DebertaV2SelfAttention(nn.Module):
         return ctx, weights
 
 
+class ModernBertAttention(nn.Module):
+    """ModernBERT's attention (transformers 5.x) on fastbert's kernels whatever attention the model
+    was loaded with: ``Wqkv`` -> rotary embedding (transformers' own ``apply_rotary_pos_emb``) ->
+    :func:`attention_forward` (the local layers' sliding window skipped block-wise) -> ``Wo`` ->
+    dropout. Built by :func:`swap_module` (within :class:`ModernBertLayer`); same ``state_dict``.
+    forward: the original's arguments -> ``(out (B, L, E), weights or None)``."""
+
+    _fastbert_records_outputs = True
+    _fastbert_rotary: Callable
+    backend: Optional[str]
+
+    def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        shape = hidden_states.shape[:-1]
+        qkv = self.Wqkv(hidden_states).view(*shape, 3, -1, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=-3))  # 3 x (B, H, L, D)
+        cos, sin = position_embeddings
+        q, k = self._fastbert_rotary(q, k, cos, sin, unsqueeze_dim=1)
+        want_weights = bool(kwargs.get("output_attentions", False)) or collecting("attentions")
+        out, weights = attention_forward(
+            self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.head_dim ** -0.5, sliding_window=self.sliding_window,
+            output_attentions=want_weights, backend=self.backend)
+        out = self.out_drop(self.Wo(out.reshape(*shape, -1)))
+        _record_outputs(self, (hidden_states,), (out, weights))
+        return out, weights
+
+
+class ModernBertLayer(_LayerBase):
+    """ModernBERT's pre-LayerNorm encoder layer (transformers 5.x) with the residual add after the
+    attention and the LayerNorm before the MLP fused in one :func:`fastbert.add_layer_norm`
+    (``return_residual``), the norms on :func:`fastbert.layer_norm`, the GeGLU's GELU on
+    :func:`fastbert.gelu` and the attention a :class:`ModernBertAttention`. Same ``state_dict``."""
+
+    _fastbert_records_outputs = True
+    backend: Optional[str]
+
+    def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
+        if type(norm) is nn.LayerNorm:
+            return ops.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
+                                  backend=self.backend)
+        return norm(x)  # layer 0's Identity
+
+    def forward(self, hidden_states: Tensor, attention_mask=None, position_embeddings=None, **kwargs):
+        attn_out, _ = self.attn(self._norm(self.attn_norm, hidden_states),
+                                position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, **kwargs)
+        norm, mlp = self.mlp_norm, self.mlp
+        y, h = ops.add_layer_norm(attn_out, hidden_states, norm.weight, norm.bias, norm.eps,
+                                  return_residual=True, backend=self.backend)
+        approximate = gelu_approximation(mlp.act)
+        if approximate is None:
+            out = h + mlp(y)
+        else:
+            x, gate = mlp.Wi(y).chunk(2, dim=-1)
+            out = h + mlp.Wo(mlp.drop(ops.gelu(x, approximate, backend=self.backend) * gate))
+        _record_outputs(self, (hidden_states,), out)
+        return out
+
+
+def _modernbert_refusal(layer: nn.Module) -> Optional[str]:
+    names = _arg_names(type(layer))
+    if "position_embeddings" not in names or not callable(
+            getattr(sys.modules.get(type(layer).__module__), "apply_rotary_pos_emb", None)):
+        return ("this transformers' ModernBERT layer (before 5.x) is not supported; load the model "
+                "with transformers 5.x")
+    if not (_has(layer, mlp_norm=nn.LayerNorm, attn=nn.Module, mlp=nn.Module)
+            and isinstance(layer.attn_norm, (nn.LayerNorm, nn.Identity))
+            and _has(layer.attn, Wqkv=nn.Linear, Wo=nn.Linear)
+            and _has(layer.mlp, Wi=nn.Linear, Wo=nn.Linear, drop=nn.Dropout)
+            and all(hasattr(layer.attn, n) for n in ("head_dim", "sliding_window", "attention_dropout",
+                                                     "out_drop"))):
+        return "unexpected ModernBertEncoderLayer structure: unknown transformers version"
+    return None
+
+
 def _deberta_refusal(module: nn.Module) -> Optional[str]:
     for name in (_DEBERTA_ATTN.q, _DEBERTA_ATTN.k, _DEBERTA_ATTN.v):
         if not isinstance(getattr(module, name, None), nn.Linear):
@@ -908,6 +979,16 @@ def _swap(module: nn.Module, backend: Optional[str]):
         return _swap_attention(module, spec, backend)
     if "CrossAttention" in name:
         return None, "cross-attention is not supported"
+    if key == ("modernbert", "ModernBertEncoderLayer"):
+        reason = _modernbert_refusal(module)
+        if reason:
+            return None, reason
+        attn = adopt(ModernBertAttention, module.attn, backend=backend,
+                     _fastbert_rotary=sys.modules[type(module).__module__].apply_rotary_pos_emb)
+        attach_capturing_hooks(module.attn, attn)
+        new = adopt(ModernBertLayer, module, backend=backend)
+        new.attn = attn
+        return new, None
     if key == ("deberta_v2", "DisentangledSelfAttention"):
         reason = _deberta_refusal(module)
         if reason:
