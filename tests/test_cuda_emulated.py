@@ -845,8 +845,10 @@ FUSED_SHAPES = [(1, 2, 17, 20, 64), (2, 1, 70, 130, 64), (1, 1, 64, 512, 128), (
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
-@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mask", ["none", "key_padding", "bool", "float", "float32"])
+@pytest.mark.parametrize("shape,mask", [
+    (shape, mask) for shape in FUSED_SHAPES for mask in ["none", "key_padding", "bool", "float", "float32"]
+    if not (mask.startswith("float") and shape[2] * shape[3] > 10000)],  # float masks: the small shapes
+    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_fused_attention(emu, shape, dtype, mask, is_causal):
     """Inference without dropout, fp16 / bf16, D 64 / 128, Lk <= 512, any mask (bool; float in the
@@ -890,10 +892,12 @@ def _packed(lens, h, d, dtype):
     return rand((int(cu[-1]), h, d), dtype, "cpu"), cu
 
 
-@pytest.mark.parametrize("dtype", [F16, BF16])
-@pytest.mark.parametrize("lens", VARLEN_CASES, ids=lambda c: "q{}-k{}".format(*["_".join(map(str, x)) for x in c]))
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("lens,dtype,d,is_causal", [
+    (lens, dtype, d, causal) for i, lens in enumerate(VARLEN_CASES)
+    for dtype, d, causal in ([(F16, 64, False), (BF16, 128, True)] if i % 2 == 0
+                             else [(BF16, 64, True), (F16, 128, False)])],
+    ids=lambda x: "q{}-k{}".format(*["_".join(map(str, y)) for y in x]) if isinstance(x, list)
+    else str(x).replace("torch.", ""))
 def test_fused_varlen_attention(emu, lens, dtype, d, is_causal):
     """Padding-free inference: the fused kernel over packed sequences, each block reading its
     sequence's lengths from cu_seqlens; every output row written (NaN-filled allocations)."""

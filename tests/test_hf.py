@@ -288,6 +288,11 @@ def test_optimize_leaves_what_it_cannot_run_with_reasons():
     # one that dispatches through transformers' AttentionInterface is pointed to it
     if TF5:
         assert any("attn_implementation='fastbert'" in s.reason for s in report.left), str(report)
+        # ModernBERT loaded with flex_attention (BlockMask masks) is left as it is
+        model = transformers.ModernBertModel(_config("modernbert", "flex_attention"))
+        report = optimize(model)
+        assert {s.path for s in report.left} == {"layers.0", "layers.1"}, str(report)
+        assert all("BlockMask" in s.reason for s in report.left)
 
 
 @pytest.mark.parametrize("variant", [

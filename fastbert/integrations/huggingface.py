@@ -757,6 +757,8 @@ def _modernbert_refusal(layer: nn.Module) -> Optional[str]:
             and all(hasattr(layer.attn, n) for n in ("head_dim", "sliding_window", "attention_dropout",
                                                      "out_drop"))):
         return "unexpected ModernBertEncoderLayer structure: unknown transformers version"
+    if getattr(getattr(layer, "config", None), "_attn_implementation", None) == "flex_attention":
+        return "flex_attention passes BlockMask masks; load the model with attn_implementation='sdpa'"
     return None
 
 
