@@ -291,12 +291,14 @@ def auto_order(op: str, device: Optional[torch.device], call: dict) -> Sequence[
 
 
 def _signature(call: dict) -> tuple:
-    """What the reasons functions may look at: each tensor's dtype, shape and strides, and the
-    other arguments' values (the device is part of select's key: a call's tensors share it)."""
-    sig = []
+    """What the reasons functions may look at: each tensor's dtype, shape, strides and whether it
+    requires grad, whether grad mode is on (an inference-only kernel declines a call that needs
+    gradients), and the other arguments' values (the device is part of select's key: a call's
+    tensors share it)."""
+    sig = [torch.is_grad_enabled()]
     for v in call.values():
         if isinstance(v, torch.Tensor):
-            sig.append((v.dtype, v.shape, v.stride()))
+            sig.append((v.dtype, v.shape, v.stride(), v.requires_grad))
         elif isinstance(v, list):
             sig.append(tuple(v))
         else:
@@ -320,8 +322,9 @@ def clear_select_cache() -> None:
 def select(op: str, backend: Optional[str], device: Optional[torch.device], **call) -> Implementation:
     """Pick the implementation of ``op`` that serves ``call`` (see the module docstring).
 
-    The answer is remembered for calls with the same signature (dtypes, shapes, strides, device,
-    non-tensor arguments): reasons functions must depend on nothing else. A call that no backend can
+    The answer is remembered for calls with the same signature (dtypes, shapes, strides,
+    requires_grad, grad mode, device, non-tensor arguments): reasons functions must depend on
+    nothing else. A call that no backend can
     serve is worked out again each time, so it raises each time."""
     backend = resolve(backend)
     if torch.compiler.is_compiling():

@@ -248,6 +248,12 @@ def test_select_remembers_answers_by_signature(monkeypatch):
         backends.select("_test_op", "torch", cpu, x=x, p={"a": 1})
         backends.select("_test_op", "torch", cpu, x=x, p={"a": 1})
         assert len(calls) == 13
+        # a tensor that requires grad, or grad mode off, is another signature (an inference-only
+        # kernel refuses a call that needs gradients: a remembered "yes" must not serve it)
+        backends.select("_test_op", "torch", cpu, x=x.clone().requires_grad_(), p=0.5)
+        with torch.no_grad():
+            backends.select("_test_op", "torch", cpu, x=x, p=0.5)
+        assert len(calls) == 15
     finally:
         backends._OPS.pop("_test_op")
         backends.clear_select_cache()
