@@ -558,11 +558,9 @@ class SelfAttention(nn.Module):
         ctx, weights = self.context(hidden, mask, a.get("head_mask"), want_weights)
         spec = self._fastbert_spec
         if spec.norm is not None:
-            norm = getattr(self, spec.norm)
             p = _dropout_p(self, spec.out_dropout) if self.training else 0.0
-            h, bias = _matmul(ctx, getattr(self, spec.out))
-            out = ops.add_layer_norm(h, hidden, norm.weight, norm.bias, norm.eps, input_bias=bias,
-                                     dropout_p=p, backend=self.backend)
+            out = _linear_add_norm(ctx, getattr(self, spec.out), hidden, getattr(self, spec.norm), p,
+                                   self.backend)
         elif spec.out is not None:
             out = getattr(self, spec.out)(ctx)
         else:
@@ -613,10 +611,7 @@ class MPNetAttention(nn.Module):
         ctx, weights = _attend(self.attn, _MPNET_ATTN, self.backend, hidden, mask, a.get("head_mask"),
                                want_weights)
         p = _dropout_p(self, "dropout") if self.training else 0.0
-        h, bias = _matmul(ctx, self.attn.o)
-        norm = self.LayerNorm
-        out = ops.add_layer_norm(h, hidden, norm.weight, norm.bias, norm.eps, input_bias=bias,
-                                 dropout_p=p, backend=self.backend)
+        out = _linear_add_norm(ctx, self.attn.o, hidden, self.LayerNorm, p, self.backend)
         _record_outputs(self, args, (out, weights))
         return (out, weights) if want_weights else (out,)
 
@@ -787,10 +782,8 @@ class DenseAddLayerNorm(nn.Module):
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         p = self.dropout.p if self.training else 0.0
-        ln = self.LayerNorm
-        h, bias = _matmul(hidden_states, self.dense)
-        return ops.add_layer_norm(h, input_tensor, ln.weight, ln.bias, ln.eps, input_bias=bias,
-                                  dropout_p=p, backend=self.backend)
+        return _linear_add_norm(hidden_states, self.dense, input_tensor, self.LayerNorm, p,
+                                self.backend)
 
 
 def _plain_linear(lin: nn.Module) -> bool:
@@ -808,6 +801,15 @@ def _matmul(x: Tensor, lin: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
     if _plain_linear(lin):
         return F.linear(x, lin.weight), lin.bias
     return lin(x), None
+
+
+def _linear_add_norm(x: Tensor, lin: nn.Module, residual: Tensor, norm: nn.Module,
+                     dropout_p: float, backend: Optional[str]) -> Tensor:
+    """``norm(dropout(lin(x)) + residual)`` as one ``add_layer_norm``, with the Linear's bias fused
+    as its ``input_bias`` (see :func:`_matmul`)."""
+    h, bias = _matmul(x, lin)
+    return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, input_bias=bias,
+                              dropout_p=dropout_p, backend=backend)
 
 
 def _bias_act(x: Tensor, lin: nn.Module, act, backend: Optional[str]) -> Tensor:
@@ -863,15 +865,11 @@ class DistilBertBlock(_LayerBase):
         ctx, weights = attn.context(x, mask, a.get("head_mask"), want_weights)
         if weights is not None:  # 5.x: the attention module's hooks collect its (output, weights)
             _record_outputs(attn, (x,), (ctx, weights))
-        ln1, ln2, ffn = self.sa_layer_norm, self.output_layer_norm, self.ffn
-        h, bias = _matmul(ctx, attn.out_lin)
-        sa = ops.add_layer_norm(h, x, ln1.weight, ln1.bias, ln1.eps, input_bias=bias,
-                                backend=self.backend)
+        ffn = self.ffn
+        sa = _linear_add_norm(ctx, attn.out_lin, x, self.sa_layer_norm, 0.0, self.backend)
         h = _bias_act(sa, ffn.lin1, ffn.activation, self.backend)
         p = ffn.dropout.p if self.training else 0.0
-        h, bias = _matmul(h, ffn.lin2)
-        out = ops.add_layer_norm(h, sa, ln2.weight, ln2.bias, ln2.eps, input_bias=bias,
-                                 dropout_p=p, backend=self.backend)
+        out = _linear_add_norm(h, ffn.lin2, sa, self.output_layer_norm, p, self.backend)
         if self._fastbert_legacy:
             return (weights, out) if want_weights else (out,)
         _record_outputs(self, args, out)
@@ -898,10 +896,7 @@ class AlbertLayer(nn.Module):
             rest = {k: v for k, v in a.items() if k not in ("hidden_states", "attention_mask")}
             att, _ = self.attention(a["hidden_states"], a.get("attention_mask"), **rest)
         h = _bias_act(att, self.ffn, self.activation, self.backend)
-        ln = self.full_layer_layer_norm
-        h, bias = _matmul(h, self.ffn_output)
-        out = ops.add_layer_norm(h, att, ln.weight, ln.bias, ln.eps, input_bias=bias,
-                                 backend=self.backend)
+        out = _linear_add_norm(h, self.ffn_output, att, self.full_layer_layer_norm, 0.0, self.backend)
         if self._fastbert_legacy:
             return (out,) + tuple(attention_output[1:])
         _record_outputs(self, args, out)
