@@ -6,6 +6,7 @@ Functional API (see each function's docstring for shapes)::
     fastbert.block_sparse_attention        fastbert.linformer_attention
     fastbert.layer_norm                    fastbert.add_layer_norm
     fastbert.gelu                          fastbert.bias_gelu
+    fastbert.geglu
     fastbert.unpad_input                   fastbert.pad_input
 
 Modules: ``fastbert.nn`` (drop-ins for torch.nn / HuggingFace layers), ``fastbert.optimize(model)``
@@ -16,7 +17,7 @@ Every op takes ``backend=None | "auto" | "triton" | "cuda" | "torch"``; ``fastbe
 holds the pure-PyTorch ground truth and ``fastbert.backends`` the dispatch.
 """
 from . import backends, integrations, models, nn, reference, sparsity
-from .ops import (add_layer_norm, bias_gelu, block_sparse_attention, gelu, layer_norm,
+from .ops import (add_layer_norm, bias_gelu, block_sparse_attention, geglu, gelu, layer_norm,
                   linformer_attention, scaled_dot_product_attention, varlen_attention)
 from .optimize import optimize, restore
 from .padding import pad_input, unpad_input
@@ -32,6 +33,7 @@ __all__ = [
     "add_layer_norm",
     "gelu",
     "bias_gelu",
+    "geglu",
     "unpad_input",
     "pad_input",
     "optimize",

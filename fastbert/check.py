@@ -149,6 +149,15 @@ def _bias_gelu_case(dtype, device):
     return (x, rand((97,), dtype, device, requires_grad=True)), {}
 
 
+def _geglu_case(dtype, device):
+    return (rand((17, 2 * 97), dtype, device, requires_grad=True),), {}
+
+
+def _geglu_independent(x):
+    a, g = x.chunk(2, dim=-1)
+    return F.gelu(a) * g
+
+
 CASES: Dict[str, Case] = {c.op: c for c in [
     Case("scaled_dot_product_attention", _sdpa_case, _sdpa_independent),
     Case("varlen_attention", _varlen_case, _varlen_independent),
@@ -158,6 +167,7 @@ CASES: Dict[str, Case] = {c.op: c for c in [
     Case("add_layer_norm", _add_layer_norm_case, _add_layer_norm_independent),
     Case("gelu", _gelu_case, lambda x, approximate: F.gelu(x, approximate=approximate)),
     Case("bias_gelu", _bias_gelu_case, lambda x, b: F.gelu(x + b)),
+    Case("geglu", _geglu_case, _geglu_independent),
 ]}
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "add_layer_norm",
     "gelu",
     "bias_gelu",
+    "geglu",
 ]
 
 
@@ -431,3 +432,14 @@ def bias_gelu(input: Tensor, bias: Optional[Tensor], approximate: str = "none", 
     if bias is not None:
         x = x + bias.to(cdt)
     return gelu(x, approximate, compute_dtype=cdt).to(input.dtype)
+
+
+def geglu(input: Tensor, gate: Optional[Tensor] = None, approximate: str = "none", *,
+          compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """GEGLU, ``gelu(input) * gate``. Without ``gate``, ``input`` (..., 2N) holds both halves
+    (``input, gate = input.chunk(2, dim=-1)``: the first half goes through GELU) -> (..., N);
+    with ``gate``, input and gate are (..., N) -> (..., N)."""
+    cdt = _compute_dtype(input, compute_dtype)
+    if gate is None:
+        input, gate = input.chunk(2, dim=-1)
+    return (gelu(input.to(cdt), approximate, compute_dtype=cdt) * gate.to(cdt)).to(input.dtype)

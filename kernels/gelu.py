@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["bias_gelu_fwd", "bias_gelu_bwd"]
+__all__ = ["bias_gelu_fwd", "bias_gelu_bwd", "geglu_fwd", "geglu_bwd"]
 
 Tensor = torch.Tensor
 
@@ -68,18 +68,20 @@ def _gelu(z, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def _gelu_grad(z, APPROX_TANH: tl.constexpr):
-    """d gelu(z) / dz for fp32 z."""
+def _gelu_and_grad(z, APPROX_TANH: tl.constexpr):
+    """(gelu(z), d gelu(z) / dz) for fp32 z, sharing their common terms."""
     if APPROX_TANH:
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         sp, sn = _sigmoid_pair(2.0 * u)                              # (1 + t) / 2, (1 - t) / 2
         du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)          # 3 * 0.044715 = 0.134145
+        y = z * sp
         d = sp + 2.0 * z * sp * sn * du
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327            # 1 / sqrt(2 pi)
+        y = z * cdf
         d = cdf + z * pdf
-    return d
+    return y, d
 
 
 @triton.jit
@@ -135,12 +137,52 @@ def _bias_gelu_bwd_kernel(
             z += b
         dy = tl.load(DY + rows * stride_dym + cols * stride_dyn, mask=mask, other=0.0)
         dy = dy.to(tl.float32)
-        dx = dy * _gelu_grad(z, APPROX_TANH)                                       # 0 where masked
+        dx = dy * _gelu_and_grad(z, APPROX_TANH)[1]                                # 0 where masked
         tl.store(DX + rows * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DBIAS:
             acc += dx
     if NEED_DBIAS:
         tl.store(DB_PART + tl.cast(pid_g, tl.int64) * N + o_n, tl.sum(acc, axis=0), mask=o_n < N)
+
+
+@triton.jit
+def _geglu_fwd_kernel(
+    A, stride_am, stride_an,        # the activated half [M, N], any strides
+    G, stride_gm, stride_gn,        # the gate [M, N], any strides
+    Y,                              # out [M, N] contiguous, input dtype
+    M, N,
+    APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y = gelu(a) * g. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one [BM, BN] tile per program."""
+    rows = (tl.cast(tl.program_id(0), tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rows < M) & (cols < N)
+    a = tl.load(A + rows * stride_am + cols * stride_an, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    y = _gelu(a, APPROX_TANH) * g
+    tl.store(Y + rows * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _geglu_bwd_kernel(
+    DY, stride_dym, stride_dyn,     # grad of out [M, N], any strides
+    A, stride_am, stride_an,        # forward inputs [M, N], any strides
+    G, stride_gm, stride_gn,
+    DA, stride_dam,                 # out: grads of a and g [M, N], unit column stride (two halves
+    DG, stride_dgm,                 # of one [M, 2N] buffer when the input was packed)
+    M, N,
+    APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """da = dy * g * gelu'(a), dg = dy * gelu(a). Same grid as the forward."""
+    rows = (tl.cast(tl.program_id(0), tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rows < M) & (cols < N)
+    a = tl.load(A + rows * stride_am + cols * stride_an, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+    y, d = _gelu_and_grad(a, APPROX_TANH)
+    tl.store(DA + rows * stride_dam + cols, (dy * g * d).to(DA.dtype.element_ty), mask=mask)
+    tl.store(DG + rows * stride_dgm + cols, (dy * y).to(DG.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,3 +254,50 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: st
         HAS_BIAS=b is not None, NEED_DBIAS=need_dbias, APPROX_TANH=approximate == "tanh",
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
     return dx, (part.sum(0).to(bias.dtype) if need_dbias else None)
+
+
+def _halves(x: Tensor, gate: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(activated half, gate) as views: ``x`` (..., 2N) split on its last dim when ``gate`` is None."""
+    if gate is not None:
+        return x, gate
+    n = x.shape[-1] // 2
+    return x[..., :n], x[..., n:]
+
+
+def geglu_fwd(x: Tensor, gate: Optional[Tensor], approximate: str = "none") -> Tensor:
+    """gelu(a) * g. Shapes: x (..., N) and gate (..., N), or x (..., 2N) holding (a, g) and gate
+    None; any strides, one dtype -> (..., N) in that dtype, contiguous."""
+    a, g = _halves(x, gate)
+    y = torch.empty(a.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    a2, g2 = _rows(a), _rows(g)
+    m, n = a2.shape
+    block_m, block_n = _config(n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _geglu_fwd_kernel[grid](a2, a2.stride(0), a2.stride(1), g2, g2.stride(0), g2.stride(1), y, m, n,
+                            APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
+                            num_warps=NUM_WARPS)
+    return y
+
+
+def geglu_bwd(dy: Tensor, x: Tensor, gate: Optional[Tensor],
+              approximate: str = "none") -> Tuple[Tensor, Optional[Tensor]]:
+    """Backward of :func:`geglu_fwd` -> (dx, dgate): with a gate, each of its input's shape; packed
+    (gate None), dx of x's shape (..., 2N) holding both halves' gradients and dgate None. The
+    results are contiguous, in x's dtype."""
+    a, g = _halves(x, gate)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dgate = torch.empty(g.shape, dtype=g.dtype, device=g.device) if gate is not None else None
+    da, dg = _halves(dx, dgate)
+    if a.numel() == 0:
+        return dx, dgate
+    a2, g2, dy2, da2, dg2 = _rows(a), _rows(g), _rows(dy), _rows(da), _rows(dg)
+    m, n = a2.shape
+    block_m, block_n = _config(n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _geglu_bwd_kernel[grid](dy2, dy2.stride(0), dy2.stride(1), a2, a2.stride(0), a2.stride(1),
+                            g2, g2.stride(0), g2.stride(1), da2, da2.stride(0), dg2, dg2.stride(0),
+                            m, n, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
+                            BLOCK_N=block_n, num_warps=NUM_WARPS)
+    return dx, dgate

@@ -590,8 +590,23 @@ def _gelu_cases_for(cc: int, dt: str, n: int, approx: bool, bias: bool = True) -
                   **flags), w, 3, cc)]
 
 
+def _geglu_cases_for(cc: int, dt: str, n: int, approx: bool) -> List[Case]:
+    """The packed layout (a (rows, 2N) input; both halves read with row stride 2N)."""
+    bm, bn = gelu._config(n)
+    name = f"sm{cc}-geglu_{{}}-N{n}-{dt}-{'tanh' if approx else 'erf'}-BM{bm}-BN{bn}"
+    flags = dict(APPROX_TANH=approx, BLOCK_M=bm, BLOCK_N=bn)
+    halves = dict(A=ptr(dt), stride_am=2 * n, stride_an=1, G=ptr(dt), stride_gm=2 * n, stride_gn=1)
+    return [
+        Case("gelu", name.format("fwd"), gelu._geglu_fwd_kernel,
+             dict(**halves, Y=ptr(dt), M=_M, N=n, **flags), gelu.NUM_WARPS, 3, cc),
+        Case("gelu", name.format("bwd"), gelu._geglu_bwd_kernel,
+             dict(DY=ptr(dt), stride_dym=n, stride_dyn=1, **halves, DA=ptr(dt), stride_dam=2 * n,
+                  DG=ptr(dt), stride_dgm=2 * n, M=_M, N=n, **flags), gelu.NUM_WARPS, 3, cc)]
+
+
 def gelu_cases() -> List[Case]:
-    """sm_90: every dtype (erf), tanh, odd width without bias, N = 1. sm_80: fp16 erf and tanh."""
+    """sm_90: every dtype (erf), tanh, odd width without bias, N = 1. sm_80: fp16 erf and tanh.
+    GEGLU: sm_90 bf16 erf and fp16 tanh at ModernBERT-base's 1152, sm_80 fp16 erf."""
     cases = []
     for dt in DTYPES:
         cases += _gelu_cases_for(90, dt, 3072, approx=False)
@@ -600,6 +615,9 @@ def gelu_cases() -> List[Case]:
     cases += _gelu_cases_for(90, "bf16", 1, approx=True)
     cases += _gelu_cases_for(80, "fp16", 3072, approx=False)
     cases += _gelu_cases_for(80, "bf16", 3072, approx=True)
+    cases += _geglu_cases_for(90, "bf16", 1152, approx=False)
+    cases += _geglu_cases_for(90, "fp16", 1152, approx=True)
+    cases += _geglu_cases_for(80, "fp16", 1152, approx=False)
     return cases
 
 

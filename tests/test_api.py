@@ -275,7 +275,7 @@ def test_registering_an_implementation_forgets_remembered_answers(monkeypatch):
 
 def test_every_public_op_has_a_torch_implementation():
     for op in ["scaled_dot_product_attention", "varlen_attention", "block_sparse_attention",
-               "linformer_attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"]:
+               "linformer_attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu", "geglu"]:
         assert "torch" in backends.implementations(op)
         assert callable(getattr(fastbert, op))
 

@@ -94,6 +94,10 @@ def _bias_gelu(x=X, bias=None):
     return lambda backend: fastbert.bias_gelu(x, bias, backend=backend)
 
 
+def _geglu(x=X, gate=None, *args):
+    return lambda backend: fastbert.geglu(x, gate, *args, backend=backend)
+
+
 # (id, call taking the backend, exception, match)
 OP_CASES = [
     # ---------------------------------------------------------------- scaled_dot_product_attention
@@ -237,6 +241,17 @@ OP_CASES = [
      "bias must be a floating-point"),
     ("bias_gelu-bias-2d", _bias_gelu(bias=ones(1, 16)), ValueError, "bias must be 1-D"),
     ("bias_gelu-bias-list", _bias_gelu(bias=[1.0] * 16), TypeError, "bias must be a torch.Tensor"),
+    # -------------------------------------------------------------------------------------- geglu
+    ("geglu-input-None", _geglu(None), TypeError, "input must be a torch.Tensor, got NoneType"),
+    ("geglu-input-int", _geglu(X.int()), TypeError, "input must be a floating-point"),
+    ("geglu-packed-odd", _geglu(X[..., :15]), ValueError, "input must have an even last dim"),
+    ("geglu-packed-0dim", _geglu(torch.tensor(1.0)), ValueError, "input must have an even last dim"),
+    ("geglu-gate-list", _geglu(X, [1.0] * 16), TypeError, "gate must be a torch.Tensor"),
+    ("geglu-gate-shape", _geglu(X, X[..., :8]), ValueError, "gate must have input's shape"),
+    ("geglu-gate-broadcast", _geglu(X, X[:1]), ValueError, "gate must have input's shape"),
+    ("geglu-gate-dtype", _geglu(X, X.half()), TypeError, "gate has dtype torch.float16"),
+    ("geglu-gate-meta", _geglu(X, meta(X)), ValueError, "gate is on meta"),
+    ("geglu-approximate-erf", _geglu(X, None, "erf"), ValueError, "approximate must be 'none'"),
 ]
 
 

@@ -90,7 +90,7 @@ def test_case_enumeration(family):
 
 def test_quick_selection_stays_small():
     quick = runner.all_cases(quick=True)
-    assert 20 <= len(quick) <= 45
+    assert 20 <= len(quick) <= 47
     assert {c.family for c in quick} == set(runner.FAMILIES)
 
 
@@ -196,6 +196,9 @@ def test_norm_bytes():
     r, n, s = 10, 8, 2
     assert common.norm_bytes("add_layer_norm", "fwd", r, n, s) == 3 * r * n * s + 3 * n * s
     assert common.norm_bytes("add_layer_norm", "bwd", r, n, s) == 4 * r * n * s + 5 * n * s
+    # geglu: the input holds 2N columns; forward reads it and writes N, backward reads dy and it
+    assert common.norm_bytes("geglu", "fwd", r, n, s) == (2 + 1) * r * n * s
+    assert common.norm_bytes("geglu", "fwd+bwd", r, n, s) == (3 + 1 + 2 + 2) * r * n * s
     # mixed precision: fp16 input, fp32 residual / parameters / results; two input gradients
     assert common.norm_bytes("add_layer_norm", "fwd", r, n, 2, 4, 4) == r * n * (2 + 4 + 4) + 3 * n * 4
     assert common.norm_bytes("add_layer_norm", "bwd", r, n, 2, 4, 4) == r * n * (4 + 2 + 4 + 2 + 4) + 5 * n * 4
@@ -258,6 +261,7 @@ def test_run_cases_on_cpu_end_to_end(capsys):
         norms.norm_case("add_layer_norm", 40, torch.float32, pass_="bwd", rows=17),
         norms.norm_case("add_layer_norm", 40, torch.float16, pass_="bwd", rows=17,
                         residual_dtype=torch.float32),
+        norms.norm_case("geglu", 40, torch.float32, pass_="fwd+bwd", rows=17),
     ]
     seen = []
     rows = runner.run_cases(cases, device="cpu", timer=timing.CpuTimer(reps=2),
@@ -268,7 +272,8 @@ def test_run_cases_on_cpu_end_to_end(capsys):
     by = {(r["case"], r["impl"]): r for r in rows}
     for case, impl in [(cases[0].name, "sdpa-math"), (cases[1].name, "sdpa-math-padded"),
                        (cases[2].name, "torch-linformer"), (cases[2].name, "sdpa-dense"),
-                       (cases[3].name, "torch-eager"), (cases[4].name, "torch-eager")]:
+                       (cases[3].name, "torch-eager"), (cases[4].name, "torch-eager"),
+                       (cases[5].name, "torch-eager")]:
         r = by[(case, impl)]
         assert r["status"] == "ok", r
         assert r["check"] and "max error" in r["check"]

@@ -255,3 +255,119 @@ def test_cuda_gelu_opcheck_and_compile():
     f = lambda x, b: fastbert.bias_gelu(x, b, backend="cuda") + fastbert.gelu(x, "tanh", backend="cuda")  # noqa: E731
     eager = f(x, b)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, b), eager, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# fastbert.geglu: gelu(a) * g, packed (one (..., 2N) input) or with a separate gate.
+# ----------------------------------------------------------------------------------------------
+def _check_geglu(x, gate, approximate, dy=None, backend="triton"):
+    """The op vs the fp64 reference vs the reference computed in x's dtype (its error sets the
+    bound), output and every gradient with the same upstream gradient."""
+    dtype = x.dtype
+    runs = []
+    for cast, kw in ((None, {}), (torch.float64, {}), (None, {"compute_dtype": dtype})):
+        xs, gs = _leaf(x, cast), _leaf(gate, cast)
+        if kw or cast is not None:
+            out = reference.geglu(xs, gs, approximate, **kw)
+        else:
+            out = fastbert.geglu(xs, gs, approximate, backend=backend)
+        if dy is None:
+            dy = torch.randn(out.shape, device=x.device).to(dtype)
+        out.backward(dy.to(out.dtype))
+        runs.append((out, xs.grad, None if gs is None else gs.grad))
+    (out, dx, dg), (r_out, r_dx, r_dg), (l_out, l_dx, l_dg) = runs
+    assert out.shape == (x.shape if gate is not None else (*x.shape[:-1], x.shape[-1] // 2))
+    assert dx.shape == x.shape
+    pairs = [("out", out, r_out, l_out), ("grad_input", dx, r_dx, l_dx)]
+    if gate is not None:
+        pairs.append(("grad_gate", dg, r_dg, l_dg))
+    for name, o, r, lo in pairs:
+        assert o.dtype == dtype, f"{name}: dtype {o.dtype}, expected {dtype}"
+        assert torch.isfinite(o).all(), f"{name}: non-finite values"
+        assert_close(o, r, lo, atol=interpreter_atol(dtype, r), name=name)
+    return out, dx, dg
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "gate"])
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("width", [1, 97, 1000, 4096], ids=lambda n: f"N{n}")
+def test_geglu(width, dtype, approximate, packed):
+    rows = 17 if width < 1024 else 3
+    if packed:
+        x, gate = rand((rows, 2 * width), dtype, scale=3.0), None
+    else:
+        x, gate = rand((rows, width), dtype, scale=3.0), rand((rows, width), dtype)
+    _check_geglu(x, gate, approximate)
+
+
+@pytest.mark.parametrize("layout", ["strided-cols", "transposed-batch", "linear-output-halves"])
+def test_geglu_noncontiguous(layout):
+    if layout == "strided-cols":  # packed input and upstream gradient with a column stride of 2
+        x, gate = rand((2, 9, 194), torch.float16, scale=3.0, noncontiguous=True), None
+    elif layout == "transposed-batch":  # leading dims that do not merge: the launcher copies
+        x = rand((9, 2, 97), torch.float16, scale=3.0).transpose(0, 1)
+        gate = rand((9, 2, 97), torch.float16).transpose(0, 1)
+    else:  # the halves of one matmul output passed as two views (row stride 2N)
+        x, gate = rand((2, 5, 194), torch.float16, scale=3.0).chunk(2, dim=-1)
+    assert not x.is_contiguous()
+    n = x.shape[-1] // 2 if gate is None else x.shape[-1]
+    _check_geglu(x, gate, "tanh", dy=rand((*x.shape[:-1], n), torch.float16, noncontiguous=True))
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_geglu_large_magnitude_fp16(approximate):
+    """Saturated GELU (|a| up to the fp16 limit): no overflow and no NaN; exact limits."""
+    a = rand((17, 97), torch.float32, scale=300.0)
+    a[0, :4] = torch.tensor([60000.0, -60000.0, 65504.0, -65504.0])
+    g = rand((17, 97), torch.float32)
+    g[0, :4] = 1.0
+    x = torch.cat([a, g], dim=-1).to(torch.float16)
+    out, dx, _ = _check_geglu(x, None, approximate, dy=torch.ones((17, 97), dtype=torch.float16))
+    assert out[0, :4].tolist() == [60000.0, 0.0, 65504.0, 0.0]
+    assert dx[0, :4].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert dx[0, 97:101].tolist() == [60000.0, 0.0, 65504.0, 0.0]
+
+
+def test_geglu_shapes_and_grad_of_one_input():
+    """0-d and empty tensors; only the gate requiring grad; the packed form equals the gated one."""
+    a, g = torch.randn((), device=DEVICE), torch.randn((), device=DEVICE)
+    _check_geglu(a, g, "none")
+    empty = torch.zeros((0, 6), device=DEVICE, requires_grad=True)
+    out = fastbert.geglu(empty, backend="triton")
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert empty.grad.shape == (0, 6)
+    x = rand((7, 2, 130))
+    gate = x[..., 65:].clone().requires_grad_(True)
+    out = fastbert.geglu(x[..., :65], gate, backend="triton")
+    assert torch.equal(out, fastbert.geglu(x, backend="triton"))
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(gate.grad, F.gelu(x[..., :65]))
+
+
+def test_geglu_dispatch_and_compile():
+    x = rand((4, 98))
+    if DEVICE == "cpu":  # 'auto' never picks the interpreter: the torch reference serves CPU
+        assert select("geglu", None, x.device, input=x, gate=None, approximate="none").backend == "torch"
+    with pytest.raises(BackendError, match="input is float64"):
+        fastbert.geglu(x.double(), backend="triton")
+    a, g = x.double().chunk(2, dim=-1)
+    torch.testing.assert_close(fastbert.geglu(x.double()), F.gelu(a) * g)
+    # torch.compile(fullgraph=True) through the custom ops, forward and backward
+    x = rand((17, 98), requires_grad=True)
+    fn = torch.compile(lambda x: fastbert.geglu(x, approximate="tanh", backend="triton"), fullgraph=True)
+    out = fn(x)
+    dy = torch.randn_like(out)
+    eager = fastbert.geglu(x, approximate="tanh", backend="triton")
+    assert torch.equal(out, eager)
+    assert torch.equal(torch.autograd.grad(out, x, dy)[0], torch.autograd.grad(eager, x, dy)[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("shape", [(4099, 2 * 1152), (3, 513, 2 * 4096), (17, 2 * 65536)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_geglu_triton_gpu(shape, dtype, approximate):
+    _check_geglu(rand(shape, dtype, scale=3.0), None, approximate)

@@ -707,7 +707,7 @@ def test_register_with_backend_and_from_config():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet", "deberta_v2", "modernbert"])
 def test_optimize_hf_triton(family):
-    ops = ("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
+    ops = ("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm", "geglu")
     missing = [op for op in ops if "triton" not in backends.implementations(op)]
     if missing:
         pytest.skip(f"no Triton registration yet for {missing}")

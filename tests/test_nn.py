@@ -466,6 +466,25 @@ def test_gelu_matches_torch(approximate):
     assert g.approximate == approximate and isinstance(g, nn.GELU)
 
 
+class _TorchGEGLU(nn.Module):
+    def __init__(self, approximate):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x):
+        a, g = x.chunk(2, dim=-1)
+        return F.gelu(a, approximate=self.approximate) * g
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_geglu_module(approximate):
+    m = fnn.GEGLU(approximate, backend="torch")
+    compare_modules(m, _TorchGEGLU(approximate), [torch.randn(3, 5, 34) * 3])
+    assert m.state_dict() == {} and f"approximate={approximate!r}" in repr(m)
+    with pytest.raises(ValueError, match="approximate must be 'none'"):
+        fnn.GEGLU("erf")
+
+
 # ----------------------------------------------------------------------------------------------
 # BlockSparseSelfAttention, LinformerSelfAttention
 # ----------------------------------------------------------------------------------------------
@@ -639,12 +658,14 @@ def test_triton_transformer_encoder_layer(norm_first):
 
 
 def test_triton_layer_norm_and_gelu():
-    need_triton("layer_norm", "gelu")
+    need_triton("layer_norm", "gelu", "geglu")
     theirs = nn.LayerNorm(97)
     _triton_vs_reference(lambda: fnn.LayerNorm.from_torch(copy.deepcopy(theirs), backend="triton"),
                          lambda o: theirs, [torch.randn(3, 97)])
     _triton_vs_reference(lambda: fnn.GELU("tanh", backend="triton"), lambda o: nn.GELU("tanh"),
                          [torch.randn(5, 17)])
+    _triton_vs_reference(lambda: fnn.GEGLU(backend="triton"), lambda o: _TorchGEGLU("none"),
+                         [torch.randn(5, 34)])
 
 
 def test_triton_block_sparse_attention():

@@ -293,6 +293,19 @@ def test_gelu_and_bias_gelu_match_torch(approximate):
     assert_all_close(grads(out, [x, bias], g), grads(want, [x, bias], g))
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_geglu_matches_torch(approximate):
+    x, gate = r(17, 2 * 97) * 4, r(17, 97)
+    packed = reference.geglu(x, None, approximate)
+    want = F.gelu(x[:, :97], approximate=approximate) * x[:, 97:]
+    assert packed.shape == (17, 97) and (packed - want).abs().max() <= TOL
+    g = torch.randn_like(want)
+    assert_all_close(grads(packed, [x], g), grads(want, [x], g))
+    two = reference.geglu(x[:, :97], gate, approximate)
+    want = F.gelu(x[:, :97], approximate=approximate) * gate
+    assert_all_close(grads(two, [x, gate], g), grads(want, [x, gate], g))
+
+
 def test_layout_to_mask_crops_partial_blocks():
     layout = torch.tensor([[[True, False], [False, True]]])
     m = reference.layout_to_mask(layout, 4, 6, 5)

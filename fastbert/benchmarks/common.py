@@ -196,6 +196,7 @@ def norm_bytes(op: str, pass_: str, rows: int, cols: int, itemsize: int,
              add_layer_norm: read input, residual, input_bias, weight, bias; write y
              gelu:           read x; write y
              bias_gelu:      read x, bias; write y
+             geglu:          read the (rows, 2 * cols) input; write y
     backward layer_norm:     read dy, x, weight; write dx, dweight, dbias (row statistics are
                              recomputable, so they are not counted)
              add_layer_norm: read dy, input, residual, input_bias, weight; write dinput (the same
@@ -203,7 +204,9 @@ def norm_bytes(op: str, pass_: str, rows: int, cols: int, itemsize: int,
                              dinput_bias
              gelu:           read dy, x; write dx
              bias_gelu:      read dy, x, bias; write dx, dbias
-    ``fwd+bwd`` is the sum of both.
+             geglu:          read dy and the (rows, 2 * cols) input; write its gradient
+    ``fwd+bwd`` is the sum of both. For geglu, ``cols`` is the output width N (the input holds
+    2N: the GELU half and the gate).
     """
     p = itemsize if param_itemsize is None else param_itemsize
     big = rows * cols * itemsize
@@ -213,10 +216,12 @@ def norm_bytes(op: str, pass_: str, rows: int, cols: int, itemsize: int,
         ("add_layer_norm", "fwd"): 3 * big + 3 * vec,
         ("gelu", "fwd"): 2 * big,
         ("bias_gelu", "fwd"): 2 * big + vec,
+        ("geglu", "fwd"): 3 * big,
         ("layer_norm", "bwd"): 3 * big + 3 * vec,
         ("add_layer_norm", "bwd"): 4 * big + 5 * vec,
         ("gelu", "bwd"): 3 * big,
         ("bias_gelu", "bwd"): 3 * big + 2 * vec,
+        ("geglu", "bwd"): 5 * big,
     }
     if residual_itemsize is not None and residual_itemsize != itemsize:
         if op != "add_layer_norm":

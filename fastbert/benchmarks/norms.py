@@ -1,9 +1,11 @@
 """Memory-bound cases: layer_norm, add_layer_norm (BERT's residual + bias + LayerNorm output
-sublayer, dropout_p = 0), bias_gelu and gelu, in GB/s (see :func:`~fastbert.benchmarks.common.norm_bytes`).
+sublayer, dropout_p = 0), bias_gelu, gelu and geglu, in GB/s (see
+:func:`~fastbert.benchmarks.common.norm_bytes`).
 
 Peers: torch eager (``F.layer_norm``, and the unfused composition for the fused ops),
-``torch.compile`` of the same composition, and Liger-Kernel's and apex's LayerNorm when installed.
-Shapes: 16384 rows x 768 / 1024 / 4096 / 8192, fp16 and bf16, forward and backward, and the
+``torch.compile`` of the same composition, and Liger-Kernel's and apex's LayerNorm and
+Liger-Kernel's GEGLU when installed. Shapes: 16384 rows x 768 / 1024 / 4096 / 8192, fp16 and bf16,
+forward and backward (for geglu, N is the output width: the input is 16384 x 2N), and the
 mixed-precision add_layer_norm (bf16 input, fp32 residual and parameters: "bf16+fp32", the layer
 as autocast runs it) at 768 / 1024 / 4096. Each result is checked against ``fastbert.reference``
 (output and every gradient) with PyTorch eager's error in the same precision as the yardstick,
@@ -22,7 +24,9 @@ from .common import (Case, Impl, Prepared, Unavailable, compare, dtype_name, fas
 __all__ = ["cases", "norm_case", "OPS", "ROWS", "WIDTHS"]
 
 FAMILY = "norms"
-OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "gelu")
+OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "gelu", "geglu")
+# geglu runs the tanh form: the only one Liger-Kernel's GEGLU computes, so every peer does the same.
+GEGLU_APPROX = "tanh"
 ROWS = 16384
 WIDTHS = (768, 1024, 4096, 8192)
 EPS = 1e-5
@@ -33,6 +37,7 @@ _INPUTS = {
     "add_layer_norm": ("x", "residual", "weight", "bias", "input_bias"),
     "gelu": ("x",),
     "bias_gelu": ("x", "bias"),
+    "geglu": ("x",),
 }
 
 
@@ -53,8 +58,14 @@ def _bias_gelu_eager(x, bias):
     return F.gelu(x + bias)
 
 
+def _geglu_eager(x):
+    a, g = x.chunk(2, dim=-1)
+    return F.gelu(a, approximate=GEGLU_APPROX) * g
+
+
 EAGER: Dict[str, Callable] = {"layer_norm": _ln_eager, "add_layer_norm": _add_ln_eager,
-                              "gelu": _gelu_eager, "bias_gelu": _bias_gelu_eager}
+                              "gelu": _gelu_eager, "bias_gelu": _bias_gelu_eager,
+                              "geglu": _geglu_eager}
 
 
 def _reference(op: str) -> Callable:
@@ -66,6 +77,8 @@ def _reference(op: str) -> Callable:
         return lambda x, r, w, b, ib: reference.add_layer_norm(x, r, w, b, EPS, input_bias=ib)
     if op == "gelu":
         return lambda x: reference.gelu(x)
+    if op == "geglu":
+        return lambda x: reference.geglu(x, None, GEGLU_APPROX)
     return lambda x, b: reference.bias_gelu(x, b)
 
 
@@ -80,6 +93,8 @@ def _fastbert(op: str) -> Callable:
                                            input_bias=s.input_bias, backend=backend)
         if op == "gelu":
             return fastbert.gelu(s.x, backend=backend)
+        if op == "geglu":
+            return fastbert.geglu(s.x, None, GEGLU_APPROX, backend=backend)
         return fastbert.bias_gelu(s.x, s.bias, backend=backend)
     return run
 
@@ -108,6 +123,16 @@ def _liger_impl() -> Impl:
         except ImportError as e:
             raise Unavailable(f"Liger-Kernel is not installed ({e})") from None
         return Prepared(lambda st: LigerLayerNormFunction.apply(st.x, st.weight, st.bias, EPS))
+    return Impl("liger", prepare)
+
+
+def _liger_geglu_impl() -> Impl:
+    def prepare(case, s):
+        try:
+            from liger_kernel.ops.geglu import LigerGELUMulFunction
+        except ImportError as e:
+            raise Unavailable(f"Liger-Kernel is not installed ({e})") from None
+        return Prepared(lambda st: LigerGELUMulFunction.apply(*st.x.chunk(2, dim=-1)))
     return Impl("liger", prepare)
 
 
@@ -141,7 +166,8 @@ def norm_case(op: str, cols: int, dtype: torch.dtype = torch.float16, *, pass_: 
     names = _INPUTS[op]
 
     def setup(device):
-        t = {"x": torch.randn(rows, cols, device=device, dtype=dtype)}
+        x_cols = 2 * cols if op == "geglu" else cols  # geglu: both halves in one input
+        t = {"x": torch.randn(rows, x_cols, device=device, dtype=dtype)}
         if "residual" in names:
             t["residual"] = torch.randn(rows, cols, device=device, dtype=rdtype)
         if "weight" in names:
@@ -179,6 +205,8 @@ def norm_case(op: str, cols: int, dtype: torch.dtype = torch.float16, *, pass_: 
              _eager_impl(op), _compile_impl(op)]
     if op == "layer_norm":
         impls += [_liger_impl(), _apex_impl()]
+    if op == "geglu":
+        impls.append(_liger_geglu_impl())
     work = norm_bytes(op, pass_, rows, cols, itemsize, param_itemsize=r_itemsize,
                       residual_itemsize=r_itemsize)
     return Case(FAMILY, op, f"{op}-{pass_}-R{rows}-N{cols}-{dt}", pass_, dtype,
@@ -193,7 +221,8 @@ def cases(quick: bool = False) -> List[Case]:
         for pass_ in ("fwd", "bwd"):
             for dtype in (torch.float16, torch.bfloat16):
                 for n in WIDTHS:
-                    q = dtype == torch.float16 and n in (768, 4096)
+                    # quick: fp16 at 768 and 4096; geglu at 1024 only (ModernBERT-base's 1152 is near)
+                    q = dtype == torch.float16 and n in ((1024,) if op == "geglu" else (768, 4096))
                     out.append(norm_case(op, n, dtype, pass_=pass_, quick=q))
             if op == "add_layer_norm":  # mixed precision: a bf16 matmul output, an fp32 stream
                 for n in WIDTHS[:3]:

@@ -36,7 +36,7 @@ DEVICE = "cuda"   # where `run` measures (the unit tests point it at the CPU)
 OPS_BY_FAMILY = {
     "attention": ("scaled_dot_product_attention", "varlen_attention"),
     "sparse": ("block_sparse_attention", "linformer_attention"),
-    "norms": ("layer_norm", "add_layer_norm", "bias_gelu", "gelu"),
+    "norms": ("layer_norm", "add_layer_norm", "bias_gelu", "gelu", "geglu"),
     "bert": ("bert",),
 }
 NO_GPU_MESSAGE = (
@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark only this op family (attention, sparse, norms, bert) or "
                              "op (scaled_dot_product_attention, varlen_attention, "
                              "block_sparse_attention, linformer_attention, layer_norm, "
-                             "add_layer_norm, bias_gelu, gelu); repeat or separate with commas")
+                             "add_layer_norm, bias_gelu, gelu, geglu); repeat or separate with "
+                             "commas")
     parser.add_argument("--quick", action="store_true",
                         help="a small selection of shapes and short timings (a few minutes on an H100)")
     parser.add_argument("--out", metavar="DIR", default=None,

@@ -710,8 +710,9 @@ class ModernBertAttention(nn.Module):
 class ModernBertLayer(_LayerBase):
     """ModernBERT's pre-LayerNorm encoder layer (transformers 5.x) with the residual add after the
     attention and the LayerNorm before the MLP fused in one :func:`fastbert.add_layer_norm`
-    (``return_residual``), the norms on :func:`fastbert.layer_norm`, the GeGLU's GELU on
-    :func:`fastbert.gelu` and the attention a :class:`ModernBertAttention`. Same ``state_dict``."""
+    (``return_residual``), the norms on :func:`fastbert.layer_norm`, the MLP's ``act(input) * gate``
+    on :func:`fastbert.geglu` (one pass over the ``Wi`` output, read in place) and the attention a
+    :class:`ModernBertAttention`. Same ``state_dict``."""
 
     _fastbert_records_outputs = True
     backend: Optional[str]
@@ -733,8 +734,8 @@ class ModernBertLayer(_LayerBase):
         if approximate is None:
             out = h + mlp(y)
         else:
-            x, gate = mlp.Wi(y).chunk(2, dim=-1)
-            out = h + mlp.Wo(mlp.drop(ops.gelu(x, approximate, backend=self.backend) * gate))
+            act = ops.geglu(mlp.Wi(y), None, approximate, backend=self.backend)
+            out = h + mlp.Wo(mlp.drop(act))
         _record_outputs(self, (hidden_states,), out)
         return out
 

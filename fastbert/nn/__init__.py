@@ -5,6 +5,7 @@
 ``MultiheadAttention``          ``torch.nn.MultiheadAttention`` on ``scaled_dot_product_attention``
 ``TransformerEncoderLayer``     ``torch.nn.TransformerEncoderLayer`` with fused output sublayers
 ``LayerNorm``, ``GELU``         ``torch.nn.LayerNorm`` / ``torch.nn.GELU``
+``GEGLU``                       ``gelu(a) * g`` of a packed (..., 2N) input, on ``geglu``
 ``BlockSparseSelfAttention``    self-attention on ``block_sparse_attention`` (layout or preset)
 ``LinformerSelfAttention``      self-attention on ``linformer_attention``
 =============================  =============================================================
@@ -15,7 +16,7 @@ module on the very same Parameter objects; :func:`fastbert.optimize` does that a
 """
 from .attention import MultiheadAttention
 from .block_sparse_attention import BlockSparseSelfAttention
-from .gelu import GELU
+from .gelu import GEGLU, GELU
 from .layer_norm import LayerNorm
 from .linformer_attention import LinformerSelfAttention
 from .transformer import TransformerEncoderLayer
@@ -25,6 +26,7 @@ __all__ = [
     "TransformerEncoderLayer",
     "LayerNorm",
     "GELU",
+    "GEGLU",
     "BlockSparseSelfAttention",
     "LinformerSelfAttention",
 ]

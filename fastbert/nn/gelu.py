@@ -1,5 +1,6 @@
-"""``fastbert.nn.GELU``: ``torch.nn.GELU`` running :func:`fastbert.gelu`, and the helper that
-recognises GELU activations (torch's and HuggingFace's) for the fused bias + GELU."""
+"""``fastbert.nn.GELU``: ``torch.nn.GELU`` running :func:`fastbert.gelu`; ``fastbert.nn.GEGLU``,
+the gated form on :func:`fastbert.geglu`; and the helper that recognises GELU activations (torch's
+and HuggingFace's) for the fused bias + GELU."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,7 +12,7 @@ from .. import ops
 from ..ops.gelu import _check_approximate
 from ._utils import adopt, check_backend
 
-__all__ = ["GELU", "gelu_approximation"]
+__all__ = ["GELU", "GEGLU", "gelu_approximation"]
 
 
 class GELU(nn.GELU):
@@ -34,6 +35,26 @@ class GELU(nn.GELU):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+
+class GEGLU(nn.Module):
+    """``gelu(a) * g`` where ``a, g = input.chunk(2, dim=-1)``: the gated activation between a
+    GLU-variant MLP's two matmuls (ModernBERT's ``act(input) * gate``), on :func:`fastbert.geglu`.
+
+    Shapes: input (..., 2N) -> (..., N). ``approximate``: ``"none"`` (erf) or ``"tanh"``. No
+    parameters. Use ``nn.Linear(d, 2 * N)`` before it and ``nn.Linear(N, d)`` after.
+    """
+
+    def __init__(self, approximate: str = "none", *, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.approximate = _check_approximate(approximate)
+        self.backend = check_backend(backend)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.geglu(input, None, self.approximate, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}, backend={self.backend!r}"
 
 
 # HuggingFace activation classes (transformers.activations) that compute GELU, by class name:

@@ -1,7 +1,7 @@
 """Public ops, one module per op family: checks, backend dispatch and the registered kernels."""
 from .attention import scaled_dot_product_attention, varlen_attention
 from .block_sparse_attention import block_sparse_attention
-from .gelu import bias_gelu, gelu
+from .gelu import bias_gelu, geglu, gelu
 from .layer_norm import add_layer_norm, layer_norm
 from .linformer_attention import linformer_attention
 
@@ -14,4 +14,5 @@ __all__ = [
     "add_layer_norm",
     "gelu",
     "bias_gelu",
+    "geglu",
 ]

@@ -1,4 +1,5 @@
-"""GELU and bias + GELU: public functions, checks and dispatch (ops ``"gelu"`` and ``"bias_gelu"``)."""
+"""GELU, bias + GELU and GEGLU: public functions, checks and dispatch (ops ``"gelu"``,
+``"bias_gelu"`` and ``"geglu"``)."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -11,7 +12,7 @@ from .._validation import check_same, check_tensor
 from .._library import custom_op
 from ..backends import cuda_ops, register, register_cuda_family, select
 
-__all__ = ["gelu", "bias_gelu"]
+__all__ = ["gelu", "bias_gelu", "geglu"]
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -52,6 +53,37 @@ def bias_gelu(input: Tensor, bias: Optional[Tensor], approximate: str = "none", 
     return impl.fn(input, bias, approximate)
 
 
+def geglu(input: Tensor, gate: Optional[Tensor] = None, approximate: str = "none", *,
+          backend: Optional[str] = None) -> Tensor:
+    """GEGLU, ``gelu(input) * gate`` fused: the gated MLP activation of ModernBERT, T5 v1.1 and
+    GLU-variant transformers. Reads each input once and writes the output once; the backward pass
+    recomputes ``gelu`` instead of storing it.
+
+    Shapes:
+        - ``gate=None`` (the packed form): input (..., 2N) is one matmul's output holding both
+          halves, split as ``input.chunk(2, dim=-1)`` with the *first* half through GELU (as
+          ModernBERT and the GLU-variants paper) -> (..., N). Its gradient is one (..., 2N) tensor.
+        - ``gate`` given: input and gate (..., N), one shape and dtype -> (..., N).
+
+    ``approximate``: ``"none"`` (erf) or ``"tanh"``, as :func:`torch.nn.functional.gelu`. Any
+    strides (the halves of a packed input are read in place). The math is fp32 inside.
+    """
+    check_tensor("input", input)
+    if gate is None:
+        if input.dim() == 0 or input.shape[-1] % 2:
+            raise ValueError("input must have an even last dim when gate is None (its two halves "
+                             f"are the GELU input and the gate), got shape {tuple(input.shape)}")
+    else:
+        check_tensor("gate", gate)
+        check_same("input", input, "gate", gate)
+        if gate.shape != input.shape:
+            raise ValueError(f"gate must have input's shape {tuple(input.shape)}, got "
+                             f"{tuple(gate.shape)}")
+    approximate = _check_approximate(approximate)
+    impl = select("geglu", backend, input.device, input=input, gate=gate, approximate=approximate)
+    return impl.fn(input, gate, approximate)
+
+
 @register("gelu", "torch")
 def _gelu_torch(input, approximate):
     return reference.gelu(input, approximate)
@@ -62,13 +94,18 @@ def _bias_gelu_torch(input, bias, approximate):
     return reference.bias_gelu(input, bias, approximate)
 
 
+@register("geglu", "torch")
+def _geglu_torch(input, gate, approximate):
+    return reference.geglu(input, gate, approximate)
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton backend (kernels/gelu.py): torch.library custom ops with fake implementations and
 # autograd, shared by gelu (bias None) and bias_gelu. Triton is imported inside the ops only.
 # ----------------------------------------------------------------------------------------------
-def _triton_reasons(*, input, bias=None, **_) -> List[str]:
+def _triton_reasons(*, input, bias=None, gate=None, **_) -> List[str]:
     return [f"{name} is float64; the Triton kernels take float16, bfloat16 or float32"
-            for name, t in (("input", input), ("bias", bias))
+            for name, t in (("input", input), ("bias", bias), ("gate", gate))
             if t is not None and t.dtype == torch.float64]
 
 
@@ -126,10 +163,60 @@ def _bias_gelu_triton(input, bias, approximate):
     return _gelu_fwd_op(input, bias, approximate)
 
 
+@custom_op("fastbert::geglu_fwd")
+def _geglu_fwd_op(input: Tensor, gate: Optional[Tensor], approximate: str) -> Tensor:
+    from ..kernels.gelu import geglu_fwd
+
+    return geglu_fwd(input, gate, approximate)
+
+
+@_geglu_fwd_op.register_fake
+def _(input, gate, approximate):
+    shape = input.shape if gate is not None else (*input.shape[:-1], input.shape[-1] // 2)
+    return input.new_empty(shape)
+
+
+@custom_op("fastbert::geglu_bwd")
+def _geglu_bwd_op(grad_out: Tensor, input: Tensor, gate: Optional[Tensor],
+                  approximate: str) -> Tuple[Tensor, Tensor]:
+    """-> (dinput, dgate); dgate is an empty placeholder in the packed form (gate None)."""
+    from ..kernels.gelu import geglu_bwd
+
+    dx, dg = geglu_bwd(grad_out, input, gate, approximate)
+    return dx, (dg if dg is not None else input.new_empty((0,)))
+
+
+@_geglu_bwd_op.register_fake
+def _(grad_out, input, gate, approximate):
+    return input.new_empty(input.shape), (gate.new_empty(gate.shape) if gate is not None
+                                          else input.new_empty((0,)))
+
+
+def _geglu_setup_context(ctx, inputs, output):
+    input, gate, approximate = inputs
+    ctx.save_for_backward(input, gate)  # gelu(input) is recomputed, not stored
+    ctx.approximate = approximate
+
+
+def _geglu_backward(ctx, grad_out):
+    input, gate = ctx.saved_tensors
+    dx, dg = _geglu_bwd_op(grad_out, input, gate, ctx.approximate)
+    need_dx, need_dg = ctx.needs_input_grad[:2]
+    return dx if need_dx else None, dg if need_dg else None, None
+
+
+_geglu_fwd_op.register_autograd(_geglu_backward, setup_context=_geglu_setup_context)
+
+
+@register("geglu", "triton", reasons=_triton_reasons)
+def _geglu_triton(input, gate, approximate):
+    return _geglu_fwd_op(input, gate, approximate)
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA backend (csrc/gelu, extension fastbert._C): torch.ops.fastbert_cuda.bias_gelu_{fwd,bwd},
 # shared by gelu (bias None) and bias_gelu. Fakes and autograd are registered here when the
-# extension is first used (loaded lazily; run an op once eagerly before torch.compile).
+# extension is first used (loaded lazily, also from inside torch.compile: backends.cuda_ops).
 # ----------------------------------------------------------------------------------------------
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
