@@ -74,6 +74,14 @@ for shape, dtype in [((129, 768), F16), ((67, 97), BF16), ((5, 3, 7), F32)]:
     backward(fastbert.bias_gelu(x, b, backend="cuda"))
     backward(fastbert.gelu(x, "tanh", backend="cuda"))
 
+# GEGLU: packed (vectorised; odd width: scalar), a separate gate, the halves of one matrix
+for shape, dtype in [((129, 2 * 1152), F16), ((67, 2 * 97), BF16), ((5, 3, 14), F32)]:
+    x = leaf(*shape, dtype=dtype)
+    backward(fastbert.geglu(x, backend="cuda"))
+    backward(fastbert.geglu(*x.chunk(2, dim=-1), "tanh", backend="cuda"))
+    a, g = leaf(*shape[:-1], shape[-1] // 2, dtype=dtype), leaf(*shape[:-1], shape[-1] // 2, dtype=dtype)
+    backward(fastbert.geglu(a, g, backend="cuda"))
+
 # attention, unfused (with gradients): masks of every kind, causal, dropout, multi-warp rows (Lk 1000)
 for (b, h, lq, lk, d, dtype) in [(2, 2, 97, 130, 40, F16), (1, 2, 17, 512, 64, BF16), (1, 1, 5, 1000, 64, F32)]:
     q, k, v = leaf(b, h, lq, d, dtype=dtype), leaf(b, h, lk, d, dtype=dtype), leaf(b, h, lk, d, dtype=dtype)
@@ -153,6 +161,7 @@ def triton_calls():
         backward(fastbert.layer_norm(x, (width,), w, b, **T))
         backward(fastbert.add_layer_norm(x, r, w, b, input_bias=b, dropout_p=0.1, **T))
         backward(fastbert.bias_gelu(x, b, "tanh", **T))
+        backward(fastbert.geglu(x, r, **T))
     torch.cuda.synchronize()
 
 

@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -487,6 +488,93 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& grad_out, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// GEGLU
+// ---------------------------------------------------------------------------------------------
+// A geglu call's GELU input and gate as [rows, cols] matrices with a unit column stride (views,
+// or contiguous copies of layouts that are not): the halves of a packed (..., 2 cols) input, or
+// input and gate (..., cols). The params hold their pointers and row strides.
+struct GegluOperands {
+  at::Tensor a, g;
+  std::vector<int64_t> out_shape;  // input's shape with the last dim cols
+  GegluParams params;
+};
+
+GegluOperands geglu_operands(const at::Tensor& input, const OptTensor& gate, c10::string_view approximate,
+                             const char* op) {
+  GegluOperands o;
+  GegluParams& p = o.params;
+  p.tanh_approx = tanh_flag(approximate, op);
+  p.dtype = dtype_of(input, op, "input");
+  TORCH_CHECK(input.dim() >= 1, "fastbert_cuda::", op, ": input must have at least 1 dim");
+  const bool packed = !gate.has_value() || !gate->defined();
+  if (packed) {
+    TORCH_CHECK(input.size(-1) % 2 == 0, "fastbert_cuda::", op,
+                ": input must have an even last dim when gate is None, got shape ", input.sizes());
+  } else {
+    check_like(*gate, input, op, "gate", "input");
+    check_shape(*gate, input.sizes(), op, "gate");
+  }
+  p.cols = packed ? input.size(-1) / 2 : input.size(-1);
+  o.out_shape.assign(input.sizes().begin(), input.sizes().end());
+  o.out_shape.back() = p.cols;
+  if (input.numel() == 0) return o;  // rows = 0: nothing to launch
+  if (packed) {
+    const at::Tensor x = rows_of(input.reshape({-1, 2 * p.cols}));
+    o.a = x.narrow(1, 0, p.cols);
+    o.g = x.narrow(1, p.cols, p.cols);
+  } else {
+    o.a = rows_of(input.reshape({-1, p.cols}));
+    o.g = rows_of(gate->reshape({-1, p.cols}));
+  }
+  p.rows = o.a.size(0);
+  p.a = o.a.data_ptr();
+  p.g = o.g.data_ptr();
+  p.a_row_stride = o.a.stride(0);
+  p.g_row_stride = o.g.stride(0);
+  return o;
+}
+
+at::Tensor geglu_fwd(const at::Tensor& input, const OptTensor& gate, c10::string_view approximate) {
+  const char* op = "geglu_fwd";
+  check_cuda(input, op, "input");
+  const DeviceGuard guard(input.device());
+  GegluOperands o = geglu_operands(input, gate, approximate, op);
+  at::Tensor out = at::empty(o.out_shape, input.options());
+  o.params.out = out.data_ptr();
+  o.params.out_row_stride = o.params.cols;
+  check_launch(fastbert::geglu_fwd(o.params, num_sms(input.get_device()), current_stream(input.device())), op);
+  return out;
+}
+
+// -> (dL/dinput, dL/dgate); packed (gate None): dL/dinput holds both halves' gradients and
+// dL/dgate is empty.
+std::tuple<at::Tensor, at::Tensor> geglu_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                             const OptTensor& gate, c10::string_view approximate) {
+  const char* op = "geglu_bwd";
+  check_cuda(input, op, "input");
+  const DeviceGuard guard(input.device());
+  GegluOperands o = geglu_operands(input, gate, approximate, op);
+  GegluParams& p = o.params;
+  check_like(grad_out, input, op, "grad_out", "input");
+  check_shape(grad_out, o.out_shape, op, "grad_out");
+  const bool packed = !gate.has_value() || !gate->defined();
+  const at::Tensor dy = grad_out.contiguous();
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  at::Tensor grad_gate = at::empty(packed ? at::IntArrayRef({0}) : input.sizes(), input.options());
+  p.grad_out = dy.data_ptr();
+  p.out = grad_input.data_ptr();
+  if (packed) {  // the gate's gradient is the second half of each row of grad_input
+    p.grad_gate = static_cast<char*>(p.out) + p.cols * grad_input.element_size();
+    p.out_row_stride = p.grad_gate_row_stride = 2 * p.cols;
+  } else {
+    p.grad_gate = grad_gate.data_ptr();
+    p.out_row_stride = p.grad_gate_row_stride = p.cols;
+  }
+  check_launch(fastbert::geglu_bwd(p, num_sms(input.get_device()), current_stream(input.device())), op);
+  return {grad_input, grad_gate};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention (unfused: cuBLAS GEMMs through torch around the softmax kernels)
 // ---------------------------------------------------------------------------------------------
 // attn_mask checked and expanded to (B, H, Lq, Lk) (strides 0 where it broadcasts); a floating
@@ -857,6 +945,8 @@ void define_schemas(torch::Library& m) {
   m.def("bias_gelu_fwd(Tensor input, Tensor? bias, str approximate) -> Tensor");
   m.def("bias_gelu_bwd(Tensor grad_out, Tensor input, Tensor? bias, str approximate, bool need_bias_grad) "
         "-> (Tensor, Tensor)");
+  m.def("geglu_fwd(Tensor input, Tensor? gate, str approximate) -> Tensor");
+  m.def("geglu_bwd(Tensor grad_out, Tensor input, Tensor? gate, str approximate) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
         "bool is_causal, float scale) -> (Tensor, Tensor, Tensor)",
         seeded);
@@ -879,6 +969,8 @@ void impl_kernels(torch::Library& m) {
   m.impl("add_layer_norm_bwd", &fastbert::ops::add_layer_norm_bwd);
   m.impl("bias_gelu_fwd", &fastbert::ops::bias_gelu_fwd);
   m.impl("bias_gelu_bwd", &fastbert::ops::bias_gelu_bwd);
+  m.impl("geglu_fwd", &fastbert::ops::geglu_fwd);
+  m.impl("geglu_bwd", &fastbert::ops::geglu_bwd);
   m.impl("attention_fwd", &fastbert::ops::attention_fwd);
   m.impl("attention_bwd", &fastbert::ops::attention_bwd);
   m.impl("fused_attention_fwd", &fastbert::ops::fused_attention_fwd);

@@ -13,7 +13,8 @@ covers every call:
 
 * attention: dtype, head dim (<=64, <=128, >128), key length (<=512, >512), masked or not, causal
   or not — e.g. ``"fp16/D<=64/Lk<=512/mask/full"``;
-* LayerNorm, add+LayerNorm, GELU, bias+GELU: dtype and row width (<=1024, <=4096, >4096) — e.g.
+* LayerNorm, add+LayerNorm, GELU, bias+GELU, GEGLU: dtype and row width (<=1024, <=4096, >4096;
+  GEGLU's is its output width N, half a packed input's) — e.g.
   ``"bf16/N<=1024"``; an add+LayerNorm whose residual has another dtype than its input (mixed
   precision) is a class of its own, e.g. ``"bf16+fp32/N<=1024"``.
 
@@ -60,7 +61,7 @@ FAST_BACKENDS = ("triton", "cuda")
 TIE = 1.03
 
 _ATTENTION_OPS = ("scaled_dot_product_attention",)
-_ROW_OPS = ("layer_norm", "add_layer_norm", "gelu", "bias_gelu")
+_ROW_OPS = ("layer_norm", "add_layer_norm", "gelu", "bias_gelu", "geglu")
 MEASURED_OPS = _ATTENTION_OPS + _ROW_OPS
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
@@ -98,7 +99,10 @@ def shape_class(op: str, **call) -> Optional[str]:
         dtype = _DTYPE_NAMES.get(x.dtype, str(x.dtype))
         if isinstance(r, torch.Tensor) and r.dtype != x.dtype:  # mixed precision: "bf16+fp32"
             dtype += "+" + _DTYPE_NAMES.get(r.dtype, str(r.dtype))
-        return _row_class(dtype, x.shape[-1] if x.dim() else 1)
+        n = x.shape[-1] if x.dim() else 1
+        if op == "geglu" and call.get("gate") is None:  # packed: the output width is half
+            n //= 2
+        return _row_class(dtype, n)
     return None
 
 

@@ -28,7 +28,7 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda"
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 OPS = ["layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd",
-       "bias_gelu_fwd", "bias_gelu_bwd", "attention_fwd", "attention_bwd", "fused_attention_fwd",
+       "bias_gelu_fwd", "bias_gelu_bwd", "geglu_fwd", "geglu_bwd", "attention_fwd", "attention_bwd", "fused_attention_fwd",
        "fused_attention_unsupported", "dropout_mask"]
 
 
@@ -64,7 +64,7 @@ ln, ge, at = (sys.modules["fastbert.ops." + m] for m in ("layer_norm", "gelu", "
 def block(x, r, w, b, q, k):
     y = ln._layer_norm_cuda(x, (x.shape[-1],), w, b, 1e-5)
     y, s = ln._add_layer_norm_cuda(y, r, w, b, 1e-5, b, 0.1, True)
-    y = ge._bias_gelu_cuda(y, b, "tanh")
+    y = ge._geglu_cuda(ge._bias_gelu_cuda(y, b, "tanh"), None, "none")
     return y, s, at._sdpa_cuda(q, k, k, None, 0.0, False, None, False, None, None)
 def leaf(*shape):
     return torch.empty(shape, dtype=torch.float16, device="meta").requires_grad_(True)
@@ -133,6 +133,11 @@ def test_fakes_and_autograd_on_meta_tensors():
     _, s2 = ln._add_layer_norm_cuda(x2, x2, None, None, 1e-5, None, 0.0, True)
     s2.sum().backward()  # only the pre-norm sum is used
     assert x2.grad.shape == x2.shape
+    packed, a0, g0 = leaf(4, 2, 96), leaf(), leaf()
+    outs = [ge._geglu_cuda(packed, None, "tanh"), ge._geglu_cuda(a0, g0, "none")]  # packed; 0-d
+    assert outs[0].shape == (4, 2, 48) and outs[1].shape == ()
+    torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+    assert packed.grad.shape == packed.shape and a0.grad.shape == g0.grad.shape == ()
     with torch.no_grad():  # the fused inference forward, dense and over packed sequences
         assert at._sdpa_cuda(q, k, k, None, 0.0, False, None, False, None, None).shape == q.shape
         qp, kp = leaf(11, 3, 64), leaf(20, 3, 64)
@@ -142,7 +147,8 @@ def test_fakes_and_autograd_on_meta_tensors():
 
 
 def test_cuda_ops_are_registered_for_dispatch():
-    for op in ("layer_norm", "add_layer_norm", "gelu", "bias_gelu", "scaled_dot_product_attention"):
+    for op in ("layer_norm", "add_layer_norm", "gelu", "bias_gelu", "geglu",
+               "scaled_dot_product_attention"):
         assert "cuda" in backends.implementations(op), op
 
 
@@ -158,9 +164,10 @@ def _reasons(op, **call):
      "input_bias dtype"),
     ("gelu", dict(input=torch.zeros(3, dtype=torch.float64)), "float64"),
     ("bias_gelu", dict(input=torch.zeros(2, 8, dtype=BF16), bias=torch.zeros(8)), "bias dtype"),
+    ("geglu", dict(input=torch.zeros(2, 8, dtype=torch.float64), gate=None), "float64"),
     ("scaled_dot_product_attention", dict(query=torch.zeros(1, 1, 2, 8, dtype=torch.float64)), "float64"),
 ], ids=["ln-fp64", "ln-weight-dtype", "addln-input-bias-dtype", "gelu-fp64", "biasgelu-bias-dtype",
-        "sdpa-fp64"])
+        "geglu-fp64", "sdpa-fp64"])
 def test_cuda_reasons_refuse(op, call, needle):
     reasons = _reasons(op, **call)
     assert any(needle in r for r in reasons), reasons
@@ -175,6 +182,7 @@ def test_cuda_reasons_accept_supported():
     assert _reasons("add_layer_norm", input=x, residual=x, weight=None, bias=None,
                     input_bias=torch.zeros(7, dtype=BF16), dropout_p=0.5) == []
     assert _reasons("bias_gelu", input=x, bias=torch.zeros(7, dtype=BF16), approximate="tanh") == []
+    assert _reasons("geglu", input=x, gate=x, approximate="tanh") == []
 
 
 @pytest.mark.parametrize("grad,dropout,dtype,d,lk,mask,expect", [

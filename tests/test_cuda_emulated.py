@@ -686,6 +686,122 @@ def test_bias_gelu_bwd_without_bias_grad(emu, case):
 
 
 # ----------------------------------------------------------------------------------------------
+# GEGLU (csrc/gelu): gelu(a) * g, packed (..., 2N) or with a gate
+# ----------------------------------------------------------------------------------------------
+def _geglu(approximate):
+    def fn(x, gate, backend, **kw):
+        if backend == "emu":
+            return gelu_ops._geglu_cuda(x, gate, approximate)
+        return reference.geglu(x, gate, approximate, **kw)
+    return fn
+
+
+def _geglu_path(x, gate):
+    """geglu_vectorizable(): cols and every row stride multiples of VEC, operands 16-byte aligned
+    (the binding passes views whose last dim is contiguous as they are; outputs are fresh)."""
+    vec = _VEC[x.dtype]
+    if gate is None:
+        n = x.shape[-1] // 2
+        mats = [x.reshape(-1, 2 * n)[:, :n], x.reshape(-1, 2 * n)[:, n:]]
+    else:
+        n = x.shape[-1]
+        mats = [t.reshape(-1, n) for t in (x, gate)]
+    mats = [m if m.stride(1) == 1 else m.contiguous() for m in mats]
+    ok = n % vec == 0 and all(m.stride(0) % vec == 0 and _aligned(m) for m in mats)
+    return "vec" if ok else "scalar"
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "gate"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [1, 97, 768, 1152])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_geglu(emu, width, dtype, approximate, packed):
+    rows = 4 if width >= 768 else 17
+    x = rand((rows, 2 * width if packed else width), dtype, "cpu", scale=2.0)
+    gate = None if packed else rand((rows, width), dtype, "cpu")
+    _compare(_geglu(approximate), [x, gate], [rand((rows, width), dtype, "cpu")], dtype,
+             f"geglu {width} {approximate} {'packed' if packed else 'gate'}")
+
+
+# (dtype, shape of the GELU half, layout, expected path, what it covers)
+GEGLU_CASES = [
+    (F16, (3, 5, 96), "packed", "vec", "3-D packed, row stride 192"),
+    (F16, (3, 5, 100), "packed", "scalar", "cols % 8 != 0"),
+    (F32, (9, 100), "packed_odd_offset", "scalar", "misaligned input"),
+    (BF16, (4, 64), "halves", "vec", "the two halves of one matrix as input and gate"),
+    (F16, (2, 3, 40), "transposed_gate", "vec", "a gate whose rows do not merge: copied"),
+    (F32, (2, 3, 40), "strided_cols", "vec", "column stride 2: copied, then vectorised"),
+    (F16, (2817, 97), "gate", "scalar", "2 grid-stride passes"),
+]
+
+
+def _geglu_inputs(dtype, shape, layout):
+    n = shape[-1]
+    if layout.startswith("packed"):
+        if layout == "packed_odd_offset":
+            base = rand((math.prod(shape) * 2 + 1,), dtype, "cpu", scale=2.0)
+            return base, None, lambda t: t[1:].view(*shape[:-1], 2 * n)
+        return rand((*shape[:-1], 2 * n), dtype, "cpu", scale=2.0), None, None
+    if layout == "halves":
+        return rand((*shape[:-1], 2 * n), dtype, "cpu", scale=2.0), None, lambda t: t[..., :n]
+    if layout == "transposed_gate":
+        return (rand(shape, dtype, "cpu", scale=2.0), rand((shape[1], shape[0], n), dtype, "cpu"),
+                None)
+    if layout == "strided_cols":
+        return rand(shape, dtype, "cpu", scale=2.0, noncontiguous=True), rand(shape, dtype, "cpu"), None
+    return rand(shape, dtype, "cpu", scale=2.0), rand(shape, dtype, "cpu"), None
+
+
+@pytest.mark.parametrize("case", GEGLU_CASES, ids=lambda c: "{}-{}-{}-{}".format(
+    c[3], "x".join(map(str, c[1])), str(c[0])[6:], c[2]))
+def test_geglu_launch_paths(emu, case):
+    """Vectorised and scalar kernels, views read in place or copied by the binding, the
+    grid-stride loop; packed gradients land in one (..., 2N) tensor."""
+    dtype, shape, layout, path, what = case
+    x, gate, view = _geglu_inputs(dtype, shape, layout)
+    views = [view, None]
+    if layout == "halves":  # input: the first half of a (.., 2N) matrix; gate: its second half
+        gate, views = x.detach().clone(), [view, lambda t: t[..., shape[-1]:]]
+    elif layout == "transposed_gate":
+        views = [None, lambda t: t.transpose(0, 1)]
+    if "grid-stride" in what:
+        assert _gelu_flat_passes(path, dtype, math.prod(shape)) == 2
+    fn = _expect_path(_geglu("tanh"), path, _geglu_path)
+    _compare(_apply_views(fn, views), [x, gate], [rand(shape, dtype, "cpu")], dtype, f"geglu {case}")
+
+
+def test_geglu_opcheck_and_bad_calls(emu):
+    """The schemas against the fake implementations and the autograd registration (packed and
+    with a gate); the binding's own checks."""
+    x = rand((5, 3, 48), F16, "cpu", requires_grad=True)
+    g = rand((5, 3, 24), F16, "cpu", requires_grad=True)
+    for args in ((x, None, "tanh"), (x[..., :24], g, "none")):
+        torch.library.opcheck(emu.geglu_fwd, args)
+        out = emu.geglu_fwd(*args)
+        torch.library.opcheck(emu.geglu_bwd, (torch.ones_like(out), *[a.detach() if a is not None
+                                                                     else None for a in args[:2]], args[2]),
+                              test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="even last dim"):
+        emu.geglu_fwd(x[..., :47], None, "none")
+    with pytest.raises(RuntimeError, match="gate must have shape"):
+        emu.geglu_fwd(x, g, "none")
+    with pytest.raises(RuntimeError, match="gate has dtype"):
+        emu.geglu_fwd(g, g.float(), "none")
+    with pytest.raises(RuntimeError, match="approximate must be 'none' or 'tanh'"):
+        emu.geglu_fwd(x, None, "erf")
+
+
+def test_geglu_zero_dim_and_empty(emu):
+    _compare(_geglu("none"), [rand((), F32, "cpu"), rand((), F32, "cpu")], [rand((), F32, "cpu")],
+             F32, "geglu 0-d")
+    x = torch.zeros((0, 6), requires_grad=True)
+    out = gelu_ops._geglu_cuda(x, None, "none")
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert x.grad.shape == (0, 6)
+
+
+# ----------------------------------------------------------------------------------------------
 # Attention (csrc/attention): the unfused path (GEMMs around the softmax kernels) with gradients,
 # and the fused tensor-core forward for inference
 # ----------------------------------------------------------------------------------------------

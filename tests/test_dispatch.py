@@ -51,13 +51,13 @@ def test_attention_class_matches_benchmark_case(lq, d, causal, pad, dtype):
     assert ("/mask/" in from_call) == pad and from_call.endswith("causal" if causal else "full")
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "gelu", "bias_gelu"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "gelu", "bias_gelu", "geglu"])
 @pytest.mark.parametrize("cols", [1, 768, 1000, 4097])
 def test_row_class_matches_benchmark_case(op, cols):
     case = bench_norms.norm_case(op, cols, torch.bfloat16, rows=3)
     s = case.setup("cpu")
-    x = torch.empty(3, cols, dtype=torch.bfloat16)
-    from_call = dispatch.shape_class(op, input=x)
+    x = s.x  # geglu's is packed: (3, 2 * cols), classed by its output width cols
+    from_call = dispatch.shape_class(op, input=x, gate=None)
     assert from_call == dispatch.bench_shape_class(op, "bf16", case.params)
     expected = "N<=1024" if cols <= 1024 else "N<=4096" if cols <= 4096 else "N>4096"
     assert from_call == f"bf16/{expected}"

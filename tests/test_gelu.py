@@ -371,3 +371,40 @@ def test_geglu_dispatch_and_compile():
                          ids=lambda s: "x".join(map(str, s)))
 def test_geglu_triton_gpu(shape, dtype, approximate):
     _check_geglu(rand(shape, dtype, scale=3.0), None, approximate)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("shape", [(1,), (67, 7), (5, 13, 97), (129, 1152), (33, 4096), (9, 8192)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("form", ["packed", "gate", "halves"])
+def test_cuda_geglu(shape, dtype, approximate, form):
+    """backend="cuda": packed (..., 2N) input, a separate gate, or the two halves of one matrix."""
+    poison_cuda_cache()
+    n = shape[-1]
+    if form == "packed":
+        inputs = [rand((*shape[:-1], 2 * n), dtype, "cuda", scale=3.0), None]
+    elif form == "gate":
+        inputs = [rand(shape, dtype, "cuda", scale=3.0), rand(shape, dtype, "cuda")]
+    else:
+        inputs = list(rand((*shape[:-1], 2 * n), dtype, "cuda", scale=3.0).chunk(2, dim=-1))
+
+    def fn(x, gate, backend, **kw):
+        if backend == "cuda":
+            return fastbert.geglu(x, gate, approximate, backend="cuda")
+        return reference.geglu(x, gate, approximate, **kw)
+
+    compare_to_reference(fn, inputs, [rand(shape, dtype, "cuda")], dtype, f"geglu {form}", backend="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_geglu_opcheck_and_compile():
+    from fastbert.ops.gelu import _cuda_ops
+
+    x = rand((33, 2 * 1152), torch.bfloat16, "cuda", requires_grad=True)
+    torch.library.opcheck(_cuda_ops().geglu_fwd, (x, None, "tanh"))
+    torch.library.opcheck(_cuda_ops().geglu_fwd, (x[:, :1152], x[:, 1152:], "none"))
+    f = lambda x: fastbert.geglu(x, backend="cuda")  # noqa: E731
+    eager = f(x)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), eager, rtol=0, atol=0)

@@ -1,9 +1,10 @@
-// bias + GELU forward / backward for fp16 / bf16 / fp32, math in fp32.
+// bias + GELU and GEGLU (gelu(a) * g) forward / backward for fp16 / bf16 / fp32, math in fp32.
 //
 //   exact: gelu(z) = z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2)),  gelu'(z) = Phi(z) + z * phi(z)
 //   tanh:  gelu(z) = 0.5 z (1 + t), t = tanh(k (z + c z^3)), k = sqrt(2 / pi), c = 0.044715
 //          gelu'(z) = 0.5 (1 + t) + 0.5 z (1 - t^2) k (1 + 3 c z^2)
 // with z = x + bias. The backward recomputes z from the saved x (no activation is stored).
+// GEGLU: y = gelu(a) * g; da = dy * g * gelu'(a), dg = dy * gelu(a), gelu recomputed from a.
 #include <algorithm>
 
 #include "device_utils.cuh"
@@ -35,15 +36,25 @@ __device__ __forceinline__ float gelu_value(float z, bool tanh_approx) {
   return 0.5f * z * (1.f + erff(z * kInvSqrt2));
 }
 
-__device__ __forceinline__ float gelu_derivative(float z, bool tanh_approx) {
+// gelu(z) and gelu'(z) together (one tanh or erf for both).
+__device__ __forceinline__ void gelu_value_and_derivative(float z, bool tanh_approx, float& value,
+                                                          float& derivative) {
   if (tanh_approx) {
     const float z2 = z * z;
     const float t = tanh_accurate(kSqrt2OverPi * (z + kCubic * z2 * z));
-    return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
+    value = 0.5f * z * (1.f + t);
+    derivative = 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
+    return;
   }
   const float cdf = 0.5f * (1.f + erff(z * kInvSqrt2));
-  const float pdf = expf(-0.5f * z * z) * kInvSqrt2Pi;
-  return cdf + z * pdf;
+  value = z * cdf;
+  derivative = cdf + z * expf(-0.5f * z * z) * kInvSqrt2Pi;
+}
+
+__device__ __forceinline__ float gelu_derivative(float z, bool tanh_approx) {
+  float value, derivative;
+  gelu_value_and_derivative(z, tanh_approx, value, derivative);
+  return derivative;
 }
 
 // z[0..N) = x + bias for the N elements starting at linear index e (column col).
@@ -180,6 +191,71 @@ cudaError_t launch_bwd(const BiasGeluParams& p, int num_sms, cudaStream_t stream
   return static_cast<cudaError_t>(column_sum(p.partial_bias, p.slots, p.cols, p.grad_bias, p.dtype, stream));
 }
 
+// ---------------------------------------------------------------------------------------------
+// GEGLU. Flat grid-stride loop over rows * cols / VEC vectors; element (row, col) of a tensor is
+// at row * row_stride + col (unit column stride; the halves of a packed [rows, 2 cols] input are
+// two such views). VEC > 1 requires cols and every row stride to be multiples of VEC and every
+// pointer 16-byte aligned, so a vector never straddles two rows.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VEC, bool BWD>
+__global__ void __launch_bounds__(256)
+geglu_kernel(const GegluParams p) {
+  const int64_t cols_vec = p.cols / VEC;
+  const int64_t n_vec = p.rows * cols_vec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_vec; v += stride) {
+    const int64_t row = v / cols_vec;
+    const int64_t col = (v - row * cols_vec) * VEC;
+    float a[VEC], g[VEC];
+    load_vec<T, VEC>(static_cast<const T*>(p.a) + row * p.a_row_stride + col, a);
+    load_vec<T, VEC>(static_cast<const T*>(p.g) + row * p.g_row_stride + col, g);
+    if constexpr (BWD) {
+      float dy[VEC], da[VEC], dg[VEC];
+      load_vec<T, VEC>(static_cast<const T*>(p.grad_out) + row * p.cols + col, dy);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        float value, derivative;
+        gelu_value_and_derivative(a[i], p.tanh_approx, value, derivative);
+        da[i] = dy[i] * g[i] * derivative;
+        dg[i] = dy[i] * value;
+      }
+      store_vec<T, VEC>(static_cast<T*>(p.out) + row * p.out_row_stride + col, da);
+      store_vec<T, VEC>(static_cast<T*>(p.grad_gate) + row * p.grad_gate_row_stride + col, dg);
+    } else {
+      float y[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[i] = gelu_value(a[i], p.tanh_approx) * g[i];
+      store_vec<T, VEC>(static_cast<T*>(p.out) + row * p.out_row_stride + col, y);
+    }
+  }
+}
+
+template <typename T>
+bool geglu_vectorizable(const GegluParams& p, bool bwd) {
+  constexpr int VEC = vec_width<T>();
+  bool ok = p.cols % VEC == 0 && p.a_row_stride % VEC == 0 && p.g_row_stride % VEC == 0 &&
+            p.out_row_stride % VEC == 0 && is_aligned(p.a, 16) && is_aligned(p.g, 16) &&
+            is_aligned(p.out, 16);
+  if (bwd) ok = ok && p.grad_gate_row_stride % VEC == 0 && is_aligned(p.grad_out, 16) && is_aligned(p.grad_gate, 16);
+  return ok;
+}
+
+template <typename T, bool BWD>
+cudaError_t launch_geglu(const GegluParams& p, int num_sms, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  constexpr int VEC = vec_width<T>();
+  const bool vec = geglu_vectorizable<T>(p, BWD);
+  const int64_t n_vec = p.rows * p.cols / (vec ? VEC : 1);
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>((n_vec + kThreads - 1) / kThreads, static_cast<int64_t>(std::max(num_sms, 1)) * 8));
+  if (vec) {
+    geglu_kernel<T, VEC, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  } else {
+    geglu_kernel<T, 1, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace gelu
 
 Status bias_gelu_fwd(const BiasGeluParams& params, int num_sms, cudaStream_t stream) {
@@ -203,6 +279,21 @@ Status bias_gelu_bwd(const BiasGeluParams& params, int num_sms, cudaStream_t str
   if (params.rows == 0 || params.cols == 0) return cudaSuccess;
   return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
     return gelu::launch_bwd<scalar_t>(params, num_sms, stream);
+  });
+}
+
+Status geglu_fwd(const GegluParams& params, int num_sms, cudaStream_t stream) {
+  if (params.rows == 0 || params.cols == 0) return cudaSuccess;
+  return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
+    return gelu::launch_geglu<scalar_t, false>(params, num_sms, stream);
+  });
+}
+
+Status geglu_bwd(const GegluParams& params, int num_sms, cudaStream_t stream) {
+  if (params.rows == 0 || params.cols == 0) return cudaSuccess;
+  if (params.grad_out == nullptr || params.grad_gate == nullptr) return cudaErrorInvalidValue;
+  return FASTBERT_DISPATCH_DTYPE(params.dtype, [&] {
+    return gelu::launch_geglu<scalar_t, true>(params, num_sms, stream);
   });
 }
 

@@ -1,4 +1,4 @@
-// bias + GELU (exact erf form and tanh approximation): params struct and launchers.
+// bias + GELU and GEGLU (exact erf form and tanh approximation): params structs and launchers.
 #pragma once
 
 #include <cstdint>
@@ -26,5 +26,24 @@ struct BiasGeluParams {
 Status bias_gelu_fwd(const BiasGeluParams& params, int num_sms, cudaStream_t stream);
 int bias_gelu_bwd_slots(const BiasGeluParams& params, int num_sms);
 Status bias_gelu_bwd(const BiasGeluParams& params, int num_sms, cudaStream_t stream);
+
+// GEGLU: y = gelu(a) * g over [rows, cols] matrices with a unit column stride and any row stride
+// (in elements); a packed [rows, 2 cols] input is passed as its two halves (g = a + cols).
+struct GegluParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0, cols = 0;
+  const void* a = nullptr;          // the GELU input
+  const void* g = nullptr;          // the gate
+  int64_t a_row_stride = 0, g_row_stride = 0;
+  const void* grad_out = nullptr;   // backward: dL/dy, contiguous [rows, cols]
+  void* out = nullptr;              // forward: y; backward: dL/da
+  int64_t out_row_stride = 0;
+  void* grad_gate = nullptr;        // backward: dL/dg
+  int64_t grad_gate_row_stride = 0;
+  bool tanh_approx = false;
+};
+
+Status geglu_fwd(const GegluParams& params, int num_sms, cudaStream_t stream);
+Status geglu_bwd(const GegluParams& params, int num_sms, cudaStream_t stream);
 
 }  // namespace fastbert

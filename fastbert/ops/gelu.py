@@ -2,7 +2,7 @@
 ``"bias_gelu"`` and ``"geglu"``)."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -170,10 +170,12 @@ def _geglu_fwd_op(input: Tensor, gate: Optional[Tensor], approximate: str) -> Te
     return geglu_fwd(input, gate, approximate)
 
 
-@_geglu_fwd_op.register_fake
-def _(input, gate, approximate):
+def _geglu_fwd_fake(input, gate, approximate):  # the Triton and the CUDA op's
     shape = input.shape if gate is not None else (*input.shape[:-1], input.shape[-1] // 2)
     return input.new_empty(shape)
+
+
+_geglu_fwd_op.register_fake(_geglu_fwd_fake)
 
 
 @custom_op("fastbert::geglu_bwd")
@@ -186,10 +188,12 @@ def _geglu_bwd_op(grad_out: Tensor, input: Tensor, gate: Optional[Tensor],
     return dx, (dg if dg is not None else input.new_empty((0,)))
 
 
-@_geglu_bwd_op.register_fake
-def _(grad_out, input, gate, approximate):
+def _geglu_bwd_fake(grad_out, input, gate, approximate):
     return input.new_empty(input.shape), (gate.new_empty(gate.shape) if gate is not None
                                           else input.new_empty((0,)))
+
+
+_geglu_bwd_op.register_fake(_geglu_bwd_fake)
 
 
 def _geglu_setup_context(ctx, inputs, output):
@@ -198,14 +202,17 @@ def _geglu_setup_context(ctx, inputs, output):
     ctx.approximate = approximate
 
 
-def _geglu_backward(ctx, grad_out):
-    input, gate = ctx.saved_tensors
-    dx, dg = _geglu_bwd_op(grad_out, input, gate, ctx.approximate)
-    need_dx, need_dg = ctx.needs_input_grad[:2]
-    return dx if need_dx else None, dg if need_dg else None, None
+def _geglu_backward_with(bwd: Callable) -> Callable:
+    """The autograd backward of a geglu forward op whose backward op is ``bwd`` (Triton's, CUDA's)."""
+    def backward(ctx, grad_out):
+        input, gate = ctx.saved_tensors
+        dx, dg = bwd(grad_out, input, gate, ctx.approximate)
+        need_dx, need_dg = ctx.needs_input_grad[:2]
+        return dx if need_dx else None, dg if need_dg else None, None
+    return backward
 
 
-_geglu_fwd_op.register_autograd(_geglu_backward, setup_context=_geglu_setup_context)
+_geglu_fwd_op.register_autograd(_geglu_backward_with(_geglu_bwd_op), setup_context=_geglu_setup_context)
 
 
 @register("geglu", "triton", reasons=_triton_reasons)
@@ -215,7 +222,7 @@ def _geglu_triton(input, gate, approximate):
 
 # ----------------------------------------------------------------------------------------------
 # CUDA backend (csrc/gelu, extension fastbert._C): torch.ops.fastbert_cuda.bias_gelu_{fwd,bwd},
-# shared by gelu (bias None) and bias_gelu. Fakes and autograd are registered here when the
+# shared by gelu (bias None) and bias_gelu, and geglu_{fwd,bwd}. Fakes and autograd are registered here when the
 # extension is first used (loaded lazily, also from inside torch.compile: backends.cuda_ops).
 # ----------------------------------------------------------------------------------------------
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -223,7 +230,7 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _cuda_reasons(*, input, bias=None, **_) -> List[str]:
     reasons = []
-    if input.dtype not in _CUDA_DTYPES:
+    if input.dtype not in _CUDA_DTYPES:  # a gate has input's dtype (checked by geglu)
         reasons.append(f"input dtype {input.dtype} is not supported by the CUDA kernels "
                        "(float16, bfloat16, float32)")
     if bias is not None and bias.dtype != input.dtype:
@@ -264,6 +271,12 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
 
     torch.library.register_autograd(lib + "bias_gelu_fwd", backward, setup_context=setup)
 
+    torch.library.register_fake(lib + "geglu_fwd", _geglu_fwd_fake)
+    torch.library.register_fake(lib + "geglu_bwd", _geglu_bwd_fake)
+
+    torch.library.register_autograd(lib + "geglu_fwd", _geglu_backward_with(ops.geglu_bwd),
+                                    setup_context=_geglu_setup_context)
+
 
 register_cuda_family("gelu", _register_cuda_ops)
 
@@ -279,3 +292,10 @@ def _gelu_cuda(input, approximate):
 @register("bias_gelu", "cuda", reasons=_cuda_reasons)
 def _bias_gelu_cuda(input, bias, approximate):
     return _cuda_ops().bias_gelu_fwd(input, bias, approximate)
+
+
+@register("geglu", "cuda", reasons=_cuda_reasons)
+def _geglu_cuda(input, gate, approximate):
+    if input.dim() == 0:  # the kernels take (..., N); only the two-tensor form can be 0-d
+        return _cuda_ops().geglu_fwd(input.reshape(1), gate.reshape(1), approximate).reshape(())
+    return _cuda_ops().geglu_fwd(input, gate, approximate)
