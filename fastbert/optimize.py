@@ -10,8 +10,8 @@ is copied, optimizer state and tied weights stay valid, ``state_dict`` keys do n
 ``torch.nn.LayerNorm`` / ``GELU``       :class:`fastbert.nn.LayerNorm` / :class:`fastbert.nn.GELU`
 HuggingFace BERT, RoBERTa, DistilBERT,  self-attention, output sublayers (dense -> dropout ->
 ALBERT, ELECTRA, ViT, MPNet,            add + LayerNorm fused), intermediate bias + GELU fused,
-DeBERTa-v2, ModernBERT and copies       LayerNorms and GELU activations (see
-                                        :mod:`fastbert.integrations.huggingface`)
+DeBERTa (v1, v2/v3), ModernBERT and     LayerNorms and GELU activations (see
+copies                                  :mod:`fastbert.integrations.huggingface`)
 =====================================  ===========================================================
 
 Only these exact classes are swapped: a user subclass may have its own forward and is left, with

@@ -55,11 +55,16 @@ def _config(family, impl, **overrides):
            "data2vec": transformers.Data2VecTextConfig, "ernie": transformers.ErnieConfig,
            "xlm_roberta_xl": transformers.XLMRobertaXLConfig,
            "roberta_prelayernorm": transformers.RobertaPreLayerNormConfig,
-           "mpnet": transformers.MPNetConfig, "deberta_v2": transformers.DebertaV2Config}[family]
+           "mpnet": transformers.MPNetConfig, "deberta_v2": transformers.DebertaV2Config,
+           "deberta": transformers.DebertaConfig}[family]
     if family == "deberta_v2":  # DeBERTa-v3's layout: relative attention, normed position table
         kw.update(relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
                   max_relative_positions=-1, position_buckets=8, norm_rel_ebd="layer_norm",
                   share_att_key=True, type_vocab_size=0)
+        kw.update(overrides)
+    if family == "deberta":  # deberta-base's layout: relative attention with both terms
+        kw.update(relative_attention=True, position_biased_input=False, pos_att_type=["c2p", "p2c"],
+                  max_relative_positions=-1, type_vocab_size=0)
         kw.update(overrides)
     return cls(**kw)
 
@@ -70,16 +75,16 @@ MODELS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilB
           "xlm_roberta": "XLMRobertaModel", "camembert": "CamembertModel",
           "data2vec": "Data2VecTextModel", "ernie": "ErnieModel",
           "xlm_roberta_xl": "XLMRobertaXLModel", "roberta_prelayernorm": "RobertaPreLayerNormModel",
-          # BERT's sublayers around attention of their own: MPNet's (relative-position bias,
-          # swapped), DeBERTa-v2's (disentangled, left)
-          "mpnet": "MPNetModel", "deberta_v2": "DebertaV2Model",
+          # BERT's sublayers around attention of their own (relative-position scores): MPNet's,
+          # DeBERTa-v2's, DeBERTa's (its own LayerNorm class too)
+          "mpnet": "MPNetModel", "deberta_v2": "DebertaV2Model", "deberta": "DebertaModel",
           # pre-LayerNorm with rotary embeddings, GeGLU and local layers (transformers 5.x)
           "modernbert": "ModernBertModel"}
 # swapped modules per family for a 2-layer model (every LayerNorm counted; ALBERT shares its layer)
 EXPECTED_SWAPS = {"bert": 9, "roberta": 9, "electra": 9, "albert": 2, "distilbert": 3, "vit": 9,
                   "xlm_roberta": 9, "camembert": 9, "data2vec": 9, "ernie": 9,
                   "xlm_roberta_xl": 9, "roberta_prelayernorm": 10, "mpnet": 7, "deberta_v2": 10,
-                  "modernbert": 4}
+                  "deberta": 9, "modernbert": 4}
 # modules left, with a reason, per family (2 layers)
 EXPECTED_LEFT: dict = {}
 
@@ -171,8 +176,8 @@ def _compare(model, reference, inputs, real, train, backend_tolerance=2.0, dtype
 
 
 def _sdpa_or_eager(family):
-    """"sdpa" where the family has it (ELECTRA only from 5.x; MPNet and DeBERTa-v2 never)."""
-    if family in ("mpnet", "deberta_v2") or (family == "electra" and not TF5):
+    """"sdpa" where the family has it (ELECTRA only from 5.x; MPNet and DeBERTa never)."""
+    if family in ("mpnet", "deberta_v2", "deberta") or (family == "electra" and not TF5):
         return "eager"
     return "sdpa"
 
@@ -182,6 +187,9 @@ def test_optimize_hf_model_under_autocast(family):
     """Mixed-precision training: the optimized model under torch.autocast gives the original's
     output dtype, and output and gradients as close to float64 as the original's under autocast
     (bf16 on CPU, whose autocast leaves LayerNorm alone; fp16 on a GPU, where it runs in fp32)."""
+    if family == "deberta":
+        pytest.skip("transformers' DeBERTa (v1) fails under autocast itself (masked_fill of 16-bit "
+                    "scores with float32's min); test_optimize_deberta_v1_under_autocast")
     torch.manual_seed(0)
     model = _build(family, _sdpa_or_eager(family))
     reference = copy.deepcopy(model)
@@ -334,6 +342,71 @@ def test_optimize_deberta_layer_with_query_states():
                           rel_embeddings=m.encoder.get_rel_embedding()))
     out, ref = (o[0] if isinstance(o, tuple) else o for o in outs)
     assert_close(out[real], ref[real], ref[real], atol=1e-9, name="layer output")
+
+
+@pytest.mark.parametrize("variant", [
+    dict(pos_att_type=["c2p"]),                                  # content-to-position only
+    dict(pos_att_type=[]),                                       # relative attention, no terms
+    dict(relative_attention=False, position_biased_input=True),  # absolute positions only
+], ids=["c2p-only", "no-terms", "absolute"])
+def test_optimize_deberta_v1_variants(variant):
+    """DeBERTa's (v1) attention options: output and every gradient as close to float64 as the
+    original's, train and eval."""
+    torch.manual_seed(0)
+    model = _build("deberta", **variant)
+    reference = copy.deepcopy(model)
+    report = optimize(model, backend="torch")
+    assert not report.left, str(report)
+    assert sum(s.replacement.endswith(".DebertaSelfAttention") for s in report.swapped) == 2
+    inputs, real = _inputs("deberta")
+    _compare(model, reference, inputs, real, train=False)
+    _compare(model, reference, inputs, real, train=True)
+
+
+def test_deberta_v1_talking_heads_and_query_states():
+    """Talking-head attention (scores mixed across heads) is left with a reason; a call with
+    separate query states runs the original forward (which transformers' DeBERTa v1 only accepts
+    without a batch dim: both raise alike)."""
+    model = _build("deberta", talking_head=True)
+    report = optimize(model)
+    left = {s.path: s.reason for s in report.left}
+    assert set(left) == {f"encoder.layer.{i}.attention.self" for i in range(2)}, str(report)
+    assert all("talking-head" in r for r in left.values())
+    model = _build("deberta")
+    reference = copy.deepcopy(model)
+    optimize(model)
+    hidden, query = torch.randn(2, B, L, 32)
+    errors = []
+    for m in (model, reference):
+        with pytest.raises(RuntimeError) as e:
+            m.encoder.layer[0].attention.self(hidden, torch.ones(B, 1, L, L), query_states=query)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+
+
+def test_optimize_deberta_v1_under_autocast():
+    """Under bf16 autocast (where transformers' own DeBERTa v1 fails), the optimized model is at
+    least as close to float64 as the original run entirely in bf16; DebertaLayerNorm keeps its
+    dtype rule (a bf16 input with fp32 parameters gives fp32)."""
+    torch.manual_seed(0)
+    model = _build("deberta")
+    ref64 = copy.deepcopy(model).double()
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    optimize(model)
+    inputs, real = _inputs("deberta")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = _last_hidden(model, inputs)
+    assert out.dtype == torch.float32  # the last LayerNorm's fp32 parameters promote, as there
+    _assert_close_norm(out[real], _last_hidden(ref64, inputs)[real], _last_hidden(low, inputs)[real])
+    norm = model.embeddings.LayerNorm
+    assert isinstance(norm, hf.DebertaLayerNorm)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    restore(model)
+    original = model.embeddings.LayerNorm
+    want = original(x)
+    got = norm(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got, original.double()(x.double()), want, name="DebertaLayerNorm")
 
 
 def test_modernbert_before_5_is_left_with_a_reason():
@@ -705,7 +778,7 @@ def test_register_with_backend_and_from_config():
 # ----------------------------------------------------------------------------------------------
 # Triton backend
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet", "deberta_v2", "modernbert"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet", "deberta_v2", "deberta", "modernbert"])
 def test_optimize_hf_triton(family):
     ops = ("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm", "geglu")
     missing = [op for op in ops if "triton" not in backends.implementations(op)]

@@ -14,7 +14,7 @@ without padding). Registering the attention function alone would make transforme
 at all for an unknown implementation name, silently ignoring the padding.
 
 :func:`fastbert.optimize` on a model of one of the supported families (BERT, RoBERTa, DistilBERT,
-ALBERT, ELECTRA, ViT, MPNet, DeBERTa-v2/v3, and BERT's copies XLM-RoBERTa, CamemBERT,
+ALBERT, ELECTRA, ViT, MPNet, DeBERTa and DeBERTa-v2/v3, and BERT's copies XLM-RoBERTa, CamemBERT,
 Data2Vec-Text, ERNIE; the self-attention and intermediate of the pre-LayerNorm XLM-RoBERTa-XL and
 RoBERTa-PreLayerNorm; transformers 4.57 and 5.x; ModernBERT with 5.x) swaps, keeping every
 Parameter object and ``state_dict`` key:
@@ -24,7 +24,9 @@ Parameter object and ``state_dict`` key:
 * MPNet's ``MPNetAttention`` -> :class:`MPNetAttention` (the relative-position bias and the
   padding mask as one float mask; the output sublayer fused as in ALBERT), DeBERTa-v2's
   ``DisentangledSelfAttention`` -> :class:`DebertaV2SelfAttention` (its content-to-position and
-  position-to-content scores, computed as transformers does, as that float mask);
+  position-to-content scores, computed as transformers does, as that float mask), DeBERTa's
+  (v1) -> :class:`DebertaSelfAttention` (the same, with its fused ``in_proj`` and query / value
+  biases);
 * the output sublayers ``dense -> dropout -> LayerNorm(. + residual)`` (``BertSelfOutput``,
   ``BertOutput`` and their RoBERTa / ELECTRA copies) -> :class:`DenseAddLayerNorm`, one
   ``add_layer_norm`` with ``input_bias = dense.bias``;
@@ -35,7 +37,7 @@ Parameter object and ``state_dict`` key:
   ``ModernBertEncoderLayer`` -> :class:`ModernBertLayer` (its attention a
   :class:`ModernBertAttention` on the kernels whatever ``attn_implementation`` the model has);
 * the remaining ``nn.LayerNorm`` and GELU activation modules -> :class:`fastbert.nn.LayerNorm` /
-  :class:`fastbert.nn.GELU`.
+  :class:`fastbert.nn.GELU`; DeBERTa's own ``DebertaLayerNorm`` -> :class:`DebertaLayerNorm`.
 
 Left with a reason: decoders (causal self-attention, KV cache, cross-attention), relative position
 embeddings (BERT's ``position_embedding_type``), flex_attention's BlockMask masks, non-GELU activations (applied unfused), and modules
@@ -95,6 +97,8 @@ __all__ = [
     "MLP",
     "MPNetAttention",
     "DebertaV2SelfAttention",
+    "DebertaSelfAttention",
+    "DebertaLayerNorm",
     "ModernBertAttention",
     "ModernBertLayer",
     "DistilBertBlock",
@@ -112,7 +116,7 @@ _BERT_LAYOUT = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra",
 _BERT_ATTENTION_ONLY = {"xlm_roberta_xl": "XLMRobertaXL", "roberta_prelayernorm": "RobertaPreLayerNorm"}
 # Families whose output sublayers and intermediate are BERT's but whose attention is their own
 # (relative-position scores; swapped by modules of their own).
-_BERT_SUBLAYERS = {"mpnet": "MPNet", "deberta_v2": "DebertaV2"}
+_BERT_SUBLAYERS = {"mpnet": "MPNet", "deberta_v2": "DebertaV2", "deberta": "Deberta"}
 FAMILIES = (tuple(_BERT_LAYOUT) + ("distilbert", "albert", "vit") + tuple(_BERT_ATTENTION_ONLY)
             + tuple(_BERT_SUBLAYERS) + ("modernbert",))
 
@@ -680,6 +684,62 @@ class DebertaV2SelfAttention(nn.Module):
         return ctx, weights
 
 
+# what DeBERTa's (v1) attention must have for fastbert's to stand in
+_DEBERTA_V1_ATTRS = ("pos_att_type", "relative_attention", "num_attention_heads", "attention_head_size",
+                     "dropout", "in_proj", "q_bias", "v_bias")
+_DEBERTA_V1_METHODS = ("disentangled_att_bias", "transpose_for_scores")
+
+
+class DebertaSelfAttention(nn.Module):
+    """DeBERTa's (v1) ``DisentangledSelfAttention`` on :func:`fastbert.scaled_dot_product_attention`.
+
+    Queries, keys and values come from the fused ``in_proj`` (one matmul, heads interleaved as in
+    transformers) plus ``q_bias`` / ``v_bias``; the content-to-position and position-to-content
+    scores are computed by the original class's ``disentangled_att_bias`` and go to the kernel with
+    the padding as one float mask (B, H, L, L), scale ``1 / sqrt(D * (1 + len(pos_att_type)))``.
+    A call with separate ``query_states`` runs the original forward. Padded query rows: as
+    :class:`DebertaV2SelfAttention`. forward: the original's arguments -> ``(context (B, L, H * D),
+    weights or None)``.
+    """
+
+    _fastbert_records_outputs = True
+    _fastbert_args: Tuple[str, ...]
+    _fastbert_hf_cls: type
+    backend: Optional[str]
+
+    def transpose_for_scores(self, x: Tensor) -> Tensor:
+        # the original's layout helper, which its disentangled_att_bias calls on ``self``
+        return self._fastbert_hf_cls.transpose_for_scores(self, x)
+
+    def forward(self, *args, **kwargs):
+        a = _bind(self._fastbert_args, args, kwargs)
+        hidden = a.get("hidden_states")
+        if hidden is None:
+            raise TypeError("missing the hidden states (hidden_states)")
+        query_states = a.get("query_states")
+        if query_states is not None and query_states is not hidden:
+            return self._fastbert_hf_cls.forward(self, *args, **kwargs)
+        q, k, v = self.transpose_for_scores(self.in_proj(hidden)).chunk(3, dim=-1)  # (B, H, L, D)
+        q = q + self.transpose_for_scores(self.q_bias[None, None, :])
+        v = v + self.transpose_for_scores(self.v_bias[None, None, :])
+        d = q.shape[-1]
+        scale_factor = 1 + len(self.pos_att_type)
+        scale = (d * scale_factor) ** -0.5
+        bias = None
+        rel_embeddings, relative_pos = a.get("rel_embeddings"), a.get("relative_pos")
+        if self.relative_attention and rel_embeddings is not None and relative_pos is not None:
+            bias = self._fastbert_hf_cls.disentangled_att_bias(  # from the scaled queries, as there
+                self, q * scale, k, relative_pos, self.pos_dropout(rel_embeddings), scale_factor)
+            if not isinstance(bias, Tensor):  # pos_att_type empty: the method returns 0
+                bias = None
+        want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
+        p = _dropout_p(self, "dropout") if self.training else 0.0
+        ctx, weights = _attention(q, k, v, _with_score_bias(a.get("attention_mask"), bias), p, scale,
+                                  None, want_weights, self.backend)
+        _record_outputs(self, args, (ctx, weights))
+        return ctx, weights
+
+
 class ModernBertAttention(nn.Module):
     """ModernBERT's attention (transformers 5.x) on fastbert's kernels whatever attention the model
     was loaded with: ``Wqkv`` -> rotary embedding (transformers' own ``apply_rotary_pos_emb``) ->
@@ -774,6 +834,21 @@ def _deberta_refusal(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _deberta_v1_refusal(module: nn.Module) -> Optional[str]:
+    missing = [n for n in _DEBERTA_V1_ATTRS if not hasattr(module, n)]
+    missing += [n for n in _DEBERTA_V1_METHODS if not callable(getattr(type(module), n, None))]
+    if getattr(module, "relative_attention", False) and not hasattr(module, "pos_dropout"):
+        missing.append("pos_dropout")
+    if missing:
+        return f"expected {missing}: unknown transformers version"
+    if getattr(module, "head_logits_proj", None) is not None or getattr(module, "talking_head", False):
+        return "talking-head attention (mixing the scores across heads) is not supported"
+    unknown = set(module.pos_att_type) - {"c2p", "p2c"}
+    if unknown:
+        return f"pos_att_type {sorted(unknown)} is not supported"
+    return None
+
+
 class DenseAddLayerNorm(nn.Module):
     """BERT's output sublayer ``LayerNorm(dropout(dense(x)) + residual)`` (``BertSelfOutput``,
     ``BertOutput`` and copies) as one :func:`fastbert.add_layer_norm` with
@@ -804,13 +879,52 @@ def _matmul(x: Tensor, lin: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
     return lin(x), None
 
 
+def _is_deberta_norm(m) -> bool:
+    """DeBERTa's (v1) ``DebertaLayerNorm``: a LayerNorm over the last dim (eps inside the square
+    root, ``variance_epsilon``) computed in fp32, rounded to the input's dtype, then scaled and
+    shifted in the parameters' (so the result takes the promoted dtype of input and weight)."""
+    if isinstance(m, DebertaLayerNorm):  # fastbert's stand-in
+        return True
+    return (type(m).__name__ == "DebertaLayerNorm" and _family(m) == "deberta"
+            and isinstance(getattr(m, "weight", None), Tensor) and isinstance(getattr(m, "bias", None), Tensor)
+            and isinstance(getattr(m, "variance_epsilon", None), float))
+
+
+def _is_layer_norm(m) -> bool:
+    return isinstance(m, nn.LayerNorm) or _is_deberta_norm(m)
+
+
+def _norm_out(out: Tensor, norm: nn.Module) -> Tensor:
+    """A LayerNorm result in the dtype ``norm`` returns: DebertaLayerNorm's is the promoted dtype of
+    its input and weight (a 16-bit input with fp32 parameters gives fp32)."""
+    if _is_deberta_norm(norm):
+        return out.to(torch.promote_types(out.dtype, norm.weight.dtype))
+    return out
+
+
 def _linear_add_norm(x: Tensor, lin: nn.Module, residual: Tensor, norm: nn.Module,
                      dropout_p: float, backend: Optional[str]) -> Tensor:
     """``norm(dropout(lin(x)) + residual)`` as one ``add_layer_norm``, with the Linear's bias fused
-    as its ``input_bias`` (see :func:`_matmul`)."""
+    as its ``input_bias`` (see :func:`_matmul`). ``norm``: an ``nn.LayerNorm`` or a
+    DebertaLayerNorm."""
     h, bias = _matmul(x, lin)
-    return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, input_bias=bias,
-                              dropout_p=dropout_p, backend=backend)
+    eps = norm.variance_epsilon if _is_deberta_norm(norm) else norm.eps
+    out = ops.add_layer_norm(h, residual, norm.weight, norm.bias, eps, input_bias=bias,
+                             dropout_p=dropout_p, backend=backend)
+    return _norm_out(out, norm)
+
+
+class DebertaLayerNorm(nn.Module):
+    """DeBERTa's ``DebertaLayerNorm`` (same parameters and ``variance_epsilon``) on
+    :func:`fastbert.layer_norm`, in one pass and one rounding; its result has the original's dtype
+    (input and weight promoted). forward(hidden_states (..., N)) -> (..., N)."""
+
+    backend: Optional[str]
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        out = ops.layer_norm(hidden_states, (self.weight.shape[-1],), self.weight, self.bias,
+                             self.variance_epsilon, backend=self.backend)
+        return _norm_out(out, self)
 
 
 def _bias_act(x: Tensor, lin: nn.Module, act, backend: Optional[str]) -> Tensor:
@@ -993,8 +1107,16 @@ def _swap(module: nn.Module, backend: Optional[str]):
             return None, reason
         return adopt(DebertaV2SelfAttention, module, backend=backend, _fastbert_hf_cls=type(module),
                      _fastbert_args=_arg_names(type(module))), None
-    if key in _OUTPUT_SUBLAYERS and _has(module, dense=nn.Linear, dropout=nn.Dropout,
-                                         LayerNorm=nn.LayerNorm):
+    if key == ("deberta", "DisentangledSelfAttention"):
+        reason = _deberta_v1_refusal(module)
+        if reason:
+            return None, reason
+        return adopt(DebertaSelfAttention, module, backend=backend, _fastbert_hf_cls=type(module),
+                     _fastbert_args=_arg_names(type(module))), None
+    if key == ("deberta", "DebertaLayerNorm") and _is_deberta_norm(module):
+        return adopt(DebertaLayerNorm, module, backend=backend), None
+    if key in _OUTPUT_SUBLAYERS and _has(module, dense=nn.Linear, dropout=nn.Dropout) and _is_layer_norm(
+            getattr(module, "LayerNorm", None)):
         return adopt(DenseAddLayerNorm, module, backend=backend), None
     if key in _INTERMEDIATES and _has(module, dense=nn.Linear):
         extra = [n for n, _ in module.named_parameters() if not n.startswith("dense.")]
