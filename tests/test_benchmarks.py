@@ -752,7 +752,8 @@ def test_bert_amp_case_on_cpu_with_a_tiny_model():
 @pytest.mark.parametrize("arch", ["deberta-v3", "mpnet", "modernbert"])
 def test_other_encoder_cases_on_cpu(arch):
     """DeBERTa-v3, MPNet and ModernBERT, tiny: the HF attentions each has (eager; ModernBERT SDPA
-    too) and fastbert.optimize, inference on a padded batch and mixed-precision training, each
+    too) and fastbert.optimize (ModernBERT: also its padding-free encoder), inference on a padded
+    batch and mixed-precision training, each
     checked against the fp32 / fp64 HF model with HF eager / SDPA as the yardstick."""
     transformers = pytest.importorskip("transformers")
     if arch == "modernbert" and int(transformers.__version__.split(".")[0]) < 5:
@@ -770,12 +771,13 @@ def test_other_encoder_cases_on_cpu(arch):
     assert infer.name.startswith(arch + "-infer-") and infer.params["arch"] == arch
     hf_impls = ["hf-eager", "hf-sdpa"] if arch == "modernbert" else ["hf-eager"]
     compile_impl = "hf-sdpa-compile" if arch == "modernbert" else "hf-eager-compile"
-    assert [i.name for i in infer.impls] == hf_impls + [compile_impl, "fastbert-optimize"]
+    ours = ["fastbert-optimize"] + (["fastbert-ModernBertEncoder"] if arch == "modernbert" else [])
+    assert [i.name for i in infer.impls] == hf_impls + [compile_impl] + ours
     rows = runner.run_cases([infer, train], device="cpu", timer=timing.CpuTimer(reps=1),
                             progress=False, quick=True)
     by = {(r["case"], r["impl"]): r for r in rows}
     for case in (infer, train):
-        for impl in hf_impls + ["fastbert-optimize"]:
+        for impl in hf_impls + ours:
             row = by[(case.name, impl)]
             assert row["status"] == "ok" and "real tokens" in row["check"], row
         assert by[(case.name, compile_impl)]["status"] == "skipped"

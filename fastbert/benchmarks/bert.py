@@ -5,7 +5,7 @@ ModernBERT-base (transformers 5.x; against HF eager and SDPA).
 Implementations, all with the same weights (a model of random weights built from its config, no
 download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
 of the SDPA model, ``fastbert.optimize`` applied to the SDPA model, and the padding-free
-``fastbert.models.BertEncoder.from_hf``. DeBERTa-v3 and MPNet (``arch``) have eager attention
+``fastbert.models.BertEncoder.from_hf`` (ModernBERT: ``ModernBertEncoder``). DeBERTa-v3 and MPNet (``arch``) have eager attention
 only in transformers: HF eager, its ``torch.compile`` and ``fastbert.optimize``, with HF eager as
 the yardstick. fastbert's model-level APIs are looked up by name; where one is missing or refuses
 the model, the row says why. Their flops are BERT's formula at the same sizes (the relative-position
@@ -54,6 +54,8 @@ ARCHS = {
         local_attention=128, pad_token_id=50283, eos_token_id=50282, bos_token_id=50281,
         cls_token_id=50281, sep_token_id=50282), "sdpa"),
 }
+# arch -> fastbert's padding-free encoder of it (fastbert.models)
+ENCODERS = {"bert": "BertEncoder", "modernbert": "ModernBertEncoder"}
 CHECK_FACTOR = 3.0
 REFUSED = (NotImplementedError, ValueError, TypeError)   # how fastbert's model APIs say "not this model"
 
@@ -194,17 +196,18 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
         note = str(report).strip().splitlines()[0][:160] if report is not None else ""
         return Prepared(autocast(_hf_forward(model)), leaves=lambda st: leaves, note=note)
 
+    encoder_name = ENCODERS.get(arch)
+
     def fb_encoder(case, s):
+        import fastbert.models
+        encoder_cls = getattr(fastbert.models, encoder_name, None)
+        if encoder_cls is None:
+            raise Unavailable(f"fastbert.models.{encoder_name} is not available in this checkout")
+        hf_model = _hf_model(config, "sdpa", model_dtype, s.device, arch)
         try:
-            from fastbert.models import BertEncoder
-        except ImportError as e:
-            raise Unavailable(f"fastbert.models.BertEncoder is not available in this checkout "
-                              f"({e})") from None
-        hf_model = _hf_model(config, "sdpa", model_dtype, s.device)
-        try:
-            enc = BertEncoder.from_hf(hf_model)
+            enc = encoder_cls.from_hf(hf_model)
         except REFUSED as e:
-            raise Unavailable(f"BertEncoder.from_hf refused the model: {reason_text(e)}") from None
+            raise Unavailable(f"{encoder_name}.from_hf refused the model: {reason_text(e)}") from None
         enc = enc.to(device=s.device, dtype=model_dtype) if isinstance(enc, torch.nn.Module) else enc
         leaves = ready(enc)
         sig = inspect.signature(enc.forward).parameters
@@ -240,9 +243,9 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
             Impl("hf-sdpa", hf("sdpa")),
             Impl("hf-sdpa-compile", hf_compiled, skip_in_quick=compile_skip),
             Impl("fastbert-optimize", fb_optimize, ours=True),
-            Impl("fastbert-BertEncoder", fb_encoder, ours=True),
+            Impl(f"fastbert-{encoder_name}", fb_encoder, ours=True),
         ]
-    else:  # the padding-free encoder is BERT's; DeBERTa and MPNet have no SDPA attention in HF
+    else:  # DeBERTa and MPNet have no SDPA attention in HF, nor a padding-free encoder here
         impls = [Impl("hf-eager", hf("eager"))]
         if base_attn == "sdpa":
             impls.append(Impl("hf-sdpa", hf("sdpa")))
@@ -250,6 +253,8 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
             Impl(f"hf-{base_attn}-compile", hf_compiled, skip_in_quick=compile_skip),
             Impl("fastbert-optimize", fb_optimize, ours=True),
         ]
+        if encoder_name is not None:
+            impls.append(Impl(f"fastbert-{encoder_name}", fb_encoder, ours=True))
     return Case(FAMILY, "bert", name, pass_, dtype, params, "TFLOP/s", work, "L",
                 f"{arch} {step} {fill} {dt}", setup, impls, check=check, rotate=False, quick=quick,
                 dtype_label=dt)

@@ -1,0 +1,186 @@
+"""A padding-free ModernBERT encoder (transformers 5.x): remove the padding once, run every layer on
+the packed real tokens, put the padding back at the end.
+
+ModernBERT was designed to run unpadded (its reference implementation packs the batch for
+FlashAttention's varlen kernels); transformers 5.x runs it padded, masking the padding in every
+layer. This encoder computes only the real tokens: the embeddings on the packed token ids, then in
+every layer::
+
+    h    = attn_norm(x)                                    (layer 0: identity)
+    q, k = rotary(Wqkv(h))                                 (positions as the HF model's)
+    ctx  = varlen_attention(q, k, v, cu_seqlens, window)   (local layers: +-local_attention / 2)
+    y, x = add_layer_norm(Wo(ctx), x, mlp_norm, return_residual=True)
+    x    = x + Wo_mlp(geglu(Wi(y)))
+
+and the final LayerNorm, on :func:`fastbert.varlen_attention`, :func:`fastbert.add_layer_norm`,
+:func:`fastbert.geglu` and :func:`fastbert.layer_norm`.
+
+Usage::
+
+    hf = transformers.AutoModel.from_pretrained("answerdotai/ModernBERT-base")   # or a ...For... model
+    enc = fastbert.models.ModernBertEncoder.from_hf(hf)
+    hidden = enc(input_ids, attention_mask=attention_mask)   # (B, L, E), 0 at padding
+    # == hf(input_ids, attention_mask=...).last_hidden_state on the real tokens
+
+The encoder shares the HuggingFace model's modules and Parameter objects (nothing is copied).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..nn._utils import check_backend
+from ..nn.gelu import gelu_approximation
+from ..padding import pad_input, unpad_input
+
+__all__ = ["ModernBertEncoder", "ModernBertLayer"]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"ModernBertEncoder.from_hf: {message}")
+
+
+def _norm(norm: nn.Module, x: Tensor, backend: Optional[str]) -> Tensor:
+    if isinstance(norm, nn.LayerNorm):
+        return ops.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, backend=backend)
+    return norm(x)  # layer 0's Identity
+
+
+class ModernBertLayer(nn.Module):
+    """One ModernBERT layer on packed tokens, sharing a HuggingFace ``ModernBertEncoderLayer``'s
+    modules. forward(x (T, E), cu_seqlens (N + 1,) int32, max_seqlen, cos (T, D), sin (T, D))
+    -> (T, E); ``cos`` / ``sin``: the rotary embedding of each token's position (this layer's type).
+    """
+
+    def __init__(self, hf_layer: nn.Module, rotary: Callable, *, backend: Optional[str] = None) -> None:
+        super().__init__()
+        attn, mlp = getattr(hf_layer, "attn", None), getattr(hf_layer, "mlp", None)
+        _require(isinstance(attn, nn.Module) and isinstance(mlp, nn.Module),
+                 f"expected attn and mlp submodules in {type(hf_layer).__name__}")
+        for owner, names in ((attn, ("Wqkv", "Wo")), (mlp, ("Wi", "Wo"))):
+            for n in names:
+                _require(isinstance(getattr(owner, n, None), nn.Linear),
+                         f"expected a Linear {type(owner).__name__}.{n}")
+        _require(isinstance(getattr(hf_layer, "mlp_norm", None), nn.LayerNorm)
+                 and isinstance(getattr(hf_layer, "attn_norm", None), (nn.LayerNorm, nn.Identity)),
+                 "expected LayerNorm attn_norm (or Identity) and mlp_norm")
+        self.attn_norm, self.mlp_norm = hf_layer.attn_norm, hf_layer.mlp_norm
+        self.Wqkv, self.attn_out, self.attn_drop = attn.Wqkv, attn.Wo, attn.out_drop
+        self.head_dim = int(attn.head_dim)
+        self.attention_dropout = float(attn.attention_dropout)
+        window = attn.sliding_window  # transformers' inclusive bound: local_attention // 2 + 1
+        self.window_size: Optional[Tuple[int, int]] = None if window is None else (window - 1, window - 1)
+        self.attention_type = hf_layer.attention_type
+        self.Wi, self.mlp_out, self.mlp_drop, self.act = mlp.Wi, mlp.Wo, mlp.drop, mlp.act
+        self._rotary = rotary
+        self.backend = backend
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, cos: Tensor, sin: Tensor) -> Tensor:
+        t, be = x.shape[0], self.backend
+        qkv = self.Wqkv(_norm(self.attn_norm, x, be)).view(t, 3, -1, self.head_dim)
+        q, k, v = qkv.unbind(dim=1)  # 3 x (T, H, D)
+        q, k = self._rotary(q, k, cos, sin, unsqueeze_dim=1)  # cos (T, D) -> (T, 1, D)
+        window = self.window_size
+        if window is not None and max_seqlen <= window[0]:
+            window = None  # no sequence is longer than the window
+        p = self.attention_dropout if self.training else 0.0
+        ctx = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=p,
+                                   scale=self.head_dim ** -0.5, window_size=window, backend=be)
+        attn_out = self.attn_drop(self.attn_out(ctx.reshape(t, -1)))
+        norm = self.mlp_norm
+        y, x = ops.add_layer_norm(attn_out, x, norm.weight, norm.bias, norm.eps, return_residual=True,
+                                  backend=be)
+        approximate = gelu_approximation(self.act)
+        if approximate is None:
+            a, gate = self.Wi(y).chunk(2, dim=-1)
+            act = self.act(a) * gate
+        else:
+            act = ops.geglu(self.Wi(y), None, approximate, backend=be)
+        return x + self.mlp_out(self.mlp_drop(act))
+
+
+class ModernBertEncoder(nn.Module):
+    """Padding-free ModernBERT encoder (embeddings + layers + final norm) built from a transformers
+    5.x ``ModernBertModel`` or ``ModernBertFor...`` model with :meth:`from_hf`.
+
+    ``forward(input_ids, attention_mask, position_ids, inputs_embeds)`` -> last hidden state
+    (B, L, E), 0 at padding: :func:`fastbert.unpad_input` packs the real tokens' ids (or
+    embeddings) once, the embeddings, every layer and the final norm run on them, and
+    :func:`fastbert.pad_input` scatters the result back. Positions are the HuggingFace model's
+    (``position_ids``, default ``arange(L)``), so the rotary embeddings match it; the local layers'
+    window counts packed tokens, which equals transformers' window whenever each sequence's real
+    tokens are contiguous (right or left padding). Training works (the model's dropouts; gradients
+    reach the shared parameters).
+    """
+
+    def __init__(self, embeddings: nn.Module, layers: List[ModernBertLayer], final_norm: nn.Module,
+                 rotary_emb: nn.Module, *, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = final_norm
+        self.rotary_emb = rotary_emb
+        self.backend = check_backend(backend)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, *, backend: Optional[str] = None) -> "ModernBertEncoder":
+        """Build the encoder on a transformers 5.x ModernBERT model, sharing its modules and
+        parameters (also after :func:`fastbert.optimize`). Refused with ValueError: other models,
+        transformers 4.x's ModernBERT (another layer structure)."""
+        backend = check_backend(backend)
+        base = getattr(hf_model, "base_model", hf_model)
+        _require(all(hasattr(base, n) for n in ("embeddings", "layers", "final_norm", "rotary_emb")),
+                 f"{type(hf_model).__name__} is not a transformers 5.x ModernBERT model (embeddings, "
+                 "layers, final_norm and rotary_emb)")
+        _require(isinstance(base.final_norm, nn.LayerNorm), "expected a LayerNorm final_norm")
+        layers = []
+        for layer in base.layers:
+            rotary = getattr(sys.modules.get(type(layer).__module__), "apply_rotary_pos_emb", None)
+            if rotary is None:  # after fastbert.optimize: the swapped layer keeps transformers'
+                rotary = getattr(layer.attn, "_fastbert_rotary", None)
+            _require(callable(rotary) and hasattr(layer, "attention_type"),
+                     "expected transformers 5.x ModernBERT layers (apply_rotary_pos_emb, attention_type)")
+            layers.append(ModernBertLayer(layer, rotary, backend=backend))
+        encoder = cls(base.embeddings, layers, base.final_norm, base.rotary_emb, backend=backend)
+        return encoder.train(base.training)
+
+    def forward_packed(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                       position_ids: Tensor) -> Tensor:
+        """The layers and the final norm on packed tokens: hidden (T, E) (after the embeddings),
+        cu_seqlens (N + 1,) int32, max_seqlen, position_ids (T,) each token's position -> (T, E)."""
+        rotary = {}
+        for t in sorted({layer.attention_type for layer in self.layers}):
+            cos, sin = self.rotary_emb(hidden[None], position_ids[None], t)
+            rotary[t] = (cos[0], sin[0])
+        for layer in self.layers:
+            hidden = layer(hidden, cu_seqlens, max_seqlen, *rotary[layer.attention_type])
+        return _norm(self.final_norm, hidden, self.backend)
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None) -> Tensor:
+        """input_ids (B, L) or inputs_embeds (B, L, E); attention_mask (B, L), 1 = real token
+        (default: all real); position_ids (B, L) or (1, L) (default: arange(L)) -> last hidden
+        state (B, L, E), 0 at padded positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        src = input_ids if input_ids is not None else inputs_embeds
+        b, length = src.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones((b, length), dtype=torch.bool, device=src.device)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=src.device)[None]
+        position_ids = position_ids.expand(b, length)
+        if input_ids is not None:
+            ids, indices, cu_seqlens, max_seqlen = unpad_input(input_ids[..., None], attention_mask)
+            hidden = self.embeddings(input_ids=ids.view(1, -1))[0]
+        else:
+            embeds, indices, cu_seqlens, max_seqlen = unpad_input(inputs_embeds, attention_mask)
+            hidden = self.embeddings(inputs_embeds=embeds[None])[0]
+        positions = position_ids.reshape(-1)[indices]
+        hidden = self.forward_packed(hidden, cu_seqlens, max_seqlen, positions)
+        return pad_input(hidden, indices, b, length)

@@ -1,0 +1,139 @@
+"""fastbert.models.ModernBertEncoder: the padding-free ModernBERT encoder against the transformers
+5.x model it is built from (small random configs with local layers whose window is shorter than
+the sequences), on the real tokens of padded batches, eval and train with gradients; float32
+checked against the HuggingFace model in float64 with PyTorch's float32 error as the yardstick."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from packaging.version import Version  # noqa: E402
+
+from fastbert import backends  # noqa: E402
+from fastbert.models import ModernBertEncoder  # noqa: E402
+from fastbert.optimize import optimize  # noqa: E402
+from fastbert.testing import DEVICE, assert_close  # noqa: E402
+
+if Version(transformers.__version__) < Version("5"):
+    pytest.skip("ModernBertEncoder is built on transformers 5.x's ModernBERT", allow_module_level=True)
+
+VOCAB = 99
+
+
+def _model(model_cls="ModernBertModel", **overrides):
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+              intermediate_size=48, max_position_embeddings=64, global_attn_every_n_layers=2,
+              local_attention=4, pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2,
+              sep_token_id=1, attn_implementation="sdpa")
+    kw.update(overrides)
+    return getattr(transformers, model_cls)(transformers.ModernBertConfig(**kw))
+
+
+def _batch(lengths, seqlen, left=False, device="cpu"):
+    ids = torch.randint(3, VOCAB, (len(lengths), seqlen), device=device)
+    mask = torch.zeros(len(lengths), seqlen, dtype=torch.long, device=device)
+    for i, n in enumerate(lengths):
+        if left:
+            mask[i, seqlen - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return ids, mask
+
+
+def _hidden(m, ids, mask, **kw):
+    out = m(ids, attention_mask=mask, **kw)
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+def _check(enc, hf, ids, mask, train=False, **kw):
+    """``enc`` vs ``hf`` (float32) and its float64 copy on the real tokens; with ``train`` also
+    every parameter gradient (the same upstream gradient, real tokens only)."""
+    ref_model = copy.deepcopy(hf)
+    hf64 = copy.deepcopy(hf).double()
+    real = mask.bool()
+    for m in (enc, ref_model, hf64):
+        m.train(train)
+    with torch.set_grad_enabled(train):
+        out = _hidden(enc, ids, mask, **kw)
+        low = _hidden(ref_model, ids, mask, **kw)
+        ref = _hidden(hf64, ids, mask, **kw)
+    assert out.shape == low.shape and out.dtype == low.dtype
+    assert_close(out[real], ref[real], low[real], name="last_hidden_state (real tokens)")
+    assert (out[~real] == 0).all(), "padding positions must be 0"
+    if not train:
+        return
+    g = torch.randn(ref.shape, dtype=torch.float64, device=ref.device) * real[..., None]
+    for o in (out, low, ref):
+        o.backward(g.to(o.dtype))
+    p_low, p_ref = dict(ref_model.named_parameters()), dict(hf64.named_parameters())
+    checked = 0
+    for name, p in hf.named_parameters():
+        if p_ref[name].grad is None:
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        assert_close(p.grad, p_ref[name].grad, p_low[name].grad, name=f"grad {name}")
+        checked += 1
+    assert checked == sum(1 for _ in hf.parameters())
+
+
+@pytest.mark.parametrize("lengths,left", [((9, 4, 1), False), ((7, 7), False), ((8, 3), True), ((1,), False)],
+                         ids=["9-4-1", "full", "left-padded", "B1"])
+def test_encoder_matches_hf_eval(lengths, left):
+    torch.manual_seed(0)
+    hf = _model()
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch(lengths, max(lengths) + 2, left=left)
+    _check(enc, hf, ids, mask)
+
+
+def test_encoder_training_gradients_and_inputs_embeds():
+    torch.manual_seed(0)
+    hf = _model()
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((9, 5, 2), 11)
+    _check(enc, hf, ids, mask, train=True)
+    # inputs_embeds and explicit position ids (an offset, as a packed data loader might give)
+    embeds = hf.embeddings.tok_embeddings(ids).detach()
+    pos = torch.arange(3, 14)[None].expand(3, 11)
+    with torch.no_grad():
+        enc.eval(), hf.eval()
+        out = enc(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+        want = hf(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_after_optimize_task_model_and_refusals():
+    torch.manual_seed(0)
+    hf = _model("ModernBertForMaskedLM")
+    reference = copy.deepcopy(hf)
+    optimize(hf)
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((6, 3), 8)
+    with torch.no_grad():
+        out = enc(ids, attention_mask=mask)
+        want = reference.model(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out[real], want[real], rtol=1e-4, atol=1e-5)
+    assert {id(p) for p in enc.parameters()} <= {id(p) for p in hf.parameters()}
+    with pytest.raises(ValueError, match="not a transformers 5.x ModernBERT model"):
+        ModernBertEncoder.from_hf(transformers.BertModel(transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=48)))
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        enc()
+
+
+def test_encoder_triton_eval():
+    need = ("varlen_attention", "add_layer_norm", "geglu", "layer_norm")
+    missing = [op for op in need if "triton" not in backends.implementations(op)]
+    reasons = backends.backend_reasons("triton", torch.device(DEVICE))
+    if missing or reasons:
+        pytest.skip(f"Triton backend unavailable: {missing or reasons}")
+    torch.manual_seed(0)
+    hf = _model(num_attention_heads=2).to(DEVICE)  # head dim 16
+    enc = ModernBertEncoder.from_hf(hf, backend="triton")
+    ids, mask = _batch((9, 4), 11, device=DEVICE)
+    _check(enc, hf, ids, mask)
