@@ -16,8 +16,9 @@ from fastbert.models import ModernBertEncoder  # noqa: E402
 from fastbert.optimize import optimize  # noqa: E402
 from fastbert.testing import DEVICE, assert_close  # noqa: E402
 
-if Version(transformers.__version__) < Version("5"):
-    pytest.skip("ModernBertEncoder is built on transformers 5.x's ModernBERT", allow_module_level=True)
+TF5 = Version(transformers.__version__) >= Version("5")
+needs_tf5 = pytest.mark.skipif(not TF5, reason="ModernBertEncoder is built on transformers 5.x's "
+                               "ModernBERT (test_transformers_4_modernbert_is_refused)")
 
 VOCAB = 99
 
@@ -78,6 +79,7 @@ def _check(enc, hf, ids, mask, train=False, **kw):
     assert checked == sum(1 for _ in hf.parameters())
 
 
+@needs_tf5
 @pytest.mark.parametrize("lengths,left", [((9, 4, 1), False), ((7, 7), False), ((8, 3), True), ((1,), False)],
                          ids=["9-4-1", "full", "left-padded", "B1"])
 def test_encoder_matches_hf_eval(lengths, left):
@@ -88,6 +90,7 @@ def test_encoder_matches_hf_eval(lengths, left):
     _check(enc, hf, ids, mask)
 
 
+@needs_tf5
 def test_encoder_training_gradients_and_inputs_embeds():
     torch.manual_seed(0)
     hf = _model()
@@ -105,6 +108,7 @@ def test_encoder_training_gradients_and_inputs_embeds():
     torch.testing.assert_close(out[real], want[real], rtol=1e-4, atol=1e-5)
 
 
+@needs_tf5
 def test_encoder_after_optimize_task_model_and_refusals():
     torch.manual_seed(0)
     hf = _model("ModernBertForMaskedLM")
@@ -126,6 +130,7 @@ def test_encoder_after_optimize_task_model_and_refusals():
         enc()
 
 
+@needs_tf5
 def test_encoder_triton_eval():
     need = ("varlen_attention", "add_layer_norm", "geglu", "layer_norm")
     missing = [op for op in need if "triton" not in backends.implementations(op)]
@@ -137,3 +142,9 @@ def test_encoder_triton_eval():
     enc = ModernBertEncoder.from_hf(hf, backend="triton")
     ids, mask = _batch((9, 4), 11, device=DEVICE)
     _check(enc, hf, ids, mask)
+
+
+@pytest.mark.skipif(TF5, reason="transformers 4.x only")
+def test_transformers_4_modernbert_is_refused():
+    with pytest.raises(ValueError, match="not a transformers 5.x ModernBERT model"):
+        ModernBertEncoder.from_hf(_model())
