@@ -148,3 +148,32 @@ def test_encoder_triton_eval():
 def test_transformers_4_modernbert_is_refused():
     with pytest.raises(ValueError, match="not a transformers 5.x ModernBERT model"):
         ModernBertEncoder.from_hf(_model())
+
+
+@needs_tf5
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_encoder_half(dtype):
+    """The GPU path (default backend, compiled kernels): output and every gradient within 2x
+    PyTorch's own half-precision error; head dim 64, a 16-token local window, awkward lengths."""
+    torch.manual_seed(0)
+    hf = _model(hidden_size=256, num_attention_heads=4, intermediate_size=384, local_attention=16,
+                max_position_embeddings=160).to("cuda")
+    hf64 = copy.deepcopy(hf).double()
+    hf = hf.to(dtype)
+    hf_low = copy.deepcopy(hf)
+    enc = ModernBertEncoder.from_hf(hf)
+    ids, mask = _batch((130, 97, 17, 1), 130, device="cuda")
+    real = mask.bool()
+    out = _hidden(enc, ids, mask)
+    low = _hidden(hf_low, ids, mask)
+    ref = _hidden(hf64, ids, mask)
+    assert out.dtype == dtype
+    assert_close(out[real], ref[real], low[real], name="output")
+    g = torch.randn(ref.shape, dtype=torch.float64, device="cuda") * real[..., None]
+    for o in (out, low, ref):
+        o.backward(g.to(o.dtype))
+    p_low, p_ref = dict(hf_low.named_parameters()), dict(hf64.named_parameters())
+    for name, p in hf.named_parameters():
+        if p_ref[name].grad is not None:
+            assert_close(p.grad, p_ref[name].grad, p_low[name].grad, name=f"grad {name}")
