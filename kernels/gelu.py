@@ -146,43 +146,30 @@ def _bias_gelu_bwd_kernel(
 
 
 @triton.jit
-def _geglu_fwd_kernel(
-    A, stride_am, stride_an,        # the activated half [M, N], any strides
+def _geglu_kernel(
+    A, stride_am, stride_an,        # the GELU input [M, N], any strides
     G, stride_gm, stride_gn,        # the gate [M, N], any strides
-    Y,                              # out [M, N] contiguous, input dtype
-    M, N,
-    APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY, stride_dym, stride_dyn,     # backward: grad of the output [M, N], any strides
+    OUT, stride_om,                 # forward: y; backward: grad of a [M, N], unit column stride
+    DG, stride_dgm,                 # backward: grad of g [M, N], unit column stride (with OUT, the
+    M, N,                           # two halves of one [M, 2N] buffer when the input was packed)
+    BWD: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """y = gelu(a) * g. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one [BM, BN] tile per program."""
+    """Forward y = gelu(a) * g; backward da = dy * g * gelu'(a), dg = dy * gelu(a) (gelu
+    recomputed). Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one [BM, BN] tile per program."""
     rows = (tl.cast(tl.program_id(0), tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rows < M) & (cols < N)
     a = tl.load(A + rows * stride_am + cols * stride_an, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    y = _gelu(a, APPROX_TANH) * g
-    tl.store(Y + rows * N + cols, y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _geglu_bwd_kernel(
-    DY, stride_dym, stride_dyn,     # grad of out [M, N], any strides
-    A, stride_am, stride_an,        # forward inputs [M, N], any strides
-    G, stride_gm, stride_gn,
-    DA, stride_dam,                 # out: grads of a and g [M, N], unit column stride (two halves
-    DG, stride_dgm,                 # of one [M, 2N] buffer when the input was packed)
-    M, N,
-    APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """da = dy * g * gelu'(a), dg = dy * gelu(a). Same grid as the forward."""
-    rows = (tl.cast(tl.program_id(0), tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (rows < M) & (cols < N)
-    a = tl.load(A + rows * stride_am + cols * stride_an, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + rows * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + rows * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-    y, d = _gelu_and_grad(a, APPROX_TANH)
-    tl.store(DA + rows * stride_dam + cols, (dy * g * d).to(DA.dtype.element_ty), mask=mask)
-    tl.store(DG + rows * stride_dgm + cols, (dy * y).to(DG.dtype.element_ty), mask=mask)
+    if BWD:
+        dy = tl.load(DY + rows * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+        y, d = _gelu_and_grad(a, APPROX_TANH)
+        tl.store(OUT + rows * stride_om + cols, (dy * g * d).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(DG + rows * stride_dgm + cols, (dy * y).to(DG.dtype.element_ty), mask=mask)
+    else:
+        y = _gelu(a, APPROX_TANH) * g
+        tl.store(OUT + rows * stride_om + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,20 +251,30 @@ def _halves(x: Tensor, gate: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     return x[..., :n], x[..., n:]
 
 
+def _launch_geglu(a: Tensor, g: Tensor, out: Tensor, approximate: str, dy: Optional[Tensor] = None,
+                  dg: Optional[Tensor] = None) -> None:
+    """The forward (dy None: out = gelu(a) * g) or backward (out = da, and dg) over [..., N] views."""
+    a2, g2, out2 = _rows(a), _rows(g), _rows(out)
+    dy2 = _rows(dy) if dy is not None else a2
+    dg2 = _rows(dg) if dg is not None else out2
+    # the outputs are views of fresh contiguous tensors, which _rows never copies
+    assert out2.data_ptr() == out.data_ptr() and (dg is None or dg2.data_ptr() == dg.data_ptr())
+    m, n = a2.shape
+    block_m, block_n = _config(n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _geglu_kernel[grid](a2, a2.stride(0), a2.stride(1), g2, g2.stride(0), g2.stride(1),
+                        dy2, dy2.stride(0), dy2.stride(1), out2, out2.stride(0), dg2, dg2.stride(0),
+                        m, n, BWD=dy is not None, APPROX_TANH=approximate == "tanh",
+                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+
+
 def geglu_fwd(x: Tensor, gate: Optional[Tensor], approximate: str = "none") -> Tensor:
     """gelu(a) * g. Shapes: x (..., N) and gate (..., N), or x (..., 2N) holding (a, g) and gate
     None; any strides, one dtype -> (..., N) in that dtype, contiguous."""
     a, g = _halves(x, gate)
     y = torch.empty(a.shape, dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    a2, g2 = _rows(a), _rows(g)
-    m, n = a2.shape
-    block_m, block_n = _config(n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _geglu_fwd_kernel[grid](a2, a2.stride(0), a2.stride(1), g2, g2.stride(0), g2.stride(1), y, m, n,
-                            APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
-                            num_warps=NUM_WARPS)
+    if y.numel() > 0:
+        _launch_geglu(a, g, y, approximate)
     return y
 
 
@@ -289,15 +286,7 @@ def geglu_bwd(dy: Tensor, x: Tensor, gate: Optional[Tensor],
     a, g = _halves(x, gate)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dgate = torch.empty(g.shape, dtype=g.dtype, device=g.device) if gate is not None else None
-    da, dg = _halves(dx, dgate)
-    if a.numel() == 0:
-        return dx, dgate
-    a2, g2, dy2, da2, dg2 = _rows(a), _rows(g), _rows(dy), _rows(da), _rows(dg)
-    m, n = a2.shape
-    block_m, block_n = _config(n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _geglu_bwd_kernel[grid](dy2, dy2.stride(0), dy2.stride(1), a2, a2.stride(0), a2.stride(1),
-                            g2, g2.stride(0), g2.stride(1), da2, da2.stride(0), dg2, dg2.stride(0),
-                            m, n, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m,
-                            BLOCK_N=block_n, num_warps=NUM_WARPS)
+    da, dg = _halves(dx, dgate)  # views of fresh contiguous tensors: written in place
+    if a.numel() > 0:
+        _launch_geglu(a, g, da, approximate, dy=dy, dg=dg)
     return dx, dgate

@@ -594,14 +594,14 @@ def _geglu_cases_for(cc: int, dt: str, n: int, approx: bool) -> List[Case]:
     """The packed layout (a (rows, 2N) input; both halves read with row stride 2N)."""
     bm, bn = gelu._config(n)
     name = f"sm{cc}-geglu_{{}}-N{n}-{dt}-{'tanh' if approx else 'erf'}-BM{bm}-BN{bn}"
-    flags = dict(APPROX_TANH=approx, BLOCK_M=bm, BLOCK_N=bn)
-    halves = dict(A=ptr(dt), stride_am=2 * n, stride_an=1, G=ptr(dt), stride_gm=2 * n, stride_gn=1)
+    args = dict(A=ptr(dt), stride_am=2 * n, stride_an=1, G=ptr(dt), stride_gm=2 * n, stride_gn=1,
+                DY=ptr(dt), stride_dym=n, stride_dyn=1, OUT=ptr(dt), DG=ptr(dt), M=_M, N=n,
+                APPROX_TANH=approx, BLOCK_M=bm, BLOCK_N=bn)
     return [
-        Case("gelu", name.format("fwd"), gelu._geglu_fwd_kernel,
-             dict(**halves, Y=ptr(dt), M=_M, N=n, **flags), gelu.NUM_WARPS, 3, cc),
-        Case("gelu", name.format("bwd"), gelu._geglu_bwd_kernel,
-             dict(DY=ptr(dt), stride_dym=n, stride_dyn=1, **halves, DA=ptr(dt), stride_dam=2 * n,
-                  DG=ptr(dt), stride_dgm=2 * n, M=_M, N=n, **flags), gelu.NUM_WARPS, 3, cc)]
+        Case("gelu", name.format("fwd"), gelu._geglu_kernel,
+             dict(args, stride_om=n, stride_dgm=n, BWD=False), gelu.NUM_WARPS, 3, cc),
+        Case("gelu", name.format("bwd"), gelu._geglu_kernel,
+             dict(args, stride_om=2 * n, stride_dgm=2 * n, BWD=True), gelu.NUM_WARPS, 3, cc)]
 
 
 def gelu_cases() -> List[Case]:

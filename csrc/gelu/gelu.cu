@@ -132,18 +132,24 @@ bool vectorizable(const BiasGeluParams& p) {
          is_aligned(p.grad_out, 16) && is_aligned(p.out, 16) && is_aligned(p.partial_bias, 16);
 }
 
+// Blocks of kFlatThreads for a grid-stride loop over n_vec vectors: enough to cover them, at most
+// 8 per SM.
+constexpr int kFlatThreads = 256;
+
+inline unsigned flat_blocks(int64_t n_vec, int num_sms) {
+  return static_cast<unsigned>(std::max<int64_t>(
+      1, std::min<int64_t>((n_vec + kFlatThreads - 1) / kFlatThreads, static_cast<int64_t>(std::max(num_sms, 1)) * 8)));
+}
+
 template <typename T, bool BWD>
 cudaError_t launch_flat(const BiasGeluParams& p, int num_sms, cudaStream_t stream) {
-  constexpr int kThreads = 256;
   constexpr int VEC = vec_width<T>();
   const bool vec = vectorizable<T>(p);
-  const int64_t n_vec = p.rows * p.cols / (vec ? VEC : 1);
-  const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>((n_vec + kThreads - 1) / kThreads, static_cast<int64_t>(std::max(num_sms, 1)) * 8));
+  const unsigned blocks = flat_blocks(p.rows * p.cols / (vec ? VEC : 1), num_sms);
   if (vec) {
-    bias_gelu_flat_kernel<T, VEC, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    bias_gelu_flat_kernel<T, VEC, BWD><<<blocks, kFlatThreads, 0, stream>>>(p);
   } else {
-    bias_gelu_flat_kernel<T, 1, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    bias_gelu_flat_kernel<T, 1, BWD><<<blocks, kFlatThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -242,16 +248,13 @@ bool geglu_vectorizable(const GegluParams& p, bool bwd) {
 
 template <typename T, bool BWD>
 cudaError_t launch_geglu(const GegluParams& p, int num_sms, cudaStream_t stream) {
-  constexpr int kThreads = 256;
   constexpr int VEC = vec_width<T>();
   const bool vec = geglu_vectorizable<T>(p, BWD);
-  const int64_t n_vec = p.rows * p.cols / (vec ? VEC : 1);
-  const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>((n_vec + kThreads - 1) / kThreads, static_cast<int64_t>(std::max(num_sms, 1)) * 8));
+  const unsigned blocks = flat_blocks(p.rows * p.cols / (vec ? VEC : 1), num_sms);
   if (vec) {
-    geglu_kernel<T, VEC, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    geglu_kernel<T, VEC, BWD><<<blocks, kFlatThreads, 0, stream>>>(p);
   } else {
-    geglu_kernel<T, 1, BWD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    geglu_kernel<T, 1, BWD><<<blocks, kFlatThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
