@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,6 +143,29 @@ def test_encoder_triton_eval():
     enc = ModernBertEncoder.from_hf(hf, backend="triton")
     ids, mask = _batch((9, 4), 11, device=DEVICE)
     _check(enc, hf, ids, mask)
+
+
+@needs_tf5
+def test_encoder_compiles_as_one_graph_with_its_unpadding():
+    """torch.compile(fullgraph=True) of the whole encoder, unpadding and rotary included (Dynamo
+    told to capture data-dependent shapes, as for BertEncoder); a second batch with other lengths."""
+    need = ("varlen_attention", "add_layer_norm", "geglu", "layer_norm")
+    missing = [op for op in need if "triton" not in backends.implementations(op)]
+    reasons = backends.backend_reasons("triton", torch.device(DEVICE))
+    if missing or reasons:
+        pytest.skip(f"Triton backend unavailable: {missing or reasons}")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    hf = _model(num_hidden_layers=2).to(DEVICE).eval()  # a global and a local layer
+    enc = ModernBertEncoder.from_hf(hf, backend="triton")
+    compiled = torch.compile(enc, fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                     capture_scalar_outputs=True):
+        for lengths in ((9, 4, 1), (7, 9, 2)):
+            ids, mask = _batch(lengths, 9, device=DEVICE)
+            torch.testing.assert_close(compiled(ids, attention_mask=mask),
+                                       enc(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(TF5, reason="transformers 4.x only")

@@ -85,12 +85,9 @@ class ModernBertLayer(nn.Module):
         qkv = self.Wqkv(_norm(self.attn_norm, x, be)).view(t, 3, -1, self.head_dim)
         q, k, v = qkv.unbind(dim=1)  # 3 x (T, H, D)
         q, k = self._rotary(q, k, cos, sin, unsqueeze_dim=1)  # cos (T, D) -> (T, 1, D)
-        window = self.window_size
-        if window is not None and max_seqlen <= window[0]:
-            window = None  # no sequence is longer than the window
         p = self.attention_dropout if self.training else 0.0
         ctx = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=p,
-                                   scale=self.head_dim ** -0.5, window_size=window, backend=be)
+                                   scale=self.head_dim ** -0.5, window_size=self.window_size, backend=be)
         attn_out = self.attn_drop(self.attn_out(ctx.reshape(t, -1)))
         norm = self.mlp_norm
         y, x = ops.add_layer_norm(attn_out, x, norm.weight, norm.bias, norm.eps, return_residual=True,
