@@ -407,6 +407,51 @@ def test_bias_gelu_fuzz(backend):
     _fuzz(backend, gelu_cases(), _check_bias_gelu)
 
 
+def _geglu(backend):
+    if backend == "emu":
+        return lambda x, g, approx: gelu_ops._geglu_cuda(x, g, approx)
+    return lambda x, g, approx: fastbert.geglu(x, g, approx, backend=backend)
+
+
+@st.composite
+def geglu_cases(draw):
+    return dict(
+        shape=draw(st.sampled_from([(1,), (5, 1), (17, 97), (3, 4, 768), (2, 1152)])),
+        dtype=draw(st.sampled_from(DTYPES)), approximate=draw(st.sampled_from(["none", "tanh"])),
+        form=draw(st.sampled_from(["packed", "gate", "halves"])),
+        layout=draw(st.sampled_from(["contiguous", "strided", "row_slice"])),
+        scale=draw(st.sampled_from([1.0, 4.0])), seed=draw(st.integers(0, 2 ** 31 - 1)), order=draw(_ORDERS))
+
+
+def _check_geglu(backend, case):
+    """geglu of ``shape`` (the output's): packed (..., 2N), a separate gate, or the two halves of
+    one (..., 2N) matrix as input and gate; each operand in the drawn layout."""
+    geglu = _geglu(backend)
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, shape, approx, form = case["dtype"], case["shape"], case["approximate"], case["form"]
+    wide = tuple(shape[:-1]) + (2 * shape[-1],)
+    if form == "gate":
+        x = _ln_input(shape, dtype, case["layout"], gen, case["scale"])
+        g = _ln_input(shape, dtype, case["layout"], gen, 1.0)
+    else:
+        x, g = _ln_input(wide, dtype, case["layout"], gen, case["scale"]), None
+        if form == "halves":
+            x, g = x.chunk(2, dim=-1)
+    dy = rand(shape, dtype, DEVICE, generator=gen)
+
+    def fn(x, g, backend, **kw):
+        if backend == "ref":
+            return reference.geglu(x, g, approx, **kw)
+        return geglu(x, g, approx)
+    with _running(backend, case["order"]):
+        compare_to_reference(fn, [x, g], [dy], dtype, f"geglu {case}", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_geglu_fuzz(backend):
+    _fuzz(backend, geglu_cases(), _check_geglu)
+
+
 @st.composite
 def varlen_cases(draw):
     n = draw(st.integers(1, 4))
