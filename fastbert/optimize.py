@@ -15,7 +15,9 @@ copies                                  :mod:`fastbert.integrations.huggingface`
 =====================================  ===========================================================
 
 Only these exact classes are swapped: a user subclass may have its own forward and is left, with
-the reason in the report. ``restore(model)`` puts the original modules back.
+the reason in the report. ``restore(model)`` puts the original modules back. With
+``padding_free=True`` a HuggingFace BERT-style or ModernBERT base model inside ``model`` is replaced
+as a whole by one that computes only the real tokens (see :func:`optimize`).
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def _swap_torch(module: nn.Module, backend: Optional[str]):
     return None, None
 
 
-def _swappers() -> List[Swapper]:
+def _swappers(padding_free: bool = False) -> List[Swapper]:
     out: List[Swapper] = [_swap_torch]
     # HuggingFace models: only when transformers is already imported (a model built from it
     # exists); fastbert never imports transformers on its own.
@@ -128,10 +130,13 @@ def _swappers() -> List[Swapper]:
         from .integrations import huggingface
 
         out.insert(0, huggingface.swap_module)
+        if padding_free:
+            out.insert(0, huggingface.swap_padding_free)
     return out
 
 
-def optimize(model: nn.Module, *, backend: Optional[str] = None) -> OptimizeReport:
+def optimize(model: nn.Module, *, backend: Optional[str] = None,
+             padding_free: bool = False) -> OptimizeReport:
     """Replace, in place, every submodule of ``model`` that fastbert supports (see the module docs).
 
     Args:
@@ -139,6 +144,15 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None) -> OptimizeRepo
             ``fastbert.nn.X.from_torch(m)`` for a bare module).
         backend: passed to every fastbert op the new modules call (None: ``FASTBERT_BACKEND`` or
             "auto" at call time).
+        padding_free: also replace each HuggingFace encoder base model inside ``model`` (``BertModel``
+            and its copies, transformers 5.x ``ModernBertModel``; e.g. ``model.bert`` of a
+            ``BertForSequenceClassification``) by a
+            :class:`~fastbert.integrations.huggingface.PaddingFreeModel`: its forward removes the
+            padding once and computes only the real tokens (``fastbert.models.BertEncoder`` /
+            ``ModernBertEncoder``). Outputs are equal on the real tokens; ``last_hidden_state`` is 0
+            at padded positions (instead of values nothing should read). A call asking for
+            attentions, hidden states or a head mask runs the original forward. A base model the
+            encoders refuse is reported as left, and its layers are swapped as usual.
 
     Returns:
         an :class:`OptimizeReport` listing what was swapped and what was left, with reasons.
@@ -152,8 +166,10 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None) -> OptimizeRepo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     backend = check_backend(backend)
+    if not isinstance(padding_free, bool):
+        raise TypeError(f"padding_free must be a bool, got {type(padding_free).__name__}")
     report = OptimizeReport(backend=backend)
-    swappers = _swappers()
+    swappers = _swappers(padding_free)
     memo: Dict[int, nn.Module] = {}  # a module shared by several parents gets one replacement
     walked = set()  # and a shared module that stays is looked at once
 

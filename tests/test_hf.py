@@ -268,6 +268,71 @@ def test_optimize_task_models(task):
             assert_close(p.grad, r.double(), r, atol=1e-5, name=f"grad {name}")
 
 
+PADDING_FREE_TASKS = {"bert": "BertForSequenceClassification", "roberta": "RobertaForTokenClassification",
+                      "electra": "ElectraForMaskedLM", "modernbert": "ModernBertForSequenceClassification"}
+
+
+@pytest.mark.parametrize("family", list(PADDING_FREE_TASKS))
+def test_optimize_padding_free(family, tmp_path):
+    """optimize(padding_free=True) on a task model: its base model becomes a PaddingFreeModel (one
+    swap, same state_dict and Parameters); the loss, the logits on real tokens and every gradient
+    as close to float64 as the original's; a call asking for hidden states runs the original
+    forward; the original class's methods still answer; save_pretrained / from_pretrained and
+    restore round-trip."""
+    torch.manual_seed(0)
+    task = PADDING_FREE_TASKS[family]
+    model = _build(family, "sdpa", model_cls=task)
+    reference = copy.deepcopy(model)
+    ref64 = copy.deepcopy(model).double()
+    keys, params = list(model.state_dict()), dict(model.named_parameters())
+    report = optimize(model, backend="torch", padding_free=True)
+    prefix = model.base_model_prefix
+    swapped = {s.path: s.replacement for s in report.swapped}  # the base model, and head modules
+    assert swapped[prefix] == "fastbert.integrations.huggingface.PaddingFreeModel", str(report)
+    assert not any(p.startswith(prefix + ".") for p in swapped) and not report.left, str(report)
+    assert list(model.state_dict()) == keys and all(p is params[n] for n, p in model.named_parameters())
+    inputs, real = _inputs(family)
+    per_token = "SequenceClassification" not in task
+    labels = (torch.where(real, torch.randint(0, 2, (B, L)), torch.full((B, L), -100)) if per_token
+              else torch.randint(0, 2, (B,)))
+    outs = []
+    for m in (model, reference, ref64):
+        m.train()
+        out = m(**inputs, labels=labels)
+        out.loss.backward()
+        outs.append(out)
+    (out, low, ref) = outs
+    pick = (lambda t: t[real]) if per_token else (lambda t: t)
+    assert_close(out.loss, ref.loss, low.loss, name="loss")
+    assert_close(pick(out.logits), pick(ref.logits), pick(low.logits), name="logits")
+    p_low, p_ref = dict(reference.named_parameters()), dict(ref64.named_parameters())
+    for name, p in model.named_parameters():
+        if p_ref[name].grad is not None:
+            assert_close(p.grad, p_ref[name].grad, p_low[name].grad, name=f"grad {name}")
+    model.eval()
+    reference.eval()
+    with torch.no_grad():  # asking for hidden states: the original forward, the same numbers
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+        want = reference(**inputs, output_hidden_states=True).hidden_states
+    assert len(hs) == len(want) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hs, want))
+    assert getattr(model, prefix).get_input_embeddings().weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path)
+    loaded = getattr(transformers, task).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pick(loaded(**inputs).logits), pick(reference(**inputs).logits))
+    assert restore(model) == len(swapped) and type(getattr(model, prefix)).__name__ == MODELS[family]
+
+
+def test_optimize_padding_free_leaves_what_the_encoders_refuse():
+    model = _build("bert", is_decoder=True)
+    wrapper = torch.nn.ModuleDict({"encoder_model": model})
+    report = optimize(wrapper, padding_free=True)
+    assert any(s.path == "encoder_model" and "decoder" in s.reason for s in report.left), str(report)
+    assert len(report.swapped) == 7  # its layers, as without padding_free
+    with pytest.raises(TypeError, match="padding_free must be a bool"):
+        optimize(wrapper, padding_free=1)
+
+
 def test_optimize_leaves_what_it_cannot_run_with_reasons():
     # a decoder: causal self-attention with a KV cache is left; the rest is swapped
     torch.manual_seed(0)

@@ -103,6 +103,8 @@ __all__ = [
     "ModernBertLayer",
     "DistilBertBlock",
     "AlbertLayer",
+    "PaddingFreeModel",
+    "swap_padding_free",
     "FAMILIES",
 ]
 
@@ -1047,6 +1049,106 @@ def _swap_attention(module, spec, backend):
     new = adopt(SelfAttention, module, backend=backend, _fastbert_spec=spec, _fastbert_args=args,
                 _fastbert_legacy=spec.legacy_tuple and "output_attentions" in args)
     attach_capturing_hooks(module, new)
+    return new, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding-free base models (fastbert.optimize(model, padding_free=True))
+# ----------------------------------------------------------------------------------------------
+# What the padding-free encoders take; any other argument (output_attentions, head_mask, ...) that
+# is set makes the model run its original forward for that call.
+_PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
+                                "inputs_embeds", "return_dict", "use_cache", "cache_position"})
+
+
+class PaddingFreeModel(nn.Module):
+    """A HuggingFace encoder base model whose forward runs fastbert's padding-free encoder
+    (:class:`fastbert.models.BertEncoder` for BERT and its copies, :class:`fastbert.models.
+    ModernBertEncoder` for ModernBERT): the padding is removed once, every layer computes only the
+    real tokens, and the result is scattered back. Built by :func:`swap_padding_free` (through
+    ``fastbert.optimize(model, padding_free=True)``) on the model's own modules and Parameters;
+    same ``state_dict``.
+
+    forward: the original's arguments and outputs (``last_hidden_state``, and BERT's
+    ``pooler_output``), equal on the real tokens; padded positions of ``last_hidden_state`` are 0.
+    A call asking for what the encoders do not compute (``output_attentions``,
+    ``output_hidden_states``, a ``head_mask``, cross-attention inputs, a cache) runs the original
+    module instead (it shares every submodule). Attributes and methods of the original model class
+    that this module lacks (``get_input_embeddings``, ``config``, ...) are the original's.
+    """
+
+    _fastbert_args: Tuple[str, ...]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            original = self.__dict__.get("_fastbert_hf_module")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    def _fallback_reason(self, a: Dict[str, object]) -> Optional[str]:
+        for k, v in a.items():
+            if k not in _PADDING_FREE_ARGS and v is not None and v is not False:
+                return k
+        config = getattr(self, "config", None)
+        for k in ("output_attentions", "output_hidden_states"):
+            if getattr(config, k, False):
+                return f"config.{k}"
+        return None
+
+    def forward(self, *args, **kwargs):
+        a = _bind(self._fastbert_args, args, kwargs)
+        if self._fallback_reason(a) is not None:
+            original = self.__dict__["_fastbert_hf_module"]
+            original.training = self.training  # its submodules are this module's
+            return original(*args, **kwargs)
+        enc = self.__dict__["_fastbert_encoder"]
+        if enc.training != self.training:
+            enc.train(self.training)
+        call = {k: a.get(k) for k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds")}
+        if "token_type_ids" in inspect.signature(enc.forward).parameters:
+            call["token_type_ids"] = a.get("token_type_ids")
+        hidden = enc(**call)
+        from transformers import modeling_outputs
+
+        pooler = getattr(self, "pooler", None)
+        if "pooler" in self._modules:  # BERT and its copies (None for ELECTRA-style models)
+            out = modeling_outputs.BaseModelOutputWithPoolingAndCrossAttentions(
+                last_hidden_state=hidden, pooler_output=pooler(hidden) if pooler is not None else None)
+        else:
+            out = modeling_outputs.BaseModelOutput(last_hidden_state=hidden)
+        return_dict = a.get("return_dict")
+        if return_dict is None:
+            config = getattr(self, "config", None)
+            return_dict = getattr(config, "use_return_dict", getattr(config, "return_dict", True))
+        return out if return_dict else out.to_tuple()
+
+
+def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
+    """A :class:`PaddingFreeModel` for a HuggingFace ``BertModel`` (or a copy: RoBERTa, ELECTRA,
+    XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE) or transformers 5.x ``ModernBertModel``:
+    ``(new, None)``; ``(None, reason)`` where the encoder refuses the model (decoders, relative
+    position embeddings, ...: its layers are then swapped as usual); ``(None, None)`` for any other
+    module. Used by ``fastbert.optimize(model, padding_free=True)``."""
+    from ..models import BertEncoder, ModernBertEncoder
+
+    family, name = _family(module), type(module).__name__
+    if family in _BERT_LAYOUT and name == _BERT_LAYOUT[family] + "Model":
+        encoder_cls = BertEncoder
+    elif (family, name) == ("modernbert", "ModernBertModel"):
+        encoder_cls = ModernBertEncoder
+    else:
+        return None, None
+    try:
+        encoder = encoder_cls.from_hf(module, backend=backend)
+    except ValueError as e:
+        return None, f"not made padding-free: {e}"
+    new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)))
+    # neither is a submodule (state_dict is unchanged); both share this module's submodules
+    new.__dict__["_fastbert_encoder"] = encoder
+    new.__dict__["_fastbert_hf_module"] = module
     return new, None
 
 
