@@ -315,6 +315,12 @@ def test_optimize_padding_free(family, tmp_path):
         hs = model(**inputs, output_hidden_states=True).hidden_states
         want = reference(**inputs, output_hidden_states=True).hidden_states
     assert len(hs) == len(want) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hs, want))
+    base = getattr(model, prefix)
+    model.train()
+    assert (base(**inputs)[0][~real] == 0).all()  # padding-free: 0 at padded positions
+    model.gradient_checkpointing_enable()  # training with checkpointing: the original forward
+    assert (base(**inputs)[0][~real] != 0).any()
+    model.gradient_checkpointing_disable()
     assert getattr(model, prefix).get_input_embeddings().weight is model.get_input_embeddings().weight
     model.save_pretrained(tmp_path)
     loaded = getattr(transformers, task).from_pretrained(tmp_path).eval()

@@ -1072,8 +1072,8 @@ class PaddingFreeModel(nn.Module):
     forward: the original's arguments and outputs (``last_hidden_state``, and BERT's
     ``pooler_output``), equal on the real tokens; padded positions of ``last_hidden_state`` are 0.
     A call asking for what the encoders do not compute (``output_attentions``,
-    ``output_hidden_states``, a ``head_mask``, cross-attention inputs, a cache) runs the original
-    module instead (it shares every submodule). Attributes and methods of the original model class
+    ``output_hidden_states``, a ``head_mask``, cross-attention inputs, a cache), and training with
+    gradient checkpointing enabled, run the original module instead (it shares every submodule). Attributes and methods of the original model class
     that this module lacks (``get_input_embeddings``, ``config``, ...) are the original's.
     """
 
@@ -1096,6 +1096,8 @@ class PaddingFreeModel(nn.Module):
         for k in ("output_attentions", "output_hidden_states"):
             if getattr(config, k, False):
                 return f"config.{k}"
+        if self.training and any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules()):
+            return "gradient checkpointing"  # the encoders keep every activation
         return None
 
     def forward(self, *args, **kwargs):
