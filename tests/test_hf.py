@@ -374,22 +374,27 @@ def test_optimize_leaves_what_it_cannot_run_with_reasons():
         assert all("BlockMask" in s.reason for s in report.left)
 
 
-@pytest.mark.parametrize("variant", [
-    dict(share_att_key=False),                       # own position projections (pos_key_proj, ...)
-    dict(pos_att_type=["c2p"]),                      # content-to-position only (DeBERTa-v2 xlarge)
-    dict(pos_att_type=[], norm_rel_ebd="none"),      # relative attention without its two terms
-    dict(relative_attention=False, position_biased_input=True),  # absolute positions only
-], ids=["own-pos-proj", "c2p-only", "no-terms", "absolute"])
-def test_optimize_deberta_variants(variant):
-    """DeBERTa-v2's attention options: output and every gradient as close to float64 as the
-    original's, train and eval."""
+@pytest.mark.parametrize("family,variant", [
+    ("deberta_v2", dict(share_att_key=False)),         # own position projections (pos_key_proj, ...)
+    ("deberta_v2", dict(pos_att_type=["c2p"])),        # content-to-position only (DeBERTa-v2 xlarge)
+    ("deberta_v2", dict(pos_att_type=[], norm_rel_ebd="none")),  # relative attention, no terms
+    ("deberta_v2", dict(relative_attention=False, position_biased_input=True)),  # absolute only
+    ("deberta", dict(pos_att_type=["c2p"])),
+    ("deberta", dict(pos_att_type=[])),
+    ("deberta", dict(relative_attention=False, position_biased_input=True)),
+], ids=["v2-own-pos-proj", "v2-c2p-only", "v2-no-terms", "v2-absolute", "v1-c2p-only", "v1-no-terms",
+        "v1-absolute"])
+def test_optimize_deberta_variants(family, variant):
+    """DeBERTa's (v1) and DeBERTa-v2's attention options: output and every gradient as close to
+    float64 as the original's, train and eval."""
     torch.manual_seed(0)
-    model = _build("deberta_v2", **variant)
+    model = _build(family, **variant)
     reference = copy.deepcopy(model)
     report = optimize(model, backend="torch")
     assert not report.left, str(report)
-    assert sum(s.replacement.endswith("DebertaV2SelfAttention") for s in report.swapped) == 2
-    inputs, real = _inputs("deberta_v2")
+    cls = "DebertaV2SelfAttention" if family == "deberta_v2" else "DebertaSelfAttention"
+    assert sum(s.replacement.endswith("." + cls) for s in report.swapped) == 2
+    inputs, real = _inputs(family)
     _compare(model, reference, inputs, real, train=False)
     _compare(model, reference, inputs, real, train=True)
 
@@ -413,25 +418,6 @@ def test_optimize_deberta_layer_with_query_states():
                           rel_embeddings=m.encoder.get_rel_embedding()))
     out, ref = (o[0] if isinstance(o, tuple) else o for o in outs)
     assert_close(out[real], ref[real], ref[real], atol=1e-9, name="layer output")
-
-
-@pytest.mark.parametrize("variant", [
-    dict(pos_att_type=["c2p"]),                                  # content-to-position only
-    dict(pos_att_type=[]),                                       # relative attention, no terms
-    dict(relative_attention=False, position_biased_input=True),  # absolute positions only
-], ids=["c2p-only", "no-terms", "absolute"])
-def test_optimize_deberta_v1_variants(variant):
-    """DeBERTa's (v1) attention options: output and every gradient as close to float64 as the
-    original's, train and eval."""
-    torch.manual_seed(0)
-    model = _build("deberta", **variant)
-    reference = copy.deepcopy(model)
-    report = optimize(model, backend="torch")
-    assert not report.left, str(report)
-    assert sum(s.replacement.endswith(".DebertaSelfAttention") for s in report.swapped) == 2
-    inputs, real = _inputs("deberta")
-    _compare(model, reference, inputs, real, train=False)
-    _compare(model, reference, inputs, real, train=True)
 
 
 def test_deberta_v1_talking_heads_and_query_states():
