@@ -1,5 +1,5 @@
 """fastbert.models.BertEncoder: the padding-free encoder against the HuggingFace model it is built
-from (BERT, RoBERTa, ELECTRA; small random configs), on the real tokens of padded batches, in eval
+from (BERT, RoBERTa, ELECTRA, DistilBERT; small random configs), on the real tokens of padded batches, in eval
 and train mode, with gradients; float32 checked against the HuggingFace model in float64 with
 PyTorch's float32 error as the yardstick."""
 import copy
@@ -19,6 +19,12 @@ VOCAB = 99
 
 
 def _model(family="bert", model_cls=None, dropout=0.0, **overrides):
+    if family == "distilbert":
+        kw = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=overrides.pop("num_attention_heads", 4),
+                  hidden_dim=64, max_position_embeddings=40, dropout=dropout, attention_dropout=dropout,
+                  attn_implementation="eager")
+        kw.update(overrides)
+        return getattr(transformers, model_cls or "DistilBertModel")(transformers.DistilBertConfig(**kw))
     kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=dropout,
               attention_probs_dropout_prob=dropout, attn_implementation="eager")
@@ -71,7 +77,7 @@ def _need_triton(*ops):
 TRITON_OPS = ("varlen_attention", "add_layer_norm", "bias_gelu")
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "xlm_roberta", "ernie"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "xlm_roberta", "ernie", "distilbert"])
 @pytest.mark.parametrize("lengths", [(9, 4, 1), (7, 7), (1,)], ids=["9-4-1", "full", "B1"])
 def test_encoder_matches_hf_eval(family, lengths):
     torch.manual_seed(0)
@@ -114,7 +120,8 @@ def test_encoder_non_contiguous_and_empty_sequences():
     assert torch.isfinite(out).all() and (out[1] == 0).all()
 
 
-@pytest.mark.parametrize("family,backend", [("bert", "torch"), ("roberta", "torch"), ("bert", "triton")])
+@pytest.mark.parametrize("family,backend", [("bert", "torch"), ("roberta", "torch"), ("distilbert", "torch"),
+                                            ("bert", "triton")])
 def test_encoder_training_gradients_match_hf(family, backend):
     """Train mode, dropout 0: the encoder's gradients equal the HuggingFace model's (the fp64 copy
     is the reference, the fp32 HuggingFace model PyTorch's own error)."""

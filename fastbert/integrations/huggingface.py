@@ -1130,14 +1130,16 @@ class PaddingFreeModel(nn.Module):
 
 def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     """A :class:`PaddingFreeModel` for a HuggingFace ``BertModel`` (or a copy: RoBERTa, ELECTRA,
-    XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE) or transformers 5.x ``ModernBertModel``:
+    XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE), ``DistilBertModel`` or transformers 5.x
+    ``ModernBertModel``:
     ``(new, None)``; ``(None, reason)`` where the encoder refuses the model (decoders, relative
     position embeddings, ...: its layers are then swapped as usual); ``(None, None)`` for any other
     module. Used by ``fastbert.optimize(model, padding_free=True)``."""
     from ..models import BertEncoder, ModernBertEncoder
 
     family, name = _family(module), type(module).__name__
-    if family in _BERT_LAYOUT and name == _BERT_LAYOUT[family] + "Model":
+    if (family in _BERT_LAYOUT and name == _BERT_LAYOUT[family] + "Model") or (
+            (family, name) == ("distilbert", "DistilBertModel")):
         encoder_cls = BertEncoder
     elif (family, name) == ("modernbert", "ModernBertModel"):
         encoder_cls = ModernBertEncoder

@@ -7,8 +7,8 @@ layer, instead of computing on padding and masking it out.
 
 Usage::
 
-    hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA, or a
-    enc = fastbert.models.BertEncoder.from_hf(hf)               # BertFor... task model
+    hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA /
+    enc = fastbert.models.BertEncoder.from_hf(hf)               # DistilBERT, or a task model
     hidden = enc(input_ids, attention_mask=attention_mask)     # (B, L, E), 0 at padding
     # == hf(input_ids, attention_mask=...).last_hidden_state on the real tokens
 
@@ -20,6 +20,7 @@ training it trains the HuggingFace model, and an optimizer built on either works
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Optional, Tuple
 
@@ -38,6 +39,36 @@ __all__ = ["BertEncoder", "BertLayer"]
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(f"BertEncoder.from_hf: {message}")
+
+
+def _bert_parts(hf_layer: nn.Module) -> dict:
+    """The modules of a HuggingFace ``BertLayer`` (and its copies) under BertLayer's names."""
+    sa = getattr(getattr(hf_layer, "attention", None), "self", None)
+    so = getattr(getattr(hf_layer, "attention", None), "output", None)
+    inter, out = getattr(hf_layer, "intermediate", None), getattr(hf_layer, "output", None)
+    _require(all(m is not None for m in (sa, so, inter, out)),
+             f"{type(hf_layer).__name__} is not a BERT layer (attention.self / .output, "
+             "intermediate, output)")
+    return dict(query=getattr(sa, "query", None), key=getattr(sa, "key", None),
+                value=getattr(sa, "value", None), num_heads=sa.num_attention_heads,
+                head_dim=sa.attention_head_size, attention_dropout=getattr(sa, "dropout", None),
+                attention_dense=getattr(so, "dense", None), attention_norm=getattr(so, "LayerNorm", None),
+                hidden_dropout=getattr(so, "dropout", None), intermediate=getattr(inter, "dense", None),
+                activation=inter.intermediate_act_fn, output_dense=getattr(out, "dense", None),
+                output_norm=getattr(out, "LayerNorm", None), output_dropout=getattr(out, "dropout", None))
+
+
+def _distilbert_parts(hf_layer: nn.Module) -> dict:
+    """The modules of a HuggingFace DistilBERT ``TransformerBlock`` under BertLayer's names (its
+    attention output has no dropout: a Dropout(0) stands in)."""
+    attn, ffn = hf_layer.attention, hf_layer.ffn
+    return dict(query=getattr(attn, "q_lin", None), key=getattr(attn, "k_lin", None),
+                value=getattr(attn, "v_lin", None), num_heads=attn.n_heads,
+                head_dim=attn.dim // attn.n_heads, attention_dropout=getattr(attn, "dropout", None),
+                attention_dense=getattr(attn, "out_lin", None), attention_norm=hf_layer.sa_layer_norm,
+                hidden_dropout=nn.Dropout(0.0), intermediate=getattr(ffn, "lin1", None),
+                activation=ffn.activation, output_dense=getattr(ffn, "lin2", None),
+                output_norm=hf_layer.output_layer_norm, output_dropout=getattr(ffn, "dropout", None))
 
 
 class BertLayer(nn.Module):
@@ -64,28 +95,17 @@ class BertLayer(nn.Module):
 
     def __init__(self, hf_layer: nn.Module, *, backend: Optional[str] = None) -> None:
         super().__init__()
-        sa, so = hf_layer.attention.self, hf_layer.attention.output
-        inter, out = hf_layer.intermediate, hf_layer.output
-        for owner, names in ((sa, ("query", "key", "value")), (so, ("dense",)), (inter, ("dense",)),
-                             (out, ("dense",))):
-            for n in names:
-                _require(isinstance(getattr(owner, n, None), nn.Linear),
-                         f"expected a Linear {type(owner).__name__}.{n}")
-        for owner in (so, out):
-            _require(isinstance(getattr(owner, "LayerNorm", None), nn.LayerNorm),
-                     f"expected a LayerNorm {type(owner).__name__}.LayerNorm")
-        self.num_heads = int(sa.num_attention_heads)
-        self.head_dim = int(sa.attention_head_size)
-        self.query, self.key, self.value = sa.query, sa.key, sa.value
-        _require(isinstance(getattr(sa, "dropout", None), nn.Dropout),
-                 f"expected a Dropout {type(sa).__name__}.dropout")
-        self.attention_dropout = sa.dropout
-        self.attention_dense, self.attention_norm = so.dense, so.LayerNorm
-        self.intermediate = inter.dense
-        self.activation = inter.intermediate_act_fn
-        self.output_dense, self.output_norm = out.dense, out.LayerNorm
-        self.hidden_dropout = so.dropout
-        self.output_dropout = out.dropout
+        parts = _distilbert_parts(hf_layer) if hasattr(hf_layer, "sa_layer_norm") else _bert_parts(hf_layer)
+        for name in ("query", "key", "value", "attention_dense", "intermediate", "output_dense"):
+            _require(isinstance(parts[name], nn.Linear), f"expected a Linear for {name}")
+        for name in ("attention_norm", "output_norm"):
+            _require(isinstance(parts[name], nn.LayerNorm), f"expected a LayerNorm for {name}")
+        for name in ("attention_dropout", "hidden_dropout", "output_dropout"):
+            _require(isinstance(parts[name], nn.Dropout), f"expected a Dropout for {name}")
+        self.num_heads = int(parts.pop("num_heads"))
+        self.head_dim = int(parts.pop("head_dim"))
+        for name, module in parts.items():
+            setattr(self, name, module)
         self.backend = backend
 
     def _fused_qkv(self) -> Tuple[Tensor, Optional[Tensor]]:
@@ -150,6 +170,21 @@ class BertLayer(nn.Module):
                                   ln2.eps, input_bias=self.output_dense.bias, dropout_p=p2, backend=be)
 
 
+def _embed(embeddings: nn.Module, **inputs) -> Tensor:
+    """Call a HuggingFace embeddings module with the inputs its forward takes: BERT's take
+    token_type_ids and position_ids; DistilBERT's neither in transformers 4.x (which names
+    inputs_embeds ``input_embeds``). A given input it does not take is an error."""
+    names = inspect.signature(embeddings.forward).parameters
+    call = {}
+    for name, value in inputs.items():
+        target = "input_embeds" if name == "inputs_embeds" and name not in names else name
+        if target in names:
+            call[target] = value
+        elif value is not None:
+            raise ValueError(f"{type(embeddings).__name__} takes no {name}")
+    return embeddings(**call)
+
+
 class BertEncoder(nn.Module):
     """Padding-free BERT encoder (embeddings + layers) built from a HuggingFace model.
 
@@ -182,8 +217,9 @@ class BertEncoder(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, backend: Optional[str] = None) -> "BertEncoder":
-        """Build the encoder on a HuggingFace BERT (``BertModel`` or any ``BertFor...``), RoBERTa
-        or ELECTRA model (transformers 4.57 or 5.x), sharing its modules and parameters.
+        """Build the encoder on a HuggingFace BERT (``BertModel`` or any ``BertFor...``), RoBERTa,
+        ELECTRA (and BERT's other copies) or DistilBERT model (transformers 4.57 or 5.x), sharing
+        its modules and parameters.
 
         Refused with ValueError: decoders / cross-attention, relative position embeddings, models
         of other structure. Works on a model already passed through :func:`fastbert.optimize` too.
@@ -192,15 +228,16 @@ class BertEncoder(nn.Module):
         """
         backend = check_backend(backend)
         base = getattr(hf_model, "base_model", hf_model)
-        _require(isinstance(base, nn.Module) and hasattr(base, "embeddings") and hasattr(base, "encoder")
-                 and hasattr(base.encoder, "layer"),
-                 f"{type(hf_model).__name__} is not a BERT-style model (embeddings + encoder.layer)")
+        stack = getattr(base, "encoder", None) or getattr(base, "transformer", None)  # DistilBERT's
+        _require(isinstance(base, nn.Module) and hasattr(base, "embeddings") and hasattr(stack, "layer"),
+                 f"{type(hf_model).__name__} is not a BERT-style model (embeddings + encoder.layer, "
+                 "or DistilBERT's transformer.layer)")
         config = getattr(base, "config", None)
         _require(not getattr(config, "is_decoder", False), "decoder models are not supported")
         _require(not getattr(config, "add_cross_attention", False), "cross-attention is not supported")
         pos = getattr(config, "position_embedding_type", "absolute") or "absolute"
         _require(pos == "absolute", f"position_embedding_type={pos!r} is not supported")
-        layers = [BertLayer(layer, backend=backend) for layer in base.encoder.layer]
+        layers = [BertLayer(layer, backend=backend) for layer in stack.layer]
         encoder = cls(base.embeddings, layers, embeddings_project=getattr(base, "embeddings_project", None),
                       pooler=getattr(base, "pooler", None), backend=backend)
         return encoder.train(base.training)  # start in the HuggingFace model's mode
@@ -219,8 +256,8 @@ class BertEncoder(nn.Module):
         (default: all real) -> last hidden state (B, L, E), 0 at padded positions."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
-                                 position_ids=position_ids, inputs_embeds=inputs_embeds)
+        hidden = _embed(self.embeddings, input_ids=input_ids, token_type_ids=token_type_ids,
+                        position_ids=position_ids, inputs_embeds=inputs_embeds)
         if self.embeddings_project is not None:
             hidden = self.embeddings_project(hidden)
         b, length = hidden.shape[:2]
