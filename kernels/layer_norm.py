@@ -580,6 +580,7 @@ def layer_norm_fwd(
     dropout_p: float = 0.0,
     seed: Optional[Tensor] = None,
     store_sum: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """LayerNorm of ``s = dropout(x + input_bias) + residual`` over the last ``norm_ndim`` dims.
 
@@ -590,12 +591,14 @@ def layer_norm_fwd(
     Dropout keeps element (row, col) of the [M, N] row matrix iff rand(seed, row * N + col) >= p;
     ``seed`` is an int64 (1,) tensor on x's device (e.g. from ``fastbert._rng.dropout_seed``) that
     the kernels load on the device (the host never reads it); ignored (may be None) when p == 0.
+    ``out_dtype``: the output's dtype instead (plain LayerNorm under CUDA autocast: a 16-bit x
+    normalised into fp32).
     """
     shape = x.shape
     n = math.prod(shape[x.dim() - norm_ndim:])
     m = x.numel() // n if n > 0 else math.prod(shape[:x.dim() - norm_ndim])
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(shape, dtype=dtype, device=x.device)
+    y = torch.empty(shape, dtype=out_dtype or dtype, device=x.device)
     s_out = torch.empty(shape, dtype=dtype, device=x.device) if store_sum else None
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)

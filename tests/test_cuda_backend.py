@@ -183,6 +183,9 @@ def test_cuda_reasons_accept_supported():
                     input_bias=torch.zeros(7, dtype=BF16), dropout_p=0.5) == []
     assert _reasons("bias_gelu", input=x, bias=torch.zeros(7, dtype=BF16), approximate="tanh") == []
     assert _reasons("geglu", input=x, gate=x, approximate="tanh") == []
+    # layer_norm under CUDA autocast: a 16-bit input (cast first) with fp32 parameters
+    assert _reasons("layer_norm", input=x, weight=torch.zeros(7), bias=torch.zeros(7),
+                    out_dtype=torch.float32) == []
 
 
 @pytest.mark.parametrize("grad,dropout,dtype,d,lk,mask,expect", [

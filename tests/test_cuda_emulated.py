@@ -1220,6 +1220,15 @@ def test_add_layer_norm_mixed_dtypes_opcheck(emu, dropout_p):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_layer_norm_into_fp32_casts_first(emu):
+    """layer_norm under CUDA autocast (out_dtype fp32): the CUDA kernels take one dtype, so a 16-bit
+    input is cast first; the result equals the kernel run on the cast input."""
+    x, w, b = rand((5, 96), BF16, "cpu"), rand((96,), F32, "cpu"), rand((96,), F32, "cpu")
+    out = layer_norm_ops._layer_norm_cuda(x, (96,), w, b, 1e-5, out_dtype=F32)
+    assert out.dtype == F32
+    assert torch.equal(out, layer_norm_ops._layer_norm_cuda(x.float(), (96,), w, b, 1e-5))
+
+
 def test_add_layer_norm_unsupported_dtype_pair_is_refused(emu):
     """The binding takes one dtype or a 16-bit input with an fp32 residual; the public op casts any
     other pair (an fp32 input with a bf16 residual here) to the promoted dtype first."""

@@ -803,3 +803,31 @@ def test_cuda_layer_norm_compile_fullgraph():
 
     eager = f(x, r, w, b)  # loads the extension and registers its fakes before tracing
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, r, w, b), eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_layer_norm_16bit_input_into_fp32(dtype):
+    """The Triton kernels normalise a 16-bit input into an fp32 output without a cast pass (layer_norm
+    under CUDA autocast), fp32 parameters; the input's gradient comes back in its dtype."""
+    import sys
+    ln_ops = sys.modules["fastbert.ops.layer_norm"]
+    x = rand((17, 97), dtype, scale=3.0)
+    w, b = rand((97,)), rand((97,))
+    dy = rand((17, 97))
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    out = ln_ops._layer_norm_triton(*leaves[:1], (97,), *leaves[1:], 1e-5, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    out.backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = F.layer_norm(ref_leaves[0], (97,), ref_leaves[1], ref_leaves[2], 1e-5)
+    ref.backward(dy.double())
+    low_leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]  # PyTorch's: cast first
+    low = F.layer_norm(low_leaves[0], (97,), low_leaves[1], low_leaves[2], 1e-5)
+    low.backward(dy)
+    assert_close(out, ref, low, name="out")
+    assert leaves[0].grad.dtype == dtype
+    assert_close(leaves[0].grad, ref_leaves[0].grad, low_leaves[0].grad.to(dtype),
+                 atol=interpreter_atol(dtype, ref_leaves[0].grad), name="grad input")
+    for name, got, r, lo in (("weight", leaves[1], ref_leaves[1], low_leaves[1]),
+                             ("bias", leaves[2], ref_leaves[2], low_leaves[2])):
+        assert_close(got.grad, r.grad, lo.grad, name=f"grad {name}")

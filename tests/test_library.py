@@ -161,21 +161,29 @@ def _opcheck_args():
         "fastbert::varlen_attention_fwd": (pq, pk, pk.clone(), cu, cu, 5, 5, 0.0, True, 0.25),
         "fastbert::block_sparse_attention_fwd": (q, q.clone(), q.clone(), layout, 16, None, 0.0,
                                                   0.25),
-        "fastbert::layer_norm_fwd": (x, w, b, 1, 1e-5),
+        "fastbert::layer_norm_fwd": (x, w, b, 1, 1e-5, None),
         "fastbert::add_layer_norm_fwd": (x, x.clone(), w, b, b.clone(), 1e-5, 0.0, True),
         "fastbert::gelu_fwd": (x, b, "none"),
+        "fastbert::geglu_fwd": (x, None, "tanh"),
     }
 
 
 OPCHECKED = ["fastbert::attention_fwd", "fastbert::varlen_attention_fwd",
              "fastbert::block_sparse_attention_fwd", "fastbert::layer_norm_fwd",
-             "fastbert::add_layer_norm_fwd", "fastbert::gelu_fwd"]
+             "fastbert::add_layer_norm_fwd", "fastbert::gelu_fwd", "fastbert::geglu_fwd"]
 
 
 @pytest.mark.parametrize("name", OPCHECKED, ids=lambda n: n.split("::")[1])
 def test_opcheck(name):
     args = _opcheck_args()[name]
     _opcheck(name, args)
+
+
+def test_opcheck_layer_norm_into_fp32():
+    """A 16-bit input normalised into an fp32 output (layer_norm under CUDA autocast)."""
+    x = rand((5, 24), torch.float16, requires_grad=True)
+    w, b = rand((24,), requires_grad=True), rand((24,), requires_grad=True)
+    _opcheck("fastbert::layer_norm_fwd", (x, w, b, 1, 1e-5, torch.float32))
 
 
 def test_opcheck_attention_with_alibi_gqa_and_window():

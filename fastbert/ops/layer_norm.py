@@ -75,15 +75,24 @@ def layer_norm(
 
     Shapes: input (..., *normalized_shape); weight, bias: normalized_shape or None -> input's shape.
     Statistics are computed in fp32 (fp64 for fp64 input). The output has input's dtype, except
-    under ``torch.autocast`` on CUDA, where, as ``F.layer_norm`` there, input, weight and bias are
-    cast to fp32 and so is the output.
+    under ``torch.autocast`` on CUDA, where, as ``F.layer_norm`` there, it is computed from the
+    input, weight and bias in fp32 and returned in fp32 (the Triton kernels read a 16-bit input as
+    it is, without a cast pass; its gradient comes back in its dtype).
     """
+    out_dtype = None
     if autocast_dtype(input) is not None:
         dtype = layer_norm_dtype(input, input.dtype)
-        if dtype == torch.float32:  # CUDA: every argument in fp32, as autocast casts F.layer_norm's
-            input, weight, bias = cast(input, dtype), cast(weight, dtype), cast(bias, dtype)
-        with disabled(input):
-            return layer_norm(input, normalized_shape, weight, bias, eps, backend=backend)
+        if dtype == torch.float32:  # CUDA: computed and returned in fp32, as autocast runs
+            weight, bias = cast(weight, dtype), cast(bias, dtype)  # F.layer_norm there; the input
+            out_dtype = dtype if isinstance(input, Tensor) and input.dtype != dtype else None
+        with disabled(input):  # is read in its own dtype (no cast pass) where the backend can
+            return _layer_norm(input, normalized_shape, weight, bias, eps, backend, out_dtype)
+    return _layer_norm(input, normalized_shape, weight, bias, eps, backend, out_dtype)
+
+
+def _layer_norm(input, normalized_shape, weight, bias, eps, backend, out_dtype):
+    """layer_norm's checks and dispatch; ``out_dtype`` (fp32 under CUDA autocast, else None: the
+    input's dtype) is the dtype the output is computed into and returned in."""
     check_tensor("input", input)
     normalized_shape = check_normalized_shape(normalized_shape)
     n = len(normalized_shape)
@@ -94,8 +103,8 @@ def layer_norm(
     _check_param("bias", bias, normalized_shape, input)
     eps = _check_eps(eps)
     impl = select("layer_norm", backend, input.device, input=input, normalized_shape=normalized_shape,
-                  weight=weight, bias=bias, eps=eps)
-    return impl.fn(input, normalized_shape, weight, bias, eps)
+                  weight=weight, bias=bias, eps=eps, out_dtype=out_dtype)
+    return impl.fn(input, normalized_shape, weight, bias, eps, out_dtype=out_dtype)
 
 
 def add_layer_norm(
@@ -165,7 +174,9 @@ def add_layer_norm(
 
 
 @register("layer_norm", "torch")
-def _layer_norm_torch(input, normalized_shape, weight, bias, eps):
+def _layer_norm_torch(input, normalized_shape, weight, bias, eps, out_dtype=None):
+    if out_dtype is not None:
+        input = input.to(out_dtype)
     return reference.layer_norm(input, normalized_shape, weight, bias, eps)
 
 
@@ -209,19 +220,21 @@ def _grad_like(flag: bool, p: Optional[Tensor], ref: Tensor) -> Tensor:
 
 @custom_op("fastbert::layer_norm_fwd")
 def _layer_norm_fwd_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                       norm_ndim: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (out, mean [M] fp32, rstd [M] fp32)."""
+                       norm_ndim: int, eps: float,
+                       out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (out in ``out_dtype`` (None: input's), mean [M] fp32, rstd [M] fp32)."""
     from ..kernels.layer_norm import layer_norm_fwd
 
-    out, _, mean, rstd = layer_norm_fwd(input, weight, bias, eps, norm_ndim=norm_ndim)
+    out, _, mean, rstd = layer_norm_fwd(input, weight, bias, eps, norm_ndim=norm_ndim,
+                                        out_dtype=out_dtype)
     return out, mean, rstd
 
 
 @_layer_norm_fwd_op.register_fake
-def _(input, weight, bias, norm_ndim, eps):
+def _(input, weight, bias, norm_ndim, eps, out_dtype):
     m = math.prod(input.shape[:input.dim() - norm_ndim])
     stats = input.new_empty((m,), dtype=torch.float32)
-    return input.new_empty(input.shape), stats, torch.empty_like(stats)
+    return input.new_empty(input.shape, dtype=out_dtype or input.dtype), stats, torch.empty_like(stats)
 
 
 @custom_op("fastbert::layer_norm_bwd")
@@ -248,7 +261,7 @@ def _(grad_out, input, weight, bias, mean, rstd, norm_ndim, need_dweight, need_d
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
-    input, weight, bias, norm_ndim, eps = inputs
+    input, weight, bias, norm_ndim, eps, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(input, weight, bias, mean, rstd)
     ctx.norm_ndim = norm_ndim
@@ -260,7 +273,8 @@ def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx, dw, db = _layer_norm_bwd_op(grad_out, input, weight, bias, mean, rstd,
                                                    ctx.norm_ndim, need_dw, need_db)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None,
+            None)
 
 
 _layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
@@ -370,8 +384,8 @@ _add_layer_norm_fwd_op.register_autograd(
 
 
 @register("layer_norm", "triton", reasons=_layer_norm_triton_reasons)
-def _layer_norm_triton(input, normalized_shape, weight, bias, eps):
-    out, _, _ = _layer_norm_fwd_op(input, weight, bias, len(normalized_shape), eps)
+def _layer_norm_triton(input, normalized_shape, weight, bias, eps, out_dtype=None):
+    out, _, _ = _layer_norm_fwd_op(input, weight, bias, len(normalized_shape), eps, out_dtype)
     return out
 
 
@@ -388,8 +402,8 @@ def _add_layer_norm_triton(input, residual, weight, bias, eps, input_bias, dropo
 # CUDA backend (csrc/layer_norm, extension fastbert._C). The C++ extension registers the schemas
 # and CUDA kernels as torch.ops.fastbert_cuda.{layer_norm,add_layer_norm}_{fwd,bwd}; the fake
 # implementations and the autograd formulas are registered here, when the extension is first
-# used (it is loaded lazily: ``import fastbert`` never needs it). Run an op once eagerly before
-# torch.compile-ing code that uses it. Dropout: the C++ forward draws its seed on the device from
+# used (it is loaded lazily: ``import fastbert`` never needs it; also from inside torch.compile,
+# see backends.cuda_ops). Dropout: the C++ forward draws its seed on the device from
 # that device's default CUDA generator (as fastbert._rng does: graph-safe, reproduced by
 # torch.manual_seed, never read on the host) and returns it as an int64 [1] CUDA tensor, which
 # backward takes back.
@@ -407,7 +421,9 @@ def _cuda_reasons(dtype: torch.dtype, what: str, **params: Optional[Tensor]) -> 
     return reasons
 
 
-def _layer_norm_cuda_reasons(*, input, weight=None, bias=None, **_) -> List[str]:
+def _layer_norm_cuda_reasons(*, input, weight=None, bias=None, out_dtype=None, **_) -> List[str]:
+    if out_dtype is not None:  # the input is cast to it first (see _layer_norm_cuda)
+        return _cuda_reasons(out_dtype, "input (cast to the output dtype)", weight=weight, bias=bias)
     return _cuda_reasons(input.dtype, "input", weight=weight, bias=bias)
 
 
@@ -525,8 +541,10 @@ register_cuda_family("layer_norm", _register_cuda_ops)
 
 
 @register("layer_norm", "cuda", reasons=_layer_norm_cuda_reasons)
-def _layer_norm_cuda(input, normalized_shape, weight, bias, eps):
+def _layer_norm_cuda(input, normalized_shape, weight, bias, eps, out_dtype=None):
     ops = _cuda_ops()
+    if out_dtype is not None:  # the kernels take one dtype: a 16-bit input under autocast is cast
+        input = input.to(out_dtype)
     n = math.prod(normalized_shape)
     rows = math.prod(input.shape[:input.dim() - len(normalized_shape)])
     w = weight.reshape(n) if weight is not None else None
