@@ -18,7 +18,8 @@ __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol",
            "ATOL_FLOOR", "leaf_like", "nan_filled_allocations", "compare_to_reference",
            "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays",
            "assert_fresh_replays", "forbid_int64_host_reads", "shard_group",
-           "shard_sizes", "shard_groups", "parse_shard", "assert_runs_in_fresh_python"]
+           "shard_sizes", "shard_groups", "parse_shard", "assert_runs_in_fresh_python",
+           "assert_compiled_encoder_matches"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -294,3 +295,22 @@ def assert_runs_in_fresh_python(code: str, expect: str, timeout: int = 600) -> N
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=timeout)
     assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-3000:]
+
+
+def assert_compiled_encoder_matches(encoder: torch.nn.Module, batches: Sequence[Tuple[Tensor, Tensor]]) -> None:
+    """``torch.compile(encoder, fullgraph=True)`` on each ``(input_ids, attention_mask)`` batch
+    equals the eager encoder (fp32 rounding aside: Inductor fuses the ops around the kernels), with
+    Dynamo told to capture data-dependent shapes (a padding-free encoder's packed length and
+    max_seqlen come from the mask). Dynamo is reset before and after."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(encoder, fullgraph=True)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                         capture_scalar_outputs=True):
+            for ids, mask in batches:
+                torch.testing.assert_close(compiled(ids, attention_mask=mask),
+                                           encoder(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()

@@ -13,7 +13,7 @@ import fastbert  # noqa: E402
 from fastbert import backends  # noqa: E402
 from fastbert.models import BertEncoder  # noqa: E402
 from fastbert.optimize import optimize  # noqa: E402
-from fastbert.testing import DEVICE, assert_close  # noqa: E402
+from fastbert.testing import DEVICE, assert_close, assert_compiled_encoder_matches  # noqa: E402
 
 VOCAB = 99
 
@@ -256,21 +256,11 @@ def test_encoder_compiles_as_one_graph_with_its_unpadding():
     packed length stays a symbol through every op's checks; a second batch with other lengths
     runs too."""
     _need_triton(*TRITON_OPS)
-    import torch._dynamo
-    torch._dynamo.reset()
     torch.manual_seed(0)
     hf = _model(num_attention_heads=2).to(DEVICE).eval()  # head dim 16
     enc = BertEncoder.from_hf(hf, backend="triton")
-    compiled = torch.compile(enc, fullgraph=True)
-    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
-                                                     capture_scalar_outputs=True):
-        for lengths in ((9, 4, 1), (7, 9, 2)):
-            ids, mask = _batch(lengths, 9, device=DEVICE)
-            # Inductor fuses the ops around the kernels (embeddings, matmul epilogues): fp32
-            # rounding differs, nothing more
-            torch.testing.assert_close(compiled(ids, attention_mask=mask),
-                                       enc(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
+    assert_compiled_encoder_matches(enc, [_batch(lengths, 9, device=DEVICE)
+                                          for lengths in ((9, 4, 1), (7, 9, 2))])
 
 
 @pytest.mark.cuda

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch._dynamo
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,7 +14,7 @@ from packaging.version import Version  # noqa: E402
 from fastbert import backends  # noqa: E402
 from fastbert.models import ModernBertEncoder  # noqa: E402
 from fastbert.optimize import optimize  # noqa: E402
-from fastbert.testing import DEVICE, assert_close  # noqa: E402
+from fastbert.testing import DEVICE, assert_close, assert_compiled_encoder_matches  # noqa: E402
 
 TF5 = Version(transformers.__version__) >= Version("5")
 needs_tf5 = pytest.mark.skipif(not TF5, reason="ModernBertEncoder is built on transformers 5.x's "
@@ -154,18 +153,11 @@ def test_encoder_compiles_as_one_graph_with_its_unpadding():
     reasons = backends.backend_reasons("triton", torch.device(DEVICE))
     if missing or reasons:
         pytest.skip(f"Triton backend unavailable: {missing or reasons}")
-    torch._dynamo.reset()
     torch.manual_seed(0)
     hf = _model(num_hidden_layers=2).to(DEVICE).eval()  # a global and a local layer
     enc = ModernBertEncoder.from_hf(hf, backend="triton")
-    compiled = torch.compile(enc, fullgraph=True)
-    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
-                                                     capture_scalar_outputs=True):
-        for lengths in ((9, 4, 1), (7, 9, 2)):
-            ids, mask = _batch(lengths, 9, device=DEVICE)
-            torch.testing.assert_close(compiled(ids, attention_mask=mask),
-                                       enc(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
+    assert_compiled_encoder_matches(enc, [_batch(lengths, 9, device=DEVICE)
+                                          for lengths in ((9, 4, 1), (7, 9, 2))])
 
 
 @pytest.mark.skipif(TF5, reason="transformers 4.x only")
