@@ -90,7 +90,7 @@ def test_case_enumeration(family):
 
 def test_quick_selection_stays_small():
     quick = runner.all_cases(quick=True)
-    assert 20 <= len(quick) <= 47
+    assert 20 <= len(quick) <= 48
     assert {c.family for c in quick} == set(runner.FAMILIES)
 
 
@@ -749,11 +749,11 @@ def test_bert_amp_case_on_cpu_with_a_tiny_model():
     assert any(c.params["L"] == 128 and c.dtype_label == "amp-bf16" for c in bert.cases(quick=True))
 
 
-@pytest.mark.parametrize("arch", ["deberta-v3", "mpnet", "modernbert"])
+@pytest.mark.parametrize("arch", ["deberta-v3", "mpnet", "modernbert", "distilbert"])
 def test_other_encoder_cases_on_cpu(arch):
-    """DeBERTa-v3, MPNet and ModernBERT, tiny: the HF attentions each has (eager; ModernBERT SDPA
-    too) and fastbert.optimize (ModernBERT: also its padding-free encoder), inference on a padded
-    batch and mixed-precision training, each
+    """DeBERTa-v3, MPNet, ModernBERT and DistilBERT, tiny: the HF attentions each has (eager;
+    ModernBERT and DistilBERT SDPA too) and fastbert.optimize (ModernBERT and DistilBERT: also
+    their padding-free encoder), inference on a padded batch and mixed-precision training, each
     checked against the fp32 / fp64 HF model with HF eager / SDPA as the yardstick."""
     transformers = pytest.importorskip("transformers")
     if arch == "modernbert" and int(transformers.__version__.split(".")[0]) < 5:
@@ -769,9 +769,11 @@ def test_other_encoder_cases_on_cpu(arch):
     train = bert.bert_case(3, 12, "full", pass_="fwd+bwd", dtype=torch.bfloat16, config=tiny,
                            amp=True, arch=arch)
     assert infer.name.startswith(arch + "-infer-") and infer.params["arch"] == arch
-    hf_impls = ["hf-eager", "hf-sdpa"] if arch == "modernbert" else ["hf-eager"]
-    compile_impl = "hf-sdpa-compile" if arch == "modernbert" else "hf-eager-compile"
-    ours = ["fastbert-optimize"] + (["fastbert-ModernBertEncoder"] if arch == "modernbert" else [])
+    sdpa = arch in ("modernbert", "distilbert")
+    hf_impls = ["hf-eager", "hf-sdpa"] if sdpa else ["hf-eager"]
+    compile_impl = "hf-sdpa-compile" if sdpa else "hf-eager-compile"
+    encoder = {"modernbert": "fastbert-ModernBertEncoder", "distilbert": "fastbert-BertEncoder"}
+    ours = ["fastbert-optimize"] + ([encoder[arch]] if arch in encoder else [])
     assert [i.name for i in infer.impls] == hf_impls + [compile_impl] + ours
     rows = runner.run_cases([infer, train], device="cpu", timer=timing.CpuTimer(reps=1),
                             progress=False, quick=True)

@@ -1,6 +1,6 @@
 """Whole-encoder cases: inference latency and a training step (forward + backward) of BERT-base,
-of two encoders with relative-position attention, DeBERTa-v3-base and MPNet-base, and of
-ModernBERT-base (transformers 5.x; against HF eager and SDPA).
+of two encoders with relative-position attention, DeBERTa-v3-base and MPNet-base, of
+ModernBERT-base (transformers 5.x; against HF eager and SDPA), and inference of DistilBERT-base.
 
 Implementations, all with the same weights (a model of random weights built from its config, no
 download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
@@ -48,6 +48,7 @@ ARCHS = {
         layer_norm_eps=1e-7), "eager"),
     "mpnet": ("MPNetConfig", dict(BERT_BASE, vocab_size=30527, max_position_embeddings=514,
                                   relative_attention_num_buckets=32, layer_norm_eps=1e-5), "eager"),
+    "distilbert": ("DistilBertConfig", dict(BERT_BASE, num_hidden_layers=6), "sdpa"),
     "modernbert": ("ModernBertConfig", dict(
         hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152,
         vocab_size=50368, max_position_embeddings=8192, global_attn_every_n_layers=3,
@@ -55,7 +56,7 @@ ARCHS = {
         cls_token_id=50281, sep_token_id=50282), "sdpa"),
 }
 # arch -> fastbert's padding-free encoder of it (fastbert.models)
-ENCODERS = {"bert": "BertEncoder", "modernbert": "ModernBertEncoder"}
+ENCODERS = {"bert": "BertEncoder", "distilbert": "BertEncoder", "modernbert": "ModernBertEncoder"}
 CHECK_FACTOR = 3.0
 REFUSED = (NotImplementedError, ValueError, TypeError)   # how fastbert's model APIs say "not this model"
 
@@ -72,6 +73,10 @@ def _config(overrides: Optional[dict], arch: str = "bert"):
     kw = dict(base, **(overrides or {}))
     if arch == "modernbert":  # its dropouts default to 0
         return cls(**kw)
+    if arch == "distilbert":  # its own names for BERT's sizes
+        names = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                 "intermediate_size": "hidden_dim"}
+        return cls(dropout=0.0, attention_dropout=0.0, **{names.get(k, k): v for k, v in kw.items()})
     return cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
 
 
@@ -116,7 +121,7 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
               dtype: torch.dtype = torch.float16, config: Optional[dict] = None,
               quick: bool = False, amp: bool = False, arch: str = "bert") -> Case:
     """An encoder over a (b, l) batch: ``arch`` one of :data:`ARCHS` ("bert", "deberta-v3",
-    "mpnet"); ``config`` overrides its base sizes (tests use tiny ones). ``amp``: the model in fp32
+    "mpnet", "distilbert", "modernbert"); ``config`` overrides its base sizes (tests use tiny ones). ``amp``: the model in fp32
     under ``torch.autocast`` to ``dtype`` (else in ``dtype``)."""
     if fill not in ("full", "half"):
         raise ValueError(f"fill must be 'full' or 'half', got {fill!r}")
@@ -237,24 +242,16 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
                          s.cache["low"][real])], factor=CHECK_FACTOR)
 
     compile_skip = "skipped in --quick: compiling a 12-layer model takes minutes"
-    if arch == "bert":
-        impls = [
-            Impl("hf-eager", hf("eager")),
-            Impl("hf-sdpa", hf("sdpa")),
-            Impl("hf-sdpa-compile", hf_compiled, skip_in_quick=compile_skip),
-            Impl("fastbert-optimize", fb_optimize, ours=True),
-            Impl(f"fastbert-{encoder_name}", fb_encoder, ours=True),
-        ]
-    else:  # DeBERTa and MPNet have no SDPA attention in HF, nor a padding-free encoder here
-        impls = [Impl("hf-eager", hf("eager"))]
-        if base_attn == "sdpa":
-            impls.append(Impl("hf-sdpa", hf("sdpa")))
-        impls += [
-            Impl(f"hf-{base_attn}-compile", hf_compiled, skip_in_quick=compile_skip),
-            Impl("fastbert-optimize", fb_optimize, ours=True),
-        ]
-        if encoder_name is not None:
-            impls.append(Impl(f"fastbert-{encoder_name}", fb_encoder, ours=True))
+    # DeBERTa and MPNet have no SDPA attention in HF, nor a padding-free encoder here
+    impls = [Impl("hf-eager", hf("eager"))]
+    if base_attn == "sdpa":
+        impls.append(Impl("hf-sdpa", hf("sdpa")))
+    impls += [
+        Impl(f"hf-{base_attn}-compile", hf_compiled, skip_in_quick=compile_skip),
+        Impl("fastbert-optimize", fb_optimize, ours=True),
+    ]
+    if encoder_name is not None:
+        impls.append(Impl(f"fastbert-{encoder_name}", fb_encoder, ours=True))
     return Case(FAMILY, "bert", name, pass_, dtype, params, "TFLOP/s", work, "L",
                 f"{arch} {step} {fill} {dt}", setup, impls, check=check, rotate=False, quick=quick,
                 dtype_label=dt)
@@ -278,6 +275,9 @@ def cases(quick: bool = False) -> List[Case]:
             out.append(bert_case(32, l, "half", arch=arch, quick=l == 128))
             out.append(bert_case(32, l, "full", pass_="fwd+bwd", dtype=torch.bfloat16, amp=True,
                                  arch=arch, quick=l == 128 and arch == "deberta-v3"))
+    # DistilBERT-base (6 layers): inference on padded batches, where the padding-free encoder pays
+    for l in (128, 512):
+        out.append(bert_case(32, l, "half", arch="distilbert", quick=l == 128))
     # ModernBERT-base: its local layers (a 128-token window) pay off from L 512
     for l in (512, 1024):
         out.append(bert_case(32, l, "half", arch="modernbert", quick=l == 512))
