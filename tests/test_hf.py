@@ -318,6 +318,10 @@ def test_optimize_padding_free(family, tmp_path):
         want = reference(**inputs, output_hidden_states=True).hidden_states
     assert len(hs) == len(want) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hs, want))
     base = getattr(model, prefix)
+    # a mask other than (B, L) padding (4-D, as some callers build; its format is the model's own
+    # business) goes to the original forward
+    assert base._fallback_reason({"attention_mask": real[:, None, None, :]}) is not None
+    assert base._fallback_reason({"attention_mask": real, "return_dict": True}) is None
     model.train()
     assert (base(**inputs)[0][~real] == 0).all()  # padding-free: 0 at padded positions
     model.gradient_checkpointing_enable()  # training with checkpointing: the original forward

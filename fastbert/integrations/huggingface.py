@@ -1072,7 +1072,8 @@ class PaddingFreeModel(nn.Module):
     forward: the original's arguments and outputs (``last_hidden_state``, and BERT's
     ``pooler_output``), equal on the real tokens; padded positions of ``last_hidden_state`` are 0.
     A call asking for what the encoders do not compute (``output_attentions``,
-    ``output_hidden_states``, a ``head_mask``, cross-attention inputs, a cache), and training with
+    ``output_hidden_states``, a ``head_mask``, an attention mask other than a (B, L) padding mask,
+    cross-attention inputs, a cache), and training with
     gradient checkpointing enabled, run the original module instead (it shares every submodule). Attributes and methods of the original model class
     that this module lacks (``get_input_embeddings``, ``config``, ...) are the original's.
     """
@@ -1092,6 +1093,9 @@ class PaddingFreeModel(nn.Module):
         for k, v in a.items():
             if k not in _PADDING_FREE_ARGS and v is not None and v is not False:
                 return k
+        mask = a.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() != 2:
+            return "a mask other than (B, L) padding"  # e.g. a 4-D extended or custom mask
         config = getattr(self, "config", None)
         for k in ("output_attentions", "output_hidden_states"):
             if getattr(config, k, False):
