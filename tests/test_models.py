@@ -1,5 +1,5 @@
 """fastbert.models.BertEncoder: the padding-free encoder against the HuggingFace model it is built
-from (BERT, RoBERTa, ELECTRA, DistilBERT; small random configs), on the real tokens of padded batches, in eval
+from (BERT, RoBERTa, ELECTRA, DistilBERT, ALBERT; small random configs), on the real tokens of padded batches, in eval
 and train mode, with gradients; float32 checked against the HuggingFace model in float64 with
 PyTorch's float32 error as the yardstick."""
 import copy
@@ -28,14 +28,15 @@ def _model(family="bert", model_cls=None, dropout=0.0, **overrides):
     kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=dropout,
               attention_probs_dropout_prob=dropout, attn_implementation="eager")
-    if family == "electra":
-        kw["embedding_size"] = 16  # exercises ELECTRA's embeddings_project
+    if family in ("electra", "albert"):
+        kw["embedding_size"] = 16  # exercises the embeddings' projection
     kw.update(overrides)
     config = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
               "electra": transformers.ElectraConfig, "xlm_roberta": transformers.XLMRobertaConfig,
-              "ernie": transformers.ErnieConfig}[family](**kw)
+              "ernie": transformers.ErnieConfig, "albert": transformers.AlbertConfig}[family](**kw)
     name = model_cls or {"bert": "BertModel", "roberta": "RobertaModel", "electra": "ElectraModel",
-                         "xlm_roberta": "XLMRobertaModel", "ernie": "ErnieModel"}[family]
+                         "xlm_roberta": "XLMRobertaModel", "ernie": "ErnieModel",
+                         "albert": "AlbertModel"}[family]
     return getattr(transformers, name)(config)
 
 
@@ -77,13 +78,25 @@ def _need_triton(*ops):
 TRITON_OPS = ("varlen_attention", "add_layer_norm", "bias_gelu")
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "xlm_roberta", "ernie", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "xlm_roberta", "ernie", "distilbert",
+                                    "albert"])
 @pytest.mark.parametrize("lengths", [(9, 4, 1), (7, 7), (1,)], ids=["9-4-1", "full", "B1"])
 def test_encoder_matches_hf_eval(family, lengths):
     torch.manual_seed(0)
     hf = _model(family).eval()
     enc = BertEncoder.from_hf(hf, backend="torch")
     ids, mask = _batch(lengths, max(lengths) + 2)
+    _check(enc, hf, ids, mask)
+
+
+def test_encoder_albert_layer_groups():
+    """ALBERT with two groups of two inner layers over four layers: the shared layers in
+    transformers' order."""
+    torch.manual_seed(0)
+    hf = _model("albert", num_hidden_layers=4, num_hidden_groups=2, inner_group_num=2).eval()
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    assert len(enc.layers) == 8 and len({id(layer) for layer in enc.layers}) == 4
+    ids, mask = _batch((9, 4, 1), 11)
     _check(enc, hf, ids, mask)
 
 
@@ -121,7 +134,7 @@ def test_encoder_non_contiguous_and_empty_sequences():
 
 
 @pytest.mark.parametrize("family,backend", [("bert", "torch"), ("roberta", "torch"), ("distilbert", "torch"),
-                                            ("bert", "triton")])
+                                            ("albert", "torch"), ("bert", "triton")])
 def test_encoder_training_gradients_match_hf(family, backend):
     """Train mode, dropout 0: the encoder's gradients equal the HuggingFace model's (the fp64 copy
     is the reference, the fp32 HuggingFace model PyTorch's own error)."""
@@ -158,7 +171,7 @@ def test_encoder_training_gradients_match_hf(family, backend):
         assert p.grad is not None, f"{name}: no gradient"
         assert_close(p.grad, p_ref[name].grad, p_low[name].grad, name=f"grad {name}")
         checked += 1
-    assert checked >= 30
+    assert checked >= (20 if family == "albert" else 30)  # ALBERT's layers share one set of weights
 
 
 def test_encoder_shares_parameters_and_optimizer_updates_both():

@@ -1120,7 +1120,10 @@ class PaddingFreeModel(nn.Module):
         from transformers import modeling_outputs
 
         pooler = getattr(self, "pooler", None)
-        if "pooler" in self._modules:  # BERT and its copies (None for ELECTRA-style models)
+        if "pooler_activation" in self._modules:  # ALBERT: a Linear and a tanh on the first token
+            out = modeling_outputs.BaseModelOutputWithPooling(
+                last_hidden_state=hidden, pooler_output=self.pooler_activation(pooler(hidden[:, 0])))
+        elif "pooler" in self._modules:  # BERT and its copies (None for ELECTRA-style models)
             out = modeling_outputs.BaseModelOutputWithPoolingAndCrossAttentions(
                 last_hidden_state=hidden, pooler_output=pooler(hidden) if pooler is not None else None)
         else:
@@ -1134,8 +1137,8 @@ class PaddingFreeModel(nn.Module):
 
 def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     """A :class:`PaddingFreeModel` for a HuggingFace ``BertModel`` (or a copy: RoBERTa, ELECTRA,
-    XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE), ``DistilBertModel`` or transformers 5.x
-    ``ModernBertModel``:
+    XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE), ``DistilBertModel``, ``AlbertModel`` or
+    transformers 5.x ``ModernBertModel``:
     ``(new, None)``; ``(None, reason)`` where the encoder refuses the model (decoders, relative
     position embeddings, ...: its layers are then swapped as usual); ``(None, None)`` for any other
     module. Used by ``fastbert.optimize(model, padding_free=True)``."""
@@ -1143,7 +1146,7 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
 
     family, name = _family(module), type(module).__name__
     if (family in _BERT_LAYOUT and name == _BERT_LAYOUT[family] + "Model") or (
-            (family, name) == ("distilbert", "DistilBertModel")):
+            (family, name) in (("distilbert", "DistilBertModel"), ("albert", "AlbertModel"))):
         encoder_cls = BertEncoder
     elif (family, name) == ("modernbert", "ModernBertModel"):
         encoder_cls = ModernBertEncoder

@@ -7,8 +7,8 @@ layer, instead of computing on padding and masking it out.
 
 Usage::
 
-    hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA /
-    enc = fastbert.models.BertEncoder.from_hf(hf)               # DistilBERT, or a task model
+    hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA / DistilBERT
+    enc = fastbert.models.BertEncoder.from_hf(hf)               # / ALBERT, or a task model
     hidden = enc(input_ids, attention_mask=attention_mask)     # (B, L, E), 0 at padding
     # == hf(input_ids, attention_mask=...).last_hidden_state on the real tokens
 
@@ -71,6 +71,29 @@ def _distilbert_parts(hf_layer: nn.Module) -> dict:
                 output_norm=hf_layer.output_layer_norm, output_dropout=getattr(ffn, "dropout", None))
 
 
+def _albert_parts(hf_layer: nn.Module) -> dict:
+    """The modules of a HuggingFace ``AlbertLayer`` under BertLayer's names (no dropout after its
+    feed-forward: a Dropout(0) stands in)."""
+    attn = hf_layer.attention
+    return dict(query=getattr(attn, "query", None), key=getattr(attn, "key", None),
+                value=getattr(attn, "value", None), num_heads=attn.num_attention_heads,
+                head_dim=attn.attention_head_size,
+                attention_dropout=getattr(attn, "attention_dropout", None),
+                attention_dense=getattr(attn, "dense", None), attention_norm=getattr(attn, "LayerNorm", None),
+                hidden_dropout=getattr(attn, "output_dropout", None),
+                intermediate=getattr(hf_layer, "ffn", None), activation=hf_layer.activation,
+                output_dense=getattr(hf_layer, "ffn_output", None),
+                output_norm=hf_layer.full_layer_layer_norm, output_dropout=nn.Dropout(0.0))
+
+
+def _layer_parts(hf_layer: nn.Module) -> dict:
+    if hasattr(hf_layer, "sa_layer_norm"):
+        return _distilbert_parts(hf_layer)
+    if hasattr(hf_layer, "full_layer_layer_norm"):
+        return _albert_parts(hf_layer)
+    return _bert_parts(hf_layer)
+
+
 class BertLayer(nn.Module):
     """One post-LN BERT layer on packed tokens, sharing a HuggingFace ``BertLayer``'s modules.
 
@@ -95,7 +118,7 @@ class BertLayer(nn.Module):
 
     def __init__(self, hf_layer: nn.Module, *, backend: Optional[str] = None) -> None:
         super().__init__()
-        parts = _distilbert_parts(hf_layer) if hasattr(hf_layer, "sa_layer_norm") else _bert_parts(hf_layer)
+        parts = _layer_parts(hf_layer)
         for name in ("query", "key", "value", "attention_dense", "intermediate", "output_dense"):
             _require(isinstance(parts[name], nn.Linear), f"expected a Linear for {name}")
         for name in ("attention_norm", "output_norm"):
@@ -170,6 +193,14 @@ class BertLayer(nn.Module):
                                   ln2.eps, input_bias=self.output_dense.bias, dropout_p=p2, backend=be)
 
 
+def _albert_layers(base: nn.Module, stack: nn.Module) -> list:
+    """ALBERT's layer sequence: layer i runs the inner layers of group
+    ``i * num_hidden_groups // num_hidden_layers`` (shared weights, as transformers does)."""
+    config = base.config
+    n, groups = config.num_hidden_layers, config.num_hidden_groups
+    return [inner for i in range(n) for inner in stack.albert_layer_groups[int(i / (n / groups))].albert_layers]
+
+
 def _embed(embeddings: nn.Module, **inputs) -> Tensor:
     """Call a HuggingFace embeddings module with the inputs its forward takes: BERT's take
     token_type_ids and position_ids; DistilBERT's neither in transformers 4.x (which names
@@ -196,8 +227,8 @@ class BertEncoder(nn.Module):
     ``add_layer_norm`` / ``bias_gelu``, and :func:`fastbert.pad_input` scatters them back (padding
     positions are 0). Equal to the HuggingFace model's ``last_hidden_state`` on the real tokens.
 
-    Attributes: ``embeddings`` (the HuggingFace module), ``embeddings_project`` (ELECTRA, else
-    None), ``layers`` (:class:`BertLayer` list), ``pooler`` (the HuggingFace pooler or None; not
+    Attributes: ``embeddings`` (the HuggingFace module), ``embeddings_project`` (ELECTRA's, or
+    ALBERT's ``embedding_hidden_mapping_in``; else None), ``layers`` (:class:`BertLayer` list), ``pooler`` (the HuggingFace pooler or None; not
     applied by forward), ``backend``.
 
     Training works (dropout in every place HuggingFace has it; gradients flow to the shared
@@ -218,8 +249,8 @@ class BertEncoder(nn.Module):
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, backend: Optional[str] = None) -> "BertEncoder":
         """Build the encoder on a HuggingFace BERT (``BertModel`` or any ``BertFor...``), RoBERTa,
-        ELECTRA (and BERT's other copies) or DistilBERT model (transformers 4.57 or 5.x), sharing
-        its modules and parameters.
+        ELECTRA (and BERT's other copies), DistilBERT or ALBERT model (transformers 4.57 or 5.x),
+        sharing its modules and parameters.
 
         Refused with ValueError: decoders / cross-attention, relative position embeddings, models
         of other structure. Works on a model already passed through :func:`fastbert.optimize` too.
@@ -228,17 +259,24 @@ class BertEncoder(nn.Module):
         """
         backend = check_backend(backend)
         base = getattr(hf_model, "base_model", hf_model)
-        stack = getattr(base, "encoder", None) or getattr(base, "transformer", None)  # DistilBERT's
-        _require(isinstance(base, nn.Module) and hasattr(base, "embeddings") and hasattr(stack, "layer"),
+        stack = getattr(base, "encoder", None)
+        if stack is None:
+            stack = getattr(base, "transformer", None)  # DistilBERT's
+        hf_layers = _albert_layers(base, stack) if hasattr(stack, "albert_layer_groups") else getattr(
+            stack, "layer", None)
+        _require(isinstance(base, nn.Module) and hasattr(base, "embeddings") and hf_layers is not None,
                  f"{type(hf_model).__name__} is not a BERT-style model (embeddings + encoder.layer, "
-                 "or DistilBERT's transformer.layer)")
+                 "DistilBERT's transformer.layer or ALBERT's layer groups)")
         config = getattr(base, "config", None)
         _require(not getattr(config, "is_decoder", False), "decoder models are not supported")
         _require(not getattr(config, "add_cross_attention", False), "cross-attention is not supported")
         pos = getattr(config, "position_embedding_type", "absolute") or "absolute"
         _require(pos == "absolute", f"position_embedding_type={pos!r} is not supported")
-        layers = [BertLayer(layer, backend=backend) for layer in stack.layer]
-        encoder = cls(base.embeddings, layers, embeddings_project=getattr(base, "embeddings_project", None),
+        wrapped = {}  # ALBERT runs its shared layers several times: one BertLayer each
+        layers = [wrapped.setdefault(id(layer), BertLayer(layer, backend=backend)) for layer in hf_layers]
+        project = getattr(base, "embeddings_project", None) or getattr(stack, "embedding_hidden_mapping_in",
+                                                                      None)
+        encoder = cls(base.embeddings, layers, embeddings_project=project,
                       pooler=getattr(base, "pooler", None), backend=backend)
         return encoder.train(base.training)  # start in the HuggingFace model's mode
 
