@@ -17,8 +17,7 @@ copies                                  :mod:`fastbert.integrations.huggingface`
 Only these exact classes are swapped: a user subclass may have its own forward and is left, with
 the reason in the report. ``restore(model)`` puts the original modules back. With
 ``padding_free=True`` a HuggingFace BERT-style, DistilBERT, ALBERT or ModernBERT base model inside
-``model`` is replaced
-as a whole by one that computes only the real tokens (see :func:`optimize`).
+``model`` is replaced as a whole by one that computes only the real tokens (see :func:`optimize`).
 """
 from __future__ import annotations
 
