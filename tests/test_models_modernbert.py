@@ -130,13 +130,17 @@ def test_encoder_after_optimize_task_model_and_refusals():
         enc()
 
 
-@needs_tf5
-def test_encoder_triton_eval():
+def _need_triton():
     need = ("varlen_attention", "add_layer_norm", "geglu", "layer_norm")
     missing = [op for op in need if "triton" not in backends.implementations(op)]
     reasons = backends.backend_reasons("triton", torch.device(DEVICE))
     if missing or reasons:
         pytest.skip(f"Triton backend unavailable: {missing or reasons}")
+
+
+@needs_tf5
+def test_encoder_triton_eval():
+    _need_triton()
     torch.manual_seed(0)
     hf = _model(num_attention_heads=2).to(DEVICE)  # head dim 16
     enc = ModernBertEncoder.from_hf(hf, backend="triton")
@@ -148,11 +152,7 @@ def test_encoder_triton_eval():
 def test_encoder_compiles_as_one_graph_with_its_unpadding():
     """torch.compile(fullgraph=True) of the whole encoder, unpadding and rotary included (Dynamo
     told to capture data-dependent shapes, as for BertEncoder); a second batch with other lengths."""
-    need = ("varlen_attention", "add_layer_norm", "geglu", "layer_norm")
-    missing = [op for op in need if "triton" not in backends.implementations(op)]
-    reasons = backends.backend_reasons("triton", torch.device(DEVICE))
-    if missing or reasons:
-        pytest.skip(f"Triton backend unavailable: {missing or reasons}")
+    _need_triton()
     torch.manual_seed(0)
     hf = _model(num_hidden_layers=2).to(DEVICE).eval()  # a global and a local layer
     enc = ModernBertEncoder.from_hf(hf, backend="triton")
