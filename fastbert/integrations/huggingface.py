@@ -1063,22 +1063,24 @@ _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids",
 
 class PaddingFreeModel(nn.Module):
     """A HuggingFace encoder base model whose forward runs fastbert's padding-free encoder
-    (:class:`fastbert.models.BertEncoder` for BERT and its copies, :class:`fastbert.models.
-    ModernBertEncoder` for ModernBERT): the padding is removed once, every layer computes only the
-    real tokens, and the result is scattered back. Built by :func:`swap_padding_free` (through
-    ``fastbert.optimize(model, padding_free=True)``) on the model's own modules and Parameters;
-    same ``state_dict``.
+    (:class:`fastbert.models.BertEncoder` for BERT and its copies, DistilBERT and ALBERT;
+    :class:`fastbert.models.ModernBertEncoder` for ModernBERT): the padding is removed once, every
+    layer computes only the real tokens, and the result is scattered back. Built by
+    :func:`swap_padding_free` (through ``fastbert.optimize(model, padding_free=True)``) on the
+    model's own modules and Parameters; same ``state_dict``.
 
-    forward: the original's arguments and outputs (``last_hidden_state``, and BERT's
+    forward: the original's arguments and outputs (``last_hidden_state``, and BERT's or ALBERT's
     ``pooler_output``), equal on the real tokens; padded positions of ``last_hidden_state`` are 0.
     A call asking for what the encoders do not compute (``output_attentions``,
     ``output_hidden_states``, a ``head_mask``, an attention mask other than a (B, L) padding mask,
-    cross-attention inputs, a cache), and training with
-    gradient checkpointing enabled, run the original module instead (it shares every submodule). Attributes and methods of the original model class
-    that this module lacks (``get_input_embeddings``, ``config``, ...) are the original's.
+    cross-attention inputs, a cache), and training with gradient checkpointing enabled, run the
+    original module instead (it shares every submodule). Attributes and methods of the original
+    model class that this module lacks (``get_input_embeddings``, ``config``, ...) are the
+    original's.
     """
 
     _fastbert_args: Tuple[str, ...]
+    _fastbert_token_types: bool  # whether the encoder takes token_type_ids (BertEncoder does)
 
     def __getattr__(self, name: str):
         try:
@@ -1114,7 +1116,7 @@ class PaddingFreeModel(nn.Module):
         if enc.training != self.training:
             enc.train(self.training)
         call = {k: a.get(k) for k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds")}
-        if "token_type_ids" in inspect.signature(enc.forward).parameters:
+        if self._fastbert_token_types:
             call["token_type_ids"] = a.get("token_type_ids")
         hidden = enc(**call)
         from transformers import modeling_outputs
@@ -1156,7 +1158,8 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
         encoder = encoder_cls.from_hf(module, backend=backend)
     except ValueError as e:
         return None, f"not made padding-free: {e}"
-    new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)))
+    new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
+                _fastbert_token_types="token_type_ids" in inspect.signature(encoder.forward).parameters)
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
     new.__dict__["_fastbert_encoder"] = encoder
     new.__dict__["_fastbert_hf_module"] = module
