@@ -16,7 +16,8 @@ copies                                  :mod:`fastbert.integrations.huggingface`
 
 Only these exact classes are swapped: a user subclass may have its own forward and is left, with
 the reason in the report. ``restore(model)`` puts the original modules back. With
-``padding_free=True`` a HuggingFace BERT-style, DistilBERT, ALBERT or ModernBERT base model inside
+``padding_free=True`` a HuggingFace BERT-style (pre-LN XLM-R-XL / RoBERTa-PreLayerNorm included),
+DistilBERT, ALBERT or ModernBERT base model inside
 ``model`` is replaced as a whole by one that computes only the real tokens (see :func:`optimize`).
 """
 from __future__ import annotations
@@ -145,7 +146,8 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
         backend: passed to every fastbert op the new modules call (None: ``FASTBERT_BACKEND`` or
             "auto" at call time).
         padding_free: also replace each HuggingFace encoder base model inside ``model`` (``BertModel``
-            and its copies, ``DistilBertModel``, ``AlbertModel``, transformers 5.x ``ModernBertModel``;
+            and its copies, the pre-LN ``XLMRobertaXLModel`` / ``RobertaPreLayerNormModel``,
+            ``DistilBertModel``, ``AlbertModel``, transformers 5.x ``ModernBertModel``;
             e.g. ``model.bert`` of a
             ``BertForSequenceClassification``) by a
             :class:`~fastbert.integrations.huggingface.PaddingFreeModel`: its forward removes the

@@ -271,6 +271,8 @@ def test_optimize_task_models(task):
 PADDING_FREE_TASKS = {"bert": "BertForSequenceClassification", "roberta": "RobertaForTokenClassification",
                       "electra": "ElectraForMaskedLM", "distilbert": "DistilBertForSequenceClassification",
                       "albert": "AlbertForSequenceClassification",
+                      "xlm_roberta_xl": "XLMRobertaXLForSequenceClassification",
+                      "roberta_prelayernorm": "RobertaPreLayerNormForTokenClassification",
                       "modernbert": "ModernBertForSequenceClassification"}
 
 

@@ -1063,7 +1063,8 @@ _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids",
 
 class PaddingFreeModel(nn.Module):
     """A HuggingFace encoder base model whose forward runs fastbert's padding-free encoder
-    (:class:`fastbert.models.BertEncoder` for BERT and its copies, DistilBERT and ALBERT;
+    (:class:`fastbert.models.BertEncoder` for BERT and its copies, pre-LN ones included,
+    DistilBERT and ALBERT;
     :class:`fastbert.models.ModernBertEncoder` for ModernBERT): the padding is removed once, every
     layer computes only the real tokens, and the result is scattered back. Built by
     :func:`swap_padding_free` (through ``fastbert.optimize(model, padding_free=True)``) on the
@@ -1139,15 +1140,17 @@ class PaddingFreeModel(nn.Module):
 
 def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     """A :class:`PaddingFreeModel` for a HuggingFace ``BertModel`` (or a copy: RoBERTa, ELECTRA,
-    XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE), ``DistilBertModel``, ``AlbertModel`` or
-    transformers 5.x ``ModernBertModel``:
+    XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE; the pre-LayerNorm XLM-RoBERTa-XL and
+    RoBERTa-PreLayerNorm), ``DistilBertModel``, ``AlbertModel`` or transformers 5.x
+    ``ModernBertModel``:
     ``(new, None)``; ``(None, reason)`` where the encoder refuses the model (decoders, relative
     position embeddings, ...: its layers are then swapped as usual); ``(None, None)`` for any other
     module. Used by ``fastbert.optimize(model, padding_free=True)``."""
     from ..models import BertEncoder, ModernBertEncoder
 
     family, name = _family(module), type(module).__name__
-    if (family in _BERT_LAYOUT and name == _BERT_LAYOUT[family] + "Model") or (
+    bert_like = {**_BERT_LAYOUT, **_BERT_ATTENTION_ONLY}  # post-LN and the pre-LN copies
+    if (family in bert_like and name == bert_like[family] + "Model") or (
             (family, name) in (("distilbert", "DistilBertModel"), ("albert", "AlbertModel"))):
         encoder_cls = BertEncoder
     elif (family, name) == ("modernbert", "ModernBertModel"):

@@ -7,8 +7,8 @@ layer, instead of computing on padding and masking it out.
 
 Usage::
 
-    hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA / DistilBERT
-    enc = fastbert.models.BertEncoder.from_hf(hf)               # / ALBERT, or a task model
+    hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA / DistilBERT /
+    enc = fastbert.models.BertEncoder.from_hf(hf)               # ALBERT / XLM-R-XL, or a task model
     hidden = enc(input_ids, attention_mask=attention_mask)     # (B, L, E), 0 at padding
     # == hf(input_ids, attention_mask=...).last_hidden_state on the real tokens
 
@@ -33,7 +33,7 @@ from ..nn._utils import check_backend
 from ..nn.gelu import gelu_approximation
 from ..padding import pad_input, unpad_input
 
-__all__ = ["BertEncoder", "BertLayer"]
+__all__ = ["BertEncoder", "BertLayer", "PreLNBertLayer"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -86,11 +86,37 @@ def _albert_parts(hf_layer: nn.Module) -> dict:
                 output_norm=hf_layer.full_layer_layer_norm, output_dropout=nn.Dropout(0.0))
 
 
+def _pre_ln_parts(hf_layer: nn.Module) -> dict:
+    """The modules of a pre-LayerNorm layer (XLM-RoBERTa-XL's, RoBERTa-PreLayerNorm's) under
+    PreLNBertLayer's names: ``attention_norm`` is the LayerNorm before the self-attention,
+    ``output_norm`` the one before the feed-forward (XLM-R XL's layer has no dropout after its
+    feed-forward: a Dropout(0) stands in)."""
+    attn, inter = hf_layer.attention, hf_layer.intermediate
+    if hasattr(attn, "self_attn_layer_norm"):  # XLM-RoBERTa-XL: the second norm is the layer's
+        norms = (attn.self_attn_layer_norm, getattr(hf_layer, "LayerNorm", None))
+    else:  # RoBERTa-PreLayerNorm: each norm inside the sublayer it feeds
+        norms = (attn.LayerNorm, getattr(inter, "LayerNorm", None))
+    parts = _bert_parts(hf_layer)
+    parts.update(attention_norm=norms[0], output_norm=norms[1],
+                 output_dropout=getattr(hf_layer.output, "dropout", None))
+    if parts["output_dropout"] is None:
+        parts["output_dropout"] = nn.Dropout(0.0)
+    return parts
+
+
+def _is_pre_ln(hf_layer: nn.Module) -> bool:
+    attn = getattr(hf_layer, "attention", None)
+    return hasattr(attn, "self_attn_layer_norm") or (
+        hasattr(attn, "LayerNorm") and hasattr(getattr(hf_layer, "intermediate", None), "LayerNorm"))
+
+
 def _layer_parts(hf_layer: nn.Module) -> dict:
     if hasattr(hf_layer, "sa_layer_norm"):
         return _distilbert_parts(hf_layer)
     if hasattr(hf_layer, "full_layer_layer_norm"):
         return _albert_parts(hf_layer)
+    if _is_pre_ln(hf_layer):
+        return _pre_ln_parts(hf_layer)
     return _bert_parts(hf_layer)
 
 
@@ -163,10 +189,10 @@ class BertLayer(nn.Module):
         state.pop("_qkv_cache", None)  # weak references do not pickle; a copy builds its own
         return state
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def _attention(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """The self-attention's context (T, E), before its output dense."""
         t = x.shape[0]
         h, d = self.num_heads, self.head_dim
-        be = self.backend
         lins = (self.query, self.key, self.value)
         biases = [lin.bias for lin in lins]
         if all(bias is None for bias in biases) or all(bias is not None for bias in biases):
@@ -176,21 +202,59 @@ class BertLayer(nn.Module):
             qkv = torch.stack([lin(x) for lin in lins], dim=1).view(t, 3, h, d)
         q, k, v = qkv.unbind(dim=1)  # 3 x [T, H, D]
         p_attn = self.attention_dropout.p if self.training else 0.0
-        ctx = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                   dropout_p=p_attn, scale=d ** -0.5, backend=be).reshape(t, h * d)
-        ln1, ln2 = self.attention_norm, self.output_norm
-        p1 = self.hidden_dropout.p if self.training else 0.0
-        a = ops.add_layer_norm(F.linear(ctx, self.attention_dense.weight), x, ln1.weight, ln1.bias,
-                               ln1.eps, input_bias=self.attention_dense.bias, dropout_p=p1, backend=be)
+        return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                    dropout_p=p_attn, scale=d ** -0.5, backend=self.backend).reshape(t, h * d)
+
+    def _activation(self, x: Tensor) -> Tensor:
+        """act(x @ W1^T + b1): one ``bias_gelu`` for a GELU, else the module's own activation."""
         approximate = gelu_approximation(self.activation)
         if approximate is not None:
-            inter = ops.bias_gelu(F.linear(a, self.intermediate.weight), self.intermediate.bias,
-                                  approximate, backend=be)
-        else:
-            inter = self.activation(self.intermediate(a))
-        p2 = self.output_dropout.p if self.training else 0.0
-        return ops.add_layer_norm(F.linear(inter, self.output_dense.weight), a, ln2.weight, ln2.bias,
-                                  ln2.eps, input_bias=self.output_dense.bias, dropout_p=p2, backend=be)
+            return ops.bias_gelu(F.linear(x, self.intermediate.weight), self.intermediate.bias,
+                                 approximate, backend=self.backend)
+        return self.activation(self.intermediate(x))
+
+    def _dense_add_norm(self, x: Tensor, dense: nn.Linear, residual: Tensor, norm: nn.LayerNorm,
+                        dropout: nn.Dropout, return_residual: bool = False):
+        """norm(dropout(x @ W^T + b) + residual), one ``add_layer_norm`` after the matmul."""
+        p = dropout.p if self.training else 0.0
+        return ops.add_layer_norm(F.linear(x, dense.weight), residual, norm.weight, norm.bias, norm.eps,
+                                  input_bias=dense.bias, dropout_p=p, return_residual=return_residual,
+                                  backend=self.backend)
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        ctx = self._attention(x, cu_seqlens, max_seqlen)
+        a = self._dense_add_norm(ctx, self.attention_dense, x, self.attention_norm, self.hidden_dropout)
+        return self._dense_add_norm(self._activation(a), self.output_dense, a, self.output_norm,
+                                    self.output_dropout)
+
+
+class PreLNBertLayer(BertLayer):
+    """One pre-LayerNorm layer (XLM-RoBERTa-XL, RoBERTa-PreLayerNorm) on packed tokens, sharing the
+    HuggingFace layer's modules. ``attention_norm`` is the LayerNorm before the self-attention,
+    ``output_norm`` the one before the feed-forward.
+
+    forward(x (T, E), normed (T, E), cu_seqlens, max_seqlen, next_norm) -> (x', next_norm(x'))::
+
+        normed = attention_norm(x)                          (computed by the previous layer)
+        ctx    = varlen_attention(normed @ [Wq; Wk; Wv]^T + b)
+        n2, a  = add_layer_norm(ctx @ Wo^T, x, output_norm, input_bias=bo, dropout,
+                                return_residual=True)       (a = x + dropout(ctx @ Wo^T + bo))
+        h      = bias_gelu(n2 @ W1^T, b1)
+        out, x' = add_layer_norm(h @ W2^T, a, next_norm, input_bias=b2, dropout,
+                                 return_residual=True)      (x' = a + dropout(h @ W2^T + b2))
+
+    ``next_norm`` is the next layer's ``attention_norm`` (the final LayerNorm after the last layer),
+    so every LayerNorm of the model is fused into the residual add before it.
+    """
+
+    def forward(self, x: Tensor, normed: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                next_norm: nn.LayerNorm) -> Tuple[Tensor, Tensor]:
+        ctx = self._attention(normed, cu_seqlens, max_seqlen)
+        n2, a = self._dense_add_norm(ctx, self.attention_dense, x, self.output_norm, self.hidden_dropout,
+                                     return_residual=True)
+        out, x = self._dense_add_norm(self._activation(n2), self.output_dense, a, next_norm,
+                                      self.output_dropout, return_residual=True)
+        return x, out
 
 
 def _albert_layers(base: nn.Module, stack: nn.Module) -> list:
@@ -227,9 +291,13 @@ class BertEncoder(nn.Module):
     ``add_layer_norm`` / ``bias_gelu``, and :func:`fastbert.pad_input` scatters them back (padding
     positions are 0). Equal to the HuggingFace model's ``last_hidden_state`` on the real tokens.
 
+    Pre-LayerNorm models (XLM-RoBERTa-XL, RoBERTa-PreLayerNorm) get :class:`PreLNBertLayer` layers
+    and their final LayerNorm, each LayerNorm fused into the residual add before it.
+
     Attributes: ``embeddings`` (the HuggingFace module), ``embeddings_project`` (ELECTRA's, or
-    ALBERT's ``embedding_hidden_mapping_in``; else None), ``layers`` (:class:`BertLayer` list), ``pooler`` (the HuggingFace pooler or None; not
-    applied by forward), ``backend``.
+    ALBERT's ``embedding_hidden_mapping_in``; else None), ``layers`` (:class:`BertLayer` or
+    :class:`PreLNBertLayer` list), ``final_norm`` (a pre-LN model's LayerNorm after the last layer;
+    else None), ``pooler`` (the HuggingFace pooler or None; not applied by forward), ``backend``.
 
     Training works (dropout in every place HuggingFace has it; gradients flow to the shared
     HuggingFace parameters). ``varlen_attention`` checks the sequence lengths on the host in eager
@@ -238,19 +306,26 @@ class BertEncoder(nn.Module):
     """
 
     def __init__(self, embeddings: nn.Module, layers, *, embeddings_project: Optional[nn.Module] = None,
-                 pooler: Optional[nn.Module] = None, backend: Optional[str] = None) -> None:
+                 pooler: Optional[nn.Module] = None, final_norm: Optional[nn.LayerNorm] = None,
+                 backend: Optional[str] = None) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.embeddings_project = embeddings_project
         self.layers = nn.ModuleList(layers)
+        pre_ln = [isinstance(layer, PreLNBertLayer) for layer in self.layers]
+        if any(pre_ln) and not all(pre_ln):
+            raise ValueError("BertEncoder: layers must be all post-LN BertLayer or all PreLNBertLayer")
+        if all(pre_ln) and not isinstance(final_norm, nn.LayerNorm):
+            raise ValueError("BertEncoder: pre-LN layers need final_norm, the LayerNorm after the last layer")
+        self.final_norm = final_norm if any(pre_ln) else None
         self.pooler = pooler
         self.backend = check_backend(backend)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, backend: Optional[str] = None) -> "BertEncoder":
         """Build the encoder on a HuggingFace BERT (``BertModel`` or any ``BertFor...``), RoBERTa,
-        ELECTRA (and BERT's other copies), DistilBERT or ALBERT model (transformers 4.57 or 5.x),
-        sharing its modules and parameters.
+        ELECTRA (and BERT's other copies), DistilBERT, ALBERT, or pre-LayerNorm XLM-RoBERTa-XL or
+        RoBERTa-PreLayerNorm model (transformers 4.57 or 5.x), sharing its modules and parameters.
 
         Refused with ValueError: decoders / cross-attention, relative position embeddings, models
         of other structure. Works on a model already passed through :func:`fastbert.optimize` too.
@@ -273,19 +348,36 @@ class BertEncoder(nn.Module):
         pos = getattr(config, "position_embedding_type", "absolute") or "absolute"
         _require(pos == "absolute", f"position_embedding_type={pos!r} is not supported")
         wrapped = {}  # ALBERT runs its shared layers several times: one BertLayer each
-        layers = [wrapped.setdefault(id(layer), BertLayer(layer, backend=backend)) for layer in hf_layers]
+        layers = [wrapped.setdefault(id(layer), (PreLNBertLayer if _is_pre_ln(layer) else BertLayer)(
+            layer, backend=backend)) for layer in hf_layers]
         project = getattr(base, "embeddings_project", None) or getattr(stack, "embedding_hidden_mapping_in",
                                                                       None)
-        encoder = cls(base.embeddings, layers, embeddings_project=project,
+        final_norm = None
+        if any(isinstance(layer, PreLNBertLayer) for layer in layers):
+            # XLM-RoBERTa-XL's encoder holds it; RoBERTa-PreLayerNorm's base model
+            final_norm = getattr(stack, "LayerNorm", None)
+            if final_norm is None:
+                final_norm = getattr(base, "LayerNorm", None)
+            _require(isinstance(final_norm, nn.LayerNorm), "a pre-LN model without its final LayerNorm")
+        encoder = cls(base.embeddings, layers, embeddings_project=project, final_norm=final_norm,
                       pooler=getattr(base, "pooler", None), backend=backend)
         return encoder.train(base.training)  # start in the HuggingFace model's mode
 
     def forward_packed(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """Run the layers on packed tokens: hidden (total, E), cu_seqlens (N + 1,) int32 (as from
-        :func:`fastbert.unpad_input`), max_seqlen -> (total, E)."""
-        for layer in self.layers:
-            hidden = layer(hidden, cu_seqlens, max_seqlen)
-        return hidden
+        :func:`fastbert.unpad_input`), max_seqlen -> (total, E). Pre-LN models: the final LayerNorm
+        included (as the HuggingFace model's ``last_hidden_state``)."""
+        if self.final_norm is None:
+            for layer in self.layers:
+                hidden = layer(hidden, cu_seqlens, max_seqlen)
+            return hidden
+        norms = [layer.attention_norm for layer in self.layers] + [self.final_norm]
+        first = norms[0]
+        normed = ops.layer_norm(hidden, first.normalized_shape, first.weight, first.bias, first.eps,
+                                backend=self.backend)
+        for layer, next_norm in zip(self.layers, norms[1:]):
+            hidden, normed = layer(hidden, normed, cu_seqlens, max_seqlen, next_norm)
+        return normed
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
