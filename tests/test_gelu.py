@@ -12,7 +12,7 @@ from fastbert.testing import (DEVICE, assert_close, compare_to_reference, interp
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-WIDTHS = [1, 7, 97, 768, 1000, 1024, 4096]
+WIDTHS = [1, 7, 97, 768, 1000, 1024, 1152, 4096]  # 1152: column blocks of 256, the last half masked
 APPROX = ["none", "tanh"]
 
 
@@ -291,7 +291,7 @@ def _check_geglu(x, gate, approximate, dy=None, backend="triton"):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "gate"])
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
-@pytest.mark.parametrize("width", [1, 97, 1000, 4096], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("width", [1, 97, 1000, 1152, 4096], ids=lambda n: f"N{n}")
 def test_geglu(width, dtype, approximate, packed):
     rows = 17 if width < 1024 else 3
     if packed:
@@ -408,3 +408,17 @@ def test_cuda_geglu_opcheck_and_compile():
     f = lambda x: fastbert.geglu(x, backend="cuda")  # noqa: E731
     eager = f(x)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [1, 7, 97, 128, 768, 1000, 1024, 1152, 2624, 3072, 4096, 4097, 8192])
+def test_tile_choice_pads_little(width):
+    """The elementwise kernels' tile: a power-of-two column block (128 to 1024; smaller only for a
+    narrower row) whose padding of the row is at most 1/8 of it where such a block exists, and
+    BLOCK_M x BLOCK_N within the tile budget."""
+    gelu = pytest.importorskip("fastbert.kernels.gelu")
+    bm, bn = gelu._config(width)
+    assert bn & (bn - 1) == 0 and bm >= 1 and bm * bn <= max(gelu.TILE_ELEMS, bn)
+    assert bn <= gelu.MAX_BLOCK_N and (bn >= 128 or bn >= width)
+    padded = -(-width // bn) * bn
+    if width >= 128:  # each of these has such a block
+        assert 8 * (padded - width) <= width, (width, bn)
