@@ -17,8 +17,8 @@ copies                                  :mod:`fastbert.integrations.huggingface`
 Only these exact classes are swapped: a user subclass may have its own forward and is left, with
 the reason in the report. ``restore(model)`` puts the original modules back. With
 ``padding_free=True`` a HuggingFace BERT-style (pre-LN XLM-R-XL / RoBERTa-PreLayerNorm included),
-DistilBERT, ALBERT or ModernBERT base model inside
-``model`` is replaced as a whole by one that computes only the real tokens (see :func:`optimize`).
+DistilBERT, ALBERT or ModernBERT base model inside ``model``, and a ``torch.nn.TransformerEncoder``,
+is replaced as a whole by one that computes only the real tokens (see :func:`optimize`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from .nn import GELU, LayerNorm, MultiheadAttention, TransformerEncoderLayer
+from .nn import GELU, LayerNorm, MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
 from .nn._utils import check_backend
 
 __all__ = ["optimize", "restore", "OptimizeReport", "Swapped", "Left"]
@@ -123,8 +123,23 @@ def _swap_torch(module: nn.Module, backend: Optional[str]):
     return None, None
 
 
+def _swap_torch_encoder(module: nn.Module, backend: Optional[str]):
+    """padding_free: a torch.nn.TransformerEncoder of torch.nn.TransformerEncoderLayer as a whole
+    -> fastbert.nn.TransformerEncoder (its layers swapped, an nn.LayerNorm norm too)."""
+    if type(module) is not nn.TransformerEncoder:
+        return None, None
+    odd = [type(layer).__name__ for layer in module.layers if type(layer) is not nn.TransformerEncoderLayer]
+    if odd:
+        return None, (f"not made padding-free: its layers include {odd[0]}, not "
+                      "torch.nn.TransformerEncoderLayer")
+    new = TransformerEncoder.from_torch(module, backend=backend)
+    if type(module.norm) is nn.LayerNorm:
+        new.norm = LayerNorm.from_torch(module.norm, backend=backend)
+    return new, None
+
+
 def _swappers(padding_free: bool = False) -> List[Swapper]:
-    out: List[Swapper] = [_swap_torch]
+    out: List[Swapper] = [_swap_torch_encoder, _swap_torch] if padding_free else [_swap_torch]
     # HuggingFace models: only when transformers is already imported (a model built from it
     # exists); fastbert never imports transformers on its own.
     if "transformers" in sys.modules:
@@ -155,7 +170,11 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
             ``ModernBertEncoder``). Outputs are equal on the real tokens; ``last_hidden_state`` is 0
             at padded positions (instead of values nothing should read). A call asking for
             attentions, hidden states or a head mask runs the original forward. A base model the
-            encoders refuse is reported as left, and its layers are swapped as usual.
+            encoders refuse is reported as left, and its layers are swapped as usual. Each
+            ``torch.nn.TransformerEncoder`` (of ``torch.nn.TransformerEncoderLayer``) becomes a
+            :class:`fastbert.nn.TransformerEncoder`, which computes only the real tokens when
+            called with ``src_key_padding_mask`` (0 at padded positions, as torch's nested-tensor
+            path gives), in training too.
 
     Returns:
         an :class:`OptimizeReport` listing what was swapped and what was left, with reasons.

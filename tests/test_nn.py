@@ -437,6 +437,168 @@ def test_transformer_encoder_layer_bad_inputs():
 
 
 # ----------------------------------------------------------------------------------------------
+# TransformerEncoder (padding-free with a key padding mask)
+# ----------------------------------------------------------------------------------------------
+def _torch_encoder(norm_first=False, batch_first=True, e=E, h=H, dropout=0.0, layers=2):
+    layer = nn.TransformerEncoderLayer(e, h, dim_feedforward=24, dropout=dropout, activation="gelu",
+                                       batch_first=batch_first, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(e), enable_nested_tensor=False)
+
+
+def _padding(n, s, holes=False, float_mask=False):
+    """A key padding mask (True = padded), no row fully padded; ``holes``: real tokens with gaps."""
+    kpm = torch.zeros(n, s, dtype=torch.bool)
+    kpm[1, s // 2:] = True
+    kpm[2, 1:] = True  # one real token
+    if holes:
+        kpm[0, 1:3] = True
+    if float_mask:
+        return kpm, torch.zeros(n, s).masked_fill(kpm, float("-inf"))
+    return kpm, kpm
+
+
+def _encoder_check(ours, theirs, x, kpm_bool, kwargs, device="cpu"):
+    """ours (padding-free) vs theirs in float64 (reference) and in x's dtype, on the real tokens;
+    0 at padded positions; gradients of the input and of every parameter, for one upstream
+    gradient that is 0 at padded positions (no real token depends on them)."""
+    batch_first = ours.layers[0].self_attn.batch_first
+    bf = (lambda t: t) if batch_first else (lambda t: t.transpose(0, 1))
+    real = (~kpm_bool).to(device)
+    ref64 = copy.deepcopy(theirs).double().to(device)
+    theirs, ours = theirs.to(device), ours.to(device)
+    xs = [x.to(device).clone().requires_grad_(True) for _ in range(2)] + [
+        x.to(device).double().requires_grad_(True)]
+    kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
+    outs = [ours(xs[0], **kwargs), theirs(xs[1], **kwargs), ref64(xs[2], **kw64)]
+    out, low, ref = (bf(o) for o in outs)
+    assert_close(out[real], ref[real], low[real], name="output (real tokens)")
+    assert (out[~real] == 0).all(), "padded positions must be 0"
+    g = torch.randn(ref.shape, dtype=torch.float64, device=device) * real[..., None]
+    for o in (out, low, ref):
+        o.backward(g.to(o.dtype) if batch_first else g.to(o.dtype))
+    assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name="grad src")
+    p_low, p_ref = dict(theirs.named_parameters()), dict(ref64.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, p_ref[name].grad, p_low[name].grad, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("masks", ["kpm", "kpm-holes", "kpm-float", "kpm-causal"])
+@pytest.mark.parametrize("norm_first,batch_first", [(False, True), (True, True), (False, False)],
+                         ids=["post", "pre", "seqfirst"])
+def test_transformer_encoder_padding_free_matches_torch(norm_first, batch_first, masks):
+    """fastbert.nn.TransformerEncoder (from_torch) in train mode against torch's padded path: the
+    real tokens and every gradient as close to float64 as torch's float32; 0 at padded positions."""
+    torch.manual_seed(0)
+    theirs = _torch_encoder(norm_first, batch_first)
+    ours = fnn.TransformerEncoder.from_torch(copy.deepcopy(theirs), backend="torch")
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    kpm_bool, kpm = _padding(N, L, holes="holes" in masks, float_mask="float" in masks)
+    kwargs = {"src_key_padding_mask": kpm}
+    if "causal" in masks:
+        kwargs["mask"] = nn.Transformer.generate_square_subsequent_mask(L)
+    x = torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)
+    _encoder_check(ours, theirs, x, kpm_bool, kwargs)
+
+
+def test_transformer_encoder_runs_the_layers_packed(monkeypatch):
+    """With a padding mask every layer runs forward_packed (no padded layer call); without one, or
+    with a mask that is not causal, a float padding mask holding a bias, or padding_free=False,
+    the layers run on the padded batch, exactly as a loop over them."""
+    torch.manual_seed(0)
+    ours = fnn.TransformerEncoder(fnn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0,
+                                                              batch_first=True, backend="torch"), 3)
+    calls = {"packed": 0, "padded": 0}
+    packed_fn, padded_fn = fnn.TransformerEncoderLayer.forward_packed, fnn.TransformerEncoderLayer.forward
+
+    def packed(self, *a, **k):
+        calls["packed"] += 1
+        return packed_fn(self, *a, **k)
+
+    def padded(self, *a, **k):
+        calls["padded"] += 1
+        return padded_fn(self, *a, **k)
+
+    monkeypatch.setattr(fnn.TransformerEncoderLayer, "forward_packed", packed)
+    monkeypatch.setattr(fnn.TransformerEncoderLayer, "forward", padded)
+    x = torch.randn(N, L, E)
+    kpm, _ = _padding(N, L)
+    ours(x, src_key_padding_mask=kpm)
+    assert calls == {"packed": 3, "padded": 0}
+
+    def loop(**kw):
+        out = x
+        for layer in ours.layers:
+            out = padded_fn(layer, out, **kw)
+        return out
+
+    bias = torch.zeros(N, L).masked_fill(kpm, -1.5)  # a float "padding" mask that is a bias
+    attn = torch.randn(L, L)
+    ours.padding_free = False
+    for kw in ({"src_key_padding_mask": kpm},):
+        assert torch.equal(ours(x, **kw), loop(**kw))
+    ours.padding_free = True
+    for kw, layer_kw in (({}, {}), ({"src_key_padding_mask": bias}, {"src_key_padding_mask": bias}),
+                         ({"src_key_padding_mask": kpm, "mask": attn},
+                          {"src_key_padding_mask": kpm, "src_mask": attn})):
+        calls.update(packed=0, padded=0)
+        assert torch.equal(ours(x, **kw), loop(**layer_kw))
+        assert calls["packed"] == 0
+    with pytest.raises(RuntimeError, match="attn_mask"):  # torch's error for a causal hint alone
+        ours(x, src_key_padding_mask=kpm, is_causal=True)
+
+
+def test_transformer_encoder_constructor_and_errors():
+    """torch's constructor: the layer cloned num_layers times (a torch layer converted), the same
+    state_dict keys as torch's encoder; a fully padded sequence gives 0, not NaN."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, batch_first=True)
+    ours = fnn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(E), backend="torch")
+    theirs = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(E), enable_nested_tensor=False)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.layers[0] is not ours.layers[1] and isinstance(ours.layers[0], fnn.TransformerEncoderLayer)
+    assert ours.layers[0].self_attn.in_proj_weight is not layer.self_attn.in_proj_weight  # cloned
+    ours.load_state_dict(theirs.state_dict())
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1] = True
+    out = ours.eval()(torch.randn(N, L, E), src_key_padding_mask=kpm)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    with pytest.raises(TypeError, match="encoder_layer"):
+        fnn.TransformerEncoder(nn.Linear(E, E), 2)
+    with pytest.raises(ValueError, match="num_layers"):
+        fnn.TransformerEncoder(layer, 0)
+    with pytest.raises(TypeError, match="padding_free"):
+        fnn.TransformerEncoder(layer, 1, padding_free=1)
+    with pytest.raises(TypeError, match="torch.nn.TransformerEncoder"):
+        fnn.TransformerEncoder.from_torch(layer)
+    with pytest.raises(ValueError, match="d_model"):
+        ours(torch.randn(N, L, E + 1), src_key_padding_mask=kpm)
+
+
+def test_transformer_encoder_triton():
+    need_triton("varlen_attention", "add_layer_norm", "bias_gelu", "layer_norm")
+    torch.manual_seed(0)
+    for norm_first in (False, True):
+        theirs = _torch_encoder(norm_first, e=32, h=2)  # head dim 16
+        ours = fnn.TransformerEncoder.from_torch(copy.deepcopy(theirs), backend="triton")
+        kpm, _ = _padding(N, 17, holes=True)
+        run_triton(lambda: _encoder_check(ours, theirs, torch.randn(N, 17, 32), kpm,
+                                          {"src_key_padding_mask": kpm.to(DEVICE)}, device=DEVICE))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_transformer_encoder_half(dtype):
+    torch.manual_seed(0)
+    theirs = _torch_encoder(True, e=256, h=4)  # head dim 64
+    ours = fnn.TransformerEncoder.from_torch(copy.deepcopy(theirs))
+    kpm = torch.zeros(4, 130, dtype=torch.bool)
+    kpm[1, 97:] = True
+    kpm[3, 17:] = True
+    _encoder_check(ours.to(dtype), theirs.to(dtype), torch.randn(4, 130, 256, dtype=dtype), kpm,
+                   {"src_key_padding_mask": kpm.cuda()}, device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
 # LayerNorm, GELU
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,normalized,kw", [

@@ -4,6 +4,7 @@
 =============================  =============================================================
 ``MultiheadAttention``          ``torch.nn.MultiheadAttention`` on ``scaled_dot_product_attention``
 ``TransformerEncoderLayer``     ``torch.nn.TransformerEncoderLayer`` with fused output sublayers
+``TransformerEncoder``          ``torch.nn.TransformerEncoder``, padding-free with a padding mask
 ``LayerNorm``, ``GELU``         ``torch.nn.LayerNorm`` / ``torch.nn.GELU``
 ``GEGLU``                       ``gelu(a) * g`` of a packed (..., 2N) input, on ``geglu``
 ``BlockSparseSelfAttention``    self-attention on ``block_sparse_attention`` (layout or preset)
@@ -19,11 +20,12 @@ from .block_sparse_attention import BlockSparseSelfAttention
 from .gelu import GEGLU, GELU
 from .layer_norm import LayerNorm
 from .linformer_attention import LinformerSelfAttention
-from .transformer import TransformerEncoderLayer
+from .transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
     "MultiheadAttention",
     "TransformerEncoderLayer",
+    "TransformerEncoder",
     "LayerNorm",
     "GELU",
     "GEGLU",

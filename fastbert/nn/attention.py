@@ -253,6 +253,37 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.transpose(0, 1)
         return out, weights
 
+    def packed_unsupported(self) -> Optional[str]:
+        """Why :meth:`attend_packed` cannot run this module (None when it can)."""
+        if self.bias_k is not None or self.bias_v is not None:
+            return "bias_k / bias_v add a key to every sequence"
+        if self.add_zero_attn:
+            return "add_zero_attn adds a key to every sequence"
+        if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+            return "kdim / vdim differ from embed_dim (not a self-attention)"
+        return None
+
+    def attend_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, *,
+                      is_causal: bool = False) -> Tensor:
+        """Self-attention of packed sequences (no padding), everything but the output projection.
+
+        Shapes: x (T, E), the real tokens of N sequences back to back; cu_seqlens (N + 1,) int32
+        (as from :func:`fastbert.unpad_input`) -> context (T, E) before ``out_proj``. Each token
+        attends to the tokens of its own sequence (``is_causal``: to those at or before it), through
+        :func:`fastbert.varlen_attention` with this module's dropout in training mode.
+        """
+        reason = self.packed_unsupported()
+        if reason is not None:
+            raise NotImplementedError(f"MultiheadAttention.attend_packed: {reason}")
+        t, e = x.shape
+        h, d = self.num_heads, self.head_dim
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [T, E] @ [E, 3E] -> [T, 3E]
+        q, k, v = qkv.view(t, 3, h, d).unbind(dim=1)  # 3 x [T, H, D]
+        dropout_p = self.dropout if self.training else 0.0
+        ctx = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                   dropout_p=dropout_p, is_causal=is_causal, backend=self.backend)
+        return ctx.reshape(t, e)
+
     def attend(self, query: Tensor, key: Tensor, value: Tensor, *,
                key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
                need_weights: bool = False, is_causal: bool = False, same_qkv: Optional[bool] = None,

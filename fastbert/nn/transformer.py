@@ -1,21 +1,26 @@
 """``fastbert.nn.TransformerEncoderLayer``: ``torch.nn.TransformerEncoderLayer`` with the output
 sublayers fused (out-projection bias + dropout + residual + LayerNorm in one
-:func:`fastbert.add_layer_norm`, linear1's bias + GELU in one :func:`fastbert.bias_gelu`)."""
+:func:`fastbert.add_layer_norm`, linear1's bias + GELU in one :func:`fastbert.bias_gelu`); and
+``fastbert.nn.TransformerEncoder``: ``torch.nn.TransformerEncoder`` computing only the real tokens
+of a padded batch."""
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..padding import pad_input, unpad_input
 from .._validation import check_dropout, type_name
 from ._utils import adopt, check_backend, check_input, check_positive_int
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
 from .layer_norm import LayerNorm
 
-__all__ = ["TransformerEncoderLayer"]
+__all__ = ["TransformerEncoder", "TransformerEncoderLayer"]
 
 
 def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
@@ -156,15 +161,37 @@ class TransformerEncoderLayer(nn.Module):
                     src_mask.dim() == 3 and src_mask.shape[0] != n * h):
                 raise ValueError(f"src_mask must have shape (S, S) = ({s}, {s}) or (N * nhead, S, S) = "
                                  f"({n * h}, {s}, {s}), got {tuple(src_mask.shape)}")
-        attn, out_proj = self.self_attn, self.self_attn.out_proj
+        attn = self.self_attn
+
+        def attend(h: Tensor) -> Tensor:
+            return attn.attend(h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
+                               is_causal=is_causal, same_qkv=True)[0]
+
+        x = self._sublayers(x, attend)
+        if not batched:
+            return x.squeeze(0)
+        if not self.self_attn.batch_first:
+            return x.transpose(0, 1)
+        return x
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, is_causal: bool = False) -> Tensor:
+        """The layer on packed sequences (no padding): x (T, E), the real tokens of N sequences back
+        to back, cu_seqlens (N + 1,) int32, max_seqlen (as from :func:`fastbert.unpad_input`) ->
+        (T, E). Attention through :func:`fastbert.varlen_attention`; ``is_causal``: each token sees
+        the tokens of its sequence at or before it. Used by :class:`TransformerEncoder`."""
+        return self._sublayers(x, lambda h: self.self_attn.attend_packed(h, cu_seqlens, max_seqlen,
+                                                                         is_causal=is_causal))
+
+    def _sublayers(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        """Both sublayers on x (..., E), ``attend(h)`` giving the attention context before out_proj."""
+        out_proj = self.self_attn.out_proj
         p1 = self.dropout1.p if self.training else 0.0
         p2 = self.dropout2.p if self.training else 0.0
         n1, n2 = self.norm1, self.norm2
 
         if self.norm_first:
             h = ops.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps, backend=self.backend)
-            ctx, _ = attn.attend(h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
-                                 is_causal=is_causal, same_qkv=True)
+            ctx = attend(h)
             # y = norm2(x1) and x1 = x + dropout1(ctx @ Wo^T + bo) in one fused op.
             y, x = ops.add_layer_norm(F.linear(ctx, out_proj.weight), x, n2.weight, n2.bias, n2.eps,
                                       input_bias=out_proj.bias, dropout_p=p1, return_residual=True,
@@ -174,15 +201,156 @@ class TransformerEncoderLayer(nn.Module):
                 f = f + self.linear2.bias
             x = x + F.dropout(f, p=p2, training=p2 > 0.0)
         else:
-            ctx, _ = attn.attend(x, x, x, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
-                                 is_causal=is_causal, same_qkv=True)
+            ctx = attend(x)
             x = ops.add_layer_norm(F.linear(ctx, out_proj.weight), x, n1.weight, n1.bias, n1.eps,
                                    input_bias=out_proj.bias, dropout_p=p1, backend=self.backend)
             x = ops.add_layer_norm(self._feed_forward(x), x, n2.weight, n2.bias, n2.eps,
                                    input_bias=self.linear2.bias, dropout_p=p2, backend=self.backend)
-
-        if not batched:
-            return x.squeeze(0)
-        if not self.self_attn.batch_first:
-            return x.transpose(0, 1)
         return x
+
+
+def _padding_only(mask: Tensor) -> Optional[Tensor]:
+    """A key padding mask (True = padded, or float: -inf = padded, 0 = real) as a bool mask of
+    the real tokens; None when a float mask holds other values (a bias, not padding)."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    pad = torch.isneginf(mask)
+    if not bool(((mask == 0) | pad).all()):  # one host sync; unpad_input syncs anyway
+        return None
+    return ~pad
+
+
+def _is_causal_mask(mask: Tensor, s: int) -> bool:
+    """Whether a 2-D ``mask`` is the square causal mask: bool True (float -inf) above the diagonal,
+    False (0) elsewhere, as ``torch.nn.Transformer.generate_square_subsequent_mask`` makes."""
+    if mask.dim() != 2 or tuple(mask.shape) != (s, s):
+        return False
+    upper = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, upper))
+    return bool(torch.equal(torch.isneginf(mask), upper) and (mask[~upper] == 0).all())
+
+
+class TransformerEncoder(nn.Module):
+    """Drop-in for :class:`torch.nn.TransformerEncoder` that computes only the real tokens.
+
+    Same constructor (encoder_layer, num_layers, norm=None, enable_nested_tensor=True,
+    mask_check=True) plus keyword-only ``padding_free`` (default True) and ``backend``; same
+    submodules and ``state_dict`` keys (``layers.{i}.*``, ``norm.*``). ``encoder_layer`` is a
+    :class:`TransformerEncoderLayer` or a ``torch.nn.TransformerEncoderLayer`` (converted), cloned
+    ``num_layers`` times as torch does. :meth:`from_torch` converts an existing encoder, sharing
+    its Parameters.
+
+    ``forward(src, mask=None, src_key_padding_mask=None, is_causal=None)`` -> src's shape (S, N, E)
+    (or (N, S, E) with ``batch_first``, or unbatched (S, E)). With a key padding mask (bool, True =
+    padded, or float with 0 / -inf) and no ``mask`` other than the causal one, the padding is
+    removed once (:func:`fastbert.unpad_input`), every layer runs on the packed real tokens
+    (:meth:`TransformerEncoderLayer.forward_packed`: varlen attention, causal per sequence when
+    the mask is causal), then ``norm``, and the tokens are scattered back: **padded positions of
+    the output are 0**, as torch's own nested-tensor fast path gives them (its padded path computes
+    values there that no real token depends on). This runs in training too (torch's fast path is
+    inference-only), with gradients. Any other call (no padding mask, another ``mask``, a float
+    padding mask holding a bias, ``padding_free=False``, a layer whose attention adds keys:
+    ``bias_k`` / ``add_zero_attn``) runs the layers one after another on the padded batch, as
+    torch's padded path does. ``enable_nested_tensor`` and ``mask_check`` are kept as attributes
+    only (no nested tensors are made).
+    """
+
+    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None,
+                 enable_nested_tensor: bool = True, mask_check: bool = True, *,
+                 padding_free: bool = True, backend: Optional[str] = None) -> None:
+        super().__init__()
+        backend = check_backend(backend)
+        if isinstance(encoder_layer, nn.TransformerEncoderLayer):
+            encoder_layer = TransformerEncoderLayer.from_torch(copy.deepcopy(encoder_layer), backend=backend)
+        elif not isinstance(encoder_layer, TransformerEncoderLayer):
+            raise TypeError(f"encoder_layer must be a fastbert.nn.TransformerEncoderLayer or a "
+                            f"torch.nn.TransformerEncoderLayer, got {type_name(encoder_layer)}")
+        num_layers = check_positive_int("num_layers", num_layers)
+        if norm is not None and not isinstance(norm, nn.Module):
+            raise TypeError(f"norm must be an nn.Module or None, got {type_name(norm)}")
+        if not isinstance(padding_free, bool):
+            raise TypeError(f"padding_free must be a bool, got {type_name(padding_free)}")
+        self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+        self.enable_nested_tensor = enable_nested_tensor
+        self.use_nested_tensor = False  # read by code that inspects torch's encoder
+        self.mask_check = mask_check
+        self.padding_free = padding_free
+
+    @classmethod
+    def from_torch(cls, module: nn.TransformerEncoder, *, padding_free: bool = True,
+                   backend: Optional[str] = None) -> "TransformerEncoder":
+        """A fastbert encoder sharing every Parameter of ``module``: each layer becomes a
+        :class:`TransformerEncoderLayer` (:meth:`TransformerEncoderLayer.from_torch`; a layer that
+        already is one is kept), ``norm`` is kept as it is."""
+        if not isinstance(module, nn.TransformerEncoder):
+            raise TypeError(f"module must be a torch.nn.TransformerEncoder, got {type_name(module)}")
+        backend = check_backend(backend)
+        layers = []
+        for layer in module.layers:
+            if isinstance(layer, nn.TransformerEncoderLayer):
+                layer = TransformerEncoderLayer.from_torch(layer, backend=backend)
+            elif not isinstance(layer, TransformerEncoderLayer):
+                raise TypeError(f"module.layers holds a {type_name(layer)}: expected "
+                                "torch.nn.TransformerEncoderLayer")
+            layers.append(layer)
+        new = adopt(cls, module, padding_free=padding_free, use_nested_tensor=False)
+        new.layers = nn.ModuleList(layers)
+        new.__dict__.setdefault("enable_nested_tensor", getattr(module, "enable_nested_tensor", True))
+        new.__dict__.setdefault("mask_check", getattr(module, "mask_check", True))
+        return new
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, padding_free={self.padding_free}"
+
+    def _packed_plan(self, src: Tensor, mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor],
+                     is_causal: Optional[bool]):
+        """(real-token mask (N, S) bool, causal) when the packed path applies, else None."""
+        if not self.padding_free or src_key_padding_mask is None or src.dim() != 3:
+            return None
+        if any(layer.self_attn.packed_unsupported() for layer in self.layers):
+            return None
+        first = self.layers[0].self_attn
+        n, s = (src.shape[0], src.shape[1]) if first.batch_first else (src.shape[1], src.shape[0])
+        if tuple(src_key_padding_mask.shape) != (n, s) or src_key_padding_mask.device != src.device:
+            return None  # the layers report the error
+        causal = False
+        if mask is not None:
+            if not _is_causal_mask(mask, s):
+                return None
+            causal = True
+        elif is_causal:
+            return None  # torch's error (a causal hint needs the mask) comes from the layers
+        real = _padding_only(src_key_padding_mask)
+        return None if real is None else (real, causal)
+
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None, is_causal: Optional[bool] = None) -> Tensor:
+        if not isinstance(src, Tensor):
+            raise TypeError(f"src must be a torch.Tensor, got {type_name(src)}")
+        for name, m in (("mask", mask), ("src_key_padding_mask", src_key_padding_mask)):
+            _check_mask_dtype(name, m)
+        plan = self._packed_plan(src, mask, src_key_padding_mask, is_causal)
+        if plan is None:
+            out = src
+            for layer in self.layers:
+                out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                            is_causal=bool(is_causal))
+            return self.norm(out) if self.norm is not None else out
+        real, causal = plan
+        batch_first = self.layers[0].self_attn.batch_first
+        x = src if batch_first else src.transpose(0, 1)  # (N, S, E)
+        e = self.layers[0].self_attn.embed_dim
+        if x.shape[-1] != e:
+            raise ValueError(f"src must end in d_model = {e}, got shape {tuple(src.shape)}")
+        check_input("src", src, self.layers[0].linear1.weight)
+        n, s = x.shape[:2]
+        packed, indices, cu_seqlens, max_seqlen = unpad_input(x, real)
+        for layer in self.layers:
+            packed = layer.forward_packed(packed, cu_seqlens, max_seqlen, is_causal=causal)
+        if self.norm is not None:
+            packed = self.norm(packed)
+        out = pad_input(packed, indices, n, s)
+        return out if batch_first else out.transpose(0, 1)
