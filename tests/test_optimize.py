@@ -150,6 +150,34 @@ def test_transformer_encoder_nested_fast_path_is_turned_off():
     assert model[0].use_nested_tensor
 
 
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_optimize_padding_free_swaps_the_torch_encoder(norm_first):
+    """padding_free=True: the nn.TransformerEncoder becomes one fastbert.nn.TransformerEncoder (its
+    layers converted inside it), same Parameters and state_dict; the model's output on the real
+    tokens equals the original's in train mode (the encoder's padded positions are 0 instead of
+    values no real token reads); restore() gives the torch encoder back."""
+    torch.manual_seed(0)
+    model = ToyModel(norm_first=norm_first)
+    reference = copy.deepcopy(model)
+    keys, params = list(model.state_dict()), _params(model)
+    report = optimize(model, backend="torch", padding_free=True)
+    swapped = {s.path: s.replacement for s in report.swapped}
+    assert swapped["encoder"] == "fastbert.nn.TransformerEncoder", str(report)
+    assert not any(p.startswith("encoder.") for p in swapped)
+    assert all(type(layer) is fnn.TransformerEncoderLayer for layer in model.encoder.layers)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in _params(model).items())
+    x, memory, kpm = _inputs()
+    real = ~kpm
+    ref64 = copy.deepcopy(reference).double()
+    out, low = model(x, memory, kpm), reference(x, memory, kpm)
+    ref = ref64(x.double(), memory.double(), kpm)
+    assert_close(out[real], ref[real], low[real], name="output (real tokens)")
+    assert restore(model) == len(report.swapped)
+    assert type(model.encoder) is nn.TransformerEncoder
+    assert all(type(layer) is nn.TransformerEncoderLayer for layer in model.encoder.layers)
+
+
 def test_optimize_twice_is_harmless():
     model = ToyModel()
     first = optimize(model)
