@@ -90,7 +90,7 @@ def test_case_enumeration(family):
 
 def test_quick_selection_stays_small():
     quick = runner.all_cases(quick=True)
-    assert 20 <= len(quick) <= 48
+    assert 20 <= len(quick) <= 49
     assert {c.family for c in quick} == set(runner.FAMILIES)
 
 
@@ -788,6 +788,30 @@ def test_other_encoder_cases_on_cpu(arch):
     assert any(n.startswith(arch + "-") for n in quick)
     with pytest.raises(ValueError, match="arch"):
         bert.bert_case(3, 12, arch="gpt2")
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_torch_encoder_case_on_cpu_with_a_tiny_model():
+    """torch.nn.TransformerEncoder, tiny: torch's padded path, its nested-tensor fast path
+    (inference only: the note says whether torch took it), fastbert.optimize and
+    fastbert.nn.TransformerEncoder, each checked on the real tokens."""
+    tiny = dict(d_model=16, nhead=2, dim_feedforward=32, num_layers=2)
+    infer = bert.torch_encoder_case(3, 12, "half", dtype=torch.float32, config=tiny)
+    train = bert.torch_encoder_case(3, 12, "half", pass_="fwd+bwd", dtype=torch.float32, config=tiny)
+    assert infer.name.startswith("torch-encoder-infer-") and "torch-nested" not in [i.name for i in train.impls]
+    rows = runner.run_cases([infer, train], device="cpu", timer=timing.CpuTimer(reps=1),
+                            progress=False, quick=True)
+    by = {(r["case"], r["impl"]): r for r in rows}
+    for case in (infer, train):
+        for impl in ("torch-padded", "fastbert-optimize", "fastbert-TransformerEncoder"):
+            row = by[(case.name, impl)]
+            assert row["status"] == "ok" and "real tokens" in row["check"], row
+        assert by[(case.name, "torch-compile")]["status"] == "skipped"
+    nested = by[(infer.name, "torch-nested")]
+    assert nested["status"] == "ok" and "nested-tensor fast path" in nested["reason"], nested
+    assert case.work == common.bert_flops(case.params["seqlens"], hidden=16, layers=2, intermediate=32,
+                                          pass_="fwd+bwd")
+    assert any(c.name.startswith("torch-encoder-") for c in bert.cases(quick=True))
 
 
 def test_environment_records_versions_and_commit(monkeypatch):

@@ -1,6 +1,8 @@
 """Whole-encoder cases: inference latency and a training step (forward + backward) of BERT-base,
 of two encoders with relative-position attention, DeBERTa-v3-base and MPNet-base, of
-ModernBERT-base (transformers 5.x; against HF eager and SDPA), and inference of DistilBERT-base.
+ModernBERT-base (transformers 5.x; against HF eager and SDPA), and inference of DistilBERT-base;
+and ``torch.nn.TransformerEncoder`` of BERT-base's shape (:func:`torch_encoder_case`: torch's
+padded and nested-tensor paths against ``fastbert.nn.TransformerEncoder``).
 
 Implementations, all with the same weights (a model of random weights built from its config, no
 download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
@@ -32,7 +34,7 @@ from .attention import seqlens
 from .common import (Case, Impl, Prepared, Unavailable, bert_flops, compare, configure_compile,
                      dtype_name, ns, reason_text)
 
-__all__ = ["cases", "bert_case", "BERT_BASE", "ARCHS"]
+__all__ = ["cases", "bert_case", "torch_encoder_case", "BERT_BASE", "ARCHS", "TORCH_ENCODER"]
 
 FAMILY = "bert"
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -257,6 +259,129 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
                 dtype_label=dt)
 
 
+TORCH_ENCODER = {"d_model": 768, "nhead": 12, "dim_feedforward": 3072, "num_layers": 12}
+_TORCH_STATE: Dict[tuple, dict] = {}
+
+
+def _torch_encoder(sizes: dict, nested: bool, dtype: torch.dtype, device):
+    """A ``torch.nn.TransformerEncoder`` of BERT-base's shape (post-LN, GELU, batch first, dropout
+    0), the same random weights for every implementation of a case."""
+    layer = torch.nn.TransformerEncoderLayer(sizes["d_model"], sizes["nhead"], sizes["dim_feedforward"],
+                                             dropout=0.0, activation="gelu", batch_first=True,
+                                             device=device)
+    model = torch.nn.TransformerEncoder(layer, sizes["num_layers"], enable_nested_tensor=nested)
+    key = repr(sorted(sizes.items()))
+    if key not in _TORCH_STATE:
+        _TORCH_STATE.clear()
+        _TORCH_STATE[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(_TORCH_STATE[key])
+    return model.to(device=device, dtype=dtype)
+
+
+def torch_encoder_case(b: int, l: int, fill: str = "half", *, pass_: str = "fwd",
+                       dtype: torch.dtype = torch.float16, config: Optional[dict] = None,
+                       quick: bool = False) -> Case:
+    """``torch.nn.TransformerEncoder`` (BERT-base's shape; ``config`` overrides
+    :data:`TORCH_ENCODER`) over a (b, l) batch of hidden states with a key padding mask: torch's
+    padded path, its nested-tensor fast path (inference only: eval under ``no_grad``, where torch
+    packs the real tokens itself), ``torch.compile`` of the padded path, ``fastbert.optimize``
+    (its layers swapped, still padded) and ``fastbert.nn.TransformerEncoder`` (padding-free).
+    Checked on the real tokens against the fp32 padded model, torch's padded path in ``dtype`` as
+    the yardstick."""
+    if fill not in ("full", "half"):
+        raise ValueError(f"fill must be 'full' or 'half', got {fill!r}")
+    sizes = dict(TORCH_ENCODER, **(config or {}))
+    lens = [l] * b if fill == "full" else seqlens(b, l, seed=2 * l + 3)
+    step = "infer" if pass_ == "fwd" else "train"
+    name = f"torch-encoder-{step}-B{b}-L{l}-{fill}-{dtype_name(dtype)}"
+    if config:
+        name += "-h{d_model}-x{num_layers}".format(**sizes)
+    params = {"arch": "torch-encoder", "B": b, "L": l, "fill": fill, "mean_len": sum(lens) / b,
+              "seqlens": lens, "hidden": sizes["d_model"], "layers": sizes["num_layers"],
+              "heads": sizes["nhead"], "intermediate": sizes["dim_feedforward"], "dropout": 0.0}
+    work = bert_flops(lens, hidden=sizes["d_model"], layers=sizes["num_layers"],
+                      intermediate=sizes["dim_feedforward"], pass_=pass_)
+    training = pass_ != "fwd"
+
+    def setup(device):
+        lens_t = torch.tensor(lens, device=device)
+        pad = torch.arange(l, device=device)[None, :] >= lens_t[:, None]  # True = padded
+        x = torch.randn(b, l, sizes["d_model"], device=device, dtype=dtype)
+        # the upstream gradient is 0 at padded positions: no real token depends on them
+        do = torch.randn(b, l, sizes["d_model"], device=device, dtype=dtype) * (~pad)[..., None]
+        return ns(device=torch.device(device), x=x, pad=pad, mask=~pad, do=do, cache={})
+
+    def prepared(model, note=""):
+        model.train(training)
+        leaves = [p for p in model.parameters() if p.requires_grad]
+        fwd = lambda st: model(st.x, src_key_padding_mask=st.pad)  # noqa: E731
+        return Prepared(fwd, leaves=lambda st: leaves, graph_safe=False, note=note)
+
+    def padded(case, s):
+        return prepared(_torch_encoder(sizes, False, dtype, s.device))
+
+    def nested(case, s):
+        if training:
+            raise Unavailable("torch's nested-tensor fast path is inference-only")
+        model = _torch_encoder(sizes, True, dtype, s.device).eval()
+
+        def fwd(st):
+            with torch.no_grad():  # the fast path's condition
+                return model(st.x, src_key_padding_mask=st.pad)
+        with torch.no_grad():
+            taken = bool((fwd(s)[s.pad] == 0).all())
+        note = "torch took its nested-tensor fast path" if taken else \
+            "torch did not take its nested-tensor fast path (padded path ran)"
+        return Prepared(fwd, graph_safe=False, note=note)
+
+    def compiled(case, s):
+        model = _torch_encoder(sizes, False, dtype, s.device)
+        configure_compile()
+        out = prepared(model)
+        c = torch.compile(model)
+        return Prepared(lambda st: c(st.x, src_key_padding_mask=st.pad), leaves=out.leaves,
+                        graph_safe=False)
+
+    def fb_optimize(case, s):
+        from fastbert.optimize import optimize
+        model = _torch_encoder(sizes, False, dtype, s.device)
+        report = optimize(model)
+        return prepared(model, note=str(report).strip().splitlines()[0][:160])
+
+    def fb_encoder(case, s):
+        import fastbert.nn
+        encoder_cls = getattr(fastbert.nn, "TransformerEncoder", None)
+        if encoder_cls is None:
+            raise Unavailable("fastbert.nn.TransformerEncoder is not available in this checkout")
+        return prepared(encoder_cls.from_torch(_torch_encoder(sizes, False, dtype, s.device)))
+
+    def check(s, out, grads, variant):
+        if "ref" not in s.cache:
+            with torch.no_grad():
+                ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+                ref = _torch_encoder(sizes, False, ref_dtype, s.device).eval()
+                low = _torch_encoder(sizes, False, dtype, s.device).eval()
+                s.cache["ref"] = ref(s.x.to(ref_dtype), src_key_padding_mask=s.pad)
+                s.cache["low"] = low(s.x, src_key_padding_mask=s.pad)
+                del ref, low
+        real = s.mask
+        return compare([("hidden states (real tokens)", out.detach()[real], s.cache["ref"][real],
+                         s.cache["low"][real])], factor=CHECK_FACTOR)
+
+    impls = [Impl("torch-padded", padded)]
+    if not training:
+        impls.append(Impl("torch-nested", nested))
+    impls += [
+        Impl("torch-compile", compiled,
+             skip_in_quick="skipped in --quick: compiling a 12-layer model takes minutes"),
+        Impl("fastbert-optimize", fb_optimize, ours=True),
+        Impl("fastbert-TransformerEncoder", fb_encoder, ours=True),
+    ]
+    return Case(FAMILY, "bert", name, pass_, dtype, params, "TFLOP/s", work, "L",
+                f"torch-encoder {step} {fill} {dtype_name(dtype)}", setup, impls, check=check,
+                rotate=False, quick=quick)
+
+
 def cases(quick: bool = False) -> List[Case]:
     out = []
     for pass_ in ("fwd", "fwd+bwd"):
@@ -283,4 +408,9 @@ def cases(quick: bool = False) -> List[Case]:
         out.append(bert_case(32, l, "half", arch="modernbert", quick=l == 512))
         out.append(bert_case(32, l, "full", pass_="fwd+bwd", dtype=torch.bfloat16, amp=True,
                              arch="modernbert"))
+    # torch.nn.TransformerEncoder users: torch's padded and nested-tensor paths against
+    # fastbert.nn.TransformerEncoder, on padded batches
+    for l in (128, 512):
+        out.append(torch_encoder_case(32, l, "half", quick=l == 128))
+        out.append(torch_encoder_case(32, l, "half", pass_="fwd+bwd"))
     return [c for c in out if c.quick] if quick else out
