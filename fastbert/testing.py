@@ -297,11 +297,14 @@ def assert_runs_in_fresh_python(code: str, expect: str, timeout: int = 600) -> N
     assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-3000:]
 
 
-def assert_compiled_encoder_matches(encoder: torch.nn.Module, batches: Sequence[Tuple[Tensor, Tensor]]) -> None:
-    """``torch.compile(encoder, fullgraph=True)`` on each ``(input_ids, attention_mask)`` batch
-    equals the eager encoder (fp32 rounding aside: Inductor fuses the ops around the kernels), with
-    Dynamo told to capture data-dependent shapes (a padding-free encoder's packed length and
-    max_seqlen come from the mask). Dynamo is reset before and after."""
+def assert_compiled_encoder_matches(encoder: torch.nn.Module, batches: Sequence[Tuple[Tensor, Tensor]],
+                                    mask_arg: str = "attention_mask") -> None:
+    """``torch.compile(encoder, fullgraph=True)`` on each ``(input, mask)`` batch (called as
+    ``encoder(input, **{mask_arg: mask})``: ``attention_mask`` for the HuggingFace-style encoders,
+    ``src_key_padding_mask`` for ``fastbert.nn.TransformerEncoder``) equals the eager encoder (fp32
+    rounding aside: Inductor fuses the ops around the kernels), with Dynamo told to capture
+    data-dependent shapes (a padding-free encoder's packed length and max_seqlen come from the
+    mask). Dynamo is reset before and after."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -309,8 +312,8 @@ def assert_compiled_encoder_matches(encoder: torch.nn.Module, batches: Sequence[
     try:
         with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
                                                          capture_scalar_outputs=True):
-            for ids, mask in batches:
-                torch.testing.assert_close(compiled(ids, attention_mask=mask),
-                                           encoder(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+            for inputs, mask in batches:
+                torch.testing.assert_close(compiled(inputs, **{mask_arg: mask}),
+                                           encoder(inputs, **{mask_arg: mask}), rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()

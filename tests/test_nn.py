@@ -585,6 +585,22 @@ def test_transformer_encoder_triton():
                                           {"src_key_padding_mask": kpm.to(DEVICE)}, device=DEVICE))
 
 
+def test_transformer_encoder_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) of the padding-free encoder, unpadding included (Dynamo told to
+    capture data-dependent shapes), on two batches of other lengths."""
+    need_triton("varlen_attention", "add_layer_norm", "bias_gelu")
+    from fastbert.testing import assert_compiled_encoder_matches
+    torch.manual_seed(0)
+    layer = fnn.TransformerEncoderLayer(32, 2, 32, dropout=0.0, activation="gelu", batch_first=True,
+                                        backend="triton")
+    enc = fnn.TransformerEncoder(layer, 2).to(DEVICE).eval()
+    batches = []
+    for holes in (False, True):
+        kpm, _ = _padding(N, 9, holes=holes)
+        batches.append((torch.randn(N, 9, 32, device=DEVICE), kpm.to(DEVICE)))
+    assert_compiled_encoder_matches(enc, batches, mask_arg="src_key_padding_mask")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_transformer_encoder_half(dtype):

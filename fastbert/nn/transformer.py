@@ -249,7 +249,9 @@ class TransformerEncoder(nn.Module):
     the mask is causal), then ``norm``, and the tokens are scattered back: **padded positions of
     the output are 0**, as torch's own nested-tensor fast path gives them (its padded path computes
     values there that no real token depends on). This runs in training too (torch's fast path is
-    inference-only), with gradients. Any other call (no padding mask, another ``mask``, a float
+    inference-only), with gradients, and compiles as one graph (``torch.compile(fullgraph=True)``
+    with Dynamo told to capture data-dependent shapes, as for :class:`fastbert.models.BertEncoder`).
+    Any other call (no padding mask, another ``mask``, a float
     padding mask holding a bias, ``padding_free=False``, a layer whose attention adds keys:
     ``bias_k`` / ``add_zero_attn``) runs the layers one after another on the padded batch, as
     torch's padded path does. ``enable_nested_tensor`` and ``mask_check`` are kept as attributes
