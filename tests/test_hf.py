@@ -827,6 +827,79 @@ def test_modernbert_local_layers_pass_their_window(backend, monkeypatch):
     assert windows == [None, (4, 4), (4, 4)]  # layer 0 global; local_attention 8 -> 4 each side
 
 
+def _packed_model(family: str):
+    """A tiny BERT (transformers 5.x) or Llama (grouped-query) with attn_implementation="fastbert"."""
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=64)
+    if family == "bert":
+        if not TF5:
+            pytest.skip("transformers 4.x BERT does not dispatch through AttentionInterface")
+        config = transformers.BertConfig(**kw, **ZERO_DROPOUT)
+        cls = transformers.BertModel
+    else:
+        config, cls = transformers.LlamaConfig(num_key_value_heads=2, **kw), transformers.LlamaModel
+    torch.manual_seed(0)
+    return cls(config), cls(copy.deepcopy(config))
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens", "weights"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_packed_sequences_attend_within_themselves(family, how):
+    """Padding-free batches as transformers' DataCollatorWithFlattening makes them (one row of
+    packed sequences, position_ids restarting at each, or the flash-attention varlen kwargs): with
+    attn_implementation="fastbert" each sequence attends only to itself (causal within it for
+    Llama), so the packed output and every gradient equal those of the sequences run one by one
+    (transformers' sdpa and eager paths attend across the sequences here)."""
+    model, reference = _packed_model(family)
+    reference.load_state_dict(model.state_dict())
+    model.set_attn_implementation("fastbert")
+    lens = [5, 3, 4]
+    ids = [torch.randint(3, VOCAB, (1, n)) for n in lens]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 5, 8, 12], dtype=torch.int32)
+    kwargs = {"position_ids": pos}
+    if how == "cu_seq_lens":
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+    if how == "weights":
+        kwargs["output_attentions"] = True
+    ref64 = copy.deepcopy(reference).double()
+    for m in (model, reference, ref64):
+        m.train()  # dropout 0: gradients too
+    out = model(input_ids=torch.cat(ids, 1), **kwargs)
+    low, ref = (torch.cat([m(input_ids=i).last_hidden_state for i in ids], 1) for m in (reference, ref64))
+    assert_close(out.last_hidden_state, ref, low, name="packed vs one by one")
+    g = torch.randn_like(ref)
+    for o in (out.last_hidden_state, low, ref):
+        o.backward(g.to(o.dtype))
+    p_low, p_ref = dict(reference.named_parameters()), dict(ref64.named_parameters())
+    for name, p in model.named_parameters():
+        r = p_ref[name].grad
+        if r is not None:  # sums over every token (embedding rows): a relative floor
+            atol = 1e-5 * max(1.0, float(r.abs().max()))
+            assert_close(p.grad, r, p_low[name].grad, atol=atol, name=f"grad {name}")
+    if how == "weights":  # no weight across sequences
+        w = out.attentions[0][0, 0]
+        assert w.shape == (12, 12) and w[:5, 5:].abs().max() == 0 and w[5:8, :5].abs().max() == 0
+
+
+def test_packed_sequences_refuse_what_they_cannot_mean():
+    model, _ = _packed_model("llama")
+    model.set_attn_implementation("fastbert")
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    varlen = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=3, max_length_k=3)
+    with torch.no_grad(), pytest.raises(ValueError, match="one row"):
+        model(input_ids=torch.randint(3, VOCAB, (2, 3)), **varlen)
+    padded = torch.ones(1, 6, dtype=torch.long)
+    padded[0, 5] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="masks tokens"):
+        model(input_ids=torch.randint(3, VOCAB, (1, 6)), attention_mask=padded, **varlen)
+    with torch.no_grad():  # position_ids of one sequence: the ordinary path
+        ids = torch.randint(3, VOCAB, (1, 6))
+        a = model(input_ids=ids, position_ids=torch.arange(6)[None]).last_hidden_state
+        b = model(input_ids=ids).last_hidden_state
+    assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not TF5, reason="needs transformers 5.x (AttentionInterface in BERT)")
 def test_register_with_backend_and_from_config():
     hf.register("fastbert_torch_test", backend="torch")

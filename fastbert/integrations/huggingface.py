@@ -11,7 +11,10 @@ runs every attention through :func:`fastbert.scaled_dot_product_attention`, padd
 the name is registered both with ``AttentionInterface`` (the attention function) and with
 ``AttentionMaskInterface`` (the mask builder, as for "sdpa": a bool mask, True = attend, or None
 without padding). Registering the attention function alone would make transformers build no mask
-at all for an unknown implementation name, silently ignoring the padding.
+at all for an unknown implementation name, silently ignoring the padding. Packed batches
+(``DataCollatorWithFlattening``: one row of sequences whose position ids restart, or the
+flash-attention ``cu_seq_lens_*`` arguments) run through :func:`fastbert.varlen_attention`, each
+sequence attending only to itself, as transformers' flash-attention path treats them.
 
 :func:`fastbert.optimize` on a model of one of the supported families (BERT, RoBERTa, DistilBERT,
 ALBERT, ELECTRA, ViT, MPNet, DeBERTa and DeBERTa-v2/v3, and BERT's copies XLM-RoBERTa, CamemBERT,
@@ -67,6 +70,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -314,6 +318,72 @@ def _record_outputs(module: nn.Module, args: tuple, output) -> None:
             hook(module, args, output)
 
 
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _no_padding(mask: Tensor, length: int) -> bool:
+    """Whether an SDPA-convention mask (bool True = attend, or float added) of one packed row only
+    restates full or causal attention over it (no padding, nothing between sequences)."""
+    m = mask.reshape(-1, *mask.shape[-2:]) if mask.dim() >= 2 else mask
+    if mask.dim() < 2 or tuple(m.shape[-2:]) != (length, length) or m.shape[0] != 1:
+        return False
+    m = m[0]
+    causal = torch.ones(length, length, dtype=torch.bool, device=m.device).tril()
+    if m.dtype == torch.bool:
+        return bool(m.all()) or bool(torch.equal(m, causal))
+    return bool((m == 0).all()) or bool(torch.equal(m == 0, causal) and torch.isneginf(m[~causal]).all())
+
+
+# The last packed layout worked out: every layer of a model gets the same position_ids /
+# cu_seq_lens tensor, so its lengths are read on the host once per forward, not once per layer.
+_PACKED_CACHE: Dict[str, object] = {}
+
+
+def _packed_sequences(query: Tensor, mask: Optional[Tensor], kwargs: dict):
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when transformers hands the attention a row of
+    packed sequences, as its flash-attention path reads them: the four varlen keyword arguments
+    (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), or, without a mask, batch 1
+    and ``position_ids`` restarting at their minimum at each sequence (the collator's default);
+    None otherwise."""
+    source = kwargs.get("cu_seq_lens_q")
+    if source is None:
+        source = kwargs.get("position_ids")
+    if not isinstance(source, Tensor) or torch.compiler.is_compiling():
+        return _packed_layout(query, mask, kwargs)
+    key = (source.data_ptr(), source._version, tuple(query.shape), mask is None)
+    hit = _PACKED_CACHE.get("entry")
+    if hit is not None and hit[0]() is source and hit[1] == key:
+        return hit[2]
+    result = _packed_layout(query, mask, kwargs)
+    _PACKED_CACHE["entry"] = (weakref.ref(source), key, result)
+    return result
+
+
+def _packed_layout(query: Tensor, mask: Optional[Tensor], kwargs: dict):
+    given = [kwargs.get(name) for name in _VARLEN_KWARGS]
+    length = query.shape[2]
+    if all(g is not None for g in given):
+        if query.shape[0] != 1:
+            raise ValueError(f"cu_seq_lens_q: packed sequences come as one row (batch size 1), got a "
+                             f"batch of {query.shape[0]}")
+        if mask is not None and not _no_padding(mask, length):
+            raise ValueError("cu_seq_lens_q with an attention mask that masks tokens: pass packed "
+                             "sequences without padding, or a padded batch without cu_seq_lens")
+        cu_q, cu_k, max_q, max_k = given
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    pos = kwargs.get("position_ids")
+    if mask is not None or query.shape[0] != 1 or not isinstance(pos, Tensor) or pos.numel() != length:
+        return None
+    pos = pos.reshape(-1)
+    first = pos.min()
+    if bool((pos - first == torch.arange(length, device=pos.device)).all()):
+        return None  # one sequence
+    starts = (pos == first).nonzero().view(-1).to(torch.int32)
+    cu = torch.cat([starts, starts.new_full((1,), length)])
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, cu, longest, longest
+
+
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, *,
@@ -330,6 +400,12 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     becomes ``window_size = (sliding_window - 1,) * 2``, as transformers' flash-attention path
     maps it, so the kernels skip the key blocks outside the window (the mask transformers builds
     for those layers holds the same window).
+
+    Packed sequences (padding-free training with ``DataCollatorWithFlattening``), as transformers'
+    flash-attention path takes them: batch 1 with ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
+    ``max_length_q`` / ``max_length_k``, or, without a mask, ``position_ids`` that restart at each
+    sequence. Each sequence then attends only to itself (causal within it for a causal module)
+    through :func:`fastbert.varlen_attention`; the weights path masks across sequences.
     """
     gqa = key.shape[1] != query.shape[1]
     sliding_window = kwargs.get("sliding_window")
@@ -339,7 +415,27 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     mask = _with_score_bias(attention_mask, kwargs.get("position_bias"))
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
+    packed = _packed_sequences(query, mask, kwargs) if kwargs.get("position_bias") is None else None
+    if packed is not None:
+        mask = None  # full or causal attention within each sequence, as _packed_sequences checked
     causal = bool(is_causal) and mask is None and query.shape[2] > 1
+    if packed is not None and not kwargs.get("output_attentions", False):
+        cu_q, cu_k, max_q, max_k = packed
+        out = ops.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                   cu_q, cu_k, max_q, max_k, dropout_p=dropout, is_causal=causal,
+                                   scale=scaling, window_size=window, backend=backend)
+        return out.unsqueeze(0), None  # (1, T, H, Dv)
+    if packed is not None:  # the weights path: a mask that keeps each sequence to itself
+        seq_q = torch.repeat_interleave(torch.arange(packed[0].numel() - 1, device=query.device),
+                                        (packed[0][1:] - packed[0][:-1]).long())
+        seq_k = torch.repeat_interleave(torch.arange(packed[1].numel() - 1, device=query.device),
+                                        (packed[1][1:] - packed[1][:-1]).long())
+        mask = seq_q[:, None] == seq_k[None, :]
+        if causal:
+            pos_q = torch.arange(query.shape[2], device=query.device) - packed[0].long()[seq_q]
+            pos_k = torch.arange(key.shape[2], device=query.device) - packed[1].long()[seq_k]
+            mask = mask & (pos_k[None, :] <= pos_q[:, None])
+        mask, causal = mask[None, None], False
     if kwargs.get("output_attentions", False):
         if gqa:
             key, value = reference.repeat_kv_heads(key, value, query.shape[1], dim=1)
