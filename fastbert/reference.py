@@ -217,6 +217,7 @@ def varlen_attention(
     alibi_slopes: Optional[Tensor] = None,
     window_size: Optional[Tuple[int, int]] = None,
     dropout_mask: Optional[Sequence[Tensor]] = None,
+    attn_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
@@ -228,6 +229,8 @@ def varlen_attention(
     ``alibi_slopes`` (H,) or (N, H): ALiBi within each sequence; ``window_size`` likewise.
     ``dropout_mask``: one bool keep-mask per sequence, broadcastable to (H, Lq_i, Lk_i) (e.g. the
     kernels' masks from ``fastbert.kernels.attention.varlen_attention_dropout_masks``).
+    ``attn_mask`` broadcastable to (N, H, Lq_max, Lk_max), bool (True = attend) or float (added):
+    sequence i uses ``attn_mask[i or 0, :, :Lq_i, :Lk_i]``, positions within the sequence.
     An empty sequence (no query or no key) gives 0, with zero gradients for its tokens.
     """
     if dropout_mask is not None and len(dropout_mask) != cu_seqlens_q.numel() - 1:
@@ -251,7 +254,11 @@ def varlen_attention(
             slopes = None
             if alibi_slopes is not None:
                 slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i]
-            oi = scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, is_causal=is_causal,
+            mi = None
+            if attn_mask is not None:
+                m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+                mi = m4[i if m4.shape[0] > 1 else 0, :, :qi.shape[1], :ki.shape[1]]
+            oi = scaled_dot_product_attention(qi, ki, vi, mi, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale, alibi_slopes=slopes,
                                               window_size=window_size,
                                               compute_dtype=compute_dtype,

@@ -1483,14 +1483,17 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          dropout_p: float, is_causal: bool, scale: float,
                          seed: Optional[Tensor] = None,
                          alibi_slopes: Optional[Tensor] = None,
-                         window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
+                         window: Optional[Tuple[int, int]] = None,
+                         attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Forward pass over packed sequences.
 
     Args: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) with Hkv dividing H (GQA),
     any strides; cu_seqlens_*
     (N + 1,) int32/int64 on the tensors' device; max_seqlen_* upper bounds of the lengths (they
     size the grid and the dropout offsets); ``seed``, ``alibi_slopes`` ((H,) or (N, H)) and
-    ``window`` as in :func:`attention_fwd`, positions counted within each sequence.
+    ``window`` as in :func:`attention_fwd`, positions counted within each sequence;
+    ``attn_mask`` bool or float, broadcastable to (N, H, max_seqlen_q, max_seqlen_k), read through
+    its strides at (sequence, head, position of the query within its sequence, of the key).
 
     Returns: out (total_q, H, Dv) contiguous, stats fp32 (2 * H * total_q,), viewed as
     (2, H, total_q) (as in :func:`attention_fwd`).
@@ -1500,10 +1503,11 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     n = cu_seqlens_q.numel() - 1
     out = torch.empty((total_q, h, dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2 * h * total_q,), dtype=torch.float32, device=q.device)
-    _launch_fwd(q, k, v, out, stats, q, _varlen_strides(q), _varlen_strides(k), _varlen_strides(v),
-                _varlen_strides(out), _stats_strides((h, total_q)), (0, 0, 0, 0), MASK_NONE,
-                cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale, dropout_p,
-                seed, is_causal, True, alibi_slopes, window)
+    mask, m_strides, kind = _mask_args(attn_mask, (n, h, max_seqlen_q, max_seqlen_k), q)
+    _launch_fwd(q, k, v, out, stats, mask, _varlen_strides(q), _varlen_strides(k),
+                _varlen_strides(v), _varlen_strides(out), _stats_strides((h, total_q)), m_strides,
+                kind, cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale,
+                dropout_p, seed, is_causal, True, alibi_slopes, window)
     return out, stats
 
 
@@ -1512,8 +1516,12 @@ def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, is_causal: bool,
                          scale: float, seed: Optional[Tensor] = None,
                          alibi_slopes: Optional[Tensor] = None,
-                         window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward pass of :func:`varlen_attention_fwd`; returns dq, dk, dv (packed, contiguous)."""
+                         window: Optional[Tuple[int, int]] = None,
+                         attn_mask: Optional[Tensor] = None, mask_grad: bool = False
+                         ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Backward pass of :func:`varlen_attention_fwd`; returns dq, dk, dv (packed, contiguous) and
+    the gradient of a float ``attn_mask`` summed over its broadcast dims (its shape and dtype) when
+    ``mask_grad``, else None. That needs an fp32 scratch of (N, H, max_seqlen_q, max_seqlen_k)."""
     total_q, h, d = q.shape
     n = cu_seqlens_q.numel() - 1
     if max_seqlen_q * abs(grad_out.stride(0)) + v.shape[-1] * abs(grad_out.stride(2)) >= 2 ** 31:
@@ -1521,15 +1529,24 @@ def varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    mask, m_strides, kind = _mask_args(attn_mask, (n, h, max_seqlen_q, max_seqlen_k), q)
+    mask_grad = bool(mask_grad) and kind == MASK_FLOAT
+    # dS per (sequence, head) at local positions, from the dq kernel; positions past a sequence's
+    # end and tiles its programs skip (causal, window) stay 0
+    ds, ds_strides = None, (0, 0, 0, 0)
+    if mask_grad:
+        ds = torch.zeros((n, h, max_seqlen_q, max_seqlen_k), dtype=torch.float32, device=q.device)
+        ds_strides = ds.stride()
     # Every row of dq / dk / dv belongs to a sequence and is written by its program (zero-length
     # partners give zero rows), as long as max_seqlen_* bound the lengths (checked by the op).
-    _launch_bwd(grad_out, q, k, v, out, stats, dq, dk, dv, q, None,
+    _launch_bwd(grad_out, q, k, v, out, stats, dq, dk, dv, mask, ds,
                 _varlen_strides(q), _varlen_strides(k), _varlen_strides(v), _varlen_strides(out),
                 _varlen_strides(grad_out), _varlen_strides(dq), _varlen_strides(dk),
-                _varlen_strides(dv), _stats_strides((h, total_q)), (0, 0, 0, 0), (0, 0, 0, 0),
-                MASK_NONE, cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale,
+                _varlen_strides(dv), _stats_strides((h, total_q)), m_strides, ds_strides,
+                kind, cu_seqlens_q, cu_seqlens_k, n, h, max_seqlen_q, max_seqlen_k, scale,
                 dropout_p, seed, is_causal, True, alibi_slopes, window)
-    return dq, dk, dv
+    dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+    return dq, dk, dv, dmask
 
 
 def attention_dropout_mask(seed: Tensor, dropout_p: float, shape: Sequence[int]) -> Tensor:

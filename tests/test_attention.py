@@ -1129,6 +1129,77 @@ def test_varlen_alibi(per_sequence, layout, window):
         assert_close(g, r, lo, name=name)
 
 
+VARLEN_MASKS = {
+    # kind: (lens_q, lens_k, h, d, dtype, causal, layout, window)
+    "shared-bias-fp16": ([17, 0, 5, 33], [17, 0, 5, 33], 2, 40, F16, False, "plain", None),
+    "per-seq-bool-causal-gqa2": ([17, 3, 30], [9, 4, 40], 4, 64, F32, True, "gqa2", None),
+    "head-bias-strided-window": ([1, 97, 30], [130, 20, 30], 2, 80, F16, False, "strided", (5, 3)),
+}
+
+
+def _varlen_mask(kind, n, h, lq, lk):
+    if kind.startswith("shared-bias"):  # a relative-position bias shared by every sequence
+        return rand((1, h, lq, lk), F32, requires_grad=True)
+    if kind.startswith("per-seq-bool"):  # with one fully masked query row
+        m = torch.rand((n, 1, lq, lk), device=DEVICE) > 0.3
+        m[0, 0, 2] = False
+        return m
+    # per head, a transposed (non-contiguous) view, requires grad
+    return rand((h, lk, lq), F32).transpose(-1, -2).requires_grad_()
+
+
+@pytest.mark.parametrize("kind", list(VARLEN_MASKS))
+def test_varlen_attn_mask(kind):
+    """A mask read at sequence-local positions (entry [i, h, r, c]: query r and key c of sequence
+    i): outputs, dq / dk / dv and the float mask's gradient against the fp64 reference; the
+    reference itself against padded per-sequence SDPA; a fully masked row gives 0."""
+    lens_q, lens_k, h, d, dtype, causal, layout, window = VARLEN_MASKS[kind]
+    leaves = _varlen_leaves(lens_q, lens_k, h, d, dtype, layout)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    max_q, max_k = max(lens_q), max(lens_k)
+    mask = _varlen_mask(kind, len(lens_q), h, max_q, max_k)
+    kw = dict(is_causal=causal, window_size=window)
+    out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, attn_mask=mask, backend="triton", **kw)
+    wrt = leaves + ([mask] if mask.requires_grad else [])
+    dout = rand(out.shape, dtype)
+    grads = torch.autograd.grad(out, wrt, dout)
+    ref_wrt = [_clone_leaf(t, torch.float64) for t in wrt]
+    ref_mask = ref_wrt[3] if mask.requires_grad else mask
+    ref = reference.varlen_attention(*ref_wrt[:3], cu_q, cu_k, max_q, max_k, attn_mask=ref_mask, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_wrt, dout.double())
+    low_wrt = [_clone_leaf(t) for t in wrt]
+    low_mask = low_wrt[3] if mask.requires_grad else mask
+    low = reference.varlen_attention(*low_wrt[:3], cu_q, cu_k, max_q, max_k, attn_mask=low_mask,
+                                     compute_dtype=dtype, **kw)
+    low_grads = torch.autograd.grad(low, low_wrt, dout)
+    assert_close(out, ref, low, name="out")
+    for name, g, r, lo in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, low_grads):
+        assert_close(g, r, lo, name=name)
+    # the reference reads sequence i's mask at its own positions: as dense SDPA on each sequence
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    hk = ref_wrt[1].shape[1]
+    for i in range(len(lens_q)):
+        qi = ref_wrt[0][cq[i]:cq[i + 1]].transpose(0, 1)
+        ki = ref_wrt[1][ck[i]:ck[i + 1]].transpose(0, 1).repeat_interleave(h // hk, 0)
+        vi = ref_wrt[2][ck[i]:ck[i + 1]].transpose(0, 1).repeat_interleave(h // hk, 0)
+        mi = ref_mask[i if ref_mask.shape[0] > 1 else 0] if ref_mask.dim() == 4 else ref_mask
+        dense = reference.scaled_dot_product_attention(qi, ki, vi, mi[..., :qi.shape[1], :ki.shape[1]],
+                                                       **kw)
+        torch.testing.assert_close(ref[cq[i]:cq[i + 1]].transpose(0, 1), dense)
+    if kind.startswith("per-seq-bool"):  # query 2 of sequence 0 sees no key: 0, zero gradient
+        assert torch.all(out[2] == 0) and torch.all(grads[0][2] == 0)
+
+
+def test_varlen_attn_mask_errors():
+    q = rand((10, 2, 16), F32)
+    cu = _cu([4, 6])
+    with pytest.raises(ValueError, match="attn_mask"):
+        fastbert.varlen_attention(q, q, q, cu, cu, 6, 6, attn_mask=torch.zeros(3, 2, 6, 6, device=DEVICE))
+    with pytest.raises(TypeError, match="attn_mask"):
+        fastbert.varlen_attention(q, q, q, cu, cu, 6, 6, attn_mask=torch.zeros(6, 6, dtype=torch.int32,
+                                                                               device=DEVICE))
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["N3-H2-D40-fp32-p0.3", "N3-H2-D40-fp32-causal-p0.3"])
 def test_varlen_dropout_exact(causal, fresh_seed):
     lens_q, lens_k, h, d, p = [17, 0, 33], [20, 5, 9], 2, 40, 0.3

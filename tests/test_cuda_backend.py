@@ -142,7 +142,7 @@ def test_fakes_and_autograd_on_meta_tensors():
         assert at._sdpa_cuda(q, k, k, None, 0.0, False, None, False, None, None).shape == q.shape
         qp, kp = leaf(11, 3, 64), leaf(20, 3, 64)
         cu = torch.tensor([0, 4, 11], dtype=torch.int32, device="meta")
-        out = at._varlen_cuda(qp, kp, kp, cu, cu, 7, 16, 0.0, True, None, None, None)
+        out = at._varlen_cuda(qp, kp, kp, cu, cu, 7, 16, 0.0, True, None, None, None, None)
         assert out.shape == qp.shape and out.dtype == qp.dtype
 
 

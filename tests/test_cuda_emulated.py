@@ -1027,7 +1027,7 @@ def test_fused_varlen_attention(emu, lens, dtype, d, is_causal):
     assert attention_ops._varlen_cuda_reasons(q=q, k=k, v=v, max_seqlen_q=max(lq),
                                               max_seqlen_k=max(lk), cu_seqlens_q=cu_q) == []
     with torch.no_grad():
-        out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, is_causal, None, None, None)
+        out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, is_causal, None, None, None, None)
     ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args, is_causal=is_causal)
     low = reference.varlen_attention(q, k, v, *args, is_causal=is_causal, compute_dtype=dtype)
     assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
@@ -1046,7 +1046,7 @@ def test_fused_varlen_attention_views_and_scale(emu):
     k = rand((k.numel() + 1,), F16, "cpu")[1:].view(k.shape)  # 2-byte offset
     args = (cu, cu, max(lens), max(lens))
     with torch.no_grad():
-        out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, False, 0.2, None, None)
+        out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, False, 0.2, None, None, None)
     ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args, scale=0.2)
     low = reference.varlen_attention(q, k, v, *args, scale=0.2, compute_dtype=F16)
     assert_close(out, ref, low, name="fused varlen attention views")

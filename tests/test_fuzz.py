@@ -541,7 +541,7 @@ def _check_varlen_inference(backend, case):
     kw = dict(is_causal=case["causal"], scale=case["scale"])
     with _running(backend, "forward"), torch.no_grad():
         if backend == "emu":
-            out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, kw["is_causal"], kw["scale"], None, None)
+            out = attention_ops._varlen_cuda(q, k, v, *args, 0.0, kw["is_causal"], kw["scale"], None, None, None)
         else:
             out = fastbert.varlen_attention(q, k, v, *args, **kw, backend=backend)
     ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args, **kw)

@@ -262,6 +262,7 @@ def varlen_attention(
     *,
     alibi_slopes: Optional[Tensor] = None,
     window_size: Optional[Tuple[int, int]] = None,
+    attn_mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences, with no padding stored or computed.
@@ -280,6 +281,13 @@ def varlen_attention(
             positions counted within each sequence.
         window_size: optional (left, right): sliding window as in
             :func:`scaled_dot_product_attention`, within each sequence.
+        attn_mask: optional, broadcastable to (N, H, max_seqlen_q, max_seqlen_k): entry
+            [i, h, r, c] applies to the r-th query and the c-th key *of sequence i* (positions
+            within the sequence; entries past its length are never read). Bool (True = the key
+            takes part) or floating (added to the scores; it may require grad). A (1, H, L, L)
+            float bias shared by every sequence is a relative-position bias (MPNet's, T5's) that
+            no padded (N, H, L, L) copy is made of. The Triton kernels read it through its strides;
+            its gradient takes an fp32 scratch of (N, H, max_seqlen_q, max_seqlen_k).
 
     Returns:
         (total_q, H, Dv). See :func:`fastbert.unpad_input` to build the inputs from a padded batch.
@@ -295,7 +303,7 @@ def varlen_attention(
             return varlen_attention(cast(q, ac), cast(k, ac), cast(v, ac), cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
                                     alibi_slopes=alibi_slopes, window_size=window_size,
-                                    backend=backend)
+                                    attn_mask=cast(attn_mask, ac), backend=backend)
     _check_qkv(q, k, v, 3, "(total, H, D)", names=("q", "k", "v"))
     _check_kv_heads(q.shape[1], k.shape[1], True, "q", "k", "(total, H, D)")
     host = host_checks_allowed(q.device)
@@ -314,6 +322,7 @@ def varlen_attention(
         if longest_k > max_seqlen_k:
             raise ValueError(f"max_seqlen_k = {max_seqlen_k} but a key sequence has {longest_k} tokens")
     _check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1, q.shape[1], "N")
+    check_attn_mask(attn_mask, q, (cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k))
     window_size = check_window_size(window_size)
     dropout_p = check_dropout(dropout_p)
     is_causal = check_bool("is_causal", is_causal)
@@ -321,9 +330,9 @@ def varlen_attention(
     impl = select("varlen_attention", backend, q.device, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                   dropout_p=dropout_p, is_causal=is_causal, scale=scale, alibi_slopes=alibi_slopes,
-                  window_size=window_size)
+                  window_size=window_size, attn_mask=attn_mask)
     return impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   is_causal, scale, alibi_slopes, window_size)
+                   is_causal, scale, alibi_slopes, window_size, attn_mask)
 
 
 @register("scaled_dot_product_attention", "torch")
@@ -337,10 +346,11 @@ def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
 
 @register("varlen_attention", "torch")
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                  is_causal, scale, alibi_slopes, window_size):
+                  is_causal, scale, alibi_slopes, window_size, attn_mask):
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, dropout_p, is_causal, scale,
-                                      alibi_slopes=alibi_slopes, window_size=window_size)
+                                      alibi_slopes=alibi_slopes, window_size=window_size,
+                                      attn_mask=attn_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,12 +422,17 @@ def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
     return reasons + _span_reasons(spans)
 
 
-def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, **_) -> list:
+def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, attn_mask=None, **_) -> list:
     reasons = _triton_attention_reasons(q, v)
     spans = [("q", max_seqlen_q * abs(q.stride(0)) + _span(q, (2,))),
              ("k", max_seqlen_k * abs(k.stride(0)) + _span(k, (2,))),
              ("v", max_seqlen_k * abs(v.stride(0)) + _span(v, (2,))),
              ("the output", max_seqlen_q * q.shape[1] * v.shape[-1])]
+    if attn_mask is not None:  # one (sequence, head) slice of it, broadcast dims at stride 0
+        m = attn_mask
+        m_sq = m.stride(-2) if m.dim() > 1 and m.shape[-2] > 1 else 0
+        m_sk = m.stride(-1) if m.shape[-1] > 1 else 0
+        spans.append(("attn_mask", (max_seqlen_q - 1) * abs(m_sq) + (max_seqlen_k - 1) * abs(m_sk)))
     return reasons + _span_reasons(spans)
 
 
@@ -522,7 +537,8 @@ def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              dropout_p: float, is_causal: bool, scale: float,
                              alibi_slopes: Optional[Tensor] = None, window_left: int = -1,
-                             window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
+                             window_right: int = -1, attn_mask: Optional[Tensor] = None
+                             ) -> Tuple[Tensor, Tensor, Tensor]:
     """-> out (total_q, H, Dv), softmax stats (2 * H * total_q,) fp32, dropout seed (as in
     fastbert::attention_fwd, on q's device)."""
     from ..kernels.attention import varlen_attention_fwd
@@ -530,14 +546,14 @@ def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     seed = dropout_seed(dropout_p, q.device)
     out, stats = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, dropout_p, is_causal, scale, seed,
-                                      alibi_slopes, _window(window_left, window_right))
+                                      alibi_slopes, _window(window_left, window_right), attn_mask)
     return out, stats, seed
 
 
 @_varlen_attention_fwd_op.register_fake
 def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                dropout_p, is_causal, scale, alibi_slopes=None, window_left=-1,
-                               window_right=-1):
+                               window_right=-1, attn_mask=None):
     total_q, h, _ = q.shape
     return (q.new_empty((total_q, h, v.shape[-1])),
             q.new_empty((2 * h * total_q,), dtype=torch.float32),
@@ -550,38 +566,53 @@ def _varlen_attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              dropout_p: float, is_causal: bool, scale: float,
                              alibi_slopes: Optional[Tensor] = None, window_left: int = -1,
-                             window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv (packed)."""
+                             window_right: int = -1, attn_mask: Optional[Tensor] = None,
+                             mask_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv (packed), dmask (the float mask's gradient in its shape, or an empty tensor)."""
     from ..kernels.attention import varlen_attention_bwd
 
-    return varlen_attention_bwd(grad_out, q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed,
-                                alibi_slopes, _window(window_left, window_right))
+    dq, dk, dv, dmask = varlen_attention_bwd(grad_out, q, k, v, out, stats, cu_seqlens_q,
+                                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                             is_causal, scale, seed, alibi_slopes,
+                                             _window(window_left, window_right), attn_mask,
+                                             mask_grad)
+    if dmask is None:
+        dmask = q.new_zeros((0,))
+    return dq, dk, dv, dmask
 
 
 @_varlen_attention_bwd_op.register_fake
 def _varlen_attention_bwd_fake(grad_out, q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k,
                                max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
-                               alibi_slopes=None, window_left=-1, window_right=-1):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                               alibi_slopes=None, window_left=-1, window_right=-1, attn_mask=None,
+                               mask_grad=False):
+    if mask_grad and attn_mask is not None and attn_mask.is_floating_point():
+        dmask = attn_mask.new_empty(attn_mask.shape)
+    else:
+        dmask = q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _varlen_attention_setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal,
-     scale, alibi_slopes, window_left, window_right) = inputs
+     scale, alibi_slopes, window_left, window_right, attn_mask) = inputs
     out, stats, seed = output
-    ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                          attn_mask)
     ctx.mark_non_differentiable(stats, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
     ctx.window = (window_left, window_right)
 
 
 def _varlen_attention_backward(ctx, grad_out, grad_stats, grad_seed):
-    q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
-    dq, dk, dv = _varlen_attention_bwd_op(grad_out.to(out.dtype), q, k, v, out, stats, seed,
-                                          cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes,
-                                          *ctx.window)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes, attn_mask = ctx.saved_tensors
+    mask_grad = (attn_mask is not None and attn_mask.is_floating_point()
+                 and ctx.needs_input_grad[13])
+    dq, dk, dv, dmask = _varlen_attention_bwd_op(grad_out.to(out.dtype), q, k, v, out, stats, seed,
+                                                 cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes,
+                                                 *ctx.window, attn_mask, mask_grad)
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
+            dmask if mask_grad else None)
 
 
 _varlen_attention_fwd_op.register_autograd(
@@ -590,11 +621,11 @@ _varlen_attention_fwd_op.register_autograd(
 
 @register("varlen_attention", "triton", reasons=_varlen_triton_reasons)
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   is_causal, scale, alibi_slopes, window_size):
+                   is_causal, scale, alibi_slopes, window_size, attn_mask):
     out, _, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, dropout_p, is_causal,
                                          _default_scale(scale, q.shape[-1]), alibi_slopes,
-                                         *(window_size or (-1, -1)))
+                                         *(window_size or (-1, -1)), attn_mask)
     return out
 
 
@@ -747,8 +778,10 @@ def _cuda_fused_device_problem(device_index: int, head_dim: int, k_len: int) -> 
 
 
 def _varlen_cuda_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, dropout_p=0.0, alibi_slopes=None,
-                         window_size=None, cu_seqlens_q=None, **_) -> list:
+                         window_size=None, cu_seqlens_q=None, attn_mask=None, **_) -> list:
     reasons = []
+    if attn_mask is not None:
+        reasons.append("attn_mask: the CUDA varlen kernel takes no mask (the Triton one does)")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         reasons.append("the CUDA varlen kernel is an inference forward (no autograd); gradients "
                        "need the Triton backend (or torch.no_grad())")
@@ -780,7 +813,7 @@ def _varlen_cuda_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, dropout_p=0.0, 
 
 @register("varlen_attention", "cuda", reasons=_varlen_cuda_reasons)
 def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                 is_causal, scale, alibi_slopes, window_size):
+                 is_causal, scale, alibi_slopes, window_size, attn_mask):
     return _cuda_ops().fused_varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                   max_seqlen_k, is_causal,
                                                   _default_scale(scale, q.shape[-1]))
