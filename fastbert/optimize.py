@@ -17,7 +17,7 @@ copies                                  :mod:`fastbert.integrations.huggingface`
 Only these exact classes are swapped: a user subclass may have its own forward and is left, with
 the reason in the report. ``restore(model)`` puts the original modules back. With
 ``padding_free=True`` a HuggingFace BERT-style (pre-LN XLM-R-XL / RoBERTa-PreLayerNorm included),
-DistilBERT, ALBERT or ModernBERT base model inside ``model``, and a ``torch.nn.TransformerEncoder``,
+DistilBERT, ALBERT, MPNet or ModernBERT base model inside ``model``, and a ``torch.nn.TransformerEncoder``,
 is replaced as a whole by one that computes only the real tokens (see :func:`optimize`).
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
             "auto" at call time).
         padding_free: also replace each HuggingFace encoder base model inside ``model`` (``BertModel``
             and its copies, the pre-LN ``XLMRobertaXLModel`` / ``RobertaPreLayerNormModel``,
-            ``DistilBertModel``, ``AlbertModel``, transformers 5.x ``ModernBertModel``;
+            ``DistilBertModel``, ``AlbertModel``, ``MPNetModel``, transformers 5.x ``ModernBertModel``;
             e.g. ``model.bert`` of a
             ``BertForSequenceClassification``) by a
             :class:`~fastbert.integrations.huggingface.PaddingFreeModel`: its forward removes the

@@ -772,7 +772,8 @@ def test_other_encoder_cases_on_cpu(arch):
     sdpa = arch in ("modernbert", "distilbert")
     hf_impls = ["hf-eager", "hf-sdpa"] if sdpa else ["hf-eager"]
     compile_impl = "hf-sdpa-compile" if sdpa else "hf-eager-compile"
-    encoder = {"modernbert": "fastbert-ModernBertEncoder", "distilbert": "fastbert-BertEncoder"}
+    encoder = {"modernbert": "fastbert-ModernBertEncoder", "distilbert": "fastbert-BertEncoder",
+               "mpnet": "fastbert-BertEncoder"}
     ours = ["fastbert-optimize"] + ([encoder[arch]] if arch in encoder else [])
     assert [i.name for i in infer.impls] == hf_impls + [compile_impl] + ours
     rows = runner.run_cases([infer, train], device="cpu", timer=timing.CpuTimer(reps=1),

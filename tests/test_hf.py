@@ -273,6 +273,7 @@ PADDING_FREE_TASKS = {"bert": "BertForSequenceClassification", "roberta": "Rober
                       "albert": "AlbertForSequenceClassification",
                       "xlm_roberta_xl": "XLMRobertaXLForSequenceClassification",
                       "roberta_prelayernorm": "RobertaPreLayerNormForTokenClassification",
+                      "mpnet": "MPNetForSequenceClassification",
                       "modernbert": "ModernBertForSequenceClassification"}
 
 
@@ -286,7 +287,7 @@ def test_optimize_padding_free(family, tmp_path):
     torch.manual_seed(0)
     task = PADDING_FREE_TASKS[family]
     head = {"seq_classif_dropout": 0.0} if family == "distilbert" else {}  # train mode: no dropout
-    model = _build(family, "sdpa", model_cls=task, **head)
+    model = _build(family, _sdpa_or_eager(family), model_cls=task, **head)
     reference = copy.deepcopy(model)
     ref64 = copy.deepcopy(model).double()
     keys, params = list(model.state_dict()), dict(model.named_parameters())

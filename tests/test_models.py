@@ -1,6 +1,7 @@
 """fastbert.models.BertEncoder: the padding-free encoder against the HuggingFace model it is built
-from (BERT, RoBERTa, ELECTRA, DistilBERT, ALBERT; small random configs), on the real tokens of padded batches, in eval
-and train mode, with gradients; float32 checked against the HuggingFace model in float64 with
+from (BERT, RoBERTa, ELECTRA, DistilBERT, ALBERT, the pre-LN XLM-R-XL and RoBERTa-PreLayerNorm,
+MPNet with its relative-position bias; small random configs), on the real tokens of padded
+batches, in eval and train mode, with gradients; float32 checked against the HuggingFace model in float64 with
 PyTorch's float32 error as the yardstick."""
 import copy
 
@@ -35,11 +36,12 @@ def _model(family="bert", model_cls=None, dropout=0.0, **overrides):
               "electra": transformers.ElectraConfig, "xlm_roberta": transformers.XLMRobertaConfig,
               "ernie": transformers.ErnieConfig, "albert": transformers.AlbertConfig,
               "xlm_roberta_xl": transformers.XLMRobertaXLConfig,
-              "roberta_prelayernorm": transformers.RobertaPreLayerNormConfig}[family](**kw)
+              "roberta_prelayernorm": transformers.RobertaPreLayerNormConfig,
+              "mpnet": transformers.MPNetConfig}[family](**kw)
     name = model_cls or {"bert": "BertModel", "roberta": "RobertaModel", "electra": "ElectraModel",
                          "xlm_roberta": "XLMRobertaModel", "ernie": "ErnieModel",
                          "albert": "AlbertModel", "xlm_roberta_xl": "XLMRobertaXLModel",
-                         "roberta_prelayernorm": "RobertaPreLayerNormModel"}[family]
+                         "roberta_prelayernorm": "RobertaPreLayerNormModel", "mpnet": "MPNetModel"}[family]
     return getattr(transformers, name)(config)
 
 
@@ -82,7 +84,7 @@ TRITON_OPS = ("varlen_attention", "add_layer_norm", "bias_gelu")
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "xlm_roberta", "ernie", "distilbert",
-                                    "albert", "xlm_roberta_xl", "roberta_prelayernorm"])
+                                    "albert", "xlm_roberta_xl", "roberta_prelayernorm", "mpnet"])
 @pytest.mark.parametrize("lengths", [(9, 4, 1), (7, 7), (1,)], ids=["9-4-1", "full", "B1"])
 def test_encoder_matches_hf_eval(family, lengths):
     torch.manual_seed(0)
@@ -101,6 +103,23 @@ def test_encoder_albert_layer_groups():
     assert len(enc.layers) == 8 and len({id(layer) for layer in enc.layers}) == 4
     ids, mask = _batch((9, 4, 1), 11)
     _check(enc, hf, ids, mask)
+
+
+def test_encoder_mpnet_padding_anywhere_but_inside():
+    """MPNet's relative positions are those of the padded row: left padding and right padding pack
+    exactly (the bias is shift-invariant); a gap inside a row has no packed equivalent and is
+    refused with ValueError."""
+    torch.manual_seed(0)
+    hf = _model("mpnet").eval()
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    assert enc.relative_attention_bias is hf.encoder.relative_attention_bias
+    ids, mask = _batch((9, 4, 1), 11)
+    mask[1] = 0
+    mask[1, 5:9] = 1  # padding on both sides
+    _check(enc, hf, ids, mask)
+    mask[0, 3] = 0  # a gap
+    with pytest.raises(ValueError, match="gap"):
+        enc(ids, attention_mask=mask)
 
 
 def test_encoder_under_inference_mode(monkeypatch):
@@ -138,8 +157,9 @@ def test_encoder_non_contiguous_and_empty_sequences():
 
 @pytest.mark.parametrize("family,backend", [("bert", "torch"), ("roberta", "torch"), ("distilbert", "torch"),
                                             ("albert", "torch"), ("xlm_roberta_xl", "torch"),
-                                            ("roberta_prelayernorm", "torch"), ("bert", "triton"),
-                                            ("roberta_prelayernorm", "triton")])
+                                            ("roberta_prelayernorm", "torch"), ("mpnet", "torch"),
+                                            ("bert", "triton"), ("roberta_prelayernorm", "triton"),
+                                            ("mpnet", "triton")])
 def test_encoder_training_gradients_match_hf(family, backend):
     """Train mode, dropout 0: the encoder's gradients equal the HuggingFace model's (the fp64 copy
     is the reference, the fp32 HuggingFace model PyTorch's own error)."""

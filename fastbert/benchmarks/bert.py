@@ -7,7 +7,7 @@ padded and nested-tensor paths against ``fastbert.nn.TransformerEncoder``).
 Implementations, all with the same weights (a model of random weights built from its config, no
 download): HuggingFace ``BertModel`` with eager attention, with SDPA attention, ``torch.compile``
 of the SDPA model, ``fastbert.optimize`` applied to the SDPA model, and the padding-free
-``fastbert.models.BertEncoder.from_hf`` (ModernBERT: ``ModernBertEncoder``). DeBERTa-v3 and MPNet (``arch``) have eager attention
+``fastbert.models.BertEncoder.from_hf`` (BERT, DistilBERT, MPNet; ModernBERT: ``ModernBertEncoder``). DeBERTa-v3 and MPNet (``arch``) have eager attention
 only in transformers: HF eager, its ``torch.compile`` and ``fastbert.optimize``, with HF eager as
 the yardstick. fastbert's model-level APIs are looked up by name; where one is missing or refuses
 the model, the row says why. Their flops are BERT's formula at the same sizes (the relative-position
@@ -58,7 +58,8 @@ ARCHS = {
         cls_token_id=50281, sep_token_id=50282), "sdpa"),
 }
 # arch -> fastbert's padding-free encoder of it (fastbert.models)
-ENCODERS = {"bert": "BertEncoder", "distilbert": "BertEncoder", "modernbert": "ModernBertEncoder"}
+ENCODERS = {"bert": "BertEncoder", "distilbert": "BertEncoder", "mpnet": "BertEncoder",
+            "modernbert": "ModernBertEncoder"}
 CHECK_FACTOR = 3.0
 REFUSED = (NotImplementedError, ValueError, TypeError)   # how fastbert's model APIs say "not this model"
 
@@ -210,7 +211,7 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
         encoder_cls = getattr(fastbert.models, encoder_name, None)
         if encoder_cls is None:
             raise Unavailable(f"fastbert.models.{encoder_name} is not available in this checkout")
-        hf_model = _hf_model(config, "sdpa", model_dtype, s.device, arch)
+        hf_model = _hf_model(config, base_attn, model_dtype, s.device, arch)
         try:
             enc = encoder_cls.from_hf(hf_model)
         except REFUSED as e:
@@ -244,7 +245,7 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
                          s.cache["low"][real])], factor=CHECK_FACTOR)
 
     compile_skip = "skipped in --quick: compiling a 12-layer model takes minutes"
-    # DeBERTa and MPNet have no SDPA attention in HF, nor a padding-free encoder here
+    # DeBERTa and MPNet have no SDPA attention in HF; DeBERTa has no padding-free encoder here
     impls = [Impl("hf-eager", hf("eager"))]
     if base_attn == "sdpa":
         impls.append(Impl("hf-sdpa", hf("sdpa")))

@@ -1160,7 +1160,7 @@ _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids",
 class PaddingFreeModel(nn.Module):
     """A HuggingFace encoder base model whose forward runs fastbert's padding-free encoder
     (:class:`fastbert.models.BertEncoder` for BERT and its copies, pre-LN ones included,
-    DistilBERT and ALBERT;
+    DistilBERT, ALBERT and MPNet;
     :class:`fastbert.models.ModernBertEncoder` for ModernBERT): the padding is removed once, every
     layer computes only the real tokens, and the result is scattered back. Built by
     :func:`swap_padding_free` (through ``fastbert.optimize(model, padding_free=True)``) on the
@@ -1195,6 +1195,10 @@ class PaddingFreeModel(nn.Module):
         mask = a.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() != 2:
             return "a mask other than (B, L) padding"  # e.g. a 4-D extended or custom mask
+        unsupported = getattr(self.__dict__["_fastbert_encoder"], "unsupported_mask", None)
+        reason = unsupported(mask) if isinstance(mask, Tensor) and unsupported is not None else None
+        if reason is not None:
+            return reason
         config = getattr(self, "config", None)
         for k in ("output_attentions", "output_hidden_states"):
             if getattr(config, k, False):
@@ -1237,8 +1241,9 @@ class PaddingFreeModel(nn.Module):
 def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     """A :class:`PaddingFreeModel` for a HuggingFace ``BertModel`` (or a copy: RoBERTa, ELECTRA,
     XLM-RoBERTa, CamemBERT, Data2Vec-Text, ERNIE; the pre-LayerNorm XLM-RoBERTa-XL and
-    RoBERTa-PreLayerNorm), ``DistilBertModel``, ``AlbertModel`` or transformers 5.x
-    ``ModernBertModel``:
+    RoBERTa-PreLayerNorm), ``DistilBertModel``, ``AlbertModel``, ``MPNetModel`` (its
+    relative-position bias read by the varlen kernels at each sequence's positions) or
+    transformers 5.x ``ModernBertModel``:
     ``(new, None)``; ``(None, reason)`` where the encoder refuses the model (decoders, relative
     position embeddings, ...: its layers are then swapped as usual); ``(None, None)`` for any other
     module. Used by ``fastbert.optimize(model, padding_free=True)``."""
@@ -1247,7 +1252,8 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     family, name = _family(module), type(module).__name__
     bert_like = {**_BERT_LAYOUT, **_BERT_ATTENTION_ONLY}  # post-LN and the pre-LN copies
     if (family in bert_like and name == bert_like[family] + "Model") or (
-            (family, name) in (("distilbert", "DistilBertModel"), ("albert", "AlbertModel"))):
+            (family, name) in (("distilbert", "DistilBertModel"), ("albert", "AlbertModel"),
+                               ("mpnet", "MPNetModel"))):
         encoder_cls = BertEncoder
     elif (family, name) == ("modernbert", "ModernBertModel"):
         encoder_cls = ModernBertEncoder

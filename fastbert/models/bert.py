@@ -8,7 +8,7 @@ layer, instead of computing on padding and masking it out.
 Usage::
 
     hf = transformers.BertModel.from_pretrained(path)           # or RoBERTa / ELECTRA / DistilBERT /
-    enc = fastbert.models.BertEncoder.from_hf(hf)               # ALBERT / XLM-R-XL, or a task model
+    enc = fastbert.models.BertEncoder.from_hf(hf)               # ALBERT / MPNet / XLM-R-XL, a task model
     hidden = enc(input_ids, attention_mask=attention_mask)     # (B, L, E), 0 at padding
     # == hf(input_ids, attention_mask=...).last_hidden_state on the real tokens
 
@@ -86,6 +86,22 @@ def _albert_parts(hf_layer: nn.Module) -> dict:
                 output_norm=hf_layer.full_layer_layer_norm, output_dropout=nn.Dropout(0.0))
 
 
+def _mpnet_parts(hf_layer: nn.Module) -> dict:
+    """The modules of a HuggingFace ``MPNetLayer`` under BertLayer's names: its self-attention
+    holds the output projection ``o``; ``LayerNorm(dropout(o(ctx)) + x)`` is BERT's output
+    sublayer. The relative-position bias comes from the encoder (see :class:`BertEncoder`)."""
+    attention, inter, out = hf_layer.attention, hf_layer.intermediate, hf_layer.output
+    sa = attention.attn
+    return dict(query=getattr(sa, "q", None), key=getattr(sa, "k", None), value=getattr(sa, "v", None),
+                num_heads=sa.num_attention_heads, head_dim=sa.attention_head_size,
+                attention_dropout=getattr(sa, "dropout", None), attention_dense=getattr(sa, "o", None),
+                attention_norm=getattr(attention, "LayerNorm", None),
+                hidden_dropout=getattr(attention, "dropout", None),
+                intermediate=getattr(inter, "dense", None), activation=inter.intermediate_act_fn,
+                output_dense=getattr(out, "dense", None), output_norm=getattr(out, "LayerNorm", None),
+                output_dropout=getattr(out, "dropout", None))
+
+
 def _pre_ln_parts(hf_layer: nn.Module) -> dict:
     """The modules of a pre-LayerNorm layer (XLM-RoBERTa-XL's, RoBERTa-PreLayerNorm's) under
     PreLNBertLayer's names: ``attention_norm`` is the LayerNorm before the self-attention,
@@ -117,16 +133,18 @@ def _layer_parts(hf_layer: nn.Module) -> dict:
         return _albert_parts(hf_layer)
     if _is_pre_ln(hf_layer):
         return _pre_ln_parts(hf_layer)
+    if hasattr(getattr(hf_layer, "attention", None), "attn"):
+        return _mpnet_parts(hf_layer)
     return _bert_parts(hf_layer)
 
 
 class BertLayer(nn.Module):
     """One post-LN BERT layer on packed tokens, sharing a HuggingFace ``BertLayer``'s modules.
 
-    forward(x (T, E), cu_seqlens (N + 1,) int32, max_seqlen) -> (T, E)::
+    forward(x (T, E), cu_seqlens (N + 1,) int32, max_seqlen, attn_bias=None) -> (T, E)::
 
         qkv = x @ [Wq; Wk; Wv]^T + b                       (one matmul)
-        ctx = varlen_attention(q, k, v, cu_seqlens)        (dropout on the probabilities)
+        ctx = varlen_attention(q, k, v, cu_seqlens, attn_mask=attn_bias)  (dropout on the probabilities)
         a   = add_layer_norm(ctx @ Wo^T, x, ln1, input_bias=bo, dropout)
         h   = bias_gelu(a @ W1^T, b1)                      (another activation: act(a @ W1^T + b1))
         out = add_layer_norm(h @ W2^T, a, ln2, input_bias=b2, dropout)
@@ -189,8 +207,10 @@ class BertLayer(nn.Module):
         state.pop("_qkv_cache", None)  # weak references do not pickle; a copy builds its own
         return state
 
-    def _attention(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        """The self-attention's context (T, E), before its output dense."""
+    def _attention(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                   attn_bias: Optional[Tensor] = None) -> Tensor:
+        """The self-attention's context (T, E), before its output dense; ``attn_bias`` a score
+        bias at sequence-local positions (MPNet's relative positions, (1, H, L, L))."""
         t = x.shape[0]
         h, d = self.num_heads, self.head_dim
         lins = (self.query, self.key, self.value)
@@ -203,7 +223,8 @@ class BertLayer(nn.Module):
         q, k, v = qkv.unbind(dim=1)  # 3 x [T, H, D]
         p_attn = self.attention_dropout.p if self.training else 0.0
         return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                    dropout_p=p_attn, scale=d ** -0.5, backend=self.backend).reshape(t, h * d)
+                                    dropout_p=p_attn, scale=d ** -0.5, attn_mask=attn_bias,
+                                    backend=self.backend).reshape(t, h * d)
 
     def _activation(self, x: Tensor) -> Tensor:
         """act(x @ W1^T + b1): one ``bias_gelu`` for a GELU, else the module's own activation."""
@@ -221,8 +242,9 @@ class BertLayer(nn.Module):
                                   input_bias=dense.bias, dropout_p=p, return_residual=return_residual,
                                   backend=self.backend)
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        ctx = self._attention(x, cu_seqlens, max_seqlen)
+    def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                attn_bias: Optional[Tensor] = None) -> Tensor:
+        ctx = self._attention(x, cu_seqlens, max_seqlen, attn_bias)
         a = self._dense_add_norm(ctx, self.attention_dense, x, self.attention_norm, self.hidden_dropout)
         return self._dense_add_norm(self._activation(a), self.output_dense, a, self.output_norm,
                                     self.output_dropout)
@@ -292,7 +314,11 @@ class BertEncoder(nn.Module):
     positions are 0). Equal to the HuggingFace model's ``last_hidden_state`` on the real tokens.
 
     Pre-LayerNorm models (XLM-RoBERTa-XL, RoBERTa-PreLayerNorm) get :class:`PreLNBertLayer` layers
-    and their final LayerNorm, each LayerNorm fused into the residual add before it.
+    and their final LayerNorm, each LayerNorm fused into the residual add before it. MPNet's
+    relative-position bias is computed once per forward for positions 0 .. max_seqlen - 1,
+    (1, H, L, L), and every layer's varlen attention reads it at each sequence's own positions
+    (``attn_mask`` of :func:`fastbert.varlen_attention`; its gradient reaches the bias table);
+    a padding mask with a gap inside a row is refused for MPNet (see :meth:`unsupported_mask`).
 
     Attributes: ``embeddings`` (the HuggingFace module), ``embeddings_project`` (ELECTRA's, or
     ALBERT's ``embedding_hidden_mapping_in``; else None), ``layers`` (:class:`BertLayer` or
@@ -307,7 +333,7 @@ class BertEncoder(nn.Module):
 
     def __init__(self, embeddings: nn.Module, layers, *, embeddings_project: Optional[nn.Module] = None,
                  pooler: Optional[nn.Module] = None, final_norm: Optional[nn.LayerNorm] = None,
-                 backend: Optional[str] = None) -> None:
+                 relative_position: Optional[nn.Module] = None, backend: Optional[str] = None) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.embeddings_project = embeddings_project
@@ -318,14 +344,19 @@ class BertEncoder(nn.Module):
         if all(pre_ln) and not isinstance(final_norm, nn.LayerNorm):
             raise ValueError("BertEncoder: pre-LN layers need final_norm, the LayerNorm after the last layer")
         self.final_norm = final_norm if any(pre_ln) else None
+        # MPNet: its encoder computes the relative-position bias (compute_position_bias); kept
+        # outside the module tree (it holds the layers), its bias table is a submodule here
+        self.__dict__["_relative_position"] = relative_position
+        self.relative_attention_bias = getattr(relative_position, "relative_attention_bias", None)
         self.pooler = pooler
         self.backend = check_backend(backend)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, backend: Optional[str] = None) -> "BertEncoder":
         """Build the encoder on a HuggingFace BERT (``BertModel`` or any ``BertFor...``), RoBERTa,
-        ELECTRA (and BERT's other copies), DistilBERT, ALBERT, or pre-LayerNorm XLM-RoBERTa-XL or
-        RoBERTa-PreLayerNorm model (transformers 4.57 or 5.x), sharing its modules and parameters.
+        ELECTRA (and BERT's other copies), DistilBERT, ALBERT, MPNet, or pre-LayerNorm
+        XLM-RoBERTa-XL or RoBERTa-PreLayerNorm model (transformers 4.57 or 5.x), sharing its
+        modules and parameters.
 
         Refused with ValueError: decoders / cross-attention, relative position embeddings, models
         of other structure. Works on a model already passed through :func:`fastbert.optimize` too.
@@ -359,17 +390,41 @@ class BertEncoder(nn.Module):
             if final_norm is None:
                 final_norm = getattr(base, "LayerNorm", None)
             _require(isinstance(final_norm, nn.LayerNorm), "a pre-LN model without its final LayerNorm")
+        relative = stack if hasattr(stack, "compute_position_bias") else None  # MPNet's encoder
         encoder = cls(base.embeddings, layers, embeddings_project=project, final_norm=final_norm,
-                      pooler=getattr(base, "pooler", None), backend=backend)
+                      pooler=getattr(base, "pooler", None), relative_position=relative,
+                      backend=backend)
         return encoder.train(base.training)  # start in the HuggingFace model's mode
+
+    def relative_position_bias(self, max_seqlen: int, like: Tensor) -> Optional[Tensor]:
+        """MPNet's relative-position score bias for positions 0 .. max_seqlen - 1, (1, H, L, L),
+        computed by the HuggingFace encoder as it computes it (shared by every sequence: the
+        kernels read it at each sequence's own positions); None for other models."""
+        relative = self.__dict__.get("_relative_position")
+        if relative is None:
+            return None
+        return relative.compute_position_bias(like.new_empty((1, max_seqlen, 0)))
+
+    def unsupported_mask(self, attention_mask: Optional[Tensor]) -> Optional[str]:
+        """Why this encoder cannot take ``attention_mask`` (None when it can). MPNet's relative
+        positions count the padded slots between real tokens: a mask with a gap inside a row
+        (real, padding, real) has no packed equivalent."""
+        if self.__dict__.get("_relative_position") is None or attention_mask is None:
+            return None
+        m = attention_mask.bool()
+        starts = (m[:, 1:] & ~m[:, :-1]).sum(1) + m[:, 0]  # runs of real tokens per row
+        if bool((starts > 1).any()):
+            return "a padding mask with a gap inside a row (MPNet's relative positions count it)"
+        return None
 
     def forward_packed(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """Run the layers on packed tokens: hidden (total, E), cu_seqlens (N + 1,) int32 (as from
         :func:`fastbert.unpad_input`), max_seqlen -> (total, E). Pre-LN models: the final LayerNorm
         included (as the HuggingFace model's ``last_hidden_state``)."""
         if self.final_norm is None:
+            bias = self.relative_position_bias(max_seqlen, hidden)
             for layer in self.layers:
-                hidden = layer(hidden, cu_seqlens, max_seqlen)
+                hidden = layer(hidden, cu_seqlens, max_seqlen, bias)
             return hidden
         norms = [layer.attention_norm for layer in self.layers] + [self.final_norm]
         first = norms[0]
@@ -393,6 +448,9 @@ class BertEncoder(nn.Module):
         b, length = hidden.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones((b, length), dtype=torch.bool, device=hidden.device)
+        reason = self.unsupported_mask(attention_mask)
+        if reason is not None:
+            raise ValueError(f"BertEncoder: {reason}")
         packed, indices, cu_seqlens, max_seqlen = unpad_input(hidden, attention_mask)
         packed = self.forward_packed(packed, cu_seqlens, max_seqlen)
         return pad_input(packed, indices, b, length)
