@@ -223,7 +223,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     dtype = DTYPES[dt]
     mask_kind = {"none": att.MASK_NONE, "bool": att.MASK_BOOL, "float": att.MASK_FLOAT}[mask]
     if varlen:
-        assert mask == "none", "the varlen launchers take no mask"
+        assert mask in ("none", "float"), "varlen masks here: MPNet's shared float bias"
         heads, rows_shape, seqlen = _H, (_H, _TOTAL), _MAXSEQ
         qkv = att._varlen_strides(torch.empty(_TOTAL, _H, d, device="meta"))
         cu = ptr("i32")
@@ -237,6 +237,8 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
     # masks as the ops see them: bool key-padding mask (B, 1, 1, Lk), float mask (B, H, Lq, Lk)
     m_strides = {"none": (0, 0, 0, 0), "bool": (_L, 0, 0, 1),
                  "float": (_H * _L * _L, _L * _L, _L, 1)}[mask]
+    if varlen and mask == "float":  # a (1, H, L, L) relative-position bias shared by the sequences
+        m_strides = (0, _MAXSEQ * _MAXSEQ, _MAXSEQ, 1)
     l_strides = att._stats_strides(rows_shape)
     bd = att._block_dim(d)
     bm, bn, warps, stages = att.attention_config(
@@ -279,7 +281,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
                        CuSeqlensQ=cu, CuSeqlensK=cu_k)
         for pre in ("q", "k", "v", "do", "dq"):
             strides.update(zip((f"stride_{pre}{s}" for s in "bhmd"), qkv))
-        ds = (_H * _L * _L, _L * _L, _L, 1) if store_ds else (0, 0, 0, 0)
+        ds = (_H * seqlen * seqlen, seqlen * seqlen, seqlen, 1) if store_ds else (0, 0, 0, 0)
         strides.update(zip(("stride_dsb", "stride_dsh", "stride_dsm", "stride_dsn"), ds))
         extra = dict(num_heads=heads, kv_group=kv_group, num_m_blocks=triton.cdiv(seqlen, bm),
                      seqlen_q=seqlen, seqlen_k=seqlen, sm_scale=0.125, sm_scale_log2=0.18,
@@ -358,11 +360,12 @@ def attention_cases() -> List[Case]:
     alibi = dict(mask="bool", alibi=True)  # key padding + ALiBi (MosaicBERT / Jina-BERT style)
     window = dict(mask="bool", window=True)  # key padding + sliding window (ModernBERT's local layers)
     keylimit = dict(mask="bool", key_limit=True)  # key padding, padded keys skipped (BERT batches)
+    varlen_bias = dict(mask="float", varlen=True)  # MPNet's relative-position bias, padding-free
     specs = {90: [("fp16", 64, causal), ("fp16", 64, bool_mask), ("fp16", 64, float_drop),
                   ("fp16", 64, varlen), ("bf16", 64, causal), ("fp32", 64, causal),
                   ("fp16", 40, {}), ("fp16", 128, {}), ("fp16", 128, heavy), ("fp16", 256, causal),
                   ("bf16", 128, gqa), ("fp16", 64, alibi), ("bf16", 64, window),
-                  ("fp16", 64, keylimit)],
+                  ("fp16", 64, keylimit), ("fp16", 64, varlen_bias)],
              80: [("fp16", 64, float_drop), ("fp32", 64, causal), ("fp16", 64, gqa), ("fp16", 64, keylimit),
                   ("fp16", 128, heavy), ("bf16", 256, causal)]}
     cases = []
