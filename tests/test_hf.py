@@ -843,14 +843,18 @@ def _packed_model(family: str):
     return cls(config), cls(copy.deepcopy(config))
 
 
-@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens", "weights"])
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens", "weights", "traced"])
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_packed_sequences_attend_within_themselves(family, how):
+def test_packed_sequences_attend_within_themselves(family, how, monkeypatch):
     """Padding-free batches as transformers' DataCollatorWithFlattening makes them (one row of
     packed sequences, position_ids restarting at each, or the flash-attention varlen kwargs): with
     attn_implementation="fastbert" each sequence attends only to itself (causal within it for
     Llama), so the packed output and every gradient equal those of the sequences run one by one
-    (transformers' sdpa and eager paths attend across the sequences here)."""
+    (transformers' sdpa and eager paths attend across the sequences here). "traced": as under
+    torch.compile or CUDA-graph capture, where no length is read on the host: a mask built from
+    the position ids on the device keeps each sequence to itself."""
+    if how == "traced":
+        monkeypatch.setattr(hf, "host_checks_allowed", lambda device: False)
     model, reference = _packed_model(family)
     reference.load_state_dict(model.state_dict())
     model.set_attn_implementation("fastbert")

@@ -80,6 +80,7 @@ import transformers
 from torch import Tensor, nn
 
 from .. import ops, reference
+from .._validation import host_checks_allowed
 from ..nn import GELU
 from ..nn._utils import adopt, check_backend
 from ..nn.attention import attention_with_weights
@@ -339,7 +340,7 @@ def _no_padding(mask: Tensor, length: int) -> bool:
 _PACKED_CACHE: Dict[str, object] = {}
 
 
-def _packed_sequences(query: Tensor, mask: Optional[Tensor], kwargs: dict):
+def _packed_sequences(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict):
     """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when transformers hands the attention a row of
     packed sequences, as its flash-attention path reads them: the four varlen keyword arguments
     (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), or, without a mask, batch 1
@@ -349,17 +350,17 @@ def _packed_sequences(query: Tensor, mask: Optional[Tensor], kwargs: dict):
     if source is None:
         source = kwargs.get("position_ids")
     if not isinstance(source, Tensor) or torch.compiler.is_compiling():
-        return _packed_layout(query, mask, kwargs)
-    key = (source.data_ptr(), source._version, tuple(query.shape), mask is None)
+        return _packed_layout(query, key, mask, kwargs)
+    cache_key = (source.data_ptr(), source._version, tuple(query.shape), key.shape[2], mask is None)
     hit = _PACKED_CACHE.get("entry")
-    if hit is not None and hit[0]() is source and hit[1] == key:
+    if hit is not None and hit[0]() is source and hit[1] == cache_key:
         return hit[2]
-    result = _packed_layout(query, mask, kwargs)
-    _PACKED_CACHE["entry"] = (weakref.ref(source), key, result)
+    result = _packed_layout(query, key, mask, kwargs)
+    _PACKED_CACHE["entry"] = (weakref.ref(source), cache_key, result)
     return result
 
 
-def _packed_layout(query: Tensor, mask: Optional[Tensor], kwargs: dict):
+def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict):
     given = [kwargs.get(name) for name in _VARLEN_KWARGS]
     length = query.shape[2]
     if all(g is not None for g in given):
@@ -372,8 +373,10 @@ def _packed_layout(query: Tensor, mask: Optional[Tensor], kwargs: dict):
         cu_q, cu_k, max_q, max_k = given
         return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
     pos = kwargs.get("position_ids")
-    if mask is not None or query.shape[0] != 1 or not isinstance(pos, Tensor) or pos.numel() != length:
-        return None
+    if (mask is not None or query.shape[0] != 1 or length < 2 or key.shape[2] != length
+            or not isinstance(pos, Tensor) or pos.numel() != length
+            or not host_checks_allowed(query.device)):
+        return None  # (traced or captured: attention_forward masks by position ids instead)
     pos = pos.reshape(-1)
     first = pos.min()
     if bool((pos - first == torch.arange(length, device=pos.device)).all()):
@@ -382,6 +385,24 @@ def _packed_layout(query: Tensor, mask: Optional[Tensor], kwargs: dict):
     cu = torch.cat([starts, starts.new_full((1,), length)])
     longest = int((cu[1:] - cu[:-1]).max())
     return cu, cu, longest, longest
+
+
+def _position_ids_mask(query: Tensor, key: Tensor, pos, causal: bool) -> Optional[Tensor]:
+    """Under torch.compile or CUDA-graph capture, where the packed lengths cannot be read on the
+    host: a batch-1 row whose ``position_ids`` may restart gets a (1, 1, L, L) bool mask keeping
+    each token to the keys of its own sequence (causal within it for a causal module), built on
+    the device; for one sequence it keeps what attention keeps anyway. None where it does not
+    apply."""
+    length = query.shape[2]
+    if (query.shape[0] != 1 or length < 2 or key.shape[2] != length or not isinstance(pos, Tensor)
+            or pos.numel() != length):
+        return None
+    pos = pos.reshape(-1)
+    seq = torch.cumsum((pos == pos.min()).to(torch.int32), 0)  # sequence number of each token
+    keep = seq[:, None] == seq[None, :]
+    if causal:
+        keep = keep & torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    return keep[None, None]
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -415,9 +436,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     mask = _with_score_bias(attention_mask, kwargs.get("position_bias"))
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
-    packed = _packed_sequences(query, mask, kwargs) if kwargs.get("position_bias") is None else None
+    packed = _packed_sequences(query, key, mask, kwargs) if kwargs.get("position_bias") is None else None
     if packed is not None:
         mask = None  # full or causal attention within each sequence, as _packed_sequences checked
+    elif mask is None and not host_checks_allowed(query.device):
+        mask = _position_ids_mask(query, key, kwargs.get("position_ids"), bool(is_causal))
     causal = bool(is_causal) and mask is None and query.shape[2] > 1
     if packed is not None and not kwargs.get("output_attentions", False):
         cu_q, cu_k, max_q, max_k = packed
