@@ -341,7 +341,7 @@ class BertEncoder(nn.Module):
         pre_ln = [isinstance(layer, PreLNBertLayer) for layer in self.layers]
         if any(pre_ln) and not all(pre_ln):
             raise ValueError("BertEncoder: layers must be all post-LN BertLayer or all PreLNBertLayer")
-        if all(pre_ln) and not isinstance(final_norm, nn.LayerNorm):
+        if any(pre_ln) and not isinstance(final_norm, nn.LayerNorm):
             raise ValueError("BertEncoder: pre-LN layers need final_norm, the LayerNorm after the last layer")
         self.final_norm = final_norm if any(pre_ln) else None
         # MPNet: its encoder computes the relative-position bias (compute_position_bias); kept
