@@ -328,6 +328,13 @@ def test_optimize_padding_free(family, tmp_path):
     assert base._fallback_reason({"attention_mask": real, "return_dict": True}) is None
     model.train()
     assert (base(**inputs)[0][~real] == 0).all()  # padding-free: 0 at padded positions
+    enc = base.__dict__["_fastbert_encoder"]
+    if hasattr(enc, "unsupported_mask"):  # it reads the mask on the host: asked once per forward
+        calls = []
+        enc.unsupported_mask = lambda mask, check=enc.unsupported_mask: calls.append(1) or check(mask)
+        base(**inputs)
+        del enc.unsupported_mask
+        assert len(calls) == 1
     if model.supports_gradient_checkpointing:  # training with checkpointing: the original forward
         model.gradient_checkpointing_enable()
         assert (base(**inputs)[0][~real] != 0).any()

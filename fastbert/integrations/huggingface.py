@@ -1201,6 +1201,7 @@ class PaddingFreeModel(nn.Module):
 
     _fastbert_args: Tuple[str, ...]
     _fastbert_token_types: bool  # whether the encoder takes token_type_ids (BertEncoder does)
+    _fastbert_mask_checked: bool  # whether its forward takes mask_checked= (BertEncoder's does)
 
     def __getattr__(self, name: str):
         try:
@@ -1242,6 +1243,8 @@ class PaddingFreeModel(nn.Module):
         call = {k: a.get(k) for k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds")}
         if self._fastbert_token_types:
             call["token_type_ids"] = a.get("token_type_ids")
+        if self._fastbert_mask_checked:
+            call["mask_checked"] = True  # _fallback_reason asked enc.unsupported_mask already
         hidden = enc(**call)
         from transformers import modeling_outputs
 
@@ -1286,8 +1289,9 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
         encoder = encoder_cls.from_hf(module, backend=backend)
     except ValueError as e:
         return None, f"not made padding-free: {e}"
+    params = inspect.signature(encoder.forward).parameters
     new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
-                _fastbert_token_types="token_type_ids" in inspect.signature(encoder.forward).parameters)
+                _fastbert_token_types="token_type_ids" in params, _fastbert_mask_checked="mask_checked" in params)
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
     new.__dict__["_fastbert_encoder"] = encoder
     new.__dict__["_fastbert_hf_module"] = module

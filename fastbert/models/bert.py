@@ -436,9 +436,12 @@ class BertEncoder(nn.Module):
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                inputs_embeds: Optional[Tensor] = None) -> Tensor:
+                inputs_embeds: Optional[Tensor] = None, *, mask_checked: bool = False) -> Tensor:
         """input_ids (B, L) or inputs_embeds (B, L, E_emb); attention_mask (B, L), 1 = real token
-        (default: all real) -> last hidden state (B, L, E), 0 at padded positions."""
+        (default: all real) -> last hidden state (B, L, E), 0 at padded positions.
+        ``mask_checked=True``: the caller has already had :meth:`unsupported_mask` accept the mask
+        (it reads the mask on the host, so :class:`~fastbert.integrations.huggingface.PaddingFreeModel`
+        asks once, not twice)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = _embed(self.embeddings, input_ids=input_ids, token_type_ids=token_type_ids,
@@ -448,9 +451,10 @@ class BertEncoder(nn.Module):
         b, length = hidden.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones((b, length), dtype=torch.bool, device=hidden.device)
-        reason = self.unsupported_mask(attention_mask)
-        if reason is not None:
-            raise ValueError(f"BertEncoder: {reason}")
+        if not mask_checked:
+            reason = self.unsupported_mask(attention_mask)
+            if reason is not None:
+                raise ValueError(f"BertEncoder: {reason}")
         packed, indices, cu_seqlens, max_seqlen = unpad_input(hidden, attention_mask)
         packed = self.forward_packed(packed, cu_seqlens, max_seqlen)
         return pad_input(packed, indices, b, length)
