@@ -399,9 +399,17 @@ def _position_ids_mask(query: Tensor, key: Tensor, pos, causal: bool) -> Optiona
         return None
     pos = pos.reshape(-1)
     seq = torch.cumsum((pos == pos.min()).to(torch.int32), 0)  # sequence number of each token
-    keep = seq[:, None] == seq[None, :]
+    index = torch.arange(length, device=query.device)  # within one sequence, order is its order
+    return _same_sequence_mask(seq, seq, index, index, causal)
+
+
+def _same_sequence_mask(seq_q: Tensor, seq_k: Tensor, pos_q: Tensor, pos_k: Tensor, causal: bool) -> Tensor:
+    """(1, 1, Lq, Lk) bool mask keeping query i to the keys of its own sequence (seq_q[i] ==
+    seq_k[j]), and for ``causal`` to those whose position in it is not after its own (top-left
+    aligned: pos_* count from each sequence's start, or from any origin the two share)."""
+    keep = seq_q[:, None] == seq_k[None, :]
     if causal:
-        keep = keep & torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        keep = keep & (pos_k[None, :] <= pos_q[:, None])
     return keep[None, None]
 
 
@@ -449,16 +457,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                                    scale=scaling, window_size=window, backend=backend)
         return out.unsqueeze(0), None  # (1, T, H, Dv)
     if packed is not None:  # the weights path: a mask that keeps each sequence to itself
-        seq_q = torch.repeat_interleave(torch.arange(packed[0].numel() - 1, device=query.device),
-                                        (packed[0][1:] - packed[0][:-1]).long())
-        seq_k = torch.repeat_interleave(torch.arange(packed[1].numel() - 1, device=query.device),
-                                        (packed[1][1:] - packed[1][:-1]).long())
-        mask = seq_q[:, None] == seq_k[None, :]
-        if causal:
-            pos_q = torch.arange(query.shape[2], device=query.device) - packed[0].long()[seq_q]
-            pos_k = torch.arange(key.shape[2], device=query.device) - packed[1].long()[seq_k]
-            mask = mask & (pos_k[None, :] <= pos_q[:, None])
-        mask, causal = mask[None, None], False
+        seqs = []
+        for cu, length in ((packed[0].long(), query.shape[2]), (packed[1].long(), key.shape[2])):
+            seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device), cu[1:] - cu[:-1])
+            seqs += [seq, torch.arange(length, device=query.device) - cu[seq]]  # and local positions
+        mask, causal = _same_sequence_mask(seqs[0], seqs[2], seqs[1], seqs[3], causal), False
     if kwargs.get("output_attentions", False):
         if gqa:
             key, value = reference.repeat_kv_heads(key, value, query.shape[1], dim=1)
