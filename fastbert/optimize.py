@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 from .nn import GELU, LayerNorm, MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
-from .nn._utils import check_backend
+from .nn._utils import _own_forward, check_backend
 
 __all__ = ["optimize", "restore", "OptimizeReport", "Swapped", "Left"]
 
@@ -101,6 +101,30 @@ def _is_fastbert(module: nn.Module) -> bool:
     return type(module).__module__.startswith("fastbert.")
 
 
+_HOOKS = (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", "a forward hook"),
+          ("_backward_pre_hooks", "a backward pre-hook"), ("_backward_hooks", "a backward hook"))
+
+
+def _hook_refusal(module: nn.Module) -> Optional[str]:
+    """Why ``module`` may not be replaced because of hooks (None when it may): a replacement runs
+    neither the hooks of the module it replaces nor those of the submodules it computes itself (a
+    fused sublayer reads its LayerNorm's weight and never calls the LayerNorm), so a hook anywhere
+    in ``module``'s tree, or a forward replaced on a submodule's instance (accelerate's device
+    hooks), keeps it. transformers 5.x's output-capturing hooks are not the user's: fastbert's
+    modules record those outputs themselves."""
+    hf = sys.modules.get("fastbert.integrations.huggingface")
+    for path, sub in module.named_modules():
+        where = f" on its submodule {path}" if path else ""
+        capturing = {id(h) for h in hf._capturing_hooks(sub)} if hf is not None else set()
+        for attr, what in _HOOKS:
+            if any(id(h) not in capturing for h in getattr(sub, attr).values()):
+                return (f"it has {what}{where}, which its fastbert replacement would not run "
+                        "(call optimize() before registering hooks, or remove them)")
+        if path and "forward" in sub.__dict__ and not _own_forward(sub):
+            return f"the forward of its submodule {path} is replaced on the instance (e.g. by accelerate's hooks)"
+    return None
+
+
 # A swapper returns (replacement, None), (None, reason) to report the module as left, or
 # (None, None) when the module is not one it handles.
 Swapper = Callable[[nn.Module, Optional[str]], Tuple[Optional[nn.Module], Optional[str]]]
@@ -169,8 +193,11 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
             padding once and computes only the real tokens (``fastbert.models.BertEncoder`` /
             ``ModernBertEncoder``). Outputs are equal on the real tokens; ``last_hidden_state`` is 0
             at padded positions (instead of values nothing should read). A call asking for
-            attentions, hidden states or a head mask runs the original forward. A base model the
-            encoders refuse is reported as left, and its layers are swapped as usual. Each
+            attentions, hidden states or a head mask, or with a row whose first position is padding
+            (left padding: classification heads read position 0), runs the original forward. A
+            base model the encoders refuse, or under a question-answering head (its loss reads
+            every position, padded ones included), is reported as left, and its layers are swapped
+            as usual. Each
             ``torch.nn.TransformerEncoder`` (of ``torch.nn.TransformerEncoderLayer``) becomes a
             :class:`fastbert.nn.TransformerEncoder`, which computes only the real tokens when
             called with ``src_key_padding_mask`` (0 at padded positions, as torch's nested-tensor
@@ -182,8 +209,11 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
     The new modules hold the very same Parameter objects as the old ones (``state_dict`` keys are
     unchanged), run in train and eval mode, and give the original model's outputs up to floating
     point rounding. Differences to know: a query row whose keys are all masked gives 0 instead of
-    NaN; dropout draws different random numbers than torch's (same distribution). Calling it twice
-    is harmless (already swapped modules are skipped); :func:`restore` undoes it.
+    NaN; dropout draws different random numbers than torch's (same distribution). A module with a
+    hook (forward, forward pre-, backward) on it or on a submodule its replacement would compute
+    itself is left, with the reason: hooks registered after optimize() on the new modules run. A
+    module held under two names gets one replacement under both. Calling it twice is harmless
+    (already swapped modules are skipped); :func:`restore` undoes it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -195,14 +225,18 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
     memo: Dict[int, nn.Module] = {}  # a module shared by several parents gets one replacement
     walked = set()  # and a shared module that stays is looked at once
 
-    def try_swap(module):
+    def try_swap(module, parent=None):
         for swapper in swappers:
             try:
                 new, reason = swapper(module, backend)
             except ValueError as e:  # adopt() refuses a module whose forward is wrapped
                 return None, str(e)
-            if new is not None or reason is not None:
-                return new, reason
+            if new is not None:
+                # refused: reported as left, and its submodules are looked at one by one
+                refusal = _hook_refusal(module) or _parent_refusal(new, parent)
+                return (new, None) if refusal is None else (None, refusal)
+            if reason is not None:
+                return None, reason
         return None, None
 
     if not _is_fastbert(model):
@@ -214,7 +248,7 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
             report.left.append(Left("", _name(model), reason))
 
     def walk(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        for name, child in _children(parent):
             path = prefix + name
             if _is_fastbert(child):
                 continue
@@ -224,7 +258,7 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
             if id(child) in walked:
                 continue
             walked.add(id(child))
-            new, reason = try_swap(child)
+            new, reason = try_swap(child, parent)
             if new is not None:
                 new.__dict__[_ORIGINAL] = child
                 memo[id(child)] = new
@@ -239,6 +273,21 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
 
     walk(model, "")
     return report
+
+
+def _parent_refusal(new: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    """Why ``new`` may not replace a child of ``parent`` (a padding-free base model under a head
+    that reads the padded positions), or None."""
+    hf = sys.modules.get("fastbert.integrations.huggingface")
+    if parent is None or hf is None or not isinstance(new, hf.PaddingFreeModel):
+        return None
+    return hf.padding_free_refusal(parent)
+
+
+def _children(parent: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Every (name, child) of ``parent``, a child held under two names once per name (so that
+    both names get the one replacement: ``named_children`` would yield it once)."""
+    return [(name, child) for name, child in parent._modules.items() if child is not None]
 
 
 def _fix_transformer_encoder(encoder: nn.TransformerEncoder) -> None:
@@ -277,7 +326,7 @@ def restore(model: nn.Module) -> int:
     def walk(parent: nn.Module) -> None:
         if _NESTED in parent.__dict__:
             parent.use_nested_tensor = parent.__dict__.pop(_NESTED)
-        for name, child in list(parent.named_children()):
+        for name, child in _children(parent):
             original = child.__dict__.get(_ORIGINAL)
             if original is not None:
                 _resync(original, child)

@@ -357,6 +357,73 @@ def test_optimize_padding_free_leaves_what_the_encoders_refuse():
         optimize(wrapper, padding_free=1)
 
 
+def test_padding_free_keeps_what_heads_read():
+    """Heads that read padded positions get the original's numbers: a row whose first position is
+    padding (left padding; the classifier reads position 0) runs the original forward, a
+    question-answering model (its loss takes a softmax over every position) keeps its base model
+    (its layers are swapped); a float 1 / 0 mask is the bool one, a float mask holding other values
+    (a bias to the original) runs the original forward; the output class is the original's
+    (ELECTRA returns its encoder's, a BERT without pooler its own with pooler_output None)."""
+    torch.manual_seed(0)
+    model = _build("distilbert", model_cls="DistilBertForSequenceClassification", seq_classif_dropout=0.0).eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch", padding_free=True)
+    inputs, _ = _inputs("distilbert")
+    inputs["attention_mask"] = inputs["attention_mask"].flip(1)  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits)
+    base = model.distilbert
+    assert "left padding" in base._fallback_reason({"attention_mask": inputs["attention_mask"]})
+    half = inputs["attention_mask"].flip(1).float()
+    assert base._fallback_reason({"attention_mask": half}) is None
+    with torch.no_grad():  # a 1.0 / 0.0 mask through the padding-free encoder
+        out = base(input_ids=inputs["input_ids"].flip(1), attention_mask=half).last_hidden_state
+        want = reference.distilbert(input_ids=inputs["input_ids"].flip(1), attention_mask=half).last_hidden_state
+    real = half.bool()
+    assert (out[~real] == 0).all() and torch.allclose(out[real], want[real], atol=1e-5)
+    half[0, 1] = 0.5
+    assert "values other than 0 and 1" in base._fallback_reason({"attention_mask": half})
+
+    qa = _build("bert", model_cls="BertForQuestionAnswering")
+    report = optimize(qa, backend="torch", padding_free=True)
+    assert any(e.path == "bert" and "every position" in e.reason for e in report.left), str(report)
+    assert type(qa.bert).__name__ == "BertModel" and len(report.swapped) == 9  # 1 + 2 x 4
+
+    for family, kw, cls in (("bert", {"add_pooling_layer": False}, "BaseModelOutputWithPoolingAndCrossAttentions"),
+                            ("electra", {}, "BaseModelOutputWithPastAndCrossAttentions")):
+        model = getattr(transformers, MODELS[family])(_config(family, "eager"), **kw).eval()
+        reference = copy.deepcopy(model)
+        wrapper = torch.nn.ModuleDict({"m": model})
+        optimize(wrapper, backend="torch", padding_free=True)
+        inputs, real = _inputs(family)
+        with torch.no_grad():
+            a, b = wrapper["m"](**inputs), reference(**inputs)
+        assert type(a) is type(b) and type(b).__name__ == cls and list(a.keys()) == list(b.keys())
+        assert_close(a.last_hidden_state[real], b.last_hidden_state[real].double(),
+                     b.last_hidden_state[real], atol=1e-5)
+
+
+def test_optimize_leaves_hooked_modules_and_their_hooks_run():
+    """A hook on a LayerNorm inside BERT's output sublayer: the fused sublayer would read the
+    LayerNorm's weight without calling it, so that sublayer (and the hooked LayerNorm) stay, with the
+    reason, and the hook runs as before; everything else is swapped."""
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    reference = copy.deepcopy(model)
+    calls = []
+    model.encoder.layer[0].output.LayerNorm.register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    report = optimize(model, backend="torch")
+    left = {e.path: e.reason for e in report.left}
+    assert "submodule LayerNorm" in left["encoder.layer.0.output"], str(report)
+    assert "forward hook" in left["encoder.layer.0.output.LayerNorm"]
+    assert len(report.swapped) == 1 + 2 * 4 - 1  # embeddings' LayerNorm, 2 layers x 4 sublayers
+    inputs, real = _inputs("bert")
+    with torch.no_grad():
+        a, b = model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state
+    assert len(calls) == 1
+    assert_close(a[real], b[real].double(), b[real], atol=1e-5)
+
+
 def test_optimize_leaves_what_it_cannot_run_with_reasons():
     # a decoder: causal self-attention with a KV cache is left; the rest is swapped
     torch.manual_seed(0)

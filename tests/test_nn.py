@@ -572,6 +572,23 @@ def test_transformer_encoder_constructor_and_errors():
         fnn.TransformerEncoder.from_torch(layer)
     with pytest.raises(ValueError, match="d_model"):
         ours(torch.randn(N, L, E + 1), src_key_padding_mask=kpm)
+    # backend reaches the clones of a fastbert layer (and every fastbert module inside them)
+    built = fnn.TransformerEncoder(fnn.TransformerEncoderLayer(E, H, dim_feedforward=24), 2, backend="torch")
+    assert {m.backend for m in built.modules() if hasattr(m, "backend")} == {"torch"}
+    kept = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, dim_feedforward=24), 1, enable_nested_tensor=False)
+    kept.layers[0] = fnn.TransformerEncoderLayer(E, H, dim_feedforward=24)
+    with pytest.raises(ValueError, match="kept as it is"):
+        fnn.TransformerEncoder.from_torch(kept, backend="torch")
+    assert fnn.TransformerEncoder.from_torch(kept).layers[0] is kept.layers[0]
+
+
+def test_torchscript_is_refused_clearly():
+    """torch.jit.script of a fastbert module, or of a model holding one: NotImplementedError naming
+    the module and the alternatives, not an error from inside TorchScript's compiler."""
+    for module in (fnn.LayerNorm(E), fnn.GELU(), fnn.MultiheadAttention(E, H),
+                   nn.Sequential(nn.Linear(E, E), fnn.TransformerEncoderLayer(E, H, dim_feedforward=24))):
+        with pytest.raises(NotImplementedError, match="TorchScript.*torch.compile"):
+            torch.jit.script(module)
 
 
 def test_transformer_encoder_triton():

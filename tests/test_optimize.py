@@ -281,3 +281,47 @@ def test_module_whose_own_forward_was_put_back_is_swapped():
     x = torch.randn(L, E)
     assert_close(model(x), F.layer_norm(x.double(), (E,), norm.weight.double(), norm.bias.double()),
                  norm(x), atol=1e-5)
+
+
+def test_hooked_modules_are_left_and_their_hooks_run():
+    """A replacement runs neither the hooks of the module it replaces nor those of the submodules it
+    computes itself: a module with a forward (pre-)hook or a backward hook in its tree stays, with
+    the reason; the rest is swapped; hooks registered on a fastbert module after optimize() run."""
+    model = nn.Sequential(nn.Linear(E, E), nn.LayerNorm(E), nn.GELU(),
+                          nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0), nn.LayerNorm(E))
+    model[1].register_forward_hook(lambda m, args, out: out * 0)
+    seen = []
+    model[2].register_forward_pre_hook(lambda m, args: seen.append("gelu"))
+    model[3].linear1.register_forward_hook(lambda m, args, out: seen.append("linear1"))
+    model[4].register_full_backward_hook(lambda m, gin, gout: seen.append("backward"))
+    reference = copy.deepcopy(model)
+    report = optimize(model)
+    assert [s.path for s in report.swapped] == ["3.self_attn", "3.norm1", "3.norm2"], str(report)
+    reasons = {entry.path: entry.reason for entry in report.left}
+    assert "a forward hook" in reasons["1"] and "a forward pre-hook" in reasons["2"]
+    assert "submodule linear1" in reasons["3"] and "a backward hook" in reasons["4"]
+    assert type(model[1]) is nn.LayerNorm and type(model[3]) is nn.TransformerEncoderLayer
+    x = torch.randn(L, 2, E, requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    assert seen == ["gelu", "linear1", "backward"]
+    expected = reference(x)
+    assert_close(out, reference.double()(x.double()), expected, atol=1e-5)
+    late = []
+    model[3].norm1.register_forward_hook(lambda m, args, out: late.append(out.shape))
+    model(x)
+    assert late == [(L, 2, E)]
+
+
+def test_a_module_under_two_names_gets_one_replacement():
+    """``self.final_norm = self.norm``: both names get the same replacement (named_children would
+    show the module once), a second optimize() changes nothing, restore() puts it back under both."""
+    model = nn.Module()
+    model.norm = nn.LayerNorm(E)
+    model.final_norm = model.norm
+    report = optimize(model)
+    assert [s.path for s in report.swapped] == ["norm"]
+    assert isinstance(model.final_norm, fnn.LayerNorm) and model.final_norm is model.norm
+    assert optimize(model).swapped == [] and model.final_norm is model.norm
+    assert restore(model) == 1
+    assert type(model.norm) is nn.LayerNorm and model.final_norm is model.norm

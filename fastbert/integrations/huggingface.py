@@ -70,6 +70,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import typing
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -82,7 +83,7 @@ from torch import Tensor, nn
 from .. import ops, reference
 from .._validation import host_checks_allowed
 from ..nn import GELU
-from ..nn._utils import adopt, check_backend
+from ..nn._utils import NoTorchScript, adopt, check_backend
 from ..nn.attention import attention_with_weights
 from ..nn.gelu import gelu_approximation
 
@@ -646,7 +647,7 @@ def _attend(owner: nn.Module, spec: _AttentionSpec, backend: Optional[str], hidd
     return _attention(q, k, v, mask, p, q.shape[-1] ** -0.5, head_mask, need_weights, backend)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(nn.Module, NoTorchScript):
     """A HuggingFace self-attention module (BERT, RoBERTa, ELECTRA, DistilBERT, ALBERT, ViT) on
     :func:`fastbert.scaled_dot_product_attention`.
 
@@ -715,7 +716,7 @@ _MPNET_ATTN = _AttentionSpec("q", "k", "v", "num_attention_heads", "attention_he
                              out="o")
 
 
-class MPNetAttention(nn.Module):
+class MPNetAttention(nn.Module, NoTorchScript):
     """MPNet's ``MPNetAttention``: ``LayerNorm(dropout(o(attention(x))) + x)``, where the scores
     carry the relative-position bias the encoder computes once (``position_bias``, (B, H, L, L)).
     The bias and the padding mask go to :func:`fastbert.scaled_dot_product_attention` as one float
@@ -752,7 +753,7 @@ _DEBERTA_ATTRS = ("pos_att_type", "relative_attention", "num_attention_heads", "
 _DEBERTA_METHODS = ("disentangled_attention_bias", "transpose_for_scores")
 
 
-class DebertaV2SelfAttention(nn.Module):
+class DebertaV2SelfAttention(nn.Module, NoTorchScript):
     """DeBERTa-v2/v3's ``DisentangledSelfAttention`` on :func:`fastbert.scaled_dot_product_attention`.
 
     The content-to-position and position-to-content scores (the relative-position bias) are
@@ -814,7 +815,7 @@ _DEBERTA_V1_ATTRS = ("pos_att_type", "relative_attention", "num_attention_heads"
 _DEBERTA_V1_METHODS = ("disentangled_att_bias", "transpose_for_scores")
 
 
-class DebertaSelfAttention(nn.Module):
+class DebertaSelfAttention(nn.Module, NoTorchScript):
     """DeBERTa's (v1) ``DisentangledSelfAttention`` on :func:`fastbert.scaled_dot_product_attention`.
 
     Queries, keys and values come from the fused ``in_proj`` (one matmul, heads interleaved as in
@@ -864,7 +865,7 @@ class DebertaSelfAttention(nn.Module):
         return ctx, weights
 
 
-class ModernBertAttention(nn.Module):
+class ModernBertAttention(nn.Module, NoTorchScript):
     """ModernBERT's attention (transformers 5.x) on fastbert's kernels whatever attention the model
     was loaded with: ``Wqkv`` -> rotary embedding (transformers' own ``apply_rotary_pos_emb``) ->
     :func:`attention_forward` (the local layers' sliding window skipped block-wise) -> ``Wo`` ->
@@ -891,7 +892,7 @@ class ModernBertAttention(nn.Module):
         return out, weights
 
 
-class ModernBertLayer(_LayerBase):
+class ModernBertLayer(_LayerBase, NoTorchScript):
     """ModernBERT's pre-LayerNorm encoder layer (transformers 5.x) with the residual add after the
     attention and the LayerNorm before the MLP fused in one :func:`fastbert.add_layer_norm`
     (``return_residual``), the norms on :func:`fastbert.layer_norm`, the MLP's ``act(input) * gate``
@@ -973,7 +974,7 @@ def _deberta_v1_refusal(module: nn.Module) -> Optional[str]:
     return None
 
 
-class DenseAddLayerNorm(nn.Module):
+class DenseAddLayerNorm(nn.Module, NoTorchScript):
     """BERT's output sublayer ``LayerNorm(dropout(dense(x)) + residual)`` (``BertSelfOutput``,
     ``BertOutput`` and copies) as one :func:`fastbert.add_layer_norm` with
     ``input_bias = dense.bias``. forward(hidden_states (..., I), input_tensor (..., E)) -> (..., E)."""
@@ -1038,7 +1039,7 @@ def _linear_add_norm(x: Tensor, lin: nn.Module, residual: Tensor, norm: nn.Modul
     return _norm_out(out, norm)
 
 
-class DebertaLayerNorm(nn.Module):
+class DebertaLayerNorm(nn.Module, NoTorchScript):
     """DeBERTa's ``DebertaLayerNorm`` (same parameters and ``variance_epsilon``) on
     :func:`fastbert.layer_norm`, in one pass and one rounding; its result has the original's dtype
     (input and weight promoted). forward(hidden_states (..., N)) -> (..., N)."""
@@ -1062,7 +1063,7 @@ def _bias_act(x: Tensor, lin: nn.Module, act, backend: Optional[str]) -> Tensor:
     return ops.bias_gelu(h, bias, approximate, backend=backend)
 
 
-class DenseBiasGELU(nn.Module):
+class DenseBiasGELU(nn.Module, NoTorchScript):
     """``intermediate_act_fn(dense(x))`` (``BertIntermediate``, ``ViTIntermediate`` and copies) with
     the bias and GELU fused in one :func:`fastbert.bias_gelu`. forward(hidden_states) -> (..., I)."""
 
@@ -1072,7 +1073,7 @@ class DenseBiasGELU(nn.Module):
         return _bias_act(hidden_states, self.dense, self.intermediate_act_fn, self.backend)
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, NoTorchScript):
     """transformers 5.x ``ViTMLP``: ``fc2(activation_fn(fc1(x)))`` with fc1's bias + GELU fused."""
 
     backend: Optional[str]
@@ -1082,7 +1083,7 @@ class MLP(nn.Module):
         return self.fc2(h)
 
 
-class DistilBertBlock(_LayerBase):
+class DistilBertBlock(_LayerBase, NoTorchScript):
     """DistilBERT's ``TransformerBlock`` with both residual + LayerNorm sublayers fused:
     ``sa_layer_norm(out_lin(attn) + x)`` and ``output_layer_norm(dropout(lin2(gelu(lin1(.)))) + .)``
     each as one :func:`fastbert.add_layer_norm` (with the Linear's bias as ``input_bias``), lin1's
@@ -1115,7 +1116,7 @@ class DistilBertBlock(_LayerBase):
         return out
 
 
-class AlbertLayer(nn.Module):
+class AlbertLayer(nn.Module, NoTorchScript):
     """ALBERT's ``AlbertLayer`` with the feed-forward fused: ``full_layer_layer_norm(ffn_output(
     act(ffn(a))) + a)`` as ``bias_gelu`` + one ``add_layer_norm`` (ALBERT applies no dropout there).
     Same arguments and returns as the original in 4.57 and 5.x."""
@@ -1183,7 +1184,7 @@ _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids",
                                 "inputs_embeds", "return_dict", "use_cache", "cache_position"})
 
 
-class PaddingFreeModel(nn.Module):
+class PaddingFreeModel(nn.Module, NoTorchScript):
     """A HuggingFace encoder base model whose forward runs fastbert's padding-free encoder
     (:class:`fastbert.models.BertEncoder` for BERT and its copies, pre-LN ones included,
     DistilBERT, ALBERT and MPNet;
@@ -1205,6 +1206,7 @@ class PaddingFreeModel(nn.Module):
     _fastbert_args: Tuple[str, ...]
     _fastbert_token_types: bool  # whether the encoder takes token_type_ids (BertEncoder does)
     _fastbert_mask_checked: bool  # whether its forward takes mask_checked= (BertEncoder's does)
+    _fastbert_output_cls: type  # the ModelOutput class the original returns (_output_class)
 
     def __getattr__(self, name: str):
         try:
@@ -1220,12 +1222,19 @@ class PaddingFreeModel(nn.Module):
             if k not in _PADDING_FREE_ARGS and v is not None and v is not False:
                 return k
         mask = a.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() != 2:
-            return "a mask other than (B, L) padding"  # e.g. a 4-D extended or custom mask
-        unsupported = getattr(self.__dict__["_fastbert_encoder"], "unsupported_mask", None)
-        reason = unsupported(mask) if isinstance(mask, Tensor) and unsupported is not None else None
-        if reason is not None:
-            return reason
+        if isinstance(mask, Tensor):
+            if mask.dim() != 2:
+                return "a mask other than (B, L) padding"  # e.g. a 4-D extended or custom mask
+            if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+                return "a float mask with values other than 0 and 1 (the original adds them as a bias)"
+            if mask.numel() and not bool(mask[:, 0].all()):
+                # the heads read position 0 (BERT's pooler, DistilBERT's classifier): with left
+                # padding it is a padded position, which the padding-free encoder leaves at 0
+                return "a row whose first position is padding (left padding; the heads read position 0)"
+            unsupported = getattr(self.__dict__["_fastbert_encoder"], "unsupported_mask", None)
+            reason = unsupported(mask) if unsupported is not None else None
+            if reason is not None:
+                return reason
         config = getattr(self, "config", None)
         for k in ("output_attentions", "output_hidden_states"):
             if getattr(config, k, False):
@@ -1244,27 +1253,63 @@ class PaddingFreeModel(nn.Module):
         if enc.training != self.training:
             enc.train(self.training)
         call = {k: a.get(k) for k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds")}
+        if isinstance(call["attention_mask"], Tensor) and call["attention_mask"].is_floating_point():
+            call["attention_mask"] = call["attention_mask"] != 0  # 1.0 / 0.0, as _fallback_reason checked
         if self._fastbert_token_types:
             call["token_type_ids"] = a.get("token_type_ids")
         if self._fastbert_mask_checked:
             call["mask_checked"] = True  # _fallback_reason asked enc.unsupported_mask already
         hidden = enc(**call)
-        from transformers import modeling_outputs
-
+        fields = {"last_hidden_state": hidden}
         pooler = getattr(self, "pooler", None)
         if "pooler_activation" in self._modules:  # ALBERT: a Linear and a tanh on the first token
-            out = modeling_outputs.BaseModelOutputWithPooling(
-                last_hidden_state=hidden, pooler_output=self.pooler_activation(pooler(hidden[:, 0])))
-        elif "pooler" in self._modules:  # BERT and its copies (None for ELECTRA-style models)
-            out = modeling_outputs.BaseModelOutputWithPoolingAndCrossAttentions(
-                last_hidden_state=hidden, pooler_output=pooler(hidden) if pooler is not None else None)
-        else:
-            out = modeling_outputs.BaseModelOutput(last_hidden_state=hidden)
+            fields["pooler_output"] = self.pooler_activation(pooler(hidden[:, 0]))
+        elif pooler is not None:  # BERT and its copies, MPNet (None: add_pooling_layer=False)
+            fields["pooler_output"] = pooler(hidden)
+        out_cls = self._fastbert_output_cls
+        out = out_cls(**{k: v for k, v in fields.items() if k in out_cls.__dataclass_fields__})
         return_dict = a.get("return_dict")
         if return_dict is None:
             config = getattr(self, "config", None)
             return_dict = getattr(config, "use_return_dict", getattr(config, "return_dict", True))
         return out if return_dict else out.to_tuple()
+
+
+def _annotated_output(cls) -> Optional[type]:
+    """The ModelOutput class ``cls.forward`` is annotated to return, or None."""
+    from transformers.utils import ModelOutput
+    try:
+        hint = typing.get_type_hints(cls.forward).get("return")
+    except Exception:  # an annotation that does not resolve
+        return None
+    for c in (hint, *typing.get_args(hint)):
+        if isinstance(c, type) and issubclass(c, ModelOutput):
+            return c
+    return None
+
+
+def _output_class(module: nn.Module) -> type:
+    """The ModelOutput class HuggingFace base model ``module`` returns, from its forward's return
+    annotation; where that names fewer fields than its encoder's annotation and no pooler (ELECTRA
+    returns its encoder's output as it is), the encoder's."""
+    from transformers import modeling_outputs
+    out = _annotated_output(type(module))
+    encoder = getattr(module, "encoder", None)
+    inner = _annotated_output(type(encoder)) if isinstance(encoder, nn.Module) else None
+    if inner is not None and (out is None or ("pooler_output" not in out.__dataclass_fields__
+                                              and set(out.__dataclass_fields__) < set(inner.__dataclass_fields__))):
+        out = inner
+    return out or modeling_outputs.BaseModelOutput
+
+
+def padding_free_refusal(parent: nn.Module) -> Optional[str]:
+    """Why a base model held by ``parent`` must not be made padding-free (None when it may): a
+    question-answering head takes its loss's softmax over every position, padded ones included,
+    whose logits the padding-free encoder would change (it leaves padded positions at 0)."""
+    if "QuestionAnswering" in type(parent).__name__:
+        return (f"not made padding-free: {type(parent).__name__}'s loss reads every position, padded "
+                "ones included (their hidden states would be 0 instead of the original's)")
+    return None
 
 
 def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
@@ -1294,7 +1339,8 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
         return None, f"not made padding-free: {e}"
     params = inspect.signature(encoder.forward).parameters
     new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
-                _fastbert_token_types="token_type_ids" in params, _fastbert_mask_checked="mask_checked" in params)
+                _fastbert_token_types="token_type_ids" in params, _fastbert_mask_checked="mask_checked" in params,
+                _fastbert_output_cls=_output_class(module))
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
     new.__dict__["_fastbert_encoder"] = encoder
     new.__dict__["_fastbert_hf_module"] = module

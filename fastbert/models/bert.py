@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn._utils import check_backend
+from ..nn._utils import NoTorchScript, check_backend
 from ..nn.gelu import gelu_approximation
 from ..padding import pad_input, unpad_input
 
@@ -138,7 +138,7 @@ def _layer_parts(hf_layer: nn.Module) -> dict:
     return _bert_parts(hf_layer)
 
 
-class BertLayer(nn.Module):
+class BertLayer(nn.Module, NoTorchScript):
     """One post-LN BERT layer on packed tokens, sharing a HuggingFace ``BertLayer``'s modules.
 
     forward(x (T, E), cu_seqlens (N + 1,) int32, max_seqlen, attn_bias=None) -> (T, E)::
@@ -302,7 +302,7 @@ def _embed(embeddings: nn.Module, **inputs) -> Tensor:
     return embeddings(**call)
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(nn.Module, NoTorchScript):
     """Padding-free BERT encoder (embeddings + layers) built from a HuggingFace model.
 
     Build with :meth:`from_hf`. ``forward(input_ids, attention_mask, token_type_ids, position_ids,

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn._utils import check_backend
+from ..nn._utils import NoTorchScript, check_backend
 from ..nn.gelu import gelu_approximation
 from ..padding import pad_input, unpad_input
 
@@ -51,7 +51,7 @@ def _norm(norm: nn.Module, x: Tensor, backend: Optional[str]) -> Tensor:
     return norm(x)  # layer 0's Identity
 
 
-class ModernBertLayer(nn.Module):
+class ModernBertLayer(nn.Module, NoTorchScript):
     """One ModernBERT layer on packed tokens, sharing a HuggingFace ``ModernBertEncoderLayer``'s
     modules. forward(x (T, E), cu_seqlens (N + 1,) int32, max_seqlen, cos (T, D), sin (T, D))
     -> (T, E); ``cos`` / ``sin``: the rotary embedding of each token's position (this layer's type).
@@ -101,7 +101,7 @@ class ModernBertLayer(nn.Module):
         return x + self.mlp_out(self.mlp_drop(act))
 
 
-class ModernBertEncoder(nn.Module):
+class ModernBertEncoder(nn.Module, NoTorchScript):
     """Padding-free ModernBERT encoder (embeddings + layers + final norm) built from a transformers
     5.x ``ModernBertModel`` or ``ModernBertFor...`` model with :meth:`from_hf`.
 

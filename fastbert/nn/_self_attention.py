@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .._validation import check_bool, check_dropout, type_name
-from ._utils import check_backend, check_factory_dtype, check_input, check_positive_int
+from ._utils import NoTorchScript, check_backend, check_factory_dtype, check_input, check_positive_int
 
 
-class SelfAttentionBase(nn.Module):
+class SelfAttentionBase(nn.Module, NoTorchScript):
     """In-projection (``in_proj_weight`` (3E, E), ``in_proj_bias`` (3E,)) and ``out_proj``, named and
     initialised as in ``torch.nn.MultiheadAttention`` (xavier-uniform in-projection, zero biases)."""
 

@@ -58,6 +58,18 @@ def check_input(name: str, t, param: torch.Tensor) -> None:
                          f"{param.device}")
 
 
+class NoTorchScript:
+    """Mixin of every fastbert module: ``torch.jit.script`` (which calls ``__prepare_scriptable__``
+    on each module it compiles) gets a clear error instead of one from inside TorchScript's
+    compiler: the modules call ``torch.library`` ops through Python (keyword-only arguments,
+    autocast queries, closures) that TorchScript cannot compile."""
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"{type(self).__name__}: fastbert modules do not support TorchScript (torch.jit.script); "
+            "use torch.compile, or torch.export for a deployable graph")
+
+
 def _own_forward(module: nn.Module) -> bool:
     """Whether ``module.forward`` set on the instance is the class's own forward bound to it."""
     fwd = module.__dict__.get("forward")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 from .._validation import check_dropout, type_name
-from ._utils import (adopt, check_backend, check_factory_dtype, check_input, check_positive_int,
+from ._utils import (NoTorchScript, adopt, check_backend, check_factory_dtype, check_input, check_positive_int,
                      compute_dtype)
 
 __all__ = ["MultiheadAttention", "attention_with_weights"]
@@ -93,7 +93,7 @@ def merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     return out
 
 
-class MultiheadAttention(nn.MultiheadAttention):
+class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
     """Drop-in for :class:`torch.nn.MultiheadAttention` running :func:`fastbert.scaled_dot_product_attention`.
 
     Same constructor (embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,

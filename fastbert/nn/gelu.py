@@ -10,12 +10,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.gelu import _check_approximate
-from ._utils import adopt, check_backend
+from ._utils import NoTorchScript, adopt, check_backend
 
 __all__ = ["GELU", "GEGLU", "gelu_approximation"]
 
 
-class GELU(nn.GELU):
+class GELU(nn.GELU, NoTorchScript):
     """Drop-in for :class:`torch.nn.GELU`: ``approximate="none"`` (erf) or ``"tanh"``, plus
     ``backend`` passed to :func:`fastbert.gelu`. Any input shape."""
 
@@ -37,7 +37,7 @@ class GELU(nn.GELU):
         return super().extra_repr() + f", backend={self.backend!r}"
 
 
-class GEGLU(nn.Module):
+class GEGLU(nn.Module, NoTorchScript):
     """``gelu(a) * g`` where ``a, g = input.chunk(2, dim=-1)``: the gated activation between a
     GLU-variant MLP's two matmuls (ModernBERT's ``act(input) * gate``), on :func:`fastbert.geglu`.
 

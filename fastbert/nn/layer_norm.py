@@ -7,12 +7,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.layer_norm import _check_eps, check_normalized_shape
-from ._utils import adopt, check_backend, check_factory_dtype
+from ._utils import NoTorchScript, adopt, check_backend, check_factory_dtype
 
 __all__ = ["LayerNorm"]
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(nn.LayerNorm, NoTorchScript):
     """Drop-in for :class:`torch.nn.LayerNorm` (same constructor, parameters and ``state_dict``).
 
     Args: as ``torch.nn.LayerNorm`` (normalized_shape, eps=1e-5, elementwise_affine=True,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..padding import pad_input, unpad_input
 from .._validation import check_dropout, type_name
-from ._utils import adopt, check_backend, check_input, check_positive_int
+from ._utils import NoTorchScript, adopt, check_backend, check_input, check_positive_int
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
 from .layer_norm import LayerNorm
@@ -35,7 +35,7 @@ def _activation_fn(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callab
     return activation
 
 
-class TransformerEncoderLayer(nn.Module):
+class TransformerEncoderLayer(nn.Module, NoTorchScript):
     """Drop-in for :class:`torch.nn.TransformerEncoderLayer`.
 
     Same constructor (d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=relu,
@@ -231,15 +231,15 @@ def _is_causal_mask(mask: Tensor, s: int) -> bool:
     return bool(torch.equal(torch.isneginf(mask), upper) and (mask[~upper] == 0).all())
 
 
-class TransformerEncoder(nn.Module):
+class TransformerEncoder(nn.Module, NoTorchScript):
     """Drop-in for :class:`torch.nn.TransformerEncoder` that computes only the real tokens.
 
     Same constructor (encoder_layer, num_layers, norm=None, enable_nested_tensor=True,
     mask_check=True) plus keyword-only ``padding_free`` (default True) and ``backend``; same
     submodules and ``state_dict`` keys (``layers.{i}.*``, ``norm.*``). ``encoder_layer`` is a
     :class:`TransformerEncoderLayer` or a ``torch.nn.TransformerEncoderLayer`` (converted), cloned
-    ``num_layers`` times as torch does. :meth:`from_torch` converts an existing encoder, sharing
-    its Parameters.
+    ``num_layers`` times as torch does (the clones of a fastbert layer take ``backend`` when it is
+    given). :meth:`from_torch` converts an existing encoder, sharing its Parameters.
 
     ``forward(src, mask=None, src_key_padding_mask=None, is_causal=None)`` -> src's shape (S, N, E)
     (or (N, S, E) with ``batch_first``, or unbatched (S, E)). With a key padding mask (bool, True =
@@ -274,6 +274,10 @@ class TransformerEncoder(nn.Module):
         if not isinstance(padding_free, bool):
             raise TypeError(f"padding_free must be a bool, got {type_name(padding_free)}")
         self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        if backend is not None:  # the clones of a fastbert layer built with another backend
+            for m in self.layers.modules():
+                if isinstance(m, NoTorchScript) and hasattr(m, "backend"):
+                    m.backend = backend
         self.num_layers = num_layers
         self.norm = norm
         self.enable_nested_tensor = enable_nested_tensor
@@ -297,6 +301,10 @@ class TransformerEncoder(nn.Module):
             elif not isinstance(layer, TransformerEncoderLayer):
                 raise TypeError(f"module.layers holds a {type_name(layer)}: expected "
                                 "torch.nn.TransformerEncoderLayer")
+            elif backend is not None and layer.backend != backend:
+                raise ValueError(f"module.layers[{len(layers)}] is a fastbert TransformerEncoderLayer with "
+                                 f"backend={layer.backend!r}, kept as it is: backend={backend!r} would not "
+                                 "reach it (pass backend=None, or build it with that backend)")
             layers.append(layer)
         new = adopt(cls, module, padding_free=padding_free, use_nested_tensor=False)
         new.layers = nn.ModuleList(layers)
