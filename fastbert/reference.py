@@ -201,6 +201,17 @@ def repeat_kv_heads(key: Tensor, value: Tensor, num_heads: int, dim: int) -> Tup
     return key.repeat_interleave(group, dim=dim), value.repeat_interleave(group, dim=dim)
 
 
+def zeros_in_graph(shape: Tuple[int, ...], *inputs: Tensor) -> Tensor:
+    """Zeros of ``shape`` in the last input's dtype, attached to the autograd graph of ``inputs``
+    with zero gradients (attention with nothing to attend to). Each input enters as a sum over an
+    empty slice of it: exactly 0 whatever it holds (an inf or NaN in a query row must not reach
+    the others)."""
+    out = inputs[-1].new_zeros(shape)
+    for t in inputs:
+        out = out + t.narrow(-1, 0, 0).sum()
+    return out
+
+
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -248,8 +259,7 @@ def varlen_attention(
         vi = v[ck[i]:ck[i + 1]].transpose(0, 1)
         if qi.shape[1] == 0 or ki.shape[1] == 0:  # empty sequence: nothing to attend, output 0
             # (its tokens stay in the graph: zero gradients rather than none)
-            oi = (vi.new_zeros((vi.shape[0], qi.shape[1], vi.shape[-1]))
-                  + 0.0 * (qi.sum() + ki.sum() + vi.sum()))
+            oi = zeros_in_graph((vi.shape[0], qi.shape[1], vi.shape[-1]), qi, ki, vi)
         else:
             slopes = None
             if alibi_slopes is not None:

@@ -1099,6 +1099,31 @@ def test_varlen(lens_q, lens_k, h, d, dtype, causal, layout, slack):
             assert torch.all(grads[0][cq[i]:cq[i + 1]] == 0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_varlen_strided_cu_seqlens_and_inf_beside_an_empty_sequence(backend):
+    """cu_seqlens given as a strided view (its values, not its memory, count); an inf in a query
+    of a sequence with no key stays out of every output row and gradient (each such row is 0), as
+    it does for dense attention with no key at all (whose shortcut adds no arithmetic on inputs)."""
+    q, k, v = (rand((n, 2, 16), F32, requires_grad=True) for n in (8, 5, 5))
+    backing = torch.tensor([0, 99, 3, 99, 8, 99], dtype=torch.int32, device=DEVICE)
+    cu_q, cu_k = backing[::2], _cu([0, 5])  # values [0, 3, 8]; sequence 0 has no key
+    with torch.no_grad():
+        q[1, 0, 0] = float("inf")
+    out = fastbert.varlen_attention(q, k, v, cu_q, cu_k, 5, 5, backend=backend)
+    ref = reference.varlen_attention(*(t.detach().double() for t in (q, k, v)), _cu([3, 5]), cu_k, 5, 5)
+    assert torch.equal(out[:3], torch.zeros_like(out[:3])) and torch.isfinite(out).all()
+    assert_close(out[3:], ref[3:], ref[3:].float(), name="out")
+    dq, = torch.autograd.grad(out, q, torch.ones_like(out))
+    assert torch.equal(dq[:3], torch.zeros_like(dq[:3]))
+    qd = rand((2, 2, 4, 16), F32, requires_grad=True)
+    with torch.no_grad():
+        qd[0, 0, 0, 0] = float("inf")
+    kd = rand((2, 2, 0, 16), F32, requires_grad=True)
+    od = fastbert.scaled_dot_product_attention(qd, kd, kd, backend=backend)
+    assert torch.equal(od, torch.zeros_like(od))
+    assert torch.equal(torch.autograd.grad(od, qd, torch.ones_like(od))[0], torch.zeros_like(qd))
+
+
 @pytest.mark.parametrize("per_sequence,layout,window", [(False, "plain", None), (True, "gqa2", None),
                                                        (False, "plain", (5, 3))],
                          ids=["N3-H4-D40-fp16-causal-alibiH", "N3-H4-D40-fp16-causal-alibiNH-gqa2",

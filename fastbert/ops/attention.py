@@ -209,8 +209,7 @@ def scaled_dot_product_attention(
     scale = check_scale(scale)
     if lq == 0 or lk == 0 or b == 0 or h == 0:
         # Nothing to attend to: every row is fully masked and returns 0.
-        out = value.new_zeros((b, h, lq, value.shape[-1]))
-        return out + 0.0 * (query.sum() + key.sum() + value.sum())
+        return reference.zeros_in_graph((b, h, lq, value.shape[-1]), query, key, value)
     impl = select("scaled_dot_product_attention", backend, query.device, query=query, key=key,
                   value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                   scale=scale, enable_gqa=enable_gqa, alibi_slopes=alibi_slopes,
@@ -327,6 +326,8 @@ def varlen_attention(
     dropout_p = check_dropout(dropout_p)
     is_causal = check_bool("is_causal", is_causal)
     scale = check_scale(scale)
+    # the kernels read the offsets as a dense array (a strided view would be read wrong)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     impl = select("varlen_attention", backend, q.device, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                   dropout_p=dropout_p, is_causal=is_causal, scale=scale, alibi_slopes=alibi_slopes,
