@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["FastOp", "custom_op", "eager_call", "fast_ops"]
+__all__ = ["FastOp", "custom_op", "eager_call", "fast_ops", "first_order_only"]
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
@@ -54,6 +54,24 @@ def eager_call(args) -> bool:
     return True
 
 
+def first_order_only(name: str, backward: Callable) -> Callable:
+    """``backward`` (a custom op's autograd formula built on kernels, whose results are not
+    differentiable) refusing to run where a graph of the gradient is being built
+    (``create_graph=True``: gradient penalties, Hessians; autograd then runs it with grad mode on)
+    instead of returning a gradient whose own gradient would silently be missing."""
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"{name}: the gradient of its gradient (backward with create_graph=True, "
+                "torch.func.grad / jacrev / hessian) is not implemented by the Triton and CUDA "
+                "kernels; run this computation with backend='torch', whose ops are differentiable twice")
+        return backward(ctx, *grads)
+
+    checked.__name__ = getattr(backward, "__name__", "backward")
+    checked.__doc__ = backward.__doc__
+    return checked
+
+
 class FastOp:
     """A ``torch.library`` custom op (``op``) plus an eager fast path to its implementation.
 
@@ -78,6 +96,7 @@ class FastOp:
         return fn
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        backward = first_order_only(self.name, backward)
         torch.library.register_autograd(self.op, backward, setup_context=setup_context)
 
         def forward(*args):
@@ -90,7 +109,15 @@ class FastOp:
 
     def __call__(self, *args):
         if not eager_call(args):
-            return self.op(*args)
+            try:
+                return self.op(*args)
+            except RuntimeError as e:  # torch's message names an autograd.Function the user never wrote
+                if _functorch_active is not None and _functorch_active() and "functorch" in str(e):
+                    raise NotImplementedError(
+                        f"{self.name}: torch.func transforms that differentiate (grad, jacrev, jvp, "
+                        "hessian, ...) cannot run the Triton and CUDA kernels' custom ops; use "
+                        "backend='torch' under them (vmap alone works)") from e
+                raise
         if self._function is not None and torch.is_grad_enabled() and any(
                 isinstance(a, Tensor) and a.requires_grad for a in args):
             return self._function.apply(*args)

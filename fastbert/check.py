@@ -11,6 +11,7 @@ computations (SDPA's math backend, ``F.layer_norm``, ``F.gelu``) in float64.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -252,6 +253,10 @@ def plan(device: str) -> List[Tuple[str, str, torch.dtype]]:
 
 def main(ops: Optional[List[str]] = None, device: Optional[str] = None) -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print(f"fastbert check: no CUDA GPU is visible, so nothing can run on {device!r}; "
+              "run `fastbert check` without --device to check every op here on the CPU", file=sys.stderr)
+        return 2
     rows = [r for r in plan(device) if not ops or r[0] in ops]
     print(f"fastbert check on {device} ({len(rows)} checks)")
     header = f"{'op':<30} {'backend':<10} {'dtype':<9} {'err/tol':>10}  result"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 from typing import List, Optional
 
@@ -75,8 +76,14 @@ def cmd_check(args) -> int:
     import torch
 
     if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
-        # Without a GPU, check the Triton kernels under the interpreter (set before they import).
-        os.environ["TRITON_INTERPRET"] = "1"
+        # Without a GPU, check the Triton kernels under the interpreter. Triton reads
+        # TRITON_INTERPRET when it is imported, which importing fastbert already did (its own
+        # library functions, tl.sum's combine among them, are then compiled-mode functions the
+        # interpreter cannot call): run the check in a fresh interpreter with it set.
+        argv = ["check"] + [a for op in args.op or [] for a in ("--op", op)]
+        argv += ["--device", args.device] if args.device else []
+        return subprocess.call([sys.executable, "-m", "fastbert", *argv],
+                               env=dict(os.environ, TRITON_INTERPRET="1"))
     from . import check
 
     unknown = [op for op in args.op or [] if op not in check.CASES]

@@ -26,12 +26,24 @@ def test_info_lists_versions_and_every_op():
 
 
 def test_check_runs_the_table_and_passes():
-    res = run_cli("check", "--op", "gelu", "--op", "layer_norm")
+    """As a user runs it: without TRITON_INTERPRET in the environment (on a machine without a GPU
+    check turns the interpreter on itself, which must happen before triton is imported)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "fastbert", "check", "--op", "gelu", "--op", "layer_norm"],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     assert any(l.startswith("gelu") and "reference" in l and "pass" in l for l in lines)
     assert any(l.startswith("layer_norm") and " torch " in l and "pass" in l for l in lines)
     assert "0 failed" in res.stdout
+
+
+def test_check_on_cuda_without_a_gpu_is_refused():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    res = run_cli("check", "--device", "cuda", "--op", "gelu")
+    assert res.returncode == 2 and "no CUDA GPU is visible" in res.stderr and "FAIL" not in res.stdout
 
 
 def test_check_unknown_op_is_an_error():

@@ -320,3 +320,25 @@ def test_fullgraph_compile_in_a_fresh_process():
     if DEVICE == "cuda":
         pytest.skip("the CPU run covers the probes; a GPU run would compile kernels for minutes")
     assert_runs_in_fresh_python(_FRESH_COMPILE, "compiled ok")
+
+
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_double_backward_is_refused_clearly_where_kernels_run(path, monkeypatch):
+    """The kernels' gradients are not differentiable: a graph of the gradient (create_graph=True,
+    e.g. a gradient penalty) raises NotImplementedError naming the op and backend='torch', whose
+    ops give the second derivative, instead of a gradient whose own gradient is silently 0;
+    torch.func.grad likewise gets a clear error. First-order backward is unaffected."""
+    if path == "custom_op":
+        monkeypatch.setattr(_library, "eager_call", lambda args: False)
+    x = rand((4, 8), torch.float32, requires_grad=True)
+    for f in (lambda t, b: fastbert.gelu(t, backend=b),
+              lambda t, b: fastbert.layer_norm(t, (8,), None, None, backend=b)):
+        g, = torch.autograd.grad(f(x, "torch").pow(3).sum(), x, create_graph=True)
+        h, = torch.autograd.grad(g.pow(2).sum(), x)  # the torch backend: differentiable twice
+        assert torch.isfinite(h).all() and h.abs().sum() > 0
+        with pytest.raises(NotImplementedError, match="gradient of its gradient.*backend='torch'"):
+            torch.autograd.grad(f(x, "triton").pow(3).sum(), x, create_graph=True)
+        g1, = torch.autograd.grad(f(x, "triton").pow(3).sum(), x)
+        torch.testing.assert_close(g1, g.detach(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda t: fastbert.gelu(t, backend="triton").sum())(x.detach())

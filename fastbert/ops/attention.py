@@ -16,7 +16,7 @@ from .. import reference
 from .._rng import dropout_seed, seed_like
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
                            check_same, check_scale, check_tensor, host_checks_allowed)
-from .._library import custom_op
+from .._library import custom_op, first_order_only
 from .._autocast import autocast_dtype, cast, disabled
 from ..backends import cuda_ops, register, register_cuda_family, select
 
@@ -727,7 +727,8 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, dmask,
                 None, None, None)
 
-    torch.library.register_autograd(lib + "attention_fwd", backward, setup_context=setup)
+    torch.library.register_autograd(lib + "attention_fwd",
+                                    first_order_only(lib + "attention_fwd", backward), setup_context=setup)
 
 
 register_cuda_family("attention", _register_cuda_ops)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validation import check_same, check_tensor
-from .._library import custom_op
+from .._library import custom_op, first_order_only
 from ..backends import cuda_ops, register, register_cuda_family, select
 
 __all__ = ["gelu", "bias_gelu", "geglu"]
@@ -269,12 +269,14 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         dx, db = ops.bias_gelu_bwd(grad_out, input, bias, ctx.approximate, need_db and bias is not None)
         return dx if need_dx else None, db if need_db else None, None
 
-    torch.library.register_autograd(lib + "bias_gelu_fwd", backward, setup_context=setup)
+    torch.library.register_autograd(lib + "bias_gelu_fwd",
+                                    first_order_only(lib + "bias_gelu_fwd", backward), setup_context=setup)
 
     torch.library.register_fake(lib + "geglu_fwd", _geglu_fwd_fake)
     torch.library.register_fake(lib + "geglu_bwd", _geglu_bwd_fake)
 
-    torch.library.register_autograd(lib + "geglu_fwd", _geglu_backward_with(ops.geglu_bwd),
+    torch.library.register_autograd(lib + "geglu_fwd",
+                                    first_order_only(lib + "geglu_fwd", _geglu_backward_with(ops.geglu_bwd)),
                                     setup_context=_geglu_setup_context)
 
 

@@ -14,7 +14,7 @@ from .. import reference
 from .._autocast import autocast_dtype, cast, disabled, layer_norm_dtype
 from .._rng import dropout_seed, seed_like
 from .._validation import check_bool, check_dropout, check_same, check_tensor, type_name
-from .._library import custom_op
+from .._library import custom_op, first_order_only
 from ..backends import cuda_ops, register, register_cuda_family, select
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -503,7 +503,8 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
             grad_out, input, weight, mean, rstd, need_dw and weight is not None, need_db and ctx.has_bias)
         return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None
 
-    torch.library.register_autograd(lib + "layer_norm_fwd", layer_norm_backward,
+    torch.library.register_autograd(lib + "layer_norm_fwd",
+                                    first_order_only(lib + "layer_norm_fwd", layer_norm_backward),
                                     setup_context=layer_norm_setup)
 
     def add_layer_norm_setup(ctx, inputs, output):
@@ -533,7 +534,8 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         return (dx if need_dx else None, dr if need_dr else None, dw if need_dw else None,
                 db if need_db else None, dxb if need_dxb else None, None, None)
 
-    torch.library.register_autograd(lib + "add_layer_norm_fwd", add_layer_norm_backward,
+    torch.library.register_autograd(lib + "add_layer_norm_fwd",
+                                    first_order_only(lib + "add_layer_norm_fwd", add_layer_norm_backward),
                                     setup_context=add_layer_norm_setup)
 
 
