@@ -92,9 +92,10 @@ def attention_probs(
     if lk == 0:  # no key at all: every row is fully masked (empty weights; P V is then zeros)
         return scores
     # A row is "alive" when at least one key takes part; -inf additive entries also remove keys.
+    # A +inf logit makes its row NaN (exp(inf - inf)), as in torch's softmax; so does a NaN one.
     scores = scores.masked_fill(~keep, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
-    alive = torch.isfinite(row_max)
+    alive = row_max != float("-inf")
     row_max = torch.where(alive, row_max, torch.zeros_like(row_max)).detach()
     exp = torch.exp(scores - row_max)  # exp(-inf) = 0 for masked keys
     denom = exp.sum(dim=-1, keepdim=True)

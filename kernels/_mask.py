@@ -10,10 +10,13 @@ __all__ = ["bias_log2"]
 
 @triton.jit
 def bias_log2(bias):
-    """An additive mask tile (fp32) in base-2 units, as the scores are. Finite values below -2e38
-    (e.g. HuggingFace's torch.finfo(float32).min padding) are clamped first so that ``* log2(e)``
-    cannot overflow them to -inf: they stay "alive" keys, as in the reference (a row padded that
-    way everywhere averages its keys, as torch does), while -inf stays -inf (key removed) and NaN
-    stays NaN (its row comes out NaN, as in torch; tl.maximum would drop it)."""
-    bias = tl.where((bias < -2.0e38) & (bias != float("-inf")), -2.0e38, bias)
+    """An additive mask tile (fp32) in base-2 units, as the scores are. Finite values beyond
+    +-2e38 (e.g. HuggingFace's torch.finfo(float32).min padding) are clamped first so that
+    ``* log2(e)`` cannot overflow them to +-inf: they stay "alive" keys, as in the reference (a
+    row padded that way everywhere averages its keys, as torch does; a key at +3e38 takes all the
+    weight), while -inf stays -inf (key removed), and +inf and NaN stay themselves (the row comes
+    out NaN, as in torch; tl.maximum would drop a NaN)."""
+    finite = (bias != float("-inf")) & (bias != float("inf"))
+    bias = tl.where((bias < -2.0e38) & finite, -2.0e38, bias)
+    bias = tl.where((bias > 2.0e38) & finite, 2.0e38, bias)
     return bias * 1.4426950408889634

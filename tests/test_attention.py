@@ -710,9 +710,10 @@ def test_sdpa_large_negative_padding_mask(fill):
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_sdpa_nan_propagates(mask_kind, causal, dtype):
     """NaN reaches exactly the rows it reaches in torch: a NaN in a query element (its row), in a
-    key (every row that sees that key), in a float mask entry (its row; clamping finfo.min padding
-    must not drop it). A NaN logit of a masked key does nothing; a fully masked row stays 0; the
-    other rows stay exact."""
+    key (every row that sees that key), in a float mask entry or a +inf one (its row; clamping
+    finfo.min padding must not drop it). A NaN logit of a masked key does nothing; a fully masked
+    row stays 0; a huge finite entry (3e38: log2(e) times it overflows fp32) gives its key all the
+    weight; the other rows stay exact."""
     b, h, lq, lk, d = 1, 3, 9, 20, 64
     q, k, v = (rand((b, h, n, d), dtype) for n in (lq, lk, lk))
     q[0, 0, 3, 5] = float("nan")
@@ -727,6 +728,8 @@ def test_sdpa_nan_propagates(mask_kind, causal, dtype):
         mask[0, 1, 2, 7] = float("-inf")                  # head 1, row 2: the NaN key masked
         mask[0, 2, 5, 2] = float("nan")                   # head 2, row 5
         mask[0, 2, 6, :] = torch.finfo(torch.float32).min  # head 2, row 6: "padding", stays alive
+        mask[0, 2, 7, 3] = float("inf")                   # head 2, row 7: NaN, as in torch
+        mask[0, 0, 8, 5] = 3e38 if dtype == F32 else 6e4  # head 0, row 8: all on key 5
     with warnings.catch_warnings():  # numpy, under the interpreter, warns of the NaN it computes
         warnings.simplefilter("ignore", RuntimeWarning)
         out = fastbert.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, backend="triton")
@@ -739,6 +742,12 @@ def test_sdpa_nan_propagates(mask_kind, causal, dtype):
     assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().any(-1) != nan_rows).nonzero().tolist()
     assert (out[0, 0, 4] == 0).all()
     assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name="rows without NaN")
+    if mask_kind == "float":
+        assert ref[0, 2, 7].isnan().all() and torch.equal(out[0, 0, 8], v[0, 0, 5])
+        if not causal:  # torch's own SDPA (math, fp64) agrees on every row but the fully masked one
+            theirs = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask.double())
+            theirs[0, 0, 4] = 0.0
+            assert torch.equal(theirs.isnan(), ref.isnan())
 
 
 def test_sdpa_every_key_masked():
@@ -1073,12 +1082,13 @@ def _varlen_leaves(lens_q, lens_k, h, d, dtype, layout):
 
 @pytest.mark.parametrize("lens_q,lens_k,h,d,dtype,causal,layout,slack",
                          [pytest.param(*c, id=_varlen_id(*c)) for c in VARLEN])
-def test_varlen(lens_q, lens_k, h, d, dtype, causal, layout, slack):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen(lens_q, lens_k, h, d, dtype, causal, layout, slack, backend):
     leaves = _varlen_leaves(lens_q, lens_k, h, d, dtype, layout)
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     max_q, max_k = max(lens_q) + slack, max(lens_k) + slack
     out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, is_causal=causal,
-                                    backend="triton")
+                                    backend=backend)
     dout = rand(out.shape, dtype)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
@@ -1128,7 +1138,8 @@ def test_varlen_strided_cu_seqlens_and_inf_beside_an_empty_sequence(backend):
                                                        (False, "plain", (5, 3))],
                          ids=["N3-H4-D40-fp16-causal-alibiH", "N3-H4-D40-fp16-causal-alibiNH-gqa2",
                               "N3-H4-D40-fp16-causal-alibiH-window5_3"])
-def test_varlen_alibi(per_sequence, layout, window):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_alibi(per_sequence, layout, window, backend):
     """ALiBi (and a sliding window) over packed sequences: positions counted within each
     sequence; slopes (H,) or one set per sequence (N, H)."""
     lens_q, lens_k, h, d = [17, 0, 33], [9, 4, 40], 4, 40
@@ -1136,7 +1147,7 @@ def test_varlen_alibi(per_sequence, layout, window):
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     alibi = _slopes((len(lens_q), h) if per_sequence else (h,))
     out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), is_causal=True,
-                                    alibi_slopes=alibi, window_size=window, backend="triton")
+                                    alibi_slopes=alibi, window_size=window, backend=backend)
     dout = rand(out.shape, F16)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [_clone_leaf(t, torch.float64) for t in leaves]
@@ -1174,7 +1185,8 @@ def _varlen_mask(kind, n, h, lq, lk):
 
 
 @pytest.mark.parametrize("kind", list(VARLEN_MASKS))
-def test_varlen_attn_mask(kind):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_attn_mask(kind, backend):
     """A mask read at sequence-local positions (entry [i, h, r, c]: query r and key c of sequence
     i): outputs, dq / dk / dv and the float mask's gradient against the fp64 reference; the
     reference itself against padded per-sequence SDPA; a fully masked row gives 0."""
@@ -1184,7 +1196,7 @@ def test_varlen_attn_mask(kind):
     max_q, max_k = max(lens_q), max(lens_k)
     mask = _varlen_mask(kind, len(lens_q), h, max_q, max_k)
     kw = dict(is_causal=causal, window_size=window)
-    out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, attn_mask=mask, backend="triton", **kw)
+    out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, attn_mask=mask, backend=backend, **kw)
     wrt = leaves + ([mask] if mask.requires_grad else [])
     dout = rand(out.shape, dtype)
     grads = torch.autograd.grad(out, wrt, dout)
@@ -1836,16 +1848,20 @@ def test_cuda_attention_compile_fullgraph():
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(q), f(q), rtol=0, atol=0)
 
 
-def test_varlen_compile_fullgraph():
-    # Under torch.compile the cu_seqlens values are not read on the host, so the graph has no break.
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_compile_fullgraph(backend):
+    # Under torch.compile the cu_seqlens values are not read on the host, so the graph has no break
+    # (backend="torch" pads to max_seqlen instead of looping over the sequences; its graph is
+    # checked with aot_eager, which needs no C++ compiler run).
     lens = [5, 0, 17]
     cu = torch.tensor([0, 5, 5, 22], dtype=torch.int32, device=DEVICE)
     q, k, v = (rand((sum(lens), 2, 16), F32).requires_grad_() for _ in range(3))
 
     def fn(q, k, v):
-        return fastbert.varlen_attention(q, k, v, cu, cu, 17, 17, is_causal=True, backend="triton")
+        return fastbert.varlen_attention(q, k, v, cu, cu, 17, 17, is_causal=True, backend=backend)
 
-    out = torch.compile(fn, fullgraph=True)(q, k, v)
+    compiler = "aot_eager" if backend == "torch" and DEVICE == "cpu" else "inductor"
+    out = torch.compile(fn, fullgraph=True, backend=compiler)(q, k, v)
     dout = rand(out.shape)
     grads = torch.autograd.grad(out, [q, k, v], dout)
     eager = fn(q, k, v)

@@ -579,6 +579,21 @@ def test_block_sparse_module_empty_sequence(backend):
         assert out.shape == (2, 0, 16)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_attention_gives_a_float_mask_its_zero_gradient(backend):
+    # (with H = 0 or Lk = 0 the shortcut to zeros left a trainable mask out of the graph: grad None)
+    for lq, lk, h in ((5, 0, 2), (5, 7, 0)):
+        q, k = t(2, h, lq, 16), t(2, h, lk, 16)
+        mask = t(2, h, lq, lk).requires_grad_()
+        out = sdpa(q, k, k, attn_mask=mask, backend=backend)
+        g, = torch.autograd.grad(out.sum(), mask)
+        assert (out == 0).all() and g.shape == mask.shape and (g == 0).all()
+        mask = t(1, 1, lq, lk).requires_grad_()
+        layout = ones(1, 1, -(-lk // 16), dtype=torch.bool)
+        g, = torch.autograd.grad(bsa(q, k, k, layout, 16, attn_mask=mask, backend=backend).sum(), mask)
+        assert g.shape == mask.shape and (g == 0).all()
+
+
 def test_mha_need_weights_with_no_keys():
     # (need_weights=True with S = 0 crashed with an IndexError from amax)
     m = fnn.MultiheadAttention(16, 2, batch_first=True, device=DEVICE, backend="torch")

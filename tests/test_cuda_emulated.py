@@ -902,12 +902,14 @@ def test_fused_attention_float_mask_nan_and_inf(emu, dtype):
     m[0, 0, 2, 7] = float("nan")
     m[1, 0, 3] = float("-inf")
     m[:, :, 5, ::3] = float("-inf")
+    m[0, 0, 6, 1] = float("inf")  # its row NaN, as in torch
+    m[1, 0, 7, 4] = 3e38          # all the weight on key 4
     assert emu.fused_attention_unsupported(q, k, v, m) == ""
     out = emu.fused_attention_fwd(q, k, v, m, False, d ** -0.5)
     ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), m.double())
     low = reference.scaled_dot_product_attention(q, k, v, m, compute_dtype=dtype)
-    assert torch.equal(out.isnan(), ref.isnan()) and out[0, :, 2].isnan().all()
-    assert (out[1, :, 3] == 0).all()
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, :, 2].isnan().all() and out[0, :, 6].isnan().all()
+    assert (out[1, :, 3] == 0).all() and torch.equal(out[1, :, 7], v[1, :, 4])
     assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name="float mask")
 
 
@@ -938,9 +940,9 @@ def test_attention_nan_propagates(emu, path, dtype):
 
 @pytest.mark.parametrize("dtype", [F16, F32])
 def test_attention_float_mask_nan_and_large_negative(emu, dtype):
-    """The unfused path reads a float mask as torch does: a NaN entry makes its row NaN, a row
-    padded everywhere with finfo(float32).min averages its keys (it is not a masked row), -inf
-    removes keys; the other rows stay exact."""
+    """The unfused path reads a float mask as torch does: a NaN or +inf entry makes its row NaN, a
+    row padded everywhere with finfo(float32).min averages its keys (it is not a masked row), -inf
+    removes keys, a huge finite entry takes all the weight; the other rows stay exact."""
     b, h, lq, lk, d = 1, 2, 9, 20, 40
     q, k, v = _qkv(b, h, lq, lk, d, dtype)
     m = torch.zeros(b, h, lq, lk, dtype=dtype)
@@ -948,11 +950,13 @@ def test_attention_float_mask_nan_and_large_negative(emu, dtype):
     m[0, 1, 3] = torch.finfo(torch.float32).min if dtype == F32 else torch.finfo(dtype).min
     m[0, 1, 4] = float("-inf")
     m[0, 0, 6, ::2] = float("-inf")
+    m[0, 1, 5, 3] = float("inf")
+    m[0, 1, 6, 4] = 3e38 if dtype == F32 else 6e4
     out = emu.attention_fwd(q, k, v, m, 0.0, False, d ** -0.5)[0]
     ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), m.double())
     low = reference.scaled_dot_product_attention(q, k, v, m, compute_dtype=dtype)
-    assert ref[0, 0, 2].isnan().all() and torch.equal(out.isnan(), ref.isnan())
-    assert (out[0, 1, 4] == 0).all() and (out[0, 1, 3] != 0).any()
+    assert ref[0, 0, 2].isnan().all() and ref[0, 1, 5].isnan().all() and torch.equal(out.isnan(), ref.isnan())
+    assert (out[0, 1, 4] == 0).all() and (out[0, 1, 3] != 0).any() and torch.equal(out[0, 1, 6], v[0, 1, 4])
     assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), low.nan_to_num(0.0), name="rows without NaN")
 
 

@@ -80,6 +80,7 @@ __device__ __forceinline__ void to_logits(const SoftmaxFwdParams& p, int64_t mas
     } else if constexpr (MASK == MaskKind::kFloat32) {
       x += static_cast<const float*>(p.mask)[mask_row + j * p.mask_stride_k];
     }
+    if (x == INFINITY) x = NAN;  // torch: exp(inf - inf) makes the row NaN (not a one-hot on it)
     if (p.causal && j > i) x = -INFINITY;
     v[k] = x;
   }

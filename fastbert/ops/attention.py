@@ -208,8 +208,10 @@ def scaled_dot_product_attention(
     dropout_p = check_dropout(dropout_p)
     scale = check_scale(scale)
     if lq == 0 or lk == 0 or b == 0 or h == 0:
-        # Nothing to attend to: every row is fully masked and returns 0.
-        return reference.zeros_in_graph((b, h, lq, value.shape[-1]), query, key, value)
+        # Nothing to attend to: every row is fully masked and returns 0 (zero gradients, a float
+        # mask's included).
+        extra = [attn_mask] if attn_mask is not None and attn_mask.is_floating_point() else []
+        return reference.zeros_in_graph((b, h, lq, value.shape[-1]), *extra, query, key, value)
     impl = select("scaled_dot_product_attention", backend, query.device, query=query, key=key,
                   value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                   scale=scale, enable_gqa=enable_gqa, alibi_slopes=alibi_slopes,
@@ -345,13 +347,45 @@ def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
                                                   window_size=window_size)
 
 
+def _pad_packed(x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tuple[Tensor, Tensor]:
+    """Packed (total, H, D) -> padded (N, H, max_seqlen, D) with zeros past each sequence, and the
+    (N, max_seqlen) bool of real positions. No host read of cu_seqlens (torch.compile keeps one
+    graph); padding holds zeros, not another sequence's rows, so no inf / NaN of theirs leaks in
+    and no gradient flows to them."""
+    starts, lens = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    pos = torch.arange(max_seqlen, device=x.device)
+    real = pos[None, :] < lens[:, None]                                    # (N, L)
+    rows = (starts[:, None] + pos[None, :]).clamp(max=max(x.shape[0] - 1, 0))
+    padded = torch.where(real[:, :, None, None], x[rows], x.new_zeros(()))  # (N, L, H, D)
+    return padded.transpose(1, 2), real
+
+
 @register("varlen_attention", "torch")
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                   is_causal, scale, alibi_slopes, window_size, attn_mask):
-    return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, dropout_p, is_causal, scale,
-                                      alibi_slopes=alibi_slopes, window_size=window_size,
-                                      attn_mask=attn_mask)
+    """Padded to (N, H, max_seqlen, D), dense attention with the keys past each sequence masked,
+    unpadded again: one graph under torch.compile (reference.varlen_attention, a loop over the
+    sequences read on the host, stays the definition it is checked against)."""
+    n = cu_seqlens_q.numel() - 1
+    if q.shape[0] == 0 or k.shape[0] == 0 or n == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return reference.zeros_in_graph((q.shape[0], q.shape[1], v.shape[-1]), q, k, v)
+    qp, _ = _pad_packed(q, cu_seqlens_q, max_seqlen_q)
+    kp, real_k = _pad_packed(k, cu_seqlens_k, max_seqlen_k)
+    vp, _ = _pad_packed(v, cu_seqlens_k, max_seqlen_k)
+    keys = real_k[:, None, None, :]                                        # (N, 1, 1, Lk)
+    if attn_mask is None:
+        mask = keys
+    else:
+        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        mask = m4 & keys if m4.dtype == torch.bool else torch.where(keys, m4, float("-inf"))
+    out = reference.scaled_dot_product_attention(qp, kp, vp, mask, dropout_p, is_causal, scale,
+                                                 enable_gqa=True, alibi_slopes=alibi_slopes,
+                                                 window_size=window_size)  # (N, H, Lq, Dv)
+    # Packed row r lies in sequence seq[r] (the number of sequence ends <= r), at position t[r].
+    rows = torch.arange(q.shape[0], device=q.device)
+    seq = torch.searchsorted(cu_seqlens_q[1:].long(), rows, right=True)
+    t = rows - cu_seqlens_q.long()[seq]
+    return out.transpose(1, 2)[seq, t]                                     # (total_q, H, Dv)
 
 
 # ----------------------------------------------------------------------------------------------

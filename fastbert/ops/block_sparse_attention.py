@@ -82,7 +82,8 @@ def block_sparse_attention(
     scale = check_scale(scale)
     if lq == 0 or lk == 0 or b == 0 or h == 0:
         # Nothing to attend to (as in scaled_dot_product_attention): every row returns 0.
-        return reference.zeros_in_graph((b, h, lq, value.shape[-1]), query, key, value)
+        extra = [attn_mask] if attn_mask is not None and attn_mask.is_floating_point() else []
+        return reference.zeros_in_graph((b, h, lq, value.shape[-1]), *extra, query, key, value)
     impl = select("block_sparse_attention", backend, query.device, query=query, key=key,
                   value=value, layout=layout, block_size=block_size, attn_mask=attn_mask,
                   dropout_p=dropout_p, scale=scale)
