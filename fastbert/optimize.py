@@ -181,7 +181,8 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
 
     Args:
         model: any ``torch.nn.Module``; modified in place (the root itself is never replaced: call
-            ``fastbert.nn.X.from_torch(m)`` for a bare module).
+            ``fastbert.nn.X.from_torch(m)`` for a bare module; a HuggingFace base model given
+            itself with ``padding_free=True`` gets the padding-free forward on the instance).
         backend: passed to every fastbert op the new modules call (None: ``FASTBERT_BACKEND`` or
             "auto" at call time).
         padding_free: also replace each HuggingFace encoder base model inside ``model`` (``BertModel``
@@ -197,7 +198,9 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
             (left padding: classification heads read position 0), runs the original forward. A
             base model the encoders refuse, or under a question-answering head (its loss reads
             every position, padded ones included), is reported as left, and its layers are swapped
-            as usual. Each
+            as usual. A base model that is ``model`` itself (``AutoModel.from_pretrained(...)``)
+            keeps its class: its instance ``forward`` becomes the padding-free one (same
+            signature; a pickled copy loads with its class's forward). Each
             ``torch.nn.TransformerEncoder`` (of ``torch.nn.TransformerEncoderLayer``) becomes a
             :class:`fastbert.nn.TransformerEncoder`, which computes only the real tokens when
             called with ``src_key_padding_mask`` (0 at padded positions, as torch's nested-tensor
@@ -239,8 +242,17 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
                 return None, reason
         return None, None
 
+    hf = sys.modules.get("fastbert.integrations.huggingface")  # imported by _swappers if needed
+    if hf is not None and hf.is_padding_free_in_place(model):
+        return report  # optimized before
     if not _is_fastbert(model):
         new, reason = try_swap(model)
+        if new is not None and hf is not None and isinstance(new, hf.PaddingFreeModel):
+            # a base model given itself (AutoModel.from_pretrained(...)): padding-free in place;
+            # its layers stay (its class's forward runs them when the encoders cannot serve a call)
+            hf.make_padding_free_in_place(model, new)
+            report.swapped.append(Swapped("", _name(model), _class_name(type(new)) + " (in place)"))
+            return report
         if new is not None:
             reason = ("the root module cannot be replaced in place; use "
                       "fastbert.nn.<Module>.from_torch(module) or wrap it in a container")
@@ -322,6 +334,8 @@ def restore(model: nn.Module) -> int:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     restored = set()
     hf = sys.modules.get("fastbert.integrations.huggingface")  # loaded if optimize() used it
+    if hf is not None and hf.undo_padding_free_in_place(model):
+        return 1
 
     def walk(parent: nn.Module) -> None:
         if _NESTED in parent.__dict__:

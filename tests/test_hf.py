@@ -7,6 +7,7 @@ reference), on the real tokens of a padded batch, in eval mode and in train mode
 gradients). The tests are written for transformers 5.x and 4.57 alike.
 """
 import copy
+import inspect
 
 import pytest
 import torch
@@ -345,6 +346,38 @@ def test_optimize_padding_free(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pick(loaded(**inputs).logits), pick(reference(**inputs).logits))
     assert restore(model) == len(swapped) and type(getattr(model, prefix)).__name__ == MODELS[family]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
+def test_optimize_padding_free_base_model_given_itself(family, tmp_path):
+    """optimize(AutoModel.from_pretrained(...), padding_free=True): the base model is the root,
+    which nothing can replace, so its forward becomes the padding-free one in place. It stays its
+    class (signature, save_pretrained), computes as the original (0 at padded positions), falls
+    back to its class's forward for what the encoders do not compute, and restore() undoes it."""
+    torch.manual_seed(0)
+    model = _build(family, _sdpa_or_eager(family)).eval()
+    reference = copy.deepcopy(model)
+    cls, keys = type(model), list(model.state_dict())
+    report = optimize(model, backend="torch", padding_free=True)
+    assert [(s.path, s.replacement) for s in report.swapped] == [
+        ("", "fastbert.integrations.huggingface.PaddingFreeModel (in place)")] and not report.left, str(report)
+    assert type(model) is cls and list(model.state_dict()) == keys
+    assert inspect.signature(model.forward) == inspect.signature(reference.forward)
+    inputs, real = _inputs(family)
+    with torch.no_grad():
+        out, want = _last_hidden(model, inputs), _last_hidden(reference, inputs)
+        torch.testing.assert_close(out[real], want[real], atol=2e-5, rtol=1e-4)
+        assert (out[~real] == 0).all()
+        hs = model(**inputs, output_hidden_states=True).hidden_states  # its class's forward
+        assert len(hs) == len(reference(**inputs, output_hidden_states=True).hidden_states)
+        assert (_last_hidden(copy.deepcopy(model), inputs)[~real] == 0).all()
+    assert not optimize(model, padding_free=True).swapped  # optimized already
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(_last_hidden(cls.from_pretrained(tmp_path).eval(), inputs), want)
+    assert restore(model) == 1 and "forward" not in model.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(_last_hidden(model, inputs), want)
 
 
 def test_optimize_padding_free_leaves_what_the_encoders_refuse():

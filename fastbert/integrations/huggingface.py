@@ -1248,6 +1248,8 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
         if self._fallback_reason(a) is not None:
             original = self.__dict__["_fastbert_hf_module"]
             original.training = self.training  # its submodules are this module's
+            if is_padding_free_in_place(original):  # it is calling us from its forward: its class's
+                return type(original).forward(original, *args, **kwargs)
             return original(*args, **kwargs)
         enc = self.__dict__["_fastbert_encoder"]
         if enc.training != self.training:
@@ -1310,6 +1312,48 @@ def padding_free_refusal(parent: nn.Module) -> Optional[str]:
         return (f"not made padding-free: {type(parent).__name__}'s loss reads every position, padded "
                 "ones included (their hidden states would be 0 instead of the original's)")
     return None
+
+
+# In the __dict__ of a base model made padding-free in place (the root optimize() was given): the
+# PaddingFreeModel its instance forward runs.
+_IN_PLACE = "_fastbert_padding_free"
+
+
+def make_padding_free_in_place(module: nn.Module, padding_free: "PaddingFreeModel") -> None:
+    """Give ``module`` (the HuggingFace base model ``padding_free`` was built from, and the root of
+    ``fastbert.optimize(module, padding_free=True)``, which nothing can replace) an instance
+    ``forward`` that runs ``padding_free``: ``module`` stays what it is (its class, ``state_dict``,
+    ``save_pretrained``, the signature tools such as the Trainer read), and a call the encoders
+    cannot serve runs its class's forward. Undone by :func:`undo_padding_free_in_place`. A pickled
+    copy (``torch.save(model)``) loads with its class's forward."""
+    import functools
+    import types
+
+    @functools.wraps(type(module).forward)  # name, docstring and signature: the original's
+    def forward(self, *args, **kwargs):
+        pf = self.__dict__[_IN_PLACE]
+        pf.training = self.training
+        return pf.forward(*args, **kwargs)
+
+    forward._fastbert_in_place = True
+    module.__dict__[_IN_PLACE] = padding_free
+    module.forward = types.MethodType(forward, module)
+
+
+def is_padding_free_in_place(module: nn.Module) -> bool:
+    """Whether ``module`` runs the forward :func:`make_padding_free_in_place` gave it (a pickled
+    copy does not: it loads with its class's)."""
+    forward = getattr(module.__dict__.get("forward"), "__func__", None)
+    return getattr(forward, "_fastbert_in_place", False) and _IN_PLACE in module.__dict__
+
+
+def undo_padding_free_in_place(module: nn.Module) -> bool:
+    """Remove what :func:`make_padding_free_in_place` added; whether there was any."""
+    if _IN_PLACE not in module.__dict__:
+        return False
+    del module.__dict__[_IN_PLACE]
+    module.__dict__.pop("forward", None)
+    return True
 
 
 def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
