@@ -1848,6 +1848,22 @@ def test_cuda_attention_compile_fullgraph():
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(q), f(q), rtol=0, atol=0)
 
 
+def test_varlen_torch_pads_only_when_padding_is_cheap(monkeypatch):
+    """backend="torch" runs padded dense attention (one graph) unless the lengths are so uneven that
+    the padded scores would take more than twice the memory of the per-sequence ones: then, in
+    eager mode, the per-sequence loop of the reference. Both give the reference's numbers."""
+    calls = []
+    loop = reference.varlen_attention
+    monkeypatch.setattr(reference, "varlen_attention", lambda *a, **kw: calls.append(1) or loop(*a, **kw))
+    for lens, loops in (([40, 33, 1], False), ([200, 1, 1, 1], True)):
+        cu = _cu(lens)
+        q, k, v = (rand((sum(lens), 2, 8), torch.float64) for _ in range(3))
+        calls.clear()
+        out = fastbert.varlen_attention(q, k, v, cu, cu, 300, 300, is_causal=True, backend="torch")
+        assert bool(calls) == loops
+        torch.testing.assert_close(out, loop(q, k, v, cu, cu, 300, 300, is_causal=True))
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_varlen_compile_fullgraph(backend):
     # Under torch.compile the cu_seqlens values are not read on the host, so the graph has no break

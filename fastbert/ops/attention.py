@@ -364,9 +364,22 @@ def _pad_packed(x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tuple[Tensor,
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                   is_causal, scale, alibi_slopes, window_size, attn_mask):
     """Padded to (N, H, max_seqlen, D), dense attention with the keys past each sequence masked,
-    unpadded again: one graph under torch.compile (reference.varlen_attention, a loop over the
-    sequences read on the host, stays the definition it is checked against)."""
+    unpadded again: one graph under torch.compile. In eager mode, lengths so uneven that padding
+    would more than double the scores' memory run reference.varlen_attention instead (a loop over
+    the sequences, read on the host; also the definition both are checked against)."""
     n = cu_seqlens_q.numel() - 1
+    if host_checks_allowed(q.device) and n > 0:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        lq = [b - a for a, b in zip(cq, cq[1:])]
+        lk = [b - a for a, b in zip(ck, ck[1:])]
+        max_seqlen_q, max_seqlen_k = max(lq), max(lk)  # the real ones: no larger padding than needed
+        if n * max_seqlen_q * max_seqlen_k > 2 * sum(a * b for a, b in zip(lq, lk)) + 4096:
+            return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                              max_seqlen_k, dropout_p, is_causal, scale,
+                                              alibi_slopes=alibi_slopes, window_size=window_size,
+                                              attn_mask=attn_mask)
+        if attn_mask is not None:  # read at positions < the real maxima only
+            attn_mask = attn_mask[..., :max_seqlen_q, :max_seqlen_k]
     if q.shape[0] == 0 or k.shape[0] == 0 or n == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return reference.zeros_in_graph((q.shape[0], q.shape[1], v.shape[-1]), q, k, v)
     qp, _ = _pad_packed(q, cu_seqlens_q, max_seqlen_q)
