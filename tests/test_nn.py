@@ -618,6 +618,39 @@ def test_transformer_encoder_compiles_as_one_graph():
     assert_compiled_encoder_matches(enc, batches, mask_arg="src_key_padding_mask")
 
 
+@pytest.mark.parametrize("case", ["bool", "causal-hinted", "causal", "float"])
+def test_transformer_encoder_compiles_as_one_graph_torch_backend(case):
+    """fullgraph=True on backend="torch" (aot_eager: the graph, without a C++ compiler run) with
+    every kind of mask the padding-free path takes: equal to eager on the real tokens. A float
+    padding mask, or a causal mask without the is_causal hint, cannot have its values read under
+    torch.compile: those run the padded path there (padded positions then differ from eager's 0)."""
+    import torch._dynamo
+    torch.manual_seed(0)
+    layer = fnn.TransformerEncoderLayer(32, 2, 32, dropout=0.0, activation="gelu", batch_first=True,
+                                        backend="torch")
+    enc = fnn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(2, 6, 32)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[0, 4:] = True
+    kw = {"src_key_padding_mask": kpm}
+    if case.startswith("causal"):
+        kw["mask"] = nn.Transformer.generate_square_subsequent_mask(6)
+        kw["is_causal"] = case == "causal-hinted" or None
+    if case == "float":
+        kw["src_key_padding_mask"] = torch.zeros(2, 6).masked_fill(kpm, float("-inf"))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                         capture_scalar_outputs=True):
+            out = torch.compile(enc, backend="aot_eager", fullgraph=True)(x, **kw)
+            want = enc(x, **kw)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out[~kpm], want[~kpm], rtol=1e-5, atol=1e-5)
+    if case in ("bool", "causal-hinted"):
+        assert (out[kpm] == 0).all()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_transformer_encoder_half(dtype):

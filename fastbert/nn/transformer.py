@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..padding import pad_input, unpad_input
-from .._validation import check_dropout, type_name
+from .._validation import check_dropout, host_checks_allowed, type_name
 from ._utils import NoTorchScript, adopt, check_backend, check_input, check_positive_int
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
@@ -214,6 +214,8 @@ def _padding_only(mask: Tensor) -> Optional[Tensor]:
     the real tokens; None when a float mask holds other values (a bias, not padding)."""
     if mask.dtype == torch.bool:
         return ~mask
+    if not host_checks_allowed(mask.device):
+        return None  # under torch.compile its values cannot be read: the padded path, one graph
     pad = torch.isneginf(mask)
     if not bool(((mask == 0) | pad).all()):  # one host sync; unpad_input syncs anyway
         return None
@@ -223,8 +225,8 @@ def _padding_only(mask: Tensor) -> Optional[Tensor]:
 def _is_causal_mask(mask: Tensor, s: int) -> bool:
     """Whether a 2-D ``mask`` is the square causal mask: bool True (float -inf) above the diagonal,
     False (0) elsewhere, as ``torch.nn.Transformer.generate_square_subsequent_mask`` makes."""
-    if mask.dim() != 2 or tuple(mask.shape) != (s, s):
-        return False
+    if mask.dim() != 2 or tuple(mask.shape) != (s, s) or not host_checks_allowed(mask.device):
+        return False  # (under torch.compile its values cannot be read)
     upper = torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
     if mask.dtype == torch.bool:
         return bool(torch.equal(mask, upper))
@@ -247,15 +249,20 @@ class TransformerEncoder(nn.Module, NoTorchScript):
     removed once (:func:`fastbert.unpad_input`), every layer runs on the packed real tokens
     (:meth:`TransformerEncoderLayer.forward_packed`: varlen attention, causal per sequence when
     the mask is causal), then ``norm``, and the tokens are scattered back: **padded positions of
-    the output are 0**, as torch's own nested-tensor fast path gives them (its padded path computes
-    values there that no real token depends on). This runs in training too (torch's fast path is
-    inference-only), with gradients, and compiles as one graph (``torch.compile(fullgraph=True)``
-    with Dynamo told to capture data-dependent shapes, as for :class:`fastbert.models.BertEncoder`).
-    Any other call (no padding mask, another ``mask``, a float
-    padding mask holding a bias, ``padding_free=False``, a layer whose attention adds keys:
-    ``bias_k`` / ``add_zero_attn``) runs the layers one after another on the padded batch, as
-    torch's padded path does. ``enable_nested_tensor`` and ``mask_check`` are kept as attributes
-    only (no nested tensors are made).
+    the output are 0**, as torch's own nested-tensor fast path gives them without a ``norm`` (with
+    one, torch's gives ``norm(0)`` there; its padded path computes values there that no real token
+    depends on). This runs in training too (torch's fast path is inference-only), with gradients,
+    and compiles as one graph (``torch.compile(fullgraph=True)`` with Dynamo told to capture
+    data-dependent shapes, as for :class:`fastbert.models.BertEncoder`). ``mask`` is taken as the
+    causal mask when ``is_causal=True`` says so (torch's hint, trusted as torch does) or when its
+    values are those of ``nn.Transformer.generate_square_subsequent_mask``. Any other call (no
+    padding mask, another ``mask``, a float padding mask holding a bias, ``padding_free=False``, a
+    layer whose attention adds keys: ``bias_k`` / ``add_zero_attn``) runs the layers one after
+    another on the padded batch, as torch's padded path does; so does, under torch.compile (where
+    mask values cannot be read), a float padding mask or a causal ``mask`` without
+    ``is_causal=True``: the same outputs on real tokens, torch's padded-path values at padded
+    positions. ``enable_nested_tensor`` and ``mask_check`` are kept as attributes only (no nested
+    tensors are made).
     """
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None,
@@ -328,7 +335,10 @@ class TransformerEncoder(nn.Module, NoTorchScript):
             return None  # the layers report the error
         causal = False
         if mask is not None:
-            if not _is_causal_mask(mask, s):
+            # is_causal=True is torch's hint that ``mask`` is the causal mask (trusted, as torch
+            # does); without it the mask's values are compared with the causal mask
+            hinted = is_causal is True and mask.dim() == 2 and tuple(mask.shape) == (s, s)
+            if not (hinted or _is_causal_mask(mask, s)):
                 return None
             causal = True
         elif is_causal:

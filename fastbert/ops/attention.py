@@ -349,14 +349,15 @@ def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
 
 def _pad_packed(x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tuple[Tensor, Tensor]:
     """Packed (total, H, D) -> padded (N, H, max_seqlen, D) with zeros past each sequence, and the
-    (N, max_seqlen) bool of real positions. No host read of cu_seqlens (torch.compile keeps one
-    graph); padding holds zeros, not another sequence's rows, so no inf / NaN of theirs leaks in
+    (N, max_seqlen) bool of real positions. No host read of cu_seqlens and no branch on a size
+    (torch.compile keeps one graph, sizes read from tensors included); positions past a sequence
+    read an appended zero row, not another sequence's rows, so no inf / NaN of theirs leaks in
     and no gradient flows to them."""
     starts, lens = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     pos = torch.arange(max_seqlen, device=x.device)
     real = pos[None, :] < lens[:, None]                                    # (N, L)
-    rows = (starts[:, None] + pos[None, :]).clamp(max=max(x.shape[0] - 1, 0))
-    padded = torch.where(real[:, :, None, None], x[rows], x.new_zeros(()))  # (N, L, H, D)
+    rows = torch.where(real, starts[:, None] + pos[None, :], x.shape[0])   # past the end: the zero row
+    padded = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])[rows]  # (N, L, H, D)
     return padded.transpose(1, 2), real
 
 
@@ -368,7 +369,8 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     would more than double the scores' memory run reference.varlen_attention instead (a loop over
     the sequences, read on the host; also the definition both are checked against)."""
     n = cu_seqlens_q.numel() - 1
-    if host_checks_allowed(q.device) and n > 0:
+    host = host_checks_allowed(q.device)
+    if host and n > 0:
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         lq = [b - a for a, b in zip(cq, cq[1:])]
         lk = [b - a for a, b in zip(ck, ck[1:])]
@@ -380,8 +382,10 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                                               attn_mask=attn_mask)
         if attn_mask is not None:  # read at positions < the real maxima only
             attn_mask = attn_mask[..., :max_seqlen_q, :max_seqlen_k]
-    if q.shape[0] == 0 or k.shape[0] == 0 or n == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+    if n == 0 or (host and (q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0)):
         return reference.zeros_in_graph((q.shape[0], q.shape[1], v.shape[-1]), q, k, v)
+    if not host:  # sizes may come from tensors (unpad_input's): no branch on their values; a key
+        max_seqlen_k = torch.sym_max(max_seqlen_k, 1)  # past every sequence is masked anyway
     qp, _ = _pad_packed(q, cu_seqlens_q, max_seqlen_q)
     kp, real_k = _pad_packed(k, cu_seqlens_k, max_seqlen_k)
     vp, _ = _pad_packed(v, cu_seqlens_k, max_seqlen_k)
