@@ -53,6 +53,16 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor) -> Tuple[Tensor, 
     return flat.index_select(0, indices), indices, cu_seqlens, max_seqlen
 
 
+def gap_in_a_row(attention_mask: Tensor) -> bool:
+    """Whether some row of a (B, L) padding mask (1 / True = real token) has padding between two
+    real tokens (real, padding, real): packed, its tokens would be neighbours, so whatever counts
+    padded positions (MPNet's relative positions, a sliding window) sees another distance. One
+    host read."""
+    m = attention_mask.bool()
+    runs = (m[:, 1:] & ~m[:, :-1]).sum(1) + m[:, 0]  # runs of real tokens per row
+    return bool((runs > 1).any())
+
+
 def pad_input(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     """Inverse of :func:`unpad_input`: scatter packed (total, ...) tokens back into a zero-filled
     (batch, seqlen, ...) tensor. Differentiable with respect to ``packed``.

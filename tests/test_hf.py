@@ -380,6 +380,21 @@ def test_optimize_padding_free_base_model_given_itself(family, tmp_path):
         torch.testing.assert_close(_last_hidden(model, inputs), want)
 
 
+@pytest.mark.parametrize("family", ["distilbert", "mpnet"])
+def test_padding_free_ignores_token_type_ids_as_the_original_does(family):
+    """DistilBERT's and MPNet's models take a tokenizer's token_type_ids (through **kwargs) and
+    ignore them; the padding-free forward must too, not fail in the embeddings."""
+    torch.manual_seed(0)
+    model = _build(family).eval()
+    reference = copy.deepcopy(model)
+    optimize(model, padding_free=True, backend="torch")
+    inputs, real = _inputs(family)
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    with torch.no_grad():
+        out, want = _last_hidden(model, inputs), _last_hidden(reference, inputs)
+    torch.testing.assert_close(out[real], want[real], atol=2e-5, rtol=1e-4)
+
+
 def test_optimize_padding_free_leaves_what_the_encoders_refuse():
     model = _build("bert", is_decoder=True)
     wrapper = torch.nn.ModuleDict({"encoder_model": model})

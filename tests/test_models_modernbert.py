@@ -130,6 +130,50 @@ def test_encoder_after_optimize_task_model_and_refusals():
         enc()
 
 
+@needs_tf5
+def test_encoder_refuses_a_gap_and_takes_an_empty_batch():
+    """A row with padding between real tokens: the local layers' window would count other
+    distances than transformers' (which counts padded positions), so it is refused, and
+    optimize(padding_free=True) runs the original forward for it (same outputs). A batch without
+    a real token gives zeros."""
+    torch.manual_seed(0)
+    hf = _model().eval()
+    reference = copy.deepcopy(hf)
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((10, 8), 10)
+    mask[0, 3:6] = 0
+    with pytest.raises(ValueError, match="gap inside a row"):
+        enc(ids, attention_mask=mask)
+    optimize(hf, padding_free=True, backend="torch")
+    with torch.no_grad():
+        out, want = _hidden(hf, ids, mask), _hidden(reference, ids, mask)
+        real = mask.bool()
+        torch.testing.assert_close(out[real], want[real], rtol=1e-4, atol=1e-5)
+        empty = enc(ids, attention_mask=torch.zeros_like(mask))
+    assert empty.shape == (2, 10, 32) and (empty == 0).all()
+
+
+@needs_tf5
+def test_packed_row_with_varlen_kwargs_and_local_layers():
+    """attn_implementation="fastbert" with DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    style inputs: transformers gives the local layers its sliding-window band for the packed row,
+    which restates the window (no padding): each sequence attends to itself, within the window."""
+    torch.manual_seed(0)
+    import fastbert.integrations.huggingface  # noqa: F401  (registers "fastbert")
+    model = _model(attn_implementation="fastbert").double().eval()
+    reference = _model().double().eval()
+    reference.load_state_dict(model.state_dict())
+    lens = [9, 5]
+    ids = torch.randint(3, VOCAB, (1, sum(lens)))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 9, 14], dtype=torch.int32)
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                    max_length_k=9).last_hidden_state[0]
+        want = torch.cat([reference(input_ids=s).last_hidden_state[0] for s in ids.split(lens, dim=1)])
+    torch.testing.assert_close(out, want)
+
+
 def _need_triton():
     need = ("varlen_attention", "add_layer_norm", "geglu", "layer_norm")
     missing = [op for op in need if "triton" not in backends.implementations(op)]

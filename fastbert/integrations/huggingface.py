@@ -323,17 +323,22 @@ def _record_outputs(module: nn.Module, args: tuple, output) -> None:
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _no_padding(mask: Tensor, length: int) -> bool:
+def _no_padding(mask: Tensor, length: int, window: Optional[Tuple[int, int]] = None) -> bool:
     """Whether an SDPA-convention mask (bool True = attend, or float added) of one packed row only
-    restates full or causal attention over it (no padding, nothing between sequences)."""
+    restates full or causal attention over it (no padding, nothing between sequences), within the
+    sliding ``window`` the attention applies anyway (ModernBERT's local layers get its band)."""
     m = mask.reshape(-1, *mask.shape[-2:]) if mask.dim() >= 2 else mask
     if mask.dim() < 2 or tuple(m.shape[-2:]) != (length, length) or m.shape[0] != 1:
         return False
     m = m[0]
-    causal = torch.ones(length, length, dtype=torch.bool, device=m.device).tril()
+    full = torch.ones(length, length, dtype=torch.bool, device=m.device)
+    if window is not None:
+        full = reference.window_mask(window, length, length, m.device)
+    causal = full.tril()
     if m.dtype == torch.bool:
-        return bool(m.all()) or bool(torch.equal(m, causal))
-    return bool((m == 0).all()) or bool(torch.equal(m == 0, causal) and torch.isneginf(m[~causal]).all())
+        return bool(torch.equal(m, full)) or bool(torch.equal(m, causal))
+    keep = m == 0
+    return (torch.equal(keep, full) or torch.equal(keep, causal)) and bool(torch.isneginf(m[~keep]).all())
 
 
 # The last packed layout worked out: every layer of a model gets the same position_ids /
@@ -341,7 +346,8 @@ def _no_padding(mask: Tensor, length: int) -> bool:
 _PACKED_CACHE: Dict[str, object] = {}
 
 
-def _packed_sequences(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict):
+def _packed_sequences(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict,
+                      window: Optional[Tuple[int, int]] = None):
     """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when transformers hands the attention a row of
     packed sequences, as its flash-attention path reads them: the four varlen keyword arguments
     (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), or, without a mask, batch 1
@@ -351,24 +357,25 @@ def _packed_sequences(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs
     if source is None:
         source = kwargs.get("position_ids")
     if not isinstance(source, Tensor) or torch.compiler.is_compiling():
-        return _packed_layout(query, key, mask, kwargs)
-    cache_key = (source.data_ptr(), source._version, tuple(query.shape), key.shape[2], mask is None)
+        return _packed_layout(query, key, mask, kwargs, window)
+    cache_key = (source.data_ptr(), source._version, tuple(query.shape), key.shape[2], mask is None, window)
     hit = _PACKED_CACHE.get("entry")
     if hit is not None and hit[0]() is source and hit[1] == cache_key:
         return hit[2]
-    result = _packed_layout(query, key, mask, kwargs)
+    result = _packed_layout(query, key, mask, kwargs, window)
     _PACKED_CACHE["entry"] = (weakref.ref(source), cache_key, result)
     return result
 
 
-def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict):
+def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict,
+                   window: Optional[Tuple[int, int]] = None):
     given = [kwargs.get(name) for name in _VARLEN_KWARGS]
     length = query.shape[2]
     if all(g is not None for g in given):
         if query.shape[0] != 1:
             raise ValueError(f"cu_seq_lens_q: packed sequences come as one row (batch size 1), got a "
                              f"batch of {query.shape[0]}")
-        if mask is not None and not _no_padding(mask, length):
+        if mask is not None and not _no_padding(mask, length, window):
             raise ValueError("cu_seq_lens_q with an attention mask that masks tokens: pass packed "
                              "sequences without padding, or a padded batch without cu_seq_lens")
         cu_q, cu_k, max_q, max_k = given
@@ -445,7 +452,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     mask = _with_score_bias(attention_mask, kwargs.get("position_bias"))
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
-    packed = _packed_sequences(query, key, mask, kwargs) if kwargs.get("position_bias") is None else None
+    packed = _packed_sequences(query, key, mask, kwargs, window) if kwargs.get("position_bias") is None else None
     if packed is not None:
         mask = None  # full or causal attention within each sequence, as _packed_sequences checked
     elif mask is None and not host_checks_allowed(query.device):
@@ -1273,7 +1280,7 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
         return_dict = a.get("return_dict")
         if return_dict is None:
             config = getattr(self, "config", None)
-            return_dict = getattr(config, "use_return_dict", getattr(config, "return_dict", True))
+            return_dict = getattr(config, "return_dict", True)  # (use_return_dict: deprecated in 5.x)
         return out if return_dict else out.to_tuple()
 
 
@@ -1382,8 +1389,13 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     except ValueError as e:
         return None, f"not made padding-free: {e}"
     params = inspect.signature(encoder.forward).parameters
+    embeddings = getattr(module, "embeddings", None)
+    # DistilBERT's and MPNet's embeddings take no token_type_ids: their models ignore the ones a
+    # tokenizer returns (through **kwargs), and so does the padding-free forward
+    token_types = "token_type_ids" in params and (
+        embeddings is None or "token_type_ids" in inspect.signature(embeddings.forward).parameters)
     new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
-                _fastbert_token_types="token_type_ids" in params, _fastbert_mask_checked="mask_checked" in params,
+                _fastbert_token_types=token_types, _fastbert_mask_checked="mask_checked" in params,
                 _fastbert_output_cls=_output_class(module))
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
     new.__dict__["_fastbert_encoder"] = encoder

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._validation import host_checks_allowed
 from ..nn._utils import NoTorchScript, check_backend
 from ..nn.gelu import gelu_approximation
-from ..padding import pad_input, unpad_input
+from ..padding import gap_in_a_row, pad_input, unpad_input
 
 __all__ = ["BertEncoder", "BertLayer", "PreLNBertLayer"]
 
@@ -411,9 +412,9 @@ class BertEncoder(nn.Module, NoTorchScript):
         (real, padding, real) has no packed equivalent."""
         if self.__dict__.get("_relative_position") is None or attention_mask is None:
             return None
-        m = attention_mask.bool()
-        starts = (m[:, 1:] & ~m[:, :-1]).sum(1) + m[:, 0]  # runs of real tokens per row
-        if bool((starts > 1).any()):
+        if not host_checks_allowed(attention_mask.device):
+            return None  # under torch.compile the mask cannot be read: contiguous rows are assumed
+        if gap_in_a_row(attention_mask):
             return "a padding mask with a gap inside a row (MPNet's relative positions count it)"
         return None
 

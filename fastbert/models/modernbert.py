@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._validation import host_checks_allowed
 from ..nn._utils import NoTorchScript, check_backend
 from ..nn.gelu import gelu_approximation
-from ..padding import pad_input, unpad_input
+from ..padding import gap_in_a_row, pad_input, unpad_input
 
 __all__ = ["ModernBertEncoder", "ModernBertLayer"]
 
@@ -72,6 +73,7 @@ class ModernBertLayer(nn.Module, NoTorchScript):
         self.attn_norm, self.mlp_norm = hf_layer.attn_norm, hf_layer.mlp_norm
         self.Wqkv, self.attn_out, self.attn_drop = attn.Wqkv, attn.Wo, attn.out_drop
         self.head_dim = int(attn.head_dim)
+        self.num_heads = attn.Wqkv.out_features // (3 * self.head_dim)
         self.attention_dropout = float(attn.attention_dropout)
         window = attn.sliding_window  # transformers' inclusive bound: local_attention // 2 + 1
         self.window_size: Optional[Tuple[int, int]] = None if window is None else (window - 1, window - 1)
@@ -82,13 +84,13 @@ class ModernBertLayer(nn.Module, NoTorchScript):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, cos: Tensor, sin: Tensor) -> Tensor:
         t, be = x.shape[0], self.backend
-        qkv = self.Wqkv(_norm(self.attn_norm, x, be)).view(t, 3, -1, self.head_dim)
+        qkv = self.Wqkv(_norm(self.attn_norm, x, be)).view(t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=1)  # 3 x (T, H, D)
         q, k = self._rotary(q, k, cos, sin, unsqueeze_dim=1)  # cos (T, D) -> (T, 1, D)
         p = self.attention_dropout if self.training else 0.0
         ctx = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=p,
                                    scale=self.head_dim ** -0.5, window_size=self.window_size, backend=be)
-        attn_out = self.attn_drop(self.attn_out(ctx.reshape(t, -1)))
+        attn_out = self.attn_drop(self.attn_out(ctx.reshape(t, self.num_heads * ctx.shape[-1])))
         norm = self.mlp_norm
         y, x = ops.add_layer_norm(attn_out, x, norm.weight, norm.bias, norm.eps, return_residual=True,
                                   backend=be)
@@ -111,8 +113,9 @@ class ModernBertEncoder(nn.Module, NoTorchScript):
     :func:`fastbert.pad_input` scatters the result back. Positions are the HuggingFace model's
     (``position_ids``, default ``arange(L)``), so the rotary embeddings match it; the local layers'
     window counts packed tokens, which equals transformers' window whenever each sequence's real
-    tokens are contiguous (right or left padding). Training works (the model's dropouts; gradients
-    reach the shared parameters).
+    tokens are contiguous (right or left padding): a mask with a gap inside a row (real, padding,
+    real) is refused (:meth:`unsupported_mask`) when a layer has a window. Training works (the
+    model's dropouts; gradients reach the shared parameters).
     """
 
     def __init__(self, embeddings: nn.Module, layers: List[ModernBertLayer], final_norm: nn.Module,
@@ -158,17 +161,36 @@ class ModernBertEncoder(nn.Module, NoTorchScript):
             hidden = layer(hidden, cu_seqlens, max_seqlen, *rotary[layer.attention_type])
         return _norm(self.final_norm, hidden, self.backend)
 
+    def unsupported_mask(self, attention_mask: Optional[Tensor]) -> Optional[str]:
+        """Why this encoder cannot take ``attention_mask`` (None when it can): the local layers'
+        window counts padded positions in transformers, packed tokens here, so a row with padding
+        between two real tokens has no packed equivalent. Not checked under torch.compile or
+        CUDA-graph capture (no host read there)."""
+        if attention_mask is None or all(layer.window_size is None for layer in self.layers):
+            return None
+        if not host_checks_allowed(attention_mask.device):
+            return None  # under torch.compile the mask cannot be read: contiguous rows are assumed
+        if gap_in_a_row(attention_mask):
+            return "a padding mask with a gap inside a row (the local layers' window counts it)"
+        return None
+
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None) -> Tensor:
+                position_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None, *,
+                mask_checked: bool = False) -> Tensor:
         """input_ids (B, L) or inputs_embeds (B, L, E); attention_mask (B, L), 1 = real token
         (default: all real); position_ids (B, L) or (1, L) (default: arange(L)) -> last hidden
-        state (B, L, E), 0 at padded positions."""
+        state (B, L, E), 0 at padded positions. ``mask_checked=True``: the caller has already had
+        :meth:`unsupported_mask` accept the mask (a host read)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         src = input_ids if input_ids is not None else inputs_embeds
         b, length = src.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones((b, length), dtype=torch.bool, device=src.device)
+        elif not mask_checked:
+            reason = self.unsupported_mask(attention_mask)
+            if reason is not None:
+                raise ValueError(f"ModernBertEncoder: {reason}")
         if position_ids is None:
             position_ids = torch.arange(length, device=src.device)[None]
         position_ids = position_ids.expand(b, length)
