@@ -3,6 +3,7 @@
 the sequences), on the real tokens of padded batches, eval and train with gradients; float32
 checked against the HuggingFace model in float64 with PyTorch's float32 error as the yardstick."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def test_packed_row_with_varlen_kwargs_and_local_layers():
     style inputs: transformers gives the local layers its sliding-window band for the packed row,
     which restates the window (no padding): each sequence attends to itself, within the window."""
     torch.manual_seed(0)
-    import fastbert.integrations.huggingface  # noqa: F401  (registers "fastbert")
+    importlib.import_module("fastbert.integrations.huggingface")  # registers "fastbert"
     model = _model(attn_implementation="fastbert").double().eval()
     reference = _model().double().eval()
     reference.load_state_dict(model.state_dict())
