@@ -42,11 +42,11 @@ def check_same(ref_name: str, ref: Tensor, name: str, t: Tensor, *, dtype: bool 
 
 
 def check_dropout(dropout_p, name: str = "dropout_p") -> float:
-    """A dropout probability: a float in [0, 1)."""
+    """A dropout probability: a float in [0, 1] (1 drops everything, as torch allows)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type_name(dropout_p)}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
+        raise TypeError(f"{name} must be a float in [0, 1], got {type_name(dropout_p)}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {dropout_p}")
     return float(dropout_p)
 
 

@@ -276,6 +276,10 @@ def _impl_reasons(impl: Implementation, device: Optional[torch.device], explicit
     reasons = backend_reasons(impl.backend, device, explicit=explicit)
     if reasons:
         return reasons
+    if impl.backend != "torch" and call.get("dropout_p") == 1.0:
+        # torch allows p = 1 (everything dropped: the result is trivial); the kernels' 1 / (1 - p)
+        # scale does not, so the reference computes it
+        return ["dropout_p = 1 (every element dropped) is computed by the torch backend"]
     return list(impl.reasons(**call))
 
 

@@ -51,6 +51,8 @@ def _compute_dtype(t: Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dty
 def _apply_dropout(x: Tensor, p: float, mask: Optional[Tensor]) -> Tensor:
     if p == 0.0 and mask is None:
         return x
+    if p == 1.0:  # everything dropped (torch: input * 0, so NaN stays NaN)
+        return x * 0.0
     if mask is None:
         mask = torch.rand(x.shape, device=x.device) >= p
     return x * mask.to(x.dtype) / (1.0 - p)

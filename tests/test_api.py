@@ -1,6 +1,9 @@
 """The public API's argument checks and backend dispatch (through the torch backend)."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastbert
 from fastbert import backends
@@ -48,7 +51,7 @@ def test_sdpa_bad_inputs():
     with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor"):
         sdpa(q, k, v, attn_mask=[[True]])
     with pytest.raises(ValueError, match="dropout_p must be in"):
-        sdpa(q, k, v, dropout_p=1.0)
+        sdpa(q, k, v, dropout_p=1.5)
     with pytest.raises(ValueError, match="dropout_p must be in"):
         sdpa(q, k, v, dropout_p=-0.1)
     with pytest.raises(TypeError, match="dropout_p must be a float"):
@@ -358,3 +361,34 @@ def test_cu_seqlens_values_read_once_until_modified():
     for t in keep:
         v.check_cu_seqlens("cu", t, int(t[1]), t.device)
     assert len(v._CU_CHECKED) <= v._CU_CHECKED_MAX
+
+
+def test_dropout_one_drops_everything_as_torch():
+    """p = 1 is allowed, as in torch (a config may say so): attention outputs are 0 with zero
+    gradients, add_layer_norm normalises the residual alone, the modules take dropout=1.0. The
+    kernels' 1 / (1 - p) scale does not allow it: "auto" runs the torch backend, an explicit one
+    says why it cannot."""
+    from fastbert.backends import BackendError
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
+    out = fastbert.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, dropout_p=1.0))
+    assert all((g == 0).all() for g in torch.autograd.grad(out.sum(), [q, k, v]))
+    with pytest.raises(BackendError, match="dropout_p = 1"):
+        fastbert.scaled_dot_product_attention(q, k, v, dropout_p=1.0, backend="triton")
+    packed = q.detach()[0].transpose(0, 1)  # (5, 3, 8): one sequence
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert (fastbert.varlen_attention(packed, packed, packed, cu, cu, 3, 3, dropout_p=1.0) == 0).all()
+    layout = torch.ones(1, 1, 1, dtype=torch.bool)
+    assert (fastbert.block_sparse_attention(q, k, v, layout, 16, dropout_p=1.0) == 0).all()
+    proj = torch.randn(4, 5)
+    assert (fastbert.linformer_attention(q, k, v, proj, proj, dropout_p=1.0) == 0).all()
+    x, res, w, b = torch.randn(4, 8), torch.randn(4, 8), torch.rand(8), torch.randn(8)
+    torch.testing.assert_close(fastbert.add_layer_norm(x, res, w, b, input_bias=b, dropout_p=1.0),
+                               F.layer_norm(res, (8,), w, b))
+    theirs = torch.nn.MultiheadAttention(8, 2, dropout=1.0, batch_first=True)
+    ours = fastbert.nn.MultiheadAttention.from_torch(copy.deepcopy(theirs)).train()
+    x = torch.randn(2, 4, 8)
+    torch.testing.assert_close(ours(x, x, x)[0], theirs.train()(x, x, x)[0])
+    layer = fastbert.nn.TransformerEncoderLayer(8, 2, 16, dropout=1.0, batch_first=True).train()
+    assert layer(x).shape == x.shape

@@ -149,7 +149,8 @@ def scaled_dot_product_attention(
             ``causal_upper_left(Lq, Lk)`` / ``causal_lower_right(Lq, Lk)`` objects
             (``torch.nn.attention.bias``) are accepted as in torch and never materialised when
             Lq <= Lk: lower-right query i sees keys j <= i + Lk - Lq.
-        dropout_p: dropout probability on the attention weights, in [0, 1).
+        dropout_p: dropout probability on the attention weights, in [0, 1] (1 drops every weight:
+            computed by the torch backend).
         is_causal: query i sees keys j <= i (top-left aligned); may be combined with ``attn_mask``.
         scale: score scale, default 1/sqrt(D).
         enable_gqa: grouped-query attention (as torch's): query head h attends with key / value
