@@ -383,16 +383,63 @@ def test_optimize_padding_free_base_model_given_itself(family, tmp_path):
 @pytest.mark.parametrize("family", ["distilbert", "mpnet"])
 def test_padding_free_ignores_token_type_ids_as_the_original_does(family):
     """DistilBERT's and MPNet's models take a tokenizer's token_type_ids (through **kwargs) and
-    ignore them; the padding-free forward must too, not fail in the embeddings."""
+    ignore them; the padding-free forward must too, not fail in the embeddings. Where the original
+    refuses them (transformers 4.x DistilBERT: a TypeError), so does the padding-free model."""
     torch.manual_seed(0)
     model = _build(family).eval()
     reference = copy.deepcopy(model)
     optimize(model, padding_free=True, backend="torch")
     inputs, real = _inputs(family)
     inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    try:
+        with torch.no_grad():
+            reference(**inputs)
+    except TypeError:
+        with torch.no_grad(), pytest.raises(TypeError, match="token_type_ids"):
+            model(**inputs)
+        return
     with torch.no_grad():
         out, want = _last_hidden(model, inputs), _last_hidden(reference, inputs)
     torch.testing.assert_close(out[real], want[real], atol=2e-5, rtol=1e-4)
+
+
+def test_attention_function_head_masks_and_refusals(monkeypatch):
+    """attn_implementation="fastbert": a transformers 4.x head mask (GPT-2's head_mask argument, or
+    ViT's in the mask's place) multiplies each head's probabilities, as their eager path does;
+    attention sinks (GPT-OSS) and logit soft-capping (Gemma 2) are refused, not dropped."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    hm = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)[None, :, None, None]
+    plain, _ = hf.attention_forward(module, q, k, v, None, backend="torch")
+    want = plain * hm.transpose(1, 2)  # out is (B, L, H, D)
+    out, _ = hf.attention_forward(module, q, k, v, None, head_mask=hm, backend="torch")
+    torch.testing.assert_close(out, want)
+    out, w = hf.attention_forward(module, q, k, v, None, head_mask=hm, output_attentions=True, backend="torch")
+    torch.testing.assert_close(out, want)
+    assert (w[:, 1] == 0).all() and torch.allclose(w[:, 2].sum(-1), torch.full((2, 5), 0.5, dtype=torch.float64))
+    monkeypatch.setattr(hf, "_HEAD_MASKS", True)  # as with transformers 4.x: ViT's positional head mask
+    out, _ = hf.attention_forward(module, q, k, v, hm, backend="torch")
+    torch.testing.assert_close(out, want)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        hf.attention_forward(module, q, k, v, None, s_aux=torch.zeros(3))
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        hf.attention_forward(module, q, k, v, None, softcap=50.0)
+
+
+@pytest.mark.skipif(not TF5, reason="transformers 4.x applies head masks (test_optimize_head_mask)")
+def test_optimize_ignores_head_mask_as_transformers_5_does():
+    """transformers 5.x removed head masks: a model takes head_mask through **kwargs and ignores
+    it. The swapped attention must too (it used to multiply the raw (H,) tensor onto the key axis)."""
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch")
+    ids = torch.randint(3, VOCAB, (2, 4))  # L == H: the wrong axis would not even fail
+    hm = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, head_mask=hm).last_hidden_state,
+                                   reference(ids, head_mask=hm).last_hidden_state, atol=2e-5, rtol=1e-4)
 
 
 def test_optimize_padding_free_leaves_what_the_encoders_refuse():

@@ -421,6 +421,16 @@ def _same_sequence_mask(seq_q: Tensor, seq_k: Tensor, pos_q: Tensor, pos_k: Tens
     return keep[None, None]
 
 
+# transformers 4.x had head masks (multiplying the attention probabilities per head); 5.x removed
+# them: its models take a head_mask argument through **kwargs and ignore it, and so do the swapped
+# modules there.
+_HEAD_MASKS = int(transformers.__version__.split(".")[0]) < 5
+
+
+def _head_mask(a: Dict[str, object]) -> Optional[Tensor]:
+    return a.get("head_mask") if _HEAD_MASKS else None
+
+
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, *,
@@ -432,8 +442,13 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     ``attention_mask`` as accepted by :func:`hf_mask_to_sdpa` ->
     (out (B, Lq, H, D), weights or None). As transformers' "sdpa": causal (``is_causal``, else the
     module's ``is_causal``) only without a mask and for Lq > 1; ``position_bias`` (T5-style) is
-    added to the scores; ``output_attentions=True`` returns the weights, computed through the
-    explicit reference path. ``sliding_window`` (ModernBERT's local layers, Mistral-style models)
+    added to the scores; ``output_attentions=True`` (or transformers 5.x collecting attentions)
+    returns the weights, computed through the explicit reference path (a model that tells its
+    attention function neither, as GPT-2 and ViT in transformers 4.x, gets None, as with
+    flash-attention). A transformers 4.x head mask (GPT-2's ``head_mask``, or ViT's in the mask's
+    place) multiplies each head's probabilities, as in their eager path. Attention sinks
+    (``s_aux``, GPT-OSS) and logit soft-capping (``softcap``, Gemma 2) are refused with
+    NotImplementedError rather than dropped. ``sliding_window`` (ModernBERT's local layers, Mistral-style models)
     becomes ``window_size = (sliding_window - 1,) * 2``, as transformers' flash-attention path
     maps it, so the kernels skip the key blocks outside the window (the mask transformers builds
     for those layers holds the same window).
@@ -444,6 +459,20 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     sequence. Each sequence then attends only to itself (causal within it for a causal module)
     through :func:`fastbert.varlen_attention`; the weights path masks across sequences.
     """
+    for name, what in (("s_aux", "attention sinks"), ("softcap", "logit soft-capping")):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attn_implementation='fastbert': {what} ({name}=...) are not "
+                                      "supported by fastbert's kernels; load this model with "
+                                      "attn_implementation='eager'")
+    head_mask = kwargs.get("head_mask")  # transformers 4.x passing it on (GPT-2)
+    if (_HEAD_MASKS and head_mask is None and isinstance(attention_mask, Tensor)
+            and attention_mask.is_floating_point() and attention_mask.dim() == 4
+            and tuple(attention_mask.shape[-2:]) == (1, 1) and key.shape[2] > 1):
+        # ViT and its copies in transformers 4.x pass the head mask where the mask goes (their
+        # eager function multiplies the probabilities by it); an additive mask of that shape
+        # would add one constant per row, which softmax ignores
+        head_mask, attention_mask = attention_mask, None
+    want_weights = bool(kwargs.get("output_attentions", False)) or collecting("attentions")
     gqa = key.shape[1] != query.shape[1]
     sliding_window = kwargs.get("sliding_window")
     window = None
@@ -458,7 +487,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     elif mask is None and not host_checks_allowed(query.device):
         mask = _position_ids_mask(query, key, kwargs.get("position_ids"), bool(is_causal))
     causal = bool(is_causal) and mask is None and query.shape[2] > 1
-    if packed is not None and not kwargs.get("output_attentions", False):
+    if packed is not None and not want_weights and head_mask is None:
         cu_q, cu_k, max_q, max_k = packed
         out = ops.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                                    cu_q, cu_k, max_q, max_k, dropout_p=dropout, is_causal=causal,
@@ -470,7 +499,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device), cu[1:] - cu[:-1])
             seqs += [seq, torch.arange(length, device=query.device) - cu[seq]]  # and local positions
         mask, causal = _same_sequence_mask(seqs[0], seqs[2], seqs[1], seqs[3], causal), False
-    if kwargs.get("output_attentions", False):
+    if want_weights:
         if gqa:
             key, value = reference.repeat_kv_heads(key, value, query.shape[1], dim=1)
         if window is not None:
@@ -482,6 +511,9 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                                                is_causal=causal, scale=scaling, enable_gqa=gqa,
                                                window_size=window, backend=backend)
         weights = None
+    if head_mask is not None:  # (B or 1, H, 1, 1) on the probabilities: on P V as well
+        out = out * head_mask
+        weights = None if weights is None else weights * head_mask
     return out.transpose(1, 2).contiguous(), weights
 
 
@@ -691,7 +723,7 @@ class SelfAttention(nn.Module, NoTorchScript):
         # 5.x: the weights are asked for through the model's output collector
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         mask = a.get("attention_mask", a.get("mask"))
-        ctx, weights = self.context(hidden, mask, a.get("head_mask"), want_weights)
+        ctx, weights = self.context(hidden, mask, _head_mask(a), want_weights)
         spec = self._fastbert_spec
         if spec.norm is not None:
             p = _dropout_p(self, spec.out_dropout) if self.training else 0.0
@@ -744,7 +776,7 @@ class MPNetAttention(nn.Module, NoTorchScript):
             raise TypeError("missing the hidden states (hidden_states)")
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         mask = _with_score_bias(a.get("attention_mask"), a.get("position_bias"))
-        ctx, weights = _attend(self.attn, _MPNET_ATTN, self.backend, hidden, mask, a.get("head_mask"),
+        ctx, weights = _attend(self.attn, _MPNET_ATTN, self.backend, hidden, mask, _head_mask(a),
                                want_weights)
         p = _dropout_p(self, "dropout") if self.training else 0.0
         out = _linear_add_norm(ctx, self.attn.o, hidden, self.LayerNorm, p, self.backend)
@@ -1109,7 +1141,7 @@ class DistilBertBlock(_LayerBase, NoTorchScript):
         mask = a.get("attn_mask", a.get("attention_mask"))
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         attn: SelfAttention = self.attention
-        ctx, weights = attn.context(x, mask, a.get("head_mask"), want_weights)
+        ctx, weights = attn.context(x, mask, _head_mask(a), want_weights)
         if weights is not None:  # 5.x: the attention module's hooks collect its (output, weights)
             _record_outputs(attn, (x,), (ctx, weights))
         ffn = self.ffn
@@ -1137,7 +1169,7 @@ class AlbertLayer(nn.Module, NoTorchScript):
         a = _bind(self._fastbert_args, args, kwargs)
         if self._fastbert_legacy:
             attention_output = self.attention(a["hidden_states"], a.get("attention_mask"),
-                                              a.get("head_mask"), a.get("output_attentions", False))
+                                              _head_mask(a), a.get("output_attentions", False))
             att = attention_output[0]
         else:
             rest = {k: v for k, v in a.items() if k not in ("hidden_states", "attention_mask")}
@@ -1225,7 +1257,10 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
             return getattr(original, name)
 
     def _fallback_reason(self, a: Dict[str, object]) -> Optional[str]:
+        accepted = self.__dict__.get("_fastbert_kw_names")  # None: the original takes **kwargs
         for k, v in a.items():
+            if accepted is not None and k not in accepted:
+                return k  # the original's forward raises its TypeError
             if k not in _PADDING_FREE_ARGS and v is not None and v is not False:
                 return k
         mask = a.get("attention_mask")
@@ -1394,7 +1429,10 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     # tokenizer returns (through **kwargs), and so does the padding-free forward
     token_types = "token_type_ids" in params and (
         embeddings is None or "token_type_ids" in inspect.signature(embeddings.forward).parameters)
-    new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
+    params_hf = inspect.signature(type(module).forward).parameters.values()
+    kw_names = (None if any(p.kind == p.VAR_KEYWORD for p in params_hf)
+                else frozenset(p.name for p in params_hf if p.kind != p.VAR_POSITIONAL))
+    new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)), _fastbert_kw_names=kw_names,
                 _fastbert_token_types=token_types, _fastbert_mask_checked="mask_checked" in params,
                 _fastbert_output_cls=_output_class(module))
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
