@@ -48,7 +48,9 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor) -> Tuple[Tensor, 
     seqlens = keep.sum(dim=1, dtype=torch.int32)
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    max_seqlen = seqlens.max().item() if seqlens.numel() else 0
+    if not isinstance(max_seqlen, torch.SymInt):  # (traced: a symbol; int() would specialise it)
+        max_seqlen = int(max_seqlen)
     flat = hidden_states.reshape((-1,) + tuple(hidden_states.shape[2:]))
     return flat.index_select(0, indices), indices, cu_seqlens, max_seqlen
 

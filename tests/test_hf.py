@@ -403,6 +403,32 @@ def test_padding_free_ignores_token_type_ids_as_the_original_does(family):
     torch.testing.assert_close(out[real], want[real], atol=2e-5, rtol=1e-4)
 
 
+def test_padding_free_model_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) of a model optimized with padding_free=True (Dynamo told to
+    capture data-dependent shapes): the mask checks that read values on the host are skipped
+    under tracing (rows are taken as right-padded; a float mask runs the original forward)."""
+    import torch._dynamo
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    reference = copy.deepcopy(model)
+    optimize(model, padding_free=True, backend="torch")
+    inputs, real = _inputs("bert")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                         capture_scalar_outputs=True):
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            out = compiled(**inputs).last_hidden_state
+            float_mask = dict(inputs, attention_mask=inputs["attention_mask"].float())
+            out_float = compiled(**float_mask).last_hidden_state
+            want = reference(**inputs).last_hidden_state
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out[real], want[real], atol=2e-5, rtol=1e-4)
+    assert (out[~real] == 0).all()
+    torch.testing.assert_close(out_float[real], want[real], atol=2e-5, rtol=1e-4)
+
+
 def test_attention_function_head_masks_and_refusals(monkeypatch):
     """attn_implementation="fastbert": a transformers 4.x head mask (GPT-2's head_mask argument, or
     ViT's in the mask's place) multiplies each head's probabilities, as their eager path does;

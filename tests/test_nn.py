@@ -618,16 +618,20 @@ def test_transformer_encoder_compiles_as_one_graph():
     assert_compiled_encoder_matches(enc, batches, mask_arg="src_key_padding_mask")
 
 
-@pytest.mark.parametrize("case", ["bool", "causal-hinted", "causal", "float"])
-def test_transformer_encoder_compiles_as_one_graph_torch_backend(case):
-    """fullgraph=True on backend="torch" (aot_eager: the graph, without a C++ compiler run) with
-    every kind of mask the padding-free path takes: equal to eager on the real tokens. A float
-    padding mask, or a causal mask without the is_causal hint, cannot have its values read under
-    torch.compile: those run the padded path there (padded positions then differ from eager's 0)."""
+@pytest.mark.parametrize("case,compiler", [("bool", "aot_eager"), ("causal-hinted", "aot_eager"),
+                                           ("causal", "aot_eager"), ("float", "aot_eager"),
+                                           ("bool", "inductor"), ("prenorm-dynamic", "aot_eager")])
+def test_transformer_encoder_compiles_as_one_graph_torch_backend(case, compiler):
+    """fullgraph=True on backend="torch" with every kind of mask the padding-free path takes
+    (aot_eager: the graph, without a C++ compiler run; Inductor once: its matmul lowering must not
+    branch on the packed sizes), and a pre-norm layer with dynamic=True: equal to eager on the real
+    tokens. A float padding mask, or a causal mask without the is_causal hint, cannot have its
+    values read under torch.compile: those run the padded path there (padded positions then differ
+    from eager's 0)."""
     import torch._dynamo
     torch.manual_seed(0)
     layer = fnn.TransformerEncoderLayer(32, 2, 32, dropout=0.0, activation="gelu", batch_first=True,
-                                        backend="torch")
+                                        backend="torch", norm_first=case.startswith("prenorm"))
     enc = fnn.TransformerEncoder(layer, 2).eval()
     x = torch.randn(2, 6, 32)
     kpm = torch.zeros(2, 6, dtype=torch.bool)
@@ -642,13 +646,50 @@ def test_transformer_encoder_compiles_as_one_graph_torch_backend(case):
     try:
         with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
                                                          capture_scalar_outputs=True):
-            out = torch.compile(enc, backend="aot_eager", fullgraph=True)(x, **kw)
+            out = torch.compile(enc, backend=compiler, fullgraph=True,
+                                dynamic=True if case.endswith("dynamic") else None)(x, **kw)
             want = enc(x, **kw)
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(out[~kpm], want[~kpm], rtol=1e-5, atol=1e-5)
-    if case in ("bool", "causal-hinted"):
+    if case in ("bool", "causal-hinted", "prenorm-dynamic"):
         assert (out[kpm] == 0).all()
+
+
+def test_transformer_encoder_exports_with_its_unpadding():
+    """torch.export (non-strict, the default, and strict) of the padding-free encoder: the packed
+    length and max_seqlen are symbols there (unpad_input must not specialise them)."""
+    torch.manual_seed(0)
+
+    class Wrapped(nn.Module):
+        def __init__(self, enc):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x, pad):
+            return self.enc(x, src_key_padding_mask=pad)
+
+    layer = fnn.TransformerEncoderLayer(16, 4, 32, batch_first=True, backend="torch")
+    model = Wrapped(fnn.TransformerEncoder(layer, 2)).eval()
+    x = torch.randn(2, 6, 16)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    for strict in (False, True):
+        program = torch.export.export(model, (x, pad), strict=strict)
+        torch.testing.assert_close(program.module()(x, pad), model(x, pad))
+
+
+def test_prenorm_layer_keeps_the_autocast_dtype():
+    """Under autocast a pre-LN layer returns what torch's returns (bf16 here): linear2's fp32 bias
+    must not promote the feed-forward output."""
+    torch.manual_seed(0)
+    theirs = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True).eval()
+    ours = fnn.TransformerEncoderLayer.from_torch(copy.deepcopy(theirs), backend="torch").eval()
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        want, got = theirs(x), ours(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
 @pytest.mark.cuda

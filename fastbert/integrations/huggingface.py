@@ -1239,7 +1239,9 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
     cross-attention inputs, a cache), and training with gradient checkpointing enabled, run the
     original module instead (it shares every submodule). Attributes and methods of the original
     model class that this module lacks (``get_input_embeddings``, ``config``, ...) are the
-    original's.
+    original's. Under torch.compile (one graph with ``capture_dynamic_output_shape_ops`` and
+    ``capture_scalar_outputs``) the mask's values cannot be read: rows are taken as right-padded
+    (no left-padding or gap check) and a float mask runs the original forward.
     """
 
     _fastbert_args: Tuple[str, ...]
@@ -1267,9 +1269,13 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
         if isinstance(mask, Tensor):
             if mask.dim() != 2:
                 return "a mask other than (B, L) padding"  # e.g. a 4-D extended or custom mask
+            host = host_checks_allowed(mask.device)
+            if mask.is_floating_point() and not host:
+                return "a float mask under torch.compile (whether it holds only 0 and 1 cannot be read)"
             if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
                 return "a float mask with values other than 0 and 1 (the original adds them as a bias)"
-            if mask.numel() and not bool(mask[:, 0].all()):
+            # (under torch.compile the mask's values cannot be read: rows are taken as right-padded)
+            if host and mask.numel() and not bool(mask[:, 0].all()):
                 # the heads read position 0 (BERT's pooler, DistilBERT's classifier): with left
                 # padding it is a padded position, which the padding-free encoder leaves at 0
                 return "a row whose first position is padding (left padding; the heads read position 0)"

@@ -197,9 +197,9 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
                                       input_bias=out_proj.bias, dropout_p=p1, return_residual=True,
                                       backend=self.backend)
             f = self._feed_forward(y)
-            if self.linear2.bias is not None:
-                f = f + self.linear2.bias
-            x = x + F.dropout(f, p=p2, training=p2 > 0.0)
+            if self.linear2.bias is not None:  # in f's dtype (autocast's, as torch's Linear gives)
+                f = f + self.linear2.bias.to(f.dtype)
+            x = x + F.dropout(f, p=p2, training=self.training)
         else:
             ctx = attend(x)
             x = ops.add_layer_norm(F.linear(ctx, out_proj.weight), x, n1.weight, n1.bias, n1.eps,

@@ -385,8 +385,10 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             attn_mask = attn_mask[..., :max_seqlen_q, :max_seqlen_k]
     if n == 0 or (host and (q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0)):
         return reference.zeros_in_graph((q.shape[0], q.shape[1], v.shape[-1]), q, k, v)
-    if not host:  # sizes may come from tensors (unpad_input's): no branch on their values; a key
-        max_seqlen_k = torch.sym_max(max_seqlen_k, 1)  # past every sequence is masked anyway
+    if not host:  # sizes may come from tensors (unpad_input's): no branch on their values, and
+        # none that Inductor's matmul lowering must take (is the size 1?); a padded position past
+        # every sequence is masked (keys) or dropped (queries) anyway
+        max_seqlen_q, max_seqlen_k = torch.sym_max(max_seqlen_q, 2), torch.sym_max(max_seqlen_k, 2)
     qp, _ = _pad_packed(q, cu_seqlens_q, max_seqlen_q)
     kp, real_k = _pad_packed(k, cu_seqlens_k, max_seqlen_k)
     vp, _ = _pad_packed(v, cu_seqlens_k, max_seqlen_k)
