@@ -1248,6 +1248,7 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
     _fastbert_token_types: bool  # whether the encoder takes token_type_ids (BertEncoder does)
     _fastbert_mask_checked: bool  # whether its forward takes mask_checked= (BertEncoder's does)
     _fastbert_output_cls: type  # the ModelOutput class the original returns (_output_class)
+    _fastbert_in_place = False  # True: the original's instance forward runs this one (its root)
 
     def __getattr__(self, name: str):
         try:
@@ -1296,7 +1297,7 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
         if self._fallback_reason(a) is not None:
             original = self.__dict__["_fastbert_hf_module"]
             original.training = self.training  # its submodules are this module's
-            if is_padding_free_in_place(original):  # it is calling us from its forward: its class's
+            if self._fastbert_in_place:  # it is calling us from its forward: its class's
                 return type(original).forward(original, *args, **kwargs)
             return original(*args, **kwargs)
         enc = self.__dict__["_fastbert_encoder"]
@@ -1384,6 +1385,7 @@ def make_padding_free_in_place(module: nn.Module, padding_free: "PaddingFreeMode
         return pf.forward(*args, **kwargs)
 
     forward._fastbert_in_place = True
+    padding_free.__dict__["_fastbert_in_place"] = True
     module.__dict__[_IN_PLACE] = padding_free
     module.forward = types.MethodType(forward, module)
 

@@ -362,6 +362,11 @@ def _pad_packed(x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tuple[Tensor,
     return padded.transpose(1, 2), real
 
 
+def _at_least(n, low: int):
+    """max(n, low) for an int or a symbolic size (without a branch on the symbol's value)."""
+    return torch.sym_max(n, low) if isinstance(n, torch.SymInt) else max(n, low)
+
+
 @register("varlen_attention", "torch")
 def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                   is_causal, scale, alibi_slopes, window_size, attn_mask):
@@ -388,7 +393,7 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if not host:  # sizes may come from tensors (unpad_input's): no branch on their values, and
         # none that Inductor's matmul lowering must take (is the size 1?); a padded position past
         # every sequence is masked (keys) or dropped (queries) anyway
-        max_seqlen_q, max_seqlen_k = torch.sym_max(max_seqlen_q, 2), torch.sym_max(max_seqlen_k, 2)
+        max_seqlen_q, max_seqlen_k = _at_least(max_seqlen_q, 2), _at_least(max_seqlen_k, 2)
     qp, _ = _pad_packed(q, cu_seqlens_q, max_seqlen_q)
     kp, real_k = _pad_packed(k, cu_seqlens_k, max_seqlen_k)
     vp, _ = _pad_packed(v, cu_seqlens_k, max_seqlen_k)
