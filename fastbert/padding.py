@@ -2,7 +2,7 @@
 (total, ...) layout of :func:`fastbert.varlen_attention`."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -63,6 +63,15 @@ def gap_in_a_row(attention_mask: Tensor) -> bool:
     m = attention_mask.bool()
     runs = (m[:, 1:] & ~m[:, :-1]).sum(1) + m[:, 0]  # runs of real tokens per row
     return bool((runs > 1).any())
+
+
+def gap_refusal(attention_mask: Tensor, counted_by: str) -> Optional[str]:
+    """Why an encoder whose ``counted_by`` counts padded positions cannot pack ``attention_mask``
+    (a gap inside a row, :func:`gap_in_a_row`), or None. Not checked under torch.compile or CUDA
+    graph capture (no host read there: contiguous rows are assumed)."""
+    if not host_checks_allowed(attention_mask.device) or not gap_in_a_row(attention_mask):
+        return None
+    return f"a padding mask with a gap inside a row ({counted_by} counts it)"
 
 
 def pad_input(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:

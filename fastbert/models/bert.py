@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .._validation import host_checks_allowed
 from ..nn._utils import NoTorchScript, check_backend
 from ..nn.gelu import gelu_approximation
-from ..padding import gap_in_a_row, pad_input, unpad_input
+from ..padding import gap_refusal, pad_input, unpad_input
 
 __all__ = ["BertEncoder", "BertLayer", "PreLNBertLayer"]
 
@@ -412,11 +411,7 @@ class BertEncoder(nn.Module, NoTorchScript):
         (real, padding, real) has no packed equivalent."""
         if self.__dict__.get("_relative_position") is None or attention_mask is None:
             return None
-        if not host_checks_allowed(attention_mask.device):
-            return None  # under torch.compile the mask cannot be read: contiguous rows are assumed
-        if gap_in_a_row(attention_mask):
-            return "a padding mask with a gap inside a row (MPNet's relative positions count it)"
-        return None
+        return gap_refusal(attention_mask, "MPNet's relative positions")
 
     def forward_packed(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """Run the layers on packed tokens: hidden (total, E), cu_seqlens (N + 1,) int32 (as from

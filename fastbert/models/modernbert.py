@@ -33,10 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .._validation import host_checks_allowed
 from ..nn._utils import NoTorchScript, check_backend
 from ..nn.gelu import gelu_approximation
-from ..padding import gap_in_a_row, pad_input, unpad_input
+from ..padding import gap_refusal, pad_input, unpad_input
 
 __all__ = ["ModernBertEncoder", "ModernBertLayer"]
 
@@ -168,11 +167,7 @@ class ModernBertEncoder(nn.Module, NoTorchScript):
         CUDA-graph capture (no host read there)."""
         if attention_mask is None or all(layer.window_size is None for layer in self.layers):
             return None
-        if not host_checks_allowed(attention_mask.device):
-            return None  # under torch.compile the mask cannot be read: contiguous rows are assumed
-        if gap_in_a_row(attention_mask):
-            return "a padding mask with a gap inside a row (the local layers' window counts it)"
-        return None
+        return gap_refusal(attention_mask, "the local layers' window")
 
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None, *,
