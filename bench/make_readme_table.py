@@ -68,12 +68,26 @@ def import_results(src: Path, results_root: Path = RESULTS) -> Path:
     return dest
 
 
+def merged_run(runs: list) -> dict:
+    """The runs of one results directory (a quick benchmark split over several device calls, say)
+    as one: the last run's environment and ceilings, and for each (case, pass, dtype,
+    implementation) the row of the latest run that has it; plots of every run."""
+    rows, plots = {}, []
+    for run in runs:
+        for row in run["rows"]:
+            key = (row.get("family"), row.get("case"), row.get("pass"), row.get("dtype"), row.get("impl"))
+            rows.pop(key, None)  # re-inserted: the latest run's row, in that run's order
+            rows[key] = row
+        plots += [p for p in run.get("plots") or [] if p not in plots]
+    return dict(runs[-1], rows=list(rows.values()), plots=plots)
+
+
 def make_block(results_dir: Path, relative_to: Path) -> str:
     data = report.load_results(results_dir)
     runs = [r for r in data["runs"] if r.get("rows")]
     if not runs:
         raise ValueError(f"{results_dir} holds no run with results")
-    run = runs[-1]
+    run = merged_run(runs)
     plots = [os.path.relpath(results_dir / name, relative_to).replace(os.sep, "/")
              for name in run.get("plots") or sorted(p.name for p in results_dir.glob("*.png"))
              if (results_dir / name).exists()]

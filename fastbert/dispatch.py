@@ -78,9 +78,15 @@ def _bucket(value: int, edges: Sequence[int], name: str) -> str:
     return f"{name}>{edges[-1]}"
 
 
-def _attention_class(dtype: str, d: int, lk: int, masked: bool, causal: bool) -> str:
-    return "/".join((dtype, _bucket(d, (64, 128), "D"), _bucket(lk, (512,), "Lk"),
-                     "mask" if masked else "nomask", "causal" if causal else "full"))
+def _attention_class(dtype: str, d: int, lk: int, masked: bool, causal: bool,
+                     window: bool = False, gqa: bool = False) -> str:
+    """A sliding window or grouped-query heads make a class of their own (the backends handle
+    them differently: block skipping, K/V read in place or repeated), so that they do not decide
+    the ranking of plain dense calls."""
+    parts = [dtype, _bucket(d, (64, 128), "D"), _bucket(lk, (512,), "Lk"),
+             "mask" if masked else "nomask", "causal" if causal else "full"]
+    parts += ["window"] * window + ["gqa"] * gqa
+    return "/".join(parts)
 
 
 def _row_class(dtype: str, n: int) -> str:
@@ -92,8 +98,10 @@ def shape_class(op: str, **call) -> Optional[str]:
     for an op that has no measured dispatch."""
     if op in _ATTENTION_OPS:
         q, k = call["query"], call["key"]
+        gqa = q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] != q.shape[-3]
         return _attention_class(_DTYPE_NAMES.get(q.dtype, str(q.dtype)), q.shape[-1], k.shape[-2],
-                                call.get("attn_mask") is not None, bool(call.get("is_causal")))
+                                call.get("attn_mask") is not None, bool(call.get("is_causal")),
+                                call.get("window_size") is not None, gqa)
     if op in _ROW_OPS:
         x, r = call["input"], call.get("residual")
         dtype = _DTYPE_NAMES.get(x.dtype, str(x.dtype))
@@ -111,7 +119,9 @@ def bench_shape_class(op: str, dtype: str, params: Mapping) -> Optional[str]:
     try:
         if op in _ATTENTION_OPS:
             return _attention_class(dtype, int(params["D"]), int(params["Lk"]),
-                                    params.get("mask", "none") != "none", bool(params.get("causal")))
+                                    params.get("mask", "none") != "none", bool(params.get("causal")),
+                                    params.get("window") is not None,
+                                    int(params.get("Hkv", params.get("H", 0))) != int(params.get("H", 0)))
         if op in _ROW_OPS:
             return _row_class(dtype, int(params["N"]))
     except (KeyError, TypeError, ValueError):

@@ -654,6 +654,26 @@ def test_make_readme_table_tool(tmp_path, capsys):
     assert tool.main(["--results-root", str(tmp_path / "empty")]) == 1
 
 
+def test_readme_table_merges_a_benchmark_split_over_two_calls(tmp_path):
+    """A quick benchmark run as two device calls (FASTBERT_BENCH_ARGS="--op attention", then
+    "--op norms"), imported one after the other into the same folder: the table shows both; a
+    case measured in both shows the later row."""
+    tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
+    rows = _sample_rows()
+    first = [r for r in rows if r["family"] != "norms"]
+    second = [dict(r, p50_ms=0.01) if r["impl"] == "torch-eager" else r for r in rows if r["family"] == "norms"]
+    for i, part in enumerate((first, second)):
+        src = tmp_path / f"out{i}" / "bench"
+        report.write_json(src, _run_record(part, run_id=f"r{i}"))
+        tool.import_results(src, tmp_path / "results")
+    dest = tmp_path / "results" / "2026-11-20-h100-80gb-hbm3"
+    assert len(report.load_results(dest)["runs"]) == 2
+    block = tool.make_block(dest, tmp_path)
+    assert "| fwd-B32-H12-L512-D64-fp16 |" in block and "| ln |" in block
+    merged = tool.merged_run(report.load_results(dest)["runs"] + [_run_record(second, run_id="r2")])
+    assert len(merged["rows"]) == len(rows)
+
+
 def test_import_rebuilds_the_csv_the_gpu_run_leaves_out(tmp_path):
     tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
     out = tmp_path / "out"

@@ -51,6 +51,19 @@ def test_attention_class_matches_benchmark_case(lq, d, causal, pad, dtype):
     assert ("/mask/" in from_call) == pad and from_call.endswith("causal" if causal else "full")
 
 
+@pytest.mark.parametrize("window,kv_heads", [((4, 4), None), (None, 1), ((2, 0), 1)], ids=str)
+def test_window_and_gqa_cases_have_classes_of_their_own(window, kv_heads):
+    """A sliding-window or grouped-query benchmark case must not rank the backends for plain dense
+    calls (the backends handle those differently); call and benchmark sides still agree."""
+    case = bench_attention.dense_case(2, 2, 33, 64, torch.float16, window=window, kv_heads=kv_heads)
+    s = case.setup("cpu")
+    q, k, _ = bench_attention.bhld(s)
+    from_call = dispatch.shape_class("scaled_dot_product_attention", query=q, key=k, value=k,
+                                     attn_mask=None, is_causal=False, window_size=window)
+    assert from_call == dispatch.bench_shape_class(case.op, "fp16", case.params)
+    assert from_call.endswith("/window" * (window is not None) + "/gqa" * (kv_heads is not None))
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm", "gelu", "bias_gelu", "geglu"])
 @pytest.mark.parametrize("cols", [1, 768, 1000, 4097])
 def test_row_class_matches_benchmark_case(op, cols):

@@ -316,8 +316,9 @@ def fastbert_impl(backend: str, op: str, forward: Callable[[Any, str], Tensor], 
         reasons = backends.backend_reasons(backend, device, explicit=True)
         if reasons:
             raise Unavailable("; ".join(reasons))
-        try:  # the op's own dispatch: BackendError lists why this call cannot be served
-            with torch.no_grad():
+        try:  # the op's own dispatch: BackendError lists why this call cannot be served (with
+            # grad mode as timed: an inference-only kernel declines a call that needs gradients)
+            with torch.set_grad_enabled(case.pass_ != "fwd"):
                 forward(state, backend)
         except backends.BackendError as e:
             raise Unavailable(str(e)) from None

@@ -187,7 +187,10 @@ def _cleanup(device, collect: bool = False) -> None:
 
 
 def _no_kernel(exc: BaseException) -> bool:
-    return isinstance(exc, NotImplementedError) or "No available kernel" in str(exc)
+    from ..backends import BackendError  # fastbert's dispatch declining the call: unavailable
+
+    return (isinstance(exc, (NotImplementedError, BackendError))
+            or "No available kernel" in str(exc))
 
 
 def _check(case: Case, impl: Impl, prep: Prepared, state, leaves_fn, upstream) -> Optional[CheckResult]:
