@@ -448,10 +448,10 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     flash-attention). A transformers 4.x head mask (GPT-2's ``head_mask``, or ViT's in the mask's
     place) multiplies each head's probabilities, as in their eager path. Attention sinks
     (``s_aux``, GPT-OSS) and logit soft-capping (``softcap``, Gemma 2) are refused with
-    NotImplementedError rather than dropped. ``sliding_window`` (ModernBERT's local layers, Mistral-style models)
-    becomes ``window_size = (sliding_window - 1,) * 2``, as transformers' flash-attention path
-    maps it, so the kernels skip the key blocks outside the window (the mask transformers builds
-    for those layers holds the same window).
+    NotImplementedError rather than dropped. ``sliding_window`` (ModernBERT's local layers,
+    Mistral-style models) becomes ``window_size = (sliding_window - 1,) * 2``, as transformers'
+    flash-attention path maps it, so the kernels skip the key blocks outside the window (the mask
+    transformers builds for those layers holds the same window).
 
     Packed sequences (padding-free training with ``DataCollatorWithFlattening``), as transformers'
     flash-attention path takes them: batch 1 with ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
@@ -481,7 +481,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     mask = _with_score_bias(attention_mask, kwargs.get("position_bias"))
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
-    packed = _packed_sequences(query, key, mask, kwargs, window) if kwargs.get("position_bias") is None else None
+    packed = (_packed_sequences(query, key, mask, kwargs, window)
+              if kwargs.get("position_bias") is None else None)
     if packed is not None:
         mask = None  # full or causal attention within each sequence, as _packed_sequences checked
     elif mask is None and not host_checks_allowed(query.device):
@@ -1440,7 +1441,8 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     params_hf = inspect.signature(type(module).forward).parameters.values()
     kw_names = (None if any(p.kind == p.VAR_KEYWORD for p in params_hf)
                 else frozenset(p.name for p in params_hf if p.kind != p.VAR_POSITIONAL))
-    new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)), _fastbert_kw_names=kw_names,
+    new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
+                _fastbert_kw_names=kw_names,
                 _fastbert_token_types=token_types, _fastbert_mask_checked="mask_checked" in params,
                 _fastbert_output_cls=_output_class(module))
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
