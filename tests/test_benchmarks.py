@@ -350,6 +350,9 @@ def test_budget_and_quick_skips():
                             timer=timing.CpuTimer(reps=1), progress=False, budget_s=0.0)
     assert len(rows) == 4 and all(r["status"] == "skipped" for r in rows)
     assert "time budget" in rows[0]["reason"]
+    rows = runner.run_cases([_toy_case(impls)], device="cpu", timer=timing.CpuTimer(reps=1),
+                            progress=False, budget_s=0.0, impl_filter=["good"])
+    assert [r["impl"] for r in rows] == ["good"]  # skipped rows only for what --impl selects
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):

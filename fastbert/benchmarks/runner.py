@@ -186,6 +186,11 @@ def _cleanup(device, collect: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
+def _selected_impls(case: Case, impl_filter: Optional[Sequence[str]]) -> List[Impl]:
+    """The case's implementations that ``--impl`` names (substrings; all without a filter)."""
+    return [i for i in case.impls if not impl_filter or any(f in i.name for f in impl_filter)]
+
+
 def _no_kernel(exc: BaseException) -> bool:
     from ..backends import BackendError  # fastbert's dispatch declining the call: unavailable
 
@@ -305,7 +310,7 @@ def run_impl(case: Case, impl: Impl, states: list, timer, *, quick: bool = False
 
 def run_case(case: Case, *, device="cuda", timer=None, l2_bytes: int = 0,
              impl_filter: Optional[Sequence[str]] = None, quick: bool = False) -> List[Dict]:
-    impls = [i for i in case.impls if not impl_filter or any(f in i.name for f in impl_filter)]
+    impls = _selected_impls(case, impl_filter)
     torch.manual_seed(sum(map(ord, case.id)))
     try:
         n_sets = rotation_count(case.footprint, l2_bytes) if case.rotate else 1
@@ -349,7 +354,7 @@ def run_cases(cases: Sequence[Case], *, device="cuda", timer=None, ceilings: Opt
             bar.update(case.id)
             if budget_s is not None and time.monotonic() - start > budget_s:
                 case_rows = []
-                for impl in case.impls:
+                for impl in _selected_impls(case, impl_filter):
                     row = _base_row(case, impl)
                     row.update(status="skipped", reason=f"time budget of {budget_s:.0f} s used up")
                     case_rows.append(row)
