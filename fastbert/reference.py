@@ -339,8 +339,8 @@ def linformer_attention(
 ) -> Tensor:
     """Linformer attention (Wang et al., 2020).
 
-    Shapes: query (B, H, Lq, D), key/value (B, H, Lk, D), proj_k/proj_v (k, Lk) or (H, k, Lk),
-    key_padding_mask (B, Lk) bool, True = padding -> (B, H, Lq, D).
+    Shapes: query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), proj_k/proj_v (k, Lk) or
+    (H, k, Lk), key_padding_mask (B, Lk) bool, True = padding -> (B, H, Lq, Dv) (value's head dim).
 
     K' = E K and V' = F V project the keys and values along the sequence axis to k rows
     (padded positions are zeroed first, so they contribute nothing), then

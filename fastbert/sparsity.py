@@ -149,11 +149,11 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
 
 
 def _check_layout(name: str, layout, integers: bool = False) -> Tensor:
-    """A 3-D bool layout (``integers``: or a 0/1 integer one, as the attention op accepts)."""
+    """A 3-D bool layout (``integers``: or an integer one, nonzero = attend, as the attention op accepts)."""
     if not isinstance(layout, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(layout)}")
     if integers and (layout.is_floating_point() or layout.is_complex()):
-        raise TypeError(f"{name} must be a bool (or 0/1 integer) tensor, got dtype {layout.dtype}")
+        raise TypeError(f"{name} must be a bool (or integer, nonzero = attend) tensor, got dtype {layout.dtype}")
     if not integers and layout.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got dtype {layout.dtype}")
     if layout.dim() != 3:
@@ -215,7 +215,8 @@ def sliding_window(seq_len: int, block_size: int = 64, *, window: int = 1, causa
         . . . # # #
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
-    window = _check_int("window", window, 0)
+    # a window past every block changes nothing; clamped, an int beyond int64 cannot wrap
+    window = min(_check_int("window", window, 0), max(nbq, nbk))
     causal = check_bool("causal", causal)
     i, j = _ij(nbq, nbk, device)
     keep = (j - i).abs() <= window
@@ -336,6 +337,10 @@ def fixed(seq_len: int, block_size: int = 64, *, stride: int = 4, summary: int =
     if summary > stride:
         raise ValueError(f"summary must be <= stride, got summary = {summary}, stride = {stride}")
     causal = check_bool("causal", causal)
+    # one group spanning every block already sees everything: clamped (same layout), so that an
+    # int beyond int64 cannot wrap in the tensor arithmetic
+    limit = max(nbq, nbk)
+    stride, summary = min(stride, limit), min(summary, limit)
     i, j = _ij(nbq, nbk, device)
     keep = (j // stride == i // stride) | (j % stride >= stride - summary)
     if causal:
@@ -366,7 +371,9 @@ def strided(seq_len: int, block_size: int = 64, *, stride: int = 4, causal: bool
         . # . . # # # #
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
-    stride = _check_int("stride", stride, 1)
+    # a stride past every block sees everything (|i - j| < stride): clamped, same layout, and an
+    # int beyond int64 cannot wrap in the tensor arithmetic
+    stride = min(_check_int("stride", stride, 1), max(nbq, nbk))
     causal = check_bool("causal", causal)
     i, j = _ij(nbq, nbk, device)
     keep = ((i - j).abs() < stride) | ((i - j) % stride == 0)
@@ -482,9 +489,10 @@ def density(layout: Tensor, block_size: Optional[int] = None, seq_len: Optional[
     total = h * nbq * nbk
     per_head = tuple(float(x) / max(nbq * nbk, 1) for x in lay.sum(dim=(1, 2)).tolist())
     token = None
-    if block_size is not None or seq_len is not None:
+    if block_size is not None or seq_len is not None or key_len is not None:
         if block_size is None or seq_len is None:
-            raise ValueError("pass both block_size and seq_len for the token density")
+            raise ValueError("pass both block_size and seq_len (and key_len when Lk != Lq) for "
+                             "the token density")
         block_size = _check_int("block_size", block_size, 1)
         lq = _check_int("seq_len", seq_len, 1)
         lk = lq if key_len is None else _check_int("key_len", key_len, 1)
@@ -569,14 +577,15 @@ def _forget(key: int, ref) -> None:
 
 
 def prepare_layout(layout: Tensor) -> PreparedLayout:
-    """The kernel's lists for ``layout`` (bool, or 0/1 integers; see :class:`PreparedLayout`),
+    """The kernel's lists for ``layout`` (bool, or integers with nonzero = attend; see :class:`PreparedLayout`),
     cached per layout tensor.
 
     The cache (LRU, 64 entries) is keyed on the tensor object itself plus its data pointer, shape,
     strides, device and version counter: reusing the same layout tensor hits, modifying it in
     place or passing a new tensor (even with equal contents) prepares again. Preparation runs on
     the layout's device without a host sync. Inference-mode tensors (no version counter) are
-    never cached.
+    never cached. Writes that bypass the version counter (through ``layout.data``, or a NumPy
+    array sharing its memory) are not seen: after one, call :func:`clear_cache`.
     """
     _check_layout("layout", layout, integers=True)
     if layout.is_inference() or torch.compiler.is_compiling():

@@ -1134,6 +1134,21 @@ def test_varlen_strided_cu_seqlens_and_inf_beside_an_empty_sequence(backend):
     assert torch.equal(torch.autograd.grad(od, qd, torch.ones_like(od))[0], torch.zeros_like(qd))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_varlen_offsets_made_under_inference_mode_train(backend):
+    """cu_seqlens built under torch.inference_mode (e.g. by a data pipeline) serve a training call
+    on both backends (the Triton op used to fail saving them for its backward)."""
+    with torch.inference_mode():
+        cu = _cu([3, 5])
+    q, k, v = (rand((8, 2, 16), F32, requires_grad=True) for _ in range(3))
+    out = fastbert.varlen_attention(q, k, v, cu, cu, 5, 5, backend=backend)
+    ref = reference.varlen_attention(*(t.detach().double() for t in (q, k, v)), _cu([3, 5]),
+                                     _cu([3, 5]), 5, 5)
+    assert_close(out, ref, ref.float(), name="out")
+    out.backward(torch.randn_like(out))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 @pytest.mark.parametrize("per_sequence,layout,window", [(False, "plain", None), (True, "gqa2", None),
                                                        (False, "plain", (5, 3))],
                          ids=["N3-H4-D40-fp16-causal-alibiH", "N3-H4-D40-fp16-causal-alibiNH-gqa2",

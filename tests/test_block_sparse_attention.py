@@ -562,6 +562,31 @@ def test_layout_preparation_cached_across_calls(dtype):
     assert torch.equal(out, ref) and torch.equal(out2, ref)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layout_made_under_inference_mode_trains(backend):
+    """A layout built under torch.inference_mode (an inference tensor) serves a training call on
+    both backends (the Triton op used to fail saving it for the backward)."""
+    with torch.inference_mode():
+        layout = S.sliding_window(40, 16, window=0).to(DEVICE)
+    normal = S.sliding_window(40, 16, window=0).to(DEVICE)
+    q, k, v = (rand((1, 2, 40, 16), requires_grad=True) for _ in range(3))
+    out = fastbert.block_sparse_attention(q, k, v, layout, 16, backend=backend)
+    ref = reference.block_sparse_attention(*(t.detach().double() for t in (q, k, v)), normal, 16)
+    assert_close(out, ref, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_block_size_beyond_int64_indices_is_refused():
+    q = rand((1, 1, 8, 16))
+    layout = S.dense(8, 8).to(DEVICE)
+    with pytest.raises(ValueError, match="block_size must be <="):
+        fastbert.block_sparse_attention(q, q, q, layout, 2 ** 64, backend="torch")
+    big = fastbert.block_sparse_attention(q, q, q, layout, 2 ** 31 - 1, backend="torch")  # one block
+    assert_close(big, reference.scaled_dot_product_attention(*(t.double() for t in (q, q, q))), atol=1e-5)
+
+
 def test_triton_torch_compile_fullgraph():
     """One opaque op per pass under torch.compile(fullgraph=True), with a float key-padding bias
     that requires grad (the backward op's fake returns its gradient)."""

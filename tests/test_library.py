@@ -186,6 +186,15 @@ def test_opcheck_layer_norm_into_fp32():
     _opcheck("fastbert::layer_norm_fwd", (x, w, b, 1, 1e-5, torch.float32))
 
 
+@pytest.mark.parametrize("return_residual", [False, True])
+def test_opcheck_add_layer_norm_mixed_dtypes(return_residual):
+    """fp16 input + fp32 residual: every output (the empty pre-norm-sum placeholder too) has the
+    fake's dtype, the promoted one."""
+    x = rand((5, 24), torch.float16)
+    r, w, b = rand((5, 24)), rand((24,)), rand((24,))
+    _opcheck("fastbert::add_layer_norm_fwd", (x, r, w, b, None, 1e-5, 0.0, return_residual))
+
+
 def test_opcheck_attention_with_alibi_gqa_and_window():
     q, k, v = rand((1, 4, 17, 16), requires_grad=True), *(rand((1, 2, 9, 16), requires_grad=True)
                                                           for _ in range(2))

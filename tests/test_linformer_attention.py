@@ -245,3 +245,19 @@ def test_triton_reasons(monkeypatch):
     q64 = q.double()
     with pytest.raises(BackendError, match="projected keys"):
         fastbert.linformer_attention(q64, q64, q64, e.double(), e.double(), backend="triton")
+
+
+@pytest.mark.parametrize("scale_e,scale_kv", [(1e5, 1e-2), (1e-6, 1e3)], ids=["large-proj", "tiny-proj"])
+def test_triton_fp32_projections_of_fp16_keys_are_not_rounded(scale_e, scale_kv):
+    """fp32 projections of fp16 keys/values are applied in fp32 (as the reference), not rounded to
+    fp16 first: 1e5 overflowed to inf (NaN output), 1e-6 fell in fp16's subnormals (3e-2 error)."""
+    require_dense_triton()
+    b, h, lq, lk, d, kdim = 1, 2, 24, 64, 16, 4
+    q = rand((b, h, lq, d), torch.float16)
+    k, v = ((rand((b, h, lk, d)) * scale_kv).half() for _ in range(2))
+    e, f = (rand((kdim, lk)) * scale_e for _ in range(2))
+    out = fastbert.linformer_attention(q, k, v, e, f, backend="triton")
+    ref = reference.linformer_attention(*(t.double() for t in (q, k, v, e, f)))
+    low = reference.linformer_attention(q, k, v, e, f)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, low, name="out")

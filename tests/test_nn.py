@@ -834,6 +834,50 @@ def test_block_sparse_layout_tensor_per_head_and_shorter_input():
         ours(torch.randn(nb * bs + 1, N, E))
 
 
+def test_block_sparse_global_blocks_past_a_short_input():
+    """Global blocks (BigBird's usual 2, or listed indices) past the end of an input are left out
+    for it, as those tokens are not there: the module is built and serves short and long inputs."""
+    bs = 4
+    for preset, kwargs in (("global_tokens", {"global_blocks": 2}),
+                           ("bigbird", {"global_blocks": [0, 3], "random_blocks": 1}),
+                           ("longformer", {"global_blocks": torch.tensor([3])})):
+        ours = fnn.BlockSparseSelfAttention(E, H, preset, block_size=bs, layout_kwargs=kwargs,
+                                            backend="torch")
+        fn = getattr(fastbert.sparsity, preset)
+        g = kwargs["global_blocks"]
+        for length, nb in ((3, 1), (7, 2), (16, 4), (21, 6)):
+            want = min(g, nb) if isinstance(g, int) else [i for i in (g.tolist() if torch.is_tensor(g) else g) if i < nb]
+            expected = fn(length, bs, **dict(kwargs, global_blocks=want))
+            assert torch.equal(ours.layout_for(length, torch.device("cpu")), expected), (preset, length)
+            assert ours(torch.randn(N, length, E)).shape == (N, length, E)
+    with pytest.raises(ValueError, match="out of range"):  # a negative index is still an error
+        fnn.BlockSparseSelfAttention(E, H, "bigbird", block_size=bs, layout_kwargs={"global_blocks": [-1]})
+    with pytest.raises(TypeError, match="global_blocks"):
+        fnn.BlockSparseSelfAttention(E, H, "bigbird", block_size=bs, layout_kwargs={"global_blocks": 1.5})
+
+
+def test_block_sparse_module_cache_follows_kwargs_buffer_and_pickles():
+    import io
+
+    m = fnn.BlockSparseSelfAttention(E, H, "sliding_window", block_size=4,
+                                     layout_kwargs={"window": 2}, dropout=0.1, backend="torch")
+    assert "layout_kwargs={'window': 2}" in repr(m) and "dropout=0.1" in repr(m)
+    first = m.layout_for(24, torch.device("cpu"))
+    m.layout_kwargs["window"] = 0  # edited after a forward: takes effect
+    assert torch.equal(m.layout_for(24, torch.device("cpu")), fastbert.sparsity.sliding_window(24, 4, window=0))
+    assert not torch.equal(first, m.layout_for(24, torch.device("cpu")))
+    buf = io.BytesIO()
+    torch.save(m, buf)  # the cache holds weak references: not pickled
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False)(torch.randn(N, 24, E)).shape == (N, 24, E)
+    t = fnn.BlockSparseSelfAttention(E, H, torch.eye(6, dtype=torch.bool)[None], block_size=4,
+                                     backend="torch")
+    old = t.layout_for(24, torch.device("cpu"))
+    t.layout = torch.ones(1, 6, 6, dtype=torch.bool)  # a new buffer object: never a stale hit
+    assert t.layout_for(24, torch.device("cpu")).all() and not old.all()
+    assert copy.deepcopy(t)(torch.randn(N, 24, E)).shape == (N, 24, E)
+
+
 def test_block_sparse_bad_arguments():
     with pytest.raises(ValueError, match="preset"):
         fnn.BlockSparseSelfAttention(E, H, "diagonal")

@@ -58,6 +58,20 @@ def test_presets_match_loops(lq, lk, bs):
                            loop_layout(nbq, nbk, lambda i, j: rule(i, j) and j <= i))
 
 
+@pytest.mark.parametrize("big", [2 ** 62, 2 ** 63, 2 ** 64 + 1, 10 ** 30])
+def test_sizes_beyond_every_block_are_everything(big):
+    """A window or stride past every block gives the full band, whatever the int's size (one
+    beyond int64 used to wrap: sliding_window(window=2**63) was all off)."""
+    on = torch.ones(1, 4, 5, dtype=torch.bool)
+    assert torch.equal(S.sliding_window(64, 16, window=big, key_len=80), on)
+    assert torch.equal(S.global_tokens(64, 16, window=big, key_len=80), on)
+    assert torch.equal(S.strided(64, 16, stride=big, key_len=80), on)
+    assert torch.equal(S.fixed(64, 16, stride=big, summary=big, key_len=80), on)
+    assert torch.equal(S.fixed(64, 16, stride=big, key_len=80), on)
+    causal = S.sliding_window(64, 16, window=big, causal=True)
+    assert torch.equal(causal[0], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
 @pytest.mark.parametrize("lq,lk,bs", SIZES, ids=SIZE_IDS)
 def test_bigbird_structure(lq, lk, bs):
     nbq, nbk = nb(lq, bs), nb(lk or lq, bs)
@@ -203,6 +217,7 @@ VALIDATION = [
     (lambda: S.intersection(S.dense(97, 16), S.dense(97, 16).int()), TypeError, "bool"),
     (lambda: S.density(S.dense(97, 16), 16, 200), ValueError, "blocks"),
     (lambda: S.density(S.dense(97, 16), 16), ValueError, "both"),
+    (lambda: S.density(S.dense(97, 16), key_len=33), ValueError, "both"),
     (lambda: S.render(S.dense(97, 16), head=1), ValueError, "head"),
     (lambda: S.prepare_layout(torch.ones(2, 2)), TypeError, "bool"),
 ]

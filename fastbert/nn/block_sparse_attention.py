@@ -2,6 +2,8 @@
 layout (a tensor, or a preset of :mod:`fastbert.sparsity`), on :func:`fastbert.block_sparse_attention`."""
 from __future__ import annotations
 
+import numbers
+import weakref
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
@@ -57,7 +59,7 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             raise TypeError(f"layout_kwargs must be a dict of the preset's keyword arguments or "
                             f"None, got {type_name(layout_kwargs)}")
         self.layout_kwargs = dict(layout_kwargs or {})
-        self._layouts: Dict[tuple, Tensor] = {}
+        self._layouts: Dict[tuple, Any] = {}  # key -> layout (preset) or (weakref to buffer, layout)
         if isinstance(layout, str):
             if layout not in PRESETS:
                 raise ValueError(f"layout {layout!r} is not a preset; expected a bool layout tensor "
@@ -71,7 +73,7 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             self._preset_fn = getattr(sparsity, layout)
             self.register_buffer("layout", None)
             # Build one layout now, so that bad kwargs fail here rather than on the first forward.
-            probe = self._preset_fn(block_size, block_size, **self.layout_kwargs)
+            probe = self._preset_fn(block_size, block_size, **self._kwargs_for(1))
             if probe.shape[0] not in (1, num_heads):
                 raise ValueError(f"the {layout!r} preset with layout_kwargs {self.layout_kwargs} "
                                  f"gives layouts for {probe.shape[0]} heads; the module has "
@@ -93,8 +95,33 @@ class BlockSparseSelfAttention(SelfAttentionBase):
 
     def extra_repr(self) -> str:
         what = self.preset if self.preset is not None else f"tensor{tuple(self.layout.shape)}"
+        kwargs = f", layout_kwargs={self.layout_kwargs}" if self.layout_kwargs else ""
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, layout={what}, "
-                f"block_size={self.block_size}, backend={self.backend!r}")
+                f"block_size={self.block_size}{kwargs}, dropout={self.dropout}, "
+                f"backend={self.backend!r}")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_layouts"] = {}  # a cache (holding weak references): rebuilt on demand
+        return state
+
+    def _kwargs_for(self, nb: int) -> Dict[str, Any]:
+        """The preset's kwargs for an input of ``nb`` blocks: global blocks past its end are left
+        out (those tokens are not in this input; with ``global_blocks = n`` >= nb every block is
+        global), so that one module serves inputs shorter than its global blocks. Anything
+        malformed goes to the preset as given, which says what is wrong."""
+        kwargs = dict(self.layout_kwargs)
+        g = kwargs.get("global_blocks")
+        if isinstance(g, Tensor) and g.dim() <= 1 and not (g.is_floating_point() or g.is_complex()
+                                                           or g.dtype == torch.bool
+                                                           or g.device.type == "meta"):
+            g = g.tolist()
+        if isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > nb:
+            kwargs["global_blocks"] = nb
+        elif isinstance(g, (list, tuple, range)) and all(
+                isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in g):
+            kwargs["global_blocks"] = [x for x in g if x < nb]
+        return kwargs
 
     def layout_for(self, seq_len: int, device: torch.device) -> Tensor:
         """The (H or 1, nb, nb) layout used for inputs of ``seq_len`` tokens (cached: the same tensor
@@ -106,12 +133,13 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         # Cached layouts are made as normal tensors even under torch.inference_mode: a layout
         # first built there (a validation pass before training) may later be saved for backward.
         if self._preset_fn is not None:
-            key = (seq_len, str(device))
+            # keyed on the kwargs too: editing module.layout_kwargs takes effect
+            key = (seq_len, str(device), repr(self.layout_kwargs))
             lay = self._layouts.get(key)
             if lay is None:
                 with torch.inference_mode(False):
                     lay = self._preset_fn(seq_len, self.block_size, device=device,
-                                          **self.layout_kwargs)
+                                          **self._kwargs_for(nb))
                 if len(self._layouts) >= _MAX_CACHED:  # drop the oldest length
                     self._layouts.pop(next(iter(self._layouts)))
                 self._layouts[key] = lay
@@ -122,13 +150,15 @@ class BlockSparseSelfAttention(SelfAttentionBase):
                              f"{self.block_size} tokens, too few for a sequence of {seq_len} tokens")
         version = None if full.is_inference() else full._version  # inference tensors have none
         key = (seq_len, str(full.device), full.data_ptr(), version)
-        lay = self._layouts.get(key)
-        if lay is None:
-            self._layouts = {k: v for k, v in self._layouts.items() if k[1:] == key[1:]}
+        entry = self._layouts.get(key)
+        # the entry is also tied to the buffer object: a new buffer at a recycled address never hits
+        if entry is None or entry[0]() is not full:
+            self._layouts = {k: v for k, v in self._layouts.items()
+                             if k[1:] == key[1:] and v[0]() is full}
             with torch.inference_mode(False):
-                lay = full[:, :nb, :nb].clone()
-            self._layouts[key] = lay
-        return lay.to(device)
+                entry = (weakref.ref(full), full[:, :nb, :nb].clone())
+            self._layouts[key] = entry
+        return entry[1].to(device)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         x_bf, q, k, v = self._heads(x, key_padding_mask)

@@ -679,9 +679,19 @@ _varlen_attention_fwd_op.register_autograd(
     _varlen_attention_backward, setup_context=_varlen_attention_setup_context)
 
 
+def _savable(index: Tensor) -> Tensor:
+    """An index tensor (offsets, a layout) made under torch.inference_mode cannot be saved for a
+    backward pass; the torch backend takes it, so the ops save a normal copy of it instead."""
+    if (not torch.compiler.is_compiling() and index.is_inference()
+            and not torch.is_inference_mode_enabled() and torch.is_grad_enabled()):
+        return index.clone()
+    return index
+
+
 @register("varlen_attention", "triton", reasons=_varlen_triton_reasons)
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                    is_causal, scale, alibi_slopes, window_size, attn_mask):
+    cu_seqlens_q, cu_seqlens_k = _savable(cu_seqlens_q), _savable(cu_seqlens_k)
     out, _, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, dropout_p, is_causal,
                                          _default_scale(scale, q.shape[-1]), alibi_slopes,

@@ -13,15 +13,17 @@ from .._validation import (check_attn_mask, check_dropout, check_int, check_scal
 from .._autocast import autocast_dtype, cast, disabled
 from .._library import custom_op
 from ..backends import interpreter_enabled, register, select
-from .attention import _check_qkv
+from .attention import _check_qkv, _savable
 
 __all__ = ["block_sparse_attention"]
+
+_MAX_BLOCK_SIZE = 2 ** 31 - 1  # token indices are int64: a larger block size would overflow them
 
 
 def _check_layout(layout, h: int, nbq: int, nbk: int) -> None:
     check_tensor("layout", layout, ndim=(3,), floating=False)
     if layout.is_floating_point() or layout.is_complex():
-        raise TypeError(f"layout must be a bool (or 0/1 integer) tensor, got dtype {layout.dtype}")
+        raise TypeError(f"layout must be a bool (or integer, nonzero = attend) tensor, got dtype {layout.dtype}")
     if layout.shape[0] not in (1, h) or tuple(layout.shape[1:]) != (nbq, nbk):
         raise ValueError(f"layout must have shape (H or 1, ceil(Lq/block_size), ceil(Lk/block_size)) "
                          f"= ({h} or 1, {nbq}, {nbk}), got {tuple(layout.shape)}")
@@ -44,7 +46,8 @@ def block_sparse_attention(
     Args:
         query: (B, H, Lq, D); key: (B, H, Lk, D); value: (B, H, Lk, Dv).
         layout: bool (H or 1, ceil(Lq / block_size), ceil(Lk / block_size)); query block i sees key
-            block j iff ``layout[h, i, j]``. Build one with :mod:`fastbert.sparsity`.
+            block j iff ``layout[h, i, j]`` (an integer layout: iff it is nonzero). Build one with
+            :mod:`fastbert.sparsity`.
         block_size: tokens per block side. Lq and Lk need not be multiples of it.
         attn_mask: optional SDPA-style mask (e.g. key padding), combined with the layout.
         dropout_p, scale, backend: as in :func:`fastbert.scaled_dot_product_attention`.
@@ -72,6 +75,9 @@ def block_sparse_attention(
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same "
                          "batch and head dims (B, H, L, D)")
     block_size = check_int("block_size", block_size, minimum=1)
+    if isinstance(block_size, int) and block_size > _MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be <= {_MAX_BLOCK_SIZE} (one block covers any longer "
+                         f"sequence), got {block_size}")
     b, h, lq, _ = query.shape
     lk = key.shape[2]
     _check_layout(layout, h, -(-lq // block_size), -(-lk // block_size))
@@ -211,8 +217,9 @@ _block_sparse_attention_fwd_op.register_autograd(
 def _block_sparse_triton(query, key, value, layout, block_size, attn_mask, dropout_p, scale):
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    # The layout goes in as given (bool or 0/1 integers): a converted copy would be a new tensor
-    # on every call, and miss sparsity.prepare_layout's per-tensor cache.
-    out, _, _ = _block_sparse_attention_fwd_op(query, key, value, layout, block_size, attn_mask,
-                                               dropout_p, scale)
+    # The layout goes in as given (bool or integers): a converted copy would be a new tensor
+    # on every call, and miss sparsity.prepare_layout's per-tensor cache (an inference-mode
+    # layout, never cached anyway, is copied to be saved for the backward).
+    out, _, _ = _block_sparse_attention_fwd_op(query, key, value, _savable(layout), block_size,
+                                               attn_mask, dropout_p, scale)
     return out

@@ -137,6 +137,11 @@ def add_layer_norm(
     Under ``torch.autocast`` input_bias is cast to the sum's dtype (it is the Linear's bias), and the
     LayerNorm is computed and returned in fp32 on CUDA (as ``F.layer_norm`` under autocast there),
     in the promoted dtype on CPU; ``pre_norm_sum`` is in the promoted dtype.
+
+    The sum is normalised as computed in fp32 (the reference and Triton); the CUDA kernels, which
+    store it in the output dtype for their backward, normalise that rounded sum (up to half an ulp
+    apart). Where the sum overflows a 16-bit dtype (``pre_norm_sum`` holds inf) the rows differ:
+    NaN on CUDA, as ``F.layer_norm(input + residual)`` gives, finite from the fp32 sum elsewhere.
     """
     if autocast_dtype(input) is not None and isinstance(residual, Tensor):
         sum_dtype = torch.promote_types(input.dtype, residual.dtype)
@@ -293,8 +298,8 @@ def _add_layer_norm_fwd_op(input: Tensor, residual: Tensor, weight: Optional[Ten
     out, s, mean, rstd = layer_norm_fwd(input, weight, bias, eps, residual=residual,
                                         input_bias=input_bias, dropout_p=dropout_p, seed=seed,
                                         store_sum=return_residual)
-    if s is None:
-        s = input.new_empty((0,))
+    if s is None:  # in the output's (promoted) dtype, as the fake says
+        s = out.new_empty((0,))
     return out, s, mean, rstd, seed
 
 

@@ -146,11 +146,15 @@ def _cuda_reasons(*, query, key, value, proj_k, proj_v, key_padding_mask, dropou
 
 def _project(x: Tensor, proj: Tensor, keep: Optional[Tensor]) -> Tensor:
     """proj @ x along the sequence axis, padded rows excluded: x (B, H, Lk, D), proj (k, Lk) or
-    (H, k, Lk), keep (B, 1, Lk, 1) bool or None -> (B, H, k, D) in x's dtype."""
+    (H, k, Lk), keep (B, 1, Lk, 1) bool or None -> (B, H, k, D) in x's dtype. Computed in the
+    promoted dtype of the two (fp32 projections of fp16 keys are not rounded to fp16 first: as
+    the reference, which projects in fp32)."""
     if keep is not None:
         x = torch.where(keep, x, x.new_zeros(()))  # where, not multiply: NaN padding stays out
     e = proj if proj.dim() == 3 else proj.unsqueeze(0)
-    return torch.matmul(e.to(x.dtype).unsqueeze(0), x)  # [1, H|1, k, Lk] @ [B, H, Lk, D] -> [B, H, k, D]
+    cdt = torch.promote_types(x.dtype, e.dtype)
+    # [1, H|1, k, Lk] @ [B, H, Lk, D] -> [B, H, k, D]
+    return torch.matmul(e.to(cdt).unsqueeze(0), x.to(cdt)).to(x.dtype)
 
 
 def _linformer_on(backend, query, key, value, proj_k, proj_v, key_padding_mask, dropout_p, scale):
