@@ -13,13 +13,12 @@ results.json written by ``fastbert bench``; the table is made from its last run,
 
 ``--import DIR`` takes a results directory (e.g. the ``bench/`` folder a GPU run left under $OUT),
 finds the date and GPU of its last run and copies results.json (runs merged by run_id),
-results.csv (rows appended; rebuilt from results.json when the run left it out), the PNGs and
+results.csv (rebuilt from the merged results.json: importing twice repeats no row), the PNGs and
 overhead.json (``bench/bench_overhead.py``, in DIR or beside it) into bench/results/<date>-<gpu>/.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import sys
@@ -47,18 +46,14 @@ def import_results(src: Path, results_root: Path = RESULTS) -> Path:
     for run in data["runs"]:
         report.write_json(dest, run)
     src_dir = src if src.is_dir() else src.parent
-    src_csv = src_dir / report.CSV_NAME
-    if not src_csv.exists():  # the GPU run leaves it out (the device tool brings back 8 files):
-        for run in runs:      # the same rows, from results.json
+    # results.csv is rebuilt from every run now in dest's results.json (the CSV holds the same
+    # rows as the JSON): importing a folder twice, or two folders into one, never repeats a row
+    dest_csv = dest / report.CSV_NAME
+    if dest_csv.exists():
+        dest_csv.unlink()
+    for run in report.load_results(dest)["runs"]:
+        if run.get("rows"):
             report.append_csv(dest, run, run["rows"])
-    else:
-        dest_csv = dest / report.CSV_NAME
-        with open(src_csv, newline="") as f:
-            rows = list(csv.reader(f))
-        if rows:
-            new = not dest_csv.exists() or dest_csv.stat().st_size == 0
-            with open(dest_csv, "a", newline="") as f:
-                csv.writer(f).writerows(rows if new else rows[1:])
     for png in sorted(src_dir.glob("*.png")):
         shutil.copy2(png, dest / png.name)
     for extra in (src_dir / OVERHEAD_NAME, src_dir.parent / OVERHEAD_NAME):

@@ -58,6 +58,10 @@ def cmd_info(args) -> int:
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s:<3} "
           f"FASTBERT_BACKEND={os.environ.get('FASTBERT_BACKEND', '')} "
           f"FASTBERT_AUTOTUNE={os.environ.get('FASTBERT_AUTOTUNE', '')}")
+    try:
+        backends.resolve(None)
+    except ValueError as e:
+        print(f"warning: {e}: every op call will raise until it is fixed or unset", file=sys.stderr)
     ext = backends.cuda_extension()
     print(f"CUDA extension fastbert._C: {'loaded from ' + ext.__file__ if ext else backends.cuda_extension_error()}")
     print(_dispatch_line())
@@ -75,7 +79,9 @@ def cmd_info(args) -> int:
 def cmd_check(args) -> int:
     import torch
 
-    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+    from .backends import interpreter_enabled
+
+    if not torch.cuda.is_available() and not interpreter_enabled():
         # Without a GPU, check the Triton kernels under the interpreter. Triton reads
         # TRITON_INTERPRET when it is imported, which importing fastbert already did (its own
         # library functions, tl.sum's combine among them, are then compiled-mode functions the
@@ -109,7 +115,8 @@ def cmd_dispatch(args) -> int:
         return 2
     lines = dispatch.summary_lines(table)
     print("\n".join(lines) if lines else
-          "no shape class had both fast backends measured: the table is empty")
+          "no shape class had both fast backends measured on a recorded GPU architecture: "
+          "the table is empty")
     print(f"wrote {args.out}; use it with {dispatch.TABLE_ENV}={args.out}")
     return 0
 
@@ -120,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices, and which backend serves each op (or why not)")
     pc = sub.add_parser("check", help="run every op on every available backend against the reference")
     pc.add_argument("--op", action="append", help="only this op (repeatable)")
-    pc.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    pc.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="where to run the checks (default: cuda when a GPU is visible, else cpu)")
     pd = sub.add_parser("dispatch", help="build a dispatch table for backend='auto' from fastbert bench "
                                          "results (then set FASTBERT_DISPATCH_TABLE to it)")
     pd.add_argument("results", nargs="+", help="results.json files written by fastbert bench, oldest first")

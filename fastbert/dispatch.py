@@ -179,7 +179,8 @@ def build_table(runs: Iterable[Mapping], sources: Sequence[str] = (),
     # (arch, op, class) -> case key -> backend -> p50 ms
     cases: Dict[Tuple[str, str, str], Dict[Tuple, Dict[str, float]]] = defaultdict(dict)
     for run in runs:
-        arch = arch_of_capability((run.get("env") or {}).get("capability", ""))
+        env = run.get("env")
+        arch = arch_of_capability(env.get("capability", "") if isinstance(env, Mapping) else "")
         if arch is None:
             continue
         measured: Dict[Tuple, Dict[str, float]] = defaultdict(dict)  # this run's cases
@@ -188,9 +189,12 @@ def build_table(runs: Iterable[Mapping], sources: Sequence[str] = (),
                 continue
             backend = row.get("backend")
             p50 = row.get("p50_ms")
-            if backend not in FAST_BACKENDS or not p50 or p50 <= 0:
+            if (backend not in FAST_BACKENDS or isinstance(p50, bool)
+                    or not isinstance(p50, (int, float)) or not p50 > 0):
                 continue
-            cls = bench_shape_class(row.get("op", ""), row.get("dtype", ""), row.get("params") or {})
+            params = row.get("params")
+            cls = bench_shape_class(row.get("op", ""), row.get("dtype", ""),
+                                    params if isinstance(params, Mapping) else {})
             if cls is not None:
                 measured[(arch, row["op"], cls, row.get("case"), row.get("pass"))][backend] = float(p50)
         for (arch_, op, cls, case, pass_), times in measured.items():
@@ -306,10 +310,17 @@ def write_table(results: Sequence, out, sources: Optional[Sequence[str]] = None)
         runs.extend(report.load_results(f)["runs"])
     table = build_table(runs, sources=list(sources) if sources is not None else [str(f) for f in results])
     out = Path(out)
+    if out.is_dir() or not out.name:
+        raise ValueError(f"--out {str(out)!r} is a directory; give the table's file name, e.g. "
+                         f"{out / 'dispatch_table.json'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    tmp.replace(out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        tmp.replace(out)
+    finally:
+        if tmp.exists():  # a failed write or replace leaves nothing behind
+            tmp.unlink()
     return table
 
 

@@ -38,6 +38,9 @@ def rand(shape: Sequence[int], dtype=torch.float32, device=DEVICE, *, requires_g
     """Standard-normal tensor; ``noncontiguous=True`` returns a strided view with the same values
     semantics (every other element of a twice-as-wide last dim)."""
     shape = tuple(shape)
+    if noncontiguous and not shape:
+        raise ValueError("noncontiguous=True needs a shape with at least one dim (a 0-d tensor has "
+                         "no stride to skip along)")
     if noncontiguous:
         base = torch.randn(shape[:-1] + (2 * shape[-1],), dtype=torch.float32, generator=generator)
         t = (base * scale).to(device=device, dtype=dtype)[..., ::2]
@@ -47,8 +50,13 @@ def rand(shape: Sequence[int], dtype=torch.float32, device=DEVICE, *, requires_g
 
 
 def max_err(a: Tensor, b: Tensor) -> float:
-    """max |a - b| in float64; NaN anywhere gives inf."""
-    d = (a.detach().double() - b.detach().double()).abs()
+    """max |a - b| in float64 over tensors of the same shape (never broadcast: a wrongly shaped
+    output must not pass); equal entries, infinities included, differ by 0; a NaN in either, or an
+    infinity the other lacks, gives inf."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a, b = a.detach().double(), b.detach().double()
+    d = torch.where(a == b, 0.0, (a - b).abs())
     if d.numel() == 0:
         return 0.0
     if torch.isnan(d).any():
@@ -245,7 +253,7 @@ def forbid_int64_host_reads(monkeypatch) -> None:
 def parse_shard(spec: str) -> Tuple[int, int]:
     """``"i/n"`` (0 <= i < n) -> (i, n); ValueError naming the expected form otherwise."""
     try:
-        i, n = (int(x) for x in spec.split("/"))
+        i, n = (int(x) for x in str(spec).split("/"))
     except ValueError:
         raise ValueError(f"FASTBERT_TEST_SHARD must look like 'i/n' (e.g. '0/4'), got {spec!r}") from None
     if not 0 <= i < n:

@@ -648,7 +648,7 @@ def test_make_readme_table_tool(tmp_path, capsys):
     assert tool.main(["--import", str(src), "--results-root", str(root)]) == 0
     assert len(report.load_results(dest)["runs"]) == 1
     with open(dest / "results.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 2 * len(_sample_rows())
+        assert len(list(csv.DictReader(f))) == len(_sample_rows())  # the CSV repeats no row
     capsys.readouterr()
     assert tool.main(["--results-root", str(root)]) == 0
     assert "| fwd-B32-H12-L512-D64-fp16 |" in capsys.readouterr().out
@@ -876,3 +876,55 @@ def test_run_command_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
     assert runner.run(_args("--out", str(out), "--no-plots")) == 1
     assert "fastbert-bad" in capsys.readouterr().err
     assert len(report.load_results(out)["runs"]) == 2
+
+
+def test_run_command_refuses_what_it_cannot_do_before_measuring(monkeypatch, tmp_path, capsys):
+    """--impl matching nothing, and an --out that cannot be written, are usage errors (exit 2)
+    said before any measurement (they used to record nothing and exit 0, or crash after the
+    ceilings were measured); --list lists only what --impl selects."""
+    from fastbert.benchmarks import ceilings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner, "DEVICE", "cpu")
+    measured = []
+    monkeypatch.setattr(ceilings, "measure_ceilings", lambda *a, **k: measured.append(1))
+    good = [_impl("good", torch.tanh), _impl("fastbert-good", torch.tanh, ours=True)]
+    monkeypatch.setattr(runner, "select_cases", lambda ops, quick=False: [_toy_case(good)])
+    assert runner.run(_args("--impl", "nothing", "--out", str(tmp_path / "a"), "--no-plots")) == 2
+    err = capsys.readouterr().err
+    assert "no implementation matches --impl nothing" in err and "fastbert-good" in err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert runner.run(_args("--out", str(afile), "--no-plots")) == 2
+    assert "cannot write the results to" in capsys.readouterr().err and not measured
+    assert runner.run(_args("--impl", "fastbert", "--list")) == 0
+    listed = capsys.readouterr().out
+    assert "fastbert-good" in listed and "good," not in listed and ", good" not in listed
+
+
+@pytest.mark.parametrize("content,words", [
+    ("[1, 2]", "not a fastbert bench results file"),
+    ('{"format": "fastbert-bench/1", "runs": [1]}', "run 0 is not a fastbert bench run"),
+    ('{"format": "fastbert-bench/1", "runs": [{"rows": [3]}]}', "run 0 is not a fastbert bench run"),
+    ("not json", "is not valid JSON"),
+])
+def test_malformed_results_files_are_value_errors_naming_the_file(tmp_path, content, words):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=words) as e:
+        report.load_results(path)
+    assert str(path) in str(e.value)
+
+
+def test_dispatch_table_skips_malformed_rows_and_refuses_a_directory(tmp_path):
+    from fastbert import dispatch
+
+    run = _run_record(_sample_rows())
+    run["env"]["capability"] = "9.0"
+    run["rows"][0]["p50_ms"] = "abc"
+    run["rows"][1]["params"] = [1]
+    dispatch.build_table([run, dict(run, env=[1])])  # no TypeError / AttributeError
+    report.write_json(tmp_path / "r", run)
+    with pytest.raises(ValueError, match="is a directory"):
+        dispatch.write_table([tmp_path / "r"], tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -64,3 +64,28 @@ def test_check_reports_a_broken_backend(monkeypatch):
 def test_usage_errors(argv):
     res = run_cli(*argv)
     assert res.returncode == 2
+
+
+def test_check_counts_a_declined_call_as_skipped_not_passed(monkeypatch, capsys):
+    from fastbert import backends
+
+    def decline(op, backend, dtype, device):
+        raise backends.BackendError(f"{backend} declines")
+
+    monkeypatch.setattr(check, "check_op", decline)
+    assert check.main(["gelu"], "cpu") == 0
+    out = capsys.readouterr().out
+    assert "0 passed, 0 failed" in out and "skipped" in out and "skip" in out
+    assert "not checked here: backend cuda" in out  # what the plan left out, and why
+
+
+def test_dispatch_errors_name_the_file_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    res = run_cli("dispatch", str(bad), "--out", str(tmp_path / "t.json"))
+    assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_info_warns_of_a_bad_backend_variable():
+    res = run_cli("info", env={"FASTBERT_BACKEND": "bogus"})
+    assert res.returncode == 0 and "FASTBERT_BACKEND" in res.stderr and "bogus" in res.stderr

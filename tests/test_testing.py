@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from fastbert.testing import parse_shard, shard_groups, shard_sizes
+import torch
+
+from fastbert.testing import check_close, max_err, parse_shard, rand, shard_groups, shard_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_shard():
     assert parse_shard("2/5") == (2, 5)
-    for bad in ("2", "a/b", "5/5", "-1/3", "1/0"):
+    for bad in ("2", "a/b", "5/5", "-1/3", "1/0", None):
         with pytest.raises(ValueError, match="FASTBERT_TEST_SHARD"):
             parse_shard(bad)
 
@@ -76,3 +78,15 @@ def test_shards_partition_the_collected_tests():
         for other in shards:
             if other is not s:
                 assert not funcs & {t.split("[")[0] for t in other}
+
+
+def test_max_err_never_broadcasts_and_matches_infinities():
+    out, ref = torch.zeros(4, 1), torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="shapes differ"):
+        check_close(out, ref)  # a wrongly shaped output that broadcasts used to pass
+    inf = torch.tensor([1.0, float("inf"), -float("inf")])
+    assert max_err(inf, inf.clone()) == 0.0
+    assert max_err(inf, torch.tensor([1.0, float("inf"), 0.0])) == float("inf")
+    assert max_err(torch.tensor([float("nan")]), torch.tensor([float("nan")])) == float("inf")
+    with pytest.raises(ValueError, match="0-d"):
+        rand((), noncontiguous=True)

@@ -161,9 +161,18 @@ def load_results(path) -> Dict:
     if path.is_dir():
         path = path / JSON_NAME
     with open(path) as f:
-        data = json.load(f)
-    if data.get("format") != FORMAT or not isinstance(data.get("runs"), list):
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:  # a ValueError naming the file
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if (not isinstance(data, dict) or data.get("format") != FORMAT
+            or not isinstance(data.get("runs"), list)):
         raise ValueError(f"{path} is not a fastbert bench results file (format {FORMAT})")
+    for i, run in enumerate(data["runs"]):
+        if not isinstance(run, dict) or not isinstance(run.get("rows", []), list) or not all(
+                isinstance(r, dict) for r in run.get("rows", [])):
+            raise ValueError(f"{path}: run {i} is not a fastbert bench run (an object whose rows "
+                             "are objects)")
     return data
 
 

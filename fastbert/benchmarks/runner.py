@@ -109,12 +109,13 @@ def select_cases(ops: Sequence[str], quick: bool = False) -> List[Case]:
     return [c for c in all_cases(quick=quick, families=fams) if c.family in ops or c.op in ops]
 
 
-def format_case_list(cases: Sequence[Case]) -> str:
+def format_case_list(cases: Sequence[Case], impl_filter: Optional[Sequence[str]] = None) -> str:
+    """One line per case: id, metric, work, and the implementations ``--impl`` selects."""
     lines = []
     for c in cases:
         work = f"{c.work / 1e9:.3g} {'GFLOP' if c.metric == 'TFLOP/s' else 'GB'}"
         lines.append(f"{c.id:<58} {c.metric:<8} {work:>12}  {'quick' if c.quick else '':<5}  "
-                     + ", ".join(i.name for i in c.impls))
+                     + ", ".join(i.name for i in _selected_impls(c, impl_filter)))
     lines.append(f"{len(cases)} cases")
     return "\n".join(lines)
 
@@ -382,6 +383,18 @@ def default_out_dir(gpu: Optional[str]) -> Path:
     return Path("fastbert-bench") / f"{date}-{slug(gpu or 'unknown-gpu')}"
 
 
+def _unwritable(out_dir: Path) -> Optional[str]:
+    """Why results cannot be written under ``out_dir`` (created if missing), or None."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``fastbert bench`` with parsed arguments; returns the exit code."""
     from . import report
@@ -393,8 +406,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastbert bench: {e}", file=sys.stderr)
         return 2
+    impl_filter = _split(getattr(args, "impl", None)) or None
+    if impl_filter is not None:
+        cases = [c for c in cases if _selected_impls(c, impl_filter)]
+        if not cases:
+            names = sorted({i.name for c in select_cases(ops, quick=quick) for i in c.impls})
+            print(f"fastbert bench: no implementation matches --impl {', '.join(impl_filter)} in the "
+                  f"selected cases; they have: {', '.join(names)}", file=sys.stderr)
+            return 2
     if getattr(args, "list_cases", False):
-        print(format_case_list(cases))
+        print(format_case_list(cases, impl_filter))
         return 0
     if not torch.cuda.is_available():
         print(NO_GPU_MESSAGE, file=sys.stderr)
@@ -412,6 +433,10 @@ def run(args: argparse.Namespace) -> int:
     timer = make_timer(warmup_ms=warmup, rep_ms=rep, min_reps=5 if quick else 10)
     env = report.environment()
     out_dir = Path(args.out) if getattr(args, "out", None) else default_out_dir(env.get("gpu"))
+    problem = _unwritable(out_dir)
+    if problem:  # said before minutes of measuring, not after
+        print(f"fastbert bench: cannot write the results to {out_dir}: {problem}", file=sys.stderr)
+        return 2
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {"run_id": f"{started}-{uuid.uuid4().hex[:6]}", "started": started, "finished": None,
               "env": env, "args": {"op": ops, "quick": quick, "impl": getattr(args, "impl", None),
@@ -443,10 +468,10 @@ def run(args: argparse.Namespace) -> int:
     if budget is not None:
         budget = max(0.0, budget - (time.monotonic() - t0))
     run_cases(cases, device=DEVICE, timer=timer, ceilings=report_ceilings, budget_s=budget,
-              impl_filter=_split(getattr(args, "impl", None)) or None, quick=quick, on_case=on_case)
+              impl_filter=impl_filter, quick=quick, on_case=on_case)
     print(report.format_table(record["rows"], report_ceilings), flush=True)
     if not getattr(args, "no_plots", False):
-        plots = report.plot_results(record["rows"], out_dir, title=str(env.get("gpu")))
+        plots = report.plot_results(record["rows"], out_dir, title=str(env.get("gpu") or "unknown GPU"))
         record["plots"] = [p.name for p in plots]
     record["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     path = report.write_json(out_dir, record)
