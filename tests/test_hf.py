@@ -1187,3 +1187,25 @@ def test_optimized_model_compiles_fullgraph_in_a_fresh_process():
     if DEVICE == "cuda":
         pytest.skip("the CPU run covers it; a GPU run would compile kernels for minutes")
     assert_runs_in_fresh_python(_FRESH_HF_COMPILE, "compiled ok")
+
+
+def test_every_hf_gelu_activation_is_recognised_by_what_it_computes():
+    """Each activation in transformers' ACT2FN is compared with F.gelu (erf and tanh) over
+    [-30, 30]: gelu_approximation must name the one it matches (AccurateGELUActivation, the tanh
+    formula, was missed) and None for the rest (clipped GELU differs beyond +-10, QuickGELU...)."""
+    import torch.nn.functional as F
+
+    from transformers import activations
+
+    from fastbert.nn.gelu import gelu_approximation
+
+    x = torch.linspace(-30, 30, 2001, dtype=torch.float64)
+    for name in activations.ACT2CLS:
+        act = activations.ACT2FN[name]
+        try:
+            y = act(x)
+        except (RuntimeError, TypeError):  # an activation with float32 parameters (PReLU)
+            y = act(x.float()).double()
+        matches = [ap for ap in ("none", "tanh")
+                   if torch.allclose(y, F.gelu(x, approximate=ap), atol=1e-6, rtol=0)]
+        assert gelu_approximation(act) == (matches[0] if matches else None), name

@@ -67,6 +67,7 @@ _HF_GELU = {
     "FastGELUActivation": "tanh",
     "GELUTanh": "tanh",
     "PytorchGELUTanh": "tanh",
+    "AccurateGELUActivation": "tanh",  # the tanh formula written out ("gelu_accurate")
 }
 
 
