@@ -12,9 +12,11 @@ model that fastbert.optimize() rewrote computes in the dtypes it did before:
   and bias are cast to fp32 and the output is fp32. On CPU autocast leaves layer_norm alone (it
   takes a bf16 input with fp32 parameters and returns bf16): so does fastbert.
 * ``add_layer_norm``: ``input_bias`` belongs to the matmul that produced ``input`` (a Linear's bias,
-  added in the autocast dtype), so it is cast to input's dtype; ``input + residual`` then takes
-  their promoted dtype (bf16 + fp32 -> fp32, as torch's ``+``), and the LayerNorm follows the rule
-  above (fp32 on CUDA). With ``return_residual`` the sum comes back in the promoted dtype.
+  added in the autocast dtype); ``input + residual`` takes their promoted dtype (bf16 + fp32 ->
+  fp32, as torch's ``+``), the LayerNorm follows the rule above (fp32 on CUDA), and input_bias is
+  cast to the dtype the sum is computed in (so it is added in fp32 where the unfused Linear added
+  it in the autocast dtype: at least as accurate). With ``return_residual`` the sum comes back in
+  the promoted dtype.
 * ``gelu`` / ``bias_gelu``: not in autocast's lists; bias_gelu already takes a bias of any float
   dtype and returns input's dtype (a Linear's output, with its bias, in the autocast dtype).
 

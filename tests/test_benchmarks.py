@@ -61,6 +61,8 @@ def test_unknown_op_is_refused(capsys):
     assert runner.run(_args("--op", "attentoin", "--list")) == 2
     err = capsys.readouterr().err
     assert "attentoin" in err and "layer_norm" in err and "attention" in err
+    assert runner.run(_args("--op", ",", "--list")) == 2  # not "every op"
+    assert "--op was given no name" in capsys.readouterr().err
 
 
 def test_list_needs_no_gpu(monkeypatch, capsys):

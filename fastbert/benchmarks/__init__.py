@@ -6,6 +6,14 @@ implementations, work formulas, checks), :mod:`.timing` (CUDA events, L2 flush, 
 table, plots, Markdown), and one module of cases per op family: :mod:`.attention`,
 :mod:`.sparse`, :mod:`.norms`, :mod:`.bert`.
 """
-from .runner import FAMILIES, add_arguments, run
-
 __all__ = ["FAMILIES", "add_arguments", "run"]
+
+
+def __getattr__(name):
+    # the runner is imported on first use, not here: `python -m fastbert.benchmarks.runner` would
+    # otherwise find it imported already (runpy's RuntimeWarning)
+    if name in __all__:
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -400,6 +400,10 @@ def run(args: argparse.Namespace) -> int:
     from . import report
 
     ops = _split(getattr(args, "op", None))
+    for flag in ("op", "impl"):
+        if getattr(args, flag, None) is not None and not _split(getattr(args, flag)):
+            print(f"fastbert bench: --{flag} was given no name", file=sys.stderr)
+            return 2
     quick = bool(getattr(args, "quick", False))
     try:
         cases = select_cases(ops, quick=quick)
