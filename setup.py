@@ -6,7 +6,8 @@ build of torch are present.
 
 Environment:
   FASTBERT_BUILD_CUDA   unset: build the extension when possible; 0: never; 1: always, fail loudly.
-  TORCH_CUDA_ARCH_LIST  target architectures (default without a visible GPU: 8.0;8.6;8.9;9.0).
+  TORCH_CUDA_ARCH_LIST  target architectures (default without a visible GPU: 8.0;8.6;8.9;9.0+PTX;
+                        the PTX lets newer GPUs, sm_100 and up, JIT-compile the kernels).
   MAX_JOBS              parallel compile jobs (honoured by torch's ninja builder).
 """
 import glob
@@ -17,12 +18,12 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0"
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _version():
     ns = {}
-    with open(os.path.join(HERE, "fastbert", "version.py")) as f:
+    with open(os.path.join(HERE, "fastbert", "version.py"), encoding="utf-8") as f:
         exec(f.read(), ns)
     return ns["__version__"]
 
@@ -110,9 +111,10 @@ setup(
     name="fastbert",
     version=_version(),
     description="Fused Triton and CUDA kernels for BERT-style transformer encoders",
-    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
+    license_files=["LICENSE"],
     python_requires=">=3.10",  # as torch 2.11
     packages=["fastbert", "fastbert.ops", "fastbert.nn", "fastbert.benchmarks",
               "fastbert.integrations", "fastbert.models", "fastbert.kernels"],
@@ -123,7 +125,7 @@ setup(
     # and torch 2.14.1 + Triton 3.8 (CI).
     install_requires=["torch>=2.11", "numpy", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib", "transformers>=4.57"],
+        "test": ["pytest", "hypothesis", "matplotlib", "transformers>=4.57", "ninja"],
         "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
     },
     entry_points={"console_scripts": ["fastbert = fastbert.cli:main"]},

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-command GPU run (see bench/README.md and ../shared/GPU.md).
+# The one-command GPU run (see bench/README.md, and the workspace's shared/GPU.md outside the repo).
 #
 #   bash bench/gpu_run.sh [COMMIT] [STAGE ...]
 #

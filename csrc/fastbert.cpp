@@ -836,15 +836,16 @@ FusedMhaFwdParams fused_varlen_params(const at::Tensor& q_in, const at::Tensor& 
   *q = fusable(q_in.unsqueeze(0)).squeeze(0);
   *k = fusable(k_in.unsqueeze(0)).squeeze(0);
   *v = fusable(v_in.unsqueeze(0)).squeeze(0);
+  // the strides fusable() checked: a size-1 dim's (never used, maybe not a multiple of 8) as 0
   p.q = q->data_ptr();
-  p.q_stride_h = q->stride(1);
-  p.q_stride_l = q->stride(0);
+  p.q_stride_h = used_stride(*q, 1);
+  p.q_stride_l = used_stride(*q, 0);
   p.k = k->data_ptr();
-  p.k_stride_h = k->stride(1);
-  p.k_stride_l = k->stride(0);
+  p.k_stride_h = used_stride(*k, 1);
+  p.k_stride_l = used_stride(*k, 0);
   p.v = v->data_ptr();
-  p.v_stride_h = v->stride(1);
-  p.v_stride_l = v->stride(0);
+  p.v_stride_h = used_stride(*v, 1);
+  p.v_stride_l = used_stride(*v, 0);
   return p;
 }
 

@@ -119,7 +119,9 @@ def cuda_extension():
             _C = importlib.import_module("fastbert._C")
         except ImportError as e:
             _C_ERROR = ("the CUDA extension fastbert._C is not built or failed to load "
-                        f"({e}); reinstall with FASTBERT_BUILD_CUDA=1 on a machine with nvcc")
+                        f"({e}); reinstall with `FASTBERT_BUILD_CUDA=1 pip install "
+                        "--no-build-isolation .` (the torch in this environment and nvcc are "
+                        "needed at build time; with build isolation the build cannot see torch)")
     return _C
 
 

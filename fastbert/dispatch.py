@@ -27,8 +27,9 @@ The table is JSON::
                                                         "cases": 4}}}}}
 
 ``order`` is fastest first; ``ms`` is each backend's geometric-mean p50 over the class's cases
-(informational). The table shipped with fastbert (``fastbert/dispatch_table.json``) is regenerated
-from the committed GPU results by ``python bench/make_dispatch_table.py``; point the environment
+(informational). The table shipped with fastbert (``fastbert/dispatch_table.json``; none yet, as no
+GPU results are committed) is regenerated from the committed GPU results by
+``python bench/make_dispatch_table.py``; point the environment
 variable ``FASTBERT_DISPATCH_TABLE`` at a table of your own to dispatch by measurements of your GPU::
 
     fastbert bench --op attention --op norms --out my-bench

@@ -392,3 +392,31 @@ def test_dropout_one_drops_everything_as_torch():
     torch.testing.assert_close(ours(x, x, x)[0], theirs.train()(x, x, x)[0])
     layer = fastbert.nn.TransformerEncoderLayer(8, 2, 16, dropout=1.0, batch_first=True).train()
     assert layer(x).shape == x.shape
+
+
+def test_readme_signatures_match_the_functions():
+    """The README's API table writes each public function's signature out; it must be the real
+    one (names, order, defaults, keyword-only marker), less the ``backend`` every op takes."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    def norm(s):  # 1e-5 and 1e-05 are one default, as are "none" and 'none'
+        s = s.replace('"', "'")
+        return re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])", lambda m: repr(float(m[0])), s)
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = 0
+    for cell in re.findall(r"^\| (`\w+\(.*?) \|", text, flags=re.M):  # a row's first cell
+        for one in re.findall(r"`(\w+\(.*?\))`", cell):
+            name = one.split("(", 1)[0]
+            fn = getattr(fastbert, name, None)
+            if fn is None or not callable(fn):
+                continue
+            real = inspect.signature(fn)
+            params = [p.replace(annotation=inspect.Parameter.empty)
+                      for n, p in real.parameters.items() if n != "backend"]
+            want = f"{name}{real.replace(parameters=params, return_annotation=inspect.Signature.empty)}"
+            assert norm(one) == norm(want), f"README: {one}\ncode:   {want}"
+            found += 1
+    assert found >= 10  # every row of the table was read

@@ -1089,6 +1089,30 @@ def test_fused_varlen_attention_refusals(emu):
         emu.fused_varlen_attention_fwd(q, q, q, cu.long(), cu, 20, 20, False, 0.125)
 
 
+def test_fused_varlen_attention_int64_offsets_one_head_and_understated_max(emu):
+    """int64 cu_seqlens (the op accepts them) reach the kernel as int32; one head with a head
+    stride that is not a multiple of 8 runs without a refusal (that stride is never used); a
+    max_seqlen below a sequence's length (unchecked under torch.compile / graph capture) never
+    overruns shared memory: that sequence's rows come back NaN, the others right."""
+    lens, d = [40, 9], 64
+    base, cu = _packed(lens, 3, d, F16)
+    q = base[:, 1:2]  # (total, 1, D), head stride 3 * 64 ... as a view with stride(1) = 64
+    q = q.as_strided(q.shape, (q.stride(0), 3, 1))  # a size-1 dim's stride: any value
+    k, v = (rand(q.shape, F16, "cpu") for _ in range(2))
+    args = (cu, cu, max(lens), max(lens))
+    assert emu.fused_varlen_attention_unsupported(q, k, v, *args) == ""
+    ref = reference.varlen_attention(q.double(), k.double(), v.double(), *args)
+    low = reference.varlen_attention(q, k, v, *args, compute_dtype=F16)
+    with torch.no_grad():
+        out = attention_ops._varlen_cuda(q, k, v, cu.long(), cu.long(), *args[2:], 0.0, False,
+                                         None, None, None, None)
+        assert_close(out, ref, low, name="int64 offsets, one head")
+        short = attention_ops._varlen_cuda(q, k, v, cu, cu, 16, 16, 0.0, False, None, None, None,
+                                           None)
+    assert torch.isnan(short[:16]).all()  # sequence 0 (40 tokens > 16): poisoned, in range
+    assert_close(short[40:], ref[40:], low[40:], name="the sequence within max_seqlen")
+
+
 # ----------------------------------------------------------------------------------------------
 # Dropout mask (the rule every kernel family uses)
 # ----------------------------------------------------------------------------------------------

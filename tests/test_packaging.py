@@ -42,3 +42,41 @@ def test_sdist_manifest_covers_the_cuda_sources_and_tests():
     for folder in ("csrc", "tests"):
         missing = _left_out(folder, rules)
         assert not missing, f"{folder} files the sdist would leave out (add them to MANIFEST.in): {missing}"
+
+
+def test_license_is_shipped():
+    assert (ROOT / "LICENSE").is_file() and "BSD 3-Clause" in (ROOT / "LICENSE").read_text()
+    assert _setup_kwarg("license_files") == ["LICENSE"]
+    assert "LICENSE" in (ROOT / "MANIFEST.in").read_text().split()
+
+
+def test_a_checkout_imported_directly_finds_its_kernels():
+    """With the checkout on sys.path and no installer's mapping (python -S: no .pth, so no editable
+    finder), fastbert.kernels is the checkout's kernels/ (it used to be missing: a non-editable
+    install run from the checkout imported the source fastbert/ without its kernels)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    site = str(Path(torch.__file__).resolve().parents[1])
+    code = ("import fastbert, fastbert.kernels.layer_norm as m; "
+            "print(m.__file__); print(fastbert.kernels.__name__)")
+    res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         timeout=600, cwd=str(ROOT),
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), site])))
+    assert res.returncode == 0, res.stderr[-2000:]
+    path, name = res.stdout.split()
+    assert Path(path) == ROOT / "kernels" / "layer_norm.py" and name == "fastbert.kernels"
+
+
+def test_bench_commit_of_an_installed_copy_is_unknown(monkeypatch, tmp_path):
+    """report.git_commit() asks git only in fastbert's own checkout: an installed copy (in some
+    site-packages, maybe inside another repository) records "unknown", not that repository's HEAD."""
+    from fastbert.benchmarks import report
+
+    monkeypatch.delenv("FASTBERT_COMMIT", raising=False)
+    fake = tmp_path / "site-packages" / "fastbert" / "benchmarks" / "report.py"
+    monkeypatch.setattr(report, "__file__", str(fake))
+    assert report.git_commit() == ("unknown", "none")

@@ -21,6 +21,7 @@
 #include <mma.h>
 
 #include <cmath>
+#include <mutex>
 
 #include "attention/attention.h"
 #include "device_utils.cuh"
@@ -74,11 +75,19 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBM;
   // This block's sequence: rows q_start .. q_start + q_len - 1 of q (and out), k_start .. of k / v.
   int64_t q_start = 0, k_start = 0, q_len = p.q_len, k_len = p.k_len;
+  bool too_long = false;  // a sequence longer than max_seqlen: its output rows are written as NaN
   if (p.cu_seqlens_q != nullptr) {
     q_start = p.cu_seqlens_q[b];
     q_len = p.cu_seqlens_q[b + 1] - q_start;
     k_start = p.cu_seqlens_k[b];
     k_len = p.cu_seqlens_k[b + 1] - k_start;
+    // max_seqlen sizes the grid and the shared memory; the host checks it against the offsets in
+    // eager mode only (not under torch.compile or CUDA-graph capture). Understated, it must not
+    // make this block overrun shared memory: the keys are clamped and the result is poisoned.
+    if (k_len > p.k_len || q_len > p.q_len) {
+      too_long = true;
+      k_len = k_len < p.k_len ? k_len : p.k_len;
+    }
     if (q0 >= q_len) return;  // a tile past this sequence's queries: the whole block leaves at once
   }
   const int lk_pad = padded_keys(k_len);  // <= the shared memory's, sized for p.k_len
@@ -219,7 +228,7 @@ fused_mha_fwd_kernel(const FusedMhaFwdParams p) {
     if (i < q_len) {
       float vals[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) vals[e] = stage[r * 16 + c + e];
+      for (int e = 0; e < 8; ++e) vals[e] = too_long ? NAN : stage[r * 16 + c + e];
       store_vec<T, 8>(out + i * p.out_stride_l + n * 16 + c, vals);
     }
     __syncwarp();  // the staging area is read before the next fragment overwrites it
@@ -233,6 +242,12 @@ template <typename T, int D, MaskKind MASK>
 cudaError_t launch(const FusedMhaFwdParams& p, cudaStream_t stream) {
   const size_t smem = Layout<D>::bytes(padded_keys(p.k_len));
   auto kernel = fused_mha_fwd_kernel<T, D, MASK>;
+  // The opt-in limit is state of the function (per device), not of the launch: another host
+  // thread setting a smaller one between this thread's set and launch would fail the launch.
+  // Setting and launching under one lock per kernel keeps each pair together (a launch is
+  // asynchronous: the lock is held for microseconds).
+  static std::mutex mutex;
+  const std::lock_guard<std::mutex> lock(mutex);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.q_len + kBM - 1) / kBM), static_cast<unsigned>(p.heads),

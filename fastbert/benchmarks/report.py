@@ -60,10 +60,13 @@ def git_commit() -> Tuple[str, str]:
     env = os.environ.get("FASTBERT_COMMIT", "").strip()
     if env:
         return env, "FASTBERT_COMMIT"
-    root = str(Path(__file__).resolve().parents[2])
-    head = _run(["git", "rev-parse", "HEAD"], cwd=root)
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "setup.py").is_file() or not (root / "kernels").is_dir():
+        return "unknown", "none"  # an installed copy (site-packages), not fastbert's checkout:
+        # git there would answer for whatever repository encloses the environment
+    head = _run(["git", "rev-parse", "HEAD"], cwd=str(root))
     if head:
-        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
+        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=str(root))
         return head + ("-dirty" if dirty else ""), "git"
     return "unknown", "none"
 

@@ -274,8 +274,9 @@ def varlen_attention(
         k: (total_k, Hkv, D); Hkv = H, or a divisor of H for grouped-query attention (query head h
             uses key / value head h // (H / Hkv), as in FlashAttention's varlen functions).
         v: (total_k, Hkv, Dv).
-        cu_seqlens_q: (N + 1,) int32 cumulative query lengths, starting at 0 and ending at total_q.
-        cu_seqlens_k: (N + 1,) int32 cumulative key lengths.
+        cu_seqlens_q: (N + 1,) int32 (or int64) cumulative query lengths, starting at 0 and ending
+            at total_q.
+        cu_seqlens_k: (N + 1,) int32 (or int64) cumulative key lengths.
         max_seqlen_q / max_seqlen_k: the longest query / key sequence (upper bounds are fine).
         dropout_p, is_causal, scale, backend: as in :func:`scaled_dot_product_attention`; causal is
             top-left aligned within each sequence.
@@ -874,6 +875,8 @@ def _varlen_cuda_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, dropout_p=0.0, 
                        f"{_CUDA_FUSED_MAX_KEYS} keys per sequence")
     if cu_seqlens_q is not None and cu_seqlens_q.numel() - 1 > 65535:
         reasons.append("more than 65535 sequences (the kernel's grid)")
+    if q.shape[1] > 65535:
+        reasons.append(f"{q.shape[1]} heads: the CUDA varlen kernel's grid takes at most 65535")
     if not reasons and q.device.type == "cuda":
         problem = _cuda_fused_device_problem(q.device.index if q.device.index is not None
                                              else torch.cuda.current_device(), d, max_seqlen_k)
@@ -885,6 +888,9 @@ def _varlen_cuda_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, dropout_p=0.0, 
 @register("varlen_attention", "cuda", reasons=_varlen_cuda_reasons)
 def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                  is_causal, scale, alibi_slopes, window_size, attn_mask):
+    # the kernel reads int32 offsets; int64 ones (accepted by the op) are narrowed here (a packed
+    # batch of 2^31 tokens would not fit in a GPU's memory)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     return _cuda_ops().fused_varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                   max_seqlen_k, is_causal,
                                                   _default_scale(scale, q.shape[-1]))

@@ -172,6 +172,10 @@ def toolchain_missing() -> str:
     """Why the emulator cannot be built here ("" when it can)."""
     if shutil.which("c++") is None:
         return "no C++ compiler (c++) to build the CUDA emulator"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():  # torch's extension loader builds with ninja only
+        return "ninja is not installed (pip install ninja): torch builds the CUDA emulator with it"
     try:
         cuda_include()
     except RuntimeError as e:
