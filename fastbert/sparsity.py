@@ -584,11 +584,16 @@ def prepare_layout(layout: Tensor) -> PreparedLayout:
     strides, device and version counter: reusing the same layout tensor hits, modifying it in
     place or passing a new tensor (even with equal contents) prepares again. Preparation runs on
     the layout's device without a host sync. Inference-mode tensors (no version counter) are
-    never cached. Writes that bypass the version counter (through ``layout.data``, or a NumPy
-    array sharing its memory) are not seen: after one, call :func:`clear_cache`.
+    never cached, nor are lists made while a CUDA graph is captured (the graph makes its own).
+    Writes that bypass the version counter (through ``layout.data``, or a NumPy array sharing its
+    memory) are not seen: after one, call :func:`clear_cache`.
     """
     _check_layout("layout", layout, integers=True)
-    if layout.is_inference() or torch.compiler.is_compiling():
+    if (layout.is_inference() or torch.compiler.is_compiling()
+            or (layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        # under CUDA-graph capture the lists are made inside the graph (its memory pool keeps
+        # them, and each replay redoes them): a cached entry made before the capture would be
+        # referenced by address from the graph, and freed when evicted
         return _prepare(layout)
     key = id(layout)
     sig = _signature(layout)

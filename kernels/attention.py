@@ -1086,17 +1086,19 @@ def _key_limit_kernel(
     Limit,                    # int32 [B], zero-filled: raised with atomic max
     mask_heads, mask_rows,    # MH, MQ: the mask's head / query extents (1 where it broadcasts)
     seqlen_k,
+    chunks,                   # programs per batch entry (cdiv(MH * MQ, BLOCK_R))
     stride_mb, stride_mh, stride_mm, stride_mn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr,      # limits rounded up to a multiple of this (which divides Lk)
 ):
     """Limit[b] = 1 + the last key that the mask lets through for some head and query of batch
-    entry b (0 when it lets none through), rounded up to a multiple of ALIGN. Program (b, c) takes
-    BLOCK_R of the entry's (head, query) rows and walks their keys from the end, stopping at the
-    first block that lets a key through: an unpadded mask costs one block of keys per row, a
-    padded one its padding."""
-    b64 = tl.program_id(0).to(tl.int64)
-    pairs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)   # [BR] (head, row) pairs
+    entry b (0 when it lets none through), rounded up to a multiple of ALIGN. Program
+    b * chunks + c takes chunk c (BLOCK_R) of the entry's (head, query) rows and walks their keys
+    from the end, stopping at the first block that lets a key through: an unpadded mask costs one
+    block of keys per row, a padded one its padding."""
+    pid = tl.program_id(0)
+    b64 = (pid // chunks).to(tl.int64)
+    pairs = (pid % chunks) * BLOCK_R + tl.arange(0, BLOCK_R)     # [BR] (head, row) pairs
     pair_ok = pairs < mask_heads * mask_rows
     row_base = (b64 * stride_mb + (pairs // mask_rows).to(tl.int64) * stride_mh
                 + (pairs % mask_rows).to(tl.int64) * stride_mm)               # [BR] int64
@@ -1145,8 +1147,11 @@ def key_limits(mask: Tensor, m_strides: Sequence[int], mask_kind: int, batch: in
     limit = torch.zeros((batch,), dtype=torch.int32, device=mask.device)
     rows = mask_heads * mask_rows
     block_r = min(16, triton.next_power_of_2(rows))
-    _key_limit_kernel[(batch, triton.cdiv(rows, block_r))](
-        mask, limit, mask_heads, mask_rows, seqlen_k, *m_strides,
+    # one flat grid dim (it takes 2^31 - 1 programs; a second dim only 65535) over
+    # (batch entry, chunk of its rows)
+    chunks = triton.cdiv(rows, block_r)
+    _key_limit_kernel[(batch * chunks,)](
+        mask, limit, mask_heads, mask_rows, seqlen_k, chunks, *m_strides,
         BLOCK_R=block_r, BLOCK_N=min(128, triton.next_power_of_2(seqlen_k)),
         ALIGN=key_limit_align(seqlen_k), num_warps=4)
     return limit
@@ -1159,9 +1164,24 @@ def _block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32. Read through ``fp32_precision`` (torch >= 2.9),
+    which reflects the legacy ``allow_tf32`` flag, ``set_float32_matmul_precision`` and the global
+    ``torch.backends.fp32_precision``; reading ``allow_tf32`` itself raises once TF32 was set
+    through the new API (as HuggingFace's ``enable_tf32`` does)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # mixed legacy / new settings: only an explicit "tf32" allows it
+        return getattr(torch.backends, "fp32_precision", "ieee") == "tf32"
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get full fp32 products unless torch allows TF32 for matmuls; 16-bit inputs ignore it.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_allowed():
         return "ieee"
     return "tf32"
 

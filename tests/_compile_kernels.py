@@ -313,7 +313,7 @@ def _attention_small_cases(cc: int) -> List[Case]:
     mask = dict(Keep=ptr("u8"), numel=_B * _H * _L * _L, dropout_p=0.1, Seed=ptr("i64"), BLOCK=1024)
     # key limits of a HuggingFace-style (B, 1, Lq, Lk) bool padding mask, as kernels.key_limits runs it
     limit = dict(Mask=ptr("u8"), Limit=ptr("i32"), mask_heads=1, mask_rows=_L, seqlen_k=_L,
-                 stride_mb=_L * _L, stride_mh=0, stride_mm=_L, stride_mn=1,
+                 chunks=triton.cdiv(_L, 16), stride_mb=_L * _L, stride_mh=0, stride_mm=_L, stride_mn=1,
                  BLOCK_R=16, BLOCK_N=min(128, triton.next_power_of_2(_L)), ALIGN=att.key_limit_align(_L))
     return [Case("attention", f"sm{cc}-bwd_preprocess-D80-fp16-varlen", att._attention_bwd_preprocess_kernel,
                  pre, 4, 3, cc),

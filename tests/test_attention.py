@@ -1998,3 +1998,34 @@ def test_autotune_on_gpu(tmp_path, monkeypatch):
         assert_close(got[0], ref, low, name="out")
         for name, g, r, lo in zip(("dq", "dk", "dv"), got[1:], refs, lows):
             assert_close(g, r.grad, lo.grad, name=name)
+
+
+def test_fp32_dot_precision_follows_torch_tf32_settings():
+    """TF32 set through torch's new fp32_precision API (HuggingFace's enable_tf32 does so) made
+    every fp32 Triton attention call raise: reading the legacy allow_tf32 flag then is an error."""
+    from fastbert.kernels import attention as kern
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert kern._dot_precision(torch.float32) == "tf32"
+        q = rand((1, 2, 17, 16), F32)
+        out = fastbert.scaled_dot_product_attention(q, q, q, backend="triton")  # used to raise
+        assert torch.isfinite(out).all()
+        matmul.fp32_precision = "ieee"
+        assert kern._dot_precision(torch.float32) == "ieee"
+        assert kern._dot_precision(torch.float16) == "tf32"  # 16-bit inputs: not affected
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_triton_attention_refuses_gpus_before_sm80(monkeypatch):
+    from fastbert.ops import attention as ops_attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reasons = ops_attention._triton_attention_arch_reasons(torch.device("cuda", 0))
+    assert reasons and "7.5" in reasons[0] and "8.0" in reasons[0]
+    assert ops_attention._triton_attention_arch_reasons(torch.device("cpu")) == []

@@ -747,3 +747,23 @@ def test_triton_cuda_graph_dropout_fresh_mask_per_replay():
                                   torch.autograd.grad(ref, ref64, g_out.double()),
                                   torch.autograd.grad(low, lowp, g_out)):
             assert_close(a, r, lo, name=name)
+
+
+@pytest.mark.cuda
+def test_triton_cuda_graph_owns_its_layout_lists():
+    """Lists prepared while a CUDA graph is captured belong to the graph: evicting the cache and
+    reusing the freed memory between replays changes nothing (a cached entry made before the
+    capture used to be referenced by address, and freed when evicted)."""
+    lay = S.bigbird(256, 64, num_heads=2, seed=1).to(DEVICE)
+    q, k, v = (rand((1, 2, 256, 64), torch.float16) for _ in range(3))
+    ref = reference.block_sparse_attention(q.double(), k.double(), v.double(), lay, 64)
+    fastbert.block_sparse_attention(q, k, v, lay, 64, **TRITON)  # warm-up: cached outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fastbert.block_sparse_attention(q, k, v, lay, 64, **TRITON)
+    S.clear_cache()
+    junk = [torch.full((1 << 16,), -7, dtype=torch.int32, device=DEVICE) for _ in range(64)]
+    graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    assert_close(out, ref, ref.half(), atol=2e-3)

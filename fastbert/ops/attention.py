@@ -422,6 +422,19 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MIN_HEAD_DIM, _TRITON_MAX_HEAD_DIM = 16, 256
 
 
+def _triton_attention_arch_reasons(device: torch.device) -> list:
+    """The Triton attention kernels' tiles are made for sm_80 and newer (tensor-core tl.dot, the
+    shared memory of an A100-class SM): older GPUs (sm_75, T4) would fail to launch their backward
+    kernels (81 KB of shared memory against 64 KB) and run tl.dot without tensor cores."""
+    if device.type != "cuda":
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return [f"compute capability {major}.{minor}: the Triton attention kernels need 8.0 or "
+                "newer (sm_80+)"]
+    return []
+
+
 def _triton_attention_reasons(query: Tensor, value: Tensor) -> list:
     """What the Triton attention kernels cannot do, common to the dense and varlen ops."""
     from ..backends import interpreter_enabled
@@ -433,6 +446,7 @@ def _triton_attention_reasons(query: Tensor, value: Tensor) -> list:
     elif query.dtype == torch.bfloat16 and query.device.type == "cpu" and interpreter_enabled():
         reasons.append("bfloat16 is refused under the Triton interpreter (TRITON_INTERPRET=1): its "
                        "tl.dot gives wrong results for bfloat16; use a GPU or float16/float32")
+    reasons += _triton_attention_arch_reasons(query.device)
     for name, d in (("head dim D", query.shape[-1]), ("value head dim Dv", value.shape[-1])):
         if d % 8 != 0 or not _TRITON_MIN_HEAD_DIM <= d <= _TRITON_MAX_HEAD_DIM:
             reasons.append(f"{name} = {d}: the Triton attention kernels need a multiple of 8 in "
