@@ -217,6 +217,11 @@ def _sequence_bounds(CuSeqlensQ, CuSeqlensK, pid_b, seqlen_q, seqlen_k, IS_VARLE
         len_q = (tl.load(CuSeqlensQ + pid_b + 1) - q_start).to(tl.int32)
         k_start = tl.load(CuSeqlensK + pid_b).to(tl.int64)
         len_k = (tl.load(CuSeqlensK + pid_b + 1) - k_start).to(tl.int32)
+        # max_seqlen sizes the masks, the mask-gradient scratch and the dropout offsets; an
+        # understated one (unchecked under torch.compile / graph capture) must not take a
+        # sequence's reads and writes past them: its rows are then wrong, but in bounds
+        len_q = tl.minimum(len_q, seqlen_q)
+        len_k = tl.minimum(len_k, seqlen_k)
     else:
         q_start = 0
         len_q = seqlen_q

@@ -298,7 +298,9 @@ def varlen_attention(
     In eager mode the lengths are checked on the host (one device sync the first time a
     ``cu_seqlens`` tensor is seen; an unmodified tensor passed again, e.g. by every layer of a
     model, is not read again); under torch.compile and CUDA-graph capture only their type, shape
-    and device are.
+    and device are, so there a max_seqlen below some sequence's length is the caller's error: the
+    kernels then clamp that sequence to max_seqlen (never a read or write out of bounds) and its
+    rows come out wrong (NaN from the CUDA kernel; past max_seqlen_q, unwritten from Triton).
     """
     ac = autocast_dtype(q)
     if ac is not None:  # as torch's SDPA under autocast
