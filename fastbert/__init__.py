@@ -20,18 +20,22 @@ import importlib.util as _util
 import os as _os
 import sys as _sys
 
-if _util.find_spec(__name__ + ".kernels") is None:  # pragma: no branch
-    # The Triton kernels live in kernels/ beside this package and are installed as
-    # fastbert.kernels (setup.py's package_dir). Imported straight from a checkout (the checkout
-    # on sys.path ahead of an installed copy, or no install at all), this package has no such
-    # subpackage: map the checkout's kernels/ onto it, as the installers do.
-    _here = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
-    if _os.path.isfile(_os.path.join(_here, "__init__.py")):
-        _spec = _util.spec_from_file_location(__name__ + ".kernels", _os.path.join(_here, "__init__.py"),
-                                              submodule_search_locations=[_here])
-        _sys.modules[_spec.name] = _module = _util.module_from_spec(_spec)
-        _spec.loader.exec_module(_module)
-        kernels = _module
+_root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+_kernels = _os.path.join(_root, "kernels")
+if (_os.path.isfile(_os.path.join(_root, "setup.py"))
+        and _os.path.isfile(_os.path.join(_kernels, "attention.py"))):
+    # Imported from a checkout. Its Triton kernels live in kernels/ beside this package and are
+    # installed as fastbert.kernels (setup.py's package_dir); without an installer's mapping, or
+    # with another checkout's editable install mapping fastbert.kernels to *its* kernels/, this
+    # checkout's own kernels/ is mapped here, as the installers do.
+    _spec = _util.find_spec(__name__ + ".kernels")
+    if (_spec is None or not _spec.origin
+            or _os.path.dirname(_os.path.realpath(_spec.origin)) != _kernels):
+        _spec = _util.spec_from_file_location(__name__ + ".kernels",
+                                              _os.path.join(_kernels, "__init__.py"),
+                                              submodule_search_locations=[_kernels])
+        _sys.modules[_spec.name] = kernels = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(kernels)
 
 from . import backends, integrations, models, nn, reference, sparsity  # noqa: E402
 from .ops import (add_layer_norm, bias_gelu, block_sparse_attention, geglu, gelu, layer_norm,

@@ -336,6 +336,20 @@ def test_sdpa_window_block_sizes(blocks, monkeypatch):
                 alibi=alibi, window=(9, 30))
 
 
+@pytest.mark.parametrize("blocks", ["bm16-bn64", "bm64-bn16"])
+def test_sdpa_window_sides_one_past_a_tile(blocks, monkeypatch):
+    """Window sides of k * tile + 1 (1, 17, 65): the last row / key block such a window reaches
+    holds one real row / key. A bound one block short there (dK/dV's row range, the forward's and
+    dQ's key range) survived every other window test in a mutation run; this one kills it."""
+    cfg = BLOCK_CONFIGS[blocks]
+    monkeypatch.setattr(kernels, "attention_config", lambda kind, *a, **k: cfg[kind])
+    tiles = sorted({t for kind in ("fwd", "bwd_dkdv", "bwd_dq") for t in cfg[kind][:2]})
+    sides = [1] + [t + 1 for t in tiles]
+    for window in {(a, b) for a in sides for b in sides if a == b or 1 in (a, b)}:
+        leaves = _leaves(1, 1, 97, 97, 16, 16, F32, "bhld")
+        _check_sdpa(leaves, "bhld", window=window)
+
+
 def test_sdpa_window_arguments():
     q = rand((1, 2, 5, 16))
     sdpa = fastbert.scaled_dot_product_attention

@@ -437,6 +437,19 @@ def test_dropout_statistics():
     torch.testing.assert_close(s, seen.float() / (1 - p))
 
 
+def test_dropout_offset_is_the_flat_index():
+    """Element (row, col) of an (M, N) input draws at offset row * N + col, the flat index (as the
+    docstring says): the same mask as one (1, M * N) row, and as the attention kernels' mask (an
+    independent kernel with the same rule). An offset of row * (N - 1) + col, which made
+    neighbouring rows share a draw, passed every other dropout test in a mutation run."""
+    from fastbert.kernels import attention as kat
+
+    seed, m, n, p = _seed(4321), 7, 97, 0.5
+    mask = kln.dropout_keep_mask(seed, (m, n), p)
+    assert torch.equal(mask, kln.dropout_keep_mask(seed, (1, m * n), p).reshape(m, n))
+    assert torch.equal(mask, kat.attention_dropout_mask(seed, p, (1, 1, m, n))[0, 0].bool())
+
+
 def test_add_layer_norm_reproducible():
     """torch.manual_seed reproduces the dropout; another seed changes it; runs are bitwise
     deterministic, gradients included."""

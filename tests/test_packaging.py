@@ -71,6 +71,30 @@ def test_a_checkout_imported_directly_finds_its_kernels():
     assert Path(path) == ROOT / "kernels" / "layer_norm.py" and name == "fastbert.kernels"
 
 
+def test_a_second_checkout_uses_its_own_kernels(tmp_path):
+    """A checkout imported while another checkout's editable install is active (it maps
+    fastbert.kernels to its own kernels/) still runs its own kernels, not the other's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    other = tmp_path / "other"
+    (other / "fastbert").mkdir(parents=True)
+    shutil.copy(ROOT / "setup.py", other / "setup.py")
+    for f in (ROOT / "fastbert").glob("*.py"):
+        shutil.copy(f, other / "fastbert" / f.name)
+    for sub in ("ops", "nn", "models", "integrations", "benchmarks"):
+        shutil.copytree(ROOT / "fastbert" / sub, other / "fastbert" / sub,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "kernels", other / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import fastbert.kernels.gelu as m; print(m.__file__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=str(other), env=dict(os.environ, PYTHONPATH=str(other)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip()).resolve() == (other / "kernels" / "gelu.py").resolve()
+
+
 def test_bench_commit_of_an_installed_copy_is_unknown(monkeypatch, tmp_path):
     """report.git_commit() asks git only in fastbert's own checkout: an installed copy (in some
     site-packages, maybe inside another repository) records "unknown", not that repository's HEAD."""
