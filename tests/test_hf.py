@@ -1209,3 +1209,49 @@ def test_every_hf_gelu_activation_is_recognised_by_what_it_computes():
         matches = [ap for ap in ("none", "tanh")
                    if torch.allclose(y, F.gelu(x, approximate=ap), atol=1e-6, rtol=0)]
         assert gelu_approximation(act) == (matches[0] if matches else None), name
+
+
+@pytest.mark.parametrize("family, attr", [("bert", "dropout"), ("albert", "attention_dropout"),
+                                          ("albert", "output_dropout")])
+def test_swapped_attention_applies_each_dropout_in_train_mode(family, attr):
+    """Each dropout of a swapped attention module acts in train mode, alone (every test model has
+    dropout 0 otherwise: setting it to 0 in the swapped modules survived a mutation run)."""
+    torch.manual_seed(0)
+    model = _build(family)
+    fastbert.optimize(model, backend="torch")
+    swapped = [m for m in model.modules() if type(m).__module__.startswith("fastbert")
+               and hasattr(m, "_fastbert_spec")]
+    assert swapped
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for m in swapped:
+        d = getattr(m, attr)
+        if isinstance(d, torch.nn.Dropout):
+            d.p = 0.5
+        else:
+            setattr(m, attr, 0.5)
+    inputs, real = _inputs(family)
+    model.eval()
+    with torch.no_grad():
+        ev = model(**inputs).last_hidden_state
+        model.train()
+        tr = model(**inputs).last_hidden_state
+    assert (tr - ev)[real].abs().max() > 1e-3, f"{attr} had no effect in train mode"
+
+
+def test_packed_layout_cache_follows_in_place_writes_to_position_ids():
+    """The packed-layout cache is keyed on the position_ids tensor; rewriting it in place (same
+    storage, new values) must give the new layout, not the cached one (a key without the version
+    counter survived a mutation run)."""
+    model, _ = _packed_model("llama")
+    model.set_attn_implementation("fastbert")
+    model.eval()
+    ids = torch.randint(3, VOCAB, (1, 12))
+    pos = torch.cat([torch.arange(n) for n in (5, 3, 4)])[None]
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=pos)             # fills the cache: 3 sequences
+        pos.copy_(torch.arange(12)[None])                  # now one sequence, same storage
+        out = model(input_ids=ids, position_ids=pos).last_hidden_state
+        want = model(input_ids=ids, position_ids=torch.arange(12)[None]).last_hidden_state
+    torch.testing.assert_close(out, want)

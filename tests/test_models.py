@@ -492,3 +492,26 @@ def test_qkv_cache_deepcopy_and_pickle():
     with torch.no_grad():
         assert torch.equal(loaded(ids, attention_mask=mask), out)
     assert list(loaded.state_dict()) == list(enc.state_dict())
+
+
+@pytest.mark.parametrize("site", ["attention_dropout", "hidden_dropout", "output_dropout"])
+def test_encoder_each_dropout_site_acts_in_train_mode(site):
+    """Only one dropout site on (embeddings' dropout off): train output must differ from eval
+    (the one train-mode test passed on the embeddings' dropout alone: attention or hidden
+    dropout set to 0 survived a mutation run)."""
+    torch.manual_seed(0)
+    hf = _model(dropout=0.0)
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    enc.embeddings.dropout.p = 0.0
+    for layer in enc.layers:
+        getattr(layer, site).p = 0.5
+    ids, mask = _batch((6, 3), 6)
+    real = mask.bool()
+    enc.eval()
+    with torch.no_grad():
+        ev = enc(ids, attention_mask=mask)
+    enc.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        tr = enc(ids, attention_mask=mask)
+    assert (tr - ev)[real].abs().max() > 1e-3, f"{site} had no effect in train mode"

@@ -1077,3 +1077,21 @@ def test_cuda_mha_half_cross_attention():
     kpm[0, 100:] = True
     compare_modules(ours, theirs, [q, k, v], {"key_padding_mask": kpm, "need_weights": False},
                     dtype=torch.float16, device="cuda", pick=lambda o: [o[0]])
+
+
+def test_encoder_float_mask_with_bias_below_diagonal_is_not_taken_as_causal():
+    """-inf above the diagonal and a nonzero bias below it is not the causal mask: the packed
+    (causal-only) path must not drop the bias (a looser causal check survived a mutation run)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    ref = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    enc = fnn.TransformerEncoder.from_torch(ref, backend="torch").eval()
+    x = torch.randn(2, 5, 16)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(5) + torch.tril(torch.randn(5, 5) * 3)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, 3:] = True
+    fkpm = torch.zeros(2, 5).masked_fill(kpm, float("-inf"))
+    out = enc(x, mask=mask, src_key_padding_mask=fkpm)
+    want = ref(x, mask=mask, src_key_padding_mask=fkpm)  # (with grad: torch's fast path NaNs here)
+    real = ~kpm
+    torch.testing.assert_close(out[real], want[real], atol=1e-5, rtol=1e-5)
