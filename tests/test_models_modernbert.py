@@ -238,3 +238,30 @@ def test_cuda_encoder_half(dtype):
     for name, p in hf.named_parameters():
         if p_ref[name].grad is not None:
             assert_close(p.grad, p_ref[name].grad, p_low[name].grad, name=f"grad {name}")
+
+
+@needs_tf5
+@pytest.mark.parametrize("site", ["attention_probs", "attention_out", "mlp"])
+def test_encoder_each_dropout_site_acts_in_train_mode(site):
+    """With one dropout site on (every other p = 0), train output differs from eval on the real
+    tokens: each site is live (a site silently off passes every equality-in-eval test)."""
+    torch.manual_seed(0)
+    hf = _model(attention_dropout=0.5, mlp_dropout=0.5)
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    for m in enc.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for layer in enc.layers:
+        if site == "attention_probs":
+            layer.attention_dropout = 0.5
+        else:
+            layer.attention_dropout = 0.0
+            drop = layer.attn_drop if site == "attention_out" else layer.mlp_drop
+            assert isinstance(drop, torch.nn.Dropout), type(drop)
+            drop.p = 0.5
+    ids, mask = _batch([6, 3], 6)
+    real = mask.bool()
+    with torch.no_grad():
+        ev = _hidden(enc.eval(), ids, mask)
+        tr = _hidden(enc.train(), ids, mask)
+    assert (tr - ev)[real].abs().max() > 1e-3, f"{site} dropout had no effect in train mode"

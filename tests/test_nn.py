@@ -424,6 +424,24 @@ def test_transformer_encoder_layer_dropout_train_mode():
     assert all(p.grad is not None for p in ours.parameters())
 
 
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+@pytest.mark.parametrize("site", ["self_attn", "dropout", "dropout1", "dropout2"])
+def test_transformer_encoder_layer_each_dropout_site_acts_in_train_mode(site, norm_first):
+    """One dropout site on, every other at 0: train output differs from eval (the test above
+    passes as long as any one site works)."""
+    ours = fnn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first, backend="torch")
+    if site == "self_attn":
+        ours.self_attn.dropout = 0.5
+    else:
+        getattr(ours, site).p = 0.5
+    x = torch.randn(N, L, E)
+    with torch.no_grad():
+        ev = ours.eval()(x)
+        tr = ours.train()(x)
+    assert (tr - ev).abs().max() > 1e-3, f"{site} had no effect in train mode"
+
+
 def test_transformer_encoder_layer_bad_inputs():
     m = fnn.TransformerEncoderLayer(E, H, batch_first=True)
     with pytest.raises(ValueError, match="src_key_padding_mask"):
