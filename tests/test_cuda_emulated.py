@@ -1089,6 +1089,23 @@ def test_fused_varlen_attention_refusals(emu):
         emu.fused_varlen_attention_fwd(q, q, q, cu.long(), cu, 20, 20, False, 0.125)
 
 
+def test_varlen_cuda_reasons_heads_past_the_grid():
+    """More heads than the kernel's grid dim takes (65535) is a reason (auto falls back), not an
+    error from the binding; meta tensors: nothing is allocated."""
+    q = torch.empty((10, 65536, 64), dtype=F16, device="meta")
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    reasons = attention_ops._varlen_cuda_reasons(q=q, k=q, v=q, max_seqlen_q=10, max_seqlen_k=10,
+                                                 cu_seqlens_q=cu)
+    assert any("65536 heads" in r for r in reasons)
+
+
+def test_emulator_build_needs_ninja_and_says_so(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    assert "ninja" in cuda_emu.toolchain_missing()
+
+
 def test_fused_varlen_attention_int64_offsets_one_head_and_understated_max(emu):
     """int64 cu_seqlens (the op accepts them) reach the kernel as int32; one head with a head
     stride that is not a multiple of 8 runs without a refusal (that stride is never used); a
