@@ -22,8 +22,10 @@ import sys as _sys
 
 _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
 _kernels = _os.path.join(_root, "kernels")
-if (_os.path.isfile(_os.path.join(_root, "setup.py"))
-        and _os.path.isfile(_os.path.join(_kernels, "attention.py"))):
+# The fastbert checkout this package is imported from, or None for an installed copy.
+_checkout_root = (_root if _os.path.isfile(_os.path.join(_root, "setup.py"))
+                  and _os.path.isfile(_os.path.join(_kernels, "attention.py")) else None)
+if _checkout_root is not None:
     # Imported from a checkout. Its Triton kernels live in kernels/ beside this package and are
     # installed as fastbert.kernels (setup.py's package_dir); without an installer's mapping, or
     # with another checkout's editable install mapping fastbert.kernels to *its* kernels/, this

@@ -109,6 +109,12 @@ def _grid(seq_len, block_size, key_len) -> Tuple[int, int]:
     return num_blocks(seq_len, block_size), num_blocks(key_len, block_size)
 
 
+def _at_most_blocks(n: int, nbq: int, nbk: int) -> int:
+    """A window or stride (in blocks) capped at the grid's longer side: beyond it the layout is the
+    same, and a capped int cannot wrap (one beyond int64 did, e.g. window=2**63 gave no band)."""
+    return min(n, max(nbq, nbk))
+
+
 def _ij(nbq: int, nbk: int, device: Device) -> Tuple[Tensor, Tensor]:
     device = _check_device(device)
     i = torch.arange(nbq, device=device)[:, None]  # query block index, [nbq, 1]
@@ -149,11 +155,13 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
 
 
 def _check_layout(name: str, layout, integers: bool = False) -> Tensor:
-    """A 3-D bool layout (``integers``: or an integer one, nonzero = attend, as the attention op accepts)."""
+    """A 3-D bool layout (``integers``: or an integer one, nonzero = attend, as the attention op
+    accepts)."""
     if not isinstance(layout, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(layout)}")
     if integers and (layout.is_floating_point() or layout.is_complex()):
-        raise TypeError(f"{name} must be a bool (or integer, nonzero = attend) tensor, got dtype {layout.dtype}")
+        raise TypeError(f"{name} must be a bool (or integer, nonzero = attend) tensor, got dtype "
+                        f"{layout.dtype}")
     if not integers and layout.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got dtype {layout.dtype}")
     if layout.dim() != 3:
@@ -215,8 +223,7 @@ def sliding_window(seq_len: int, block_size: int = 64, *, window: int = 1, causa
         . . . # # #
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
-    # a window past every block changes nothing; clamped, an int beyond int64 cannot wrap
-    window = min(_check_int("window", window, 0), max(nbq, nbk))
+    window = _at_most_blocks(_check_int("window", window, 0), nbq, nbk)
     causal = check_bool("causal", causal)
     i, j = _ij(nbq, nbk, device)
     keep = (j - i).abs() <= window
@@ -337,10 +344,7 @@ def fixed(seq_len: int, block_size: int = 64, *, stride: int = 4, summary: int =
     if summary > stride:
         raise ValueError(f"summary must be <= stride, got summary = {summary}, stride = {stride}")
     causal = check_bool("causal", causal)
-    # one group spanning every block already sees everything: clamped (same layout), so that an
-    # int beyond int64 cannot wrap in the tensor arithmetic
-    limit = max(nbq, nbk)
-    stride, summary = min(stride, limit), min(summary, limit)
+    stride, summary = _at_most_blocks(stride, nbq, nbk), _at_most_blocks(summary, nbq, nbk)
     i, j = _ij(nbq, nbk, device)
     keep = (j // stride == i // stride) | (j % stride >= stride - summary)
     if causal:
@@ -371,9 +375,7 @@ def strided(seq_len: int, block_size: int = 64, *, stride: int = 4, causal: bool
         . # . . # # # #
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
-    # a stride past every block sees everything (|i - j| < stride): clamped, same layout, and an
-    # int beyond int64 cannot wrap in the tensor arithmetic
-    stride = min(_check_int("stride", stride, 1), max(nbq, nbk))
+    stride = _at_most_blocks(_check_int("stride", stride, 1), nbq, nbk)
     causal = check_bool("causal", causal)
     i, j = _ij(nbq, nbk, device)
     keep = ((i - j).abs() < stride) | ((i - j) % stride == 0)
@@ -577,8 +579,8 @@ def _forget(key: int, ref) -> None:
 
 
 def prepare_layout(layout: Tensor) -> PreparedLayout:
-    """The kernel's lists for ``layout`` (bool, or integers with nonzero = attend; see :class:`PreparedLayout`),
-    cached per layout tensor.
+    """The kernel's lists for ``layout`` (bool, or integers with nonzero = attend; see
+    :class:`PreparedLayout`), cached per layout tensor.
 
     The cache (LRU, 64 entries) is keyed on the tensor object itself plus its data pointer, shape,
     strides, device and version counter: reusing the same layout tensor hits, modifying it in

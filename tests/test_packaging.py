@@ -95,12 +95,13 @@ def test_a_second_checkout_uses_its_own_kernels(tmp_path):
     assert Path(res.stdout.strip()).resolve() == (other / "kernels" / "gelu.py").resolve()
 
 
-def test_bench_commit_of_an_installed_copy_is_unknown(monkeypatch, tmp_path):
+def test_bench_commit_of_an_installed_copy_is_unknown(monkeypatch):
     """report.git_commit() asks git only in fastbert's own checkout: an installed copy (in some
     site-packages, maybe inside another repository) records "unknown", not that repository's HEAD."""
+    import fastbert
     from fastbert.benchmarks import report
 
+    assert fastbert._checkout_root == str(ROOT.resolve())  # this checkout is recognised
     monkeypatch.delenv("FASTBERT_COMMIT", raising=False)
-    fake = tmp_path / "site-packages" / "fastbert" / "benchmarks" / "report.py"
-    monkeypatch.setattr(report, "__file__", str(fake))
+    monkeypatch.setattr(fastbert, "_checkout_root", None)  # as for an installed copy
     assert report.git_commit() == ("unknown", "none")

@@ -60,13 +60,14 @@ def git_commit() -> Tuple[str, str]:
     env = os.environ.get("FASTBERT_COMMIT", "").strip()
     if env:
         return env, "FASTBERT_COMMIT"
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "setup.py").is_file() or not (root / "kernels").is_dir():
-        return "unknown", "none"  # an installed copy (site-packages), not fastbert's checkout:
-        # git there would answer for whatever repository encloses the environment
-    head = _run(["git", "rev-parse", "HEAD"], cwd=str(root))
+    from .. import _checkout_root
+
+    if _checkout_root is None:  # an installed copy (site-packages), not fastbert's checkout:
+        return "unknown", "none"  # git there would answer for whatever repository encloses it
+    root = _checkout_root
+    head = _run(["git", "rev-parse", "HEAD"], cwd=root)
     if head:
-        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=str(root))
+        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
         return head + ("-dirty" if dirty else ""), "git"
     return "unknown", "none"
 

@@ -415,8 +415,8 @@ def run(args: argparse.Namespace) -> int:
         cases = [c for c in cases if _selected_impls(c, impl_filter)]
         if not cases:
             names = sorted({i.name for c in select_cases(ops, quick=quick) for i in c.impls})
-            print(f"fastbert bench: no implementation matches --impl {', '.join(impl_filter)} in the "
-                  f"selected cases; they have: {', '.join(names)}", file=sys.stderr)
+            print(f"fastbert bench: no implementation matches --impl {', '.join(impl_filter)} in "
+                  f"the selected cases; they have: {', '.join(names)}", file=sys.stderr)
             return 2
     if getattr(args, "list_cases", False):
         print(format_case_list(cases, impl_filter))
@@ -475,7 +475,8 @@ def run(args: argparse.Namespace) -> int:
               impl_filter=impl_filter, quick=quick, on_case=on_case)
     print(report.format_table(record["rows"], report_ceilings), flush=True)
     if not getattr(args, "no_plots", False):
-        plots = report.plot_results(record["rows"], out_dir, title=str(env.get("gpu") or "unknown GPU"))
+        plots = report.plot_results(record["rows"], out_dir,
+                                    title=str(env.get("gpu") or "unknown GPU"))
         record["plots"] = [p.name for p in plots]
     record["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     path = report.write_json(out_dir, record)

@@ -59,7 +59,8 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             raise TypeError(f"layout_kwargs must be a dict of the preset's keyword arguments or "
                             f"None, got {type_name(layout_kwargs)}")
         self.layout_kwargs = dict(layout_kwargs or {})
-        self._layouts: Dict[tuple, Any] = {}  # key -> layout (preset) or (weakref to buffer, layout)
+        # key -> layout (preset), or (weak reference to the buffer, layout)
+        self._layouts: Dict[tuple, Any] = {}
         if isinstance(layout, str):
             if layout not in PRESETS:
                 raise ValueError(f"layout {layout!r} is not a preset; expected a bool layout tensor "

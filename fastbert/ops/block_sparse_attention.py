@@ -23,7 +23,8 @@ _MAX_BLOCK_SIZE = 2 ** 31 - 1  # token indices are int64: a larger block size wo
 def _check_layout(layout, h: int, nbq: int, nbk: int) -> None:
     check_tensor("layout", layout, ndim=(3,), floating=False)
     if layout.is_floating_point() or layout.is_complex():
-        raise TypeError(f"layout must be a bool (or integer, nonzero = attend) tensor, got dtype {layout.dtype}")
+        raise TypeError(f"layout must be a bool (or integer, nonzero = attend) tensor, got dtype "
+                        f"{layout.dtype}")
     if layout.shape[0] not in (1, h) or tuple(layout.shape[1:]) != (nbq, nbk):
         raise ValueError(f"layout must have shape (H or 1, ceil(Lq/block_size), ceil(Lk/block_size)) "
                          f"= ({h} or 1, {nbq}, {nbk}), got {tuple(layout.shape)}")
