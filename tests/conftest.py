@@ -6,9 +6,11 @@ made before triton (or fastbert.kernels) is imported, hence at the top of this f
 torch.compile's on-disk caches go to a fresh directory per test session (unless
 TORCHINDUCTOR_CACHE_DIR is set): a cache left by an earlier checkout can replay a backward graph
 compiled against an older signature of one of our custom ops and fail (or pass) for the wrong
-reason.
+reason. That directory is removed when the session ends.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -17,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastbert-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
