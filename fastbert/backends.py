@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -65,11 +66,22 @@ _TRITON_ERROR: Optional[str] = None
 _TRITON_CHECKED = False
 
 
+def constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (about 0.8 s of
+    ``import fastbert``) when it has not been imported yet: the decorator only sets this marker,
+    which Dynamo reads when it traces (torch 2.11 to 2.14; tests/test_library.py checks that the
+    installed torch still does exactly this)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 # The environment probes below (can triton be imported, does the CUDA extension load, is the
 # interpreter usable) run inside select(), which torch.compile traces: marked as constant results,
 # Dynamo runs them as they are instead of tracing an import (a graph break: fullgraph=True failed
 # in a process that had not called an op eagerly first).
-@torch.compiler.assume_constant_result
+@constant_result
 def _triton_import_error() -> Optional[str]:
     # Cached in module globals (not functools.lru_cache, which Dynamo warns about when tracing).
     global _TRITON_ERROR, _TRITON_CHECKED
@@ -95,7 +107,7 @@ def _version_tuple(version: str) -> tuple:
     return tuple(parts)
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _interpreter_problem() -> Optional[str]:
     """A known-broken combination for Triton's CPU interpreter, or None.
 
@@ -125,7 +137,7 @@ def cuda_extension():
     return _C
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def cuda_extension_error() -> Optional[str]:
     cuda_extension()
     return _C_ERROR
@@ -141,7 +153,7 @@ def register_cuda_family(family: str, register_fakes: Callable[[], None]) -> Non
     _CUDA_REGISTRARS[family] = register_fakes
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _cuda_family_ready(family: str) -> bool:
     # A probe Dynamo runs instead of tracing (like cuda_extension_error): the extension's import
     # and the registrations happen at trace time, so a first call under

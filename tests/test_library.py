@@ -2,6 +2,8 @@
 bit, the eager path really skips the dispatcher, and anything that traces or intercepts ops gets the
 custom op. Also torch.library.opcheck on every Triton custom op (schema, autograd registration,
 fake implementation against the real one, AOT dispatch)."""
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -329,6 +331,32 @@ def test_fullgraph_compile_in_a_fresh_process():
     if DEVICE == "cuda":
         pytest.skip("the CPU run covers the probes; a GPU run would compile kernels for minutes")
     assert_runs_in_fresh_python(_FRESH_COMPILE, "compiled ok")
+
+
+def test_constant_result_marks_as_torch_does(monkeypatch):
+    """backends.constant_result sets, without importing torch._dynamo, exactly what
+    torch.compiler.assume_constant_result sets (a torch that changes its marker fails here)."""
+    from fastbert.backends import constant_result
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
+    assert constant_result(ours) is ours
+    monkeypatch.undo()
+    assert torch.compiler.assume_constant_result(theirs) is theirs
+    assert vars(ours) == vars(theirs) and vars(ours)
+
+
+def test_import_leaves_dynamo_unloaded():
+    """``import fastbert`` does not load torch._dynamo (about 0.8 s); torch.compile loads it."""
+    assert_runs_in_fresh_python(
+        "import sys, fastbert, fastbert.nn, fastbert.sparsity\n"
+        "print('dynamo loaded' if 'torch._dynamo' in sys.modules else 'dynamo not loaded')",
+        "dynamo not loaded")
 
 
 @pytest.mark.parametrize("path", ["eager", "custom_op"])

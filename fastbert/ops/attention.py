@@ -18,7 +18,7 @@ from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_
                            check_same, check_scale, check_tensor, host_checks_allowed)
 from .._library import custom_op, first_order_only
 from .._autocast import autocast_dtype, cast, disabled
-from ..backends import cuda_ops, register, register_cuda_family, select
+from ..backends import constant_result, cuda_ops, register, register_cuda_family, select
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
@@ -850,7 +850,7 @@ def _fused_smem_bytes(head_dim: int, k_len: int) -> int:
     return 2 * 64 * (head_dim + 8) * 2 + 64 * (-(-k_len // 64) * 64 + 4) * 4
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _cuda_fused_device_problem(device_index: int, head_dim: int, k_len: int) -> str:
     # The fused kernel's device needs (as the binding's fused_reason): constant-folded under
     # torch.compile.
