@@ -1,6 +1,6 @@
 """backend="cuda": the CUDA C++ kernels of csrc/, run on the CPU by the emulator in tests/cuda_emu.
 
-CI has no GPU, so without this file csrc/ would only be compiled there. tests/cuda_emu/build.py
+CI has no GPU, so without this file csrc/ would only be compiled there. tests/cuda_emu/build_emu.py
 compiles every csrc file as C++ against tests/cuda_emu/cuda_emu.h, which runs each block's threads
 as fibers with __syncthreads, __syncwarp, warp shuffles and WMMA emulated, in the most adversarial
 order a GPU may choose between two barriers (one thread runs to its next barrier before the next
@@ -33,7 +33,7 @@ from fastbert.testing import (assert_close, check_output, compare_to_reference, 
                               run_with_grads)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
+import build_emu as cuda_emu  # noqa: E402  (tests/cuda_emu/build_emu.py)
 
 # The op family modules (``fastbert.ops.gelu`` etc. are shadowed by the functions of that name).
 attention_ops = sys.modules["fastbert.ops.attention"]

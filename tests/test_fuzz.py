@@ -42,7 +42,7 @@ from fastbert.testing import (DEVICE, assert_close, compare_to_reference, nan_fi
                               run_with_grads)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import build as cuda_emu  # noqa: E402  (tests/cuda_emu/build.py)
+import build_emu as cuda_emu  # noqa: E402  (tests/cuda_emu/build_emu.py)
 
 # the op family modules (fastbert.ops.gelu etc. are shadowed by the functions of that name)
 attention_ops = sys.modules["fastbert.ops.attention"]

@@ -1,6 +1,6 @@
 // A CPU emulator for the CUDA kernels of csrc/, so that their logic runs in CI (which has no GPU).
 //
-// tests/cuda_emu/build.py compiles every csrc/*.cu file as C++ with this header included first: a
+// tests/cuda_emu/build_emu.py compiles every csrc/*.cu file as C++ with this header included first: a
 // kernel launch becomes emu::launch(...), which runs the grid one block at a time and each block's
 // threads as cooperative fibers (ucontext) on the calling OS thread. A fiber runs until it reaches
 // a barrier (__syncthreads, __syncwarp, a shuffle) or returns; a barrier opens when every thread of

@@ -10,7 +10,7 @@ compiled with ``FASTBERT_EMULATE``, which registers the same schemas as ``torch.
 with CPU kernels (the launchers then run on CPU tensors' memory). Nothing here ships with the
 package.
 
-    python tests/cuda_emu/build.py      # builds (about 2 minutes on 2 cores) and prints the library
+    python tests/cuda_emu/build_emu.py      # builds (about 2 minutes on 2 cores) and prints the library
 """
 from __future__ import annotations
 
