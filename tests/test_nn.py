@@ -442,6 +442,144 @@ def test_transformer_encoder_layer_each_dropout_site_acts_in_train_mode(site, no
     assert (tr - ev).abs().max() > 1e-3, f"{site} had no effect in train mode"
 
 
+class _LoRALinear(nn.Module):
+    """A LoRA adapter in a Linear's place (the shape of peft's lora.Linear)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+        nn.init.normal_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+class _DoubledLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _double_norm(m, name):
+    old = getattr(m, name)
+    new = _DoubledLayerNorm(old.normalized_shape, old.eps, dtype=old.weight.dtype)
+    new.load_state_dict(old.state_dict())
+    setattr(m, name, new)
+
+
+def _prune_then_step(linear):
+    """Pruning recomputes ``weight`` from ``weight_orig`` in a pre-hook: an update of weight_orig
+    (an optimizer step) reaches only a module that runs its hooks."""
+    torch.nn.utils.prune.l1_unstructured(linear, "weight", amount=0.5)
+    with torch.no_grad():
+        linear.weight_orig.mul_(1.5)
+
+
+SUBLAYER_EDITS = {  # made on a layer after it is converted (as peft or a user would, after optimize)
+    "lora-linear1": lambda m: setattr(m, "linear1", _LoRALinear(m.linear1)),
+    "lora-linear2": lambda m: setattr(m, "linear2", _LoRALinear(m.linear2)),
+    "subclass-norm1": lambda m: _double_norm(m, "norm1"),
+    "subclass-norm2": lambda m: _double_norm(m, "norm2"),
+    "hooked-norm2": lambda m: m.norm2.register_forward_hook(lambda mod, i, o: 3 * o),
+    "pre-hooked-linear1": lambda m: m.linear1.register_forward_pre_hook(lambda mod, i: (i[0] * 0.5,)),
+    "pruned-linear2": lambda m: _prune_then_step(m.linear2),
+    "hooked-dropout1": lambda m: m.dropout1.register_forward_hook(lambda mod, i, o: 2 * o),
+    "hooked-dropout2": lambda m: m.dropout2.register_forward_hook(lambda mod, i, o: -o),
+    "hooked-self_attn": lambda m: m.self_attn.register_forward_hook(lambda mod, i, o: (2 * o[0], o[1])),
+    "instance-forward-linear2": lambda m: setattr(m.linear2, "forward",
+                                                  lambda x, f=m.linear2.forward: f(x).tanh()),
+}
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+@pytest.mark.parametrize("edit", list(SUBLAYER_EDITS))
+def test_transformer_encoder_layer_calls_sublayers_that_do_not_run_plainly(edit, norm_first):
+    """A LoRA adapter, a LayerNorm subclass, a hook, pruning or an instance forward on a sublayer:
+    the fastbert layer calls it (fusing only what runs plainly), so it computes what torch's layer
+    computes: outputs and every gradient, float64, with a padding mask."""
+    import torch.nn.utils.prune  # noqa: F401  (SUBLAYER_EDITS)
+
+    torch.manual_seed(0)
+    theirs = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, activation="gelu",
+                                        batch_first=True, norm_first=norm_first, dtype=torch.float64)
+    ours = fnn.TransformerEncoderLayer.from_torch(copy.deepcopy(theirs), backend="torch")
+    for m in (theirs, ours):
+        torch.manual_seed(1)
+        SUBLAYER_EDITS[edit](m)
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    kpm, _ = _padding(N, L)
+    g = torch.randn(N, L, E, dtype=torch.float64)
+    outs, grads = [], []
+    for m in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        out = m(xi, src_key_padding_mask=kpm)
+        out.backward(g)
+        outs.append(out.detach())
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    torch.testing.assert_close(outs[1], outs[0])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_transformer_encoder_layer_dropouts_follow_their_own_mode(norm_first):
+    """Each nn.Dropout acts in its own training mode, as when called: an eval-mode layer with its
+    Dropout modules switched on (Monte-Carlo dropout) drops; a train-mode layer with them off (and
+    the attention's dropout 0) is deterministic and equals eval."""
+    ours = fnn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.3, batch_first=True,
+                                       norm_first=norm_first, backend="torch")
+    x = torch.randn(N, L, E)
+    drops = [ours.dropout, ours.dropout1, ours.dropout2]
+    with torch.no_grad():
+        ev = ours.eval()(x)
+        for d in drops:
+            d.train()
+        for d in drops:  # each one alone
+            for other in drops:
+                other.p = 0.3 if other is d else 0.0
+            assert (ours(x) - ev).abs().max() > 1e-3, "a Dropout in training mode had no effect"
+        ours.train()
+        ours.self_attn.dropout = 0.0
+        for d in drops:
+            d.p = 0.3
+            d.eval()
+        assert torch.equal(ours(x), ev)
+
+
+def test_transformer_encoder_layer_with_a_subclassed_self_attn_is_refused():
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, batch_first=True)
+    layer.self_attn = MyAttention(E, H, batch_first=True)
+    with pytest.raises(TypeError, match="self_attn is a .*MyAttention, not torch.nn.MultiheadAttention"):
+        fnn.TransformerEncoderLayer.from_torch(layer)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    report = fastbert.optimize(model, padding_free=True)
+    assert not any(isinstance(m, (fnn.TransformerEncoderLayer, fnn.TransformerEncoder)) for m in model.modules())
+    assert any("self_attn" in s.reason and "MyAttention" in s.reason for s in report.left), report
+
+
+def test_transformer_encoder_runs_hooked_layers_padded():
+    """A hook on a layer (or its self_attn) of a padding-free encoder runs: those calls take the
+    padded path, where the layers are called."""
+    torch.manual_seed(0)
+    ours = fnn.TransformerEncoder(fnn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0,
+                                                              batch_first=True, backend="torch"), 2)
+    x = torch.randn(N, L, E)
+    kpm, _ = _padding(N, L)
+    real = ~kpm
+    plain = ours(x, src_key_padding_mask=kpm)
+    for module in (ours.layers[1], ours.layers[0].self_attn):
+        seen = []
+        handle = module.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+        torch.testing.assert_close(ours(x, src_key_padding_mask=kpm)[real], plain[real])
+        handle.remove()
+        assert seen == [type(module).__name__]
+
+
 def test_transformer_encoder_layer_bad_inputs():
     m = fnn.TransformerEncoderLayer(E, H, batch_first=True)
     with pytest.raises(ValueError, match="src_key_padding_mask"):

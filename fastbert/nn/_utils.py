@@ -1,4 +1,5 @@
-"""Helpers shared by the fastbert modules: backend argument checks and adopting an existing module."""
+"""Helpers shared by the fastbert modules: backend argument checks, adopting an existing module,
+and deciding whether a submodule may be fused (read its parameters) or must be called."""
 from __future__ import annotations
 
 import numbers
@@ -6,6 +7,7 @@ from typing import Optional, Type, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import backends
 from .._validation import type_name
@@ -75,6 +77,36 @@ def _own_forward(module: nn.Module) -> bool:
     fwd = module.__dict__.get("forward")
     return getattr(fwd, "__self__", None) is module and \
         getattr(fwd, "__func__", None) is getattr(type(module), "forward", None)
+
+
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def runs_plainly(module: nn.Module, *classes: type) -> bool:
+    """Whether calling ``module`` computes exactly what its class's forward computes from its
+    parameters, so that a fused op may read them instead of calling it: its type is one of
+    ``classes`` exactly (a subclass, e.g. a quantized Linear, a LayerNorm variant or a module
+    torch.nn.utils.parametrize changed, may compute something else), it has no hooks (a fused op
+    would skip them: pruning and spectral_norm are hooks) and no forward set on its instance (a
+    LoRA patch, accelerate's device hooks). Anything else in a fused sublayer's place is called."""
+    if type(module) not in classes or any(getattr(module, a) for a in _CALL_HOOKS):
+        return False
+    return "forward" not in module.__dict__ or _own_forward(module)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """:func:`runs_plainly` for a Linear (``nn.MultiheadAttention.out_proj``'s class included)."""
+    return runs_plainly(module, nn.Linear, NonDynamicallyQuantizableLinear)
+
+
+def dropout_rate(dropout: nn.Module) -> Optional[float]:
+    """The rate a fused op applies in place of calling the ``nn.Dropout`` ``dropout``: its ``p`` when
+    it is in training mode, 0 when not (its own mode, as calling it would use: Monte-Carlo dropout
+    turns the Dropout modules of an eval-mode model on); None when it is not a plain nn.Dropout (the
+    caller then calls it)."""
+    if not runs_plainly(dropout, nn.Dropout):
+        return None
+    return float(dropout.p) if dropout.training else 0.0
 
 
 def adopt(cls: Type[M], module: nn.Module, **attrs) -> M:

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..padding import pad_input, unpad_input
 from .._validation import check_dropout, host_checks_allowed, type_name
-from ._utils import NoTorchScript, adopt, check_backend, check_input, check_positive_int
+from ._utils import (NoTorchScript, adopt, check_backend, check_input, check_positive_int, dropout_rate,
+                     plain_linear, runs_plainly)
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
 from .layer_norm import LayerNorm
@@ -56,6 +57,13 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
       return_residual=True)`` gives both the new residual stream and norm2 of it;
     * the feed-forward's first bias and GELU run as one ``bias_gelu`` (any other activation is
       applied as given, after ``linear1``).
+
+    A sublayer is fused only where it runs plainly (an ``nn.Linear`` / ``nn.LayerNorm`` /
+    ``nn.Dropout`` of exactly that class, without hooks or an instance ``forward``); anything else
+    in its place (a LoRA adapter, a pruned or hooked module, a subclass) is called as torch's layer
+    calls it, and so is a ``self_attn`` with hooks. Each Dropout acts in its own training mode, as
+    when called (Monte-Carlo dropout works). ``from_torch`` refuses a ``self_attn`` that is not
+    exactly ``nn.MultiheadAttention``.
 
     It does not accept nested tensors; :func:`fastbert.optimize` turns off
     ``torch.nn.TransformerEncoder``'s nested-tensor fast path when it swaps its layers.
@@ -101,6 +109,9 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
         if not isinstance(module, nn.TransformerEncoderLayer):
             raise TypeError(f"module must be a torch.nn.TransformerEncoderLayer, got "
                             f"{type(module).__name__}")
+        reason = self_attn_refusal(module)
+        if reason is not None:
+            raise TypeError(f"module.self_attn {reason}")
         backend = check_backend(backend)
         new = adopt(cls, module, backend=backend)
         new.self_attn = MultiheadAttention.from_torch(module.self_attn, backend=backend)
@@ -110,15 +121,16 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
         return f"norm_first={self.norm_first}, backend={self.backend!r}"
 
     # ------------------------------------------------------------------------------------------
-    def _feed_forward(self, x: Tensor) -> Tensor:
-        """dropout(activation(linear1(x))) @ W2^T, without linear2's bias (fused by the caller)."""
+    def _feed_forward(self, x: Tensor):
+        """(dropout(activation(linear1(x))) @ W2^T, linear2's bias) for the caller to fuse the bias;
+        (linear2(...), None) when linear2 is not a plain Linear (see :func:`runs_plainly`)."""
         approximate = gelu_approximation(self.activation)
-        if approximate is not None:
+        if approximate is not None and plain_linear(self.linear1):
             h = ops.bias_gelu(F.linear(x, self.linear1.weight), self.linear1.bias, approximate,
                               backend=self.backend)
         else:
             h = self.activation(self.linear1(x))
-        return F.linear(self.dropout(h), self.linear2.weight)
+        return _matmul(self.dropout(h), self.linear2)
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -133,7 +145,7 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
         e = self.self_attn.embed_dim
         if src.shape[-1] != e:
             raise ValueError(f"src must end in d_model = {e}, got shape {tuple(src.shape)}")
-        check_input("src", src, self.linear1.weight)
+        check_input("src", src, self.self_attn.out_proj.weight)
         _check_mask_dtype("src_mask", src_mask)
         _check_mask_dtype("src_key_padding_mask", src_key_padding_mask)
         for name, m in (("src_mask", src_mask), ("src_key_padding_mask", src_key_padding_mask)):
@@ -163,9 +175,15 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
                                  f"({n * h}, {s}, {s}), got {tuple(src_mask.shape)}")
         attn = self.self_attn
 
-        def attend(h: Tensor) -> Tensor:
-            return attn.attend(h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
-                               is_causal=is_causal, same_qkv=True)[0]
+        def attend(h: Tensor):
+            if runs_plainly(attn, type(attn)):
+                return self._out_proj(attn.attend(h, h, h, key_padding_mask=src_key_padding_mask,
+                                                  attn_mask=src_mask, is_causal=is_causal, same_qkv=True)[0])
+            # hooks or a forward replaced on self_attn's instance: called, as torch's layer calls it
+            h = h if attn.batch_first else h.transpose(0, 1)
+            out = attn(h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
+                       need_weights=False, is_causal=is_causal)[0]
+            return (out if attn.batch_first else out.transpose(0, 1)), None
 
         x = self._sublayers(x, attend)
         if not batched:
@@ -179,34 +197,67 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
         to back, cu_seqlens (N + 1,) int32, max_seqlen (as from :func:`fastbert.unpad_input`) ->
         (T, E). Attention through :func:`fastbert.varlen_attention`; ``is_causal``: each token sees
         the tokens of its sequence at or before it. Used by :class:`TransformerEncoder`."""
-        return self._sublayers(x, lambda h: self.self_attn.attend_packed(h, cu_seqlens, max_seqlen,
-                                                                         is_causal=is_causal))
+        return self._sublayers(x, lambda h: self._out_proj(
+            self.self_attn.attend_packed(h, cu_seqlens, max_seqlen, is_causal=is_causal)))
 
-    def _sublayers(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
-        """Both sublayers on x (..., E), ``attend(h)`` giving the attention context before out_proj."""
-        out_proj = self.self_attn.out_proj
-        p1 = self.dropout1.p if self.training else 0.0
-        p2 = self.dropout2.p if self.training else 0.0
-        n1, n2 = self.norm1, self.norm2
-
+    def _sublayers(self, x: Tensor, attend: Callable) -> Tensor:
+        """Both sublayers on x (..., E), ``attend(h)`` giving the attention output before out_proj's
+        bias, and that bias (None when it is included).
+        Each Linear / LayerNorm / Dropout is fused where it runs plainly (:func:`runs_plainly`);
+        one that does not (a LoRA adapter, a hooked or parametrized module, a subclass) is called
+        as torch's layer calls it. Each Dropout follows its own training mode, as when called."""
         if self.norm_first:
-            h = ops.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps, backend=self.backend)
-            ctx = attend(h)
-            # y = norm2(x1) and x1 = x + dropout1(ctx @ Wo^T + bo) in one fused op.
-            y, x = ops.add_layer_norm(F.linear(ctx, out_proj.weight), x, n2.weight, n2.bias, n2.eps,
-                                      input_bias=out_proj.bias, dropout_p=p1, return_residual=True,
-                                      backend=self.backend)
-            f = self._feed_forward(y)
-            if self.linear2.bias is not None:  # in f's dtype (autocast's, as torch's Linear gives)
-                f = f + self.linear2.bias.to(f.dtype)
-            x = x + F.dropout(f, p=p2, training=self.training)
-        else:
-            ctx = attend(x)
-            x = ops.add_layer_norm(F.linear(ctx, out_proj.weight), x, n1.weight, n1.bias, n1.eps,
-                                   input_bias=out_proj.bias, dropout_p=p1, backend=self.backend)
-            x = ops.add_layer_norm(self._feed_forward(x), x, n2.weight, n2.bias, n2.eps,
-                                   input_bias=self.linear2.bias, dropout_p=p2, backend=self.backend)
-        return x
+            if runs_plainly(self.norm1, nn.LayerNorm, LayerNorm):
+                n1 = self.norm1
+                h = ops.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps, backend=self.backend)
+            else:
+                h = self.norm1(x)
+            # y = norm2(x1) and x1 = x + dropout1(out_proj(ctx)), fused where plain.
+            y, x = self._add_norm(*attend(h), self.dropout1, x, self.norm2, return_residual=True)
+            f, bias = self._feed_forward(y)
+            if bias is not None:  # in f's dtype (autocast's, as torch's Linear gives)
+                f = f + bias.to(f.dtype)
+            return x + self.dropout2(f)
+        x = self._add_norm(*attend(x), self.dropout1, x, self.norm1)
+        return self._add_norm(*self._feed_forward(x), self.dropout2, x, self.norm2)
+
+    def _out_proj(self, ctx: Tensor):
+        """(ctx @ Wo^T, bo): out_proj's parameters are read, never the module called, as torch's
+        MultiheadAttention does (F.multi_head_attention_forward takes its weight and bias)."""
+        out_proj = self.self_attn.out_proj
+        return F.linear(ctx, out_proj.weight), out_proj.bias
+
+    def _add_norm(self, h: Tensor, bias: Optional[Tensor], dropout: nn.Module, residual: Tensor,
+                  norm: nn.Module, return_residual: bool = False):
+        """``norm(residual + dropout(h + bias))`` (and the sum, with ``return_residual``): one
+        :func:`fastbert.add_layer_norm` when ``dropout`` and ``norm`` run plainly."""
+        p = dropout_rate(dropout)
+        if p is not None and runs_plainly(norm, nn.LayerNorm, LayerNorm):
+            return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, input_bias=bias,
+                                      dropout_p=p, return_residual=return_residual, backend=self.backend)
+        if bias is not None:
+            h = h + bias.to(h.dtype)
+        total = residual + dropout(h)
+        return (norm(total), total) if return_residual else norm(total)
+
+
+def self_attn_refusal(layer: nn.Module) -> Optional[str]:
+    """Why the ``self_attn`` of a torch.nn.TransformerEncoderLayer cannot become a
+    :class:`fastbert.nn.MultiheadAttention` (None when it can): the fastbert layer computes
+    multi-head attention from its parameters, which a subclass's forward may not."""
+    attn = layer.self_attn
+    if type(attn) in (nn.MultiheadAttention, MultiheadAttention):
+        return None
+    return (f"is a {type_name(attn)}, not torch.nn.MultiheadAttention: its forward may compute "
+            "something else than the multi-head attention fastbert's layer would compute")
+
+
+def _matmul(x: Tensor, linear: nn.Module):
+    """``(x @ W^T, b)`` for a plain Linear (:func:`plain_linear`), whose bias the caller fuses into
+    the next op; ``(linear(x), None)`` for any other module in its place."""
+    if plain_linear(linear):
+        return F.linear(x, linear.weight), linear.bias
+    return linear(x), None
 
 
 def _padding_only(mask: Tensor) -> Optional[Tensor]:
@@ -329,6 +380,9 @@ class TransformerEncoder(nn.Module, NoTorchScript):
             return None
         if any(layer.self_attn.packed_unsupported() for layer in self.layers):
             return None
+        # a hook on a layer or its self_attn (or a forward replaced on one) runs on the padded path
+        if not all(runs_plainly(m, type(m)) for layer in self.layers for m in (layer, layer.self_attn)):
+            return None
         first = self.layers[0].self_attn
         n, s = (src.shape[0], src.shape[1]) if first.batch_first else (src.shape[1], src.shape[0])
         if tuple(src_key_padding_mask.shape) != (n, s) or src_key_padding_mask.device != src.device:
@@ -365,7 +419,7 @@ class TransformerEncoder(nn.Module, NoTorchScript):
         e = self.layers[0].self_attn.embed_dim
         if x.shape[-1] != e:
             raise ValueError(f"src must end in d_model = {e}, got shape {tuple(src.shape)}")
-        check_input("src", src, self.layers[0].linear1.weight)
+        check_input("src", src, self.layers[0].self_attn.out_proj.weight)
         n, s = x.shape[:2]
         packed, indices, cu_seqlens, max_seqlen = unpad_input(x, real)
         for layer in self.layers:
