@@ -23,6 +23,7 @@ from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _fwad
 
 __all__ = ["FastOp", "custom_op", "eager_call", "fast_ops", "first_order_only"]
 
@@ -108,6 +109,13 @@ class FastOp:
                                "backward": staticmethod(backward)})
 
     def __call__(self, *args):
+        if _fwad._current_level >= 0 and any(
+                isinstance(a, Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args):
+            # torch would drop the tangent (the eager path) or give a zero one (the custom op)
+            raise NotImplementedError(
+                f"{self.name}: forward-mode differentiation (torch.func.jvp / jacfwd, "
+                "torch.autograd.forward_ad) is not implemented by the Triton and CUDA kernels; use "
+                "backend='torch' under it")
         if not eager_call(args):
             try:
                 return self.op(*args)

@@ -379,3 +379,29 @@ def test_double_backward_is_refused_clearly_where_kernels_run(path, monkeypatch)
         torch.testing.assert_close(g1, g.detach(), atol=1e-4, rtol=1e-4)
     with pytest.raises(NotImplementedError, match="torch.func"):
         torch.func.grad(lambda t: fastbert.gelu(t, backend="triton").sum())(x.detach())
+
+
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_forward_mode_ad_is_refused_clearly_where_kernels_run(path, monkeypatch):
+    """Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) through a kernel raises
+    NotImplementedError naming backend='torch' (torch would drop the tangent on the eager path and
+    give a zero one through the custom op); the torch backend gives the right tangent."""
+    import torch.autograd.forward_ad as fwad
+
+    if path == "custom_op":
+        monkeypatch.setattr(_library, "eager_call", lambda args: False)
+    x, t = rand((3, 8), torch.float32), rand((3, 8), torch.float32)
+    w = rand((8,), torch.float32)
+    for f in (lambda a, b: fastbert.gelu(a, backend=b),
+              lambda a, b: fastbert.layer_norm(a, (8,), w, None, backend=b)):
+        _, tangent = torch.func.jvp(lambda a: f(a, "torch"), (x,), (t,))
+        expected = torch.autograd.functional.jvp(lambda a: f(a, "torch"), x, t)[1]
+        torch.testing.assert_close(tangent, expected)
+        with pytest.raises(NotImplementedError, match="forward-mode.*backend='torch'"):
+            torch.func.jvp(lambda a: f(a, "triton"), (x,), (t,))
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            torch.func.jacfwd(lambda a: f(a, "triton"))(x[:1])
+        with fwad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+            f(fwad.make_dual(x, t), "triton")
+        with fwad.dual_level():  # a dual level alone (no tangent on the inputs) is fine
+            torch.testing.assert_close(f(x, "triton"), f(x, "torch"), atol=1e-5, rtol=1e-5)
