@@ -605,6 +605,22 @@ def test_optimize_deberta_variants(family, variant):
     _compare(model, reference, inputs, real, train=True)
 
 
+@pytest.mark.parametrize("family", ["deberta_v2", "deberta"])
+def test_optimize_deberta_with_a_float_mask(family):
+    """DeBERTa reads its attention mask as nonzero = attend whatever its dtype (its encoder builds
+    the (B, 1, L, L) mask in the user's dtype): a float 0/1 mask masks padding as the long one does."""
+    torch.manual_seed(0)
+    model = _build(family).eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch")
+    inputs, real = _inputs(family)
+    with torch.no_grad():
+        ref = _last_hidden(reference, inputs)
+        for dtype in (torch.float32, torch.bool):
+            out = _last_hidden(model, dict(inputs, attention_mask=inputs["attention_mask"].to(dtype)))
+            torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
 def test_optimize_deberta_layer_with_query_states():
     """A DeBERTa-v2 layer run on separate query states (its enhanced mask decoder's call): the
     queries from ``query_states``, keys and values from ``hidden_states``, the residual the query

@@ -740,6 +740,14 @@ class SelfAttention(nn.Module, NoTorchScript):
         return out, weights
 
 
+def _deberta_mask(a) -> Optional[Tensor]:
+    """DeBERTa's attention mask as its attention reads it, whatever its dtype: nonzero = attend
+    (``attention_mask.bool()``; its encoder builds it in the user's mask dtype, so a float 0/1 mask
+    arrives as 0/1, which as an additive mask would not mask anything)."""
+    mask = a.get("attention_mask")
+    return mask.bool() if isinstance(mask, Tensor) else mask
+
+
 def _with_score_bias(mask, bias: Optional[Tensor]):
     """An HF attention mask and a float score bias (B or 1, H, Lq, Lk) as one SDPA mask."""
     mask = hf_mask_to_sdpa(mask)
@@ -843,7 +851,7 @@ class DebertaV2SelfAttention(nn.Module, NoTorchScript):
                 bias = bias.view(b, h, lq, -1)
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         p = _dropout_p(self, spec.dropout) if self.training else 0.0
-        ctx, weights = _attention(q, k, v, _with_score_bias(a.get("attention_mask"), bias), p,
+        ctx, weights = _attention(q, k, v, _with_score_bias(_deberta_mask(a), bias), p,
                                   (d * scale_factor) ** -0.5, None, want_weights, self.backend)
         _record_outputs(self, args, (ctx, weights))
         return ctx, weights
@@ -899,7 +907,7 @@ class DebertaSelfAttention(nn.Module, NoTorchScript):
                 bias = None
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         p = _dropout_p(self, "dropout") if self.training else 0.0
-        ctx, weights = _attention(q, k, v, _with_score_bias(a.get("attention_mask"), bias), p, scale,
+        ctx, weights = _attention(q, k, v, _with_score_bias(_deberta_mask(a), bias), p, scale,
                                   None, want_weights, self.backend)
         _record_outputs(self, args, (ctx, weights))
         return ctx, weights
