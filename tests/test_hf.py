@@ -327,6 +327,8 @@ def test_optimize_padding_free(family, tmp_path):
     # business) goes to the original forward
     assert base._fallback_reason({"attention_mask": real[:, None, None, :]}) is not None
     assert base._fallback_reason({"attention_mask": real, "return_dict": True}) is None
+    # the loss's token count, which transformers 5.x's Trainer adds to every call: padding-free
+    assert base._fallback_reason({"attention_mask": real, "num_items_in_batch": torch.tensor(5)}) is None
     model.train()
     assert (base(**inputs)[0][~real] == 0).all()  # padding-free: 0 at padded positions
     enc = base.__dict__["_fastbert_encoder"]
@@ -346,6 +348,22 @@ def test_optimize_padding_free(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pick(loaded(**inputs).logits), pick(reference(**inputs).logits))
     assert restore(model) == len(swapped) and type(getattr(model, prefix)).__name__ == MODELS[family]
+
+
+def test_padding_free_runs_with_the_trainers_loss_kwargs():
+    """transformers 5.x's Trainer calls a model whose forward takes **kwargs with
+    num_items_in_batch, which the task head hands on to the base model: it still runs padding-free
+    (it ran the original forward, silently)."""
+    torch.manual_seed(0)
+    model = _build("bert", "sdpa", model_cls="BertForSequenceClassification").train()
+    if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()):
+        pytest.skip("this transformers' heads take no **kwargs (the Trainer passes no loss kwargs)")
+    optimize(model, backend="torch", padding_free=True)
+    inputs, real = _inputs("bert")
+    calls = []
+    model.bert.__dict__["_fastbert_encoder"].register_forward_hook(lambda *a: calls.append(1))
+    out = model(**inputs, labels=torch.tensor([0, 1, 0]), num_items_in_batch=torch.tensor(3))
+    assert calls == [1] and torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])

@@ -1229,7 +1229,11 @@ def _swap_attention(module, spec, backend):
 # What the padding-free encoders take; any other argument (output_attentions, head_mask, ...) that
 # is set makes the model run its original forward for that call.
 _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
-                                "inputs_embeds", "return_dict", "use_cache", "cache_position"})
+                                "inputs_embeds", "return_dict", "use_cache", "cache_position",
+                                # the loss's token count: transformers 5.x's Trainer passes it to
+                                # every model whose forward takes **kwargs; heads hand it on to
+                                # the base model, whose layers ignore it
+                                "num_items_in_batch"})
 
 
 class PaddingFreeModel(nn.Module, NoTorchScript):
