@@ -527,6 +527,14 @@ def test_padding_free_keeps_what_heads_read():
     report = optimize(qa, backend="torch", padding_free=True)
     assert any(e.path == "bert" and "every position" in e.reason for e in report.left), str(report)
     assert type(qa.bert).__name__ == "BertModel" and len(report.swapped) == 9  # 1 + 2 x 4
+    # ELECTRA's multiple-choice summary: the first token's is padding-free, the others read
+    # positions that may be padded (the mean of all, the last) and keep the base model
+    for kind in ("first", "mean", "last", "cls_index"):
+        mc = _build("electra", model_cls="ElectraForMultipleChoice", summary_type=kind)
+        report = optimize(mc, backend="torch", padding_free=True)
+        left = [e.reason for e in report.left if e.path == "electra"]
+        assert (type(mc.electra).__name__ == "ElectraModel") == (kind != "first"), str(report)
+        assert bool(left) == (kind != "first") and all(f"summary_type={kind!r}" in r for r in left)
 
     for family, kw, cls in (("bert", {"add_pooling_layer": False}, "BaseModelOutputWithPoolingAndCrossAttentions"),
                             ("electra", {}, "BaseModelOutputWithPastAndCrossAttentions")):

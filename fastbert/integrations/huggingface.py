@@ -1369,10 +1369,18 @@ def _output_class(module: nn.Module) -> type:
 def padding_free_refusal(parent: nn.Module) -> Optional[str]:
     """Why a base model held by ``parent`` must not be made padding-free (None when it may): a
     question-answering head takes its loss's softmax over every position, padded ones included,
-    whose logits the padding-free encoder would change (it leaves padded positions at 0)."""
+    whose logits the padding-free encoder would change (it leaves padded positions at 0); so does a
+    sequence summary (ELECTRA's multiple-choice head) other than the first token's: the mean of
+    every position, the last one, or positions given by the caller."""
     if "QuestionAnswering" in type(parent).__name__:
         return (f"not made padding-free: {type(parent).__name__}'s loss reads every position, padded "
                 "ones included (their hidden states would be 0 instead of the original's)")
+    for name, m in parent.named_modules():
+        kind = getattr(m, "summary_type", None)
+        if isinstance(kind, str) and kind != "first":
+            return (f"not made padding-free: its {name} ({type(m).__name__}, summary_type={kind!r}) "
+                    "reads positions that may be padded (their hidden states would be 0 instead of "
+                    "the original's)")
     return None
 
 
