@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..padding import pad_input, unpad_input
 from .._validation import check_dropout, host_checks_allowed, type_name
-from ._utils import (NoTorchScript, adopt, check_backend, check_input, check_positive_int, dropout_rate,
-                     plain_linear, runs_plainly)
+from ._fuse import add_norm, layer_norm, matmul, unfused_dropout
+from ._utils import NoTorchScript, adopt, check_backend, check_input, check_positive_int, plain_linear, runs_plainly
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
 from .layer_norm import LayerNorm
@@ -130,7 +130,7 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
                               backend=self.backend)
         else:
             h = self.activation(self.linear1(x))
-        return _matmul(self.dropout(h), self.linear2)
+        return matmul(self.dropout(h), self.linear2)
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -202,43 +202,21 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
 
     def _sublayers(self, x: Tensor, attend: Callable) -> Tensor:
         """Both sublayers on x (..., E), ``attend(h)`` giving the attention output before out_proj's
-        bias, and that bias (None when it is included).
-        Each Linear / LayerNorm / Dropout is fused where it runs plainly (:func:`runs_plainly`);
-        one that does not (a LoRA adapter, a hooked or parametrized module, a subclass) is called
-        as torch's layer calls it. Each Dropout follows its own training mode, as when called."""
+        bias and that bias (None when it is included). Each Linear / LayerNorm / Dropout is fused
+        where it runs plainly, else called as torch's layer calls it (see :mod:`fastbert.nn._fuse`)."""
         if self.norm_first:
-            if runs_plainly(self.norm1, nn.LayerNorm, LayerNorm):
-                n1 = self.norm1
-                h = ops.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps, backend=self.backend)
-            else:
-                h = self.norm1(x)
+            h = layer_norm(x, self.norm1, self.backend)
             # y = norm2(x1) and x1 = x + dropout1(out_proj(ctx)), fused where plain.
-            y, x = self._add_norm(*attend(h), self.dropout1, x, self.norm2, return_residual=True)
-            f, bias = self._feed_forward(y)
-            if bias is not None:  # in f's dtype (autocast's, as torch's Linear gives)
-                f = f + bias.to(f.dtype)
-            return x + self.dropout2(f)
-        x = self._add_norm(*attend(x), self.dropout1, x, self.norm1)
-        return self._add_norm(*self._feed_forward(x), self.dropout2, x, self.norm2)
+            y, x = add_norm(*attend(h), self.dropout1, x, self.norm2, self.backend, return_residual=True)
+            return x + unfused_dropout(*self._feed_forward(y), self.dropout2)
+        x = add_norm(*attend(x), self.dropout1, x, self.norm1, self.backend)
+        return add_norm(*self._feed_forward(x), self.dropout2, x, self.norm2, self.backend)
 
     def _out_proj(self, ctx: Tensor):
         """(ctx @ Wo^T, bo): out_proj's parameters are read, never the module called, as torch's
         MultiheadAttention does (F.multi_head_attention_forward takes its weight and bias)."""
         out_proj = self.self_attn.out_proj
         return F.linear(ctx, out_proj.weight), out_proj.bias
-
-    def _add_norm(self, h: Tensor, bias: Optional[Tensor], dropout: nn.Module, residual: Tensor,
-                  norm: nn.Module, return_residual: bool = False):
-        """``norm(residual + dropout(h + bias))`` (and the sum, with ``return_residual``): one
-        :func:`fastbert.add_layer_norm` when ``dropout`` and ``norm`` run plainly."""
-        p = dropout_rate(dropout)
-        if p is not None and runs_plainly(norm, nn.LayerNorm, LayerNorm):
-            return ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.eps, input_bias=bias,
-                                      dropout_p=p, return_residual=return_residual, backend=self.backend)
-        if bias is not None:
-            h = h + bias.to(h.dtype)
-        total = residual + dropout(h)
-        return (norm(total), total) if return_residual else norm(total)
 
 
 def self_attn_refusal(layer: nn.Module) -> Optional[str]:
@@ -250,14 +228,6 @@ def self_attn_refusal(layer: nn.Module) -> Optional[str]:
         return None
     return (f"is a {type_name(attn)}, not torch.nn.MultiheadAttention: its forward may compute "
             "something else than the multi-head attention fastbert's layer would compute")
-
-
-def _matmul(x: Tensor, linear: nn.Module):
-    """``(x @ W^T, b)`` for a plain Linear (:func:`plain_linear`), whose bias the caller fuses into
-    the next op; ``(linear(x), None)`` for any other module in its place."""
-    if plain_linear(linear):
-        return F.linear(x, linear.weight), linear.bias
-    return linear(x), None
 
 
 def _padding_only(mask: Tensor) -> Optional[Tensor]:
