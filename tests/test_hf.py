@@ -327,8 +327,10 @@ def test_optimize_padding_free(family, tmp_path):
     # business) goes to the original forward
     assert base._fallback_reason({"attention_mask": real[:, None, None, :]}) is not None
     assert base._fallback_reason({"attention_mask": real, "return_dict": True}) is None
-    # the loss's token count, which transformers 5.x's Trainer adds to every call: padding-free
-    assert base._fallback_reason({"attention_mask": real, "num_items_in_batch": torch.tensor(5)}) is None
+    # the loss's token count, which transformers 5.x's Trainer adds to every call (to models
+    # whose forward takes **kwargs): padding-free
+    if base.__dict__.get("_fastbert_kw_names") is None:
+        assert base._fallback_reason({"attention_mask": real, "num_items_in_batch": torch.tensor(5)}) is None
     model.train()
     assert (base(**inputs)[0][~real] == 0).all()  # padding-free: 0 at padded positions
     enc = base.__dict__["_fastbert_encoder"]
@@ -1280,6 +1282,78 @@ def test_swapped_attention_applies_each_dropout_in_train_mode(family, attr):
         model.train()
         tr = model(**inputs).last_hidden_state
     assert (tr - ev)[real].abs().max() > 1e-3, f"{attr} had no effect in train mode"
+
+
+class _DoubledNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _change_layer_norms(model, how):
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.LayerNorm):
+                continue
+            if how == "hook":
+                child.register_forward_hook(lambda m, i, o: 2 * o)
+                continue
+            new = _DoubledNorm(child.normalized_shape, child.eps, elementwise_affine=child.weight is not None,
+                               bias=child.bias is not None)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+
+
+@pytest.mark.parametrize("how", ["subclass", "hook"])
+@pytest.mark.parametrize("family", [f for f in MODELS if f != "deberta"])  # (v1: no nn.LayerNorm)
+def test_layer_norms_changed_after_optimize_are_called(family, how):
+    """A LayerNorm replaced by a subclass, or hooked, after optimize(): the fused sublayers read a
+    LayerNorm's parameters only where it runs plainly, and call it otherwise, so the model computes
+    what the original computes with the same change."""
+    torch.manual_seed(0)
+    model = _build(family).eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch")
+    for m in (model, reference):
+        _change_layer_norms(m, how)
+    inputs, real = _inputs(family)
+    with torch.no_grad():
+        out, ref = _last_hidden(model, inputs), _last_hidden(reference, inputs)
+    torch.testing.assert_close(_real(out, real), _real(ref, real), atol=1e-5, rtol=1e-5)
+
+
+# the attention-probability dropout (which transformers 5.x applies in the attention module's mode)
+# and the embeddings' dropout of each model; the other Dropouts are the output sublayers'
+_MC_DROPOUT = {"bert": ("attention.self.dropout", "embeddings.dropout"),
+               "distilbert": ("attention.dropout", "embeddings.dropout")}
+
+
+@pytest.mark.parametrize("family", list(_MC_DROPOUT))
+def test_output_dropouts_follow_their_own_mode_after_optimize(family):
+    """The output sublayers' Dropout modules act in their own mode, as the original calls them:
+    an eval-mode model with them switched on (Monte-Carlo dropout) drops there; a train-mode model
+    with them off does not. The original model is checked the same way."""
+    torch.manual_seed(0)
+    model = _build(family)
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch")
+    inputs, real = _inputs(family)
+    for m in (model, reference):
+        for name, d in m.named_modules():
+            if isinstance(d, torch.nn.Dropout):
+                d.p = 0.0 if name.endswith(_MC_DROPOUT[family]) else 0.3
+        drops = [d for d in m.modules() if isinstance(d, torch.nn.Dropout)]
+        with torch.no_grad():
+            ev = _last_hidden(m.eval(), inputs)
+            for d in drops:
+                d.train()
+            mc = _last_hidden(m, inputs)
+            m.train()
+            for d in drops:
+                d.eval()
+            off = _last_hidden(m, inputs)
+        name = type(m).__module__
+        assert (_real(mc, real) - _real(ev, real)).abs().max() > 1e-3, f"{name}: no Monte-Carlo dropout"
+        torch.testing.assert_close(_real(off, real), _real(ev, real), msg=f"{name}: dropped while off")
 
 
 def test_packed_layout_cache_follows_in_place_writes_to_position_ids():

@@ -83,7 +83,8 @@ from torch import Tensor, nn
 from .. import ops, reference
 from .._validation import host_checks_allowed
 from ..nn import GELU
-from ..nn._utils import NoTorchScript, adopt, check_backend
+from ..nn._fuse import add_norm, layer_norm, matmul, unfused_dropout
+from ..nn._utils import NoTorchScript, adopt, check_backend, dropout_rate, plain_linear, runs_plainly
 from ..nn.attention import attention_with_weights
 from ..nn.gelu import gelu_approximation
 
@@ -569,9 +570,15 @@ def _bind(names: Tuple[str, ...], args, kwargs) -> Dict[str, object]:
     return bound
 
 
-def _dropout_p(module: nn.Module, attr: str) -> float:
+def _probs_dropout_p(module: nn.Module, attr: str, called: bool) -> float:
+    """The attention-probability dropout rate of ``module`` as the original applies it: a Dropout
+    module the original calls on the probabilities (``called``: MPNet, DeBERTa) acts in its own
+    training mode; a rate handed to an attention function (BERT and the rest in transformers 5.x)
+    in ``module``'s."""
     value = getattr(module, attr)
-    return float(value.p if isinstance(value, nn.Dropout) else value)
+    if called and isinstance(value, nn.Dropout):
+        return float(value.p) if value.training else 0.0
+    return float(value.p if isinstance(value, nn.Dropout) else value) if module.training else 0.0
 
 
 @dataclass(frozen=True)
@@ -586,6 +593,7 @@ class _AttentionSpec:
     norm: Optional[str] = None      # ALBERT: LayerNorm(hidden + dropout(out(ctx)))
     out_dropout: Optional[str] = None
     legacy_tuple: bool = False      # 4.x DistilBERT / ALBERT: returns (out,) or (out, weights)
+    dropout_called: bool = False    # the original calls the dropout module (see _probs_dropout_p)
 
 
 _BERT_ATTN = _AttentionSpec("query", "key", "value", "num_attention_heads", "attention_head_size", "dropout")
@@ -646,7 +654,7 @@ def _project_qkv(owner: nn.Module, spec: _AttentionSpec, hidden: Tensor) -> Tupl
     h, d = int(getattr(owner, spec.heads)), int(getattr(owner, spec.head_dim))
     lins = [getattr(owner, name) for name in (spec.q, spec.k, spec.v)]
     biases = [lin.bias for lin in lins]
-    if all(_plain_linear(lin) for lin in lins) and (
+    if all(plain_linear(lin) for lin in lins) and (
             all(x is None for x in biases) or all(x is not None for x in biases)):
         # one matmul on the concatenated weights: [B, L, E] @ [E, 3HD] -> [B, L, 3, H, D]
         w = torch.cat([lin.weight for lin in lins])
@@ -683,7 +691,7 @@ def _attend(owner: nn.Module, spec: _AttentionSpec, backend: Optional[str], hidd
     ``need_weights`` or ``head_mask`` is given, else None). ``mask``: any HF mask
     (:func:`hf_mask_to_sdpa`), or a float (B, H, L, L) score bias."""
     q, k, v = _project_qkv(owner, spec, hidden)
-    p = _dropout_p(owner, spec.dropout) if owner.training else 0.0
+    p = _probs_dropout_p(owner, spec.dropout, spec.dropout_called)
     return _attention(q, k, v, mask, p, q.shape[-1] ** -0.5, head_mask, need_weights, backend)
 
 
@@ -727,8 +735,8 @@ class SelfAttention(nn.Module, NoTorchScript):
         ctx, weights = self.context(hidden, mask, _head_mask(a), want_weights)
         spec = self._fastbert_spec
         if spec.norm is not None:
-            p = _dropout_p(self, spec.out_dropout) if self.training else 0.0
-            out = _linear_add_norm(ctx, getattr(self, spec.out), hidden, getattr(self, spec.norm), p,
+            out = _linear_add_norm(ctx, getattr(self, spec.out), hidden, getattr(self, spec.norm),
+                                   getattr(self, spec.out_dropout),
                                    self.backend)
         elif spec.out is not None:
             out = getattr(self, spec.out)(ctx)
@@ -761,7 +769,7 @@ def _with_score_bias(mask, bias: Optional[Tensor]):
 
 
 _MPNET_ATTN = _AttentionSpec("q", "k", "v", "num_attention_heads", "attention_head_size", "dropout",
-                             out="o")
+                             out="o", dropout_called=True)
 
 
 class MPNetAttention(nn.Module, NoTorchScript):
@@ -787,14 +795,13 @@ class MPNetAttention(nn.Module, NoTorchScript):
         mask = _with_score_bias(a.get("attention_mask"), a.get("position_bias"))
         ctx, weights = _attend(self.attn, _MPNET_ATTN, self.backend, hidden, mask, _head_mask(a),
                                want_weights)
-        p = _dropout_p(self, "dropout") if self.training else 0.0
-        out = _linear_add_norm(ctx, self.attn.o, hidden, self.LayerNorm, p, self.backend)
+        out = _linear_add_norm(ctx, self.attn.o, hidden, self.LayerNorm, self.dropout, self.backend)
         _record_outputs(self, args, (out, weights))
         return (out, weights) if want_weights else (out,)
 
 
 _DEBERTA_ATTN = _AttentionSpec("query_proj", "key_proj", "value_proj", "num_attention_heads",
-                               "attention_head_size", "dropout")
+                               "attention_head_size", "dropout", dropout_called=True)
 # what DeBERTa-v2's attention must have for fastbert's to stand in (the original class's bias
 # method is called on the new module)
 _DEBERTA_ATTRS = ("pos_att_type", "relative_attention", "num_attention_heads", "attention_head_size")
@@ -850,7 +857,7 @@ class DebertaV2SelfAttention(nn.Module, NoTorchScript):
             else:
                 bias = bias.view(b, h, lq, -1)
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
-        p = _dropout_p(self, spec.dropout) if self.training else 0.0
+        p = _probs_dropout_p(self, spec.dropout, spec.dropout_called)
         ctx, weights = _attention(q, k, v, _with_score_bias(_deberta_mask(a), bias), p,
                                   (d * scale_factor) ** -0.5, None, want_weights, self.backend)
         _record_outputs(self, args, (ctx, weights))
@@ -906,7 +913,7 @@ class DebertaSelfAttention(nn.Module, NoTorchScript):
             if not isinstance(bias, Tensor):  # pos_att_type empty: the method returns 0
                 bias = None
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
-        p = _dropout_p(self, "dropout") if self.training else 0.0
+        p = _probs_dropout_p(self, "dropout", called=True)
         ctx, weights = _attention(q, k, v, _with_score_bias(_deberta_mask(a), bias), p, scale,
                                   None, want_weights, self.backend)
         _record_outputs(self, args, (ctx, weights))
@@ -950,21 +957,16 @@ class ModernBertLayer(_LayerBase, NoTorchScript):
     _fastbert_records_outputs = True
     backend: Optional[str]
 
-    def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
-        if type(norm) is nn.LayerNorm:
-            return ops.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
-                                  backend=self.backend)
-        return norm(x)  # layer 0's Identity
-
     def forward(self, hidden_states: Tensor, attention_mask=None, position_embeddings=None, **kwargs):
-        attn_out, _ = self.attn(self._norm(self.attn_norm, hidden_states),
+        # (layer_norm calls what is not a plain LayerNorm: layer 0's Identity, a hooked norm)
+        attn_out, _ = self.attn(layer_norm(hidden_states, self.attn_norm, self.backend),
                                 position_embeddings=position_embeddings,
                                 attention_mask=attention_mask, **kwargs)
-        norm, mlp = self.mlp_norm, self.mlp
-        y, h = ops.add_layer_norm(attn_out, hidden_states, norm.weight, norm.bias, norm.eps,
-                                  return_residual=True, backend=self.backend)
+        mlp = self.mlp
+        y, h = add_norm(attn_out, None, None, hidden_states, self.mlp_norm, self.backend,
+                        return_residual=True)
         approximate = gelu_approximation(mlp.act)
-        if approximate is None:
+        if approximate is None or not runs_plainly(mlp, type(mlp)):
             out = h + mlp(y)
         else:
             act = ops.geglu(mlp.Wi(y), None, approximate, backend=self.backend)
@@ -1030,26 +1032,8 @@ class DenseAddLayerNorm(nn.Module, NoTorchScript):
     backend: Optional[str]
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        p = self.dropout.p if self.training else 0.0
-        return _linear_add_norm(hidden_states, self.dense, input_tensor, self.LayerNorm, p,
+        return _linear_add_norm(hidden_states, self.dense, input_tensor, self.LayerNorm, self.dropout,
                                 self.backend)
-
-
-def _plain_linear(lin: nn.Module) -> bool:
-    """Whether ``lin`` computes exactly ``F.linear(x, lin.weight, lin.bias)``: an ``nn.Linear`` (not
-    a subclass: quantized layers subclass it) without hooks or an instance-level forward. Anything
-    else (a LoRA adapter put on the model after optimize(), a quantized or hooked Linear) is called
-    as it is, its bias then not fused."""
-    return (type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
-            and "forward" not in lin.__dict__)
-
-
-def _matmul(x: Tensor, lin: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(x @ W^T, b)`` for a plain Linear, whose bias the caller fuses into the next op; ``(lin(x),
-    None)`` for any other module in its place (see :func:`_plain_linear`)."""
-    if _plain_linear(lin):
-        return F.linear(x, lin.weight), lin.bias
-    return lin(x), None
 
 
 def _is_deberta_norm(m) -> bool:
@@ -1076,14 +1060,20 @@ def _norm_out(out: Tensor, norm: nn.Module) -> Tensor:
 
 
 def _linear_add_norm(x: Tensor, lin: nn.Module, residual: Tensor, norm: nn.Module,
-                     dropout_p: float, backend: Optional[str]) -> Tensor:
+                     dropout: Optional[nn.Module], backend: Optional[str]) -> Tensor:
     """``norm(dropout(lin(x)) + residual)`` as one ``add_layer_norm``, with the Linear's bias fused
-    as its ``input_bias`` (see :func:`_matmul`). ``norm``: an ``nn.LayerNorm`` or a
-    DebertaLayerNorm."""
-    h, bias = _matmul(x, lin)
-    eps = norm.variance_epsilon if _is_deberta_norm(norm) else norm.eps
-    out = ops.add_layer_norm(h, residual, norm.weight, norm.bias, eps, input_bias=bias,
-                             dropout_p=dropout_p, backend=backend)
+    as its ``input_bias``, where each module runs plainly (:mod:`fastbert.nn._fuse`: anything else,
+    e.g. a LoRA adapter or a hooked LayerNorm put on the model after optimize(), is called).
+    ``norm``: an ``nn.LayerNorm`` or a DebertaLayerNorm; ``dropout``: the Dropout module the
+    original calls there (acting in its own mode), or None."""
+    h, bias = matmul(x, lin)
+    if not _is_deberta_norm(norm):
+        return add_norm(h, bias, dropout, residual, norm, backend)
+    p = 0.0 if dropout is None else dropout_rate(dropout)
+    if p is None or not runs_plainly(norm, type(norm)):
+        return norm(residual + unfused_dropout(h, bias, dropout))
+    out = ops.add_layer_norm(h, residual, norm.weight, norm.bias, norm.variance_epsilon, input_bias=bias,
+                             dropout_p=p, backend=backend)
     return _norm_out(out, norm)
 
 
@@ -1105,7 +1095,7 @@ def _bias_act(x: Tensor, lin: nn.Module, act, backend: Optional[str]) -> Tensor:
     approximate = gelu_approximation(act)
     if approximate is None:
         return act(lin(x))
-    h, bias = _matmul(x, lin)
+    h, bias = matmul(x, lin)
     if bias is None:
         return ops.gelu(h, approximate, backend=backend)
     return ops.bias_gelu(h, bias, approximate, backend=backend)
@@ -1154,10 +1144,9 @@ class DistilBertBlock(_LayerBase, NoTorchScript):
         if weights is not None:  # 5.x: the attention module's hooks collect its (output, weights)
             _record_outputs(attn, (x,), (ctx, weights))
         ffn = self.ffn
-        sa = _linear_add_norm(ctx, attn.out_lin, x, self.sa_layer_norm, 0.0, self.backend)
+        sa = _linear_add_norm(ctx, attn.out_lin, x, self.sa_layer_norm, None, self.backend)
         h = _bias_act(sa, ffn.lin1, ffn.activation, self.backend)
-        p = ffn.dropout.p if self.training else 0.0
-        out = _linear_add_norm(h, ffn.lin2, sa, self.output_layer_norm, p, self.backend)
+        out = _linear_add_norm(h, ffn.lin2, sa, self.output_layer_norm, ffn.dropout, self.backend)
         if self._fastbert_legacy:
             return (weights, out) if want_weights else (out,)
         _record_outputs(self, args, out)
@@ -1184,7 +1173,7 @@ class AlbertLayer(nn.Module, NoTorchScript):
             rest = {k: v for k, v in a.items() if k not in ("hidden_states", "attention_mask")}
             att, _ = self.attention(a["hidden_states"], a.get("attention_mask"), **rest)
         h = _bias_act(att, self.ffn, self.activation, self.backend)
-        out = _linear_add_norm(h, self.ffn_output, att, self.full_layer_layer_norm, 0.0, self.backend)
+        out = _linear_add_norm(h, self.ffn_output, att, self.full_layer_layer_norm, None, self.backend)
         if self._fastbert_legacy:
             return (out,) + tuple(attention_output[1:])
         _record_outputs(self, args, out)
