@@ -352,7 +352,7 @@ def test_optimize_padding_free(family, tmp_path):
     assert restore(model) == len(swapped) and type(getattr(model, prefix)).__name__ == MODELS[family]
 
 
-def test_padding_free_runs_with_the_trainers_loss_kwargs():
+def test_padding_free_runs_with_the_trainers_loss_kwargs(monkeypatch):
     """transformers 5.x's Trainer calls a model whose forward takes **kwargs with
     num_items_in_batch, which the task head hands on to the base model: it still runs padding-free
     (it ran the original forward, silently)."""
@@ -362,8 +362,9 @@ def test_padding_free_runs_with_the_trainers_loss_kwargs():
         pytest.skip("this transformers' heads take no **kwargs (the Trainer passes no loss kwargs)")
     optimize(model, backend="torch", padding_free=True)
     inputs, real = _inputs("bert")
-    calls = []
-    model.bert.__dict__["_fastbert_encoder"].register_forward_hook(lambda *a: calls.append(1))
+    calls, forward = [], fastbert.models.BertEncoder.forward
+    monkeypatch.setattr(fastbert.models.BertEncoder, "forward",
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     out = model(**inputs, labels=torch.tensor([0, 1, 0]), num_items_in_batch=torch.tensor(3))
     assert calls == [1] and torch.isfinite(out.loss)
 
@@ -851,7 +852,7 @@ class _Lora(torch.nn.Module):
 
 
 _LORA_TARGETS = {"query", "value", "q_lin", "v_lin", "dense", "out_lin", "lin1", "lin2", "ffn",
-                 "ffn_output", "fc1"}
+                 "ffn_output", "fc1", "q", "v", "Wqkv", "Wi", "Wo"}
 
 
 def _add_lora(model):
@@ -878,6 +879,44 @@ def test_adapters_added_after_optimize_are_used(family):
     adapters = [m for n, m in model.named_modules() if isinstance(m, _Lora) and "pooler" not in n]
     assert adapters and all(m.lora_B.weight.grad is not None and m.lora_B.weight.grad.any()
                             for m in adapters)
+
+
+@pytest.mark.parametrize("family", list(PADDING_FREE_TASKS))
+def test_padding_free_model_after_adapters_and_hooks(family, monkeypatch):
+    """LoRA adapters put on a padding-free model after optimize() (as peft does) run, still
+    padding-free: the logits of the original with the same adapters, gradients reaching them. A
+    hook put on one of its layers afterwards runs (that call takes the original forward); once
+    removed, the model runs padding-free again."""
+    torch.manual_seed(0)
+    head = {"seq_classif_dropout": 0.0} if family == "distilbert" else {}
+    model = _build(family, _sdpa_or_eager(family), model_cls=PADDING_FREE_TASKS[family], **head).eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch", padding_free=True)
+    for m in (model, reference):
+        _add_lora(m)
+    encoder_cls = fastbert.models.ModernBertEncoder if family == "modernbert" else fastbert.models.BertEncoder
+    calls, forward = [], encoder_cls.forward
+    monkeypatch.setattr(encoder_cls, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    inputs, real = _inputs(family)
+    pick = (lambda t: t) if "SequenceClassification" in PADDING_FREE_TASKS[family] else (lambda t: t[real])
+    out, ref = model(**inputs).logits, reference(**inputs).logits
+    assert calls == [1]
+    torch.testing.assert_close(pick(out), pick(ref), atol=1e-5, rtol=1e-5)
+    pick(out).sum().backward()
+    adapters = [m for m in model.modules() if isinstance(m, _Lora)]
+    assert adapters and all(m.lora_B.weight.grad is not None and m.lora_B.weight.grad.any() for m in adapters)
+
+    layer = next(m for n, m in model.named_modules() if n.endswith(("layer.0", "layers.0", "albert_layers.0")))
+    seen = []
+    handle = layer.register_forward_hook(lambda *a: seen.append(1))
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(pick(model(**inputs).logits), pick(ref.detach()), atol=1e-5, rtol=1e-5)
+    assert seen and not calls
+    handle.remove()
+    with torch.no_grad():
+        model(**inputs)
+    assert calls == [1]
 
 
 def test_hooks_on_linears_of_an_optimized_model_run():

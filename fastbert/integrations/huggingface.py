@@ -1225,6 +1225,38 @@ _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids",
                                 "num_items_in_batch"})
 
 
+_STRUCTURE = [0]  # submodule registrations counted process-wide, once _watch_structure() ran
+_WATCHING: List[object] = []
+
+
+def _count_registration(module, name, submodule) -> None:
+    _STRUCTURE[0] += 1
+
+
+def _watch_structure() -> None:
+    """Count every submodule registration from now on (``setattr`` of a module on a module, as
+    peft does to put an adapter in a Linear's place): torch's global registration hook, installed
+    once."""
+    if not _WATCHING:
+        _WATCHING.append(torch.nn.modules.module.register_module_module_registration_hook(
+            _count_registration))
+
+
+def _hook_counts(modules: List[nn.Module]) -> list:
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+             len(m._backward_pre_hooks), "forward" in m.__dict__) for m in modules]
+
+
+@dataclass
+class _Watch:
+    """What :meth:`PaddingFreeModel._model_changed_reason` last saw."""
+    version: int
+    modules: List[nn.Module]
+    hook_counts: Optional[list] = None
+    refused: Optional[str] = None
+    hooked: Optional[str] = None
+
+
 class PaddingFreeModel(nn.Module, NoTorchScript):
     """A HuggingFace encoder base model whose forward runs fastbert's padding-free encoder
     (:class:`fastbert.models.BertEncoder` for BERT and its copies, pre-LN ones included,
@@ -1239,7 +1271,11 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
     A call asking for what the encoders do not compute (``output_attentions``,
     ``output_hidden_states``, a ``head_mask``, an attention mask other than a (B, L) padding mask,
     cross-attention inputs, a cache), and training with gradient checkpointing enabled, run the
-    original module instead (it shares every submodule). Attributes and methods of the original
+    original module instead (it shares every submodule); so does a call after a hook (or an
+    instance forward) was put on one of the model's modules. Modules put on the model after
+    optimize() (a LoRA adapter in a Linear's place) are picked up: the encoder is rebuilt on them
+    and calls what it cannot fuse (host checks cost about 50 us a call for a 12-layer model, a
+    rebuild 2 ms once after a change). Attributes and methods of the original
     model class that this module lacks (``get_input_embeddings``, ``config``, ...) are the
     original's. Under torch.compile (one graph with ``capture_dynamic_output_shape_ops`` and
     ``capture_scalar_outputs``) the mask's values cannot be read: rows are taken as right-padded
@@ -1251,6 +1287,8 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
     _fastbert_mask_checked: bool  # whether its forward takes mask_checked= (BertEncoder's does)
     _fastbert_output_cls: type  # the ModelOutput class the original returns (_output_class)
     _fastbert_in_place = False  # True: the original's instance forward runs this one (its root)
+    _fastbert_encoder_cls: type  # BertEncoder or ModernBertEncoder (rebuilt when the model changes)
+    _fastbert_backend: Optional[str]
 
     def __getattr__(self, name: str):
         try:
@@ -1261,7 +1299,40 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
                 raise
             return getattr(original, name)
 
+    def _model_changed_reason(self) -> Optional[str]:
+        """The encoder shares the model's modules as they were when it was built: rebuilt when
+        modules were put on the model since (a LoRA adapter added after optimize(): it is then
+        called in its Linear's place), and why the original forward must run instead (None when
+        it need not): a module the encoder refuses, or a hook (or a forward replaced on an
+        instance) the encoder would skip. A process-wide count of submodule registrations (a torch
+        global hook, :func:`_watch_structure`) and each module's hook counts tell what changed;
+        not checked under torch.compile."""
+        state = self.__dict__["_fastbert_watch"]
+        if torch.compiler.is_compiling():
+            return state.refused or state.hooked
+        original = self.__dict__["_fastbert_hf_module"]
+        if state.version != _STRUCTURE[0]:
+            try:
+                encoder = self._fastbert_encoder_cls.from_hf(original, backend=self._fastbert_backend)
+                self.__dict__["_fastbert_encoder"] = encoder.train(self.training)
+                state.refused = None
+            except ValueError as e:
+                state.refused = f"a module put on the model after optimize() ({e})"
+            state.version = _STRUCTURE[0]  # (building the encoder registered modules too)
+            state.modules = list(original.modules())
+            state.hook_counts = None
+        counts = _hook_counts(state.modules)
+        if counts != state.hook_counts:
+            from ..optimize import _hook_refusal
+
+            state.hook_counts = counts
+            state.hooked = _hook_refusal(original)
+        return state.refused or state.hooked
+
     def _fallback_reason(self, a: Dict[str, object]) -> Optional[str]:
+        reason = self._model_changed_reason()
+        if reason is not None:
+            return reason
         accepted = self.__dict__.get("_fastbert_kw_names")  # None: the original takes **kwargs
         for k, v in a.items():
             if accepted is not None and k not in accepted:
@@ -1437,6 +1508,7 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
         encoder_cls = ModernBertEncoder
     else:
         return None, None
+    _watch_structure()
     try:
         encoder = encoder_cls.from_hf(module, backend=backend)
     except ValueError as e:
@@ -1451,12 +1523,13 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     kw_names = (None if any(p.kind == p.VAR_KEYWORD for p in params_hf)
                 else frozenset(p.name for p in params_hf if p.kind != p.VAR_POSITIONAL))
     new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
-                _fastbert_kw_names=kw_names,
+                _fastbert_kw_names=kw_names, _fastbert_encoder_cls=encoder_cls, _fastbert_backend=backend,
                 _fastbert_token_types=token_types, _fastbert_mask_checked="mask_checked" in params,
                 _fastbert_output_cls=_output_class(module))
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
     new.__dict__["_fastbert_encoder"] = encoder
     new.__dict__["_fastbert_hf_module"] = module
+    new.__dict__["_fastbert_watch"] = _Watch(_STRUCTURE[0], list(module.modules()))
     return new, None
 
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn._utils import NoTorchScript, check_backend
+from ..nn._fuse import add_norm, layer_norm, matmul
+from ..nn._utils import NoTorchScript, check_backend, plain_linear
 from ..nn.gelu import gelu_approximation
 from ..padding import gap_refusal, pad_input, unpad_input
 
@@ -163,12 +164,13 @@ class BertLayer(nn.Module, NoTorchScript):
     def __init__(self, hf_layer: nn.Module, *, backend: Optional[str] = None) -> None:
         super().__init__()
         parts = _layer_parts(hf_layer)
-        for name in ("query", "key", "value", "attention_dense", "intermediate", "output_dense"):
-            _require(isinstance(parts[name], nn.Linear), f"expected a Linear for {name}")
-        for name in ("attention_norm", "output_norm"):
-            _require(isinstance(parts[name], nn.LayerNorm), f"expected a LayerNorm for {name}")
-        for name in ("attention_dropout", "hidden_dropout", "output_dropout"):
-            _require(isinstance(parts[name], nn.Dropout), f"expected a Dropout for {name}")
+        # Linears, LayerNorms and the output Dropouts are fused where they run plainly and called
+        # otherwise (a LoRA adapter, a quantized Linear: fastbert.nn._fuse); the attention
+        # probabilities' Dropout gives its rate to the attention kernel
+        for name in ("query", "key", "value", "attention_dense", "intermediate", "output_dense",
+                     "attention_norm", "output_norm", "hidden_dropout", "output_dropout"):
+            _require(isinstance(parts[name], nn.Module), f"expected a module for {name}")
+        _require(isinstance(parts["attention_dropout"], nn.Dropout), "expected a Dropout for attention_dropout")
         self.num_heads = int(parts.pop("num_heads"))
         self.head_dim = int(parts.pop("head_dim"))
         for name, module in parts.items():
@@ -215,7 +217,8 @@ class BertLayer(nn.Module, NoTorchScript):
         h, d = self.num_heads, self.head_dim
         lins = (self.query, self.key, self.value)
         biases = [lin.bias for lin in lins]
-        if all(bias is None for bias in biases) or all(bias is not None for bias in biases):
+        if all(plain_linear(lin) for lin in lins) and (
+                all(bias is None for bias in biases) or all(bias is not None for bias in biases)):
             w, b = self._fused_qkv()
             qkv = F.linear(x, w, b).view(t, 3, h, d)  # [T, E] @ [E, 3E] -> [T, 3, H, D]
         else:
@@ -229,18 +232,16 @@ class BertLayer(nn.Module, NoTorchScript):
     def _activation(self, x: Tensor) -> Tensor:
         """act(x @ W1^T + b1): one ``bias_gelu`` for a GELU, else the module's own activation."""
         approximate = gelu_approximation(self.activation)
-        if approximate is not None:
+        if approximate is not None and plain_linear(self.intermediate):
             return ops.bias_gelu(F.linear(x, self.intermediate.weight), self.intermediate.bias,
                                  approximate, backend=self.backend)
         return self.activation(self.intermediate(x))
 
-    def _dense_add_norm(self, x: Tensor, dense: nn.Linear, residual: Tensor, norm: nn.LayerNorm,
-                        dropout: nn.Dropout, return_residual: bool = False):
-        """norm(dropout(x @ W^T + b) + residual), one ``add_layer_norm`` after the matmul."""
-        p = dropout.p if self.training else 0.0
-        return ops.add_layer_norm(F.linear(x, dense.weight), residual, norm.weight, norm.bias, norm.eps,
-                                  input_bias=dense.bias, dropout_p=p, return_residual=return_residual,
-                                  backend=self.backend)
+    def _dense_add_norm(self, x: Tensor, dense: nn.Module, residual: Tensor, norm: nn.Module,
+                        dropout: nn.Module, return_residual: bool = False):
+        """norm(dropout(dense(x)) + residual), one ``add_layer_norm`` after the matmul where the
+        modules run plainly (the Dropout in its own mode, as HuggingFace calls it)."""
+        return add_norm(*matmul(x, dense), dropout, residual, norm, self.backend, return_residual)
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 attn_bias: Optional[Tensor] = None) -> Tensor:
@@ -423,9 +424,7 @@ class BertEncoder(nn.Module, NoTorchScript):
                 hidden = layer(hidden, cu_seqlens, max_seqlen, bias)
             return hidden
         norms = [layer.attention_norm for layer in self.layers] + [self.final_norm]
-        first = norms[0]
-        normed = ops.layer_norm(hidden, first.normalized_shape, first.weight, first.bias, first.eps,
-                                backend=self.backend)
+        normed = layer_norm(hidden, norms[0], self.backend)
         for layer, next_norm in zip(self.layers, norms[1:]):
             hidden, normed = layer(hidden, normed, cu_seqlens, max_seqlen, next_norm)
         return normed

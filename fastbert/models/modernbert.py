@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..nn._fuse import add_norm, layer_norm
 from ..nn._utils import NoTorchScript, check_backend
 from ..nn.gelu import gelu_approximation
 from ..padding import gap_refusal, pad_input, unpad_input
@@ -43,12 +44,6 @@ __all__ = ["ModernBertEncoder", "ModernBertLayer"]
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(f"ModernBertEncoder.from_hf: {message}")
-
-
-def _norm(norm: nn.Module, x: Tensor, backend: Optional[str]) -> Tensor:
-    if isinstance(norm, nn.LayerNorm):
-        return ops.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, backend=backend)
-    return norm(x)  # layer 0's Identity
 
 
 class ModernBertLayer(nn.Module, NoTorchScript):
@@ -62,17 +57,21 @@ class ModernBertLayer(nn.Module, NoTorchScript):
         attn, mlp = getattr(hf_layer, "attn", None), getattr(hf_layer, "mlp", None)
         _require(isinstance(attn, nn.Module) and isinstance(mlp, nn.Module),
                  f"expected attn and mlp submodules in {type(hf_layer).__name__}")
-        for owner, names in ((attn, ("Wqkv", "Wo")), (mlp, ("Wi", "Wo"))):
+        # the Linears are called (a LoRA adapter in their place runs); the norms are fused where
+        # they run plainly, else called (fastbert.nn._fuse)
+        for owner, names in ((attn, ("Wqkv", "Wo", "out_drop")), (mlp, ("Wi", "Wo", "drop")),
+                             (hf_layer, ("attn_norm", "mlp_norm"))):
             for n in names:
-                _require(isinstance(getattr(owner, n, None), nn.Linear),
-                         f"expected a Linear {type(owner).__name__}.{n}")
-        _require(isinstance(getattr(hf_layer, "mlp_norm", None), nn.LayerNorm)
-                 and isinstance(getattr(hf_layer, "attn_norm", None), (nn.LayerNorm, nn.Identity)),
-                 "expected LayerNorm attn_norm (or Identity) and mlp_norm")
+                _require(isinstance(getattr(owner, n, None), nn.Module),
+                         f"expected a module {type(owner).__name__}.{n}")
+        heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+        if heads is None:  # (from Wqkv's width)
+            _require(isinstance(attn.Wqkv, nn.Linear), "expected config.num_attention_heads or a Linear Wqkv")
+            heads = attn.Wqkv.out_features // (3 * int(attn.head_dim))
         self.attn_norm, self.mlp_norm = hf_layer.attn_norm, hf_layer.mlp_norm
         self.Wqkv, self.attn_out, self.attn_drop = attn.Wqkv, attn.Wo, attn.out_drop
         self.head_dim = int(attn.head_dim)
-        self.num_heads = attn.Wqkv.out_features // (3 * self.head_dim)
+        self.num_heads = int(heads)
         self.attention_dropout = float(attn.attention_dropout)
         window = attn.sliding_window  # transformers' inclusive bound: local_attention // 2 + 1
         self.window_size: Optional[Tuple[int, int]] = None if window is None else (window - 1, window - 1)
@@ -83,16 +82,14 @@ class ModernBertLayer(nn.Module, NoTorchScript):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, cos: Tensor, sin: Tensor) -> Tensor:
         t, be = x.shape[0], self.backend
-        qkv = self.Wqkv(_norm(self.attn_norm, x, be)).view(t, 3, self.num_heads, self.head_dim)
+        qkv = self.Wqkv(layer_norm(x, self.attn_norm, be)).view(t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=1)  # 3 x (T, H, D)
         q, k = self._rotary(q, k, cos, sin, unsqueeze_dim=1)  # cos (T, D) -> (T, 1, D)
         p = self.attention_dropout if self.training else 0.0
         ctx = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=p,
                                    scale=self.head_dim ** -0.5, window_size=self.window_size, backend=be)
         attn_out = self.attn_drop(self.attn_out(ctx.reshape(t, self.num_heads * ctx.shape[-1])))
-        norm = self.mlp_norm
-        y, x = ops.add_layer_norm(attn_out, x, norm.weight, norm.bias, norm.eps, return_residual=True,
-                                  backend=be)
+        y, x = add_norm(attn_out, None, None, x, self.mlp_norm, be, return_residual=True)
         approximate = gelu_approximation(self.act)
         if approximate is None:
             a, gate = self.Wi(y).chunk(2, dim=-1)
@@ -158,7 +155,7 @@ class ModernBertEncoder(nn.Module, NoTorchScript):
             rotary[t] = (cos[0], sin[0])
         for layer in self.layers:
             hidden = layer(hidden, cu_seqlens, max_seqlen, *rotary[layer.attention_type])
-        return _norm(self.final_norm, hidden, self.backend)
+        return layer_norm(hidden, self.final_norm, self.backend)
 
     def unsupported_mask(self, attention_mask: Optional[Tensor]) -> Optional[str]:
         """Why this encoder cannot take ``attention_mask`` (None when it can): the local layers'
