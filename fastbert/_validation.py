@@ -17,6 +17,9 @@ def type_name(value) -> str:
     """The type of ``value`` for an error message: ``int``, ``Tensor``, or ``numpy.bool`` for a type
     from outside the builtins (whose bare name can read like a builtin's)."""
     cls = type(value)
+    if any(c.__name__ == "Proxy" and c.__module__.startswith("torch.fx") for c in cls.__mro__):
+        return (f"{cls.__name__} (torch.fx.symbolic_trace cannot trace fastbert's ops and modules, "
+                "which check their inputs' values; use torch.export.export or torch.compile)")
     if cls.__module__ in ("builtins", "torch") or cls.__module__.startswith("torch."):
         return cls.__name__
     return f"{cls.__module__.split('.')[0]}.{cls.__name__}"

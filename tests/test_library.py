@@ -307,6 +307,16 @@ def test_torch_export_keeps_one_op_per_pass():
     assert torch.equal(program.module()(q, k, v, mask), block(q, k, v, mask))
 
 
+def test_fx_symbolic_trace_is_refused_clearly():
+    """torch.fx.symbolic_trace feeds Proxy objects, which fastbert's checks cannot read: the error
+    says so and names torch.export / torch.compile (it said only "got Proxy")."""
+    import fastbert.nn as fnn
+
+    for module in (fnn.LayerNorm(8), fnn.TransformerEncoderLayer(8, 2, 16, batch_first=True)):
+        with pytest.raises(TypeError, match="symbolic_trace cannot trace.*torch.export"):
+            torch.fx.symbolic_trace(module)
+
+
 _FRESH_COMPILE = """
 import torch, torch.nn as nn
 import fastbert.nn as fnn
