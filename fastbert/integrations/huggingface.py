@@ -925,7 +925,10 @@ class ModernBertAttention(nn.Module, NoTorchScript):
     was loaded with: ``Wqkv`` -> rotary embedding (transformers' own ``apply_rotary_pos_emb``) ->
     :func:`attention_forward` (the local layers' sliding window skipped block-wise) -> ``Wo`` ->
     dropout. Built by :func:`swap_module` (within :class:`ModernBertLayer`); same ``state_dict``.
-    forward: the original's arguments -> ``(out (B, L, E), weights or None)``."""
+    forward: the original's arguments -> ``(out (B, L, E), weights or None)``. A local layer always
+    applies its window, as transformers' flash-attention path does: given a custom 4-D mask (which
+    its sdpa and eager paths use as it is in every layer), the local layers differ from those two.
+    """
 
     _fastbert_records_outputs = True
     _fastbert_rotary: Callable
