@@ -1360,6 +1360,22 @@ def test_layer_norms_changed_after_optimize_are_called(family, how):
     torch.testing.assert_close(_real(out, real), _real(ref, real), atol=1e-5, rtol=1e-5)
 
 
+def test_hooked_activation_after_optimize_is_called():
+    """A hook put on BERT's GELU activation module after optimize(): the fused dense + GELU calls
+    it instead of computing GELU itself."""
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch")
+    for m in (model, reference):
+        for layer in m.encoder.layer:
+            layer.intermediate.intermediate_act_fn.register_forward_hook(lambda mod, i, o: 3 * o)
+    inputs, real = _inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(_last_hidden(model, inputs)[real], _last_hidden(reference, inputs)[real],
+                                   atol=1e-5, rtol=1e-5)
+
+
 # the attention-probability dropout (which transformers 5.x applies in the attention module's mode)
 # and the embeddings' dropout of each model; the other Dropouts are the output sublayers'
 _MC_DROPOUT = {"bert": ("attention.self.dropout", "embeddings.dropout"),

@@ -523,6 +523,25 @@ def test_transformer_encoder_layer_calls_sublayers_that_do_not_run_plainly(edit,
         torch.testing.assert_close(b, a)
 
 
+def test_transformer_encoder_layer_calls_a_hooked_or_subclassed_gelu():
+    """A GELU module activation is fused into bias_gelu only where it runs plainly: a hooked one,
+    or a subclass with its own forward, is called (torch calls it)."""
+    class SteeperGELU(nn.GELU):
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    for make in (lambda: SteeperGELU(), lambda: nn.GELU()):
+        torch.manual_seed(0)
+        theirs = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, activation=make(),
+                                            batch_first=True, dtype=torch.float64)
+        ours = fnn.TransformerEncoderLayer.from_torch(copy.deepcopy(theirs), backend="torch")
+        if type(theirs.activation) is nn.GELU:
+            for m in (theirs, ours):
+                m.activation.register_forward_hook(lambda mod, i, o: o * 3)
+        x = torch.randn(N, L, E, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
 def test_transformer_encoder_layer_dropouts_follow_their_own_mode(norm_first):
     """Each nn.Dropout acts in its own training mode, as when called: an eval-mode layer with its

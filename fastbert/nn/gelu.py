@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.gelu import _check_approximate
-from ._utils import NoTorchScript, adopt, check_backend
+from ._utils import NoTorchScript, adopt, check_backend, runs_plainly
 
 __all__ = ["GELU", "GEGLU", "gelu_approximation"]
 
@@ -75,15 +75,19 @@ def gelu_approximation(act) -> Optional[str]:
     """``"none"`` or ``"tanh"`` when ``act`` (a module or function) computes GELU, else None.
 
     Recognises ``F.gelu``, ``torch.nn.GELU`` (and fastbert's), and HuggingFace's GELU activation
-    modules. Anything else (ReLU, QuickGELU, clipped GELU, ...) returns None.
+    modules, where they run plainly (no subclass, hook or instance forward: see
+    :func:`~fastbert.nn._utils.runs_plainly`; a fused op would not call them). Anything else (ReLU,
+    QuickGELU, clipped GELU, a hooked GELU, ...) returns None.
     """
     if act is F.gelu:
         return "none"
     if not isinstance(act, nn.Module):  # any other function (F.relu, ...); never read a function
         return None                     # type's __module__, which torch 2.11's Dynamo cannot trace
-    if isinstance(act, nn.GELU):
-        return act.approximate
     cls = type(act)
+    if not runs_plainly(act, cls):
+        return None
+    if cls is nn.GELU or cls is GELU:
+        return act.approximate
     if cls.__module__.startswith("transformers.") and cls.__name__ in _HF_GELU:
         return _HF_GELU[cls.__name__]
     return None
