@@ -448,6 +448,117 @@ def test_padding_free_model_compiles_as_one_graph():
     torch.testing.assert_close(out[real], want[real], atol=2e-5, rtol=1e-4)
     assert (out[~real] == 0).all()
     torch.testing.assert_close(out_float[real], want[real], atol=2e-5, rtol=1e-4)
+    # a LoRA adapter put on the model after the last eager call: the compiled model sees the
+    # change (it runs the original forward until an eager call rebuilds the encoder)
+    for m in (model, reference):
+        _add_lora(m)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                         capture_scalar_outputs=True):
+            out = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs).last_hidden_state
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(out[real], reference(**inputs).last_hidden_state[real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_mpnet_attention_dropout_follows_its_own_mode(padding_free):
+    """MPNet calls its attention-probability Dropout module: switched on in an eval-mode model
+    (Monte-Carlo dropout), it drops after optimize() as in the original, padding-free too."""
+    torch.manual_seed(0)
+    model = _build("mpnet").eval()
+    optimize(model, backend="torch", padding_free=padding_free)
+    inputs, real = _inputs("mpnet")
+    for layer in model.encoder.layer:
+        layer.attention.attn.dropout.p = 0.5
+        layer.attention.attn.dropout.train()
+    with torch.no_grad():
+        a, b = model(**inputs).last_hidden_state, model(**inputs).last_hidden_state
+    assert (a - b)[real].abs().max() > 1e-3
+
+
+class _MirrorSelfAttention(torch.nn.Module):
+    """A user's module in place of BERT's self-attention, with its attributes (a wrapper that
+    scales its output): its forward must run."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        for name in ("query", "key", "value", "dropout"):
+            setattr(self, name, getattr(inner, name))
+        self.num_attention_heads, self.attention_head_size = inner.num_attention_heads, inner.attention_head_size
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return (out[0] * 1.5,) + tuple(out[1:])
+
+
+class _KwargsEmbeddings(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs) * 0.5
+
+
+def test_padding_free_model_tracks_its_modules(monkeypatch):
+    """A padding-free model rebuilds its encoder only when its own module tree changed: not on
+    its first call, not when another padding-free model or an unrelated module is built between
+    calls; a child written straight into ``_modules`` counts; its Dropouts keep their own modes
+    (Monte-Carlo dropout); a user's module in place of a block the encoder computes itself runs
+    the original forward; a wrapper in the embeddings' place taking **kwargs is called; a hook on
+    the embeddings (gradient checkpointing's enable_input_require_grads) keeps it padding-free."""
+    builds, from_hf = [], fastbert.models.BertEncoder.from_hf.__func__
+    monkeypatch.setattr(fastbert.models.BertEncoder, "from_hf",
+                        classmethod(lambda cls, *a, **k: builds.append(1) or from_hf(cls, *a, **k)))
+    calls, forward = [], fastbert.models.BertEncoder.forward
+    monkeypatch.setattr(fastbert.models.BertEncoder, "forward",
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    torch.manual_seed(0)
+    model = _build("bert", model_cls="BertForSequenceClassification").eval()
+    reference = copy.deepcopy(model)
+    other = copy.deepcopy(model)
+    optimize(model, backend="torch", padding_free=True)
+    optimize(other, backend="torch", padding_free=True)
+    inputs, real = _inputs("bert")
+    builds.clear()
+    with torch.no_grad():
+        for _ in range(2):
+            model(**inputs), other(**inputs)
+            torch.nn.Sequential(torch.nn.Linear(2, 2))
+        assert builds == [] and len(calls) == 4
+
+        def check(**expect):
+            calls.clear()
+            torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-5)
+            assert len(calls) == expect.get("padding_free", 1)
+
+        for m in (model, reference):  # a LoRA adapter written straight into _modules
+            sa = m.bert.encoder.layer[0].attention.self
+            sa._modules["query"] = _Lora(sa.query)
+        check()
+        assert builds == [1]
+        for m in (model, reference):  # Monte-Carlo dropout: the Dropouts' own modes are kept
+            for d in m.modules():
+                if isinstance(d, torch.nn.Dropout):
+                    d.train()
+        model(**inputs)
+        assert all(d.training for d in model.modules() if isinstance(d, torch.nn.Dropout))
+        for m in (model, reference):
+            for d in m.modules():
+                if isinstance(d, torch.nn.Dropout):
+                    d.eval()
+            m.bert.embeddings.word_embeddings.register_forward_hook(lambda mod, i, o: o)
+        check()
+        for m in (model, reference):
+            m.bert.embeddings = _KwargsEmbeddings(m.bert.embeddings)
+        check()
+        for m in (model, reference):
+            layer = m.bert.encoder.layer[1].attention
+            layer.self = _MirrorSelfAttention(layer.self)
+        check(padding_free=0)
 
 
 def test_attention_function_head_masks_and_refusals(monkeypatch):

@@ -81,10 +81,11 @@ import transformers
 from torch import Tensor, nn
 
 from .. import ops, reference
-from .._validation import host_checks_allowed
+from .._validation import host_checks_allowed, type_name
 from ..nn import GELU
 from ..nn._fuse import add_norm, layer_norm, matmul, unfused_dropout
-from ..nn._utils import NoTorchScript, adopt, check_backend, dropout_rate, plain_linear, runs_plainly
+from ..nn._utils import (NoTorchScript, _own_forward, adopt, check_backend, dropout_rate, plain_linear,
+                        runs_plainly, set_own_mode as _set_own_mode)
 from ..nn.attention import attention_with_weights
 from ..nn.gelu import gelu_approximation
 
@@ -653,12 +654,10 @@ def _project_qkv(owner: nn.Module, spec: _AttentionSpec, hidden: Tensor) -> Tupl
     b, length, _ = hidden.shape
     h, d = int(getattr(owner, spec.heads)), int(getattr(owner, spec.head_dim))
     lins = [getattr(owner, name) for name in (spec.q, spec.k, spec.v)]
-    biases = [lin.bias for lin in lins]
-    if all(plain_linear(lin) for lin in lins) and (
-            all(x is None for x in biases) or all(x is not None for x in biases)):
+    if all(plain_linear(lin) for lin in lins) and len({lin.bias is None for lin in lins}) == 1:
         # one matmul on the concatenated weights: [B, L, E] @ [E, 3HD] -> [B, L, 3, H, D]
         w = torch.cat([lin.weight for lin in lins])
-        bias = None if biases[0] is None else torch.cat(biases)
+        bias = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
         qkv = F.linear(hidden, w, bias).view(b, length, 3, h, d)
     else:  # each projection as it is (a LoRA adapter or a hook on one of them, say)
         qkv = torch.stack([lin(hidden) for lin in lins], dim=2).view(b, length, 3, h, d)
@@ -1228,34 +1227,50 @@ _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids",
                                 "num_items_in_batch"})
 
 
-_STRUCTURE = [0]  # submodule registrations counted process-wide, once _watch_structure() ran
-_WATCHING: List[object] = []
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def _count_registration(module, name, submodule) -> None:
-    _STRUCTURE[0] += 1
+def _tree_edges(root: nn.Module) -> list:
+    """Every edge of ``root``'s module tree, as (the parent's child dict, name, child)."""
+    return [(parent._modules, name, child) for parent in root.modules() for name, child in parent._modules.items()]
 
 
-def _watch_structure() -> None:
-    """Count every submodule registration from now on (``setattr`` of a module on a module, as
-    peft does to put an adapter in a Linear's place): torch's global registration hook, installed
-    once."""
-    if not _WATCHING:
-        _WATCHING.append(torch.nn.modules.module.register_module_module_registration_hook(
-            _count_registration))
+def _same_tree(edges: list) -> bool:
+    return all(children.get(name) is child for children, name, child in edges)
 
 
-def _hook_counts(modules: List[nn.Module]) -> list:
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-             len(m._backward_pre_hooks), "forward" in m.__dict__) for m in modules]
+def _hook_counts(modules: list) -> list:
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_pre_hooks),
+             len(m._backward_hooks), "forward" in m.__dict__) for _, m in modules]
+
+
+def _bypassed(root: nn.Module) -> list:
+    """(path, module) of the modules whose forward the padding-free path does not call: all but
+    ``root`` and its ``embeddings`` and ``pooler`` subtrees, which it calls as the original does."""
+    called = {id(m) for name in ("embeddings", "pooler") if isinstance(root._modules.get(name), nn.Module)
+              for m in root._modules[name].modules()}
+    return [(path, m) for path, m in root.named_modules() if path and id(m) not in called]
+
+
+def _hook_reason(modules: list) -> Optional[str]:
+    """Why a hook (or a forward replaced on an instance) among ``modules`` needs the original
+    forward, or None; transformers' and fastbert's output-capturing hooks do not count."""
+    for path, m in modules:
+        capturing = {id(h) for h in _capturing_hooks(m)}
+        if any(id(h) not in capturing for d in _HOOK_DICTS for h in getattr(m, d).values()):
+            return f"a hook on {path}, which the padding-free encoder would not run"
+        if "forward" in m.__dict__ and not _own_forward(m):
+            return f"a forward replaced on {path}'s instance"
+    return None
 
 
 @dataclass
 class _Watch:
-    """What :meth:`PaddingFreeModel._model_changed_reason` last saw."""
-    version: int
-    modules: List[nn.Module]
-    hook_counts: Optional[list] = None
+    """The model's module tree when :class:`PaddingFreeModel`'s encoder was built on it, and what
+    that allows (see :meth:`PaddingFreeModel._model_changed_reason`)."""
+    edges: list
+    bypassed: list
+    hook_counts: list
     refused: Optional[str] = None
     hooked: Optional[str] = None
 
@@ -1290,8 +1305,6 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
     _fastbert_mask_checked: bool  # whether its forward takes mask_checked= (BertEncoder's does)
     _fastbert_output_cls: type  # the ModelOutput class the original returns (_output_class)
     _fastbert_in_place = False  # True: the original's instance forward runs this one (its root)
-    _fastbert_encoder_cls: type  # BertEncoder or ModernBertEncoder (rebuilt when the model changes)
-    _fastbert_backend: Optional[str]
 
     def __getattr__(self, name: str):
         try:
@@ -1303,34 +1316,51 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
             return getattr(original, name)
 
     def _model_changed_reason(self) -> Optional[str]:
-        """The encoder shares the model's modules as they were when it was built: rebuilt when
-        modules were put on the model since (a LoRA adapter added after optimize(): it is then
-        called in its Linear's place), and why the original forward must run instead (None when
-        it need not): a module the encoder refuses, or a hook (or a forward replaced on an
-        instance) the encoder would skip. A process-wide count of submodule registrations (a torch
-        global hook, :func:`_watch_structure`) and each module's hook counts tell what changed;
-        not checked under torch.compile."""
-        state = self.__dict__["_fastbert_watch"]
-        if torch.compiler.is_compiling():
-            return state.refused or state.hooked
-        original = self.__dict__["_fastbert_hf_module"]
-        if state.version != _STRUCTURE[0]:
-            try:
-                encoder = self._fastbert_encoder_cls.from_hf(original, backend=self._fastbert_backend)
-                self.__dict__["_fastbert_encoder"] = encoder.train(self.training)
-                state.refused = None
-            except ValueError as e:
-                state.refused = f"a module put on the model after optimize() ({e})"
-            state.version = _STRUCTURE[0]  # (building the encoder registered modules too)
-            state.modules = list(original.modules())
-            state.hook_counts = None
-        counts = _hook_counts(state.modules)
-        if counts != state.hook_counts:
-            from ..optimize import _hook_refusal
-
-            state.hook_counts = counts
-            state.hooked = _hook_refusal(original)
+        """The encoder shares the model's modules as they were when it was built. When the module
+        tree changed since (a LoRA adapter put in a Linear's place after optimize(), any child
+        replaced): rebuilt on it, calling what it cannot fuse. Returns why the original forward
+        must run instead (None when it need not): a module the encoder refuses, or a hook (or an
+        instance forward) on a module whose forward it does not call. Under torch.compile nothing
+        is rebuilt: a tree changed since the last eager call runs the original forward."""
+        state = self.__dict__.get("_fastbert_watch")
+        if state is None or not _same_tree(state.edges):
+            if torch.compiler.is_compiling():
+                return "modules changed since the last call outside torch.compile"
+            state = self._rebuild()
+        if _hook_counts(state.bypassed) != state.hook_counts:
+            if torch.compiler.is_compiling():
+                return "hooks changed since the last call outside torch.compile"
+            state.hook_counts = _hook_counts(state.bypassed)
+            state.hooked = _hook_reason(state.bypassed)
         return state.refused or state.hooked
+
+    def _rebuild(self) -> "_Watch":
+        encoder = self.__dict__["_fastbert_encoder"]
+        refused = None
+        try:
+            new = type(encoder).from_hf(self, backend=encoder.backend)
+            _set_own_mode(new, self.training)
+            self.__dict__["_fastbert_encoder"] = new
+        except Exception as e:  # a module the encoder cannot read (a replaced attention, ...)
+            refused = f"a module put on the model after optimize() ({type(e).__name__}: {e})"
+        return self._watch(refused)
+
+    def _watch(self, refused: Optional[str] = None) -> "_Watch":
+        bypassed = _bypassed(self)
+        if refused is None:
+            # the encoder calls (or fuses) the modules it holds, and never calls the others: the
+            # containers among those (the layers, their attention and output blocks) must be
+            # transformers' (or fastbert's) own, whose forward it computes
+            held = {id(m) for m in self.__dict__["_fastbert_encoder"].modules()}
+            for path, m in bypassed:
+                if id(m) not in held and m._modules and type(m) not in (nn.ModuleList, nn.ModuleDict) \
+                        and not type(m).__module__.startswith(("transformers.", "fastbert.")):
+                    refused = (f"{path} is a {type_name(m)}, whose forward the padding-free encoder "
+                               "would not call")
+                    break
+        state = _Watch(_tree_edges(self), bypassed, _hook_counts(bypassed), refused, _hook_reason(bypassed))
+        self.__dict__["_fastbert_watch"] = state
+        return state
 
     def _fallback_reason(self, a: Dict[str, object]) -> Optional[str]:
         reason = self._model_changed_reason()
@@ -1378,7 +1408,7 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
             return original(*args, **kwargs)
         enc = self.__dict__["_fastbert_encoder"]
         if enc.training != self.training:
-            enc.train(self.training)
+            _set_own_mode(enc, self.training)
         call = {k: a.get(k) for k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds")}
         if isinstance(call["attention_mask"], Tensor) and call["attention_mask"].is_floating_point():
             call["attention_mask"] = call["attention_mask"] != 0  # 1.0 / 0.0, as _fallback_reason checked
@@ -1511,7 +1541,6 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
         encoder_cls = ModernBertEncoder
     else:
         return None, None
-    _watch_structure()
     try:
         encoder = encoder_cls.from_hf(module, backend=backend)
     except ValueError as e:
@@ -1526,13 +1555,14 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     kw_names = (None if any(p.kind == p.VAR_KEYWORD for p in params_hf)
                 else frozenset(p.name for p in params_hf if p.kind != p.VAR_POSITIONAL))
     new = adopt(PaddingFreeModel, module, _fastbert_args=_arg_names(type(module)),
-                _fastbert_kw_names=kw_names, _fastbert_encoder_cls=encoder_cls, _fastbert_backend=backend,
+                _fastbert_kw_names=kw_names,
                 _fastbert_token_types=token_types, _fastbert_mask_checked="mask_checked" in params,
                 _fastbert_output_cls=_output_class(module))
     # neither is a submodule (state_dict is unchanged); both share this module's submodules
+    new.__dict__["_modules"] = module._modules  # one set of children: a child put on either is both's
     new.__dict__["_fastbert_encoder"] = encoder
     new.__dict__["_fastbert_hf_module"] = module
-    new.__dict__["_fastbert_watch"] = _Watch(_STRUCTURE[0], list(module.modules()))
+    new._watch()
     return new, None
 
 

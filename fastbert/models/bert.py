@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn._fuse import add_norm, layer_norm, matmul
-from ..nn._utils import NoTorchScript, check_backend, plain_linear
+from ..nn._utils import NoTorchScript, check_backend, plain_linear, set_own_mode
 from ..nn.gelu import gelu_approximation
 from ..padding import gap_refusal, pad_input, unpad_input
 
@@ -100,7 +100,7 @@ def _mpnet_parts(hf_layer: nn.Module) -> dict:
                 hidden_dropout=getattr(attention, "dropout", None),
                 intermediate=getattr(inter, "dense", None), activation=inter.intermediate_act_fn,
                 output_dense=getattr(out, "dense", None), output_norm=getattr(out, "LayerNorm", None),
-                output_dropout=getattr(out, "dropout", None))
+                output_dropout=getattr(out, "dropout", None), attention_dropout_called=True)
 
 
 def _pre_ln_parts(hf_layer: nn.Module) -> dict:
@@ -171,6 +171,7 @@ class BertLayer(nn.Module, NoTorchScript):
                      "attention_norm", "output_norm", "hidden_dropout", "output_dropout"):
             _require(isinstance(parts[name], nn.Module), f"expected a module for {name}")
         _require(isinstance(parts["attention_dropout"], nn.Dropout), "expected a Dropout for attention_dropout")
+        self.attention_dropout_called = bool(parts.pop("attention_dropout_called", False))
         self.num_heads = int(parts.pop("num_heads"))
         self.head_dim = int(parts.pop("head_dim"))
         for name, module in parts.items():
@@ -216,15 +217,16 @@ class BertLayer(nn.Module, NoTorchScript):
         t = x.shape[0]
         h, d = self.num_heads, self.head_dim
         lins = (self.query, self.key, self.value)
-        biases = [lin.bias for lin in lins]
-        if all(plain_linear(lin) for lin in lins) and (
-                all(bias is None for bias in biases) or all(bias is not None for bias in biases)):
+        if all(plain_linear(lin) for lin in lins) and len({lin.bias is None for lin in lins}) == 1:
             w, b = self._fused_qkv()
             qkv = F.linear(x, w, b).view(t, 3, h, d)  # [T, E] @ [E, 3E] -> [T, 3, H, D]
         else:
             qkv = torch.stack([lin(x) for lin in lins], dim=1).view(t, 3, h, d)
         q, k, v = qkv.unbind(dim=1)  # 3 x [T, H, D]
-        p_attn = self.attention_dropout.p if self.training else 0.0
+        # MPNet calls its Dropout on the probabilities (its own mode); the others hand its rate
+        # to an attention function in transformers 5.x (the layer's mode)
+        drop = self.attention_dropout
+        p_attn = drop.p if (drop.training if self.attention_dropout_called else self.training) else 0.0
         return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                     dropout_p=p_attn, scale=d ** -0.5, attn_mask=attn_bias,
                                     backend=self.backend).reshape(t, h * d)
@@ -291,8 +293,11 @@ def _albert_layers(base: nn.Module, stack: nn.Module) -> list:
 def _embed(embeddings: nn.Module, **inputs) -> Tensor:
     """Call a HuggingFace embeddings module with the inputs its forward takes: BERT's take
     token_type_ids and position_ids; DistilBERT's neither in transformers 4.x (which names
-    inputs_embeds ``input_embeds``). A given input it does not take is an error."""
+    inputs_embeds ``input_embeds``). A given input it does not take is an error; a forward taking
+    ``**kwargs`` (a wrapper put in the embeddings' place) gets every input by name."""
     names = inspect.signature(embeddings.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in names.values()):
+        return embeddings(**inputs)
     call = {}
     for name, value in inputs.items():
         target = "input_embeds" if name == "inputs_embeds" and name not in names else name
@@ -395,7 +400,7 @@ class BertEncoder(nn.Module, NoTorchScript):
         encoder = cls(base.embeddings, layers, embeddings_project=project, final_norm=final_norm,
                       pooler=getattr(base, "pooler", None), relative_position=relative,
                       backend=backend)
-        return encoder.train(base.training)  # start in the HuggingFace model's mode
+        return set_own_mode(encoder, base.training)  # the HuggingFace model's mode (its modules' own)
 
     def relative_position_bias(self, max_seqlen: int, like: Tensor) -> Optional[Tensor]:
         """MPNet's relative-position score bias for positions 0 .. max_seqlen - 1, (1, H, L, L),

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn._fuse import add_norm, layer_norm
-from ..nn._utils import NoTorchScript, check_backend
+from ..nn._utils import NoTorchScript, check_backend, set_own_mode
 from ..nn.gelu import gelu_approximation
 from ..padding import gap_refusal, pad_input, unpad_input
 
@@ -143,7 +143,7 @@ class ModernBertEncoder(nn.Module, NoTorchScript):
                      "expected transformers 5.x ModernBERT layers (apply_rotary_pos_emb, attention_type)")
             layers.append(ModernBertLayer(layer, rotary, backend=backend))
         encoder = cls(base.embeddings, layers, base.final_norm, base.rotary_emb, backend=backend)
-        return encoder.train(base.training)
+        return set_own_mode(encoder, base.training)  # the HuggingFace model's mode (its modules' own)
 
     def forward_packed(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                        position_ids: Tensor) -> Tensor:

@@ -109,6 +109,17 @@ def dropout_rate(dropout: nn.Module) -> Optional[float]:
     return float(dropout.p) if dropout.training else 0.0
 
 
+def set_own_mode(module: nn.Module, mode: bool) -> nn.Module:
+    """``module.train(mode)`` for ``module`` and the fastbert modules below it only, not for the
+    modules they share with the model they were built on (a padding-free encoder holds a
+    HuggingFace model's modules, whose modes are that model's: Monte-Carlo dropout switches its
+    Dropouts to training mode in an eval-mode model)."""
+    for m in module.modules():
+        if type(m).__module__.startswith("fastbert."):
+            m.training = mode
+    return module
+
+
 def adopt(cls: Type[M], module: nn.Module, **attrs) -> M:
     """A new ``cls`` instance that takes over ``module``'s state without copying any tensor.
 
