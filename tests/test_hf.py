@@ -462,6 +462,36 @@ def test_padding_free_model_compiles_as_one_graph():
         torch.testing.assert_close(out[real], reference(**inputs).last_hidden_state[real], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
+def test_padding_free_model_sees_added_layers_wrapped_embeddings_and_their_hooks(family):
+    """A layer appended after optimize() runs; a **kwargs wrapper in the embeddings' place gets the
+    given inputs; a hook on the embeddings sees the padded batch, as in the original (ModernBERT's
+    encoder embeds packed tokens: such a call runs the original forward); a user's module already
+    in place of a block the encoder computes itself leaves the base model unswapped, reported."""
+    torch.manual_seed(0)
+    model = _build(family, _sdpa_or_eager(family)).eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch", padding_free=True)
+    inputs, real = _inputs(family)
+    shapes = []
+    for m in (model, reference):
+        layers = m.layers if family == "modernbert" else (m.transformer.layer if family == "distilbert"
+                                                          else m.encoder.layer)
+        if TF5:  # (4.57's own forward sizes its head mask from the config: no appended layer)
+            layers.append(copy.deepcopy(layers[-1]))
+        m.embeddings = _KwargsEmbeddings(m.embeddings)
+        m.embeddings.inner.register_forward_hook(lambda mod, i, o: shapes.append(tuple(o.shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(_last_hidden(model, inputs)[real], _last_hidden(reference, inputs)[real],
+                                   atol=1e-5, rtol=1e-5)
+    assert len(shapes) == 2 and shapes[0] == shapes[1], shapes
+
+    wrapped = _build("bert")
+    wrapped.encoder.layer[0].attention.self = _MirrorSelfAttention(wrapped.encoder.layer[0].attention.self)
+    report = optimize(torch.nn.ModuleDict({"m": wrapped}), backend="torch", padding_free=True)
+    assert any(e.path == "m" and "_MirrorSelfAttention" in e.reason for e in report.left), str(report)
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_mpnet_attention_dropout_follows_its_own_mode(padding_free):
     """MPNet calls its attention-probability Dropout module: switched on in an eval-mode model
@@ -499,8 +529,8 @@ class _KwargsEmbeddings(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, **kwargs):
-        return self.inner(**kwargs) * 0.5
+    def forward(self, *args, **kwargs):  # (as peft's modules_to_save wrapper)
+        return self.inner(*args, **kwargs) * 0.5
 
 
 def test_padding_free_model_tracks_its_modules(monkeypatch):

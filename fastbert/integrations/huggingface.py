@@ -1230,24 +1230,38 @@ _PADDING_FREE_ARGS = frozenset({"input_ids", "attention_mask", "token_type_ids",
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def _tree_edges(root: nn.Module) -> list:
-    """Every edge of ``root``'s module tree, as (the parent's child dict, name, child)."""
-    return [(parent._modules, name, child) for parent in root.modules() for name, child in parent._modules.items()]
+def _tree_edges(root: nn.Module) -> Tuple[list, list]:
+    """``root``'s module tree: every edge, as (the parent's child dict, name, child), and every
+    parent's child dict with its size (a child added under a new name changes only that)."""
+    parents = [(parent._modules, len(parent._modules)) for parent in root.modules()]
+    return [(children, name, child) for children, _ in parents for name, child in children.items()], parents
 
 
-def _same_tree(edges: list) -> bool:
-    return all(children.get(name) is child for children, name, child in edges)
+def _same_tree(tree: Tuple[list, list]) -> bool:
+    edges, parents = tree
+    return (all(len(children) == n for children, n in parents)
+            and all(children.get(name) is child for children, name, child in edges))
+
+
+def _is_capturing(hook) -> bool:
+    return isinstance(hook, _CapturingHook) or getattr(hook, "__module__", None) == _CAPTURE_MODULE
 
 
 def _hook_counts(modules: list) -> list:
-    return [(len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_pre_hooks),
-             len(m._backward_hooks), "forward" in m.__dict__) for _, m in modules]
+    """Per module: how many hooks (output-capturing ones not counted: transformers installs those
+    while a call collects outputs) and whether its instance has a forward."""
+    return [(len(m._forward_pre_hooks), len(m._backward_pre_hooks), len(m._backward_hooks),
+             sum(not _is_capturing(h) for h in m._forward_hooks.values()) if m._forward_hooks else 0,
+             "forward" in m.__dict__) for _, m in modules]
 
 
-def _bypassed(root: nn.Module) -> list:
+def _bypassed(root: nn.Module, encoder: nn.Module) -> list:
     """(path, module) of the modules whose forward the padding-free path does not call: all but
-    ``root`` and its ``embeddings`` and ``pooler`` subtrees, which it calls as the original does."""
-    called = {id(m) for name in ("embeddings", "pooler") if isinstance(root._modules.get(name), nn.Module)
+    ``root``, its ``pooler`` subtree and the subtrees the encoder calls on the padded batch as the
+    original does (``padded_submodules``: BertEncoder's embeddings; ModernBertEncoder runs its
+    embeddings on the packed tokens)."""
+    names = ("pooler",) + tuple(getattr(encoder, "padded_submodules", ()))
+    called = {id(m) for name in names if isinstance(root._modules.get(name), nn.Module)
               for m in root._modules[name].modules()}
     return [(path, m) for path, m in root.named_modules() if path and id(m) not in called]
 
@@ -1268,7 +1282,7 @@ def _hook_reason(modules: list) -> Optional[str]:
 class _Watch:
     """The model's module tree when :class:`PaddingFreeModel`'s encoder was built on it, and what
     that allows (see :meth:`PaddingFreeModel._model_changed_reason`)."""
-    edges: list
+    tree: Tuple[list, list]
     bypassed: list
     hook_counts: list
     refused: Optional[str] = None
@@ -1293,7 +1307,9 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
     instance forward) was put on one of the model's modules. Modules put on the model after
     optimize() (a LoRA adapter in a Linear's place) are picked up: the encoder is rebuilt on them
     and calls what it cannot fuse (host checks cost about 50 us a call for a 12-layer model, a
-    rebuild 2 ms once after a change). Attributes and methods of the original
+    rebuild 2 ms once after a change); under torch.compile nothing is rebuilt: after such a change
+    a compiled model runs the original forward until one call is made outside torch.compile.
+    Attributes and methods of the original
     model class that this module lacks (``get_input_embeddings``, ``config``, ...) are the
     original's. Under torch.compile (one graph with ``capture_dynamic_output_shape_ops`` and
     ``capture_scalar_outputs``) the mask's values cannot be read: rows are taken as right-padded
@@ -1323,7 +1339,7 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
         instance forward) on a module whose forward it does not call. Under torch.compile nothing
         is rebuilt: a tree changed since the last eager call runs the original forward."""
         state = self.__dict__.get("_fastbert_watch")
-        if state is None or not _same_tree(state.edges):
+        if getattr(state, "tree", None) is None or not _same_tree(state.tree):  # (None: a pickle)
             if torch.compiler.is_compiling():
                 return "modules changed since the last call outside torch.compile"
             state = self._rebuild()
@@ -1346,7 +1362,11 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
         return self._watch(refused)
 
     def _watch(self, refused: Optional[str] = None) -> "_Watch":
-        bypassed = _bypassed(self)
+        original = self.__dict__["_fastbert_hf_module"]
+        if self._modules is not original._modules:  # (a pickle made before they were shared)
+            original._modules.update(self._modules)
+            self.__dict__["_modules"] = original._modules
+        bypassed = _bypassed(self, self.__dict__["_fastbert_encoder"])
         if refused is None:
             # the encoder calls (or fuses) the modules it holds, and never calls the others: the
             # containers among those (the layers, their attention and output blocks) must be
@@ -1562,7 +1582,9 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
     new.__dict__["_modules"] = module._modules  # one set of children: a child put on either is both's
     new.__dict__["_fastbert_encoder"] = encoder
     new.__dict__["_fastbert_hf_module"] = module
-    new._watch()
+    refused = new._watch().refused
+    if refused is not None:
+        return None, f"not made padding-free: {refused}"
     return new, None
 
 

@@ -294,10 +294,10 @@ def _embed(embeddings: nn.Module, **inputs) -> Tensor:
     """Call a HuggingFace embeddings module with the inputs its forward takes: BERT's take
     token_type_ids and position_ids; DistilBERT's neither in transformers 4.x (which names
     inputs_embeds ``input_embeds``). A given input it does not take is an error; a forward taking
-    ``**kwargs`` (a wrapper put in the embeddings' place) gets every input by name."""
+    ``**kwargs`` (a wrapper put in the embeddings' place) gets every given input by name."""
     names = inspect.signature(embeddings.forward).parameters
     if any(p.kind is p.VAR_KEYWORD for p in names.values()):
-        return embeddings(**inputs)
+        return embeddings(**{k: v for k, v in inputs.items() if v is not None})
     call = {}
     for name, value in inputs.items():
         target = "input_embeds" if name == "inputs_embeds" and name not in names else name
@@ -336,6 +336,10 @@ class BertEncoder(nn.Module, NoTorchScript):
     mode; every layer gets the same ``cu_seqlens`` tensor, so that is one device sync per forward,
     not one per layer.
     """
+
+    # the submodules of the HuggingFace base model that forward calls on the padded batch, as the
+    # original calls them (fastbert.integrations.huggingface.PaddingFreeModel lets their hooks run)
+    padded_submodules = ("embeddings",)
 
     def __init__(self, embeddings: nn.Module, layers, *, embeddings_project: Optional[nn.Module] = None,
                  pooler: Optional[nn.Module] = None, final_norm: Optional[nn.LayerNorm] = None,
