@@ -269,12 +269,15 @@ class _CapturingHook:
         return f"_CapturingHook({self.key!r}, index={self.index})"
 
 
+def _is_capturing(hook) -> bool:
+    return isinstance(hook, _CapturingHook) or getattr(hook, "__module__", None) == _CAPTURE_MODULE
+
+
 def _capturing_hooks(module: nn.Module) -> list:
     """The output-capturing hooks of ``module``: fastbert's (kept on the module, or registered as
     forward hooks), and transformers' own."""
     return list(module.__dict__.get("_fastbert_captures", ())) + [
-        h for h in module._forward_hooks.values()
-        if isinstance(h, _CapturingHook) or getattr(h, "__module__", None) == _CAPTURE_MODULE]
+        h for h in module._forward_hooks.values() if _is_capturing(h)]
 
 
 def attach_capturing_hooks(original: nn.Module, new: nn.Module) -> None:
@@ -1241,10 +1244,6 @@ def _same_tree(tree: Tuple[list, list]) -> bool:
     edges, parents = tree
     return (all(len(children) == n for children, n in parents)
             and all(children.get(name) is child for children, name, child in edges))
-
-
-def _is_capturing(hook) -> bool:
-    return isinstance(hook, _CapturingHook) or getattr(hook, "__module__", None) == _CAPTURE_MODULE
 
 
 def _hook_counts(modules: list) -> list:
