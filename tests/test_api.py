@@ -314,6 +314,19 @@ def test_unpad_bad_inputs():
         fastbert.unpad_input(x, torch.ones(2, 4))
     with pytest.raises(ValueError, match="indices must be 1-D"):
         fastbert.pad_input(x[0], torch.arange(3), 2, 4)
+    # a position one past the last slot (batch * seqlen) is out of range
+    with pytest.raises(ValueError, match=r"positions in \[0, batch \* seqlen\) = \[0, 8\)"):
+        fastbert.pad_input(x[0, :2], torch.tensor([0, 8]), 2, 4)
+
+
+def test_unpad_integer_mask_values_are_real_or_not():
+    """An integer mask is nonzero = real token: a 2 counts once, as a 1 does."""
+    x = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    want = fastbert.unpad_input(x, mask)
+    got = fastbert.unpad_input(x, mask * 2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert got[3] == want[3] == 5
 
 
 def test_known_broken_interpreter_combination_is_refused_with_a_reason(monkeypatch):

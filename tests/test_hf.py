@@ -492,6 +492,26 @@ def test_padding_free_model_sees_added_layers_wrapped_embeddings_and_their_hooks
     assert any(e.path == "m" and "_MirrorSelfAttention" in e.reason for e in report.left), str(report)
 
 
+def test_padding_free_model_follows_its_config():
+    """config.return_dict = False gives what the original gives (a tuple); config.output_hidden_states
+    runs the original forward, whose hidden states come back."""
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch", padding_free=True)
+    inputs, real = _inputs("bert")
+    with torch.no_grad():
+        for m in (model, reference):
+            m.config.return_dict = False
+        out, want = model(**inputs), reference(**inputs)
+        assert type(out) is type(want) and len(out) == len(want)
+        torch.testing.assert_close(out[0][real], want[0][real], atol=1e-5, rtol=1e-5)
+        for m in (model, reference):
+            m.config.return_dict, m.config.output_hidden_states = True, True
+        out, want = model(**inputs), reference(**inputs)
+        assert want.hidden_states is not None and len(out.hidden_states) == len(want.hidden_states)
+
+
 @pytest.mark.parametrize("padding_free", [False, True], ids=["swapped", "padding_free"])
 @pytest.mark.parametrize("family", [f for f in MODELS if f != "vit"])
 def test_each_dropout_of_the_original_acts_alone_after_optimize(family, padding_free):
