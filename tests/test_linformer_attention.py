@@ -250,7 +250,13 @@ def test_triton_reasons(monkeypatch):
 @pytest.mark.parametrize("scale_e,scale_kv", [(1e5, 1e-2), (1e-6, 1e3)], ids=["large-proj", "tiny-proj"])
 def test_triton_fp32_projections_of_fp16_keys_are_not_rounded(scale_e, scale_kv):
     """fp32 projections of fp16 keys/values are applied in fp32 (as the reference), not rounded to
-    fp16 first: 1e5 overflowed to inf (NaN output), 1e-6 fell in fp16's subnormals (3e-2 error)."""
+    fp16 first: 1e5 overflowed to inf (NaN output), 1e-6 fell in fp16's subnormals (3e-2 error).
+
+    The projected keys and values (up to ~1e4 here) then feed fp16 attention, so the error allowed
+    is that of fp16 attention over them (projected in fp32, rounded once to fp16) plus one fp16 ulp
+    of the output's scale: measured against attention with fp32 projected keys instead, a near tie
+    between two scores of ~1e4 failed ~5% of seeds (rounding a key moves its score by several
+    units). Rounding the projection matrix to fp16 first still fails by a factor of 3 or more."""
     require_dense_triton()
     b, h, lq, lk, d, kdim = 1, 2, 24, 64, 16, 4
     q = rand((b, h, lq, d), torch.float16)
@@ -258,6 +264,7 @@ def test_triton_fp32_projections_of_fp16_keys_are_not_rounded(scale_e, scale_kv)
     e, f = (rand((kdim, lk)) * scale_e for _ in range(2))
     out = fastbert.linformer_attention(q, k, v, e, f, backend="triton")
     ref = reference.linformer_attention(*(t.double() for t in (q, k, v, e, f)))
-    low = reference.linformer_attention(q, k, v, e, f)
+    k_proj, v_proj = ((p @ x.float()).half() for p, x in ((e, k), (f, v)))
+    low = reference.scaled_dot_product_attention(q, k_proj, v_proj)
     assert torch.isfinite(out).all()
-    assert_close(out, ref, low, name="out")
+    assert_close(out, ref, low, atol=ref.abs().max().item() * 2.0 ** -10, name="out")
