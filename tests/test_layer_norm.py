@@ -348,6 +348,23 @@ def test_add_layer_norm_only_sum_used():
     assert ws.grad is None or torch.count_nonzero(ws.grad) == 0
 
 
+@pytest.mark.parametrize("grad_of", ["weight", "bias", "input", "residual", "input_bias", "none"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_add_layer_norm_sum_requires_grad_as_its_inputs(backend, grad_of):
+    """The pre-norm sum needs a gradient only when input, residual or input_bias does (as torch's
+    ``input + residual``): with only the LayerNorm's weight or bias requiring one it had
+    requires_grad=True on the Triton backend (its gradient is always zero)."""
+    x, r, w, b, xb = _add_inputs((3, 40), torch.float32)
+    named = dict(input=x, residual=r, weight=w, bias=b, input_bias=xb)
+    if grad_of != "none":
+        named[grad_of] = _leaf(named[grad_of])
+    out, s = fastbert.add_layer_norm(named["input"], named["residual"], named["weight"],
+                                     named["bias"], input_bias=named["input_bias"],
+                                     return_residual=True, backend=backend)
+    assert out.requires_grad == (grad_of != "none")
+    assert s.requires_grad == (grad_of in ("input", "residual", "input_bias"))
+
+
 @pytest.mark.parametrize("width", [300, 1000], ids=lambda n: f"N{n}")
 def test_add_layer_norm_looped(monkeypatch, width):
     monkeypatch.setattr(kln, "MAX_FUSED_N", 128)

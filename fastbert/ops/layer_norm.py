@@ -354,6 +354,13 @@ def _dinput_stored(input: Tensor, residual: Tensor, dropout_p: float) -> bool:
     return dropout_p > 0.0 or input.dtype != residual.dtype
 
 
+def _sum_without_grad(ctx, s: Tensor) -> None:
+    """The pre-norm sum depends on input, residual and input_bias only: when none of them needs a
+    gradient it is returned without one (as torch's ``input + residual``), even if the weight does."""
+    if not any(ctx.needs_input_grad[i] for i in (0, 1, 4)):
+        ctx.mark_non_differentiable(s)
+
+
 def _add_layer_norm_setup_context(ctx, inputs, output):
     input, residual, weight, bias, input_bias, eps, dropout_p, return_residual = inputs
     _, _, mean, rstd, seed = output
@@ -361,6 +368,7 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
     ctx.dropout_p = dropout_p
     ctx.return_residual = return_residual
     ctx.mark_non_differentiable(mean, rstd, seed)
+    _sum_without_grad(ctx, output[1])
     # An unused output's gradient arrives as None instead of a materialised zero tensor that the
     # backward kernel would have to read.
     ctx.set_materialize_grads(False)
@@ -521,6 +529,7 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         ctx.has_bias = bias is not None
         ctx.has_input_bias = input_bias is not None
         ctx.mark_non_differentiable(mean, rstd, seed)
+        _sum_without_grad(ctx, s)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
 
     def add_layer_norm_backward(ctx, grad_out, grad_sum, _grad_mean, _grad_rstd, _grad_seed):
