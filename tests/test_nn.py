@@ -21,7 +21,7 @@ from fastbert import backends, reference
 from fastbert.testing import DEVICE, assert_close
 
 # torch warns when key_padding_mask and attn_mask differ in type; those cases are tested on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +247,41 @@ def test_mha_is_causal_hint():
     # the hint alone (no mask) is refused, as in torch
     with pytest.raises(RuntimeError, match="Need attn_mask"):
         ours(x, x, x, is_causal=True)
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["no-kpm", "kpm"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float64], ids=["bool", "float"])
+@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)],
+                         ids=["no-weights", "weights-avg", "weights-per-head"])
+def test_mha_is_causal_hint_with_weights_or_padding_keeps_the_mask(need_weights, average, mask_dtype,
+                                                                   padding):
+    """is_causal=True with the causal attn_mask, in float64 against torch: the hint may replace the
+    mask only when neither weights nor a key padding mask are asked for (torch's rule); with
+    need_weights the weights path must still apply the mask (a mutant dropping it there survived),
+    so the output and the weights (averaged or per head) must match torch's."""
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(E, H, batch_first=True).double()
+    ours = fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs), backend="torch")
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    if mask_dtype != torch.bool:
+        causal = torch.zeros(L, L, dtype=mask_dtype).masked_fill(causal, float("-inf"))
+    kpm = None
+    if padding:  # key 0 stays real: no query row is fully masked (torch would give NaN there)
+        kpm = torch.zeros(N, L, dtype=torch.bool)
+        kpm[1, -3:] = True
+        kpm[2, 2:] = True
+    kw = dict(attn_mask=causal, key_padding_mask=kpm, is_causal=True, need_weights=need_weights,
+              average_attn_weights=average)
+    a, wa = theirs(x, x, x, **kw)
+    b, wb = ours(x, x, x, **kw)
+    assert (a - b).abs().max() < 1e-12
+    if not need_weights:
+        assert wa is None and wb is None
+        return
+    assert wb.shape == wa.shape and (wa - wb).abs().max() < 1e-12
+    # the weights are causal: nothing above the diagonal
+    assert (wb.triu(1) == 0).all()
 
 
 def test_mha_fully_masked_rows_give_zero_not_nan():
@@ -1053,6 +1088,57 @@ def test_block_sparse_module_cache_follows_kwargs_buffer_and_pickles():
     assert copy.deepcopy(t)(torch.randn(N, 24, E)).shape == (N, 24, E)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: fnn.BlockSparseSelfAttention(E, H, backend="torch"),
+    lambda: fnn.LinformerSelfAttention(E, H, max_seq_len=32, k=4, backend="torch"),
+], ids=["block_sparse", "linformer"])
+def test_self_attention_key_padding_mask_must_match_the_batch(make):
+    """A key_padding_mask of shape (1, L) (or (N, L'), or (L,)) for a batch of N > 1 is refused
+    with ValueError naming the argument and the expected (N, L), in both layouts: broadcasting one
+    row over the batch would silently pad every sequence alike (a mutant without the check
+    survived)."""
+    torch.manual_seed(0)
+    m = make()
+    length = 32
+    for batch_first in (True, False):
+        m.batch_first = batch_first
+        x = torch.randn(N, length, E) if batch_first else torch.randn(length, N, E)
+        for shape in ((1, length), (N, length - 1), (length,), (N, 1, length)):
+            with pytest.raises(ValueError, match=rf"key_padding_mask must have shape \(N, L\) = "
+                                                 rf"\({N}, {length}\)"):
+                m(x, key_padding_mask=torch.zeros(shape, dtype=torch.bool))
+        kpm = torch.zeros(N, length, dtype=torch.bool)
+        kpm[1, -5:] = True
+        assert m(x, key_padding_mask=kpm).shape == x.shape  # the right shape runs
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fnn.BlockSparseSelfAttention(64, 4, backend="torch"),
+    lambda: fnn.LinformerSelfAttention(64, 4, max_seq_len=32, k=4, backend="torch"),
+], ids=["block_sparse", "linformer"])
+def test_self_attention_init_matches_torch_mha(make):
+    """in_proj_weight (3E, E) is xavier-uniform as in torch.nn.MultiheadAttention: within the
+    bound sqrt(6 / (E + 3E)), filling it, with the standard deviation bound / sqrt(3) (and torch's
+    own MHA's); in_proj_bias and out_proj.bias are 0; out_proj.weight is a default Linear's
+    (|w| <= 1 / sqrt(E)). E = 64: 12288 samples give the std to about 1%."""
+    torch.manual_seed(0)
+    m = make()
+    ref = nn.MultiheadAttention(64, 4)
+    e = 64
+    bound = math.sqrt(6.0 / (e + 3 * e))
+    for w in (m.in_proj_weight, ref.in_proj_weight):
+        assert w.shape == (3 * e, e)
+        assert w.abs().max() <= bound and w.abs().max() > 0.98 * bound
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.05
+        assert abs(w.mean().item()) < 0.05 * bound
+    assert abs(m.in_proj_weight.std().item() / ref.in_proj_weight.std().item() - 1) < 0.05
+    assert m.in_proj_bias.shape == (3 * e,) and (m.in_proj_bias == 0).all()
+    assert (m.out_proj.bias == 0).all()
+    assert m.out_proj.weight.abs().max() <= 1 / math.sqrt(e)
+    assert abs(m.out_proj.weight.std().item() / ref.out_proj.weight.std().item() - 1) < 0.1
+    assert type(m.out_proj) is type(ref.out_proj)
+
+
 def test_block_sparse_bad_arguments():
     with pytest.raises(ValueError, match="preset"):
         fnn.BlockSparseSelfAttention(E, H, "diagonal")
@@ -1270,3 +1356,37 @@ def test_encoder_float_mask_with_bias_below_diagonal_is_not_taken_as_causal():
     want = ref(x, mask=mask, src_key_padding_mask=fkpm)  # (with grad: torch's fast path NaNs here)
     real = ~kpm
     torch.testing.assert_close(out[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("is_causal", [False, None], ids=["is_causal=False", "is_causal=None"])
+@pytest.mark.parametrize("kind", ["bool-band", "float-band", "float-band-bias", "bool-anticausal"])
+def test_encoder_non_causal_square_mask_with_padding_is_not_taken_as_causal(kind, is_causal):
+    """A non-causal (S, S) mask (a sliding window plus the first token, bool or float, or the
+    transposed causal mask) with a key padding mask and is_causal False / None: the padding-free
+    encoder must apply the mask as given (padded path), not the causal one (a mutant taking any
+    square mask as hinted survived). Eval mode, float64, against torch's encoder on the real
+    tokens."""
+    torch.manual_seed(0)
+    s = 8
+    ref = _torch_encoder(layers=2).double().eval()
+    enc = fnn.TransformerEncoder.from_torch(copy.deepcopy(ref), backend="torch").eval()
+    i = torch.arange(s)
+    if kind == "bool-anticausal":
+        blocked = torch.ones(s, s, dtype=torch.bool).tril(-1)  # True = not attended
+    else:
+        blocked = (i[:, None] - i[None, :]).abs() > 2  # outside a band of +-2
+    blocked[:, 0] = False  # every query sees token 0 (real in every sequence): no fully masked row
+    real = torch.ones(N, s, dtype=torch.bool)
+    real[1, 5:] = False
+    real[2, 3:] = False
+    mask, kpm = blocked, ~real
+    if kind.startswith("float"):  # (a float padding mask with it: torch warns on mixed types)
+        mask = torch.zeros(s, s, dtype=torch.float64).masked_fill(blocked, float("-inf"))
+        if kind.endswith("bias"):
+            mask = mask + torch.randn(s, s, dtype=torch.float64)
+        kpm = torch.zeros(N, s, dtype=torch.float64).masked_fill(~real, float("-inf"))
+    x = torch.randn(N, s, E, dtype=torch.float64)
+    out = enc(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal)
+    want = ref(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal)
+    assert torch.isfinite(want[real]).all()
+    assert (out[real] - want[real]).abs().max() < 1e-10

@@ -325,3 +325,67 @@ def test_a_module_under_two_names_gets_one_replacement():
     assert optimize(model).swapped == [] and model.final_norm is model.norm
     assert restore(model) == 1
     assert type(model.norm) is nn.LayerNorm and model.final_norm is model.norm
+
+
+class _ScaledLayer(nn.TransformerEncoderLayer):
+    """A user's layer: torch's layer with its own forward (a learned-free residual rescale)."""
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        out = super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                              is_causal=is_causal)
+        return 0.5 * out + src.flip(-1)
+
+
+def test_padding_free_leaves_an_encoder_of_subclassed_layers():
+    """padding_free=True on a torch.nn.TransformerEncoder whose layers are a user's subclass of
+    nn.TransformerEncoderLayer with its own forward: the encoder is not made padding-free (that
+    would convert the layers and lose their forward: a mutant accepting subclasses survived), it
+    is reported as left with the reason, each layer is left as a subclass, and the model's output
+    and gradients equal the original's (train mode, dropout 0, with a padding mask)."""
+    torch.manual_seed(0)
+    layer = _ScaledLayer(E, H, dim_feedforward=24, dropout=0.0, batch_first=True, activation="gelu")
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    reference = copy.deepcopy(model)
+    report = optimize(model, backend="torch", padding_free=True)
+    left = {entry.path: entry.reason for entry in report.left}
+    assert "0" in left and "not made padding-free" in left["0"] and "_ScaledLayer" in left["0"], str(report)
+    assert "subclass of torch.nn.TransformerEncoderLayer" in left["0.layers.0"], str(report)
+    assert type(model[0]) is nn.TransformerEncoder
+    assert all(type(layer) is _ScaledLayer for layer in model[0].layers)
+    x = torch.randn(N, L, E, requires_grad=True)
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1, 5:] = True
+    kpm[2, 2:] = True
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, want = model[0](x, src_key_padding_mask=kpm), reference[0](x_ref, src_key_padding_mask=kpm)
+    real = ~kpm
+    assert_close(out[real], want[real].double(), want[real], atol=1e-5, name="output (real tokens)")
+    g = torch.randn_like(out) * real[..., None]
+    out.backward(g)
+    want.backward(g)
+    assert_close(x.grad, x_ref.grad.double(), x_ref.grad, atol=1e-5, name="grad src")
+    restore(model)
+    assert all(type(layer) is _ScaledLayer for layer in model[0].layers)
+
+
+def test_layer_with_a_submodule_forward_replaced_on_the_instance_is_left():
+    """A forward replaced on a submodule's instance (accelerate's device hooks, a LoRA patch on
+    linear1) keeps the module holding it: the layer is left with the reason naming the submodule,
+    its other submodules are swapped one by one, and the output equals the original's, the patch
+    included (before and after)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer)
+    plain = copy.deepcopy(model)
+    linear1_forward = layer.linear1.forward
+    layer.linear1.forward = lambda x: 2.0 * linear1_forward(x) + 0.25
+    x = torch.randn(N, L, E)
+    before = model(x)
+    assert not torch.allclose(before, plain(x), atol=1e-3)  # the patch changes the output
+    report = optimize(model, backend="torch")
+    reasons = {entry.path: entry.reason for entry in report.left}
+    assert "0" in reasons and "submodule linear1" in reasons["0"], str(report)
+    assert "replaced on the instance" in reasons["0"]
+    assert type(model[0]) is nn.TransformerEncoderLayer and model[0] is layer
+    assert {s.path for s in report.swapped} == {"0.self_attn", "0.norm1", "0.norm2"}, str(report)
+    assert_close(model(x), before.double(), before, atol=1e-5)
