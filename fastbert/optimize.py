@@ -139,8 +139,8 @@ def _swap_torch(module: nn.Module, backend: Optional[str]):
         nn.LayerNorm: LayerNorm,
         nn.GELU: GELU,
     }
-    if cls is nn.TransformerEncoderLayer and self_attn_refusal(module) is not None:
-        return None, f"its self_attn {self_attn_refusal(module)}"
+    if cls is nn.TransformerEncoderLayer and (refusal := self_attn_refusal(module)) is not None:
+        return None, f"its self_attn {refusal}"
     if cls in exact:
         return exact[cls].from_torch(module, backend=backend), None
     for base in exact:
@@ -160,8 +160,8 @@ def _swap_torch_encoder(module: nn.Module, backend: Optional[str]):
         return None, (f"not made padding-free: its layers include {odd[0]}, not "
                       "torch.nn.TransformerEncoderLayer")
     for i, layer in enumerate(module.layers):
-        if self_attn_refusal(layer) is not None:
-            return None, f"not made padding-free: the self_attn of layers.{i} {self_attn_refusal(layer)}"
+        if (refusal := self_attn_refusal(layer)) is not None:
+            return None, f"not made padding-free: the self_attn of layers.{i} {refusal}"
     new = TransformerEncoder.from_torch(module, backend=backend)
     if type(module.norm) is nn.LayerNorm:
         new.norm = LayerNorm.from_torch(module.norm, backend=backend)
