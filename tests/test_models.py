@@ -515,3 +515,147 @@ def test_encoder_each_dropout_site_acts_in_train_mode(site):
     with torch.no_grad():
         tr = enc(ids, attention_mask=mask)
     assert (tr - ev)[real].abs().max() > 1e-3, f"{site} had no effect in train mode"
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaps found by a mutation run: each test fails on a mutant that every other test let through
+# ----------------------------------------------------------------------------------------------
+def _randomize_biases(model):
+    """Nonzero biases and LayerNorm shifts (HuggingFace initializes them to 0): a Dropout applied
+    to a bias alone (attention probabilities all dropped) then changes the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "albert", "xlm_roberta_xl",
+                                    "roberta_prelayernorm", "mpnet"])
+def test_encoder_each_dropout_of_the_original_alone_at_p1_matches_hf(family):
+    """Each Dropout module of the HuggingFace model alone at p = 1 (every other at 0), train mode:
+    the output is deterministic, so the encoder must equal the HuggingFace model exactly where
+    each site acts. A site dropped, moved or added where HuggingFace has none (DistilBERT's
+    attention output, ALBERT's feed-forward output, XLM-R-XL's feed-forward output, which have no
+    dropout) changes it; a p = 0.5 on/off check misses the added ones (the site acts anyway)."""
+    torch.manual_seed(0)
+    hf = _model(family, dropout=0.0)
+    _randomize_biases(hf)
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    assert enc.training
+    ids, mask = _batch((6, 3), 6)
+    real = mask.bool()
+    with torch.no_grad():
+        off = hf.eval()(ids, attention_mask=mask).last_hidden_state
+    hf.train()
+    drops = {n: m for n, m in hf.named_modules() if isinstance(m, torch.nn.Dropout)}
+    acting = 0
+    for site in drops:
+        for n, m in drops.items():
+            m.p = 1.0 if n == site else 0.0
+        with torch.no_grad():
+            want = hf(ids, attention_mask=mask).last_hidden_state
+            out = enc(ids, attention_mask=mask)
+        torch.testing.assert_close(out[real], want[real], rtol=1e-5, atol=1e-5, msg=lambda m: f"{site}: {m}")
+        acting += bool((want - off)[real].abs().max() > 1e-3)
+    # every site acts but ALBERT's layer Dropout, which transformers never calls
+    assert acting == len(drops) - (family == "albert") >= 3
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm_roberta_xl"])
+def test_encoder_starts_in_the_models_mode(family):
+    """from_hf puts the encoder in the HuggingFace model's train/eval mode: an eval-mode model
+    with dropout gives an encoder that is deterministic and equal to it without an .eval() call
+    (the attention-probability dropout follows the encoder's own mode); a train-mode model gives
+    a train-mode encoder. The shared HuggingFace modules keep their own modes."""
+    torch.manual_seed(0)
+    hf = _model(family, dropout=0.1).eval()
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((9, 4, 1), 11)
+    real = mask.bool()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = enc(ids, attention_mask=mask)
+        torch.manual_seed(2)
+        b = enc(ids, attention_mask=mask)
+        want = hf(ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b), "an eval-mode model's encoder must not drop"
+    assert not any(m.training for m in enc.modules())  # its layers' ModuleList too
+    torch.testing.assert_close(a[real], want[real], rtol=1e-5, atol=1e-5)
+    train_hf = _model(family, dropout=0.1).train()
+    train_enc = BertEncoder.from_hf(train_hf, backend="torch")
+    assert all(m.training for m in train_enc.modules())
+    with torch.no_grad():
+        torch.manual_seed(1)
+        c = train_enc(ids, attention_mask=mask)
+        torch.manual_seed(2)
+        d = train_enc(ids, attention_mask=mask)
+    assert (c - d)[real].abs().max() > 1e-3, "a train-mode model's encoder must drop"
+    hf.encoder.layer[0].attention.output.dropout.train()  # its own mode, left alone by from_hf
+    BertEncoder.from_hf(hf, backend="torch")
+    assert hf.encoder.layer[0].attention.output.dropout.training and not hf.training
+
+
+def test_encoder_on_inference_tensor_parameters():
+    """A model built (or loaded) under torch.inference_mode has inference-tensor parameters, which
+    have no version counter to key the fused Q/K/V cache on: the encoder still runs, under
+    inference_mode and under no_grad, and equals the HuggingFace model."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        hf = _model().eval()
+        enc = BertEncoder.from_hf(hf, backend="torch")
+    assert all(p.is_inference() for p in hf.parameters())
+    ids, mask = _batch((9, 4, 1), 11)
+    real = mask.bool()
+    with torch.inference_mode():
+        out = enc(ids, attention_mask=mask)
+        again = enc(ids, attention_mask=mask)
+        want = hf(ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        plain = enc(ids, attention_mask=mask)
+    torch.testing.assert_close(out[real], want[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, again) and torch.equal(out, plain)
+
+
+def test_encoder_refuses_an_input_its_embeddings_do_not_take():
+    """An input the HuggingFace embeddings do not take (DistilBERT has no token types) is refused
+    with ValueError, as _embed documents, not silently dropped; BERT's embeddings take
+    token_type_ids and position_ids, and the encoder equals the model given the same."""
+    torch.manual_seed(0)
+    ids, mask = _batch((6, 3), 6)
+    types = torch.randint(0, 2, ids.shape)
+    enc = BertEncoder.from_hf(_model("distilbert").eval(), backend="torch")
+    with pytest.raises(ValueError, match="takes no token_type_ids"):
+        enc(ids, attention_mask=mask, token_type_ids=types)
+    hf = _model().eval()
+    enc = BertEncoder.from_hf(hf, backend="torch")
+    pos = torch.randint(0, 40, ids.shape)
+    real = mask.bool()
+    with torch.no_grad():
+        out = enc(ids, attention_mask=mask, token_type_ids=types, position_ids=pos)
+        want = hf(ids, attention_mask=mask, token_type_ids=types, position_ids=pos).last_hidden_state
+        plain = enc(ids, attention_mask=mask)
+    torch.testing.assert_close(out[real], want[real], rtol=1e-5, atol=1e-5)
+    assert (out - plain)[real].abs().max() > 1e-3
+
+
+def test_encoder_constructor_refuses_pre_ln_layers_without_final_norm():
+    """Pre-LN layers need the LayerNorm after the last layer (the model's last_hidden_state is
+    normed): built without final_norm, or with post-LN and pre-LN layers mixed, BertEncoder
+    refuses with ValueError; with it, the encoder equals from_hf's."""
+    from fastbert.models import BertLayer, PreLNBertLayer
+
+    torch.manual_seed(0)
+    hf = _model("xlm_roberta_xl").eval()
+    layers = [PreLNBertLayer(layer, backend="torch") for layer in hf.encoder.layer]
+    with pytest.raises(ValueError, match="final_norm"):
+        BertEncoder(hf.embeddings, layers, backend="torch")
+    with pytest.raises(ValueError, match="final_norm"):
+        BertEncoder(hf.embeddings, layers, final_norm=torch.nn.Identity(), backend="torch")
+    post = _model().eval()
+    with pytest.raises(ValueError, match="all post-LN"):
+        BertEncoder(hf.embeddings, [BertLayer(post.encoder.layer[0]), layers[0]], backend="torch")
+    enc = BertEncoder(hf.embeddings, layers, final_norm=hf.encoder.LayerNorm, backend="torch").eval()
+    ids, mask = _batch((6, 3), 6)
+    with torch.no_grad():
+        assert torch.equal(enc(ids, attention_mask=mask),
+                           BertEncoder.from_hf(hf, backend="torch")(ids, attention_mask=mask))

@@ -265,3 +265,70 @@ def test_encoder_each_dropout_site_acts_in_train_mode(site):
         ev = _hidden(enc.eval(), ids, mask)
         tr = _hidden(enc.train(), ids, mask)
     assert (tr - ev)[real].abs().max() > 1e-3, f"{site} dropout had no effect in train mode"
+
+
+@needs_tf5
+def test_encoder_starts_in_the_models_mode():
+    """from_hf puts the encoder in the HuggingFace model's train/eval mode: an eval-mode model with
+    dropout gives, without an .eval() call, an encoder that is deterministic and equal to it (the
+    attention-probability dropout follows the encoder's own mode); a train-mode model gives a
+    train-mode encoder."""
+    torch.manual_seed(0)
+    hf = _model(attention_dropout=0.1, mlp_dropout=0.1, embedding_dropout=0.1).eval()
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((9, 4, 1), 11)
+    real = mask.bool()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = enc(ids, attention_mask=mask)
+        torch.manual_seed(2)
+        b = enc(ids, attention_mask=mask)
+        want = _hidden(hf, ids, mask)
+    assert torch.equal(a, b), "an eval-mode model's encoder must not drop"
+    assert not any(m.training for m in enc.modules())  # its layers' ModuleList too
+    torch.testing.assert_close(a[real], want[real], rtol=1e-4, atol=1e-5)
+    train_enc = ModernBertEncoder.from_hf(_model(attention_dropout=0.1).train(), backend="torch")
+    assert all(m.training for m in train_enc.modules())
+    with torch.no_grad():
+        torch.manual_seed(1)
+        c = train_enc(ids, attention_mask=mask)
+        torch.manual_seed(2)
+        d = train_enc(ids, attention_mask=mask)
+    assert (c - d)[real].abs().max() > 1e-3, "a train-mode model's encoder must drop"
+
+
+@needs_tf5
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_encoder_matches_hf_non_gelu_mlp(activation):
+    """A GLU MLP with another activation than GELU (called, not fused into geglu): as
+    transformers' ModernBertMLP, ``Wo(act(input) * gate)`` with ``input, gate = Wi(x).chunk(2)``,
+    the activation on the first half; outputs and gradients equal the HuggingFace model's."""
+    torch.manual_seed(0)
+    hf = _model(hidden_activation=activation)
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((9, 4, 1), 11)
+    _check(enc, hf, ids, mask)
+    _check(enc, hf, ids, mask, train=True)
+
+
+@needs_tf5
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_encoder_follows_given_position_ids(left):
+    """Given position_ids (B, L) are each token's position for the rotary embeddings, not its packed
+    or padded index: positions with uneven steps, other in each row (the rotary scores depend on
+    differences of positions, so a constant offset would not tell them apart), equal the
+    HuggingFace model given the same; they differ from the default positions."""
+    torch.manual_seed(0)
+    hf = _model()
+    with torch.no_grad():  # sharper attention than the init's (std 0.02): positions matter more
+        for layer in hf.layers:
+            layer.attn.Wqkv.weight.mul_(20)
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch((9, 4, 7), 11, left=left)
+    pos = torch.randint(1, 4, (3, 11)).cumsum(dim=1)  # steps of 1 to 3, at most 33 < 64
+    _check(enc, hf, ids, mask, position_ids=pos)
+    with torch.no_grad():
+        enc.eval()
+        default = enc(ids, attention_mask=mask)
+        given = enc(ids, attention_mask=mask, position_ids=pos)
+    assert (given - default)[mask.bool()].abs().max() > 1e-3

@@ -84,7 +84,7 @@ def _albert_parts(hf_layer: nn.Module) -> dict:
                 hidden_dropout=getattr(attn, "output_dropout", None),
                 intermediate=getattr(hf_layer, "ffn", None), activation=hf_layer.activation,
                 output_dense=getattr(hf_layer, "ffn_output", None),
-                output_norm=hf_layer.full_layer_layer_norm, output_dropout=nn.Dropout(0.0))
+                output_norm=hf_layer.full_layer_layer_norm, output_dropout=_no_dropout(hf_layer))
 
 
 def _mpnet_parts(hf_layer: nn.Module) -> dict:
@@ -117,8 +117,14 @@ def _pre_ln_parts(hf_layer: nn.Module) -> dict:
     parts.update(attention_norm=norms[0], output_norm=norms[1],
                  output_dropout=getattr(hf_layer.output, "dropout", None))
     if parts["output_dropout"] is None:
-        parts["output_dropout"] = nn.Dropout(0.0)
+        parts["output_dropout"] = _no_dropout(hf_layer)
     return parts
+
+
+def _no_dropout(hf_layer: nn.Module) -> nn.Dropout:
+    """A Dropout(0) standing in where a layer has none, in the layer's mode (``model.eval()`` finds
+    it in eval mode like every other module)."""
+    return nn.Dropout(0.0).train(hf_layer.training)
 
 
 def _is_pre_ln(hf_layer: nn.Module) -> bool:

@@ -113,11 +113,19 @@ def set_own_mode(module: nn.Module, mode: bool) -> nn.Module:
     """``module.train(mode)`` for ``module`` and the fastbert modules below it only, not for the
     modules they share with the model they were built on (a padding-free encoder holds a
     HuggingFace model's modules, whose modes are that model's: Monte-Carlo dropout switches its
-    Dropouts to training mode in an eval-mode model)."""
+    Dropouts to training mode in an eval-mode model). A torch container (ModuleList, ModuleDict)
+    holding fastbert modules only, e.g. an encoder's ``layers``, is fastbert's too."""
     for m in module.modules():
-        if type(m).__module__.startswith("fastbert."):
+        if _own(m):
             m.training = mode
     return module
+
+
+def _own(m: nn.Module) -> bool:
+    if type(m).__module__.startswith("fastbert."):
+        return True
+    return (type(m) in (nn.ModuleList, nn.ModuleDict) and len(m._modules) > 0
+            and all(c is not None and _own(c) for c in m._modules.values()))
 
 
 def adopt(cls: Type[M], module: nn.Module, **attrs) -> M:
