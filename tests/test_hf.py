@@ -517,29 +517,83 @@ def test_padding_free_model_follows_its_config():
 def test_each_dropout_of_the_original_acts_alone_after_optimize(family, padding_free):
     """Each Dropout module of the original model, alone at p = 0.5 (every other at 0) in training
     mode, changes the optimized model's output exactly where it changes the original's: no site
-    skipped, none added (a mutation run found several sites whose loss no test saw)."""
+    skipped, none added (a mutation run found several sites whose loss no test saw); in eval mode
+    none changes it. The rates an attention reads as a float (ModernBERT's ``attention_dropout``:
+    no Dropout module there) are sites too, and so are, in the families run eagerly, the names that
+    4.57's sdpa attention reads a copy of (MPNet's output dropout, named like them, went unchecked
+    there)."""
     if padding_free and family not in PADDING_FREE_TASKS:
         pytest.skip("no padding-free encoder for this family")
     torch.manual_seed(0)
-    model = _build(family, _sdpa_or_eager(family))
+    impl = _sdpa_or_eager(family)
+    # (ModernBERT's attention output Dropout is an Identity unless its config's rate is > 0)
+    model = _build(family, impl, **({"attention_dropout": 0.1} if family == "modernbert" else {}))
+    rates = [f"{n}.attention_dropout" for n, m in model.named_modules()
+             if isinstance(getattr(m, "attention_dropout", None), float)]
+    for r in rates:  # 0 before optimize(): fastbert.models' padding-free ModernBERT copies the rate
+        setattr(model.get_submodule(r.rsplit(".", 1)[0]), "attention_dropout", 0.0)
     reference = copy.deepcopy(model)
     optimize(model, backend="torch", padding_free=padding_free)
     inputs, real = _inputs(family)
     names = [n for n, m in reference.named_modules() if isinstance(m, torch.nn.Dropout)]
+    if padding_free:
+        rates = []  # (that copy does not follow the module's attribute: not a site there)
     assert names
-    for site in names:
-        if not TF5 and site.endswith(("self.dropout", "attention.dropout", "attention_dropout")):
+
+    def only(m, site):  # site at 0.5, every other rate at 0
+        for n, d in m.named_modules():
+            if isinstance(d, torch.nn.Dropout):
+                d.p = 0.5 if n == site else 0.0
+        for r in rates:
+            owner, attr = r.rsplit(".", 1)
+            setattr(m.get_submodule(owner), attr, 0.5 if r == site else 0.0)
+
+    bases = []
+    for m in (reference, model):
+        only(m, None)
+        with torch.no_grad():
+            bases.append(_last_hidden(m.eval(), inputs))
+    for site in names + rates:
+        if not TF5 and impl == "sdpa" and site.endswith(("self.dropout", "attention.dropout",
+                                                          "attention_dropout")):
             continue  # 4.57's sdpa attention reads a copy of its probabilities' rate made at init
         acts = []
-        for m in (reference, model):
-            drops = dict((n, d) for n, d in m.named_modules() if isinstance(d, torch.nn.Dropout))
-            for n, d in drops.items():
-                d.p = 0.5 if n == site else 0.0
+        for m, base in zip((reference, model), bases):
+            only(m, site)
             with torch.no_grad():
                 ev = _last_hidden(m.eval(), inputs)
                 tr = _last_hidden(m.train(), inputs)
+            torch.testing.assert_close(_real(ev, real), _real(base, real),
+                                       msg=f"{site}: {type(m).__module__} drops in eval mode")
             acts.append(bool((_real(tr, real) - _real(ev, real)).abs().max() > 1e-6))
         assert acts[1] == acts[0], f"{site}: original drops {acts[0]}, optimized {acts[1]}"
+
+
+def test_modernbert_dropouts_draw_as_the_original_after_optimize():
+    """ModernBERT's layer after optimize() calls each Dropout module of the original on the tensor
+    the original gives it (the MLP's on act(input) * gate before Wo, the attention's after Wo): from
+    the same seed, a train-mode forward with one of them alone on (p = 0.5) draws the same masks and
+    gives the original's output. (test_each_dropout_of_the_original_acts_alone_after_optimize sees
+    whether a site drops at all; a Dropout moved to the other side of Wo still drops.)"""
+    torch.manual_seed(0)
+    model = _build("modernbert", "sdpa", attention_dropout=0.1)  # (else out_drop is an Identity)
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch")
+    inputs, real = _inputs("modernbert")
+    for site in ("embeddings.drop", "attn.out_drop", "mlp.drop"):
+        assert any(n.endswith(site) and isinstance(d, torch.nn.Dropout)
+                   for n, d in reference.named_modules()), site
+        outs = []
+        for m in (reference, model):
+            for layer in m.layers:  # the probabilities' dropout (a float): the kernel draws its own
+                layer.attn.attention_dropout = 0.0
+            for n, d in m.named_modules():
+                if isinstance(d, torch.nn.Dropout):
+                    d.p = 0.5 if n.endswith(site) else 0.0
+            torch.manual_seed(1)
+            with torch.no_grad():
+                outs.append(_last_hidden(m.train(), inputs))
+        torch.testing.assert_close(_real(outs[1], real), _real(outs[0], real), msg=site)
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
@@ -1374,6 +1428,63 @@ def test_packed_sequences_refuse_what_they_cannot_mean():
     assert torch.equal(a, b)
 
 
+def _decoder_pair():
+    """A tiny Llama language model (grouped-query) with attn_implementation="fastbert", and the
+    same weights with "sdpa" (the reference), both in eval mode."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=None)  # (no early stop: every step is compared)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.set_attn_implementation("sdpa")
+    model = copy.deepcopy(reference)
+    model.set_attn_implementation("fastbert")
+    return model, reference
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_generate_with_kv_cache_matches_sdpa(padded):
+    """Greedy generate() with the KV cache: a decoder with attn_implementation="fastbert" gives the
+    tokens and every step's logits of "sdpa". After the prompt each step is one query against the
+    cached keys (Lq = 1 < Lk), which transformers passes without a mask when nothing is padded:
+    it must not run causal there, fastbert's causal being aligned top-left (the query would see
+    the first key alone; the guard went unnoticed by every test in a mutation run). A left-padded
+    batch, as generate() wants one, brings a mask instead."""
+    model, reference = _decoder_pair()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    if padded:
+        mask[1, :2] = 0
+    runs = []
+    for m in (model, reference):
+        with torch.no_grad():
+            runs.append(m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                   use_cache=True, output_logits=True, return_dict_in_generate=True))
+    out, want = runs
+    assert len(out.logits) == len(want.logits) == 5
+    for step, (a, b) in enumerate(zip(out.logits, want.logits)):
+        torch.testing.assert_close(a, b, msg=f"logits of step {step}")
+    assert torch.equal(out.sequences, want.sequences)
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_forward_with_past_key_values_matches_the_whole_sequence(step):
+    """A forward over a prompt, then ``step`` more tokens against its KV cache (Lq < Lk; no mask
+    given): with attn_implementation="fastbert" the logits of both equal those of one "sdpa"
+    forward over the whole sequence. One token comes without a mask (not causal: see
+    test_generate_with_kv_cache_matches_sdpa); several get transformers' mask, aligned to the end
+    of the keys."""
+    model, reference = _decoder_pair()
+    ids = torch.randint(3, VOCAB, (2, 7 + step))
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        first = model(input_ids=ids[:, :7], use_cache=True)
+        out = model(input_ids=ids[:, 7:], past_key_values=first.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(first.logits, want[:, :7])
+    torch.testing.assert_close(out, want[:, 7:])
+
+
 @pytest.mark.skipif(not TF5, reason="needs transformers 5.x (AttentionInterface in BERT)")
 def test_register_with_backend_and_from_config():
     hf.register("fastbert_torch_test", backend="torch")
@@ -1616,4 +1727,68 @@ def test_packed_layout_cache_follows_in_place_writes_to_position_ids():
         pos.copy_(torch.arange(12)[None])                  # now one sequence, same storage
         out = model(input_ids=ids, position_ids=pos).last_hidden_state
         want = model(input_ids=ids, position_ids=torch.arange(12)[None]).last_hidden_state
+    torch.testing.assert_close(out, want)
+
+
+def _varlen(lens):
+    """position_ids and fresh flash-attention varlen kwargs for one row of sequences of ``lens``."""
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return dict(position_ids=torch.cat([torch.arange(n) for n in lens])[None], cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu.clone(), max_length_q=max(lens), max_length_k=max(lens))
+
+
+def test_packed_sequences_take_an_additive_mask_only_when_it_masks_nothing():
+    """cu_seq_lens with a float 4-D mask over the row: an additive causal mask (0 / -inf) restates
+    what each packed sequence's causal attention keeps (the sequences run one by one); a finite
+    bias in its place (0 on and below the diagonal, -2 above) is no such mask and is refused (its
+    zeros alone taken for "no padding", the bias would be dropped silently)."""
+    model, _ = _packed_model("llama")
+    model.set_attn_implementation("fastbert")
+    model.eval()
+    lens = [5, 3, 4]
+    ids = [torch.randint(3, VOCAB, (1, n)) for n in lens]
+    above = ~torch.ones(12, 12, dtype=torch.bool).tril()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="masks tokens"):
+            model(input_ids=torch.cat(ids, 1), **_varlen(lens),
+                  attention_mask=torch.zeros(1, 1, 12, 12).masked_fill(above, -2.0))
+        out = model(input_ids=torch.cat(ids, 1), **_varlen(lens),
+                    attention_mask=torch.zeros(1, 1, 12, 12).masked_fill(above, float("-inf")))
+        want = torch.cat([model(input_ids=i).last_hidden_state for i in ids], 1)
+    torch.testing.assert_close(out.last_hidden_state, want)
+
+
+def test_packed_layout_cache_checks_each_mask():
+    """The same cu_seq_lens tensors given again with another mask: one that masks a token is
+    refused, even after those tensors went through with a mask that masks nothing (the layout
+    cache, keyed on whether there was a mask and not on which, took the second for the first)."""
+    model, _ = _packed_model("llama")
+    model.set_attn_implementation("fastbert")
+    model.eval()
+    ids, varlen = torch.randint(3, VOCAB, (1, 12)), _varlen([5, 3, 4])
+    causal = torch.ones(1, 1, 12, 12, dtype=torch.bool).tril()
+    padded = causal.clone()
+    padded[..., 7] = False
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=causal, **varlen)
+        with pytest.raises(ValueError, match="masks tokens"):
+            model(input_ids=ids, attention_mask=padded, **varlen)
+
+
+def test_packed_layout_cache_follows_the_batch_size():
+    """The packed-layout cache is keyed on the position_ids tensor and the query's shape: the same
+    position_ids (1, L) given with one row (packed sequences), then broadcast over a batch of two
+    rows (each row one sequence, as transformers takes it), gives the batch the ordinary causal
+    attention of "sdpa", not the one row's layout (a key without the query's shape survived a
+    mutation run)."""
+    model, reference = _packed_model("llama")
+    reference.load_state_dict(model.state_dict())
+    reference.set_attn_implementation("sdpa")
+    model.set_attn_implementation("fastbert")
+    pos = _varlen([5, 3, 4])["position_ids"]
+    ids = torch.randint(3, VOCAB, (2, 12))
+    with torch.no_grad():
+        model.eval()(input_ids=ids[:1], position_ids=pos)  # fills the cache: 3 sequences
+        out = model(input_ids=ids, position_ids=pos).last_hidden_state
+        want = reference.eval()(input_ids=ids, position_ids=pos).last_hidden_state
     torch.testing.assert_close(out, want)

@@ -361,9 +361,10 @@ def _packed_sequences(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs
     source = kwargs.get("cu_seq_lens_q")
     if source is None:
         source = kwargs.get("position_ids")
-    if not isinstance(source, Tensor) or torch.compiler.is_compiling():
+    # (not with a mask: whether it masks tokens depends on its values, which the key cannot hold)
+    if not isinstance(source, Tensor) or mask is not None or torch.compiler.is_compiling():
         return _packed_layout(query, key, mask, kwargs, window)
-    cache_key = (source.data_ptr(), source._version, tuple(query.shape), key.shape[2], mask is None, window)
+    cache_key = (source.data_ptr(), source._version, tuple(query.shape), key.shape[2], window)
     hit = _PACKED_CACHE.get("entry")
     if hit is not None and hit[0]() is source and hit[1] == cache_key:
         return hit[2]
