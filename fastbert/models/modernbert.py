@@ -72,13 +72,26 @@ class ModernBertLayer(nn.Module, NoTorchScript):
         self.Wqkv, self.attn_out, self.attn_drop = attn.Wqkv, attn.Wo, attn.out_drop
         self.head_dim = int(attn.head_dim)
         self.num_heads = int(heads)
-        self.attention_dropout = float(attn.attention_dropout)
+        # the probabilities' dropout rate is a float attribute of the attention module: read at
+        # each call (a rate set on the model after from_hf applies), from a reference that is not
+        # a submodule (its parameters are registered above, under this layer's names)
+        self.__dict__["_hf_attention"] = attn
         window = attn.sliding_window  # transformers' inclusive bound: local_attention // 2 + 1
         self.window_size: Optional[Tuple[int, int]] = None if window is None else (window - 1, window - 1)
         self.attention_type = hf_layer.attention_type
         self.Wi, self.mlp_out, self.mlp_drop, self.act = mlp.Wi, mlp.Wo, mlp.drop, mlp.act
         self._rotary = rotary
         self.backend = backend
+
+    @property
+    def attention_dropout(self) -> float:
+        """The attention probabilities' dropout rate: the HuggingFace attention module's (one rate
+        for both: setting it here sets it there)."""
+        return float(self._hf_attention.attention_dropout)
+
+    @attention_dropout.setter
+    def attention_dropout(self, p: float) -> None:
+        self._hf_attention.attention_dropout = p
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, cos: Tensor, sin: Tensor) -> Tensor:
         t, be = x.shape[0], self.backend
