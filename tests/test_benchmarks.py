@@ -4,11 +4,13 @@ the README table tool and the GPU run script. The GPU timings themselves run onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,23 @@ def test_sparse_case_work_matches_its_layout():
     assert dense and all(i.work == common.attention_flops(1, 4, 1024, 1024, 64) for i in dense)
 
 
+@pytest.mark.parametrize("pass_,factor", [("bwd", 2.5), ("fwd+bwd", 3.5)])
+def test_sparse_case_work_counts_the_pass(pass_, factor):
+    """The backward block-sparse cases (published as 'sparse bwd') count 2.5x the forward's flops
+    (3.5x forward + backward), both fastbert's visited blocks (L a multiple of the block: the
+    shortcut 4 * D * blocks * block^2) and the dense baselines' full L x L: dropping the pass
+    factor from either publishes a rate 2.5x off (its speedups, by time, would not show it)."""
+    b, h, l, d, block = 2, 4, 1024, 64, 128
+    c = sparse.sparse_case(b, h, l, d, 0.25, pass_=pass_)
+    assert c.pass_ == pass_ and l % block == 0
+    lay = sparse.random_layout(h, 8, 8, 0.25, seed=1000 * l + 25 + d)
+    assert int(lay.sum()) == h * 16                  # round(0.25 * 8 * 8) blocks per head
+    assert c.work == factor * 4 * b * d * h * 16 * block * block
+    dense = [i for i in c.impls if i.variant == "dense"]
+    assert len(dense) == 2 and all(i.work == factor * 4 * b * h * l * l * d for i in dense)
+    assert all(c.work_of(i) == c.work for i in c.impls if i.variant is None)
+
+
 def test_random_layout():
     lay = sparse.random_layout(3, 10, 10, 0.3, seed=7)
     assert lay.dtype == torch.bool and lay.shape == (3, 10, 10)
@@ -187,6 +206,44 @@ def test_linformer_and_bert_flops():
     lin = 12 * 2 * 128 * (4 * 768 ** 2 + 2 * 768 * 3072)
     att = 12 * 4 * 128 ** 2 * 768
     assert common.bert_flops([128], pass_="fwd+bwd") == pytest.approx(3 * lin + 3.5 * att)
+
+
+@pytest.mark.parametrize("pass_,lin,att", [("bwd", 2.0, 2.5), ("fwd+bwd", 3.0, 3.5)])
+def test_linformer_and_bert_flops_of_the_backward(pass_, lin, att):
+    """The projections E K and F V, like BERT's linear layers, are plain matmuls: their backward
+    is 2x their forward (dX and dW), so forward + backward counts 3x, while attention counts
+    2.5x / 3.5x; the published Linformer 'fwd+bwd' cases (and the case's work) use this."""
+    b, h, n, k, d = 2, 3, 64, 8, 16
+    proj = 2 * 2 * b * h * k * n * d
+    attention_work = 4 * b * h * n * k * d
+    assert common.linformer_flops(b, h, n, n, k, d, pass_=pass_) == lin * proj + att * attention_work
+    case = sparse.linformer_case(b, h, n, k, d, pass_=pass_)
+    assert case.work == lin * proj + att * attention_work
+    assert common.bert_flops([10, 20], hidden=4, layers=1, intermediate=16, pass_=pass_) == \
+        lin * 2 * 30 * (4 * 16 + 2 * 4 * 16) + att * 4 * (100 + 400) * 4
+
+
+@pytest.mark.parametrize("pass_,factor", [("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)])
+def test_key_padding_case_counts_the_real_keys_only(pass_, factor):
+    """The dense '-pad' cases count the useful flops, as the varlen and BERT cases do: each query
+    attends only its sequence's real keys (the mask the case gives every implementation), so the
+    work is 4 * D * H * (unmasked query-key pairs) (x2.5 bwd, x3.5 fwd+bwd), the sum over the
+    batch of 4 * H * Lq * len_b * D, not the full 4 * B * H * Lq * Lk * D: fastbert's kernels skip
+    the padded keys, and crediting it with them doubled its TFLOP/s and % of ceiling."""
+    b, h, lq, lk, d = 4, 3, 24, 40, 16
+    case = attention.dense_case(b, h, lq, d, torch.float32, lk=lk, key_padding=True, pass_=pass_)
+    s = case.setup("cpu")
+    lens = s.lens.tolist()
+    assert lens == attention.seqlens(b, lk, seed=lk) and max(lens) == lk and min(lens) < lk
+    pairs = int(s.mask.expand(b, 1, lq, lk).sum())   # the attended pairs of the mask itself
+    assert pairs == lq * sum(lens)
+    assert case.work == factor * 4 * d * h * pairs
+    assert case.work == factor * sum(4 * h * lq * n * d for n in lens)
+    assert case.work < common.attention_flops(b, h, lq, lk, d, pass_=pass_)
+    assert case.params["mean_len"] == sum(lens) / b
+    # the unpadded case still counts every key
+    plain = attention.dense_case(b, h, lq, d, torch.float32, lk=lk, pass_=pass_)
+    assert plain.work == factor * 4 * b * h * lq * lk * d
 
 
 def test_norm_bytes():
@@ -247,6 +304,138 @@ def test_rotation_count():
     assert timing.rotation_count(10 << 20, l2) == 8
     assert timing.rotation_count(40 << 20, l2) == 4
     assert timing.rotation_count(1 << 20, 0) == 1
+
+
+class _FakeCuda:
+    """torch.cuda's timing surface on a simulated clock (milliseconds): a call ``fn`` made outside
+    a capture takes ``per_call_ms``; inside ``graph(g)`` it is recorded into ``g``, and each
+    ``g.replay()`` takes the recorded calls' time. Events read the clock."""
+
+    def __init__(self, per_call_ms):
+        self.per_call_ms, self.now, self.capturing, self.captured = per_call_ms, 0.0, None, []
+        cuda = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = cuda.now
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        class CUDAGraph:
+            def __init__(self):
+                self.recorded = 0
+
+            def replay(self):
+                cuda.now += self.recorded * cuda.per_call_ms
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        self.Event, self.CUDAGraph, self.Stream = Event, CUDAGraph, Stream
+
+    def call(self, i):
+        if self.capturing is not None:
+            self.captured.append(i)
+            self.capturing.recorded += 1
+        else:
+            self.now += self.per_call_ms
+
+    def graph(self, g):
+        @contextlib.contextmanager
+        def capture():
+            self.capturing = g
+            try:
+                yield
+            finally:
+                self.capturing = None
+        return capture()
+
+    def stream(self, s):
+        return contextlib.nullcontext()
+
+    def current_stream(self):
+        return self.Stream()
+
+    def synchronize(self):
+        pass
+
+
+def test_cuda_graph_timing_is_per_call(monkeypatch):
+    """A launch-bound call is timed as replays of a graph holding ``calls`` calls (one rotation
+    over the input sets, repeated to at least GRAPH_MIN_CALLS): each replay's time is divided by
+    the calls it holds, or every such case would read ~20x too slow. Runs the real
+    CudaTimer.measure on a simulated CUDA clock (a call = 1/16 ms, exact in binary)."""
+    fake = _FakeCuda(per_call_ms=0.0625)
+    monkeypatch.setattr(timing, "torch", types.SimpleNamespace(cuda=fake))
+    timer = timing.CudaTimer(rep_ms=10.0)
+    monkeypatch.setattr(timer, "_flush", lambda: None)
+    t = timer.measure(fake.call, n_inputs=3, graph=True)
+    calls = 3 * -(-timing.GRAPH_MIN_CALLS // 3)          # 21: whole rotations over 3 input sets
+    assert t.method == "cudagraph" and t.note == f"{calls} calls per graph replay"
+    assert t.p20_ms == t.p50_ms == t.p80_ms == 0.0625
+    assert t.reps >= timer.min_reps and fake.captured == list(range(calls))
+    # a call too long for a graph, or graph=False, is timed with events, per call too
+    slow = _FakeCuda(per_call_ms=0.5)       # over GRAPH_BELOW_MS
+    monkeypatch.setattr(timing, "torch", types.SimpleNamespace(cuda=slow))
+    t = timer.measure(slow.call, n_inputs=3, graph=True)
+    assert t.method == "events" and t.p50_ms == 0.5 and slow.captured == []
+
+
+def test_copy_ceiling_counts_the_bytes_it_moves():
+    """The copy ceiling divides the bytes the copy reads plus writes (2x its buffer) by its time:
+    a timer that sees the copy's real buffer (meta tensors: nothing allocated) on a device moving
+    1000 GB/s and computing 500 TFLOP/s gets exactly those ceilings back."""
+    from fastbert.benchmarks import ceilings
+
+    class Timer:
+        def measure(self, fn):
+            out = fn(0)
+            if out.dtype == torch.float16:                       # the copy: dst returned
+                moved = 2 * out.numel() * out.element_size()     # src read, dst written
+                ms = moved / 1000e9 * 1e3
+            else:                                                # the (n x n) @ (n x n) matmul
+                n = out.shape[0]
+                ms = 2.0 * n ** 3 / 500e12 * 1e3
+            return timing.Timing(ms, ms, ms, 1, "fake")
+
+    for quick in (True, False):
+        c = ceilings.measure_ceilings(Timer(), quick=quick, device="meta")
+        assert c.copy_gbps == pytest.approx(1000.0) and c.matmul_tflops == pytest.approx(500.0)
+        assert c.copy_bytes == (512 << 20 if quick else 2 << 30) and c.matmul_n == 8192
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "bwd", "fwd+bwd"])
+def test_timed_calls_rotate_over_the_input_sets(pass_):
+    """Call i of a timed function uses input set i % n in every pass, the backward included (its
+    forwards run once per set, outside the timing, and call i back-propagates set i % n's):
+    rotating keeps the inputs out of L2 between calls, as in a model."""
+    seen = []
+
+    def forward(s):
+        seen.append(s.k)
+        return s.x * 2.0
+
+    states = [common.ns(k=k, x=torch.ones(3, requires_grad=pass_ != "fwd"),
+                        do=torch.full((3,), float(k + 1))) for k in range(3)]
+    case = _toy_case([], pass_)
+    fn = runner._timed_fn(case, Prepared(forward), states, lambda s: s.do)
+    if pass_ == "bwd":
+        assert seen == [0, 1, 2]                         # the forwards, outside the timing
+        seen.clear()
+    for i in range(6):
+        fn(i)
+    if pass_ == "bwd":
+        assert seen == []
+    else:
+        assert seen == [0, 1, 2, 0, 1, 2]
+    if pass_ != "fwd":   # each set back-propagated twice: 2 * (2 * do)
+        for k, s in enumerate(states):
+            assert torch.equal(s.x.grad, torch.full((3,), 4.0 * (k + 1))), k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,6 +807,28 @@ def test_markdown_and_markers():
         report.replace_between_markers("no markers", "x")
 
 
+def test_markdown_row_is_fastbert_own_result_against_the_fastest_peer():
+    """Each README row shows fastbert's own implementation (never a variant computing another
+    function, like the block-sparse case's dense baseline run on fastbert's dense kernel, even
+    when faster) against the fastest peer, the one its speedup is computed against (not the
+    first peer listed)."""
+    sparse_case = "fwd-B2-H16-L8192-D64-blk128-random10-fp16"
+    rows = [_row(sparse_case, "fastbert-triton", True, p50=10.0, family="sparse", work=2e12),
+            dict(_row(sparse_case, "fastbert-triton-dense", True, p50=5.0, family="sparse",
+                      work=2e12), variant="dense"),
+            dict(_row(sparse_case, "sdpa-dense", False, p50=8.0, family="sparse", work=2e12),
+                 variant="dense"),
+            _row("ln", "fastbert-triton", True, p50=1.0, family="norms", metric="GB/s", work=1e9),
+            _row("ln", "torch-eager", False, p50=4.0, family="norms", metric="GB/s", work=1e9),
+            _row("ln", "liger", False, p50=2.0, family="norms", metric="GB/s", work=1e9)]
+    md = report.markdown_summary(_run_record(rows))
+    # 2e12 flops in 10 ms = 200 TFLOP/s = 25% of 800; sdpa-dense 250 TFLOP/s; 8 / 10 = 0.80x
+    assert (f"| {sparse_case} | fastbert-triton | 200.0 TFLOP/s | sdpa-dense | 250.0 TFLOP/s "
+            "| 0.80x | 25% |") in md
+    # 1e9 bytes in 1 ms = 1000 GB/s = 33% of 3000; liger 500 GB/s; 2 / 1 = 2.00x
+    assert "| ln | fastbert-triton | 1000.0 GB/s | liger | 500.0 GB/s | 2.00x | 33% |" in md
+
+
 def test_results_dir_name_and_latest(tmp_path):
     run = _run_record(_sample_rows())
     assert report.results_dir_name(run) == "2026-11-20-h100-80gb-hbm3"
@@ -677,6 +888,32 @@ def test_readme_table_merges_a_benchmark_split_over_two_calls(tmp_path):
     assert "| fwd-B32-H12-L512-D64-fp16 |" in block and "| ln |" in block
     merged = tool.merged_run(report.load_results(dest)["runs"] + [_run_record(second, run_id="r2")])
     assert len(merged["rows"]) == len(rows)
+
+
+def test_readme_table_of_several_runs_takes_the_latest_run_environment(tmp_path):
+    """A results folder holding two runs (a benchmark split over two device calls, or over two
+    days): --import files it under the latest run's date, and the README block prints the latest
+    run's commit, date and ceilings (the rows' values were computed with those ceilings)."""
+    tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
+    rows = _sample_rows()
+    old = _run_record([r for r in rows if r["family"] != "norms"], date="2026-11-20", run_id="r1")
+    new = _run_record([r for r in rows if r["family"] == "norms"], date="2026-11-21", run_id="r2")
+    old["env"]["commit"], new["env"]["commit"] = "old000000000", "new111111111"
+    new["ceilings"] = {"copy_gbps": 3350.0, "matmul_tflops": 900.0}
+    src = tmp_path / "out" / "bench"
+    report.write_json(src, old)
+    report.write_json(src, new)
+    root, readme = tmp_path / "results", tmp_path / "README.md"
+    readme.write_text("<!-- bench:begin -->\n<!-- bench:end -->\n")
+    assert tool.main(["--import", str(src), "--results-root", str(root), "--write", str(readme)]) == 0
+    assert [p.name for p in root.iterdir()] == ["2026-11-21-h100-80gb-hbm3"]
+    merged = tool.merged_run([old, new])
+    assert merged["env"]["commit"] == "new111111111" and merged["ceilings"] == new["ceilings"]
+    assert merged["started"] == new["started"] and len(merged["rows"]) == len(rows)
+    text = readme.read_text()
+    assert "2026-11-21, fastbert 0.1.0 at commit `new111111111`" in text and "old0000" not in text
+    assert "copy 3350 GB/s (read + written), bf16 matmul 900 TFLOP/s" in text
+    assert "| fwd-B32-H12-L128-D64-fp16 |" in text and "| ln |" in text
 
 
 def test_import_rebuilds_the_csv_the_gpu_run_leaves_out(tmp_path):
@@ -878,6 +1115,29 @@ def test_run_command_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
     assert runner.run(_args("--out", str(out), "--no-plots")) == 1
     assert "fastbert-bad" in capsys.readouterr().err
     assert len(report.load_results(out)["runs"]) == 2
+
+
+def test_a_wrong_peer_does_not_fail_the_command(monkeypatch, tmp_path, capsys):
+    """Exit code 1 is for fastbert's own results only (the module docstring): a peer that is wrong
+    or fails is recorded as such, and the command still exits 0."""
+    from fastbert.benchmarks import ceilings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner, "DEVICE", "cpu")
+    monkeypatch.setattr(ceilings, "measure_ceilings", lambda timer, quick, device: ceilings.Ceilings(
+        copy_gbps=1.0, matmul_tflops=1.0, copy_bytes=1, matmul_n=1))
+
+    def broken(x):
+        raise RuntimeError("peer kernel exploded")
+
+    impls = [_impl("peer-wrong", torch.sin), _impl("peer-broken", broken),
+             _impl("fastbert-good", torch.tanh, ours=True)]
+    monkeypatch.setattr(runner, "select_cases", lambda ops, quick=False: [_toy_case(impls)])
+    out = tmp_path / "res"
+    assert runner.run(_args("--out", str(out), "--no-plots")) == 0
+    assert "fastbert result(s) wrong" not in capsys.readouterr().err
+    status = {r["impl"]: r["status"] for r in report.load_results(out)["runs"][-1]["rows"]}
+    assert status == {"peer-wrong": "wrong", "peer-broken": "error", "fastbert-good": "ok"}
 
 
 def test_run_command_refuses_what_it_cannot_do_before_measuring(monkeypatch, tmp_path, capsys):

@@ -349,9 +349,12 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
                window: Optional[Tuple[int, int]] = None, kv_heads: Optional[int] = None,
                pass_: str = "fwd", kind: str = "bert", quick: bool = False) -> Case:
     """Dense attention (B, H, Lq, D) x (B, H, Lk, D); ``key_padding`` masks keys beyond per-sequence
-    lengths drawn by :func:`seqlens` (mean about L / 2); the flops count the full Lq x Lk, so an
-    implementation that skips the padded keys (fastbert's Triton kernels do) shows an effective
-    rate: the comparison in one case is by time.
+    lengths drawn by :func:`seqlens` (mean about L / 2); the flops count the useful work only, the
+    sum over the batch of 4 * H * Lq * len_b * D (x the pass factor), as the varlen and BERT cases
+    count the real tokens. fastbert's Triton kernels skip the padded keys, so its TFLOP/s and %
+    of ceiling are the rate of the work it has to do; an implementation that computes some of the
+    padding (SDPA's backends all of it, FlexAttention the rest of each sequence's last block)
+    shows a lower useful rate. Implementations are compared by time either way (the speedups).
     ``window`` = (left, right): local attention (fastbert's ``window_size``; SDPA gets the window
     as a bool mask, FlexAttention as a mask_mod, flash-attn its own ``window_size``); its flops
     count the pairs inside the window only. ``kv_heads`` (a divisor of ``h``): grouped-query
@@ -438,7 +441,10 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
                         _dense_block_mask),
               _xformers_impl(), _flash_attn_impl()]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    flops = attention_flops(b, h, lq, lk, d, causal=causal, pass_=pass_)
+    if lens is not None:  # useful work: each sequence's real keys only
+        flops = sum(attention_flops(1, h, lq, n, d, pass_=pass_) for n in lens)
+    else:
+        flops = attention_flops(b, h, lq, lk, d, causal=causal, pass_=pass_)
     if window is not None:
         flops *= window_pairs(lq, lk, window) / (lq * lk)
     return Case(FAMILY, "scaled_dot_product_attention", name, pass_, dtype, params, "TFLOP/s",

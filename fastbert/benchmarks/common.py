@@ -10,8 +10,9 @@ when it cannot run here), checks its result against ``fastbert.reference`` and o
 Work formulas (FlashAttention's conventions):
 
 * attention flops = 4 * B * H * Lq * Lk * D (two matmuls of 2 * Lq * Lk * D each); x0.5 causal;
-  backward x2.5; forward + backward x3.5. Varlen sums the formula over the real sequences, so the
-  padded peers of a varlen case are credited with the useful work only (same work, fair speedup).
+  backward x2.5; forward + backward x3.5. Varlen sums the formula over the real sequences, and
+  dense key padding over each sequence's real keys, so the padded peers of those cases are
+  credited with the useful work only (same work, fair speedup).
 * memory-bound ops: bytes = each tensor the op must read, plus each tensor it must write, once
   (see :func:`norm_bytes`).
 """
