@@ -58,8 +58,11 @@ class BackendError(RuntimeError):
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read as
+    Triton reads it: see ``fastbert.kernels._tiles.interpreting``, which imports no Triton)."""
+    from .kernels._tiles import interpreting
+
+    return interpreting()
 
 
 _TRITON_ERROR: Optional[str] = None

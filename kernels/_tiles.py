@@ -23,8 +23,9 @@ _GPU_LIMITS = {"sm90": (90, 227 * 1024), "sm80": (80, 163 * 1024)}
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET set)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    """Whether Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET`` read as Triton
+    reads it (3.6 to 3.8: 1, true, on, yes or y, in any case; anything else is off)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def interpreter_tiles() -> Optional[Tuple[int, int]]:

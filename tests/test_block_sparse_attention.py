@@ -212,6 +212,25 @@ def test_triton_float_mask_large_negative_and_nan():
     assert not out[0, :, 6].isnan().any()
 
 
+def test_triton_float_mask_large_positive():
+    """Finite mask values beyond +2e38 are clamped before the base-2 scaling, as large negative
+    ones are: a key at +3e38 takes all the weight of its row, and a row at +3e38 everywhere
+    averages its listed keys, as in the reference (scaled by log2(e) unclamped they would overflow
+    to +inf and make the row NaN); gradients included."""
+    b, h, lq, lk, d, bs = 1, 2, 40, 40, 16, 16
+    q, k, v = (rand((b, h, n, d), torch.float32) for n in (lq, lk, lk))
+    layout = torch.ones((1, 3, 3), dtype=torch.bool, device=DEVICE)
+    layout[0, 2, 0] = False
+    mask = torch.randn((b, 1, lq, lk), device=DEVICE)
+    mask[0, 0, 9, 12] = 3e38
+    mask[0, 0, 20, :] = 3e38
+    mask[0, 0, 35, 38] = torch.finfo(torch.float32).max
+    out = run_case(q, k, v, layout, bs, attn_mask=mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, :, 9], v[0, :, 12])
+    torch.testing.assert_close(out[0, :, 35], v[0, :, 38])
+
+
 def test_triton_rows_without_keys():
     """Query blocks with no key block, a batch whose keys are all padding, and a row removed by
     -inf: output exactly 0, gradients finite, dq of those rows exactly 0."""
@@ -397,6 +416,32 @@ def test_triton_float_mask_grad(case):
     if shape != "B11L":
         assert (dmask[~seen] == 0).all() and (dmask_ref[~seen] == 0).all()
         assert (dmask[seen] != 0).any()
+
+
+@pytest.mark.parametrize("mshape", ["BHLL", "11LL"])
+def test_triton_mask_grad_when_only_the_mask_requires_grad(mshape):
+    """A float attn_mask that requires grad gets its gradient when it alone does (a trainable
+    bias in front of frozen q, k, v), as from the reference's autograd: the backward must look at
+    the mask's own needs_input_grad, not the query's."""
+    b, h, lq, lk, d, bs = 2, 2, 40, 33, 16, 16
+    q, k, v = (rand((b, h, n, d), torch.float32) for n in (lq, lk, lk))
+    layout = make_layout("bigbird", lq, lk, bs, h).to(DEVICE)
+    shape = (b, h, lq, lk) if mshape == "BHLL" else (1, 1, lq, lk)
+    mask = rand(shape, torch.float32)
+    m = mask.clone().requires_grad_(True)
+    out = fastbert.block_sparse_attention(q, k, v, layout, bs, m, **TRITON)
+    assert out.requires_grad
+    g = torch.randn(out.shape, dtype=torch.float64, device=DEVICE)
+    out.backward(g.float())
+    assert m.grad is not None and m.grad.shape == mask.shape
+    m64 = mask.double().requires_grad_(True)
+    ref = reference.block_sparse_attention(q.double(), k.double(), v.double(), layout, bs, m64)
+    ref.backward(g)
+    mlow = mask.clone().requires_grad_(True)
+    low = reference.block_sparse_attention(q, k, v, layout, bs, mlow, compute_dtype=torch.float32)
+    low.backward(g.float())
+    assert_close(m.grad, m64.grad, mlow.grad, name="dmask")
+    assert (m.grad != 0).any()
 
 
 def test_triton_broadcast_mask_grad_kernel_matches_full_scratch(monkeypatch):

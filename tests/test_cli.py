@@ -89,3 +89,76 @@ def test_dispatch_errors_name_the_file_and_exit_2(tmp_path):
 def test_info_warns_of_a_bad_backend_variable():
     res = run_cli("info", env={"FASTBERT_BACKEND": "bogus"})
     assert res.returncode == 0 and "FASTBERT_BACKEND" in res.stderr and "bogus" in res.stderr
+
+
+def test_info_counts_the_dispatch_table_classes(tmp_path, monkeypatch, capsys):
+    """`fastbert info` summarises the active dispatch table per architecture: shape classes summed
+    over the ops (3 here: 2 for layer_norm, 1 for gelu), then the number of ops."""
+    import json
+
+    from fastbert import cli, dispatch
+
+    entry = {"order": ["cuda", "triton"], "ms": {"cuda": 0.01, "triton": 0.02}, "cases": 1}
+    table = {"format": dispatch.FORMAT, "sources": [],
+             "archs": {"sm90": {"layer_norm": {"fp16/N<=1024": entry, "fp16/N<=4096": entry},
+                                "gelu": {"bf16/N>4096": entry}},
+                       "sm80": {"gelu": {"fp16/N<=1024": entry}}}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(dispatch.TABLE_ENV, str(path))
+    dispatch.reset_cache()
+    try:
+        assert cli.main(["info"]) == 0
+    finally:
+        monkeypatch.delenv(dispatch.TABLE_ENV)
+        dispatch.reset_cache()
+    out = capsys.readouterr().out
+    assert (f"dispatch table: {path} (sm80: 1 shape classes over 1 ops; "
+            "sm90: 3 shape classes over 2 ops)") in out
+
+
+def test_reference_row_for_every_op():
+    """`fastbert check` has a reference row (float64, against independent torch computations) for
+    every op it checks, and each passes: the independent computations (e.g. varlen's own window
+    and causal masks) must agree with fastbert.reference to 1e-10."""
+    import torch
+
+    rows = check.plan("cpu")
+    for op in check.CASES:
+        assert (op, "reference", torch.float64) in rows, op
+        ok, ratio, note = check.check_op(op, "reference", torch.float64, "cpu")
+        assert ok and ratio <= 1, (op, ratio)
+        assert note == "float64 vs torch, allowed 1e-10"
+
+
+def test_reference_row_tolerance_is_1e_10(monkeypatch):
+    """A reference that is off by 1e-6 (far below any low-precision tolerance) fails its row: the
+    reference is checked in float64 against torch to 1e-10."""
+    import torch
+    import torch.nn.functional as F
+
+    from fastbert import reference
+
+    def off(x, approximate="none", **kw):
+        return F.gelu(x, approximate=approximate) * (1 + 1e-6)
+
+    assert check.check_op("gelu", "reference", torch.float64, "cpu")[0]
+    monkeypatch.setattr(reference, "gelu", off)
+    ok, ratio, _ = check.check_op("gelu", "reference", torch.float64, "cpu")
+    assert not ok and ratio > 100
+
+
+def test_check_op_fails_on_a_wrong_gradient(monkeypatch):
+    """A backend whose output is right but whose gradient is wrong fails its row: every
+    comparison (output, each gradient, the inference output) must pass, the last one must not
+    decide alone."""
+    import torch
+    import torch.nn.functional as F
+
+    def wrong_gradient(x, approximate="none", backend=None):  # gelu's value, d/dx = 2
+        return F.gelu(x.detach(), approximate=approximate) + 2 * (x - x.detach())
+
+    assert check.check_op("gelu", "torch", torch.float32, "cpu")[0]
+    monkeypatch.setattr(check, "_public", lambda op: wrong_gradient)
+    ok, ratio, _ = check.check_op("gelu", "torch", torch.float32, "cpu")
+    assert not ok and ratio > 1

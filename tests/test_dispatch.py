@@ -276,3 +276,101 @@ def test_fastbert_dispatch_cli(tmp_path, capsys):
     assert f"{dispatch.TABLE_ENV}={out}" in capsys.readouterr().out
     assert cli.main(["dispatch", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert "cannot build the table" in capsys.readouterr().err
+
+
+def test_class_names_are_the_documented_ones():
+    """The class strings themselves, at the documented edges (head dim <=64, <=128, >128; key
+    length <=512, >512; row width <=1024, <=4096, >4096): a table written by one fastbert is read
+    by another, so moving an edge must show here (the call and benchmark sides move together, so
+    comparing them with each other cannot see it)."""
+    def attn(d, lk, **kw):
+        q = torch.empty(1, 2, 3, d, dtype=torch.float16)
+        k = torch.empty(1, 2, lk, d, dtype=torch.float16)
+        return dispatch.shape_class("scaled_dot_product_attention", query=q, key=k, value=k, **kw)
+
+    assert attn(64, 512) == "fp16/D<=64/Lk<=512/nomask/full"
+    assert attn(65, 513) == "fp16/D<=128/Lk>512/nomask/full"
+    assert attn(128, 1024) == "fp16/D<=128/Lk>512/nomask/full"
+    assert attn(129, 4096, attn_mask=torch.ones(3, 4096, dtype=torch.bool), is_causal=True) == \
+        "fp16/D>128/Lk>512/mask/causal"
+    # the docstring's example, from the benchmark side
+    assert dispatch.bench_shape_class("scaled_dot_product_attention", "fp16",
+                                      {"D": 64, "Lk": 512, "mask": "key_padding"}) == \
+        "fp16/D<=64/Lk<=512/mask/full"
+    assert dispatch.bench_shape_class("scaled_dot_product_attention", "bf16",
+                                      {"D": 80, "Lk": 1024, "H": 2}) == "bf16/D<=128/Lk>512/nomask/full"
+    for n, cls in ((1024, "N<=1024"), (1025, "N<=4096"), (4096, "N<=4096"), (4097, "N>4096")):
+        assert dispatch.shape_class("layer_norm", input=torch.empty(2, n)) == f"fp32/{cls}"
+
+
+def test_reloading_the_table_changes_auto(tmp_path, table_env, fake_op):
+    """select remembers its answers, but under the table's generation: after
+    FASTBERT_DISPATCH_TABLE is pointed at another table (and reloaded), the same call follows the
+    new measurements instead of the remembered order."""
+    cuda = torch.device("cuda")
+    x = torch.empty(4, 768, dtype=torch.float16)
+    first = [_row("layer_norm", "a", "triton", 0.02, LN768), _row("layer_norm", "a", "cuda", 0.01, LN768)]
+    table_env(_write(tmp_path, dispatch.build_table([_run(first)]), "first.json"))
+    assert backends.select(fake_op, "auto", cuda, input=x).backend == "cuda"
+    assert backends.select(fake_op, "auto", cuda, input=x).backend == "cuda"  # remembered
+    second = [_row("layer_norm", "a", "triton", 0.01, LN768), _row("layer_norm", "a", "cuda", 0.02, LN768)]
+    table_env(_write(tmp_path, dispatch.build_table([_run(second)]), "second.json"))
+    assert backends.select(fake_op, "auto", cuda, input=x).backend == "triton"
+
+
+@pytest.mark.parametrize("given,want", [("Triton", "triton"), ("CUDA", "cuda"), ("Torch", "torch"),
+                                        ("AUTO", "auto"), ("auto", "auto")])
+def test_backend_names_are_case_insensitive(monkeypatch, given, want):
+    """Backend names are normalised to lower case, from the argument and from FASTBERT_BACKEND
+    alike (as they have been since the first release; an unknown name is still refused with every
+    valid one listed, a non-string with a TypeError)."""
+    assert backends.resolve(given) == want
+    monkeypatch.setenv("FASTBERT_BACKEND", given)
+    assert backends.resolve(None) == want
+    x = torch.randn(3, 8)
+    if want in ("torch", "auto"):
+        assert backends.select("gelu", given, torch.device("cpu"), input=x,
+                               approximate="none").backend == "torch"
+    monkeypatch.setenv("FASTBERT_BACKEND", "Bogus")
+    with pytest.raises(ValueError, match="FASTBERT_BACKEND environment variable must be one of "
+                                         "'auto', 'cuda', 'triton', 'torch'"):
+        backends.resolve(None)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve(given + "x")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        backends.resolve(1)
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "false", "False", "FALSE", "off", "no", "2", " 1",
+                                   "1", "true", "True", "ON", "yes", "y"])
+def test_interpreter_setting_values(monkeypatch, value):
+    """TRITON_INTERPRET is read as Triton reads it (1, true, on, yes or y in any case; anything
+    else, unset included, is off): fastbert taking "off", "no" or "2" for on made "auto" pass
+    Triton over on a GPU while Triton itself ran compiled."""
+    from triton import knobs
+
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends.interpreter_enabled() is bool(knobs.runtime.interpret)
+    assert backends.interpreter_enabled() is (value in ("1", "true", "True", "ON", "yes", "y"))
+
+
+def test_explain_with_a_call_answers_for_an_explicit_request(monkeypatch):
+    """explain(op, device, **call) says why each backend cannot serve the call when it is asked
+    for by name: under the interpreter, Triton on CPU tensors can (only "auto" passes it over, for
+    being slow), so its list is empty, and an explicit select agrees with it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    if backends.backend_reasons("triton", cpu):
+        pytest.skip("Triton's interpreter cannot run here: "
+                    + "; ".join(backends.backend_reasons("triton", cpu)))
+    x = torch.randn(4, 8)
+    why = backends.explain("gelu", cpu, input=x, approximate="none")
+    assert why["triton"] == [] and why["torch"] == []
+    assert backends.select("gelu", "triton", cpu, input=x, approximate="none").backend == "triton"
+    assert backends.select("gelu", "auto", cpu, input=x, approximate="none").backend == "torch"
+    # a call Triton cannot serve: its op-level reason is listed
+    why = backends.explain("gelu", cpu, input=x.double(), approximate="none")
+    assert any("float64" in r for r in why["triton"]) and why["torch"] == []

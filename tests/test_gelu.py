@@ -1,5 +1,7 @@
 """fastbert.gelu and fastbert.bias_gelu, Triton backend, against fastbert.reference in float64 (and
 torch.nn.functional.gelu in the input's precision, for the tolerance rule)."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,6 +346,19 @@ def test_geglu_shapes_and_grad_of_one_input():
     assert torch.equal(out, fastbert.geglu(x, backend="triton"))
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(gate.grad, F.gelu(x[..., :65]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_geglu_packed_odd_width_is_refused(backend):
+    """A packed input (gate=None) with an odd last dim cannot be split into two halves: the
+    documented ValueError naming the input and its shape, before any backend is chosen (not an
+    error from inside a kernel or torch.chunk), and a gated call of the same width is served."""
+    x = rand((3, 2 * int(torch.randint(1, 50, ())) + 1))
+    with pytest.raises(ValueError, match=r"input must have an even last dim when gate is None.*"
+                                         + re.escape(str(tuple(x.shape)))):
+        fastbert.geglu(x, backend=backend)
+    out = fastbert.geglu(x, x.clone(), backend=backend)
+    assert out.shape == x.shape
 
 
 def test_geglu_dispatch_and_compile():

@@ -293,3 +293,39 @@ def test_prepare_layout_lru_bound():
     with torch.inference_mode():
         inf = S.dense(97, 16)
         _check_prepared(S.prepare_layout(inf), inf)  # never cached, still correct
+
+
+@pytest.mark.parametrize("nbq,nbk", [(8, 3), (3, 8)], ids=["tall", "wide"])
+def test_density_report_non_square(nbq, nbk):
+    """density() of a layout with more query blocks than key blocks, and the other way round:
+    per-head and block density over nbq x nbk blocks, blocks per row over the nbq query blocks,
+    token density with partial last blocks both ways."""
+    h, bs = 2, 16
+    lay = torch.rand(h, nbq, nbk) < 0.5
+    lay[:, 0, 0] = True
+    lq, lk = nbq * bs - 5, nbk * bs - 11
+    rep = S.density(lay, bs, lq, key_len=lk)
+    n = int(lay.sum())
+    assert rep.blocks == (nbq, nbk) and rep.nonzero_blocks == n
+    assert math.isclose(rep.block_density, n / (h * nbq * nbk))
+    assert rep.per_head == tuple(float(lay[i].sum()) / (nbq * nbk) for i in range(h))
+    assert math.isclose(rep.mean_blocks_per_row, n / (h * nbq))
+    tok = reference.layout_to_mask(lay, bs, lq, lk).double().mean()
+    assert math.isclose(rep.token_density, float(tok), rel_tol=1e-12)
+    # a preset: on an 8 x 2 grid, the window of query blocks 0, 1, 2 holds 2, 2, 1 key blocks
+    rep = S.density(S.sliding_window(8 * 64, 64, window=1, key_len=2 * 64))
+    assert rep.nonzero_blocks == 5 and rep.per_head == (5 / 16,)
+    assert math.isclose(rep.mean_blocks_per_row, 5 / 8)
+
+
+def test_prepare_layout_long_rows_stay_in_order():
+    """Rows and columns with many blocks (a 64 x 70 grid: sorting more than a handful of entries,
+    where an unstable sort would shuffle them) still list their blocks in increasing order, as
+    PreparedLayout promises."""
+    S.clear_cache()
+    lay = torch.rand(2, 64, 70) < 0.6
+    lay[0, 5] = True  # a full row
+    lay[1, :, 9] = True  # a full column
+    _check_prepared(S.prepare_layout(lay), lay)
+    big = S.bigbird(64 * 16, 16, window=2, global_blocks=1, random_blocks=3, seed=1)
+    _check_prepared(S.prepare_layout(big), big)
