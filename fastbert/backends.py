@@ -57,12 +57,16 @@ class BackendError(RuntimeError):
     """No backend (or not the requested one) can serve a call; the message lists every reason."""
 
 
+_interpreting: Optional[Callable[[], bool]] = None
+
+
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read as
     Triton reads it: see ``fastbert.kernels._tiles.interpreting``, which imports no Triton)."""
-    from .kernels._tiles import interpreting
-
-    return interpreting()
+    global _interpreting
+    if _interpreting is None:  # (imported once: this runs on every op call)
+        from .kernels._tiles import interpreting as _interpreting
+    return _interpreting()
 
 
 _TRITON_ERROR: Optional[str] = None

@@ -332,3 +332,34 @@ def test_encoder_follows_given_position_ids(left):
         default = enc(ids, attention_mask=mask)
         given = enc(ids, attention_mask=mask, position_ids=pos)
     assert (given - default)[mask.bool()].abs().max() > 1e-3
+
+
+@needs_tf5
+def test_attention_dropout_rate_is_the_attention_modules():
+    """The layer's attention-probability dropout rate is the HuggingFace attention module's, read
+    at each call (a rate set on the model after from_hf applies; setting it on the layer sets it
+    there); an attention module without a numeric rate is refused when the encoder is built, not at
+    its first training step; a layer pickled with its own copy of the rate (older fastbert) still
+    reads and sets that copy."""
+    torch.manual_seed(0)
+    hf = _model(attention_dropout=0.0)
+    enc = ModernBertEncoder.from_hf(hf, backend="torch")
+    ids, mask = _batch([6, 3], 6)
+    real = mask.bool()
+    with torch.no_grad():
+        ev = _hidden(enc.eval(), ids, mask)
+        assert torch.equal(_hidden(enc.train(), ids, mask)[real], ev[real])  # rate 0: no drop
+        for layer in hf.layers:
+            layer.attn.attention_dropout = 0.5
+        assert (_hidden(enc, ids, mask) - ev)[real].abs().max() > 1e-3
+    enc.layers[0].attention_dropout = 0.25
+    assert hf.layers[0].attn.attention_dropout == 0.25
+    layer = enc.layers[1]
+    del layer.__dict__["_hf_attention"]  # as unpickled from before the rate was shared
+    layer.__dict__["attention_dropout"] = 0.125
+    assert layer.attention_dropout == 0.125
+    layer.attention_dropout = 0.0
+    assert layer.attention_dropout == 0.0 and hf.layers[1].attn.attention_dropout == 0.5
+    del hf.layers[0].attn.attention_dropout
+    with pytest.raises(ValueError, match="attention_dropout to be a number"):
+        ModernBertEncoder.from_hf(hf, backend="torch")

@@ -121,10 +121,13 @@ def _pre_ln_parts(hf_layer: nn.Module) -> dict:
     return parts
 
 
+class _NoDropout(nn.Dropout):
+    """Dropout(0), standing in where a layer has none: fastbert's own module, so it follows the
+    encoder's mode as the rest of it does (``set_own_mode``)."""
+
+
 def _no_dropout(hf_layer: nn.Module) -> nn.Dropout:
-    """A Dropout(0) standing in where a layer has none, in the layer's mode (``model.eval()`` finds
-    it in eval mode like every other module)."""
-    return nn.Dropout(0.0).train(hf_layer.training)
+    return _NoDropout(0.0).train(hf_layer.training)
 
 
 def _is_pre_ln(hf_layer: nn.Module) -> bool:

@@ -75,6 +75,8 @@ class ModernBertLayer(nn.Module, NoTorchScript):
         # the probabilities' dropout rate is a float attribute of the attention module: read at
         # each call (a rate set on the model after from_hf applies), from a reference that is not
         # a submodule (its parameters are registered above, under this layer's names)
+        _require(isinstance(getattr(attn, "attention_dropout", None), (int, float)),
+                 f"expected {type(attn).__name__}.attention_dropout to be a number")
         self.__dict__["_hf_attention"] = attn
         window = attn.sliding_window  # transformers' inclusive bound: local_attention // 2 + 1
         self.window_size: Optional[Tuple[int, int]] = None if window is None else (window - 1, window - 1)
@@ -85,13 +87,21 @@ class ModernBertLayer(nn.Module, NoTorchScript):
 
     @property
     def attention_dropout(self) -> float:
-        """The attention probabilities' dropout rate: the HuggingFace attention module's (one rate
-        for both: setting it here sets it there)."""
-        return float(self._hf_attention.attention_dropout)
+        """The attention probabilities' dropout rate: that of the HuggingFace attention module this
+        layer was built from (one rate for both: setting it here sets it there; a module put in
+        its place later is not followed, as for every module the layer shares)."""
+        attn = self.__dict__.get("_hf_attention")
+        if attn is None:  # pickled before the rate was shared (fastbert 0.1.0 until 2026-11-24): a copy
+            return float(self.__dict__["attention_dropout"])
+        return float(attn.attention_dropout)
 
     @attention_dropout.setter
     def attention_dropout(self, p: float) -> None:
-        self._hf_attention.attention_dropout = p
+        attn = self.__dict__.get("_hf_attention")
+        if attn is None:
+            self.__dict__["attention_dropout"] = float(p)
+        else:
+            attn.attention_dropout = p
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, cos: Tensor, sin: Tensor) -> Tensor:
         t, be = x.shape[0], self.backend

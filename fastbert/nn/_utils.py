@@ -124,7 +124,7 @@ def set_own_mode(module: nn.Module, mode: bool) -> nn.Module:
 def _own(m: nn.Module) -> bool:
     if type(m).__module__.startswith("fastbert."):
         return True
-    return (type(m) in (nn.ModuleList, nn.ModuleDict) and len(m._modules) > 0
+    return (type(m) in (nn.ModuleList, nn.ModuleDict)
             and all(c is not None and _own(c) for c in m._modules.values()))
 
 
