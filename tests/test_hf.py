@@ -1469,6 +1469,20 @@ def test_generate_with_kv_cache_matches_sdpa(padded):
     assert torch.equal(out.sequences, want.sequences)
 
 
+def test_decoder_under_inference_mode_matches_sdpa():
+    """A decoder with attn_implementation="fastbert" under torch.inference_mode (how models are
+    served): its position_ids are inference tensors, which have no version counter; the packed-
+    layout cache keyed on that counter raised RuntimeError for every forward and generate() there.
+    Logits and greedy tokens equal "sdpa"'s."""
+    model, reference = _decoder_pair()
+    ids = torch.randint(3, VOCAB, (1, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        want = reference.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("step", [1, 3])
 def test_forward_with_past_key_values_matches_the_whole_sequence(step):
     """A forward over a prompt, then ``step`` more tokens against its KV cache (Lq < Lk; no mask
@@ -1774,6 +1788,25 @@ def test_packed_layout_cache_checks_each_mask():
         model(input_ids=ids, attention_mask=causal, **varlen)
         with pytest.raises(ValueError, match="masks tokens"):
             model(input_ids=ids, attention_mask=padded, **varlen)
+
+
+def test_packed_layout_with_a_mask_is_checked_once_per_forward(monkeypatch):
+    """cu_seq_lens with a mask that masks nothing: its values are checked (an (L, L) comparison
+    and a host read) once per forward, not once per layer, as transformers gives every layer the
+    same mask object; a new mask object is checked again."""
+    model, _ = _packed_model("llama")
+    model.set_attn_implementation("fastbert")
+    model.eval()
+    calls = []
+    check = hf._no_padding
+    monkeypatch.setattr(hf, "_no_padding", lambda *a, **k: calls.append(1) or check(*a, **k))
+    ids, varlen = torch.randint(3, VOCAB, (1, 12)), _varlen([5, 3, 4])
+    causal = torch.ones(1, 1, 12, 12, dtype=torch.bool).tril()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=causal, **varlen)
+        assert len(calls) == 1, f"{len(calls)} checks for {len(model.layers)} layers"
+        model(input_ids=ids, attention_mask=causal.clone(), **varlen)
+    assert len(calls) == 2
 
 
 def test_packed_layout_cache_follows_the_batch_size():

@@ -361,16 +361,27 @@ def _packed_sequences(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs
     source = kwargs.get("cu_seq_lens_q")
     if source is None:
         source = kwargs.get("position_ids")
-    # (not with a mask: whether it masks tokens depends on its values, which the key cannot hold)
-    if not isinstance(source, Tensor) or mask is not None or torch.compiler.is_compiling():
+    if not isinstance(source, Tensor) or torch.compiler.is_compiling():
         return _packed_layout(query, key, mask, kwargs, window)
-    cache_key = (source.data_ptr(), source._version, tuple(query.shape), key.shape[2], window)
+    # Keyed on the very tensor objects (weak references) and their contents' versions: the source
+    # of the lengths and the mask, whose values decide whether it masks tokens (transformers gives
+    # every layer of one forward the same mask object). Inference tensors have no version counter:
+    # one written in place between two calls, under inference_mode, is not seen.
+    cache_key = (_tensor_key(source), _tensor_key(mask), tuple(query.shape), key.shape[2], window)
     hit = _PACKED_CACHE.get("entry")
-    if hit is not None and hit[0]() is source and hit[1] == cache_key:
-        return hit[2]
+    if (hit is not None and hit[0]() is source and hit[1] == cache_key
+            and (mask is None or hit[2]() is mask)):
+        return hit[3]
     result = _packed_layout(query, key, mask, kwargs, window)
-    _PACKED_CACHE["entry"] = (weakref.ref(source), cache_key, result)
+    _PACKED_CACHE["entry"] = (weakref.ref(source), cache_key,
+                              None if mask is None else weakref.ref(mask), result)
     return result
+
+
+def _tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
+    if t is None:
+        return None
+    return (t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape), t.dtype)
 
 
 def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict,
