@@ -167,6 +167,23 @@ def test_layer_norm(emu, width, dtype, affine):
              f"layer_norm {width}")
 
 
+@pytest.mark.parametrize("width", [97, pytest.param(768, marks=pytest.mark.xfail(
+    reason="open: the 768 fast kernel's fp32 error near an offset of 100 is 1.0-1.25x the allowed "
+           "2x torch-CPU's (its fp32 row mean; a shifted sum would fix it, to be verified on a GPU)",
+    strict=False)), 1000, 4096])
+def test_layer_norm_large_common_offset(emu, width):
+    """fp32 rows of values near 100 (std 1), forward: the variance must be taken around the mean
+    (two passes, or Welford), not as E[x^2] - mean^2, which cancels there (9.3e-3 of error against
+    1.1e-4 allowed at width 768)."""
+    x = rand((5, width), F32, "cpu") + 100.0
+    w, b = rand((width,), F32, "cpu"), rand((width,), F32, "cpu")
+    with torch.no_grad():
+        out = layer_norm_ops._layer_norm_cuda(x, (width,), w, b, 1e-5)
+    ref = reference.layer_norm(x.double(), (width,), w.double(), b.double(), 1e-5)
+    check_output(out, ref, torch.nn.functional.layer_norm(x, (width,), w, b, 1e-5),
+                 f"layer_norm {width} offset 100")
+
+
 @pytest.mark.parametrize("view", ["cols_768_of_1024", "cols_97_of_100", "every_other_row"])
 def test_layer_norm_views(emu, view):
     if view == "cols_768_of_1024":
@@ -551,6 +568,37 @@ def test_add_layer_norm_bwd_flags(emu, width, flags, dropout_p):
             assert got.shape == (0,), f"{name}: {label} not asked for, got shape {tuple(got.shape)}"
 
 
+@pytest.mark.parametrize("width", LN_BWD_WIDTHS, ids=lambda c: f"{c[2]}-{c[1]}-{str(c[0])[6:]}")
+@pytest.mark.parametrize("layout", ["every_other_row", "broadcast"])
+def test_add_layer_norm_bwd_grad_out_layouts_with_dropout(emu, width, layout):
+    """Upstream gradients passed on without a copy (a row stride other than cols, or 0) under
+    dropout: the backward regenerates each element's dropout decision from its position in the
+    [rows, cols] sum (row * cols + col), not from its position in the gradient's memory."""
+    dtype, n, path = width
+    rows, p = 19, 0.3
+    x, r = rand((rows, n), dtype, "cpu"), rand((rows, n), dtype, "cpu")
+    w, b, xb = rand((n,), dtype, "cpu"), rand((n,), dtype, "cpu"), rand((n,), dtype, "cpu")
+    if layout == "broadcast":
+        dy = rand((n,), dtype, "cpu").expand(rows, n)
+    else:
+        base, view = _layout(layout, rows, n, dtype)
+        dy = view(base)
+    assert dy.stride(0) != n
+    out, s, mean, rstd, seed = emu.add_layer_norm_fwd(x, r, w, b, xb, 1e-5, p)
+    keep = emu.dropout_mask(seed, [rows, n], p)
+    d_input, d_residual, dw, db, dxb = emu.add_layer_norm_bwd(dy, None, s, w, mean, rstd, seed, p,
+                                                              True, True, True)
+
+    def ref(x, r, w, b, xb, **kw):
+        return reference.add_layer_norm(x, r, w, b, 1e-5, input_bias=xb, dropout_p=p,
+                                        dropout_mask=keep, **kw)
+
+    (_, want), (_, low) = _reference_grads(ref, [x, r, w, b, xb], [dy], dtype)
+    for i, (got, label) in enumerate(((d_input, "grad_input"), (d_residual, "grad_residual"),
+                                      (dw, "grad_weight"), (db, "grad_bias"), (dxb, "grad_input_bias"))):
+        check_output(got, want[i], low[i], f"add_layer_norm_bwd {n} dy {layout} p={p} {label}")
+
+
 # Row slots: more rows than the backward has slots, so a slot accumulates several rows (registers in
 # the fast kernel, read-modify-write of its partial row in the generic one) and column_sum reduces
 # 1000+ slots per column (with compensated sums: a plain fp32 running sum over thousands of slots
@@ -744,6 +792,9 @@ GEGLU_CASES = [
     (F16, (2, 3, 40), "transposed_gate", "vec", "a gate whose rows do not merge: copied"),
     (F32, (2, 3, 40), "strided_cols", "vec", "column stride 2: copied, then vectorised"),
     (F16, (2817, 97), "gate", "scalar", "2 grid-stride passes"),
+    (F16, (4, 64), "wide_gate", "vec", "a gate with its own row stride (2N, the input's N)"),
+    (F32, (5, 64), "wide_gate", "vec", "a gate with its own row stride (2N, the input's N)"),
+    (F16, (4, 64), "odd_stride_gate", "scalar", "a gate row stride of N + 1: not vectorisable"),
 ]
 
 
@@ -761,6 +812,9 @@ def _geglu_inputs(dtype, shape, layout):
                 None)
     if layout == "strided_cols":
         return rand(shape, dtype, "cpu", scale=2.0, noncontiguous=True), rand(shape, dtype, "cpu"), None
+    if layout in ("wide_gate", "odd_stride_gate"):  # the gate: the first N columns of wider rows
+        width = 2 * n if layout == "wide_gate" else n + 1
+        return rand(shape, dtype, "cpu", scale=2.0), rand((*shape[:-1], width), dtype, "cpu"), None
     return rand(shape, dtype, "cpu", scale=2.0), rand(shape, dtype, "cpu"), None
 
 
@@ -776,6 +830,8 @@ def test_geglu_launch_paths(emu, case):
         gate, views = x.detach().clone(), [view, lambda t: t[..., shape[-1]:]]
     elif layout == "transposed_gate":
         views = [None, lambda t: t.transpose(0, 1)]
+    elif layout in ("wide_gate", "odd_stride_gate"):
+        views = [None, lambda t: t[..., :shape[-1]]]
     if "grid-stride" in what:
         assert _gelu_flat_passes(path, dtype, math.prod(shape)) == 2
     fn = _expect_path(_geglu("tanh"), path, _geglu_path)
@@ -1128,6 +1184,11 @@ def test_fused_varlen_attention_int64_offsets_one_head_and_understated_max(emu):
                                            None)
     assert torch.isnan(short[:16]).all()  # sequence 0 (40 tokens > 16): poisoned, in range
     assert_close(short[40:], ref[40:], low[40:], name="the sequence within max_seqlen")
+    with torch.no_grad():  # only the queries' bound understated: that sequence is poisoned too
+        short_q = attention_ops._varlen_cuda(q, k, v, cu, cu, 16, max(lens), 0.0, False, None, None,
+                                             None, None)
+    assert torch.isnan(short_q[:16]).all()
+    assert_close(short_q[40:], ref[40:], low[40:], name="the sequence within max_seqlen_q")
 
 
 # ----------------------------------------------------------------------------------------------
