@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import fastbert  # noqa: E402
 from fastbert import backends  # noqa: E402
 from fastbert.models import BertEncoder  # noqa: E402
+from fastbert.nn._utils import dropout_rate  # noqa: E402
 from fastbert.optimize import optimize  # noqa: E402
 from fastbert.testing import ATOL_FLOOR, DEVICE, assert_close, assert_compiled_encoder_matches  # noqa: E402
 
@@ -584,6 +585,8 @@ def test_encoder_starts_in_the_models_mode(family):
     train_hf = _model(family, dropout=0.1).train()
     train_enc = BertEncoder.from_hf(train_hf, backend="torch")
     assert all(m.training for m in train_enc.modules())
+    # every output dropout is fused (its rate read), the Dropout(0) stand-ins of XLM-R XL too
+    assert all(dropout_rate(layer.output_dropout) is not None for layer in train_enc.layers)
     with torch.no_grad():
         torch.manual_seed(1)
         c = train_enc(ids, attention_mask=mask)

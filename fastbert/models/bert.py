@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn._fuse import add_norm, layer_norm, matmul
-from ..nn._utils import NoTorchScript, check_backend, plain_linear, set_own_mode
+from ..nn._utils import NoDropout, NoTorchScript, check_backend, plain_linear, set_own_mode
 from ..nn.gelu import gelu_approximation
 from ..padding import gap_refusal, pad_input, unpad_input
 
@@ -121,13 +121,10 @@ def _pre_ln_parts(hf_layer: nn.Module) -> dict:
     return parts
 
 
-class _NoDropout(nn.Dropout):
-    """Dropout(0), standing in where a layer has none: fastbert's own module, so it follows the
-    encoder's mode as the rest of it does (``set_own_mode``)."""
-
-
 def _no_dropout(hf_layer: nn.Module) -> nn.Dropout:
-    return _NoDropout(0.0).train(hf_layer.training)
+    """A Dropout(0) where the layer has none, in its mode (fastbert's own class: then the
+    encoder's, as ``set_own_mode`` sets it)."""
+    return NoDropout(0.0).train(hf_layer.training)
 
 
 def _is_pre_ln(hf_layer: nn.Module) -> bool:

@@ -99,12 +99,17 @@ def plain_linear(module: nn.Module) -> bool:
     return runs_plainly(module, nn.Linear, NonDynamicallyQuantizableLinear)
 
 
+class NoDropout(nn.Dropout):
+    """Dropout(0), standing in where a model has no dropout: fastbert's own module, so it follows
+    the mode of the fastbert module holding it (:func:`set_own_mode`), and fused as nn.Dropout is."""
+
+
 def dropout_rate(dropout: nn.Module) -> Optional[float]:
     """The rate a fused op applies in place of calling the ``nn.Dropout`` ``dropout``: its ``p`` when
     it is in training mode, 0 when not (its own mode, as calling it would use: Monte-Carlo dropout
     turns the Dropout modules of an eval-mode model on); None when it is not a plain nn.Dropout (the
     caller then calls it)."""
-    if not runs_plainly(dropout, nn.Dropout):
+    if not runs_plainly(dropout, nn.Dropout, NoDropout):
         return None
     return float(dropout.p) if dropout.training else 0.0
 
