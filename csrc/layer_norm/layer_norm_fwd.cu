@@ -1,6 +1,9 @@
 // LayerNorm forward (plain and fused add + bias + dropout + residual) for fp16 / bf16 / fp32.
-// Statistics in fp32, two-pass variance (sum of squared deviations, no E[x^2] - E[x]^2
-// cancellation).
+// Statistics in fp32 by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): pass 1
+// gives a mean m0; pass 2 sums d = s - m0 and d^2, so mean = m0 + c with c = mean(d), and
+// var = mean(d^2) - c^2 (c is tiny: no E[x^2] - E[x]^2 cancellation). Outputs use (s - m0) - c,
+// never s - mean with a rounded mean, which loses ~ulp(mean) when the row sits near a large
+// common offset.
 #include "layer_norm/layer_norm_common.cuh"
 
 namespace fastbert {
@@ -34,21 +37,24 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) local += s[it][i];
   }
-  const float mean = row_sum(local, smem) * (1.f / COLS);
+  const float mean0 = row_sum(local, smem) * (1.f / COLS);
+  float local_d = 0.f;
   local = 0.f;
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float d = s[it][i] - mean;
+      const float d = s[it][i] - mean0;
+      local_d += d;
       local += d * d;
     }
   }
-  const float var = row_sum(local, smem) * (1.f / COLS);
+  const float shift = row_sum(local_d, smem) * (1.f / COLS);
+  const float var = fmaxf(row_sum(local, smem) * (1.f / COLS) - shift * shift, 0.f);
   const float rstd = rsqrtf(var + p.eps);
   if (!valid) return;  // no block-wide synchronisation below
   if (threadIdx.x == 0) {
-    p.mean[row] = mean;
+    p.mean[row] = mean0 + shift;
     p.rstd[row] = rstd;
   }
 #pragma unroll
@@ -69,7 +75,7 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
       for (int i = 0; i < VEC; ++i) b[i] = 0.f;
     }
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) y[i] = (s[it][i] - mean) * rstd * w[i] + b[i];
+    for (int i = 0; i < VEC; ++i) y[i] = ((s[it][i] - mean0) - shift) * rstd * w[i] + b[i];
     store_vec<T, VEC>(static_cast<T*>(p.out) + row * COLS + col, y);
   }
 }
@@ -107,22 +113,25 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) local += s[i];
   }
-  const float mean = row_sum(local, smem) / static_cast<float>(cols);
+  const float mean0 = row_sum(local, smem) / static_cast<float>(cols);
+  float local_d = 0.f;
   local = 0.f;
   for (int col = first; valid && col < cols; col += step) {
     float s[VEC];
     load_s(col, s);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float d = s[i] - mean;
+      const float d = s[i] - mean0;
+      local_d += d;
       local += d * d;
     }
   }
-  const float var = row_sum(local, smem) / static_cast<float>(cols);
+  const float shift = row_sum(local_d, smem) / static_cast<float>(cols);
+  const float var = fmaxf(row_sum(local, smem) / static_cast<float>(cols) - shift * shift, 0.f);
   const float rstd = rsqrtf(var + p.eps);
   if (!valid) return;
   if (threadIdx.x == 0) {
-    p.mean[row] = mean;
+    p.mean[row] = mean0 + shift;
     p.rstd[row] = rstd;
   }
   for (int col = first; col < cols; col += step) {
@@ -141,7 +150,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
       for (int i = 0; i < VEC; ++i) b[i] = 0.f;
     }
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) y[i] = (s[i] - mean) * rstd * w[i] + b[i];
+    for (int i = 0; i < VEC; ++i) y[i] = ((s[i] - mean0) - shift) * rstd * w[i] + b[i];
     store_vec<T, VEC>(static_cast<T*>(p.out) + row * p.cols + col, y);
   }
 }
