@@ -130,8 +130,10 @@ _CU_CHECKED: "OrderedDict[int, tuple]" = OrderedDict()
 _CU_CHECKED_MAX = 16
 
 
-def _cu_version(cu: Tensor) -> Optional[int]:
-    return None if cu.is_inference() else cu._version
+def tensor_version(t: Tensor) -> Optional[int]:
+    """``t``'s version counter (bumped by every in-place write), for cache keys; None for an
+    inference tensor, which has none."""
+    return None if t.is_inference() else t._version
 
 
 def _cu_cache_get(cu: Tensor, total: int) -> Optional[list]:
@@ -139,7 +141,7 @@ def _cu_cache_get(cu: Tensor, total: int) -> Optional[list]:
     if hit is None:
         return None
     ref, version, ptr, checked_total, values = hit
-    if ref() is not cu or version != _cu_version(cu) or ptr != cu.data_ptr() or checked_total != total:
+    if ref() is not cu or version != tensor_version(cu) or ptr != cu.data_ptr() or checked_total != total:
         del _CU_CHECKED[id(cu)]
         return None
     _CU_CHECKED.move_to_end(id(cu))
@@ -151,7 +153,7 @@ def _cu_cache_put(cu: Tensor, total: int, values: list) -> None:
         ref = weakref.ref(cu)
     except TypeError:  # not weak-referenceable (a tensor subclass): just do not cache
         return
-    _CU_CHECKED[id(cu)] = (ref, _cu_version(cu), cu.data_ptr(), total, values)
+    _CU_CHECKED[id(cu)] = (ref, tensor_version(cu), cu.data_ptr(), total, values)
     while len(_CU_CHECKED) > _CU_CHECKED_MAX:
         _CU_CHECKED.popitem(last=False)
 

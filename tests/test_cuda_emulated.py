@@ -942,6 +942,26 @@ def test_attention_dropout(emu, dtype, dropout_p):
              [rand((b, h, lq, d), dtype, "cpu")], dtype, f"attention dropout {dropout_p}")
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_attention_dropout_uses_probs_as_stored(emu, dtype):
+    """Under dropout the forward multiplies V by dropout(P) built from P as stored (rounded to the
+    dtype), the matrix its backward regenerates from that stored P: the forward output and dV are
+    exactly matmul(where(keep, P / (1 - p), 0), ...) on the P the forward returns. (Built from the
+    unrounded fp32 P, a few elements round twice differently: within tolerance, but forward and
+    backward then use different matrices.)"""
+    b, h, lq, lk, d, p = 2, 2, 33, 40, 64, 0.3
+    q, k, v = _qkv(b, h, lq, lk, d, dtype)
+    torch.manual_seed(5)
+    out, probs, seed = emu.attention_fwd(q, k, v, None, p, False, d ** -0.5)
+    keep = emu.dropout_mask(seed, [b, h, lq, lk], p)
+    inv_keep = torch.tensor(1.0) / (1.0 - torch.tensor(p))  # fp32, as the kernels compute it
+    dropped = torch.where(keep, probs.float() * inv_keep, 0.0).to(dtype)
+    assert torch.equal(out, torch.matmul(dropped, v))
+    dy = rand((b, h, lq, d), dtype, "cpu")
+    _, _, dv, _ = emu.attention_bwd(dy, q, k, v, probs, seed, p, d ** -0.5)
+    assert torch.equal(dv, torch.matmul(dropped.transpose(-2, -1), dy))
+
+
 def test_attention_views_gqa_alibi_window(emu):
     """(B, L, H, D) tensors viewed as (B, H, L, D); grouped-query heads; ALiBi and a window."""
     b, lq, lk, h, d = 2, 19, 23, 4, 40

@@ -81,7 +81,7 @@ import transformers
 from torch import Tensor, nn
 
 from .. import ops, reference
-from .._validation import host_checks_allowed, type_name
+from .._validation import host_checks_allowed, tensor_version, type_name
 from ..nn import GELU
 from ..nn._fuse import add_norm, layer_norm, matmul, unfused_dropout
 from ..nn._utils import (NoTorchScript, _own_forward, adopt, check_backend, dropout_rate, plain_linear,
@@ -381,7 +381,7 @@ def _packed_sequences(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs
 def _tensor_key(t: Optional[Tensor]) -> Optional[tuple]:
     if t is None:
         return None
-    return (t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape), t.dtype)
+    return (t.data_ptr(), tensor_version(t), tuple(t.shape), t.dtype)
 
 
 def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: dict,

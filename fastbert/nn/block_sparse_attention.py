@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, sparsity
-from .._validation import type_name
+from .._validation import tensor_version, type_name
 from ._self_attention import SelfAttentionBase
 from ._utils import check_positive_int
 
@@ -149,8 +149,7 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         if full.shape[1] < nb or full.shape[2] < nb:
             raise ValueError(f"the layout covers {full.shape[1]} x {full.shape[2]} blocks of "
                              f"{self.block_size} tokens, too few for a sequence of {seq_len} tokens")
-        version = None if full.is_inference() else full._version  # inference tensors have none
-        key = (seq_len, str(full.device), full.data_ptr(), version)
+        key = (seq_len, str(full.device), full.data_ptr(), tensor_version(full))
         entry = self._layouts.get(key)
         # the entry is also tied to the buffer object: a new buffer at a recycled address never hits
         if entry is None or entry[0]() is not full:

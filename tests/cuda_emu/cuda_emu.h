@@ -8,8 +8,9 @@
 // thread, so threads run as far ahead of the later ones as the barriers allow: thread 0 runs to its
 // next barrier before thread 1 starts, and warp 0 passes every warp-level barrier it can before
 // warp 1 starts. That is a schedule a GPU may legally choose. FASTBERT_EMU_ORDER=reverse makes the
-// last thread the first; a thread that reads what another writes with no barrier between gets a
-// stale value in one of the two orders, so a missing barrier shows up as a wrong result.
+// last thread the first (and the last block of the grid); a thread that reads what another writes
+// with no barrier between gets a stale value in one of the two orders, so a missing barrier shows
+// up as a wrong result, and so does a block that reads another block's output.
 //
 // What is emulated: thread / block indices, static and dynamic shared memory (filled with 0xff
 // bytes, NaN in every float type, at the start of each block), __syncthreads, __syncwarp,
@@ -179,7 +180,8 @@ inline void fiber_entry() {
   // returning resumes the scheduler through uc_link
 }
 
-// FASTBERT_EMU_ORDER=reverse runs the threads of each block from the last to the first.
+// FASTBERT_EMU_ORDER=reverse runs the blocks of a grid, and the threads of each block, from the
+// last to the first.
 inline bool reverse_order() {
   const char* s = std::getenv("FASTBERT_EMU_ORDER");
   return s != nullptr && std::string(s) == "reverse";
@@ -291,13 +293,16 @@ void launch(const Config& c, void (*kernel)(KArgs...), Args&&... args) {
   Block* saved = current();
   current() = &b;
   try {
-    for (unsigned z = 0; z < c.grid.z; ++z)
-      for (unsigned y = 0; y < c.grid.y; ++y)
-        for (unsigned x = 0; x < c.grid.x; ++x) {
-          b.idx = dim3(x, y, z);
-          std::memset(dyn_aligned, 0xff, c.smem);
-          run_block(b, stacks.get(), reverse);
-        }
+    // Blocks in x-fastest order, or (reverse) from the last block to the first: a block that
+    // reads what another block writes in the same launch sees it in one order only.
+    const uint64_t blocks = static_cast<uint64_t>(c.grid.x) * c.grid.y * c.grid.z;
+    for (uint64_t k = 0; k < blocks; ++k) {
+      const uint64_t i = reverse ? blocks - 1 - k : k;
+      b.idx = dim3(static_cast<unsigned>(i % c.grid.x), static_cast<unsigned>((i / c.grid.x) % c.grid.y),
+                   static_cast<unsigned>(i / (static_cast<uint64_t>(c.grid.x) * c.grid.y)));
+      std::memset(dyn_aligned, 0xff, c.smem);
+      run_block(b, stacks.get(), reverse);
+    }
   } catch (...) {
     current() = saved;
     throw;
