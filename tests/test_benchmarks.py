@@ -208,6 +208,39 @@ def test_linformer_and_bert_flops():
     assert common.bert_flops([128], pass_="fwd+bwd") == pytest.approx(3 * lin + 3.5 * att)
 
 
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_modernbert_flops(pass_):
+    """ModernBERT: the GeGLU MLP (Wi: h -> 2i, Wo: i -> h) and Wqkv / Wo in every layer; attention
+    over every pair in the global layers (0, 3, 6, ...) and over the pairs with |q - k| <= window in
+    the others, counted here pair by pair."""
+    h, i, layers, every, w = 8, 12, 5, 3, 2
+    lens = [1, 2, 4, 7]
+    lin_f, att_f = common.LINEAR_FLOP_FACTOR[pass_], common.PASS_FLOP_FACTOR[pass_]
+    want = 0.0
+    for layer in range(layers):
+        for n in lens:
+            pairs = sum(1 for q in range(n) for k in range(n) if layer % every == 0 or abs(q - k) <= w)
+            want += 2 * n * (4 * h * h + 3 * h * i) * lin_f + 4 * h * pairs * att_f
+    got = common.modernbert_flops(lens, hidden=h, layers=layers, intermediate=i, global_every=every,
+                                  window=w, pass_=pass_)
+    assert got == pytest.approx(want, rel=1e-12)
+    # one global layer in one: BERT's attention term, with the GeGLU's 3hi in place of BERT's 2hi
+    assert common.modernbert_flops([9], hidden=h, layers=1, intermediate=i, pass_=pass_) == \
+        pytest.approx(common.bert_flops([9], hidden=h, layers=1, intermediate=1.5 * i, pass_=pass_))
+    with pytest.raises(ValueError, match="global_every"):
+        common.modernbert_flops(lens, global_every=0)
+
+
+def test_modernbert_case_counts_its_own_flops():
+    pytest.importorskip("transformers")
+    tiny = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                global_attn_every_n_layers=2, local_attention=4)
+    case = bert.bert_case(3, 12, "half", dtype=torch.float32, config=tiny, arch="modernbert")
+    assert case.work == common.modernbert_flops(case.params["seqlens"], hidden=16, layers=4,
+                                                intermediate=32, global_every=2, window=2)
+    assert case.work != common.bert_flops(case.params["seqlens"], hidden=16, layers=4, intermediate=32)
+
+
 @pytest.mark.parametrize("pass_,lin,att", [("bwd", 2.0, 2.5), ("fwd+bwd", 3.0, 3.5)])
 def test_linformer_and_bert_flops_of_the_backward(pass_, lin, att):
     """The projections E K and F V, like BERT's linear layers, are plain matmuls: their backward

@@ -10,9 +10,10 @@ of the SDPA model, ``fastbert.optimize`` applied to the SDPA model, and the padd
 ``fastbert.models.BertEncoder.from_hf`` (BERT, DistilBERT, MPNet; ModernBERT: ``ModernBertEncoder``). DeBERTa-v3 and MPNet (``arch``) have eager attention
 only in transformers: HF eager, its ``torch.compile`` and ``fastbert.optimize``, with HF eager as
 the yardstick. fastbert's model-level APIs are looked up by name; where one is missing or refuses
-the model, the row says why. Their flops are BERT's formula at the same sizes (the relative-position
-scores are not credited; ModernBERT's GeGLU and local layers make it an approximation), so compare
-implementations within a case.
+the model, the row says why. Their flops are BERT's formula at the same sizes (DeBERTa's and MPNet's
+relative-position scores are not credited), so compare implementations within a case; ModernBERT's
+count its GeGLU MLP and, in its local layers, the query-key pairs inside the 128-token window
+(:func:`~fastbert.benchmarks.common.modernbert_flops`).
 
 Batches: B32 at L 128 and 512, "full" (every token real) or "half" (lengths uniform in [1, L],
 mean about L / 2, the padding-free encoder's case). The model is in fp16 (``model.half()``), or,
@@ -32,7 +33,7 @@ import torch
 
 from .attention import seqlens
 from .common import (Case, Impl, Prepared, Unavailable, bert_flops, compare, configure_compile,
-                     dtype_name, ns, reason_text)
+                     dtype_name, modernbert_flops, ns, reason_text)
 
 __all__ = ["cases", "bert_case", "torch_encoder_case", "BERT_BASE", "ARCHS", "TORCH_ENCODER"]
 
@@ -143,8 +144,14 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
               "hidden": sizes["hidden_size"], "layers": sizes["num_hidden_layers"],
               "heads": sizes["num_attention_heads"], "intermediate": sizes["intermediate_size"],
               "dropout": 0.0}
-    work = bert_flops(lens, hidden=sizes["hidden_size"], layers=sizes["num_hidden_layers"],
-                      intermediate=sizes["intermediate_size"], pass_=pass_)
+    if arch == "modernbert":
+        work = modernbert_flops(lens, hidden=sizes["hidden_size"], layers=sizes["num_hidden_layers"],
+                                intermediate=sizes["intermediate_size"],
+                                global_every=sizes.get("global_attn_every_n_layers", 3),
+                                window=sizes.get("local_attention", 128) // 2, pass_=pass_)
+    else:
+        work = bert_flops(lens, hidden=sizes["hidden_size"], layers=sizes["num_hidden_layers"],
+                          intermediate=sizes["intermediate_size"], pass_=pass_)
     training = pass_ != "fwd"
 
     def setup(device):
