@@ -126,6 +126,31 @@ __device__ __forceinline__ float row_sum(float v, float* smem) {
   return total;
 }
 
+// Two sums over the threads of a row at once (row_sum's rules): one round of shared memory and
+// barriers for both. `smem` holds at least 2 * blockDim.x * blockDim.y / 32 floats.
+__device__ __forceinline__ void row_sum2(float& a, float& b, float* smem) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  if (warps == 1) return;  // block-uniform branch
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  float* row_smem = smem + threadIdx.y * warps * 2;
+  if (lane == 0) {
+    row_smem[2 * warp] = a;
+    row_smem[2 * warp + 1] = b;
+  }
+  __syncthreads();
+  float ta = 0.f, tb = 0.f;
+  for (int w = 0; w < warps; ++w) {
+    ta += row_smem[2 * w];
+    tb += row_smem[2 * w + 1];
+  }
+  __syncthreads();  // smem may be reused by the next reduction
+  a = ta;
+  b = tb;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11): a
 // counter-based generator, so any element's random number is computed directly from

@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(128)
 layer_norm_bwd_fast_kernel(const LayerNormBwdParams p) {
   using Cfg = FastConfig<T, COLS>;
   constexpr int VEC = Cfg::VEC, ITEMS = Cfg::ITEMS, TPR = Cfg::TPR;
-  __shared__ float smem[32];
+  __shared__ float smem[32];  // row_sum2: 2 floats per warp, 16 warps at most (512 threads)
   const int slot = static_cast<int>(blockIdx.x) * Cfg::RPB + static_cast<int>(threadIdx.y);
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * Cfg::RPB;
   const bool dropout = p.dropout.p > 0.f;
@@ -106,8 +106,9 @@ layer_norm_bwd_fast_kernel(const LayerNormBwdParams p) {
         for (int i = 0; i < VEC; ++i) x_hat[it][i] = dy[it][i] = 0.f;
       }
     }
-    const float mean_g = row_sum(sum_g, smem) * (1.f / COLS);
-    const float mean_gx = row_sum(sum_gx, smem) * (1.f / COLS);
+    row_sum2(sum_g, sum_gx, smem);
+    const float mean_g = sum_g * (1.f / COLS);
+    const float mean_gx = sum_gx * (1.f / COLS);
     if (!valid) continue;  // uniform across the TPR threads of the row; no sync until the next row_sum
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
@@ -150,7 +151,7 @@ __device__ __forceinline__ void accumulate(float* partial, int64_t off, const fl
 template <typename T, typename XI, int VEC>
 __global__ void __launch_bounds__(512)
 layer_norm_bwd_kernel(const LayerNormBwdParams p) {
-  __shared__ float smem[32];
+  __shared__ float smem[32];  // row_sum2: 2 floats per warp, 16 warps at most (512 threads)
   const int rpb = static_cast<int>(blockDim.y);
   const int slot = static_cast<int>(blockIdx.x) * rpb + static_cast<int>(threadIdx.y);
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * rpb;
@@ -180,8 +181,9 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
         sum_gx += g * ((x[i] - mean) * rstd);
       }
     }
-    const float mean_g = row_sum(sum_g, smem) / static_cast<float>(cols);
-    const float mean_gx = row_sum(sum_gx, smem) / static_cast<float>(cols);
+    row_sum2(sum_g, sum_gx, smem);
+    const float mean_g = sum_g / static_cast<float>(cols);
+    const float mean_gx = sum_gx / static_cast<float>(cols);
     if (!valid) continue;
     for (int col = first; col < cols; col += step) {
       float x_hat[VEC], dy[VEC], di[VEC], dw[VEC];

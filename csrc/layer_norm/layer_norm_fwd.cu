@@ -16,7 +16,7 @@ __global__ void __launch_bounds__(128, 4)
 layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
   using Cfg = FastConfig<T, COLS>;
   constexpr int VEC = Cfg::VEC, ITEMS = Cfg::ITEMS, TPR = Cfg::TPR;
-  __shared__ float smem[32];
+  __shared__ float smem[32];  // row_sum2: 2 floats per warp, 16 warps at most (512 threads)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * Cfg::RPB + threadIdx.y;
   const bool valid = row < p.rows;
   const bool dropout = p.dropout.p > 0.f;
@@ -49,8 +49,9 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
       local += d * d;
     }
   }
-  const float shift = row_sum(local_d, smem) * (1.f / COLS);
-  const float var = fmaxf(row_sum(local, smem) * (1.f / COLS) - shift * shift, 0.f);
+  row_sum2(local_d, local, smem);
+  const float shift = local_d * (1.f / COLS);
+  const float var = fmaxf(local * (1.f / COLS) - shift * shift, 0.f);
   const float rstd = rsqrtf(var + p.eps);
   if (!valid) return;  // no block-wide synchronisation below
   if (threadIdx.x == 0) {
@@ -86,7 +87,7 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
 template <typename T, typename X, int VEC>
 __global__ void __launch_bounds__(512)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
-  __shared__ float smem[32];
+  __shared__ float smem[32];  // row_sum2: 2 floats per warp, 16 warps at most (512 threads)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < p.rows;
   const int cols = static_cast<int>(p.cols);
@@ -126,8 +127,9 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
       local += d * d;
     }
   }
-  const float shift = row_sum(local_d, smem) / static_cast<float>(cols);
-  const float var = fmaxf(row_sum(local, smem) / static_cast<float>(cols) - shift * shift, 0.f);
+  row_sum2(local_d, local, smem);
+  const float shift = local_d / static_cast<float>(cols);
+  const float var = fmaxf(local / static_cast<float>(cols) - shift * shift, 0.f);
   const float rstd = rsqrtf(var + p.eps);
   if (!valid) return;
   if (threadIdx.x == 0) {
