@@ -175,8 +175,14 @@ def _layer_norm_fwd_kernel(
         keep = _dropout_keep(seed, rows, cols, N, dropout_p, OFFSET_64)
     s = _pre_norm_sum(X, stride_xm, stride_xn, R, stride_rm, stride_rn, XB, rows, cols, m_n, mask,
                       keep, dropout_scale, HAS_RESIDUAL, HAS_INPUT_BIAS, HAS_DROPOUT)  # [BM, BN]
-    mean = tl.sum(s, axis=1) / N                                         # [BM]
-    d = tl.where(mask, s - mean[:, None], 0.0)                           # [BM, BN]
+    # Corrected two-pass mean: s - mean0 recovers what rounding mean0 to fp32 lost (c), so the
+    # outputs subtract c, a small number, instead of a rounded large mean (rows near a large
+    # common offset: up to ~2x torch's error otherwise).
+    mean0 = tl.sum(s, axis=1) / N                                        # [BM]
+    d = tl.where(mask, s - mean0[:, None], 0.0)                          # [BM, BN]
+    c = tl.sum(d, axis=1) / N                                            # [BM]
+    d = tl.where(mask, d - c[:, None], 0.0)
+    mean = mean0 + c
     var = tl.sum(d * d, axis=1) / N                                      # [BM]
     rstd = 1.0 / tl.sqrt(var + eps)
     y = d * rstd[:, None]
@@ -205,13 +211,24 @@ def _layer_norm_fwd_looped_kernel(
     BLOCK_N: tl.constexpr,          # column chunk, < N
 ):
     """Looped forward for wide rows: pass 1 statistics (Chan's merge of per-chunk mean / M2),
-    pass 2 recomputes the chunk (same dropout mask) and writes the output."""
+    pass 2 recomputes the chunk (same dropout mask) and writes the output. Both passes work on
+    s - shift, with the shift the mean of the first chunk (read once more up front): the means
+    merged are then small numbers, and the outputs never subtract a large mean rounded to fp32
+    (rows near a large common offset)."""
     seed = load_seed(SEED, HAS_DROPOUT)  # read on the device: no host sync
     pid_m = tl.program_id(0)
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
     rows = o_m[:, None]                                                  # [BM, 1]
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_N)[None, :]                                # chunk 0: full (N > BLOCK_N)
+    mask = m_m[:, None] & (cols < N)
+    keep = mask
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, rows, cols, N, dropout_p, OFFSET_64)
+    s = _pre_norm_sum(X, stride_xm, stride_xn, R, stride_rm, stride_rn, XB, rows, cols, cols < N,
+                      mask, keep, dropout_scale, HAS_RESIDUAL, HAS_INPUT_BIAS, HAS_DROPOUT)
+    shift = tl.sum(s, axis=1) / BLOCK_N                                  # [BM]
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)                         # of s - shift
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)                           # sum of squared deviations
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)[None, :]                    # [1, BN]
@@ -224,6 +241,7 @@ def _layer_norm_fwd_looped_kernel(
                           mask, keep, dropout_scale, HAS_RESIDUAL, HAS_INPUT_BIAS, HAS_DROPOUT)
         if STORE_SUM:
             tl.store(S + rows * N + cols, s.to(S.dtype.element_ty), mask=mask)
+        s = tl.where(mask, s - shift[:, None], 0.0)
         n_prev = tl.cast(start, tl.float32)                              # elements merged so far
         n_b = tl.cast(tl.minimum(N - start, BLOCK_N), tl.float32)        # elements in this chunk
         mean_b = tl.sum(s, axis=1) / n_b                                 # [BM]
@@ -243,13 +261,13 @@ def _layer_norm_fwd_looped_kernel(
             keep = _dropout_keep(seed, rows, cols, N, dropout_p, OFFSET_64)
         s = _pre_norm_sum(X, stride_xm, stride_xn, R, stride_rm, stride_rn, XB, rows, cols, m_n,
                           mask, keep, dropout_scale, HAS_RESIDUAL, HAS_INPUT_BIAS, HAS_DROPOUT)
-        y = (s - mean[:, None]) * rstd[:, None]
+        y = ((s - shift[:, None]) - mean[:, None]) * rstd[:, None]
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=m_n, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=m_n, other=0.0).to(tl.float32)
         tl.store(Y + rows * N + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + o_m, mean, mask=m_m)
+    tl.store(MEAN + o_m, shift + mean, mask=m_m)
     tl.store(RSTD + o_m, rstd, mask=m_m)
 
 

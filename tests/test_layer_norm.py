@@ -138,6 +138,27 @@ def test_layer_norm_large_magnitude_fp16():
     _check_layer_norm(x, 768, w, b, dy=dy)
 
 
+@pytest.mark.parametrize("looped", [False, True], ids=["one-pass", "looped"])
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_layer_norm_fp32_near_a_large_common_offset(monkeypatch, offset, looped):
+    """fp32 rows of values near a large offset (std 1): the outputs must not subtract a mean
+    rounded to fp32 (ulp(1000) / 2 = 3e-5 of error, up to 1.9x the allowed 2x torch's on a row;
+    the corrected mean gives < 0.03x)."""
+    width = 768
+    if looped:
+        monkeypatch.setattr(kln, "MAX_FUSED_N", 128)
+        monkeypatch.setattr(kln, "LOOPED_BLOCK_N", 128)
+        monkeypatch.setattr(kln, "COLS_BLOCK_N", 128)
+    for _ in range(8):  # output, one row at a time: its error against torch's on that row
+        x, w, b = rand((1, width)) + offset, rand((width,)), rand((width,))
+        out = fastbert.layer_norm(x, (width,), w, b, backend="triton")
+        assert_close(out, reference.layer_norm(x.double(), (width,), w.double(), b.double()),
+                     F.layer_norm(x, (width,), w, b), name=f"row near {offset:g}")
+    # gradients (and output) over rows: the backward, like torch's, takes x - mean with the mean
+    # as stored in fp32, so on one row it is as likely as torch to be the less accurate one
+    _check_layer_norm(rand((17, width)) + offset, width, rand((width,)), rand((width,)))
+
+
 def test_layer_norm_fp32_params_fp16_input():
     """Parameters may keep their own dtype; their gradients come back in it."""
     x = rand((17, 97), torch.float16)
