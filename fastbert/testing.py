@@ -84,6 +84,15 @@ def _log_margin(err: float, allowed: float, dtype: torch.dtype) -> None:
     if not path:
         return
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+    # the suites that tests/test_gpu_tiles.py and the AddressSanitizer child rerun log the same test
+    # ids: tag them, so that their margins (other tiles: other rounding) are not mixed in
+    tags = []
+    if os.environ.get("FASTBERT_INTERPRETER_TILES"):
+        tags.append(f"tiles={os.environ['FASTBERT_INTERPRETER_TILES']}")
+    if os.environ.get("FASTBERT_EMU_SANITIZE"):
+        tags.append("asan")
+    if tags:
+        test += " {" + ",".join(tags) + "}"
     ratio = err / allowed if allowed > 0 else float("inf")
     with open(path, "a") as f:
         f.write(f"{test}\t{str(dtype).replace('torch.', '')}\t{err:.3e}\t{allowed:.3e}\t{ratio:.4f}\n")

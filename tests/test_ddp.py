@@ -3,10 +3,10 @@
 batch (the modules are plain autograd modules with no global state).
 
 The workers are separate Python processes started with a time limit; they exchange nothing but
-the gloo all-reduce on the loopback interface and files in pytest's tmp_path.
+the gloo all-reduce on the loopback interface and files in pytest's tmp_path (the
+rendezvous too: a FileStore, so no port is probed and then raced for).
 """
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,10 +27,12 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, os.environ["FASTBERT_DDP_TESTS"])
     import test_ddp
 
-    rank, world, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    # rendezvous through a file in tmp_path: no TCP port to probe and then lose to another process
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(workdir, "rendezvous"),
+                            rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))
     try:
         model = test_ddp.make_model()
         model.load_state_dict(torch.load(os.path.join(workdir, "init.pt")))
@@ -83,12 +85,6 @@ def loss_fn(out, y):
     return nn.functional.cross_entropy(out.reshape(-1, 3), y.reshape(-1))
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_single_process(tmp_path):
     torch.manual_seed(0)
     model = make_model()
@@ -112,8 +108,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     env = dict(os.environ, FASTBERT_DDP_TESTS=os.path.dirname(os.path.abspath(__file__)),
                OMP_NUM_THREADS="1", FASTBERT_BACKEND="torch")
     env.pop("TRITON_INTERPRET", None)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(port), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(tmp_path)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for rank in range(2)]
     outputs = []
