@@ -51,6 +51,8 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 // materialises it for tests (dropout_mask).
 struct DropoutParams {
   float p = 0.f;                  // drop probability in [0, 1); 0 disables dropout
+  float scale = 1.f;              // 1 / (1 - p), computed in double from the caller's p (not from
+                                  // the fp32 p: 1 - 0.99f is off by 1e-6 relative)
   const int64_t* seed = nullptr;  // [1] on the device; read only when p > 0
 };
 

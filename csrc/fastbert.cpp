@@ -184,6 +184,7 @@ DropoutParams dropout_params(double p, const at::Tensor& seed, const at::Tensor&
   check_dropout(p, op);
   DropoutParams d;
   d.p = static_cast<float>(p);
+  d.scale = static_cast<float>(1.0 / (1.0 - p));
   if (p > 0.0) {
     check_like(seed, ref, op, "seed", "input", /*same_dtype=*/false);
     TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, "fastbert_cuda::", op,

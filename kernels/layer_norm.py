@@ -68,15 +68,17 @@ gradient and input_bias (the heaviest variant)", fp16.
   Little's law asks of ~3 TB/s at ~1 us latency over 132 SMs. The ``[G, N]`` fp32 partials
   (written once, read once by the final sum) stay ~4% of the backward's traffic at 16384 rows
   (N = 768: 264 x 768 x 8 bytes per column sum against 16384 x 768 x 2 bytes x 3 tensors);
-* looped kernels: ``LOOPED_BLOCK_N = 4096`` chunks at 8 warps (16 fp32 per thread; 64-97 / 80-112
-  registers forward / backward); the column reduction uses ``[8, 256]`` tiles at 8 warps
+* looped kernels: ``LOOPED_BLOCK_N = 4096`` chunks at 8 warps (16 fp32 per thread; 54-145 / 80-112
+  registers forward / backward: the forward took 44-117 before it worked on s minus a shift, which
+  may cost occupancy, to be timed on a GPU); the column reduction uses ``[8, 256]`` tiles at 8 warps
   (121 registers; 190-255 with [16, 256]) and ``G * column_blocks ~= 4 * num_SMs`` programs.
 
 The backward recomputes the pre-norm sum in fp32 from the inputs (and the dropout seed) instead of
 reading a rounded copy: it moves the same bytes (reads x and residual instead of writing s in the
-forward and reading it back) and keeps ``xhat`` exactly consistent with the forward's statistics
-(with a rounded s, a constant row, e.g. N = 1, gets ``xhat = rounding error * rstd``, which is
-large).
+forward and reading it back) and keeps ``xhat`` consistent with the forward's statistics (with a
+rounded s, a constant row, e.g. N = 1, gets ``xhat = rounding error * rstd``, which is large). It
+takes ``s - mean`` with the mean as stored in fp32, as torch's backward does: near a large common
+offset its ``xhat`` is that rounding (``ulp(mean) / 2 * rstd``) less accurate than the forward's.
 """
 from __future__ import annotations
 
@@ -227,7 +229,7 @@ def _layer_norm_fwd_looped_kernel(
         keep = _dropout_keep(seed, rows, cols, N, dropout_p, OFFSET_64)
     s = _pre_norm_sum(X, stride_xm, stride_xn, R, stride_rm, stride_rn, XB, rows, cols, cols < N,
                       mask, keep, dropout_scale, HAS_RESIDUAL, HAS_INPUT_BIAS, HAS_DROPOUT)
-    shift = tl.sum(s, axis=1) / BLOCK_N                                  # [BM]
+    shift = tl.sum(s, axis=1) / tl.minimum(N, BLOCK_N)                   # [BM]
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)                         # of s - shift
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)                           # sum of squared deviations
     for start in range(0, N, BLOCK_N):
@@ -273,8 +275,9 @@ def _layer_norm_fwd_looped_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Backward. The pre-norm sum s is recomputed in fp32 from input / input_bias / dropout /
-# residual (not read back from a rounded copy), so xhat = (s - mean) * rstd is exactly the
-# forward's; with a rounded s a constant row (e.g. N = 1) would get xhat = rounding * rstd.
+# residual (not read back from a rounded copy), so xhat = (s - mean) * rstd is the forward's up
+# to the fp32 rounding of the stored mean (as in torch); with a rounded s a constant row (e.g.
+# N = 1) would get xhat = rounding * rstd.
 #   g = dy * weight,
 #   ds   = rstd * (g - mean_n(g) - xhat * mean_n(g * xhat)) + dsum,
 #   d_residual = ds,  d_input = ds * keep / (1 - p),  d_input_bias = sum_m d_input,

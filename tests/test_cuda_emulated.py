@@ -184,6 +184,23 @@ def test_layer_norm_large_common_offset(emu, width, offset):
                  f"layer_norm {width} offset {offset:g}")
 
 
+@pytest.mark.parametrize("width", [97, 768])
+def test_layer_norm_overflowing_variance_is_not_zero(emu, width):
+    """Rows whose squared deviations overflow fp32 (|x| ~ 1e30, bf16): the variance stays inf and
+    rstd 0, so the row gives the bias, as the Triton kernels do (torch: the bias at width 97, NaN
+    at 768); the corrected two-pass variance (m2 - shift^2 = inf - inf = NaN, clamped to 0) made
+    it rstd = 1 / sqrt(eps) and outputs of ~1e33."""
+    x = (torch.randn(3, width) * 1e30).to(BF16)
+    w, b = torch.ones(width, dtype=BF16), rand((width,), BF16, "cpu")
+    with torch.no_grad():
+        out, _, rstd = layer_norm_ops._cuda_ops().layer_norm_fwd(x, w, b, 1e-5)
+    assert torch.equal(out, b.expand_as(out)) and (rstd == 0).all()
+    x[1, 5] = float("nan")  # a NaN stays NaN, in the statistics too
+    with torch.no_grad():
+        out, _, rstd = layer_norm_ops._cuda_ops().layer_norm_fwd(x, w, b, 1e-5)
+    assert out[1].isnan().all() and rstd[1].isnan() and torch.equal(out[0], b)
+
+
 @pytest.mark.parametrize("view", ["cols_768_of_1024", "cols_97_of_100", "every_other_row"])
 def test_layer_norm_views(emu, view):
     if view == "cols_768_of_1024":
@@ -230,6 +247,20 @@ def test_add_layer_norm(emu, width, dtype, dropout_p, return_residual):
     dys = [rand((rows, width), dtype, "cpu")] + ([rand((rows, width), dtype, "cpu")] if return_residual else [])
     _compare(_add_layer_norm(dropout_p, return_residual, keep, seed=7), [x, r, w, b, xb], dys,
              dtype, f"add_layer_norm {width} p={dropout_p}")
+
+
+@pytest.mark.parametrize("dropout_p", [0.99, 0.999])
+def test_add_layer_norm_fp32_dropout_scale_is_exact(emu, dropout_p):
+    """fp32 with p close to 1: kept values scale by 1 / (1 - p) computed from the caller's double p
+    (as torch does), not from p rounded to fp32 (1 / (1 - 0.999f) is off by 1.3e-5 relative: the
+    returned sum and d_input were up to 196x / 101x the allowed error)."""
+    rows, width = 19, 97
+    x, r = rand((rows, width), F32, "cpu"), rand((rows, width), F32, "cpu")
+    w, b, xb = rand((width,), F32, "cpu"), rand((width,), F32, "cpu"), rand((width,), F32, "cpu")
+    keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], dropout_p)
+    _compare(_add_layer_norm(dropout_p, True, keep, seed=7), [x, r, w, b, xb],
+             [rand((rows, width), F32, "cpu"), rand((rows, width), F32, "cpu")], F32,
+             f"add_layer_norm p={dropout_p}")
 
 
 @pytest.mark.parametrize("x_dtype", [F16, BF16])
@@ -951,7 +982,6 @@ def test_attention_dropout_uses_probs_as_stored(emu, dtype):
     backward then use different matrices.)"""
     b, h, lq, lk, d, p = 2, 2, 33, 40, 64, 0.3
     q, k, v = _qkv(b, h, lq, lk, d, dtype)
-    torch.manual_seed(5)
     out, probs, seed = emu.attention_fwd(q, k, v, None, p, False, d ** -0.5)
     keep = emu.dropout_mask(seed, [b, h, lq, lk], p)
     inv_keep = torch.tensor(1.0) / (1.0 - torch.tensor(p))  # fp32, as the kernels compute it

@@ -143,7 +143,7 @@ def test_layer_norm_large_magnitude_fp16():
 def test_layer_norm_fp32_near_a_large_common_offset(monkeypatch, offset, looped):
     """fp32 rows of values near a large offset (std 1): the outputs must not subtract a mean
     rounded to fp32 (ulp(1000) / 2 = 3e-5 of error, up to 1.9x the allowed 2x torch's on a row;
-    the corrected mean gives < 0.03x)."""
+    the corrected mean gives < 0.03x). One-pass and looped kernels."""
     width = 768
     if looped:
         monkeypatch.setattr(kln, "MAX_FUSED_N", 128)
@@ -152,8 +152,10 @@ def test_layer_norm_fp32_near_a_large_common_offset(monkeypatch, offset, looped)
     for _ in range(8):  # output, one row at a time: its error against torch's on that row
         x, w, b = rand((1, width)) + offset, rand((width,)), rand((width,))
         out = fastbert.layer_norm(x, (width,), w, b, backend="triton")
+        # a quarter of the usual bound: here the kernel is 30x more accurate than torch, which
+        # subtracts its rounded mean (the old kernel's error was 0.5-2x torch's on a row)
         assert_close(out, reference.layer_norm(x.double(), (width,), w.double(), b.double()),
-                     F.layer_norm(x, (width,), w, b), name=f"row near {offset:g}")
+                     F.layer_norm(x, (width,), w, b), factor=0.5, name=f"row near {offset:g}")
     # gradients (and output) over rows: the backward, like torch's, takes x - mean with the mean
     # as stored in fp32, so on one row it is as likely as torch to be the less accurate one
     _check_layer_norm(rand((17, width)) + offset, width, rand((width,)), rand((width,)))

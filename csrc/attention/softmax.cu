@@ -120,7 +120,7 @@ softmax_fwd_kernel(const SoftmaxFwdParams p) {
   const float inv_l = alive ? 1.f / l : 0.f;
   const bool dropout = p.dropout.p > 0.f;
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
-  const float inv_keep = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float inv_keep = dropout ? p.dropout.scale : 1.f;
   T* probs = static_cast<T*>(p.probs) + row * p.k_len;
   T* dropped = dropout ? static_cast<T*>(p.probs_dropped) + row * p.k_len : nullptr;
   for (int col = first; col < cols; col += step) {
@@ -154,7 +154,7 @@ softmax_bwd_kernel(const SoftmaxBwdParams p) {
   const int first = static_cast<int>(threadIdx.x) * VEC, step = static_cast<int>(blockDim.x) * VEC;
   const bool dropout = p.dropout.p > 0.f;
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
-  const float inv_keep = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float inv_keep = dropout ? p.dropout.scale : 1.f;
   const T* probs = static_cast<const T*>(p.probs) + row * p.cols;
   T* grad = static_cast<T*>(p.grad) + row * p.cols;
 

@@ -68,7 +68,7 @@ layer_norm_bwd_fast_kernel(const LayerNormBwdParams p) {
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * Cfg::RPB;
   const bool dropout = p.dropout.p > 0.f;
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
-  const float inv_keep = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float inv_keep = dropout ? p.dropout.scale : 1.f;
 
   float acc_w[ITEMS][VEC], acc_b[ITEMS][VEC], acc_ib[ITEMS][VEC];  // this slot's column sums
 #pragma unroll
@@ -159,7 +159,7 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   const int first = static_cast<int>(threadIdx.x) * VEC, step = static_cast<int>(blockDim.x) * VEC;
   const bool dropout = p.dropout.p > 0.f;
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
-  const float inv_keep = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float inv_keep = dropout ? p.dropout.scale : 1.f;
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rpb; base < p.rows; base += row_step) {
     const int64_t row = base + threadIdx.y;

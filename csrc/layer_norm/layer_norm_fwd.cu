@@ -9,6 +9,15 @@
 namespace fastbert {
 namespace layer_norm {
 
+// mean(d^2) - c^2, at least 0. A NaN (a NaN or inf input) stays NaN, as in torch; a sum of
+// squares that overflowed stays inf (rstd 0: the row gives the bias, as in the Triton kernels),
+// where inf - inf = NaN clamped by fmaxf would give rstd = 1 / sqrt(eps) and outputs of ~1e33.
+__device__ __forceinline__ float corrected_variance(float mean_sq, float shift) {
+  if (mean_sq == INFINITY) return mean_sq;
+  const float var = mean_sq - shift * shift;
+  return var < 0.f ? 0.f : var;
+}
+
 // One row per TPR threads, held in registers. Block (TPR, RPB); grid ceil(rows / RPB). T: every
 // tensor's dtype but x's, X (see LayerNormFwdParams::x_dtype).
 template <typename T, typename X, int COLS>
@@ -21,7 +30,7 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
   const bool valid = row < p.rows;
   const bool dropout = p.dropout.p > 0.f;
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
-  const float inv_keep = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float inv_keep = dropout ? p.dropout.scale : 1.f;
 
   float s[ITEMS][VEC];  // [ITEMS, VEC] slice of the row owned by this thread
   float local = 0.f;
@@ -51,7 +60,7 @@ layer_norm_fwd_fast_kernel(const LayerNormFwdParams p) {
   }
   row_sum2(local_d, local, smem);
   const float shift = local_d * (1.f / COLS);
-  const float var = fmaxf(local * (1.f / COLS) - shift * shift, 0.f);
+  const float var = corrected_variance(local * (1.f / COLS), shift);
   const float rstd = rsqrtf(var + p.eps);
   if (!valid) return;  // no block-wide synchronisation below
   if (threadIdx.x == 0) {
@@ -94,7 +103,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   const int first = static_cast<int>(threadIdx.x) * VEC, step = static_cast<int>(blockDim.x) * VEC;
   const bool dropout = p.dropout.p > 0.f;
   const uint64_t seed = dropout ? load_seed(p.dropout) : 0ull;
-  const float inv_keep = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float inv_keep = dropout ? p.dropout.scale : 1.f;
   T* sum_row = p.sum != nullptr ? static_cast<T*>(p.sum) + row * p.cols : nullptr;
   const X* x_row = static_cast<const X*>(p.x) + row * p.x_stride;
   // Pass 2 and 3 re-read s: from the stored sum (fused) or from x (plain: s = x, X = T).
@@ -129,7 +138,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   }
   row_sum2(local_d, local, smem);
   const float shift = local_d / static_cast<float>(cols);
-  const float var = fmaxf(local / static_cast<float>(cols) - shift * shift, 0.f);
+  const float var = corrected_variance(local / static_cast<float>(cols), shift);
   const float rstd = rsqrtf(var + p.eps);
   if (!valid) return;
   if (threadIdx.x == 0) {
