@@ -249,18 +249,24 @@ def test_add_layer_norm(emu, width, dtype, dropout_p, return_residual):
              dtype, f"add_layer_norm {width} p={dropout_p}")
 
 
-@pytest.mark.parametrize("dropout_p", [0.99, 0.999])
-def test_add_layer_norm_fp32_dropout_scale_is_exact(emu, dropout_p):
+def test_add_layer_norm_fp32_dropout_scale_is_exact(emu):
     """fp32 with p close to 1: kept values scale by 1 / (1 - p) computed from the caller's double p
-    (as torch does), not from p rounded to fp32 (1 / (1 - 0.999f) is off by 1.3e-5 relative: the
-    returned sum and d_input were up to 196x / 101x the allowed error)."""
-    rows, width = 19, 97
+    (as torch does), not from p rounded to fp32 (1 / (1 - 0.99f) is off by 9.5e-7 relative: the
+    returned sum was ~8x the allowed error, d_input ~9x). The sum only: with ~1% of the values
+    kept at 100x, the normalised rows are outlier rows, where both backends are only ~torch's
+    accuracy (p = 0.999 flaked there)."""
+    rows, width, p = 64, 768, 0.99  # ~500 kept values: a stable max error
     x, r = rand((rows, width), F32, "cpu"), rand((rows, width), F32, "cpu")
     w, b, xb = rand((width,), F32, "cpu"), rand((width,), F32, "cpu"), rand((width,), F32, "cpu")
-    keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], dropout_p)
-    _compare(_add_layer_norm(dropout_p, True, keep, seed=7), [x, r, w, b, xb],
-             [rand((rows, width), F32, "cpu"), rand((rows, width), F32, "cpu")], F32,
-             f"add_layer_norm p={dropout_p}")
+    keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], p)
+    fn = _add_layer_norm(p, True, keep, seed=7)
+    with torch.no_grad():
+        _, s = fn(x, r, w, b, xb, backend="emu")
+        _, s_ref = fn(*(t.double() for t in (x, r, w, b, xb)), backend="ref")
+        _, s_low = fn(x, r, w, b, xb, backend="ref", compute_dtype=F32)
+    # factor 4: the kernel's (x + b) * scale + r rounds like torch's, but not always in the same
+    # place (0.7x of the usual bound at worst over 16 draws); the fp32-rounded scale was 4-6x
+    assert_close(s, s_ref, s_low, factor=4.0, name="add_layer_norm p=0.99 returned sum")
 
 
 @pytest.mark.parametrize("x_dtype", [F16, BF16])
