@@ -193,7 +193,8 @@ def modernbert_flops(seqlens: Sequence[int], *, hidden: int = 768, layers: int =
     MLP (Wi: h -> 2i, Wo: i -> h), plus 4 * h * (attended query-key pairs): n^2 in the global
     layers (layer 0 and every ``global_every``-th after it, as transformers builds them), the pairs
     with |q - k| <= ``window`` (half of ``local_attention``) in the others. Backward counts 2x the
-    matmuls and 2.5x attention. ModernBERT-base at B32 L512: 3.91 TFLOP forward (BERT's formula at its sizes: 3.54).
+    matmuls and 2.5x attention. ModernBERT-base at B32 L512: 3.91 TFLOP forward (BERT's formula
+    at its sizes: 3.54).
     """
     if global_every < 1 or window < 0:
         raise ValueError(f"global_every must be >= 1 and window >= 0, got {global_every}, {window}")
