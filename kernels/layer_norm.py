@@ -68,9 +68,8 @@ gradient and input_bias (the heaviest variant)", fp16.
   Little's law asks of ~3 TB/s at ~1 us latency over 132 SMs. The ``[G, N]`` fp32 partials
   (written once, read once by the final sum) stay ~4% of the backward's traffic at 16384 rows
   (N = 768: 264 x 768 x 8 bytes per column sum against 16384 x 768 x 2 bytes x 3 tensors);
-* looped kernels: ``LOOPED_BLOCK_N = 4096`` chunks at 8 warps (16 fp32 per thread; 54-145 / 80-112
-  registers forward / backward: the forward took 44-117 before it worked on s minus a shift, which
-  may cost occupancy, to be timed on a GPU); the column reduction uses ``[8, 256]`` tiles at 8 warps
+* looped kernels: ``LOOPED_BLOCK_N = 4096`` chunks at 8 warps (16 fp32 per thread; 48-109 / 80-112
+  registers forward / backward); the column reduction uses ``[8, 256]`` tiles at 8 warps
   (121 registers; 190-255 with [16, 256]) and ``G * column_blocks ~= 4 * num_SMs`` programs.
 
 The backward recomputes the pre-norm sum in fp32 from the inputs (and the dropout seed) instead of
@@ -214,7 +213,7 @@ def _layer_norm_fwd_looped_kernel(
 ):
     """Looped forward for wide rows: pass 1 statistics (Chan's merge of per-chunk mean / M2),
     pass 2 recomputes the chunk (same dropout mask) and writes the output. Both passes work on
-    s - shift, with the shift the mean of the first chunk (read once more up front): the means
+    s - shift, with the shift the mean of the first chunk (taken in the first iteration): the means
     merged are then small numbers, and the outputs never subtract a large mean rounded to fp32
     (rows near a large common offset)."""
     seed = load_seed(SEED, HAS_DROPOUT)  # read on the device: no host sync
@@ -222,14 +221,7 @@ def _layer_norm_fwd_looped_kernel(
     o_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BM] int64
     m_m = o_m < M
     rows = o_m[:, None]                                                  # [BM, 1]
-    cols = tl.arange(0, BLOCK_N)[None, :]                                # chunk 0: full (N > BLOCK_N)
-    mask = m_m[:, None] & (cols < N)
-    keep = mask
-    if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rows, cols, N, dropout_p, OFFSET_64)
-    s = _pre_norm_sum(X, stride_xm, stride_xn, R, stride_rm, stride_rn, XB, rows, cols, cols < N,
-                      mask, keep, dropout_scale, HAS_RESIDUAL, HAS_INPUT_BIAS, HAS_DROPOUT)
-    shift = tl.sum(s, axis=1) / tl.minimum(N, BLOCK_N)                   # [BM]
+    shift = tl.zeros([BLOCK_M], dtype=tl.float32)                        # set from chunk 0
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)                         # of s - shift
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)                           # sum of squared deviations
     for start in range(0, N, BLOCK_N):
@@ -243,9 +235,11 @@ def _layer_norm_fwd_looped_kernel(
                           mask, keep, dropout_scale, HAS_RESIDUAL, HAS_INPUT_BIAS, HAS_DROPOUT)
         if STORE_SUM:
             tl.store(S + rows * N + cols, s.to(S.dtype.element_ty), mask=mask)
-        s = tl.where(mask, s - shift[:, None], 0.0)
         n_prev = tl.cast(start, tl.float32)                              # elements merged so far
         n_b = tl.cast(tl.minimum(N - start, BLOCK_N), tl.float32)        # elements in this chunk
+        if start == 0:
+            shift = tl.sum(s, axis=1) / n_b                              # [BM]
+        s = tl.where(mask, s - shift[:, None], 0.0)
         mean_b = tl.sum(s, axis=1) / n_b                                 # [BM]
         d = tl.where(mask, s - mean_b[:, None], 0.0)
         m2_b = tl.sum(d * d, axis=1)
