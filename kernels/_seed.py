@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["check_seed", "seed_arg", "load_seed"]
+__all__ = ["check_seed", "seed_arg", "load_seed", "keep_scale"]
 
 
 def check_seed(seed) -> None:
@@ -31,6 +31,15 @@ def seed_arg(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
     if seed.device != dummy.device:
         raise ValueError(f"seed is on {seed.device}, the kernel's tensors on {dummy.device}")
     return seed
+
+
+def keep_scale(dropout_p: float) -> float:
+    """``1 / (1 - p)``, the scale of the kept values, computed on the host in double and passed
+    to the kernels (rounded once to fp32 there). A kernel computing it from its fp32 copy of p
+    would be off by up to about 1e-6 relative at p = 0.99 (1e-5 at 0.999). 1.0 without dropout
+    (and at p = 1, which the backends answer without a kernel)."""
+    p = float(dropout_p)
+    return 1.0 / (1.0 - p) if 0.0 < p < 1.0 else 1.0
 
 
 @triton.jit

@@ -61,7 +61,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._mask import bias_log2
-from ._seed import check_seed, load_seed, seed_arg
+from ._seed import check_seed, keep_scale, load_seed, seed_arg
 from ._tiles import gpu_tiles, interpreter_tiles, interpreting
 
 __all__ = [
@@ -256,6 +256,7 @@ def _attention_fwd_kernel(
     seqlen_q, seqlen_k,       # dense: Lq, Lk; varlen: max_seqlen_q, max_seqlen_k (dropout offsets)
     sm_scale_log2,            # scale * log2(e)
     dropout_p,                # drop probability (used when HAS_DROPOUT)
+    dropout_scale,            # 1 / (1 - p), computed on the host (used when HAS_DROPOUT)
     Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -314,7 +315,7 @@ def _attention_fwd_kernel(
     alive = l_i > 0.0                                         # rows with at least one key
     inv_l = tl.where(alive, 1.0 / tl.where(alive, l_i, 1.0), 0.0)
     if HAS_DROPOUT:
-        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
+        inv_l = inv_l * dropout_scale
     out = acc * inv_l[:, None]
     o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
@@ -377,7 +378,7 @@ def _attention_bwd_dkdv_block(
     rng_cols,                 # [BN] int64: (b*H + h) * Lq * Lk + col (dropout offset of row 0)
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls, stride_mm, stride_mn,
     len_q, len_k, seqlen_k,   # lengths of this sequence; seqlen_k: Lk of the dropout offsets
-    sm_scale_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+    sm_scale_log2, alibi_log2, window_left, window_right, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -423,17 +424,16 @@ def _attention_bwd_dkdv_block(
         sT = tl.where(in_window, sT, float("-inf"))
     pT = tl.exp2((sT - m2[None, :]) - log2_l[None, :])        # [BN, BM] softmax probabilities
     if HAS_DROPOUT:
-        inv_keep = 1.0 / (1.0 - dropout_p)
         # Dropout offset ((b*H + h) * Lq + i) * Lk + j, with i along axis 1 here.
         rnd = tl.rand(seed, rng_cols[:, None] + rows.to(tl.int64)[None, :] * seqlen_k)
         keepT_d = rnd >= dropout_p
-        pT_used = tl.where(keepT_d, pT * inv_keep, 0.0)
+        pT_used = tl.where(keepT_d, pT * dropout_scale, 0.0)
     else:
         pT_used = pT
     dv = tl.dot(pT_used.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # [BN, BM] @ [BM, BDV] -> [BN, BDV]
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # [BN, BDV] @ [BDV, BM] -> [BN, BM]
     if HAS_DROPOUT:
-        dpT = tl.where(keepT_d, dpT * inv_keep, 0.0)
+        dpT = tl.where(keepT_d, dpT * dropout_scale, 0.0)
     dsT = pT * (dpT - delta[None, :])                         # [BN, BM] dL/dS (S unscaled by log2e)
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)  # [BN, BM] @ [BM, BD] -> [BN, BD]
     return dk, dv
@@ -462,6 +462,7 @@ def _attention_bwd_dkdv_kernel(
     seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
     dropout_p,                # drop probability (used when HAS_DROPOUT)
+    dropout_scale,            # 1 / (1 - p), computed on the host (used when HAS_DROPOUT)
     Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -534,15 +535,17 @@ def _attention_bwd_dkdv_kernel(
                 dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
                 rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
                 stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, window_left,
-                window_right, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
-                BLOCK_DV, MASK_KIND, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, True, DOT_PRECISION)
+                window_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, True,
+                DOT_PRECISION)
         for start_m in range(mid, hi, BLOCK_M):
             dk, dv = _attention_bwd_dkdv_block(
                 dk, dv, k, v, start_m, cols, q_base, do_base, stats_base, delta_base, mask_base,
                 rng_cols, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_ls,
                 stride_mm, stride_mn, len_q, len_k, seqlen_k, sm_scale_log2, alibi, window_left,
-                window_right, dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
-                BLOCK_DV, MASK_KIND, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, False, DOT_PRECISION)
+                window_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, False,
+                DOT_PRECISION)
 
     dk = dk * sm_scale
     col_store = cols < store_len
@@ -563,7 +566,7 @@ def _attention_bwd_dq_block(
     rng_rows,                 # [BM] int64 dropout offset of (row, key 0)
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_dsm, stride_dsn,
     len_k,
-    sm_scale_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+    sm_scale_log2, alibi_log2, window_left, window_right, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -601,7 +604,7 @@ def _attention_bwd_dq_block(
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)        # [BM, BDV] @ [BDV, BN] -> [BM, BN]
     if HAS_DROPOUT:
         rnd = tl.rand(seed, rng_rows[:, None] + cols[None, :])
-        dp = tl.where(rnd >= dropout_p, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp = tl.where(rnd >= dropout_p, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])                            # [BM, BN] dL/d(score)
     if STORE_DS:
         ds_ptrs = ds_base + offs_m[:, None] * stride_dsm + cols[None, :] * stride_dsn
@@ -629,6 +632,7 @@ def _attention_bwd_dq_kernel(
     num_heads, kv_group, window_left, window_right, num_m_blocks, seqlen_q, seqlen_k,
     sm_scale, sm_scale_log2,
     dropout_p,                # drop probability (used when HAS_DROPOUT)
+    dropout_scale,            # 1 / (1 - p), computed on the host (used when HAS_DROPOUT)
     Seed,                     # int64 [1] dropout seed (device memory), loaded iff HAS_DROPOUT
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -680,15 +684,17 @@ def _attention_bwd_dq_kernel(
             dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
             ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, window_left, window_right,
-            dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
-            IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, STORE_DS, False, DOT_PRECISION)
+            dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, STORE_DS, False,
+            DOT_PRECISION)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _attention_bwd_dq_block(
             dq, q, do, m2, log2_l, delta, start_n, offs_m, rows, row_ok, k_base, v_base, mask_base,
             ds_base, rng_rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             stride_dsm, stride_dsn, len_k, sm_scale_log2, alibi, window_left, window_right,
-            dropout_p, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
-            IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, STORE_DS, True, DOT_PRECISION)
+            dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, HAS_ALIBI, HAS_WINDOW, STORE_DS, True,
+            DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -710,7 +716,7 @@ def _attention_bwd_dmask_kernel(
     num_heads, kv_group, window_left, window_right, seqlen_q, seqlen_k,
     mask_heads,               # MH: 1 (mask broadcast over heads) or num_heads
     loop_b, loop_h,           # batch / head entries summed into one mask slice: B or 1, H or 1
-    sm_scale_log2, dropout_p, Seed,
+    sm_scale_log2, dropout_p, dropout_scale, Seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -784,7 +790,7 @@ def _attention_bwd_dmask_kernel(
         if HAS_DROPOUT:
             rng = ((b64 * num_heads + h64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
             rnd = tl.rand(seed, rng[:, None] + cols[None, :])
-            dp = tl.where(rnd >= dropout_p, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            dp = tl.where(rnd >= dropout_p, dp * dropout_scale, 0.0)
         acc += p * (dp - delta[:, None])
     out = (DMask + slice_id.to(tl.int64) * seqlen_q * seqlen_k
            + rows[:, None].to(tl.int64) * seqlen_k + cols[None, :])
@@ -1249,7 +1255,7 @@ def _launch_fwd(q, k, v, out, stats, mask, q_strides, k_strides, v_strides, o_st
             q, k, v, mask, alibi, out, stats, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *o_strides, *m_strides, *l_strides, *a_strides,
             heads, heads // k.shape[1], w_left, w_right, num_m, seqlen_q, seqlen_k,
-            scale * LOG2E, float(dropout_p), seed_ptr,
+            scale * LOG2E, float(dropout_p), keep_scale(dropout_p), seed_ptr,
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
             BLOCK_DV=_block_dim(dv), IS_VARLEN=is_varlen, MASK_KIND=mask_kind, IS_CAUSAL=is_causal,
             HAS_DROPOUT=dropout_p > 0.0, HAS_ALIBI=has_alibi, HAS_WINDOW=has_window,
@@ -1308,8 +1314,8 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
                 *dv_strides, *l_strides, *a_strides, heads, heads // kv_heads, w_left, w_right,
                 num_n, seqlen_q, seqlen_k,
                 scale, scale * LOG2E,
-                float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                num_stages=stages, **common)
+                float(dropout_p), keep_scale(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=warps, num_stages=stages, **common)
 
     default = attention_config("bwd_dkdv", d, dvd, q.dtype, q.device, dropout_p > 0.0,
                                mask_kind != MASK_NONE)
@@ -1326,8 +1332,8 @@ def _launch_bwd(do, q, k, v, out, stats, dq, dk, dv, mask, ds,
                 *ds_strides, *l_strides, *a_strides, heads, heads // kv_heads, w_left, w_right,
                 num_m, seqlen_q, seqlen_k,
                 scale, scale * LOG2E,
-                float(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn, STORE_DS=store_ds,
-                num_warps=warps, num_stages=stages, **common)
+                float(dropout_p), keep_scale(dropout_p), seed_ptr, BLOCK_M=bm, BLOCK_N=bn,
+                STORE_DS=store_ds, num_warps=warps, num_stages=stages, **common)
 
     default = attention_config("bwd_dq", d, dvd, q.dtype, q.device, dropout_p > 0.0,
                                mask_kind != MASK_NONE)
@@ -1496,7 +1502,7 @@ def _launch_bwd_dmask(do, q, k, v, stats, delta, mask, dmask, m_strides, l_strid
         heads, heads // k.shape[1], w_left, w_right, seqlen_q, seqlen_k, mh,
         batch if mb == 1 else 1,
         heads if mh == 1 else 1,
-        scale * LOG2E, float(dropout_p), seed_arg(seed, dropout_p, q),
+        scale * LOG2E, float(dropout_p), keep_scale(dropout_p), seed_arg(seed, dropout_p, q),
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_dim(d),
         BLOCK_DV=_block_dim(dv), IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0,
         HAS_ALIBI=has_alibi, HAS_WINDOW=has_window, DOT_PRECISION=_dot_precision(q.dtype),

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._mask import bias_log2
-from ._seed import check_seed, load_seed, seed_arg
+from ._seed import check_seed, keep_scale, load_seed, seed_arg
 from ._tiles import gpu_tiles
 
 __all__ = [
@@ -629,7 +629,7 @@ def block_sparse_attention_fwd(
         q, k, v, out, stats, mask, q_count, q_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
         h, hl, nbq, nbk, lq, lk, d, dv,
-        scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        scale * LOG2E, dropout_p, keep_scale(dropout_p), seed,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, HAS_DROPOUT=dropout_p > 0.0,
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
@@ -684,7 +684,7 @@ def block_sparse_attention_bwd(
     flags = dict(HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, HAS_DROPOUT=dropout_p > 0.0,
                  BLOCK=block_size, BLOCK_D=_pad_dim(d), BLOCK_DV=_pad_dim(dv_dim),
                  DOT_PRECISION=_dot_precision(q.dtype))
-    drop = (dropout_p, 1.0 / (1.0 - dropout_p), seed)
+    drop = (dropout_p, keep_scale(dropout_p), seed)
     in_dq = mask_grad and not own_kernel
     ds_arg, ds_strides = (ds, ds.stride()) if in_dq else (q, (0, 0, 0, 0))
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)

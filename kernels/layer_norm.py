@@ -88,7 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._seed import check_seed, load_seed, seed_arg
+from ._seed import check_seed, keep_scale, load_seed, seed_arg
 
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "dropout_keep_mask", "MAX_FUSED_N"]
 
@@ -634,7 +634,7 @@ def layer_norm_fwd(
             xb if xb is not None else x2, w if w is not None else x2, b if b is not None else x2,
             y, s_out if s_out is not None else y, mean, rstd,
             m, n, float(eps), seed_arg(seed, dropout_p, x2), float(dropout_p),
-            1.0 / (1.0 - dropout_p) if has_dropout else 1.0)
+            keep_scale(dropout_p))
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _one_pass_config(n)
         grid = (triton.cdiv(m, block_m),)

@@ -255,7 +255,7 @@ def _attention_case(kind: str, cc: int, dt: str, d: int, mask: str = "none", cau
                       window_left=64 if window else 0, window_right=64 if window else 0)
     # the seed is a (1,) int64 device tensor (fastbert._rng.dropout_seed); without dropout the
     # launchers pass q as the (unread) pointer
-    rng = dict(dropout_p=0.1, Seed=ptr("i64") if dropout else ptr(dt))
+    rng = dict(dropout_p=0.1, dropout_scale=1 / 0.9, Seed=ptr("i64") if dropout else ptr(dt))
     strides = {}
     if kind == "fwd":
         kernel = att._attention_fwd_kernel
@@ -337,7 +337,8 @@ def _attention_dmask_case(cc: int, dt: str, d: int, causal: bool = False,
     args.update(zip(("stride_lb", "stride_lh", "stride_lm", "stride_ls"),
                     att._stats_strides((_B, _H, _L))))
     args.update(num_heads=_H, kv_group=1, seqlen_q=_L, seqlen_k=_L, mask_heads=1, loop_b=_B, loop_h=_H,
-                sm_scale_log2=0.18, dropout_p=0.1, Seed=ptr("i64") if dropout else ptr(dt),
+                sm_scale_log2=0.18, dropout_p=0.1, dropout_scale=1 / 0.9,
+                Seed=ptr("i64") if dropout else ptr(dt),
                 HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd,
                 IS_CAUSAL=causal, HAS_DROPOUT=dropout, HAS_ALIBI=False, HAS_WINDOW=False,
                 DOT_PRECISION=att._dot_precision(dtype))

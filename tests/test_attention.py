@@ -579,6 +579,23 @@ def test_sdpa_mask_grad_with_dropout(shape_code, causal, expect_kernel, monkeypa
     assert bool(calls) == expect_kernel
 
 
+def test_sdpa_fp32_dropout_scale_is_exact(fresh_seed):
+    """fp32 at p = 0.999: the kept probabilities scale by 1 / (1 - p) from the caller's double p,
+    passed to the kernels (forward, dK/dV, dQ and the broadcast-mask gradient) as torch computes
+    it, not from p rounded to fp32 in the kernel (1.3e-5 relative off at 0.999). With that
+    rounded scale passed from the host, the errors were 2.3-13x the bound (out, dq, dk, dv over
+    5 draws); with the exact scale 0.1-0.7x. The interpreter keeps a float argument in double, so
+    only a compiled run (GPU) could fail on an in-kernel scale. A random bias is left out: with
+    ~3 kept keys scaled 1000x it makes outlier rows where dq reached 2.2x the bound, fixed."""
+    b, h, lq, lk, d, p = 1, 2, 17, 3000, 32, 0.999  # ~3 kept keys per row
+    leaves = _leaves(b, h, lq, lk, d, d, F32, "bhld")
+    seed = _seed_of_call(fresh_seed, leaves, None, p, False)
+    keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
+    assert keep.any(-1).float().mean().item() > 0.5  # most rows keep a key (~95%)
+    torch.manual_seed(fresh_seed)
+    _check_sdpa(leaves, "bhld", dropout_p=p, dropout_mask=keep)
+
+
 @pytest.mark.parametrize("kind,causal,dtype", [
     pytest.param("bool", False, F16, id=_case_id(2, 2, 33, 20, 64, F16, False, "bool-dead-rows")),
     pytest.param("float", True, F32, id=_case_id(2, 2, 33, 20, 64, F32, True, "float-dead-rows")),
