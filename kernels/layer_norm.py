@@ -709,8 +709,7 @@ def layer_norm_bwd(
                  HAS_DROPOUT=has_dropout, OFFSET_64=_offset_64(m, n))
     inputs = (x2, x2.stride(0), x2.stride(1), r2, r2.stride(0), r2.stride(1),
               xb if xb is not None else x2)
-    rng = (seed_arg(seed, dropout_p, x2), float(dropout_p),
-           1.0 / (1.0 - dropout_p) if has_dropout else 1.0)
+    rng = (seed_arg(seed, dropout_p, x2), float(dropout_p), keep_scale(dropout_p))
     sms = _num_sms(device)
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _one_pass_config(n, BWD_TILE_ELEMS, BWD_ELEMS_PER_THREAD)
