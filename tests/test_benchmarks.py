@@ -229,6 +229,14 @@ def test_modernbert_flops(pass_):
         pytest.approx(common.bert_flops([9], hidden=h, layers=1, intermediate=1.5 * i, pass_=pass_))
     with pytest.raises(ValueError, match="global_every"):
         common.modernbert_flops(lens, global_every=0)
+    # the same layers named one by one, as a transformers 5.x config lists them
+    types = ["full_attention" if layer % every == 0 else "sliding_attention" for layer in range(layers)]
+    assert common.modernbert_flops(lens, hidden=h, layers=layers, intermediate=i, window=w,
+                                   pass_=pass_, layer_types=types) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="layer_types"):
+        common.modernbert_flops(lens, layers=2, layer_types=["full_attention"])
+    with pytest.raises(ValueError, match="layer_types"):
+        common.modernbert_flops(lens, layers=1, layer_types=["global"])
 
 
 def test_modernbert_case_counts_its_own_flops():
@@ -239,6 +247,23 @@ def test_modernbert_case_counts_its_own_flops():
     assert case.work == common.modernbert_flops(case.params["seqlens"], hidden=16, layers=4,
                                                 intermediate=32, global_every=2, window=2)
     assert case.work != common.bert_flops(case.params["seqlens"], hidden=16, layers=4, intermediate=32)
+
+
+def test_modernbert_case_counts_the_layer_types_of_its_config():
+    """transformers 5.x lets a config list its layers' attention types; the case counts the list
+    the model is built from (here 3 global layers of 4, where every 2nd would give 2)."""
+    transformers = pytest.importorskip("transformers")
+    types = ["full_attention", "full_attention", "sliding_attention", "full_attention"]
+    tiny = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                global_attn_every_n_layers=2, local_attention=4, layer_types=types)
+    if "layer_types" not in transformers.ModernBertConfig().to_dict():
+        pytest.skip(f"transformers {transformers.__version__}'s ModernBertConfig has no layer_types")
+    case = bert.bert_case(3, 12, "half", dtype=torch.float32, config=tiny, arch="modernbert")
+    lens = case.params["seqlens"]
+    assert case.work == common.modernbert_flops(lens, hidden=16, layers=4, intermediate=32,
+                                                window=2, layer_types=types)
+    assert case.work != common.modernbert_flops(lens, hidden=16, layers=4, intermediate=32,
+                                                global_every=2, window=2)
 
 
 @pytest.mark.parametrize("pass_,lin,att", [("bwd", 2.0, 2.5), ("fwd+bwd", 3.0, 3.5)])

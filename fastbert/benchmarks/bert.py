@@ -27,7 +27,7 @@ yardstick (factor 3: twelve layers accumulate rounding differently from one kern
 from __future__ import annotations
 
 import inspect
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -82,6 +82,26 @@ def _config(overrides: Optional[dict], arch: str = "bert"):
                  "intermediate_size": "hidden_dim"}
         return cls(dropout=0.0, attention_dropout=0.0, **{names.get(k, k): v for k, v in kw.items()})
     return cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+
+
+def _modernbert_pattern(sizes: dict, overrides: Optional[dict]) -> Tuple[List[str], int]:
+    """(the attention type of each layer, the local half-window) of the ModernBERT that
+    ``overrides`` builds: read from the transformers config where it can be built (5.x keeps a
+    ``layer_types`` list, which a caller may set directly; 4.x only ``global_attn_every_n_layers``),
+    else from ``sizes``, the way transformers derives them."""
+    try:
+        cfg = _config(overrides, "modernbert")
+    except Unavailable:
+        cfg = None
+    # 4.x stores an unknown layer_types keyword without using it: honour it only where declared
+    declared = cfg is not None and "layer_types" in type(cfg)().to_dict()
+    types = getattr(cfg, "layer_types", None) if declared else None
+    if types is None:
+        every = getattr(cfg, "global_attn_every_n_layers", None) or sizes.get("global_attn_every_n_layers", 3)
+        types = ["full_attention" if i % every == 0 else "sliding_attention"
+                 for i in range(sizes["num_hidden_layers"])]
+    local = getattr(cfg, "local_attention", None) or sizes.get("local_attention", 128)
+    return list(types), local // 2
 
 
 def _hf_model(config: Optional[dict], attn: str, dtype: torch.dtype, device, arch: str = "bert"):
@@ -145,10 +165,10 @@ def bert_case(b: int, l: int, fill: str = "full", *, pass_: str = "fwd",
               "heads": sizes["num_attention_heads"], "intermediate": sizes["intermediate_size"],
               "dropout": 0.0}
     if arch == "modernbert":
+        layer_types, window = _modernbert_pattern(sizes, config)
         work = modernbert_flops(lens, hidden=sizes["hidden_size"], layers=sizes["num_hidden_layers"],
-                                intermediate=sizes["intermediate_size"],
-                                global_every=sizes.get("global_attn_every_n_layers", 3),
-                                window=sizes.get("local_attention", 128) // 2, pass_=pass_)
+                                intermediate=sizes["intermediate_size"], window=window, pass_=pass_,
+                                layer_types=layer_types)
     else:
         work = bert_flops(lens, hidden=sizes["hidden_size"], layers=sizes["num_hidden_layers"],
                           intermediate=sizes["intermediate_size"], pass_=pass_)

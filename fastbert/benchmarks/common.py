@@ -186,19 +186,27 @@ def bert_flops(seqlens: Sequence[int], *, hidden: int = 768, layers: int = 12,
 
 def modernbert_flops(seqlens: Sequence[int], *, hidden: int = 768, layers: int = 22,
                      intermediate: int = 1152, global_every: int = 3, window: int = 64,
-                     pass_: str = "fwd") -> float:
+                     pass_: str = "fwd", layer_types: Optional[Sequence[str]] = None) -> float:
     """Useful flops of a ModernBERT encoder on sequences of the given real lengths.
 
     Per layer and sequence of n tokens: 2 * n * (4 * h^2 + 3 * h * i) for Wqkv, Wo and the GeGLU
     MLP (Wi: h -> 2i, Wo: i -> h), plus 4 * h * (attended query-key pairs): n^2 in the global
     layers (layer 0 and every ``global_every``-th after it, as transformers builds them), the pairs
-    with |q - k| <= ``window`` (half of ``local_attention``) in the others. Backward counts 2x the
-    matmuls and 2.5x attention. ModernBERT-base at B32 L512: 3.91 TFLOP forward (BERT's formula
-    at its sizes: 3.54).
+    with |q - k| <= ``window`` (half of ``local_attention``) in the others. ``layer_types`` (a
+    transformers 5.x config's list of "full_attention" / "sliding_attention", one per layer) names
+    the global layers instead of ``global_every``. Backward counts 2x the matmuls and 2.5x
+    attention. ModernBERT-base at B32 L512: 3.91 TFLOP forward (BERT's formula at its sizes: 3.54).
     """
     if global_every < 1 or window < 0:
         raise ValueError(f"global_every must be >= 1 and window >= 0, got {global_every}, {window}")
-    n_global = len(range(0, layers, global_every))
+    if layer_types is None:
+        n_global = len(range(0, layers, global_every))
+    else:
+        kinds = set(layer_types) - {"full_attention", "sliding_attention"}
+        if len(layer_types) != layers or kinds:
+            raise ValueError(f"layer_types must hold {layers} entries, each 'full_attention' or "
+                             f"'sliding_attention', got {list(layer_types)}")
+        n_global = sum(t == "full_attention" for t in layer_types)
     lin = sum(2.0 * n * (4 * hidden * hidden + 3 * hidden * intermediate) for n in seqlens)
     full = sum(float(n) * n for n in seqlens)
     # |q - k| <= w within n tokens: the diagonal, and n - d pairs at each distance d = 1..w each side
