@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._validation import check_bool, type_name
+from ._validation import check_bool, tensor_version, type_name
 
 __all__ = [
     "dense",
@@ -568,7 +568,7 @@ _STATS = {"hits": 0, "misses": 0}
 
 
 def _signature(layout: Tensor) -> tuple:
-    return (layout.data_ptr(), layout._version, tuple(layout.shape), tuple(layout.stride()),
+    return (layout.data_ptr(), tensor_version(layout), tuple(layout.shape), tuple(layout.stride()),
             layout.storage_offset(), layout.dtype, layout.device)
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._validation import tensor_version
 from ..nn._fuse import add_norm, layer_norm, matmul
 from ..nn._utils import NoDropout, NoTorchScript, check_backend, plain_linear, set_own_mode
 from ..nn.gelu import gelu_approximation
@@ -194,7 +195,7 @@ class BertLayer(nn.Module, NoTorchScript):
                 or torch.compiler.is_compiling()  # compiled graphs fold the cat themselves
                 or any(p.is_inference() for p in tensors)):  # no version counter to key on
             return torch.cat(weights), torch.cat(biases) if biases else None
-        key = [(p.data_ptr(), p.dtype, p.device, p._version) for p in tensors]
+        key = [(p.data_ptr(), p.dtype, p.device, tensor_version(p)) for p in tensors]
         cached = self.__dict__.get("_qkv_cache")
         if (cached is not None and cached[1] == key
                 and all(ref() is p for ref, p in zip(cached[0], tensors))):
