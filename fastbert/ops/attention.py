@@ -170,6 +170,12 @@ def scaled_dot_product_attention(
         (B, H, Lq, Dv) in the dtype of ``query``. Unlike torch, a query row whose every key is masked
         returns 0 and gets zero gradient, never NaN.
 
+    A NaN or inf in ``key`` / ``value`` at a position a row masks out may or may not reach that row:
+    the torch backend multiplies it by the row's zero weight (0 * NaN = NaN, as torch's SDPA does),
+    while the Triton kernels never read the keys they skip (past the last key a bool mask lets any
+    query of the batch entry see, past the causal diagonal, outside a window).
+    Zero such positions first (e.g. padding filled with NaN) when the rows must not depend on them.
+
     Inputs may be non-contiguous views, e.g. a (B, L, H, D) tensor ``.transpose(1, 2)``. Under
     ``torch.autocast``, floating query, key, value and attn_mask are cast to the autocast dtype, as
     autocast casts those of torch's SDPA.

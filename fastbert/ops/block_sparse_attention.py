@@ -56,6 +56,10 @@ def block_sparse_attention(
     Returns:
         (B, H, Lq, Dv). A query row that sees no key returns 0.
 
+    The Triton kernels never read the blocks a layout skips; the torch backend computes densely, so
+    a NaN or inf in ``key`` / ``value`` there reaches the rows of its batch and head (0 * NaN, as in
+    :func:`fastbert.scaled_dot_product_attention`): zero such positions first if they can occur.
+
     The Triton backend walks, for each query block, only its listed key blocks (work proportional
     to the layout's density); it serves float16/bfloat16/float32, block sizes 16/32/64/128, head
     dims that are multiples of 8 up to 256, any strides, bool or float masks (a float mask that
