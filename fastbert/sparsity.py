@@ -2,8 +2,9 @@
 
 A *layout* is a bool tensor of shape (H or 1, ceil(Lq / block_size), ceil(Lk / block_size)):
 query block ``i`` of head ``h`` sees key block ``j`` iff ``layout[h, i, j]`` (a leading dim of 1 is
-shared by all heads). Query block ``i`` holds tokens ``i * block_size ... (i + 1) * block_size - 1``
-(the last block may be partial).
+shared by all heads); an integer tensor works too, nonzero = attend (the presets return bool). Query
+block ``i`` holds tokens ``i * block_size ... (i + 1) * block_size - 1`` (the last block may be
+partial).
 
 Presets (every size argument other than ``seq_len``/``key_len`` and ``block_size`` is counted in
 **blocks**, never in tokens; convert with ``ceil(tokens / block_size)``):
@@ -103,9 +104,9 @@ def num_blocks(seq_len: int, block_size: int) -> int:
 
 
 def _grid(seq_len, block_size, key_len) -> Tuple[int, int]:
-    seq_len = _check_int("seq_len", seq_len, 1)
+    seq_len = _check_int("seq_len", seq_len, 0)
     block_size = _check_int("block_size", block_size, 1)
-    key_len = seq_len if key_len is None else _check_int("key_len", key_len, 1)
+    key_len = seq_len if key_len is None else _check_int("key_len", key_len, 0)
     return num_blocks(seq_len, block_size), num_blocks(key_len, block_size)
 
 
@@ -154,16 +155,13 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
     return out
 
 
-def _check_layout(name: str, layout, integers: bool = False) -> Tensor:
-    """A 3-D bool layout (``integers``: or an integer one, nonzero = attend, as the attention op
-    accepts)."""
+def _check_layout(name: str, layout) -> Tensor:
+    """A 3-D bool layout, or an integer one (nonzero = attend), as the attention op accepts."""
     if not isinstance(layout, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(layout)}")
-    if integers and (layout.is_floating_point() or layout.is_complex()):
+    if layout.is_floating_point() or layout.is_complex():
         raise TypeError(f"{name} must be a bool (or integer, nonzero = attend) tensor, got dtype "
                         f"{layout.dtype}")
-    if not integers and layout.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got dtype {layout.dtype}")
     if layout.dim() != 3:
         raise ValueError(f"{name} must be 3-D (H or 1, query blocks, key blocks), got shape "
                          f"{tuple(layout.shape)}")
@@ -429,7 +427,7 @@ def _combine(name: str, layouts, op) -> Tensor:
         raise ValueError(f"{name} needs at least one layout")
     first = _check_layout("layouts[0]", layouts[0])
     heads = {first.shape[0]}
-    out = first
+    out = first != 0  # bool, also for an integer layout (a new tensor either way)
     for n, lay in enumerate(layouts[1:], start=1):
         _check_layout(f"layouts[{n}]", lay)
         if lay.shape[1:] != first.shape[1:]:
@@ -441,16 +439,18 @@ def _combine(name: str, layouts, op) -> Tensor:
         if len(heads - {1}) > 1:
             raise ValueError(f"layouts have head dims {sorted(heads)}; each must be 1 or the same H")
         out = op(out, lay)
-    return out.clone() if out is first else out
+    return out
 
 
 def union(*layouts: Tensor) -> Tensor:
-    """Blocks on in any of the layouts (same block grid; head dims 1 or a common H)."""
+    """Blocks on in any of the layouts (same block grid; head dims 1 or a common H), as a bool
+    layout; integer layouts count nonzero as on."""
     return _combine("union", layouts, torch.logical_or)
 
 
 def intersection(*layouts: Tensor) -> Tensor:
-    """Blocks on in all of the layouts (same block grid; head dims 1 or a common H)."""
+    """Blocks on in all of the layouts (same block grid; head dims 1 or a common H), as a bool
+    layout; integer layouts count nonzero as on."""
     return _combine("intersection", layouts, torch.logical_and)
 
 
@@ -482,11 +482,11 @@ class DensityReport:
 def density(layout: Tensor, block_size: Optional[int] = None, seq_len: Optional[int] = None,
             key_len: Optional[int] = None) -> DensityReport:
     """A :class:`DensityReport` of ``layout``; pass ``block_size`` and ``seq_len`` (and ``key_len``
-    when Lk != Lq) to also get the token-level density."""
+    when Lk != Lq) to also get the token-level density. An integer layout counts nonzero as on."""
     _check_layout("layout", layout)
     _check_has_values("layout", layout)
     h, nbq, nbk = layout.shape
-    lay = layout.detach().to("cpu")
+    lay = layout.detach().to("cpu") != 0
     nonzero = int(lay.sum())
     total = h * nbq * nbk
     per_head = tuple(float(x) / max(nbq * nbk, 1) for x in lay.sum(dim=(1, 2)).tolist())
@@ -496,25 +496,27 @@ def density(layout: Tensor, block_size: Optional[int] = None, seq_len: Optional[
             raise ValueError("pass both block_size and seq_len (and key_len when Lk != Lq) for "
                              "the token density")
         block_size = _check_int("block_size", block_size, 1)
-        lq = _check_int("seq_len", seq_len, 1)
-        lk = lq if key_len is None else _check_int("key_len", key_len, 1)
+        lq = _check_int("seq_len", seq_len, 0)
+        lk = lq if key_len is None else _check_int("key_len", key_len, 0)
         if (num_blocks(lq, block_size), num_blocks(lk, block_size)) != (nbq, nbk):
             raise ValueError(f"layout has {nbq} x {nbk} blocks but seq_len = {lq}, key_len = {lk}, "
                              f"block_size = {block_size} need {num_blocks(lq, block_size)} x "
                              f"{num_blocks(lk, block_size)}")
         rows = torch.full((nbq,), block_size, dtype=torch.float64)
         cols = torch.full((nbk,), block_size, dtype=torch.float64)
-        rows[-1] = lq - (nbq - 1) * block_size
-        cols[-1] = lk - (nbk - 1) * block_size
+        if nbq and nbk:  # the last block of each side holds what is left of its length
+            rows[-1] = lq - (nbq - 1) * block_size
+            cols[-1] = lk - (nbk - 1) * block_size
         pairs = torch.einsum("i,hij,j->", rows, lay.double(), cols)
-        token = float(pairs) / (h * lq * lk)
+        token = float(pairs) / max(h * lq * lk, 1)
     return DensityReport(heads=h, blocks=(nbq, nbk), nonzero_blocks=nonzero,
                          block_density=nonzero / max(total, 1), per_head=per_head,
                          token_density=token, mean_blocks_per_row=nonzero / max(h * nbq, 1))
 
 
 def render(layout: Tensor, head: int = 0) -> str:
-    """One head of a layout as text: a row per query block, ``#`` = attend, ``.`` = skip."""
+    """One head of a layout as text: a row per query block, ``#`` = attend (an integer layout:
+    nonzero), ``.`` = skip."""
     _check_layout("layout", layout)
     _check_has_values("layout", layout)
     head = _check_int("head", head, 0)
@@ -590,7 +592,7 @@ def prepare_layout(layout: Tensor) -> PreparedLayout:
     Writes that bypass the version counter (through ``layout.data``, or a NumPy array sharing its
     memory) are not seen: after one, call :func:`clear_cache`.
     """
-    _check_layout("layout", layout, integers=True)
+    _check_layout("layout", layout)
     if (layout.is_inference() or torch.compiler.is_compiling()
             or (layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
         # under CUDA-graph capture the lists are made inside the graph (its memory pool keeps

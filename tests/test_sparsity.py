@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import fastbert
 from fastbert import reference
 from fastbert import sparsity as S
 
@@ -189,8 +190,35 @@ def test_density_report():
     assert S.density(lay).token_density is None
 
 
+def test_integer_layouts_count_nonzero_as_on():
+    # the op takes integer layouts (nonzero = attend), so the helpers that inspect or combine
+    # layouts take them too, and agree with the bool layout they stand for
+    lay = S.bigbird(130, 16, num_heads=2, seed=5)
+    ints = lay.to(torch.int64) * torch.randint(1, 9, lay.shape)  # nonzero values other than 1
+    other = S.strided(130, 16, stride=3)
+    assert torch.equal(S.union(ints, other), S.union(lay, other))
+    assert torch.equal(S.intersection(other.to(torch.uint8), ints), S.intersection(other, lay))
+    assert S.union(ints).dtype == torch.bool
+    assert S.density(ints, 16, 130) == S.density(lay, 16, 130)
+    assert S.render(ints, head=1) == S.render(lay, head=1)
+
+
+@pytest.mark.parametrize("lq,lk", [(0, 0), (0, 17), (17, 0)])
+def test_presets_of_empty_sequences(lq, lk):
+    # the op takes empty sequences, so the presets build their (empty) layouts
+    nbq, nbk = -(-lq // 16), -(-lk // 16)
+    for fn in (S.dense, S.sliding_window, S.fixed, S.strided):
+        assert fn(lq, 16, key_len=lk).shape == (1, nbq, nbk)
+    lay = S.dense(lq, 16, key_len=lk)
+    rep = S.density(lay, 16, lq, key_len=lk)
+    assert rep.nonzero_blocks == 0 and rep.block_density == 0.0 and rep.token_density == 0.0
+    q, k = torch.randn(1, 2, lq, 8), torch.randn(1, 2, lk, 8)
+    out = fastbert.block_sparse_attention(q, k, k, lay, 16, backend="torch")
+    assert out.shape == (1, 2, lq, 8) and not out.isnan().any()
+
+
 VALIDATION = [
-    (lambda: S.dense(0, 16), ValueError, "seq_len"),
+    (lambda: S.dense(-1, 16), ValueError, "seq_len"),
     (lambda: S.dense(97.0, 16), TypeError, "seq_len"),
     (lambda: S.dense(97, 0), ValueError, "block_size"),
     (lambda: S.dense(97, 16, key_len=-1), ValueError, "key_len"),
@@ -214,7 +242,8 @@ VALIDATION = [
     (lambda: S.union(S.dense(97, 16), S.dense(98 + 16, 16)), ValueError, "same grid"),
     (lambda: S.union(S.bigbird(97, 16, num_heads=2), S.bigbird(97, 16, num_heads=3)), ValueError,
      "head dims"),
-    (lambda: S.intersection(S.dense(97, 16), S.dense(97, 16).int()), TypeError, "bool"),
+    (lambda: S.intersection(S.dense(97, 16), S.dense(97, 16).float()), TypeError, "bool"),
+    (lambda: S.global_tokens(0, 16), ValueError, "global_blocks"),
     (lambda: S.density(S.dense(97, 16), 16, 200), ValueError, "blocks"),
     (lambda: S.density(S.dense(97, 16), 16), ValueError, "both"),
     (lambda: S.density(S.dense(97, 16), key_len=33), ValueError, "both"),
