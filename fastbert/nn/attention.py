@@ -120,8 +120,8 @@ class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
       (:func:`attention_with_weights`, plain torch ops, not the fused kernels), which then also
       produces the output: pass ``need_weights=False`` for speed, as torch recommends.
 
-    Difference from torch: a query whose every key is masked gets zeros (output and weights) where
-    torch gives NaN. Shape errors raise ValueError naming the argument (torch: AssertionError).
+    Difference from torch: a query whose every key is masked gets zero weights and a zero attention
+    output, so ``out_proj``'s bias as its output, where torch gives NaN. Shape errors raise ValueError naming the argument (torch: AssertionError).
 
     Inside ``torch.nn.TransformerEncoderLayer`` in eval mode with autograd off, torch's fused
     fast path reads ``in_proj_weight``/``out_proj`` directly and never calls this forward (the
