@@ -145,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:  # e.g. ``fastbert info | head``: the reader left, nothing to report
+        # Python flushes stdout again at exit, into the same closed pipe: point it at devnull first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(args) -> int:
     if args.command == "info":
         return cmd_info(args)
     if args.command == "check":

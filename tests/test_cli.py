@@ -25,6 +25,15 @@ def test_info_lists_versions_and_every_op():
     assert "torch   available" in res.stdout
 
 
+def test_info_into_a_closed_pipe_exits_without_a_traceback():
+    # as `fastbert info | head -1`: the reader is gone before info writes (it imports torch first)
+    proc = subprocess.Popen([sys.executable, "-m", "fastbert", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+
+
 def test_check_runs_the_table_and_passes():
     """As a user runs it: without TRITON_INTERPRET in the environment (on a machine without a GPU
     check turns the interpreter on itself, which must happen before triton is imported)."""
