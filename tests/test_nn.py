@@ -1088,6 +1088,45 @@ def test_block_sparse_module_cache_follows_kwargs_buffer_and_pickles():
     assert copy.deepcopy(t)(torch.randn(N, 24, E)).shape == (N, 24, E)
 
 
+def test_block_sparse_module_layout_cache_is_per_block_count_and_bounded():
+    cpu = torch.device("cpu")
+    t = fnn.BlockSparseSelfAttention(E, H, torch.rand(1, 200, 200) < 0.5, block_size=2,
+                                     backend="torch")
+    p = fnn.BlockSparseSelfAttention(E, H, "bigbird", block_size=2, backend="torch")
+    for m in (t, p):
+        # lengths of the same block count share one layout object (one preparation)
+        assert m.layout_for(9, cpu) is m.layout_for(10, cpu)
+        assert m.layout_for(9, cpu) is not m.layout_for(11, cpu)
+        for length in range(1, 401):  # dynamic padding: every length once
+            lay = m.layout_for(length, cpu)
+            assert lay.shape[1:] == (-(-length // 2),) * 2
+        assert len(m._layouts) == 64  # the most recently used only
+    assert torch.equal(t.layout_for(397, cpu), t.layout[:, :199, :199])
+    assert torch.equal(p.layout_for(397, cpu), fastbert.sparsity.bigbird(397, 2))
+
+
+def test_block_sparse_module_honours_later_edits():
+    cpu = torch.device("cpu")
+    x = torch.randn(N, 24, E)
+    m = fnn.BlockSparseSelfAttention(E, H, "sliding_window", block_size=4, backend="torch")
+    before = m(x)
+    m.block_size = 8  # edited after a forward: the layout is rebuilt for it
+    assert m.layout_for(24, cpu).shape == (1, 3, 3)
+    m.block_size = 4
+    m.layout = torch.zeros(1, 6, 6, dtype=torch.bool)  # a layout given to a preset module is used
+    assert torch.equal(m.layout_for(24, cpu), m.layout) and "tensor(1, 6, 6)" in repr(m)
+    after = m(x)
+    assert not torch.equal(before, after)
+    assert torch.allclose(after, m.out_proj.bias.expand_as(after))  # no query sees a key
+    m.block_size = 0
+    with pytest.raises(ValueError, match="block_size"):
+        m(x)
+    with pytest.raises(ValueError, match="seq_len"):
+        m.layout_for(-20, cpu)
+    with pytest.raises(ValueError, match="block_size"):
+        fnn.BlockSparseSelfAttention(E, H, block_size=2 ** 40)
+
+
 @pytest.mark.parametrize("make", [
     lambda: fnn.BlockSparseSelfAttention(E, H, backend="torch"),
     lambda: fnn.LinformerSelfAttention(E, H, max_seq_len=32, k=4, backend="torch"),
@@ -1305,6 +1344,26 @@ def test_compile_transformer_encoder_layer_fullgraph():
     g = torch.randn_like(out)
     gx, gw = torch.autograd.grad(out, (x, layer.linear1.weight), g)
     rx, rw = torch.autograd.grad(ref, (x, layer.linear1.weight), g)
+    assert_close(gx, rx.double(), atol=1e-5)
+    assert_close(gw, rw.double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["sliding_window", "tensor"])
+def test_compile_block_sparse_module_fullgraph(layout):
+    """A layout tensor (the module's buffer, sliced per length) compiles as one graph, as a preset
+    does: forward and backward match eager."""
+    torch.manual_seed(0)
+    lay = torch.rand(1, 8, 8) < 0.6 if layout == "tensor" else layout
+    m = fnn.BlockSparseSelfAttention(E, H, lay, block_size=4, backend="torch")
+    x = torch.randn(N, 13, E, requires_grad=True)
+    kpm = torch.zeros(N, 13, dtype=torch.bool)
+    kpm[1, -3:] = True
+    out = torch.compile(m, fullgraph=True)(x, key_padding_mask=kpm)
+    ref = m(x, key_padding_mask=kpm)
+    assert_close(out, ref.double(), atol=1e-5)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, m.in_proj_weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, m.in_proj_weight), g)
     assert_close(gx, rx.double(), atol=1e-5)
     assert_close(gw, rw.double(), atol=1e-5)
 

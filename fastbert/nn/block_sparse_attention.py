@@ -10,16 +10,16 @@ import torch
 from torch import Tensor
 
 from .. import ops, sparsity
-from .._validation import tensor_version, type_name
+from .._validation import check_int, tensor_version, type_name
+from ..ops.block_sparse_attention import check_block_size
 from ._self_attention import SelfAttentionBase
-from ._utils import check_positive_int
 
 __all__ = ["BlockSparseSelfAttention", "PRESETS"]
 
 # Preset names accepted for ``layout`` (functions of fastbert.sparsity with the signature
 # ``preset(seq_len, block_size, **layout_kwargs, device=...) -> bool (H or 1, nb, nb)``).
 PRESETS = ("dense", "sliding_window", "global_tokens", "longformer", "bigbird", "fixed", "strided")
-_MAX_CACHED = 64  # layouts kept per module (one per input length and device)
+_MAX_CACHED = 64  # layouts kept per module (one per number of blocks, block size and device)
 # Preset arguments the module sets itself (a self-attention layout for the input's length).
 _SET_BY_MODULE = ("seq_len", "block_size", "key_len", "device")
 
@@ -31,10 +31,11 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         embed_dim, num_heads: model width E and heads H (E divisible by H).
         layout: either a bool tensor (H or 1, nb, nb) covering the longest sequence
             (``nb >= ceil(L / block_size)``; a shorter input uses its top-left corner), stored as
-            the buffer ``layout``; or the name of a :mod:`fastbert.sparsity` preset (one of
+            the buffer ``layout`` (a tensor assigned to ``module.layout`` later is used instead,
+            on a preset module too); or the name of a :mod:`fastbert.sparsity` preset (one of
             ``PRESETS``), built for each input length as
-            ``preset(L, block_size, **layout_kwargs)`` and cached per length and device (the 64
-            most recent).
+            ``preset(L, block_size, **layout_kwargs)`` and cached per number of blocks and device
+            (the 64 most recently used).
         block_size: tokens per block side.
         layout_kwargs: keyword arguments of the preset (sizes in blocks, e.g. ``{"window": 2}``).
         dropout: attention-probability dropout (training only).
@@ -54,12 +55,12 @@ class BlockSparseSelfAttention(SelfAttentionBase):
                  dropout: float = 0.0, bias: bool = True, batch_first: bool = True, device=None,
                  dtype=None, backend: Optional[str] = None) -> None:
         super().__init__(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, backend)
-        self.block_size = check_positive_int("block_size", block_size)
+        self.block_size = check_block_size(block_size)
         if layout_kwargs is not None and not isinstance(layout_kwargs, Mapping):
             raise TypeError(f"layout_kwargs must be a dict of the preset's keyword arguments or "
                             f"None, got {type_name(layout_kwargs)}")
         self.layout_kwargs = dict(layout_kwargs or {})
-        # key -> layout (preset), or (weak reference to the buffer, layout)
+        # key -> (weak reference to the layout buffer, or None for a preset; the layout for one nb)
         self._layouts: Dict[tuple, Any] = {}
         if isinstance(layout, str):
             if layout not in PRESETS:
@@ -95,7 +96,7 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             raise TypeError(f"layout must be a bool tensor or a preset name, got {type_name(layout)}")
 
     def extra_repr(self) -> str:
-        what = self.preset if self.preset is not None else f"tensor{tuple(self.layout.shape)}"
+        what = self.preset if self.layout is None else f"tensor{tuple(self.layout.shape)}"
         kwargs = f", layout_kwargs={self.layout_kwargs}" if self.layout_kwargs else ""
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, layout={what}, "
                 f"block_size={self.block_size}{kwargs}, dropout={self.dropout}, "
@@ -125,40 +126,53 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         return kwargs
 
     def layout_for(self, seq_len: int, device: torch.device) -> Tensor:
-        """The (H or 1, nb, nb) layout used for inputs of ``seq_len`` tokens (cached: the same tensor
-        object is returned for the same length, so fastbert.sparsity's preparation cache hits)."""
-        nb = -(-seq_len // self.block_size)
-        if seq_len == 0:  # an empty input: an empty layout (the op returns an empty output)
-            heads = 1 if self.layout is None else self.layout.shape[0]
-            return torch.zeros((heads, 0, 0), dtype=torch.bool, device=device)
-        # Cached layouts are made as normal tensors even under torch.inference_mode: a layout
-        # first built there (a validation pass before training) may later be saved for backward.
-        if self._preset_fn is not None:
-            # keyed on the kwargs too: editing module.layout_kwargs takes effect
-            key = (seq_len, str(device), repr(self.layout_kwargs))
-            lay = self._layouts.get(key)
-            if lay is None:
-                with torch.inference_mode(False):
-                    lay = self._preset_fn(seq_len, self.block_size, device=device,
-                                          **self._kwargs_for(nb))
-                if len(self._layouts) >= _MAX_CACHED:  # drop the oldest length
-                    self._layouts.pop(next(iter(self._layouts)))
-                self._layouts[key] = lay
-            return lay
+        """The (H or 1, nb, nb) layout used for inputs of ``seq_len`` tokens, nb = ceil(seq_len /
+        block_size) (cached per nb, block_size and device, the 64 most recent: the same tensor
+        object is returned for the same nb, so fastbert.sparsity's preparation cache hits).
+
+        A ``layout`` buffer, when the module has one (given at construction or assigned later),
+        is used; otherwise the preset is built."""
+        seq_len = check_int("seq_len", seq_len)
+        block_size = check_block_size(self.block_size)  # the attribute may have been edited
+        nb = -(-seq_len // block_size)
         full = self.layout
-        if full.shape[1] < nb or full.shape[2] < nb:
-            raise ValueError(f"the layout covers {full.shape[1]} x {full.shape[2]} blocks of "
-                             f"{self.block_size} tokens, too few for a sequence of {seq_len} tokens")
-        key = (seq_len, str(full.device), full.data_ptr(), tensor_version(full))
+        if full is None and self._preset_fn is None:
+            raise ValueError("the module has neither a layout tensor (its `layout` buffer is None) "
+                             "nor a preset to build one from")
+        if seq_len == 0:  # an empty input: an empty layout (the op returns an empty output)
+            heads = 1 if full is None else full.shape[0]
+            return torch.zeros((heads, 0, 0), dtype=torch.bool, device=device)
+        if full is not None:
+            if full.dim() != 3 or full.shape[1] < nb or full.shape[2] < nb:
+                raise ValueError(f"the layout {tuple(full.shape)} covers too few blocks of "
+                                 f"{block_size} tokens for a sequence of {seq_len} tokens (needs "
+                                 f"(H or 1, >= {nb}, >= {nb}))")
+            if torch.compiler.is_compiling():  # traced: no host-side cache; a view of the buffer
+                return full[:, :nb, :nb].to(device)
+            # keyed on the buffer object and its version: assigning or editing it takes effect
+            key = (nb, block_size, str(device), id(full), full.data_ptr(), tensor_version(full))
+        else:  # keyed on the kwargs too: editing module.layout_kwargs takes effect
+            key = (nb, block_size, str(device), repr(self.layout_kwargs))
         entry = self._layouts.get(key)
-        # the entry is also tied to the buffer object: a new buffer at a recycled address never hits
-        if entry is None or entry[0]() is not full:
-            self._layouts = {k: v for k, v in self._layouts.items()
-                             if k[1:] == key[1:] and v[0]() is full}
+        # a buffer's entry is also tied to the buffer object: a new one at a recycled id never hits
+        if entry is None or (entry[0] is not None and entry[0]() is not full):
+            # Cached layouts are made as normal tensors even under torch.inference_mode: a layout
+            # first built there (a validation pass before training) may later be saved for backward.
             with torch.inference_mode(False):
-                entry = (weakref.ref(full), full[:, :nb, :nb].clone())
-            self._layouts[key] = entry
-        return entry[1].to(device)
+                if full is not None:
+                    entry = (weakref.ref(full), full[:, :nb, :nb].to(device, copy=True))
+                else:
+                    entry = (None, self._preset_fn(nb * block_size, block_size, device=device,
+                                                   **self._kwargs_for(nb)))
+            if full is not None:  # entries of an earlier buffer or version can never hit again
+                self._layouts = {k: v for k, v in self._layouts.items()
+                                 if v[0] is None or k[3:] == key[3:]}
+            while len(self._layouts) >= _MAX_CACHED:  # drop the least recently used
+                self._layouts.pop(next(iter(self._layouts)))
+        else:
+            self._layouts.pop(key)  # re-inserted below: most recently used last
+        self._layouts[key] = entry
+        return entry[1]
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         x_bf, q, k, v = self._heads(x, key_padding_mask)

@@ -20,6 +20,15 @@ __all__ = ["block_sparse_attention"]
 _MAX_BLOCK_SIZE = 2 ** 31 - 1  # token indices are int64: a larger block size would overflow them
 
 
+def check_block_size(block_size) -> int:
+    """``block_size``: an int in [1, 2**31 - 1] (TypeError / ValueError naming it otherwise)."""
+    block_size = check_int("block_size", block_size, minimum=1)
+    if isinstance(block_size, int) and block_size > _MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be <= {_MAX_BLOCK_SIZE} (one block covers any longer "
+                         f"sequence), got {block_size}")
+    return block_size
+
+
 def _check_layout(layout, h: int, nbq: int, nbk: int) -> None:
     check_tensor("layout", layout, ndim=(3,), floating=False)
     if layout.is_floating_point() or layout.is_complex():
@@ -79,10 +88,7 @@ def block_sparse_attention(
     if key.shape[:2] != query.shape[:2]:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same "
                          "batch and head dims (B, H, L, D)")
-    block_size = check_int("block_size", block_size, minimum=1)
-    if isinstance(block_size, int) and block_size > _MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be <= {_MAX_BLOCK_SIZE} (one block covers any longer "
-                         f"sequence), got {block_size}")
+    block_size = check_block_size(block_size)
     b, h, lq, _ = query.shape
     lk = key.shape[2]
     _check_layout(layout, h, -(-lq // block_size), -(-lk // block_size))
