@@ -230,7 +230,7 @@ def check_op(op: str, backend: str, dtype: torch.dtype, device: str) -> Tuple[bo
     with torch.no_grad():
         inference = fn(*_detached_like(args), **kwargs, backend=backend)
     compare([inference])
-    return ok, worst, "; ".join(["max err / allowed, with and without autograd"] + notes)
+    return ok, worst, "; ".join(["worst err / allowed (per element), with and without autograd"] + notes)
 
 
 def plan(device: str) -> List[Tuple[str, str, torch.dtype]]:

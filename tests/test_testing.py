@@ -1,5 +1,6 @@
 """fastbert.testing's own helpers: the shard assignment behind bench/gpu_run.sh's parallel test
 run, checked as a pure function and through pytest's collection."""
+import math
 import os
 import subprocess
 import sys
@@ -78,6 +79,28 @@ def test_shards_partition_the_collected_tests():
         for other in shards:
             if other is not s:
                 assert not funcs & {t.split("[")[0] for t in other}
+
+
+def test_check_close_allows_one_ulp_of_the_output_dtype_and_no_more():
+    # a float16 mask gradient summed over many rows (a fuzz example): exact value 10.5377, whose
+    # nearest float16 10.5391 the low-precision run gets; the kernel's float32 sum lay a hair past
+    # the midpoint and rounded to the other neighbour, 10.5312 (one ulp, 0.0078, from the first)
+    ref = torch.tensor([10.537733991614346, -10.537733991614342], dtype=torch.float64)
+    low = torch.tensor([10.5390625, -10.5390625], dtype=torch.float16)
+    ok, err, allowed = check_close(torch.tensor([10.5390625, -10.53125], dtype=torch.float16), ref, low)
+    assert ok and math.isclose(err, 10.537733991614342 - 10.53125)
+    two_ulps = torch.tensor([10.5390625, -10.5234375], dtype=torch.float16)
+    assert not check_close(two_ulps, ref, low)[0]
+    # elementwise: a small element does not get the ulp of the largest one
+    ref2 = torch.tensor([10.5, 0.1], dtype=torch.float64)
+    low2 = ref2.half()
+    assert check_close(torch.tensor([10.5078125, 0.1], dtype=torch.float16), ref2, low2)[0]
+    assert not check_close(torch.tensor([10.5, 0.1 + 0.006], dtype=torch.float16), ref2, low2)[0]
+    # non-finite values: NaN never passes, matching infinities do, and no element hides another
+    inf = torch.tensor([float("inf"), 1.0])
+    assert check_close(inf, inf.double(), inf)[0]
+    assert not check_close(torch.tensor([float("inf"), float("nan")]), inf.double(), inf)[0]
+    assert not check_close(torch.tensor([0.0, 5.0]), torch.zeros(2, dtype=torch.float64), atol=0.0)[0]
 
 
 def test_max_err_never_broadcasts_and_matches_infinities():

@@ -90,7 +90,7 @@ class CheckResult:
     what: str = "output"
 
     def __str__(self) -> str:
-        return f"{self.what}: max error {self.err:.3e} (allowed {self.allowed:.3e})"
+        return f"{self.what}: worst error {self.err:.3e} (allowed {self.allowed:.3e} there)"
 
 
 @dataclass
