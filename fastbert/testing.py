@@ -96,12 +96,14 @@ def check_close(out: Tensor, ref: Tensor, lowp_ref: Optional[Tensor] = None, fac
 
 
 def _ulp(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """The spacing of ``dtype``'s values at ``|x|`` (float64 in and out; inf / NaN give inf / NaN)."""
+    """The spacing of ``dtype``'s values at ``|x|`` (float64 in and out; inf gives inf, NaN 0: a
+    NaN reference leaves the bound to the low-precision run's error, which is then inf)."""
     if not dtype.is_floating_point:
         return torch.zeros_like(x)
     info = torch.finfo(dtype)
     _, e = torch.frexp(x.abs().clamp(min=info.smallest_normal))  # |x| in [2^(e-1), 2^e)
-    return torch.ldexp(torch.full_like(x, info.eps), e - 1).where(torch.isfinite(x), x.abs())
+    ulp = torch.ldexp(torch.full_like(x, info.eps), e - 1)
+    return ulp.where(torch.isfinite(x), x.abs().nan_to_num(nan=0.0, posinf=float("inf")))
 
 
 def _log_margin(err: float, allowed: float, dtype: torch.dtype) -> None:
