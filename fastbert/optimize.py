@@ -332,6 +332,16 @@ def _resync(original: nn.Module, new: nn.Module) -> None:
                 store[attr] = tensor
 
 
+def _copy_mode(original: nn.Module, new: nn.Module) -> None:
+    """Give the modules of ``original`` that ``new`` does not share the train / eval mode of
+    ``new``: a ``model.eval()`` or ``model.train()`` issued while optimized reached only the
+    replacement (and the submodules it shares with the original, which keep their own mode)."""
+    shared = {id(m) for m in new.modules()}
+    for m in original.modules():
+        if id(m) not in shared:
+            m.training = new.training
+
+
 def restore(model: nn.Module) -> int:
     """Undo :func:`optimize`: put every original module back (with the Parameter objects the
     fastbert modules hold). Returns the number of distinct modules restored (as many as
@@ -350,6 +360,7 @@ def restore(model: nn.Module) -> int:
             original = child.__dict__.get(_ORIGINAL)
             if original is not None:
                 _resync(original, child)
+                _copy_mode(original, child)
                 if hf is not None:
                     hf.restore_capturing_hooks(model, original, child)
                 setattr(parent, name, original)

@@ -225,6 +225,35 @@ def test_restore_keeps_replaced_parameter_objects():
     assert type(model[0]) is nn.LayerNorm and model[0].weight is new_weight
 
 
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("first", ["train", "eval"])
+def test_restore_hands_back_the_mode_set_while_optimized(first, padding_free):
+    """model.eval() / model.train() while optimized reaches only the fastbert modules: restore()
+    gives the originals' own submodules that mode (they kept the one of optimize() time, so a
+    model switched to eval ran the restored attention with dropout)."""
+    layer = nn.TransformerEncoderLayer(E, 2, 40, dropout=0.5, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.MultiheadAttention(E, 2, dropout=0.5, batch_first=True))
+    model.train(first == "train")
+    optimize(model, backend="torch", padding_free=padding_free)
+    model.train(first != "train")
+    restore(model)
+    assert type(model[1]) is nn.MultiheadAttention
+    assert {m.training for m in model.modules()} == {first != "train"}
+    if first == "train":  # now in eval: deterministic
+        x = torch.randn(2, 6, E)
+        assert torch.equal(model[0](x), model[0](x))
+
+
+def test_restore_leaves_the_mode_of_shared_submodules():
+    model = nn.Sequential(nn.TransformerEncoderLayer(E, 2, 40, batch_first=True))
+    optimize(model, backend="torch")
+    model.train()
+    model[0].dropout1.eval()  # the user's choice on a submodule the replacement shares
+    restore(model)
+    assert model[0].self_attn.training and not model[0].dropout1.training
+
+
 def test_deepcopy_and_state_dict_roundtrip_after_optimize():
     torch.manual_seed(0)
     model = ToyModel()
