@@ -146,7 +146,9 @@ def _swap_torch(module: nn.Module, backend: Optional[str]):
     for base in exact:
         if isinstance(module, base):
             return None, (f"subclass of torch.nn.{base.__name__} (its forward may differ); "
-                          f"swap it by hand with fastbert.nn.{exact[base].__name__}.from_torch")
+                          f"where it computes what torch's does, swap it by hand with "
+                          f"fastbert.nn.{exact[base].__name__}.from_torch (which refuses a "
+                          f"subclass that overrides forward)")
     return None, None
 
 

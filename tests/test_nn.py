@@ -330,6 +330,54 @@ def test_mha_from_torch_keeps_parameter_objects():
         fnn.MultiheadAttention.from_torch(nn.Linear(2, 2))
 
 
+class _Doubled(nn.TransformerEncoderLayer):  # a subclass with its own computation
+    def forward(self, src, *args, **kwargs):
+        return 2 * super().forward(src, *args, **kwargs)
+
+
+class _OwnBlock(nn.TransformerEncoderLayer):  # overrides a block torch's forward calls
+    def _ff_block(self, x):
+        return torch.zeros_like(x)
+
+
+class _Tagged(nn.TransformerEncoderLayer):  # only adds an attribute: computes what torch's does
+    tag = "mine"
+
+
+@pytest.mark.parametrize("cls", [_Doubled, _OwnBlock])
+def test_from_torch_refuses_a_subclass_whose_computation_it_would_drop(cls):
+    layer = cls(E, H, 24, dropout=0.0, batch_first=True)
+    with pytest.raises(TypeError, match="would not run"):
+        fnn.TransformerEncoderLayer.from_torch(layer)
+    with pytest.raises(TypeError, match="would not run"):  # cloned into each layer, as torch does
+        fnn.TransformerEncoder(layer, 2)
+    with pytest.raises(TypeError, match="would not run"):
+        fnn.TransformerEncoder.from_torch(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+
+    class Norm(nn.LayerNorm):
+        def forward(self, x):
+            return x
+
+    class Attn(nn.MultiheadAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    for make, plain in ((fnn.LayerNorm, Norm(E)), (fnn.MultiheadAttention, Attn(E, H)),
+                        (fnn.GELU, type("G", (nn.GELU,), {"forward": lambda self, x: x})())):
+        with pytest.raises(TypeError, match="would not run"):
+            make.from_torch(plain)
+
+
+def test_from_torch_takes_a_subclass_that_computes_what_torch_does():
+    torch.manual_seed(0)
+    layer = _Tagged(E, H, 24, dropout=0.0, batch_first=True).eval()
+    ours = fnn.TransformerEncoderLayer.from_torch(layer, backend="torch")
+    x = torch.randn(N, L, E)
+    assert_close(ours(x), layer(x).double(), atol=1e-5)
+    ours_mha = fnn.MultiheadAttention.from_torch(ours.self_attn)  # fastbert's own: its forward
+    assert ours_mha.in_proj_weight is layer.self_attn.in_proj_weight
+
+
 def test_mha_bad_inputs():
     m = fnn.MultiheadAttention(E, H, batch_first=True)
     x = torch.randn(N, L, E)

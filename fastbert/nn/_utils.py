@@ -3,7 +3,7 @@ and deciding whether a submodule may be fused (read its parameters) or must be c
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Type, TypeVar
+from typing import Optional, Tuple, Type, TypeVar
 
 import torch
 from torch import nn
@@ -77,6 +77,22 @@ def _own_forward(module: nn.Module) -> bool:
     fwd = module.__dict__.get("forward")
     return getattr(fwd, "__self__", None) is module and \
         getattr(fwd, "__func__", None) is getattr(type(module), "forward", None)
+
+
+def check_torch_computation(module: nn.Module, base: type, new_cls: type,
+                            methods: Tuple[str, ...] = ("forward",)) -> None:
+    """For ``from_torch``: a TypeError if ``module``'s class, a subclass of torch's ``base``,
+    overrides one of ``methods`` (e.g. its forward), which the fastbert module made from it would
+    silently not run. ``base`` itself, ``new_cls`` (fastbert's own) and subclasses that override
+    none of them pass."""
+    cls = type(module)
+    if cls is base or isinstance(module, new_cls):
+        return
+    changed = [m for m in methods if getattr(cls, m, None) is not getattr(base, m, None)]
+    if changed:
+        raise TypeError(f"module is a {type_name(module)}, a subclass of torch.nn.{base.__name__} "
+                        f"with its own {' / '.join(changed)}, which fastbert.nn.{new_cls.__name__} "
+                        "would not run: keep the subclass, or rewrite it on the fastbert module")
 
 
 _CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")

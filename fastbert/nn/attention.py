@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import ops, reference
 from .._validation import check_dropout, type_name
 from ._utils import (NoTorchScript, adopt, check_backend, check_factory_dtype, check_input, check_positive_int,
-                     compute_dtype)
+                     check_torch_computation, compute_dtype)
 
 __all__ = ["MultiheadAttention", "attention_with_weights"]
 
@@ -153,6 +153,7 @@ class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
         """A fastbert MultiheadAttention sharing every Parameter object of ``module``."""
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        check_torch_computation(module, nn.MultiheadAttention, cls)
         return adopt(cls, module, backend=check_backend(backend))
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.gelu import _check_approximate
-from ._utils import NoTorchScript, adopt, check_backend, runs_plainly
+from ._utils import NoTorchScript, adopt, check_backend, check_torch_computation, runs_plainly
 
 __all__ = ["GELU", "GEGLU", "gelu_approximation"]
 
@@ -28,6 +28,7 @@ class GELU(nn.GELU, NoTorchScript):
     def from_torch(cls, module: nn.GELU, *, backend: Optional[str] = None) -> "GELU":
         if not isinstance(module, nn.GELU):
             raise TypeError(f"module must be a torch.nn.GELU, got {type(module).__name__}")
+        check_torch_computation(module, nn.GELU, cls)
         return adopt(cls, module, backend=check_backend(backend))
 
     def forward(self, input: Tensor) -> Tensor:

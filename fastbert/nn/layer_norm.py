@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.layer_norm import _check_eps, check_normalized_shape
-from ._utils import NoTorchScript, adopt, check_backend, check_factory_dtype
+from ._utils import NoTorchScript, adopt, check_backend, check_factory_dtype, check_torch_computation
 
 __all__ = ["LayerNorm"]
 
@@ -42,6 +42,7 @@ class LayerNorm(nn.LayerNorm, NoTorchScript):
         """A fastbert LayerNorm sharing ``module``'s weight and bias Parameter objects."""
         if not isinstance(module, nn.LayerNorm):
             raise TypeError(f"module must be a torch.nn.LayerNorm, got {type(module).__name__}")
+        check_torch_computation(module, nn.LayerNorm, cls)
         return adopt(cls, module, backend=check_backend(backend))
 
     def forward(self, input: Tensor) -> Tensor:

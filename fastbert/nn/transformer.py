@@ -16,7 +16,8 @@ from .. import ops
 from ..padding import pad_input, unpad_input
 from .._validation import check_dropout, host_checks_allowed, type_name
 from ._fuse import add_norm, layer_norm, matmul, unfused_dropout
-from ._utils import NoTorchScript, adopt, check_backend, check_input, check_positive_int, plain_linear, runs_plainly
+from ._utils import (NoTorchScript, adopt, check_backend, check_input, check_positive_int, check_torch_computation,
+                     plain_linear, runs_plainly)
 from .attention import MultiheadAttention, _check_mask_dtype
 from .gelu import gelu_approximation
 from .layer_norm import LayerNorm
@@ -109,6 +110,8 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
         if not isinstance(module, nn.TransformerEncoderLayer):
             raise TypeError(f"module must be a torch.nn.TransformerEncoderLayer, got "
                             f"{type(module).__name__}")
+        check_torch_computation(module, nn.TransformerEncoderLayer, cls,
+                                ("forward", "_sa_block", "_ff_block"))
         reason = self_attn_refusal(module)
         if reason is not None:
             raise TypeError(f"module.self_attn {reason}")
@@ -321,6 +324,7 @@ class TransformerEncoder(nn.Module, NoTorchScript):
         already is one is kept), ``norm`` is kept as it is."""
         if not isinstance(module, nn.TransformerEncoder):
             raise TypeError(f"module must be a torch.nn.TransformerEncoder, got {type_name(module)}")
+        check_torch_computation(module, nn.TransformerEncoder, cls)
         backend = check_backend(backend)
         layers = []
         for layer in module.layers:
