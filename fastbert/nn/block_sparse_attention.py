@@ -13,6 +13,7 @@ from .. import ops, sparsity
 from .._validation import check_int, tensor_version, type_name
 from ..ops.block_sparse_attention import check_block_size
 from ._self_attention import SelfAttentionBase
+from ._utils import check_positive_int
 
 __all__ = ["BlockSparseSelfAttention", "PRESETS"]
 
@@ -55,7 +56,7 @@ class BlockSparseSelfAttention(SelfAttentionBase):
                  dropout: float = 0.0, bias: bool = True, batch_first: bool = True, device=None,
                  dtype=None, backend: Optional[str] = None) -> None:
         super().__init__(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, backend)
-        self.block_size = check_block_size(block_size)
+        self.block_size = check_block_size(check_positive_int("block_size", block_size))
         if layout_kwargs is not None and not isinstance(layout_kwargs, Mapping):
             raise TypeError(f"layout_kwargs must be a dict of the preset's keyword arguments or "
                             f"None, got {type_name(layout_kwargs)}")
