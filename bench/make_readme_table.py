@@ -7,14 +7,16 @@
                                                            # bench/results/<date>-<gpu>/ first
 
 The latest results are bench/results/<YYYY-MM-DD>-<gpu>/ (newest date, then name) holding a
-results.json written by ``fastbert bench``; the table is made from its last run, and the plots
-(<family>.png) in that directory are listed below it. ``--write`` replaces what lies between
-``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in the given file and fails if they are missing.
+results.json written by ``fastbert bench``; the table is made from its runs, each case's rows from
+the latest run that measured it, and the plots (<family>.png) in that directory are listed below
+it. ``--write`` replaces what lies between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in
+the given file and fails if they are missing.
 
-``--import DIR`` takes a results directory (e.g. the ``bench/`` folder a GPU run left under $OUT),
-finds the date and GPU of its last run and copies results.json (runs merged by run_id),
-results.csv (rebuilt from the merged results.json: importing twice repeats no row), the PNGs and
-overhead.json (``bench/bench_overhead.py``, in DIR or beside it) into bench/results/<date>-<gpu>/.
+``--import DIR`` takes a results directory (e.g. the ``bench/`` folder a GPU run left under $OUT)
+and files each GPU's runs in it under bench/results/<date>-<gpu>/, the date of that GPU's last
+run: results.json (runs merged by run_id), results.csv (rebuilt from the merged results.json:
+importing twice repeats no row), and, with the latest run's GPU, the PNGs and overhead.json
+(``bench/bench_overhead.py``, in DIR or beside it).
 """
 from __future__ import annotations
 
@@ -36,24 +38,37 @@ except ImportError:  # run from a checkout where fastbert is not installed
 
 
 def import_results(src: Path, results_root: Path = RESULTS) -> Path:
-    """Copy a results directory into results_root/<date>-<gpu>/; returns the destination."""
+    """Copy a results directory into results_root/<date>-<gpu>/, one directory per GPU (named
+    after the latest run on it: a benchmark split over two days stays together); returns the
+    destination of the latest run's GPU."""
     data = report.load_results(src)
     runs = [r for r in data["runs"] if r.get("rows")]
     if not runs:
         raise ValueError(f"{src} holds no run with results")
-    dest = results_root / report.results_dir_name(runs[-1])
-    dest.mkdir(parents=True, exist_ok=True)
-    for run in data["runs"]:
-        report.write_json(dest, run)
+    by_gpu: dict = {}
+    for run in runs:  # an --out folder reused on two GPUs holds runs of both
+        by_gpu.setdefault((run.get("env") or {}).get("gpu"), []).append(run)
     src_dir = src if src.is_dir() else src.parent
-    # results.csv is rebuilt from every run now in dest's results.json (the CSV holds the same
-    # rows as the JSON): importing a folder twice, or two folders into one, never repeats a row
-    dest_csv = dest / report.CSV_NAME
-    if dest_csv.exists():
-        dest_csv.unlink()
-    for run in report.load_results(dest)["runs"]:
-        if run.get("rows"):
-            report.append_csv(dest, run, run["rows"])
+    dests = {}
+    for gpu, gpu_runs in by_gpu.items():
+        dest = dests[gpu] = results_root / report.results_dir_name(gpu_runs[-1])
+        dest.mkdir(parents=True, exist_ok=True)
+        for run in gpu_runs:
+            report.write_json(dest, run)
+        # results.csv is rebuilt from every run now in dest's results.json (the CSV holds the
+        # same rows as the JSON): importing a folder twice, or two folders into one, never
+        # repeats a row
+        dest_csv = dest / report.CSV_NAME
+        if dest_csv.exists():
+            dest_csv.unlink()
+        for run in report.load_results(dest)["runs"]:
+            if run.get("rows"):
+                report.append_csv(dest, run, run["rows"])
+    # the plots and the host overhead file are not per run: they go with the latest run's GPU
+    dest = dests[(runs[-1].get("env") or {}).get("gpu")]
+    if len(dests) > 1:
+        print(f"make_readme_table: {src} holds runs on {len(dests)} GPUs; its plots and "
+              f"{OVERHEAD_NAME} are filed under {dest.name}", file=sys.stderr)
     for png in sorted(src_dir.glob("*.png")):
         shutil.copy2(png, dest / png.name)
     for extra in (src_dir / OVERHEAD_NAME, src_dir.parent / OVERHEAD_NAME):
@@ -65,16 +80,19 @@ def import_results(src: Path, results_root: Path = RESULTS) -> Path:
 
 def merged_run(runs: list) -> dict:
     """The runs of one results directory (a quick benchmark split over several device calls, say)
-    as one: the last run's environment and ceilings, and for each (case, pass, dtype,
-    implementation) the row of the latest run that has it; plots of every run."""
-    rows, plots = {}, []
+    as one: the last run's environment and ceilings, and for each case (family, case name) every
+    row of the latest run that measured it, taken whole, so that a case's speedup is always
+    against peers timed in the same run; plots of every run."""
+    cases, plots = {}, []
     for run in runs:
+        this_run: dict = {}
         for row in run["rows"]:
-            key = (row.get("family"), row.get("case"), row.get("pass"), row.get("dtype"), row.get("impl"))
-            rows.pop(key, None)  # re-inserted: the latest run's row, in that run's order
-            rows[key] = row
+            this_run.setdefault((row.get("family"), row.get("case")), []).append(row)
+        for key, case_rows in this_run.items():
+            cases.pop(key, None)  # re-inserted: the latest run's rows, in that run's order
+            cases[key] = case_rows
         plots += [p for p in run.get("plots") or [] if p not in plots]
-    return dict(runs[-1], rows=list(rows.values()), plots=plots)
+    return dict(runs[-1], rows=[r for case_rows in cases.values() for r in case_rows], plots=plots)
 
 
 def make_block(results_dir: Path, relative_to: Path) -> str:

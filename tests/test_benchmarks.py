@@ -974,6 +974,57 @@ def test_readme_table_of_several_runs_takes_the_latest_run_environment(tmp_path)
     assert "| fwd-B32-H12-L128-D64-fp16 |" in text and "| ln |" in text
 
 
+def test_readme_table_speedup_is_against_the_peer_it_shows(tmp_path):
+    """A case measured with every peer, then again with only some (``--impl``): the merged table
+    takes the case's rows whole from the later run, so its speedup and best peer agree (a merge
+    per implementation once printed 1.33x beside a peer faster than fastbert)."""
+    tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
+    rows = _sample_rows()
+    case = rows[0]["case"]
+    first = [dict(r) for r in rows if r["case"] == case]
+    ours = next(r for r in first if r["ours"] and r["status"] == "ok")
+    peers = [r for r in first if not r["ours"] and r["status"] == "ok"]
+    assert len(peers) == 2, "the sample case needs two peers"
+    ours["p50_ms"] = 0.030
+    for i, r in enumerate(peers):
+        r["p50_ms"] = 0.020 if i == 0 else 0.040  # the first peer beats fastbert
+    fast_peer = peers[0]["impl"]
+    second = [dict(r, p50_ms=0.030 if r is ours else 0.040) for r in first if r["impl"] != fast_peer]
+    merged = tool.merged_run([_run_record(first, run_id="r1"), _run_record(second, run_id="r2")])
+    assert {r["impl"] for r in merged["rows"]} == {r["impl"] for r in second}
+    block = report.markdown_summary(merged)
+    line = next(l for l in block.splitlines() if l.startswith(f"| {case} |"))
+    assert fast_peer not in line and "1.33x" in line
+    # and the printed speedup is computed from the peer shown, whatever the stored field says
+    only = _run_record(first, run_id="r1")
+    next(r for r in only["rows"] if r["impl"] == ours["impl"])["speedup_vs_best_peer"] = 9.0
+    line = next(l for l in report.markdown_summary(only).splitlines() if l.startswith(f"| {case} |"))
+    assert fast_peer in line and "0.67x" in line
+
+
+def test_import_files_each_gpus_runs_under_its_own_gpu(tmp_path):
+    """An --out folder reused on an A100 and then an H100: each GPU's runs go to its own results
+    directory, never under the other's heading."""
+    tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
+    src = tmp_path / "out" / "bench"
+    report.write_json(src, _run_record(_sample_rows(), gpu="NVIDIA A100-SXM4-80GB", date="2026-11-19",
+                                       run_id="a"))
+    report.write_json(src, _run_record(_sample_rows(), date="2026-11-20", run_id="h"))
+    (src / "attention.png").write_bytes(b"\x89PNG fake")
+    root = tmp_path / "results"
+    dest = tool.import_results(src, root)
+    assert dest.name == "2026-11-20-h100-80gb-hbm3"
+    assert sorted(p.name for p in root.iterdir()) == ["2026-11-19-a100-sxm4-80gb",
+                                                     "2026-11-20-h100-80gb-hbm3"]
+    for name, run_id in (("2026-11-19-a100-sxm4-80gb", "a"), ("2026-11-20-h100-80gb-hbm3", "h")):
+        runs = report.load_results(root / name)["runs"]
+        assert [r["run_id"] for r in runs] == [run_id]
+        with open(root / name / "results.csv", newline="") as f:
+            assert len(list(csv.DictReader(f))) == len(_sample_rows())
+    assert (dest / "attention.png").exists()
+    assert not (root / "2026-11-19-a100-sxm4-80gb" / "attention.png").exists()
+
+
 def test_import_rebuilds_the_csv_the_gpu_run_leaves_out(tmp_path):
     tool = _load(REPO / "bench" / "make_readme_table.py", "make_readme_table")
     out = tmp_path / "out"

@@ -404,8 +404,9 @@ def markdown_summary(run: Dict, plots: Sequence[str] = (), source: str = "") -> 
             if ours_ok:
                 ours = min(ours_ok, key=lambda r: r["p50_ms"])
                 ours_cells = [ours["impl"], _value_text(ours)]
-                speed = (f"{ours['speedup_vs_best_peer']:.2f}x"
-                         if ours.get("speedup_vs_best_peer") is not None else "-")
+                # against the peer shown beside it (not the stored field, which a merge of runs
+                # could have computed against another run's peers)
+                speed = f"{peer['p50_ms'] / ours['p50_ms']:.2f}x" if peer else "-"
                 pct = f"{ours['pct_of_ceiling']:.0f}%" if ours.get("pct_of_ceiling") is not None else "-"
             else:
                 bad = [r for r in rs if r["ours"] and not r.get("variant")]
