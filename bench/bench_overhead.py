@@ -12,7 +12,8 @@ This script calls each op many times on tiny inputs and reports wall time per ca
 On a GPU the inputs are small enough that the kernels finish faster than the host issues them, so
 the figure is the host's cost per call (launch included). With ``--stub`` (needed without a GPU)
 every Triton custom op runs its fake implementation instead of a kernel: the figure is fastbert's
-Python and autograd path alone, on CPU tensors, and the torch peer runs its real (tiny) CPU op.
+Python and autograd path alone, on CPU tensors, and the torch peer runs its real (tiny) CPU op
+on one thread.
 Passes: ``fwd`` (no gradient needed) and ``fwd+bwd`` (inputs require grad; backward included).
 """
 from __future__ import annotations
@@ -150,6 +151,10 @@ def main(argv: List[str]) -> int:
     if args.stub and not fastbert.backends.interpreter_enabled():
         print("--stub needs TRITON_INTERPRET=1 (Triton on CPU tensors)", file=sys.stderr)
         return 2
+    if args.stub:
+        # the torch peers run real CPU kernels on tiny inputs: one thread, so that their figure
+        # is a call's cost, not a thread pool's wake-up on a shared machine
+        torch.set_num_threads(1)
     rows = []
     ctx = stubbed_kernels() if args.stub else contextlib.nullcontext()
     with ctx:

@@ -141,7 +141,11 @@ def test_case_shapes_follow_the_issues():
 # ----------------------------------------------------------------------------------------------
 def test_attention_flops():
     assert common.attention_flops(2, 3, 5, 7, 8) == 4 * 2 * 3 * 5 * 7 * 8
-    assert common.attention_flops(2, 3, 5, 7, 8, causal=True) == 2 * 2 * 3 * 5 * 7 * 8
+    assert common.attention_flops(2, 3, 7, 7, 8, causal=True) == 2 * 2 * 3 * 7 * 7 * 8
+    with pytest.raises(ValueError, match="Lq == Lk"):  # which pairs a causal Lq != Lk mask keeps
+        common.attention_flops(2, 3, 5, 7, 8, causal=True)  # depends on its alignment
+    with pytest.raises(ValueError, match="Lk == Lq"):
+        attention.dense_case(2, 2, 64, 64, torch.float16, lk=128, causal=True)
     assert common.attention_flops(1, 1, 4, 4, 8, pass_="bwd") == 2.5 * 4 * 4 * 4 * 8
     assert common.attention_flops(1, 1, 4, 4, 8, pass_="fwd+bwd") == 3.5 * 4 * 4 * 4 * 8
     assert common.attention_flops(1, 1, 4, 4, 8, dv=16) == 2 * 4 * 4 * 8 + 2 * 4 * 4 * 16
@@ -358,7 +362,10 @@ def test_quantiles_match_numpy():
 
 def test_rotation_count():
     l2 = 50 << 20
-    assert timing.rotation_count(l2, l2) == 1
+    assert timing.rotation_count(3 * l2, l2) == 1
+    assert timing.rotation_count(l2, l2) == 3
+    assert timing.rotation_count(67_115_008, 52_428_800) == 3  # BERT-size LN fwd on an H100's L2
+    assert timing.rotation_count(2 * l2 + 1, l2) == 2
     assert timing.rotation_count(10 << 20, l2) == 8
     assert timing.rotation_count(40 << 20, l2) == 4
     assert timing.rotation_count(1 << 20, 0) == 1
@@ -537,6 +544,42 @@ def test_run_cases_on_cpu_end_to_end(capsys):
                                                                                  pass_="fwd+bwd")
     text = report.format_table(rows, {"copy_gbps": 1.0, "matmul_tflops": 1.0})
     assert cases[0].name in text and "not run here" in text
+
+
+def test_liger_geglu_peer_gets_two_contiguous_inputs(monkeypatch):
+    """Liger's GEGLU copies non-contiguous inputs inside the call; the peer is given the two
+    contiguous tensors it gets in real use (a fake Liger module here, which refuses strided
+    inputs), and its two gradients are checked as the packed input's."""
+    seen = []
+
+    class FakeGELUMul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            if not (a.is_contiguous() and b.is_contiguous()):
+                raise AssertionError("strided inputs reached the fake Liger kernel")
+            seen.append(a.shape)
+            ctx.save_for_backward(a, b)
+            return torch.nn.functional.gelu(a, approximate="tanh") * b
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b = ctx.saved_tensors
+            with torch.enable_grad():
+                a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+                out = torch.nn.functional.gelu(a_, approximate="tanh") * b_
+                return torch.autograd.grad(out, (a_, b_), g)
+
+    fake = types.ModuleType("liger_kernel.ops.geglu")
+    fake.LigerGELUMulFunction = FakeGELUMul
+    for name in ("liger_kernel", "liger_kernel.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.geglu", fake)
+    cases = [norms.norm_case("geglu", 40, torch.float32, pass_=p, rows=17) for p in ("fwd", "bwd")]
+    rows = runner.run_cases(cases, device="cpu", timer=timing.CpuTimer(reps=2),
+                            impl_filter=["liger"], progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert all("worst error" in r["check"] for r in rows) and seen
+    assert all(s == (17, 40) for s in seen)
 
 
 def _toy_case(impls, pass_="fwd", check=True):

@@ -75,6 +75,17 @@ def test_usage_errors(argv):
     assert res.returncode == 2
 
 
+@pytest.mark.parametrize("option,value", [("--rep-ms", "nan"), ("--rep-ms", "0"),
+                                          ("--warmup-ms", "inf"), ("--warmup-ms", "-1"),
+                                          ("--budget-s", "-5"), ("--budget-s", "ten")])
+def test_bench_timing_options_must_be_finite_positive_numbers(option, value):
+    # checked before anything runs (a NaN --rep-ms once failed every case at the timing stage and
+    # was reported as fastbert results that failed)
+    res = run_cli("bench", option, value, "--list")
+    assert res.returncode == 2 and option in res.stderr and repr(value) in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_check_counts_a_declined_call_as_skipped_not_passed(monkeypatch, capsys):
     from fastbert import backends
 

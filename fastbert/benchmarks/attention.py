@@ -369,6 +369,9 @@ def dense_case(b: int, h: int, lq: int, d: int, dtype: torch.dtype = torch.float
     group = h // hkv
     if causal and key_padding:
         raise ValueError("dense_case: causal and key_padding are not combined")
+    if causal and lk != lq:
+        raise ValueError(f"dense_case: causal cases need Lk == Lq (the flops count a square causal "
+                         f"mask), got Lq={lq}, Lk={lk}")
     if window is not None and (causal or key_padding):
         raise ValueError("dense_case: a window is not combined with causal or key_padding")
     lens = seqlens(b, lk, seed=lk) if key_padding else None

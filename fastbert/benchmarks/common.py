@@ -134,7 +134,14 @@ class Case:
 # ----------------------------------------------------------------------------------------------
 def attention_flops(b: int, h: int, lq: int, lk: int, d: int, *, causal: bool = False,
                     pass_: str = "fwd", dv: Optional[int] = None) -> float:
-    """4 * B * H * Lq * Lk * D (QK^T and PV), x0.5 causal, x2.5 backward, x3.5 forward + backward."""
+    """4 * B * H * Lq * Lk * D (QK^T and PV), x0.5 causal, x2.5 backward, x3.5 forward + backward.
+
+    The causal x0.5 is FlashAttention's convention for a square mask; with Lq != Lk the pairs a
+    causal mask keeps depend on its alignment, so that is refused (count them, as
+    :func:`window_pairs` does)."""
+    if causal and lq != lk:
+        raise ValueError(f"attention_flops: the causal x0.5 convention needs Lq == Lk, got "
+                         f"Lq={lq}, Lk={lk}")
     dv = d if dv is None else dv
     flops = 2.0 * b * h * lq * lk * d + 2.0 * b * h * lq * lk * dv
     if causal:

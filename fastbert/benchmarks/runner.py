@@ -17,6 +17,7 @@ import argparse
 import datetime as _dt
 import gc
 import importlib
+import math
 import sys
 import time
 import uuid
@@ -26,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .common import Case, CheckResult, Impl, Prepared, Unavailable, reason_text, slug
-from .timing import CpuTimer, CudaTimer, Timing, rotation_count
+from .timing import CpuTimer, CudaTimer, Timing, l2_cache_bytes, rotation_count
 
 __all__ = ["add_arguments", "run", "run_cases", "select_cases", "all_cases", "FAMILIES",
            "NO_GPU_MESSAGE", "Progress"]
@@ -49,6 +50,24 @@ NO_GPU_MESSAGE = (
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
+def _finite_float(*, allow_zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (>= 0 with ``allow_zero``); argparse reports a bad
+    value as a usage error (exit 2), before any GPU work."""
+    bound = ">= 0" if allow_zero else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"  # argparse's fallback message names the type
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``fastbert bench``'s options to ``parser``."""
     parser.add_argument("--op", action="append", metavar="NAME", default=None,
@@ -66,12 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="list the selected cases and their implementations, run nothing")
     parser.add_argument("--impl", action="append", metavar="NAME", default=None,
                         help="run only implementations whose name contains NAME (repeatable)")
-    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+    parser.add_argument("--budget-s", type=_finite_float(allow_zero=False), default=None, metavar="S",
                         help="stop starting new cases after S seconds (the rest are recorded as "
                              "skipped); results so far are kept")
-    parser.add_argument("--warmup-ms", type=float, default=None, metavar="MS",
+    parser.add_argument("--warmup-ms", type=_finite_float(allow_zero=True), default=None, metavar="MS",
                         help="warm-up time per measurement (default 25, --quick 10)")
-    parser.add_argument("--rep-ms", type=float, default=None, metavar="MS",
+    parser.add_argument("--rep-ms", type=_finite_float(allow_zero=False), default=None, metavar="MS",
                         help="timed repetitions per measurement (default 100, --quick 40)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
 
@@ -345,8 +364,7 @@ def run_cases(cases: Sequence[Case], *, device="cuda", timer=None, ceilings: Opt
         timer = CudaTimer() if _is_cuda(device) else CpuTimer()
     l2 = 0
     if _is_cuda(device):
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+        l2 = l2_cache_bytes(device)
     start = time.monotonic()
     bar = Progress(len(cases), enabled=progress)
     rows: List[Dict] = []

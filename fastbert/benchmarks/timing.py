@@ -62,10 +62,19 @@ def summarize(times_ms: Sequence[float], method: str, note: str = "") -> Timing:
 
 def rotation_count(footprint_bytes: int, l2_bytes: int, max_sets: int = 8) -> int:
     """Input sets to rotate through so that one rotation spans about 3x the L2 cache: calls whose
-    inputs fit in L2 would otherwise read them from cache, which a real model rarely does."""
-    if footprint_bytes <= 0 or l2_bytes <= 0 or footprint_bytes >= l2_bytes:
+    inputs fit in L2 would otherwise read them from cache, which a real model rarely does (a
+    footprint between 1x and 3x the L2 still gets at least two sets: one set re-read call after
+    call would partly hit)."""
+    if footprint_bytes <= 0 or l2_bytes <= 0 or footprint_bytes >= 3 * l2_bytes:
         return 1
-    return max(1, min(max_sets, math.ceil(3 * l2_bytes / footprint_bytes)))
+    return max(2, min(max_sets, math.ceil(3 * l2_bytes / footprint_bytes)))
+
+
+def l2_cache_bytes(device=None) -> int:
+    """The L2 cache size of a CUDA device in bytes (0 when unknown)."""
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return int(getattr(props, "L2_cache_size", 0) or 0)
 
 
 def _drop_grads(tensors: Optional[Sequence[torch.Tensor]]) -> None:
