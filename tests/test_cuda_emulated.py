@@ -700,6 +700,22 @@ def test_bias_gelu_views_and_shapes(emu):
              "gelu 0-d")
 
 
+def test_tanh_gelu_derivative_is_accurate_where_tanh_saturates(emu):
+    """fp32 tanh-form GELU and its derivative over z in [-12, 12], against fp64 through sigmoids
+    (1 + tanh u = 2 sigmoid(2u): no cancellation in the reference either). Formed from t = tanh(u),
+    1 - t^2 near z = 5 lost its digits: the derivative (~1 there) was 11 ulps off, more than
+    twice PyTorch's own fp32 error, which a fuzz draw caught."""
+    z = torch.linspace(-12, 12, 24001, dtype=F32).requires_grad_()
+    y = gelu_ops._gelu_cuda(z, "tanh")
+    (dz,) = torch.autograd.grad(y, z, torch.ones_like(y))
+    zd = z.detach().double()
+    s = torch.sigmoid(2 * 0.7978845608028654 * (zd + 0.044715 * zd ** 3))  # (1 + tanh u) / 2
+    value = zd * s
+    slope = s + zd * 2 * s * (1 - s) * 0.7978845608028654 * (1 + 3 * 0.044715 * zd ** 2)
+    assert (y.detach().double() - value).abs().max() <= 4e-7  # half an ulp at |gelu| <= 12
+    assert (dz.double() - slope).abs().max() <= 3e-7  # 2.5 ulps at the derivative's 1.13
+
+
 def _gelu_path(x, b):
     """Whether csrc/gelu/gelu.cu runs its kernels with 128-bit vectors ("vec") or one element at a
     time ("scalar"): vectorizable() wants cols % VEC == 0 and aligned x / bias (the binding passes a

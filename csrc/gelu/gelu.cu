@@ -18,20 +18,24 @@ constexpr float kInvSqrt2 = 0.7071067811865476f;      // 1 / sqrt(2)
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;    // 1 / sqrt(2 pi)
 constexpr float kCubic = 0.044715f;
 
-// tanh that stays within a few ulp under --use_fast_math, which turns tanhf into tanh.approx.f32
-// (relative error about 2^-11: far outside the fp32 tolerance of the tanh form and its gradient).
-// tanh(a) = expm1(2a) / (expm1(2a) + 2); |a| is capped at 10, where tanh rounds to 1.0f anyway and
-// expm1 stays finite.
-__device__ __forceinline__ float tanh_accurate(float u) {
-  const float a = fminf(fabsf(u), 10.f);
-  const float e = expm1f(2.f * a);
-  return copysignf(e / (e + 2.f), u);
+// 1 + tanh(u) and 1 - tanh(u)^2, the two terms of the tanh form and its derivative, accurate to a
+// few ulp: tanhf would become tanh.approx.f32 under --use_fast_math (relative error about 2^-11),
+// and 1 + t near t = -1, or 1 - t^2 near |t| = 1 (z around 5, where the derivative is ~1), lose
+// most of their digits when formed from t. With a = |u|, 1 - tanh(a) = 2 / (expm1(2a) + 2) (0 once
+// expm1 overflows) and 1 + tanh(a) = 2 - that; tanh is odd, so for u < 0 the two swap. A NaN or
+// infinite z still gives torch's NaN where it multiplies a zero term.
+__device__ __forceinline__ void tanh_terms(float u, float& one_plus_t, float& one_minus_t2) {
+  const float lo = 2.f / (expm1f(2.f * fabsf(u)) + 2.f);  // 1 - tanh(|u|), in [0, 1]
+  const float hi = 2.f - lo;                               // 1 + tanh(|u|), in [1, 2]
+  one_plus_t = u < 0.f ? lo : hi;
+  one_minus_t2 = lo * hi;
 }
 
 __device__ __forceinline__ float gelu_value(float z, bool tanh_approx) {
   if (tanh_approx) {
-    const float t = tanh_accurate(kSqrt2OverPi * (z + kCubic * z * z * z));
-    return 0.5f * z * (1.f + t);
+    float one_plus_t, one_minus_t2;
+    tanh_terms(kSqrt2OverPi * (z + kCubic * z * z * z), one_plus_t, one_minus_t2);
+    return 0.5f * z * one_plus_t;
   }
   return 0.5f * z * (1.f + erff(z * kInvSqrt2));
 }
@@ -41,9 +45,10 @@ __device__ __forceinline__ void gelu_value_and_derivative(float z, bool tanh_app
                                                           float& derivative) {
   if (tanh_approx) {
     const float z2 = z * z;
-    const float t = tanh_accurate(kSqrt2OverPi * (z + kCubic * z2 * z));
-    value = 0.5f * z * (1.f + t);
-    derivative = 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
+    float one_plus_t, one_minus_t2;
+    tanh_terms(kSqrt2OverPi * (z + kCubic * z2 * z), one_plus_t, one_minus_t2);
+    value = 0.5f * z * one_plus_t;
+    derivative = 0.5f * one_plus_t + 0.5f * z * one_minus_t2 * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
     return;
   }
   const float cdf = 0.5f * (1.f + erff(z * kInvSqrt2));
