@@ -19,6 +19,7 @@ give the same numbers bit for bit (``tests/test_library.py``).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, List, Optional
 
 import torch
@@ -73,6 +74,31 @@ def first_order_only(name: str, backward: Callable) -> Callable:
     return checked
 
 
+def _check_vmap_randomness(name: str) -> None:
+    """Under ``torch.func.vmap``, a call that draws dropout masks honours vmap's ``randomness``
+    as torch's random ops do: ``"error"`` (vmap's default) raises, ``"different"`` runs (each
+    sample draws its own mask), and ``"same"``, which would need one mask shared by every sample
+    where the kernels draw one per sample, is refused."""
+    functorch = torch._C._functorch
+    stack = getattr(functorch, "get_interpreter_stack", None)
+    if stack is None or not hasattr(functorch, "CVmapInterpreterPtr"):
+        return
+    for interpreter in stack() or ():
+        if interpreter.key() != functorch.TransformType.Vmap:
+            continue
+        randomness = functorch.CVmapInterpreterPtr(interpreter).randomness()
+        if randomness == functorch.RandomnessType.Error:
+            raise RuntimeError(
+                f"{name}: vmap: called a random operation (dropout) while in randomness error "
+                "mode; pass randomness='different' to torch.func.vmap for a mask per sample, or "
+                "call it with dropout_p=0")
+        if randomness == functorch.RandomnessType.Same:
+            raise NotImplementedError(
+                f"{name}: vmap(randomness='same') would need one dropout mask shared by every "
+                "sample, and the Triton and CUDA kernels draw one per sample; use "
+                "randomness='different', or dropout_p=0")
+
+
 class FastOp:
     """A ``torch.library`` custom op (``op``) plus an eager fast path to its implementation.
 
@@ -82,10 +108,18 @@ class FastOp:
     positional arguments picks the path (see the module docstring).
     """
 
-    def __init__(self, name: str, impl: Callable):
+    def __init__(self, name: str, impl: Callable, *, seeded: bool = False):
         self.name = name
         self.impl = impl
-        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        # ``seeded``: the op draws a random seed (dropout) from torch's generator. Tagged as
+        # torch's own random ops are, so that torch.compile never recomputes it (activation
+        # checkpointing, the min-cut partitioner), which would draw another seed and give
+        # gradients of another dropout mask than the forward's
+        tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
+        self.op = torch.library.custom_op(name, mutates_args=(), tags=tags)(impl)
+        # where its dropout probability is, for vmap's randomness modes (see __call__)
+        self._dropout_index = (list(inspect.signature(impl).parameters).index("dropout_p")
+                               if seeded else None)
         self.fake: Optional[Callable] = None
         self._function: Optional[type] = None
         self.__doc__ = impl.__doc__
@@ -116,6 +150,9 @@ class FastOp:
                 f"{self.name}: forward-mode differentiation (torch.func.jvp / jacfwd, "
                 "torch.autograd.forward_ad) is not implemented by the Triton and CUDA kernels; use "
                 "backend='torch' under it")
+        if (self._dropout_index is not None and _functorch_active is not None
+                and _functorch_active() and args[self._dropout_index] > 0):
+            _check_vmap_randomness(self.name)
         if not eager_call(args):
             try:
                 return self.op(*args)
@@ -135,10 +172,10 @@ class FastOp:
         return f"FastOp({self.name!r})"
 
 
-def custom_op(name: str) -> Callable[[Callable], FastOp]:
+def custom_op(name: str, *, seeded: bool = False) -> Callable[[Callable], FastOp]:
     """Decorator: ``@custom_op("fastbert::x_fwd")`` on an annotated implementation gives a
-    :class:`FastOp`."""
+    :class:`FastOp`; ``seeded=True`` for one that draws a dropout seed (see :class:`FastOp`)."""
     def deco(impl: Callable) -> FastOp:
-        return FastOp(name, impl)
+        return FastOp(name, impl, seeded=seeded)
 
     return deco

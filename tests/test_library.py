@@ -3,6 +3,7 @@ bit, the eager path really skips the dispatcher, and anything that traces or int
 custom op. Also torch.library.opcheck on every Triton custom op (schema, autograd registration,
 fake implementation against the real one, AOT dispatch)."""
 import sys
+import warnings
 
 import pytest
 import torch
@@ -256,6 +257,80 @@ def test_checkpoint_recomputes_the_same_dropout_mask(monkeypatch):
     assert len(calls) == 2  # the forward ran again in the backward pass
     for a, b in zip(plain, ckpt):
         assert torch.equal(a, b)
+
+
+_CU = [0, 5, 12]
+_SEEDED = {  # each op that draws a dropout seed: (function of its leaves, leaf shapes)
+    "attention_fwd": (lambda q, k, v: fastbert.scaled_dot_product_attention(
+        q, k, v, dropout_p=0.3, backend="triton"), [(1, 2, 17, 16), (1, 2, 9, 16), (1, 2, 9, 16)]),
+    "varlen_attention_fwd": (lambda q, k, v: fastbert.varlen_attention(
+        q, k, v, *[torch.tensor(_CU, dtype=torch.int32, device=DEVICE)] * 2, 7, 7, dropout_p=0.3,
+        backend="triton"), [(12, 2, 16)] * 3),
+    "block_sparse_attention_fwd": (lambda q, k, v: fastbert.block_sparse_attention(
+        q, k, v, sparsity.sliding_window(40, 16, window=1), 16, dropout_p=0.3, backend="triton"),
+        [(1, 2, 40, 16)] * 3),
+    "add_layer_norm_fwd": (lambda x, r: fastbert.add_layer_norm(
+        x, r, None, None, dropout_p=0.4, return_residual=True, backend="triton")[1],
+        [(6, 40), (6, 40)]),
+}
+
+
+def test_only_the_ops_that_draw_a_seed_are_tagged_seeded():
+    """torch.compile never recomputes an op tagged nondeterministic_seeded (as torch's dropout);
+    the others stay free to be recomputed."""
+    tagged = {op.name.split("::")[1] for op in fast_ops()
+              if torch.Tag.nondeterministic_seeded in getattr(torch.ops.fastbert,
+                                                              op.name.split("::")[1]).default.tags}
+    assert tagged == set(_SEEDED)
+
+
+@pytest.mark.parametrize("name", sorted(_SEEDED))
+def test_compiled_checkpoint_keeps_the_forwards_dropout_mask(name):
+    """torch.compile of a checkpointed region recomputes it inside the compiled backward; an
+    untagged op drew a new seed there, so its gradients were those of another dropout mask
+    (dV off by 2.2 for attention) with the same forward output."""
+    from torch.utils.checkpoint import checkpoint
+
+    fn, shapes = _SEEDED[name]
+    leaves = [rand(s) for s in shapes]
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    torch.manual_seed(seed)
+    dy = rand(fn(*leaves).shape)
+    plain = _grads_of(fn, leaves, dy, seed)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: checkpoint(fn, *x, use_reentrant=False),
+                             backend="aot_eager", fullgraph=True)
+    ckpt = _grads_of(compiled, leaves, dy, seed)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(_SEEDED))
+def test_vmap_randomness_modes_with_dropout(name):
+    """As torch's random ops: vmap's default randomness="error" raises, "different" draws a mask
+    per sample; "same" is refused (the kernels draw per sample). Without dropout, vmap runs."""
+    fn, shapes = _SEEDED[name]
+    one = [rand(s) for s in shapes]
+    batched = [t.expand(3, *t.shape).contiguous() for t in one]  # three identical samples
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        torch.func.vmap(fn)(*batched)
+    with pytest.raises(NotImplementedError, match="randomness='same'"):
+        torch.func.vmap(fn, randomness="same")(*batched)
+    with warnings.catch_warnings():  # torch's loop over the samples warns of its slowness
+        warnings.simplefilter("ignore")
+        out = torch.func.vmap(fn, randomness="different")(*batched)
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[0], out[2])
+
+
+def test_vmap_without_dropout_runs():
+    q, k, v = rand((3, 2, 17, 16)), rand((2, 9, 16)), rand((2, 9, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = torch.func.vmap(lambda t: fastbert.scaled_dot_product_attention(t, k, v,
+                                                                           backend="triton"))(q)
+    ref = fastbert.scaled_dot_product_attention(q, k.expand(3, 2, 9, 16), v.expand(3, 2, 9, 16),
+                                                backend="triton")
+    torch.testing.assert_close(out, ref)
 
 
 def test_selective_checkpointing_sees_and_saves_the_attention_op(monkeypatch):

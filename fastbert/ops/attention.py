@@ -523,7 +523,7 @@ def _default_scale(scale: Optional[float], head_dim: int) -> float:
     return 1.0 / head_dim ** 0.5 if scale is None else float(scale)
 
 
-@custom_op("fastbert::attention_fwd")
+@custom_op("fastbert::attention_fwd", seeded=True)
 def _attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                       dropout_p: float, is_causal: bool, scale: float,
                       alibi_slopes: Optional[Tensor] = None, window_left: int = -1,
@@ -615,7 +615,7 @@ def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     return out
 
 
-@custom_op("fastbert::varlen_attention_fwd")
+@custom_op("fastbert::varlen_attention_fwd", seeded=True)
 def _varlen_attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              dropout_p: float, is_causal: bool, scale: float,

@@ -145,7 +145,7 @@ def _triton_reasons(*, query, key, value, layout, block_size, attn_mask, dropout
     return reasons
 
 
-@custom_op("fastbert::block_sparse_attention_fwd")
+@custom_op("fastbert::block_sparse_attention_fwd", seeded=True)
 def _block_sparse_attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, layout: Tensor,
                                    block_size: int, attn_mask: Optional[Tensor], dropout_p: float,
                                    scale: float) -> Tuple[Tensor, Tensor, Tensor]:

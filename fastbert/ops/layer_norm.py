@@ -285,7 +285,7 @@ def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
 _layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 
 
-@custom_op("fastbert::add_layer_norm_fwd")
+@custom_op("fastbert::add_layer_norm_fwd", seeded=True)
 def _add_layer_norm_fwd_op(input: Tensor, residual: Tensor, weight: Optional[Tensor],
                            bias: Optional[Tensor], input_bias: Optional[Tensor], eps: float,
                            dropout_p: float, return_residual: bool
