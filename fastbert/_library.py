@@ -56,6 +56,18 @@ def eager_call(args) -> bool:
     return True
 
 
+# torch's older vmap (autograd.grad(is_grads_batched=True), autograd.functional.jacobian(
+# vectorize=True)) batches the gradients a backward receives: a plain Tensor to Python, with no
+# functorch layer active, whose dispatch keys hold Batched. Checked on the gradient arguments of
+# backward ops only (about 0.4 us a tensor).
+_LEGACY_BATCHED = torch._C._parse_dispatch_key("Batched")
+
+
+def _legacy_batched(t) -> bool:
+    return (isinstance(t, Tensor) and _LEGACY_BATCHED is not None
+            and torch._C._dispatch_keys(t).has(_LEGACY_BATCHED))
+
+
 def first_order_only(name: str, backward: Callable) -> Callable:
     """``backward`` (a custom op's autograd formula built on kernels, whose results are not
     differentiable) refusing to run where a graph of the gradient is being built
@@ -118,8 +130,10 @@ class FastOp:
         tags = (torch.Tag.nondeterministic_seeded,) if seeded else ()
         self.op = torch.library.custom_op(name, mutates_args=(), tags=tags)(impl)
         # where its dropout probability is, for vmap's randomness modes (see __call__)
-        self._dropout_index = (list(inspect.signature(impl).parameters).index("dropout_p")
-                               if seeded else None)
+        params = list(inspect.signature(impl).parameters)
+        self._dropout_index = params.index("dropout_p") if seeded else None
+        # the gradients a backward op takes (grad_out, ...), which torch's older vmap may batch
+        self._grad_indices = [i for i, n in enumerate(params) if n.startswith("grad")]
         self.fake: Optional[Callable] = None
         self._function: Optional[type] = None
         self.__doc__ = impl.__doc__
@@ -153,7 +167,7 @@ class FastOp:
         if (self._dropout_index is not None and _functorch_active is not None
                 and _functorch_active() and args[self._dropout_index] > 0):
             _check_vmap_randomness(self.name)
-        if not eager_call(args):
+        if not eager_call(args) or any(_legacy_batched(args[i]) for i in self._grad_indices):
             try:
                 return self.op(*args)
             except RuntimeError as e:  # torch's message names an autograd.Function the user never wrote

@@ -118,6 +118,44 @@ class _PassThrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_NO_DROPOUT = {  # each op family, without dropout (is_grads_batched reruns the same graph)
+    "sdpa": (lambda q, k, v: fastbert.scaled_dot_product_attention(q, k, v, backend="triton"),
+             [(1, 2, 17, 16), (1, 2, 9, 16), (1, 2, 9, 16)]),
+    "varlen": (lambda q, k, v: fastbert.varlen_attention(
+        q, k, v, *[torch.tensor(_CU, dtype=torch.int32, device=DEVICE)] * 2, 7, 7,
+        backend="triton"), [(12, 2, 16)] * 3),
+    "block_sparse": (lambda q, k, v: fastbert.block_sparse_attention(
+        q, k, v, sparsity.sliding_window(40, 16, window=1), 16, backend="triton"),
+        [(1, 2, 40, 16)] * 3),
+    "layer_norm": (lambda x, w: fastbert.layer_norm(x, (24,), w, None, backend="triton"),
+                   [(4, 24), (24,)]),
+    "add_layer_norm": (lambda x, r: sum(fastbert.add_layer_norm(
+        x, r, None, None, return_residual=True, backend="triton")), [(4, 24), (4, 24)]),
+    "bias_gelu": (lambda x, b: fastbert.bias_gelu(x, b, backend="triton"), [(4, 24), (24,)]),
+    "geglu": (lambda x: fastbert.geglu(x, backend="triton"), [(4, 24)]),
+}
+_CU = [0, 5, 12]
+
+
+@pytest.mark.parametrize("case", sorted(_NO_DROPOUT))
+def test_batched_gradients_of_torchs_older_vmap(case):
+    """autograd.grad(is_grads_batched=True) (and jacobian(vectorize=True), built on it) hands the
+    backward gradients batched by torch's older vmap: plain Tensors to Python. They reached the
+    kernels ("Cannot access storage of BatchedTensorImpl"); they now take the custom op, which
+    torch runs per sample."""
+    fn, shapes = _NO_DROPOUT[case]
+    leaves = _leaves(*[rand(s) for s in shapes])
+    out = fn(*leaves)
+    grads = rand((3,) + tuple(out.shape))
+    with warnings.catch_warnings():  # torch's loop over the samples warns of its slowness
+        warnings.simplefilter("ignore")
+        batched = torch.autograd.grad(out, leaves, grads, retain_graph=True, is_grads_batched=True)
+    for i in range(3):
+        one = torch.autograd.grad(out, leaves, grads[i], retain_graph=True)
+        for a, b in zip(batched, one):
+            torch.testing.assert_close(a[i], b)
+
+
 def test_every_triton_custom_op_is_a_fast_op():
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastbert::")}
     assert registered == set(FAST_OPS) and set(OPCHECKED) <= registered
@@ -259,7 +297,6 @@ def test_checkpoint_recomputes_the_same_dropout_mask(monkeypatch):
         assert torch.equal(a, b)
 
 
-_CU = [0, 5, 12]
 _SEEDED = {  # each op that draws a dropout seed: (function of its leaves, leaf shapes)
     "attention_fwd": (lambda q, k, v: fastbert.scaled_dot_product_attention(
         q, k, v, dropout_p=0.3, backend="triton"), [(1, 2, 17, 16), (1, 2, 9, 16), (1, 2, 9, 16)]),
