@@ -1180,6 +1180,34 @@ def test_varlen_offsets_made_under_inference_mode_train(backend):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masks_and_slopes_made_under_inference_mode_train(backend):
+    """A bool mask, a float mask and ALiBi slopes built under torch.inference_mode serve a training
+    call, as they do for torch's SDPA (the Triton ops failed saving them for the backward:
+    "Inference tensors cannot be saved for backward"); varlen's mask and slopes too."""
+    with torch.inference_mode():
+        keep = torch.rand(2, 1, 17, 9) > 0.3
+        bias = torch.randn(1, 2, 17, 9)
+        slopes = torch.tensor([0.5, 0.25])
+        vbias = torch.randn(1, 2, 5, 5)
+        cu = _cu([3, 5])
+    q = rand((2, 2, 17, 16), F32, requires_grad=True)
+    k, v = (rand((2, 2, 9, 16), F32, requires_grad=True) for _ in range(2))
+    for kw in (dict(attn_mask=keep), dict(attn_mask=bias), dict(alibi_slopes=slopes)):
+        out = fastbert.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
+        plain = {n: t.clone() for n, t in kw.items()}  # the same values, not inference tensors
+        ref = reference.scaled_dot_product_attention(
+            *(t.detach().double() for t in (q, k, v)),
+            **{n: (t.double() if t.is_floating_point() else t) for n, t in plain.items()})
+        assert_close(out, ref, atol=1e-5, name=str(list(kw)))
+        out.backward(torch.randn_like(out))
+    pq = rand((8, 2, 16), F32, requires_grad=True)
+    out = fastbert.varlen_attention(pq, pq, pq, cu, cu, 5, 5, attn_mask=vbias, alibi_slopes=slopes,
+                                    backend=backend)
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(pq.grad).all()
+
+
 @pytest.mark.parametrize("per_sequence,layout,window", [(False, "plain", None), (True, "gqa2", None),
                                                        (False, "plain", (5, 3))],
                          ids=["N3-H4-D40-fp16-causal-alibiH", "N3-H4-D40-fp16-causal-alibiNH-gqa2",

@@ -609,14 +609,17 @@ def test_layout_preparation_cached_across_calls(dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_layout_made_under_inference_mode_trains(backend):
-    """A layout built under torch.inference_mode (an inference tensor) serves a training call on
-    both backends (the Triton op used to fail saving it for the backward)."""
+    """A layout and a mask built under torch.inference_mode (inference tensors) serve a training
+    call on both backends (the Triton op used to fail saving them for the backward)."""
     with torch.inference_mode():
         layout = S.sliding_window(40, 16, window=0).to(DEVICE)
+        keep = torch.ones(1, 1, 1, 40, dtype=torch.bool, device=DEVICE)  # and a mask (padding)
+        keep[..., 33:] = False
     normal = S.sliding_window(40, 16, window=0).to(DEVICE)
     q, k, v = (rand((1, 2, 40, 16), requires_grad=True) for _ in range(3))
-    out = fastbert.block_sparse_attention(q, k, v, layout, 16, backend=backend)
-    ref = reference.block_sparse_attention(*(t.detach().double() for t in (q, k, v)), normal, 16)
+    out = fastbert.block_sparse_attention(q, k, v, layout, 16, attn_mask=keep, backend=backend)
+    ref = reference.block_sparse_attention(*(t.detach().double() for t in (q, k, v)), normal, 16,
+                                           attn_mask=keep.clone())
     assert_close(out, ref, atol=1e-5)
     g = torch.randn_like(out)
     out.backward(g)

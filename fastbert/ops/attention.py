@@ -609,8 +609,8 @@ _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attentio
 def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  alibi_slopes, window_size):
     # GQA needs nothing more: the kernels read key / value head h // (H / Hkv) from the shapes.
-    out, _, _ = _attention_fwd_op(query, key, value, attn_mask, dropout_p, is_causal,
-                                  _default_scale(scale, query.shape[-1]), alibi_slopes,
+    out, _, _ = _attention_fwd_op(query, key, value, _savable(attn_mask), dropout_p, is_causal,
+                                  _default_scale(scale, query.shape[-1]), _savable(alibi_slopes),
                                   *(window_size or (-1, -1)))
     return out
 
@@ -702,10 +702,11 @@ _varlen_attention_fwd_op.register_autograd(
     _varlen_attention_backward, setup_context=_varlen_attention_setup_context)
 
 
-def _savable(index: Tensor) -> Tensor:
-    """An index tensor (offsets, a layout) made under torch.inference_mode cannot be saved for a
-    backward pass; the torch backend takes it, so the ops save a normal copy of it instead."""
-    if (not torch.compiler.is_compiling() and index.is_inference()
+def _savable(index: Optional[Tensor]) -> Optional[Tensor]:
+    """A tensor the backward reads but never differentiates (offsets, a layout, a bool mask,
+    ALiBi slopes) made under torch.inference_mode (by a data pipeline, say) cannot be saved for a
+    backward pass; torch and the torch backend take it, so the ops save a normal copy instead."""
+    if (index is not None and not torch.compiler.is_compiling() and index.is_inference()
             and not torch.is_inference_mode_enabled() and torch.is_grad_enabled()):
         return index.clone()
     return index
@@ -717,8 +718,8 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     cu_seqlens_q, cu_seqlens_k = _savable(cu_seqlens_q), _savable(cu_seqlens_k)
     out, _, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, dropout_p, is_causal,
-                                         _default_scale(scale, q.shape[-1]), alibi_slopes,
-                                         *(window_size or (-1, -1)), attn_mask)
+                                         _default_scale(scale, q.shape[-1]), _savable(alibi_slopes),
+                                         *(window_size or (-1, -1)), _savable(attn_mask))
     return out
 
 

@@ -233,5 +233,5 @@ def _block_sparse_triton(query, key, value, layout, block_size, attn_mask, dropo
     # on every call, and miss sparsity.prepare_layout's per-tensor cache (an inference-mode
     # layout, never cached anyway, is copied to be saved for the backward).
     out, _, _ = _block_sparse_attention_fwd_op(query, key, value, _savable(layout), block_size,
-                                               attn_mask, dropout_p, scale)
+                                               _savable(attn_mask), dropout_p, scale)
     return out
