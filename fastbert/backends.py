@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import dispatch
+from .kernels._tiles import interpreting as _interpreting
 
 __all__ = [
     "BACKENDS",
@@ -57,15 +58,11 @@ class BackendError(RuntimeError):
     """No backend (or not the requested one) can serve a call; the message lists every reason."""
 
 
-_interpreting: Optional[Callable[[], bool]] = None
-
-
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read as
-    Triton reads it: see ``fastbert.kernels._tiles.interpreting``, which imports no Triton)."""
-    global _interpreting
-    if _interpreting is None:  # (imported once: this runs on every op call)
-        from .kernels._tiles import interpreting as _interpreting
+    Triton reads it: see ``fastbert.kernels._tiles.interpreting``, which imports no Triton).
+    Imported with this module, not lazily: a global set while torch.compile first traced an op
+    failed the guard Dynamo put on it, and the next call compiled again."""
     return _interpreting()
 
 

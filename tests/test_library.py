@@ -431,7 +431,7 @@ def test_fx_symbolic_trace_is_refused_clearly():
 
 _FRESH_COMPILE = """
 import torch, torch.nn as nn
-import fastbert.nn as fnn
+import fastbert, fastbert.nn as fnn
 torch.manual_seed(0)
 layer = fnn.TransformerEncoderLayer.from_torch(
     nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True))
@@ -441,6 +441,14 @@ for length in (17, 23):
     mask = torch.zeros(2, length, dtype=torch.bool)
     mask[1, -3:] = True
     torch.testing.assert_close(compiled(x, src_key_padding_mask=mask), layer(x, src_key_padding_mask=mask))
+# one frame for every shape: nothing the first trace set (a lazily imported global) fails a guard
+from torch._dynamo.testing import CompileCounter
+counter = CompileCounter()
+norm = torch.compile(lambda x, w: fastbert.layer_norm(x, (24,), w, None),
+                     backend=counter, dynamic=True, fullgraph=True)
+for rows in (5, 7, 9):
+    norm(torch.randn(rows, 24), torch.randn(24))
+assert counter.frame_count == 1, counter.frame_count
 print("compiled ok")
 """
 
@@ -449,7 +457,7 @@ def test_fullgraph_compile_in_a_fresh_process():
     """torch.compile(fullgraph=True) before any eager call: backend selection, traced, probes the
     environment (can triton be imported, does the CUDA extension load) without tracing an import.
     A fresh interpreter, because this process has run those probes already. Default backend (auto:
-    torch on CPU), dynamic sequence lengths."""
+    torch on CPU), dynamic sequence lengths; and one frame for three shapes."""
     if DEVICE == "cuda":
         pytest.skip("the CPU run covers the probes; a GPU run would compile kernels for minutes")
     assert_runs_in_fresh_python(_FRESH_COMPILE, "compiled ok")
