@@ -1282,16 +1282,29 @@ def test_mask_interface_registered():
         pytest.skip("transformers has no AttentionInterface")
     assert "fastbert" in transformers.AttentionInterface._global_mapping
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
     except ImportError:
         pytest.skip("transformers has no AttentionMaskInterface")
-    assert AttentionMaskInterface._global_mapping["fastbert"] is sdpa_mask
+    build = AttentionMaskInterface._global_mapping["fastbert"]
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, 4:] = False
+    kw = dict(batch_size=2, q_length=6, kv_length=6, attention_mask=keep, dtype=torch.float32)
+    # a model that dispatches through AttentionInterface gets sdpa's bool mask (True = attend);
+    # one that adds the mask to its own eager scores (MPNet, DeBERTa) gets the additive mask
+    for family, expected in (("bert", sdpa_mask), ("mpnet", eager_mask), ("deberta_v2", eager_mask)):
+        config = _config(family, "fastbert")
+        got, want = build(config=config, **kw), expected(config=config, **kw)
+        assert got.dtype == want.dtype and torch.equal(got, want), family
+    assert build(config=_config("bert", "fastbert"), **dict(kw, attention_mask=None)) is None
 
 
 @pytest.mark.skipif(not TF5, reason="transformers 4.x BERT does not dispatch through "
                                     "AttentionInterface: use fastbert.optimize there")
-@pytest.mark.parametrize("family", ["bert", "distilbert", "vit"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "vit", "mpnet", "deberta_v2"])
 def test_attn_implementation_fastbert_from_pretrained(family, tmp_path):
+    """Loaded with attn_implementation="fastbert", the model equals its eager self on the real
+    tokens; MPNet and DeBERTa, whose attention ignores AttentionInterface, too (they added the
+    bool mask to their scores, masking nothing: 8e-3 off for MPNet)."""
     torch.manual_seed(0)
     model = _build(family, "eager").eval()
     model.save_pretrained(tmp_path)

@@ -82,6 +82,7 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 from .._validation import host_checks_allowed, tensor_version, type_name
+from ..backends import constant_result
 from ..nn import GELU
 from ..nn._fuse import add_norm, layer_norm, matmul, unfused_dropout
 from ..nn._utils import (NoTorchScript, _own_forward, adopt, check_backend, dropout_rate, plain_linear,
@@ -542,8 +543,9 @@ def register(name: str = "fastbert", *, backend: Optional[str] = None) -> None:
     Registers :func:`attention_forward` (with ``backend`` bound) with ``AttentionInterface`` and,
     where transformers has it (``transformers.masking_utils.AttentionMaskInterface``, 4.53+), the
     "sdpa" mask builder under the same name, so padding masks reach the attention. Models whose
-    attention does not go through ``AttentionInterface`` (e.g. BERT in transformers 4.57) ignore
-    the name: use :func:`fastbert.optimize` there. Called on import with the defaults.
+    attention does not go through ``AttentionInterface`` (e.g. BERT in transformers 4.57, MPNet
+    and DeBERTa in 5.x) run their own attention under the name, with the mask their eager
+    attention expects: use :func:`fastbert.optimize` there. Called on import with the defaults.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
@@ -559,10 +561,42 @@ def register(name: str = "fastbert", *, backend: Optional[str] = None) -> None:
                            "use fastbert.optimize(model) instead")
     attention_interface.register(name, fastbert_attention)
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
     except ImportError:  # pragma: no cover - transformers < 4.53
         return
-    AttentionMaskInterface.register(name, sdpa_mask)
+
+    def fastbert_mask(*args, config=None, **kwargs):
+        # transformers accepts the name for any model; one whose attention ignores the interface
+        # (MPNet, DeBERTa, MegatronBERT, RoFormer, ...) adds the mask to its own eager scores, so
+        # it gets the eager (additive float) mask: a bool one would add 1 and mask nothing
+        model_type = getattr(config, "model_type", None)
+        if isinstance(model_type, str) and not _dispatches_attention(model_type):
+            return eager_mask(*args, config=config, **kwargs)
+        return sdpa_mask(*args, config=config, **kwargs)
+
+    AttentionMaskInterface.register(name, fastbert_mask)
+
+
+_DISPATCHES_ATTENTION: Dict[str, bool] = {}
+
+
+@constant_result
+def _dispatches_attention(model_type: str) -> bool:
+    """Whether the HuggingFace model of ``model_type`` runs its attention through
+    ``AttentionInterface`` (transformers' own test: ``_can_set_attn_implementation``); True for
+    a model transformers does not map (a custom one: its attention is its author's choice)."""
+    if model_type not in _DISPATCHES_ATTENTION:
+        answer = True
+        try:
+            from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+            cls = getattr(transformers, MODEL_MAPPING_NAMES.get(model_type) or "", None)
+            check = getattr(cls, "_can_set_attn_implementation", None)
+            if check is not None:
+                answer = bool(check())
+        except Exception:  # an older transformers without these names: keep the sdpa mask
+            pass
+        _DISPATCHES_ATTENTION[model_type] = answer
+    return _DISPATCHES_ATTENTION[model_type]
 
 
 # ----------------------------------------------------------------------------------------------
