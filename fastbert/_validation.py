@@ -102,8 +102,16 @@ def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name:
     if not shape:
         raise ValueError(f"{name} must have at least 1 dim (a mask broadcastable to (..., Lq, Lk)); "
                          "got a 0-dim tensor")
-    ok = len(shape) <= len(target) and all(
-        s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+    pairs = zip(reversed(shape), reversed(target))
+    if torch.compiler.is_compiling():
+        # sizes only known at run time (a packed length read from the data, in a one-graph
+        # compile) cannot be compared while tracing: left to the kernels, not failing the trace
+        from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+        ok = len(shape) <= len(target) and all(
+            guard_or_true(s == 1) or guard_or_true(s == t) for s, t in pairs)
+    else:
+        ok = len(shape) <= len(target) and all(s == 1 or s == t for s, t in pairs)
     if not ok:
         dims = "(B, H, Lq, Lk)" if len(target) == 4 else "(..., H, Lq, Lk)"
         raise ValueError(f"{name} of shape {shape} does not broadcast to {dims} = {target}")
@@ -117,6 +125,30 @@ def host_checks_allowed(device: torch.device) -> bool:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def mask_reads_allowed(device: torch.device) -> bool:
+    """Whether a padding-free model may read a padding mask's values on the host to decide how to
+    run (left padding, gaps, float values): in eager mode, and under a torch.compile that can
+    break the graph there (the read becomes a graph break, and the decision stays right). Not in
+    a one-graph compile with Dynamo's ``capture_scalar_outputs`` (the read would be traced as an
+    unbacked value: see :func:`mask_assert`), nor during CUDA-graph capture."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    if torch.compiler.is_compiling():
+        from torch._dynamo import config  # loaded: it is tracing
+
+        return not config.capture_scalar_outputs
+    return True
+
+
+def mask_assert(condition: Tensor) -> None:
+    """In a one-graph compile (where :func:`mask_reads_allowed` is False but values can be traced):
+    a runtime assertion that the 0-d bool ``condition`` holds, so that a mask the compiled model
+    cannot serve fails the call instead of giving a wrong answer. Nothing during CUDA-graph capture
+    (no host read is possible there)."""
+    if torch.compiler.is_compiling():
+        torch._check(condition.item())
 
 
 # cu_seqlens tensors whose values were checked on the host, so that a model calling

@@ -334,6 +334,26 @@ def _resync(original: nn.Module, new: nn.Module) -> None:
                 store[attr] = tensor
 
 
+def _resync_children(original: nn.Module, new: nn.Module) -> None:
+    """Make ``original`` hold the children put on the replacement after optimize() (a LoRA wrapper
+    in a Linear's place, as peft puts one): the replacement has its own copy of the original's
+    children, so such a module reached only the replacement. Children that are fastbert's own
+    (optimize()'s swaps, or modules a replacement built) are searched the same way, never put
+    back; children the replacement has that ``original`` lacks are left alone."""
+    for name, child in new._modules.items():
+        if name not in original._modules:
+            continue
+        before = original._modules[name]
+        if child is before:
+            continue
+        if child is not None and (child.__dict__.get(_ORIGINAL) is before or _is_fastbert(child)):
+            # a nested swap, or a fastbert module the replacement built on ``before``'s children:
+            # its own children likewise
+            _resync_children(before, child)
+            continue
+        original._modules[name] = child
+
+
 def _copy_mode(original: nn.Module, new: nn.Module) -> None:
     """Give the modules of ``original`` that ``new`` does not share the train / eval mode of
     ``new``: a ``model.eval()`` or ``model.train()`` issued while optimized reached only the
@@ -352,8 +372,9 @@ def restore(model: nn.Module) -> int:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     restored = set()
     hf = sys.modules.get("fastbert.integrations.huggingface")  # loaded if optimize() used it
-    if hf is not None and hf.undo_padding_free_in_place(model):
-        return 1
+    # a base model given itself to optimize(padding_free=True) runs its padding-free forward in
+    # place: undone first, then its modules (an earlier plain optimize() may have swapped them)
+    in_place = 1 if hf is not None and hf.undo_padding_free_in_place(model) else 0
 
     def walk(parent: nn.Module) -> None:
         if _NESTED in parent.__dict__:
@@ -362,6 +383,7 @@ def restore(model: nn.Module) -> int:
             original = child.__dict__.get(_ORIGINAL)
             if original is not None:
                 _resync(original, child)
+                _resync_children(original, child)
                 _copy_mode(original, child)
                 if hf is not None:
                     hf.restore_capturing_hooks(model, original, child)
@@ -372,4 +394,4 @@ def restore(model: nn.Module) -> int:
                 walk(child)
 
     walk(model)
-    return len(restored)
+    return in_place + len(restored)

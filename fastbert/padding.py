@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._validation import check_int, host_checks_allowed, type_name
+from ._validation import check_int, host_checks_allowed, mask_assert, mask_reads_allowed, type_name
 
 __all__ = ["unpad_input", "pad_input"]
 
@@ -60,16 +60,26 @@ def gap_in_a_row(attention_mask: Tensor) -> bool:
     real tokens (real, padding, real): packed, its tokens would be neighbours, so whatever counts
     padded positions (MPNet's relative positions, a sliding window) sees another distance. One
     host read."""
+    return bool(_has_gap(attention_mask))
+
+
+def _has_gap(attention_mask: Tensor) -> Tensor:
+    """:func:`gap_in_a_row` as a 0-d bool tensor (no host read)."""
     m = attention_mask.bool()
     runs = (m[:, 1:] & ~m[:, :-1]).sum(1) + m[:, 0]  # runs of real tokens per row
-    return bool((runs > 1).any())
+    return (runs > 1).any()
 
 
 def gap_refusal(attention_mask: Tensor, counted_by: str) -> Optional[str]:
     """Why an encoder whose ``counted_by`` counts padded positions cannot pack ``attention_mask``
-    (a gap inside a row, :func:`gap_in_a_row`), or None. Not checked under torch.compile or CUDA
-    graph capture (no host read there: contiguous rows are assumed)."""
-    if not host_checks_allowed(attention_mask.device) or not gap_in_a_row(attention_mask):
+    (a gap inside a row, :func:`gap_in_a_row`), or None. Read on the host where
+    :func:`~fastbert._validation.mask_reads_allowed` (under a plain torch.compile: a graph
+    break); in a one-graph compile a runtime assertion fails a call with a gap; not checked
+    during CUDA-graph capture (contiguous rows are assumed)."""
+    if not mask_reads_allowed(attention_mask.device):
+        mask_assert(~_has_gap(attention_mask))
+        return None
+    if not gap_in_a_row(attention_mask):
         return None
     return f"a padding mask with a gap inside a row ({counted_by} counts it)"
 

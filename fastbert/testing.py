@@ -345,17 +345,17 @@ def assert_runs_in_fresh_python(code: str, expect: str, timeout: int = 600) -> N
 
 
 def assert_compiled_encoder_matches(encoder: torch.nn.Module, batches: Sequence[Tuple[Tensor, Tensor]],
-                                    mask_arg: str = "attention_mask") -> None:
+                                    mask_arg: str = "attention_mask", backend: str = "inductor") -> None:
     """``torch.compile(encoder, fullgraph=True)`` on each ``(input, mask)`` batch (called as
     ``encoder(input, **{mask_arg: mask})``: ``attention_mask`` for the HuggingFace-style encoders,
     ``src_key_padding_mask`` for ``fastbert.nn.TransformerEncoder``) equals the eager encoder (fp32
     rounding aside: Inductor fuses the ops around the kernels), with Dynamo told to capture
     data-dependent shapes (a padding-free encoder's packed length and max_seqlen come from the
-    mask). Dynamo is reset before and after."""
+    mask). ``backend``: torch.compile's. Dynamo is reset before and after."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    compiled = torch.compile(encoder, fullgraph=True)
+    compiled = torch.compile(encoder, fullgraph=True, backend=backend)
     try:
         with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
                                                          capture_scalar_outputs=True):

@@ -424,6 +424,42 @@ def test_padding_free_ignores_token_type_ids_as_the_original_does(family):
     torch.testing.assert_close(out[real], want[real], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_padding_free_model_under_plain_compile_reads_the_mask(family):
+    """A plain torch.compile (graph breaks allowed) of a padding-free model reads the mask as
+    eager mode does: a left-padded batch (BERT; the heads read position 0) or one with a gap
+    (MPNet's relative positions) runs the original forward, as eagerly (the check was skipped
+    under any compile: logits off by 0.06 for BERT, 1.8 for ModernBERT). In one graph
+    (capture_scalar_outputs) the call fails a runtime assertion instead of a wrong answer."""
+    import torch._dynamo
+    torch.manual_seed(0)
+    model = _build(family).eval()
+    reference = copy.deepcopy(model)
+    optimize(model, padding_free=True, backend="torch")
+    inputs, _ = _inputs(family)
+    mask = inputs["attention_mask"].clone()
+    if family == "bert":
+        mask[1, :2] = 0  # left padding
+    else:
+        mask[1, 2] = 0  # a gap
+    inputs = dict(inputs, attention_mask=mask)
+    with torch.no_grad():
+        want = reference(**inputs).last_hidden_state
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            out = torch.compile(model, backend="aot_eager")(**inputs).last_hidden_state
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)  # padded positions too
+        torch._dynamo.reset()
+        with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True,
+                                                         capture_scalar_outputs=True):
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+                compiled(**inputs)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_padding_free_model_compiles_as_one_graph():
     """torch.compile(fullgraph=True) of a model optimized with padding_free=True (Dynamo told to
     capture data-dependent shapes): the mask checks that read values on the host are skipped
@@ -1125,6 +1161,49 @@ def test_adapters_added_after_optimize_are_used(family):
     adapters = [m for n, m in model.named_modules() if isinstance(m, _Lora) and "pooler" not in n]
     assert adapters and all(m.lora_B.weight.grad is not None and m.lora_B.weight.grad.any()
                             for m in adapters)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
+def test_restore_keeps_adapters_added_after_optimize(family):
+    """restore() puts the originals back with the modules put on the model while it was optimized
+    (a LoRA wrapper in a Linear's place): they reached only the fastbert modules, which hold
+    their own copy of the originals' children, and restore() dropped them (outputs 0.2 off)."""
+    if family == "modernbert" and not hasattr(transformers, "ModernBertConfig"):
+        pytest.skip("this transformers has no ModernBERT")
+    torch.manual_seed(0)
+    model = _build(family).eval()
+    optimize(model, backend="torch")
+    _add_lora(model)
+    for m in model.modules():
+        if isinstance(m, _Lora):
+            torch.nn.init.normal_(m.lora_B.weight)  # adapters that change the output
+    adapters = {n for n, m in model.named_modules() if isinstance(m, _Lora)}
+    inputs, real = _inputs(family)
+    with torch.no_grad():
+        before = model(**inputs).last_hidden_state
+    assert restore(model) > 0
+    assert not any(type(m).__module__.startswith("fastbert") for m in model.modules())
+    assert {n for n, m in model.named_modules() if isinstance(m, _Lora)} == adapters
+    with torch.no_grad():
+        after = model(**inputs).last_hidden_state
+    assert_close(_real(after, real), _real(before, real).double(), _real(before, real), atol=1e-5)
+
+
+def test_restore_after_plain_then_padding_free_optimize_of_a_base_model():
+    """optimize(base) then optimize(base, padding_free=True): restore() undoes both (it returned
+    after the in-place padding-free forward, leaving the swapped layers)."""
+    torch.manual_seed(0)
+    model = _build("bert").eval()
+    reference = copy.deepcopy(model)
+    first = optimize(model, backend="torch")
+    second = optimize(model, backend="torch", padding_free=True)
+    assert restore(model) == len(first.swapped) + len(second.swapped)
+    assert not any(type(m).__module__.startswith("fastbert") for m in model.modules())
+    assert restore(model) == 0
+    inputs, _ = _inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state,
+                                   reference(**inputs).last_hidden_state)
 
 
 @pytest.mark.parametrize("family", list(PADDING_FREE_TASKS))

@@ -295,18 +295,23 @@ def test_encoder_triton_eval():
         pytest.skip(f"the Triton backend declines: {e}")
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta_prelayernorm"], ids=["post_ln", "pre_ln"])
+@pytest.mark.parametrize("family", ["bert", "roberta_prelayernorm", "mpnet"],
+                         ids=["post_ln", "pre_ln", "mpnet"])
 def test_encoder_compiles_as_one_graph_with_its_unpadding(family):
     """torch.compile(fullgraph=True) of the whole encoder, unpadding included: with Dynamo told to
     capture data-dependent shapes (the packed length and max_seqlen come from the mask), the
-    packed length stays a symbol through every op's checks; a second batch with other lengths
-    runs too."""
+    packed length stays a symbol through every op's checks (MPNet's (1, H, max_seqlen,
+    max_seqlen) bias included: its broadcast check once failed the trace on max_seqlen == 1); a
+    second batch with other lengths runs too."""
     _need_triton(*TRITON_OPS)
     torch.manual_seed(0)
     hf = _model(family, num_attention_heads=2).to(DEVICE).eval()  # head dim 16
     enc = BertEncoder.from_hf(hf, backend="triton")
+    # MPNet: Dynamo traces one graph; Inductor then fails inside transformers' relative-position
+    # bucketing with the bias length known only at run time (torch 2.14.1, CPU): traced only
+    backend = "aot_eager" if family == "mpnet" else "inductor"
     assert_compiled_encoder_matches(enc, [_batch(lengths, 9, device=DEVICE)
-                                          for lengths in ((9, 4, 1), (7, 9, 2))])
+                                          for lengths in ((9, 4, 1), (7, 9, 2))], backend=backend)
 
 
 @pytest.mark.cuda

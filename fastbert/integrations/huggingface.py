@@ -81,7 +81,8 @@ import transformers
 from torch import Tensor, nn
 
 from .. import ops, reference
-from .._validation import host_checks_allowed, tensor_version, type_name
+from .._validation import (host_checks_allowed, mask_assert, mask_reads_allowed, tensor_version,
+                           type_name)
 from ..backends import constant_result
 from ..nn import GELU
 from ..nn._fuse import add_norm, layer_norm, matmul, unfused_dropout
@@ -1356,9 +1357,12 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
     a compiled model runs the original forward until one call is made outside torch.compile.
     Attributes and methods of the original
     model class that this module lacks (``get_input_embeddings``, ``config``, ...) are the
-    original's. Under torch.compile (one graph with ``capture_dynamic_output_shape_ops`` and
-    ``capture_scalar_outputs``) the mask's values cannot be read: rows are taken as right-padded
-    (no left-padding or gap check) and a float mask runs the original forward.
+    original's. Under a plain torch.compile the mask's values are read as in eager mode (a graph
+    break). In one graph (Dynamo's ``capture_dynamic_output_shape_ops`` and
+    ``capture_scalar_outputs``) they cannot be: a float mask runs the original forward, and a
+    left-padded row, or a gap where the encoder refuses one, fails the call with a runtime
+    assertion (``Runtime assertion failed for expression u0 >= 1``) instead of giving another
+    model's answer.
     """
 
     _fastbert_args: Tuple[str, ...]
@@ -1441,16 +1445,21 @@ class PaddingFreeModel(nn.Module, NoTorchScript):
         if isinstance(mask, Tensor):
             if mask.dim() != 2:
                 return "a mask other than (B, L) padding"  # e.g. a 4-D extended or custom mask
-            host = host_checks_allowed(mask.device)
+            host = mask_reads_allowed(mask.device)
             if mask.is_floating_point() and not host:
-                return "a float mask under torch.compile (whether it holds only 0 and 1 cannot be read)"
+                return ("a float mask in a one-graph torch.compile (whether it holds only 0 and 1 "
+                        "cannot be read)")
             if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
                 return "a float mask with values other than 0 and 1 (the original adds them as a bias)"
-            # (under torch.compile the mask's values cannot be read: rows are taken as right-padded)
-            if host and mask.numel() and not bool(mask[:, 0].all()):
-                # the heads read position 0 (BERT's pooler, DistilBERT's classifier): with left
-                # padding it is a padded position, which the padding-free encoder leaves at 0
-                return "a row whose first position is padding (left padding; the heads read position 0)"
+            # the heads read position 0 (BERT's pooler, DistilBERT's classifier): with left
+            # padding it is a padded position, which the padding-free encoder leaves at 0. Read
+            # on the host (under a plain torch.compile: a graph break); in a one-graph compile,
+            # a runtime assertion fails the call instead
+            if mask.numel():
+                if host and not bool(mask[:, 0].all()):
+                    return "a row whose first position is padding (left padding; the heads read position 0)"
+                if not host:
+                    mask_assert(mask[:, 0].all())
             unsupported = getattr(self.__dict__["_fastbert_encoder"], "unsupported_mask", None)
             reason = unsupported(mask) if unsupported is not None else None
             if reason is not None:

@@ -473,6 +473,15 @@ def _span(t: Tensor, dims) -> int:
     return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims)
 
 
+def _maybe_above_one(size) -> bool:
+    """``size > 1``, True where a trace cannot decide it (a size only known at run time): the
+    dim's stride then counts in the span, an over-estimate at worst."""
+    if torch.compiler.is_compiling():
+        from torch.fx.experimental.symbolic_shapes import guard_or_true
+        return guard_or_true(size > 1)
+    return size > 1
+
+
 def _span_reasons(named_spans) -> list:
     reasons = []
     for name, span in named_spans:
@@ -499,8 +508,8 @@ def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
              ("value", _span(value, (2, 3))), ("the output", lq * h * value.shape[-1])]
     if attn_mask is not None:  # broadcast dims are read with stride 0
         m_lq, m_lk = (attn_mask.shape[-2] if attn_mask.dim() > 1 else 1), attn_mask.shape[-1]
-        m_sq = attn_mask.stride(-2) if attn_mask.dim() > 1 and m_lq > 1 else 0
-        m_sk = attn_mask.stride(-1) if m_lk > 1 else 0
+        m_sq = attn_mask.stride(-2) if attn_mask.dim() > 1 and _maybe_above_one(m_lq) else 0
+        m_sk = attn_mask.stride(-1) if _maybe_above_one(m_lk) else 0
         spans.append(("attn_mask", (lq - 1) * abs(m_sq) + (lk - 1) * abs(m_sk)))
     return reasons + _span_reasons(spans)
 
@@ -513,8 +522,8 @@ def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, attn_mask=Non
              ("the output", max_seqlen_q * q.shape[1] * v.shape[-1])]
     if attn_mask is not None:  # one (sequence, head) slice of it, broadcast dims at stride 0
         m = attn_mask
-        m_sq = m.stride(-2) if m.dim() > 1 and m.shape[-2] > 1 else 0
-        m_sk = m.stride(-1) if m.shape[-1] > 1 else 0
+        m_sq = m.stride(-2) if m.dim() > 1 and _maybe_above_one(m.shape[-2]) else 0
+        m_sk = m.stride(-1) if _maybe_above_one(m.shape[-1]) else 0
         spans.append(("attn_mask", (max_seqlen_q - 1) * abs(m_sq) + (max_seqlen_k - 1) * abs(m_sk)))
     return reasons + _span_reasons(spans)
 
