@@ -953,6 +953,39 @@ def test_optimize_deberta_layer_with_query_states():
     assert_close(out[real], ref[real], ref[real], atol=1e-9, name="layer output")
 
 
+@pytest.mark.parametrize("family,prefix", [("deberta_v2", "DebertaV2"), ("deberta", "Deberta")])
+@pytest.mark.parametrize("head", ["ForQuestionAnswering", "ForSequenceClassification"])
+def test_deberta_padded_rows_as_transformers_makes_them(family, prefix, head):
+    """DeBERTa's padded query rows (no keys under its outer-product mask) average the values, as
+    transformers computes them: a question-answering head (its softmax spans the padded
+    positions) and a left-padded classifier (its pooler reads position 0) get the original's
+    loss and gradients, every position's weights included (the rows were 0: losses 1e-3 off,
+    gradients 1e12 off in a fresh model)."""
+    torch.manual_seed(0)
+    model = _build(family, model_cls=prefix + head).train()
+    for m in model.modules():  # trained-like biases (fresh ones are 0)
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, std=0.1)
+    reference = copy.deepcopy(model)
+    optimize(model, backend="torch")
+    inputs, _ = _inputs(family)
+    if head == "ForSequenceClassification":  # left padding: position 0 is padding in row 1
+        inputs["attention_mask"] = inputs["attention_mask"].flip(-1)
+        inputs["labels"] = torch.tensor([0, 1, 0])
+    else:
+        inputs["start_positions"], inputs["end_positions"] = torch.tensor([1, 2, 0]), torch.tensor([3, 4, 2])
+    outs = [m(**inputs, output_attentions=(m is model)) for m in (model, reference)]
+    for o, m in zip(outs, (model, reference)):
+        o.loss.backward()
+    assert_close(outs[0].loss, outs[1].loss.double(), outs[1].loss, atol=1e-6, name="loss")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if q.grad is not None:
+            assert_close(p.grad, q.grad.double(), q.grad, atol=1e-5, name=name)
+    weights = outs[0].attentions[0]  # (B, H, L, L): a padded row's weights are 1 / L
+    row = (inputs["attention_mask"][1] == 0).nonzero()[0, 0]
+    torch.testing.assert_close(weights[1, :, row], torch.full_like(weights[1, :, row], 1 / L))
+
+
 def test_deberta_v1_talking_heads_and_query_states():
     """Talking-head attention (scores mixed across heads) is left with a reason; a call with
     separate query states runs the original forward (which transformers' DeBERTa v1 only accepts

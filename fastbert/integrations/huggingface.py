@@ -805,6 +805,27 @@ def _deberta_mask(a) -> Optional[Tensor]:
     return mask.bool() if isinstance(mask, Tensor) else mask
 
 
+def _deberta_rows_without_keys(ctx: Tensor, weights: Optional[Tensor], v: Tensor,
+                               mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """DeBERTa masks padded query rows too (its mask is the outer product of the padding mask)
+    and fills masked scores with ``finfo.min`` before the softmax, so such a row averages every
+    value uniformly (weights 1 / L); the kernels give a row without keys 0. Made as
+    transformers makes them: the heads of a question-answering or left-padded model read those
+    positions (without this, losses and gradients differed, by 1e12 in a freshly initialised
+    DeBERTa-v2 whose zero row met a zero LayerNorm input). ctx (B, L, H * D), weights
+    (B, H, L, L) or None, v (B, H, L, D), mask the bool DeBERTa mask (B, 1, L, L) or None. With
+    dropout, those rows take the mean without it (transformers drops some of their weights)."""
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return ctx, weights
+    has_key = mask.any(-1)[:, 0, :, None]  # (B, L, 1)
+    b, h, length, d = v.shape
+    mean = v.mean(-2).reshape(b, 1, h * d)
+    ctx = torch.where(has_key, ctx, mean.to(ctx.dtype))
+    if weights is not None:
+        weights = torch.where(has_key[:, None], weights, 1.0 / weights.shape[-1])
+    return ctx, weights
+
+
 def _with_score_bias(mask, bias: Optional[Tensor]):
     """An HF attention mask and a float score bias (B or 1, H, Lq, Lk) as one SDPA mask."""
     mask = hf_mask_to_sdpa(mask)
@@ -869,8 +890,8 @@ class DebertaV2SelfAttention(nn.Module, NoTorchScript):
     takes over. forward: the original's arguments -> ``(context (B, L, H * D), weights or None)``.
 
     DeBERTa masks the padded query rows too (its mask is the outer product of the padding mask);
-    transformers gives those rows the mean of the values, fastbert 0 (a fully masked row). The real
-    tokens never see them.
+    transformers gives those rows the mean of the values, and so does this module (see
+    :func:`_deberta_rows_without_keys`): the heads that read padded positions see what they saw.
     """
 
     _fastbert_records_outputs = True
@@ -907,8 +928,10 @@ class DebertaV2SelfAttention(nn.Module, NoTorchScript):
                 bias = bias.view(b, h, lq, -1)
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         p = _probs_dropout_p(self, spec.dropout, spec.dropout_called)
-        ctx, weights = _attention(q, k, v, _with_score_bias(_deberta_mask(a), bias), p,
+        mask = _deberta_mask(a)
+        ctx, weights = _attention(q, k, v, _with_score_bias(mask, bias), p,
                                   (d * scale_factor) ** -0.5, None, want_weights, self.backend)
+        ctx, weights = _deberta_rows_without_keys(ctx, weights, v, mask)
         _record_outputs(self, args, (ctx, weights))
         return ctx, weights
 
@@ -963,8 +986,10 @@ class DebertaSelfAttention(nn.Module, NoTorchScript):
                 bias = None
         want_weights = bool(a.get("output_attentions", False)) or collecting("attentions")
         p = _probs_dropout_p(self, "dropout", called=True)
-        ctx, weights = _attention(q, k, v, _with_score_bias(_deberta_mask(a), bias), p, scale,
+        mask = _deberta_mask(a)
+        ctx, weights = _attention(q, k, v, _with_score_bias(mask, bias), p, scale,
                                   None, want_weights, self.backend)
+        ctx, weights = _deberta_rows_without_keys(ctx, weights, v, mask)
         _record_outputs(self, args, (ctx, weights))
         return ctx, weights
 
