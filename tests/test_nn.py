@@ -1416,6 +1416,29 @@ def test_compile_block_sparse_module_fullgraph(layout):
     assert_close(gw, rw.double(), atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["sliding_window", "longformer", "tensor"])
+def test_compile_block_sparse_module_dynamic_lengths_compile_once(layout):
+    """torch.compile(dynamic=True) of the module over inputs of many lengths (many block counts):
+    one frame. A preset is built in the graph, not through the module's layout cache, whose size
+    and keys Dynamo guarded on (a recompile per length, eager after 8 of them)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    lay = torch.rand(1, 12, 12) < 0.6 if layout == "tensor" else layout
+    m = fnn.BlockSparseSelfAttention(E, H, lay, block_size=4, backend="torch").eval()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(m, backend=counter, dynamic=True)
+        for length in (5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45):
+            x = torch.randn(N, length, E)
+            assert_close(compiled(x), m(x).double(), atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU, half precision (compiled kernels, default backend)
 # ----------------------------------------------------------------------------------------------

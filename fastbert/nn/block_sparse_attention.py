@@ -36,7 +36,9 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             on a preset module too); or the name of a :mod:`fastbert.sparsity` preset (one of
             ``PRESETS``), built for each input length as
             ``preset(L, block_size, **layout_kwargs)`` and cached per number of blocks and device
-            (the 64 most recently used).
+            (the 64 most recently used); under torch.compile built in the graph instead, so that
+            ``dynamic=True`` compiles once for every length (``"bigbird"``, whose random blocks
+            are drawn on the host, once per block count).
         block_size: tokens per block side.
         layout_kwargs: keyword arguments of the preset (sizes in blocks, e.g. ``{"window": 2}``).
         dropout: attention-probability dropout (training only).
@@ -153,6 +155,11 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             # keyed on the buffer object and its version: assigning or editing it takes effect
             key = (nb, block_size, str(device), id(full), full.data_ptr(), tensor_version(full))
         else:  # keyed on the kwargs too: editing module.layout_kwargs takes effect
+            if torch.compiler.is_compiling():
+                # traced: built in the graph (the preset's few tensor ops), no host-side cache,
+                # whose size and keys would be guarded on and recompile every new length
+                return self._preset_fn(nb * block_size, block_size, device=device,
+                                       **self._kwargs_for(nb))
             key = (nb, block_size, str(device), repr(self.layout_kwargs))
         entry = self._layouts.get(key)
         # a buffer's entry is also tied to the buffer object: a new one at a recycled id never hits
