@@ -117,14 +117,24 @@ def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name:
         raise ValueError(f"{name} of shape {shape} does not broadcast to {dims} = {target}")
 
 
+_FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+
+
+def _fake_mode():
+    """The active FakeTensorMode (shape propagation: tensors without values), or None."""
+    return None if _FAKE_KEY is None else torch._C._get_dispatch_mode(_FAKE_KEY)
+
+
 def host_checks_allowed(device: torch.device) -> bool:
-    """False while torch.compile traces or a CUDA graph is being captured: checks that read tensor
-    values on the host (a device sync) are skipped then, and run in eager mode."""
+    """False while torch.compile traces or a CUDA graph is being captured, and for tensors without
+    values (meta tensors, FakeTensorMode: shapes only): checks that read tensor values on the host
+    (a device sync) are skipped then, and run in eager mode."""
     if torch.compiler.is_compiling():
         return False
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    kind = device.type
+    if kind == "meta" or (kind == "cuda" and torch.cuda.is_current_stream_capturing()):
         return False
-    return True
+    return _fake_mode() is None
 
 
 def mask_reads_allowed(device: torch.device) -> bool:

@@ -37,6 +37,8 @@ __all__ = ["optimize", "restore", "OptimizeReport", "Swapped", "Left"]
 # Attribute (in a module's __dict__, so not a submodule and not in state_dict) holding the module a
 # fastbert replacement was built from; restore() puts it back.
 _ORIGINAL = "_fastbert_original"
+# On each module a replacement built: its children at optimize() time (restore: which are new).
+_CHILDREN = "_fastbert_children"
 # On a torch.nn.TransformerEncoder whose layers were swapped: its use_nested_tensor before.
 _NESTED = "_fastbert_use_nested_tensor"
 
@@ -281,6 +283,7 @@ def optimize(model: nn.Module, *, backend: Optional[str] = None,
             new, reason = try_swap(child, parent)
             if new is not None:
                 new.__dict__[_ORIGINAL] = child
+                _snapshot_children(child, new)
                 memo[id(child)] = new
                 setattr(parent, name, new)
                 report.swapped.append(Swapped(path, _name(child), _class_name(type(new))))
@@ -334,24 +337,32 @@ def _resync(original: nn.Module, new: nn.Module) -> None:
                 store[attr] = tensor
 
 
+def _snapshot_children(original: nn.Module, new: nn.Module) -> None:
+    """Record, on each module of the replacement ``new`` that ``original``'s tree does not share
+    (those it built: itself, its containers, fastbert layers made inside it), the children it has
+    at optimize() time, so that restore() can tell the ones put on it later."""
+    shared = {id(m) for m in original.modules()}
+    for m in new.modules():
+        if id(m) not in shared:
+            m.__dict__[_CHILDREN] = dict(m._modules)
+
+
 def _resync_children(original: nn.Module, new: nn.Module) -> None:
-    """Make ``original`` hold the children put on the replacement after optimize() (a LoRA wrapper
-    in a Linear's place, as peft puts one): the replacement has its own copy of the original's
-    children, so such a module reached only the replacement. Children that are fastbert's own
-    (optimize()'s swaps, or modules a replacement built) are searched the same way, never put
-    back; children the replacement has that ``original`` lacks are left alone."""
+    """Make ``original`` hold the children put on the replacement ``new`` after optimize() (a LoRA
+    wrapper in a Linear's place, as peft puts one): the replacement holds its own copy of the
+    original's children, so such a module reached only the replacement. A child is put back where
+    it differs from the one recorded at optimize() time (:func:`_snapshot_children`) under a name
+    ``original`` has; an unchanged child the replacement built is searched the same way."""
+    recorded = new.__dict__.get(_CHILDREN)
+    if recorded is None:  # shared with the original: a change in it is the original's already
+        return
     for name, child in new._modules.items():
         if name not in original._modules:
             continue
-        before = original._modules[name]
-        if child is before:
-            continue
-        if child is not None and (child.__dict__.get(_ORIGINAL) is before or _is_fastbert(child)):
-            # a nested swap, or a fastbert module the replacement built on ``before``'s children:
-            # its own children likewise
-            _resync_children(before, child)
-            continue
-        original._modules[name] = child
+        if child is not recorded.get(name):
+            original._modules[name] = child
+        elif child is not None and child is not original._modules[name]:
+            _resync_children(original._modules[name], child)
 
 
 def _copy_mode(original: nn.Module, new: nn.Module) -> None:

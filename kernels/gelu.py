@@ -93,9 +93,11 @@ def _bias_gelu_fwd_kernel(
     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one [BM, BN] tile per program."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),): one [BM, BN] tile per program (one flat axis:
+    a second one would be limited to 65535 column blocks)."""
+    n_col = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // n_col
+    pid_n = tl.program_id(0) % n_col
     rows = (tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]  # [BM, 1] int64
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]                      # [1, BN]
     m_n = cols < N
@@ -114,15 +116,15 @@ def _bias_gelu_bwd_kernel(
     BIAS,                           # bias [N] (HAS_BIAS)
     DX,                             # out: grad of input [M, N] contiguous, input dtype
     DB_PART,                        # out: partial column sums of dx [G, N] fp32 (NEED_DBIAS)
-    M, N,
+    M, N, G,                        # G: row groups
     HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (G, cdiv(N, BLOCK_N)): program (g, j) handles column block j of row blocks
-    g, g + G, ...; its dbias partial accumulates in a [BM, BN] fp32 register tile."""
-    pid_g = tl.program_id(0)
-    n_progs = tl.num_programs(0)
-    pid_n = tl.program_id(1)
+    """Grid (G * cdiv(N, BLOCK_N),), one flat axis: program (g, j) handles column block j of row
+    blocks g, g + G, ...; its dbias partial accumulates in a [BM, BN] fp32 register tile."""
+    pid_g = tl.program_id(0) % G
+    n_progs = G
+    pid_n = tl.program_id(0) // G
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                  # [BN]
     cols = o_n[None, :]                                                            # [1, BN]
     m_n = cols < N
@@ -156,9 +158,11 @@ def _geglu_kernel(
     BWD: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Forward y = gelu(a) * g; backward da = dy * g * gelu'(a), dg = dy * gelu(a) (gelu
-    recomputed). Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one [BM, BN] tile per program."""
-    rows = (tl.cast(tl.program_id(0), tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    recomputed). Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),): one [BM, BN] tile per program."""
+    n_col = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = tl.program_id(0) // n_col, tl.program_id(0) % n_col
+    rows = (tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rows < M) & (cols < N)
     a = tl.load(A + rows * stride_am + cols * stride_an, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
@@ -216,7 +220,7 @@ def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str = "none") 
     m, n = x2.shape
     b = bias.contiguous() if bias is not None else None
     block_m, block_n = _config(n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _bias_gelu_fwd_kernel[grid](x2, x2.stride(0), x2.stride(1), b if b is not None else x2, y, m, n,
                                 HAS_BIAS=b is not None, APPROX_TANH=approximate == "tanh",
                                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
@@ -244,9 +248,9 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: st
         part = torch.empty((g, n), dtype=torch.float32, device=x.device)
     else:
         g, part = row_blocks, dx  # no reduction: one row block per program
-    _bias_gelu_bwd_kernel[(g, n_col_blocks)](
+    _bias_gelu_bwd_kernel[(g * n_col_blocks,)](
         dy2, dy2.stride(0), dy2.stride(1), x2, x2.stride(0), x2.stride(1),
-        b if b is not None else x2, dx, part, m, n,
+        b if b is not None else x2, dx, part, m, n, g,
         HAS_BIAS=b is not None, NEED_DBIAS=need_dbias, APPROX_TANH=approximate == "tanh",
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
     return dx, (part.sum(0).to(bias.dtype) if need_dbias else None)
@@ -270,7 +274,7 @@ def _launch_geglu(a: Tensor, g: Tensor, out: Tensor, approximate: str, dy: Optio
     assert out2.data_ptr() == out.data_ptr() and (dg is None or dg2.data_ptr() == dg.data_ptr())
     m, n = a2.shape
     block_m, block_n = _config(n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _geglu_kernel[grid](a2, a2.stride(0), a2.stride(1), g2, g2.stride(0), g2.stride(1),
                         dy2, dy2.stride(0), dy2.stride(1), out2, out2.stride(0), dg2, dg2.stride(0),
                         m, n, BWD=dy is not None, APPROX_TANH=approximate == "tanh",

@@ -590,7 +590,7 @@ def _gelu_cases_for(cc: int, dt: str, n: int, approx: bool, bias: bool = True) -
                   **flags), w, 3, cc),
         Case("gelu", name.format("bwd"), gelu._bias_gelu_bwd_kernel,
              dict(DY=ptr(dt), stride_dym=n, stride_dyn=1, X=ptr(dt), stride_xm=n, stride_xn=1,
-                  BIAS=ptr(dt), DX=ptr(dt), DB_PART=ptr("fp32"), M=_M, N=n, NEED_DBIAS=bias,
+                  BIAS=ptr(dt), DX=ptr(dt), DB_PART=ptr("fp32"), M=_M, N=n, G=88, NEED_DBIAS=bias,
                   **flags), w, 3, cc)]
 
 

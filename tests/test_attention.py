@@ -1180,6 +1180,26 @@ def test_varlen_offsets_made_under_inference_mode_train(backend):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def test_varlen_and_pad_input_propagate_shapes_without_values():
+    """On meta tensors and under FakeTensorMode (shape inference, deferred initialisation), where
+    no value can be read: the host checks of the offsets are skipped, as under torch.compile (they
+    failed with "Cannot copy out of meta tensor" / a data-dependent error)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def shapes(device):
+        q = torch.randn(12, 2, 16, device=device)
+        v = torch.randn(12, 2, 8, device=device)
+        cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+        out = fastbert.varlen_attention(q, q, v, cu, cu, 7, 7, backend="torch")
+        packed, indices = torch.randn(5, 4, device=device), torch.tensor([0, 1, 3, 4, 5], device=device)
+        padded = fastbert.pad_input(packed, indices, 2, 3)
+        return tuple(out.shape), tuple(padded.shape)
+
+    assert shapes("meta") == ((12, 2, 8), (2, 3, 4))
+    with FakeTensorMode():
+        assert shapes("cpu") == ((12, 2, 8), (2, 3, 4))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_masks_and_slopes_made_under_inference_mode_train(backend):
     """A bool mask, a float mask and ALiBi slopes built under torch.inference_mode serve a training

@@ -139,6 +139,35 @@ def test_bias_gelu_deterministic():
                                atol=2e-2, rtol=2e-3)
 
 
+def test_launch_grids_stay_within_cudas_limits(monkeypatch):
+    """Every launch has one flat grid axis (up to 2^31 - 1 programs): a second axis of column
+    blocks is limited to 65535, which a last dim beyond 65535 * 1024 elements (a flattened 128M
+    tensor, GEGLU on (4, 2^28)) exceeded, an invalid launch on a GPU. The launchers run on meta
+    tensors here, the kernels replaced by a recorder."""
+    from fastbert.kernels import gelu as kern
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    for name in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_geglu_kernel"):
+        monkeypatch.setattr(kern, name, Recorder())
+    wide = torch.empty(2 ** 27, device="meta", dtype=torch.float16)
+    bias = torch.empty(2 ** 27, device="meta", dtype=torch.float16)
+    kern.bias_gelu_fwd(wide, bias)
+    kern.bias_gelu_bwd(wide, wide, bias, need_dbias=True)
+    kern.bias_gelu_bwd(wide, wide, None)
+    packed = torch.empty(4, 2 ** 28, device="meta", dtype=torch.float16)
+    kern.geglu_fwd(packed, None)
+    kern.geglu_bwd(torch.empty(4, 2 ** 27, device="meta", dtype=torch.float16), packed, None)
+    assert len(grids) == 5
+    for grid in grids:
+        assert len(grid) == 1 and 0 < grid[0] < 2 ** 31, grid
+
+
 def test_bias_gelu_empty():
     x = torch.zeros((0, 97), device=DEVICE, requires_grad=True)
     b = torch.ones(97, device=DEVICE, requires_grad=True)

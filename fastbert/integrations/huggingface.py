@@ -1638,6 +1638,11 @@ def swap_padding_free(module: nn.Module, backend: Optional[str] = None):
         encoder_cls = BertEncoder
     elif (family, name) == ("modernbert", "ModernBertModel"):
         encoder_cls = ModernBertEncoder
+    elif isinstance(module, transformers.PreTrainedModel) and getattr(module, "base_model", None) is module:
+        # a base model of another family (DeBERTa, ViT, a decoder, ...): said in the report, and
+        # its layers are looked at one by one as without padding_free
+        return None, (f"not made padding-free: fastbert has no padding-free encoder for {name} "
+                      "(its layers are swapped one by one)")
     else:
         return None, None
     try:
