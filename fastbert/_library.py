@@ -86,6 +86,18 @@ def first_order_only(name: str, backward: Callable) -> Callable:
     return checked
 
 
+def _other_cuda_device(args) -> Optional[int]:
+    """The CUDA device index of the first tensor among ``args`` when it is not the current device,
+    else None (CPU tensors, or already current: the common case costs two attribute reads)."""
+    for a in args:
+        if isinstance(a, Tensor):
+            if not a.is_cuda:
+                return None
+            index = a.get_device()
+            return index if index != torch.cuda.current_device() else None
+    return None
+
+
 def _check_vmap_randomness(name: str) -> None:
     """Under ``torch.func.vmap``, a call that draws dropout masks honours vmap's ``randomness``
     as torch's random ops do: ``"error"`` (vmap's default) raises, ``"different"`` runs (each
@@ -157,6 +169,16 @@ class FastOp:
                                "backward": staticmethod(backward)})
 
     def __call__(self, *args):
+        device = _other_cuda_device(args)
+        if device is not None:
+            # Triton launches on the current device, whatever the tensors' (the CUDA extension
+            # sets a device guard itself): tensors on cuda:1 while cuda:0 is current would be
+            # read by a kernel on the wrong GPU
+            with torch.cuda.device(device):
+                return self._call(*args)
+        return self._call(*args)
+
+    def _call(self, *args):
         if _fwad._current_level >= 0 and any(
                 isinstance(a, Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args):
             # torch would drop the tangent (the eager path) or give a zero one (the custom op)

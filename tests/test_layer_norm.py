@@ -884,3 +884,19 @@ def test_layer_norm_16bit_input_into_fp32(dtype):
     for name, got, r, lo in (("weight", leaves[1], ref_leaves[1], low_leaves[1]),
                              ("bias", leaves[2], ref_leaves[2], low_leaves[2])):
         assert_close(got.grad, r.grad, lo.grad, name=f"grad {name}")
+
+
+def test_cuda_backend_declines_rows_beyond_its_limit():
+    """The CUDA kernels index within a row with 32-bit counters (csrc/common.h kMaxRowLength): a
+    longer row is declined with that reason, so "auto" takes another backend, instead of the
+    extension's bare "invalid argument"."""
+    import sys
+    ln_ops = sys.modules["fastbert.ops.layer_norm"]  # (the package attribute is the function)
+
+    x = torch.empty(1, 2 ** 31, device="meta", dtype=torch.float16)
+    reasons = ln_ops._layer_norm_cuda_reasons(input=x, normalized_shape=(2 ** 31,))
+    assert any("limit" in r for r in reasons), reasons
+    reasons = ln_ops._add_layer_norm_cuda_reasons(input=x, residual=x)
+    assert any("limit" in r for r in reasons), reasons
+    ok = torch.empty(4, 768, device="meta", dtype=torch.float16)
+    assert ln_ops._layer_norm_cuda_reasons(input=ok, normalized_shape=(768,)) == []

@@ -156,6 +156,39 @@ def test_batched_gradients_of_torchs_older_vmap(case):
             torch.testing.assert_close(a[i], b)
 
 
+def test_launches_on_the_tensors_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: a call whose tensors are on another one (a
+    model moved to cuda:1 without torch.cuda.set_device) runs under that device's guard. Checked
+    with stand-ins here (no GPU): a tensor reporting cuda:1 while cuda:0 is current."""
+    class OnCuda1(torch.Tensor):
+        is_cuda = True
+
+        def get_device(self):
+            return 1
+
+    entered = []
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    t = torch.zeros(2).as_subclass(OnCuda1)
+    assert _library._other_cuda_device((None, t)) == 1
+    assert _library._other_cuda_device((torch.zeros(2), t)) is None  # the first tensor decides
+    op = FAST_OPS["fastbert::gelu_fwd"]
+    monkeypatch.setattr(op, "_call", lambda *args: "called")
+    assert op(t, None, "none") == "called" and entered == [1]
+    assert op(torch.zeros(2), None, "none") == "called" and entered == [1]  # CPU: no guard
+
+
 def test_every_triton_custom_op_is_a_fast_op():
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastbert::")}
     assert registered == set(FAST_OPS) and set(OPCHECKED) <= registered

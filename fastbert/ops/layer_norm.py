@@ -434,10 +434,23 @@ def _cuda_reasons(dtype: torch.dtype, what: str, **params: Optional[Tensor]) -> 
     return reasons
 
 
-def _layer_norm_cuda_reasons(*, input, weight=None, bias=None, out_dtype=None, **_) -> List[str]:
+# csrc/common.h kMaxRowLength: the CUDA kernels index within a row with 32-bit counters
+_CUDA_MAX_ROW = 2 ** 31 - 8192
+
+
+def _row_reasons(cols: int) -> List[str]:
+    if cols > _CUDA_MAX_ROW:
+        return [f"rows of {cols} elements exceed the CUDA kernels' limit of {_CUDA_MAX_ROW}"]
+    return []
+
+
+def _layer_norm_cuda_reasons(*, input, normalized_shape=(), weight=None, bias=None, out_dtype=None,
+                             **_) -> List[str]:
+    rows = _row_reasons(math.prod(normalized_shape))
     if out_dtype is not None:  # the input is cast to it first (see _layer_norm_cuda)
-        return _cuda_reasons(out_dtype, "input (cast to the output dtype)", weight=weight, bias=bias)
-    return _cuda_reasons(input.dtype, "input", weight=weight, bias=bias)
+        return rows + _cuda_reasons(out_dtype, "input (cast to the output dtype)", weight=weight,
+                                    bias=bias)
+    return rows + _cuda_reasons(input.dtype, "input", weight=weight, bias=bias)
 
 
 def _cuda_mixed(input: Tensor, residual: Tensor) -> bool:
@@ -455,8 +468,9 @@ def _add_layer_norm_cuda_reasons(*, input, residual, weight=None, bias=None, inp
         what = "residual"
     else:
         what = "input + residual (promoted)"
-    return _cuda_reasons(torch.promote_types(input.dtype, residual.dtype), what, weight=weight,
-                         bias=bias, input_bias=input_bias)
+    return _row_reasons(input.shape[-1] if input.dim() else 1) + _cuda_reasons(
+        torch.promote_types(input.dtype, residual.dtype), what, weight=weight, bias=bias,
+        input_bias=input_bias)
 
 
 def _cuda_ops():
