@@ -158,7 +158,8 @@ def mask_assert(condition: Tensor) -> None:
     cannot serve fails the call instead of giving a wrong answer. Nothing during CUDA-graph capture
     (no host read is possible there)."""
     if torch.compiler.is_compiling():
-        torch._check(condition.item())
+        # as an integer: torch 2.11 inserts no run-time check for a bool .item() (2.14 does)
+        torch._check(condition.to(torch.int64).item() == 1)
 
 
 # cu_seqlens tensors whose values were checked on the host, so that a model calling

@@ -131,8 +131,8 @@ def scaled_dot_product_attention(
     key j (see :func:`alibi_bias`), on top of ``attn_mask``. ``window_size`` (left, right): query i
     sees keys i - left .. i + right only (-1: unbounded; see :func:`window_mask`).
 
-    Unlike torch, a query row whose every key is masked out returns 0 (and gets zero gradient)
-    instead of NaN. ``dropout_mask`` (bool, broadcastable to (..., Lq, Lk), True = keep) fixes
+    A query row whose every key is masked out returns 0 (and gets zero gradient), never NaN (as
+    torch's SDPA math path in recent versions; ``nn.MultiheadAttention`` gives NaN). ``dropout_mask`` (bool, broadcastable to (..., Lq, Lk), True = keep) fixes
     which attention probabilities dropout keeps.
     """
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:

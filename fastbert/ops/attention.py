@@ -167,8 +167,9 @@ def scaled_dot_product_attention(
         backend: None/"auto", "triton", "cuda" or "torch" (default from ``FASTBERT_BACKEND``).
 
     Returns:
-        (B, H, Lq, Dv) in the dtype of ``query``. Unlike torch, a query row whose every key is masked
-        returns 0 and gets zero gradient, never NaN.
+        (B, H, Lq, Dv) in the dtype of ``query``. A query row whose every key is masked returns 0
+        and gets zero gradient, never NaN, on every backend (as torch's SDPA on its math path in
+        recent versions; torch's ``nn.MultiheadAttention`` gives NaN).
 
     A NaN or inf in ``key`` / ``value`` at a position a row masks out may or may not reach that row:
     the torch backend multiplies it by the row's zero weight (0 * NaN = NaN, as torch's SDPA does),
