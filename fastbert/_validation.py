@@ -82,6 +82,17 @@ def check_int(name: str, value, minimum: int = 0) -> int:
     return int(value)
 
 
+def unless_known_false(condition) -> bool:
+    """``condition`` (a comparison of sizes) as a bool; while torch.compile traces, True unless it
+    is known to be False (a size only known at run time, such as a packed length read from the
+    data, cannot decide it), without adding a guard on it."""
+    if torch.compiler.is_compiling():
+        from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+        return guard_or_true(condition)
+    return bool(condition)
+
+
 def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name: str = "attn_mask") -> None:
     """A mask is bool (True = attend) or floating (added to scores) and broadcasts to target_shape."""
     if attn_mask is None:
@@ -102,16 +113,11 @@ def check_attn_mask(attn_mask, query: Tensor, target_shape: Sequence[int], name:
     if not shape:
         raise ValueError(f"{name} must have at least 1 dim (a mask broadcastable to (..., Lq, Lk)); "
                          "got a 0-dim tensor")
-    pairs = zip(reversed(shape), reversed(target))
-    if torch.compiler.is_compiling():
-        # sizes only known at run time (a packed length read from the data, in a one-graph
-        # compile) cannot be compared while tracing: left to the kernels, not failing the trace
-        from torch.fx.experimental.symbolic_shapes import guard_or_true
-
-        ok = len(shape) <= len(target) and all(
-            guard_or_true(s == 1) or guard_or_true(s == t) for s, t in pairs)
-    else:
-        ok = len(shape) <= len(target) and all(s == 1 or s == t for s, t in pairs)
+    # sizes only known at run time (a packed length read from the data, in a one-graph compile)
+    # cannot be compared while tracing: left to the kernels, not failing the trace
+    ok = len(shape) <= len(target) and all(
+        unless_known_false(s == 1) or unless_known_false(s == t)
+        for s, t in zip(reversed(shape), reversed(target)))
     if not ok:
         dims = "(B, H, Lq, Lk)" if len(target) == 4 else "(..., H, Lq, Lk)"
         raise ValueError(f"{name} of shape {shape} does not broadcast to {dims} = {target}")
@@ -131,10 +137,14 @@ def host_checks_allowed(device: torch.device) -> bool:
     (a device sync) are skipped then, and run in eager mode."""
     if torch.compiler.is_compiling():
         return False
-    kind = device.type
-    if kind == "meta" or (kind == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if device.type == "meta" or _capturing(device):
         return False
     return _fake_mode() is None
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device``'s kind."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def mask_reads_allowed(device: torch.device) -> bool:
@@ -143,7 +153,7 @@ def mask_reads_allowed(device: torch.device) -> bool:
     break the graph there (the read becomes a graph break, and the decision stays right). Not in
     a one-graph compile with Dynamo's ``capture_scalar_outputs`` (the read would be traced as an
     unbacked value: see :func:`mask_assert`), nor during CUDA-graph capture."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         return False
     if torch.compiler.is_compiling():
         from torch._dynamo import config  # loaded: it is tracing

@@ -254,6 +254,8 @@ def varlen_attention(
         k, v = repeat_kv_heads(k, v, q.shape[1], dim=1)
     outs = []
     n = cu_seqlens_q.numel() - 1
+    # a float mask stays in the graph even where no sequence reads it (zero gradient, not none)
+    extra = [attn_mask] if attn_mask is not None and attn_mask.is_floating_point() else []
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
     for i in range(n):
@@ -262,7 +264,7 @@ def varlen_attention(
         vi = v[ck[i]:ck[i + 1]].transpose(0, 1)
         if qi.shape[1] == 0 or ki.shape[1] == 0:  # empty sequence: nothing to attend, output 0
             # (its tokens stay in the graph: zero gradients rather than none)
-            oi = zeros_in_graph((vi.shape[0], qi.shape[1], vi.shape[-1]), qi, ki, vi)
+            oi = zeros_in_graph((vi.shape[0], qi.shape[1], vi.shape[-1]), *extra, qi, ki, vi)
         else:
             slopes = None
             if alibi_slopes is not None:
@@ -279,7 +281,7 @@ def varlen_attention(
                                               else dropout_mask[i])
         outs.append(oi.transpose(0, 1))
     if not outs:
-        return q.new_empty((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))
+        return zeros_in_graph((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],), *extra, q, k, v)
     return torch.cat(outs, dim=0)
 
 

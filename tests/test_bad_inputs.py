@@ -594,6 +594,23 @@ def test_empty_attention_gives_a_float_mask_its_zero_gradient(backend):
         assert g.shape == mask.shape and (g == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("empty", ["keys", "queries"])
+def test_varlen_empty_attention_gives_a_float_mask_its_zero_gradient(backend, empty):
+    # (the torch backend and the reference left a trainable mask out of the graph when no
+    # sequence had a key or a query: grad None, where the Triton backend gives zeros)
+    full = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
+    none = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    cq, ck = (full, none) if empty == "keys" else (none, full)
+    q, k = t(int(cq[-1]), 2, 16).requires_grad_(), t(int(ck[-1]), 2, 16).requires_grad_()
+    mask = t(2, 2, 4, 5).requires_grad_()
+    out = va(q, k, k, cq, ck, 4, 5, attn_mask=mask, backend=backend)
+    assert out.shape == (q.shape[0], 2, 16) and (out == 0).all()
+    grads = torch.autograd.grad(out.sum(), (mask, q, k))
+    for g, x in zip(grads, (mask, q, k)):
+        assert g.shape == x.shape and (g == 0).all()
+
+
 def test_mha_need_weights_with_no_keys():
     # (need_weights=True with S = 0 crashed with an IndexError from amax)
     m = fnn.MultiheadAttention(16, 2, batch_first=True, device=DEVICE, backend="torch")

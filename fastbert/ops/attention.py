@@ -15,7 +15,8 @@ from torch import Tensor
 from .. import reference
 from .._rng import dropout_seed, seed_like
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
-                           check_same, check_scale, check_tensor, host_checks_allowed)
+                           check_same, check_scale, check_tensor, host_checks_allowed,
+                           unless_known_false)
 from .._library import custom_op, first_order_only
 from .._autocast import autocast_dtype, cast, disabled
 from ..backends import constant_result, cuda_ops, register, register_cuda_family, select
@@ -399,7 +400,8 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         if attn_mask is not None:  # read at positions < the real maxima only
             attn_mask = attn_mask[..., :max_seqlen_q, :max_seqlen_k]
     if n == 0 or (host and (q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0)):
-        return reference.zeros_in_graph((q.shape[0], q.shape[1], v.shape[-1]), q, k, v)
+        extra = [attn_mask] if attn_mask is not None and attn_mask.is_floating_point() else []
+        return reference.zeros_in_graph((q.shape[0], q.shape[1], v.shape[-1]), *extra, q, k, v)
     if not host:  # sizes may come from tensors (unpad_input's): no branch on their values, and
         # none that Inductor's matmul lowering must take (is the size 1?); a padded position past
         # every sequence is masked (keys) or dropped (queries) anyway
@@ -474,15 +476,6 @@ def _span(t: Tensor, dims) -> int:
     return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims)
 
 
-def _maybe_above_one(size) -> bool:
-    """``size > 1``, True where a trace cannot decide it (a size only known at run time): the
-    dim's stride then counts in the span, an over-estimate at worst."""
-    if torch.compiler.is_compiling():
-        from torch.fx.experimental.symbolic_shapes import guard_or_true
-        return guard_or_true(size > 1)
-    return size > 1
-
-
 def _span_reasons(named_spans) -> list:
     reasons = []
     for name, span in named_spans:
@@ -507,10 +500,11 @@ def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
     lk = key.shape[2]
     spans = [("query", _span(query, (2, 3))), ("key", _span(key, (2, 3))),
              ("value", _span(value, (2, 3))), ("the output", lq * h * value.shape[-1])]
-    if attn_mask is not None:  # broadcast dims are read with stride 0
+    if attn_mask is not None:  # broadcast dims are read with stride 0; a dim of unknown size
+        # (traced) counts as above 1: its stride then counts in the span, an over-estimate at worst
         m_lq, m_lk = (attn_mask.shape[-2] if attn_mask.dim() > 1 else 1), attn_mask.shape[-1]
-        m_sq = attn_mask.stride(-2) if attn_mask.dim() > 1 and _maybe_above_one(m_lq) else 0
-        m_sk = attn_mask.stride(-1) if _maybe_above_one(m_lk) else 0
+        m_sq = attn_mask.stride(-2) if attn_mask.dim() > 1 and unless_known_false(m_lq > 1) else 0
+        m_sk = attn_mask.stride(-1) if unless_known_false(m_lk > 1) else 0
         spans.append(("attn_mask", (lq - 1) * abs(m_sq) + (lk - 1) * abs(m_sk)))
     return reasons + _span_reasons(spans)
 
@@ -523,8 +517,8 @@ def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, attn_mask=Non
              ("the output", max_seqlen_q * q.shape[1] * v.shape[-1])]
     if attn_mask is not None:  # one (sequence, head) slice of it, broadcast dims at stride 0
         m = attn_mask
-        m_sq = m.stride(-2) if m.dim() > 1 and _maybe_above_one(m.shape[-2]) else 0
-        m_sk = m.stride(-1) if _maybe_above_one(m.shape[-1]) else 0
+        m_sq = m.stride(-2) if m.dim() > 1 and unless_known_false(m.shape[-2] > 1) else 0
+        m_sk = m.stride(-1) if unless_known_false(m.shape[-1] > 1) else 0
         spans.append(("attn_mask", (max_seqlen_q - 1) * abs(m_sq) + (max_seqlen_k - 1) * abs(m_sk)))
     return reasons + _span_reasons(spans)
 
