@@ -94,7 +94,7 @@ def test_case_enumeration(family):
 
 def test_quick_selection_stays_small():
     quick = runner.all_cases(quick=True)
-    assert 20 <= len(quick) <= 49
+    assert 20 <= len(quick) <= 51
     assert {c.family for c in quick} == set(runner.FAMILIES)
 
 
@@ -329,6 +329,58 @@ def test_norm_bytes():
     assert common.norm_bytes("gelu", "fwd+bwd", r, n, s) == 5 * r * n * s
     with pytest.raises(ValueError):
         common.norm_bytes("softmax", "fwd", r, n, s)
+
+
+def test_add_layer_norm_bytes_of_the_training_forms():
+    """With dropout the mask is regenerated from a seed (never moved): the forward moves what it
+    moves without dropout; the backward writes the input's gradient apart from the residual's.
+    return_residual writes the pre-norm sum in the forward."""
+    r, n, s = 10, 8, 2
+    big, vec = r * n * s, n * s
+    alb = norms.add_layer_norm_bytes
+    assert alb("fwd", r, n, s) == common.norm_bytes("add_layer_norm", "fwd", r, n, s)
+    assert alb("bwd", r, n, s) == common.norm_bytes("add_layer_norm", "bwd", r, n, s)
+    assert alb("fwd", r, n, s, dropout=True) == 3 * big + 3 * vec
+    assert alb("bwd", r, n, s, dropout=True) == 5 * big + 5 * vec  # dy, x, r in; dx, dr out
+    assert alb("fwd+bwd", r, n, s, dropout=True) == 8 * big + 8 * vec
+    assert alb("fwd", r, n, s, dropout=True, return_residual=True) == 4 * big + 3 * vec
+    # mixed precision already writes the two input gradients apart
+    assert alb("bwd", r, n, 2, 4, 4, dropout=True) == common.norm_bytes("add_layer_norm", "bwd",
+                                                                          r, n, 2, 4, 4)
+    assert alb("fwd", r, n, 2, 4, 4, return_residual=True) == r * n * (2 + 4 + 4 + 4) + 3 * n * 4
+    with pytest.raises(ValueError, match="forward only"):
+        alb("bwd", r, n, s, dropout=True, return_residual=True)
+    # BERT-base's training output sublayer, 16384 x 768 fp16: 75.5 MB forward, 125.8 MB backward
+    assert alb("fwd", 16384, 768, 2, dropout=True) == pytest.approx(75.5e6, rel=0.001)
+    assert alb("bwd", 16384, 768, 2, dropout=True) == pytest.approx(125.8e6, rel=0.001)
+
+
+def test_add_layer_norm_dropout_cases():
+    drop = [c for c in norms.cases() if c.params.get("dropout_p")]
+    assert {(c.pass_, c.dtype, c.params["N"], bool(c.params.get("return_residual")))
+            for c in drop} == {(p, d, n, rr) for p in ("fwd", "bwd")
+                               for d in (torch.float16, torch.bfloat16) for n in norms.WIDTHS
+                               for rr in ((False, True) if p == "fwd" else (False,))}
+    assert all(c.params["dropout_p"] == norms.DROPOUT_P == 0.1 for c in drop)
+    assert sorted(c.name for c in drop if c.quick) == [
+        "add_layer_norm-bwd-R16384-N768-fp16-dropout0.1",
+        "add_layer_norm-fwd-R16384-N768-fp16-dropout0.1"]
+    for c in drop:
+        rr = bool(c.params.get("return_residual"))
+        assert c.name.endswith("-dropout0.1" + ("-return_residual" if rr else ""))
+        assert c.series.endswith("dropout 0.1" + (" return_residual" if rr else ""))
+        assert c.work == norms.add_layer_norm_bytes(c.pass_, 16384, c.params["N"], 2, 2, 2,
+                                                    dropout=True, return_residual=rr)
+        assert [i.name for i in c.impls] == ["fastbert-triton", "fastbert-cuda", "torch-eager",
+                                             "torch-compile"]
+    with pytest.raises(ValueError, match="forward with dropout"):
+        norms.norm_case("add_layer_norm", 768, pass_="bwd", dropout_p=0.1, return_residual=True)
+    with pytest.raises(ValueError, match="forward with dropout"):
+        norms.norm_case("add_layer_norm", 768, return_residual=True)
+    with pytest.raises(ValueError, match="for add_layer_norm"):
+        norms.norm_case("layer_norm", 768, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        norms.norm_case("add_layer_norm", 768, dropout_p=1.0)
 
 
 def test_metric_value_and_ceiling_fraction():
@@ -580,6 +632,128 @@ def test_liger_geglu_peer_gets_two_contiguous_inputs(monkeypatch):
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all("worst error" in r["check"] for r in rows) and seen
     assert all(s == (17, 40) for s in seen)
+
+
+def _triton_runs_here():
+    from fastbert import backends
+
+    return not backends.backend_reasons("triton", torch.device("cpu"), explicit=True)
+
+
+@pytest.mark.parametrize("pass_, dtype, return_residual, compiled", [
+    ("fwd", torch.float16, False, True), ("fwd", torch.float32, True, True),
+    ("bwd", torch.float16, False, True), ("bwd", torch.float32, False, False)])
+def test_dropout_case_runs_on_cpu(pass_, dtype, return_residual, compiled):
+    """add_layer_norm with dropout 0.1, tiny: fastbert's Triton kernels (the interpreter), torch
+    eager and torch.compile (CPU inductor) each pass the check on their own mask, read off the
+    probe run that replays their generator; the CUDA backend is unavailable here."""
+    case = norms.norm_case("add_layer_norm", 40, dtype, pass_=pass_, rows=17, dropout_p=0.1,
+                           return_residual=return_residual)
+    impls = ["fastbert-triton", "fastbert-cuda", "torch-eager"] + (["torch-compile"] if compiled else [])
+    rows = runner.run_cases([case], device="cpu", timer=timing.CpuTimer(reps=2), impl_filter=impls,
+                            progress=False, ceilings={"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    by = {r["impl"]: r for r in rows}
+    assert sorted(by) == sorted(impls)
+    ran = ["torch-eager"] + (["torch-compile"] if compiled else [])
+    if _triton_runs_here():
+        ran.append("fastbert-triton")
+    else:
+        assert by["fastbert-triton"]["status"] == "unavailable"
+    for name in ran:
+        r = by[name]
+        assert r["status"] == "ok", r
+        assert "worst error" in r["check"] and r["value"] > 0
+        assert r["work"] == norms.add_layer_norm_bytes(pass_, 17, 40, dtype.itemsize, dtype.itemsize,
+                                                       dtype.itemsize, dropout=True,
+                                                       return_residual=return_residual)
+    assert by["fastbert-cuda"]["status"] == "unavailable" and by["fastbert-cuda"]["reason"]
+
+
+P = 0.1
+
+
+def _ln(s, w, b):
+    return torch.nn.functional.layer_norm(s, (s.shape[-1],), w, b, 1e-5)
+
+
+def _unscaled(x, r, w, b, ib, ret):
+    """Drops, but forgets the 1 / (1 - p) scale of the kept elements."""
+    s = torch.nn.functional.dropout(x + ib, P, training=True) * (1 - P) + r
+    return (_ln(s, w, b), s) if ret else _ln(s, w, b)
+
+
+def _fastbert_unscaled(x, r, w, b, ib, ret):
+    """fastbert's Triton kernel on input and input_bias times (1 - p): its own (seed-regenerated)
+    mask, kept elements without the 1 / (1 - p) scale."""
+    from fastbert import add_layer_norm
+
+    return add_layer_norm(x * (1 - P), r, w, b, 1e-5, input_bias=ib * (1 - P), dropout_p=P,
+                          return_residual=ret, backend="triton")
+
+
+def _other_mask_in_backward(x, r, w, b, ib, ret):
+    """The right forward, with the gradients of another mask."""
+    s = torch.nn.functional.dropout(x + ib, P, training=True) + r
+    other = _ln(torch.nn.functional.dropout(x + ib, P, training=True) + r, w, b)
+    out = _ln(s, w, b).detach() + (other - other.detach())
+    return (out, s) if ret else out
+
+
+def _timed_call_draws_another_mask(x, r, w, b, ib, ret):
+    """Right in the form the probe runs; the timed form draws a random number more first."""
+    if not ret:
+        torch.rand((), device=x.device)
+    return norms._add_ln_dropout_eager(x, r, w, b, ib, P, ret)
+
+
+def _drops_too_much(x, r, w, b, ib, ret):
+    """Drops 30%, scaled as if it dropped 10%: every value is 0 or 1 / (1 - 0.1) in the probe."""
+    s = torch.nn.functional.dropout(x + ib, 0.3, training=True) * (0.7 / 0.9) + r
+    return (_ln(s, w, b), s) if ret else _ln(s, w, b)
+
+
+def _fake_dropout_impl(name, fn):
+    """A deliberately wrong add_layer_norm with dropout, built as the case's implementations are
+    (so that the check gets its mask probe)."""
+    def make_run(case, s):
+        return lambda st, ret: fn(st.x, st.residual, st.weight, st.bias, st.input_bias, ret)
+    return norms._dropout_impl(name, make_run, False)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "bwd"])
+def test_dropout_check_catches_wrong_kernels(pass_):
+    """The dropout check fails a kernel that forgets the 1 / (1 - p) scale (torch's dropout, or
+    fastbert's own kernel fed pre-scaled inputs), whose gradients come from another mask (bwd only:
+    its forward is right and passes), whose timed call draws another mask than the probe, whose
+    kept fraction is off, or that left no probe; torch eager passes alongside."""
+    case = norms.norm_case("add_layer_norm", 40, torch.float32, pass_=pass_, rows=17, dropout_p=P)
+    fakes = [("unscaled", _unscaled), ("other-mask-in-backward", _other_mask_in_backward),
+             ("timed-call-draws-another-mask", _timed_call_draws_another_mask),
+             ("drops-too-much", _drops_too_much)]
+    if _triton_runs_here():
+        fakes.append(("fastbert-unscaled", _fastbert_unscaled))
+    case.impls += [_fake_dropout_impl(name, fn) for name, fn in fakes]
+    case.impls.append(Impl("no-probe", lambda c, s: Prepared(
+        lambda st: norms._add_ln_dropout_eager(*norms._inputs("add_layer_norm", st), P))))
+    rows = runner.run_cases([case], device="cpu", timer=timing.CpuTimer(reps=1),
+                            impl_filter=["torch-eager"] + [n for n, _ in fakes] + ["no-probe"],
+                            progress=False)
+    by = {r["impl"]: r for r in rows}
+    assert by["torch-eager"]["status"] == "ok", by["torch-eager"]
+    expected = {"unscaled": "pre-norm sum of the mask probe",
+                "fastbert-unscaled": "pre-norm sum of the mask probe",
+                "other-mask-in-backward": "grad x" if pass_ == "bwd" else None,
+                "timed-call-draws-another-mask": "output", "drops-too-much": "kept fraction",
+                "no-probe": "no probe run recorded"}
+    for name, what in expected.items():
+        if name not in by:
+            continue
+        r = by[name]
+        if what is None:
+            assert r["status"] == "ok", r
+            continue
+        assert r["status"] == "wrong", r
+        assert what in r["reason"] and r["p50_ms"] is None, r
 
 
 def _toy_case(impls, pass_="fwd", check=True):
