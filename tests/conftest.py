@@ -46,12 +46,36 @@ def _shard(config, items):
     return keep
 
 
+def _background_key(item):
+    mark = item.get_closest_marker("background")
+    return mark.args[0] if mark is not None else None
+
+
 def pytest_collection_modifyitems(config, items):
     items[:] = _shard(config, items)
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+    # tests that wait for a child started in the background go last (tests/_background.py)
+    items.sort(key=lambda it: _background_key(it) is not None)
+
+
+def pytest_collection_finish(session):
+    """Start the background children of the selected tests (see tests/_background.py)."""
+    if session.config.option.collectonly:
+        return
+    import _background
+
+    keys = [_background_key(it) for it in session.items
+            if _background_key(it) is not None and "cuda" not in it.keywords]
+    _background.start(keys)
+
+
+def pytest_sessionfinish(session):
+    import _background
+
+    _background.stop()
 
 
 def _poisoned(fn):

@@ -34,6 +34,7 @@ from fastbert.testing import (assert_close, check_output, compare_to_reference, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build_emu as cuda_emu  # noqa: E402  (tests/cuda_emu/build_emu.py)
+import _background  # noqa: E402  (tests/_background.py)
 
 # The op family modules (``fastbert.ops.gelu`` etc. are shadowed by the functions of that name).
 attention_ops = sys.modules["fastbert.ops.attention"]
@@ -102,6 +103,12 @@ def _compare(fn, inputs, dys, dtype, name):
                             f"between the forward and reverse thread orders (max diff "
                             f"{float((a.double() - b.double()).abs().nan_to_num(float('inf')).max()):.3e}): "
                             f"a race between threads")
+
+
+def _user_seed():
+    """A torch.manual_seed value for a dropout test, drawn from the test's own fresh generator
+    (tests/conftest.py): a different mask every run, reproduced by FASTBERT_TEST_SEED."""
+    return int(torch.randint(0, 2**31, ()))
 
 
 def _seed_of_next_draw(seed):
@@ -241,11 +248,11 @@ def test_add_layer_norm(emu, width, dtype, dropout_p, return_residual):
     x, r = rand((rows, width), dtype, "cpu"), rand((rows, width), dtype, "cpu")
     w, b = rand((width,), dtype, "cpu") * 0.5 + 1.0, rand((width,), dtype, "cpu")
     xb = rand((width,), dtype, "cpu")
-    keep = None
+    keep, seed = None, _user_seed()
     if dropout_p > 0:
-        keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], dropout_p)
+        keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, width], dropout_p)
     dys = [rand((rows, width), dtype, "cpu")] + ([rand((rows, width), dtype, "cpu")] if return_residual else [])
-    _compare(_add_layer_norm(dropout_p, return_residual, keep, seed=7), [x, r, w, b, xb], dys,
+    _compare(_add_layer_norm(dropout_p, return_residual, keep, seed=seed), [x, r, w, b, xb], dys,
              dtype, f"add_layer_norm {width} p={dropout_p}")
 
 
@@ -258,8 +265,9 @@ def test_add_layer_norm_fp32_dropout_scale_is_exact(emu):
     rows, width, p = 64, 768, 0.99  # ~500 kept values: a stable max error
     x, r = rand((rows, width), F32, "cpu"), rand((rows, width), F32, "cpu")
     w, b, xb = rand((width,), F32, "cpu"), rand((width,), F32, "cpu"), rand((width,), F32, "cpu")
-    keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], p)
-    fn = _add_layer_norm(p, True, keep, seed=7)
+    seed = _user_seed()
+    keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, width], p)
+    fn = _add_layer_norm(p, True, keep, seed=seed)
     with torch.no_grad():
         _, s = fn(x, r, w, b, xb, backend="emu")
         _, s_ref = fn(*(t.double() for t in (x, r, w, b, xb)), backend="ref")
@@ -284,11 +292,11 @@ def test_add_layer_norm_mixed_dtypes(emu, x_dtype, dropout_p, width):
     x = rand((rows, 2 * width), x_dtype, "cpu")[:, ::2] if strided else rand((rows, width), x_dtype, "cpu")
     r = rand((rows, width), F32, "cpu")
     w, b, xb = rand((width,), F32, "cpu"), rand((width,), F32, "cpu"), rand((width,), F32, "cpu")
-    keep = None
+    keep, seed = None, _user_seed()
     if dropout_p > 0:
-        keep = emu.dropout_mask(_seed_of_next_draw(7), [rows, width], dropout_p)
+        keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, width], dropout_p)
     dys = [rand((rows, width), F32, "cpu") for _ in range(2)]
-    _compare(_add_layer_norm(dropout_p, True, keep, seed=7), [x, r, w, b, xb], dys, x_dtype,
+    _compare(_add_layer_norm(dropout_p, True, keep, seed=seed), [x, r, w, b, xb], dys, x_dtype,
              f"add_layer_norm {x_dtype}+fp32 p={dropout_p}")
 
 
@@ -990,8 +998,9 @@ def test_attention_dropout(emu, dtype, dropout_p):
     b, h, lq, lk, d = 2, 2, 33, 40, 64
     q, k, v = _qkv(b, h, lq, lk, d, dtype)
     m = _mask("key_padding", b, h, lq, lk, dtype)
-    keep = emu.dropout_mask(_seed_of_next_draw(11), [b, h, lq, lk], dropout_p)
-    _compare(_sdpa(dropout_p=dropout_p, keep=keep, seed=11), [q, k, v, m],
+    seed = _user_seed()
+    keep = emu.dropout_mask(_seed_of_next_draw(seed), [b, h, lq, lk], dropout_p)
+    _compare(_sdpa(dropout_p=dropout_p, keep=keep, seed=seed), [q, k, v, m],
              [rand((b, h, lq, d), dtype, "cpu")], dtype, f"attention dropout {dropout_p}")
 
 
@@ -1362,32 +1371,44 @@ def test_empty_inputs(emu, case):
         assert out.shape == dys[0].shape and (out == 0).all()
 
 
-def test_kernels_under_address_sanitizer(tmp_path):
-    """Runs this file's tests (forward order) in a child process against a build instrumented with
-    AddressSanitizer: any read or write outside a tensor, or outside a block's shared memory,
-    stops the child with a report, which fails this test and is printed."""
+def _address_sanitizer_job():
+    """This file's tests (forward order) in a child process, against a build instrumented with
+    AddressSanitizer; a string says why it cannot run here."""
     if os.environ.get("FASTBERT_EMU_SANITIZE"):
-        pytest.skip("this is the instrumented run itself")
+        return "this is the instrumented run itself"
     missing = cuda_emu.toolchain_missing()
     if missing:
-        pytest.skip(missing)
+        return missing
     runtimes = [cuda_emu.asan_runtime()]
     if not runtimes[0]:
-        pytest.skip("the C++ compiler has no AddressSanitizer runtime")
+        return "the C++ compiler has no AddressSanitizer runtime"
     # libasan intercepts C++ throws; libstdc++ must be loaded before any library that throws.
     libstdcxx = subprocess.run(["c++", "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
     if os.path.isabs(libstdcxx):
         runtimes.append(libstdcxx)
-    env = dict(os.environ, FASTBERT_EMU_SANITIZE="address", LD_PRELOAD=" ".join(runtimes),
-               ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={tmp_path / 'asan'}")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "forward",
-                           "-p", "no:cacheprovider"], env=env, capture_output=True, text=True,
-                          cwd=str(Path(__file__).resolve().parents[1]))
-    reports = [p.read_text() for p in tmp_path.glob("asan*")]
+    job = _background.Job([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "forward",
+                           "-p", "no:cacheprovider"], {}, str(Path(__file__).resolve().parents[1]),
+                          timeout_s=3000)
+    job.env = dict(os.environ, FASTBERT_EMU_SANITIZE="address", LD_PRELOAD=" ".join(runtimes),
+                   ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={job.workdir / 'asan'}")
+    return job
+
+
+_background.register("address-sanitizer", _address_sanitizer_job)
+
+
+@pytest.mark.background("address-sanitizer")
+def test_kernels_under_address_sanitizer():
+    """Runs this file's tests (forward order) in a child process against a build instrumented with
+    AddressSanitizer: any read or write outside a tensor, or outside a block's shared memory,
+    stops the child with a report, which fails this test and is printed. (The child starts in the
+    background when collection ends: tests/_background.py.)"""
+    done = _background.result("address-sanitizer")
+    reports = [p.read_text() for p in done.job.workdir.glob("asan*")]
     errors = [r for r in reports if "ERROR: AddressSanitizer" in r]
     assert not errors, "AddressSanitizer found a bad access:\n" + errors[0][:6000]
-    assert proc.returncode == 0, f"instrumented run failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-    assert " passed" in proc.stdout
+    assert done.returncode == 0, f"instrumented run failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in done.stdout
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])

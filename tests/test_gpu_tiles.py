@@ -9,7 +9,6 @@ depending on the tile sizes (causal and window block ranges, key limits, partial
 on CPU before a GPU runs it. On a GPU the suites run with the GPU's own tiles instead.
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pytest
 import torch
 
 from fastbert.testing import DEVICE
+
+import _background  # tests/_background.py
 
 ROOT = Path(__file__).resolve().parents[1]
 # the suites each table is checked with (block-sparse tiles depend on the dtype and head dim, not
@@ -46,12 +47,24 @@ def test_interpreter_tiles_setting(monkeypatch):
         _tiles.interpreter_tiles()
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the attention suites run with its own tiles")
-@pytest.mark.parametrize("arch", sorted(SUITES))
+def _suites_job(arch):
+    def build():
+        if DEVICE == "cuda":
+            return "on a GPU the attention suites run with its own tiles"
+        env = dict(os.environ, FASTBERT_INTERPRETER_TILES=arch, TRITON_INTERPRET="1")
+        env.pop("FASTBERT_TEST_SHARD", None)
+        return _background.Job([sys.executable, "-m", "pytest", *SUITES[arch], "-q", "-x",
+                                "-p", "no:cacheprovider"], env, str(ROOT), timeout_s=1200)
+    return build
+
+
+for _arch in SUITES:
+    _background.register(f"gpu-tiles-{_arch}", _suites_job(_arch))
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.background(f"gpu-tiles-{a}"))
+                                  for a in sorted(SUITES)])
 def test_attention_suites_with_gpu_tiles(arch):
-    env = dict(os.environ, FASTBERT_INTERPRETER_TILES=arch, TRITON_INTERPRET="1")
-    env.pop("FASTBERT_TEST_SHARD", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", *SUITES[arch], "-q", "-x",
-                           "-p", "no:cacheprovider"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"with {arch} tiles:\n" + (proc.stdout + proc.stderr)[-6000:]
+    """(The child starts in the background when collection ends: tests/_background.py.)"""
+    done = _background.result(f"gpu-tiles-{arch}")
+    assert done.returncode == 0, f"with {arch} tiles:\n" + (done.stdout + done.stderr)[-6000:]
