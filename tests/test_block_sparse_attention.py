@@ -119,10 +119,10 @@ def run_case(q, k, v, layout, bs, attn_mask=None, scale=None, check_grads=True):
     assert_close(out, ref, low, name="out")
     if not check_grads:
         return out
-    g = torch.randn(out.shape, dtype=torch.float64, device=q.device)
-    grads = torch.autograd.grad(out, leaves, g.to(q.dtype))
-    grads_ref = torch.autograd.grad(ref, ref64, g)
-    grads_low = torch.autograd.grad(low, lowp, g.to(q.dtype))
+    g = torch.randn(out.shape, device=q.device).to(q.dtype)  # the same upstream gradient for all
+    grads = torch.autograd.grad(out, leaves, g)
+    grads_ref = torch.autograd.grad(ref, ref64, g.double())
+    grads_low = torch.autograd.grad(low, lowp, g)
     for name, a, r, lo in zip(("dq", "dk", "dv"), grads, grads_ref, grads_low):
         assert torch.isfinite(a).all(), name
         assert_close(a, r, lo, name=name)
@@ -359,10 +359,10 @@ def run_mask_grad_case(q, k, v, layout, bs, mask, scale=None, dropout_p=0.0):
     low = reference.block_sparse_attention(*lowp[:3], layout, bs, lowp[3], dropout_p, scale,
                                            dropout_mask=keep, compute_dtype=q.dtype)
     assert_close(out, ref, low, name="out")
-    g = torch.randn(out.shape, dtype=torch.float64, device=q.device)
-    grads = torch.autograd.grad(out, leaves, g.to(q.dtype))
-    grads_ref = torch.autograd.grad(ref, ref64, g)
-    grads_low = torch.autograd.grad(low, lowp, g.to(q.dtype))
+    g = torch.randn(out.shape, device=q.device).to(q.dtype)  # the same upstream gradient for all
+    grads = torch.autograd.grad(out, leaves, g)
+    grads_ref = torch.autograd.grad(ref, ref64, g.double())
+    grads_low = torch.autograd.grad(low, lowp, g)
     assert grads[3].shape == mask.shape and grads[3].dtype == mask.dtype
     for name, a, r, lo in zip(("dq", "dk", "dv", "dmask"), grads, grads_ref, grads_low):
         assert torch.isfinite(a).all(), name
