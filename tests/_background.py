@@ -52,6 +52,7 @@ class Finished:
 _builders: Dict[str, Callable[[], Union[Job, str]]] = {}
 _jobs: Dict[str, Union[Job, str]] = {}
 _done: Dict[str, Finished] = {}
+_errors: Dict[str, str] = {}
 _events: Dict[str, threading.Event] = {}
 _lock = threading.Lock()
 _running: List[subprocess.Popen] = []
@@ -116,8 +117,8 @@ def start(keys: List[str]) -> None:
         for k in keys:
             try:
                 _run(k)
-            except Exception as e:  # reported by the test that waits for it
-                _jobs[k] = f"could not run the background job: {type(e).__name__}: {e}"
+            except Exception as e:  # reported (a failure) by the test that waits for it
+                _errors[k] = f"{type(e).__name__}: {e}"
             finally:
                 _events[k].set()
 
@@ -146,6 +147,8 @@ def result(key: str) -> Finished:
         _events[key].wait()
     elif key not in _done:
         _run(key)
+    if key in _errors:
+        pytest.fail(f"the background job {key!r} could not run: {_errors[key]}")
     job = _build(key)
     if isinstance(job, str):
         pytest.skip(job)

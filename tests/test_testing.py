@@ -118,3 +118,29 @@ def test_max_err_never_broadcasts_and_matches_infinities():
     assert max_err(torch.tensor([float("nan")]), torch.tensor([float("nan")])) == float("inf")
     with pytest.raises(ValueError, match="0-d"):
         rand((), noncontiguous=True)
+
+
+def test_background_jobs_run_skip_and_time_out(monkeypatch):
+    """tests/_background.py: jobs started together run one after another off the main thread; a
+    test gets its child's output, a skip for a builder's reason, a failure for a child killed at
+    its time limit or a builder that raised; a job never started runs when its test asks."""
+    import _background as bg
+
+    monkeypatch.delenv(bg.ENV, raising=False)
+    env, cwd = dict(os.environ), str(ROOT)
+    py = sys.executable
+    bg.register("selftest-ok", lambda: bg.Job([py, "-c", "print('ran')"], env, cwd, 120))
+    bg.register("selftest-slow", lambda: bg.Job([py, "-c", "import time; time.sleep(60)"], env, cwd, 1))
+    bg.register("selftest-skip", lambda: "nothing to check here")
+    bg.register("selftest-raises", lambda: 1 / 0)
+    bg.register("selftest-later", lambda: bg.Job([py, "-c", "import sys; sys.exit(3)"], env, cwd, 120))
+    bg.start(["selftest-ok", "selftest-slow", "selftest-skip", "selftest-raises"])
+    done = bg.result("selftest-ok")
+    assert done.returncode == 0 and done.stdout.strip() == "ran"
+    with pytest.raises(pytest.fail.Exception, match="ran past its 1 s limit"):
+        bg.result("selftest-slow")
+    with pytest.raises(pytest.skip.Exception, match="nothing to check here"):
+        bg.result("selftest-skip")
+    with pytest.raises(pytest.fail.Exception, match="ZeroDivisionError"):
+        bg.result("selftest-raises")
+    assert bg.result("selftest-later").returncode == 3  # not started: run in the foreground
