@@ -96,24 +96,36 @@ def _check_has_values(name: str, layout: Tensor) -> None:
         raise ValueError(f"{name} is a meta tensor: it has no values to read")
 
 
+def _check_length(name: str, value):
+    """A sequence length: an int >= 0, or a symbolic one (``torch.SymInt``: a length only known at
+    run time while ``torch.export`` or ``torch.compile`` traces), kept symbolic (a run-time check)
+    so that the layout is built in the graph for every length."""
+    if isinstance(value, torch.SymInt):
+        torch._check(value >= 0, lambda: f"{name} must be >= 0")
+        return value
+    return _check_int(name, value, 0)
+
+
 def num_blocks(seq_len: int, block_size: int) -> int:
     """ceil(seq_len / block_size): the number of blocks covering ``seq_len`` tokens."""
-    seq_len = _check_int("seq_len", seq_len, 0)
+    seq_len = _check_length("seq_len", seq_len)
     block_size = _check_int("block_size", block_size, 1)
     return -(-seq_len // block_size)
 
 
 def _grid(seq_len, block_size, key_len) -> Tuple[int, int]:
-    seq_len = _check_int("seq_len", seq_len, 0)
+    seq_len = _check_length("seq_len", seq_len)
     block_size = _check_int("block_size", block_size, 1)
-    key_len = seq_len if key_len is None else _check_int("key_len", key_len, 0)
+    key_len = seq_len if key_len is None else _check_length("key_len", key_len)
     return num_blocks(seq_len, block_size), num_blocks(key_len, block_size)
 
 
 def _at_most_blocks(n: int, nbq: int, nbk: int) -> int:
     """A window or stride (in blocks) capped at the grid's longer side: beyond it the layout is the
     same, and a capped int cannot wrap (one beyond int64 did, e.g. window=2**63 gave no band)."""
-    return min(n, max(nbq, nbk))
+    if isinstance(nbq, torch.SymInt) or isinstance(nbk, torch.SymInt):  # torch.export: symbolic
+        return torch.sym_min(n, torch.sym_max(nbq, nbk))
+    return min(n, max(nbq, nbk))  # (torch 2.11's Dynamo cannot trace sym_max of ints)
 
 
 def _ij(nbq: int, nbk: int, device: Device) -> Tuple[Tensor, Tensor]:
@@ -130,8 +142,8 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
                         "indices, got bool")
     if isinstance(global_blocks, numbers.Integral):
         n = _check_int("global_blocks", global_blocks, 0)
-        if n > limit:
-            raise ValueError(f"global_blocks = {n} exceeds the number of blocks ({limit})")
+        _check_below(n, limit + 1, lambda: f"global_blocks = {n} exceeds the number of blocks "
+                                           f"({limit})")
         return list(range(n))
     if isinstance(global_blocks, Tensor):
         if global_blocks.is_floating_point() or global_blocks.is_complex() or global_blocks.dim() > 1:
@@ -149,10 +161,20 @@ def _global_indices(global_blocks, nbq: int, nbk: int) -> list:
     for g in global_blocks:
         if isinstance(g, bool) or not isinstance(g, numbers.Integral):
             raise TypeError(f"global_blocks entries must be ints, got {type_name(g)}")
-        if not 0 <= g < limit:
+        if g < 0:
             raise ValueError(f"global block index {g} is out of range [0, {limit})")
+        _check_below(g, limit, lambda: f"global block index {g} is out of range [0, {limit})")
         out.append(int(g))
     return out
+
+
+def _check_below(value: int, limit, message) -> None:
+    """``value < limit`` or a ValueError with ``message()``; with a symbolic limit (a length known
+    only at run time, see :func:`_check_length`) a run-time check instead of a guard on it."""
+    if isinstance(limit, torch.SymInt):
+        torch._check(value < limit, message)
+    elif not value < limit:
+        raise ValueError(message())
 
 
 def _check_layout(name: str, layout) -> Tensor:
@@ -253,11 +275,12 @@ def global_tokens(seq_len: int, block_size: int = 64, *, window: int = 1,
     """
     nbq, nbk = _grid(seq_len, block_size, key_len)
     keep = sliding_window(seq_len, block_size, window=window, key_len=key_len, device=device)[0]
-    for g in _global_indices(global_blocks, nbq, nbk):
-        if g < nbq:
-            keep[g, :] = True
-        if g < nbk:
-            keep[:, g] = True
+    globals_ = _global_indices(global_blocks, nbq, nbk)
+    if globals_:  # row g and column g, where the grid has them (compared, not indexed: no branch
+        # on the number of blocks, which may be known only at run time)
+        g = torch.tensor(globals_, device=keep.device)
+        i, j = _ij(nbq, nbk, keep.device)
+        keep = keep | (i[..., None] == g).any(-1) | (j[..., None] == g).any(-1)
     return keep.unsqueeze(0)
 
 
@@ -290,6 +313,11 @@ def bigbird(seq_len: int, block_size: int = 64, *, window: int = 1,
         # . . # . # # #
         # . . . # . # #
     """
+    # the random blocks are drawn for a concrete grid: a length known only at run time (traced)
+    # is made concrete here (torch.compile recompiles per block count; torch.export reports the
+    # length as specialized)
+    seq_len = int(_check_length("seq_len", seq_len))
+    key_len = None if key_len is None else int(_check_length("key_len", key_len))
     nbq, nbk = _grid(seq_len, block_size, key_len)
     random_blocks = _check_int("random_blocks", random_blocks, 0)
     num_heads = _check_int("num_heads", num_heads, 1)

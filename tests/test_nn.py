@@ -1439,6 +1439,33 @@ def test_compile_block_sparse_module_dynamic_lengths_compile_once(layout):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("layout, kwargs", [("sliding_window", {}), ("fixed", {"stride": 2}),
+                                            ("longformer", {"global_blocks": [0, 1]})])
+def test_export_block_sparse_module_with_a_dynamic_length(layout, kwargs):
+    """torch.export with a dynamic sequence length: the preset's layout is built in the graph
+    from the symbolic length (the presets' checks once wanted ints and failed the export), and the
+    exported module equals eager at other lengths. A global block beyond a shorter input's blocks,
+    which eager leaves out, fails the exported program's run-time check instead."""
+    m = fnn.BlockSparseSelfAttention(E, H, layout, block_size=4, layout_kwargs=kwargs,
+                                     backend="torch").eval()
+    blocks = torch.export.Dim("blocks", min=2, max=64)
+    program = torch.export.export(m, (torch.randn(N, 24, E),), dynamic_shapes=({1: 4 * blocks},))
+    for length in (8, 20, 52):
+        x = torch.randn(N, length, E)
+        torch.testing.assert_close(program.module()(x), m(x))
+    if layout == "longformer":
+        short = fnn.BlockSparseSelfAttention(E, H, layout, block_size=4,
+                                             layout_kwargs={"global_blocks": [0, 3]},
+                                             backend="torch").eval()
+        program = torch.export.export(short, (torch.randn(N, 24, E),),
+                                      dynamic_shapes=({1: 4 * blocks},))
+        x = torch.randn(N, 16, E)
+        torch.testing.assert_close(program.module()(x), short(x))
+        short(torch.randn(N, 12, E))  # block 3 is past the input's end: left out
+        with pytest.raises((RuntimeError, AssertionError)):  # torch's message: "Guard failed"
+            program.module()(torch.randn(N, 12, E))
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU, half precision (compiled kernels, default backend)
 # ----------------------------------------------------------------------------------------------

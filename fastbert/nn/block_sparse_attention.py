@@ -114,8 +114,12 @@ class BlockSparseSelfAttention(SelfAttentionBase):
         """The preset's kwargs for an input of ``nb`` blocks: global blocks past its end are left
         out (those tokens are not in this input; with ``global_blocks = n`` >= nb every block is
         global), so that one module serves inputs shorter than its global blocks. Anything
-        malformed goes to the preset as given, which says what is wrong."""
+        malformed goes to the preset as given, which says what is wrong. With a block count known
+        only at run time (``torch.export`` with a dynamic length) they are kept: the exported
+        program then checks at run time that every global block lies inside the input."""
         kwargs = dict(self.layout_kwargs)
+        if isinstance(nb, torch.SymInt):
+            return kwargs
         g = kwargs.get("global_blocks")
         if isinstance(g, Tensor) and g.dim() <= 1 and not (g.is_floating_point() or g.is_complex()
                                                            or g.dtype == torch.bool
