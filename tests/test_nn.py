@@ -1466,6 +1466,26 @@ def test_export_block_sparse_module_with_a_dynamic_length(layout, kwargs):
             program.module()(torch.randn(N, 12, E))
 
 
+def test_export_linformer_module_up_to_max_seq_len():
+    """torch.export of LinformerSelfAttention with a dynamic length up to max_seq_len: the
+    projections' first columns are gathered, not viewed (a view is contiguous only at max_seq_len,
+    and the trace guarded on it: the export failed); equal to eager at every length, the full
+    length included, and its projections get the same gradients in training mode."""
+    m = fnn.LinformerSelfAttention(E, H, max_seq_len=24, k=8, backend="torch").eval()
+    program = torch.export.export(m, (torch.randn(N, 10, E),),
+                                  dynamic_shapes=({1: torch.export.Dim("length", min=2, max=24)},))
+    for length in (2, 13, 23, 24):
+        x = torch.randn(N, length, E)
+        torch.testing.assert_close(program.module()(x), m(x))
+    compiled = torch.compile(m, backend="aot_eager", dynamic=True, fullgraph=True)
+    x = torch.randn(N, 17, E)
+    g = torch.randn(N, 17, E)
+    got = torch.autograd.grad(compiled(x), m.proj_k, g)[0]
+    want = torch.autograd.grad(m(x), m.proj_k, g)[0]
+    assert (got[..., 17:] == 0).all()
+    torch.testing.assert_close(got, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU, half precision (compiled kernels, default backend)
 # ----------------------------------------------------------------------------------------------

@@ -66,9 +66,19 @@ class LinformerSelfAttention(SelfAttentionBase):
         length = q.shape[2]
         if length > self.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds max_seq_len = {self.max_seq_len}")
-        proj_k = self.proj_k[..., :length]
-        proj_v = proj_k if self.proj_v is None else self.proj_v[..., :length]
+        proj_k = _first_columns(self.proj_k, length)
+        proj_v = proj_k if self.proj_v is None else _first_columns(self.proj_v, length)
         out = ops.linformer_attention(q, k, v, proj_k, proj_v, key_padding_mask=key_padding_mask,
                                       dropout_p=self.dropout if self.training else 0.0,
                                       backend=self.backend)
         return self._output(out)
+
+
+def _first_columns(proj: Tensor, length) -> Tensor:
+    """The projection's first ``length`` columns (the positions of a shorter input). A view, except
+    for a length known only at run time (``torch.export`` with a dynamic length): such a view is
+    contiguous only at ``length == max_seq_len``, and tracing guards on that (an export up to
+    max_seq_len failed), so that length gets the columns gathered into a new tensor instead."""
+    if isinstance(length, torch.SymInt):
+        return proj.index_select(-1, torch.arange(length, device=proj.device))
+    return proj[..., :length]
