@@ -37,8 +37,9 @@ class BlockSparseSelfAttention(SelfAttentionBase):
             ``PRESETS``), built for each input length as
             ``preset(L, block_size, **layout_kwargs)`` and cached per number of blocks and device
             (the 64 most recently used); under torch.compile built in the graph instead, so that
-            ``dynamic=True`` compiles once for every length (``"bigbird"``, whose random blocks
-            are drawn on the host, once per block count).
+            ``dynamic=True`` compiles once for every length, and ``torch.export`` with a dynamic
+            length gives one program for all lengths (``"bigbird"``, whose random blocks are
+            drawn on the host: once per block count, and export specializes the length).
         block_size: tokens per block side.
         layout_kwargs: keyword arguments of the preset (sizes in blocks, e.g. ``{"window": 2}``).
         dropout: attention-probability dropout (training only).
