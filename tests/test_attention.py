@@ -2108,3 +2108,202 @@ def test_triton_attention_refuses_gpus_before_sm80(monkeypatch):
     reasons = ops_attention._triton_attention_arch_reasons(torch.device("cuda", 0))
     assert reasons and "7.5" in reasons[0] and "8.0" in reasons[0]
     assert ops_attention._triton_attention_arch_reasons(torch.device("cpu")) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# a trainable float mask with fully masked rows; only some inputs requiring grad; varlen dropout
+# statistics and upstream-gradient layouts (helper 59's coverage audit: cases that only the fuzz
+# tests drew)
+# ----------------------------------------------------------------------------------------------
+DEAD_ROW_MASKS = [
+    # mask shape, q dtype, mask dtype, causal, dropout p, head dim, backend
+    ("BHQK", F32, F32, False, 0.0, 40, "triton"),
+    ("B1QK", F16, F16, True, 0.0, 80, "triton"),
+    ("11QK", F16, F32, False, 0.0, 40, "triton"),   # an fp32 bias with fp16 inputs
+    ("B1QK", F32, F16, False, 0.0, 96, "triton"),   # an fp16 bias with fp32 inputs
+    ("B1QK", F32, F32, True, 0.3, 40, "triton"),
+    ("BHQK", F16, F32, False, 0.3, 40, "triton"),
+    ("B1QK", F16, F32, True, 0.0, 40, "torch"),
+]
+
+
+@pytest.mark.parametrize(
+    "shape_code,dtype,mask_dtype,causal,p,d,backend",
+    [pytest.param(*c, id=_case_id(2, 2, 17, 33, c[5], c[1], c[3],
+                                  f"dmask{c[0]}-{DTYPE_NAMES[c[2]]}-p{c[4]}-{c[6]}"))
+     for c in DEAD_ROW_MASKS])
+def test_sdpa_trainable_mask_with_dead_rows(shape_code, dtype, mask_dtype, causal, p, d, backend,
+                                            fresh_seed):
+    """A float mask that requires grad, with a query row that is -inf everywhere (in every batch
+    entry and head the mask spans) and, when the mask has a batch dim, a batch entry that is -inf
+    everywhere: those rows give 0, dq and dmask 0 there (and dk / dv 0 for the dead batch entry),
+    no NaN anywhere; every gradient against fp64 (with dropout, on the kernel's exact keep-mask)."""
+    b, h, lq, lk = 2, 2, 17, 33
+    leaves = _leaves(b, h, lq, lk, d, d, dtype, "bhld")
+    shape = _mask_shape(shape_code, b, h, lq, lk)
+    mask = torch.randn(shape, device=DEVICE)
+    mask[..., 3, :] = float("-inf")
+    dead_batch = shape[0] == b
+    if dead_batch:
+        mask[1] = float("-inf")
+    mask = mask.to(mask_dtype).requires_grad_()
+    keep = None
+    if p:
+        seed = _seed_of_call(fresh_seed, leaves, mask, p, causal)
+        keep = kernels.attention_dropout_mask(seed, p, (b, h, lq, lk))
+        torch.manual_seed(fresh_seed)
+    out, grads = _check_sdpa(leaves, "bhld", mask=mask, causal=causal, dropout_p=p,
+                             dropout_mask=keep, backend=backend)
+    dq, dk, dv, dmask = grads
+    assert dmask.shape == mask.shape
+    for t in (out, dq, dk, dv, dmask):
+        assert torch.isfinite(t).all()
+    assert (out[:, :, 3] == 0).all() and (dq[:, :, 3] == 0).all() and (dmask[..., 3, :] == 0).all()
+    if dead_batch:
+        for t in (out, dq, dk, dv, dmask):
+            assert (t[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape_code,dtype,causal", [
+    pytest.param("1HQK", F32, True, id=_case_id(2, 2, 17, 33, 40, F32, True, "dmask1HQK")),
+    pytest.param("BHQK", F16, False, id=_case_id(2, 2, 17, 33, 40, F16, False, "dmaskBHQK")),
+])
+def test_sdpa_grad_of_the_mask_alone(shape_code, dtype, causal, backend):
+    """A trainable bias in front of frozen q, k, v (only the mask requires grad): the output
+    requires grad and the mask's gradient is right (against fp64, same upstream gradient)."""
+    b, h, lq, lk, d = 2, 2, 17, 33, 40
+    q, k, v = (rand((b, h, n, d), dtype) for n in (lq, lk, lk))
+    mask = _make_mask("float", _mask_shape(shape_code, b, h, lq, lk), dtype).requires_grad_()
+    out = fastbert.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                backend=backend)
+    assert out.requires_grad
+    dout = rand(out.shape, dtype)
+    dmask, = torch.autograd.grad(out, mask, dout)
+    ref_mask = _clone_leaf(mask, torch.float64)
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), ref_mask,
+                                                 is_causal=causal)
+    ref_dmask, = torch.autograd.grad(ref, ref_mask, dout.double())
+    low_mask = _clone_leaf(mask)
+    low = reference.scaled_dot_product_attention(q, k, v, low_mask, is_causal=causal,
+                                                 compute_dtype=dtype)
+    low_dmask, = torch.autograd.grad(low, low_mask, dout)
+    assert_close(out, ref, low, name="out")
+    assert dmask.dtype == dtype and dmask.shape == mask.shape
+    assert_close(dmask, ref_dmask, low_dmask, name="dmask")
+
+
+def _check_varlen(leaves, lens_q, lens_k, mask=None, backend="triton", dout=None, **kw):
+    """varlen_attention on ``leaves`` (q, k, v) against the fp64 reference and the reference in
+    the inputs' dtype, one upstream gradient for all three (``dout``: given, any layout; else
+    drawn): the output and the gradient of each of q, k, v and ``mask`` that requires grad."""
+    dtype = leaves[0].dtype
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    max_q, max_k = max(lens_q), max(lens_k)
+    inputs = list(leaves) + [mask]
+    wrt = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+
+    def run(ts, fn, **extra):
+        out = fn(*ts[:3], cu_q, cu_k, max_q, max_k, attn_mask=ts[3], **kw, **extra)
+        return out, torch.autograd.grad(out, [ts[i] for i in wrt], up.to(out.dtype))
+
+    out = fastbert.varlen_attention(*leaves, cu_q, cu_k, max_q, max_k, attn_mask=mask,
+                                    backend=backend, **kw)
+    up = rand(out.shape, dtype) if dout is None else dout
+    grads = torch.autograd.grad(out, [inputs[i] for i in wrt], up)
+    ref, ref_grads = run([_clone_leaf(t, torch.float64 if t is not None and t.is_floating_point()
+                                      else None) for t in inputs], reference.varlen_attention)
+    low, low_grads = run([_clone_leaf(t) for t in inputs], reference.varlen_attention,
+                         compute_dtype=dtype)
+    assert_close(out, ref, low, name="out")
+    names = ("dq", "dk", "dv", "dmask")
+    for i, g, r, lo in zip(wrt, grads, ref_grads, low_grads):
+        assert g.dtype == inputs[i].dtype and torch.isfinite(g).all(), names[i]
+        assert_close(g, r, lo, name=names[i])
+    return out, dict(zip((names[i] for i in wrt), grads))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_varlen_trainable_mask_with_dead_rows(dtype, backend):
+    """A per-sequence float mask that requires grad, with a query row that is -inf everywhere and a
+    sequence with no key: those rows give 0, dq and dmask 0 there, no NaN; all against fp64."""
+    lens_q, lens_k, h, d = [17, 5, 30], [20, 0, 9], 2, 40
+    leaves = _varlen_leaves(lens_q, lens_k, h, d, dtype, "plain")
+    mask = torch.randn((3, h, max(lens_q), max(lens_k)), device=DEVICE)
+    mask[0, :, 4] = float("-inf")
+    mask.requires_grad_()
+    out, g = _check_varlen(leaves, lens_q, lens_k, mask, backend)
+    assert (out[4] == 0).all() and (out[17:22] == 0).all() and torch.isfinite(out).all()
+    assert (g["dq"][4] == 0).all() and (g["dq"][17:22] == 0).all()
+    assert (g["dmask"][0, :, 4] == 0).all() and (g["dmask"][1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_varlen_grad_of_the_mask_alone(dtype, backend):
+    """A shared trainable bias in front of frozen packed q, k, v: the mask's gradient (summed over
+    the sequences) against fp64."""
+    lens, h, d = [17, 5, 30], 2, 40
+    q, k, v = (rand((sum(lens), h, d), dtype) for _ in range(3))
+    mask = rand((1, h, 30, 30), dtype, requires_grad=True)
+    out, g = _check_varlen([q, k, v], lens, lens, mask, backend, is_causal=True)
+    assert out.requires_grad and list(g) == ["dmask"] and g["dmask"].shape == mask.shape
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout,dtype", [("expanded", F32), ("permuted", F16)],
+                         ids=["expanded-fp32", "permuted-fp16"])
+def test_varlen_upstream_gradient_layouts(layout, dtype, backend):
+    """An upstream gradient with stride 0 (what out.sum() or a broadcast hands back) or a permuted,
+    non-contiguous one: dq, dk and dv against fp64 with that same gradient."""
+    lens_q, lens_k, h, d = [17, 1, 30], [20, 1, 30], 2, 40
+    leaves = _varlen_leaves(lens_q, lens_k, h, d, dtype, "plain")
+    total = sum(lens_q)
+    if layout == "expanded":
+        dout = rand((1, 1, d), dtype).expand(total, h, d)
+    else:
+        dout = rand((d, h, total), dtype).permute(2, 1, 0)
+    assert not dout.is_contiguous()
+    _check_varlen(leaves, lens_q, lens_k, None, backend, dout=dout, is_causal=True)
+
+
+def test_varlen_dropout_statistics(fresh_seed):
+    """The keep-mask the varlen kernel applies, read off its output (uniform scores, one-hot value
+    rows: out[i, h, j] = keep[h, i, j] / (Lk (1 - p))): it is the documented one, keeps 1 - p of
+    the entries, and differs between identical sequences and between heads (agreement of two
+    independent masks: p^2 + (1 - p)^2); the same torch seed reproduces output and gradients,
+    another seed changes them."""
+    n, h, length, d, p = 3, 2, 61, 64, 0.3
+    lens = [length] * n
+    cu = _cu(lens)
+    q = torch.zeros((n * length, h, d), device=DEVICE)
+    k = rand((length, h, d)).repeat(n, 1, 1)  # identical sequences
+    v = torch.eye(length, d, device=DEVICE)[:, None, :].expand(length, h, d).repeat(n, 1, 1)
+    torch.manual_seed(fresh_seed)
+    _, _, seed = torch.ops.fastbert.varlen_attention_fwd(q, k, v, cu, cu, length, length, p, False,
+                                                         d ** -0.5)
+    documented = kernels.varlen_attention_dropout_masks(seed, p, cu, cu, h, length, length)
+    torch.manual_seed(fresh_seed)
+    out = fastbert.varlen_attention(q, k, v, cu, cu, length, length, dropout_p=p, backend="triton")
+    scaled = (out * (length * (1 - p))).view(n, length, h, d)[..., :length].permute(0, 2, 1, 3)
+    keep = scaled > 0.5  # (N, H, Lq, Lk): 1 where kept, 0 where dropped
+    torch.testing.assert_close(scaled, keep.float(), atol=1e-4, rtol=0)
+    for i in range(n):
+        assert torch.equal(keep[i], documented[i])
+    kept = keep.float().mean().item()
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, kept
+    agree = p * p + (1 - p) ** 2
+    for a, b in ((keep[0], keep[1]), (keep[1], keep[2]), (keep[0, 0], keep[0, 1]), (keep[2, 0], keep[2, 1])):
+        assert abs((a == b).float().mean().item() - agree) < 0.05
+
+    leaves = _varlen_leaves([17, 0, 30], [20, 5, 30], 2, 40, F32, "plain")
+    cq, ck = _cu([17, 0, 30]), _cu([20, 5, 30])
+    runs = []
+    for s in (fresh_seed, fresh_seed, fresh_seed + 1):
+        torch.manual_seed(s)
+        o = fastbert.varlen_attention(*leaves, cq, ck, 30, 30, dropout_p=p, backend="triton")
+        runs.append((o,) + torch.autograd.grad(o, leaves, torch.ones_like(o)))
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[2][0]) and not torch.equal(runs[0][1], runs[2][1])

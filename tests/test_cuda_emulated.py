@@ -1449,3 +1449,131 @@ def test_add_layer_norm_unsupported_dtype_pair_is_refused(emu):
     out = layer_norm_ops._add_layer_norm_cuda(x, r, None, None, 1e-5, None, 0.0, False)
     assert out.dtype == F32
     torch.testing.assert_close(out, reference.add_layer_norm(x, r, None, None), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts and corner cases that only the fuzz tests drew (helper 59's coverage audit)
+# ----------------------------------------------------------------------------------------------
+def _upstream(layout, shape, dtype):
+    """An upstream gradient of `shape` that is not a plain contiguous tensor: "expanded" (one row
+    broadcast with stride 0, what out.sum() or a broadcast hands back) or "permuted" (stored with
+    its dims reversed)."""
+    if layout == "expanded":
+        return rand(shape[-1:], dtype, "cpu").expand(shape)
+    return rand(tuple(reversed(shape)), dtype, "cpu").permute(*reversed(range(len(shape))))
+
+
+def _upstream_case(op):
+    """(fn, inputs, output shape, dtype) of one op whose backward takes the upstream gradient."""
+    if op == "attention":  # with a trainable float mask: dmask from the same gradient
+        b, h, lq, lk, d = 2, 2, 17, 20, 40
+        return (_sdpa(is_causal=True), list(_qkv(b, h, lq, lk, d, F32)) + [_mask("float", b, h, lq, lk, F32)],
+                (b, h, lq, d), F32)
+    x, bias = rand((17, 97), F16, "cpu", scale=2.0), rand((97,), F16, "cpu")
+    if op == "gelu":
+        return _bias_gelu("none"), [x, None], (17, 97), F16
+    if op == "bias_gelu":
+        return _bias_gelu("tanh"), [x, bias], (17, 97), F16
+    if op == "geglu_packed":
+        return _geglu("tanh"), [rand((17, 194), F16, "cpu", scale=2.0), None], (17, 97), F16
+    return _geglu("none"), [x, rand((17, 97), F16, "cpu")], (17, 97), F16
+
+
+@pytest.mark.parametrize("layout", ["expanded", "permuted"])
+@pytest.mark.parametrize("op", ["attention", "gelu", "bias_gelu", "geglu_packed", "geglu_gate"])
+def test_backward_takes_any_upstream_gradient_layout(emu, op, layout):
+    """The backward of attention, gelu, bias_gelu and geglu handed a stride-0 or a permuted
+    upstream gradient (as autograd passes it on, without a copy): every gradient against fp64
+    with that same gradient."""
+    fn, inputs, shape, dtype = _upstream_case(op)
+    dy = _upstream(layout, shape, dtype)
+    assert not dy.is_contiguous()
+    _compare(fn, inputs, [dy], dtype, f"{op} {layout} upstream gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm_width_one(emu, dtype):
+    """Rows of one element (normalised to 0: the output is the bias), with dropout, both results
+    and every gradient."""
+    rows, p = 17, 0.3
+    x, r = rand((rows, 1), dtype, "cpu"), rand((rows, 1), dtype, "cpu")
+    w, b, xb = (rand((1,), dtype, "cpu") for _ in range(3))
+    seed = _user_seed()
+    keep = emu.dropout_mask(_seed_of_next_draw(seed), [rows, 1], p)
+    _compare(_add_layer_norm(p, True, keep, seed=seed), [x, r, w, b, xb],
+             [rand((rows, 1), dtype, "cpu"), rand((rows, 1), dtype, "cpu")], dtype, "add_layer_norm width 1")
+
+
+@pytest.mark.parametrize("dtype,d", [(F32, 40), (F16, 80)], ids=["fp32-D40", "fp16-D80"])
+def test_attention_strided_qkv_with_grads(emu, dtype, d):
+    """q, k, v with a last-dim stride of 2 (views of wider tensors) on the unfused path with
+    gradients, a key-padding mask and causal."""
+    b, h, lq, lk = 2, 2, 17, 33
+    q, k, v = (rand((b, h, n, d), dtype, "cpu", noncontiguous=True) for n in (lq, lk, lk))
+    assert q.stride(-1) == 2
+    _compare(_sdpa(is_causal=True), [q, k, v, _mask("key_padding", b, h, lq, lk, dtype)],
+             [rand((b, h, lq, d), dtype, "cpu")], dtype, "attention stride-2 q/k/v")
+
+
+def _glue_view(view, shape, dtype):
+    if view == "strided-cols":  # every other element of the last dim
+        return rand(shape, dtype, "cpu", noncontiguous=True)
+    return rand((shape[1], shape[0]) + tuple(shape[2:]), dtype, "cpu").transpose(0, 1)  # "transposed-batch"
+
+
+GLUE_VIEW_CASES = [("layer_norm", "strided-cols", F16), ("layer_norm", "transposed-batch", F32),
+                   ("layer_norm", "normalized-4x25", F16), ("add_layer_norm", "strided-cols", F32),
+                   ("add_layer_norm", "transposed-batch", F16)]
+
+
+@pytest.mark.parametrize("case", GLUE_VIEW_CASES,
+                         ids=lambda c: "-".join([c[0], c[1], {F32: "fp32", F16: "fp16"}[c[2]]]))
+def test_layer_norm_glue_views(emu, case):
+    """The Python glue of backend="cuda" (the reshape to [rows, cols] the kernels take, and the view
+    back) on inputs whose leading dims do not merge or whose columns are strided, and a
+    normalized_shape of two dims with a strided weight; add_layer_norm with dropout on the
+    transposed batch (the keep-mask indexes the rows in logical order)."""
+    op, view, dtype = case
+    if view == "normalized-4x25":
+        x = rand((3, 4, 25), dtype, "cpu", noncontiguous=True)
+        w, b = rand((4, 50), dtype, "cpu")[:, ::2], rand((4, 25), dtype, "cpu")
+        _compare(_layer_norm((4, 25)), [x, w, b], [rand((3, 4, 25), dtype, "cpu")], dtype,
+                 "layer_norm normalized_shape (4, 25)")
+        return
+    shape = (2, 9, 97)
+    x = _glue_view(view, shape, dtype)
+    assert not x.is_contiguous()
+    w, b = rand((97,), dtype, "cpu"), rand((97,), dtype, "cpu")
+    if op == "layer_norm":
+        _compare(_layer_norm((97,)), [x, w, b], [rand(shape, dtype, "cpu")], dtype, f"layer_norm {view}")
+        return
+    p = 0.3 if view == "transposed-batch" else 0.0
+    seed, keep = _user_seed(), None
+    if p:
+        keep = emu.dropout_mask(_seed_of_next_draw(seed), [18, 97], p).view(shape)
+    _compare(_add_layer_norm(p, True, keep, seed=seed), [x, _glue_view(view, shape, dtype), w, b,
+                                                         rand((97,), dtype, "cpu")],
+             [rand(shape, dtype, "cpu"), rand(shape, dtype, "cpu")], dtype, f"add_layer_norm {view} p={p}")
+
+
+@pytest.mark.parametrize("dtype,mask_dtype,p", [(F32, F32, 0.0), (F16, F32, 0.0), (F16, F16, 0.3)],
+                         ids=["fp32", "fp16-fp32mask", "fp16-p0.3"])
+def test_attention_trainable_mask_with_dead_rows(emu, dtype, mask_dtype, p):
+    """A float mask that requires grad with a query row that is -inf in every batch entry and a
+    batch entry that is -inf everywhere: 0 there, dq and dmask 0 there (dk, dv 0 for the dead
+    entry), no NaN; every gradient against fp64 (with dropout on the exact keep-mask)."""
+    b, h, lq, lk, d = 2, 2, 17, 20, 40
+    q, k, v = _qkv(b, h, lq, lk, d, dtype)
+    m = rand((b, 1, lq, lk), mask_dtype, "cpu")
+    m[:, :, 3] = float("-inf")
+    m[1] = float("-inf")
+    seed, keep = _user_seed(), None
+    if p:
+        keep = emu.dropout_mask(_seed_of_next_draw(seed), [b, h, lq, lk], p)
+    fn, dys = _sdpa(dropout_p=p, keep=keep, seed=seed), [rand((b, h, lq, d), dtype, "cpu")]
+    _compare(fn, [q, k, v, m], dys, dtype, f"attention dead rows p={p}")
+    (out,), (dq, dk, dv, dm) = run_with_grads(fn, [q, k, v, m], dys, None, backend="emu")
+    assert dm.dtype == mask_dtype
+    assert (out[:, :, 3] == 0).all() and (dq[:, :, 3] == 0).all() and (dm[:, :, 3] == 0).all()
+    for t in (out, dq, dk, dv, dm):
+        assert (t[1] == 0).all()

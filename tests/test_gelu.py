@@ -466,3 +466,28 @@ def test_tile_choice_pads_little(width):
     padded = -(-width // bn) * bn
     if width >= 128:  # each of these has such a block
         assert 8 * (padded - width) <= width, (width, bn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT.get)
+def test_bias_gelu_grad_of_the_bias_alone(dtype):
+    """Only the bias requires grad (a frozen input): the op runs and the bias gradient (a column
+    sum of dy * gelu'(x + b)) is right, with the same upstream gradient for all three runs."""
+    x, b = rand((17, 97), dtype, scale=3.0), rand((97,), dtype)
+    dy = rand(x.shape, dtype)
+    runs = []
+    for cast in (None, torch.float64, "low"):
+        bs = _leaf(b, None if cast == "low" else cast)
+        xs = x.double() if cast is torch.float64 else x
+        if cast is None:
+            out = fastbert.bias_gelu(xs, bs, "none", backend="triton")
+        elif cast == "low":
+            out = F.gelu(xs + bs, approximate="none")
+        else:
+            out = reference.bias_gelu(xs, bs, "none")
+        assert out.requires_grad
+        out.backward(dy.to(out.dtype))
+        runs.append((out, bs.grad))
+    (out, db), (r_out, r_db), (l_out, l_db) = runs
+    assert db.dtype == dtype and db.shape == b.shape
+    assert_close(out, r_out, l_out, name="out")
+    assert_close(db, r_db, l_db, name="grad_bias")

@@ -901,3 +901,65 @@ def test_cuda_backend_declines_rows_beyond_its_limit():
     assert any("limit" in r for r in reasons), reasons
     ok = torch.empty(4, 768, device="meta", dtype=torch.float16)
     assert ln_ops._layer_norm_cuda_reasons(input=ok, normalized_shape=(768,)) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# only one input requiring grad (helper 59's coverage audit)
+# ----------------------------------------------------------------------------------------------
+def _check_grad_of_one(make, inputs, which, dy):
+    """``make(ts, kind)`` runs the Triton op (kind "triton"), the fp64 reference ("ref") or
+    PyTorch's low-precision composition ("low") on ``ts``; only ``inputs[which]`` requires grad.
+    The output and that one gradient against fp64, with the same upstream gradient ``dy``."""
+    runs = []
+    for kind, cast in (("triton", None), ("ref", torch.float64), ("low", None)):
+        ts = [None if t is None else t.detach().to(cast) if cast else t.detach().clone() for t in inputs]
+        ts[which].requires_grad_(True)
+        out = make(ts, kind)
+        assert out.requires_grad
+        g, = torch.autograd.grad(out, ts[which], dy.to(out.dtype))
+        runs.append((out, g))
+    (out, g), (ref, ref_g), (low, low_g) = runs
+    _check("out", [out], [ref], [low])
+    _check("grad", [g], [ref_g], [low_g])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT.get)
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_layer_norm_grad_of_weight_or_bias_alone(which, dtype):
+    """Only the weight, or only the bias, requires grad (a frozen input): that gradient (a column
+    sum over the rows) is right."""
+    x = rand((17, 97), dtype, scale=2.0) + 0.5
+    w, b = rand((97,), dtype) * 0.5 + 1.0, rand((97,), dtype)
+
+    def make(ts, kind):
+        if kind == "triton":
+            return fastbert.layer_norm(ts[0], 97, ts[1], ts[2], backend="triton")
+        if kind == "ref":
+            return reference.layer_norm(ts[0], (97,), ts[1], ts[2], 1e-5)
+        return F.layer_norm(ts[0], (97,), ts[1], ts[2], 1e-5)
+
+    _check_grad_of_one(make, [x, w, b], {"weight": 1, "bias": 2}[which], rand(x.shape, dtype))
+
+
+@pytest.mark.parametrize("which,dtype", [("residual", torch.float16), ("weight", torch.float32),
+                                         ("input_bias", torch.float16)],
+                         ids=["residual-fp16", "weight-fp32", "input_bias-fp16"])
+def test_add_layer_norm_grad_of_one_input_with_dropout(which, dtype):
+    """With dropout, only the residual, only the weight or only the input bias requires grad: the
+    op runs and that gradient is right (against the reference on the kernel's exact keep-mask)."""
+    p = 0.3
+    x, r, w, b, xb = _add_inputs((2, 9, 97), dtype)
+    user_seed = int(torch.randint(0, 2**31, ()))  # from the test's fresh generator
+    mask = kln.dropout_keep_mask(_seed_of_call(user_seed, x, r, p), x.shape, p)
+
+    def make(ts, kind):
+        if kind == "triton":
+            torch.manual_seed(user_seed)
+            return fastbert.add_layer_norm(*ts[:4], input_bias=ts[4], dropout_p=p, backend="triton")
+        if kind == "ref":
+            return reference.add_layer_norm(*ts[:4], 1e-5, input_bias=ts[4], dropout_p=p,
+                                            dropout_mask=mask)
+        return _torch_add_layer_norm(*ts[:4], 1e-5, ts[4], p, mask, False)
+
+    which = ["input", "residual", "weight", "bias", "input_bias"].index(which)
+    _check_grad_of_one(make, [x, r, w, b, xb], which, rand(x.shape, dtype))

@@ -268,3 +268,54 @@ def test_triton_fp32_projections_of_fp16_keys_are_not_rounded(scale_e, scale_kv)
     low = reference.scaled_dot_product_attention(q, k_proj, v_proj)
     assert torch.isfinite(out).all()
     assert_close(out, ref, low, atol=ref.abs().max().item() * 2.0 ** -10, name="out")
+
+
+# (name, dtype, dropout p); B 3, H 2, Lq 33, Lk 40, D 40, k 16
+TRITON_VIEW_CASES = [("fp32", torch.float32, 0.0), ("fp16", torch.float16, 0.0),
+                     ("fp32-p0.3", torch.float32, 0.3)]
+
+
+@pytest.mark.parametrize("name,dtype,p", TRITON_VIEW_CASES, ids=[c[0] for c in TRITON_VIEW_CASES])
+def test_triton_views_all_padding_sequence_and_dropout(name, dtype, p, fresh_seed):
+    """The Triton path on (B, L, H, D) tensors viewed as (B, H, L, D), with a sequence that is all
+    padding (its padded keys / values NaN) and one partly padded; with dropout, the exact keep-mask
+    of the dense kernel over the k projected keys: the output (0 for the all-padding sequence) and
+    the gradients of q, k, v and both projections against fp64, one upstream gradient for all."""
+    require_dense_triton()
+    from fastbert._rng import dropout_seed
+    from fastbert.kernels.attention import attention_dropout_mask
+
+    b, h, lq, lk, d, kdim = 3, 2, 33, 40, 40, 16
+    q, k, v = (rand((b, n, h, d), dtype) for n in (lq, lk, lk))  # stored (B, L, H, D)
+    e, f = rand((h, kdim, lk), dtype) / math.sqrt(lk), rand((kdim, lk), dtype) / math.sqrt(lk)
+    pad = torch.zeros((b, lk), dtype=torch.bool, device=DEVICE)
+    pad[1] = True
+    pad[2, 25:] = True
+    padded = pad[:, :, None, None].expand_as(k)
+    k_nan, v_nan = k.masked_fill(padded, float("nan")), v.masked_fill(padded, float("nan"))
+    keep = None
+    if p:
+        torch.manual_seed(fresh_seed)  # the one draw of the call: the dense kernel's seed
+        keep = attention_dropout_mask(dropout_seed(p, q.device), p, (b, h, lq, kdim))
+
+    def call(fn, ls, **kw):  # q, k, v as (B, H, L, D) views of the (B, L, H, D) leaves
+        return fn(*(t.transpose(1, 2) for t in ls[:3]), *ls[3:], pad, p, None, **kw)
+
+    def leaves(ts, cast=None):
+        return [(t.detach().to(cast) if cast else t.detach().clone()).requires_grad_(True) for t in ts]
+
+    ours = leaves([q, k_nan, v_nan, e, f])
+    ref, low = leaves([q, k, v, e, f], torch.float64), leaves([q, k, v, e, f])
+    torch.manual_seed(fresh_seed)
+    out = call(fastbert.linformer_attention, ours, backend="triton")
+    out_ref = call(reference.linformer_attention, ref, dropout_mask=keep)
+    out_low = call(reference.linformer_attention, low, dropout_mask=keep, compute_dtype=dtype)
+    assert out.dtype == dtype and (out[1] == 0).all()
+    assert_close(out, out_ref, out_low, name="out")
+    g = rand(out.shape, dtype)
+    for n, a, r, lo in zip(("dq", "dk", "dv", "dproj_k", "dproj_v"), grads(out, ours, g),
+                           grads(out_ref, ref, g.double()), grads(out_low, low, g)):
+        assert torch.isfinite(a).all(), n
+        if n in ("dk", "dv"):
+            assert (a[padded] == 0).all(), f"{n} leaks into padding"
+        assert_close(a, r, lo, name=n)
