@@ -189,6 +189,40 @@ def test_launches_on_the_tensors_cuda_device(monkeypatch):
     assert op(torch.zeros(2), None, "none") == "called" and entered == [1]  # CPU: no guard
 
 
+class _ZerosOutsideFastbert(TorchDispatchMode):
+    """Records zero-filled tensors made while no fastbert frame is on the Python stack: those
+    autograd materialises as the gradient of an output the loss did not use."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("zeros", "zeros_like", "new_zeros", "zero_", "full", "full_like", "new_full"):
+            import traceback
+
+            if not any("fastbert" in f.filename for f in traceback.extract_stack()):
+                self.made.append((name, tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backward_materialises_no_zero_gradients_for_the_statistics(case):
+    """The softmax statistics, LayerNorm mean / rstd and the dropout seed are outputs no loss uses:
+    their gradients arrive as None, not as zero tensors made for each backward (marking them
+    non-differentiable does not stop that; an (B, H, Lq, Lk) one for the CUDA unfused attention's
+    probabilities)."""
+    torch.manual_seed(0)
+    out, leaves = CASES[case](None)
+    mode = _ZerosOutsideFastbert()
+    with mode:
+        out.backward(torch.randn_like(out))
+    assert mode.made == []
+    assert all(t.grad is not None for t in leaves)
+
+
 def test_every_triton_custom_op_is_a_fast_op():
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastbert::")}
     assert registered == set(FAST_OPS) and set(OPCHECKED) <= registered

@@ -591,12 +591,15 @@ def _attention_setup_context(ctx, inputs, output):
      window_right) = inputs
     out, stats, seed = output
     ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed, alibi_slopes)
-    ctx.mark_non_differentiable(stats, seed)  # no zero gradient is materialised for them
+    ctx.mark_non_differentiable(stats, seed)
+    ctx.set_materialize_grads(False)  # no zero gradients for them (marking them does not stop it)
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
     ctx.window = (window_left, window_right)
 
 
 def _attention_backward(ctx, grad_out, grad_stats, grad_seed):
+    if grad_out is None:  # only the statistics were used
+        return (None,) * len(ctx.needs_input_grad)
     query, key, value, attn_mask, out, stats, seed, alibi_slopes = ctx.saved_tensors
     mask_grad = (attn_mask is not None and attn_mask.is_floating_point()
                  and ctx.needs_input_grad[3])
@@ -687,11 +690,14 @@ def _varlen_attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                           attn_mask)
     ctx.mark_non_differentiable(stats, seed)
+    ctx.set_materialize_grads(False)
     ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
     ctx.window = (window_left, window_right)
 
 
 def _varlen_attention_backward(ctx, grad_out, grad_stats, grad_seed):
+    if grad_out is None:
+        return (None,) * len(ctx.needs_input_grad)
     q, k, v, out, stats, seed, cu_seqlens_q, cu_seqlens_k, alibi_slopes, attn_mask = ctx.saved_tensors
     mask_grad = (attn_mask is not None and attn_mask.is_floating_point()
                  and ctx.needs_input_grad[13])
@@ -809,8 +815,11 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         ctx.mask_shape = tuple(attn_mask.shape) if float_mask else None
         ctx.mask_dtype = attn_mask.dtype if float_mask else None
         ctx.mark_non_differentiable(probs, seed)
+        ctx.set_materialize_grads(False)  # no (B, H, Lq, Lk) zero gradient for the probabilities
 
     def backward(ctx, grad_out, _grad_probs, _grad_seed):
+        if grad_out is None:
+            return (None,) * len(ctx.needs_input_grad)
         query, key, value, probs, seed = ctx.saved_tensors
         dq, dk, dv, ds = ops.attention_bwd(grad_out, query, key, value, probs, seed, ctx.dropout_p,
                                            ctx.scale)

@@ -208,11 +208,14 @@ def _block_sparse_attention_setup_context(ctx, inputs, output):
     query, key, value, layout, block_size, attn_mask, dropout_p, scale = inputs
     out, stats, seed = output
     ctx.save_for_backward(query, key, value, out, stats, seed, layout, attn_mask)
-    ctx.mark_non_differentiable(stats, seed)  # no zero gradient is materialised for them
+    ctx.mark_non_differentiable(stats, seed)
+    ctx.set_materialize_grads(False)  # no zero gradients for them (marking them does not stop it)
     ctx.block_size, ctx.dropout_p, ctx.scale = block_size, dropout_p, scale
 
 
 def _block_sparse_attention_backward(ctx, grad_out, grad_stats, grad_seed):
+    if grad_out is None:
+        return (None,) * len(ctx.needs_input_grad)
     query, key, value, out, stats, seed, layout, attn_mask = ctx.saved_tensors
     mask_grad = _wants_mask_grad(attn_mask, ctx.needs_input_grad[5])
     dq, dk, dv, dmask = _block_sparse_attention_bwd_op(

@@ -271,9 +271,12 @@ def _layer_norm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, bias, mean, rstd)
     ctx.norm_ndim = norm_ndim
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
 
 
 def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    if grad_out is None:
+        return (None,) * len(ctx.needs_input_grad)
     input, weight, bias, mean, rstd = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx, dw, db = _layer_norm_bwd_op(grad_out, input, weight, bias, mean, rstd,
@@ -522,8 +525,11 @@ def _register_cuda_ops(namespace: str = "fastbert_cuda") -> None:
         ctx.save_for_backward(input, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
 
     def layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        if grad_out is None:
+            return (None,) * len(ctx.needs_input_grad)
         input, weight, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx, dw, db = ops.layer_norm_bwd(
