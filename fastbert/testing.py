@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["rand", "max_err", "check_close", "assert_close", "interpreter_atol", "DEVICE",
-           "ATOL_FLOOR", "leaf_like", "nan_filled_allocations", "compare_to_reference",
+           "ATOL_FLOOR", "leaf_like", "nan_filled_allocations", "zero_fills_by_autograd",
+           "compare_to_reference",
            "run_with_grads", "check_output", "poison_cuda_cache", "cuda_graph_replays",
            "assert_fresh_replays", "forbid_int64_host_reads", "shard_group",
            "shard_sizes", "shard_groups", "parse_shard", "assert_runs_in_fresh_python",
@@ -167,6 +168,38 @@ def nan_filled_allocations():
     finally:
         torch.use_deterministic_algorithms(det)
         torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@contextlib.contextmanager
+def zero_fills_by_autograd():
+    """Records (op name, shape) of each zero-filled tensor made while active with no frame of
+    fastbert's code (the package and its kernels) on the Python stack: in a backward pass, the zero
+    gradients autograd materialises for outputs the loss did not use (a custom op's statistics,
+    say), which an op avoids with ``ctx.set_materialize_grads(False)``. Yields the list it appends
+    to."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fastbert.kernels
+
+    ours = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (fastbert, fastbert.kernels))
+
+    made: List[Tuple[str, Tuple[int, ...]]] = []
+    fills = {"zeros", "zeros_like", "new_zeros", "zero_", "full", "full_like", "new_full"}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in fills and not any(os.path.abspath(f.filename).startswith(ours)
+                                         for f in traceback.extract_stack()[:-1]):  # not this one
+                made.append((name, tuple(out.shape)))
+            return out
+
+    with Record():
+        yield made
 
 
 def poison_cuda_cache() -> None:

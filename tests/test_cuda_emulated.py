@@ -30,7 +30,7 @@ import torch
 
 from fastbert import reference
 from fastbert.testing import (assert_close, check_output, compare_to_reference, nan_filled_allocations, rand,
-                              run_with_grads)
+                              run_with_grads, zero_fills_by_autograd)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import build_emu as cuda_emu  # noqa: E402  (tests/cuda_emu/build_emu.py)
@@ -990,6 +990,19 @@ def test_attention(emu, shape, dtype, mask, is_causal):
     m = _mask(mask, b, h, lq, lk, dtype)
     _compare(_sdpa(is_causal=is_causal), [q, k, v, m], [rand((b, h, lq, d), dtype, "cpu")], dtype,
              f"attention {shape} {mask}")
+
+
+def test_attention_backward_materialises_no_probability_gradient(emu):
+    """The unfused attention returns its (B, H, Lq, Lk) probabilities for the backward; no loss
+    uses them, and autograd must not zero-fill a gradient of that size on each backward (it did:
+    marking them non-differentiable does not stop it). The other gradients are unchanged."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 17, 33, 40, F32))
+    m = _mask("key_padding", 2, 2, 17, 33, F32)
+    out = attention_ops._sdpa_cuda(q, k, v, m, 0.0, False, None, False, None, None)
+    with zero_fills_by_autograd() as made:
+        out.backward(rand(out.shape, F32, "cpu"))
+    assert made == []
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

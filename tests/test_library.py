@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastbert
 from fastbert import _library, sparsity
 from fastbert._library import eager_call, fast_ops
-from fastbert.testing import DEVICE, assert_runs_in_fresh_python, rand
+from fastbert.testing import DEVICE, assert_runs_in_fresh_python, rand, zero_fills_by_autograd
 
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not fastbert.backends.interpreter_enabled(),
                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1")
@@ -189,25 +189,6 @@ def test_launches_on_the_tensors_cuda_device(monkeypatch):
     assert op(torch.zeros(2), None, "none") == "called" and entered == [1]  # CPU: no guard
 
 
-class _ZerosOutsideFastbert(TorchDispatchMode):
-    """Records zero-filled tensors made while no fastbert frame is on the Python stack: those
-    autograd materialises as the gradient of an output the loss did not use."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name in ("zeros", "zeros_like", "new_zeros", "zero_", "full", "full_like", "new_full"):
-            import traceback
-
-            if not any("fastbert" in f.filename for f in traceback.extract_stack()):
-                self.made.append((name, tuple(out.shape)))
-        return out
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_backward_materialises_no_zero_gradients_for_the_statistics(case):
     """The softmax statistics, LayerNorm mean / rstd and the dropout seed are outputs no loss uses:
@@ -216,10 +197,9 @@ def test_backward_materialises_no_zero_gradients_for_the_statistics(case):
     probabilities)."""
     torch.manual_seed(0)
     out, leaves = CASES[case](None)
-    mode = _ZerosOutsideFastbert()
-    with mode:
+    with zero_fills_by_autograd() as made:
         out.backward(torch.randn_like(out))
-    assert mode.made == []
+    assert made == []
     assert all(t.grad is not None for t in leaves)
 
 
