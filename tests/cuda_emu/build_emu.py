@@ -15,6 +15,7 @@ package.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -126,6 +127,7 @@ def build(verbose: bool = False, sanitize: bool = None) -> str:
     signed overflow in index arithmetic or a misaligned vector access then stops the process with a
     report. The process must have been started with the ASan runtime preloaded
     (``LD_PRELOAD=$(c++ -print-file-name=libasan.so)``, see :func:`asan_runtime`)."""
+    import torch
     from torch.utils import cpp_extension
 
     if sanitize is None:
@@ -140,10 +142,10 @@ def build(verbose: bool = False, sanitize: bool = None) -> str:
         if path.is_file():
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
+    digest.update(torch.__version__.encode())  # a build per torch: its ABI changes between them
     name = "fastbert_emu_" + digest.hexdigest()[:12] + ("_asan" if sanitize else "")
     build_dir = Path(os.environ.get("FASTBERT_EMU_BUILD", ROOT / "build" / "cuda_emu")) / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    sources = _sources(build_dir)
     cflags = ["-O2", "-DFASTBERT_EMULATE", "-Wno-attributes"]
     ldflags = []
     if sanitize:
@@ -153,17 +155,24 @@ def build(verbose: bool = False, sanitize: bool = None) -> str:
         cflags = ["-O1", "-g", f"-fsanitize={checks}", "-fno-sanitize-recover=all",
                   "-fno-omit-frame-pointer"] + cflags[1:]
         ldflags = [f"-fsanitize={checks}"]
-    lib = cpp_extension.load(
-        name=name,
-        sources=sources,
-        extra_include_paths=[str(HERE / "include"), str(HERE), str(build_dir / "src"), str(cuda_include())],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        with_cuda=False,
-        verbose=verbose,
-    )
+    # torch's build lock is a file that a killed build leaves behind, and the next build then waits
+    # for it forever. Builds here take an OS lock first (released when its holder dies): whoever
+    # holds it knows a lock file left in the folder is stale.
+    with open(build_dir / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        lib = cpp_extension.load(
+            name=name,
+            sources=_sources(build_dir),  # (rewritten into the folder: under the lock too)
+            extra_include_paths=[str(HERE / "include"), str(HERE), str(build_dir / "src"),
+                                 str(cuda_include())],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            with_cuda=False,
+            verbose=verbose,
+        )
     _LOADED.append(lib if isinstance(lib, str) else str(build_dir / f"{name}.so"))
     return _LOADED[0]
 
