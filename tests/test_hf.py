@@ -1412,6 +1412,36 @@ def test_mask_interface_registered():
 
 @pytest.mark.skipif(not TF5, reason="transformers 4.x BERT does not dispatch through "
                                     "AttentionInterface: use fastbert.optimize there")
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_encoder_padding_mask_is_one_row(family, monkeypatch):
+    """attn_implementation="fastbert" hands an encoder's padding mask to the attention as
+    (B, 1, 1, Lk), one row for every query, not transformers' (B, 1, Lq, Lk) expansion; the
+    outputs equal "sdpa"'s, which gets the full mask, on the real tokens."""
+    torch.manual_seed(0)
+    sdpa = _build(family, "sdpa").eval()
+    ours = _build(family, "fastbert").eval()
+    ours.load_state_dict(sdpa.state_dict())
+    shapes = []
+    real_sdpa = fastbert.ops.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append(None if attn_mask is None else (tuple(attn_mask.shape), q.shape[-2]))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(hf.ops, "scaled_dot_product_attention", spy)
+    inputs, real = _inputs(family)
+    with torch.no_grad():
+        a, b = _last_hidden(sdpa, inputs), _last_hidden(ours, inputs)
+    assert_close(_real(b, real), _real(a, real).double(), _real(a, real), atol=1e-5)
+    assert shapes and all(s == ((B, 1, 1, L), L) for s in shapes), shapes
+    shapes.clear()
+    with torch.no_grad():  # no padding: no mask at all
+        _last_hidden(ours, {"input_ids": inputs["input_ids"]})
+    assert shapes and all(s is None for s in shapes), shapes
+
+
+@pytest.mark.skipif(not TF5, reason="transformers 4.x BERT does not dispatch through "
+                                    "AttentionInterface: use fastbert.optimize there")
 @pytest.mark.parametrize("family", ["bert", "distilbert", "vit", "mpnet", "deberta_v2"])
 def test_attn_implementation_fastbert_from_pretrained(family, tmp_path):
     """Loaded with attn_implementation="fastbert", the model equals its eager self on the real

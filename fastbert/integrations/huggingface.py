@@ -543,7 +543,8 @@ def register(name: str = "fastbert", *, backend: Optional[str] = None) -> None:
 
     Registers :func:`attention_forward` (with ``backend`` bound) with ``AttentionInterface`` and,
     where transformers has it (``transformers.masking_utils.AttentionMaskInterface``, 4.53+), the
-    "sdpa" mask builder under the same name, so padding masks reach the attention. Models whose
+    "sdpa" mask builder under the same name, so padding masks reach the attention (an encoder's
+    as one (B, 1, 1, Lk) row shared by every query, not expanded to (B, 1, Lq, Lk)). Models whose
     attention does not go through ``AttentionInterface`` (e.g. BERT in transformers 4.57, MPNet
     and DeBERTa in 5.x) run their own attention under the name, with the mask their eager
     attention expects: use :func:`fastbert.optimize` there. Called on import with the defaults.
@@ -562,9 +563,12 @@ def register(name: str = "fastbert", *, backend: Optional[str] = None) -> None:
                            "use fastbert.optimize(model) instead")
     attention_interface.register(name, fastbert_attention)
     try:
+        from transformers import masking_utils
         from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
     except ImportError:  # pragma: no cover - transformers < 4.53
         return
+    # transformers 5.x: encoders' full attention plus padding (absent from 4.x)
+    bidirectional = getattr(masking_utils, "bidirectional_mask_function", None)
 
     def fastbert_mask(*args, config=None, **kwargs):
         # transformers accepts the name for any model; one whose attention ignores the interface
@@ -573,6 +577,12 @@ def register(name: str = "fastbert", *, backend: Optional[str] = None) -> None:
         model_type = getattr(config, "model_type", None)
         if isinstance(model_type, str) and not _dispatches_attention(model_type):
             return eager_mask(*args, config=config, **kwargs)
+        if (bidirectional is not None and kwargs.get("mask_function") is bidirectional
+                and "q_length" in kwargs):
+            # every query row of an encoder's padding mask is the same: build one, (B, 1, 1, Lk),
+            # which the kernels read with a zero query stride, instead of (B, 1, Lq, Lk) (512 MiB
+            # at B = 8, L = 8192 against 64 KiB)
+            kwargs.update(q_length=1, q_offset=0)
         return sdpa_mask(*args, config=config, **kwargs)
 
     AttentionMaskInterface.register(name, fastbert_mask)
