@@ -1355,13 +1355,20 @@ def _tune_key(tensors: Sequence[Tensor], d: int, dv: int, mask_kind: int, dropou
 
 
 def attention_out_layout(like: Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An empty (B, H, L, E) tensor: stored as (B, L, H, E) and transposed when ``like`` is such a
-    view (so a following reshape to (B, L, H * E) is free), else contiguous (B, H, L, E)."""
+    """An empty (B, H, L, E) tensor whose batch, head and row dims lie in memory in the order of
+    ``like``'s (largest stride first; E innermost): stored as (B, L, H, E) and transposed when
+    ``like`` is such a view, so that a following reshape to (B, L, H * E) is free, and as
+    (L, B, H, E) when ``like`` comes from a sequence-first (L, B, H * E) tensor, so that the
+    context is sequence-first too. Contiguous (B, H, L, E) otherwise."""
     b, h, l, e = shape
     dtype = like.dtype if dtype is None else dtype
-    if h > 1 and l > 1 and like.stride(1) < like.stride(2):
-        return torch.empty((b, l, h, e), dtype=dtype, device=like.device).transpose(1, 2)
-    return torch.empty((b, h, l, e), dtype=dtype, device=like.device)
+    sizes = (b, h, l)
+    if any(sizes[i] > 1 and like.stride(i) == 0 for i in range(3)):  # an expanded input
+        order = [0, 1, 2]
+    else:  # (a size-1 dim may sit anywhere: last; ties keep the (B, H, L) order)
+        order = sorted(range(3), key=lambda i: (-like.stride(i) if sizes[i] > 1 else 0, i))
+    stored = torch.empty([sizes[i] for i in order] + [e], dtype=dtype, device=like.device)
+    return stored.permute(*[order.index(i) for i in range(3)], 3)
 
 
 def _stats_strides(rows_shape: Sequence[int]) -> Tuple[int, int, int, int]:

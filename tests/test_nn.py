@@ -1289,12 +1289,14 @@ def _triton_vs_reference(module_factory, theirs_factory, inputs, kwargs=None, pi
     run_triton(lambda: compare_modules(ours, theirs, inputs, kwargs or {}, pick=pick, device=DEVICE))
 
 
-def test_triton_mha():
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_triton_mha(batch_first):
+    """(seq-first: the kernels read q, k, v as strided views of the sequence-first projection)"""
     need_triton("scaled_dot_product_attention")
     torch.manual_seed(0)
     e, h = 32, 2  # head dim 16
-    theirs = nn.MultiheadAttention(e, h, batch_first=True)
-    x = torch.randn(2, 17, e)
+    theirs = nn.MultiheadAttention(e, h, batch_first=batch_first)
+    x = torch.randn(2, 17, e) if batch_first else torch.randn(17, 2, e)
     kpm = torch.zeros(2, 17, dtype=torch.bool)
     kpm[1, -5:] = True
     _triton_vs_reference(lambda: _SelfAttn(fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs),
@@ -1303,19 +1305,87 @@ def test_triton_mha():
                          {"key_padding_mask": kpm, "need_weights": False}, pick=lambda o: [o[0]])
 
 
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
-def test_triton_transformer_encoder_layer(norm_first):
+def test_triton_transformer_encoder_layer(norm_first, batch_first):
     need_triton("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
     torch.manual_seed(0)
     e, h = 32, 2
     theirs = nn.TransformerEncoderLayer(e, h, dim_feedforward=48, dropout=0.0, activation="gelu",
-                                        batch_first=True, norm_first=norm_first)
-    x = torch.randn(2, 17, e)
+                                        batch_first=batch_first, norm_first=norm_first)
+    x = torch.randn(2, 17, e) if batch_first else torch.randn(17, 2, e)
     kpm = torch.zeros(2, 17, dtype=torch.bool)
     kpm[0, -4:] = True
     _triton_vs_reference(
         lambda: fnn.TransformerEncoderLayer.from_torch(copy.deepcopy(theirs), backend="triton"),
         lambda o: theirs, [x], {"src_key_padding_mask": kpm})
+
+
+def test_merged_bool_masks_allocate_one_full_size_mask():
+    """A bool attn_mask (L, S) with a key_padding_mask (N, S) merge into one (N, 1, L, S) keep
+    mask: one allocation of that size (an `|` then a `~` at full size made two), same values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fastbert.nn.attention import merge_masks
+    n, h, lq, lk = 3, 2, 17, 19
+    attn = torch.rand(lq, lk) < 0.3
+    kpm = torch.rand(n, lk) < 0.3
+    big = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= n * lq * lk:
+                big.append(func.overloadpacket.__name__)
+            return out
+
+    with Sizes():
+        keep = merge_masks(attn, kpm, n, h, lq, lk, torch.float32)
+    assert len(big) == 1, big
+    assert torch.equal(keep, ~(attn[None, None] | kpm[:, None, None, :]))
+
+
+@pytest.mark.parametrize("make", ["mha", "layer-post", "layer-pre"])
+def test_seq_first_layout_makes_no_activation_copies(make):
+    """With torch's default sequence-first layout (batch_first=False) the modules copy no
+    activation, forward or backward, as with batch_first=True: the projections and the row ops run
+    in the (S, N, E) layout, only the attention kernels see batch-first strided views, and the
+    context comes back sequence-first (F.linear of a transposed view, and the LayerNorm of one,
+    used to copy it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    need_triton("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
+    n, s, e = 2, 33, 32
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("clone", "contiguous", "_to_copy", "copy_") and out.numel() >= n * s * e:
+                self.seen.append((name, tuple(out.shape)))
+            return out
+
+    def copies(batch_first):
+        torch.manual_seed(0)
+        if make == "mha":
+            module = _SelfAttn(fnn.MultiheadAttention(e, 2, batch_first=batch_first, backend="triton"))
+            call = lambda x: module(x, need_weights=False)[0]  # noqa: E731
+        else:
+            module = fnn.TransformerEncoderLayer(e, 2, dim_feedforward=48, dropout=0.0,
+                                                 batch_first=batch_first, backend="triton",
+                                                 activation="gelu", norm_first=make == "layer-pre")
+            call = module
+        x = torch.randn((n, s, e) if batch_first else (s, n, e), requires_grad=True)
+        with Copies() as mode:
+            out = run_triton(lambda: call(x))
+            out.backward(torch.randn_like(out))
+        assert out.shape == x.shape
+        return mode.seen, out.is_contiguous()  # (torch's modules return contiguous outputs)
+
+    assert copies(True) == ([], True)
+    assert copies(False) == ([], True)
 
 
 def test_triton_layer_norm_and_gelu():

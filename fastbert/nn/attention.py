@@ -85,12 +85,25 @@ def merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     if not masks:
         return None
     if all(m.dtype == torch.bool for m in masks):
-        blocked = masks[0] if len(masks) == 1 else masks[0] | masks[1]
-        return ~blocked
+        # each inverted at its own size, then one (B, H | 1, Lq, Lk) result (not a full-size `|`
+        # and a full-size `~`)
+        keep = [~m for m in masks]
+        return keep[0] if len(keep) == 1 else keep[0] & keep[1]
     out = _to_additive(masks[0], dtype)
     if len(masks) == 2:
         out = out + _to_additive(masks[1], dtype)
     return out
+
+
+def linear_any_layout(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                      chunks: int = 1) -> Tuple[Tensor, ...]:
+    """``F.linear(x, weight, bias).chunk(chunks, dim=-1)`` without the copies F.linear makes of a
+    batch-first (N, L, E) view of a sequence-first (L, N, E) tensor (torch's default layout), in
+    the forward and for the gradient: the product is taken and split in the sequence-first layout,
+    and each piece returned as a batch-first view."""
+    if x.dim() == 3 and x.shape[0] > 1 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+        return tuple(y.transpose(0, 1) for y in F.linear(x.transpose(0, 1), weight, bias).chunk(chunks, dim=-1))
+    return F.linear(x, weight, bias).chunk(chunks, dim=-1)
 
 
 class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
@@ -243,7 +256,7 @@ class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
         ctx, weights = self.attend(query, key, value, key_padding_mask=key_padding_mask,
                                    attn_mask=attn_mask, need_weights=need_weights,
                                    is_causal=is_causal, same_qkv=same_qkv, same_kv=same_kv)
-        out = F.linear(ctx, self.out_proj.weight, self.out_proj.bias)
+        out, = linear_any_layout(ctx, self.out_proj.weight, self.out_proj.bias)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
         if not batched:
@@ -293,7 +306,8 @@ class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
 
         Shapes: query (N, L, E), key (N, S, kdim), value (N, S, vdim), masks as in :meth:`forward`
         (batched) -> (context (N, L, E) before ``out_proj``, weights (N, H, L, S') or None), where S'
-        counts the extra bias_k / zero-attention keys. :class:`fastbert.nn.TransformerEncoderLayer`
+        counts the extra bias_k / zero-attention keys. Inputs that are ``transpose(0, 1)`` views of
+        sequence-first (L, N, E) tensors are not copied, and the context is then such a view too. :class:`fastbert.nn.TransformerEncoderLayer`
         uses it to fuse ``out_proj``'s bias into the residual + LayerNorm.
         """
         if same_qkv is None:
@@ -313,20 +327,23 @@ class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
         # Input projections; the self-attention case runs one matmul on the packed weight.
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        # (a view of a sequence-first input is projected in that layout: no copy; q, k, v are then
+        # views the kernels read through their strides, and the context comes back sequence-first)
+        linear = linear_any_layout
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             if same_qkv:
-                q, k, v = F.linear(query, w, b).chunk(3, dim=-1)  # [N, L, 3E] -> 3 x [N, L, E]
+                q, k, v = linear(query, w, b, 3)  # [N, L, 3E] -> 3 x [N, L, E]
             elif same_kv:
-                q = F.linear(query, w[:e], bq)
-                k, v = F.linear(key, w[e:], None if b is None else b[e:]).chunk(2, dim=-1)
+                q, = linear(query, w[:e], bq)
+                k, v = linear(key, w[e:], None if b is None else b[e:], 2)
             else:
                 wq, wk, wv = w.chunk(3)
-                q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+                (q,), (k,), (v,) = linear(query, wq, bq), linear(key, wk, bk), linear(value, wv, bv)
         else:
-            q = F.linear(query, self.q_proj_weight, bq)
-            k = F.linear(key, self.k_proj_weight, bk)
-            v = F.linear(value, self.v_proj_weight, bv)
+            (q,), (k,), (v,) = (linear(query, self.q_proj_weight, bq),
+                                linear(key, self.k_proj_weight, bk),
+                                linear(value, self.v_proj_weight, bv))
 
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.expand(n, 1, e)], dim=1)

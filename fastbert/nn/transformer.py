@@ -155,18 +155,16 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
             if m is not None and m.device != src.device:
                 raise ValueError(f"{name} is on {m.device} but src is on {src.device}")
         batched = src.dim() == 3
-        if batched and not self.self_attn.batch_first:
-            x = src.transpose(0, 1)
-        elif not batched:
-            x = src.unsqueeze(0)
-            if src_key_padding_mask is not None:
-                if src_key_padding_mask.dim() != 1:
-                    raise ValueError(f"for unbatched src, src_key_padding_mask must be 1-D (S,), got "
-                                     f"shape {tuple(src_key_padding_mask.shape)}")
-                src_key_padding_mask = src_key_padding_mask.unsqueeze(0)
-        else:
-            x = src
-        n, s, _ = x.shape
+        # x stays in the input's layout (sequence-first (S, N, E) is torch's default): the norms and
+        # the feed-forward work on rows, and only the attention sees a batch-first view
+        seq_first = not self.self_attn.batch_first
+        x = src if batched else src.unsqueeze(1 if seq_first else 0)
+        if not batched and src_key_padding_mask is not None:
+            if src_key_padding_mask.dim() != 1:
+                raise ValueError(f"for unbatched src, src_key_padding_mask must be 1-D (S,), got "
+                                 f"shape {tuple(src_key_padding_mask.shape)}")
+            src_key_padding_mask = src_key_padding_mask.unsqueeze(0)
+        n, s = (x.shape[1], x.shape[0]) if seq_first else (x.shape[0], x.shape[1])
         if src_key_padding_mask is not None and tuple(src_key_padding_mask.shape) != (n, s):
             raise ValueError(f"src_key_padding_mask must have shape (N, S) = ({n}, {s}), got "
                              f"{tuple(src_key_padding_mask.shape)}")
@@ -180,20 +178,16 @@ class TransformerEncoderLayer(nn.Module, NoTorchScript):
 
         def attend(h: Tensor):
             if runs_plainly(attn, type(attn)):
-                return self._out_proj(attn.attend(h, h, h, key_padding_mask=src_key_padding_mask,
-                                                  attn_mask=src_mask, is_causal=is_causal, same_qkv=True)[0])
+                hb = h.transpose(0, 1) if seq_first else h  # (N, S, E)
+                ctx = attn.attend(hb, hb, hb, key_padding_mask=src_key_padding_mask,
+                                  attn_mask=src_mask, is_causal=is_causal, same_qkv=True)[0]
+                return self._out_proj(ctx.transpose(0, 1) if seq_first else ctx)
             # hooks or a forward replaced on self_attn's instance: called, as torch's layer calls it
-            h = h if attn.batch_first else h.transpose(0, 1)
-            out = attn(h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
-                       need_weights=False, is_causal=is_causal)[0]
-            return (out if attn.batch_first else out.transpose(0, 1)), None
+            return attn(h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
+                        need_weights=False, is_causal=is_causal)[0], None
 
         x = self._sublayers(x, attend)
-        if not batched:
-            return x.squeeze(0)
-        if not self.self_attn.batch_first:
-            return x.transpose(0, 1)
-        return x
+        return x if batched else x.squeeze(1 if seq_first else 0)
 
     def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, is_causal: bool = False) -> Tensor:
         """The layer on packed sequences (no padding): x (T, E), the real tokens of N sequences back
