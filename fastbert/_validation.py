@@ -60,7 +60,15 @@ def check_scale(scale) -> Optional[float]:
         raise TypeError(f"scale must be a float or None, got {type_name(scale)}")
     if not float(scale) > 0.0 or float(scale) == float("inf"):
         raise ValueError(f"scale must be a finite positive float, got {scale}")
+    if float(scale) > _MAX_SCALE:
+        # the kernels take scale * log2(e) as an fp32 argument: beyond this it is inf, and every
+        # score inf or NaN
+        raise ValueError(f"scale must be at most {_MAX_SCALE:.4g} (the float32 maximum / log2(e)), "
+                         f"got {scale}")
     return float(scale)
+
+
+_MAX_SCALE = float(torch.finfo(torch.float32).max) / 1.4426950408889634
 
 
 def check_bool(name: str, value) -> bool:
@@ -152,14 +160,13 @@ def mask_reads_allowed(device: torch.device) -> bool:
     run (left padding, gaps, float values): in eager mode, and under a torch.compile that can
     break the graph there (the read becomes a graph break, and the decision stays right). Not in
     a one-graph compile with Dynamo's ``capture_scalar_outputs`` (the read would be traced as an
-    unbacked value: see :func:`mask_assert`), nor during CUDA-graph capture."""
-    if _capturing(device):
-        return False
+    unbacked value: see :func:`mask_assert`), nor during CUDA-graph capture. The compile
+    check comes first: Dynamo cannot trace ``torch.cuda.is_current_stream_capturing()``."""
     if torch.compiler.is_compiling():
         from torch._dynamo import config  # loaded: it is tracing
 
         return not config.capture_scalar_outputs
-    return True
+    return not _capturing(device)
 
 
 def mask_assert(condition: Tensor) -> None:

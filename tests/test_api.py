@@ -433,3 +433,28 @@ def test_readme_signatures_match_the_functions():
             assert norm(one) == norm(want), f"README: {one}\ncode:   {want}"
             found += 1
     assert found >= 10  # every row of the table was read
+
+
+@pytest.mark.parametrize("check", ["mask_reads_allowed", "host_checks_allowed"])
+def test_host_read_gates_trace_in_one_graph_for_cuda_devices(check, monkeypatch):
+    """The gates that decide whether a mask's values may be read on the host ask whether
+    torch.compile is tracing before asking CUDA whether a graph is being captured: Dynamo cannot
+    trace torch.cuda.is_current_stream_capturing() ("torch.* op returned non-Tensor"), so a
+    one-graph compile of a padding-free model failed for a CUDA mask (CPU ones never asked). No
+    GPU here: CUDA's answer outside a capture (False) is stood in for."""
+    import torch._dynamo
+    import torch.cuda.graphs
+
+    from fastbert import _validation
+    monkeypatch.setattr(torch.cuda.graphs, "_cuda_isCurrentStreamCapturing", lambda: False)
+    gate = getattr(_validation, check)
+    device = torch.device("cuda", 0)
+    assert gate(device)  # eager, outside a capture: reads allowed
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            f = torch.compile(lambda x: x + 1 if gate(device) else x - 1, fullgraph=True,
+                              backend="eager")
+            assert f(torch.zeros(1)).item() == -1  # tracing one graph: no host reads
+    finally:
+        torch._dynamo.reset()
