@@ -129,6 +129,7 @@ OP_CASES = [
     ("sdpa-scale-nan", _sdpa(scale=float("nan")), ValueError, "scale must be a finite positive"),
     ("sdpa-scale-inf", _sdpa(scale=float("inf")), ValueError, "scale must be a finite positive"),
     ("sdpa-scale-negative", _sdpa(scale=-1.0), ValueError, "scale must be a finite positive"),
+    ("sdpa-scale-huge", _sdpa(scale=3e38), ValueError, "scale must be at most 2.359e"),
     ("sdpa-scale-tensor", _sdpa(scale=torch.tensor(0.5)), TypeError, "scale must be a float or None"),
     ("sdpa-dropout-nan", _sdpa(dropout_p=float("nan")), ValueError, r"dropout_p must be in \[0, 1\]"),
     ("sdpa-dropout-inf", _sdpa(dropout_p=float("inf")), ValueError, r"dropout_p must be in \[0, 1\]"),
@@ -157,6 +158,7 @@ OP_CASES = [
     ("varlen-max-None", _va(mk=None), TypeError, "max_seqlen_k must be an int, got NoneType"),
     ("varlen-max-tensor", _va(mq=torch.tensor(6)), TypeError, "max_seqlen_q must be an int, got Tensor"),
     ("varlen-scale-nan", _va(scale=float("nan")), ValueError, "scale must be a finite positive"),
+    ("varlen-scale-huge", _va(scale=2.4e38), ValueError, "scale must be at most"),
     ("varlen-alibi-wrong-batch", _va(alibi_slopes=ones(3, 2)), ValueError,
      r"alibi_slopes must have shape \(H,\)"),
     # ------------------------------------------------------------------- block_sparse_attention
