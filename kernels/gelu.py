@@ -9,7 +9,8 @@ form, forward and backward; the math is fp32 whatever the storage dtype (fp16, b
           gelu'(z) = (1 + t) / 2 + z / 2 * (1 - t^2) * sqrt(2 / pi) * (1 + 3 * 0.044715 z^2)
 
 The tanh form is evaluated through sigmoids, ``(1 + t) / 2 = sigmoid(2u)`` and
-``(1 - t) / 2 = sigmoid(-2u)``, both from one ``exp(-2|u|)``: no overflow, no NaN, and no
+``(1 - t) / 2 = sigmoid(-2u)``, both from one ``exp(-2|u|)``: no overflow, no NaN for a finite z
+(the derivative's polynomial is evaluated on z bounded to 1e4, beyond which its term is 0), and no
 cancellation in ``1 - t^2`` where |u| is large (computing ``1 - t * t`` from a rounded ``t`` loses
 all its digits there), with only ``tl.exp``, available in every Triton version we support.
 
@@ -73,9 +74,13 @@ def _gelu_and_grad(z, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         sp, sn = _sigmoid_pair(2.0 * u)                              # (1 + t) / 2, (1 - t) / 2
-        du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)          # 3 * 0.044715 = 0.134145
+        # the second term is exactly 0 once |z| >= 1e4 (sp * sn underflows); z is bounded in it so
+        # that z * du cannot reach inf and give 0 * inf = NaN for a finite z (|z| > 1.9e19), and
+        # (z - z) keeps the NaN of an infinite z, as torch and the float64 reference give
+        zb = tl.minimum(tl.maximum(z, -1.0e4), 1.0e4)
+        du = 0.7978845608028654 * (1.0 + 0.134145 * zb * zb)        # 3 * 0.044715 = 0.134145
         y = z * sp
-        d = sp + 2.0 * z * sp * sn * du
+        d = sp + 2.0 * zb * sp * sn * du + (z - z)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327            # 1 / sqrt(2 pi)

@@ -724,6 +724,24 @@ def test_tanh_gelu_derivative_is_accurate_where_tanh_saturates(emu):
     assert (dz.double() - slope).abs().max() <= 3e-7  # 2.5 ulps at the derivative's 1.13
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_extreme_fp32_values_match_the_float64_reference(emu, approximate):
+    """Inputs up to the float32 limit and infinities: value and derivative equal the float64
+    reference's, NaN exactly where it has one (an infinite input's derivative). The tanh form's
+    derivative was NaN for finite |z| > 1.9e19 (0 * inf from z^2 in its vanishing term)."""
+    big = [1e4, -1e4, 2e4, 1e19, 2e19, 1e20, -1e20, 1e30, 3e38, -3e38, float("inf"), float("-inf")]
+    z = torch.tensor(big + rand((20,), F32, "cpu", scale=8.0).tolist(), dtype=F32).requires_grad_()
+    y = gelu_ops._gelu_cuda(z, approximate)
+    (dz,) = torch.autograd.grad(y, z, torch.ones_like(y))
+    zr = z.detach().double().requires_grad_()
+    ref = reference.gelu(zr, approximate)
+    (dr,) = torch.autograd.grad(ref, zr, torch.ones_like(ref))
+    for name, o, r in (("value", y.detach(), ref.detach()), ("derivative", dz, dr)):
+        assert torch.equal(o.isnan(), r.isnan()), (name, o, r)
+        ok = ~r.isnan()
+        assert_close(o[ok], r[ok].float(), None, atol=1e-6, name=name)
+
+
 def _gelu_path(x, b):
     """Whether csrc/gelu/gelu.cu runs its kernels with 128-bit vectors ("vec") or one element at a
     time ("scalar"): vectorizable() wants cols % VEC == 0 and aligned x / bias (the binding passes a

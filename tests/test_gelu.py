@@ -114,6 +114,27 @@ def test_bias_gelu_large_magnitude_fp16(approximate):
     assert dx[0, :4].tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf * 0
+def test_gelu_extreme_fp32_values_match_the_float64_reference(approximate):
+    """fp32 inputs far beyond any activation (up to the float32 limit) and infinities: the value
+    and the gradient equal the float64 reference's, NaN exactly where it has one (an infinite
+    input's gradient). The tanh form's gradient was NaN for finite |x| > 1.9e19 (0 * inf: the
+    polynomial of its vanishing second term overflowed), as F.gelu's is."""
+    big = [1e4, -1e4, 2e4, 1e19, 2e19, 1e20, -1e20, 1e30, 3e38, -3e38, float("inf"), float("-inf")]
+    x = torch.tensor(big + rand((20,), torch.float32, scale=8.0).tolist(), device=DEVICE)
+    xs = x.clone().requires_grad_(True)
+    out = fastbert.gelu(xs, approximate, backend="triton")
+    out.backward(torch.ones_like(out))
+    xr = x.double().requires_grad_(True)
+    ref = reference.gelu(xr, approximate)
+    ref.backward(torch.ones_like(ref))
+    for name, o, r in (("out", out, ref), ("grad", xs.grad, xr.grad)):
+        assert torch.equal(o.isnan(), r.isnan()), (name, o, r)
+        ok = ~r.isnan()
+        assert_close(o[ok], r[ok].float(), None, atol=1e-6, name=name)
+
+
 def test_bias_gelu_fp32_bias_fp16_input():
     x = rand((17, 97), torch.float16, scale=3.0)
     b = rand((97,), torch.float32)

@@ -48,7 +48,12 @@ __device__ __forceinline__ void gelu_value_and_derivative(float z, bool tanh_app
     float one_plus_t, one_minus_t2;
     tanh_terms(kSqrt2OverPi * (z + kCubic * z2 * z), one_plus_t, one_minus_t2);
     value = 0.5f * z * one_plus_t;
-    derivative = 0.5f * one_plus_t + 0.5f * z * one_minus_t2 * kSqrt2OverPi * (1.f + 3.f * kCubic * z2);
+    // z bounded to 1e4 in the second term, which is exactly 0 beyond (1 - t^2 underflows): z^2 would
+    // reach inf for |z| > 1.9e19 and give 0 * inf = NaN for a finite z; (z - z) keeps the NaN of an
+    // infinite z
+    const float zb = fminf(fmaxf(z, -1e4f), 1e4f);
+    derivative = 0.5f * one_plus_t + 0.5f * zb * one_minus_t2 * kSqrt2OverPi * (1.f + 3.f * kCubic * zb * zb)
+                 + (z - z);
     return;
   }
   const float cdf = 0.5f * (1.f + erff(z * kInvSqrt2));
