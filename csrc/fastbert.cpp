@@ -852,7 +852,8 @@ FusedMhaFwdParams fused_varlen_params(const at::Tensor& q_in, const at::Tensor& 
 
 // Padding-free inference forward (ByteTransformer's fused MHA): the fused tensor-core kernel over
 // packed sequences. Refuses (with the reason) what the kernel cannot serve on this device; the
-// Python dispatch asks fused_varlen_attention_unsupported first.
+// Python dispatch (_varlen_cuda_reasons) checks the same device limits (compute capability, shared
+// memory) before calling, and fusable() copies inputs whose layout the kernel cannot read.
 at::Tensor fused_varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                       int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal, double scale) {

@@ -251,7 +251,7 @@ def _plan(device: str) -> Tuple[List[Tuple[str, str, torch.dtype]], Dict[str, Li
                 left_out.setdefault(f"backend {b}: {'; '.join(reasons)}", []).append(op)
                 continue
             dtypes = [torch.float32, torch.float16]
-            if device == "cuda":
+            if torch.device(device).type == "cuda":  # "cuda:1" too
                 dtypes.append(torch.bfloat16)
             else:
                 left_out.setdefault("bfloat16: run by `fastbert check` on a GPU only (on CPU "

@@ -151,6 +151,18 @@ def test_reference_row_for_every_op():
         assert note == "float64 vs torch, allowed 1e-10"
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"], ids=["plain", "indexed"])
+def test_check_plan_takes_bfloat16_on_any_cuda_device_name(device, monkeypatch):
+    """`fastbert check` on a GPU adds bfloat16 rows for "cuda:0" as for "cuda" (a string compare
+    skipped them for an indexed device). No GPU here: every backend is said to be usable."""
+    import torch
+
+    from fastbert import backends
+    monkeypatch.setattr(backends, "backend_reasons", lambda b, dev: [])
+    rows = check.plan(device)
+    assert any(b == "triton" and dt == torch.bfloat16 for _, b, dt in rows), rows
+
+
 def test_reference_row_tolerance_is_1e_10(monkeypatch):
     """A reference that is off by 1e-6 (far below any low-precision tolerance) fails its row: the
     reference is checked in float64 against torch to 1e-10."""
