@@ -15,7 +15,9 @@ def bias_log2(bias):
     ``* log2(e)`` cannot overflow them to +-inf: they stay "alive" keys, as in the reference (a
     row padded that way everywhere averages its keys, as torch does; a key at +3e38 takes all the
     weight), while -inf stays -inf (key removed), and +inf and NaN stay themselves (the row comes
-    out NaN, as in torch; tl.maximum would drop a NaN)."""
+    out NaN, as in torch; tl.maximum would drop a NaN). The clamp is a limit: keys whose finite
+    mask values differ only beyond +-2e38 (3e38 and 2.5e38, say) weigh the same here, where torch
+    tells them apart; the public docstrings say so."""
     finite = (bias != float("-inf")) & (bias != float("inf"))
     bias = tl.where((bias < -2.0e38) & finite, -2.0e38, bias)
     bias = tl.where((bias > 2.0e38) & finite, 2.0e38, bias)

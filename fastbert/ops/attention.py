@@ -178,6 +178,14 @@ def scaled_dot_product_attention(
     query of the batch entry see, past the causal diagonal, outside a window).
     Zero such positions first (e.g. padding filled with NaN) when the rows must not depend on them.
 
+    Limits of the Triton kernels, beyond which torch's math path differs: a float mask's finite
+    values beyond +-2e38 count as +-2e38 (they are converted to base 2, like the scores, in fp32),
+    so keys whose mask values differ only out there weigh the same (HuggingFace's finfo.min
+    padding, one value, is unaffected); ``scale`` is at most 2.359e38. As in FlashAttention and
+    torch's own float16 SDPA, the float16 backward rounds dS = P * (dP - delta) to float16 for its
+    matmuls, so upstream gradients large enough that |dO . V| nears 65504 overflow there: use
+    bfloat16, or a loss scale that keeps gradients moderate.
+
     Inputs may be non-contiguous views, e.g. a (B, L, H, D) tensor ``.transpose(1, 2)``. Under
     ``torch.autocast``, floating query, key, value and attn_mask are cast to the autocast dtype, as
     autocast casts those of torch's SDPA.
