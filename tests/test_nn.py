@@ -1344,13 +1344,14 @@ def test_merged_bool_masks_allocate_one_full_size_mask():
     assert torch.equal(keep, ~(attn[None, None] | kpm[:, None, None, :]))
 
 
-@pytest.mark.parametrize("make", ["mha", "layer-post", "layer-pre"])
+@pytest.mark.parametrize("make", ["mha", "layer-post", "layer-pre", "encoder-packed"])
 def test_seq_first_layout_makes_no_activation_copies(make):
     """With torch's default sequence-first layout (batch_first=False) the modules copy no
     activation, forward or backward, as with batch_first=True: the projections and the row ops run
     in the (S, N, E) layout, only the attention kernels see batch-first strided views, and the
     context comes back sequence-first (F.linear of a transposed view, and the LayerNorm of one,
-    used to copy it)."""
+    used to copy it). The padding-free encoder gathers the real tokens straight from the
+    sequence-first rows (it copied src transposed first, and returned a transposed view)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     need_triton("scaled_dot_product_attention", "add_layer_norm", "bias_gelu", "layer_norm")
     n, s, e = 2, 33, 32
@@ -1372,6 +1373,13 @@ def test_seq_first_layout_makes_no_activation_copies(make):
         if make == "mha":
             module = _SelfAttn(fnn.MultiheadAttention(e, 2, batch_first=batch_first, backend="triton"))
             call = lambda x: module(x, need_weights=False)[0]  # noqa: E731
+        elif make == "encoder-packed":
+            layer = fnn.TransformerEncoderLayer(e, 2, dim_feedforward=48, dropout=0.0,
+                                                batch_first=batch_first, backend="triton")
+            module = fnn.TransformerEncoder(layer, 2, backend="triton")
+            pad = torch.zeros(n, s, dtype=torch.bool)
+            pad[1, 20:] = True
+            call = lambda x: module(x, src_key_padding_mask=pad)  # noqa: E731
         else:
             module = fnn.TransformerEncoderLayer(e, 2, dim_feedforward=48, dropout=0.0,
                                                  batch_first=batch_first, backend="triton",

@@ -383,16 +383,22 @@ class TransformerEncoder(nn.Module, NoTorchScript):
             return self.norm(out) if self.norm is not None else out
         real, causal = plan
         batch_first = self.layers[0].self_attn.batch_first
-        x = src if batch_first else src.transpose(0, 1)  # (N, S, E)
         e = self.layers[0].self_attn.embed_dim
-        if x.shape[-1] != e:
+        if src.shape[-1] != e:
             raise ValueError(f"src must end in d_model = {e}, got shape {tuple(src.shape)}")
         check_input("src", src, self.layers[0].self_attn.out_proj.weight)
-        n, s = x.shape[:2]
-        packed, indices, cu_seqlens, max_seqlen = unpad_input(x, real)
+        n, s = real.shape
+        if batch_first:
+            packed, indices, cu_seqlens, max_seqlen = unpad_input(src, real)
+        else:
+            # sequence-first (S, N, E): the real tokens are gathered straight from src's rows
+            # (token (b, t) is row t * N + b), in the batch-major order of cu_seqlens, and scattered
+            # back the same way: no transposed copy of src, and the output is (S, N, E) contiguous
+            _, indices, cu_seqlens, max_seqlen = unpad_input(real, real)
+            indices = (indices % s) * n + indices // s
+            packed = src.reshape(s * n, e).index_select(0, indices)
         for layer in self.layers:
             packed = layer.forward_packed(packed, cu_seqlens, max_seqlen, is_causal=causal)
         if self.norm is not None:
             packed = self.norm(packed)
-        out = pad_input(packed, indices, n, s)
-        return out if batch_first else out.transpose(0, 1)
+        return pad_input(packed, indices, n, s) if batch_first else pad_input(packed, indices, s, n)
