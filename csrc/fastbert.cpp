@@ -729,7 +729,7 @@ at::Tensor fusable(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// Compute capability (major) of `device`: the fused kernel needs 8.0+ (bf16 WMMA, cp.async);
+// Compute capability (major) of `device`: the fused kernel needs 8.0+ (bf16 WMMA);
 // on older GPUs it is compiled as a trap, so it must never be launched there.
 int cc_major(int device) {
   static std::array<std::atomic<int64_t>, 64> cache;

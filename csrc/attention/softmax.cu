@@ -32,13 +32,16 @@ __device__ __forceinline__ void softmax_add(float& m, float& l, float x) {
   }
 }
 
-// Merges state (m2, l2) into (m, l). Symmetric, so xor-butterflies agree bitwise in every lane.
+// Merges state (m2, l2) into (m, l). Symmetric, so xor-butterflies agree bitwise in every lane:
+// each product is rounded on its own (__fmul_rn), because nvcc would contract `a * b + c * d`
+// into fma(a, b, c * d), whose rounding depends on which state is `a, b` (the two lanes of a pair
+// hold them in swapped order: they disagreed by an ulp in ~7% of merges).
 __device__ __forceinline__ void softmax_merge(float& m, float& l, float m2, float l2) {
   const float mx = fmaxf(m, m2);
   if (mx == -INFINITY) {
     l = l + l2;  // both 0, or NaN from a NaN logit (kept, so that the row comes out NaN)
   } else {
-    l = l * expf(m - mx) + l2 * expf(m2 - mx);
+    l = __fmul_rn(l, expf(m - mx)) + __fmul_rn(l2, expf(m2 - mx));
   }
   m = mx;
 }

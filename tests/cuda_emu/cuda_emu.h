@@ -331,6 +331,9 @@ inline uint32_t umulhi(T a, T b) {
 
 // Device math with no host counterpart (the GPU's versions are approximate to a few ulp).
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// A product rounded on its own, never contracted into a fused multiply-add (the host build has no
+// FMA contraction, so every product already is).
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 // The kernels' view of the emulated thread.
 #define threadIdx (::emu::this_fiber().tid)
