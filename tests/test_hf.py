@@ -1566,6 +1566,28 @@ def test_packed_sequences_attend_within_themselves(family, how, monkeypatch):
         assert w.shape == (12, 12) and w[:5, 5:].abs().max() == 0 and w[5:8, :5].abs().max() == 0
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_position_ids_that_are_not_packed_sequences_are_one_sequence(family, traced, monkeypatch):
+    """A batch-1 row whose position ids are not DataCollatorWithFlattening's layout (sequences
+    counting up by one from the row's smallest id, the first at index 0) is one sequence taking
+    its ids as given, as "sdpa" takes them: shuffled or offset ids raised "cu_seqlens_q must start
+    at 0" (the smallest id was not at index 0), and under tracing split the row silently."""
+    if traced:
+        monkeypatch.setattr(hf, "host_checks_allowed", lambda device: False)
+    model, reference = _packed_model(family)
+    reference.load_state_dict(model.state_dict())
+    model.set_attn_implementation("fastbert")
+    reference.set_attn_implementation("sdpa")
+    ids = torch.randint(3, VOCAB, (1, 7))
+    for pos in ([7, 9, 5, 8, 6, 10, 11], [2, 3, 4, 0, 1, 5, 6], [0, 1, 2, 4, 5, 6, 7],
+                [4, 5, 6, 7, 8, 9, 10]):
+        with torch.no_grad():
+            a = model(input_ids=ids, position_ids=torch.tensor([pos])).last_hidden_state
+            b = reference(input_ids=ids, position_ids=torch.tensor([pos])).last_hidden_state
+        assert_close(a, b.double(), b, name=f"position_ids {pos}")
+
+
 def test_packed_sequences_refuse_what_they_cannot_mean():
     model, _ = _packed_model("llama")
     model.set_attn_implementation("fastbert")

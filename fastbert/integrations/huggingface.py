@@ -404,14 +404,24 @@ def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: d
             or not isinstance(pos, Tensor) or pos.numel() != length
             or not host_checks_allowed(query.device)):
         return None  # (traced or captured: attention_forward masks by position ids instead)
-    pos = pos.reshape(-1)
-    first = pos.min()
-    if bool((pos - first == torch.arange(length, device=pos.device)).all()):
+    start, packed = _sequence_starts(pos.reshape(-1))
+    if not bool(packed) or int(start.sum()) == 1:
         return None  # one sequence
-    starts = (pos == first).nonzero().view(-1).to(torch.int32)
+    starts = start.nonzero().view(-1).to(torch.int32)
     cu = torch.cat([starts, starts.new_full((1,), length)])
     longest = int((cu[1:] - cu[:-1]).max())
     return cu, cu, longest, longest
+
+
+def _sequence_starts(pos: Tensor) -> Tuple[Tensor, Tensor]:
+    """A batch-1 row of position ids (L,) -> (where a sequence starts (L,) bool, whether the row
+    reads as packed sequences at all (0-d bool)), without a host read. Packed is
+    DataCollatorWithFlattening's layout: sequences back to back, each counting up by one from the
+    row's smallest id, the first at index 0. Any other row (shuffled or offset ids, say) is one
+    sequence that takes its ids as given, as "sdpa" and "eager" take them."""
+    start = pos == pos.min()
+    steps = (pos[1:] - pos[:-1] == 1) | start[1:]
+    return start, start[0] & steps.all()
 
 
 def _position_ids_mask(query: Tensor, key: Tensor, pos, causal: bool) -> Optional[Tensor]:
@@ -424,8 +434,8 @@ def _position_ids_mask(query: Tensor, key: Tensor, pos, causal: bool) -> Optiona
     if (query.shape[0] != 1 or length < 2 or key.shape[2] != length or not isinstance(pos, Tensor)
             or pos.numel() != length):
         return None
-    pos = pos.reshape(-1)
-    seq = torch.cumsum((pos == pos.min()).to(torch.int32), 0)  # sequence number of each token
+    start, packed = _sequence_starts(pos.reshape(-1))
+    seq = torch.cumsum(start.to(torch.int32), 0) * packed  # sequence number of each token
     index = torch.arange(length, device=query.device)  # within one sequence, order is its order
     return _same_sequence_mask(seq, seq, index, index, causal)
 
