@@ -22,9 +22,11 @@ import torch
 
 __all__ = ["dropout_seed", "seed_like"]
 
-# Seeds are drawn below 2**31 so they fit every kernel's seed argument (Triton's tl.rand takes a
-# 32- or 64-bit seed; the CUDA kernels a 64-bit one).
-_SEED_HIGH = 2 ** 31 - 1
+# Seeds take 63 bits (every kernel keys its Philox generator with the full 64-bit seed: Triton's
+# tl.rand and the CUDA kernels alike). Two calls that draw the same seed get the same masks (the
+# counter is the element index), so fewer bits would repeat masks within a training run: with 31
+# bits, once in about 2**15.5 = 46k calls with dropout (a BERT-base step makes 36).
+_SEED_HIGH = 2 ** 63 - 1
 
 
 def dropout_seed(dropout_p: float, device: torch.device) -> torch.Tensor:

@@ -458,3 +458,28 @@ def test_host_read_gates_trace_in_one_graph_for_cuda_devices(check, monkeypatch)
             assert f(torch.zeros(1)).item() == -1  # tracing one graph: no host reads
     finally:
         torch._dynamo.reset()
+
+
+def test_dropout_seeds_take_63_bits_and_every_kernel_keys_on_all_of_them():
+    """Two calls that draw the same seed drop the same elements (the counter is the element
+    index), so seeds take 63 bits: below 2**31 they repeated about once in 46k calls with dropout,
+    a few times in any long training run, and across ops (attention and add+LayerNorm share the
+    random function). Every Triton kernel family keys Philox with the whole seed: seeds that
+    differ only above bit 31 give other masks."""
+    from fastbert._rng import dropout_seed
+    from fastbert.kernels.attention import attention_dropout_mask
+    from fastbert.kernels.block_sparse_attention import block_sparse_attention_dropout_mask
+    from fastbert.kernels.layer_norm import dropout_keep_mask
+    from fastbert.testing import DEVICE
+
+    device = torch.device(DEVICE)
+    seeds = torch.cat([dropout_seed(0.1, device) for _ in range(64)])
+    assert seeds.dtype == torch.int64 and bool((seeds >= 0).all())
+    assert int(seeds.max()) >= 2 ** 40  # 64 draws below 2**40 of 2**63: p = 2**-1472
+    low = torch.tensor([123456789], dtype=torch.int64, device=device)
+    high = low + (1 << 40)
+    for name, mask in (
+            ("attention", lambda s: attention_dropout_mask(s, 0.5, (1, 2, 16, 16))),
+            ("block_sparse", lambda s: block_sparse_attention_dropout_mask(s, (1, 2, 16, 16), 0.5)),
+            ("add_layer_norm", lambda s: dropout_keep_mask(s, (16, 32), 0.5))):
+        assert not torch.equal(mask(low), mask(high)), name
