@@ -16,7 +16,9 @@ all its digits there), with only ``tl.exp``, available in every Triton version w
 
 The bias gradient is the column sum of dx, reduced deterministically: the backward grid is
 ``(G, column blocks)``; program (g, j) walks row blocks g, g + G, ... of column block j and writes
-its fp32 partial sums to row g of a ``[G, N]`` buffer, which a final ``sum(0)`` reduces.
+its fp32 partial sums to row g of a ``[G, N]`` buffer, which a final ``sum(0)`` reduces. Two runs
+on the same GPU model give identical bits; ``G`` follows the SM count, so another model may
+differ in the last bits.
 
 Block sizes: timings **not measured** (no GPU in the session that wrote them; tune in
 bench/bench_norms.py); register counts from compiling ahead of time for sm_90 (triton.compile +

@@ -26,7 +26,10 @@ Two variants of each pass:
 
 Backward reductions over rows (dweight, dbias, dinput_bias) are deterministic: every program owns a
 fixed set of rows and writes its partial column sums to its own row of a ``[G, N]`` fp32 buffer,
-and a final ``sum(0)`` reduces the ``G`` partials; no atomics, so two runs give identical bits.
+and a final ``sum(0)`` reduces the ``G`` partials; no atomics, so two runs on the same GPU model
+give identical bits. ``G`` follows the device's SM count, so another GPU model (or the CUDA
+backend, whose slots also depend on 16-byte alignment) sums in another grouping and may differ
+in the last bits.
 
 Dropout is counter based (Philox via ``tl.rand``): element ``(row, col)`` of the logical ``[M, N]``
 row matrix is kept iff ``rand(seed, row * N + col) >= p``. Forward, backward and
