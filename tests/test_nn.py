@@ -1321,6 +1321,44 @@ def test_triton_transformer_encoder_layer(norm_first, batch_first):
         lambda o: theirs, [x], {"src_key_padding_mask": kpm})
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_seq_first_outputs_are_contiguous_as_torchs(backend, need_weights):
+    """Sequence-first MultiheadAttention returns a contiguous (L, N, E) output, as torch's does
+    (a .view of it works), whichever path made the context: the torch backend and the
+    need_weights path return it batch-first; and LayerNorm's torch backend returns a contiguous
+    output for a transposed or permuted input, as F.layer_norm does."""
+    if backend == "triton":
+        need_triton("scaled_dot_product_attention", "layer_norm")
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(32, 2)  # head dim 16
+    ours = fnn.MultiheadAttention.from_torch(copy.deepcopy(theirs), backend=backend)
+    x = torch.randn(7, 3, 32)
+    out = run_triton(lambda: ours(x, x, x, need_weights=need_weights)[0])
+    ref = theirs(x, x, x, need_weights=need_weights)[0]
+    assert out.is_contiguous() and out.stride() == ref.stride()
+    assert_close(out, ref.double(), ref, name="out")
+    norm = fnn.LayerNorm(8, backend=backend)
+    for view in (torch.randn(3, 5, 8).transpose(0, 1), torch.randn(8, 5, 3).permute(1, 2, 0)):
+        y = run_triton(lambda: norm(view))
+        assert y.is_contiguous(), y.stride()
+        assert_close(y, F.layer_norm(view.double(), (8,), norm.weight.double(), norm.bias.double()),
+                     F.layer_norm(view, (8,), norm.weight, norm.bias), name="layer_norm")
+
+
+def test_padding_free_encoder_takes_an_empty_batch():
+    """N = 0 with a padding mask returns the empty output (the padded path), not an error about
+    the packed path's internal cu_seqlens."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    enc = fnn.TransformerEncoder(layer, 2, backend="torch")
+    for batch_first in (False, True):
+        for mod in enc.layers:
+            mod.self_attn.batch_first = batch_first
+        src = torch.randn(0, 5, 8) if batch_first else torch.randn(5, 0, 8)
+        out = enc(src, src_key_padding_mask=torch.zeros(0, 5, dtype=torch.bool))
+        assert out.shape == src.shape
+
+
 def test_merged_bool_masks_allocate_one_full_size_mask():
     """A bool attn_mask (L, S) with a key_padding_mask (N, S) merge into one (N, 1, L, S) keep
     mask: one allocation of that size (an `|` then a `~` at full size made two), same values."""

@@ -264,7 +264,9 @@ class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
             if weights is not None:
                 weights = weights.squeeze(0)
         elif not self.batch_first:
-            out = out.transpose(0, 1)
+            # (L, N, E) contiguous, as torch's: free when the context came back sequence-first (the
+            # Triton kernels); a copy when it is batch-first (need_weights, the torch backend)
+            out = out.transpose(0, 1).contiguous()
         return out, weights
 
     def packed_unsupported(self) -> Optional[str]:

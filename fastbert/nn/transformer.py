@@ -344,8 +344,8 @@ class TransformerEncoder(nn.Module, NoTorchScript):
     def _packed_plan(self, src: Tensor, mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor],
                      is_causal: Optional[bool]):
         """(real-token mask (N, S) bool, causal) when the packed path applies, else None."""
-        if not self.padding_free or src_key_padding_mask is None or src.dim() != 3:
-            return None
+        if not self.padding_free or src_key_padding_mask is None or src.dim() != 3 or src.numel() == 0:
+            return None  # (an empty batch: the padded path returns it empty)
         if any(layer.self_attn.packed_unsupported() for layer in self.layers):
             return None
         # a hook on a layer or its self_attn (or a forward replaced on one) runs on the padded path

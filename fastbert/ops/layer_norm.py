@@ -182,13 +182,18 @@ def add_layer_norm(
 def _layer_norm_torch(input, normalized_shape, weight, bias, eps, out_dtype=None):
     if out_dtype is not None:
         input = input.to(out_dtype)
-    return reference.layer_norm(input, normalized_shape, weight, bias, eps)
+    # contiguous, as F.layer_norm's output (the reference's elementwise ops keep a permuted input's
+    # layout, in which a .view of the result can fail)
+    return reference.layer_norm(input, normalized_shape, weight, bias, eps).contiguous()
 
 
 @register("add_layer_norm", "torch")
 def _add_layer_norm_torch(input, residual, weight, bias, eps, input_bias, dropout_p, return_residual):
-    return reference.add_layer_norm(input, residual, weight, bias, eps, input_bias=input_bias,
-                                    dropout_p=dropout_p, return_residual=return_residual)
+    out = reference.add_layer_norm(input, residual, weight, bias, eps, input_bias=input_bias,
+                                   dropout_p=dropout_p, return_residual=return_residual)
+    if return_residual:
+        return out[0].contiguous(), out[1]
+    return out.contiguous()  # as F.layer_norm's
 
 
 # ----------------------------------------------------------------------------------------------
