@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import weakref
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -60,15 +60,20 @@ def check_scale(scale) -> Optional[float]:
         raise TypeError(f"scale must be a float or None, got {type_name(scale)}")
     if not float(scale) > 0.0 or float(scale) == float("inf"):
         raise ValueError(f"scale must be a finite positive float, got {scale}")
-    if float(scale) > _MAX_SCALE:
-        # the kernels take scale * log2(e) as an fp32 argument: beyond this it is inf, and every
-        # score inf or NaN
-        raise ValueError(f"scale must be at most {_MAX_SCALE:.4g} (the float32 maximum / log2(e)), "
-                         f"got {scale}")
     return float(scale)
 
 
-_MAX_SCALE = float(torch.finfo(torch.float32).max) / 1.4426950408889634
+# The largest scale the Triton attention kernels take: they get scale * log2(e) as an fp32
+# argument, which beyond this is inf (every score inf or NaN).
+TRITON_MAX_SCALE = float(torch.finfo(torch.float32).max) / 1.4426950408889634
+
+
+def triton_scale_reasons(scale: Optional[float]) -> List[str]:
+    """The Triton attention backends' refusal of a ``scale`` beyond :data:`TRITON_MAX_SCALE`."""
+    if scale is not None and float(scale) > TRITON_MAX_SCALE:
+        return [f"scale {scale} > {TRITON_MAX_SCALE:.4g}: the Triton attention kernels take "
+                "scale * log2(e) as a float32 argument (the float32 maximum / log2(e))"]
+    return []
 
 
 def check_bool(name: str, value) -> bool:

@@ -16,7 +16,7 @@ from .. import reference
 from .._rng import dropout_seed, seed_like
 from .._validation import (check_attn_mask, check_bool, check_cu_seqlens, check_dropout, check_int,
                            check_same, check_scale, check_tensor, host_checks_allowed,
-                           unless_known_false)
+                           triton_scale_reasons, unless_known_false)
 from .._library import custom_op, first_order_only
 from .._autocast import autocast_dtype, cast, disabled
 from ..backends import constant_result, cuda_ops, register, register_cuda_family, select
@@ -501,9 +501,9 @@ def _span_reasons(named_spans) -> list:
     return reasons
 
 
-def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
+def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, scale=None, **_) -> list:
     # Any mask dtype the public op accepts (bool, float16/bfloat16/float32/float64) is read as is.
-    reasons = _triton_attention_reasons(query, value)
+    reasons = _triton_attention_reasons(query, value) + triton_scale_reasons(scale)
     b, h, lq, _ = query.shape
     lk = key.shape[2]
     spans = [("query", _span(query, (2, 3))), ("key", _span(key, (2, 3))),
@@ -517,8 +517,9 @@ def _sdpa_triton_reasons(*, query, key, value, attn_mask=None, **_) -> list:
     return reasons + _span_reasons(spans)
 
 
-def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, attn_mask=None, **_) -> list:
-    reasons = _triton_attention_reasons(q, v)
+def _varlen_triton_reasons(*, q, k, v, max_seqlen_q, max_seqlen_k, attn_mask=None, scale=None,
+                           **_) -> list:
+    reasons = _triton_attention_reasons(q, v) + triton_scale_reasons(scale)
     spans = [("q", max_seqlen_q * abs(q.stride(0)) + _span(q, (2,))),
              ("k", max_seqlen_k * abs(k.stride(0)) + _span(k, (2,))),
              ("v", max_seqlen_k * abs(v.stride(0)) + _span(v, (2,))),

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _rng, reference
 from .._validation import (check_attn_mask, check_dropout, check_int, check_scale,
-                           check_tensor)
+                           check_tensor, triton_scale_reasons)
 from .._autocast import autocast_dtype, cast, disabled
 from .._library import custom_op
 from ..backends import interpreter_enabled, register, select
@@ -129,7 +129,7 @@ def _triton_reasons(*, query, key, value, layout, block_size, attn_mask, dropout
     elif query.dtype == torch.bfloat16 and query.device.type == "cpu" and interpreter_enabled():
         reasons.append("bfloat16 is refused under the Triton interpreter (TRITON_INTERPRET=1): its "
                        "tl.dot gives wrong results for bfloat16; use a GPU or float16/float32")
-    reasons += _triton_attention_arch_reasons(query.device)
+    reasons += _triton_attention_arch_reasons(query.device) + triton_scale_reasons(scale)
     if block_size not in _TRITON_BLOCK_SIZES:
         reasons.append(f"block_size {block_size} is not supported by the Triton kernel "
                        f"(one of {_TRITON_BLOCK_SIZES})")
