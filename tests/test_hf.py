@@ -1410,6 +1410,29 @@ def test_mask_interface_registered():
     assert build(config=_config("bert", "fastbert"), **dict(kw, attention_mask=None)) is None
 
 
+def test_bidirectional_mask_is_one_row_only_where_it_may_be_skipped():
+    """The fastbert mask builder makes an encoder's bidirectional padding mask one (B, 1, 1, Lk)
+    row only when the caller would accept no mask at all (allow_is_bidirectional_skip); a caller
+    that always wants one reuses it whole (T5Gemma2's decoder concatenates its cross-attention mask
+    with a (B, 1, Lq, Lq) one, which a single row broke) and gets transformers' own mask."""
+    try:
+        from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
+                                                sdpa_mask)
+    except ImportError:
+        pytest.skip("transformers has no bidirectional_mask_function (4.x)")
+    build = AttentionMaskInterface._global_mapping["fastbert"]
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, 4:] = False
+    config = _config("bert", "fastbert")
+    kw = dict(batch_size=2, q_length=5, kv_length=6, attention_mask=keep,
+              mask_function=bidirectional_mask_function, allow_is_causal_skip=False)
+    row = build(config=config, allow_is_bidirectional_skip=True, **kw)
+    assert row.shape == (2, 1, 1, 6) and torch.equal(row[:, 0, 0], keep)
+    full = build(config=config, allow_is_bidirectional_skip=False, **kw)
+    want = sdpa_mask(config=config, allow_is_bidirectional_skip=False, **kw)
+    assert full.shape == (2, 1, 5, 6) and torch.equal(full, want)
+
+
 @pytest.mark.skipif(not TF5, reason="transformers 4.x BERT does not dispatch through "
                                     "AttentionInterface: use fastbert.optimize there")
 @pytest.mark.parametrize("family", ["bert", "distilbert"])

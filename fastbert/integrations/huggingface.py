@@ -588,10 +588,13 @@ def register(name: str = "fastbert", *, backend: Optional[str] = None) -> None:
         if isinstance(model_type, str) and not _dispatches_attention(model_type):
             return eager_mask(*args, config=config, **kwargs)
         if (bidirectional is not None and kwargs.get("mask_function") is bidirectional
-                and "q_length" in kwargs):
+                and "q_length" in kwargs and kwargs.get("allow_is_bidirectional_skip")):
             # every query row of an encoder's padding mask is the same: build one, (B, 1, 1, Lk),
             # which the kernels read with a zero query stride, instead of (B, 1, Lq, Lk) (512 MiB
-            # at B = 8, L = 8192 against 64 KiB)
+            # at B = 8, L = 8192 against 64 KiB). Only where transformers would accept no mask at
+            # all: a caller that asks for the mask always (allow_is_bidirectional_skip=False)
+            # reuses it whole, e.g. T5Gemma2's decoder concatenates its cross-attention mask with
+            # its (B, 1, Lq, Lq) self-attention mask.
             kwargs.update(q_length=1, q_offset=0)
         return sdpa_mask(*args, config=config, **kwargs)
 

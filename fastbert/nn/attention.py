@@ -309,7 +309,8 @@ class MultiheadAttention(nn.MultiheadAttention, NoTorchScript):
         Shapes: query (N, L, E), key (N, S, kdim), value (N, S, vdim), masks as in :meth:`forward`
         (batched) -> (context (N, L, E) before ``out_proj``, weights (N, H, L, S') or None), where S'
         counts the extra bias_k / zero-attention keys. Inputs that are ``transpose(0, 1)`` views of
-        sequence-first (L, N, E) tensors are not copied, and the context is then such a view too. :class:`fastbert.nn.TransformerEncoderLayer`
+        sequence-first (L, N, E) tensors are not copied; with the Triton kernels (and no weights)
+        the context is then such a view too. :class:`fastbert.nn.TransformerEncoderLayer`
         uses it to fuse ``out_proj``'s bias into the residual + LayerNorm.
         """
         if same_qkv is None:
