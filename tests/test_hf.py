@@ -1611,6 +1611,53 @@ def test_position_ids_that_are_not_packed_sequences_are_one_sequence(family, tra
         assert_close(a, b.double(), b, name=f"position_ids {pos}")
 
 
+@pytest.mark.skipif(not TF5, reason="transformers 5.x dispatch of T5's attention")
+def test_t5_decoder_stays_causal_with_its_position_bias():
+    """T5's decoder self-attention gets its relative-position bias and, without padding, no mask:
+    it stays causal, as transformers' sdpa makes it (the bias merged into the mask had turned
+    causality off: later decoder tokens changed earlier logits; helper 70's model sweep). Equal to
+    sdpa with and without a padded decoder mask."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                num_heads=4, decoder_start_token_id=0)
+    sdpa = transformers.T5ForConditionalGeneration._from_config(copy.deepcopy(cfg),
+                                                                 attn_implementation="sdpa").eval()
+    ours = transformers.T5ForConditionalGeneration._from_config(copy.deepcopy(cfg),
+                                                                 attn_implementation="fastbert").eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids, dec = torch.randint(3, VOCAB, (2, 8)), torch.randint(3, VOCAB, (2, 5))
+    dm = torch.ones(2, 5, dtype=torch.long)
+    dm[1, -1] = 0
+    with torch.no_grad():
+        for kw in ({}, {"decoder_attention_mask": dm}):
+            a = sdpa(input_ids=ids, decoder_input_ids=dec, **kw).logits
+            b = ours(input_ids=ids, decoder_input_ids=dec, **kw).logits
+            real = dm.bool() if kw else torch.ones(2, 5, dtype=torch.bool)
+            assert_close(b[real], a[real].double(), a[real], name=f"T5 {list(kw)}")
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Gemma3TextConfig"), reason="needs Gemma 3")
+def test_packed_rows_stay_apart_in_sliding_window_layers():
+    """A packed row (position ids restarting, no mask) on a model with sliding-window layers:
+    transformers gives those layers a window mask (the others none); a mask that only restates
+    causal attention within the window still packs, so every layer keeps the sequences apart and
+    the logits equal those of the sequences run one by one (the sliding layers had attended across
+    them: neither sdpa's answer nor flash-attention's)."""
+    cfg = transformers.Gemma3TextConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, vocab_size=211, max_position_embeddings=64,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="fastbert").eval()
+    ids = torch.randint(3, 200, (1, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos).logits
+        alone = torch.cat([model(input_ids=ids[:, s:e], position_ids=pos[:, s:e]).logits
+                           for s, e in ((0, 4), (4, 7), (7, 10))], 1)
+    assert_close(packed, alone.double(), alone, name="packed vs one by one")
+
+
 def test_packed_sequences_refuse_what_they_cannot_mean():
     model, _ = _packed_model("llama")
     model.set_attn_implementation("fastbert")

@@ -400,10 +400,16 @@ def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: d
         cu_q, cu_k, max_q, max_k = given
         return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
     pos = kwargs.get("position_ids")
-    if (mask is not None or query.shape[0] != 1 or length < 2 or key.shape[2] != length
+    if (query.shape[0] != 1 or length < 2 or key.shape[2] != length
             or not isinstance(pos, Tensor) or pos.numel() != length
             or not host_checks_allowed(query.device)):
         return None  # (traced or captured: attention_forward masks by position ids instead)
+    if mask is not None and not _no_padding(mask, length, window):
+        # padding, or a mask between the sequences: the attention as the model masks it. A mask
+        # that only restates causal attention over the row, within the window (what transformers
+        # builds for sliding-window layers, where the others get none) still packs, so that
+        # every layer of such a model keeps the sequences apart
+        return None
     start, packed = _sequence_starts(pos.reshape(-1))
     if not bool(packed) or int(start.sum()) == 1:
         return None  # one sequence
@@ -470,8 +476,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     attention, read in place by the kernels; repeated only for the weights path),
     ``attention_mask`` as accepted by :func:`hf_mask_to_sdpa` ->
     (out (B, Lq, H, D), weights or None). As transformers' "sdpa": causal (``is_causal``, else the
-    module's ``is_causal``) only without a mask and for Lq > 1; ``position_bias`` (T5-style) is
-    added to the scores; ``output_attentions=True`` (or transformers 5.x collecting attentions)
+    module's ``is_causal``) only when the model gives no mask and for Lq > 1; ``position_bias``
+    (T5-style) is added to the scores (and does not count as a mask: T5's decoder stays causal); ``output_attentions=True`` (or transformers 5.x collecting attentions)
     returns the weights, computed through the explicit reference path (a model that tells its
     attention function neither, as GPT-2 and ViT in transformers 4.x, gets None, as with
     flash-attention). A transformers 4.x head mask (GPT-2's ``head_mask``, or ViT's in the mask's
@@ -484,8 +490,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
     Packed sequences (padding-free training with ``DataCollatorWithFlattening``), as transformers'
     flash-attention path takes them: batch 1 with ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
-    ``max_length_q`` / ``max_length_k``, or, without a mask, ``position_ids`` that restart at each
-    sequence. Each sequence then attends only to itself (causal within it for a causal module)
+    ``max_length_q`` / ``max_length_k``, or ``position_ids`` that restart at each sequence, without
+    a mask or with one that only restates causal attention within the layer's sliding window. Each sequence then attends only to itself (causal within it for a causal module)
     through :func:`fastbert.varlen_attention`; the weights path masks across sequences.
     """
     for name, what in (("s_aux", "attention sinks"), ("softcap", "logit soft-capping")):
@@ -516,7 +522,13 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         mask = None  # full or causal attention within each sequence, as _packed_sequences checked
     elif mask is None and not host_checks_allowed(query.device):
         mask = _position_ids_mask(query, key, kwargs.get("position_ids"), bool(is_causal))
-    causal = bool(is_causal) and mask is None and query.shape[2] > 1
+    # causal as transformers' sdpa decides it: from the model's own mask, not from the T5-style
+    # position_bias merged into ``mask`` above (a decoder given a bias and no mask is still causal;
+    # the kernels take is_causal together with a float mask), nor from the position-ids mask,
+    # which is causal already where the module is; packed sequences are causal within each one
+    # where the module is (their mask, if any, only restated that)
+    causal = (bool(is_causal) and (attention_mask is None or packed is not None)
+              and query.shape[2] > 1)
     if packed is not None and not want_weights and head_mask is None:
         cu_q, cu_k, max_q, max_k = packed
         out = ops.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
