@@ -404,15 +404,16 @@ def _packed_layout(query: Tensor, key: Tensor, mask: Optional[Tensor], kwargs: d
             or not isinstance(pos, Tensor) or pos.numel() != length
             or not host_checks_allowed(query.device)):
         return None  # (traced or captured: attention_forward masks by position ids instead)
+    start, packed = _sequence_starts(pos.reshape(-1))
+    if not bool(packed) or int(start.sum()) == 1:
+        return None  # one sequence
     if mask is not None and not _no_padding(mask, length, window):
         # padding, or a mask between the sequences: the attention as the model masks it. A mask
         # that only restates causal attention over the row, within the window (what transformers
         # builds for sliding-window layers, where the others get none) still packs, so that
-        # every layer of such a model keeps the sequences apart
+        # every layer of such a model keeps the sequences apart (checked after the O(L) position
+        # ids, so that a row of one sequence never pays the O(L^2) mask comparison)
         return None
-    start, packed = _sequence_starts(pos.reshape(-1))
-    if not bool(packed) or int(start.sum()) == 1:
-        return None  # one sequence
     starts = start.nonzero().view(-1).to(torch.int32)
     cu = torch.cat([starts, starts.new_full((1,), length)])
     longest = int((cu[1:] - cu[:-1]).max())
